@@ -1,0 +1,43 @@
+"""One exception family for everything a user can get wrong; the CLI formats it once and exits 2.
+
+Library code raises these with what went wrong (naming the key, file or layer) and, where there is one,
+a fix. Any other exception is a bug in cnnctl and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class CnnctlError(Exception):
+    """A user-facing error: a message, an optional fix, and the process exit code."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  fix: {self.hint}"
+
+
+class ConfigError(CnnctlError):
+    """The YAML spec or a --set override is invalid."""
+
+
+class ShapeError(CnnctlError):
+    """A layer cannot accept the shape that reaches it."""
+
+
+class DataError(CnnctlError):
+    """A dataset file is missing, corrupt, or does not fit the model."""
+
+
+class CheckpointError(CnnctlError):
+    """A checkpoint is missing, corrupt, not cnnctl's, or for another architecture."""
+
+
+class TrainingError(CnnctlError):
+    """Training could not go on (for example the loss became NaN)."""
+
+    exit_code = 1

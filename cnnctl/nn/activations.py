@@ -1,0 +1,95 @@
+"""Element-wise activations and Softmax. Each caches what its derivative needs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import functional as F
+from .base import Layer, register
+
+
+@register("relu")
+class ReLU(Layer):
+    """max(x, 0); the derivative at 0 is taken as 0, like PyTorch."""
+
+    def forward(self, x, training=True):
+        self._mask = x > 0
+        return np.where(self._mask, x, 0).astype(x.dtype, copy=False)
+
+    def backward(self, dy):
+        return np.where(self._mask, dy, 0).astype(dy.dtype, copy=False)
+
+
+@register("leaky_relu")
+class LeakyReLU(Layer):
+    """x if x > 0 else negative_slope * x."""
+
+    def __init__(self, negative_slope: float = 0.01):
+        super().__init__()
+        self.negative_slope = negative_slope
+
+    def forward(self, x, training=True):
+        self._mask = x > 0
+        return np.where(self._mask, x, x * self.negative_slope).astype(x.dtype, copy=False)
+
+    def backward(self, dy):
+        return np.where(self._mask, dy, dy * self.negative_slope).astype(dy.dtype, copy=False)
+
+    def __repr__(self):
+        return f"LeakyReLU(negative_slope={self.negative_slope})"
+
+
+@register("elu")
+class ELU(Layer):
+    """x if x > 0 else alpha * (exp(x) - 1)."""
+
+    def __init__(self, alpha: float = 1.0):
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x, training=True):
+        self._mask = x > 0
+        self._neg = self.alpha * np.expm1(np.minimum(x, 0))  # alpha*(e^x - 1) where x <= 0
+        return np.where(self._mask, x, self._neg).astype(x.dtype, copy=False)
+
+    def backward(self, dy):
+        return np.where(self._mask, dy, dy * (self._neg + self.alpha)).astype(dy.dtype, copy=False)
+
+    def __repr__(self):
+        return f"ELU(alpha={self.alpha})"
+
+
+@register("sigmoid")
+class Sigmoid(Layer):
+    """1 / (1 + exp(-x)), computed without overflow."""
+
+    def forward(self, x, training=True):
+        e = np.exp(-np.abs(x))
+        self._y = np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+        return self._y
+
+    def backward(self, dy):
+        return dy * self._y * (1 - self._y)
+
+
+@register("tanh")
+class Tanh(Layer):
+    def forward(self, x, training=True):
+        self._y = np.tanh(x)
+        return self._y
+
+    def backward(self, dy):
+        return dy * (1 - self._y * self._y)
+
+
+@register("softmax")
+class Softmax(Layer):
+    """Softmax over the feature axis (axis 1). For training, prefer cross_entropy on logits."""
+
+    def forward(self, x, training=True):
+        self._y = F.softmax(x, axis=1)
+        return self._y
+
+    def backward(self, dy):
+        y = self._y
+        return y * (dy - (dy * y).sum(axis=1, keepdims=True))

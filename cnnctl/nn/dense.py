@@ -1,0 +1,81 @@
+"""Flatten and the fully connected layer."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import ShapeError
+from .base import Layer, make_activation, register
+from .init import initialize
+
+
+@register("flatten")
+class Flatten(Layer):
+    """(N, C, H, W) -> (N, C*H*W), in C, H, W order like PyTorch's."""
+
+    def output_shape(self, input_shape):
+        return (math.prod(input_shape),)
+
+    def forward(self, x, training=True):
+        self._shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy):
+        return dy.reshape(self._shape)
+
+
+@register("dense")
+class Dense(Layer):
+    """y = act(x @ weight.T + bias); (N, in) -> (N, out); weight (out, in), bias (out,)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str | None = None,
+        init: str = "he_normal",
+        rng: np.random.Generator | None = None,
+        dtype=np.float32,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        rng = rng if rng is not None else np.random.default_rng()
+        self.params["weight"] = initialize((self.out_features, self.in_features), init, rng, dtype)
+        if bias:
+            self.params["bias"] = np.zeros(self.out_features, dtype=dtype)
+        self.activation = make_activation(activation)
+        self.needs_input_grad = True
+        self.zero_grad()
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 1:
+            raise ShapeError(
+                f"dense expects a flat input (features,), got shape {tuple(input_shape)}",
+                "add {type: flatten} (or global_avgpool2d) before this dense layer",
+            )
+        if input_shape[0] != self.in_features:
+            raise ShapeError(f"dense expects {self.in_features} input features, got {input_shape[0]}")
+        return (self.out_features,)
+
+    def macs(self, input_shape):
+        return self.in_features * self.out_features
+
+    def forward(self, x, training=True):
+        self._x = x
+        y = x @ self.params["weight"].T
+        if "bias" in self.params:
+            y += self.params["bias"]
+        return self._activate(y, training)
+
+    def backward(self, dy):
+        dy = self._deactivate(dy)
+        self.grads["weight"] = dy.T @ self._x
+        if "bias" in self.params:
+            self.grads["bias"] = dy.sum(axis=0)
+        return dy @ self.params["weight"] if self.needs_input_grad else None
+
+    def __repr__(self):
+        return f"Dense({self.in_features}, {self.out_features}, bias={'bias' in self.params})"

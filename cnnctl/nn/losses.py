@@ -1,0 +1,83 @@
+"""Losses: `value = loss.forward(outputs, targets)` returns a float, `loss.backward()` the output gradient."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import functional as F
+
+LOSSES: dict[str, type[Loss]] = {}
+
+
+def register_loss(tag: str):
+    def deco(cls):
+        cls.tag = tag
+        LOSSES[tag] = cls
+        return cls
+
+    return deco
+
+
+class Loss:
+    tag = "loss"
+
+    def forward(self, outputs: np.ndarray, targets: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def backward(self) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _check_class_targets(outputs, targets):
+    targets = np.asarray(targets)
+    if targets.shape != (outputs.shape[0],) or targets.dtype.kind not in "iu":
+        raise ValueError(f"expected integer class targets of shape ({outputs.shape[0]},), got {targets.shape} "
+                         f"{targets.dtype}")
+    if targets.size and (targets.min() < 0 or targets.max() >= outputs.shape[1]):
+        raise ValueError(f"class targets must lie in [0, {outputs.shape[1]}), got {targets.min()}..{targets.max()}")
+    return targets
+
+
+@register_loss("cross_entropy")
+class CrossEntropyLoss(Loss):
+    """Softmax + negative log-likelihood on logits (N, K) with integer targets (N,), mean over the batch.
+
+    With label smoothing e the target distribution is (1 - e) * onehot + e / K (PyTorch's definition).
+    Computed through log-softmax, so logits of magnitude 1e4 give finite values and gradients.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, outputs, targets):
+        targets = _check_class_targets(outputs, targets)
+        n, k = outputs.shape
+        logp = F.log_softmax(outputs, axis=1)
+        dist = np.full_like(outputs, self.label_smoothing / k)
+        dist[np.arange(n), targets] += 1.0 - self.label_smoothing
+        self._probs, self._dist = np.exp(logp), dist
+        return float(-(dist * logp).sum() / n)
+
+    def backward(self):
+        return (self._probs - self._dist) / self._probs.shape[0]
+
+
+@register_loss("mse")
+class MSELoss(Loss):
+    """E = 1/2 * sum_k (t_k - o_k)^2 per sample, averaged over the batch (the 1/2 of the backprop
+    derivation, so dE/do = o - t; this is half of PyTorch's MSELoss(reduction='sum') / N).
+
+    Integer class targets (N,) with outputs (N, K) are one-hot encoded first.
+    """
+
+    def forward(self, outputs, targets):
+        targets = np.asarray(targets)
+        if targets.ndim == 1 and outputs.ndim == 2 and targets.dtype.kind in "iu":
+            targets = np.eye(outputs.shape[1], dtype=outputs.dtype)[_check_class_targets(outputs, targets)]
+        if targets.shape != outputs.shape:
+            raise ValueError(f"mse targets must have the outputs' shape {outputs.shape}, got {targets.shape}")
+        self._diff = outputs - targets.astype(outputs.dtype)
+        return float(0.5 * (self._diff**2).sum() / outputs.shape[0])
+
+    def backward(self):
+        return self._diff / self._diff.shape[0]

@@ -1,0 +1,105 @@
+"""Pooling: max (deltas routed to the maximum), average (deltas spread over the window), global average."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import functional as F
+from ..errors import ShapeError
+from .base import Layer, register
+
+
+class _Pool2D(Layer):
+    """Shared window bookkeeping; subclasses reduce the (KH*KW, N, C, OH, OW) stack of windows."""
+
+    pad_value = 0.0
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size = F.pair(kernel_size)
+        self.stride = F.pair(stride) if stride is not None else self.kernel_size
+        self.padding = F.pair(padding)
+
+    def output_shape(self, input_shape):
+        self._expect_rank(input_shape, 3, f"put {self.tag} before any flatten/dense layer")
+        c, h, w = input_shape
+        if any(p > k // 2 for p, k in zip(self.padding, self.kernel_size)):
+            raise ShapeError(
+                f"{self.tag} padding {self.padding} must be at most half the kernel size {self.kernel_size}",
+                "reduce padding",
+            )
+        ph, pw = self.padding
+        oh = F.out_size(h, self.kernel_size[0], self.stride[0], 2 * ph)
+        ow = F.out_size(w, self.kernel_size[1], self.stride[1], 2 * pw)
+        if oh < 1 or ow < 1:
+            raise ShapeError(
+                f"{self.tag} kernel {self.kernel_size} is larger than its input {(h, w)} (input shape {input_shape})",
+                "use a smaller kernel_size, or remove an earlier pooling layer",
+            )
+        return (c, oh, ow)
+
+    def macs(self, input_shape):
+        c, oh, ow = self.output_shape(input_shape)
+        return c * oh * ow * self.kernel_size[0] * self.kernel_size[1]
+
+    def _windows(self, x):
+        ph, pw = self.padding
+        self._pad4 = (ph, ph, pw, pw)
+        xp = F.pad(x, self._pad4, self.pad_value)
+        self._padded_shape = xp.shape
+        out_hw = self.output_shape(x.shape[1:])[1:]
+        return F.pool_windows(xp, self.kernel_size, self.stride, out_hw)
+
+    def _scatter(self, dwin):
+        return F.unpad(F.pool_scatter(dwin, self._padded_shape, self.kernel_size, self.stride), self._pad4)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding})"
+
+
+@register("maxpool2d")
+class MaxPool2D(_Pool2D):
+    """Max over each window; backward routes each delta to the first position holding the maximum."""
+
+    pad_value = -np.inf
+
+    def forward(self, x, training=True):
+        win = self._windows(x)
+        self._argmax = win.argmax(axis=0)
+        return np.take_along_axis(win, self._argmax[None], axis=0)[0]
+
+    def backward(self, dy):
+        k = np.arange(self.kernel_size[0] * self.kernel_size[1]).reshape(-1, 1, 1, 1, 1)
+        return self._scatter(np.where(self._argmax[None] == k, dy[None], 0).astype(dy.dtype))
+
+
+@register("avgpool2d")
+class AvgPool2D(_Pool2D):
+    """Mean over each window, padded zeros counted (PyTorch's count_include_pad=True)."""
+
+    def forward(self, x, training=True):
+        return self._windows(x).mean(axis=0)
+
+    def backward(self, dy):
+        kk = self.kernel_size[0] * self.kernel_size[1]
+        return self._scatter(np.broadcast_to(dy / kk, (kk, *dy.shape)))
+
+
+@register("global_avgpool2d")
+class GlobalAvgPool2D(Layer):
+    """Mean over all positions of each map: (N, C, H, W) -> (N, C)."""
+
+    def output_shape(self, input_shape):
+        self._expect_rank(input_shape, 3, "global_avgpool2d needs feature maps; put it before flatten/dense")
+        return (input_shape[0],)
+
+    def macs(self, input_shape):
+        return int(np.prod(input_shape))
+
+    def forward(self, x, training=True):
+        self._hw = x.shape[2:]
+        return x.mean(axis=(2, 3))
+
+    def backward(self, dy):
+        h, w = self._hw
+        return np.broadcast_to((dy / (h * w))[:, :, None, None], (*dy.shape, h, w)).copy()

@@ -1,0 +1,145 @@
+"""Optimizers with torch.optim's update rules, applied in place to a Sequential's parameters.
+
+Each optimizer keeps per-parameter state arrays (named like `layers.0.weight`) and a step count; both go into
+checkpoints through state_dict()/load_state_dict(). `lr` is a plain attribute that schedules set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .nn.model import Sequential
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {}
+
+
+def register_optimizer(tag: str):
+    def deco(cls):
+        cls.tag = tag
+        OPTIMIZERS[tag] = cls
+        return cls
+
+    return deco
+
+
+class Optimizer:
+    tag = "optimizer"
+
+    def __init__(self, model: Sequential, lr: float, weight_decay: float = 0.0, decay_bias_and_norm: bool = True):
+        self.model, self.lr, self.weight_decay = model, float(lr), float(weight_decay)
+        self.decay_bias_and_norm = decay_bias_and_norm
+        self.steps = 0
+        self.state: dict[str, dict[str, np.ndarray]] = {}
+
+    def _decay(self, layer, key) -> float:
+        if not self.decay_bias_and_norm and (key == "bias" or layer.tag.startswith("batchnorm")):
+            return 0.0
+        return self.weight_decay
+
+    def step(self) -> None:
+        self.steps += 1
+        for name, layer, key in self.model.parameters():
+            st = self.state.setdefault(name, {})
+            layer.params[key] = self.update(layer.params[key], layer.grads[key], st, self._decay(layer, key))
+
+    def update(self, p: np.ndarray, g: np.ndarray, st: dict, wd: float) -> np.ndarray:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = {f"{name}.{k}": v for name, st in self.state.items() for k, v in st.items()}
+        out["steps"] = np.array(self.steps, np.int64)
+        return out
+
+    def load_state_dict(self, flat: dict[str, np.ndarray]) -> None:
+        self.steps = int(flat.get("steps", 0))
+        self.state = {}
+        for full, value in flat.items():
+            if full != "steps":
+                name, k = full.rsplit(".", 1)
+                self.state.setdefault(name, {})[k] = np.array(value)
+
+
+@register_optimizer("sgd")
+class SGD(Optimizer):
+    """p -= lr * (nesterov ? g + momentum*b : b), b = momentum*b + (1-dampening)*g, g = grad + wd*p."""
+
+    def __init__(self, model, lr=0.01, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                 decay_bias_and_norm=True):
+        super().__init__(model, lr, weight_decay, decay_bias_and_norm)
+        self.momentum, self.dampening, self.nesterov = float(momentum), float(dampening), bool(nesterov)
+
+    def update(self, p, g, st, wd):
+        if wd:
+            g = g + wd * p
+        if self.momentum:
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = g.copy()
+            else:
+                st["momentum_buffer"] = self.momentum * st["momentum_buffer"] + (1 - self.dampening) * g
+            b = st["momentum_buffer"]
+            g = g + self.momentum * b if self.nesterov else b
+        return p - self.lr * g
+
+
+@register_optimizer("adam")
+class Adam(Optimizer):
+    """Adam (L2 weight decay added to the gradient); AdamW decouples it. Bias-corrected moments, optional AMSGrad."""
+
+    decoupled = False
+
+    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                 decay_bias_and_norm=True):
+        super().__init__(model, lr, weight_decay, decay_bias_and_norm)
+        self.betas, self.eps, self.amsgrad = (float(betas[0]), float(betas[1])), float(eps), bool(amsgrad)
+
+    def update(self, p, g, st, wd):
+        b1, b2 = self.betas
+        if wd and self.decoupled:
+            p = p * (1 - self.lr * wd)
+        elif wd:
+            g = g + wd * p
+        m = st["exp_avg"] = b1 * st.get("exp_avg", np.zeros_like(p)) + (1 - b1) * g
+        v = st["exp_avg_sq"] = b2 * st.get("exp_avg_sq", np.zeros_like(p)) + (1 - b2) * g * g
+        if self.amsgrad:
+            v = st["max_exp_avg_sq"] = np.maximum(st.get("max_exp_avg_sq", np.zeros_like(p)), v)
+        t = self.steps
+        denom = np.sqrt(v) / math.sqrt(1 - b2**t) + self.eps
+        return p - (self.lr / (1 - b1**t)) * m / denom
+
+
+@register_optimizer("adamw")
+class AdamW(Adam):
+    """Adam with decoupled weight decay: p *= 1 - lr*wd before the Adam step (default wd 0.01, like torch)."""
+
+    decoupled = True
+
+    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False,
+                 decay_bias_and_norm=True):
+        super().__init__(model, lr, betas, eps, weight_decay, amsgrad, decay_bias_and_norm)
+
+
+@register_optimizer("rmsprop")
+class RMSprop(Optimizer):
+    """v = alpha*v + (1-alpha)*g^2; p -= lr * g / (sqrt(v - centered mean^2) + eps), with optional momentum."""
+
+    def __init__(self, model, lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+                 decay_bias_and_norm=True):
+        super().__init__(model, lr, weight_decay, decay_bias_and_norm)
+        self.alpha, self.eps, self.momentum, self.centered = float(alpha), float(eps), float(momentum), centered
+
+    def update(self, p, g, st, wd):
+        a = self.alpha
+        if wd:
+            g = g + wd * p
+        v = st["square_avg"] = a * st.get("square_avg", np.zeros_like(p)) + (1 - a) * g * g
+        if self.centered:
+            ga = st["grad_avg"] = a * st.get("grad_avg", np.zeros_like(p)) + (1 - a) * g
+            avg = np.sqrt(v - ga * ga) + self.eps
+        else:
+            avg = np.sqrt(v) + self.eps
+        if self.momentum:
+            buf = st["momentum_buffer"] = self.momentum * st.get("momentum_buffer", np.zeros_like(p)) + g / avg
+            return p - self.lr * buf
+        return p - self.lr * g / avg

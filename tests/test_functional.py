@@ -1,0 +1,65 @@
+"""im2col/col2im against naive loops and the adjoint identity; padding and output-size rules."""
+
+import numpy as np
+import pytest
+
+from cnnctl import functional as F
+
+
+def naive_conv(x, w, b, stride, pad4, dilation):
+    xp = F.pad(x, pad4)
+    n, c, hp, wp = xp.shape
+    o, _, kh, kw = w.shape
+    oh = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    y = np.zeros((n, o, oh, ow))
+    for ni in range(n):
+        for oi in range(o):
+            for yy in range(oh):
+                for xx in range(ow):
+                    acc = b[oi]
+                    for ci in range(c):
+                        for i in range(kh):
+                            for j in range(kw):
+                                acc += w[oi, ci, i, j] * xp[ni, ci, yy * stride[0] + i * dilation[0],
+                                                            xx * stride[1] + j * dilation[1]]
+                    y[ni, oi, yy, xx] = acc
+    return y
+
+
+@pytest.mark.parametrize("stride,pad4,dilation", [((1, 1), (0, 0, 0, 0), (1, 1)), ((2, 3), (1, 2, 0, 1), (2, 1)),
+                                                  ((3, 1), (2, 2, 2, 2), (1, 2))])
+def test_conv_forward_matches_naive_loops(stride, pad4, dilation):
+    g = np.random.default_rng(0)
+    x, w, b = g.standard_normal((2, 3, 9, 8)), g.standard_normal((4, 3, 3, 2)), g.standard_normal(4)
+    y, _ = F.conv2d_forward(x, w, b, stride, pad4, dilation)
+    np.testing.assert_allclose(y, naive_conv(x, w, b, stride, pad4, dilation), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel,stride,dilation", [((3, 3), (1, 1), (1, 1)), ((2, 3), (2, 1), (1, 2)),
+                                                    ((3, 1), (3, 2), (2, 1))])
+def test_col2im_is_the_adjoint_of_im2col(kernel, stride, dilation):
+    """<im2col(x), c> == <x, col2im(c)> for all x and c."""
+    g = np.random.default_rng(1)
+    x = g.standard_normal((2, 3, 10, 9))
+    out_hw = tuple(F.out_size(s, k, st, 0, d) for s, k, st, d in zip(x.shape[2:], kernel, stride, dilation))
+    cols = F.im2col(x, kernel, stride, dilation, out_hw)
+    c = g.standard_normal(cols.shape)
+    lhs = (cols * c).sum()
+    rhs = (x * F.col2im(c, x.shape[2:], stride, dilation)).sum()
+    assert abs(lhs - rhs) < 1e-9 * max(1.0, abs(lhs))
+
+
+def test_same_padding_keeps_size():
+    for size in (5, 6, 7):
+        for k, s, d in [(3, 1, 1), (4, 1, 1), (3, 2, 1), (5, 1, 2), (2, 3, 1)]:
+            p = F.resolve_padding("same", (size, size), (k, k), (s, s), (d, d))
+            assert F.out_size(size, k, s, p[0] + p[1], d) == -(-size // s)
+
+
+def test_log_softmax_is_stable_for_huge_logits():
+    z = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]])
+    out = F.log_softmax(z, axis=1)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[1], np.log(1 / 3) * np.ones(3))
+    assert out[0, 0] == 0.0

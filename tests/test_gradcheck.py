@@ -1,0 +1,84 @@
+"""Central-difference gradient checks (float64) for every registered layer and both losses."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from cnnctl import nn
+from cnnctl.gradcheck import check_layer, check_loss
+from tests.cases import CASES, all_cases, randomize_params
+
+TOL = 1e-6
+
+
+def test_every_registered_layer_has_cases():
+    assert set(CASES) == set(nn.REGISTRY)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("tag", "case_id", "factory", "shape"), list(all_cases()), ids=lambda v: str(v))
+def test_layer_gradients(tag, case_id, factory, shape, training):
+    g = np.random.default_rng(0)
+    layer = factory(g).to(np.float64)
+    randomize_params(layer, g)
+    if training is False and "running_mean" in layer.buffers:
+        layer.buffers["running_mean"] = g.normal(size=layer.num_features)
+        layer.buffers["running_var"] = g.uniform(0.5, 2.0, size=layer.num_features)
+    errors = check_layer(layer, g.standard_normal(shape), training=training)
+    assert max(errors.values()) < TOL, errors
+
+
+CONV_GRID = list(itertools.product([1, 2, 3], [0, 1, "same"], [1, 2], [1, 3, 5]))
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation", "kernel"), CONV_GRID)
+def test_conv2d_gradients_grid(stride, padding, dilation, kernel):
+    g = np.random.default_rng(1)
+    layer = nn.Conv2D(2, 3, kernel, stride=stride, padding=padding, dilation=dilation, rng=g)
+    randomize_params(layer, g)
+    errors = check_layer(layer, g.standard_normal((2, 2, 11, 10)))
+    assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(2, None, 0), (3, 1, 1), (3, 2, 0), (2, 3, 1), ((3, 2), (1, 2), (1, 0))])
+@pytest.mark.parametrize("cls", [nn.MaxPool2D, nn.AvgPool2D])
+def test_pool_gradients_grid(cls, kernel, stride, padding):
+    g = np.random.default_rng(2)
+    errors = check_layer(cls(kernel, stride=stride, padding=padding), g.standard_normal((2, 2, 9, 7)))
+    assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_gradient(smoothing):
+    g = np.random.default_rng(3)
+    err = check_loss(nn.CrossEntropyLoss(smoothing), g.standard_normal((5, 4)) * 3, g.integers(0, 4, 5))
+    assert err < TOL
+
+
+@pytest.mark.parametrize("int_targets", [False, True])
+def test_mse_gradient(int_targets):
+    g = np.random.default_rng(4)
+    targets = g.integers(0, 4, 5) if int_targets else g.standard_normal((5, 4))
+    assert check_loss(nn.MSELoss(), g.standard_normal((5, 4)), targets) < TOL
+
+
+def test_negative_control_wrong_gradient_fails():
+    """The checker must catch a wrong backward: a ReLU that lets negative deltas through by half."""
+
+    class BrokenReLU(nn.ReLU):
+        def backward(self, dy):
+            return np.where(self._mask, dy, 0.5 * dy)
+
+    errors = check_layer(BrokenReLU(), np.random.default_rng(5).standard_normal((3, 4)))
+    assert errors["input"] > 0.1
+
+    class BrokenConv(nn.Conv2D):
+        def backward(self, dy):
+            dx = super().backward(dy)
+            self.grads["weight"] = self.grads["weight"][:, :, ::-1, ::-1].copy()  # forgot the rotation
+            return dx
+
+    g = np.random.default_rng(6)
+    errors = check_layer(BrokenConv(1, 1, 3, rng=g), g.standard_normal((1, 1, 5, 5)))
+    assert errors["weight"] > 0.1

@@ -73,12 +73,13 @@ class Sequential:
         if missing or extra:
             raise KeyError(f"missing {missing[:5]}, unexpected {extra[:5]}")
         for name, value in state.items():
-            if own[name].shape != np.shape(value):
+            if own[name].shape != np.shape(value) and not (own[name].shape == () and np.size(value) == 1):
                 raise ValueError(f"{name} has shape {np.shape(value)}, the model expects {own[name].shape}")
         for i, layer in enumerate(self.layers):
             for store in (layer.params, layer.buffers):
                 for key in store:
-                    store[key] = np.array(state[f"layers.{i}.{key}"], dtype=store[key].dtype)
+                    value = state[f"layers.{i}.{key}"]  # safetensors returns 0-d arrays as shape (1,)
+                    store[key] = np.array(value, dtype=store[key].dtype).reshape(store[key].shape)
         self.zero_grad()
 
     def __repr__(self) -> str:

@@ -1,0 +1,112 @@
+"""Checkpoints: safetensors files holding every parameter, buffer and optimizer state array, with the
+resolved config, epoch, step, metrics and normalisation as JSON in the header metadata.
+
+Loading parses the safetensors header and raw tensor bytes only; nothing in the file is ever executed.
+Writes are atomic: a temporary file in the same folder, fsync, then rename over the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from .errors import CheckpointError
+
+FORMAT = "cnnctl-checkpoint"
+FORMAT_VERSION = 1
+OPTIM_PREFIX = "optimizer."
+
+
+@dataclass
+class Checkpoint:
+    config: dict
+    model_state: dict[str, np.ndarray]
+    optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)
+    epoch: int = 0
+    step: int = 0
+    metrics: dict = field(default_factory=dict)
+    normalization: dict = field(default_factory=dict)  # {"mean": [...], "std": [...]}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(path: str | Path, ckpt: Checkpoint) -> None:
+    tensors = {k: np.ascontiguousarray(v) for k, v in ckpt.model_state.items()}
+    tensors.update({OPTIM_PREFIX + k: np.ascontiguousarray(v) for k, v in ckpt.optimizer_state.items()})
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(ckpt.config),
+        "epoch": str(ckpt.epoch),
+        "step": str(ckpt.step),
+        "metrics": json.dumps(ckpt.metrics),
+        "normalization": json.dumps(ckpt.normalization),
+    }
+    atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
+
+
+def _metadata(raw: bytes, path: Path) -> dict:
+    """The header's __metadata__ (parsed by hand so a non-cnnctl safetensors file gets a clear message)."""
+    if len(raw) < 8:
+        raise CheckpointError(f"{path}: file is empty or truncated ({len(raw)} bytes)", "use another checkpoint")
+    n = int.from_bytes(raw[:8], "little")
+    if n <= 0 or 8 + n > len(raw):
+        raise CheckpointError(f"{path}: not a safetensors file, or truncated", "use a file written by cnnctl train")
+    try:
+        header = json.loads(raw[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (bad header)", "use a file written by cnnctl train") \
+            from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: a safetensors file, but not a cnnctl checkpoint (no cnnctl metadata)",
+                              "pass a checkpoint from a run directory, e.g. runs/NAME/checkpoints/best.safetensors")
+    return meta
+
+
+def load(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}", "check the path (runs/NAME/checkpoints/...)") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    meta = _metadata(raw, path)
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise CheckpointError(f"{path}: checkpoint format version {meta.get('format_version')} is not supported "
+                              f"by this cnnctl (version {FORMAT_VERSION})", "use the cnnctl that wrote it")
+    try:
+        tensors = st_load(raw)
+        ckpt = Checkpoint(
+            config=json.loads(meta["config"]),
+            model_state={k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)},
+            optimizer_state={k[len(OPTIM_PREFIX) :]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)},
+            epoch=int(meta["epoch"]),
+            step=int(meta["step"]),
+            metrics=json.loads(meta["metrics"]),
+            normalization=json.loads(meta["normalization"]),
+        )
+    except Exception as e:  # safetensors raises its own error types for corrupt data
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})",
+                              "use another checkpoint, e.g. checkpoints/last.safetensors") from None
+    return ckpt

@@ -1,0 +1,282 @@
+"""The typer CLI: parse, call the library, print. Errors from the library are formatted here, once."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__, checkpoint
+from .builder import LayerRow, build_loss, build_model, check_outputs
+from .config import apply_overrides, load_config
+from .data import dataset_info
+from .errors import CnnctlError
+from .runs import create_run_dir
+from .train import Callback, Seeds, Trainer, evaluate, load_data, load_model
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train convolutional networks from one YAML file on a pure NumPy core.")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+SetOption = Annotated[list[str], typer.Option("--set", help="Override a config key: --set optimizer.lr=0.01 "
+                                              "(dotted path, value parsed as YAML); repeatable.")]
+
+
+def guarded(fn):
+    """Turn CnnctlError into one readable message and its exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CnnctlError as e:
+            err.print(f"[bold red]error:[/] {e.message}", markup=True, soft_wrap=True, highlight=False)
+            if e.hint:
+                err.print(f"  [bold]fix:[/] {e.hint}", soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"cnnctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False):
+    """cnnctl: declarative CNN training on NumPy."""
+
+
+def _fmt(v, pct=False):
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
+
+
+class RichProgress(Callback):
+    """An epoch bar and a batch bar with running loss, accuracy, images/s and ETA."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        )
+        self.epoch_task = self.batch_task = None
+
+    def on_train_start(self, info):
+        _print_start(self.console, info)
+        self.progress.start()
+
+    def on_epoch_start(self, epoch, epochs, n_batches):
+        if self.epoch_task is None:
+            self.epoch_task = self.progress.add_task("epochs", total=epochs, stats="")
+        if self.batch_task is not None:
+            self.progress.remove_task(self.batch_task)
+        self.batch_task = self.progress.add_task(f"epoch {epoch}", total=n_batches, stats="")
+
+    def on_batch_end(self, batch, loss, acc, ips):
+        self.progress.update(self.batch_task, completed=batch,
+                             stats=f"loss {loss:.4f} acc {100 * acc:.2f}% {ips:,.0f} img/s")
+
+    def on_epoch_end(self, row):
+        self.progress.advance(self.epoch_task)
+        self.progress.console.print(_epoch_line(row), soft_wrap=True)
+
+    def close(self):
+        self.progress.stop()
+
+
+class PlainProgress(Callback):
+    """One line per epoch, for logs and pipes."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def on_train_start(self, info):
+        _print_start(self.console, info)
+
+    def on_epoch_end(self, row):
+        self.console.print(_epoch_line(row), soft_wrap=True)
+
+    def close(self):
+        pass
+
+
+def _print_start(console, info):
+    console.print(f"data: train {info['train']:,}  val {info['val']:,}  test {info['test']:,}  "
+                  f"image {tuple(info['image_shape'])}  classes {len(info['classes'])}")
+    console.print(f"model: {info['params']:,} parameters")
+    console.print(f"run: {info['run_dir']}")
+
+
+def _epoch_line(row):
+    return (f"epoch {row['epoch']:>3}  train loss {_fmt(row['train_loss'])} acc {_fmt(row['train_acc'], True)}  "
+            f"val loss {_fmt(row['val_loss'])} acc {_fmt(row['val_acc'], True)}  lr {row['lr']:.4g}  "
+            f"{row['seconds']:.1f}s")
+
+
+@app.command()
+@guarded
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    set_: SetOption = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run directories are created.")] = Path("runs"),
+    name: Annotated[str | None, typer.Option("--name", help="Run name (default: the config's name).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Plain lines instead of live progress bars.")] = False,
+):
+    """Train a model from a YAML config; writes runs/NAME-YYYYmmdd-HHMMSS/."""
+    overrides = list(set_ or [])
+    if name:
+        overrides.append(f"name={name}")
+    spec, _ = load_config(config, overrides)
+    run_dir = None
+    live = out.is_terminal and not quiet
+    cb = RichProgress(out) if live else PlainProgress(out)
+    try:
+        trainer = Trainer(spec, cb)  # every check runs before the run directory exists
+        run_dir = create_run_dir(runs_dir, spec.name)
+        summary = trainer.fit(run_dir)
+    except BaseException:
+        if run_dir is not None and not (run_dir / "metrics.csv").exists():
+            _remove_empty_run(run_dir)
+        raise
+    finally:
+        cb.close()
+    best = summary["best"]
+    out.print(f"best {summary['monitor']} {_fmt(best[summary['monitor']], True)} at epoch {best['epoch']}; "
+              f"wall time {summary['wall_seconds']:.1f}s")
+    if "test" in summary:
+        out.print(f"test accuracy {_fmt(summary['test']['accuracy'], True)} on {summary['test']['n']:,} images")
+    out.print(f"run directory: {run_dir}")
+
+
+def _remove_empty_run(run_dir: Path) -> None:
+    """A run that failed before its first epoch leaves no directory behind."""
+    for p in sorted(run_dir.rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    run_dir.rmdir()
+
+
+@app.command("eval")
+@guarded
+def eval_(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A .safetensors checkpoint.")],
+    data_split: Annotated[str, typer.Option("--data-split", help="test, val or train.")] = "test",
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Evaluate a checkpoint (it carries its own config): loss, accuracy, per-class precision/recall."""
+    if data_split not in ("test", "val", "train"):
+        raise CnnctlError(f"--data-split must be test, val or train, got {data_split!r}")
+    ckpt = checkpoint.load(checkpoint_path)
+    if set_:
+        ckpt.config = apply_overrides(ckpt.config, list(set_))
+    spec, model, _ = load_model(ckpt, checkpoint_path)
+    ds = load_data(spec, Seeds.from_seed(spec.seed), ckpt.normalization or None)
+    loss_fn = build_loss(spec)
+    res = evaluate(model, loss_fn, ds, ds.split(data_split), spec.data.batch_size, len(ds.classes))
+    cm = res["confusion_matrix"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.nan_to_num(np.diag(cm) / cm.sum(axis=0))
+        recall = np.nan_to_num(np.diag(cm) / cm.sum(axis=1))
+    if as_json:
+        print(json.dumps({
+            "checkpoint": str(checkpoint_path), "split": data_split, "loss": res["loss"], "accuracy": res["accuracy"],
+            "n": res["n"], "classes": ds.classes, "precision": precision.tolist(), "recall": recall.tolist(),
+            "confusion_matrix": cm.tolist(), "epoch": ckpt.epoch,
+        }))
+        return
+    out.print(f"{checkpoint_path} (epoch {ckpt.epoch}) on the {data_split} split of {spec.data.dataset} "
+              f"({res['n']:,} images)")
+    out.print(f"loss {res['loss']:.4f}  accuracy {100 * res['accuracy']:.2f}%")
+    per_class = Table(title="per class")
+    for col in ("class", "support", "precision", "recall"):
+        per_class.add_column(col, justify="right")
+    for i, c in enumerate(ds.classes):
+        per_class.add_row(c, f"{int(cm[i].sum()):,}", f"{100 * precision[i]:.2f}%", f"{100 * recall[i]:.2f}%")
+    out.print(per_class)
+    conf = Table(title="confusion matrix (rows: true, columns: predicted)")
+    conf.add_column("")
+    for c in ds.classes:
+        conf.add_column(c, justify="right")
+    for i, c in enumerate(ds.classes):
+        conf.add_row(c, *(f"[bold]{v}[/]" if i == j else str(v) for j, v in enumerate(cm[i])))
+    out.print(conf)
+
+
+def _spec_for_inspect(target: Path, overrides: list[str]):
+    if target.suffix == ".safetensors":
+        ckpt = checkpoint.load(target)
+        if overrides:
+            ckpt.config = apply_overrides(ckpt.config, overrides)
+        spec, _, rows = load_model(ckpt, target)
+        return spec, rows
+    spec, _ = load_config(target, overrides)
+    _, rows = build_model(spec.model)
+    return spec, rows
+
+
+@app.command()
+@guarded
+def inspect(
+    target: Annotated[Path, typer.Argument(metavar="CONFIG_OR_CHECKPOINT")],
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Validate a config (or a checkpoint's) and show each layer's output shape, parameters and MACs."""
+    spec, rows = _spec_for_inspect(target, list(set_ or []))
+    classes, image_shape = dataset_info(spec.data)
+    check_outputs(spec, rows, len(classes))
+    if image_shape is not None and tuple(image_shape) != tuple(spec.model.input_shape):
+        raise CnnctlError(f"dataset '{spec.data.dataset}' has images of shape {image_shape} but model.input_shape "
+                          f"is {list(spec.model.input_shape)}", f"set model.input_shape: {list(image_shape)}")
+    report = _report(spec, rows)
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table(title=f"{spec.name}: input {tuple(spec.model.input_shape)}")
+    for col, just in [("#", "right"), ("name", "left"), ("type", "left"), ("output shape", "left"),
+                      ("params", "right"), ("MACs", "right")]:
+        table.add_column(col, justify=just)
+    for r in rows:
+        table.add_row(str(r.index), r.name, r.type, str(_shape(r.output_shape)), f"{r.params:,}", f"{r.macs:,}")
+    out.print(table)
+    out.print(f"total parameters {report['total_params']:,}  ({report['param_bytes'] / 1e6:.2f} MB as float32)")
+    out.print(f"total MACs per sample {report['total_macs']:,}")
+    out.print(f"activation memory per sample {report['activation_bytes_per_sample'] / 1e3:,.1f} kB (float32)")
+    out.print(f"dataset {spec.data.dataset}: {len(classes)} classes")
+
+
+def _shape(s):
+    return s[0] if len(s) == 1 else s
+
+
+def _report(spec, rows: list[LayerRow]) -> dict:
+    total_params = sum(r.params for r in rows)
+    act = sum(int(np.prod(r.output_shape)) for r in rows) * 4
+    return {
+        "name": spec.name, "input_shape": list(spec.model.input_shape),
+        "layers": [{"index": r.index, "name": r.name, "type": r.type, "output_shape": list(r.output_shape),
+                    "params": r.params, "macs": r.macs} for r in rows],
+        "total_params": total_params, "param_bytes": total_params * 4, "total_macs": sum(r.macs for r in rows),
+        "activation_bytes_per_sample": act,
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

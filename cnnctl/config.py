@@ -1,0 +1,451 @@
+"""The YAML spec as pydantic models, strict and self-explaining.
+
+Every model forbids unknown keys (with a did-you-mean), every layer spec carries a `type` tag and the
+layer union is discriminated on it; `LAYER_SPECS` maps those tags to spec classes, and each spec's `build`
+makes the matching `cnnctl.nn` layer for the shape that reaches it. `load_config` turns a file plus
+`--set` overrides into a validated `Spec`, raising ConfigError with key paths and YAML line numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from . import nn, optim
+from .errors import ConfigError
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosPair = Union[PosInt, tuple[PosInt, PosInt]]
+Activation = Literal["relu", "leaky_relu", "elu", "sigmoid", "tanh", "softmax", "linear"]
+Init = Literal["he_normal", "he_uniform", "glorot_normal", "glorot_uniform"]
+
+
+class Strict(BaseModel):
+    """Base for every spec model: unknown keys are errors that suggest the closest known key."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = list(cls.model_fields)
+            for key in data:
+                if key not in known:
+                    close = difflib.get_close_matches(str(key), known, n=1)
+                    hint = f"did you mean '{close[0]}'? " if close else ""
+                    raise PydanticCustomError(
+                        "unknown_key",
+                        "unknown key '{key}'; {hint}known keys: {known}",
+                        {"key": str(key), "hint": hint, "known": ", ".join(known)},
+                    )
+        return data
+
+
+# ---------------------------------------------------------------- layers
+
+
+class LayerSpec(Strict):
+    name: str | None = Field(None, description="Optional display name for inspect and error messages.")
+
+    def build(self, input_shape: tuple[int, ...], rng: np.random.Generator) -> nn.Layer:
+        return nn.REGISTRY[self.type]()  # type: ignore[attr-defined]
+
+
+class Conv2DSpec(LayerSpec):
+    type: Literal["conv2d"]
+    filters: PosInt = Field(description="Number of output channels.")
+    kernel_size: PosPair = Field(description="Kernel size, an int or [height, width].")
+    stride: PosPair = 1
+    padding: Union[NonNegInt, tuple[NonNegInt, NonNegInt], Literal["same", "valid"]] = 0
+    dilation: PosPair = 1
+    bias: bool = True
+    activation: Activation | None = None
+    init: Init = "he_normal"
+
+    def build(self, input_shape, rng):
+        return nn.Conv2D(input_shape[0], self.filters, self.kernel_size, self.stride, self.padding, self.dilation,
+                         self.bias, self.activation, self.init, rng)
+
+
+class _PoolSpec(LayerSpec):
+    kernel_size: PosPair = Field(description="Window size, an int or [height, width].")
+    stride: PosPair | None = Field(None, description="Defaults to kernel_size.")
+    padding: Union[NonNegInt, tuple[NonNegInt, NonNegInt]] = 0
+
+    def build(self, input_shape, rng):
+        return nn.REGISTRY[self.type](self.kernel_size, self.stride, self.padding)  # type: ignore[attr-defined]
+
+
+class MaxPool2DSpec(_PoolSpec):
+    type: Literal["maxpool2d"]
+
+
+class AvgPool2DSpec(_PoolSpec):
+    type: Literal["avgpool2d"]
+
+
+class GlobalAvgPool2DSpec(LayerSpec):
+    type: Literal["global_avgpool2d"]
+
+
+class FlattenSpec(LayerSpec):
+    type: Literal["flatten"]
+
+
+class DenseSpec(LayerSpec):
+    type: Literal["dense"]
+    units: PosInt = Field(description="Number of output features.")
+    bias: bool = True
+    activation: Activation | None = None
+    init: Init = "he_normal"
+
+    def build(self, input_shape, rng):
+        return nn.Dense(input_shape[0], self.units, self.bias, self.activation, self.init, rng)
+
+
+class DropoutSpec(LayerSpec):
+    type: Literal["dropout"]
+    rate: float = Field(0.5, ge=0.0, lt=1.0, description="Probability of zeroing each value while training.")
+
+    def build(self, input_shape, rng):
+        return nn.Dropout(self.rate, rng)
+
+
+class _BatchNormSpec(LayerSpec):
+    momentum: float = Field(0.1, gt=0.0, le=1.0)
+    eps: float = Field(1e-5, gt=0.0)
+
+    def build(self, input_shape, rng):
+        cls = {"batchnorm1d": nn.BatchNorm1D, "batchnorm2d": nn.BatchNorm2D}.get(self.type)  # type: ignore
+        if cls is None:  # plain `batchnorm`: 1-D or 2-D from the incoming shape
+            cls = nn.BatchNorm1D if len(input_shape) == 1 else nn.BatchNorm2D
+        return cls(input_shape[0], self.eps, self.momentum)
+
+
+class BatchNormSpec(_BatchNormSpec):
+    type: Literal["batchnorm"]
+
+
+class BatchNorm1DSpec(_BatchNormSpec):
+    type: Literal["batchnorm1d"]
+
+
+class BatchNorm2DSpec(_BatchNormSpec):
+    type: Literal["batchnorm2d"]
+
+
+class ReLUSpec(LayerSpec):
+    type: Literal["relu"]
+
+
+class LeakyReLUSpec(LayerSpec):
+    type: Literal["leaky_relu"]
+    negative_slope: float = 0.01
+
+    def build(self, input_shape, rng):
+        return nn.LeakyReLU(self.negative_slope)
+
+
+class ELUSpec(LayerSpec):
+    type: Literal["elu"]
+    alpha: float = 1.0
+
+    def build(self, input_shape, rng):
+        return nn.ELU(self.alpha)
+
+
+class SigmoidSpec(LayerSpec):
+    type: Literal["sigmoid"]
+
+
+class TanhSpec(LayerSpec):
+    type: Literal["tanh"]
+
+
+class SoftmaxSpec(LayerSpec):
+    type: Literal["softmax"]
+
+
+_LAYER_CLASSES = [
+    Conv2DSpec, MaxPool2DSpec, AvgPool2DSpec, GlobalAvgPool2DSpec, FlattenSpec, DenseSpec, DropoutSpec,
+    BatchNormSpec, BatchNorm1DSpec, BatchNorm2DSpec, ReLUSpec, LeakyReLUSpec, ELUSpec, SigmoidSpec, TanhSpec,
+    SoftmaxSpec,
+]
+LAYER_SPECS: dict[str, type[LayerSpec]] = {c.model_fields["type"].annotation.__args__[0]: c for c in _LAYER_CLASSES}
+# spec tags that are not layer classes of their own: `batchnorm` resolves to batchnorm1d or batchnorm2d
+LAYER_ALIASES = {"batchnorm": ("batchnorm1d", "batchnorm2d")}
+AnyLayer = Annotated[Union[tuple(_LAYER_CLASSES)], Field(discriminator="type")]  # type: ignore[valid-type]
+
+
+class ModelSpec(Strict):
+    input_shape: tuple[PosInt, PosInt, PosInt] = Field(description="Input shape per sample: [channels, height, width].")
+    layers: list[AnyLayer] = Field(min_length=1, description="Layers in order; input sizes are inferred.")
+
+
+# ---------------------------------------------------------------- data, loss, optimizer, training
+
+
+class ShapesSpec(Strict):
+    train_size: PosInt = Field(6000, description="Images generated for training (before the validation split).")
+    test_size: PosInt = Field(1000, description="Images generated for the test split.")
+    kinds: list[Literal["circle", "square", "triangle", "cross", "ring", "bar"]] = Field(
+        default=["circle", "square", "triangle", "cross"], min_length=2, description="Shape classes, in label order."
+    )
+    noise: float = Field(0.15, ge=0.0, le=1.0, description="Std of Gaussian pixel noise on a 0..1 scale.")
+
+
+class DataSpec(Strict):
+    dataset: Literal["shapes", "mnist", "fashion_mnist", "kmnist"] = Field(description="Built-in dataset name.")
+    root: str | None = Field(None, description="Folder with the dataset files (default ~/.cache/cnnctl/<dataset>, "
+                             "or $CNNCTL_DATA/<dataset>).")
+    batch_size: PosInt = 64
+    val_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the training data held out.")
+    normalize: Union[Literal["auto", "none"], dict[Literal["mean", "std"], list[float]]] = Field(
+        "auto", description="auto: per-channel mean/std of the training split; none: pixels in 0..1; or mean/std.")
+    shapes: ShapesSpec = Field(default_factory=ShapesSpec, description="Options of the `shapes` generator.")
+
+    @field_validator("normalize")
+    @classmethod
+    def _mean_and_std(cls, v):
+        if isinstance(v, dict) and set(v) != {"mean", "std"}:
+            raise ValueError("give both mean and std lists (one value per channel)")
+        if isinstance(v, dict) and any(s <= 0 for s in v["std"]):
+            raise ValueError("std values must be positive")
+        return v
+
+
+class LossSpec(Strict):
+    type: Literal["cross_entropy", "mse"] = "cross_entropy"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class SGDSpec(Strict):
+    type: Literal["sgd"]
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    dampening: float = Field(0.0, ge=0.0, le=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0.0)
+    decay_bias_and_norm: bool = True
+
+    def build(self, model):
+        return optim.OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
+
+
+class AdamSpec(Strict):
+    type: Literal["adam", "adamw"]
+    lr: float = Field(0.001, gt=0.0)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float | None = Field(None, ge=0.0, description="Default 0 for adam, 0.01 for adamw.")
+    amsgrad: bool = False
+    decay_bias_and_norm: bool = True
+
+    def build(self, model):
+        kwargs = self.model_dump(exclude={"type", "weight_decay"})
+        if self.weight_decay is not None:
+            kwargs["weight_decay"] = self.weight_decay
+        return optim.OPTIMIZERS[self.type](model, **kwargs)
+
+
+class RMSpropSpec(Strict):
+    type: Literal["rmsprop"]
+    lr: float = Field(0.01, gt=0.0)
+    alpha: float = Field(0.99, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    centered: bool = False
+    decay_bias_and_norm: bool = True
+
+    def build(self, model):
+        return optim.OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
+
+
+OptimizerSpec = Annotated[Union[SGDSpec, AdamSpec, RMSpropSpec], Field(discriminator="type")]
+
+
+class TrainSpec(Strict):
+    epochs: PosInt = 10
+    test_at_end: bool = Field(False, description="Evaluate the test split after the last epoch.")
+
+
+class Spec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; letters, digits, '_', '.', '-'.")
+    seed: NonNegInt = 0
+    data: DataSpec
+    model: ModelSpec
+    loss: LossSpec = Field(default_factory=LossSpec)
+    optimizer: OptimizerSpec = Field(default_factory=lambda: SGDSpec(type="sgd"))
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_shorthand(cls, v):
+        return {"type": v} if isinstance(v, str) else v
+
+
+# ---------------------------------------------------------------- loading and errors
+
+
+def _set_path(data: dict, dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        key: Any = int(part) if isinstance(node, list) and part.lstrip("-").isdigit() else part
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            if isinstance(node, dict):
+                node[key] = {}
+                node = node[key]
+            else:
+                raise ConfigError(f"{origin}: cannot set '{dotted}': '{'.'.join(parts[: i + 1])}' does not exist",
+                                  "use a dotted path of existing keys, e.g. optimizer.lr=0.01 or "
+                                  "model.layers.0.filters=8") from None
+    last: Any = parts[-1]
+    if isinstance(node, list):
+        if not last.lstrip("-").isdigit() or not -len(node) <= int(last) < len(node):
+            raise ConfigError(f"{origin}: cannot set '{dotted}': no list item {last}")
+        last = int(last)
+    elif not isinstance(node, dict):
+        raise ConfigError(f"{origin}: cannot set '{dotted}': its parent is not a mapping")
+    node[last] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `KEY=VALUE` strings (dotted paths, values parsed as YAML) to a copy of the raw config."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE", "e.g. --set optimizer.lr=0.01")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
+        _set_path(data, key.strip(), value, "--set")
+    return data
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+    """Line (1-based) of the deepest YAML node on the path loc; union tags in loc are skipped."""
+    line = None if node is None else node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    node, line = v, k.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+    return line
+
+
+def _format_path(loc: tuple, data: Any) -> str:
+    """('model', 'layers', 2, 'conv2d', 'filters') -> 'model.layers[2].filters' (skipping union tags)."""
+    out, node = "", data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        elif isinstance(node, dict) and part in node:
+            out += f".{part}" if out else part
+            node = node[part]
+        elif isinstance(node, dict) and node.get("type") == part:
+            continue  # a discriminated-union tag, not a key
+        else:
+            out += f".{part}" if out else str(part)
+            node = None
+    return out or "(top level)"
+
+
+def _message(err: dict) -> str:
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "union_tag_invalid":
+        tag = str(ctx.get("tag"))
+        tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
+        close = difflib.get_close_matches(tag, tags, n=1)
+        guess = f"did you mean '{close[0]}'? " if close else ""
+        return f"unknown type '{tag}'; {guess}known types: {', '.join(tags)}"
+    if kind == "union_tag_not_found":
+        return "missing 'type'"
+    if kind == "missing":
+        return "required key is missing"
+    msg = err["msg"]
+    if kind not in ("unknown_key",) and "input" in err and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def format_validation_error(e: ValidationError, data: Any, source: str, root: yaml.Node | None,
+                            overrides: list[str] = ()) -> ConfigError:
+    lines = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        if err["type"] == "unknown_key":
+            loc = (*loc, err["ctx"]["key"])
+        path = _format_path(loc, data)
+        dotted = ".".join(str(p) for p in loc)
+        where = ""
+        if any(dotted.startswith(o.partition("=")[0].strip()) for o in overrides):
+            where = " (from --set)"
+        else:
+            line = _line_of(root, loc)
+            if line is not None:
+                where = f" (line {line})"
+        lines.append(f"  {path}{where}: {_message(err)}")
+    n = len(lines)
+    return ConfigError(f"{source}: invalid config ({n} problem{'s' if n > 1 else ''})\n" + "\n".join(lines),
+                       "correct the keys above; `cnnctl inspect CONFIG` checks a config without training")
+
+
+def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """The parsed YAML and its node tree (for line numbers)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}", "check the path") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    try:
+        return yaml.safe_load(text), yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}",
+                          "check indentation and that every key is followed by ': '") from None
+
+
+def validate(data: Any, source: str = "config", root: yaml.Node | None = None, overrides: list[str] = ()) -> Spec:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping (key: value lines), "
+                          f"got {type(data).__name__}")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        raise format_validation_error(e, data, source, root, overrides) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Spec, dict]:
+    """Read, override and validate a YAML config. Returns the spec and the raw (overridden) mapping."""
+    path = Path(path)
+    data, root = read_yaml(path)
+    if isinstance(data, dict):
+        data = apply_overrides(data, list(overrides))
+    return validate(data, str(path), root, list(overrides)), data
+
+
+def spec_to_dict(spec: Spec) -> dict:
+    """The fully resolved spec (defaults filled in) as plain data for config.yaml and checkpoints."""
+    return spec.model_dump(mode="json")

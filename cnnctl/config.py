@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -288,10 +289,15 @@ class Spec(Strict):
     optimizer: OptimizerSpec = Field(default_factory=lambda: SGDSpec(type="sgd"))
     train: TrainSpec = Field(default_factory=TrainSpec)
 
-    @field_validator("loss", mode="before")
+    @field_validator("loss", "optimizer", mode="before")
     @classmethod
-    def _loss_shorthand(cls, v):
-        return {"type": v} if isinstance(v, str) else v
+    def _shorthand(cls, v, info):
+        """`loss: mse` means {type: mse}; an optimizer mapping without a type is sgd."""
+        if isinstance(v, str):
+            return {"type": v}
+        if info.field_name == "optimizer" and isinstance(v, dict) and "type" not in v:
+            return {"type": "sgd", **v}
+        return v
 
 
 # ---------------------------------------------------------------- loading and errors
@@ -362,12 +368,24 @@ def _format_path(loc: tuple, data: Any) -> str:
         elif isinstance(node, dict) and part in node:
             out += f".{part}" if out else part
             node = node[part]
-        elif isinstance(node, dict) and node.get("type") == part:
+        elif isinstance(node, dict) and (node.get("type") == part or part in _UNION_TAGS):
             continue  # a discriminated-union tag, not a key
         else:
             out += f".{part}" if out else str(part)
             node = None
     return out or "(top level)"
+
+
+_UNION_TAGS = set(LAYER_SPECS) | set(optim.OPTIMIZERS)
+
+
+def _is_within(path: str, dotted: str) -> bool:
+    """Whether an error at `path` (model.layers[1].units) and an override key (model.layers.1) overlap."""
+    as_path = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", dotted)
+    def under(a, b):
+        return a == b or a.startswith(b + ".") or a.startswith(b + "[")
+
+    return under(path, as_path) or under(as_path, path)
 
 
 def _message(err: dict) -> str:
@@ -396,9 +414,8 @@ def format_validation_error(e: ValidationError, data: Any, source: str, root: ya
         if err["type"] == "unknown_key":
             loc = (*loc, err["ctx"]["key"])
         path = _format_path(loc, data)
-        dotted = ".".join(str(p) for p in loc)
         where = ""
-        if any(dotted.startswith(o.partition("=")[0].strip()) for o in overrides):
+        if any(_is_within(path, o.partition("=")[0].strip()) for o in overrides):
             where = " (from --set)"
         else:
             line = _line_of(root, loc)

@@ -72,7 +72,8 @@ class Sequential:
         extra = sorted(set(state) - set(own))
         if missing or extra:
             raise KeyError(f"missing {missing[:5]}, unexpected {extra[:5]}")
-        for name, value in state.items():
+        for name in own:
+            value = state[name]
             if own[name].shape != np.shape(value) and not (own[name].shape == () and np.size(value) == 1):
                 raise ValueError(f"{name} has shape {np.shape(value)}, the model expects {own[name].shape}")
         for i, layer in enumerate(self.layers):

@@ -38,10 +38,6 @@ class _Pool2D(Layer):
             )
         return (c, oh, ow)
 
-    def macs(self, input_shape):
-        c, oh, ow = self.output_shape(input_shape)
-        return c * oh * ow * self.kernel_size[0] * self.kernel_size[1]
-
     def _windows(self, x):
         ph, pw = self.padding
         self._pad4 = (ph, ph, pw, pw)
@@ -92,9 +88,6 @@ class GlobalAvgPool2D(Layer):
     def output_shape(self, input_shape):
         self._expect_rank(input_shape, 3, "global_avgpool2d needs feature maps; put it before flatten/dense")
         return (input_shape[0],)
-
-    def macs(self, input_shape):
-        return int(np.prod(input_shape))
 
     def forward(self, x, training=True):
         self._hw = x.shape[2:]

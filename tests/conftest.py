@@ -1,0 +1,41 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = Path(os.environ.get("CNNCTL_TEST_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
+
+TINY = """\
+name: tiny
+seed: 3
+data:
+  dataset: shapes
+  batch_size: 32
+  val_split: 0.2
+  shapes: {train_size: 300, test_size: 100}
+model:
+  input_shape: [1, 16, 16]
+  layers:
+    - {type: conv2d, filters: 4, kernel_size: 3, padding: same, activation: relu}
+    - {type: maxpool2d, kernel_size: 2}
+    - {type: flatten}
+    - {type: dropout, rate: 0.1}
+    - {type: dense, units: 4}
+optimizer: {type: adam, lr: 0.01}
+train: {epochs: 2}
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.fixture
+def mnist_root() -> Path:
+    if not (MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST not found at {MNIST}")
+    return MNIST

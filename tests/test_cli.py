@@ -1,0 +1,114 @@
+"""The CLI verbs through typer's runner and through real subprocesses."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cnnctl.cli import app
+from tests.conftest import ROOT
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def train_tiny(config, runs_dir, *extra):
+    res = run("train", config, "--runs-dir", runs_dir, *extra)
+    assert res.exit_code == 0, res.output
+    (run_dir,) = [p for p in Path(runs_dir).iterdir()]
+    return run_dir, res
+
+
+def test_train_writes_a_complete_run_directory(tiny_config, tmp_path):
+    run_dir, res = train_tiny(tiny_config, tmp_path / "runs", "--set", "train.epochs=3")
+    assert run_dir.name.startswith("tiny-") and str(run_dir) in res.output.replace("\n", "")
+    for f in ("config.yaml", "metrics.csv", "metrics.jsonl", "summary.json", "checkpoints/last.safetensors",
+              "checkpoints/best.safetensors"):
+        assert (run_dir / f).is_file(), f
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["params"] == 4 * 9 + 4 + 4 * 64 * 4 + 4 and summary["epochs"] == 3
+    assert summary["best"]["val_acc"] == max(float(r["val_acc"]) for r in rows)
+    assert "train.epochs" not in (run_dir / "config.yaml").read_text()  # resolved, not the override text
+    assert "epochs: 3" in (run_dir / "config.yaml").read_text()
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_eval_reproduces_the_logged_validation_accuracy(tiny_config, tmp_path):
+    run_dir, _ = train_tiny(tiny_config, tmp_path / "runs")
+    best = json.loads((run_dir / "summary.json").read_text())["best"]
+    res = run("eval", run_dir / "checkpoints" / "best.safetensors", "--data-split", "val", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["accuracy"] == best["val_acc"]
+    assert report["loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+    assert np.array(report["confusion_matrix"]).sum() == report["n"] == 60
+    table = run("eval", run_dir / "checkpoints" / "best.safetensors")
+    assert table.exit_code == 0 and "confusion matrix" in table.output and "precision" in table.output
+
+
+def test_same_seed_same_numbers(tiny_config, tmp_path):
+    a, _ = train_tiny(tiny_config, tmp_path / "a")
+    b, _ = train_tiny(tiny_config, tmp_path / "b")
+
+    def numbers(run_dir):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((run_dir / "metrics.csv").open())]
+
+    assert numbers(a) == numbers(b)
+    c, _ = train_tiny(tiny_config, tmp_path / "c", "--set", "seed=4")
+    assert numbers(a) != numbers(c)
+
+
+def test_inspect_lenet5_shapes_and_parameters():
+    res = run("inspect", ROOT / "configs" / "lenet5-mnist.yaml", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert [tuple(layer["output_shape"]) for layer in report["layers"]] == [
+        (6, 28, 28), (6, 14, 14), (16, 10, 10), (16, 5, 5), (400,), (120,), (84,), (10,)]
+    assert report["total_params"] == 61706
+    assert report["layers"][0]["macs"] == 6 * 28 * 28 * 25
+    table = run("inspect", ROOT / "configs" / "lenet5-mnist.yaml")
+    assert "61,706" in table.output and "(16, 5, 5)" in table.output
+
+
+def test_inspect_a_checkpoint(tiny_config, tmp_path):
+    run_dir, _ = train_tiny(tiny_config, tmp_path / "runs")
+    res = run("inspect", run_dir / "checkpoints" / "last.safetensors", "--json")
+    assert res.exit_code == 0 and json.loads(res.output)["total_params"] == 1068
+
+
+def test_quiet_prints_plain_epoch_lines(tiny_config, tmp_path):
+    _, res = train_tiny(tiny_config, tmp_path / "runs", "--quiet")
+    assert "epoch   1" in res.output and "epoch   2" in res.output
+
+
+def test_name_option_names_the_run(tiny_config, tmp_path):
+    run_dir, _ = train_tiny(tiny_config, tmp_path / "runs", "--name", "other")
+    assert run_dir.name.startswith("other-")
+
+
+def test_real_subprocess_train_eval_and_error(tiny_config, tmp_path):
+    env_cmd = [sys.executable, "-m", "cnnctl"]
+    done = subprocess.run([*env_cmd, "train", str(tiny_config), "--runs-dir", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (tmp_path / "r").iterdir()
+    ev = subprocess.run([*env_cmd, "eval", str(run_dir / "checkpoints" / "best.safetensors"), "--json"],
+                        capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0 and json.loads(ev.stdout)["n"] == 100
+    bad = subprocess.run([*env_cmd, "train", str(tiny_config), "--set", "model.layers.0.filters=0"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr + bad.stdout
+    assert "model.layers[0].filters" in bad.stderr and "greater than 0" in bad.stderr

@@ -1,0 +1,158 @@
+"""Every user error: exit code 2, no traceback, a message naming the key, file or layer."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cnnctl import checkpoint
+from cnnctl.cli import app
+from tests.conftest import TINY
+
+runner = CliRunner()
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def edit(change):
+    data = yaml.safe_load(TINY)
+    change(data)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def expect_error(args, *words, code=2):
+    res = runner.invoke(app, [str(a) for a in args])
+    text = res.output
+    assert res.exit_code == code, text
+    assert "Traceback" not in text, text
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    for w in words:
+        assert w in text, (w, text)
+    return text
+
+
+CONFIG_ERRORS = {
+    "unknown key with suggestion": (lambda d: d["data"].update(batchsize=3), ["data.batchsize",
+                                                                           "did you mean 'batch_size'"]),
+    "unknown layer key": (lambda d: d["model"]["layers"][0].update(filter=3), ["model.layers[0].filter",
+                                                                              "did you mean 'filters'"]),
+    "unknown layer type": (lambda d: d["model"]["layers"][0].update(type="conv"), ["unknown type 'conv'",
+                                                                                  "did you mean 'conv2d'"]),
+    "missing type": (lambda d: d["model"]["layers"][0].pop("type"), ["model.layers[0]", "missing 'type'"]),
+    "zero filters": (lambda d: d["model"]["layers"][0].update(filters=0), ["model.layers[0].filters",
+                                                                          "greater than 0"]),
+    "negative rate": (lambda d: d["model"]["layers"][3].update(rate=-0.1), ["model.layers[3].rate"]),
+    "dropout rate 1": (lambda d: d["model"]["layers"][3].update(rate=1.0), ["model.layers[3].rate", "less than 1"]),
+    "wrong type": (lambda d: d["train"].update(epochs="many"), ["train.epochs", "valid integer"]),
+    "negative lr": (lambda d: d["optimizer"].update(lr=-1), ["optimizer.lr", "greater than 0"]),
+    "missing data": (lambda d: d.pop("data"), ["data", "required"]),
+    "bad input shape": (lambda d: d["model"].update(input_shape=[1, 16]), ["model.input_shape"]),
+    "unknown dataset": (lambda d: d["data"].update(dataset="imagenet"), ["data.dataset", "shapes"]),
+    "bad name": (lambda d: d.update(name="my run"), ["name"]),
+    "kernel larger than input": (lambda d: d["model"]["layers"][0].update(kernel_size=17, padding=0),
+                                 ["model.layers[0] (conv2d)", "larger than", "(1, 16, 16)", "fix"]),
+    "dense without flatten": (lambda d: d["model"]["layers"].pop(2),
+                              ["model.layers[3] (dense)", "flatten", "(4, 8, 8)"]),
+    "wrong number of outputs": (lambda d: d["model"]["layers"][-1].update(units=7),
+                                ["model.layers[4] (dense)", "(7,)", "4 classes", "units: 4"]),
+    "pool padding too large": (lambda d: d["model"]["layers"][1].update(padding=2), ["maxpool2d", "padding"]),
+}
+
+
+@pytest.mark.parametrize("verb", ["train", "inspect"])
+@pytest.mark.parametrize("case", list(CONFIG_ERRORS))
+def test_config_errors(tmp_path, case, verb):
+    change, words = CONFIG_ERRORS[case]
+    path = write(tmp_path, edit(change))
+    expect_error([verb, path, "--runs-dir", tmp_path / "runs"] if verb == "train" else [verb, path], *words)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_error_names_the_yaml_line(tmp_path):
+    path = write(tmp_path, TINY.replace("filters: 4", "filters: 0"))
+    line = TINY.splitlines().index("    - {type: conv2d, filters: 4, kernel_size: 3, padding: same, activation: relu}") + 1
+    expect_error(["inspect", path], f"line {line}")
+
+
+@pytest.mark.parametrize("override,words", [
+    ("optimizer.lr=abc", ["optimizer.lr (from --set)", "valid number"]),
+    ("model.layers.9.units=3", ["model.layers.9", "does not exist"]),
+    ("nokey", ["expected KEY=VALUE"]),
+    ("data.batch_size=[1", ["not valid YAML"]),
+    ("train.epochz=3", ["train.epochz (from --set)", "did you mean 'epochs'"]),
+])
+def test_bad_overrides(tiny_config, override, words):
+    expect_error(["train", tiny_config, "--set", override], *words)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    expect_error(["train", tmp_path / "nope.yaml"], "not found", "nope.yaml")
+    expect_error(["inspect", write(tmp_path, "name: x\n  bad: [\n")], "not valid YAML", "line 2")
+    expect_error(["inspect", write(tmp_path, "- 1\n- 2\n")], "must be a YAML mapping")
+    expect_error(["eval", tmp_path / "nope.safetensors"], "checkpoint not found")
+
+
+def test_missing_dataset_files_name_the_folder(tmp_path):
+    cfg = write(tmp_path, TINY.replace("dataset: shapes", f"dataset: mnist\n  root: {tmp_path / 'empty'}")
+                .replace("[1, 16, 16]", "[1, 28, 28]").replace("units: 4", "units: 10"))
+    expect_error(["train", cfg], "empty", "data.root")
+    (tmp_path / "empty").mkdir()
+    expect_error(["train", cfg], "train-images-idx3-ubyte", str(tmp_path / "empty"))
+
+
+def test_input_shape_must_fit_the_data(tmp_path, mnist_root):
+    cfg = write(tmp_path, TINY.replace("dataset: shapes", f"dataset: mnist\n  root: {mnist_root}")
+                .replace("units: 4", "units: 10"))
+    expect_error(["inspect", cfg], "(1, 28, 28)", "input_shape")
+
+
+@pytest.fixture
+def trained(tiny_config, tmp_path):
+    res = runner.invoke(app, ["train", str(tiny_config), "--runs-dir", str(tmp_path / "runs")])
+    assert res.exit_code == 0, res.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    return run_dir / "checkpoints" / "best.safetensors"
+
+
+def test_corrupt_and_foreign_checkpoints(trained, tmp_path):
+    raw = trained.read_bytes()
+    for name, data, words in [
+        ("empty.safetensors", b"", ["empty or truncated"]),
+        ("trunc.safetensors", raw[: len(raw) // 2], ["corrupt or truncated"]),
+        ("garbage.safetensors", b"\x00" * 7 + b"garbage" * 20, ["not a safetensors"]),
+    ]:
+        p = tmp_path / name
+        p.write_bytes(data)
+        expect_error(["eval", p], name, *words)
+        expect_error(["inspect", p], name)
+    from safetensors.numpy import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(foreign))
+    expect_error(["eval", foreign], "not a cnnctl checkpoint")
+
+
+def test_checkpoint_for_another_architecture(trained, tmp_path):
+    ckpt = checkpoint.load(trained)
+    ckpt.config["model"]["layers"][0]["filters"] = 5
+    ckpt.config["model"]["layers"][-1]["units"] = 4
+    other = tmp_path / "other.safetensors"
+    checkpoint.save(other, ckpt)
+    expect_error(["eval", other], "do not fit the architecture", "layers.0.weight")
+
+
+def test_bad_eval_split(trained):
+    expect_error(["eval", trained, "--data-split", "dev"], "--data-split")
+
+
+def test_failed_run_leaves_no_directory(tmp_path):
+    cfg = write(tmp_path, TINY.replace("dataset: shapes", f"dataset: mnist\n  root: {tmp_path}")
+                .replace("[1, 16, 16]", "[1, 28, 28]").replace("units: 4", "units: 10"))
+    expect_error(["train", cfg, "--runs-dir", tmp_path / "runs"], "train-images")
+    assert not (tmp_path / "runs").exists() or not list(Path(tmp_path / "runs").iterdir())

@@ -205,7 +205,8 @@ class ShapesSpec(Strict):
 
 
 class DataSpec(Strict):
-    dataset: Literal["shapes", "mnist", "fashion_mnist", "kmnist"] = Field(description="Built-in dataset name.")
+    dataset: Literal["shapes", "mnist", "fashion_mnist", "kmnist", "cifar10"] = Field(
+        description="Built-in dataset name.")
     root: str | None = Field(None, description="Folder with the dataset files (default ~/.cache/cnnctl/<dataset>, "
                              "or $CNNCTL_DATA/<dataset>).")
     batch_size: PosInt = 64

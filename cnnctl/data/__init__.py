@@ -11,7 +11,7 @@ import numpy as np
 
 from ..config import DataSpec
 from ..errors import DataError
-from . import idx, shapes
+from . import cifar, idx, shapes
 
 IDX_CLASSES = {
     "mnist": [str(d) for d in range(10)],
@@ -57,6 +57,8 @@ def dataset_info(spec: DataSpec) -> tuple[list[str], tuple[int, int, int] | None
     """Class names and image shape known without loading (None: the shape follows the model)."""
     if spec.dataset == "shapes":
         return list(spec.shapes.kinds), None
+    if spec.dataset == "cifar10":
+        return cifar.CLASSES, (3, 32, 32)
     return IDX_CLASSES[spec.dataset], (1, 28, 28)
 
 
@@ -70,6 +72,8 @@ def _load_raw(spec: DataSpec, input_shape, rng: np.random.Generator) -> tuple[Sp
     if not root.is_dir():
         raise DataError(f"{spec.dataset}: data folder {root} does not exist",
                         "set data.root (or --set data.root=PATH) to the folder holding the dataset files")
+    if spec.dataset == "cifar10":
+        return Split(*cifar.load_split(root, "train")), Split(*cifar.load_split(root, "test"))
     return Split(*idx.load_split(root, "train", spec.dataset)), Split(*idx.load_split(root, "test", spec.dataset))
 
 

@@ -1,0 +1,72 @@
+"""The spec: example configs validate and round-trip; spec tags and the layer registry cannot drift apart."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnctl import nn
+from cnnctl.builder import build_model
+from cnnctl.config import LAYER_ALIASES, LAYER_SPECS, Spec, apply_overrides, load_config, spec_to_dict
+from cnnctl.errors import ConfigError
+from tests.conftest import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_spec_tags_match_the_layer_registry():
+    assert set(LAYER_SPECS) == set(nn.REGISTRY) | set(LAYER_ALIASES)
+    for alias, targets in LAYER_ALIASES.items():
+        assert set(targets) <= set(nn.REGISTRY)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_example_configs_validate_build_and_round_trip(path: Path):
+    spec, _ = load_config(path)
+    again = Spec.model_validate(spec_to_dict(spec))
+    assert again == spec and spec_to_dict(again) == spec_to_dict(spec)
+    model, rows = build_model(spec.model)
+    assert model.num_params() == sum(r.params for r in rows) > 0
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"quickstart.yaml", "lenet5-mnist.yaml", "cifar10-small.yaml"} <= names
+
+
+def test_every_layer_spec_builds_its_registered_layer():
+    shapes = {3: (2, 8, 8), 1: (6,)}
+    examples = {"conv2d": {"filters": 3, "kernel_size": 3}, "maxpool2d": {"kernel_size": 2},
+                "avgpool2d": {"kernel_size": 2}, "dense": {"units": 3}}
+    for tag, cls in LAYER_SPECS.items():
+        spec = cls.model_validate({"type": tag, **examples.get(tag, {})})
+        in_shape = shapes[1] if tag in ("dense", "batchnorm1d") else shapes[3]
+        layer = spec.build(in_shape, np.random.default_rng(0))
+        assert layer.tag == (tag if tag not in LAYER_ALIASES else "batchnorm2d")
+        layer.output_shape(in_shape)
+
+
+def test_batchnorm_picks_1d_or_2d_from_its_input():
+    spec = Spec.model_validate({
+        "name": "bn", "data": {"dataset": "shapes"},
+        "model": {"input_shape": [1, 8, 8], "layers": [
+            {"type": "conv2d", "filters": 2, "kernel_size": 3}, {"type": "batchnorm"}, {"type": "flatten"},
+            {"type": "dense", "units": 4}, {"type": "batchnorm"}]}})
+    model, _ = build_model(spec.model)
+    assert [type(layer).__name__ for layer in model.layers][1::3] == ["BatchNorm2D", "BatchNorm1D"]
+
+
+def test_overrides_parse_yaml_values():
+    data = {"a": {"b": 1}, "l": [{"x": 1}, {"x": 2}]}
+    out = apply_overrides(data, ["a.b=0.5", "l.1.x=[1, 2]", "a.c=true", "new=hello"])
+    assert out == {"a": {"b": 0.5, "c": True}, "l": [{"x": 1}, {"x": [1, 2]}], "new": "hello"}
+    assert data["a"]["b"] == 1  # the input is not modified
+    with pytest.raises(ConfigError):
+        apply_overrides(data, ["l.5.x=1"])
+
+
+def test_shorthands():
+    base = {"name": "s", "data": {"dataset": "shapes"},
+            "model": {"input_shape": [1, 8, 8], "layers": [{"type": "flatten"}, {"type": "dense", "units": 4}]}}
+    spec = Spec.model_validate({**base, "loss": "mse", "optimizer": {"lr": 0.3}})
+    assert spec.loss.type == "mse" and spec.optimizer.type == "sgd" and spec.optimizer.lr == 0.3

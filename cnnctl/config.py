@@ -12,7 +12,7 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
@@ -24,7 +24,7 @@ from .errors import ConfigError
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
-PosPair = Union[PosInt, tuple[PosInt, PosInt]]
+PosPair = PosInt | tuple[PosInt, PosInt]
 Activation = Literal["relu", "leaky_relu", "elu", "sigmoid", "tanh", "softmax", "linear"]
 Init = Literal["he_normal", "he_uniform", "glorot_normal", "glorot_uniform"]
 
@@ -66,7 +66,7 @@ class Conv2DSpec(LayerSpec):
     filters: PosInt = Field(description="Number of output channels.")
     kernel_size: PosPair = Field(description="Kernel size, an int or [height, width].")
     stride: PosPair = 1
-    padding: Union[NonNegInt, tuple[NonNegInt, NonNegInt], Literal["same", "valid"]] = 0
+    padding: NonNegInt | tuple[NonNegInt, NonNegInt] | Literal["same", "valid"] = 0
     dilation: PosPair = 1
     bias: bool = True
     activation: Activation | None = None
@@ -80,7 +80,7 @@ class Conv2DSpec(LayerSpec):
 class _PoolSpec(LayerSpec):
     kernel_size: PosPair = Field(description="Window size, an int or [height, width].")
     stride: PosPair | None = Field(None, description="Defaults to kernel_size.")
-    padding: Union[NonNegInt, tuple[NonNegInt, NonNegInt]] = 0
+    padding: NonNegInt | tuple[NonNegInt, NonNegInt] = 0
 
     def build(self, input_shape, rng):
         return nn.REGISTRY[self.type](self.kernel_size, self.stride, self.padding)  # type: ignore[attr-defined]
@@ -184,7 +184,7 @@ _LAYER_CLASSES = [
 LAYER_SPECS: dict[str, type[LayerSpec]] = {c.model_fields["type"].annotation.__args__[0]: c for c in _LAYER_CLASSES}
 # spec tags that are not layer classes of their own: `batchnorm` resolves to batchnorm1d or batchnorm2d
 LAYER_ALIASES = {"batchnorm": ("batchnorm1d", "batchnorm2d")}
-AnyLayer = Annotated[Union[tuple(_LAYER_CLASSES)], Field(discriminator="type")]  # type: ignore[valid-type]
+AnyLayer = Annotated[tuple(_LAYER_CLASSES), Field(discriminator="type")]  # type: ignore[valid-type]
 
 
 class ModelSpec(Strict):
@@ -211,7 +211,7 @@ class DataSpec(Strict):
                              "or $CNNCTL_DATA/<dataset>).")
     batch_size: PosInt = 64
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the training data held out.")
-    normalize: Union[Literal["auto", "none"], dict[Literal["mean", "std"], list[float]]] = Field(
+    normalize: Literal["auto", "none"] | dict[Literal["mean", "std"], list[float]] = Field(
         "auto", description="auto: per-channel mean/std of the training split; none: pixels in 0..1; or mean/std.")
     shapes: ShapesSpec = Field(default_factory=ShapesSpec, description="Options of the `shapes` generator.")
 
@@ -273,7 +273,7 @@ class RMSpropSpec(Strict):
         return optim.OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
 
 
-OptimizerSpec = Annotated[Union[SGDSpec, AdamSpec, RMSpropSpec], Field(discriminator="type")]
+OptimizerSpec = Annotated[SGDSpec | AdamSpec | RMSpropSpec, Field(discriminator="type")]
 
 
 class TrainSpec(Strict):

@@ -4,7 +4,6 @@ CASES has an entry for every registered layer tag (a test asserts it), so a new 
 Each case: (id, factory taking a Generator, input shape with batch axis).
 """
 
-import numpy as np
 
 from cnnctl import nn
 

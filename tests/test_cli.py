@@ -63,7 +63,8 @@ def test_same_seed_same_numbers(tiny_config, tmp_path):
     b, _ = train_tiny(tiny_config, tmp_path / "b")
 
     def numbers(run_dir):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((run_dir / "metrics.csv").open())]
+        rows = csv.DictReader((run_dir / "metrics.csv").open())
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
     assert numbers(a) == numbers(b)
     c, _ = train_tiny(tiny_config, tmp_path / "c", "--set", "seed=4")

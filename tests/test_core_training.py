@@ -28,7 +28,7 @@ def test_small_cnn_cuts_loss_tenfold():
     ])
     loss, opt = nn.CrossEntropyLoss(), SGD(model, lr=0.05)
     first = loss.forward(model.forward(x, training=False), y)
-    for step in range(300):
+    for _ in range(300):
         idx = g.integers(0, len(x), 32)
         loss.forward(model.forward(x[idx]), y[idx])
         model.backward(loss.backward())

@@ -41,7 +41,8 @@ def test_conv2d_gradients_grid(stride, padding, dilation, kernel):
     assert max(errors.values()) < TOL, errors
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [(2, None, 0), (3, 1, 1), (3, 2, 0), (2, 3, 1), ((3, 2), (1, 2), (1, 0))])
+@pytest.mark.parametrize("kernel,stride,padding",
+                         [(2, None, 0), (3, 1, 1), (3, 2, 0), (2, 3, 1), ((3, 2), (1, 2), (1, 0))])
 @pytest.mark.parametrize("cls", [nn.MaxPool2D, nn.AvgPool2D])
 def test_pool_gradients_grid(cls, kernel, stride, padding):
     g = np.random.default_rng(2)

@@ -173,7 +173,8 @@ def test_dropout_semantics():
     assert abs(1 - kept.mean() - 0.3) < 0.01
     dy = np.ones_like(x)
     np.testing.assert_allclose(layer.backward(dy), kept / np.float32(0.7), rtol=1e-6)
-    np.testing.assert_array_equal(layer.forward(x, training=False), torch.nn.Dropout(0.3).eval()(torch.tensor(x)).numpy())
+    reference = torch.nn.Dropout(0.3).eval()(torch.tensor(x)).numpy()
+    np.testing.assert_array_equal(layer.forward(x, training=False), reference)
 
 
 def test_sequential_state_dict_loads_into_torch():

@@ -12,7 +12,7 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import yaml
@@ -184,7 +184,7 @@ _LAYER_CLASSES = [
 LAYER_SPECS: dict[str, type[LayerSpec]] = {c.model_fields["type"].annotation.__args__[0]: c for c in _LAYER_CLASSES}
 # spec tags that are not layer classes of their own: `batchnorm` resolves to batchnorm1d or batchnorm2d
 LAYER_ALIASES = {"batchnorm": ("batchnorm1d", "batchnorm2d")}
-AnyLayer = Annotated[tuple(_LAYER_CLASSES), Field(discriminator="type")]  # type: ignore[valid-type]
+AnyLayer = Annotated[Union[tuple(_LAYER_CLASSES)], Field(discriminator="type")]  # noqa: UP007
 
 
 class ModelSpec(Strict):

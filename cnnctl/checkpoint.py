@@ -33,6 +33,7 @@ class Checkpoint:
     step: int = 0
     metrics: dict = field(default_factory=dict)
     normalization: dict = field(default_factory=dict)  # {"mean": [...], "std": [...]}
+    trainer: dict = field(default_factory=dict)  # history, schedule, random states, mid-epoch position
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -60,6 +61,7 @@ def save(path: str | Path, ckpt: Checkpoint) -> None:
         "step": str(ckpt.step),
         "metrics": json.dumps(ckpt.metrics),
         "normalization": json.dumps(ckpt.normalization),
+        "trainer": json.dumps(ckpt.trainer),
     }
     atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
 
@@ -105,6 +107,7 @@ def load(path: str | Path) -> Checkpoint:
             step=int(meta["step"]),
             metrics=json.loads(meta["metrics"]),
             normalization=json.loads(meta["normalization"]),
+            trainer=json.loads(meta.get("trainer", "{}")),
         )
     except Exception as e:  # safetensors raises its own error types for corrupt data
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +22,7 @@ from .config import apply_overrides, load_config
 from .data import dataset_info
 from .errors import CnnctlError
 from .runs import create_run_dir
-from .train import Callback, Seeds, Trainer, evaluate, load_data, load_model
+from .train import Callback, Interrupted, Seeds, Trainer, evaluate, load_data, load_model, resume_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train convolutional networks from one YAML file on a pure NumPy core.")
@@ -38,6 +40,10 @@ def guarded(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:
+            err.print(f"[bold yellow]interrupted:[/] {e.message}", soft_wrap=True)
+            err.print(f"  {e.hint}", soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
         except CnnctlError as e:
             err.print(f"[bold red]error:[/] {e.message}", markup=True, soft_wrap=True, highlight=False)
             if e.hint:
@@ -82,12 +88,12 @@ class RichProgress(Callback):
         _print_start(self.console, info)
         self.progress.start()
 
-    def on_epoch_start(self, epoch, epochs, n_batches):
+    def on_epoch_start(self, epoch, epochs, n_batches, start):
         if self.epoch_task is None:
-            self.epoch_task = self.progress.add_task("epochs", total=epochs, stats="")
+            self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=epoch - 1, stats="")
         if self.batch_task is not None:
             self.progress.remove_task(self.batch_task)
-        self.batch_task = self.progress.add_task(f"epoch {epoch}", total=n_batches, stats="")
+        self.batch_task = self.progress.add_task(f"epoch {epoch}", total=n_batches, completed=start, stats="")
 
     def on_batch_end(self, batch, loss, acc, ips):
         self.progress.update(self.batch_task, completed=batch,
@@ -122,6 +128,8 @@ def _print_start(console, info):
                   f"image {tuple(info['image_shape'])}  classes {len(info['classes'])}")
     console.print(f"model: {info['params']:,} parameters")
     console.print(f"run: {info['run_dir']}")
+    if info.get("resumed_at"):
+        console.print(f"resumed after epoch {info['resumed_at'][0]}, step {info['resumed_at'][1]}")
 
 
 def _epoch_line(row):
@@ -133,36 +141,67 @@ def _epoch_line(row):
 @app.command()
 @guarded
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    config: Annotated[Path | None, typer.Argument(help="YAML config file (not needed with --resume).")] = None,
     set_: SetOption = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run directories are created.")] = Path("runs"),
     name: Annotated[str | None, typer.Option("--name", help="Run name (default: the config's name).")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run directory from its last "
+                                                 "checkpoint; --set train.epochs=N extends a finished run.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: accept a changed config.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Plain lines instead of live progress bars.")] = False,
 ):
     """Train a model from a YAML config; writes runs/NAME-YYYYmmdd-HHMMSS/."""
     overrides = list(set_ or [])
     if name:
         overrides.append(f"name={name}")
-    spec, _ = load_config(config, overrides)
+    if (config is None) == (resume is None):
+        raise CnnctlError("give a CONFIG to start a run, or --resume RUN_DIR to continue one (not both)",
+                          "cnnctl train configs/quickstart.yaml   or   cnnctl train --resume runs/NAME-...")
+    cb = RichProgress(out) if out.is_terminal and not quiet else PlainProgress(out)
     run_dir = None
-    live = out.is_terminal and not quiet
-    cb = RichProgress(out) if live else PlainProgress(out)
     try:
-        trainer = Trainer(spec, cb)  # every check runs before the run directory exists
-        run_dir = create_run_dir(runs_dir, spec.name)
-        summary = trainer.fit(run_dir)
+        if resume is not None:
+            spec, ckpt = resume_spec(resume, overrides, force)
+            trainer = Trainer(spec, cb, normalization=ckpt.normalization)
+            trainer.restore(ckpt, resume)
+            run_dir = resume
+        else:
+            spec, _ = load_config(config, overrides)
+            trainer = Trainer(spec, cb)  # every check runs before the run directory exists
+            run_dir = create_run_dir(runs_dir, spec.name)
+        with _stop_on_signals(trainer):
+            summary = trainer.fit(run_dir, resumed=resume is not None)
     except BaseException:
-        if run_dir is not None and not (run_dir / "metrics.csv").exists():
+        if resume is None and run_dir is not None and not (run_dir / "checkpoints" / "last.safetensors").exists():
             _remove_empty_run(run_dir)
         raise
     finally:
         cb.close()
     best = summary["best"]
-    out.print(f"best {summary['monitor']} {_fmt(best[summary['monitor']], True)} at epoch {best['epoch']}; "
-              f"wall time {summary['wall_seconds']:.1f}s")
+    if summary["stopped_early"]:
+        out.print(f"early stopping after epoch {summary['final']['epoch']}")
+    out.print(f"best {summary['monitor']} {_fmt(best[summary['monitor']], 'acc' in summary['monitor'])} at epoch "
+              f"{best['epoch']}; wall time {summary['wall_seconds']:.1f}s")
     if "test" in summary:
         out.print(f"test accuracy {_fmt(summary['test']['accuracy'], True)} on {summary['test']['n']:,} images")
     out.print(f"run directory: {run_dir}")
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """First SIGINT/SIGTERM: finish the batch, checkpoint, exit 130/143. A second SIGINT stops at once."""
+
+    def handler(signum, frame):
+        if trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.request_stop(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _remove_empty_run(run_dir: Path) -> None:

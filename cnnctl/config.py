@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from . import nn, optim
+from . import nn, optim, schedules
 from .errors import ConfigError
 
 PosInt = Annotated[int, Field(gt=0)]
@@ -276,9 +276,90 @@ class RMSpropSpec(Strict):
 OptimizerSpec = Annotated[SGDSpec | AdamSpec | RMSpropSpec, Field(discriminator="type")]
 
 
+Monitor = Literal["val_loss", "val_acc", "train_loss", "train_acc"]
+Mode = Literal["auto", "min", "max"]
+
+
+class _ScheduleSpec(Strict):
+    warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up length in epochs (fractions allowed), "
+                                 "stepped per batch.")
+
+    def build(self, base_lr: float, steps_per_epoch: int, epochs: int):
+        params = self.model_dump(exclude={"type", "warmup_epochs"})
+        warmup = round(self.warmup_epochs * steps_per_epoch)
+        return schedules.SCHEDULES[self.type](base_lr, steps_per_epoch, epochs, warmup, **params)
+
+
+class ConstantScheduleSpec(_ScheduleSpec):
+    type: Literal["constant"]
+
+
+class StepScheduleSpec(_ScheduleSpec):
+    type: Literal["step"]
+    step_size: PosInt = Field(10, description="Epochs between reductions.")
+    gamma: float = Field(0.1, gt=0.0)
+
+
+class MultiStepScheduleSpec(_ScheduleSpec):
+    type: Literal["multistep"]
+    milestones: list[PosInt] = Field(description="Epochs after which the rate is multiplied by gamma.")
+    gamma: float = Field(0.1, gt=0.0)
+
+
+class ExponentialScheduleSpec(_ScheduleSpec):
+    type: Literal["exponential"]
+    gamma: float = Field(0.95, gt=0.0)
+
+
+class CosineScheduleSpec(_ScheduleSpec):
+    type: Literal["cosine"]
+    t_max: PosInt | None = Field(None, description="Epochs of the half cosine (default: train.epochs).")
+    eta_min: float = Field(0.0, ge=0.0)
+
+
+class OneCycleScheduleSpec(_ScheduleSpec):
+    type: Literal["onecycle"]
+    pct_start: float = Field(0.3, gt=0.0, lt=1.0)
+    div_factor: float = Field(25.0, gt=0.0)
+    final_div_factor: float = Field(1e4, gt=0.0)
+
+
+class PlateauScheduleSpec(_ScheduleSpec):
+    type: Literal["reduce_on_plateau"]
+    monitor: Monitor = "val_loss"
+    mode: Mode = "auto"
+    factor: float = Field(0.1, gt=0.0, lt=1.0)
+    patience: NonNegInt = 10
+    threshold: float = Field(1e-4, ge=0.0)
+    cooldown: NonNegInt = 0
+    min_lr: float = Field(0.0, ge=0.0)
+
+
+ScheduleSpec = Annotated[
+    Union[ConstantScheduleSpec, StepScheduleSpec, MultiStepScheduleSpec, ExponentialScheduleSpec,  # noqa: UP007
+          CosineScheduleSpec, OneCycleScheduleSpec, PlateauScheduleSpec],
+    Field(discriminator="type"),
+]
+
+
+class EarlyStoppingSpec(Strict):
+    monitor: Monitor = "val_loss"
+    mode: Mode = Field("auto", description="auto: max for accuracies, min for losses.")
+    patience: PosInt = Field(5, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
+
+
 class TrainSpec(Strict):
     epochs: PosInt = 10
     test_at_end: bool = Field(False, description="Evaluate the test split after the last epoch.")
+    monitor: Monitor = Field("val_acc", description="Metric that picks checkpoints/best.safetensors.")
+    grad_clip_norm: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this.")
+    early_stopping: EarlyStoppingSpec | None = None
+    checkpoint_every: PosInt | None = Field(None, description="Also keep checkpoints/epoch-NNNN.safetensors "
+                                            "every this many epochs.")
+    keep_last: PosInt | None = Field(None, description="How many epoch checkpoints to keep (default: all).")
+    checkpoint_every_steps: PosInt | None = Field(None, description="Also update last.safetensors every this "
+                                                  "many optimizer steps (for long epochs).")
 
 
 class Spec(Strict):
@@ -288,12 +369,28 @@ class Spec(Strict):
     model: ModelSpec
     loss: LossSpec = Field(default_factory=LossSpec)
     optimizer: OptimizerSpec = Field(default_factory=lambda: SGDSpec(type="sgd"))
+    schedule: ScheduleSpec = Field(default_factory=lambda: ConstantScheduleSpec(type="constant"))
     train: TrainSpec = Field(default_factory=TrainSpec)
 
-    @field_validator("loss", "optimizer", mode="before")
+    @model_validator(mode="after")
+    def _monitors_need_validation_data(self):
+        t = self.train
+        used = [("train.monitor", t.monitor)]
+        if t.early_stopping:
+            used.append(("train.early_stopping.monitor", t.early_stopping.monitor))
+        if self.schedule.type == "reduce_on_plateau":
+            used.append(("schedule.monitor", self.schedule.monitor))
+        for key, monitor in used:
+            if monitor.startswith("val_") and self.data.val_split == 0:
+                raise PydanticCustomError(
+                    "needs_val", "{key} is {monitor} but data.val_split is 0; set data.val_split > 0 or monitor "
+                    "a train_ metric", {"key": key, "monitor": monitor})
+        return self
+
+    @field_validator("loss", "optimizer", "schedule", mode="before")
     @classmethod
     def _shorthand(cls, v, info):
-        """`loss: mse` means {type: mse}; an optimizer mapping without a type is sgd."""
+        """`loss: mse` means {type: mse} (likewise optimizer and schedule); an optimizer without a type is sgd."""
         if isinstance(v, str):
             return {"type": v}
         if info.field_name == "optimizer" and isinstance(v, dict) and "type" not in v:
@@ -377,7 +474,7 @@ def _format_path(loc: tuple, data: Any) -> str:
     return out or "(top level)"
 
 
-_UNION_TAGS = set(LAYER_SPECS) | set(optim.OPTIMIZERS)
+_UNION_TAGS = set(LAYER_SPECS) | set(optim.OPTIMIZERS) | set(schedules.SCHEDULES)
 
 
 def _is_within(path: str, dotted: str) -> bool:

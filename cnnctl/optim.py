@@ -53,7 +53,7 @@ class Optimizer:
         return out
 
     def load_state_dict(self, flat: dict[str, np.ndarray]) -> None:
-        self.steps = int(flat.get("steps", 0))
+        self.steps = int(np.ravel(flat.get("steps", 0))[0])
         self.state = {}
         for full, value in flat.items():
             if full != "steps":

@@ -48,13 +48,31 @@ def _append_line(path: Path, line: str) -> None:
         os.close(fd)
 
 
+def _csv_line(row: dict, header: bool) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS})
+    return buf.getvalue()
+
+
+def _json_line(row: dict) -> str:
+    return json.dumps({k: row.get(k) for k in METRIC_FIELDS}) + "\n"
+
+
+def rewrite_metrics(run_dir: Path, rows: list[dict]) -> None:
+    """Replace metrics.csv and metrics.jsonl with exactly these rows (atomically); no rows, no files."""
+    for name in ("metrics.csv", "metrics.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+    if rows:
+        csv_text = "".join(_csv_line(r, i == 0) for i, r in enumerate(rows))
+        atomic_write_bytes(run_dir / "metrics.csv", csv_text.encode())
+        atomic_write_bytes(run_dir / "metrics.jsonl", "".join(_json_line(r) for r in rows).encode())
+
+
 def append_metrics(run_dir: Path, row: dict) -> None:
     """One epoch's row to metrics.csv (header first) and metrics.jsonl."""
     csv_path = run_dir / "metrics.csv"
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
-    if not csv_path.exists():
-        writer.writeheader()
-    writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS})
-    _append_line(csv_path, buf.getvalue())
-    _append_line(run_dir / "metrics.jsonl", json.dumps({k: row.get(k) for k in METRIC_FIELDS}) + "\n")
+    _append_line(csv_path, _csv_line(row, header=not csv_path.exists()))
+    _append_line(run_dir / "metrics.jsonl", _json_line(row))

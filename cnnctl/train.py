@@ -1,18 +1,29 @@
-"""The training engine: spec in, run directory out. Reports progress through a callback; draws nothing."""
+"""The training engine: spec in, run directory out. Reports progress through a callback; draws nothing.
+
+A run can stop at any batch boundary and continue bit for bit: checkpoints carry the weights, buffers,
+optimizer and schedule state, the epoch and step, every random generator's state, the position in the
+current epoch's shuffle order and the partial sums of its metrics, and the metrics history itself.
+"""
 
 from __future__ import annotations
 
+import copy
+import difflib
+import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from . import checkpoint, data, runs
 from .builder import build_loss, build_model, check_outputs
-from .config import Spec, spec_to_dict, validate
-from .errors import CheckpointError, TrainingError
+from .config import Spec, load_config, spec_to_dict, validate
+from .errors import CheckpointError, CnnctlError, ConfigError, TrainingError
 from .nn import Loss, Sequential
+from .schedules import resolve_mode
 
 
 class Callback:
@@ -20,16 +31,27 @@ class Callback:
 
     def on_train_start(self, info: dict) -> None: ...
 
-    def on_epoch_start(self, epoch: int, epochs: int, n_batches: int) -> None: ...
+    def on_epoch_start(self, epoch: int, epochs: int, n_batches: int, start: int) -> None: ...
 
     def on_batch_end(self, batch: int, loss: float, acc: float, images_per_second: float) -> None: ...
 
     def on_epoch_end(self, row: dict) -> None: ...
 
 
+class Interrupted(CnnctlError):
+    """SIGINT or SIGTERM stopped training at a batch boundary, after last.safetensors was written."""
+
+    def __init__(self, signum: int, run_dir: Path, epoch: int, step: int):
+        last = run_dir / "checkpoints" / "last.safetensors"
+        super().__init__(f"{signal.Signals(signum).name}: stopped at epoch {epoch}, step {step}; saved {last}",
+                         f"resume with: cnnctl train --resume {run_dir}")
+        self.exit_code = 128 + signum
+        self.run_dir = run_dir
+
+
 @dataclass
 class Seeds:
-    """Independent streams from one seed: weights (and dropout), data generation/splits, shuffling."""
+    """Independent streams from one seed: weights and dropout, data generation and splits, shuffling."""
 
     init: np.random.Generator
     data: np.random.Generator
@@ -38,6 +60,13 @@ class Seeds:
     @classmethod
     def from_seed(cls, seed: int) -> Seeds:
         return cls(*np.random.default_rng(seed).spawn(3))
+
+    def state(self) -> dict:
+        return {k: copy.deepcopy(getattr(self, k).bit_generator.state) for k in ("init", "data", "shuffle")}
+
+    def restore(self, state: dict) -> None:
+        for k, v in state.items():
+            getattr(self, k).bit_generator.state = v  # in place: layers holding the generator see it too
 
 
 def evaluate(model: Sequential, loss_fn: Loss, ds: data.Dataset, split: data.Split, batch_size: int,
@@ -63,99 +92,239 @@ def load_model(ckpt: checkpoint.Checkpoint, path) -> tuple[Spec, Sequential, lis
     """Rebuild the model a checkpoint describes and load its weights; refuse another architecture."""
     spec = validate(ckpt.config, f"{path} (embedded config)")
     model, rows = build_model(spec.model)
+    restore_weights(model, ckpt, path)
+    return spec, model, rows
+
+
+def restore_weights(model: Sequential, ckpt: checkpoint.Checkpoint, path) -> None:
     try:
         model.load_state_dict(ckpt.model_state)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not fit the architecture in its config: {e}",
                               "the file was edited or belongs to another model") from None
-    return spec, model, rows
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
 class Trainer:
     """Builds everything a spec needs (all shape and data checks happen here), then `fit(run_dir)` trains."""
 
-    def __init__(self, spec: Spec, callback: Callback | None = None):
+    def __init__(self, spec: Spec, callback: Callback | None = None, normalization: dict | None = None):
         self.spec, self.cb = spec, callback or Callback()
         self.seeds = Seeds.from_seed(spec.seed)
         self.model, self.rows = build_model(spec.model, self.seeds.init)
         check_outputs(spec, self.rows, len(data.dataset_info(spec.data)[0]))
         self.loss_fn = build_loss(spec)
-        self.ds = load_data(spec, self.seeds)
-        self.optimizer = spec.optimizer.build(self.model)
+        self.ds = load_data(spec, self.seeds, normalization)
         self.num_classes = len(self.ds.classes)
-        self.step = 0
+        self.optimizer = spec.optimizer.build(self.model)
+        self.steps_per_epoch = -(-len(self.ds.train) // spec.data.batch_size)
+        self.schedule = spec.schedule.build(self.optimizer.lr, self.steps_per_epoch, spec.train.epochs)
+        self.monitor, self.monitor_mode = spec.train.monitor, resolve_mode(spec.train.monitor, "auto")
+        self.epoch = 0  # finished epochs
+        self.step = 0  # optimizer steps taken
         self.history: list[dict] = []
         self.best: dict | None = None
+        self.stopper = {"best": None, "bad_epochs": 0}
+        self.partial: dict | None = None  # where an interrupted epoch stopped
+        self.wall_seconds = 0.0
+        self.stop_signal: int | None = None
 
-    @property
-    def monitor(self) -> str:
-        return "val_acc" if len(self.ds.val) else "train_acc"
+    # ------------------------------------------------------------ state
 
-    def _checkpoint(self, name: str, epoch: int, metrics: dict) -> None:
+    def request_stop(self, signum: int) -> None:
+        """Ask training to stop at the next batch boundary (from a signal handler)."""
+        self.stop_signal = signum
+
+    def _trainer_state(self) -> dict:
+        return {"history": self.history, "best": self.best, "stopper": self.stopper, "partial": self.partial,
+                "schedule": self.schedule.state_dict(), "seeds": self.seeds.state(),
+                "wall_seconds": self.wall_seconds + (time.time() - self._started)}
+
+    def _save(self, name: str, metrics: dict | None = None) -> None:
         checkpoint.save(self.run_dir / "checkpoints" / f"{name}.safetensors", checkpoint.Checkpoint(
             config=spec_to_dict(self.spec), model_state=self.model.state_dict(),
-            optimizer_state=self.optimizer.state_dict(), epoch=epoch, step=self.step, metrics=metrics,
+            optimizer_state=self.optimizer.state_dict(), epoch=self.epoch, step=self.step,
+            metrics=metrics or (self.history[-1] if self.history else {}),
             normalization={"mean": self.ds.mean.tolist(), "std": self.ds.std.tolist()},
+            trainer=self._trainer_state(),
         ))
 
+    def restore(self, ckpt: checkpoint.Checkpoint, path) -> None:
+        """Continue from a checkpoint: weights, optimizer, schedule, counters, generators, position."""
+        restore_weights(self.model, ckpt, path)
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        t = ckpt.trainer
+        if not t:
+            raise CheckpointError(f"{path}: holds no training state (written by an older cnnctl)")
+        self.epoch, self.step = ckpt.epoch, ckpt.step
+        self.history, self.best, self.stopper, self.partial = t["history"], t["best"], t["stopper"], t["partial"]
+        self.schedule.load_state_dict(t["schedule"])
+        self.seeds.restore(t["seeds"])
+        self.wall_seconds = t["wall_seconds"]
+
+    # ------------------------------------------------------------ loop
+
+    def _write_summary(self, status: str, **extra) -> None:
+        best = self.best or {}
+        runs.write_json(self.run_dir / "summary.json", {
+            "name": self.spec.name, "status": status, "epochs": self.spec.train.epochs, "epochs_done": self.epoch,
+            "steps": self.step, "params": self.model.num_params(),
+            "wall_seconds": round(self.wall_seconds + (time.time() - self._started), 3),
+            "monitor": self.monitor, "final": self.history[-1] if self.history else None,
+            "best": best or None,
+            "dataset": {"name": self.ds.name, "train": len(self.ds.train), "val": len(self.ds.val),
+                        "test": len(self.ds.test), "classes": self.ds.classes},
+            **extra,
+        })
+
+    def _clip(self) -> None:
+        max_norm = self.spec.train.grad_clip_norm
+        grads = [layer.grads[key] for _, layer, key in self.model.parameters()]
+        total = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:  # torch.nn.utils.clip_grad_norm_
+            for _, layer, key in self.model.parameters():
+                layer.grads[key] = layer.grads[key] * np.float32(coef).astype(layer.grads[key].dtype)
+
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
-        bs = self.spec.data.batch_size
+        bs, every = self.spec.data.batch_size, self.spec.train.checkpoint_every_steps
+        if self.partial:  # continue an interrupted epoch where it stopped
+            p = self.partial
+            self.seeds.shuffle.bit_generator.state = p["shuffle_state"]
+            start, total_loss, correct, seen = p["position"], p["loss_sum"], p["correct"], p["seen"]
+        else:
+            start, total_loss, correct, seen = 0, 0.0, 0, 0
+        shuffle_state = copy.deepcopy(self.seeds.shuffle.bit_generator.state)
         order = self.seeds.shuffle.permutation(len(self.ds.train))
-        n_batches = -(-len(order) // bs)
-        self.cb.on_epoch_start(epoch, self.spec.train.epochs, n_batches)
-        total_loss, correct, seen = 0.0, 0, 0
-        for b, (x, y) in enumerate(data.batches(self.ds, self.ds.train, bs, order)):
+        self.cb.on_epoch_start(epoch, self.spec.train.epochs, self.steps_per_epoch, start)
+        for b, (x, y) in enumerate(data.batches(self.ds, self.ds.train, bs, order, start), start=start):
             t0 = time.perf_counter()
-            out = self.model.forward(x, training=True)
-            loss = self.loss_fn.forward(out, y)
+            self.optimizer.lr = self.schedule.lr(epoch - 1, self.step)
+            with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught just below
+                out = self.model.forward(x, training=True)
+                loss = self.loss_fn.forward(out, y)
             if not np.isfinite(loss):
                 raise TrainingError(
-                    f"the loss became {loss} at epoch {epoch}, step {self.step + 1} (batch {b + 1}/{n_batches}); "
-                    f"training stopped, checkpoints from earlier epochs are untouched",
-                    f"lower optimizer.lr (now {self.optimizer.lr:g}), keep data.normalize: auto, or add batchnorm",
+                    f"the loss became {loss} at epoch {epoch}, step {self.step + 1} (batch {b + 1}/"
+                    f"{self.steps_per_epoch}); training stopped, the checkpoints already written are untouched",
+                    f"lower optimizer.lr (now {self.optimizer.lr:g}), add schedule.warmup_epochs or "
+                    f"train.grad_clip_norm, keep data.normalize: auto, or add batchnorm layers",
                 )
             self.model.backward(self.loss_fn.backward())
+            if self.spec.train.grad_clip_norm:
+                self._clip()
             self.optimizer.step()
             self.step += 1
             total_loss += loss * len(y)
             correct += int((out.argmax(axis=1) == y).sum())
             seen += len(y)
             self.cb.on_batch_end(b + 1, total_loss / seen, correct / seen, len(y) / (time.perf_counter() - t0))
+            if self.stop_signal is not None or (every and self.step % every == 0):
+                self.partial = {"position": b + 1, "shuffle_state": shuffle_state, "loss_sum": total_loss,
+                                "correct": correct, "seen": seen}
+                self._save("last")
+                if self.stop_signal is not None:
+                    raise Interrupted(self.stop_signal, self.run_dir, epoch, self.step)
+        self.partial = None
         return total_loss / seen, correct / seen
 
-    def fit(self, run_dir: Path) -> dict:
+    def _end_of_epoch(self, row: dict) -> bool:
+        """Checkpoints, schedule and early stopping after an epoch; True when training should stop."""
+        t = self.spec.train
+        value = row[self.monitor]
+        if self.best is None or improved(value, self.best[self.monitor], self.monitor_mode):
+            self.best = dict(row)
+            self._save("best")
+        if t.checkpoint_every and self.epoch % t.checkpoint_every == 0:
+            self._save(f"epoch-{self.epoch:04d}")
+            if t.keep_last:
+                kept = sorted((self.run_dir / "checkpoints").glob("epoch-*.safetensors"))
+                for old in kept[: -t.keep_last]:
+                    old.unlink()
+        self.schedule.observe(row)
+        stop = False
+        if t.early_stopping:
+            es = t.early_stopping
+            mode = resolve_mode(es.monitor, es.mode)
+            if improved(row[es.monitor], self.stopper["best"], mode, es.min_delta):
+                self.stopper = {"best": row[es.monitor], "bad_epochs": 0}
+            else:
+                self.stopper["bad_epochs"] += 1
+                stop = self.stopper["bad_epochs"] >= es.patience
+        self._save("last")
+        return stop
+
+    def fit(self, run_dir: Path, resumed: bool = False) -> dict:
         spec, bs = self.spec, self.spec.data.batch_size
-        self.run_dir = Path(run_dir)
+        self.run_dir, self._started = Path(run_dir), time.time()
         runs.write_yaml(self.run_dir / "config.yaml", spec_to_dict(spec))
+        runs.rewrite_metrics(self.run_dir, self.history)  # on resume: exactly the rows the checkpoint knows
+        self._write_summary("running")
         self.cb.on_train_start({"run_dir": str(self.run_dir), "params": self.model.num_params(),
                                 "train": len(self.ds.train), "val": len(self.ds.val), "test": len(self.ds.test),
-                                "image_shape": self.ds.image_shape, "classes": self.ds.classes})
-        started = time.time()
-        for epoch in range(1, spec.train.epochs + 1):
-            t0 = time.perf_counter()
-            train_loss, train_acc = self._train_epoch(epoch)
-            row = {"epoch": epoch, "step": self.step, "train_loss": train_loss, "train_acc": train_acc,
-                   "val_loss": None, "val_acc": None, "lr": self.optimizer.lr}
-            if len(self.ds.val):
-                val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, bs, self.num_classes)
-                row.update(val_loss=val["loss"], val_acc=val["accuracy"])
-            row["seconds"] = round(time.perf_counter() - t0, 3)
-            runs.append_metrics(self.run_dir, row)
-            self.history.append(row)
-            if self.best is None or row[self.monitor] > self.best[self.monitor]:
-                self.best = dict(row)
-                self._checkpoint("best", epoch, row)
-            self._checkpoint("last", epoch, row)
-            self.cb.on_epoch_end(row)
-        summary = {
-            "name": spec.name, "status": "finished", "epochs": spec.train.epochs, "steps": self.step,
-            "params": self.model.num_params(), "wall_seconds": round(time.time() - started, 3),
-            "monitor": self.monitor, "final": self.history[-1], "best": self.best,
-            "dataset": {"name": self.ds.name, "train": len(self.ds.train), "val": len(self.ds.val),
-                        "test": len(self.ds.test), "classes": self.ds.classes},
-        }
+                                "image_shape": self.ds.image_shape, "classes": self.ds.classes,
+                                "resumed_at": (self.epoch, self.step) if resumed else None})
+        stopped_early = False
+        try:
+            while self.epoch < spec.train.epochs and not stopped_early:
+                epoch = self.epoch + 1
+                t0 = time.perf_counter()
+                train_loss, train_acc = self._train_epoch(epoch)
+                row = {"epoch": epoch, "step": self.step, "train_loss": train_loss, "train_acc": train_acc,
+                       "val_loss": None, "val_acc": None, "lr": self.optimizer.lr}
+                if len(self.ds.val):
+                    val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, bs, self.num_classes)
+                    row.update(val_loss=val["loss"], val_acc=val["accuracy"])
+                row["seconds"] = round(time.perf_counter() - t0, 3)
+                self.epoch = epoch
+                self.history.append(row)
+                stopped_early = self._end_of_epoch(row)
+                runs.append_metrics(self.run_dir, row)
+                self.cb.on_epoch_end(row)
+                if self.stop_signal is not None:
+                    raise Interrupted(self.stop_signal, self.run_dir, epoch, self.step)
+        except Interrupted:
+            self._write_summary("interrupted")
+            raise
+        except TrainingError as e:
+            self._write_summary("failed", error=e.message)
+            raise
+        extra = {"stopped_early": stopped_early}
         if spec.train.test_at_end:
             test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, bs, self.num_classes)
-            summary["test"] = {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]}
-        runs.write_json(self.run_dir / "summary.json", summary)
-        return summary
+            extra["test"] = {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]}
+        self._write_summary("finished", **extra)
+        return {**extra, "best": self.best, "monitor": self.monitor, "final": self.history[-1],
+                "wall_seconds": round(self.wall_seconds + (time.time() - self._started), 3)}
+
+
+def resume_spec(run_dir: Path, overrides: list[str], force: bool) -> tuple[Spec, checkpoint.Checkpoint]:
+    """The spec to continue a run with: its config.yaml plus overrides, checked against its last checkpoint.
+
+    Changing anything but train.epochs (the way to extend a finished run) is refused unless force, with the
+    difference shown, since the continued run would no longer be the run that was started.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CnnctlError(f"{run_dir} is not a run directory (no config.yaml)",
+                          "pass the directory that cnnctl train printed, e.g. runs/NAME-YYYYmmdd-HHMMSS")
+    ckpt = checkpoint.load(run_dir / "checkpoints" / "last.safetensors")
+    spec, _ = load_config(run_dir / "config.yaml", overrides)
+    old, new = copy.deepcopy(ckpt.config), spec_to_dict(spec)
+    old["train"]["epochs"] = new["train"]["epochs"]
+    if old != new and not force:
+        diff = "".join(difflib.unified_diff(
+            yaml.safe_dump(ckpt.config, sort_keys=False).splitlines(True),
+            yaml.safe_dump(spec_to_dict(spec), sort_keys=False).splitlines(True),
+            "checkpoint config", "config.yaml + --set", n=1))
+        raise ConfigError(f"the config of {run_dir} differs from the one its checkpoint was trained with:\n{diff}",
+                          "undo the change, or pass --force to continue with the new config")
+    if ckpt.epoch > spec.train.epochs or (ckpt.epoch == spec.train.epochs and not ckpt.trainer.get("partial")):
+        raise CnnctlError(f"{run_dir} has finished {ckpt.epoch} of {spec.train.epochs} epochs; nothing to resume",
+                          f"extend it with --set train.epochs={ckpt.epoch + 5} (for example)")
+    return spec, ckpt

@@ -1,0 +1,260 @@
+"""The training loop: resume bit for bit (also after SIGINT mid-epoch and kill -9), NaN stops, early stopping,
+clipping, epoch checkpoints, and refusing to resume an edited config."""
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cnnctl import checkpoint
+from cnnctl.cli import app
+
+runner = CliRunner()
+
+CONFIG = {
+    "name": "eng", "seed": 1,
+    "data": {"dataset": "shapes", "batch_size": 32, "val_split": 0.1, "shapes": {"train_size": 1200, "test_size": 100}},
+    "model": {"input_shape": [1, 20, 20], "layers": [
+        {"type": "conv2d", "filters": 8, "kernel_size": 3, "padding": "same"},
+        {"type": "batchnorm"}, {"type": "relu"}, {"type": "maxpool2d", "kernel_size": 2}, {"type": "flatten"},
+        {"type": "dropout", "rate": 0.2}, {"type": "dense", "units": 4}]},
+    "optimizer": {"type": "adam", "lr": 0.003},
+    "schedule": {"type": "cosine", "warmup_epochs": 0.5},
+    "train": {"epochs": 4},
+}
+
+
+def write_config(tmp_path, **changes) -> Path:
+    cfg = json.loads(json.dumps(CONFIG))
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def invoke(*args, code=0):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, res.output
+    return res
+
+
+def only_run(runs_dir: Path) -> Path:
+    (run_dir,) = list(runs_dir.iterdir())
+    return run_dir
+
+
+def metric_rows(run_dir):
+    """metrics.csv without the wall-clock column."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((run_dir / "metrics.csv").open())]
+
+
+def assert_same_run(a: Path, b: Path):
+    assert metric_rows(a) == metric_rows(b)
+    ca, cb = (checkpoint.load(r / "checkpoints" / "last.safetensors") for r in (a, b))
+    assert ca.model_state.keys() == cb.model_state.keys()
+    for k in ca.model_state:
+        assert np.array_equal(ca.model_state[k], cb.model_state[k]), k
+    for k in ca.optimizer_state:
+        assert np.array_equal(ca.optimizer_state[k], cb.optimizer_state[k]), k
+    assert (ca.epoch, ca.step) == (cb.epoch, cb.step)
+
+
+@pytest.fixture
+def straight(tmp_path):
+    cfg = write_config(tmp_path)
+    invoke("train", cfg, "--runs-dir", tmp_path / "straight")
+    return cfg, only_run(tmp_path / "straight")
+
+
+def test_two_plus_two_epochs_equal_four_straight(tmp_path):
+    # a schedule that does not depend on the total epochs, so "2 then extend to 4" is the same run as 4
+    cfg = write_config(tmp_path, schedule={"type": "step", "step_size": 1, "gamma": 0.7, "warmup_epochs": 0.5})
+    invoke("train", cfg, "--runs-dir", tmp_path / "straight")
+    a = only_run(tmp_path / "straight")
+    invoke("train", cfg, "--runs-dir", tmp_path / "split", "--set", "train.epochs=2")
+    b = only_run(tmp_path / "split")
+    assert len(metric_rows(b)) == 2
+    assert json.loads((b / "summary.json").read_text())["status"] == "finished"
+    invoke("train", "--resume", b, "--set", "train.epochs=4")
+    assert_same_run(a, b)
+    assert json.loads((b / "summary.json").read_text())["epochs_done"] == 4
+
+
+def test_finished_run_needs_more_epochs_to_resume(straight):
+    _, a = straight
+    res = invoke("train", "--resume", a, code=2)
+    assert "finished 4 of 4" in res.output and "train.epochs" in res.output
+
+
+def test_edited_config_is_refused_unless_forced(tmp_path):
+    cfg = write_config(tmp_path)
+    invoke("train", cfg, "--runs-dir", tmp_path / "r", "--set", "train.epochs=1")
+    run_dir = only_run(tmp_path / "r")
+    text = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(text.replace("lr: 0.003", "lr: 0.01"))
+    res = invoke("train", "--resume", run_dir, "--set", "train.epochs=2", code=2)
+    assert "differs" in res.output and "-  lr: 0.003" in res.output and "+  lr: 0.01" in res.output
+    assert "--force" in res.output
+    invoke("train", "--resume", run_dir, "--set", "train.epochs=2", "--force")
+    assert [r["epoch"] for r in metric_rows(run_dir)] == ["1", "2"]
+    assert checkpoint.load(run_dir / "checkpoints" / "last.safetensors").config["optimizer"]["lr"] == 0.01
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    res = invoke("train", "--resume", tmp_path, code=2)
+    assert "not a run directory" in res.output
+    res = invoke("train", code=2)
+    assert "--resume" in res.output
+
+
+def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = write_config(tmp_path, optimizer={"type": "sgd", "lr": 0.01})
+    invoke("train", cfg, "--runs-dir", tmp_path / "r", "--set", "train.epochs=1")
+    run_dir = only_run(tmp_path / "r")
+    last = run_dir / "checkpoints" / "last.safetensors"
+    before = last.read_bytes()
+    res = invoke("train", "--resume", run_dir, "--force", "--set", "train.epochs=3", "--set", "optimizer.lr=1e30",
+                 code=1)
+    assert "epoch 2, step" in res.output and "optimizer.lr" in res.output and "Traceback" not in res.output
+    assert last.read_bytes() == before
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "epoch 2" in summary["error"]
+    assert len(metric_rows(run_dir)) == 1
+
+
+def test_early_stopping(tmp_path):
+    # train_acc can't fall below its first value by more than 1.0, so with mode min it never improves
+    cfg = write_config(tmp_path, train={"epochs": 10, "early_stopping": {"monitor": "train_acc", "mode": "min",
+                                                                        "patience": 2, "min_delta": 1.0}})
+    res = invoke("train", cfg, "--runs-dir", tmp_path / "r")
+    run_dir = only_run(tmp_path / "r")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["epochs_done"] == 3 and "early stopping" in res.output
+
+
+def test_epoch_checkpoints_keep_last_and_best_monitor(tmp_path):
+    cfg = write_config(tmp_path, train={"epochs": 5, "checkpoint_every": 1, "keep_last": 2, "monitor": "val_loss"})
+    invoke("train", cfg, "--runs-dir", tmp_path / "r")
+    run_dir = only_run(tmp_path / "r")
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["best.safetensors", "epoch-0004.safetensors", "epoch-0005.safetensors", "last.safetensors"]
+    best = checkpoint.load(run_dir / "checkpoints" / "best.safetensors")
+    assert best.metrics["val_loss"] == min(float(r["val_loss"]) for r in metric_rows(run_dir))
+
+
+def test_val_monitor_needs_validation_data(tmp_path):
+    cfg = write_config(tmp_path, data={**CONFIG["data"], "val_split": 0.0})
+    res = invoke("train", cfg, code=2)
+    assert "train.monitor" in res.output and "val_split" in res.output
+    invoke("inspect", cfg, "--set", "train.monitor=train_acc")
+
+
+def test_grad_clip_matches_torch():
+    torch = pytest.importorskip("torch")
+    from cnnctl.config import Spec
+    from cnnctl.train import Trainer
+
+    spec = Spec.model_validate({**CONFIG, "train": {"epochs": 1, "grad_clip_norm": 0.5}})
+    trainer = Trainer(spec)
+    g = np.random.default_rng(0)
+    grads = []
+    for _, layer, key in trainer.model.parameters():
+        layer.grads[key] = g.standard_normal(layer.params[key].shape).astype(np.float32)
+        grads.append(torch.tensor(layer.grads[key], requires_grad=False))
+    trainer._clip()
+    tensors = [torch.zeros_like(t, requires_grad=True) for t in grads]
+    for t, gr in zip(tensors, grads):
+        t.grad = gr.clone()
+    torch.nn.utils.clip_grad_norm_(tensors, 0.5)
+    for (_, layer, key), t in zip(trainer.model.parameters(), tensors):
+        np.testing.assert_allclose(layer.grads[key], t.grad.numpy(), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- real processes and signals
+
+SLOW = {"data__shapes": {"train_size": 9000, "test_size": 100}}
+
+
+def start(cfg, runs_dir, *args):
+    return subprocess.Popen([sys.executable, "-m", "cnnctl", "train", str(cfg), "--runs-dir", str(runs_dir), "-q",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def epochs_logged(runs_dir):
+    files = list(Path(runs_dir).glob("*/metrics.csv"))
+    return len(files[0].read_text().splitlines()) - 1 if files else 0
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_epoch_then_resume_is_bit_identical(tmp_path, sig, code):
+    cfg = write_config(tmp_path, **SLOW)
+    invoke("train", cfg, "--runs-dir", tmp_path / "straight")
+    proc = start(cfg, tmp_path / "b")
+    wait_for(lambda: epochs_logged(tmp_path / "b") >= 1)
+    time.sleep(0.3)  # well inside epoch 2 (an epoch takes about a second)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    run_dir = only_run(tmp_path / "b")
+    assert f"cnnctl train --resume {run_dir}" in err and "Traceback" not in err
+    ckpt = checkpoint.load(run_dir / "checkpoints" / "last.safetensors")
+    assert ckpt.trainer["partial"] is not None and ckpt.trainer["partial"]["position"] > 0, "not mid-epoch"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    invoke("train", "--resume", run_dir)
+    assert_same_run(only_run(tmp_path / "straight"), run_dir)
+
+
+def test_kill_9_at_random_moments_leaves_a_resumable_run(tmp_path):
+    cfg = write_config(tmp_path, **SLOW, train={"epochs": 4, "checkpoint_every_steps": 25})
+    invoke("train", cfg, "--runs-dir", tmp_path / "straight")
+    rnd = random.Random(os.getpid())
+    proc = start(cfg, tmp_path / "b")
+    wait_for(lambda: list((tmp_path / "b").glob("*/checkpoints/last.safetensors")))
+    run_dir = only_run(tmp_path / "b")
+    kills = 0
+    while kills < 3:
+        time.sleep(rnd.uniform(0.05, 1.2))
+        if proc.poll() is not None:
+            break
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait()
+        kills += 1
+        ckpt = checkpoint.load(run_dir / "checkpoints" / "last.safetensors")  # always loadable
+        lines = (run_dir / "metrics.csv").read_text().split("\n") if (run_dir / "metrics.csv").exists() else [""]
+        assert lines[-1] == "" and all(len(line.split(",")) == 8 for line in lines[:-1]), lines
+        for f in (run_dir / "checkpoints").glob("*.safetensors"):  # a leftover temp file never has this name
+            checkpoint.load(f)
+        if ckpt.epoch == 4:
+            break
+        proc = subprocess.Popen([sys.executable, "-m", "cnnctl", "train", "--resume", str(run_dir), "-q"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.poll() is None:
+        proc.communicate(timeout=300)
+    if checkpoint.load(run_dir / "checkpoints" / "last.safetensors").epoch < 4:
+        invoke("train", "--resume", run_dir)
+    assert kills >= 1
+    assert_same_run(only_run(tmp_path / "straight"), run_dir)

@@ -20,7 +20,7 @@ from . import __version__, checkpoint
 from .builder import LayerRow, build_loss, build_model, check_outputs
 from .config import apply_overrides, load_config
 from .data import dataset_info
-from .errors import CnnctlError
+from .errors import CnnctlError, DataError
 from .runs import create_run_dir
 from .train import Callback, Interrupted, Seeds, Trainer, evaluate, load_data, load_model, resume_spec
 
@@ -225,8 +225,8 @@ def eval_(
     ckpt = checkpoint.load(checkpoint_path)
     if set_:
         ckpt.config = apply_overrides(ckpt.config, list(set_))
-    spec, model, _ = load_model(ckpt, checkpoint_path)
-    ds = load_data(spec, Seeds.from_seed(spec.seed), ckpt.normalization or None)
+    spec, model, rows = load_model(ckpt, checkpoint_path)
+    ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)
     loss_fn = build_loss(spec)
     res = evaluate(model, loss_fn, ds, ds.split(data_split), spec.data.batch_size, len(ds.classes))
     cm = res["confusion_matrix"]
@@ -280,11 +280,17 @@ def inspect(
     """Validate a config (or a checkpoint's) and show each layer's output shape, parameters and MACs."""
     spec, rows = _spec_for_inspect(target, list(set_ or []))
     classes, image_shape = dataset_info(spec.data)
-    check_outputs(spec, rows, len(classes))
+    if classes is not None:
+        check_outputs(spec, rows, len(classes))
     if image_shape is not None and tuple(image_shape) != tuple(spec.model.input_shape):
         raise CnnctlError(f"dataset '{spec.data.dataset}' has images of shape {image_shape} but model.input_shape "
                           f"is {list(spec.model.input_shape)}", f"set model.input_shape: {list(image_shape)}")
     report = _report(spec, rows)
+    try:  # the data too, when it is at hand (inspect never downloads)
+        spec_local = spec.model_copy(update={"data": spec.data.model_copy(update={"download": False})})
+        report["dataset"] = load_data(spec_local, rows, Seeds.from_seed(spec.seed)).describe()
+    except DataError as e:
+        report["dataset"] = {"name": spec.data.dataset, "unavailable": e.message}
     if as_json:
         print(json.dumps(report))
         return
@@ -298,7 +304,12 @@ def inspect(
     out.print(f"total parameters {report['total_params']:,}  ({report['param_bytes'] / 1e6:.2f} MB as float32)")
     out.print(f"total MACs per sample {report['total_macs']:,}")
     out.print(f"activation memory per sample {report['activation_bytes_per_sample'] / 1e3:,.1f} kB (float32)")
-    out.print(f"dataset {spec.data.dataset}: {len(classes)} classes")
+    d = report["dataset"]
+    if "unavailable" in d:
+        out.print(f"dataset {d['name']}: not loaded ({d['unavailable']})", soft_wrap=True)
+    else:
+        out.print(f"dataset {d['name']}: train {d['train']:,}  val {d['val']:,}  test {d['test']:,}  image "
+                  f"{tuple(d['image_shape'])}  {len(d['classes'])} classes: {', '.join(d['classes'])}", soft_wrap=True)
 
 
 def _shape(s):

@@ -204,11 +204,23 @@ class ShapesSpec(Strict):
     noise: float = Field(0.15, ge=0.0, le=1.0, description="Std of Gaussian pixel noise on a 0..1 scale.")
 
 
+class AugmentSpec(Strict):
+    random_crop: NonNegInt = Field(0, description="Pad by this many pixels, then crop back at a random offset.")
+    random_shift: float = Field(0.0, ge=0.0, lt=0.5, description="Shift by up to this fraction of the size, "
+                                "repeating edge pixels.")
+    horizontal_flip: bool = Field(False, description="Mirror half of the images left to right.")
+
+
 class DataSpec(Strict):
-    dataset: Literal["shapes", "mnist", "fashion_mnist", "kmnist", "cifar10"] = Field(
-        description="Built-in dataset name.")
+    dataset: Literal["shapes", "mnist", "fashion_mnist", "kmnist", "cifar10", "digits", "npz", "folder"] = Field(
+        description="Built-in dataset name, or npz / folder for your own data.")
     root: str | None = Field(None, description="Folder with the dataset files (default ~/.cache/cnnctl/<dataset>, "
-                             "or $CNNCTL_DATA/<dataset>).")
+                             "or $CNNCTL_DATA/<dataset>); the .npz file for npz; the ImageFolder root for folder.")
+    download: bool = Field(False, description="Fetch missing files (mnist, fashion_mnist, kmnist, cifar10) into "
+                           "root, verified against SHA-256 checksums.")
+    mirror: str | None = Field(None, description="Base URL to download the files from instead of the official ones.")
+    classes: list[str] | None = Field(None, description="Class names for npz data (default: 0..max label).")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Training-batch augmentation.")
     batch_size: PosInt = 64
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the training data held out.")
     normalize: Literal["auto", "none"] | dict[Literal["mean", "std"], list[float]] = Field(

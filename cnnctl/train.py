@@ -37,6 +37,8 @@ class Callback:
 
     def on_epoch_end(self, row: dict) -> None: ...
 
+    def on_download(self, name: str, done: int, total: int | None) -> None: ...
+
 
 class Interrupted(CnnctlError):
     """SIGINT or SIGTERM stopped training at a batch boundary, after last.safetensors was written."""
@@ -51,18 +53,21 @@ class Interrupted(CnnctlError):
 
 @dataclass
 class Seeds:
-    """Independent streams from one seed: weights and dropout, data generation and splits, shuffling."""
+    """Independent streams from one seed: weights and dropout, data generation and splits, shuffling,
+    augmentation. (Spawned children do not depend on how many are spawned, so streams can be added.)"""
 
     init: np.random.Generator
     data: np.random.Generator
     shuffle: np.random.Generator
+    augment: np.random.Generator
 
     @classmethod
     def from_seed(cls, seed: int) -> Seeds:
-        return cls(*np.random.default_rng(seed).spawn(3))
+        return cls(*np.random.default_rng(seed).spawn(4))
 
     def state(self) -> dict:
-        return {k: copy.deepcopy(getattr(self, k).bit_generator.state) for k in ("init", "data", "shuffle")}
+        return {k: copy.deepcopy(getattr(self, k).bit_generator.state)
+                for k in ("init", "data", "shuffle", "augment")}
 
     def restore(self, state: dict) -> None:
         for k, v in state.items():
@@ -82,10 +87,14 @@ def evaluate(model: Sequential, loss_fn: Loss, ds: data.Dataset, split: data.Spl
             "confusion_matrix": confusion}
 
 
-def load_data(spec: Spec, seeds: Seeds, normalization: dict | None = None) -> data.Dataset:
-    """The dataset with the run's own validation split (the data stream depends on the seed alone)."""
+def load_data(spec: Spec, rows: list, seeds: Seeds, normalization: dict | None = None,
+              progress=None) -> data.Dataset:
+    """The dataset with the run's own validation split (the data stream depends on the seed alone); the
+    model (its layer rows) must end in one output per class."""
     norm = (normalization["mean"], normalization["std"]) if normalization else None
-    return data.load_dataset(spec.data, spec.model.input_shape, seeds.data, norm)
+    ds = data.load_dataset(spec.data, spec.model.input_shape, seeds.data, norm, progress)
+    check_outputs(spec, rows, len(ds.classes))
+    return ds
 
 
 def load_model(ckpt: checkpoint.Checkpoint, path) -> tuple[Spec, Sequential, list]:
@@ -117,9 +126,11 @@ class Trainer:
         self.spec, self.cb = spec, callback or Callback()
         self.seeds = Seeds.from_seed(spec.seed)
         self.model, self.rows = build_model(spec.model, self.seeds.init)
-        check_outputs(spec, self.rows, len(data.dataset_info(spec.data)[0]))
+        known_classes, _ = data.dataset_info(spec.data)
+        if known_classes is not None:  # fail before reading any data when we can
+            check_outputs(spec, self.rows, len(known_classes))
         self.loss_fn = build_loss(spec)
-        self.ds = load_data(spec, self.seeds, normalization)
+        self.ds = load_data(spec, self.rows, self.seeds, normalization, self.cb.on_download)
         self.num_classes = len(self.ds.classes)
         self.optimizer = spec.optimizer.build(self.model)
         self.steps_per_epoch = -(-len(self.ds.train) // spec.data.batch_size)
@@ -177,8 +188,7 @@ class Trainer:
             "wall_seconds": round(self.wall_seconds + (time.time() - self._started), 3),
             "monitor": self.monitor, "final": self.history[-1] if self.history else None,
             "best": best or None,
-            "dataset": {"name": self.ds.name, "train": len(self.ds.train), "val": len(self.ds.val),
-                        "test": len(self.ds.test), "classes": self.ds.classes},
+            "dataset": self.ds.describe(),
             **extra,
         })
 
@@ -202,7 +212,10 @@ class Trainer:
         shuffle_state = copy.deepcopy(self.seeds.shuffle.bit_generator.state)
         order = self.seeds.shuffle.permutation(len(self.ds.train))
         self.cb.on_epoch_start(epoch, self.spec.train.epochs, self.steps_per_epoch, start)
-        for b, (x, y) in enumerate(data.batches(self.ds, self.ds.train, bs, order, start), start=start):
+        aug = self.spec.data.augment
+        aug = aug if (aug.random_crop or aug.random_shift or aug.horizontal_flip) else None
+        batches = data.batches(self.ds, self.ds.train, bs, order, start, aug, self.seeds.augment)
+        for b, (x, y) in enumerate(batches, start=start):
             t0 = time.perf_counter()
             self.optimizer.lr = self.schedule.lr(epoch - 1, self.step)
             with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught just below

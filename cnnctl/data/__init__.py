@@ -1,4 +1,5 @@
-"""Datasets: load a split into uint8 memory, carve the validation split, normalise batches as they are drawn."""
+"""Datasets: load a split into memory as stored (uint8 stays uint8), carve the validation split from the seed,
+and normalise (and, for training, augment) batches as they are drawn."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from ..config import DataSpec
 from ..errors import DataError
-from . import cifar, idx, shapes
+from . import augment, cifar, download, files, idx, shapes
 
 IDX_CLASSES = {
     "mnist": [str(d) for d in range(10)],
@@ -19,11 +20,13 @@ IDX_CLASSES = {
                       "ankle-boot"],
     "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
 }
+KNOWN = {**{k: (v, (1, 28, 28)) for k, v in IDX_CLASSES.items()}, "cifar10": (cifar.CLASSES, (3, 32, 32)),
+         "digits": ([str(d) for d in range(10)], (1, 8, 8))}
 
 
 @dataclass
 class Split:
-    x: np.ndarray  # (N, C, H, W) uint8
+    x: np.ndarray  # (N, C, H, W), uint8 (or float32 for float npz data)
     y: np.ndarray  # (N,) int64
 
     def __len__(self) -> int:
@@ -37,15 +40,23 @@ class Dataset:
     train: Split
     val: Split
     test: Split
-    mean: np.ndarray  # per channel, on the 0..1 scale
+    mean: np.ndarray  # per channel, on the 0..1 scale of pixels / pixel_scale
     std: np.ndarray
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
 
+    @property
+    def pixel_scale(self) -> float:
+        return 255.0 if self.train.x.dtype == np.uint8 else 1.0
+
     def split(self, name: str) -> Split:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "train": len(self.train), "val": len(self.val), "test": len(self.test),
+                "image_shape": list(self.image_shape), "classes": self.classes}
 
 
 def default_root(dataset: str) -> Path:
@@ -53,38 +64,61 @@ def default_root(dataset: str) -> Path:
     return Path(base) / dataset if base else Path.home() / ".cache" / "cnnctl" / dataset
 
 
-def dataset_info(spec: DataSpec) -> tuple[list[str], tuple[int, int, int] | None]:
-    """Class names and image shape known without loading (None: the shape follows the model)."""
+def dataset_info(spec: DataSpec) -> tuple[list[str] | None, tuple[int, int, int] | None]:
+    """Class names and image shape when known without reading any file (None where the data decides)."""
     if spec.dataset == "shapes":
         return list(spec.shapes.kinds), None
-    if spec.dataset == "cifar10":
-        return cifar.CLASSES, (3, 32, 32)
-    return IDX_CLASSES[spec.dataset], (1, 28, 28)
+    if spec.dataset in KNOWN:
+        classes, shape = KNOWN[spec.dataset]
+        return list(classes), shape
+    return (list(spec.classes) if spec.classes else None), None
 
 
-def _load_raw(spec: DataSpec, input_shape, rng: np.random.Generator) -> tuple[Split, Split]:
+def root_of(spec: DataSpec) -> Path:
+    return Path(spec.root).expanduser() if spec.root else default_root(spec.dataset)
+
+
+def _load_raw(spec: DataSpec, input_shape, rng, progress) -> tuple[list[str], Split, Split]:
+    classes, _ = dataset_info(spec)
     if spec.dataset == "shapes":
         o = spec.shapes
         train = shapes.generate(o.train_size, list(o.kinds), tuple(input_shape), o.noise, rng)
         test = shapes.generate(o.test_size, list(o.kinds), tuple(input_shape), o.noise, rng)
-        return Split(*train), Split(*test)
-    root = Path(spec.root).expanduser() if spec.root else default_root(spec.dataset)
-    if not root.is_dir():
+        return classes, Split(*train), Split(*test)
+    if spec.dataset == "digits":
+        train, test = files.load_digits()
+        return classes, Split(*train), Split(*test)
+    root = root_of(spec)
+    if spec.dataset == "npz":
+        train, test = files.load_npz(root)
+        n = int(max(train[1].max(initial=-1), test[1].max(initial=-1))) + 1
+        if classes is not None and n > len(classes):
+            raise DataError(f"{root}: label {n - 1} is outside the {len(classes)} classes of data.classes",
+                            "list every class in data.classes, or fix the labels")
+        return classes or [str(i) for i in range(n)], Split(*train), Split(*test)
+    if spec.dataset == "folder":
+        names, train, test = files.load_folder(root, input_shape)
+        return names, Split(*train), Split(*test)
+    if spec.download:
+        download.ensure(spec.dataset, root, progress, spec.mirror)
+    elif not root.is_dir():
         raise DataError(f"{spec.dataset}: data folder {root} does not exist",
-                        "set data.root (or --set data.root=PATH) to the folder holding the dataset files")
+                        "set data.root (or --set data.root=PATH) to the folder holding the files, or set "
+                        "data.download: true to fetch them")
     if spec.dataset == "cifar10":
-        return Split(*cifar.load_split(root, "train")), Split(*cifar.load_split(root, "test"))
-    return Split(*idx.load_split(root, "train", spec.dataset)), Split(*idx.load_split(root, "test", spec.dataset))
+        return classes, Split(*cifar.load_split(root, "train")), Split(*cifar.load_split(root, "test"))
+    return classes, Split(*idx.load_split(root, "train", spec.dataset)), \
+        Split(*idx.load_split(root, "test", spec.dataset))
 
 
 def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
-                 normalization: tuple[list[float], list[float]] | None = None) -> Dataset:
+                 normalization: tuple[list[float], list[float]] | None = None,
+                 progress: download.Progress | None = None) -> Dataset:
     """Load the dataset, split off validation data (deterministic from rng) and fix the normalisation.
 
     `normalization` (mean, std), when given (from a checkpoint), overrides what the spec would compute.
     """
-    classes, _ = dataset_info(spec)
-    full, test = _load_raw(spec, input_shape, rng)
+    classes, full, test = _load_raw(spec, input_shape, rng, progress)
     if tuple(full.x.shape[1:]) != tuple(input_shape):
         raise DataError(f"dataset '{spec.dataset}' has images of shape {tuple(full.x.shape[1:])} but "
                         f"model.input_shape is {list(input_shape)}",
@@ -96,32 +130,38 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
     if len(train) == 0:
         raise DataError(f"dataset '{spec.dataset}': no training images left after val_split={spec.val_split}")
     channels = full.x.shape[1]
+    scale = 255.0 if full.x.dtype == np.uint8 else 1.0
     if normalization is not None:
         mean, std = normalization
     elif spec.normalize == "none":
         mean, std = [0.0] * channels, [1.0] * channels
     elif spec.normalize == "auto":
         pixels = train.x.transpose(1, 0, 2, 3).reshape(channels, -1)
-        mean = (pixels.mean(axis=1, dtype=np.float64) / 255).tolist()
-        std = (np.maximum(pixels.std(axis=1, dtype=np.float64), 1e-3) / 255).tolist()
+        mean = (pixels.mean(axis=1, dtype=np.float64) / scale).tolist()
+        std = (np.maximum(pixels.std(axis=1, dtype=np.float64) / scale, 1e-3)).tolist()
     else:
         mean, std = spec.normalize["mean"], spec.normalize["std"]
         if len(mean) != channels or len(std) != channels:
             raise DataError(f"data.normalize: give {channels} mean and std values (one per channel), got "
                             f"{len(mean)} and {len(std)}")
-    return Dataset(spec.dataset, classes, train, val, test, np.asarray(mean, np.float32), np.asarray(std, np.float32))
+    return Dataset(spec.dataset, classes, train, val, test, np.asarray(mean, np.float32),
+                   np.asarray(std, np.float32))
 
 
-def batches(ds: Dataset, split: Split, batch_size: int, order: np.ndarray | None = None,
-            start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Float32, normalised batches of split in the given order (default: as stored), from batch `start` on."""
+def batches(ds: Dataset, split: Split, batch_size: int, order: np.ndarray | None = None, start: int = 0,
+            augment_spec=None, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Float32, normalised batches of split in the given order (default: as stored), from batch `start` on;
+    augmented with augment_spec and rng when given (training batches only)."""
     n = len(split)
     order = np.arange(n) if order is None else order
-    scale = (1.0 / (255.0 * ds.std)).astype(np.float32)[None, :, None, None]
+    scale = (1.0 / (ds.pixel_scale * ds.std)).astype(np.float32)[None, :, None, None]
     shift = (ds.mean / ds.std).astype(np.float32)[None, :, None, None]
     for b in range(start, -(-n // batch_size)):
-        idx = order[b * batch_size : (b + 1) * batch_size]
-        x = split.x[idx].astype(np.float32)
+        idx_ = order[b * batch_size : (b + 1) * batch_size]
+        x = split.x[idx_]
+        if augment_spec is not None:
+            x = augment.apply(x, augment_spec, rng)
+        x = x.astype(np.float32)
         x *= scale
         x -= shift
-        yield x, split.y[idx]
+        yield x, split.y[idx_]

@@ -1,0 +1,49 @@
+"""Training-batch augmentation, vectorised over the batch and drawn from the run's Generator.
+
+Works on the stored pixels (uint8 or float) before normalisation, so padding is black (0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _gather(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """out[n, c, i, j] = x[n, c, rows[n, i], cols[n, j]] for per-sample row and column indices."""
+    n = np.arange(len(x))[:, None, None]
+    return x[n, :, rows[:, :, None], cols[:, None, :]].transpose(0, 3, 1, 2)
+
+
+def random_crop(x: np.ndarray, padding: int, rng: np.random.Generator) -> np.ndarray:
+    """Pad by `padding` zeros on every side, then crop back to (H, W) at a random offset per sample."""
+    n, _, h, w = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    oy, ox = rng.integers(0, 2 * padding + 1, (2, n))
+    return _gather(xp, oy[:, None] + np.arange(h), ox[:, None] + np.arange(w))
+
+
+def random_shift(x: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Shift each sample by up to fraction x size in each direction, repeating the edge pixels."""
+    n, _, h, w = x.shape
+    dy = rng.integers(-int(fraction * h), int(fraction * h) + 1, n)
+    dx = rng.integers(-int(fraction * w), int(fraction * w) + 1, n)
+    return _gather(x, np.clip(np.arange(h) - dy[:, None], 0, h - 1), np.clip(np.arange(w) - dx[:, None], 0, w - 1))
+
+
+def horizontal_flip(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mirror a random half of the samples left to right."""
+    flip = rng.random(len(x)) < 0.5
+    out = x.copy()
+    out[flip] = x[flip, :, :, ::-1]
+    return out
+
+
+def apply(x: np.ndarray, spec, rng: np.random.Generator) -> np.ndarray:
+    """The augmentations a DataSpec.augment asks for, in a fixed order: crop, shift, flip."""
+    if spec.random_crop:
+        x = random_crop(x, spec.random_crop, rng)
+    if spec.random_shift:
+        x = random_shift(x, spec.random_shift, rng)
+    if spec.horizontal_flip:
+        x = horizontal_flip(x, rng)
+    return x

@@ -1,0 +1,126 @@
+"""A user's own data: an `.npz` of arrays, or an ImageFolder tree of PNG/JPEG files (Pillow, optional)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def _nchw(x: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """(N, H, W) -> (N, 1, H, W); NHWC with 1, 3 or 4 channels last -> NCHW."""
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"{path}: {key} has shape {x.shape}; expected images (N, C, H, W), (N, H, W, C) or (N, H, W)")
+    if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return x
+
+
+def load_npz(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(x_train, y_train), (x_test, y_test) from an .npz, read with allow_pickle=False."""
+    if not path.is_file():
+        raise DataError(f"npz file not found: {path}", "set data.root to the .npz file holding "
+                        "x_train, y_train, x_test and y_test")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in NPZ_KEYS if k not in z.files]
+            if missing:
+                raise DataError(f"{path}: missing arrays {', '.join(missing)} (found {', '.join(z.files) or 'none'})",
+                                "save the file with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
+            arrays = {k: z[k] for k in NPZ_KEYS}
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError) as e:  # object arrays need pickle: refused; corrupt zip
+        raise DataError(f"{path}: cannot read as a plain .npz ({e})",
+                        "store numeric arrays only (no object arrays), e.g. with np.savez") from None
+    out = []
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8:
+            if x.dtype.kind not in "fiu":
+                raise DataError(f"{path}: x_{split} has dtype {x.dtype}; expected uint8 or float images")
+            x = x.astype(np.float32)
+        if y.dtype.kind not in "iu" or y.ndim != 1:
+            raise DataError(f"{path}: y_{split} must be a 1-D integer array of class labels, got {y.dtype} {y.shape}")
+        x = _nchw(x, path, f"x_{split}")
+        if len(x) != len(y):
+            raise DataError(f"{path}: x_{split} holds {len(x)} images but y_{split} holds {len(y)} labels")
+        if len(y) and y.min() < 0:
+            raise DataError(f"{path}: y_{split} has a negative label {int(y.min())}")
+        out.append((x, y.astype(np.int64)))
+    if out[0][0].shape[1:] != out[1][0].shape[1:]:
+        raise DataError(f"{path}: train images {out[0][0].shape[1:]} and test images {out[1][0].shape[1:]} differ")
+    return out[0], out[1]
+
+
+def _pillow():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("dataset: folder needs Pillow to decode images, which is not installed",
+                        "pip install 'cnnctl[images]'") from None
+    return Image
+
+
+def load_folder(root: Path, input_shape) -> tuple[list[str], tuple, tuple]:
+    """ImageFolder: root/train/<class>/*.png|jpg and root/test/<class>/..., resized to the input shape."""
+    Image = _pillow()
+    c, h, w = input_shape
+    if c not in (1, 3):
+        raise DataError(f"dataset: folder decodes grayscale (1 channel) or RGB (3), but input_shape has {c} channels")
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"{train_dir} does not exist", "lay the images out as ROOT/train/<class>/*.png and "
+                        "ROOT/test/<class>/*.png, and set data.root to ROOT")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{train_dir} has no class folders", "put each class's images in train/<class name>/")
+    splits = []
+    for split in ("train", "test"):
+        images, labels = [], []
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+            for f in files:
+                try:
+                    with Image.open(f) as im:
+                        im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+                        arr = np.asarray(im, dtype=np.uint8)
+                except OSError as e:
+                    raise DataError(f"{f}: cannot decode the image ({e})", "remove or replace the file") from None
+                images.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
+                labels.append(label)
+        if split == "test":
+            extra = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and p.name not in classes) \
+                if (root / "test").is_dir() else []
+            if extra:
+                raise DataError(f"{root / 'test'} has classes {extra} that train/ does not have")
+        if not images:
+            raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
+                            f"put images in {root / split}/<class>/")
+        splits.append((np.stack(images), np.asarray(labels, np.int64)))
+    return classes, splits[0], splits[1]
+
+
+def load_digits() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's 8x8 digits (values 0..16, scaled to 0..255), with a fixed 20% test split
+    (drawn once with seed 0, the same for every run, since the set has no test split of its own)."""
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError:
+        raise DataError("dataset: digits needs scikit-learn, which is not installed",
+                        "pip install 'cnnctl[digits]'") from None
+    d = sk_digits()
+    x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    y = d.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(y))
+    n_test = len(y) // 5
+    test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+    return (x[train], y[train]), (x[test], y[test])

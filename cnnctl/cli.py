@@ -83,8 +83,18 @@ class RichProgress(Callback):
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
         )
         self.epoch_task = self.batch_task = None
+        self.downloads: dict[str, int] = {}
+
+    def on_download(self, name, done, total):
+        if name not in self.downloads:
+            self.progress.start()
+            self.downloads[name] = self.progress.add_task(f"download {name}", total=total, stats="")
+        self.progress.update(self.downloads[name], completed=done, stats=f"{done / 1e6:.1f} MB")
 
     def on_train_start(self, info):
+        for task in self.downloads.values():
+            self.progress.remove_task(task)
+        self.progress.stop()
         _print_start(self.console, info)
         self.progress.start()
 
@@ -113,6 +123,10 @@ class PlainProgress(Callback):
     def __init__(self, console: Console):
         self.console = console
 
+    def on_download(self, name, done, total):
+        if total is not None and done == total:
+            self.console.print(f"downloaded {name} ({total / 1e6:.1f} MB)")
+
     def on_train_start(self, info):
         _print_start(self.console, info)
 
@@ -125,7 +139,8 @@ class PlainProgress(Callback):
 
 def _print_start(console, info):
     console.print(f"data: train {info['train']:,}  val {info['val']:,}  test {info['test']:,}  "
-                  f"image {tuple(info['image_shape'])}  classes {len(info['classes'])}")
+                  f"image {tuple(info['image_shape'])}  {len(info['classes'])} classes: "
+                  f"{', '.join(info['classes'])}", soft_wrap=True)
     console.print(f"model: {info['params']:,} parameters")
     console.print(f"run: {info['run_dir']}")
     if info.get("resumed_at"):

@@ -273,6 +273,43 @@ def eval_(
     out.print(conf)
 
 
+@app.command()
+@guarded
+def bench(
+    target: Annotated[Path, typer.Argument(metavar="CONFIG_OR_CHECKPOINT")],
+    set_: SetOption = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: data.batch_size.")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 3,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Forward and backward ms per layer.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Time full training steps (forward, loss, backward, update) on synthetic data of the input shape."""
+    from .bench import bench as run_bench
+
+    spec, _ = _spec_for_inspect(target, list(set_ or []))
+    res = run_bench(spec, batch_size, steps, warmup, per_layer)
+    if as_json:
+        print(json.dumps(res))
+        return
+    blas = res["blas"]
+    threads = blas.get("threads") or "unknown"
+    out.print(f"{spec.name}: batch {res['batch_size']}, {res['steps']} steps after {res['warmup']} warm-up")
+    out.print(f"  {res['images_per_second']:,.0f} images/s   {res['ms_per_step']:.2f} ms/step (median; p10 "
+              f"{res['ms_p10']:.2f}, p90 {res['ms_p90']:.2f})   {res['gflops']:.1f} GFLOP/s")
+    out.print(f"  peak RSS {res['peak_rss_mb']:.0f} MB   BLAS threads {threads}"
+              + (f" ({blas.get('library')} {blas.get('kernel')})" if blas.get("library") else "")
+              + (f"   {blas['note']}" if blas.get("note") else ""), soft_wrap=True)
+    if per_layer:
+        table = Table(title="per layer (ms per step)")
+        for col in ("#", "name", "output shape", "forward", "backward"):
+            table.add_column(col, justify="left" if col in ("name", "output shape") else "right")
+        for r in res["layers"]:
+            table.add_row(str(r["index"]), r["name"], str(tuple(r["output_shape"])), f"{r['forward_ms']:.3f}",
+                          f"{r['backward_ms']:.3f}")
+        out.print(table)
+
+
 def _spec_for_inspect(target: Path, overrides: list[str]):
     if target.suffix == ".safetensors":
         ckpt = checkpoint.load(target)

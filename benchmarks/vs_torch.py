@@ -1,0 +1,143 @@
+"""cnnctl against PyTorch (CPU) on the same networks, batch sizes and thread count, in one process.
+
+    python benchmarks/vs_torch.py [--steps 30] [--warmup 5] [--json]
+
+Prints a markdown table of images/s for both and the ratio cnnctl / torch (targets: >= 1.0 for LeNet-5 at
+batch 128, >= 0.8 at batch 32 and for the CIFAR-size net), plus the machine it ran on. torch is a
+benchmark-only dependency (pip install torch==2.13.0). Each measurement times full training steps: forward,
+cross-entropy loss, backward and an SGD-with-momentum update, on synthetic data, after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+from cnnctl.bench import bench, blas_info
+from cnnctl.config import Spec
+
+LENET = [
+    {"type": "conv2d", "filters": 6, "kernel_size": 5, "padding": 2, "activation": "relu"},
+    {"type": "maxpool2d", "kernel_size": 2},
+    {"type": "conv2d", "filters": 16, "kernel_size": 5, "activation": "relu"},
+    {"type": "maxpool2d", "kernel_size": 2},
+    {"type": "flatten"},
+    {"type": "dense", "units": 120, "activation": "relu"},
+    {"type": "dense", "units": 84, "activation": "relu"},
+    {"type": "dense", "units": 10},
+]
+CIFAR = [
+    {"type": "conv2d", "filters": 32, "kernel_size": 3, "padding": 1, "activation": "relu"},
+    {"type": "conv2d", "filters": 32, "kernel_size": 3, "padding": 1, "activation": "relu"},
+    {"type": "maxpool2d", "kernel_size": 2},
+    {"type": "conv2d", "filters": 64, "kernel_size": 3, "padding": 1, "activation": "relu"},
+    {"type": "conv2d", "filters": 64, "kernel_size": 3, "padding": 1, "activation": "relu"},
+    {"type": "maxpool2d", "kernel_size": 2},
+    {"type": "flatten"},
+    {"type": "dense", "units": 256, "activation": "relu"},
+    {"type": "dense", "units": 10},
+]
+CASES = [("LeNet-5", LENET, (1, 28, 28), 32, 0.8), ("LeNet-5", LENET, (1, 28, 28), 128, 1.0),
+         ("CIFAR-size net", CIFAR, (3, 32, 32), 128, 0.8)]
+
+
+def spec_for(name, layers, shape, batch):
+    return Spec.model_validate({
+        "name": name.replace(" ", "-"), "data": {"dataset": "shapes", "batch_size": batch},
+        "model": {"input_shape": list(shape), "layers": layers},
+        "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.9},
+    })
+
+
+def torch_model(layers, shape):
+    import torch.nn as tnn
+
+    mods, c, h, w, flat = [], shape[0], shape[1], shape[2], None
+    for spec in layers:
+        t = spec["type"]
+        if t == "conv2d":
+            k, p = spec["kernel_size"], spec.get("padding", 0)
+            mods.append(tnn.Conv2d(c, spec["filters"], k, padding=p))
+            c, h, w = spec["filters"], h + 2 * p - k + 1, w + 2 * p - k + 1
+        elif t == "maxpool2d":
+            mods.append(tnn.MaxPool2d(spec["kernel_size"]))
+            h, w = h // spec["kernel_size"], w // spec["kernel_size"]
+        elif t == "flatten":
+            mods.append(tnn.Flatten())
+            flat = c * h * w
+        elif t == "dense":
+            mods.append(tnn.Linear(flat, spec["units"]))
+            flat = spec["units"]
+        if spec.get("activation") == "relu":
+            mods.append(tnn.ReLU())
+    return tnn.Sequential(*mods)
+
+
+def bench_torch(layers, shape, batch, steps, warmup):
+    import torch
+
+    model = torch_model(layers, shape)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x = torch.randn(batch, *shape)
+    y = torch.randint(0, 10, (batch,))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    ms = float(np.median(times) * 1e3)
+    return {"ms_per_step": ms, "images_per_second": batch / (ms / 1e3)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    blas = blas_info()
+    threads = blas.get("threads") or os.cpu_count()
+    torch.set_num_threads(threads)
+    rows = []
+    for name, layers, shape, batch, target in CASES:
+        ours = bench(spec_for(name, layers, shape, batch), batch, args.steps, args.warmup)
+        theirs = bench_torch(layers, shape, batch, args.steps, args.warmup)
+        rows.append({"network": name, "input": "x".join(map(str, shape)), "batch": batch,
+                     "cnnctl_images_per_second": ours["images_per_second"], "cnnctl_ms": ours["ms_per_step"],
+                     "torch_images_per_second": theirs["images_per_second"], "torch_ms": theirs["ms_per_step"],
+                     "ratio": ours["images_per_second"] / theirs["images_per_second"], "target": target,
+                     "cnnctl_peak_rss_mb": ours["peak_rss_mb"]})
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
+               "numpy": np.__version__, "torch": torch.__version__, "blas": blas,
+               "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+               "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
+    if args.json:
+        print(json.dumps({"machine": machine, "results": rows}, indent=2))
+        return
+    print(f"machine: {machine}")
+    print("| network | input | batch | cnnctl img/s | torch img/s | ratio | target |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['network']} | {r['input']} | {r['batch']} | {r['cnnctl_images_per_second']:,.0f} | "
+              f"{r['torch_images_per_second']:,.0f} | {r['ratio']:.2f} | >= {r['target']:.1f} |")
+    print(f"peak RSS of this process: {rows[-1]['cnnctl_peak_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Timing full training steps (forward, loss, backward, optimizer update) on synthetic data.
+
+No typer or rich here: `cnnctl bench` and benchmarks/vs_torch.py print what this returns.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import numpy as np
+
+from .builder import build_loss, build_model
+from .config import Spec
+
+
+def blas_info() -> dict:
+    """BLAS library, kernel and thread count as threadpoolctl sees them (an optional package)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return {"threads": None, "note": "pip install threadpoolctl (or 'cnnctl[bench]') to report BLAS threads"}
+    for pool in threadpool_info():
+        if pool.get("user_api") == "blas":
+            return {"threads": pool.get("num_threads"), "library": pool.get("internal_api"),
+                    "kernel": pool.get("architecture"), "version": pool.get("version")}
+    return {"threads": None}
+
+
+def peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
+
+
+def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: int = 3,
+          per_layer: bool = False) -> dict:
+    """Median and spread of the time per training step, images/s, GFLOP/s and peak memory."""
+    bs = batch_size or spec.data.batch_size
+    g = np.random.default_rng(spec.seed)
+    model, rows = build_model(spec.model, g)
+    loss_fn = build_loss(spec)
+    optimizer = spec.optimizer.build(model)
+    n_out = rows[-1].output_shape[0]
+    x = g.standard_normal((bs, *spec.model.input_shape)).astype(np.float32)
+    y = g.integers(0, n_out, bs)
+    layer_times = np.zeros((len(model.layers), 2))
+
+    def step(timed_layers: bool) -> None:
+        if not timed_layers:
+            loss_fn.forward(model.forward(x, training=True), y)
+            model.backward(loss_fn.backward())
+        else:
+            h = x
+            for i, layer in enumerate(model.layers):
+                t0 = time.perf_counter()
+                h = layer.forward(h, True)
+                layer_times[i, 0] += time.perf_counter() - t0
+            loss_fn.forward(h, y)
+            d = loss_fn.backward()
+            for i in reversed(range(len(model.layers))):
+                t0 = time.perf_counter()
+                d = model.layers[i].backward(d)
+                layer_times[i, 1] += time.perf_counter() - t0
+                if d is None:
+                    break
+        optimizer.step()
+
+    for _ in range(warmup):
+        step(False)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step(False)
+        times.append(time.perf_counter() - t0)
+    ms = np.array(times) * 1e3
+    macs = sum(r.macs for r in rows)
+    flops = 6 * macs * bs  # forward 2*MACs, backward about twice that (weight and input gradients)
+    out = {
+        "name": spec.name, "batch_size": bs, "steps": steps, "warmup": warmup,
+        "ms_per_step": float(np.median(ms)), "ms_p10": float(np.percentile(ms, 10)),
+        "ms_p90": float(np.percentile(ms, 90)), "images_per_second": bs / (np.median(ms) / 1e3),
+        "gflops": flops / (np.median(ms) / 1e3) / 1e9, "flops_per_step": flops,
+        "peak_rss_mb": peak_rss_mb(), "blas": blas_info(), "params": model.num_params(),
+    }
+    if per_layer:
+        for _ in range(steps):
+            step(True)
+        out["layers"] = [{"index": r.index, "name": r.name, "type": r.type, "output_shape": list(r.output_shape),
+                          "forward_ms": 1e3 * layer_times[r.index, 0] / steps,
+                          "backward_ms": 1e3 * layer_times[r.index, 1] / steps} for r in rows]
+    return out

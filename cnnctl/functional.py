@@ -72,74 +72,109 @@ def _window(i: int, j: int, out_hw: Pair, stride: Pair, dilation: Pair) -> tuple
     )
 
 
-def im2col(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair) -> np.ndarray:
-    """Padded input (N, C, Hp, Wp) -> columns (N, C, KH, KW, OH, OW), cols[n,c,i,j,y,x] = xp[n,c,y*s+i*d,x*s+j*d]."""
-    n, c = xp.shape[:2]
-    cols = np.empty((n, c, kernel[0], kernel[1], *out_hw), dtype=xp.dtype)
+def buffer(cache: dict | None, name: str, shape: tuple, dtype, zero: bool = False) -> np.ndarray:
+    """A scratch array reused across calls while its shape and dtype stay the same (zeroed when created,
+    if asked: callers that only ever write its interior keep a zero border for free)."""
+    if cache is None:
+        return (np.zeros if zero else np.empty)(shape, dtype)
+    b = cache.get(name)
+    if b is None or b.shape != shape or b.dtype != dtype:
+        b = cache[name] = (np.zeros if zero else np.empty)(shape, dtype)
+    return b
+
+
+def im2col(xc: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair, out=None) -> np.ndarray:
+    """Channel-major padded input (C, N, Hp, Wp) -> columns (C, KH, KW, N, OH, OW):
+    cols[c, i, j, n, y, x] = xc[c, n, y*s + i*d, x*s + j*d]. One strided slice copy per kernel offset."""
+    c, n = xc.shape[:2]
+    cols = np.empty((c, kernel[0], kernel[1], n, *out_hw), dtype=xc.dtype) if out is None else out
     for i in range(kernel[0]):
         for j in range(kernel[1]):
-            cols[:, :, i, j] = xp[(..., *_window(i, j, out_hw, stride, dilation))]
+            cols[:, i, j] = xc[(..., *_window(i, j, out_hw, stride, dilation))]
     return cols
 
 
 def col2im(cols: np.ndarray, padded_hw: Pair, stride: Pair, dilation: Pair) -> np.ndarray:
-    """Adjoint of im2col: scatter-add columns (N, C, KH, KW, OH, OW) back onto a padded (N, C, Hp, Wp)."""
-    n, c, kh, kw, oh, ow = cols.shape
-    xp = np.zeros((n, c, *padded_hw), dtype=cols.dtype)
+    """Adjoint of im2col: scatter-add columns (C, KH, KW, N, OH, OW) onto a zero (C, N, Hp, Wp)."""
+    c, kh, kw, n, oh, ow = cols.shape
+    xc = np.zeros((c, n, *padded_hw), dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
-            xp[(..., *_window(i, j, (oh, ow), stride, dilation))] += cols[:, :, i, j]
-    return xp
+            xc[(..., *_window(i, j, (oh, ow), stride, dilation))] += cols[:, i, j]
+    return xc
 
 
-def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: Pair):
-    """y[n,o] = sum_c xcorr(x[n,c], weight[o,c]) + bias[o]. Returns y (N, O, OH, OW) and the columns."""
-    o, c, kh, kw = weight.shape
-    xp = pad(x, padding)
-    out_hw = (
-        out_size(xp.shape[2], kh, stride[0], 0, dilation[0]),
-        out_size(xp.shape[3], kw, stride[1], 0, dilation[1]),
-    )
-    cols = im2col(xp, (kh, kw), stride, dilation, out_hw).reshape(x.shape[0], c * kh * kw, -1)  # (N, K, P)
-    y = np.matmul(weight.reshape(o, -1), cols)  # (O, K) @ (N, K, P) -> (N, O, P)
+def _channel_major_padded(x, pad4: Padding4, cache, name) -> np.ndarray:
+    """x (N, C, H, W) as a channel-major (C, N, Hp, Wp) array, padded with zeros (a view when no padding)."""
+    xt = x.transpose(1, 0, 2, 3)
+    if not any(pad4):
+        return xt
+    c, n, h, w = xt.shape
+    xc = buffer(cache, name, (c, n, h + pad4[0] + pad4[1], w + pad4[2] + pad4[3]), x.dtype, zero=True)
+    xc[:, :, pad4[0] : pad4[0] + h, pad4[2] : pad4[2] + w] = xt
+    return xc
+
+
+def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: Pair, cache: dict | None = None):
+    """y[n,o] = sum_c xcorr(x[n,c], weight[o,c]) + bias[o], as one matrix product over columns.
+
+    Returns y (N, O, OH, OW) and the columns (C, KH, KW, N, OH, OW) that backward needs. Work happens in a
+    channel-major layout, so y is a transposed view of an (O, N, OH, OW) array: following layers read it
+    without copies. `cache` keeps scratch buffers (padded input, columns) between calls.
+    """
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    xc = _channel_major_padded(x, padding, cache, "xp")
+    out_hw = (out_size(xc.shape[2], kh, stride[0], 0, dilation[0]), out_size(xc.shape[3], kw, stride[1], 0, dilation[1]))
+    cols = buffer(cache, "cols", (c, kh, kw, n, *out_hw), x.dtype)
+    im2col(xc, (kh, kw), stride, dilation, out_hw, out=cols)
+    y = weight.reshape(o, -1) @ cols.reshape(c * kh * kw, -1)  # (O, K) @ (K, N*P) -> (O, N*P)
     if bias is not None:
         y += bias[:, None]
-    return y.reshape(x.shape[0], o, *out_hw), cols
+    return y.reshape(o, n, *out_hw).transpose(1, 0, 2, 3), cols
 
 
-def conv2d_backward(dy, cols, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, need_dx=True):
+def conv2d_backward(dy, cols, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, need_dx=True,
+                    cache: dict | None = None):
     """Gradients of conv2d_forward. Returns dx (or None), dweight, dbias.
 
-    dweight = xcorr(input, deltas): sum over n and p of dy[n,o,p] * cols[n,k,p].
-    dx = full convolution of the deltas with the 180-degree-rotated kernel, computed as W^T dy then col2im.
+    dweight: the cross-correlation of the layer input with the deltas, dY (O, N*P) @ cols.T.
+    dbias: the sum of the deltas.
+    dx: the full convolution of the deltas with the 180-degree-rotated kernel. For stride 1 it is computed
+    literally: pad the deltas by the kernel span - 1, correlate with the rotated kernel (channels swapped),
+    one matrix product. For larger strides the deltas are scattered back through the kernel instead
+    (W^T dY, then col2im), which is the same sum without the zeros a strided full convolution would insert.
     """
-    n, o = dy.shape[:2]
-    dy3 = dy.reshape(n, o, -1)  # (N, O, P)
-    dweight = np.tensordot(dy3, cols, axes=([0, 2], [0, 2])).reshape(weight.shape)
-    dbias = dy3.sum(axis=(0, 2))
+    n, o, oh, ow = dy.shape
+    _, c, kh, kw = weight.shape
+    dY = dy.transpose(1, 0, 2, 3).reshape(o, -1)  # (O, N*P): free when dy is channel-major already
+    dweight = (dY @ cols.reshape(c * kh * kw, -1).T).reshape(weight.shape)
+    dbias = dY.sum(axis=1)
     if not need_dx:
         return None, dweight, dbias
-    dcols = np.matmul(weight.reshape(o, -1).T, dy3)  # (K, O) @ (N, O, P) -> (N, K, P)
-    dcols = dcols.reshape(n, weight.shape[1], weight.shape[2], weight.shape[3], *dy.shape[2:])
-    padded_hw = (x_shape[2] + padding[0] + padding[1], x_shape[3] + padding[2] + padding[3])
-    return unpad(col2im(dcols, padded_hw, stride, dilation), padding), dweight, dbias
+    h, w = x_shape[2], x_shape[3]
+    pt, _, pl, _ = padding
+    if stride == (1, 1):
+        sh, sw = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))  # span - 1
+        dyp = buffer(cache, "dyp", (o, n, oh + 2 * sh, ow + 2 * sw), dy.dtype, zero=True)
+        dyp[:, :, sh : sh + oh, sw : sw + ow] = dY.reshape(o, n, oh, ow)
+        full_hw = (oh + sh, ow + sw)  # = the padded input size
+        dcols = buffer(cache, "dcols", (o, kh, kw, n, *full_hw), dy.dtype)
+        im2col(dyp, (kh, kw), (1, 1), dilation, full_hw, out=dcols)
+        rotated = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)  # (C, O*KH*KW)
+        dxc = (rotated @ dcols.reshape(o * kh * kw, -1)).reshape(c, n, *full_hw)
+    else:
+        dcols = (weight.reshape(o, -1).T @ dY).reshape(c, kh, kw, n, oh, ow)  # (K, O) @ (O, N*P)
+        padded_hw = (h + padding[0] + padding[1], w + padding[2] + padding[3])
+        dxc = col2im(dcols, padded_hw, stride, dilation)
+    return dxc[:, :, pt : pt + h, pl : pl + w].transpose(1, 0, 2, 3), dweight, dbias
 
 
-def pool_windows(xp: np.ndarray, kernel: Pair, stride: Pair, out_hw: Pair) -> np.ndarray:
-    """Padded input (N, C, Hp, Wp) -> (KH*KW, N, C, OH, OW), one strided slice per kernel offset."""
-    return np.stack(
-        [xp[(..., *_window(i, j, out_hw, stride, (1, 1)))] for i in range(kernel[0]) for j in range(kernel[1])]
-    )
-
-
-def pool_scatter(dwin: np.ndarray, padded_shape, kernel: Pair, stride: Pair) -> np.ndarray:
-    """Adjoint of pool_windows: add (KH*KW, N, C, OH, OW) back onto a zero padded input."""
-    dxp = np.zeros(padded_shape, dtype=dwin.dtype)
-    out_hw = dwin.shape[-2:]
-    for k in range(dwin.shape[0]):
-        i, j = divmod(k, kernel[1])
-        dxp[(..., *_window(i, j, out_hw, stride, (1, 1)))] += dwin[k]
-    return dxp
+def pool_slices(xp: np.ndarray, kernel: Pair, stride: Pair, out_hw: Pair):
+    """The strided view of a padded (N, C, Hp, Wp) input that each kernel offset sees, in row-major order."""
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            yield xp[(..., *_window(i, j, out_hw, stride, (1, 1)))]
 
 
 def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:

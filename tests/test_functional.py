@@ -39,15 +39,44 @@ def test_conv_forward_matches_naive_loops(stride, pad4, dilation):
 @pytest.mark.parametrize("kernel,stride,dilation", [((3, 3), (1, 1), (1, 1)), ((2, 3), (2, 1), (1, 2)),
                                                     ((3, 1), (3, 2), (2, 1))])
 def test_col2im_is_the_adjoint_of_im2col(kernel, stride, dilation):
-    """<im2col(x), c> == <x, col2im(c)> for all x and c."""
+    """<im2col(x), c> == <x, col2im(c)> for all x and c (channel-major (C, N, H, W) layout)."""
     g = np.random.default_rng(1)
-    x = g.standard_normal((2, 3, 10, 9))
+    x = g.standard_normal((3, 2, 10, 9))
     out_hw = tuple(F.out_size(s, k, st, 0, d) for s, k, st, d in zip(x.shape[2:], kernel, stride, dilation))
     cols = F.im2col(x, kernel, stride, dilation, out_hw)
     c = g.standard_normal(cols.shape)
     lhs = (cols * c).sum()
     rhs = (x * F.col2im(c, x.shape[2:], stride, dilation)).sum()
     assert abs(lhs - rhs) < 1e-9 * max(1.0, abs(lhs))
+
+
+def test_im2col_matches_naive_indexing():
+    g = np.random.default_rng(2)
+    x = g.standard_normal((2, 3, 9, 8))
+    cols = F.im2col(x, (2, 3), (2, 1), (1, 2), (4, 4))
+    for c, i, j, n, y, xx in [(0, 0, 0, 0, 0, 0), (1, 1, 2, 2, 3, 3), (1, 0, 1, 1, 2, 1)]:
+        assert cols[c, i, j, n, y, xx] == x[c, n, y * 2 + i * 1, xx * 1 + j * 2]
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 1), (3, 2)])
+def test_conv_backward_input_gradient_paths_agree_with_naive_scatter(stride):
+    """Both input-gradient paths (full correlation for stride 1, col2im otherwise) equal a naive scatter."""
+    g = np.random.default_rng(3)
+    x, w = g.standard_normal((2, 2, 9, 8)), g.standard_normal((3, 2, 3, 2))
+    pad4, dil = (1, 2, 0, 1), (2, 1)
+    y, cols = F.conv2d_forward(x, w, None, stride, pad4, dil)
+    dy = g.standard_normal(y.shape)
+    dx, _, _ = F.conv2d_backward(dy, cols, w, x.shape, stride, pad4, dil)
+    dxp = np.zeros((2, 2, 9 + 3, 8 + 1))
+    for n in range(2):
+        for o in range(3):
+            for yy in range(y.shape[2]):
+                for xx in range(y.shape[3]):
+                    for i in range(3):
+                        for j in range(2):
+                            dxp[n, :, yy * stride[0] + i * dil[0], xx * stride[1] + j * dil[1]] += \
+                                w[o, :, i, j] * dy[n, o, yy, xx]
+    np.testing.assert_allclose(dx, dxp[:, :, 1:10, 0:8], rtol=1e-10, atol=1e-12)
 
 
 def test_same_padding_keeps_size():

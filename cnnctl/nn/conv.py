@@ -41,6 +41,7 @@ class Conv2D(Layer):
             self.params["bias"] = np.zeros(self.out_channels, dtype=dtype)
         self.activation = make_activation(activation)
         self.needs_input_grad = True
+        self._buffers: dict = {}  # scratch arrays reused between steps (padded input, columns)
         self.zero_grad()
 
     def _pads(self, hw) -> F.Padding4:
@@ -71,7 +72,7 @@ class Conv2D(Layer):
         self._x_shape = x.shape
         self._pad4 = self._pads(x.shape[2:])
         y, self._cols = F.conv2d_forward(
-            x, self.params["weight"], self.params.get("bias"), self.stride, self._pad4, self.dilation
+            x, self.params["weight"], self.params.get("bias"), self.stride, self._pad4, self.dilation, self._buffers
         )
         return self._activate(y, training)
 
@@ -79,7 +80,7 @@ class Conv2D(Layer):
         dy = self._deactivate(dy)
         dx, dw, db = F.conv2d_backward(
             dy, self._cols, self.params["weight"], self._x_shape, self.stride, self._pad4, self.dilation,
-            need_dx=self.needs_input_grad,
+            need_dx=self.needs_input_grad, cache=self._buffers,
         )
         self.grads["weight"] = dw
         if "bias" in self.params:

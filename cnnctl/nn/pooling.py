@@ -38,16 +38,14 @@ class _Pool2D(Layer):
             )
         return (c, oh, ow)
 
-    def _windows(self, x):
+    def _padded(self, x):
         ph, pw = self.padding
         self._pad4 = (ph, ph, pw, pw)
-        xp = F.pad(x, self._pad4, self.pad_value)
-        self._padded_shape = xp.shape
-        out_hw = self.output_shape(x.shape[1:])[1:]
-        return F.pool_windows(xp, self.kernel_size, self.stride, out_hw)
+        self._out_hw = self.output_shape(x.shape[1:])[1:]
+        return F.pad(x, self._pad4, self.pad_value)
 
-    def _scatter(self, dwin):
-        return F.unpad(F.pool_scatter(dwin, self._padded_shape, self.kernel_size, self.stride), self._pad4)
+    def _slices(self, xp):
+        return F.pool_slices(xp, self.kernel_size, self.stride, self._out_hw)
 
     def __repr__(self):
         return f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding})"
@@ -55,18 +53,32 @@ class _Pool2D(Layer):
 
 @register("maxpool2d")
 class MaxPool2D(_Pool2D):
-    """Max over each window; backward routes each delta to the first position holding the maximum."""
+    """Max over each window, a running maximum over the kernel offsets; backward routes each delta to the
+    first position (row-major) holding the maximum, like PyTorch."""
 
     pad_value = -np.inf
 
     def forward(self, x, training=True):
-        win = self._windows(x)
-        self._argmax = win.argmax(axis=0)
-        return np.take_along_axis(win, self._argmax[None], axis=0)[0]
+        self._xp = xp = self._padded(x)
+        slices = self._slices(xp)
+        out = np.copy(next(slices), order="K")
+        self._argmax = np.zeros(out.shape, np.uint8 if self.kernel_size[0] * self.kernel_size[1] < 256 else np.int32)
+        for k, s in enumerate(slices, start=1):
+            better = s > out  # strictly greater: ties keep the earlier offset
+            np.copyto(out, s, where=better)
+            self._argmax[better] = k
+        return out
 
     def backward(self, dy):
-        k = np.arange(self.kernel_size[0] * self.kernel_size[1]).reshape(-1, 1, 1, 1, 1)
-        return self._scatter(np.where(self._argmax[None] == k, dy[None], 0).astype(dy.dtype))
+        dxp = np.zeros_like(self._xp)
+        overlap = any(s < k for s, k in zip(self.stride, self.kernel_size))
+        for k, window in enumerate(self._slices(dxp)):
+            routed = np.where(self._argmax == k, dy, 0).astype(dy.dtype, copy=False)
+            if overlap:
+                window += routed
+            else:
+                window[...] = routed
+        return F.unpad(dxp, self._pad4)
 
 
 @register("avgpool2d")
@@ -74,11 +86,21 @@ class AvgPool2D(_Pool2D):
     """Mean over each window, padded zeros counted (PyTorch's count_include_pad=True)."""
 
     def forward(self, x, training=True):
-        return self._windows(x).mean(axis=0)
+        xp = self._padded(x)
+        self._padded_shape = xp.shape
+        slices = self._slices(xp)
+        out = np.copy(next(slices), order="K")
+        for s in slices:
+            out += s
+        out *= 1.0 / (self.kernel_size[0] * self.kernel_size[1])
+        return out
 
     def backward(self, dy):
-        kk = self.kernel_size[0] * self.kernel_size[1]
-        return self._scatter(np.broadcast_to(dy / kk, (kk, *dy.shape)))
+        share = dy * (1.0 / (self.kernel_size[0] * self.kernel_size[1]))
+        dxp = np.zeros(self._padded_shape, dy.dtype)
+        for window in self._slices(dxp):
+            window += share
+        return F.unpad(dxp, self._pad4)
 
 
 @register("global_avgpool2d")

@@ -135,7 +135,7 @@ def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: P
 
 
 def conv2d_backward(dy, cols, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, need_dx=True,
-                    cache: dict | None = None):
+                    cache: dict | None = None, method: str = "auto"):
     """Gradients of conv2d_forward. Returns dx (or None), dweight, dbias.
 
     dweight: the cross-correlation of the layer input with the deltas, dY (O, N*P) @ cols.T.
@@ -144,6 +144,8 @@ def conv2d_backward(dy, cols, weight, x_shape, stride: Pair, padding: Padding4, 
     literally: pad the deltas by the kernel span - 1, correlate with the rotated kernel (channels swapped),
     one matrix product. For larger strides the deltas are scattered back through the kernel instead
     (W^T dY, then col2im), which is the same sum without the zeros a strided full convolution would insert.
+    `method` ("auto", "full" or "scatter") picks the path; auto takes the full correlation for stride 1
+    unless its columns (O*KH*KW x N*Hp*Wp) would be much larger than the scattered ones (C*KH*KW x N*OH*OW).
     """
     n, o, oh, ow = dy.shape
     _, c, kh, kw = weight.shape
@@ -154,7 +156,13 @@ def conv2d_backward(dy, cols, weight, x_shape, stride: Pair, padding: Padding4, 
         return None, dweight, dbias
     h, w = x_shape[2], x_shape[3]
     pt, _, pl, _ = padding
-    if stride == (1, 1):
+    padded_hw = (h + padding[0] + padding[1], w + padding[2] + padding[3])
+    if method == "auto":
+        full_cost, scatter_cost = o * padded_hw[0] * padded_hw[1], c * oh * ow
+        method = "full" if stride == (1, 1) and full_cost <= 1.5 * scatter_cost else "scatter"
+    if method == "full":
+        if stride != (1, 1):
+            raise ValueError("the full-correlation input gradient needs stride 1")
         sh, sw = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))  # span - 1
         dyp = buffer(cache, "dyp", (o, n, oh + 2 * sh, ow + 2 * sw), dy.dtype, zero=True)
         dyp[:, :, sh : sh + oh, sw : sw + ow] = dY.reshape(o, n, oh, ow)
@@ -165,7 +173,6 @@ def conv2d_backward(dy, cols, weight, x_shape, stride: Pair, padding: Padding4, 
         dxc = (rotated @ dcols.reshape(o * kh * kw, -1)).reshape(c, n, *full_hw)
     else:
         dcols = (weight.reshape(o, -1).T @ dY).reshape(c, kh, kw, n, oh, ow)  # (K, O) @ (O, N*P)
-        padded_hw = (h + padding[0] + padding[1], w + padding[2] + padding[3])
         dxc = col2im(dcols, padded_hw, stride, dilation)
     return dxc[:, :, pt : pt + h, pl : pl + w].transpose(1, 0, 2, 3), dweight, dbias
 

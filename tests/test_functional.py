@@ -58,15 +58,16 @@ def test_im2col_matches_naive_indexing():
         assert cols[c, i, j, n, y, xx] == x[c, n, y * 2 + i * 1, xx * 1 + j * 2]
 
 
-@pytest.mark.parametrize("stride", [(1, 1), (2, 1), (3, 2)])
-def test_conv_backward_input_gradient_paths_agree_with_naive_scatter(stride):
+@pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((1, 1), "auto"),
+                                           ((2, 1), "scatter"), ((3, 2), "auto")])
+def test_conv_backward_input_gradient_paths_agree_with_naive_scatter(stride, method):
     """Both input-gradient paths (full correlation for stride 1, col2im otherwise) equal a naive scatter."""
     g = np.random.default_rng(3)
     x, w = g.standard_normal((2, 2, 9, 8)), g.standard_normal((3, 2, 3, 2))
     pad4, dil = (1, 2, 0, 1), (2, 1)
     y, cols = F.conv2d_forward(x, w, None, stride, pad4, dil)
     dy = g.standard_normal(y.shape)
-    dx, _, _ = F.conv2d_backward(dy, cols, w, x.shape, stride, pad4, dil)
+    dx, _, _ = F.conv2d_backward(dy, cols, w, x.shape, stride, pad4, dil, method=method)
     dxp = np.zeros((2, 2, 9 + 3, 8 + 1))
     for n in range(2):
         for o in range(3):

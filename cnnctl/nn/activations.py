@@ -14,10 +14,10 @@ class ReLU(Layer):
 
     def forward(self, x, training=True):
         self._mask = x > 0
-        return np.where(self._mask, x, 0).astype(x.dtype, copy=False)
+        return np.maximum(x, 0)
 
     def backward(self, dy):
-        return np.where(self._mask, dy, 0).astype(dy.dtype, copy=False)
+        return dy * self._mask
 
 
 @register("leaky_relu")

@@ -62,22 +62,26 @@ class MaxPool2D(_Pool2D):
         self._xp = xp = self._padded(x)
         slices = self._slices(xp)
         out = np.copy(next(slices), order="K")
-        self._argmax = np.zeros(out.shape, np.uint8 if self.kernel_size[0] * self.kernel_size[1] < 256 else np.int32)
-        for k, s in enumerate(slices, start=1):
-            better = s > out  # strictly greater: ties keep the earlier offset
-            np.copyto(out, s, where=better)
-            self._argmax[better] = k
+        for s in slices:
+            np.maximum(out, s, out=out)
+        self._out = out
         return out
 
     def backward(self, dy):
         dxp = np.zeros_like(self._xp)
         overlap = any(s < k for s, k in zip(self.stride, self.kernel_size))
-        for k, window in enumerate(self._slices(dxp)):
-            routed = np.where(self._argmax == k, dy, 0).astype(dy.dtype, copy=False)
-            if overlap:
-                window += routed
+        unclaimed = None  # windows whose maximum no earlier offset has taken yet
+        for s, window in zip(self._slices(self._xp), self._slices(dxp)):
+            hit = s == self._out
+            if unclaimed is None:
+                unclaimed = ~hit
             else:
-                window[...] = routed
+                hit &= unclaimed
+                unclaimed &= ~hit
+            if overlap:
+                window += dy * hit
+            else:
+                np.multiply(dy, hit, out=window)
         return F.unpad(dxp, self._pad4)
 
 

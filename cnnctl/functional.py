@@ -104,34 +104,69 @@ def col2im(cols: np.ndarray, padded_hw: Pair, stride: Pair, dilation: Pair) -> n
     return xc
 
 
-def _channel_major_padded(x, pad4: Padding4, cache, name) -> np.ndarray:
-    """x (N, C, H, W) as a channel-major (C, N, Hp, Wp) array, padded with zeros (a view when no padding)."""
+def _channel_major_padded(x, pad4: Padding4, cache, name, tail: int = 0) -> np.ndarray:
+    """x (N, C, H, W) as a channel-major (C, N, Hp, Wp) array padded with zeros, inside a flat buffer
+    (C, N, Hp*Wp + tail) whose zero tail lets `im2col_rows` read whole rows past the last one."""
     xt = x.transpose(1, 0, 2, 3)
-    if not any(pad4):
-        return xt
     c, n, h, w = xt.shape
-    xc = buffer(cache, name, (c, n, h + pad4[0] + pad4[1], w + pad4[2] + pad4[3]), x.dtype, zero=True)
-    xc[:, :, pad4[0] : pad4[0] + h, pad4[2] : pad4[2] + w] = xt
-    return xc
+    hp, wp = h + pad4[0] + pad4[1], w + pad4[2] + pad4[3]
+    flat = buffer(cache, name, (c, n, hp * wp + tail), x.dtype, zero=True)
+    flat[:, :, : hp * wp].reshape(c, n, hp, wp)[:, :, pad4[0] : pad4[0] + h, pad4[2] : pad4[2] + w] = xt
+    return flat
+
+
+def im2col_rows(flat: np.ndarray, kernel: Pair, dilation: Pair, row_len: int, rows: int, out=None) -> np.ndarray:
+    """Stride-1 im2col on whole padded rows: flat (C, N, Hp*Wp + tail) -> (C, KH, KW, N, OH*Wp) with
+    cols[c, i, j, n, y*Wp + x] = xp[c, n, y + i*dh, x + j*dw]. Each kernel offset is one contiguous slice
+    per image; the columns x >= OW are wrap-around garbage that callers drop (forward) or zero (backward)."""
+    c, n = flat.shape[:2]
+    span = rows * row_len
+    cols = np.empty((c, kernel[0], kernel[1], n, span), dtype=flat.dtype) if out is None else out
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            start = i * dilation[0] * row_len + j * dilation[1]
+            cols[:, i, j] = flat[:, :, start : start + span]
+    return cols
+
+
+def col2im_rows(cols: np.ndarray, length: int, dilation: Pair, row_len: int) -> np.ndarray:
+    """Adjoint of im2col_rows: scatter-add (C, KH, KW, N, OH*Wp) onto a zero flat (C, N, length)."""
+    c, kh, kw, n, span = cols.shape
+    flat = np.zeros((c, n, length), dtype=cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            start = i * dilation[0] * row_len + j * dilation[1]
+            flat[:, :, start : start + span] += cols[:, i, j]
+    return flat
 
 
 def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: Pair, cache: dict | None = None):
     """y[n,o] = sum_c xcorr(x[n,c], weight[o,c]) + bias[o], as one matrix product over columns.
 
-    Returns y (N, O, OH, OW) and the columns (C, KH, KW, N, OH, OW) that backward needs. Work happens in a
-    channel-major layout, so y is a transposed view of an (O, N, OH, OW) array: following layers read it
-    without copies. `cache` keeps scratch buffers (padded input, columns) between calls.
+    Returns y (N, O, OH, OW) and the columns backward needs. Work happens in a channel-major layout, so y is
+    a transposed view of an (O, N, OH, OW) array that following layers read without copies. For stride 1
+    the columns cover whole padded rows (see im2col_rows; their extra outputs are dropped), otherwise they
+    are the classic (C, KH, KW, N, OH, OW). `cache` keeps scratch buffers between calls.
     """
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
-    xc = _channel_major_padded(x, padding, cache, "xp")
-    out_hw = (out_size(xc.shape[2], kh, stride[0], 0, dilation[0]), out_size(xc.shape[3], kw, stride[1], 0, dilation[1]))
-    cols = buffer(cache, "cols", (c, kh, kw, n, *out_hw), x.dtype)
-    im2col(xc, (kh, kw), stride, dilation, out_hw, out=cols)
+    hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
+    out_hw = (out_size(hp, kh, stride[0], 0, dilation[0]), out_size(wp, kw, stride[1], 0, dilation[1]))
+    if stride == (1, 1):
+        flat = _channel_major_padded(x, padding, cache, "xp", tail=dilation[1] * (kw - 1))
+        cols = buffer(cache, "cols", (c, kh, kw, n, out_hw[0] * wp), x.dtype)
+        im2col_rows(flat, (kh, kw), dilation, wp, out_hw[0], out=cols)
+        grid = (out_hw[0], wp)
+    else:
+        flat = _channel_major_padded(x, padding, cache, "xp")
+        xc = flat.reshape(c, n, hp, wp)
+        cols = buffer(cache, "cols", (c, kh, kw, n, *out_hw), x.dtype)
+        im2col(xc, (kh, kw), stride, dilation, out_hw, out=cols)
+        grid = out_hw
     y = weight.reshape(o, -1) @ cols.reshape(c * kh * kw, -1)  # (O, K) @ (K, N*P) -> (O, N*P)
     if bias is not None:
         y += bias[:, None]
-    return y.reshape(o, n, *out_hw).transpose(1, 0, 2, 3), cols
+    return y.reshape(o, n, *grid)[..., : out_hw[1]].transpose(1, 0, 2, 3), cols
 
 
 def conv2d_backward(dy, cols, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, need_dx=True,
@@ -140,40 +175,47 @@ def conv2d_backward(dy, cols, weight, x_shape, stride: Pair, padding: Padding4, 
 
     dweight: the cross-correlation of the layer input with the deltas, dY (O, N*P) @ cols.T.
     dbias: the sum of the deltas.
-    dx: the full convolution of the deltas with the 180-degree-rotated kernel. For stride 1 it is computed
-    literally: pad the deltas by the kernel span - 1, correlate with the rotated kernel (channels swapped),
-    one matrix product. For larger strides the deltas are scattered back through the kernel instead
-    (W^T dY, then col2im), which is the same sum without the zeros a strided full convolution would insert.
-    `method` ("auto", "full" or "scatter") picks the path; auto takes the full correlation for stride 1
-    unless its columns (O*KH*KW x N*Hp*Wp) would be much larger than the scattered ones (C*KH*KW x N*OH*OW).
+    dx: the full convolution of the deltas with the 180-degree-rotated kernel. `method` "full" computes it
+    literally: pad the deltas by the kernel span - 1 and correlate them with the rotated kernel (channels
+    swapped), one matrix product (stride 1 only). "scatter" forms W^T dY and scatters each kernel offset's
+    slice back to where it was gathered (col2im): the same sum, without the zeros a strided full convolution
+    would insert. "auto" takes the full correlation for stride 1 unless its columns (O*KH*KW x N*Hp*Wp)
+    would be much larger than the scattered ones (C*KH*KW x N*OH*OW).
     """
     n, o, oh, ow = dy.shape
     _, c, kh, kw = weight.shape
-    dY = dy.transpose(1, 0, 2, 3).reshape(o, -1)  # (O, N*P): free when dy is channel-major already
+    h, w = x_shape[2], x_shape[3]
+    hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
+    rows_layout = stride == (1, 1)
+    if rows_layout:  # deltas on the whole-row grid of the columns, zero in the wrap-around columns
+        grid = buffer(cache, "dy_rows", (o, n, oh, wp), dy.dtype, zero=True)
+        grid[..., :ow] = dy.transpose(1, 0, 2, 3)
+        dY = grid.reshape(o, -1)
+    else:
+        dY = dy.transpose(1, 0, 2, 3).reshape(o, -1)  # (O, N*P): free when dy is channel-major already
     dweight = (dY @ cols.reshape(c * kh * kw, -1).T).reshape(weight.shape)
     dbias = dY.sum(axis=1)
     if not need_dx:
         return None, dweight, dbias
-    h, w = x_shape[2], x_shape[3]
     pt, _, pl, _ = padding
-    padded_hw = (h + padding[0] + padding[1], w + padding[2] + padding[3])
     if method == "auto":
-        full_cost, scatter_cost = o * padded_hw[0] * padded_hw[1], c * oh * ow
-        method = "full" if stride == (1, 1) and full_cost <= 1.5 * scatter_cost else "scatter"
+        method = "full" if rows_layout and o * hp * wp <= 1.5 * c * oh * ow else "scatter"
     if method == "full":
-        if stride != (1, 1):
+        if not rows_layout:
             raise ValueError("the full-correlation input gradient needs stride 1")
-        sh, sw = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))  # span - 1
-        dyp = buffer(cache, "dyp", (o, n, oh + 2 * sh, ow + 2 * sw), dy.dtype, zero=True)
-        dyp[:, :, sh : sh + oh, sw : sw + ow] = dY.reshape(o, n, oh, ow)
-        full_hw = (oh + sh, ow + sw)  # = the padded input size
-        dcols = buffer(cache, "dcols", (o, kh, kw, n, *full_hw), dy.dtype)
-        im2col(dyp, (kh, kw), (1, 1), dilation, full_hw, out=dcols)
+        sh, sw = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))  # span - 1, so oh + sh == hp
+        dyp = _channel_major_padded(dy, (sh, sh, sw, sw), cache, "dyp", tail=sw)
+        dcols = buffer(cache, "dcols", (o, kh, kw, n, hp * (ow + 2 * sw)), dy.dtype)
+        im2col_rows(dyp, (kh, kw), dilation, ow + 2 * sw, hp, out=dcols)
         rotated = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)  # (C, O*KH*KW)
-        dxc = (rotated @ dcols.reshape(o * kh * kw, -1)).reshape(c, n, *full_hw)
+        dxc = (rotated @ dcols.reshape(o * kh * kw, -1)).reshape(c, n, hp, ow + 2 * sw)
     else:
-        dcols = (weight.reshape(o, -1).T @ dY).reshape(c, kh, kw, n, oh, ow)  # (K, O) @ (O, N*P)
-        dxc = col2im(dcols, padded_hw, stride, dilation)
+        dcols = weight.reshape(o, -1).T @ dY  # (K, O) @ (O, N*P)
+        if rows_layout:
+            flat = col2im_rows(dcols.reshape(c, kh, kw, n, -1), hp * wp + dilation[1] * (kw - 1), dilation, wp)
+            dxc = flat[:, :, : hp * wp].reshape(c, n, hp, wp)
+        else:
+            dxc = col2im(dcols.reshape(c, kh, kw, n, oh, ow), (hp, wp), stride, dilation)
     return dxc[:, :, pt : pt + h, pl : pl + w].transpose(1, 0, 2, 3), dweight, dbias
 
 

@@ -70,14 +70,12 @@ class MaxPool2D(_Pool2D):
     def backward(self, dy):
         dxp = np.zeros_like(self._xp)
         overlap = any(s < k for s, k in zip(self.stride, self.kernel_size))
-        unclaimed = None  # windows whose maximum no earlier offset has taken yet
+        hit = np.empty(dy.shape, bool)
+        unclaimed = np.ones(dy.shape, bool)  # windows whose maximum no earlier offset has taken yet
         for s, window in zip(self._slices(self._xp), self._slices(dxp)):
-            hit = s == self._out
-            if unclaimed is None:
-                unclaimed = ~hit
-            else:
-                hit &= unclaimed
-                unclaimed &= ~hit
+            np.equal(s, self._out, out=hit)
+            hit &= unclaimed
+            unclaimed ^= hit
             if overlap:
                 window += dy * hit
             else:

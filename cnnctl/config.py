@@ -576,3 +576,20 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Spec, dict
 def spec_to_dict(spec: Spec) -> dict:
     """The fully resolved spec (defaults filled in) as plain data for config.yaml and checkpoints."""
     return spec.model_dump(mode="json")
+
+
+def config_schema() -> dict:
+    """The JSON Schema of a config file (for editors: yaml-language-server and friends)."""
+    schema = Spec.model_json_schema()
+    shorthands = {"loss": ["cross_entropy", "mse"], "optimizer": sorted(optim.OPTIMIZERS),
+                  "schedule": sorted(schedules.SCHEDULES)}
+    for key, names in shorthands.items():  # `loss: mse` means {type: mse}: say so in the schema too
+        prop = schema["properties"][key]
+        default = prop.pop("default", None)
+        schema["properties"][key] = {"anyOf": [{k: v for k, v in prop.items() if k != "description"},
+                                               {"type": "string", "enum": names}]}
+        if default is not None:
+            schema["properties"][key]["default"] = default
+    schema["title"] = "cnnctl config"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema

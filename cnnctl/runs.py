@@ -76,3 +76,71 @@ def append_metrics(run_dir: Path, row: dict) -> None:
     csv_path = run_dir / "metrics.csv"
     _append_line(csv_path, _csv_line(row, header=not csv_path.exists()))
     _append_line(run_dir / "metrics.jsonl", _json_line(row))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_info(run_dir: Path) -> dict | None:
+    """One row of `cnnctl runs`, or None when run_dir is not a run directory."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    summary = _read_json(run_dir / "summary.json") or {}
+    status = summary.get("status", "unknown")
+    if status == "running" and not _pid_alive(summary.get("pid")):
+        status = "interrupted"  # killed without a chance to say so
+    best, test = summary.get("best") or {}, summary.get("test") or {}
+    return {
+        "run": run_dir.name, "path": str(run_dir), "name": summary.get("name"),
+        "started": summary.get("started"), "status": status,
+        "epochs_done": summary.get("epochs_done"), "epochs": summary.get("epochs"),
+        "best_val_acc": best.get("val_acc"), "test_acc": test.get("accuracy"),
+        "params": summary.get("params"), "wall_seconds": summary.get("wall_seconds"),
+    }
+
+
+def list_runs(runs_dir: Path) -> list[dict]:
+    """Every run directory under runs_dir (also one level down, for sweeps), oldest first."""
+    runs_dir = Path(runs_dir)
+    candidates = [p for p in runs_dir.iterdir() if p.is_dir()] if runs_dir.is_dir() else []
+    candidates += [p for p in runs_dir.glob("*/trials/*") if p.is_dir()]
+    rows = [r for r in (run_info(p) for p in candidates) if r is not None]
+    return sorted(rows, key=lambda r: (r["started"] or "", r["run"]))
+
+
+def flatten(data, prefix: str = "") -> dict:
+    """{'a': {'b': 1}, 'l': [x]} -> {'a.b': 1, 'l.0': x}: the dotted keys --set understands."""
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, (dict, list)) for v in data):
+        out = {}
+        for i, v in enumerate(data):
+            out.update(flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def diff_configs(a: dict, b: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, value in a, value in b) for every key whose values differ (missing: None)."""
+    fa, fb = flatten(a), flatten(b)
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]

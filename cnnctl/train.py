@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -152,7 +153,8 @@ class Trainer:
         self.stop_signal = signum
 
     def _trainer_state(self) -> dict:
-        return {"history": self.history, "best": self.best, "stopper": self.stopper, "partial": self.partial,
+        return {"classes": self.ds.classes, "history": self.history, "best": self.best, "stopper": self.stopper,
+                "partial": self.partial,
                 "schedule": self.schedule.state_dict(), "seeds": self.seeds.state(),
                 "wall_seconds": self.wall_seconds + (time.time() - self._started)}
 
@@ -183,7 +185,8 @@ class Trainer:
     def _write_summary(self, status: str, **extra) -> None:
         best = self.best or {}
         runs.write_json(self.run_dir / "summary.json", {
-            "name": self.spec.name, "status": status, "epochs": self.spec.train.epochs, "epochs_done": self.epoch,
+            "name": self.spec.name, "status": status, "started": self.started, "pid": os.getpid(),
+            "epochs": self.spec.train.epochs, "epochs_done": self.epoch,
             "steps": self.step, "params": self.model.num_params(),
             "wall_seconds": round(self.wall_seconds + (time.time() - self._started), 3),
             "monitor": self.monitor, "final": self.history[-1] if self.history else None,
@@ -275,6 +278,8 @@ class Trainer:
     def fit(self, run_dir: Path, resumed: bool = False) -> dict:
         spec, bs = self.spec, self.spec.data.batch_size
         self.run_dir, self._started = Path(run_dir), time.time()
+        previous = runs.run_info(self.run_dir) if resumed else None
+        self.started = (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S")
         runs.write_yaml(self.run_dir / "config.yaml", spec_to_dict(spec))
         runs.rewrite_metrics(self.run_dir, self.history)  # on resume: exactly the rows the checkpoint knows
         self._write_summary("running")

@@ -1,0 +1,152 @@
+"""Pictures: training curves, filters and feature maps, confusion matrices (PNG via matplotlib, the optional
+`plot` extra), and a plain-text chart for the terminal that needs nothing extra."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CnnctlError
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend, or a clear message naming the extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CnnctlError("drawing PNG files needs matplotlib, which is not installed",
+                          "pip install 'cnnctl[plot]' (or leave out --out for a chart in the terminal)") from None
+    return plt
+
+
+def _save(fig, out: Path) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(out)
+
+
+def plot_curves(history: list[dict], out: Path, title: str = "") -> None:
+    """Loss, accuracy (train and validation) and learning rate per epoch, three panels in one PNG."""
+    plt = pyplot()
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            values = [r.get(f"{split}_{key}") for r in history]
+            if any(v is not None for v in values):
+                ax.plot(epochs, [math.nan if v is None else v for v in values], style, ms=3, label=split)
+        ax.set_title(label)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[2].plot(epochs, [r["lr"] for r in history], "-o", ms=3, color="tab:green")
+    axes[2].set_title("learning rate")
+    axes[2].set_xlabel("epoch")
+    axes[2].grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    _save(fig, out)
+    plt.close(fig)
+
+
+def _grid(images: np.ndarray, cols: int, cmap: str, out: Path, title: str, labels: list[str] | None = None) -> None:
+    plt = pyplot()
+    n = len(images)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows + 0.5), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            img = images[k]
+            ax.imshow(img, cmap=None if img.ndim == 3 else cmap, interpolation="nearest")
+            if labels:
+                ax.set_title(labels[k], fontsize=7)
+    fig.suptitle(title)
+    _save(fig, out)
+    plt.close(fig)
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def plot_filters(weight: np.ndarray, out: Path, title: str) -> None:
+    """A conv layer's kernels (O, C, KH, KW) as a grid: RGB when C is 3, else one image per input channel 0."""
+    if weight.shape[1] == 3:
+        images = [_unit(w.transpose(1, 2, 0)) for w in weight]
+    else:
+        images = [w[0] for w in weight]
+    _grid(np.asarray(images), min(8, len(images)), "gray", out, title, [f"{i}" for i in range(len(images))])
+
+
+def plot_feature_maps(maps: list[tuple[str, np.ndarray]], image: np.ndarray, out: Path) -> None:
+    """The input image and, per conv layer, its output maps (C, H, W): one row per layer."""
+    plt = pyplot()
+    cols = min(8, max(m.shape[0] for _, m in maps))
+    rows = len(maps) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].imshow(image if image.ndim == 3 else image, cmap="gray", interpolation="nearest")
+    axes[0, 0].set_title("input", fontsize=8)
+    for r, (name, m) in enumerate(maps, start=1):
+        for c in range(min(cols, m.shape[0])):
+            axes[r, c].imshow(m[c], cmap="viridis", interpolation="nearest")
+            axes[r, c].set_title(f"{name}:{c}", fontsize=6)
+    _save(fig, out)
+    plt.close(fig)
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], out: Path, title: str) -> None:
+    plt = pyplot()
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 0.8 + 0.5 * k))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    limit = cm.max() / 2 if cm.size else 0
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > limit else "black")
+    ax.set_title(title)
+    _save(fig, out)
+    plt.close(fig)
+
+
+def text_chart(series: dict[str, list[float | None]], height: int = 10, width: int = 60) -> str:
+    """A chart in plain characters: one marker per series, y axis labelled with its range."""
+    markers = "o*x+#@"
+    values = [v for vs in series.values() for v in vs if v is not None and math.isfinite(v)]
+    if not values:
+        return "(no data)"
+    lo, hi = min(values), max(values)
+    hi = hi if hi > lo else lo + 1e-12
+    n = max(len(vs) for vs in series.values())
+    cols = min(width, max(n, 2))
+    grid = [[" "] * cols for _ in range(height)]
+    for m, vs in zip(markers, series.values()):
+        for i, v in enumerate(vs):
+            if v is None or not math.isfinite(v):
+                continue
+            x = round(i * (cols - 1) / max(n - 1, 1))
+            y = round((v - lo) / (hi - lo) * (height - 1))
+            grid[height - 1 - y][x] = m
+    label_w = max(len(f"{hi:.4g}"), len(f"{lo:.4g}"))
+    lines = []
+    for r, row in enumerate(grid):
+        label = f"{hi:.4g}" if r == 0 else f"{lo:.4g}" if r == height - 1 else ""
+        lines.append(f"{label:>{label_w}} |{''.join(row)}")
+    lines.append(" " * label_w + " +" + "-" * cols)
+    lines.append(" " * label_w + f"  epoch 1 .. {n}   " + "  ".join(f"{m} {k}" for m, k in zip(markers, series)))
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""Inputs for prediction and visualisation: image files (Pillow) or an .npz, as the model's input shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .data import files
+from .errors import DataError
+
+
+def load_inputs(paths: list[Path], input_shape) -> tuple[list[str], np.ndarray]:
+    """(names, images (N, C, H, W)) from image files and/or .npz files (array `x`, `x_test` or `images`)."""
+    c, h, w = input_shape
+    names, arrays = [], []
+    for path in map(Path, paths):
+        if path.suffix == ".npz":
+            if not path.is_file():
+                raise DataError(f"file not found: {path}")
+            with np.load(path, allow_pickle=False) as z:
+                key = next((k for k in ("x", "x_test", "images") if k in z.files), None)
+                if key is None:
+                    raise DataError(f"{path}: no array named x, x_test or images (found {', '.join(z.files)})")
+                x = files._nchw(z[key], path, key)
+            if x.shape[1:] != (c, h, w):
+                raise DataError(f"{path}: images of shape {x.shape[1:]}, the model takes {(c, h, w)}")
+            arrays.extend(x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0))
+            names.extend(f"{path.name}[{i}]" for i in range(len(x)))
+            continue
+        Image = files._pillow()
+        if not path.is_file():
+            raise DataError(f"image not found: {path}")
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+                a = np.asarray(im, dtype=np.float32) / 255.0
+        except OSError as e:
+            raise DataError(f"{path}: cannot decode the image ({e})") from None
+        arrays.append(a[None] if c == 1 else a.transpose(2, 0, 1))
+        names.append(path.name)
+    if not arrays:
+        raise DataError("no inputs given", "pass image files or an .npz")
+    return names, np.stack(arrays).astype(np.float32)
+
+
+def normalize(x01: np.ndarray, normalization: dict) -> np.ndarray:
+    """Pixels on the 0..1 scale -> the model's input, with the checkpoint's mean and std."""
+    mean = np.asarray(normalization.get("mean", [0.0]), np.float32)[None, :, None, None]
+    std = np.asarray(normalization.get("std", [1.0]), np.float32)[None, :, None, None]
+    return ((x01 - mean) / std).astype(np.float32)

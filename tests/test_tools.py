@@ -1,0 +1,228 @@
+"""The verbs around training, end to end on a quickstart-style run: runs, plot, viz, eval --plot, schema,
+export (checked in onnxruntime), predict, gradcheck."""
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cnnctl import checkpoint
+from cnnctl.builder import build_model
+from cnnctl.cli import app
+from cnnctl.config import Spec, config_schema
+from tests.conftest import ROOT
+
+runner = CliRunner()
+
+QUICK = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+QUICK["data"]["shapes"] = {"train_size": 600, "test_size": 100}
+QUICK["train"] = {"epochs": 2, "test_at_end": True}
+
+
+def invoke(*args, code=0):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, res.output
+    return res
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quick")
+    cfg = tmp / "quick.yaml"
+    cfg.write_text(yaml.safe_dump(QUICK))
+    invoke("train", cfg, "--runs-dir", tmp / "runs")
+    invoke("train", cfg, "--runs-dir", tmp / "runs", "--set", "optimizer.lr=0.001", "--name", "other")
+    return next(p for p in (tmp / "runs").iterdir() if p.name.startswith("quickstart-"))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_runs_table_and_json(run_dir):
+    res = invoke("runs", run_dir.parent, "--json")
+    rows = json.loads(res.output)
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"finished"}
+    assert all(r["epochs_done"] == 2 and r["test_acc"] is not None and r["params"] > 0 for r in rows)
+    table = invoke("runs", run_dir.parent).output
+    assert "finished" in table and "2/2" in table
+
+
+def test_runs_diff(run_dir):
+    other = next(p for p in run_dir.parent.iterdir() if p.name.startswith("other-"))
+    res = json.loads(invoke("runs", "diff", run_dir, other, "--json").output)
+    keys = {d["key"] for d in res["config"]}
+    assert keys == {"name", "optimizer.lr"}
+    assert set(res["metrics"]) >= {"val_acc", "test_acc"}
+    assert "optimizer.lr" in invoke("runs", "diff", run_dir, other).output
+    invoke("runs", "diff", run_dir, code=2)
+
+
+def test_plot_png_and_terminal(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    invoke("plot", run_dir, "--out", tmp_path / "c.png")
+    w, h = png_size(tmp_path / "c.png")
+    assert w > 800 and h > 250
+    text = invoke("plot", run_dir).output
+    assert "train_loss" in text and "val_acc" in text and "learning rate" in text
+
+
+def test_viz_filters_and_feature_maps(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    ckpt = run_dir / "checkpoints" / "best.safetensors"
+    invoke("viz", ckpt, "--out", tmp_path / "f.png")
+    assert min(png_size(tmp_path / "f.png")) > 100
+    Image.fromarray(np.full((40, 40), 200, np.uint8)).save(tmp_path / "img.png")
+    invoke("viz", ckpt, "--image", tmp_path / "img.png", "--out", tmp_path / "m.png")
+    w, h = png_size(tmp_path / "m.png")
+    assert w > 400 and h > 300
+
+
+def test_eval_confusion_png(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    invoke("eval", run_dir / "checkpoints" / "best.safetensors", "--plot", tmp_path / "cm.png")
+    assert min(png_size(tmp_path / "cm.png")) > 150
+
+
+def test_schema_validates_the_example_configs(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(invoke("schema").output)
+    assert schema == json.loads(json.dumps(config_schema()))
+    for path in (ROOT / "configs").glob("*.yaml"):
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+        assert path.read_text().startswith("# yaml-language-server: $schema=../docs/cnnctl.schema.json")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**QUICK, "optimizer": {"type": "sgd", "lr": -1}}, schema)
+    # the copy in docs/ is what `cnnctl schema` prints today
+    assert json.loads((ROOT / "docs" / "cnnctl.schema.json").read_text()) == schema
+
+
+def test_predict_images_and_npz(run_dir, tmp_path):
+    from PIL import Image
+
+    from cnnctl.data import shapes
+
+    x, y = shapes.generate(6, ["circle", "square", "triangle", "cross"], (1, 28, 28), 0.15,
+                           np.random.default_rng(1))
+    Image.fromarray(x[0, 0]).save(tmp_path / "a.png")
+    np.savez(tmp_path / "b.npz", x=x)
+    res = json.loads(invoke("predict", run_dir / "checkpoints" / "best.safetensors", tmp_path / "a.png",
+                            tmp_path / "b.npz", "--top-k", "2", "--json").output)
+    assert len(res) == 7 and [len(r["top"]) for r in res] == [2] * 7
+    assert res[0]["input"] == "a.png" and res[1]["input"] == "b.npz[0]"
+    assert all(abs(sum(t["probability"] for t in r["top"])) <= 1.0 + 1e-6 for r in res)
+    assert res[0]["prediction"] == res[1]["prediction"]  # same image as a file and in the npz
+    assert {r["prediction"] for r in res} <= {"circle", "square", "triangle", "cross"}
+    invoke("predict", run_dir / "checkpoints" / "best.safetensors", tmp_path / "missing.png", code=2)
+
+
+EXPORT_LAYERS = [
+    {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": "same", "activation": "relu"},
+    {"type": "batchnorm"},
+    {"type": "maxpool2d", "kernel_size": 3, "stride": 2, "padding": 1},
+    {"type": "conv2d", "filters": 5, "kernel_size": [3, 2], "stride": 2, "dilation": [1, 2], "activation": "elu"},
+    {"type": "avgpool2d", "kernel_size": 2, "stride": 1, "padding": 1},
+    {"type": "leaky_relu", "negative_slope": 0.2},
+    {"type": "conv2d", "filters": 6, "kernel_size": 1, "activation": "tanh"},
+    {"type": "global_avgpool2d"},
+    {"type": "dropout", "rate": 0.3},
+    {"type": "dense", "units": 8, "activation": "sigmoid"},
+    {"type": "batchnorm"},
+    {"type": "dense", "units": 4},
+]
+
+
+def test_onnx_export_matches_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from cnnctl.export import export_onnx
+
+    spec = Spec.model_validate({"name": "x", "data": {"dataset": "shapes"},
+                                "model": {"input_shape": [3, 17, 15], "layers": EXPORT_LAYERS}})
+    g = np.random.default_rng(0)
+    model, _ = build_model(spec.model, g)
+    for layer in model.layers:  # non-trivial BatchNorm statistics
+        if "running_mean" in layer.buffers:
+            n = layer.num_features
+            layer.buffers["running_mean"] = g.normal(size=n).astype(np.float32)
+            layer.buffers["running_var"] = g.uniform(0.5, 2, n).astype(np.float32)
+            layer.params["weight"] = g.uniform(0.5, 1.5, n).astype(np.float32)
+    norm = {"mean": [0.2, 0.5, 0.4], "std": [0.3, 0.25, 0.2]}
+    path = export_onnx(model, (3, 17, 15), norm, "x", tmp_path / "m.onnx", softmax=False)
+    x01 = g.random((5, 3, 17, 15)).astype(np.float32)
+    ours = model.forward(((x01 - np.array(norm["mean"], np.float32)[:, None, None])
+                          / np.array(norm["std"], np.float32)[:, None, None]).astype(np.float32), training=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    theirs = sess.run(["output"], {"input": x01})[0]
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_export_cli_on_the_quickstart_run(run_dir, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    res = invoke("export", run_dir / "checkpoints" / "best.safetensors", "--out", tmp_path / "q.onnx", "--softmax")
+    assert "probabilities" in res.output
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    probs = sess.run(["output"], {"input": np.random.default_rng(0).random((3, 1, 28, 28)).astype(np.float32)})[0]
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    invoke("export", run_dir / "checkpoints" / "best.safetensors", "--out", tmp_path / "q.x", "--format", "tflite",
+           code=2)
+
+
+def test_checkpoint_loads_into_torch_via_safetensors(run_dir):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    tnn = torch.nn
+    state = load_file(str(run_dir / "checkpoints" / "best.safetensors"))
+    weights = {k: v for k, v in state.items() if k.startswith("layers.")}
+    net = tnn.Sequential(tnn.Conv2d(1, 8, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(8, 16, 3, padding=1),
+                         tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(), tnn.Linear(784, 64), tnn.ReLU(),
+                         tnn.Linear(64, 4))
+    # our layer indices count spec entries (activations are fused), torch's count modules
+    mapping = {0: 0, 2: 3, 5: 7, 6: 9}
+    net.load_state_dict({f"{mapping[int(k.split('.')[1])]}.{k.split('.')[2]}": v for k, v in weights.items()})
+    from cnnctl.train import load_model
+
+    ckpt = checkpoint.load(run_dir / "checkpoints" / "best.safetensors")
+    _, model, _ = load_model(ckpt, "x")
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(net(torch.tensor(x)).detach().numpy(), model.forward(x, training=False),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck_cli(tmp_path):
+    res = json.loads(invoke("gradcheck", ROOT / "configs" / "quickstart.yaml", "--json", "--samples", "6").output)
+    assert res["passed"] and {r["param"] for r in res["results"]} == {"input", "weight", "bias"}
+    layer_rows = [r for r in res["results"] if r["index"] is not None]
+    assert {r["index"] for r in layer_rows} == {0, 2, 5, 6}
+    only = json.loads(invoke("gradcheck", ROOT / "configs" / "quickstart.yaml", "--json", "--layers", "dense_6",
+                             "--samples", "4").output)
+    assert {r["layer"] for r in only["results"]} == {"dense_6"}
+    table = invoke("gradcheck", ROOT / "configs" / "quickstart.yaml", "--samples", "3").output
+    assert "ok" in table and "FAIL" not in table
+    invoke("gradcheck", ROOT / "configs" / "quickstart.yaml", "--layers", "nope", code=2)
+
+
+def test_gradcheck_catches_a_broken_layer(monkeypatch):
+    from cnnctl import nn
+
+    original = nn.Dense.backward
+
+    def broken(self, dy):
+        dx = original(self, dy)
+        self.grads["weight"] = self.grads["weight"] * 1.01
+        return dx
+
+    monkeypatch.setattr(nn.Dense, "backward", broken)
+    res = runner.invoke(app, ["gradcheck", str(ROOT / "configs" / "quickstart.yaml"), "--json", "--samples", "4"])
+    assert res.exit_code == 1
+    assert not json.loads(res.output)["passed"]

@@ -13,6 +13,7 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -335,6 +336,8 @@ def runs_(
     if len(args) > 1:
         raise CnnctlError("give one runs folder, or: cnnctl runs diff RUN_A RUN_B")
     folder = Path(args[0]) if args else Path("runs")
+    if (folder / "sweep.yaml").is_file() and not as_json:
+        return _sweep_report(folder)
     if not folder.is_dir():
         raise CnnctlError(f"runs folder not found: {folder}", "pass the folder given to --runs-dir (default: runs)")
     rows = runs_lib.list_runs(folder)
@@ -406,7 +409,20 @@ def plot(
     out_file: Annotated[Path | None, typer.Option("--out", help="Write a PNG (needs cnnctl[plot]); "
                                                   "without it, charts are drawn in the terminal.")] = None,
 ):
-    """Loss and accuracy curves (train and validation) and the learning rate of a run."""
+    """Loss and accuracy curves (train and validation) and the learning rate of a run; for a sweep
+    directory, the metric against each searched key."""
+    if (run / "results.csv").is_file() and (run / "sweep.yaml").is_file():
+        if out_file is None:
+            raise CnnctlError("plotting a sweep needs --out FILE.png", "or use cnnctl runs SWEEP_DIR for a table")
+        import yaml
+
+        spec = yaml.safe_load((run / "sweep.yaml").read_text())
+        import csv
+
+        rows = list(csv.DictReader((run / "results.csv").open()))
+        plots.plot_sweep(rows, spec.get("metric", "val_acc"), out_file, run.name)
+        out.print(f"wrote {out_file}")
+        return
     history = _history(run)
     if out_file is not None:
         plots.plot_curves(history, out_file, title=run.name)
@@ -565,6 +581,117 @@ def gradcheck(
         out.print(f"largest relative error {worst:.2e} (tolerance {tol:g})")
     if worst >= tol:
         raise typer.Exit(1)
+
+
+@app.command("sweep")
+@guarded
+def sweep_(
+    sweep_file: Annotated[Path | None, typer.Argument(metavar="SWEEP.yaml", help="The sweep file.")] = None,
+    executor: Annotated[str | None, typer.Option("--executor", help="local or ray (overrides the file).")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address, e.g. auto or "
+                                                "ray://host:10001 (implies --executor ray).")] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the sweep directory is created.")] = Path("runs"),
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue a sweep directory: finished trials "
+                                                "are kept, the others rerun (from their last checkpoint).")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Only print the ranked trials of a sweep "
+                                                "directory.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live table.")] = False,
+):
+    """Search over config overrides: every trial is an ordinary run under SWEEP_DIR/trials/."""
+    from . import sweep as sweep_lib
+
+    if report is not None:
+        return _sweep_report(report)
+    ex = None
+    if executor is not None or address is not None:
+        kind = "ray" if address is not None else executor
+        if kind not in ("local", "ray"):
+            raise CnnctlError(f"--executor must be local or ray, got {executor!r}")
+        ex = {"type": kind, **({"address": address} if address else {})}
+    sweep, trials, specs, sweep_dir, results = sweep_lib.prepare(sweep_file, runs_dir, resume, ex)
+    out.print(f"sweep {sweep.name}: {len(trials)} trials ({len(results)} finished before), executor "
+              f"{sweep.executor.type}, metric {sweep.metric}; directory {sweep_dir}", soft_wrap=True)
+    run = sweep_lib.EXECUTORS[sweep.executor.type]
+    view = _SweepView(sweep, trials, sweep_dir, results)
+    try:
+        if out.is_terminal and not quiet:
+            with Live(view, console=out, refresh_per_second=2):
+                run(sweep, trials, specs, sweep_dir, results)
+        else:
+            run(sweep, trials, specs, sweep_dir, results,
+                lambda tid, r: out.print(f"{tid}: {r['status']}" + (f", best {sweep.metric} {r['best']:.4f}"
+                                         if r.get("best") is not None else "")
+                                         + (f" ({r['error']})" if r.get("error") else ""), soft_wrap=True))
+    except KeyboardInterrupt:
+        sweep_lib.write_results(sweep_dir, trials, results, sweep, specs)
+        err.print(f"[bold yellow]interrupted:[/] {len(results)} of {len(trials)} trials done")
+        err.print(f"  resume with: cnnctl sweep --resume {sweep_dir}")
+        raise typer.Exit(130) from None
+    best = sweep_lib.write_results(sweep_dir, trials, results, sweep, specs)
+    out.print(view.table())
+    if best is None:
+        out.print("no trial produced the metric")
+        raise typer.Exit(1)
+    best_ckpt = sweep_dir / "trials" / best["trial"] / "checkpoints" / "best.safetensors"
+    out.print(f"best: {best['trial']} {sweep.metric} {best['best']:.4f} (epoch {best['best_epoch']}) with "
+              f"{best['overrides']}; checkpoint {best_ckpt}", soft_wrap=True)
+    out.print(f"results: {sweep_dir / 'results.csv'}   best spec: {sweep_dir / 'best.yaml'}")
+
+
+class _SweepView:
+    """The live table of trials, read from the trial directories on every refresh."""
+
+    def __init__(self, sweep, trials, sweep_dir: Path, results: dict):
+        self.sweep, self.trials, self.sweep_dir, self.results = sweep, trials, sweep_dir, results
+
+    def table(self) -> Table:
+        from .schedules import resolve_mode
+        from .sweep import trial_result
+
+        mode = resolve_mode(self.sweep.metric, self.sweep.mode)
+        t = Table(title=f"sweep {self.sweep.name}: {self.sweep.metric} ({mode})")
+        for col in ("trial", "overrides", "status", "epochs", f"best {self.sweep.metric}"):
+            t.add_column(col, justify="right" if col in ("epochs",) or col.startswith("best") else "left")
+        for trial in self.trials:
+            r = self.results.get(trial.id)
+            run_dir = self.sweep_dir / "trials" / trial.id
+            if r is None:
+                r = trial_result(run_dir, self.sweep.metric, mode) if run_dir.is_dir() else {"status": "queued"}
+                if run_dir.is_dir() and r["status"] != "failed":
+                    r = {**r, "status": "running"}
+                elif run_dir.is_dir():
+                    r = {**r, "status": "starting"}
+            best = r.get("best")
+            t.add_row(trial.id, " ".join(trial.as_set()), r["status"], str(r.get("epochs") or 0),
+                      "-" if best is None else f"{best:.4f}")
+        return t
+
+    def __rich__(self):
+        return self.table()
+
+
+def _sweep_report(sweep_dir: Path) -> None:
+    import csv
+
+    path = sweep_dir / "results.csv"
+    if not path.is_file():
+        raise CnnctlError(f"{sweep_dir} has no results.csv", "pass a directory that cnnctl sweep wrote")
+    rows = list(csv.DictReader(path.open()))
+    import yaml
+
+    sweep_spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    metric, mode = sweep_spec.get("metric", "val_acc"), sweep_spec.get("mode", "auto")
+    from .schedules import resolve_mode
+
+    mode = resolve_mode(metric, mode)
+    scored = sorted([r for r in rows if r["best"]], key=lambda r: float(r["best"]), reverse=mode == "max")
+    table = Table(title=f"{sweep_dir.name}: trials ranked by {metric} ({mode})")
+    for col in ("rank", "trial", metric, "epochs", "status", "overrides"):
+        table.add_column(col)
+    for i, r in enumerate(scored + [r for r in rows if not r["best"]], start=1):
+        table.add_row(str(i) if r["best"] else "-", r["trial"], f"{float(r['best']):.4f}" if r["best"] else "-",
+                      r["epochs"] or "-", r["status"] + (f": {r['error']}" if r.get("error") else ""), r["overrides"])
+    out.print(table)
 
 
 def _spec_for_inspect(target: Path, overrides: list[str]):

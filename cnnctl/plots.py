@@ -150,3 +150,33 @@ def text_chart(series: dict[str, list[float | None]], height: int = 10, width: i
     lines.append(" " * label_w + " +" + "-" * cols)
     lines.append(" " * label_w + f"  epoch 1 .. {n}   " + "  ".join(f"{m} {k}" for m, k in zip(markers, series)))
     return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict], metric: str, out: Path, title: str) -> None:
+    """One panel per searched key: each trial's best metric against the value it used."""
+    import yaml
+
+    plt = pyplot()
+    points: dict[str, list[tuple[object, float]]] = {}
+    for r in rows:
+        if not r.get("best"):
+            continue
+        for item in r["overrides"].split():
+            key, _, raw = item.partition("=")
+            points.setdefault(key, []).append((yaml.safe_load(raw), float(r["best"])))
+    keys = [k for k, v in points.items() if len({repr(x) for x, _ in v}) > 1] or list(points)[:1]
+    if not keys:
+        raise CnnctlError("no finished trial to plot yet")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False, layout="constrained")
+    for ax, key in zip(axes[0], keys):
+        xs, ys = zip(*points[key])
+        numeric = all(isinstance(x, (int, float)) for x in xs)
+        ax.scatter(xs if numeric else [str(x) for x in xs], ys)
+        if numeric and min(xs) > 0 and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    _save(fig, out)
+    plt.close(fig)

@@ -40,6 +40,10 @@ class Callback:
 
     def on_download(self, name: str, done: int, total: int | None) -> None: ...
 
+    def should_stop(self, row: dict) -> bool:
+        """Asked after each epoch: True ends training there (a sweep scheduler's early stop)."""
+        return False
+
 
 class Interrupted(CnnctlError):
     """SIGINT or SIGTERM stopped training at a batch boundary, after last.safetensors was written."""
@@ -304,6 +308,7 @@ class Trainer:
                 stopped_early = self._end_of_epoch(row)
                 runs.append_metrics(self.run_dir, row)
                 self.cb.on_epoch_end(row)
+                stopped_early = stopped_early or self.cb.should_stop(row)
                 if self.stop_signal is not None:
                     raise Interrupted(self.stop_signal, self.run_dir, epoch, self.step)
         except Interrupted:

@@ -1,0 +1,177 @@
+"""Sweeps: the local executor end to end, Ray Tune on a local instance, failures, resume, ASHA, validation."""
+
+import csv
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cnnctl import sweep as sweep_lib
+from cnnctl.cli import app
+from cnnctl.config import Spec
+from cnnctl.errors import CnnctlError
+from tests.conftest import ROOT
+
+runner = CliRunner()
+BASE = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+BASE["data"]["shapes"] = {"train_size": 500, "test_size": 50}
+
+
+def write_sweep(tmp_path, **changes):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    sweep = {"name": "grid", "base": "base.yaml", "metric": "val_acc", "mode": "max",
+             "space": {"optimizer.lr": {"choice": [0.001, 0.003]}, "model.layers.0.filters": {"choice": [4, 8]},
+                       "train.epochs": 2},
+             "search": {"type": "grid"}, "executor": {"type": "local", "max_concurrent": 2}}
+    sweep.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def invoke(*args, code=0):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, res.output
+    return res
+
+
+def results(sweep_dir):
+    return list(csv.DictReader((sweep_dir / "results.csv").open()))
+
+
+def only_dir(runs_dir):
+    (d,) = list(runs_dir.iterdir())
+    return d
+
+
+def check_finished_grid(sweep_dir):
+    rows = results(sweep_dir)
+    assert [r["trial"] for r in rows] == ["trial-000", "trial-001", "trial-002", "trial-003"]
+    assert {r["status"] for r in rows} == {"finished"} and all(r["epochs"] == "2" for r in rows)
+    best = max(rows, key=lambda r: float(r["best"]))
+    spec = Spec.model_validate(yaml.safe_load((sweep_dir / "best.yaml").read_text()))
+    assert spec.name == f"grid.{best['trial']}"
+    for item in best["overrides"].split():  # the winning spec carries the winning overrides
+        key, _, value = item.partition("=")
+        node = spec.model_dump(mode="json")
+        for part in key.split("."):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        assert node == yaml.safe_load(value)
+    # the best trial's checkpoint evaluates to the metric the sweep reports
+    ckpt = sweep_dir / "trials" / best["trial"] / "checkpoints" / "best.safetensors"
+    report = json.loads(invoke("eval", ckpt, "--data-split", "val", "--json").output)
+    assert report["accuracy"] == pytest.approx(float(best["best"]), abs=1e-12)
+    return rows
+
+
+def test_local_grid_end_to_end(tmp_path):
+    res = invoke("sweep", write_sweep(tmp_path), "--runs-dir", tmp_path / "runs", "-q")
+    sweep_dir = only_dir(tmp_path / "runs")
+    rows = check_finished_grid(sweep_dir)
+    assert "best: trial-" in res.output
+    # each trial is an ordinary run: runs lists them, runs SWEEP_DIR ranks them, plot draws the sweep
+    listed = json.loads(invoke("runs", tmp_path / "runs", "--json").output)
+    assert len(listed) == 4
+    ranked = invoke("runs", sweep_dir).output
+    assert "ranked by val_acc" in ranked and ranked.index(max(rows, key=lambda r: float(r["best"]))["trial"]) \
+        < ranked.index(min(rows, key=lambda r: float(r["best"]))["trial"])
+    pytest.importorskip("matplotlib")
+    invoke("plot", sweep_dir, "--out", tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ray_grid_on_a_local_instance(tmp_path):
+    pytest.importorskip("ray")
+    path = write_sweep(tmp_path, executor={"type": "ray", "num_cpus": 2})
+    invoke("sweep", path, "--runs-dir", tmp_path / "runs", "-q")
+    ray_rows = check_finished_grid(only_dir(tmp_path / "runs"))
+    # the same trials and seeds give the same numbers as the local executor
+    invoke("sweep", path, "--runs-dir", tmp_path / "local", "--executor", "local", "-q")
+    local_rows = results(only_dir(tmp_path / "local"))
+    assert [r["best"] for r in ray_rows] == [r["best"] for r in local_rows]
+
+
+def test_a_failing_trial_does_not_stop_the_sweep(tmp_path):
+    path = write_sweep(tmp_path, space={"optimizer.lr": {"choice": [0.003, 1e30]}, "train.epochs": 2})
+    res = invoke("sweep", path, "--runs-dir", tmp_path / "runs", "-q")
+    rows = results(only_dir(tmp_path / "runs"))
+    assert [r["status"] for r in rows] == ["finished", "failed"]
+    assert "loss became" in rows[1]["error"] and "best: trial-000" in res.output
+
+
+def test_resume_skips_finished_trials(tmp_path):
+    path = write_sweep(tmp_path)
+    invoke("sweep", path, "--runs-dir", tmp_path / "runs", "-q")
+    sweep_dir = only_dir(tmp_path / "runs")
+    rows = results(sweep_dir)
+    # pretend the sweep was stopped after two trials: their rows stay, the others must run again
+    with (sweep_dir / "results.csv").open("w") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows[:2] + [{**r, "status": "pending", "best": ""} for r in rows[2:]])
+    kept = {t: (sweep_dir / "trials" / t / "summary.json").stat().st_mtime_ns for t in ("trial-000", "trial-001")}
+    for t in ("trial-002", "trial-003"):
+        for f in (sweep_dir / "trials" / t).rglob("*"):
+            if f.is_file():
+                f.unlink()
+    res = invoke("sweep", "--resume", sweep_dir, "-q")
+    assert "2 finished before" in res.output
+    assert {t: (sweep_dir / "trials" / t / "summary.json").stat().st_mtime_ns for t in kept} == kept
+    assert [r["best"] for r in results(sweep_dir)] == [r["best"] for r in rows]
+
+
+def test_asha_stops_a_poor_trial(tmp_path):
+    path = write_sweep(tmp_path, space={"optimizer.lr": {"choice": [0.003, 0.00001]}, "train.epochs": 4},
+                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                       executor={"type": "local", "max_concurrent": 1})
+    invoke("sweep", path, "--runs-dir", tmp_path / "runs", "-q")
+    sweep_dir = only_dir(tmp_path / "runs")
+    rows = results(sweep_dir)
+    assert rows[0]["status"] == "finished" and rows[0]["epochs"] == "4"
+    assert rows[1]["status"] == "stopped" and int(rows[1]["epochs"]) < 4
+    summary = json.loads((sweep_dir / "trials" / "trial-001" / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["status"] == "finished"
+
+
+def test_asha_rule():
+    record, lock = {}, __import__("threading").Lock()
+    asha = sweep_lib.Asha(sweep_lib.AshaSpec(type="asha", grace_period=1, reduction_factor=2), 8, "max", record, lock)
+    assert asha.rungs == [1, 2, 4]
+    assert asha.keep_going(1, 0.5)       # the first at a rung always goes on
+    assert not asha.keep_going(1, 0.4)   # worse than the best half of [0.5, 0.4]
+    assert asha.keep_going(1, 0.9)       # the new best
+    assert asha.keep_going(3, 0.0)       # not a rung
+
+
+def test_invalid_combination_is_reported_before_anything_runs(tmp_path):
+    path = write_sweep(tmp_path, space={"model.layers.0.padding": 0,
+                                        "model.layers.0.kernel_size": {"choice": [3, 31]}})
+    res = invoke("sweep", path, "--runs-dir", tmp_path / "runs", code=2)
+    assert "trial-001" in res.output and "model.layers.0.kernel_size=31" in res.output
+    assert "larger than" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_sweep_files(tmp_path):
+    res = invoke("sweep", write_sweep(tmp_path, space={"optimizer.lr": {"normal": [0, 1]}}), code=2)
+    assert "choice" in res.output
+    res = invoke("sweep", write_sweep(tmp_path, space={"optimizer.lr": {"uniform": [0.1, 0.2]}}), code=2)
+    assert "grid search needs" in res.output
+    res = invoke("sweep", write_sweep(tmp_path, serach={"type": "grid"}), code=2)
+    assert "did you mean 'search'" in res.output
+    res = invoke("sweep", write_sweep(tmp_path, base="nope.yaml"), code=2)
+    assert "not found" in res.output
+
+
+def test_random_search_is_reproducible():
+    spec = sweep_lib.SweepSpec.model_validate({
+        "name": "r", "base": "x.yaml", "space": {"a": {"loguniform": [0.001, 0.1]}, "b": {"choice": [1, 2, 3]},
+                                                 "c": {"randint": [0, 5]}, "d": 7},
+        "search": {"type": "random", "samples": 5, "seed": 3}})
+    a, b = sweep_lib.draw_trials(spec), sweep_lib.draw_trials(spec)
+    assert [t.overrides for t in a] == [t.overrides for t in b] and len(a) == 5
+    assert all(0.001 <= t.overrides["a"] <= 0.1 and t.overrides["d"] == 7 for t in a)
+    assert len({t.overrides["a"] for t in a}) == 5
+    with pytest.raises(CnnctlError):
+        sweep_lib.draw_trials(spec.model_copy(update={"search": sweep_lib.GridSearch(type="grid")}))

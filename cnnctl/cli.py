@@ -31,8 +31,8 @@ from .train import Callback, Interrupted, Seeds, Trainer, evaluate, load_data, l
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train convolutional networks from one YAML file on a pure NumPy core.")
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)  # paths and messages never break mid-line
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 SetOption = Annotated[list[str], typer.Option("--set", help="Override a config key: --set optimizer.lr=0.01 "
                                               "(dotted path, value parsed as YAML); repeatable.")]
@@ -624,8 +624,8 @@ def sweep_(
                                          + (f" ({r['error']})" if r.get("error") else ""), soft_wrap=True))
     except KeyboardInterrupt:
         sweep_lib.write_results(sweep_dir, trials, results, sweep, specs)
-        err.print(f"[bold yellow]interrupted:[/] {len(results)} of {len(trials)} trials done")
-        err.print(f"  resume with: cnnctl sweep --resume {sweep_dir}")
+        err.print(f"[bold yellow]interrupted:[/] {len(results)} of {len(trials)} trials done", soft_wrap=True)
+        err.print(f"  resume with: cnnctl sweep --resume {sweep_dir}", soft_wrap=True)
         raise typer.Exit(130) from None
     best = sweep_lib.write_results(sweep_dir, trials, results, sweep, specs)
     out.print(view.table())

@@ -351,31 +351,34 @@ def run_local(sweep: SweepSpec, trials: list[Trial], specs: dict, sweep_dir: Pat
     os.environ.update({k: str(ex.blas_threads) for k in saved})  # for the spawned workers (numpy is loaded here)
     pool = ProcessPoolExecutor(max_workers=ex.max_concurrent, mp_context=ctx)
     try:
-        with pool:
-            futures = {}
-            for t in trials:
-                if t.id in results:
-                    continue
-                asha = (sweep.scheduler, specs[t.id]["train"]["epochs"], mode) if sweep.scheduler else None
-                args = (t.id, specs[t.id], str(sweep_dir / "trials" / t.id), sweep.metric, asha, record, lock)
-                futures[pool.submit(_local_worker, args)] = t.id
-                if on_update:
-                    on_update(t.id, {"status": "queued"})
-            for fut in as_completed(futures):
-                tid = futures[fut]
-                try:
-                    _, res = fut.result()
-                    error = res.get("error")
-                except Exception as e:  # the worker process itself died
-                    error = f"{type(e).__name__}: {e}"
-                results[tid] = trial_result(sweep_dir / "trials" / tid, sweep.metric, mode, error)
-                write_results(sweep_dir, trials, results, sweep, specs)
-                if on_update:
-                    on_update(tid, results[tid])
-    except BaseException:
-        for proc in list(getattr(pool, "_processes", {}).values()):  # Ctrl-C: stop the trials now
-            proc.terminate()
+        futures = {}
+        for t in trials:
+            if t.id in results:
+                continue
+            asha = (sweep.scheduler, specs[t.id]["train"]["epochs"], mode) if sweep.scheduler else None
+            args = (t.id, specs[t.id], str(sweep_dir / "trials" / t.id), sweep.metric, asha, record, lock)
+            futures[pool.submit(_local_worker, args)] = t.id
+            if on_update:
+                on_update(t.id, {"status": "queued"})
+        for fut in as_completed(futures):
+            tid = futures[fut]
+            try:
+                _, res = fut.result()
+                error = res.get("error")
+            except Exception as e:  # the worker process itself died
+                error = f"{type(e).__name__}: {e}"
+            results[tid] = trial_result(sweep_dir / "trials" / tid, sweep.metric, mode, error)
+            write_results(sweep_dir, trials, results, sweep, specs)
+            if on_update:
+                on_update(tid, results[tid])
+        pool.shutdown(wait=True)
+    except BaseException:  # Ctrl-C: stop the trials now; their last epoch checkpoints stay for --resume
+        processes = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:
+            proc.terminate()
+        for proc in processes:
+            proc.join(timeout=5)
         raise
     finally:
         for k, v in saved.items():

@@ -175,3 +175,29 @@ def test_random_search_is_reproducible():
     assert len({t.overrides["a"] for t in a}) == 5
     with pytest.raises(CnnctlError):
         sweep_lib.draw_trials(spec.model_copy(update={"search": sweep_lib.GridSearch(type="grid")}))
+
+
+def test_ctrl_c_stops_cleanly_and_resume_matches_an_uninterrupted_sweep(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_sweep(tmp_path, space={"optimizer.lr": {"choice": [0.001, 0.003]}, "train.epochs": 6})
+    invoke("sweep", path, "--runs-dir", tmp_path / "straight", "-q")
+    # Ctrl-C in a terminal reaches the whole process group: the sweep and its workers
+    proc = subprocess.Popen([sys.executable, "-m", "cnnctl", "sweep", str(path), "--runs-dir", str(tmp_path / "b"),
+                             "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "b").glob("*/trials/*/metrics.csv")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    sweep_dir = only_dir(tmp_path / "b")
+    assert f"cnnctl sweep --resume {sweep_dir}" in err and "Traceback" not in err
+    invoke("sweep", "--resume", sweep_dir, "-q")
+    straight = results(only_dir(tmp_path / "straight"))
+    assert [(r["trial"], r["best"], r["epochs"]) for r in results(sweep_dir)] == \
+        [(r["trial"], r["best"], r["epochs"]) for r in straight]

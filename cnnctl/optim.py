@@ -11,17 +11,10 @@ import math
 import numpy as np
 
 from .nn.model import Sequential
+from .registry import registrar
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {}
-
-
-def register_optimizer(tag: str):
-    def deco(cls):
-        cls.tag = tag
-        OPTIMIZERS[tag] = cls
-        return cls
-
-    return deco
+register_optimizer = registrar(OPTIMIZERS)
 
 
 class Optimizer:

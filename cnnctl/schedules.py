@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import math
 
+from .registry import registrar
+
 SCHEDULES: dict[str, type[Schedule]] = {}
-
-
-def register_schedule(tag: str):
-    def deco(cls):
-        cls.tag = tag
-        SCHEDULES[tag] = cls
-        return cls
-
-    return deco
+register_schedule = registrar(SCHEDULES)
 
 
 class Schedule:

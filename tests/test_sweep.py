@@ -8,10 +8,10 @@ import yaml
 from typer.testing import CliRunner
 
 from cnnctl import sweep as sweep_lib
-from cnnctl.cli import app
 from cnnctl.config import Spec
 from cnnctl.errors import CnnctlError
 from tests.conftest import ROOT
+from tests.helpers import invoke
 
 runner = CliRunner()
 BASE = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
@@ -28,12 +28,6 @@ def write_sweep(tmp_path, **changes):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
     return path
-
-
-def invoke(*args, code=0):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, res.output
-    return res
 
 
 def results(sweep_dir):

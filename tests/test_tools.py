@@ -15,18 +15,13 @@ from cnnctl.builder import build_model
 from cnnctl.cli import app
 from cnnctl.config import Spec, config_schema
 from tests.conftest import ROOT
+from tests.helpers import invoke
 
 runner = CliRunner()
 
 QUICK = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
 QUICK["data"]["shapes"] = {"train_size": 600, "test_size": 100}
 QUICK["train"] = {"epochs": 2, "test_at_end": True}
-
-
-def invoke(*args, code=0):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, res.output
-    return res
 
 
 @pytest.fixture(scope="module")

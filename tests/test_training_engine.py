@@ -17,7 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cnnctl import checkpoint
-from cnnctl.cli import app
+from tests.helpers import invoke
 
 runner = CliRunner()
 
@@ -45,12 +45,6 @@ def write_config(tmp_path, **changes) -> Path:
     path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def invoke(*args, code=0):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, res.output
-    return res
 
 
 def only_run(runs_dir: Path) -> Path:

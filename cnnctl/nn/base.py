@@ -16,19 +16,10 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import ShapeError
+from ..registry import registrar
 
 REGISTRY: dict[str, type[Layer]] = {}
-
-
-def register(tag: str):
-    """Class decorator: make a layer type known under its spec tag."""
-
-    def deco(cls: type[Layer]) -> type[Layer]:
-        cls.tag = tag
-        REGISTRY[tag] = cls
-        return cls
-
-    return deco
+register = registrar(REGISTRY)  # @register("conv2d"): make a layer type known under its spec tag
 
 
 class Layer:

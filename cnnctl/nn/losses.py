@@ -5,17 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import functional as F
+from ..registry import registrar
 
 LOSSES: dict[str, type[Loss]] = {}
-
-
-def register_loss(tag: str):
-    def deco(cls):
-        cls.tag = tag
-        LOSSES[tag] = cls
-        return cls
-
-    return deco
+register_loss = registrar(LOSSES)
 
 
 class Loss:

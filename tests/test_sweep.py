@@ -5,7 +5,6 @@ import json
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from cnnctl import sweep as sweep_lib
 from cnnctl.config import Spec
@@ -13,7 +12,6 @@ from cnnctl.errors import CnnctlError
 from tests.conftest import ROOT
 from tests.helpers import invoke
 
-runner = CliRunner()
 BASE = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
 BASE["data"]["shapes"] = {"train_size": 500, "test_size": 50}
 

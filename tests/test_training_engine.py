@@ -14,12 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from cnnctl import checkpoint
 from tests.helpers import invoke
-
-runner = CliRunner()
 
 CONFIG = {
     "name": "eng", "seed": 1,

@@ -79,3 +79,29 @@ def test_state_dict_round_trip_continues_identically():
         opt.step()
     for (_, la, ka), (_, lb, kb) in zip(a.parameters(), b.parameters()):
         np.testing.assert_array_equal(la.params[ka], lb.params[kb])
+
+
+@pytest.mark.parametrize("tag", ["sgd", "adam", "adamw", "rmsprop"])
+def test_training_stays_float32(tag):
+    """No silent float64 upcasts anywhere in a training step: outputs, gradients, parameters, optimizer state."""
+    g = np.random.default_rng(3)
+    model = nn.Sequential([nn.Conv2D(1, 3, 3, padding=1, activation="relu", rng=g), nn.BatchNorm2D(3),
+                           nn.MaxPool2D(2), nn.AvgPool2D(2, stride=1), nn.Flatten(), nn.Dropout(0.1, rng=g),
+                           nn.Dense(27, 8, activation="tanh", rng=g), nn.Dense(8, 3, rng=g)])
+    with_momentum = tag in ("sgd", "rmsprop")
+    kwargs = {"momentum": 0.9, "weight_decay": 1e-3} if with_momentum else {"weight_decay": 1e-3, "amsgrad": True}
+    opt = OPTIMIZERS[tag](model, lr=0.01, **kwargs)
+    loss = nn.CrossEntropyLoss(label_smoothing=0.1)
+    x = g.standard_normal((4, 1, 8, 8)).astype(np.float32)
+    for _ in range(3):
+        out = model.forward(x)
+        assert out.dtype == np.float32
+        loss.forward(out, np.array([0, 1, 2, 0]))
+        model.backward(loss.backward())
+        opt.step()
+    arrays = [layer.params[k] for _, layer, k in model.parameters()] + \
+             [layer.grads[k] for _, layer, k in model.parameters()] + \
+             [v for k, v in opt.state_dict().items() if k != "steps"]
+    assert all(a.dtype == np.float32 for a in arrays), {a.dtype for a in arrays}
+    assert all(v.dtype == np.float32 for layer in model.layers for k, v in layer.buffers.items()
+               if k != "num_batches_tracked")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
 import json
 import signal
@@ -12,6 +13,7 @@ from typing import Annotated
 
 import numpy as np
 import typer
+import yaml
 from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -21,12 +23,17 @@ from . import __version__, checkpoint, nn, plots
 from . import functional as F
 from . import predict as predict_lib
 from . import runs as runs_lib
+from . import sweep as sweep_lib
+from .bench import bench as run_bench
 from .builder import LayerRow, build_loss, build_model, check_outputs
 from .config import apply_overrides, config_schema, load_config
 from .data import dataset_info
 from .errors import CnnctlError, DataError
+from .export import export_onnx
 from .gradcheck import check_network
 from .runs import create_run_dir
+from .schedules import resolve_mode
+from .sweep import trial_result
 from .train import Callback, Interrupted, Seeds, Trainer, evaluate, load_data, load_model, resume_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -295,8 +302,6 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
     """Time full training steps (forward, loss, backward, update) on synthetic data of the input shape."""
-    from .bench import bench as run_bench
-
     spec, _ = _spec_for_inspect(target, list(set_ or []))
     res = run_bench(spec, batch_size, steps, warmup, per_layer)
     if as_json:
@@ -363,15 +368,13 @@ def _run_dir_config(run_dir: Path) -> dict:
     info = runs_lib.run_info(run_dir)
     if info is None:
         raise CnnctlError(f"{run_dir} is not a run directory (no config.yaml)")
-    import yaml
-
     return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
 def _runs_diff(a: Path, b: Path, as_json: bool) -> None:
     ca, cb = _run_dir_config(a), _run_dir_config(b)
     diffs = runs_lib.diff_configs(ca, cb)
-    sa, sb = (runs_lib._read_json(p / "summary.json") or {} for p in (a, b))
+    sa, sb = (runs_lib.read_json(p / "summary.json") or {} for p in (a, b))
     metrics = ["train_loss", "train_acc", "val_loss", "val_acc"]
     final = {k: ((sa.get("final") or {}).get(k), (sb.get("final") or {}).get(k)) for k in metrics}
     final["best_val_acc"] = ((sa.get("best") or {}).get("val_acc"), (sb.get("best") or {}).get("val_acc"))
@@ -414,11 +417,7 @@ def plot(
     if (run / "results.csv").is_file() and (run / "sweep.yaml").is_file():
         if out_file is None:
             raise CnnctlError("plotting a sweep needs --out FILE.png", "or use cnnctl runs SWEEP_DIR for a table")
-        import yaml
-
         spec = yaml.safe_load((run / "sweep.yaml").read_text())
-        import csv
-
         rows = list(csv.DictReader((run / "results.csv").open()))
         plots.plot_sweep(rows, spec.get("metric", "val_acc"), out_file, run.name)
         out.print(f"wrote {out_file}")
@@ -491,8 +490,6 @@ def export(
         raise CnnctlError(f"unknown --format {fmt!r}", "use --format onnx")
     ckpt = checkpoint.load(checkpoint_path)
     spec, model, _ = load_model(ckpt, checkpoint_path)
-    from .export import export_onnx
-
     export_onnx(model, spec.model.input_shape, ckpt.normalization, spec.name, out_file, softmax)
     out.print(f"wrote {out_file} (input 'input': N x {' x '.join(map(str, spec.model.input_shape))} pixels "
               f"in 0..1; output 'output': {'probabilities' if softmax else 'logits'})")
@@ -598,8 +595,6 @@ def sweep_(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live table.")] = False,
 ):
     """Search over config overrides: every trial is an ordinary run under SWEEP_DIR/trials/."""
-    from . import sweep as sweep_lib
-
     if report is not None:
         return _sweep_report(report)
     ex = None
@@ -645,9 +640,6 @@ class _SweepView:
         self.sweep, self.trials, self.sweep_dir, self.results = sweep, trials, sweep_dir, results
 
     def table(self) -> Table:
-        from .schedules import resolve_mode
-        from .sweep import trial_result
-
         mode = resolve_mode(self.sweep.metric, self.sweep.mode)
         t = Table(title=f"sweep {self.sweep.name}: {self.sweep.metric} ({mode})")
         for col in ("trial", "overrides", "status", "epochs", f"best {self.sweep.metric}"):
@@ -671,18 +663,12 @@ class _SweepView:
 
 
 def _sweep_report(sweep_dir: Path) -> None:
-    import csv
-
     path = sweep_dir / "results.csv"
     if not path.is_file():
         raise CnnctlError(f"{sweep_dir} has no results.csv", "pass a directory that cnnctl sweep wrote")
     rows = list(csv.DictReader(path.open()))
-    import yaml
-
     sweep_spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
     metric, mode = sweep_spec.get("metric", "val_acc"), sweep_spec.get("mode", "auto")
-    from .schedules import resolve_mode
-
     mode = resolve_mode(metric, mode)
     scored = sorted([r for r in rows if r["best"]], key=lambda r: float(r["best"]), reverse=mode == "max")
     table = Table(title=f"{sweep_dir.name}: trials ranked by {metric} ({mode})")

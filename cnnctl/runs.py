@@ -78,7 +78,7 @@ def append_metrics(run_dir: Path, row: dict) -> None:
     _append_line(run_dir / "metrics.jsonl", _json_line(row))
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -102,7 +102,7 @@ def run_info(run_dir: Path) -> dict | None:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         return None
-    summary = _read_json(run_dir / "summary.json") or {}
+    summary = read_json(run_dir / "summary.json") or {}
     status = summary.get("status", "unknown")
     if status == "running" and not _pid_alive(summary.get("pid")):
         status = "interrupted"  # killed without a chance to say so

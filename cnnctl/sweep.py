@@ -319,7 +319,7 @@ def trial_result(run_dir: Path, metric: str, mode: str, error: str | None = None
         history = [yaml.safe_load(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     values = [(r[metric], r["epoch"]) for r in history if r.get(metric) is not None]
     best = (max if mode == "max" else min)(values) if values else (None, None)
-    summary = runs._read_json(run_dir / "summary.json") or {}
+    summary = runs.read_json(run_dir / "summary.json") or {}
     if error or summary.get("status") == "failed":
         status = "failed"
     elif summary.get("status") == "finished":

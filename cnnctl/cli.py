@@ -16,6 +16,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -53,13 +54,13 @@ def guarded(fn):
         try:
             return fn(*args, **kwargs)
         except Interrupted as e:
-            err.print(f"[bold yellow]interrupted:[/] {e.message}", soft_wrap=True)
-            err.print(f"  {e.hint}", soft_wrap=True)
+            err.print(f"[bold yellow]interrupted:[/] {escape(e.message)}")
+            err.print(f"  {escape(e.hint)}")
             raise typer.Exit(e.exit_code) from None
         except CnnctlError as e:
-            err.print(f"[bold red]error:[/] {e.message}", markup=True, soft_wrap=True, highlight=False)
+            err.print(f"[bold red]error:[/] {escape(e.message)}")
             if e.hint:
-                err.print(f"  [bold]fix:[/] {e.hint}", soft_wrap=True)
+                err.print(f"  [bold]fix:[/] {escape(e.hint)}")
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -279,14 +280,14 @@ def eval_(
     for col in ("class", "support", "precision", "recall"):
         per_class.add_column(col, justify="right")
     for i, c in enumerate(ds.classes):
-        per_class.add_row(c, f"{int(cm[i].sum()):,}", f"{100 * precision[i]:.2f}%", f"{100 * recall[i]:.2f}%")
+        per_class.add_row(escape(c), f"{int(cm[i].sum()):,}", f"{100 * precision[i]:.2f}%", f"{100 * recall[i]:.2f}%")
     out.print(per_class)
     conf = Table(title="confusion matrix (rows: true, columns: predicted)")
     conf.add_column("")
     for c in ds.classes:
         conf.add_column(c, justify="right")
     for i, c in enumerate(ds.classes):
-        conf.add_row(c, *(f"[bold]{v}[/]" if i == j else str(v) for j, v in enumerate(cm[i])))
+        conf.add_row(escape(c), *(f"[bold]{v}[/]" if i == j else str(v) for j, v in enumerate(cm[i])))
     out.print(conf)
 
 
@@ -314,13 +315,13 @@ def bench(
               f"{res['ms_p10']:.2f}, p90 {res['ms_p90']:.2f})   {res['gflops']:.1f} GFLOP/s")
     out.print(f"  peak RSS {res['peak_rss_mb']:.0f} MB   BLAS threads {threads}"
               + (f" ({blas.get('library')} {blas.get('kernel')})" if blas.get("library") else "")
-              + (f"   {blas['note']}" if blas.get("note") else ""), soft_wrap=True)
+              + (f"   {escape(blas['note'])}" if blas.get("note") else ""))
     if per_layer:
         table = Table(title="per layer (ms per step)")
         for col in ("#", "name", "output shape", "forward", "backward"):
             table.add_column(col, justify="left" if col in ("name", "output shape") else "right")
         for r in res["layers"]:
-            table.add_row(str(r["index"]), r["name"], str(tuple(r["output_shape"])), f"{r['forward_ms']:.3f}",
+            table.add_row(str(r["index"]), escape(r["name"]), str(tuple(r["output_shape"])), f"{r['forward_ms']:.3f}",
                           f"{r['backward_ms']:.3f}")
         out.print(table)
 
@@ -354,7 +355,7 @@ def runs_(
         table.add_column(col, justify="left" if col in ("run", "started", "status") else "right")
     colors = {"finished": "green", "interrupted": "yellow", "failed": "red", "running": "cyan"}
     for r in rows:
-        table.add_row(r["run"], (r["started"] or "-").replace("T", " "),
+        table.add_row(escape(r["run"]), (r["started"] or "-").replace("T", " "),
                       f"[{colors.get(r['status'], 'white')}]{r['status']}[/]",
                       f"{r['epochs_done'] or 0}/{r['epochs'] or '?'}", _fmt(r["best_val_acc"], True),
                       _fmt(r["test_acc"], True), f"{r['params']:,}" if r["params"] else "-",
@@ -387,7 +388,7 @@ def _runs_diff(a: Path, b: Path, as_json: bool) -> None:
     for col in ("key", a.name, b.name):
         table.add_column(col)
     for k, va, vb in diffs:
-        table.add_row(k, repr(va), repr(vb))
+        table.add_row(escape(k), escape(repr(va)), escape(repr(vb)))
     out.print(table if diffs else "the configs are identical")
     mt = Table(title="final metrics")
     for col in ("metric", a.name, b.name):
@@ -524,7 +525,8 @@ def predict_(
     for r in range(k):
         table.add_column(f"#{r + 1}")
     for res in results:
-        table.add_row(res["input"], *(f"{t['class']} {100 * t['probability']:.1f}%" for t in res["top"]))
+        cells = (f"{escape(t['class'])} {100 * t['probability']:.1f}%" for t in res["top"])
+        table.add_row(escape(res["input"]), *cells)
     out.print(table)
 
 
@@ -571,7 +573,7 @@ def gradcheck(
             table.add_column(col, justify="right" if col in ("#", "checked", "rel. error") else "left")
         for r in results:
             ok = r["error"] < tol
-            table.add_row("-" if r["index"] is None else str(r["index"]), r["layer"], r["param"],
+            table.add_row("-" if r["index"] is None else str(r["index"]), escape(r["layer"]), r["param"],
                           str(tuple(r["shape"])), str(r["checked"]), f"{r['error']:.2e}",
                           "[green]ok[/]" if ok else "[red]FAIL[/]")
         out.print(table)
@@ -620,7 +622,7 @@ def sweep_(
     except KeyboardInterrupt:
         sweep_lib.write_results(sweep_dir, trials, results, sweep, specs)
         err.print(f"[bold yellow]interrupted:[/] {len(results)} of {len(trials)} trials done", soft_wrap=True)
-        err.print(f"  resume with: cnnctl sweep --resume {sweep_dir}", soft_wrap=True)
+        err.print(f"  resume with: cnnctl sweep --resume {escape(str(sweep_dir))}")
         raise typer.Exit(130) from None
     best = sweep_lib.write_results(sweep_dir, trials, results, sweep, specs)
     out.print(view.table())
@@ -654,7 +656,7 @@ class _SweepView:
                 elif run_dir.is_dir():
                     r = {**r, "status": "starting"}
             best = r.get("best")
-            t.add_row(trial.id, " ".join(trial.as_set()), r["status"], str(r.get("epochs") or 0),
+            t.add_row(trial.id, escape(" ".join(trial.as_set())), r["status"], str(r.get("epochs") or 0),
                       "-" if best is None else f"{best:.4f}")
         return t
 
@@ -676,7 +678,8 @@ def _sweep_report(sweep_dir: Path) -> None:
         table.add_column(col)
     for i, r in enumerate(scored + [r for r in rows if not r["best"]], start=1):
         table.add_row(str(i) if r["best"] else "-", r["trial"], f"{float(r['best']):.4f}" if r["best"] else "-",
-                      r["epochs"] or "-", r["status"] + (f": {r['error']}" if r.get("error") else ""), r["overrides"])
+                      r["epochs"] or "-", escape(r["status"] + (f": {r['error']}" if r.get("error") else "")),
+                      escape(r["overrides"]))
     out.print(table)
 
 
@@ -721,7 +724,7 @@ def inspect(
                       ("params", "right"), ("MACs", "right")]:
         table.add_column(col, justify=just)
     for r in rows:
-        table.add_row(str(r.index), r.name, r.type, str(_shape(r.output_shape)), f"{r.params:,}", f"{r.macs:,}")
+        table.add_row(str(r.index), escape(r.name), r.type, str(_shape(r.output_shape)), f"{r.params:,}", f"{r.macs:,}")
     out.print(table)
     out.print(f"total parameters {report['total_params']:,}  ({report['param_bytes'] / 1e6:.2f} MB as float32)")
     out.print(f"total MACs per sample {report['total_macs']:,}")

@@ -156,3 +156,15 @@ def test_failed_run_leaves_no_directory(tmp_path):
                 .replace("[1, 16, 16]", "[1, 28, 28]").replace("units: 4", "units: 10"))
     expect_error(["train", cfg, "--runs-dir", tmp_path / "runs"], "train-images")
     assert not (tmp_path / "runs").exists() or not list(Path(tmp_path / "runs").iterdir())
+
+
+def test_fix_hints_keep_their_brackets(tmp_path, monkeypatch):
+    """Hints such as pip install 'cnnctl[plot]' must not be eaten as rich markup."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text("name: r\n")
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"epoch": 1, "lr": 0.1}\n')
+    text = expect_error(["plot", tmp_path / "r", "--out", tmp_path / "x.png"], "matplotlib")
+    assert "pip install 'cnnctl[plot]'" in text

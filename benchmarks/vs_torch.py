@@ -1,11 +1,13 @@
 """cnnctl against PyTorch (CPU) on the same networks, batch sizes and thread count, in one process.
 
-    python benchmarks/vs_torch.py [--steps 30] [--warmup 5] [--json]
+    python benchmarks/vs_torch.py [--steps 30] [--warmup 10] [--rounds 3] [--json]
 
 Prints a markdown table of images/s for both and the ratio cnnctl / torch (targets: >= 1.0 for LeNet-5 at
 batch 128, >= 0.8 at batch 32 and for the CIFAR-size net), plus the machine it ran on. torch is a
 benchmark-only dependency (pip install torch==2.13.0). Each measurement times full training steps: forward,
-cross-entropy loss, backward and an SGD-with-momentum update, on synthetic data, after warm-up.
+cross-entropy loss, backward and an SGD-with-momentum update, on synthetic data, after warm-up. The two
+frameworks alternate for --rounds rounds and each reports the median of its per-round medians, so a noisy
+moment on the machine does not decide a ratio.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def bench_torch(layers, shape, batch, steps, warmup):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     import torch
@@ -116,13 +119,17 @@ def main():
     torch.set_num_threads(threads)
     rows = []
     for name, layers, shape, batch, target in CASES:
-        ours = bench(spec_for(name, layers, shape, batch), batch, args.steps, args.warmup)
-        theirs = bench_torch(layers, shape, batch, args.steps, args.warmup)
+        ours, theirs = [], []
+        for _ in range(args.rounds):
+            ours.append(bench(spec_for(name, layers, shape, batch), batch, args.steps, args.warmup))
+            theirs.append(bench_torch(layers, shape, batch, args.steps, args.warmup))
+        ours_ms = float(np.median([r["ms_per_step"] for r in ours]))
+        theirs_ms = float(np.median([r["ms_per_step"] for r in theirs]))
         rows.append({"network": name, "input": "x".join(map(str, shape)), "batch": batch,
-                     "cnnctl_images_per_second": ours["images_per_second"], "cnnctl_ms": ours["ms_per_step"],
-                     "torch_images_per_second": theirs["images_per_second"], "torch_ms": theirs["ms_per_step"],
-                     "ratio": ours["images_per_second"] / theirs["images_per_second"], "target": target,
-                     "cnnctl_peak_rss_mb": ours["peak_rss_mb"]})
+                     "cnnctl_images_per_second": batch / ours_ms * 1e3, "cnnctl_ms": ours_ms,
+                     "torch_images_per_second": batch / theirs_ms * 1e3, "torch_ms": theirs_ms,
+                     "ratio": theirs_ms / ours_ms, "target": target,
+                     "cnnctl_peak_rss_mb": ours[-1]["peak_rss_mb"]})
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
                "numpy": np.__version__, "torch": torch.__version__, "blas": blas,
                "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),

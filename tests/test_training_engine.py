@@ -178,7 +178,7 @@ def test_grad_clip_matches_torch():
 
 # ---------------------------------------------------------------- real processes and signals
 
-SLOW = {"data__shapes": {"train_size": 9000, "test_size": 100}}
+SLOW = {"data__shapes": {"train_size": 20000, "test_size": 100}}
 
 
 def start(cfg, runs_dir, *args):
@@ -200,13 +200,18 @@ def epochs_logged(runs_dir):
     return len(files[0].read_text().splitlines()) - 1 if files else 0
 
 
+def first_epoch_seconds(runs_dir) -> float:
+    (path,) = Path(runs_dir).glob("*/metrics.csv")
+    return float(next(csv.DictReader(path.open()))["seconds"])
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_mid_epoch_then_resume_is_bit_identical(tmp_path, sig, code):
     cfg = write_config(tmp_path, **SLOW)
     invoke("train", cfg, "--runs-dir", tmp_path / "straight")
     proc = start(cfg, tmp_path / "b")
     wait_for(lambda: epochs_logged(tmp_path / "b") >= 1)
-    time.sleep(0.3)  # well inside epoch 2 (an epoch takes about a second)
+    time.sleep(0.4 * first_epoch_seconds(tmp_path / "b"))  # well inside epoch 2, however fast the machine
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err

@@ -244,3 +244,12 @@ def test_lenet5_reaches_98_8_percent_on_mnist(mnist_root, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test"]["n"] == 10000
     assert summary["test"]["accuracy"] >= 0.988, summary["test"]
+
+
+def test_offline_download_lists_every_missing_file(tmp_path):
+    with FileServer(tmp_path) as server:
+        url = server.url
+    with pytest.raises(DataError) as e:  # the server is gone, as with no network
+        download.ensure("mnist", tmp_path / "cache", mirror=url, backoff=0)
+    for remote in download.REMOTES["mnist"]:
+        assert str(tmp_path / "cache" / remote.name) in e.value.hint and remote.urls[0] in e.value.hint

@@ -180,11 +180,21 @@ def _extract(archive: Path, remote: Remote, dest: Path) -> None:
 def ensure(dataset: str, dest: Path, progress: Progress | None = None, mirror: str | None = None,
            backoff: float = 1.0) -> None:
     """Make sure every file of a downloadable dataset is in dest, fetching and verifying what is missing."""
+    def present(remote: Remote) -> bool:
+        if remote.extract:
+            return all((dest / m).is_file() for m in remote.extract)
+        return verified(dest / remote.name, remote) or (
+            remote.name.endswith(".gz") and (dest / remote.name[:-3]).is_file())  # uncompressed copy
+
     for remote in REMOTES[dataset]:
-        if remote.extract and all((dest / m).is_file() for m in remote.extract):
+        if present(remote):
             continue
-        if remote.name.endswith(".gz") and (dest / remote.name[:-3]).is_file():
-            continue  # the uncompressed file is there already
-        path = fetch(remote, dest, progress, mirror, backoff=backoff)
+        try:
+            path = fetch(remote, dest, progress, mirror, backoff=backoff)
+        except DataError as e:
+            missing = [r for r in REMOTES[dataset] if not present(r)]
+            listing = "; ".join(f"{r.urls[0]} -> {dest / r.name}" for r in missing)
+            raise DataError(e.message, f"check the network or data.mirror, or place these files by hand: {listing}") \
+                from None
         if remote.extract:
             _extract(path, remote, dest)

@@ -350,12 +350,14 @@ def runs_(
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table(title=f"runs in {folder}")
-    for col in ("run", "started", "status", "epochs", "best val acc", "test acc", "params", "wall"):
-        table.add_column(col, justify="left" if col in ("run", "started", "status") else "right")
+    table = Table(title=f"runs in {escape(str(folder))}")
+    run_width = max([len(r["run"]) for r in rows] + [3])
+    for col in ("run", "started", "status", "epochs", "best val", "test", "params", "wall"):
+        table.add_column(col, justify="left" if col in ("run", "started", "status") else "right",
+                         no_wrap=col != "run", min_width=run_width if col == "run" else None)
     colors = {"finished": "green", "interrupted": "yellow", "failed": "red", "running": "cyan"}
     for r in rows:
-        table.add_row(escape(r["run"]), (r["started"] or "-").replace("T", " "),
+        table.add_row(escape(r["run"]), r["started"][5:16].replace("T", " ") if r["started"] else "-",
                       f"[{colors.get(r['status'], 'white')}]{r['status']}[/]",
                       f"{r['epochs_done'] or 0}/{r['epochs'] or '?'}", _fmt(r["best_val_acc"], True),
                       _fmt(r["test_acc"], True), f"{r['params']:,}" if r["params"] else "-",

@@ -1,0 +1,79 @@
+"""What every verb shares: the typer app, the consoles, --set, and the one place errors are printed."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .. import __version__, checkpoint
+from ..builder import build_model
+from ..config import apply_overrides, load_config
+from ..errors import CnnctlError
+from ..train import Interrupted, load_model
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train convolutional networks from one YAML file on a pure NumPy core.")
+out = Console(highlight=False, soft_wrap=True)  # paths and messages never break mid-line
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+SetOption = Annotated[list[str], typer.Option("--set", help="Override a config key: --set optimizer.lr=0.01 "
+                                              "(dotted path, value parsed as YAML); repeatable.")]
+
+
+def guarded(fn):
+    """Turn CnnctlError into one readable message and its exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Interrupted as e:
+            err.print(f"[bold yellow]interrupted:[/] {escape(e.message)}")
+            err.print(f"  {escape(e.hint)}")
+            raise typer.Exit(e.exit_code) from None
+        except CnnctlError as e:
+            err.print(f"[bold red]error:[/] {escape(e.message)}")
+            if e.hint:
+                err.print(f"  [bold]fix:[/] {escape(e.hint)}")
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"cnnctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False):
+    """cnnctl: declarative CNN training on NumPy."""
+
+
+def fmt(v, pct=False):
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
+
+
+
+def load_target(target: Path, overrides: list[str]):
+    if target.suffix == ".safetensors":
+        ckpt = checkpoint.load(target)
+        if overrides:
+            ckpt.config = apply_overrides(ckpt.config, overrides)
+        spec, _, rows = load_model(ckpt, target)
+        return spec, rows
+    spec, _ = load_config(target, overrides)
+    _, rows = build_model(spec.model)
+    return spec, rows
+

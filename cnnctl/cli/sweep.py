@@ -1,0 +1,121 @@
+"""cnnctl sweep: search over config overrides, with a live table of trials."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+
+from .. import sweep as sweep_lib
+from ..errors import CnnctlError
+from ..schedules import resolve_mode
+from ..sweep import trial_result
+from .common import app, err, guarded, out
+
+
+@app.command("sweep")
+@guarded
+def sweep_(
+    sweep_file: Annotated[Path | None, typer.Argument(metavar="SWEEP.yaml", help="The sweep file.")] = None,
+    executor: Annotated[str | None, typer.Option("--executor", help="local or ray (overrides the file).")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address, e.g. auto or "
+                                                "ray://host:10001 (implies --executor ray).")] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the sweep directory is created.")] = Path("runs"),
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue a sweep directory: finished trials "
+                                                "are kept, the others rerun (from their last checkpoint).")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Only print the ranked trials of a sweep "
+                                                "directory.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live table.")] = False,
+):
+    """Search over config overrides: every trial is an ordinary run under SWEEP_DIR/trials/."""
+    if report is not None:
+        return sweep_report(report)
+    ex = None
+    if executor is not None or address is not None:
+        kind = "ray" if address is not None else executor
+        if kind not in ("local", "ray"):
+            raise CnnctlError(f"--executor must be local or ray, got {executor!r}")
+        ex = {"type": kind, **({"address": address} if address else {})}
+    sweep, trials, specs, sweep_dir, results = sweep_lib.prepare(sweep_file, runs_dir, resume, ex)
+    out.print(f"sweep {sweep.name}: {len(trials)} trials ({len(results)} finished before), executor "
+              f"{sweep.executor.type}, metric {sweep.metric}; directory {sweep_dir}", soft_wrap=True)
+    run = sweep_lib.EXECUTORS[sweep.executor.type]
+    view = _SweepView(sweep, trials, sweep_dir, results)
+    try:
+        if out.is_terminal and not quiet:
+            with Live(view, console=out, refresh_per_second=2):
+                run(sweep, trials, specs, sweep_dir, results)
+        else:
+            run(sweep, trials, specs, sweep_dir, results,
+                lambda tid, r: out.print(f"{tid}: {r['status']}" + (f", best {sweep.metric} {r['best']:.4f}"
+                                         if r.get("best") is not None else "")
+                                         + (f" ({r['error']})" if r.get("error") else ""), soft_wrap=True))
+    except KeyboardInterrupt:
+        sweep_lib.write_results(sweep_dir, trials, results, sweep, specs)
+        err.print(f"[bold yellow]interrupted:[/] {len(results)} of {len(trials)} trials done", soft_wrap=True)
+        err.print(f"  resume with: cnnctl sweep --resume {escape(str(sweep_dir))}")
+        raise typer.Exit(130) from None
+    best = sweep_lib.write_results(sweep_dir, trials, results, sweep, specs)
+    out.print(view.table())
+    if best is None:
+        out.print("no trial produced the metric")
+        raise typer.Exit(1)
+    best_ckpt = sweep_dir / "trials" / best["trial"] / "checkpoints" / "best.safetensors"
+    out.print(f"best: {best['trial']} {sweep.metric} {best['best']:.4f} (epoch {best['best_epoch']}) with "
+              f"{best['overrides']}; checkpoint {best_ckpt}", soft_wrap=True)
+    out.print(f"results: {sweep_dir / 'results.csv'}   best spec: {sweep_dir / 'best.yaml'}")
+
+
+class _SweepView:
+    """The live table of trials, read from the trial directories on every refresh."""
+
+    def __init__(self, sweep, trials, sweep_dir: Path, results: dict):
+        self.sweep, self.trials, self.sweep_dir, self.results = sweep, trials, sweep_dir, results
+
+    def table(self) -> Table:
+        mode = resolve_mode(self.sweep.metric, self.sweep.mode)
+        t = Table(title=f"sweep {self.sweep.name}: {self.sweep.metric} ({mode})")
+        for col in ("trial", "overrides", "status", "epochs", f"best {self.sweep.metric}"):
+            t.add_column(col, justify="right" if col in ("epochs",) or col.startswith("best") else "left")
+        for trial in self.trials:
+            r = self.results.get(trial.id)
+            run_dir = self.sweep_dir / "trials" / trial.id
+            if r is None:
+                r = trial_result(run_dir, self.sweep.metric, mode) if run_dir.is_dir() else {"status": "queued"}
+                if run_dir.is_dir() and r["status"] != "failed":
+                    r = {**r, "status": "running"}
+                elif run_dir.is_dir():
+                    r = {**r, "status": "starting"}
+            best = r.get("best")
+            t.add_row(trial.id, escape(" ".join(trial.as_set())), r["status"], str(r.get("epochs") or 0),
+                      "-" if best is None else f"{best:.4f}")
+        return t
+
+    def __rich__(self):
+        return self.table()
+
+
+def sweep_report(sweep_dir: Path) -> None:
+    path = sweep_dir / "results.csv"
+    if not path.is_file():
+        raise CnnctlError(f"{sweep_dir} has no results.csv", "pass a directory that cnnctl sweep wrote")
+    rows = list(csv.DictReader(path.open()))
+    sweep_spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    metric, mode = sweep_spec.get("metric", "val_acc"), sweep_spec.get("mode", "auto")
+    mode = resolve_mode(metric, mode)
+    scored = sorted([r for r in rows if r["best"]], key=lambda r: float(r["best"]), reverse=mode == "max")
+    table = Table(title=f"{sweep_dir.name}: trials ranked by {metric} ({mode})")
+    for col in ("rank", "trial", metric, "epochs", "status", "overrides"):
+        table.add_column(col)
+    for i, r in enumerate(scored + [r for r in rows if not r["best"]], start=1):
+        table.add_row(str(i) if r["best"] else "-", r["trial"], f"{float(r['best']):.4f}" if r["best"] else "-",
+                      r["epochs"] or "-", escape(r["status"] + (f": {r['error']}" if r.get("error") else "")),
+                      escape(r["overrides"]))
+    out.print(table)
+

@@ -1,0 +1,287 @@
+"""Around training: runs, runs diff, plot, viz, schema, export, predict, gradcheck."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+import yaml
+from rich.markup import escape
+from rich.table import Table
+
+from .. import checkpoint, nn, plots
+from .. import functional as F
+from .. import predict as predict_lib
+from .. import runs as runs_lib
+from ..builder import build_model
+from ..config import config_schema
+from ..data import dataset_info
+from ..errors import CnnctlError
+from ..export import export_onnx
+from ..gradcheck import check_network
+from ..train import load_model
+from .common import SetOption, app, fmt, guarded, load_target, out
+from .sweep import sweep_report
+
+
+@app.command("runs")
+@guarded
+def runs_(
+    args: Annotated[list[str] | None, typer.Argument(metavar="[RUNS_DIR] | diff RUN_A RUN_B",
+                                                     help="A runs folder (default: runs), or diff A B")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """A table of runs (status, epochs, best validation and test accuracy), or the difference of two runs."""
+    args = list(args or [])
+    if args and args[0] == "diff":
+        if len(args) != 3:
+            raise CnnctlError("usage: cnnctl runs diff RUN_A RUN_B")
+        return _runs_diff(Path(args[1]), Path(args[2]), as_json)
+    if len(args) > 1:
+        raise CnnctlError("give one runs folder, or: cnnctl runs diff RUN_A RUN_B")
+    folder = Path(args[0]) if args else Path("runs")
+    if (folder / "sweep.yaml").is_file() and not as_json:
+        return sweep_report(folder)
+    if not folder.is_dir():
+        raise CnnctlError(f"runs folder not found: {folder}", "pass the folder given to --runs-dir (default: runs)")
+    rows = runs_lib.list_runs(folder)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table(title=f"runs in {escape(str(folder))}")
+    run_width = max([len(r["run"]) for r in rows] + [3])
+    for col in ("run", "started", "status", "epochs", "best val", "test", "params", "wall"):
+        table.add_column(col, justify="left" if col in ("run", "started", "status") else "right",
+                         no_wrap=col != "run", min_width=run_width if col == "run" else None)
+    colors = {"finished": "green", "interrupted": "yellow", "failed": "red", "running": "cyan"}
+    for r in rows:
+        table.add_row(escape(r["run"]), r["started"][5:16].replace("T", " ") if r["started"] else "-",
+                      f"[{colors.get(r['status'], 'white')}]{r['status']}[/]",
+                      f"{r['epochs_done'] or 0}/{r['epochs'] or '?'}", fmt(r["best_val_acc"], True),
+                      fmt(r["test_acc"], True), f"{r['params']:,}" if r["params"] else "-",
+                      f"{r['wall_seconds']:.0f}s" if r["wall_seconds"] is not None else "-")
+    out.print(table)
+    if not rows:
+        out.print(f"no runs in {folder}")
+
+
+def _run_dir_config(run_dir: Path) -> dict:
+    info = runs_lib.run_info(run_dir)
+    if info is None:
+        raise CnnctlError(f"{run_dir} is not a run directory (no config.yaml)")
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def _runs_diff(a: Path, b: Path, as_json: bool) -> None:
+    ca, cb = _run_dir_config(a), _run_dir_config(b)
+    diffs = runs_lib.diff_configs(ca, cb)
+    sa, sb = (runs_lib.read_json(p / "summary.json") or {} for p in (a, b))
+    metrics = ["train_loss", "train_acc", "val_loss", "val_acc"]
+    final = {k: ((sa.get("final") or {}).get(k), (sb.get("final") or {}).get(k)) for k in metrics}
+    final["best_val_acc"] = ((sa.get("best") or {}).get("val_acc"), (sb.get("best") or {}).get("val_acc"))
+    final["test_acc"] = ((sa.get("test") or {}).get("accuracy"), (sb.get("test") or {}).get("accuracy"))
+    if as_json:
+        print(json.dumps({"a": str(a), "b": str(b), "config": [{"key": k, "a": va, "b": vb} for k, va, vb in diffs],
+                          "metrics": {k: {"a": va, "b": vb} for k, (va, vb) in final.items()}}))
+        return
+    table = Table(title="config keys that differ")
+    for col in ("key", a.name, b.name):
+        table.add_column(col)
+    for k, va, vb in diffs:
+        table.add_row(escape(k), escape(repr(va)), escape(repr(vb)))
+    out.print(table if diffs else "the configs are identical")
+    mt = Table(title="final metrics")
+    for col in ("metric", a.name, b.name):
+        mt.add_column(col, justify="left" if col == "metric" else "right")
+    for k, (va, vb) in final.items():
+        pct = k.endswith("acc")
+        mt.add_row(k, fmt(va, pct), fmt(vb, pct))
+    out.print(mt)
+
+
+def _history(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise CnnctlError(f"{run_dir} has no metrics.jsonl yet", "plot a run that finished at least one epoch")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@app.command()
+@guarded
+def plot(
+    run: Annotated[Path, typer.Argument(metavar="RUN_DIR")],
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write a PNG (needs cnnctl[plot]); "
+                                                  "without it, charts are drawn in the terminal.")] = None,
+):
+    """Loss and accuracy curves (train and validation) and the learning rate of a run; for a sweep
+    directory, the metric against each searched key."""
+    if (run / "results.csv").is_file() and (run / "sweep.yaml").is_file():
+        if out_file is None:
+            raise CnnctlError("plotting a sweep needs --out FILE.png", "or use cnnctl runs SWEEP_DIR for a table")
+        spec = yaml.safe_load((run / "sweep.yaml").read_text())
+        rows = list(csv.DictReader((run / "results.csv").open()))
+        plots.plot_sweep(rows, spec.get("metric", "val_acc"), out_file, run.name)
+        out.print(f"wrote {out_file}")
+        return
+    history = _history(run)
+    if out_file is not None:
+        plots.plot_curves(history, out_file, title=run.name)
+        out.print(f"wrote {out_file}")
+        return
+    for title, keys in (("loss", ("train_loss", "val_loss")), ("accuracy", ("train_acc", "val_acc")),
+                        ("learning rate", ("lr",))):
+        out.print(f"[bold]{title}[/]")
+        out.print(plots.text_chart({k: [r.get(k) for r in history] for k in keys}), markup=False, highlight=False)
+
+
+@app.command()
+@guarded
+def viz(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
+    out_file: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
+    image: Annotated[Path | None, typer.Option("--image", help="Also show each conv layer's feature maps for "
+                                               "this image (a picture file or an .npz).")] = None,
+):
+    """The first conv layer's filters as a grid; with --image, every conv layer's feature maps."""
+    ckpt = checkpoint.load(checkpoint_path)
+    spec, model, rows = load_model(ckpt, checkpoint_path)
+    convs = [i for i, layer in enumerate(model.layers) if isinstance(layer, nn.Conv2D)]
+    if not convs:
+        raise CnnctlError(f"{checkpoint_path}: the model has no conv2d layer to show")
+    if image is None:
+        first = model.layers[convs[0]]
+        plots.plot_filters(first.params["weight"], out_file, f"{model.names[convs[0]]} filters "
+                           f"{tuple(first.params['weight'].shape)}")
+    else:
+        names, x01 = predict_lib.load_inputs([image], spec.model.input_shape)
+        h = predict_lib.normalize(x01[:1], ckpt.normalization)
+        maps = []
+        for i, layer in enumerate(model.layers):
+            h = layer.forward(h, training=False)
+            if i in convs:
+                maps.append((model.names[i], np.asarray(h[0])))
+        plots.plot_feature_maps(maps, x01[0, 0] if x01.shape[1] == 1 else x01[0].transpose(1, 2, 0), out_file)
+    out.print(f"wrote {out_file}")
+
+
+@app.command()
+@guarded
+def schema(
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write to a file instead of stdout.")] = None,
+):
+    """The JSON Schema of the config file, for editor completion and checking."""
+    text = json.dumps(config_schema(), indent=2) + "\n"
+    if out_file is None:
+        print(text, end="")
+    else:
+        checkpoint.atomic_write_bytes(out_file, text.encode())
+        out.print(f"wrote {out_file}")
+
+
+@app.command()
+@guarded
+def export(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
+    out_file: Annotated[Path, typer.Option("--out", help="File to write, e.g. model.onnx.")],
+    fmt: Annotated[str, typer.Option("--format", help="Only onnx for now.")] = "onnx",
+    softmax: Annotated[bool, typer.Option("--softmax", help="End the graph with Softmax (probabilities).")] = False,
+):
+    """Export a checkpoint as an ONNX graph (input: pixels on the 0..1 scale; normalisation baked in)."""
+    if fmt != "onnx":
+        raise CnnctlError(f"unknown --format {fmt!r}", "use --format onnx")
+    ckpt = checkpoint.load(checkpoint_path)
+    spec, model, _ = load_model(ckpt, checkpoint_path)
+    export_onnx(model, spec.model.input_shape, ckpt.normalization, spec.name, out_file, softmax)
+    out.print(f"wrote {out_file} (input 'input': N x {' x '.join(map(str, spec.model.input_shape))} pixels "
+              f"in 0..1; output 'output': {'probabilities' if softmax else 'logits'})")
+
+
+@app.command("predict")
+@guarded
+def predict_(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
+    inputs: Annotated[list[Path], typer.Argument(metavar="FILES...", help="Image files or .npz files.")],
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes to show per input.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Class probabilities for images (Pillow) or an .npz, normalised as in training."""
+    ckpt = checkpoint.load(checkpoint_path)
+    spec, model, _ = load_model(ckpt, checkpoint_path)
+    names, x01 = predict_lib.load_inputs(inputs, spec.model.input_shape)
+    logits = model.forward(predict_lib.normalize(x01, ckpt.normalization), training=False)
+    probs = F.softmax(logits, axis=1) if spec.loss.type == "cross_entropy" else logits
+    classes = _class_names(spec, logits.shape[1], ckpt)
+    k = min(top_k, len(classes))
+    results = []
+    for name, p in zip(names, probs):
+        order = np.argsort(-p, kind="stable")[:k]
+        results.append({"input": name, "prediction": classes[order[0]],
+                        "top": [{"class": classes[j], "probability": float(p[j])} for j in order]})
+    if as_json:
+        print(json.dumps(results))
+        return
+    table = Table(title=f"predictions of {checkpoint_path}")
+    table.add_column("input")
+    for r in range(k):
+        table.add_column(f"#{r + 1}")
+    for res in results:
+        cells = (f"{escape(t['class'])} {100 * t['probability']:.1f}%" for t in res["top"])
+        table.add_row(escape(res["input"]), *cells)
+    out.print(table)
+
+
+def _class_names(spec, n: int, ckpt) -> list[str]:
+    names = (ckpt.trainer.get("classes") if ckpt.trainer else None) or dataset_info(spec.data)[0]
+    return list(names) if names and len(names) == n else [str(i) for i in range(n)]
+
+
+@app.command()
+@guarded
+def gradcheck(
+    target: Annotated[Path, typer.Argument(metavar="CONFIG_OR_CHECKPOINT")],
+    set_: SetOption = None,
+    layers: Annotated[list[str] | None, typer.Option("--layers", help="Layer indices or names to check "
+                                                     "(repeatable; default: all).")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Entries checked per array.")] = 16,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Random inputs in the batch.")] = 2,
+    tol: Annotated[float, typer.Option("--tol", help="Largest relative error that passes.")] = 1e-6,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Compare every layer's backprop gradients with central differences (float64) in the configured net."""
+    spec, _ = load_target(target, list(set_ or []))
+    model, rows = build_model(spec.model, np.random.default_rng(seed))
+    only = None
+    if layers:
+        by_name = {r.name: r.index for r in rows}
+        only = set()
+        for item in layers:
+            if item.isdigit() and int(item) < len(rows):
+                only.add(int(item))
+            elif item in by_name:
+                only.add(by_name[item])
+            else:
+                raise CnnctlError(f"--layers {item!r}: no such layer", f"use an index 0..{len(rows) - 1} or one "
+                                  f"of: {', '.join(by_name)}")
+    results = check_network(model, spec.model.input_shape, batch, samples, seed, only)
+    worst = max(r["error"] for r in results)
+    if as_json:
+        print(json.dumps({"tolerance": tol, "passed": worst < tol, "results": results}))
+    else:
+        table = Table(title=f"{spec.name}: analytic vs numerical gradients (float64, central differences)")
+        for col in ("#", "layer", "param", "shape", "checked", "rel. error", ""):
+            table.add_column(col, justify="right" if col in ("#", "checked", "rel. error") else "left")
+        for r in results:
+            ok = r["error"] < tol
+            table.add_row("-" if r["index"] is None else str(r["index"]), escape(r["layer"]), r["param"],
+                          str(tuple(r["shape"])), str(r["checked"]), f"{r['error']:.2e}",
+                          "[green]ok[/]" if ok else "[red]FAIL[/]")
+        out.print(table)
+        out.print(f"largest relative error {worst:.2e} (tolerance {tol:g})")
+    if worst >= tol:
+        raise typer.Exit(1)
+

@@ -1,0 +1,326 @@
+"""The core verbs: train (with its progress display and signal handling), eval, inspect, bench."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .. import checkpoint, plots
+from ..bench import bench as run_bench
+from ..builder import LayerRow, build_loss, check_outputs
+from ..config import apply_overrides, load_config
+from ..data import dataset_info
+from ..errors import CnnctlError, DataError
+from ..runs import create_run_dir
+from ..train import Callback, Seeds, Trainer, evaluate, load_data, load_model, resume_spec
+from .common import SetOption, app, fmt, guarded, load_target, out
+
+
+class RichProgress(Callback):
+    """An epoch bar and a batch bar with running loss, accuracy, images/s and ETA."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        )
+        self.epoch_task = self.batch_task = None
+        self.downloads: dict[str, int] = {}
+
+    def on_download(self, name, done, total):
+        if name not in self.downloads:
+            self.progress.start()
+            self.downloads[name] = self.progress.add_task(f"download {name}", total=total, stats="")
+        self.progress.update(self.downloads[name], completed=done, stats=f"{done / 1e6:.1f} MB")
+
+    def on_train_start(self, info):
+        for task in self.downloads.values():
+            self.progress.remove_task(task)
+        self.progress.stop()
+        _print_start(self.console, info)
+        self.progress.start()
+
+    def on_epoch_start(self, epoch, epochs, n_batches, start):
+        if self.epoch_task is None:
+            self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=epoch - 1, stats="")
+        if self.batch_task is not None:
+            self.progress.remove_task(self.batch_task)
+        self.batch_task = self.progress.add_task(f"epoch {epoch}", total=n_batches, completed=start, stats="")
+
+    def on_batch_end(self, batch, loss, acc, ips):
+        self.progress.update(self.batch_task, completed=batch,
+                             stats=f"loss {loss:.4f} acc {100 * acc:.2f}% {ips:,.0f} img/s")
+
+    def on_epoch_end(self, row):
+        self.progress.advance(self.epoch_task)
+        self.progress.console.print(_epoch_line(row), soft_wrap=True)
+
+    def close(self):
+        self.progress.stop()
+
+
+class PlainProgress(Callback):
+    """One line per epoch, for logs and pipes."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def on_download(self, name, done, total):
+        if total is not None and done == total:
+            self.console.print(f"downloaded {name} ({total / 1e6:.1f} MB)")
+
+    def on_train_start(self, info):
+        _print_start(self.console, info)
+
+    def on_epoch_end(self, row):
+        self.console.print(_epoch_line(row), soft_wrap=True)
+
+    def close(self):
+        pass
+
+
+def _print_start(console, info):
+    console.print(f"data: train {info['train']:,}  val {info['val']:,}  test {info['test']:,}  "
+                  f"image {tuple(info['image_shape'])}  {len(info['classes'])} classes: "
+                  f"{', '.join(info['classes'])}", soft_wrap=True)
+    console.print(f"model: {info['params']:,} parameters")
+    console.print(f"run: {info['run_dir']}")
+    if info.get("resumed_at"):
+        console.print(f"resumed after epoch {info['resumed_at'][0]}, step {info['resumed_at'][1]}")
+
+
+def _epoch_line(row):
+    return (f"epoch {row['epoch']:>3}  train loss {fmt(row['train_loss'])} acc {fmt(row['train_acc'], True)}  "
+            f"val loss {fmt(row['val_loss'])} acc {fmt(row['val_acc'], True)}  lr {row['lr']:.4g}  "
+            f"{row['seconds']:.1f}s")
+
+
+@app.command()
+@guarded
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML config file (not needed with --resume).")] = None,
+    set_: SetOption = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run directories are created.")] = Path("runs"),
+    name: Annotated[str | None, typer.Option("--name", help="Run name (default: the config's name).")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run directory from its last "
+                                                 "checkpoint; --set train.epochs=N extends a finished run.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: accept a changed config.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Plain lines instead of live progress bars.")] = False,
+):
+    """Train a model from a YAML config; writes runs/NAME-YYYYmmdd-HHMMSS/."""
+    overrides = list(set_ or [])
+    if name:
+        overrides.append(f"name={name}")
+    if (config is None) == (resume is None):
+        raise CnnctlError("give a CONFIG to start a run, or --resume RUN_DIR to continue one (not both)",
+                          "cnnctl train configs/quickstart.yaml   or   cnnctl train --resume runs/NAME-...")
+    cb = RichProgress(out) if out.is_terminal and not quiet else PlainProgress(out)
+    run_dir = None
+    try:
+        if resume is not None:
+            spec, ckpt = resume_spec(resume, overrides, force)
+            trainer = Trainer(spec, cb, normalization=ckpt.normalization)
+            trainer.restore(ckpt, resume)
+            run_dir = resume
+        else:
+            spec, _ = load_config(config, overrides)
+            trainer = Trainer(spec, cb)  # every check runs before the run directory exists
+            run_dir = create_run_dir(runs_dir, spec.name)
+        with _stop_on_signals(trainer):
+            summary = trainer.fit(run_dir, resumed=resume is not None)
+    except BaseException:
+        if resume is None and run_dir is not None and not (run_dir / "checkpoints" / "last.safetensors").exists():
+            _remove_empty_run(run_dir)
+        raise
+    finally:
+        cb.close()
+    best = summary["best"]
+    if summary["stopped_early"]:
+        out.print(f"early stopping after epoch {summary['final']['epoch']}")
+    out.print(f"best {summary['monitor']} {fmt(best[summary['monitor']], 'acc' in summary['monitor'])} at epoch "
+              f"{best['epoch']}; wall time {summary['wall_seconds']:.1f}s")
+    if "test" in summary:
+        out.print(f"test accuracy {fmt(summary['test']['accuracy'], True)} on {summary['test']['n']:,} images")
+    out.print(f"run directory: {run_dir}")
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """First SIGINT/SIGTERM: finish the batch, checkpoint, exit 130/143. A second SIGINT stops at once."""
+
+    def handler(signum, frame):
+        if trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.request_stop(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _remove_empty_run(run_dir: Path) -> None:
+    """A run that failed before its first epoch leaves no directory behind."""
+    for p in sorted(run_dir.rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    run_dir.rmdir()
+
+
+@app.command("eval")
+@guarded
+def eval_(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A .safetensors checkpoint.")],
+    data_split: Annotated[str, typer.Option("--data-split", help="test, val or train.")] = "test",
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot_file: Annotated[Path | None, typer.Option("--plot", help="Also draw the confusion matrix to this PNG "
+                                                   "(needs cnnctl[plot]).")] = None,
+):
+    """Evaluate a checkpoint (it carries its own config): loss, accuracy, per-class precision/recall."""
+    if data_split not in ("test", "val", "train"):
+        raise CnnctlError(f"--data-split must be test, val or train, got {data_split!r}")
+    ckpt = checkpoint.load(checkpoint_path)
+    if set_:
+        ckpt.config = apply_overrides(ckpt.config, list(set_))
+    spec, model, rows = load_model(ckpt, checkpoint_path)
+    ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)
+    loss_fn = build_loss(spec)
+    res = evaluate(model, loss_fn, ds, ds.split(data_split), spec.data.batch_size, len(ds.classes))
+    cm = res["confusion_matrix"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.nan_to_num(np.diag(cm) / cm.sum(axis=0))
+        recall = np.nan_to_num(np.diag(cm) / cm.sum(axis=1))
+    if plot_file is not None:
+        plots.plot_confusion(cm, ds.classes, plot_file, f"{spec.name}: {data_split} split, accuracy "
+                             f"{100 * res['accuracy']:.2f}%")
+    if as_json:
+        print(json.dumps({
+            "checkpoint": str(checkpoint_path), "split": data_split, "loss": res["loss"], "accuracy": res["accuracy"],
+            "n": res["n"], "classes": ds.classes, "precision": precision.tolist(), "recall": recall.tolist(),
+            "confusion_matrix": cm.tolist(), "epoch": ckpt.epoch,
+        }))
+        return
+    out.print(f"{checkpoint_path} (epoch {ckpt.epoch}) on the {data_split} split of {spec.data.dataset} "
+              f"({res['n']:,} images)")
+    out.print(f"loss {res['loss']:.4f}  accuracy {100 * res['accuracy']:.2f}%")
+    per_class = Table(title="per class")
+    for col in ("class", "support", "precision", "recall"):
+        per_class.add_column(col, justify="right")
+    for i, c in enumerate(ds.classes):
+        per_class.add_row(escape(c), f"{int(cm[i].sum()):,}", f"{100 * precision[i]:.2f}%", f"{100 * recall[i]:.2f}%")
+    out.print(per_class)
+    conf = Table(title="confusion matrix (rows: true, columns: predicted)")
+    conf.add_column("")
+    for c in ds.classes:
+        conf.add_column(c, justify="right")
+    for i, c in enumerate(ds.classes):
+        conf.add_row(escape(c), *(f"[bold]{v}[/]" if i == j else str(v) for j, v in enumerate(cm[i])))
+    out.print(conf)
+
+
+@app.command()
+@guarded
+def bench(
+    target: Annotated[Path, typer.Argument(metavar="CONFIG_OR_CHECKPOINT")],
+    set_: SetOption = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: data.batch_size.")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 3,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Forward and backward ms per layer.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Time full training steps (forward, loss, backward, update) on synthetic data of the input shape."""
+    spec, _ = load_target(target, list(set_ or []))
+    res = run_bench(spec, batch_size, steps, warmup, per_layer)
+    if as_json:
+        print(json.dumps(res))
+        return
+    blas = res["blas"]
+    threads = blas.get("threads") or "unknown"
+    out.print(f"{spec.name}: batch {res['batch_size']}, {res['steps']} steps after {res['warmup']} warm-up")
+    out.print(f"  {res['images_per_second']:,.0f} images/s   {res['ms_per_step']:.2f} ms/step (median; p10 "
+              f"{res['ms_p10']:.2f}, p90 {res['ms_p90']:.2f})   {res['gflops']:.1f} GFLOP/s")
+    out.print(f"  peak RSS {res['peak_rss_mb']:.0f} MB   BLAS threads {threads}"
+              + (f" ({blas.get('library')} {blas.get('kernel')})" if blas.get("library") else "")
+              + (f"   {escape(blas['note'])}" if blas.get("note") else ""))
+    if per_layer:
+        table = Table(title="per layer (ms per step)")
+        for col in ("#", "name", "output shape", "forward", "backward"):
+            table.add_column(col, justify="left" if col in ("name", "output shape") else "right")
+        for r in res["layers"]:
+            table.add_row(str(r["index"]), escape(r["name"]), str(tuple(r["output_shape"])), f"{r['forward_ms']:.3f}",
+                          f"{r['backward_ms']:.3f}")
+        out.print(table)
+
+
+@app.command()
+@guarded
+def inspect(
+    target: Annotated[Path, typer.Argument(metavar="CONFIG_OR_CHECKPOINT")],
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Validate a config (or a checkpoint's) and show each layer's output shape, parameters and MACs."""
+    spec, rows = load_target(target, list(set_ or []))
+    classes, image_shape = dataset_info(spec.data)
+    if classes is not None:
+        check_outputs(spec, rows, len(classes))
+    if image_shape is not None and tuple(image_shape) != tuple(spec.model.input_shape):
+        raise CnnctlError(f"dataset '{spec.data.dataset}' has images of shape {image_shape} but model.input_shape "
+                          f"is {list(spec.model.input_shape)}", f"set model.input_shape: {list(image_shape)}")
+    report = _report(spec, rows)
+    try:  # the data too, when it is at hand (inspect never downloads)
+        spec_local = spec.model_copy(update={"data": spec.data.model_copy(update={"download": False})})
+        report["dataset"] = load_data(spec_local, rows, Seeds.from_seed(spec.seed)).describe()
+    except DataError as e:
+        report["dataset"] = {"name": spec.data.dataset, "unavailable": e.message}
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table(title=f"{spec.name}: input {tuple(spec.model.input_shape)}")
+    for col, just in [("#", "right"), ("name", "left"), ("type", "left"), ("output shape", "left"),
+                      ("params", "right"), ("MACs", "right")]:
+        table.add_column(col, justify=just)
+    for r in rows:
+        table.add_row(str(r.index), escape(r.name), r.type, str(_shape(r.output_shape)), f"{r.params:,}", f"{r.macs:,}")
+    out.print(table)
+    out.print(f"total parameters {report['total_params']:,}  ({report['param_bytes'] / 1e6:.2f} MB as float32)")
+    out.print(f"total MACs per sample {report['total_macs']:,}")
+    out.print(f"activation memory per sample {report['activation_bytes_per_sample'] / 1e3:,.1f} kB (float32)")
+    d = report["dataset"]
+    if "unavailable" in d:
+        out.print(f"dataset {d['name']}: not loaded ({d['unavailable']})", soft_wrap=True)
+    else:
+        out.print(f"dataset {d['name']}: train {d['train']:,}  val {d['val']:,}  test {d['test']:,}  image "
+                  f"{tuple(d['image_shape'])}  {len(d['classes'])} classes: {', '.join(d['classes'])}", soft_wrap=True)
+
+
+def _shape(s):
+    return s[0] if len(s) == 1 else s
+
+
+def _report(spec, rows: list[LayerRow]) -> dict:
+    total_params = sum(r.params for r in rows)
+    act = sum(int(np.prod(r.output_shape)) for r in rows) * 4
+    return {
+        "name": spec.name, "input_shape": list(spec.model.input_shape),
+        "layers": [{"index": r.index, "name": r.name, "type": r.type, "output_shape": list(r.output_shape),
+                    "params": r.params, "macs": r.macs} for r in rows],
+        "total_params": total_params, "param_bytes": total_params * 4, "total_macs": sum(r.macs for r in rows),
+        "activation_bytes_per_sample": act,
+    }
+
+

@@ -85,6 +85,14 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+def read_history(run_dir: Path) -> list[dict]:
+    """The epoch rows of metrics.jsonl (empty before the first epoch ends)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _pid_alive(pid) -> bool:
     if not isinstance(pid, int):
         return False

@@ -313,10 +313,7 @@ def prepare(sweep_file: Path | None, runs_dir: Path, resume: Path | None, execut
 
 def trial_result(run_dir: Path, metric: str, mode: str, error: str | None = None) -> dict:
     """A trial's row, read back from its run directory (works whichever executor ran it)."""
-    info = runs.run_info(run_dir) or {}
-    history = []
-    if (run_dir / "metrics.jsonl").is_file():
-        history = [yaml.safe_load(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    history = runs.read_history(run_dir)
     values = [(r[metric], r["epoch"]) for r in history if r.get(metric) is not None]
     best = (max if mode == "max" else min)(values) if values else (None, None)
     summary = runs.read_json(run_dir / "summary.json") or {}
@@ -329,7 +326,7 @@ def trial_result(run_dir: Path, metric: str, mode: str, error: str | None = None
     else:
         status = "failed"
     return {"status": status, "best": best[0], "best_epoch": best[1], "epochs": len(history),
-            "seconds": info.get("wall_seconds"), "error": error or summary.get("error")}
+            "seconds": summary.get("wall_seconds"), "error": error or summary.get("error")}
 
 
 def run_local(sweep: SweepSpec, trials: list[Trial], specs: dict, sweep_dir: Path, results: dict,
@@ -392,10 +389,7 @@ def run_local(sweep: SweepSpec, trials: list[Trial], specs: dict, sweep_dir: Pat
 
 def _replay_rungs(sweep, spec_dict, run_dir: Path, record) -> None:
     asha = Asha(sweep.scheduler, spec_dict["train"]["epochs"], resolve_mode(sweep.metric, sweep.mode), {}, None)
-    if not (run_dir / "metrics.jsonl").is_file():
-        return
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = yaml.safe_load(line)
+    for row in runs.read_history(run_dir):
         if row["epoch"] in asha.rungs and row.get(sweep.metric) is not None:
             record[row["epoch"]] = list(record.get(row["epoch"], [])) + [row[sweep.metric]]
 

@@ -104,10 +104,10 @@ def _runs_diff(a: Path, b: Path, as_json: bool) -> None:
 
 
 def _history(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    history = runs_lib.read_history(run_dir)
+    if not history:
         raise CnnctlError(f"{run_dir} has no metrics.jsonl yet", "plot a run that finished at least one epoch")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return history
 
 
 @app.command()

@@ -160,13 +160,17 @@ class Trainer:
         return {"classes": self.ds.classes, "history": self.history, "best": self.best, "stopper": self.stopper,
                 "partial": self.partial,
                 "schedule": self.schedule.state_dict(), "seeds": self.seeds.state(),
-                "wall_seconds": self.wall_seconds + (time.time() - self._started)}
+                "wall_seconds": self._elapsed()}
 
-    def _save(self, name: str, metrics: dict | None = None) -> None:
+    def _elapsed(self) -> float:
+        """Wall time of the run so far, across resumes."""
+        return self.wall_seconds + (time.time() - self._started)
+
+    def _save(self, name: str) -> None:
         checkpoint.save(self.run_dir / "checkpoints" / f"{name}.safetensors", checkpoint.Checkpoint(
             config=spec_to_dict(self.spec), model_state=self.model.state_dict(),
             optimizer_state=self.optimizer.state_dict(), epoch=self.epoch, step=self.step,
-            metrics=metrics or (self.history[-1] if self.history else {}),
+            metrics=self.history[-1] if self.history else {},
             normalization={"mean": self.ds.mean.tolist(), "std": self.ds.std.tolist()},
             trainer=self._trainer_state(),
         ))
@@ -187,14 +191,13 @@ class Trainer:
     # ------------------------------------------------------------ loop
 
     def _write_summary(self, status: str, **extra) -> None:
-        best = self.best or {}
         runs.write_json(self.run_dir / "summary.json", {
             "name": self.spec.name, "status": status, "started": self.started, "pid": os.getpid(),
             "epochs": self.spec.train.epochs, "epochs_done": self.epoch,
             "steps": self.step, "params": self.model.num_params(),
-            "wall_seconds": round(self.wall_seconds + (time.time() - self._started), 3),
+            "wall_seconds": round(self._elapsed(), 3),
             "monitor": self.monitor, "final": self.history[-1] if self.history else None,
-            "best": best or None,
+            "best": self.best,
             "dataset": self.ds.describe(),
             **extra,
         })
@@ -206,7 +209,8 @@ class Trainer:
         coef = max_norm / (total + 1e-6)
         if coef < 1.0:  # torch.nn.utils.clip_grad_norm_
             for _, layer, key in self.model.parameters():
-                layer.grads[key] = layer.grads[key] * np.float32(coef).astype(layer.grads[key].dtype)
+                grad = layer.grads[key]
+                layer.grads[key] = grad * grad.dtype.type(coef)
 
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
         bs, every = self.spec.data.batch_size, self.spec.train.checkpoint_every_steps
@@ -323,7 +327,7 @@ class Trainer:
             extra["test"] = {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]}
         self._write_summary("finished", **extra)
         return {**extra, "best": self.best, "monitor": self.monitor, "final": self.history[-1],
-                "wall_seconds": round(self.wall_seconds + (time.time() - self._started), 3)}
+                "wall_seconds": round(self._elapsed(), 3)}
 
 
 def resume_spec(run_dir: Path, overrides: list[str], force: bool) -> tuple[Spec, checkpoint.Checkpoint]:

@@ -265,6 +265,15 @@ def write_results(sweep_dir: Path, trials: list[Trial], results: dict[str, dict]
     return {"trial": best_t.id, **best_r, "overrides": best_t.overrides}
 
 
+def read_report(sweep_dir: Path) -> tuple[str, str, list[dict]]:
+    """(metric, resolved mode, every row of results.csv) of a sweep directory."""
+    path = Path(sweep_dir) / "results.csv"
+    if not path.is_file():
+        raise CnnctlError(f"{sweep_dir} has no results.csv", "pass a directory that cnnctl sweep wrote")
+    sweep = SweepSpec.model_validate(yaml.safe_load((Path(sweep_dir) / "sweep.yaml").read_text()))
+    return sweep.metric, resolve_mode(sweep.metric, sweep.mode), list(csv.DictReader(path.open()))
+
+
 def read_results(sweep_dir: Path) -> dict[str, dict]:
     path = sweep_dir / "results.csv"
     if not path.is_file():

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
@@ -102,13 +100,7 @@ class _SweepView:
 
 
 def sweep_report(sweep_dir: Path) -> None:
-    path = sweep_dir / "results.csv"
-    if not path.is_file():
-        raise CnnctlError(f"{sweep_dir} has no results.csv", "pass a directory that cnnctl sweep wrote")
-    rows = list(csv.DictReader(path.open()))
-    sweep_spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
-    metric, mode = sweep_spec.get("metric", "val_acc"), sweep_spec.get("mode", "auto")
-    mode = resolve_mode(metric, mode)
+    metric, mode, rows = sweep_lib.read_report(sweep_dir)
     scored = sorted([r for r in rows if r["best"]], key=lambda r: float(r["best"]), reverse=mode == "max")
     table = Table(title=f"{sweep_dir.name}: trials ranked by {metric} ({mode})")
     for col in ("rank", "trial", metric, "epochs", "status", "overrides"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +16,7 @@ from .. import checkpoint, nn, plots
 from .. import functional as F
 from .. import predict as predict_lib
 from .. import runs as runs_lib
+from .. import sweep as sweep_lib
 from ..builder import build_model
 from ..config import config_schema
 from ..data import dataset_info
@@ -122,9 +122,8 @@ def plot(
     if (run / "results.csv").is_file() and (run / "sweep.yaml").is_file():
         if out_file is None:
             raise CnnctlError("plotting a sweep needs --out FILE.png", "or use cnnctl runs SWEEP_DIR for a table")
-        spec = yaml.safe_load((run / "sweep.yaml").read_text())
-        rows = list(csv.DictReader((run / "results.csv").open()))
-        plots.plot_sweep(rows, spec.get("metric", "val_acc"), out_file, run.name)
+        metric, _, rows = sweep_lib.read_report(run)
+        plots.plot_sweep(rows, metric, out_file, run.name)
         out.print(f"wrote {out_file}")
         return
     history = _history(run)

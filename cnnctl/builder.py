@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import data
 from .config import ModelSpec, Spec
-from .errors import ShapeError
+from .errors import DataError, ShapeError
 from .nn import LOSSES, Loss, Sequential
 
 
@@ -58,6 +59,17 @@ def check_outputs(spec: Spec, rows: list[LayerRow], num_classes: int) -> None:
             f"'{spec.data.dataset}' has {num_classes} classes",
             f"end the model with {{type: dense, units: {num_classes}}}",
         )
+
+
+def check_known_data(spec: Spec, rows: list[LayerRow]) -> None:
+    """What can be checked against the dataset without reading it: its class count and image shape."""
+    classes, image_shape = data.dataset_info(spec.data)
+    if classes is not None:
+        check_outputs(spec, rows, len(classes))
+    if image_shape is not None and tuple(image_shape) != tuple(spec.model.input_shape):
+        raise DataError(f"dataset '{spec.data.dataset}' has images of shape {tuple(image_shape)} but "
+                        f"model.input_shape is {list(spec.model.input_shape)}",
+                        f"set model.input_shape: {list(image_shape)}")
 
 
 def build_loss(spec: Spec) -> Loss:

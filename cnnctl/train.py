@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from . import checkpoint, data, runs
-from .builder import build_loss, build_model, check_outputs
+from .builder import build_loss, build_model, check_known_data, check_outputs
 from .config import Spec, load_config, spec_to_dict, validate
 from .errors import CheckpointError, CnnctlError, ConfigError, TrainingError
 from .nn import Loss, Sequential
@@ -131,9 +131,7 @@ class Trainer:
         self.spec, self.cb = spec, callback or Callback()
         self.seeds = Seeds.from_seed(spec.seed)
         self.model, self.rows = build_model(spec.model, self.seeds.init)
-        known_classes, _ = data.dataset_info(spec.data)
-        if known_classes is not None:  # fail before reading any data when we can
-            check_outputs(spec, self.rows, len(known_classes))
+        check_known_data(spec, self.rows)  # fail before reading any data when we can
         self.loss_fn = build_loss(spec)
         self.ds = load_data(spec, self.rows, self.seeds, normalization, self.cb.on_download)
         self.num_classes = len(self.ds.classes)

@@ -17,9 +17,8 @@ from rich.table import Table
 
 from .. import checkpoint, plots
 from ..bench import bench as run_bench
-from ..builder import LayerRow, build_loss, check_outputs
+from ..builder import LayerRow, build_loss, check_known_data
 from ..config import apply_overrides, load_config
-from ..data import dataset_info
 from ..errors import CnnctlError, DataError
 from ..runs import create_run_dir
 from ..train import Callback, Seeds, Trainer, evaluate, load_data, load_model, resume_spec
@@ -275,12 +274,7 @@ def inspect(
 ):
     """Validate a config (or a checkpoint's) and show each layer's output shape, parameters and MACs."""
     spec, rows = load_target(target, list(set_ or []))
-    classes, image_shape = dataset_info(spec.data)
-    if classes is not None:
-        check_outputs(spec, rows, len(classes))
-    if image_shape is not None and tuple(image_shape) != tuple(spec.model.input_shape):
-        raise CnnctlError(f"dataset '{spec.data.dataset}' has images of shape {image_shape} but model.input_shape "
-                          f"is {list(spec.model.input_shape)}", f"set model.input_shape: {list(image_shape)}")
+    check_known_data(spec, rows)
     report = _report(spec, rows)
     try:  # the data too, when it is at hand (inspect never downloads)
         spec_local = spec.model_copy(update={"data": spec.data.model_copy(update={"download": False})})

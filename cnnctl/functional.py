@@ -83,6 +83,19 @@ def buffer(cache: dict | None, name: str, shape: tuple, dtype, zero: bool = Fals
     return b
 
 
+def in_layout_of(a: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """`a` with its axes laid out in memory in the same order as `like`'s (a copy only when they differ).
+    Element-wise NumPy calls on operands with different layouts (say a channel-major view and a C-order
+    array) walk one of them with large strides and run several times slower."""
+    def order(v):
+        return sorted(range(v.ndim), key=lambda i: -v.strides[i])
+    if a.ndim != like.ndim or order(a) == order(like):
+        return a
+    out = np.empty_like(like, dtype=a.dtype)
+    out[...] = a
+    return out
+
+
 def im2col(xc: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair, out=None) -> np.ndarray:
     """Channel-major padded input (C, N, Hp, Wp) -> columns (C, KH, KW, N, OH, OW):
     cols[c, i, j, n, y, x] = xc[c, n, y*s + i*d, x*s + j*d]. One strided slice copy per kernel offset."""

@@ -93,3 +93,36 @@ def test_log_softmax_is_stable_for_huge_logits():
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out[1], np.log(1 / 3) * np.ones(3))
     assert out[0, 0] == 0.0
+
+
+def channel_major(a):
+    """The same values as a, stored (C, N, H, W) in memory: what conv layers hand to the next layer."""
+    return np.ascontiguousarray(a.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+
+
+@pytest.mark.parametrize("tag", ["maxpool2d", "avgpool2d", "conv2d", "batchnorm2d", "flatten"])
+def test_layers_give_the_same_numbers_for_any_memory_layout(tag):
+    """Layers pick fast paths by memory layout (channel-major views from conv, C-order from flatten); the
+    values they compute must not depend on it, in either direction of the mix."""
+    from tests.cases import CASES
+
+    for case_id, factory, shape in CASES[tag]:
+        if len(shape) != 4:
+            continue
+        g = np.random.default_rng(0)
+        x = g.standard_normal(shape).astype(np.float32)
+        results = []
+        for x_in, dy_layout in [(x, np.asarray), (channel_major(x), np.asarray), (x, channel_major),
+                                (channel_major(x), channel_major)]:
+            layer = factory(np.random.default_rng(1))
+            if hasattr(layer, "needs_input_grad"):
+                layer.needs_input_grad = True
+            y = layer.forward(x_in, True)
+            dy = np.random.default_rng(2).standard_normal(y.shape).astype(np.float32)
+            dx = layer.backward(dy_layout(dy) if dy.ndim == 4 else dy)
+            results.append((y, dx, [layer.grads[k] for k in sorted(layer.grads)]))
+        for y, dx, grads in results[1:]:
+            np.testing.assert_allclose(y, results[0][0], rtol=1e-5, atol=1e-6, err_msg=case_id)
+            np.testing.assert_allclose(dx, results[0][1], rtol=1e-5, atol=1e-6, err_msg=case_id)
+            for a, b in zip(grads, results[0][2]):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=case_id)

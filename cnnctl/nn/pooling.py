@@ -53,29 +53,39 @@ class _Pool2D(Layer):
 
 @register("maxpool2d")
 class MaxPool2D(_Pool2D):
-    """Max over each window, a running maximum over the kernel offsets; backward routes each delta to the
-    first position (row-major) holding the maximum, like PyTorch."""
+    """Max over each window, a running maximum over the kernel offsets. Forward also records which offset
+    won (the first in row-major order on ties, like PyTorch), so backward routes each delta there with one
+    comparison per offset instead of re-deriving the winner from the input."""
 
     pad_value = -np.inf
 
     def forward(self, x, training=True):
-        self._xp = xp = self._padded(x)
+        xp = self._padded(x)
+        self._padded_shape = xp.shape
         slices = self._slices(xp)
-        out = np.copy(next(slices), order="K")
-        for s in slices:
+        out = np.copy(next(slices), order="K")  # temporaries below copy out's memory layout ("like")
+        count = self.kernel_size[0] * self.kernel_size[1]
+        self._winner = winner = np.zeros_like(out, np.uint8 if count < 256 else np.uint16)
+        greater, candidate = np.empty_like(out, bool), np.empty_like(winner)
+        for k, s in enumerate(slices, 1):
+            # offsets come in increasing order, so "k where strictly greater" can only raise the winner
+            np.greater(s, out, out=greater)
+            np.multiply(greater, winner.dtype.type(k), out=candidate)
+            np.maximum(winner, candidate, out=winner)
             np.maximum(out, s, out=out)
-        self._out = out
         return out
 
     def backward(self, dy):
-        dxp = np.zeros_like(self._xp)
+        winner = self._winner
+        dy = F.in_layout_of(dy, winner)
         overlap = any(s < k for s, k in zip(self.stride, self.kernel_size))
-        hit = np.empty(dy.shape, bool)
-        unclaimed = np.ones(dy.shape, bool)  # windows whose maximum no earlier offset has taken yet
-        for s, window in zip(self._slices(self._xp), self._slices(dxp)):
-            np.equal(s, self._out, out=hit)
-            hit &= unclaimed
-            unclaimed ^= hit
+        hp, wp = self._padded_shape[2:]
+        (oh, ow), (sh, sw) = self._out_hw, self.stride
+        covered = not overlap and oh * sh == hp and ow * sw == wp  # every input position is in one window
+        dxp = (np.empty_like if covered else np.zeros_like)(winner, dy.dtype, shape=self._padded_shape)
+        hit = np.empty_like(winner, bool)
+        for k, window in enumerate(self._slices(dxp)):
+            np.equal(winner, k, out=hit)
             if overlap:
                 window += dy * hit
             else:

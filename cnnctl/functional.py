@@ -107,10 +107,10 @@ def im2col(xc: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: P
     return cols
 
 
-def col2im(cols: np.ndarray, padded_hw: Pair, stride: Pair, dilation: Pair) -> np.ndarray:
-    """Adjoint of im2col: scatter-add columns (C, KH, KW, N, OH, OW) onto a zero (C, N, Hp, Wp)."""
+def col2im(cols: np.ndarray, padded_hw: Pair, stride: Pair, dilation: Pair, out=None) -> np.ndarray:
+    """Adjoint of im2col: scatter-add columns (C, KH, KW, N, OH, OW) onto (C, N, Hp, Wp), zeros or `out`."""
     c, kh, kw, n, oh, ow = cols.shape
-    xc = np.zeros((c, n, *padded_hw), dtype=cols.dtype)
+    xc = np.zeros((c, n, *padded_hw), dtype=cols.dtype) if out is None else out
     for i in range(kh):
         for j in range(kw):
             xc[(..., *_window(i, j, (oh, ow), stride, dilation))] += cols[:, i, j]
@@ -142,10 +142,10 @@ def im2col_rows(flat: np.ndarray, kernel: Pair, dilation: Pair, row_len: int, ro
     return cols
 
 
-def col2im_rows(cols: np.ndarray, length: int, dilation: Pair, row_len: int) -> np.ndarray:
-    """Adjoint of im2col_rows: scatter-add (C, KH, KW, N, OH*Wp) onto a zero flat (C, N, length)."""
+def col2im_rows(cols: np.ndarray, length: int, dilation: Pair, row_len: int, out=None) -> np.ndarray:
+    """Adjoint of im2col_rows: scatter-add (C, KH, KW, N, OH*Wp) onto a flat (C, N, length), zeros or `out`."""
     c, kh, kw, n, span = cols.shape
-    flat = np.zeros((c, n, length), dtype=cols.dtype)
+    flat = np.zeros((c, n, length), dtype=cols.dtype) if out is None else out
     for i in range(kh):
         for j in range(kw):
             start = i * dilation[0] * row_len + j * dilation[1]
@@ -153,61 +153,126 @@ def col2im_rows(cols: np.ndarray, length: int, dilation: Pair, row_len: int) -> 
     return flat
 
 
-def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: Pair, cache: dict | None = None):
-    """y[n,o] = sum_c xcorr(x[n,c], weight[o,c]) + bias[o], as one matrix product over columns.
+CHUNK_BYTES = 16 << 20
+"""Columns are built for a few images at a time, about this many bytes, so that the matrix product reads
+them from cache rather than memory; backward rebuilds them from the padded input it keeps (cheap, in
+cache) instead of keeping every layer's columns alive between the passes."""
 
-    Returns y (N, O, OH, OW) and the columns backward needs. Work happens in a channel-major layout, so y is
-    a transposed view of an (O, N, OH, OW) array that following layers read without copies. For stride 1
-    the columns cover whole padded rows (see im2col_rows; their extra outputs are dropped), otherwise they
-    are the classic (C, KH, KW, N, OH, OW). `cache` keeps scratch buffers between calls.
+
+def image_chunks(n: int, bytes_per_image: int, target: int | None = None) -> list[tuple[int, int]]:
+    """Split a batch of n images into consecutive [start, stop) ranges of about `target` bytes each."""
+    per = max(1, min(n, (target or CHUNK_BYTES) // max(1, bytes_per_image)))
+    return [(i, min(i + per, n)) for i in range(0, n, per)]
+
+
+def merged(a: np.ndarray) -> np.ndarray:
+    """A (rows, ...) array as a 2-D (rows, rest) view, raising instead of silently copying, so that writes
+    through `out=` land in `a`."""
+    v = a.view()
+    v.shape = (a.shape[0], -1)
+    return v
+
+
+class _Columns:
+    """im2col of one padded channel-major input for chunks of images, into one reused scratch buffer. With a
+    `cache`, the buffer remembers which chunk it holds, so backward (which walks the chunks in reverse)
+    starts from the last chunk forward built without rebuilding it: with a single chunk, nothing is rebuilt."""
+
+    def __init__(self, flat, hw: Pair, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair, cache, name):
+        self.flat, self.hw, self.kernel, self.stride, self.dilation, self.out_hw = \
+            flat, hw, kernel, stride, dilation, out_hw
+        c, n = flat.shape[:2]
+        self.rows_layout = stride == (1, 1)
+        self.grid = (out_hw[0], hw[1]) if self.rows_layout else out_hw  # positions per image in the columns
+        self.k = c * kernel[0] * kernel[1]
+        self.span = self.grid[0] * self.grid[1]
+        self.chunks = image_chunks(n, self.k * self.span * flat.itemsize)
+        most = max(b - a for a, b in self.chunks)
+        self.scratch = buffer(cache, name, (self.k * most * self.span,), flat.dtype)
+        self.cache, self.holds = cache, name + ".holds"
+
+    @staticmethod
+    def forget(cache: dict | None, name: str) -> None:
+        """Call before the padded input changes: the buffer no longer holds columns of it."""
+        if cache is not None:
+            cache.pop(name + ".holds", None)
+
+    def __call__(self, a: int, b: int) -> np.ndarray:
+        """Columns (K, (b-a)*P) of images a..b-1."""
+        c, (kh, kw), m = self.flat.shape[0], self.kernel, b - a
+        size = self.k * m * self.span
+        key = (a, b, self.span)
+        if self.cache is not None and self.cache.get(self.holds) == key:
+            return self.scratch[:size].reshape(self.k, -1)
+        if self.rows_layout:
+            out = self.scratch[:size].reshape(c, kh, kw, m, self.span)
+            im2col_rows(self.flat[:, a:b], self.kernel, self.dilation, self.hw[1], self.out_hw[0], out=out)
+        else:
+            out = self.scratch[:size].reshape(c, kh, kw, m, *self.out_hw)
+            xc = self.flat.reshape(c, -1, *self.hw)[:, a:b]
+            im2col(xc, self.kernel, self.stride, self.dilation, self.out_hw, out=out)
+        if self.cache is not None:
+            self.cache[self.holds] = key
+        return out.reshape(self.k, -1)
+
+
+def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: Pair, cache: dict | None = None):
+    """y[n,o] = sum_c xcorr(x[n,c], weight[o,c]) + bias[o], as matrix products over im2col columns.
+
+    Returns y (N, O, OH, OW) and the padded input backward needs. Work happens in a channel-major layout,
+    so y is a transposed view of an (O, N, OH, OW) array that following layers read without copies. For
+    stride 1 the columns cover whole padded rows (see im2col_rows; their extra outputs are dropped),
+    otherwise they are the classic (C, KH, KW, N, OH, OW). Columns are built a few images at a time
+    (CHUNK_BYTES); `cache` keeps scratch buffers between calls.
     """
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
     out_hw = (out_size(hp, kh, stride[0], 0, dilation[0]), out_size(wp, kw, stride[1], 0, dilation[1]))
-    if stride == (1, 1):
-        flat = _channel_major_padded(x, padding, cache, "xp", tail=dilation[1] * (kw - 1))
-        cols = buffer(cache, "cols", (c, kh, kw, n, out_hw[0] * wp), x.dtype)
-        im2col_rows(flat, (kh, kw), dilation, wp, out_hw[0], out=cols)
-        grid = (out_hw[0], wp)
-    else:
-        flat = _channel_major_padded(x, padding, cache, "xp")
-        xc = flat.reshape(c, n, hp, wp)
-        cols = buffer(cache, "cols", (c, kh, kw, n, *out_hw), x.dtype)
-        im2col(xc, (kh, kw), stride, dilation, out_hw, out=cols)
-        grid = out_hw
-    y = weight.reshape(o, -1) @ cols.reshape(c * kh * kw, -1)  # (O, K) @ (K, N*P) -> (O, N*P)
+    tail = dilation[1] * (kw - 1) if stride == (1, 1) else 0
+    _Columns.forget(cache, "cols")  # the padded input is about to change
+    flat = _channel_major_padded(x, padding, cache, "xp", tail=tail)
+    columns = _Columns(flat, (hp, wp), (kh, kw), stride, dilation, out_hw, cache, "cols")
+    y = np.empty((o, n, columns.span), x.dtype)
+    wmat = weight.reshape(o, -1)
+    for a, b in columns.chunks:
+        np.matmul(wmat, columns(a, b), out=merged(y[:, a:b]))  # (O, K) @ (K, m*P) -> (O, m*P)
     if bias is not None:
-        y += bias[:, None]
-    return y.reshape(o, n, *grid)[..., : out_hw[1]].transpose(1, 0, 2, 3), cols
+        y += bias[:, None, None]
+    return y.reshape(o, n, *columns.grid)[..., : out_hw[1]].transpose(1, 0, 2, 3), flat
 
 
-def conv2d_backward(dy, cols, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, need_dx=True,
+def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, need_dx=True,
                     cache: dict | None = None, method: str = "auto"):
-    """Gradients of conv2d_forward. Returns dx (or None), dweight, dbias.
+    """Gradients of conv2d_forward, given the padded input it returned (`saved`). Returns dx (or None),
+    dweight, dbias.
 
-    dweight: the cross-correlation of the layer input with the deltas, dY (O, N*P) @ cols.T.
+    dweight: the cross-correlation of the layer input with the deltas, sum over chunks of dY @ cols.T.
     dbias: the sum of the deltas.
     dx: the full convolution of the deltas with the 180-degree-rotated kernel. `method` "full" computes it
     literally: pad the deltas by the kernel span - 1 and correlate them with the rotated kernel (channels
-    swapped), one matrix product (stride 1 only). "scatter" forms W^T dY and scatters each kernel offset's
-    slice back to where it was gathered (col2im): the same sum, without the zeros a strided full convolution
-    would insert. "auto" takes the full correlation for stride 1 unless its columns (O*KH*KW x N*Hp*Wp)
-    would be much larger than the scattered ones (C*KH*KW x N*OH*OW).
+    swapped), one matrix product per chunk (stride 1 only). "scatter" forms W^T dY and scatters each kernel
+    offset's slice back to where it was gathered (col2im): the same sum, without the zeros a strided full
+    convolution would insert. "auto" takes the full correlation for stride 1 unless its columns
+    (O*KH*KW x N*Hp*Wp) would be much larger than the scattered ones (C*KH*KW x N*OH*OW).
     """
     n, o, oh, ow = dy.shape
     _, c, kh, kw = weight.shape
     h, w = x_shape[2], x_shape[3]
     hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
-    rows_layout = stride == (1, 1)
+    columns = _Columns(saved, (hp, wp), (kh, kw), stride, dilation, (oh, ow), cache, "cols")
+    rows_layout = columns.rows_layout
     if rows_layout:  # deltas on the whole-row grid of the columns, zero in the wrap-around columns
         grid = buffer(cache, "dy_rows", (o, n, oh, wp), dy.dtype, zero=True)
         grid[..., :ow] = dy.transpose(1, 0, 2, 3)
-        dY = grid.reshape(o, -1)
+        dY = grid.reshape(o, n, -1)
     else:
-        dY = dy.transpose(1, 0, 2, 3).reshape(o, -1)  # (O, N*P): free when dy is channel-major already
-    dweight = (dY @ cols.reshape(c * kh * kw, -1).T).reshape(weight.shape)
-    dbias = dY.sum(axis=1)
+        dY = np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, n, -1)  # free when dy is channel-major
+    dweight = np.zeros((o, columns.k), dy.dtype)
+    for a, b in reversed(columns.chunks):  # the last chunk forward built first: it may still be in the buffer
+        dweight += merged(dY[:, a:b]) @ columns(a, b).T
+    dweight = dweight.reshape(weight.shape)
+    dbias = dY.sum(axis=(1, 2))
     if not need_dx:
         return None, dweight, dbias
     pt, _, pl, _ = padding
@@ -217,18 +282,28 @@ def conv2d_backward(dy, cols, weight, x_shape, stride: Pair, padding: Padding4, 
         if not rows_layout:
             raise ValueError("the full-correlation input gradient needs stride 1")
         sh, sw = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))  # span - 1, so oh + sh == hp
+        _Columns.forget(cache, "dcols")
         dyp = _channel_major_padded(dy, (sh, sh, sw, sw), cache, "dyp", tail=sw)
-        dcols = buffer(cache, "dcols", (o, kh, kw, n, hp * (ow + 2 * sw)), dy.dtype)
-        im2col_rows(dyp, (kh, kw), dilation, ow + 2 * sw, hp, out=dcols)
+        dcols = _Columns(dyp, (oh + 2 * sh, ow + 2 * sw), (kh, kw), (1, 1), dilation, (hp, ow + 2 * sw), cache,
+                         "dcols")
         rotated = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)  # (C, O*KH*KW)
-        dxc = (rotated @ dcols.reshape(o * kh * kw, -1)).reshape(c, n, hp, ow + 2 * sw)
+        dxc = np.empty((c, n, hp * (ow + 2 * sw)), dy.dtype)
+        for a, b in dcols.chunks:
+            np.matmul(rotated, dcols(a, b), out=merged(dxc[:, a:b]))
+        dxc = dxc.reshape(c, n, hp, ow + 2 * sw)
     else:
-        dcols = weight.reshape(o, -1).T @ dY  # (K, O) @ (O, N*P)
+        wt = weight.reshape(o, -1).T  # (K, O)
         if rows_layout:
-            flat = col2im_rows(dcols.reshape(c, kh, kw, n, -1), hp * wp + dilation[1] * (kw - 1), dilation, wp)
-            dxc = flat[:, :, : hp * wp].reshape(c, n, hp, wp)
+            flat = np.zeros((c, n, hp * wp + dilation[1] * (kw - 1)), dy.dtype)
         else:
-            dxc = col2im(dcols.reshape(c, kh, kw, n, oh, ow), (hp, wp), stride, dilation)
+            flat = np.zeros((c, n, hp, wp), dy.dtype)
+        for a, b in columns.chunks:
+            part = (wt @ merged(dY[:, a:b])).reshape(c, kh, kw, b - a, *columns.grid)
+            if rows_layout:
+                col2im_rows(part.reshape(c, kh, kw, b - a, -1), 0, dilation, wp, out=flat[:, a:b])
+            else:
+                col2im(part, (hp, wp), stride, dilation, out=flat[:, a:b])
+        dxc = flat[:, :, : hp * wp].reshape(c, n, hp, wp) if rows_layout else flat
     return dxc[:, :, pt : pt + h, pl : pl + w].transpose(1, 0, 2, 3), dweight, dbias
 
 

@@ -126,3 +126,22 @@ def test_layers_give_the_same_numbers_for_any_memory_layout(tag):
             np.testing.assert_allclose(dx, results[0][1], rtol=1e-5, atol=1e-6, err_msg=case_id)
             for a, b in zip(grads, results[0][2]):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=case_id)
+
+
+@pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((2, 1), "scatter")])
+def test_chunked_columns_give_the_same_gradients(monkeypatch, stride, method):
+    """Columns built a few images at a time (and rebuilt in backward, except the chunk forward left in the
+    scratch buffer) give the same outputs and gradients as one chunk for the whole batch."""
+    g = np.random.default_rng(4)
+    x, w, b = g.standard_normal((7, 2, 9, 8)), g.standard_normal((3, 2, 3, 2)), g.standard_normal(3)
+    pad4, dil = (1, 2, 0, 1), (2, 1)
+    results = []
+    for chunk_bytes in [1 << 30, 1]:  # one chunk; one image per chunk
+        monkeypatch.setattr(F, "CHUNK_BYTES", chunk_bytes)
+        cache = {}
+        y, saved = F.conv2d_forward(x, w, b, stride, pad4, dil, cache)
+        dy = np.random.default_rng(5).standard_normal(y.shape)
+        results.append((y, *F.conv2d_backward(dy, saved, w, x.shape, stride, pad4, dil, cache=cache, method=method)))
+    assert len(F.image_chunks(7, 100)) == 7
+    for one, many in zip(*results):
+        np.testing.assert_allclose(many, one, rtol=1e-12, atol=1e-12)

@@ -71,7 +71,7 @@ class Conv2D(Layer):
     def forward(self, x, training=True):
         self._x_shape = x.shape
         self._pad4 = self._pads(x.shape[2:])
-        y, self._cols = F.conv2d_forward(
+        y, self._saved = F.conv2d_forward(
             x, self.params["weight"], self.params.get("bias"), self.stride, self._pad4, self.dilation, self._buffers
         )
         return self._activate(y, training)
@@ -79,7 +79,7 @@ class Conv2D(Layer):
     def backward(self, dy):
         dy = self._deactivate(dy)
         dx, dw, db = F.conv2d_backward(
-            dy, self._cols, self.params["weight"], self._x_shape, self.stride, self._pad4, self.dilation,
+            dy, self._saved, self.params["weight"], self._x_shape, self.stride, self._pad4, self.dilation,
             need_dx=self.needs_input_grad, cache=self._buffers,
         )
         self.grads["weight"] = dw

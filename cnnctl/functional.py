@@ -12,6 +12,8 @@ Python loops run over kernel offsets (KH*KW of them) only, never over batch item
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 Pair = tuple[int, int]
@@ -216,10 +218,19 @@ class _Columns:
         return out.reshape(self.k, -1)
 
 
-def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: Pair, cache: dict | None = None):
-    """y[n,o] = sum_c xcorr(x[n,c], weight[o,c]) + bias[o], as matrix products over im2col columns.
+class ConvSaved(NamedTuple):
+    """What conv2d_forward leaves for conv2d_backward."""
 
-    Returns y (N, O, OH, OW) and the padded input backward needs. Work happens in a channel-major layout,
+    padded: np.ndarray  # the channel-major padded input (C, N, Hp*Wp + tail)
+    relu_mask: np.ndarray | None  # where the pre-activation was > 0, when a ReLU was fused
+
+
+def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: Pair, cache: dict | None = None,
+                   relu: bool = False):
+    """y[n,o] = sum_c xcorr(x[n,c], weight[o,c]) + bias[o], as matrix products over im2col columns, followed
+    by max(y, 0) when `relu` (applied in place on the contiguous product, before any view is taken).
+
+    Returns y (N, O, OH, OW) and a ConvSaved for backward. Work happens in a channel-major layout,
     so y is a transposed view of an (O, N, OH, OW) array that following layers read without copies. For
     stride 1 the columns cover whole padded rows (see im2col_rows; their extra outputs are dropped),
     otherwise they are the classic (C, KH, KW, N, OH, OW). Columns are built a few images at a time
@@ -239,13 +250,18 @@ def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: P
         np.matmul(wmat, columns(a, b), out=merged(y[:, a:b]))  # (O, K) @ (K, m*P) -> (O, m*P)
     if bias is not None:
         y += bias[:, None, None]
-    return y.reshape(o, n, *columns.grid)[..., : out_hw[1]].transpose(1, 0, 2, 3), flat
+    mask = None
+    if relu:
+        mask = np.greater(y, 0).reshape(o, n, *columns.grid)
+        np.maximum(y, 0, out=y)
+    return y.reshape(o, n, *columns.grid)[..., : out_hw[1]].transpose(1, 0, 2, 3), ConvSaved(flat, mask)
 
 
 def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, need_dx=True,
                     cache: dict | None = None, method: str = "auto"):
-    """Gradients of conv2d_forward, given the padded input it returned (`saved`). Returns dx (or None),
-    dweight, dbias.
+    """Gradients of conv2d_forward, given the ConvSaved it returned; dy is the gradient of its output (after
+    the fused ReLU, if any: its mask is applied while dy is copied into the layout the products need).
+    Returns dx (or None), dweight, dbias.
 
     dweight: the cross-correlation of the layer input with the deltas, sum over chunks of dY @ cols.T.
     dbias: the sum of the deltas.
@@ -260,14 +276,18 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     _, c, kh, kw = weight.shape
     h, w = x_shape[2], x_shape[3]
     hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
-    columns = _Columns(saved, (hp, wp), (kh, kw), stride, dilation, (oh, ow), cache, "cols")
+    columns = _Columns(saved.padded, (hp, wp), (kh, kw), stride, dilation, (oh, ow), cache, "cols")
     rows_layout = columns.rows_layout
+    dyc = dy.transpose(1, 0, 2, 3)  # (O, N, OH, OW): free when dy is channel-major
     if rows_layout:  # deltas on the whole-row grid of the columns, zero in the wrap-around columns
         grid = buffer(cache, "dy_rows", (o, n, oh, wp), dy.dtype, zero=True)
-        grid[..., :ow] = dy.transpose(1, 0, 2, 3)
-        dY = grid.reshape(o, n, -1)
     else:
-        dY = np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o, n, -1)  # free when dy is channel-major
+        grid = np.empty((o, n, oh, ow), dy.dtype)
+    if saved.relu_mask is None:
+        grid[..., :ow] = dyc
+    else:
+        np.multiply(dyc, saved.relu_mask[..., :ow], out=grid[..., :ow])
+    dY = grid.reshape(o, n, -1)
     dweight = np.zeros((o, columns.k), dy.dtype)
     for a, b in reversed(columns.chunks):  # the last chunk forward built first: it may still be in the buffer
         dweight += merged(dY[:, a:b]) @ columns(a, b).T
@@ -283,7 +303,8 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
             raise ValueError("the full-correlation input gradient needs stride 1")
         sh, sw = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))  # span - 1, so oh + sh == hp
         _Columns.forget(cache, "dcols")
-        dyp = _channel_major_padded(dy, (sh, sh, sw, sw), cache, "dyp", tail=sw)
+        masked = grid[..., :ow].transpose(1, 0, 2, 3)  # dy after the fused ReLU's mask, (N, O, OH, OW)
+        dyp = _channel_major_padded(masked, (sh, sh, sw, sw), cache, "dyp", tail=sw)
         dcols = _Columns(dyp, (oh + 2 * sh, ow + 2 * sw), (kh, kw), (1, 1), dilation, (hp, ow + 2 * sw), cache,
                          "dcols")
         rotated = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)  # (C, O*KH*KW)

@@ -145,3 +145,19 @@ def test_chunked_columns_give_the_same_gradients(monkeypatch, stride, method):
     assert len(F.image_chunks(7, 100)) == 7
     for one, many in zip(*results):
         np.testing.assert_allclose(many, one, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((2, 1), "scatter")])
+def test_fused_relu_equals_relu_after_conv(stride, method):
+    """conv2d_forward(relu=True) and its backward equal max(conv, 0) with the mask applied by hand."""
+    g = np.random.default_rng(6)
+    x, w, b = g.standard_normal((3, 2, 9, 8)), g.standard_normal((3, 2, 3, 2)), g.standard_normal(3)
+    pad4, dil = (1, 2, 0, 1), (2, 1)
+    z, saved = F.conv2d_forward(x, w, b, stride, pad4, dil)
+    y, fused = F.conv2d_forward(x, w, b, stride, pad4, dil, relu=True)
+    np.testing.assert_array_equal(y, np.maximum(z, 0))
+    dy = g.standard_normal(y.shape)
+    expected = F.conv2d_backward(dy * (z > 0), saved, w, x.shape, stride, pad4, dil, method=method)
+    got = F.conv2d_backward(dy, fused, w, x.shape, stride, pad4, dil, method=method)
+    for e, a in zip(expected, got):
+        np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)

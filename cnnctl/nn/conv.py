@@ -6,6 +6,7 @@ import numpy as np
 
 from .. import functional as F
 from ..errors import ShapeError
+from .activations import ReLU
 from .base import Layer, make_activation, register
 from .init import initialize
 
@@ -40,6 +41,7 @@ class Conv2D(Layer):
         if bias:
             self.params["bias"] = np.zeros(self.out_channels, dtype=dtype)
         self.activation = make_activation(activation)
+        self._fused_relu = isinstance(self.activation, ReLU)  # applied inside the convolution (one pass less)
         self.needs_input_grad = True
         self._buffers: dict = {}  # scratch arrays reused between steps (padded input, columns)
         self.zero_grad()
@@ -72,12 +74,14 @@ class Conv2D(Layer):
         self._x_shape = x.shape
         self._pad4 = self._pads(x.shape[2:])
         y, self._saved = F.conv2d_forward(
-            x, self.params["weight"], self.params.get("bias"), self.stride, self._pad4, self.dilation, self._buffers
+            x, self.params["weight"], self.params.get("bias"), self.stride, self._pad4, self.dilation, self._buffers,
+            relu=self._fused_relu,
         )
-        return self._activate(y, training)
+        return y if self._fused_relu else self._activate(y, training)
 
     def backward(self, dy):
-        dy = self._deactivate(dy)
+        if not self._fused_relu:
+            dy = self._deactivate(dy)
         dx, dw, db = F.conv2d_backward(
             dy, self._saved, self.params["weight"], self._x_shape, self.stride, self._pad4, self.dilation,
             need_dx=self.needs_input_grad, cache=self._buffers,

@@ -175,6 +175,16 @@ def merged(a: np.ndarray) -> np.ndarray:
     return v
 
 
+ROWS_MAX_WASTE = 1.1
+"""Stride-1 columns cover whole padded rows (im2col_rows: contiguous copies) unless the padded rows are more
+than this many times longer than the output rows, when the extra positions would cost more than the
+strided copies of the classic layout."""
+
+
+def rows_layout(stride: Pair, out_w: int, padded_w: int) -> bool:
+    return stride == (1, 1) and padded_w <= ROWS_MAX_WASTE * out_w
+
+
 class _Columns:
     """im2col of one padded channel-major input for chunks of images, into one reused scratch buffer. With a
     `cache`, the buffer remembers which chunk it holds, so backward (which walks the chunks in reverse)
@@ -184,7 +194,7 @@ class _Columns:
         self.flat, self.hw, self.kernel, self.stride, self.dilation, self.out_hw = \
             flat, hw, kernel, stride, dilation, out_hw
         c, n = flat.shape[:2]
-        self.rows_layout = stride == (1, 1)
+        self.rows_layout = rows_layout(stride, out_hw[1], hw[1])
         self.grid = (out_hw[0], hw[1]) if self.rows_layout else out_hw  # positions per image in the columns
         self.k = c * kernel[0] * kernel[1]
         self.span = self.grid[0] * self.grid[1]
@@ -240,7 +250,7 @@ def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: P
     o, _, kh, kw = weight.shape
     hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
     out_hw = (out_size(hp, kh, stride[0], 0, dilation[0]), out_size(wp, kw, stride[1], 0, dilation[1]))
-    tail = dilation[1] * (kw - 1) if stride == (1, 1) else 0
+    tail = dilation[1] * (kw - 1) if rows_layout(stride, out_hw[1], wp) else 0
     _Columns.forget(cache, "cols")  # the padded input is about to change
     flat = _channel_major_padded(x, padding, cache, "xp", tail=tail)
     columns = _Columns(flat, (hp, wp), (kh, kw), stride, dilation, out_hw, cache, "cols")
@@ -277,9 +287,8 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     h, w = x_shape[2], x_shape[3]
     hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
     columns = _Columns(saved.padded, (hp, wp), (kh, kw), stride, dilation, (oh, ow), cache, "cols")
-    rows_layout = columns.rows_layout
     dyc = dy.transpose(1, 0, 2, 3)  # (O, N, OH, OW): free when dy is channel-major
-    if rows_layout:  # deltas on the whole-row grid of the columns, zero in the wrap-around columns
+    if columns.rows_layout:  # deltas on the whole-row grid of the columns, zero in the wrap-around columns
         grid = buffer(cache, "dy_rows", (o, n, oh, wp), dy.dtype, zero=True)
     else:
         grid = np.empty((o, n, oh, ow), dy.dtype)
@@ -297,34 +306,33 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
         return None, dweight, dbias
     pt, _, pl, _ = padding
     if method == "auto":
-        method = "full" if rows_layout and o * hp * wp <= 1.5 * c * oh * ow else "scatter"
+        method = "full" if stride == (1, 1) and o * h * (ow + 2 * dilation[1] * (kw - 1)) <= 1.5 * c * oh * ow \
+            else "scatter"
     if method == "full":
-        if not rows_layout:
+        if stride != (1, 1):
             raise ValueError("the full-correlation input gradient needs stride 1")
         sh, sw = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))  # span - 1, so oh + sh == hp
         _Columns.forget(cache, "dcols")
         masked = grid[..., :ow].transpose(1, 0, 2, 3)  # dy after the fused ReLU's mask, (N, O, OH, OW)
         dyp = _channel_major_padded(masked, (sh, sh, sw, sw), cache, "dyp", tail=sw)
-        dcols = _Columns(dyp, (oh + 2 * sh, ow + 2 * sw), (kh, kw), (1, 1), dilation, (hp, ow + 2 * sw), cache,
-                         "dcols")
+        # only the rows of the unpadded input: whole rows of the padded deltas from row pt on
+        row = ow + 2 * sw
+        dcols = _Columns(dyp[:, :, pt * row :], (h, row), (kh, kw), (1, 1), dilation, (h, row), cache, "dcols")
         rotated = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)  # (C, O*KH*KW)
-        dxc = np.empty((c, n, hp * (ow + 2 * sw)), dy.dtype)
+        dxc = np.empty((c, n, h * row), dy.dtype)
         for a, b in dcols.chunks:
             np.matmul(rotated, dcols(a, b), out=merged(dxc[:, a:b]))
-        dxc = dxc.reshape(c, n, hp, ow + 2 * sw)
-    else:
-        wt = weight.reshape(o, -1).T  # (K, O)
-        if rows_layout:
-            flat = np.zeros((c, n, hp * wp + dilation[1] * (kw - 1)), dy.dtype)
+        return dxc.reshape(c, n, h, row)[..., pl : pl + w].transpose(1, 0, 2, 3), dweight, dbias
+    wt = weight.reshape(o, -1).T  # (K, O)
+    rows = columns.rows_layout
+    flat = np.zeros((c, n, hp * wp + dilation[1] * (kw - 1)) if rows else (c, n, hp, wp), dy.dtype)
+    for a, b in columns.chunks:
+        part = (wt @ merged(dY[:, a:b])).reshape(c, kh, kw, b - a, *columns.grid)
+        if rows:
+            col2im_rows(part.reshape(c, kh, kw, b - a, -1), 0, dilation, wp, out=flat[:, a:b])
         else:
-            flat = np.zeros((c, n, hp, wp), dy.dtype)
-        for a, b in columns.chunks:
-            part = (wt @ merged(dY[:, a:b])).reshape(c, kh, kw, b - a, *columns.grid)
-            if rows_layout:
-                col2im_rows(part.reshape(c, kh, kw, b - a, -1), 0, dilation, wp, out=flat[:, a:b])
-            else:
-                col2im(part, (hp, wp), stride, dilation, out=flat[:, a:b])
-        dxc = flat[:, :, : hp * wp].reshape(c, n, hp, wp) if rows_layout else flat
+            col2im(part, (hp, wp), stride, dilation, out=flat[:, a:b])
+    dxc = flat[:, :, : hp * wp].reshape(c, n, hp, wp) if rows else flat
     return dxc[:, :, pt : pt + h, pl : pl + w].transpose(1, 0, 2, 3), dweight, dbias
 
 

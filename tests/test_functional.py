@@ -60,8 +60,11 @@ def test_im2col_matches_naive_indexing():
 
 @pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((1, 1), "auto"),
                                            ((2, 1), "scatter"), ((3, 2), "auto")])
-def test_conv_backward_input_gradient_paths_agree_with_naive_scatter(stride, method):
-    """Both input-gradient paths (full correlation for stride 1, col2im otherwise) equal a naive scatter."""
+@pytest.mark.parametrize("rows_waste", [1.0, 10.0], ids=["classic", "whole-rows"])
+def test_conv_backward_input_gradient_paths_agree_with_naive_scatter(monkeypatch, stride, method, rows_waste):
+    """Both input-gradient paths (full correlation for stride 1, col2im otherwise) equal a naive scatter, with
+    forward's columns in either layout."""
+    monkeypatch.setattr(F, "ROWS_MAX_WASTE", rows_waste)
     g = np.random.default_rng(3)
     x, w = g.standard_normal((2, 2, 9, 8)), g.standard_normal((3, 2, 3, 2))
     pad4, dil = (1, 2, 0, 1), (2, 1)
@@ -128,10 +131,13 @@ def test_layers_give_the_same_numbers_for_any_memory_layout(tag):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=case_id)
 
 
+@pytest.mark.parametrize("rows_waste", [1.0, 10.0], ids=["classic", "whole-rows"])
 @pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((2, 1), "scatter")])
-def test_chunked_columns_give_the_same_gradients(monkeypatch, stride, method):
+def test_chunked_columns_give_the_same_gradients(monkeypatch, stride, method, rows_waste):
     """Columns built a few images at a time (and rebuilt in backward, except the chunk forward left in the
-    scratch buffer) give the same outputs and gradients as one chunk for the whole batch."""
+    scratch buffer) give the same outputs and gradients as one chunk for the whole batch, and the same as
+    a naive convolution, in both column layouts."""
+    monkeypatch.setattr(F, "ROWS_MAX_WASTE", rows_waste)
     g = np.random.default_rng(4)
     x, w, b = g.standard_normal((7, 2, 9, 8)), g.standard_normal((3, 2, 3, 2)), g.standard_normal(3)
     pad4, dil = (1, 2, 0, 1), (2, 1)
@@ -143,6 +149,7 @@ def test_chunked_columns_give_the_same_gradients(monkeypatch, stride, method):
         dy = np.random.default_rng(5).standard_normal(y.shape)
         results.append((y, *F.conv2d_backward(dy, saved, w, x.shape, stride, pad4, dil, cache=cache, method=method)))
     assert len(F.image_chunks(7, 100)) == 7
+    np.testing.assert_allclose(results[0][0], naive_conv(x, w, b, stride, pad4, dil), rtol=1e-12, atol=1e-12)
     for one, many in zip(*results):
         np.testing.assert_allclose(many, one, rtol=1e-12, atol=1e-12)
 

@@ -4,10 +4,17 @@ Shape letters used throughout:
     N  batch size            C  input channels        O  output channels
     H, W  input height and width (Hp, Wp after padding)
     KH, KW  kernel height and width                   OH, OW  output height and width
-    K = C*KH*KW  (one im2col column)                  P = OH*OW  (output positions per map)
+    K = C*KH*KW  (one im2col column)
+
+Layers see (N, C, H, W) arrays, but convolutions store them batch-innermost, (C, H, W, N) in memory
+("CHWN", as cuda-convnet did): every kernel-offset window, pooling window and padded copy is then a run of
+N contiguous numbers rather than a run of W (or, for pooling with stride 2, single numbers), so NumPy
+copies it at close to memory speed. A conv layer returns its output as an (N, O, OH, OW) view of an
+(O, OH, OW, N) array; following layers work on such views without copies.
 
 The derivation, with the index conventions for stride, padding and dilation, is in docs/backprop.md.
-Python loops run over kernel offsets (KH*KW of them) only, never over batch items, channels or pixels.
+Python loops run over kernel offsets (KH*KW of them) and chunks of output rows only, never over batch
+items, channels or pixels.
 """
 
 from __future__ import annotations
@@ -65,12 +72,13 @@ def unpad(xp: np.ndarray, p: Padding4) -> np.ndarray:
     return xp[:, :, p[0] : xp.shape[2] - p[1], p[2] : xp.shape[3] - p[3]]
 
 
-def _window(i: int, j: int, out_hw: Pair, stride: Pair, dilation: Pair) -> tuple[slice, slice]:
-    """The strided slice of a padded input that kernel offset (i, j) sees at every output position."""
-    (oh, ow), (sh, sw), (dh, dw) = out_hw, stride, dilation
+def _window(i: int, j: int, out_hw: Pair, stride: Pair, dilation: Pair, origin: Pair = (0, 0)):
+    """The strided (rows, columns) slices of a padded input that kernel offset (i, j) sees at every output
+    position, for outputs whose first one reads from `origin`."""
+    (oh, ow), (sh, sw), (dh, dw), (y0, x0) = out_hw, stride, dilation, origin
     return (
-        slice(i * dh, i * dh + sh * (oh - 1) + 1, sh),
-        slice(j * dw, j * dw + sw * (ow - 1) + 1, sw),
+        slice(y0 + i * dh, y0 + i * dh + sh * (oh - 1) + 1, sh),
+        slice(x0 + j * dw, x0 + j * dw + sw * (ow - 1) + 1, sw),
     )
 
 
@@ -98,73 +106,48 @@ def in_layout_of(a: np.ndarray, like: np.ndarray) -> np.ndarray:
     return out
 
 
-def im2col(xc: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair, out=None) -> np.ndarray:
-    """Channel-major padded input (C, N, Hp, Wp) -> columns (C, KH, KW, N, OH, OW):
-    cols[c, i, j, n, y, x] = xc[c, n, y*s + i*d, x*s + j*d]. One strided slice copy per kernel offset."""
-    c, n = xc.shape[:2]
-    cols = np.empty((c, kernel[0], kernel[1], n, *out_hw), dtype=xc.dtype) if out is None else out
+def im2col(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair, out=None,
+           origin: Pair = (0, 0)) -> np.ndarray:
+    """Padded CHWN input (C, Hp, Wp, N) -> columns (C, KH, KW, OH, OW, N):
+    cols[c, i, j, y, x, n] = xp[c, y0 + y*sh + i*dh, x0 + x*sw + j*dw, n] with (y0, x0) = origin.
+    One strided slice copy per kernel offset."""
+    c, n = xp.shape[0], xp.shape[3]
+    cols = np.empty((c, kernel[0], kernel[1], *out_hw, n), dtype=xp.dtype) if out is None else out
     for i in range(kernel[0]):
         for j in range(kernel[1]):
-            cols[:, i, j] = xc[(..., *_window(i, j, out_hw, stride, dilation))]
+            cols[:, i, j] = xp[(slice(None), *_window(i, j, out_hw, stride, dilation, origin))]
     return cols
 
 
-def col2im(cols: np.ndarray, padded_hw: Pair, stride: Pair, dilation: Pair, out=None) -> np.ndarray:
-    """Adjoint of im2col: scatter-add columns (C, KH, KW, N, OH, OW) onto (C, N, Hp, Wp), zeros or `out`."""
-    c, kh, kw, n, oh, ow = cols.shape
-    xc = np.zeros((c, n, *padded_hw), dtype=cols.dtype) if out is None else out
+def col2im(cols: np.ndarray, padded_hw: Pair, stride: Pair, dilation: Pair, out=None,
+           origin: Pair = (0, 0)) -> np.ndarray:
+    """Adjoint of im2col: scatter-add columns (C, KH, KW, OH, OW, N) onto (C, Hp, Wp, N), zeros or `out`."""
+    c, kh, kw, oh, ow, n = cols.shape
+    xp = np.zeros((c, *padded_hw, n), dtype=cols.dtype) if out is None else out
     for i in range(kh):
         for j in range(kw):
-            xc[(..., *_window(i, j, (oh, ow), stride, dilation))] += cols[:, i, j]
-    return xc
+            xp[(slice(None), *_window(i, j, (oh, ow), stride, dilation, origin))] += cols[:, i, j]
+    return xp
 
 
-def _channel_major_padded(x, pad4: Padding4, cache, name, tail: int = 0) -> np.ndarray:
-    """x (N, C, H, W) as a channel-major (C, N, Hp, Wp) array padded with zeros, inside a flat buffer
-    (C, N, Hp*Wp + tail) whose zero tail lets `im2col_rows` read whole rows past the last one."""
-    xt = x.transpose(1, 0, 2, 3)
-    c, n, h, w = xt.shape
-    hp, wp = h + pad4[0] + pad4[1], w + pad4[2] + pad4[3]
-    flat = buffer(cache, name, (c, n, hp * wp + tail), x.dtype, zero=True)
-    flat[:, :, : hp * wp].reshape(c, n, hp, wp)[:, :, pad4[0] : pad4[0] + h, pad4[2] : pad4[2] + w] = xt
-    return flat
-
-
-def im2col_rows(flat: np.ndarray, kernel: Pair, dilation: Pair, row_len: int, rows: int, out=None) -> np.ndarray:
-    """Stride-1 im2col on whole padded rows: flat (C, N, Hp*Wp + tail) -> (C, KH, KW, N, OH*Wp) with
-    cols[c, i, j, n, y*Wp + x] = xp[c, n, y + i*dh, x + j*dw]. Each kernel offset is one contiguous slice
-    per image; the columns x >= OW are wrap-around garbage that callers drop (forward) or zero (backward)."""
-    c, n = flat.shape[:2]
-    span = rows * row_len
-    cols = np.empty((c, kernel[0], kernel[1], n, span), dtype=flat.dtype) if out is None else out
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            start = i * dilation[0] * row_len + j * dilation[1]
-            cols[:, i, j] = flat[:, :, start : start + span]
-    return cols
-
-
-def col2im_rows(cols: np.ndarray, length: int, dilation: Pair, row_len: int, out=None) -> np.ndarray:
-    """Adjoint of im2col_rows: scatter-add (C, KH, KW, N, OH*Wp) onto a flat (C, N, length), zeros or `out`."""
-    c, kh, kw, n, span = cols.shape
-    flat = np.zeros((c, n, length), dtype=cols.dtype) if out is None else out
-    for i in range(kh):
-        for j in range(kw):
-            start = i * dilation[0] * row_len + j * dilation[1]
-            flat[:, :, start : start + span] += cols[:, i, j]
-    return flat
+def padded_chwn(x: np.ndarray, pad4: Padding4, cache: dict | None, name: str) -> np.ndarray:
+    """x (N, C, H, W), in any memory layout, copied into a zero-bordered CHWN buffer (C, Hp, Wp, N)."""
+    n, c, h, w = x.shape
+    xp = buffer(cache, name, (c, h + pad4[0] + pad4[1], w + pad4[2] + pad4[3], n), x.dtype, zero=True)
+    xp[:, pad4[0] : pad4[0] + h, pad4[2] : pad4[2] + w] = x.transpose(1, 2, 3, 0)
+    return xp
 
 
 CHUNK_BYTES = 16 << 20
-"""Columns are built for a few images at a time, about this many bytes, so that the matrix product reads
-them from cache rather than memory; backward rebuilds them from the padded input it keeps (cheap, in
-cache) instead of keeping every layer's columns alive between the passes."""
+"""Columns are built for a few output rows at a time, about this many bytes, so that the matrix product
+reads them from cache rather than memory; backward rebuilds them from the padded input it keeps (cheap,
+in cache) instead of keeping every layer's columns alive between the passes."""
 
 
-def image_chunks(n: int, bytes_per_image: int, target: int | None = None) -> list[tuple[int, int]]:
-    """Split a batch of n images into consecutive [start, stop) ranges of about `target` bytes each."""
-    per = max(1, min(n, (target or CHUNK_BYTES) // max(1, bytes_per_image)))
-    return [(i, min(i + per, n)) for i in range(0, n, per)]
+def row_chunks(rows: int, bytes_per_row: int, target: int | None = None) -> list[tuple[int, int]]:
+    """Split `rows` output rows into consecutive [start, stop) ranges of about `target` bytes each."""
+    per = max(1, min(rows, (target or CHUNK_BYTES) // max(1, bytes_per_row)))
+    return [(i, min(i + per, rows)) for i in range(0, rows, per)]
 
 
 def merged(a: np.ndarray) -> np.ndarray:
@@ -175,32 +158,19 @@ def merged(a: np.ndarray) -> np.ndarray:
     return v
 
 
-ROWS_MAX_WASTE = 1.1
-"""Stride-1 columns cover whole padded rows (im2col_rows: contiguous copies) unless the padded rows are more
-than this many times longer than the output rows, when the extra positions would cost more than the
-strided copies of the classic layout."""
-
-
-def rows_layout(stride: Pair, out_w: int, padded_w: int) -> bool:
-    return stride == (1, 1) and padded_w <= ROWS_MAX_WASTE * out_w
-
-
 class _Columns:
-    """im2col of one padded channel-major input for chunks of images, into one reused scratch buffer. With a
+    """im2col of one padded CHWN input for chunks of output rows, into one reused scratch buffer. With a
     `cache`, the buffer remembers which chunk it holds, so backward (which walks the chunks in reverse)
     starts from the last chunk forward built without rebuilding it: with a single chunk, nothing is rebuilt."""
 
-    def __init__(self, flat, hw: Pair, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair, cache, name):
-        self.flat, self.hw, self.kernel, self.stride, self.dilation, self.out_hw = \
-            flat, hw, kernel, stride, dilation, out_hw
-        c, n = flat.shape[:2]
-        self.rows_layout = rows_layout(stride, out_hw[1], hw[1])
-        self.grid = (out_hw[0], hw[1]) if self.rows_layout else out_hw  # positions per image in the columns
-        self.k = c * kernel[0] * kernel[1]
-        self.span = self.grid[0] * self.grid[1]
-        self.chunks = image_chunks(n, self.k * self.span * flat.itemsize)
-        most = max(b - a for a, b in self.chunks)
-        self.scratch = buffer(cache, name, (self.k * most * self.span,), flat.dtype)
+    def __init__(self, xp, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair, cache, name: str,
+                 origin: Pair = (0, 0)):
+        self.xp, self.kernel, self.stride, self.dilation, self.out_hw, self.origin = \
+            xp, kernel, stride, dilation, out_hw, origin
+        self.k = xp.shape[0] * kernel[0] * kernel[1]
+        row = self.k * out_hw[1] * xp.shape[3]  # numbers per output row
+        self.chunks = row_chunks(out_hw[0], row * xp.itemsize)
+        self.scratch = buffer(cache, name, (row * max(b - a for a, b in self.chunks),), xp.dtype)
         self.cache, self.holds = cache, name + ".holds"
 
     @staticmethod
@@ -210,22 +180,16 @@ class _Columns:
             cache.pop(name + ".holds", None)
 
     def __call__(self, a: int, b: int) -> np.ndarray:
-        """Columns (K, (b-a)*P) of images a..b-1."""
-        c, (kh, kw), m = self.flat.shape[0], self.kernel, b - a
-        size = self.k * m * self.span
-        key = (a, b, self.span)
-        if self.cache is not None and self.cache.get(self.holds) == key:
-            return self.scratch[:size].reshape(self.k, -1)
-        if self.rows_layout:
-            out = self.scratch[:size].reshape(c, kh, kw, m, self.span)
-            im2col_rows(self.flat[:, a:b], self.kernel, self.dilation, self.hw[1], self.out_hw[0], out=out)
-        else:
-            out = self.scratch[:size].reshape(c, kh, kw, m, *self.out_hw)
-            xc = self.flat.reshape(c, -1, *self.hw)[:, a:b]
-            im2col(xc, self.kernel, self.stride, self.dilation, self.out_hw, out=out)
-        if self.cache is not None:
-            self.cache[self.holds] = key
-        return out.reshape(self.k, -1)
+        """Columns (K, (b-a)*OW*N) of output rows a..b-1."""
+        c, n = self.xp.shape[0], self.xp.shape[3]
+        shape = (c, *self.kernel, b - a, self.out_hw[1], n)
+        cols = self.scratch[: int(np.prod(shape))].reshape(shape)
+        if self.cache is None or self.cache.get(self.holds) != (a, b):
+            origin = (self.origin[0] + a * self.stride[0], self.origin[1])
+            im2col(self.xp, self.kernel, self.stride, self.dilation, shape[3:5], out=cols, origin=origin)
+            if self.cache is not None:
+                self.cache[self.holds] = (a, b)
+        return cols.reshape(self.k, -1)
 
 
 class ConvSaved(NamedTuple):
@@ -238,33 +202,29 @@ class ConvSaved(NamedTuple):
 def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: Pair, cache: dict | None = None,
                    relu: bool = False):
     """y[n,o] = sum_c xcorr(x[n,c], weight[o,c]) + bias[o], as matrix products over im2col columns, followed
-    by max(y, 0) when `relu` (applied in place on the contiguous product, before any view is taken).
+    by max(y, 0) when `relu` (applied in place on the contiguous product).
 
-    Returns y (N, O, OH, OW) and a ConvSaved for backward. Work happens in a channel-major layout,
-    so y is a transposed view of an (O, N, OH, OW) array that following layers read without copies. For
-    stride 1 the columns cover whole padded rows (see im2col_rows; their extra outputs are dropped),
-    otherwise they are the classic (C, KH, KW, N, OH, OW). Columns are built a few images at a time
-    (CHUNK_BYTES); `cache` keeps scratch buffers between calls.
+    Returns y (N, O, OH, OW), a view of an (O, OH, OW, N) array, and a ConvSaved for backward. Columns
+    are built a few output rows at a time (CHUNK_BYTES); `cache` keeps scratch buffers between calls.
     """
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
     out_hw = (out_size(hp, kh, stride[0], 0, dilation[0]), out_size(wp, kw, stride[1], 0, dilation[1]))
-    tail = dilation[1] * (kw - 1) if rows_layout(stride, out_hw[1], wp) else 0
     _Columns.forget(cache, "cols")  # the padded input is about to change
-    flat = _channel_major_padded(x, padding, cache, "xp", tail=tail)
-    columns = _Columns(flat, (hp, wp), (kh, kw), stride, dilation, out_hw, cache, "cols")
-    y = np.empty((o, n, columns.span), x.dtype)
+    xp = padded_chwn(x, padding, cache, "xp")
+    columns = _Columns(xp, (kh, kw), stride, dilation, out_hw, cache, "cols")
+    y = np.empty((o, *out_hw, n), x.dtype)
     wmat = weight.reshape(o, -1)
     for a, b in columns.chunks:
-        np.matmul(wmat, columns(a, b), out=merged(y[:, a:b]))  # (O, K) @ (K, m*P) -> (O, m*P)
+        np.matmul(wmat, columns(a, b), out=merged(y[:, a:b]))  # (O, K) @ (K, rows*OW*N) -> (O, rows*OW*N)
     if bias is not None:
-        y += bias[:, None, None]
+        y += bias[:, None, None, None]
     mask = None
     if relu:
-        mask = np.greater(y, 0).reshape(o, n, *columns.grid)
+        mask = np.greater(y, 0)
         np.maximum(y, 0, out=y)
-    return y.reshape(o, n, *columns.grid)[..., : out_hw[1]].transpose(1, 0, 2, 3), ConvSaved(flat, mask)
+    return y.transpose(3, 0, 1, 2), ConvSaved(xp, mask)
 
 
 def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, need_dx=True,
@@ -277,63 +237,49 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     dbias: the sum of the deltas.
     dx: the full convolution of the deltas with the 180-degree-rotated kernel. `method` "full" computes it
     literally: pad the deltas by the kernel span - 1 and correlate them with the rotated kernel (channels
-    swapped), one matrix product per chunk (stride 1 only). "scatter" forms W^T dY and scatters each kernel
-    offset's slice back to where it was gathered (col2im): the same sum, without the zeros a strided full
-    convolution would insert. "auto" takes the full correlation for stride 1 unless its columns
-    (O*KH*KW x N*Hp*Wp) would be much larger than the scattered ones (C*KH*KW x N*OH*OW).
+    swapped) at the unpadded input positions (stride 1 only). "scatter" forms W^T dY and scatters each
+    kernel offset's slice back to where it was gathered (col2im): the same sum, without the zeros a strided
+    full convolution would insert. "auto" takes the full correlation for stride 1 unless its columns
+    (O*KH*KW x N*H*W) would be much larger than the scattered ones (C*KH*KW x N*OH*OW).
     """
     n, o, oh, ow = dy.shape
     _, c, kh, kw = weight.shape
     h, w = x_shape[2], x_shape[3]
     hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
-    columns = _Columns(saved.padded, (hp, wp), (kh, kw), stride, dilation, (oh, ow), cache, "cols")
-    dyc = dy.transpose(1, 0, 2, 3)  # (O, N, OH, OW): free when dy is channel-major
-    if columns.rows_layout:  # deltas on the whole-row grid of the columns, zero in the wrap-around columns
-        grid = buffer(cache, "dy_rows", (o, n, oh, wp), dy.dtype, zero=True)
-    else:
-        grid = np.empty((o, n, oh, ow), dy.dtype)
+    dyt = dy.transpose(1, 2, 3, 0)  # (O, OH, OW, N): free when dy came from conv2d_forward's layout
     if saved.relu_mask is None:
-        grid[..., :ow] = dyc
+        dY = np.ascontiguousarray(dyt)
     else:
-        np.multiply(dyc, saved.relu_mask[..., :ow], out=grid[..., :ow])
-    dY = grid.reshape(o, n, -1)
+        dY = np.multiply(dyt, saved.relu_mask, out=buffer(cache, "dY", (o, oh, ow, n), dy.dtype))
+    columns = _Columns(saved.padded, (kh, kw), stride, dilation, (oh, ow), cache, "cols")
     dweight = np.zeros((o, columns.k), dy.dtype)
     for a, b in reversed(columns.chunks):  # the last chunk forward built first: it may still be in the buffer
         dweight += merged(dY[:, a:b]) @ columns(a, b).T
     dweight = dweight.reshape(weight.shape)
-    dbias = dY.sum(axis=(1, 2))
+    dbias = dY.sum(axis=(1, 2, 3))
     if not need_dx:
         return None, dweight, dbias
     pt, _, pl, _ = padding
     if method == "auto":
-        method = "full" if stride == (1, 1) and o * h * (ow + 2 * dilation[1] * (kw - 1)) <= 1.5 * c * oh * ow \
-            else "scatter"
+        method = "full" if stride == (1, 1) and o * h * w <= 1.5 * c * oh * ow else "scatter"
     if method == "full":
         if stride != (1, 1):
             raise ValueError("the full-correlation input gradient needs stride 1")
         sh, sw = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))  # span - 1, so oh + sh == hp
         _Columns.forget(cache, "dcols")
-        masked = grid[..., :ow].transpose(1, 0, 2, 3)  # dy after the fused ReLU's mask, (N, O, OH, OW)
-        dyp = _channel_major_padded(masked, (sh, sh, sw, sw), cache, "dyp", tail=sw)
-        # only the rows of the unpadded input: whole rows of the padded deltas from row pt on
-        row = ow + 2 * sw
-        dcols = _Columns(dyp[:, :, pt * row :], (h, row), (kh, kw), (1, 1), dilation, (h, row), cache, "dcols")
+        dyp = padded_chwn(dY.transpose(3, 0, 1, 2), (sh, sh, sw, sw), cache, "dyp")
+        dcols = _Columns(dyp, (kh, kw), (1, 1), dilation, (h, w), cache, "dcols", origin=(pt, pl))
         rotated = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)  # (C, O*KH*KW)
-        dxc = np.empty((c, n, h * row), dy.dtype)
+        dx = np.empty((c, h, w, n), dy.dtype)
         for a, b in dcols.chunks:
-            np.matmul(rotated, dcols(a, b), out=merged(dxc[:, a:b]))
-        return dxc.reshape(c, n, h, row)[..., pl : pl + w].transpose(1, 0, 2, 3), dweight, dbias
+            np.matmul(rotated, dcols(a, b), out=merged(dx[:, a:b]))
+        return dx.transpose(3, 0, 1, 2), dweight, dbias
     wt = weight.reshape(o, -1).T  # (K, O)
-    rows = columns.rows_layout
-    flat = np.zeros((c, n, hp * wp + dilation[1] * (kw - 1)) if rows else (c, n, hp, wp), dy.dtype)
+    dxp = np.zeros((c, hp, wp, n), dy.dtype)
     for a, b in columns.chunks:
-        part = (wt @ merged(dY[:, a:b])).reshape(c, kh, kw, b - a, *columns.grid)
-        if rows:
-            col2im_rows(part.reshape(c, kh, kw, b - a, -1), 0, dilation, wp, out=flat[:, a:b])
-        else:
-            col2im(part, (hp, wp), stride, dilation, out=flat[:, a:b])
-    dxc = flat[:, :, : hp * wp].reshape(c, n, hp, wp) if rows else flat
-    return dxc[:, :, pt : pt + h, pl : pl + w].transpose(1, 0, 2, 3), dweight, dbias
+        part = (wt @ merged(dY[:, a:b])).reshape(c, kh, kw, b - a, ow, n)
+        col2im(part, (hp, wp), stride, dilation, out=dxp, origin=(a * stride[0], 0))
+    return dxp[:, pt : pt + h, pl : pl + w].transpose(3, 0, 1, 2), dweight, dbias
 
 
 def pool_slices(xp: np.ndarray, kernel: Pair, stride: Pair, out_hw: Pair):

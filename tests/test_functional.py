@@ -1,5 +1,7 @@
 """im2col/col2im against naive loops and the adjoint identity; padding and output-size rules."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -39,32 +41,32 @@ def test_conv_forward_matches_naive_loops(stride, pad4, dilation):
 @pytest.mark.parametrize("kernel,stride,dilation", [((3, 3), (1, 1), (1, 1)), ((2, 3), (2, 1), (1, 2)),
                                                     ((3, 1), (3, 2), (2, 1))])
 def test_col2im_is_the_adjoint_of_im2col(kernel, stride, dilation):
-    """<im2col(x), c> == <x, col2im(c)> for all x and c (channel-major (C, N, H, W) layout)."""
+    """<im2col(x), c> == <x, col2im(c)> for all x and c (batch-innermost (C, H, W, N) layout)."""
     g = np.random.default_rng(1)
-    x = g.standard_normal((3, 2, 10, 9))
-    out_hw = tuple(F.out_size(s, k, st, 0, d) for s, k, st, d in zip(x.shape[2:], kernel, stride, dilation))
+    x = g.standard_normal((3, 10, 9, 2))
+    out_hw = tuple(F.out_size(s, k, st, 0, d) for s, k, st, d in zip(x.shape[1:3], kernel, stride, dilation))
     cols = F.im2col(x, kernel, stride, dilation, out_hw)
     c = g.standard_normal(cols.shape)
     lhs = (cols * c).sum()
-    rhs = (x * F.col2im(c, x.shape[2:], stride, dilation)).sum()
+    rhs = (x * F.col2im(c, x.shape[1:3], stride, dilation)).sum()
     assert abs(lhs - rhs) < 1e-9 * max(1.0, abs(lhs))
 
 
 def test_im2col_matches_naive_indexing():
     g = np.random.default_rng(2)
-    x = g.standard_normal((2, 3, 9, 8))
+    x = g.standard_normal((2, 9, 8, 3))
     cols = F.im2col(x, (2, 3), (2, 1), (1, 2), (4, 4))
-    for c, i, j, n, y, xx in [(0, 0, 0, 0, 0, 0), (1, 1, 2, 2, 3, 3), (1, 0, 1, 1, 2, 1)]:
-        assert cols[c, i, j, n, y, xx] == x[c, n, y * 2 + i * 1, xx * 1 + j * 2]
+    shifted = F.im2col(x, (2, 3), (2, 1), (1, 2), (3, 2), origin=(1, 2))
+    for c, i, j, y, xx, n in [(0, 0, 0, 0, 0, 0), (1, 1, 2, 3, 3, 2), (1, 0, 1, 2, 1, 1)]:
+        assert cols[c, i, j, y, xx, n] == x[c, y * 2 + i * 1, xx * 1 + j * 2, n]
+        if y < 3 and xx < 2:
+            assert shifted[c, i, j, y, xx, n] == x[c, 1 + y * 2 + i * 1, 2 + xx * 1 + j * 2, n]
 
 
 @pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((1, 1), "auto"),
                                            ((2, 1), "scatter"), ((3, 2), "auto")])
-@pytest.mark.parametrize("rows_waste", [1.0, 10.0], ids=["classic", "whole-rows"])
-def test_conv_backward_input_gradient_paths_agree_with_naive_scatter(monkeypatch, stride, method, rows_waste):
-    """Both input-gradient paths (full correlation for stride 1, col2im otherwise) equal a naive scatter, with
-    forward's columns in either layout."""
-    monkeypatch.setattr(F, "ROWS_MAX_WASTE", rows_waste)
+def test_conv_backward_input_gradient_paths_agree_with_naive_scatter(stride, method):
+    """Both input-gradient paths (full correlation for stride 1, col2im otherwise) equal a naive scatter."""
     g = np.random.default_rng(3)
     x, w = g.standard_normal((2, 2, 9, 8)), g.standard_normal((3, 2, 3, 2))
     pad4, dil = (1, 2, 0, 1), (2, 1)
@@ -98,29 +100,34 @@ def test_log_softmax_is_stable_for_huge_logits():
     assert out[0, 0] == 0.0
 
 
+def batch_innermost(a):
+    """The same values as a, stored (C, H, W, N) in memory: what conv layers hand to the next layer."""
+    return np.ascontiguousarray(a.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+
+
 def channel_major(a):
-    """The same values as a, stored (C, N, H, W) in memory: what conv layers hand to the next layer."""
+    """The same values as a, stored (C, N, H, W) in memory."""
     return np.ascontiguousarray(a.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
 
 
 @pytest.mark.parametrize("tag", ["maxpool2d", "avgpool2d", "conv2d", "batchnorm2d", "flatten"])
 def test_layers_give_the_same_numbers_for_any_memory_layout(tag):
-    """Layers pick fast paths by memory layout (channel-major views from conv, C-order from flatten); the
-    values they compute must not depend on it, in either direction of the mix."""
+    """Layers pick fast paths by memory layout (batch-innermost views from conv, C-order from flatten); the
+    values they compute must not depend on it, in any mix of input and delta layouts."""
     from tests.cases import CASES
 
+    layouts = [np.asarray, batch_innermost, channel_major]
     for case_id, factory, shape in CASES[tag]:
         if len(shape) != 4:
             continue
         g = np.random.default_rng(0)
         x = g.standard_normal(shape).astype(np.float32)
         results = []
-        for x_in, dy_layout in [(x, np.asarray), (channel_major(x), np.asarray), (x, channel_major),
-                                (channel_major(x), channel_major)]:
+        for x_layout, dy_layout in itertools.product(layouts, layouts):
             layer = factory(np.random.default_rng(1))
             if hasattr(layer, "needs_input_grad"):
                 layer.needs_input_grad = True
-            y = layer.forward(x_in, True)
+            y = layer.forward(x_layout(x), True)
             dy = np.random.default_rng(2).standard_normal(y.shape).astype(np.float32)
             dx = layer.backward(dy_layout(dy) if dy.ndim == 4 else dy)
             results.append((y, dx, [layer.grads[k] for k in sorted(layer.grads)]))
@@ -131,24 +138,22 @@ def test_layers_give_the_same_numbers_for_any_memory_layout(tag):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=case_id)
 
 
-@pytest.mark.parametrize("rows_waste", [1.0, 10.0], ids=["classic", "whole-rows"])
 @pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((2, 1), "scatter")])
-def test_chunked_columns_give_the_same_gradients(monkeypatch, stride, method, rows_waste):
-    """Columns built a few images at a time (and rebuilt in backward, except the chunk forward left in the
-    scratch buffer) give the same outputs and gradients as one chunk for the whole batch, and the same as
-    a naive convolution, in both column layouts."""
-    monkeypatch.setattr(F, "ROWS_MAX_WASTE", rows_waste)
+def test_chunked_columns_give_the_same_gradients(monkeypatch, stride, method):
+    """Columns built a few output rows at a time (and rebuilt in backward, except the chunk forward left in
+    the scratch buffer) give the same outputs and gradients as one chunk for the whole map, and the same
+    as a naive convolution."""
     g = np.random.default_rng(4)
     x, w, b = g.standard_normal((7, 2, 9, 8)), g.standard_normal((3, 2, 3, 2)), g.standard_normal(3)
     pad4, dil = (1, 2, 0, 1), (2, 1)
     results = []
-    for chunk_bytes in [1 << 30, 1]:  # one chunk; one image per chunk
+    for chunk_bytes in [1 << 30, 1]:  # one chunk; one output row per chunk
         monkeypatch.setattr(F, "CHUNK_BYTES", chunk_bytes)
         cache = {}
         y, saved = F.conv2d_forward(x, w, b, stride, pad4, dil, cache)
         dy = np.random.default_rng(5).standard_normal(y.shape)
         results.append((y, *F.conv2d_backward(dy, saved, w, x.shape, stride, pad4, dil, cache=cache, method=method)))
-    assert len(F.image_chunks(7, 100)) == 7
+    assert len(F.row_chunks(7, 100)) == 7
     np.testing.assert_allclose(results[0][0], naive_conv(x, w, b, stride, pad4, dil), rtol=1e-12, atol=1e-12)
     for one, many in zip(*results):
         np.testing.assert_allclose(many, one, rtol=1e-12, atol=1e-12)

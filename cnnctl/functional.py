@@ -19,6 +19,7 @@ items, channels or pixels.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -183,7 +184,7 @@ class _Columns:
         """Columns (K, (b-a)*OW*N) of output rows a..b-1."""
         c, n = self.xp.shape[0], self.xp.shape[3]
         shape = (c, *self.kernel, b - a, self.out_hw[1], n)
-        cols = self.scratch[: int(np.prod(shape))].reshape(shape)
+        cols = self.scratch[: math.prod(shape)].reshape(shape)
         if self.cache is None or self.cache.get(self.holds) != (a, b):
             origin = (self.origin[0] + a * self.stride[0], self.origin[1])
             im2col(self.xp, self.kernel, self.stride, self.dilation, shape[3:5], out=cols, origin=origin)

@@ -196,7 +196,7 @@ class _Columns:
 class ConvSaved(NamedTuple):
     """What conv2d_forward leaves for conv2d_backward."""
 
-    padded: np.ndarray  # the channel-major padded input (C, N, Hp*Wp + tail)
+    padded: np.ndarray  # the padded input, (C, Hp, Wp, N)
     relu_mask: np.ndarray | None  # where the pre-activation was > 0, when a ReLU was fused
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from .. import __version__, checkpoint
 from ..builder import build_model
@@ -64,6 +66,16 @@ def fmt(v, pct=False):
         return "-"
     return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
 
+
+
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], right: Collection[str] = ()) -> Table:
+    """A rich table with these columns (right-justified when named in `right`) and rows of cell strings."""
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, justify="right" if col in right else "left")
+    for row in rows:
+        t.add_row(*row)
+    return t
 
 
 def load_target(target: Path, overrides: list[str]):

@@ -14,7 +14,7 @@ from .. import sweep as sweep_lib
 from ..errors import CnnctlError
 from ..schedules import resolve_mode
 from ..sweep import trial_result
-from .common import app, err, guarded, out
+from .common import app, err, guarded, out, table
 
 
 @app.command("sweep")
@@ -102,12 +102,9 @@ class _SweepView:
 def sweep_report(sweep_dir: Path) -> None:
     metric, mode, rows = sweep_lib.read_report(sweep_dir)
     scored = sorted([r for r in rows if r["best"]], key=lambda r: float(r["best"]), reverse=mode == "max")
-    table = Table(title=f"{sweep_dir.name}: trials ranked by {metric} ({mode})")
-    for col in ("rank", "trial", metric, "epochs", "status", "overrides"):
-        table.add_column(col)
-    for i, r in enumerate(scored + [r for r in rows if not r["best"]], start=1):
-        table.add_row(str(i) if r["best"] else "-", r["trial"], f"{float(r['best']):.4f}" if r["best"] else "-",
-                      r["epochs"] or "-", escape(r["status"] + (f": {r['error']}" if r.get("error") else "")),
-                      escape(r["overrides"]))
-    out.print(table)
+    out.print(table(f"{sweep_dir.name}: trials ranked by {metric} ({mode})",
+                    ("rank", "trial", metric, "epochs", "status", "overrides"), rows=(
+        (str(i) if r["best"] else "-", r["trial"], f"{float(r['best']):.4f}" if r["best"] else "-", r["epochs"] or "-",
+         escape(r["status"] + (f": {r['error']}" if r.get("error") else "")), escape(r["overrides"]))
+        for i, r in enumerate(scored + [r for r in rows if not r["best"]], start=1))))
 

@@ -24,7 +24,7 @@ from ..errors import CnnctlError
 from ..export import export_onnx
 from ..gradcheck import check_network
 from ..train import load_model
-from .common import SetOption, app, fmt, guarded, load_target, out
+from .common import SetOption, app, fmt, guarded, load_target, out, table
 from .sweep import sweep_report
 
 
@@ -52,19 +52,19 @@ def runs_(
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table(title=f"runs in {escape(str(folder))}")
+    listing = Table(title=f"runs in {escape(str(folder))}")
     run_width = max([len(r["run"]) for r in rows] + [3])
     for col in ("run", "started", "status", "epochs", "best val", "test", "params", "wall"):
-        table.add_column(col, justify="left" if col in ("run", "started", "status") else "right",
-                         no_wrap=col != "run", min_width=run_width if col == "run" else None)
+        listing.add_column(col, justify="left" if col in ("run", "started", "status") else "right",
+                           no_wrap=col != "run", min_width=run_width if col == "run" else None)
     colors = {"finished": "green", "interrupted": "yellow", "failed": "red", "running": "cyan"}
     for r in rows:
-        table.add_row(escape(r["run"]), r["started"][5:16].replace("T", " ") if r["started"] else "-",
-                      f"[{colors.get(r['status'], 'white')}]{r['status']}[/]",
-                      f"{r['epochs_done'] or 0}/{r['epochs'] or '?'}", fmt(r["best_val_acc"], True),
-                      fmt(r["test_acc"], True), f"{r['params']:,}" if r["params"] else "-",
-                      f"{r['wall_seconds']:.0f}s" if r["wall_seconds"] is not None else "-")
-    out.print(table)
+        listing.add_row(escape(r["run"]), r["started"][5:16].replace("T", " ") if r["started"] else "-",
+                        f"[{colors.get(r['status'], 'white')}]{r['status']}[/]",
+                        f"{r['epochs_done'] or 0}/{r['epochs'] or '?'}", fmt(r["best_val_acc"], True),
+                        fmt(r["test_acc"], True), f"{r['params']:,}" if r["params"] else "-",
+                        f"{r['wall_seconds']:.0f}s" if r["wall_seconds"] is not None else "-")
+    out.print(listing)
     if not rows:
         out.print(f"no runs in {folder}")
 
@@ -88,19 +88,11 @@ def _runs_diff(a: Path, b: Path, as_json: bool) -> None:
         print(json.dumps({"a": str(a), "b": str(b), "config": [{"key": k, "a": va, "b": vb} for k, va, vb in diffs],
                           "metrics": {k: {"a": va, "b": vb} for k, (va, vb) in final.items()}}))
         return
-    table = Table(title="config keys that differ")
-    for col in ("key", a.name, b.name):
-        table.add_column(col)
-    for k, va, vb in diffs:
-        table.add_row(escape(k), escape(repr(va)), escape(repr(vb)))
-    out.print(table if diffs else "the configs are identical")
-    mt = Table(title="final metrics")
-    for col in ("metric", a.name, b.name):
-        mt.add_column(col, justify="left" if col == "metric" else "right")
-    for k, (va, vb) in final.items():
-        pct = k.endswith("acc")
-        mt.add_row(k, fmt(va, pct), fmt(vb, pct))
-    out.print(mt)
+    out.print(table("config keys that differ", ("key", a.name, b.name),
+                    rows=((escape(k), escape(repr(va)), escape(repr(vb))) for k, va, vb in diffs))
+              if diffs else "the configs are identical")
+    out.print(table("final metrics", ("metric", a.name, b.name), right=(a.name, b.name), rows=(
+        (k, fmt(va, k.endswith("acc")), fmt(vb, k.endswith("acc"))) for k, (va, vb) in final.items())))
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -223,14 +215,9 @@ def predict_(
     if as_json:
         print(json.dumps(results))
         return
-    table = Table(title=f"predictions of {checkpoint_path}")
-    table.add_column("input")
-    for r in range(k):
-        table.add_column(f"#{r + 1}")
-    for res in results:
-        cells = (f"{escape(t['class'])} {100 * t['probability']:.1f}%" for t in res["top"])
-        table.add_row(escape(res["input"]), *cells)
-    out.print(table)
+    out.print(table(f"predictions of {checkpoint_path}", ["input", *(f"#{r + 1}" for r in range(k))], rows=(
+        (escape(res["input"]), *(f"{escape(t['class'])} {100 * t['probability']:.1f}%" for t in res["top"]))
+        for res in results)))
 
 
 def _class_names(spec, n: int, ckpt) -> list[str]:
@@ -271,15 +258,12 @@ def gradcheck(
     if as_json:
         print(json.dumps({"tolerance": tol, "passed": worst < tol, "results": results}))
     else:
-        table = Table(title=f"{spec.name}: analytic vs numerical gradients (float64, central differences)")
-        for col in ("#", "layer", "param", "shape", "checked", "rel. error", ""):
-            table.add_column(col, justify="right" if col in ("#", "checked", "rel. error") else "left")
-        for r in results:
-            ok = r["error"] < tol
-            table.add_row("-" if r["index"] is None else str(r["index"]), escape(r["layer"]), r["param"],
-                          str(tuple(r["shape"])), str(r["checked"]), f"{r['error']:.2e}",
-                          "[green]ok[/]" if ok else "[red]FAIL[/]")
-        out.print(table)
+        out.print(table(f"{spec.name}: analytic vs numerical gradients (float64, central differences)",
+                        ("#", "layer", "param", "shape", "checked", "rel. error", ""),
+                        right=("#", "checked", "rel. error"), rows=(
+            ("-" if r["index"] is None else str(r["index"]), escape(r["layer"]), r["param"], str(tuple(r["shape"])),
+             str(r["checked"]), f"{r['error']:.2e}", "[green]ok[/]" if r["error"] < tol else "[red]FAIL[/]")
+            for r in results)))
         out.print(f"largest relative error {worst:.2e} (tolerance {tol:g})")
     if worst >= tol:
         raise typer.Exit(1)

@@ -13,7 +13,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from .. import checkpoint, plots
 from ..bench import bench as run_bench
@@ -22,7 +21,7 @@ from ..config import apply_overrides, load_config
 from ..errors import CnnctlError, DataError
 from ..runs import create_run_dir
 from ..train import Callback, Seeds, Trainer, evaluate, load_data, load_model, resume_spec
-from .common import SetOption, app, fmt, guarded, load_target, out
+from .common import SetOption, app, fmt, guarded, load_target, out, table
 
 
 class RichProgress(Callback):
@@ -215,19 +214,13 @@ def eval_(
     out.print(f"{checkpoint_path} (epoch {ckpt.epoch}) on the {data_split} split of {spec.data.dataset} "
               f"({res['n']:,} images)")
     out.print(f"loss {res['loss']:.4f}  accuracy {100 * res['accuracy']:.2f}%")
-    per_class = Table(title="per class")
-    for col in ("class", "support", "precision", "recall"):
-        per_class.add_column(col, justify="right")
-    for i, c in enumerate(ds.classes):
-        per_class.add_row(escape(c), f"{int(cm[i].sum()):,}", f"{100 * precision[i]:.2f}%", f"{100 * recall[i]:.2f}%")
-    out.print(per_class)
-    conf = Table(title="confusion matrix (rows: true, columns: predicted)")
-    conf.add_column("")
-    for c in ds.classes:
-        conf.add_column(c, justify="right")
-    for i, c in enumerate(ds.classes):
-        conf.add_row(escape(c), *(f"[bold]{v}[/]" if i == j else str(v) for j, v in enumerate(cm[i])))
-    out.print(conf)
+    columns = ("class", "support", "precision", "recall")
+    out.print(table("per class", columns, right=columns, rows=(
+        (escape(c), f"{int(cm[i].sum()):,}", f"{100 * precision[i]:.2f}%", f"{100 * recall[i]:.2f}%")
+        for i, c in enumerate(ds.classes))))
+    out.print(table("confusion matrix (rows: true, columns: predicted)", ["", *ds.classes], right=ds.classes, rows=(
+        (escape(c), *(f"[bold]{v}[/]" if i == j else str(v) for j, v in enumerate(cm[i])))
+        for i, c in enumerate(ds.classes))))
 
 
 @app.command()
@@ -256,13 +249,10 @@ def bench(
               + (f" ({blas.get('library')} {blas.get('kernel')})" if blas.get("library") else "")
               + (f"   {escape(blas['note'])}" if blas.get("note") else ""))
     if per_layer:
-        table = Table(title="per layer (ms per step)")
-        for col in ("#", "name", "output shape", "forward", "backward"):
-            table.add_column(col, justify="left" if col in ("name", "output shape") else "right")
-        for r in res["layers"]:
-            table.add_row(str(r["index"]), escape(r["name"]), str(tuple(r["output_shape"])), f"{r['forward_ms']:.3f}",
-                          f"{r['backward_ms']:.3f}")
-        out.print(table)
+        out.print(table("per layer (ms per step)", ("#", "name", "output shape", "forward", "backward"),
+                        right=("#", "forward", "backward"), rows=(
+            (str(r["index"]), escape(r["name"]), str(tuple(r["output_shape"])), f"{r['forward_ms']:.3f}",
+             f"{r['backward_ms']:.3f}") for r in res["layers"])))
 
 
 @app.command()
@@ -284,13 +274,10 @@ def inspect(
     if as_json:
         print(json.dumps(report))
         return
-    table = Table(title=f"{spec.name}: input {tuple(spec.model.input_shape)}")
-    for col, just in [("#", "right"), ("name", "left"), ("type", "left"), ("output shape", "left"),
-                      ("params", "right"), ("MACs", "right")]:
-        table.add_column(col, justify=just)
-    for r in rows:
-        table.add_row(str(r.index), escape(r.name), r.type, str(_shape(r.output_shape)), f"{r.params:,}", f"{r.macs:,}")
-    out.print(table)
+    out.print(table(f"{spec.name}: input {tuple(spec.model.input_shape)}",
+                    ("#", "name", "type", "output shape", "params", "MACs"), right=("#", "params", "MACs"), rows=(
+        (str(r.index), escape(r.name), r.type, str(_shape(r.output_shape)), f"{r.params:,}", f"{r.macs:,}")
+        for r in rows)))
     out.print(f"total parameters {report['total_params']:,}  ({report['param_bytes'] / 1e6:.2f} MB as float32)")
     out.print(f"total MACs per sample {report['total_macs']:,}")
     out.print(f"activation memory per sample {report['activation_bytes_per_sample'] / 1e3:,.1f} kB (float32)")

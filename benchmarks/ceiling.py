@@ -1,0 +1,132 @@
+"""How fast can a NumPy core be on this machine? The matrix products a training step cannot avoid, against
+PyTorch's whole step.
+
+    python benchmarks/ceiling.py [--rounds 3] [--json]
+
+For each network of benchmarks/vs_torch.py, times each matrix product a cnnctl training step runs, alone,
+warm and on whole matrices (a lower bound on what it costs inside a step): per conv layer the forward
+product W (O, C*KH*KW) @ columns, the weight gradient dY @ columns.T and, except for the first layer, the
+cheaper of the two input-gradient forms (W.T @ dY scattered, or the stride-1 full correlation); per dense
+layer its three products. Everything else a step does (im2col, padding, activations, pooling, the loss,
+the update) is counted as free. The sum is compared with torch's measured step: `ceiling` is the ratio
+cnnctl / torch that a core spending nothing outside NumPy's BLAS would reach. When it is below a target,
+no work outside the products reaches that target; only faster products (a faster BLAS, fewer FLOPs) can.
+Also prints each conv layer's products in GFLOP/s next to torch's own fwd+bwd convolution of that layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+from vs_torch import CASES, bench_torch, spec_for
+
+from cnnctl.bench import blas_info
+from cnnctl.builder import build_model
+from cnnctl.nn.conv import Conv2D
+from cnnctl.nn.dense import Dense
+
+
+def timed(fn, reps: int = 7) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def products(layer, in_shape, out_shape, batch, first: bool, rng) -> list[tuple[str, float, float]]:
+    """(name, seconds, flops) of each matrix product `layer` runs in one training step."""
+    def r(*shape):
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    def mm(a, b):
+        out = np.empty((a.shape[0], b.shape[1]), np.float32)
+        return timed(lambda: np.matmul(a, b, out=out)), 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+
+    if isinstance(layer, Dense):
+        x, w, dy = r(batch, in_shape[0]), r(*layer.params["weight"].shape), r(batch, out_shape[0])
+        rows = [("forward", *mm(x, w.T)), ("weight grad", *mm(dy.T, x))]
+        return rows if first else rows + [("input grad", *mm(dy, w))]
+    c, h, w = in_shape
+    o, oh, ow = out_shape
+    kh, kw = layer.kernel_size
+    k, p = c * kh * kw, batch * oh * ow
+    weight, cols, dy = r(o, k), r(k, p), r(o, p)
+    rows = [("forward", *mm(weight, cols)), ("weight grad", *mm(dy, cols.T))]
+    if not first:
+        scatter = mm(weight.T, dy)
+        if layer.stride == (1, 1):
+            full = mm(r(c, o * kh * kw), r(o * kh * kw, batch * h * w))
+            scatter = min(scatter, full)
+        rows.append(("input grad", *scatter))
+    return rows
+
+
+def conv_torch(layer, in_shape, batch) -> float:
+    """Seconds for torch's forward + backward of this one convolution (input gradient included)."""
+    import torch
+
+    conv = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                           padding=layer._pads(in_shape[1:])[0])
+    x = torch.randn(batch, *in_shape, requires_grad=True)
+    g = torch.randn_like(conv(x))
+    return timed(lambda: conv(x).backward(g))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3, help="torch steps are timed this many times (median)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    blas = blas_info()
+    torch.set_num_threads(blas.get("threads") or os.cpu_count())
+    rng = np.random.default_rng(0)
+    results = []
+    for name, layers, shape, batch, target in CASES:
+        model, rows = build_model(spec_for(name, layers, shape, batch).model, rng)
+        per_layer, total = [], 0.0
+        for i, (layer, row) in enumerate(zip(model.layers, rows)):
+            if not isinstance(layer, (Conv2D, Dense)):
+                continue
+            prods = products(layer, row.input_shape, row.output_shape, batch, i == 0, rng)
+            secs, flops = sum(s for _, s, _ in prods), sum(f for _, _, f in prods)
+            total += secs
+            entry = {"layer": row.name, "products_ms": secs * 1e3, "products_gflops": flops / secs / 1e9}
+            if isinstance(layer, Conv2D) and i > 0:
+                t = conv_torch(layer, row.input_shape, batch)
+                entry.update(torch_conv_ms=t * 1e3, torch_conv_gflops=flops / t / 1e9)
+            per_layer.append(entry)
+        torch_ms = float(np.median([bench_torch(layers, shape, batch, 20, 5)["ms_per_step"]
+                                    for _ in range(args.rounds)]))
+        results.append({"network": name, "batch": batch, "target": target, "products_ms": total * 1e3,
+                        "torch_step_ms": torch_ms, "ceiling": torch_ms / (total * 1e3), "layers": per_layer})
+    machine = {"blas": blas, "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+               "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"), "torch": torch.__version__}
+    if args.json:
+        print(json.dumps({"machine": machine, "results": results}, indent=2))
+        return
+    print(f"machine: {machine}")
+    print("| network | batch | products alone (ms) | torch step (ms) | ceiling | target |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['network']} | {r['batch']} | {r['products_ms']:.1f} | {r['torch_step_ms']:.1f} | "
+              f"{r['ceiling']:.2f} | >= {r['target']:.1f} |")
+    print("\nper layer: NumPy products (ms, GFLOP/s) | torch's fwd+bwd convolution (ms, GFLOP/s)")
+    for r in results:
+        for e in r["layers"]:
+            tail = (f" | {e['torch_conv_ms']:7.2f} ms {e['torch_conv_gflops']:5.0f} GFLOP/s"
+                    if "torch_conv_ms" in e else "")
+            print(f"  {r['network']} b{r['batch']} {e['layer']:<10} {e['products_ms']:7.2f} ms "
+                  f"{e['products_gflops']:5.0f} GFLOP/s{tail}")
+
+
+if __name__ == "__main__":
+    main()

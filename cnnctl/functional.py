@@ -19,7 +19,6 @@ items, channels or pixels.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -107,125 +106,94 @@ def in_layout_of(a: np.ndarray, like: np.ndarray) -> np.ndarray:
     return out
 
 
-def im2col(xp: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair, out=None,
-           origin: Pair = (0, 0)) -> np.ndarray:
-    """Padded CHWN input (C, Hp, Wp, N) -> columns (C, KH, KW, OH, OW, N):
-    cols[c, i, j, y, x, n] = xp[c, y0 + y*sh + i*dh, x0 + x*sw + j*dw, n] with (y0, x0) = origin.
-    One strided slice copy per kernel offset."""
-    c, n = xp.shape[0], xp.shape[3]
-    cols = np.empty((c, kernel[0], kernel[1], *out_hw, n), dtype=xp.dtype) if out is None else out
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            cols[:, i, j] = xp[(slice(None), *_window(i, j, out_hw, stride, dilation, origin))]
-    return cols
+def batch_innermost(x: np.ndarray, cache: dict | None, name: str) -> np.ndarray:
+    """x (N, C, H, W) as a view of a (C, H, W, N) array: x itself when it already is one (what conv and
+    pooling layers return), else a copy into a reused buffer (the network input, C-order)."""
+    if x.strides[0] == x.itemsize or x.shape[0] == 1:
+        return x
+    out = buffer(cache, name, (x.shape[1], x.shape[2], x.shape[3], x.shape[0]), x.dtype)
+    out[...] = x.transpose(1, 2, 3, 0)
+    return out.transpose(3, 0, 1, 2)
 
 
-def col2im(cols: np.ndarray, padded_hw: Pair, stride: Pair, dilation: Pair, out=None,
-           origin: Pair = (0, 0)) -> np.ndarray:
-    """Adjoint of im2col: scatter-add columns (C, KH, KW, OH, OW, N) onto (C, Hp, Wp, N), zeros or `out`."""
-    c, kh, kw, oh, ow, n = cols.shape
-    xp = np.zeros((c, *padded_hw, n), dtype=cols.dtype) if out is None else out
-    for i in range(kh):
-        for j in range(kw):
-            xp[(slice(None), *_window(i, j, (oh, ow), stride, dilation, origin))] += cols[:, i, j]
-    return xp
+def lower(x: np.ndarray, pad4: Padding4, kw: int, sw: int, dw: int, ow: int, cache: dict | None, name: str,
+          x0: int = 0) -> np.ndarray:
+    """Column lowering (MEC): x (N, C, H, W) -> L (Hp, C, KW, OW, N) with
+    L[r, c, j, x, n] = xpad[n, c, r, x0 + x*sw + j*dw], xpad being x with `pad4` zeros around it.
 
-
-def padded_chwn(x: np.ndarray, pad4: Padding4, cache: dict | None, name: str) -> np.ndarray:
-    """x (N, C, H, W), in any memory layout, copied into a zero-bordered CHWN buffer (C, Hp, Wp, N)."""
+    Only the kernel's columns are unrolled (KW strided slice copies, not KH*KW as for im2col): the rows
+    i = 0..KH-1 that output row y reads are KH consecutive rows of L, so `row_windows` hands each output
+    row's im2col matrix to the matrix product as a view. The buffer's name carries the padding and origin:
+    only the interior is written, the zeros around it are written once, when the buffer is created."""
     n, c, h, w = x.shape
-    xp = buffer(cache, name, (c, h + pad4[0] + pad4[1], w + pad4[2] + pad4[3], n), x.dtype, zero=True)
-    xp[:, pad4[0] : pad4[0] + h, pad4[2] : pad4[2] + w] = x.transpose(1, 2, 3, 0)
-    return xp
+    pt, pb, pl, _ = pad4
+    lowered = buffer(cache, f"{name}{pad4}{x0}", (h + pt + pb, c, kw, ow, n), x.dtype, zero=True)
+    src = batch_innermost(x, cache, name + ".chwn").transpose(2, 1, 3, 0)  # (H, C, W, N) view
+    for j in range(kw):
+        first = x0 + j * dw - pl  # the input column output column 0 reads at this kernel column
+        lo, hi = max(0, -(first // sw)), min(ow, -((first - w) // sw))  # output columns inside the input
+        if lo < hi:
+            lowered[pt : pt + h, :, j, lo:hi] = src[:, :, first + lo * sw : first + (hi - 1) * sw + 1 : sw]
+    return lowered
 
 
-CHUNK_BYTES = 16 << 20
-"""Columns are built for a few output rows at a time, about this many bytes, so that the matrix product
-reads them from cache rather than memory; backward rebuilds them from the padded input it keeps (cheap,
-in cache) instead of keeping every layer's columns alive between the passes."""
+def row_windows(lowered: np.ndarray, kh: int, sh: int, dh: int, oh: int, y0: int = 0) -> np.ndarray:
+    """(OH, KH*C*KW, OW*N): for each output row y, the im2col matrix of that row, rows ordered (i, c, j),
+    made of L's rows y0 + y*sh + i*dh. Without row dilation these are consecutive rows of L, so this is a
+    view with overlapping windows (nothing copied); with row dilation, a gathered copy."""
+    hp, c, kw, ow, n = lowered.shape
+    k, s = kh * c * kw, ow * n
+    if dh == 1:
+        flat = lowered.reshape(-1)[y0 * c * kw * s :]
+        step = flat.itemsize
+        return np.lib.stride_tricks.as_strided(flat, (oh, k, s), (sh * c * kw * s * step, s * step, step),
+                                               writeable=False)
+    rows = y0 + sh * np.arange(oh)[:, None] + dh * np.arange(kh)
+    return lowered.reshape(hp, -1)[rows].reshape(oh, k, s)
 
 
-def row_chunks(rows: int, bytes_per_row: int, target: int | None = None) -> list[tuple[int, int]]:
-    """Split `rows` output rows into consecutive [start, stop) ranges of about `target` bytes each."""
-    per = max(1, min(rows, (target or CHUNK_BYTES) // max(1, bytes_per_row)))
-    return [(i, min(i + per, rows)) for i in range(0, rows, per)]
-
-
-def merged(a: np.ndarray) -> np.ndarray:
-    """A (rows, ...) array as a 2-D (rows, rest) view, raising instead of silently copying, so that writes
-    through `out=` land in `a`."""
+def by_rows(a: np.ndarray) -> np.ndarray:
+    """An (O, OH, OW, N) array as (OH, O, OW*N): one matrix per output row, without copying."""
     v = a.view()
-    v.shape = (a.shape[0], -1)
-    return v
+    v.shape = (a.shape[0], a.shape[1], -1)
+    return v.transpose(1, 0, 2)
 
 
-class _Columns:
-    """im2col of one padded CHWN input for chunks of output rows, into one reused scratch buffer. With a
-    `cache`, the buffer remembers which chunk it holds, so backward (which walks the chunks in reverse)
-    starts from the last chunk forward built without rebuilding it: with a single chunk, nothing is rebuilt."""
-
-    def __init__(self, xp, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair, cache, name: str,
-                 origin: Pair = (0, 0)):
-        self.xp, self.kernel, self.stride, self.dilation, self.out_hw, self.origin = \
-            xp, kernel, stride, dilation, out_hw, origin
-        self.k = xp.shape[0] * kernel[0] * kernel[1]
-        row = self.k * out_hw[1] * xp.shape[3]  # numbers per output row
-        self.chunks = row_chunks(out_hw[0], row * xp.itemsize)
-        self.scratch = buffer(cache, name, (row * max(b - a for a, b in self.chunks),), xp.dtype)
-        self.cache, self.holds = cache, name + ".holds"
-
-    @staticmethod
-    def forget(cache: dict | None, name: str) -> None:
-        """Call before the padded input changes: the buffer no longer holds columns of it."""
-        if cache is not None:
-            cache.pop(name + ".holds", None)
-
-    def __call__(self, a: int, b: int) -> np.ndarray:
-        """Columns (K, (b-a)*OW*N) of output rows a..b-1."""
-        c, n = self.xp.shape[0], self.xp.shape[3]
-        shape = (c, *self.kernel, b - a, self.out_hw[1], n)
-        cols = self.scratch[: math.prod(shape)].reshape(shape)
-        if self.cache is None or self.cache.get(self.holds) != (a, b):
-            origin = (self.origin[0] + a * self.stride[0], self.origin[1])
-            im2col(self.xp, self.kernel, self.stride, self.dilation, shape[3:5], out=cols, origin=origin)
-            if self.cache is not None:
-                self.cache[self.holds] = (a, b)
-        return cols.reshape(self.k, -1)
+def rows_first(weight: np.ndarray) -> np.ndarray:
+    """Weight (O, C, KH, KW) as the (O, KH*C*KW) matrix whose columns follow row_windows' (i, c, j) order."""
+    return weight.transpose(0, 2, 1, 3).reshape(weight.shape[0], -1)
 
 
 class ConvSaved(NamedTuple):
     """What conv2d_forward leaves for conv2d_backward."""
 
-    padded: np.ndarray  # the padded input, (C, Hp, Wp, N)
+    lowered: np.ndarray  # the lowered input, (Hp, C, KW, OW, N) (see `lower`)
     relu_mask: np.ndarray | None  # where the pre-activation was > 0, when a ReLU was fused
 
 
 def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: Pair, cache: dict | None = None,
                    relu: bool = False):
-    """y[n,o] = sum_c xcorr(x[n,c], weight[o,c]) + bias[o], as matrix products over im2col columns, followed
-    by max(y, 0) when `relu` (applied in place on the contiguous product).
+    """y[n,o] = sum_c xcorr(x[n,c], weight[o,c]) + bias[o], as one matrix product per output row over the
+    lowered input, followed by max(y, 0) when `relu` (applied in place on the contiguous product).
 
-    Returns y (N, O, OH, OW), a view of an (O, OH, OW, N) array, and a ConvSaved for backward. Columns
-    are built a few output rows at a time (CHUNK_BYTES); `cache` keeps scratch buffers between calls.
+    Returns y (N, O, OH, OW), a view of an (O, OH, OW, N) array, and a ConvSaved for backward. `cache`
+    keeps scratch buffers between calls.
     """
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
-    out_hw = (out_size(hp, kh, stride[0], 0, dilation[0]), out_size(wp, kw, stride[1], 0, dilation[1]))
-    _Columns.forget(cache, "cols")  # the padded input is about to change
-    xp = padded_chwn(x, padding, cache, "xp")
-    columns = _Columns(xp, (kh, kw), stride, dilation, out_hw, cache, "cols")
-    y = np.empty((o, *out_hw, n), x.dtype)
-    wmat = weight.reshape(o, -1)
-    for a, b in columns.chunks:
-        np.matmul(wmat, columns(a, b), out=merged(y[:, a:b]))  # (O, K) @ (K, rows*OW*N) -> (O, rows*OW*N)
+    oh, ow = out_size(hp, kh, stride[0], 0, dilation[0]), out_size(wp, kw, stride[1], 0, dilation[1])
+    lowered = lower(x, padding, kw, stride[1], dilation[1], ow, cache, "lowered")
+    y = np.empty((o, oh, ow, n), x.dtype)
+    # (O, K) @ (OH, K, OW*N) -> (OH, O, OW*N): NumPy loops over the output rows in C, one BLAS call each
+    np.matmul(rows_first(weight), row_windows(lowered, kh, stride[0], dilation[0], oh), out=by_rows(y))
     if bias is not None:
         y += bias[:, None, None, None]
     mask = None
     if relu:
         mask = np.greater(y, 0)
         np.maximum(y, 0, out=y)
-    return y.transpose(3, 0, 1, 2), ConvSaved(xp, mask)
+    return y.transpose(3, 0, 1, 2), ConvSaved(lowered, mask)
 
 
 def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, need_dx=True,
@@ -234,14 +202,15 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     the fused ReLU, if any: its mask is applied while dy is copied into the layout the products need).
     Returns dx (or None), dweight, dbias.
 
-    dweight: the cross-correlation of the layer input with the deltas, sum over chunks of dY @ cols.T.
-    dbias: the sum of the deltas.
+    dweight: the cross-correlation of the layer input with the deltas, the sum over output rows of
+    dY[row] @ window[row].T. dbias: the sum of the deltas.
     dx: the full convolution of the deltas with the 180-degree-rotated kernel. `method` "full" computes it
     literally: pad the deltas by the kernel span - 1 and correlate them with the rotated kernel (channels
-    swapped) at the unpadded input positions (stride 1 only). "scatter" forms W^T dY and scatters each
-    kernel offset's slice back to where it was gathered (col2im): the same sum, without the zeros a strided
-    full convolution would insert. "auto" takes the full correlation for stride 1 unless its columns
-    (O*KH*KW x N*H*W) would be much larger than the scattered ones (C*KH*KW x N*OH*OW).
+    swapped) at the unpadded input positions (stride 1 only), with the same lowering as forward. "scatter"
+    forms W^T dY and scatter-adds each kernel offset's slice back to where forward read it: the same sum,
+    without the zeros a strided full convolution would insert. "auto" takes the full correlation for
+    stride 1 unless its products (O*KH*KW x N*H*W) would be much larger than the scattered ones
+    (C*KH*KW x N*OH*OW).
     """
     n, o, oh, ow = dy.shape
     _, c, kh, kw = weight.shape
@@ -252,11 +221,9 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
         dY = np.ascontiguousarray(dyt)
     else:
         dY = np.multiply(dyt, saved.relu_mask, out=buffer(cache, "dY", (o, oh, ow, n), dy.dtype))
-    columns = _Columns(saved.padded, (kh, kw), stride, dilation, (oh, ow), cache, "cols")
-    dweight = np.zeros((o, columns.k), dy.dtype)
-    for a, b in reversed(columns.chunks):  # the last chunk forward built first: it may still be in the buffer
-        dweight += merged(dY[:, a:b]) @ columns(a, b).T
-    dweight = dweight.reshape(weight.shape)
+    windows = row_windows(saved.lowered, kh, stride[0], dilation[0], oh)
+    per_row = np.matmul(by_rows(dY), windows.transpose(0, 2, 1))  # (OH, O, K)
+    dweight = np.ascontiguousarray(per_row.sum(axis=0).reshape(o, kh, c, kw).transpose(0, 2, 1, 3))
     dbias = dY.sum(axis=(1, 2, 3))
     if not need_dx:
         return None, dweight, dbias
@@ -267,19 +234,19 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
         if stride != (1, 1):
             raise ValueError("the full-correlation input gradient needs stride 1")
         sh, sw = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))  # span - 1, so oh + sh == hp
-        _Columns.forget(cache, "dcols")
-        dyp = padded_chwn(dY.transpose(3, 0, 1, 2), (sh, sh, sw, sw), cache, "dyp")
-        dcols = _Columns(dyp, (kh, kw), (1, 1), dilation, (h, w), cache, "dcols", origin=(pt, pl))
-        rotated = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)  # (C, O*KH*KW)
+        lowered = lower(dY.transpose(3, 0, 1, 2), (sh, sh, sw, sw), kw, 1, dilation[1], w, cache, "dlowered",
+                        x0=pl)
+        rotated = rows_first(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, KH*O*KW)
         dx = np.empty((c, h, w, n), dy.dtype)
-        for a, b in dcols.chunks:
-            np.matmul(rotated, dcols(a, b), out=merged(dx[:, a:b]))
+        np.matmul(rotated, row_windows(lowered, kh, 1, dilation[0], h, y0=pt), out=by_rows(dx))
         return dx.transpose(3, 0, 1, 2), dweight, dbias
-    wt = weight.reshape(o, -1).T  # (K, O)
+    parts = np.matmul(rows_first(weight).T, by_rows(dY), out=buffer(cache, "parts", (oh, kh * c * kw, ow * n),
+                                                                    dy.dtype))
+    parts = parts.reshape(oh, kh, c, kw, ow, n)
     dxp = np.zeros((c, hp, wp, n), dy.dtype)
-    for a, b in columns.chunks:
-        part = (wt @ merged(dY[:, a:b])).reshape(c, kh, kw, b - a, ow, n)
-        col2im(part, (hp, wp), stride, dilation, out=dxp, origin=(a * stride[0], 0))
+    for i in range(kh):
+        for j in range(kw):
+            dxp[(slice(None), *_window(i, j, (oh, ow), stride, dilation))] += parts[:, i, :, j].transpose(1, 0, 2, 3)
     return dxp[:, pt : pt + h, pl : pl + w].transpose(3, 0, 1, 2), dweight, dbias
 
 

@@ -1,4 +1,5 @@
-"""im2col/col2im against naive loops and the adjoint identity; padding and output-size rules."""
+"""Convolution math against naive loops: the lowering, both input-gradient paths, reused buffers; padding
+and output-size rules."""
 
 import itertools
 
@@ -38,29 +39,30 @@ def test_conv_forward_matches_naive_loops(stride, pad4, dilation):
     np.testing.assert_allclose(y, naive_conv(x, w, b, stride, pad4, dilation), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel,stride,dilation", [((3, 3), (1, 1), (1, 1)), ((2, 3), (2, 1), (1, 2)),
-                                                    ((3, 1), (3, 2), (2, 1))])
-def test_col2im_is_the_adjoint_of_im2col(kernel, stride, dilation):
-    """<im2col(x), c> == <x, col2im(c)> for all x and c (batch-innermost (C, H, W, N) layout)."""
-    g = np.random.default_rng(1)
-    x = g.standard_normal((3, 10, 9, 2))
-    out_hw = tuple(F.out_size(s, k, st, 0, d) for s, k, st, d in zip(x.shape[1:3], kernel, stride, dilation))
-    cols = F.im2col(x, kernel, stride, dilation, out_hw)
-    c = g.standard_normal(cols.shape)
-    lhs = (cols * c).sum()
-    rhs = (x * F.col2im(c, x.shape[1:3], stride, dilation)).sum()
-    assert abs(lhs - rhs) < 1e-9 * max(1.0, abs(lhs))
-
-
-def test_im2col_matches_naive_indexing():
+@pytest.mark.parametrize("kernel,stride,dilation,pad4,origin", [
+    ((3, 3), (1, 1), (1, 1), (1, 1, 1, 1), (0, 0)),
+    ((2, 3), (2, 1), (1, 2), (1, 2, 0, 1), (0, 0)),
+    ((3, 2), (3, 2), (2, 1), (2, 0, 2, 1), (0, 0)),  # row dilation: the gathered (copied) windows
+    ((3, 2), (1, 1), (1, 2), (2, 2, 3, 3), (1, 2)),  # an origin, as the full-correlation input gradient uses
+])
+def test_lowered_row_windows_are_im2col(kernel, stride, dilation, pad4, origin):
+    """row_windows(lower(x))[y, (i, c, j), (x, n)] == xpad[n, c, y0 + y*sh + i*dh, x0 + x*sw + j*dw], zeros
+    in the padding, for C-order and batch-innermost inputs."""
     g = np.random.default_rng(2)
-    x = g.standard_normal((2, 9, 8, 3))
-    cols = F.im2col(x, (2, 3), (2, 1), (1, 2), (4, 4))
-    shifted = F.im2col(x, (2, 3), (2, 1), (1, 2), (3, 2), origin=(1, 2))
-    for c, i, j, y, xx, n in [(0, 0, 0, 0, 0, 0), (1, 1, 2, 3, 3, 2), (1, 0, 1, 2, 1, 1)]:
-        assert cols[c, i, j, y, xx, n] == x[c, y * 2 + i * 1, xx * 1 + j * 2, n]
-        if y < 3 and xx < 2:
-            assert shifted[c, i, j, y, xx, n] == x[c, 1 + y * 2 + i * 1, 2 + xx * 1 + j * 2, n]
+    x = g.standard_normal((3, 2, 7, 8))
+    xpad = F.pad(x, pad4)
+    (kh, kw), (sh, sw), (dh, dw), (y0, x0) = kernel, stride, dilation, origin
+    oh = (xpad.shape[2] - y0 - dh * (kh - 1) - 1) // sh + 1
+    ow = (xpad.shape[3] - x0 - dw * (kw - 1) - 1) // sw + 1
+    expected = np.empty((oh, kh, 2, kw, ow, 3))
+    for y, i, c, j, xx, n in itertools.product(*map(range, expected.shape)):
+        expected[y, i, c, j, xx, n] = xpad[n, c, y0 + y * sh + i * dh, x0 + xx * sw + j * dw]
+    for layout in (np.asarray, batch_innermost):
+        cache = {}
+        for _ in range(2):  # the second call reuses the buffers: the zero border must still be there
+            lowered = F.lower(layout(x), pad4, kw, sw, dw, ow, cache, "L", x0=x0)
+            windows = F.row_windows(lowered, kh, sh, dh, oh, y0=y0)
+            np.testing.assert_array_equal(windows.reshape(expected.shape), expected)
 
 
 @pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((1, 1), "auto"),
@@ -139,24 +141,25 @@ def test_layers_give_the_same_numbers_for_any_memory_layout(tag):
 
 
 @pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((2, 1), "scatter")])
-def test_chunked_columns_give_the_same_gradients(monkeypatch, stride, method):
-    """Columns built a few output rows at a time (and rebuilt in backward, except the chunk forward left in
-    the scratch buffer) give the same outputs and gradients as one chunk for the whole map, and the same
-    as a naive convolution."""
+def test_reused_buffers_give_the_same_gradients(stride, method):
+    """A layer's scratch buffers (the lowered input and deltas, zeroed once) carry nothing from one step
+    into the next: a second batch through the same cache gives what a fresh cache gives, and a naive
+    convolution."""
     g = np.random.default_rng(4)
-    x, w, b = g.standard_normal((7, 2, 9, 8)), g.standard_normal((3, 2, 3, 2)), g.standard_normal(3)
+    w, b = g.standard_normal((3, 2, 3, 2)), g.standard_normal(3)
     pad4, dil = (1, 2, 0, 1), (2, 1)
-    results = []
-    for chunk_bytes in [1 << 30, 1]:  # one chunk; one output row per chunk
-        monkeypatch.setattr(F, "CHUNK_BYTES", chunk_bytes)
-        cache = {}
-        y, saved = F.conv2d_forward(x, w, b, stride, pad4, dil, cache)
-        dy = np.random.default_rng(5).standard_normal(y.shape)
-        results.append((y, *F.conv2d_backward(dy, saved, w, x.shape, stride, pad4, dil, cache=cache, method=method)))
-    assert len(F.row_chunks(7, 100)) == 7
-    np.testing.assert_allclose(results[0][0], naive_conv(x, w, b, stride, pad4, dil), rtol=1e-12, atol=1e-12)
-    for one, many in zip(*results):
-        np.testing.assert_allclose(many, one, rtol=1e-12, atol=1e-12)
+    cache = {}
+    for step in range(2):
+        x = g.standard_normal((7, 2, 9, 8))
+        dy = None
+        results = []
+        for c in (cache, {}):
+            y, saved = F.conv2d_forward(x, w, b, stride, pad4, dil, c)
+            dy = np.random.default_rng(step).standard_normal(y.shape)
+            results.append((y, *F.conv2d_backward(dy, saved, w, x.shape, stride, pad4, dil, cache=c, method=method)))
+        np.testing.assert_allclose(results[0][0], naive_conv(x, w, b, stride, pad4, dil), rtol=1e-12, atol=1e-12)
+        for reused, fresh in zip(*results):
+            np.testing.assert_array_equal(reused, fresh)
 
 
 @pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((2, 1), "scatter")])

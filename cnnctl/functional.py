@@ -209,8 +209,8 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     swapped) at the unpadded input positions (stride 1 only), with the same lowering as forward. "scatter"
     forms W^T dY and scatter-adds each kernel offset's slice back to where forward read it: the same sum,
     without the zeros a strided full convolution would insert. "auto" takes the full correlation for
-    stride 1 unless its products (O*KH*KW x N*H*W) would be much larger than the scattered ones
-    (C*KH*KW x N*OH*OW).
+    stride 1 unless its products (O*KH*KW x N*H*W) would be more than 3 times the scattered ones
+    (C*KH*KW x N*OH*OW), past which the scatter-adds cost less than the extra products (measured).
     """
     n, o, oh, ow = dy.shape
     _, c, kh, kw = weight.shape
@@ -229,7 +229,7 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
         return None, dweight, dbias
     pt, _, pl, _ = padding
     if method == "auto":
-        method = "full" if stride == (1, 1) and o * h * w <= 1.5 * c * oh * ow else "scatter"
+        method = "full" if stride == (1, 1) and o * h * w <= 3 * c * oh * ow else "scatter"
     if method == "full":
         if stride != (1, 1):
             raise ValueError("the full-correlation input gradient needs stride 1")

@@ -1,20 +1,19 @@
-"""Pure array math behind the layers: output sizes, padding, im2col/col2im, convolution and pooling.
+"""Pure array math behind the layers: output sizes, padding, the im2col lowering, convolution and pooling.
 
 Shape letters used throughout:
     N  batch size            C  input channels        O  output channels
     H, W  input height and width (Hp, Wp after padding)
     KH, KW  kernel height and width                   OH, OW  output height and width
-    K = C*KH*KW  (one im2col column)
+    K = C*KH*KW  (one im2col column; ordered (KH, C, KW) in the lowered products)
 
 Layers see (N, C, H, W) arrays, but convolutions store them batch-innermost, (C, H, W, N) in memory
-("CHWN", as cuda-convnet did): every kernel-offset window, pooling window and padded copy is then a run of
+("CHWN", as cuda-convnet did): every kernel-column slice, pooling window and scatter-add is then a run of
 N contiguous numbers rather than a run of W (or, for pooling with stride 2, single numbers), so NumPy
 copies it at close to memory speed. A conv layer returns its output as an (N, O, OH, OW) view of an
 (O, OH, OW, N) array; following layers work on such views without copies.
 
 The derivation, with the index conventions for stride, padding and dilation, is in docs/backprop.md.
-Python loops run over kernel offsets (KH*KW of them) and chunks of output rows only, never over batch
-items, channels or pixels.
+Python loops run over kernel columns or offsets only, never over batch items, channels or pixels.
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: P
     mask = None
     if relu:
         mask = np.greater(y, 0)
-        np.maximum(y, 0, out=y)
+        np.multiply(y, mask, out=y)  # twice as fast as np.maximum(y, 0) here (measured); gives -0.0 for y < 0
     return y.transpose(3, 0, 1, 2), ConvSaved(lowered, mask)
 
 

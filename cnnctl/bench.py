@@ -54,7 +54,7 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
             h = x
             for i, layer in enumerate(model.layers):
                 t0 = time.perf_counter()
-                h = layer.forward(h, True)
+                h = layer.forward(h, True, **model.forward_options(i))
                 layer_times[i, 0] += time.perf_counter() - t0
             loss_fn.forward(h, y)
             d = loss_fn.backward()

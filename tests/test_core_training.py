@@ -36,3 +36,32 @@ def test_small_cnn_cuts_loss_tenfold():
     last = loss.forward(model.forward(x, training=False), y)
     assert last < first / 10, (first, last)
     assert (model.forward(x, training=False).argmax(1) == y).mean() > 0.97
+
+
+def test_relu_moved_after_max_pooling_changes_no_number():
+    """Sequential applies a conv's ReLU after the max pooling that follows it. Outputs, every parameter
+    gradient and the input gradient equal running the same layers one by one, each with its own
+    activation, in float64 (exactly the same maxima are chosen), with plain and overlapping pooling."""
+    def layers(g):
+        return [nn.Conv2D(2, 3, 3, padding=1, activation="relu", rng=g, dtype=np.float64), nn.MaxPool2D(2),
+                nn.Conv2D(3, 4, 3, padding=1, activation="relu", rng=g, dtype=np.float64),
+                nn.MaxPool2D(3, stride=2),
+                nn.Flatten(), nn.Dense(4 * 2 * 2, 3, rng=g, dtype=np.float64)]
+
+    x = np.random.default_rng(0).standard_normal((5, 2, 12, 12))
+    dy = np.random.default_rng(1).standard_normal((5, 3))
+    model = nn.Sequential(layers(np.random.default_rng(2)))
+    model.layers[0].needs_input_grad = True
+    assert model._relu_after_pool == {0, 2}
+    one_by_one = layers(np.random.default_rng(2))
+    h = x
+    for layer in one_by_one:
+        h = layer.forward(h, True)
+    d = dy
+    for layer in reversed(one_by_one):
+        d = layer.backward(d)
+    np.testing.assert_array_equal(model.forward(x, True), h)
+    np.testing.assert_array_equal(model.backward(dy), d)
+    for fused, plain in zip(model.layers, one_by_one):
+        for key in fused.grads:
+            np.testing.assert_array_equal(fused.grads[key], plain.grads[key])

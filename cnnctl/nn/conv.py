@@ -70,12 +70,15 @@ class Conv2D(Layer):
         o, oh, ow = self.output_shape(input_shape)
         return o * oh * ow * self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
-    def forward(self, x, training=True):
+    def forward(self, x, training=True, relu: bool | None = None):
+        """`relu=False` leaves a ReLU activation out of this call: Sequential applies it after a following max
+        pooling instead (max pooling and ReLU commute), where there are fewer numbers to mask."""
         self._x_shape = x.shape
         self._pad4 = self._pads(x.shape[2:])
+        fused = self._fused_relu if relu is None else self._fused_relu and relu
         y, self._saved = F.conv2d_forward(
             x, self.params["weight"], self.params.get("bias"), self.stride, self._pad4, self.dilation, self._buffers,
-            relu=self._fused_relu,
+            relu=fused,
         )
         return y if self._fused_relu else self._activate(y, training)
 

@@ -7,20 +7,38 @@ from collections.abc import Iterator
 import numpy as np
 
 from .base import Layer
+from .conv import Conv2D
+from .pooling import MaxPool2D
 
 
 class Sequential:
-    """Runs layers in order; backward in reverse. The first layer skips its input gradient."""
+    """Runs layers in order; backward in reverse. The first layer skips its input gradient.
+
+    A convolution with a ReLU activation followed by max pooling has its ReLU applied after the pooling:
+    max(pool(z), 0) = pool(max(z, 0)), and the gradients agree too (a window whose maximum is not positive
+    passes no gradient either way), but the ReLU and its mask then touch a quarter of the numbers (2x2
+    pooling). Each layer called on its own still applies its own activation.
+    """
 
     def __init__(self, layers: list[Layer], names: list[str] | None = None):
         self.layers = list(layers)
         self.names = names or [f"{type(layer).__name__.lower()}_{i}" for i, layer in enumerate(self.layers)]
         if self.layers and hasattr(self.layers[0], "needs_input_grad"):
             self.layers[0].needs_input_grad = False
+        self._relu_after_pool = {  # indices of conv layers whose ReLU the next (max pooling) layer applies
+            i for i, (a, b) in enumerate(zip(self.layers, self.layers[1:]))
+            if isinstance(a, Conv2D) and a._fused_relu and isinstance(b, MaxPool2D)
+        }
+
+    def forward_options(self, i: int) -> dict:
+        """Keyword arguments this model passes to layer i's forward (the ReLU moved behind max pooling)."""
+        if i in self._relu_after_pool:
+            return {"relu": False}
+        return {"relu": True} if i - 1 in self._relu_after_pool else {}
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
-        for layer in self.layers:
-            x = layer.forward(x, training)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward(x, training, **self.forward_options(i))
         return x
 
     __call__ = forward

@@ -59,7 +59,9 @@ class MaxPool2D(_Pool2D):
 
     pad_value = -np.inf
 
-    def forward(self, x, training=True):
+    def forward(self, x, training=True, relu: bool = False):
+        """`relu=True` returns max(pool(x), 0), which equals pool(max(x, 0)) with the same gradients: how
+        Sequential runs a conv's ReLU when this layer follows it."""
         xp = self._padded(x)
         self._padded_shape = xp.shape
         slices = self._slices(xp)
@@ -73,11 +75,17 @@ class MaxPool2D(_Pool2D):
             np.multiply(greater, winner.dtype.type(k), out=candidate)
             np.maximum(winner, candidate, out=winner)
             np.maximum(out, s, out=out)
+        self._relu_mask = None
+        if relu:
+            self._relu_mask = np.greater(out, 0)
+            np.multiply(out, self._relu_mask, out=out)
         return out
 
     def backward(self, dy):
         winner = self._winner
         dy = F.in_layout_of(dy, winner)
+        if self._relu_mask is not None:
+            dy = dy * self._relu_mask
         overlap = any(s < k for s, k in zip(self.stride, self.kernel_size))
         hp, wp = self._padded_shape[2:]
         (oh, ow), (sh, sw) = self._out_hw, self.stride
@@ -97,7 +105,9 @@ class MaxPool2D(_Pool2D):
 class AvgPool2D(_Pool2D):
     """Mean over each window, padded zeros counted (PyTorch's count_include_pad=True)."""
 
-    def forward(self, x, training=True):
+    def forward(self, x, training=True, relu: bool = False):
+        """`relu=True` returns max(pool(x), 0), which equals pool(max(x, 0)) with the same gradients: how
+        Sequential runs a conv's ReLU when this layer follows it."""
         xp = self._padded(x)
         self._padded_shape = xp.shape
         slices = self._slices(xp)

@@ -130,10 +130,15 @@ def lower(x: np.ndarray, pad4: Padding4, kw: int, sw: int, dw: int, ow: int, cac
     src = batch_innermost(x, cache, name + ".chwn").transpose(2, 1, 3, 0)  # (H, C, W, N) view
     for j in range(kw):
         first = x0 + j * dw - pl  # the input column output column 0 reads at this kernel column
-        lo, hi = max(0, -(first // sw)), min(ow, -((first - w) // sw))  # output columns inside the input
+        lo, hi = inside(first, sw, ow, w)
         if lo < hi:
             lowered[pt : pt + h, :, j, lo:hi] = src[:, :, first + lo * sw : first + (hi - 1) * sw + 1 : sw]
     return lowered
+
+
+def inside(first: int, step: int, count: int, size: int) -> Pair:
+    """The range [lo, hi) of the x in [0, count) whose index first + x*step lies in [0, size)."""
+    return max(0, -(first // step)), min(count, -((first - size) // step))
 
 
 def row_windows(lowered: np.ndarray, kh: int, sh: int, dh: int, oh: int, y0: int = 0) -> np.ndarray:
@@ -207,9 +212,11 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     literally: pad the deltas by the kernel span - 1 and correlate them with the rotated kernel (channels
     swapped) at the unpadded input positions (stride 1 only), with the same lowering as forward. "scatter"
     forms W^T dY and scatter-adds each kernel offset's slice back to where forward read it: the same sum,
-    without the zeros a strided full convolution would insert. "auto" takes the full correlation for
-    stride 1 unless its products (O*KH*KW x N*H*W) would be more than 3 times the scattered ones
-    (C*KH*KW x N*OH*OW), past which the scatter-adds cost less than the extra products (measured).
+    without the zeros a strided full convolution would insert. "rows" (row stride 1) does the first along
+    the rows and the second along the columns: one product per input row over KH rows of the deltas, then
+    KW column scatter-adds instead of KH*KW. "auto" takes the full correlation for stride 1 unless its
+    products (O*KH*KW x N*H*W) would be more than 1.5 times the scattered ones (C*KH*KW x N*OH*OW), else
+    "rows" for row stride 1, else "scatter" (measured on LeNet-5 and the CIFAR-size net's layers).
     """
     n, o, oh, ow = dy.shape
     _, c, kh, kw = weight.shape
@@ -228,7 +235,8 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
         return None, dweight, dbias
     pt, _, pl, _ = padding
     if method == "auto":
-        method = "full" if stride == (1, 1) and o * h * w <= 3 * c * oh * ow else "scatter"
+        full = stride == (1, 1) and o * h * w <= 1.5 * c * oh * ow
+        method = "full" if full else "rows" if stride[0] == 1 else "scatter"
     if method == "full":
         if stride != (1, 1):
             raise ValueError("the full-correlation input gradient needs stride 1")
@@ -238,6 +246,25 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
         rotated = rows_first(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, KH*O*KW)
         dx = np.empty((c, h, w, n), dy.dtype)
         np.matmul(rotated, row_windows(lowered, kh, 1, dilation[0], h, y0=pt), out=by_rows(dx))
+        return dx.transpose(3, 0, 1, 2), dweight, dbias
+    if method == "rows":
+        if stride[0] != 1:
+            raise ValueError("the row-correlation input gradient needs row stride 1")
+        # input row pt + r receives W[:, :, i]^T dY[pt + r - i*dh] from every kernel row i: KH consecutive
+        # (dilated) rows of the zero-padded deltas, read through the same overlapping windows as forward
+        span = dilation[0] * (kh - 1)
+        padded = buffer(cache, f"dYrows{span}", (oh + 2 * span, o, 1, ow, n), dy.dtype, zero=True)
+        padded[span : span + oh, :, 0] = dY.transpose(1, 0, 2, 3)
+        flipped = weight[:, :, ::-1].transpose(1, 3, 2, 0).reshape(c * kw, kh * o)  # [(c, j), (KH-1-i, o)]
+        lifted = np.matmul(flipped, row_windows(padded, kh, 1, dilation[0], h, y0=pt),
+                           out=buffer(cache, "lifted", (h, c * kw, ow * n), dy.dtype)).reshape(h, c, kw, ow, n)
+        dx = np.zeros((c, h, w, n), dy.dtype)
+        for j in range(kw):  # lifted[r, c, j, x] belongs to input column x*sw + j*dw - pl
+            first = j * dilation[1] - pl
+            lo, hi = inside(first, stride[1], ow, w)
+            if lo < hi:
+                dx[:, :, first + lo * stride[1] : first + (hi - 1) * stride[1] + 1 : stride[1]] += \
+                    lifted[:, :, j, lo:hi].transpose(1, 0, 2, 3)
         return dx.transpose(3, 0, 1, 2), dweight, dbias
     parts = np.matmul(rows_first(weight).T, by_rows(dY), out=buffer(cache, "parts", (oh, kh * c * kw, ow * n),
                                                                     dy.dtype))

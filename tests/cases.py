@@ -12,7 +12,8 @@ CASES = {
         ("k3", lambda g: nn.Conv2D(2, 3, 3, rng=g), (2, 2, 7, 6)),
         ("k2x3_s2_p1_relu", lambda g: nn.Conv2D(2, 3, (2, 3), stride=2, padding=1, activation="relu", rng=g),
          (2, 2, 7, 8)),
-        # stride 1 with a fused ReLU, once through each input-gradient path ("scatter": O > 3 C, then "full")
+        # stride 1 with a fused ReLU, once through each stride-1 input-gradient path ("rows": O > 1.5 C, then
+        # "full"); the strided cases take "scatter"
         ("k3_p1_relu", lambda g: nn.Conv2D(2, 7, 3, padding=1, activation="relu", rng=g), (2, 2, 6, 7)),
         ("k3_p1_relu_narrow", lambda g: nn.Conv2D(4, 2, 3, padding=1, activation="relu", rng=g), (2, 4, 6, 7)),
         ("same_d2_tanh_nobias", lambda g: nn.Conv2D(3, 2, 3, padding="same", dilation=2, bias=False,

@@ -65,10 +65,12 @@ def test_lowered_row_windows_are_im2col(kernel, stride, dilation, pad4, origin):
             np.testing.assert_array_equal(windows.reshape(expected.shape), expected)
 
 
-@pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((1, 1), "auto"),
-                                           ((2, 1), "scatter"), ((3, 2), "auto")])
+@pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((1, 1), "rows"),
+                                           ((1, 1), "auto"), ((2, 1), "scatter"), ((1, 3), "rows"),
+                                           ((3, 2), "auto")])
 def test_conv_backward_input_gradient_paths_agree_with_naive_scatter(stride, method):
-    """Both input-gradient paths (full correlation for stride 1, col2im otherwise) equal a naive scatter."""
+    """Every input-gradient path (full correlation, row correlation with column scatter, scatter) equals a
+    naive scatter loop."""
     g = np.random.default_rng(3)
     x, w = g.standard_normal((2, 2, 9, 8)), g.standard_normal((3, 2, 3, 2))
     pad4, dil = (1, 2, 0, 1), (2, 1)
@@ -140,7 +142,8 @@ def test_layers_give_the_same_numbers_for_any_memory_layout(tag):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=case_id)
 
 
-@pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((2, 1), "scatter")])
+@pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((1, 1), "rows"),
+                                           ((2, 1), "scatter"), ((1, 2), "rows")])
 def test_reused_buffers_give_the_same_gradients(stride, method):
     """A layer's scratch buffers (the lowered input and deltas, zeroed once) carry nothing from one step
     into the next: a second batch through the same cache gives what a fresh cache gives, and a naive
@@ -162,7 +165,8 @@ def test_reused_buffers_give_the_same_gradients(stride, method):
             np.testing.assert_array_equal(reused, fresh)
 
 
-@pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((2, 1), "scatter")])
+@pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((1, 1), "rows"),
+                                           ((2, 1), "scatter"), ((1, 2), "rows")])
 def test_fused_relu_equals_relu_after_conv(stride, method):
     """conv2d_forward(relu=True) and its backward equal max(conv, 0) with the mask applied by hand."""
     g = np.random.default_rng(6)

@@ -19,25 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import numpy as np
-from vs_torch import CASES, bench_torch, spec_for
+from vs_torch import CASES, bench_torch, machine_info, median_seconds, print_table, spec_for
 
 from cnnctl.bench import blas_info
 from cnnctl.builder import build_model
 from cnnctl.nn.conv import Conv2D
 from cnnctl.nn.dense import Dense
-
-
-def timed(fn, reps: int = 7) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def products(layer, in_shape, out_shape, batch, first: bool, rng) -> list[tuple[str, float, float]]:
@@ -47,7 +36,7 @@ def products(layer, in_shape, out_shape, batch, first: bool, rng) -> list[tuple[
 
     def mm(a, b):
         out = np.empty((a.shape[0], b.shape[1]), np.float32)
-        return timed(lambda: np.matmul(a, b, out=out)), 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+        return median_seconds(lambda: np.matmul(a, b, out=out), 7), 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
 
     if isinstance(layer, Dense):
         x, w, dy = r(batch, in_shape[0]), r(*layer.params["weight"].shape), r(batch, out_shape[0])
@@ -76,7 +65,7 @@ def conv_torch(layer, in_shape, batch) -> float:
                            padding=layer._pads(in_shape[1:])[0])
     x = torch.randn(batch, *in_shape, requires_grad=True)
     g = torch.randn_like(conv(x))
-    return timed(lambda: conv(x).backward(g))
+    return median_seconds(lambda: conv(x).backward(g), 7)
 
 
 def main():
@@ -108,17 +97,13 @@ def main():
                                     for _ in range(args.rounds)]))
         results.append({"network": name, "batch": batch, "target": target, "products_ms": total * 1e3,
                         "torch_step_ms": torch_ms, "ceiling": torch_ms / (total * 1e3), "layers": per_layer})
-    machine = {"blas": blas, "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
-               "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"), "torch": torch.__version__}
     if args.json:
-        print(json.dumps({"machine": machine, "results": results}, indent=2))
+        print(json.dumps({"machine": machine_info(blas), "results": results}, indent=2))
         return
-    print(f"machine: {machine}")
-    print("| network | batch | products alone (ms) | torch step (ms) | ceiling | target |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in results:
-        print(f"| {r['network']} | {r['batch']} | {r['products_ms']:.1f} | {r['torch_step_ms']:.1f} | "
-              f"{r['ceiling']:.2f} | >= {r['target']:.1f} |")
+    print(f"machine: {machine_info(blas)}")
+    print_table(["network", "batch", "products alone (ms)", "torch step (ms)", "ceiling", "target"],
+                [[r["network"], r["batch"], f"{r['products_ms']:.1f}", f"{r['torch_step_ms']:.1f}",
+                  f"{r['ceiling']:.2f}", f">= {r['target']:.1f}"] for r in results])
     print("\nper layer: NumPy products (ms, GFLOP/s) | torch's fwd+bwd convolution (ms, GFLOP/s)")
     for r in results:
         for e in r["layers"]:

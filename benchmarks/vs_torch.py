@@ -94,15 +94,38 @@ def bench_torch(layers, shape, batch, steps, warmup):
         loss_fn(model(x), y).backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    ms = float(np.median(times) * 1e3)
+    ms = median_seconds(step, steps, warmup) * 1e3
     return {"ms_per_step": ms, "images_per_second": batch / (ms / 1e3)}
+
+
+def median_seconds(fn, reps: int, warmup: int = 1) -> float:
+    """Median wall time of fn() over `reps` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def machine_info(blas: dict) -> dict:
+    """What a benchmark result depends on: CPU, cores, library versions, BLAS and its two variables."""
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "numpy": np.__version__, "torch": torch.__version__,
+            "blas": blas, "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+            "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    """A markdown table, as the README shows it."""
+    print("| " + " | ".join(header) + " |")
+    print("| " + " | ".join("---" for _ in header) + " |")
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row) + " |")
 
 
 def main():
@@ -130,19 +153,14 @@ def main():
                      "torch_images_per_second": batch / theirs_ms * 1e3, "torch_ms": theirs_ms,
                      "ratio": theirs_ms / ours_ms, "target": target,
                      "cnnctl_peak_rss_mb": ours[-1]["peak_rss_mb"]})
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
-               "numpy": np.__version__, "torch": torch.__version__, "blas": blas,
-               "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
-               "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
     if args.json:
-        print(json.dumps({"machine": machine, "results": rows}, indent=2))
+        print(json.dumps({"machine": machine_info(blas), "results": rows}, indent=2))
         return
-    print(f"machine: {machine}")
-    print("| network | input | batch | cnnctl img/s | torch img/s | ratio | target |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['network']} | {r['input']} | {r['batch']} | {r['cnnctl_images_per_second']:,.0f} | "
-              f"{r['torch_images_per_second']:,.0f} | {r['ratio']:.2f} | >= {r['target']:.1f} |")
+    print(f"machine: {machine_info(blas)}")
+    print_table(["network", "input", "batch", "cnnctl img/s", "torch img/s", "ratio", "target"],
+                [[r["network"], r["input"], r["batch"], f"{r['cnnctl_images_per_second']:,.0f}",
+                  f"{r['torch_images_per_second']:,.0f}", f"{r['ratio']:.2f}", f">= {r['target']:.1f}"]
+                 for r in rows])
     print(f"peak RSS of this process: {rows[-1]['cnnctl_peak_rss_mb']:.0f} MB")
 
 

@@ -1,5 +1,5 @@
-"""Convolution math against naive loops: the lowering, both input-gradient paths, reused buffers; padding
-and output-size rules."""
+"""Convolution math against naive loops: the lowering, the three input-gradient paths, reused buffers;
+padding and output-size rules."""
 
 import itertools
 

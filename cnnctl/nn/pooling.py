@@ -105,9 +105,7 @@ class MaxPool2D(_Pool2D):
 class AvgPool2D(_Pool2D):
     """Mean over each window, padded zeros counted (PyTorch's count_include_pad=True)."""
 
-    def forward(self, x, training=True, relu: bool = False):
-        """`relu=True` returns max(pool(x), 0), which equals pool(max(x, 0)) with the same gradients: how
-        Sequential runs a conv's ReLU when this layer follows it."""
+    def forward(self, x, training=True):
         xp = self._padded(x)
         self._padded_shape = xp.shape
         slices = self._slices(xp)

@@ -253,8 +253,8 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
         # input row pt + r receives W[:, :, i]^T dY[pt + r - i*dh] from every kernel row i: KH consecutive
         # (dilated) rows of the zero-padded deltas, read through the same overlapping windows as forward
         span = dilation[0] * (kh - 1)
-        padded = buffer(cache, f"dYrows{span}", (oh + 2 * span, o, 1, ow, n), dy.dtype, zero=True)
-        padded[span : span + oh, :, 0] = dY.transpose(1, 0, 2, 3)
+        # lowering with one kernel column: the deltas rows first, (OH + 2*span, O, 1, OW, N), zero rows around
+        padded = lower(dY.transpose(3, 0, 1, 2), (span, span, 0, 0), 1, 1, 1, ow, cache, "dYrows")
         flipped = weight[:, :, ::-1].transpose(1, 3, 2, 0).reshape(c * kw, kh * o)  # [(c, j), (KH-1-i, o)]
         lifted = np.matmul(flipped, row_windows(padded, kh, 1, dilation[0], h, y0=pt),
                            out=buffer(cache, "lifted", (h, c * kw, ow * n), dy.dtype)).reshape(h, c, kw, ow, n)

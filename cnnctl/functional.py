@@ -128,17 +128,19 @@ def lower(x: np.ndarray, pad4: Padding4, kw: int, sw: int, dw: int, ow: int, cac
     pt, pb, pl, _ = pad4
     lowered = buffer(cache, f"{name}{pad4}{x0}", (h + pt + pb, c, kw, ow, n), x.dtype, zero=True)
     src = batch_innermost(x, cache, name + ".chwn").transpose(2, 1, 3, 0)  # (H, C, W, N) view
-    for j in range(kw):
-        first = x0 + j * dw - pl  # the input column output column 0 reads at this kernel column
-        lo, hi = inside(first, sw, ow, w)
-        if lo < hi:
-            lowered[pt : pt + h, :, j, lo:hi] = src[:, :, first + lo * sw : first + (hi - 1) * sw + 1 : sw]
+    for j in range(kw):  # output column x reads input column x0 + x*sw + j*dw - pl at kernel column j
+        xs, cols = inside(x0 + j * dw - pl, sw, ow, w)
+        lowered[pt : pt + h, :, j, xs] = src[:, :, cols]
     return lowered
 
 
-def inside(first: int, step: int, count: int, size: int) -> Pair:
-    """The range [lo, hi) of the x in [0, count) whose index first + x*step lies in [0, size)."""
-    return max(0, -(first // step)), min(count, -((first - size) // step))
+def inside(first: int, step: int, count: int, size: int) -> tuple[slice, slice]:
+    """For positions x in [0, count) reading index first + x*step: the slice of the x whose index lies in
+    [0, size), and the slice of those indices (both empty when none does)."""
+    lo, hi = max(0, -(first // step)), min(count, -((first - size) // step))
+    if lo >= hi:
+        return slice(0, 0), slice(0, 0)
+    return slice(lo, hi), slice(first + lo * step, first + (hi - 1) * step + 1, step)
 
 
 def row_windows(lowered: np.ndarray, kh: int, sh: int, dh: int, oh: int, y0: int = 0) -> np.ndarray:
@@ -240,9 +242,9 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     if method == "full":
         if stride != (1, 1):
             raise ValueError("the full-correlation input gradient needs stride 1")
-        sh, sw = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))  # span - 1, so oh + sh == hp
-        lowered = lower(dY.transpose(3, 0, 1, 2), (sh, sh, sw, sw), kw, 1, dilation[1], w, cache, "dlowered",
-                        x0=pl)
+        span_h, span_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)  # span - 1, so oh + span_h == hp
+        lowered = lower(dY.transpose(3, 0, 1, 2), (span_h, span_h, span_w, span_w), kw, 1, dilation[1], w, cache,
+                        "dlowered", x0=pl)
         rotated = rows_first(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, KH*O*KW)
         dx = np.empty((c, h, w, n), dy.dtype)
         np.matmul(rotated, row_windows(lowered, kh, 1, dilation[0], h, y0=pt), out=by_rows(dx))
@@ -260,11 +262,8 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
                            out=buffer(cache, "lifted", (h, c * kw, ow * n), dy.dtype)).reshape(h, c, kw, ow, n)
         dx = np.zeros((c, h, w, n), dy.dtype)
         for j in range(kw):  # lifted[r, c, j, x] belongs to input column x*sw + j*dw - pl
-            first = j * dilation[1] - pl
-            lo, hi = inside(first, stride[1], ow, w)
-            if lo < hi:
-                dx[:, :, first + lo * stride[1] : first + (hi - 1) * stride[1] + 1 : stride[1]] += \
-                    lifted[:, :, j, lo:hi].transpose(1, 0, 2, 3)
+            xs, cols = inside(j * dilation[1] - pl, stride[1], ow, w)
+            dx[:, :, cols] += lifted[:, :, j, xs].transpose(1, 0, 2, 3)
         return dx.transpose(3, 0, 1, 2), dweight, dbias
     parts = np.matmul(rows_first(weight).T, by_rows(dY), out=buffer(cache, "parts", (oh, kh * c * kw, ow * n),
                                                                     dy.dtype))

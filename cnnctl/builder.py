@@ -1,53 +1,112 @@
 """Spec -> layers: propagate input_shape through the layer specs, building each layer for the shape it gets.
 
-Shape problems surface here, before any data is touched, naming the layer, its input shape and a fix.
+Shape problems surface here, before any data is touched, naming the nested layer
+(`model.layers[3] (basic) > body[2] (conv2d)`), its input shape and a fix. Every layer gets a row: its
+state-dict path, output shape, parameters, MACs and receptive field, with its children's rows below it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import data
 from .config import ModelSpec, Spec
 from .errors import DataError, ShapeError
-from .nn import LOSSES, Loss, Sequential
+from .nn import LOSSES, Layer, Loss, Model, Sequential
 
 
 @dataclass
 class LayerRow:
-    index: int
+    index: int  # position in its parent's list
+    path: str  # state-dict prefix: layers.3.body.0
+    label: str  # for messages: model.layers[3] (basic) > body[0] (conv2d)
     name: str
-    type: str
+    type: str  # the spec's type, or the block's name
+    depth: int  # 0 for model.layers
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
-    params: int
+    params: int  # trainable values, children included
+    buffers: int  # non-trainable values (running statistics), children included
     macs: int
+    receptive_field: tuple[int, int, int, int] | None  # (height, width, row stride, column stride); None: all
+    children: list[LayerRow] = field(default_factory=list)
+
+    def walk(self) -> Iterator[LayerRow]:
+        yield self
+        for c in self.children:
+            yield from c.walk()
+
+    def as_dict(self) -> dict:
+        rf = self.receptive_field
+        return {"index": self.index, "path": self.path, "name": self.name, "type": self.type,
+                "output_shape": list(self.output_shape), "params": self.params, "buffers": self.buffers,
+                "macs": self.macs, "receptive_field": None if rf is None else {"size": [rf[0], rf[1]],
+                                                                                 "stride": [rf[2], rf[3]]},
+                "children": [c.as_dict() for c in self.children]}
+
+
+def walk(rows: list[LayerRow]) -> Iterator[LayerRow]:
+    """Every row of a tree, depth first."""
+    for r in rows:
+        yield from r.walk()
+
+
+class Scope:
+    """Where a layer is being built: its path, its label for errors, the generator for weights, and the
+    receptive field of its input. Container specs call `sequence` to build their layer lists."""
+
+    def __init__(self, rng: np.random.Generator, path: str, label: str, depth: int, rf, rows: list[LayerRow]):
+        self.rng, self.path, self.label, self.depth, self.rf, self.rows = rng, path, label, depth, rf, rows
+
+    def sequence(self, field: str | None, specs: list, input_shape) -> Sequential:
+        """A Sequential of these specs, built in order from input_shape; `field` names it in the state dict
+        and in error paths (body, shortcut, branches.0; None for the container's own list)."""
+        path = ".".join(p for p in (self.path, field) if p)
+        label_field = "" if field is None else field.replace(".", "[", 1) + ("]" if "." in field else "")
+        layers = self.build_list(specs, tuple(input_shape), path, label_field)
+        return Sequential(layers)
+
+    def build_list(self, specs: list, shape: tuple, path: str, label_field: str) -> list[Layer]:
+        layers, rf = [], self.rf
+        for i, spec in enumerate(specs):
+            child_path = f"{path}.{i}" if path else str(i)
+            sep = " > " if self.depth >= 0 else "."
+            named = f" {spec.name!r}" if spec.name else ""
+            label = f"{self.label}{sep}{label_field}[{i}] ({spec.display_type}{named})"
+            rows: list[LayerRow] = []
+            scope = Scope(self.rng, child_path, label, self.depth + 1, rf, rows)
+            try:
+                layer = spec.build(shape, scope)
+                out, macs = tuple(layer.output_shape(shape)), int(layer.macs(shape))
+            except ShapeError as e:
+                if getattr(e, "located", False):
+                    raise
+                located = ShapeError(f"{label}: input shape {shape}: {e.message}", e.hint)
+                located.located = True
+                raise located from None
+            rf = layer.receptive_field(rf)
+            self.rows.append(LayerRow(i, child_path, label, spec.name or f"{spec.display_type}_{i}",
+                                      spec.display_type, self.depth + 1, shape, out, layer.num_params(),
+                                      layer.num_buffer_values(), macs, rf, rows))
+            layers.append(layer)
+            shape = out
+        return layers
+
+
+def build_model(spec: ModelSpec, rng: np.random.Generator | None = None) -> tuple[Model, list[LayerRow]]:
+    """The Model for a model spec, and one row per top-level layer (each with its children's rows)."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    rows: list[LayerRow] = []
+    root = Scope(rng, "", "model", -1, (1, 1, 1, 1), rows)
+    layers = root.build_list(spec.tree(), tuple(spec.input_shape), "layers", "layers")
+    return Model(layers, [r.name for r in rows]), rows
 
 
 def layer_label(i: int, spec) -> str:
     return f"model.layers[{i}] ({spec.type}{' ' + repr(spec.name) if spec.name else ''})"
-
-
-def build_model(spec: ModelSpec, rng: np.random.Generator | None = None) -> tuple[Sequential, list[LayerRow]]:
-    """The Sequential for a model spec, and one row per layer with shapes, parameters and MACs."""
-    rng = rng if rng is not None else np.random.default_rng(0)
-    shape: tuple[int, ...] = tuple(spec.input_shape)
-    layers, names, rows = [], [], []
-    for i, ls in enumerate(spec.layers):
-        try:
-            ls_layer = ls.build(shape, rng)
-            out = ls_layer.output_shape(shape)
-            macs = ls_layer.macs(shape)
-        except ShapeError as e:
-            raise ShapeError(f"{layer_label(i, ls)}: input shape {shape}: {e.message}", e.hint) from None
-        name = ls.name or f"{ls.type}_{i}"
-        layers.append(ls_layer)
-        names.append(name)
-        rows.append(LayerRow(i, name, ls.type, shape, tuple(out), ls_layer.num_params(), int(macs)))
-        shape = tuple(out)
-    return Sequential(layers, names), rows
 
 
 def check_outputs(spec: Spec, rows: list[LayerRow], num_classes: int) -> None:
@@ -55,7 +114,7 @@ def check_outputs(spec: Spec, rows: list[LayerRow], num_classes: int) -> None:
     last = rows[-1]
     if last.output_shape != (num_classes,):
         raise ShapeError(
-            f"{layer_label(last.index, spec.model.layers[-1])} outputs shape {last.output_shape}, but the dataset "
+            f"{last.label} outputs shape {last.output_shape}, but the dataset "
             f"'{spec.data.dataset}' has {num_classes} classes",
             f"end the model with {{type: dense, units: {num_classes}}}",
         )

@@ -9,187 +9,49 @@ makes the matching `cnnctl.nn` layer for the shape that reaches it. `load_config
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from . import nn, optim, schedules
+from . import blocks, nn, optim, schedules
 from .errors import ConfigError
+from .spec_errors import format_validation_error
+from .strict import NonNegInt, PosInt, Strict
 
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PosPair = PosInt | tuple[PosInt, PosInt]
-Activation = Literal["relu", "leaky_relu", "elu", "sigmoid", "tanh", "softmax", "linear"]
-Init = Literal["he_normal", "he_uniform", "glorot_normal", "glorot_uniform"]
+# ---------------------------------------------------------------- the model
 
-
-class Strict(BaseModel):
-    """Base for every spec model: unknown keys are errors that suggest the closest known key."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unknown_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            known = list(cls.model_fields)
-            for key in data:
-                if key not in known:
-                    close = difflib.get_close_matches(str(key), known, n=1)
-                    hint = f"did you mean '{close[0]}'? " if close else ""
-                    raise PydanticCustomError(
-                        "unknown_key",
-                        "unknown key '{key}'; {hint}known keys: {known}",
-                        {"key": str(key), "hint": hint, "known": ", ".join(known)},
-                    )
-        return data
-
-
-# ---------------------------------------------------------------- layers
-
-
-class LayerSpec(Strict):
-    name: str | None = Field(None, description="Optional display name for inspect and error messages.")
-
-    def build(self, input_shape: tuple[int, ...], rng: np.random.Generator) -> nn.Layer:
-        return nn.REGISTRY[self.type]()  # type: ignore[attr-defined]
-
-
-class Conv2DSpec(LayerSpec):
-    type: Literal["conv2d"]
-    filters: PosInt = Field(description="Number of output channels.")
-    kernel_size: PosPair = Field(description="Kernel size, an int or [height, width].")
-    stride: PosPair = 1
-    padding: NonNegInt | tuple[NonNegInt, NonNegInt] | Literal["same", "valid"] = 0
-    dilation: PosPair = 1
-    bias: bool = True
-    activation: Activation | None = None
-    init: Init = "he_normal"
-
-    def build(self, input_shape, rng):
-        return nn.Conv2D(input_shape[0], self.filters, self.kernel_size, self.stride, self.padding, self.dilation,
-                         self.bias, self.activation, self.init, rng)
-
-
-class _PoolSpec(LayerSpec):
-    kernel_size: PosPair = Field(description="Window size, an int or [height, width].")
-    stride: PosPair | None = Field(None, description="Defaults to kernel_size.")
-    padding: NonNegInt | tuple[NonNegInt, NonNegInt] = 0
-
-    def build(self, input_shape, rng):
-        return nn.REGISTRY[self.type](self.kernel_size, self.stride, self.padding)  # type: ignore[attr-defined]
-
-
-class MaxPool2DSpec(_PoolSpec):
-    type: Literal["maxpool2d"]
-
-
-class AvgPool2DSpec(_PoolSpec):
-    type: Literal["avgpool2d"]
-
-
-class GlobalAvgPool2DSpec(LayerSpec):
-    type: Literal["global_avgpool2d"]
-
-
-class FlattenSpec(LayerSpec):
-    type: Literal["flatten"]
-
-
-class DenseSpec(LayerSpec):
-    type: Literal["dense"]
-    units: PosInt = Field(description="Number of output features.")
-    bias: bool = True
-    activation: Activation | None = None
-    init: Init = "he_normal"
-
-    def build(self, input_shape, rng):
-        return nn.Dense(input_shape[0], self.units, self.bias, self.activation, self.init, rng)
-
-
-class DropoutSpec(LayerSpec):
-    type: Literal["dropout"]
-    rate: float = Field(0.5, ge=0.0, lt=1.0, description="Probability of zeroing each value while training.")
-
-    def build(self, input_shape, rng):
-        return nn.Dropout(self.rate, rng)
-
-
-class _BatchNormSpec(LayerSpec):
-    momentum: float = Field(0.1, gt=0.0, le=1.0)
-    eps: float = Field(1e-5, gt=0.0)
-
-    def build(self, input_shape, rng):
-        cls = {"batchnorm1d": nn.BatchNorm1D, "batchnorm2d": nn.BatchNorm2D}.get(self.type)  # type: ignore
-        if cls is None:  # plain `batchnorm`: 1-D or 2-D from the incoming shape
-            cls = nn.BatchNorm1D if len(input_shape) == 1 else nn.BatchNorm2D
-        return cls(input_shape[0], self.eps, self.momentum)
-
-
-class BatchNormSpec(_BatchNormSpec):
-    type: Literal["batchnorm"]
-
-
-class BatchNorm1DSpec(_BatchNormSpec):
-    type: Literal["batchnorm1d"]
-
-
-class BatchNorm2DSpec(_BatchNormSpec):
-    type: Literal["batchnorm2d"]
-
-
-class ReLUSpec(LayerSpec):
-    type: Literal["relu"]
-
-
-class LeakyReLUSpec(LayerSpec):
-    type: Literal["leaky_relu"]
-    negative_slope: float = 0.01
-
-    def build(self, input_shape, rng):
-        return nn.LeakyReLU(self.negative_slope)
-
-
-class ELUSpec(LayerSpec):
-    type: Literal["elu"]
-    alpha: float = 1.0
-
-    def build(self, input_shape, rng):
-        return nn.ELU(self.alpha)
-
-
-class SigmoidSpec(LayerSpec):
-    type: Literal["sigmoid"]
-
-
-class TanhSpec(LayerSpec):
-    type: Literal["tanh"]
-
-
-class SoftmaxSpec(LayerSpec):
-    type: Literal["softmax"]
-
-
-_LAYER_CLASSES = [
-    Conv2DSpec, MaxPool2DSpec, AvgPool2DSpec, GlobalAvgPool2DSpec, FlattenSpec, DenseSpec, DropoutSpec,
-    BatchNormSpec, BatchNorm1DSpec, BatchNorm2DSpec, ReLUSpec, LeakyReLUSpec, ELUSpec, SigmoidSpec, TanhSpec,
-    SoftmaxSpec,
-]
-LAYER_SPECS: dict[str, type[LayerSpec]] = {c.model_fields["type"].annotation.__args__[0]: c for c in _LAYER_CLASSES}
-# spec tags that are not layer classes of their own: `batchnorm` resolves to batchnorm1d or batchnorm2d
-LAYER_ALIASES = {"batchnorm": ("batchnorm1d", "batchnorm2d")}
-AnyLayer = Annotated[Union[tuple(_LAYER_CLASSES)], Field(discriminator="type")]  # noqa: UP007
+LAYER_SPECS = nn.SPECS  # every `type` a layer can have, derived from the layer registry
+AnyLayer = nn.AnyLayer
 
 
 class ModelSpec(Strict):
     input_shape: tuple[PosInt, PosInt, PosInt] = Field(description="Input shape per sample: [channels, height, width].")
+    blocks: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Your own layer types: name -> {params: {name: default, ...}, and a layer "
+        "(type: residual | concat | sequential | ...) whose values may be $name}. Use as {type: name, param: value, "
+        "repeat: N}. A parameter whose default is null must be given.")
     layers: list[AnyLayer] = Field(min_length=1, description="Layers in order; input sizes are inferred.")
+
+    @field_validator("blocks")
+    @classmethod
+    def _block_names(cls, v):
+        for name, body in v.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"block name {name!r}: use letters, digits and '_'")
+            if name in nn.SPECS:
+                raise ValueError(f"block name {name!r} is a built-in layer type; pick another name")
+            if not isinstance(body, dict) or "type" not in body:
+                raise ValueError(f"block {name!r} needs a 'type' (e.g. residual, concat or sequential)")
+        return v
+
+    def tree(self) -> list:
+        """The layers with every block use expanded into concrete layer specs (validate() has checked that
+        this succeeds, with line numbers in its errors)."""
+        return blocks.resolve(self)
 
 
 # ---------------------------------------------------------------- data, loss, optimizer, training
@@ -410,7 +272,7 @@ class Spec(Strict):
         return v
 
 
-# ---------------------------------------------------------------- loading and errors
+# ---------------------------------------------------------------- loading
 
 
 def _set_path(data: dict, dotted: str, value: Any, origin: str) -> None:
@@ -453,90 +315,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
-    """Line (1-based) of the deepest YAML node on the path loc; union tags in loc are skipped."""
-    line = None if node is None else node.start_mark.line + 1
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if k.value == str(part):
-                    node, line = v, k.start_mark.line + 1
-                    break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-    return line
-
-
-def _format_path(loc: tuple, data: Any) -> str:
-    """('model', 'layers', 2, 'conv2d', 'filters') -> 'model.layers[2].filters' (skipping union tags)."""
-    out, node = "", data
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-            node = node[part] if isinstance(node, list) and part < len(node) else None
-        elif isinstance(node, dict) and part in node:
-            out += f".{part}" if out else part
-            node = node[part]
-        elif isinstance(node, dict) and (node.get("type") == part or part in _UNION_TAGS):
-            continue  # a discriminated-union tag, not a key
-        else:
-            out += f".{part}" if out else str(part)
-            node = None
-    return out or "(top level)"
-
-
-_UNION_TAGS = set(LAYER_SPECS) | set(optim.OPTIMIZERS) | set(schedules.SCHEDULES)
-
-
-def _is_within(path: str, dotted: str) -> bool:
-    """Whether an error at `path` (model.layers[1].units) and an override key (model.layers.1) overlap."""
-    as_path = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", dotted)
-    def under(a, b):
-        return a == b or a.startswith(b + ".") or a.startswith(b + "[")
-
-    return under(path, as_path) or under(as_path, path)
-
-
-def _message(err: dict) -> str:
-    kind, ctx = err["type"], err.get("ctx", {})
-    if kind == "union_tag_invalid":
-        tag = str(ctx.get("tag"))
-        tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
-        close = difflib.get_close_matches(tag, tags, n=1)
-        guess = f"did you mean '{close[0]}'? " if close else ""
-        return f"unknown type '{tag}'; {guess}known types: {', '.join(tags)}"
-    if kind == "union_tag_not_found":
-        return "missing 'type'"
-    if kind == "missing":
-        return "required key is missing"
-    msg = err["msg"]
-    if kind not in ("unknown_key",) and "input" in err and not isinstance(err["input"], (dict, list)):
-        msg += f" (got {err['input']!r})"
-    return msg
-
-
-def format_validation_error(e: ValidationError, data: Any, source: str, root: yaml.Node | None,
-                            overrides: list[str] = ()) -> ConfigError:
-    lines = []
-    for err in e.errors():
-        loc = tuple(err["loc"])
-        if err["type"] == "unknown_key":
-            loc = (*loc, err["ctx"]["key"])
-        path = _format_path(loc, data)
-        where = ""
-        if any(_is_within(path, o.partition("=")[0].strip()) for o in overrides):
-            where = " (from --set)"
-        else:
-            line = _line_of(root, loc)
-            if line is not None:
-                where = f" (line {line})"
-        lines.append(f"  {path}{where}: {_message(err)}")
-    n = len(lines)
-    return ConfigError(f"{source}: invalid config ({n} problem{'s' if n > 1 else ''})\n" + "\n".join(lines),
-                       "correct the keys above; `cnnctl inspect CONFIG` checks a config without training")
-
-
 def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     """The parsed YAML and its node tree (for line numbers)."""
     try:
@@ -559,9 +337,11 @@ def validate(data: Any, source: str = "config", root: yaml.Node | None = None, o
         raise ConfigError(f"{source}: the config must be a YAML mapping (key: value lines), "
                           f"got {type(data).__name__}")
     try:
-        return Spec.model_validate(data)
+        spec = Spec.model_validate(data)
     except ValidationError as e:
         raise format_validation_error(e, data, source, root, overrides) from None
+    blocks.resolve(spec.model, data, root, source)  # block errors now, with the file's line numbers
+    return spec
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Spec, dict]:
@@ -590,6 +370,10 @@ def config_schema() -> dict:
                                                {"type": "string", "enum": names}]}
         if default is not None:
             schema["properties"][key]["default"] = default
+    # a block use names a block, never a built-in type (which would make it match two members of the union)
+    use = schema["$defs"]["BlockUse"]
+    use["properties"]["type"]["not"] = {"enum": sorted(nn.SPECS)}
+    use["description"] = "A block defined under model.blocks, used as a layer: {type: NAME, PARAM: VALUE, repeat: N}."
     schema["title"] = "cnnctl config"
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema

@@ -210,20 +210,12 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
 
     dweight: the cross-correlation of the layer input with the deltas, the sum over output rows of
     dY[row] @ window[row].T. dbias: the sum of the deltas.
-    dx: the full convolution of the deltas with the 180-degree-rotated kernel. `method` "full" computes it
-    literally: pad the deltas by the kernel span - 1 and correlate them with the rotated kernel (channels
-    swapped) at the unpadded input positions (stride 1 only), with the same lowering as forward. "scatter"
-    forms W^T dY and scatter-adds each kernel offset's slice back to where forward read it: the same sum,
-    without the zeros a strided full convolution would insert. "rows" (row stride 1) does the first along
-    the rows and the second along the columns: one product per input row over KH rows of the deltas, then
-    KW column scatter-adds instead of KH*KW. "auto" takes the full correlation for stride 1 unless its
-    products (O*KH*KW x N*H*W) would be more than 1.5 times the scattered ones (C*KH*KW x N*OH*OW), else
-    "rows" for row stride 1, else "scatter" (measured on LeNet-5 and the CIFAR-size net's layers).
+    dx: the full convolution of the deltas with the 180-degree-rotated kernel, by one of three algorithms
+    (`conv2d_dx_full`, `conv2d_dx_rows`, `conv2d_dx_scatter`; `method` names one, or "auto" picks by
+    `dx_method`).
     """
     n, o, oh, ow = dy.shape
     _, c, kh, kw = weight.shape
-    h, w = x_shape[2], x_shape[3]
-    hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
     dyt = dy.transpose(1, 2, 3, 0)  # (O, OH, OW, N): free when dy came from conv2d_forward's layout
     if saved.relu_mask is None:
         dY = np.ascontiguousarray(dyt)
@@ -235,44 +227,140 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     dbias = dY.sum(axis=(1, 2, 3))
     if not need_dx:
         return None, dweight, dbias
-    pt, _, pl, _ = padding
     if method == "auto":
-        full = stride == (1, 1) and o * h * w <= 1.5 * c * oh * ow
-        method = "full" if full else "rows" if stride[0] == 1 else "scatter"
-    if method == "full":
-        if stride != (1, 1):
-            raise ValueError("the full-correlation input gradient needs stride 1")
-        span_h, span_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)  # span - 1, so oh + span_h == hp
-        lowered = lower(dY.transpose(3, 0, 1, 2), (span_h, span_h, span_w, span_w), kw, 1, dilation[1], w, cache,
-                        "dlowered", x0=pl)
-        rotated = rows_first(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, KH*O*KW)
-        dx = np.empty((c, h, w, n), dy.dtype)
-        np.matmul(rotated, row_windows(lowered, kh, 1, dilation[0], h, y0=pt), out=by_rows(dx))
-        return dx.transpose(3, 0, 1, 2), dweight, dbias
-    if method == "rows":
-        if stride[0] != 1:
-            raise ValueError("the row-correlation input gradient needs row stride 1")
-        # input row pt + r receives W[:, :, i]^T dY[pt + r - i*dh] from every kernel row i: KH consecutive
-        # (dilated) rows of the zero-padded deltas, read through the same overlapping windows as forward
-        span = dilation[0] * (kh - 1)
-        # lowering with one kernel column: the deltas rows first, (OH + 2*span, O, 1, OW, N), zero rows around
-        padded = lower(dY.transpose(3, 0, 1, 2), (span, span, 0, 0), 1, 1, 1, ow, cache, "dYrows")
-        flipped = weight[:, :, ::-1].transpose(1, 3, 2, 0).reshape(c * kw, kh * o)  # [(c, j), (KH-1-i, o)]
-        lifted = np.matmul(flipped, row_windows(padded, kh, 1, dilation[0], h, y0=pt),
-                           out=buffer(cache, "lifted", (h, c * kw, ow * n), dy.dtype)).reshape(h, c, kw, ow, n)
-        dx = np.zeros((c, h, w, n), dy.dtype)
-        for j in range(kw):  # lifted[r, c, j, x] belongs to input column x*sw + j*dw - pl
-            xs, cols = inside(j * dilation[1] - pl, stride[1], ow, w)
-            dx[:, :, cols] += lifted[:, :, j, xs].transpose(1, 0, 2, 3)
-        return dx.transpose(3, 0, 1, 2), dweight, dbias
+        method = dx_method(weight.shape, x_shape, (oh, ow), stride)
+    dx = DX_METHODS[method](dY, weight, x_shape, stride, padding, dilation, cache)
+    return dx.transpose(3, 0, 1, 2), dweight, dbias
+
+
+def dx_method(weight_shape, x_shape, out_hw: Pair, stride: Pair) -> str:
+    """The input-gradient algorithm that is fastest here: the full correlation for stride 1 unless its
+    products (O*KH*KW x N*H*W) would be more than 1.5 times the scattered ones (C*KH*KW x N*OH*OW), else
+    "rows" for row stride 1, else "scatter" (measured on LeNet-5 and the CIFAR-size net's layers)."""
+    o, c = weight_shape[:2]
+    h, w = x_shape[2], x_shape[3]
+    if stride == (1, 1) and o * h * w <= 1.5 * c * out_hw[0] * out_hw[1]:
+        return "full"
+    return "rows" if stride[0] == 1 else "scatter"
+
+
+def conv2d_dx_full(dY, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, cache=None):
+    """dx (C, H, W, N) as the literal full correlation (stride 1 only): pad the deltas dY (O, OH, OW, N) by
+    the kernel span - 1 and correlate them with the rotated kernel (channels swapped) at the unpadded input
+    positions, with the same lowering as forward."""
+    if stride != (1, 1):
+        raise ValueError("the full-correlation input gradient needs stride 1")
+    _, c, kh, kw = weight.shape
+    n, h, w = dY.shape[3], x_shape[2], x_shape[3]
+    pt, _, pl, _ = padding
+    span_h, span_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)  # span - 1, so oh + span_h == hp
+    lowered = lower(dY.transpose(3, 0, 1, 2), (span_h, span_h, span_w, span_w), kw, 1, dilation[1], w, cache,
+                    "dlowered", x0=pl)
+    rotated = rows_first(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, KH*O*KW)
+    dx = np.empty((c, h, w, n), dY.dtype)
+    np.matmul(rotated, row_windows(lowered, kh, 1, dilation[0], h, y0=pt), out=by_rows(dx))
+    return dx
+
+
+def conv2d_dx_rows(dY, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, cache=None):
+    """dx (C, H, W, N) for row stride 1: correlate along the rows (one product per input row over KH rows of
+    the zero-padded deltas), then KW column scatter-adds instead of KH*KW."""
+    if stride[0] != 1:
+        raise ValueError("the row-correlation input gradient needs row stride 1")
+    o, c, kh, kw = weight.shape
+    _, _, ow, n = dY.shape
+    h, w = x_shape[2], x_shape[3]
+    pt, _, pl, _ = padding
+    # input row pt + r receives W[:, :, i]^T dY[pt + r - i*dh] from every kernel row i: KH consecutive
+    # (dilated) rows of the zero-padded deltas, read through the same overlapping windows as forward
+    span = dilation[0] * (kh - 1)
+    # lowering with one kernel column: the deltas rows first, (OH + 2*span, O, 1, OW, N), zero rows around
+    padded = lower(dY.transpose(3, 0, 1, 2), (span, span, 0, 0), 1, 1, 1, ow, cache, "dYrows")
+    flipped = weight[:, :, ::-1].transpose(1, 3, 2, 0).reshape(c * kw, kh * o)  # [(c, j), (KH-1-i, o)]
+    lifted = np.matmul(flipped, row_windows(padded, kh, 1, dilation[0], h, y0=pt),
+                       out=buffer(cache, "lifted", (h, c * kw, ow * n), dY.dtype)).reshape(h, c, kw, ow, n)
+    dx = np.zeros((c, h, w, n), dY.dtype)
+    for j in range(kw):  # lifted[r, c, j, x] belongs to input column x*sw + j*dw - pl
+        xs, cols = inside(j * dilation[1] - pl, stride[1], ow, w)
+        dx[:, :, cols] += lifted[:, :, j, xs].transpose(1, 0, 2, 3)
+    return dx
+
+
+def conv2d_dx_scatter(dY, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, cache=None):
+    """dx (C, H, W, N) for any stride: form W^T dY and scatter-add each kernel offset's slice back to where
+    forward read it (the full convolution's sum without the zeros a strided one would insert)."""
+    o, c, kh, kw = weight.shape
+    _, oh, ow, n = dY.shape
+    h, w = x_shape[2], x_shape[3]
+    pt, _, pl, _ = padding
+    hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
     parts = np.matmul(rows_first(weight).T, by_rows(dY), out=buffer(cache, "parts", (oh, kh * c * kw, ow * n),
-                                                                    dy.dtype))
+                                                                    dY.dtype))
     parts = parts.reshape(oh, kh, c, kw, ow, n)
-    dxp = np.zeros((c, hp, wp, n), dy.dtype)
+    dxp = np.zeros((c, hp, wp, n), dY.dtype)
     for i in range(kh):
         for j in range(kw):
             dxp[(slice(None), *_window(i, j, (oh, ow), stride, dilation))] += parts[:, i, :, j].transpose(1, 0, 2, 3)
-    return dxp[:, pt : pt + h, pl : pl + w].transpose(3, 0, 1, 2), dweight, dbias
+    return dxp[:, pt : pt + h, pl : pl + w]
+
+
+DX_METHODS = {"full": conv2d_dx_full, "rows": conv2d_dx_rows, "scatter": conv2d_dx_scatter}
+
+
+def grouped_conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: Pair, groups: int):
+    """A grouped convolution, block-diagonal over `groups` channel groups: output channels of group g see
+    only input channels of group g; weight (O, C/G, KH, KW) as PyTorch's. One batched product per kernel
+    offset over the groups (a broadcast multiply-add when each group has one input channel: depthwise).
+    Returns y (N, O, OH, OW) (a view of an (O, OH, OW, N) array) and the padded input (C, Hp, Wp, N)."""
+    n, c, h, w = x.shape
+    o, cg, kh, kw = weight.shape
+    g, og = groups, o // groups
+    xp = np.zeros((c, h + padding[0] + padding[1], w + padding[2] + padding[3], n), x.dtype)
+    xp[:, padding[0] : padding[0] + h, padding[2] : padding[2] + w] = x.transpose(1, 2, 3, 0)
+    oh, ow = out_size(xp.shape[1], kh, stride[0], 0, dilation[0]), out_size(xp.shape[2], kw, stride[1], 0, dilation[1])
+    y = np.zeros((g, og, oh, ow, n), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            xs = xp[(slice(None), *_window(i, j, (oh, ow), stride, dilation))]  # (C, OH, OW, N)
+            wij = weight[:, :, i, j].reshape(g, og, cg)
+            if cg == 1:
+                y += wij[..., None, None] * xs.reshape(g, 1, oh, ow, n)
+            else:
+                y += np.matmul(wij, xs.reshape(g, cg, oh * ow * n)).reshape(g, og, oh, ow, n)
+    y = y.reshape(o, oh, ow, n)
+    if bias is not None:
+        y += bias[:, None, None, None]
+    return y.transpose(3, 0, 1, 2), xp
+
+
+def grouped_conv2d_backward(dy, xp, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, groups: int,
+                            need_dx=True):
+    """Gradients of grouped_conv2d_forward: per kernel offset, dweight[:, :, i, j] is each group's deltas
+    times its shifted input, and the input gradient scatter-adds each group's W^T dY where forward read."""
+    n, o, oh, ow = dy.shape
+    _, cg, kh, kw = weight.shape
+    g, og, m = groups, o // groups, oh * ow * n
+    dY = np.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(g, og, m)
+    dweight = np.empty_like(weight)
+    dxp = np.zeros_like(xp) if need_dx else None
+    for i in range(kh):
+        for j in range(kw):
+            window = (slice(None), *_window(i, j, (oh, ow), stride, dilation))
+            xs = xp[window].reshape(g, cg, m)  # a copy unless the window is contiguous
+            wij = weight[:, :, i, j].reshape(g, og, cg)
+            if cg == 1:
+                dweight[:, 0, i, j] = np.einsum("gom,gm->go", dY, xs[:, 0]).reshape(o)
+            else:
+                dweight[:, :, i, j] = np.matmul(dY, xs.transpose(0, 2, 1)).reshape(o, cg)
+            if need_dx:
+                part = (wij * dY).sum(axis=1) if cg == 1 else np.matmul(wij.transpose(0, 2, 1), dY)
+                dxp[window] += part.reshape(-1, oh, ow, n)
+    dbias = dY.reshape(o, m).sum(axis=1)
+    dx = None
+    if need_dx:
+        h, w = x_shape[2], x_shape[3]
+        dx = dxp[:, padding[0] : padding[0] + h, padding[2] : padding[2] + w].transpose(3, 0, 1, 2)
+    return dx, dweight, dbias
 
 
 def pool_slices(xp: np.ndarray, kernel: Pair, stride: Pair, out_hw: Pair):

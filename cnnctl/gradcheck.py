@@ -31,34 +31,42 @@ def numerical_grad(f: Callable[[], float], x: np.ndarray, eps: float = 1e-6) -> 
 
 
 def rel_error(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| scaled by the larger magnitude of the two (0 when both are zero)."""
-    scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0))
-    return 0.0 if scale == 0 else float(np.abs(a - b).max() / scale)
+    """The largest element-wise |a - b| / max(|a|, |b|, 1), as Caffe's gradient checker scales it: relative
+    for large values, absolute below 1, so a small entry cannot hide behind a large one."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size == 0:
+        return 0.0
+    return float((np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), 1.0)).max())
+
+
+def _reseed(layer: Layer, seed: int) -> None:
+    """Fresh generators for every layer that draws random numbers (Dropout), so each evaluation is the same."""
+    for _, sub in layer.named_layers():
+        if hasattr(sub, "rng"):
+            sub.rng = np.random.default_rng(seed)
 
 
 def check_layer(layer: Layer, x: np.ndarray, training: bool = True, seed: int = 0) -> dict[str, float]:
     """Relative errors of backward's input and parameter gradients against central differences."""
     layer.to(np.float64)
     x = x.astype(np.float64)
-    if hasattr(layer, "needs_input_grad"):
-        layer.needs_input_grad = True
+    layer.set_input_grad(True)
 
     def run(inp):
-        if hasattr(layer, "rng"):
-            layer.rng = np.random.default_rng(seed)
+        _reseed(layer, seed)
         return layer.forward(inp, training)
 
     r = np.random.default_rng(seed + 1).standard_normal(run(x).shape)
     run(x)
     dx = layer.backward(r)
-    analytic = {"input": dx, **{k: g.copy() for k, g in layer.grads.items()}}
+    analytic = {"input": dx, **{p.name: p.grad.copy() for p in layer.parameters()}}
 
     def loss():
         return float((run(x) * r).sum())
 
     errors = {"input": rel_error(analytic["input"], numerical_grad(loss, x))}
-    for key, p in layer.params.items():
-        errors[key] = rel_error(analytic[key], numerical_grad(loss, p))
+    for p in layer.parameters():
+        errors[p.name] = rel_error(analytic[p.name], numerical_grad(loss, p.value))
     return errors
 
 
@@ -72,25 +80,23 @@ def check_loss(loss: Loss, outputs: np.ndarray, targets: np.ndarray) -> float:
 
 def check_network(model, input_shape, batch: int = 2, samples: int = 16, seed: int = 0,
                   only: set[int] | None = None) -> list[dict]:
-    """Every layer's parameter gradients (and the input gradient) inside the whole network, against central
-    differences of L = sum(net(x) * R), in float64, on up to `samples` random entries per array."""
+    """Every parameter gradient of the network (through any nesting) and its input gradient, against central
+    differences of L = sum(net(x) * R), in float64, on up to `samples` random entries per array. `only`:
+    indices of top-level layers to check (0 includes the input)."""
     model.to(np.float64)
-    first = model.layers[0]
-    if hasattr(first, "needs_input_grad"):
-        first.needs_input_grad = True
+    model.set_input_grad(True)
     g = np.random.default_rng(seed)
     x = g.standard_normal((batch, *input_shape))
 
     def run():
-        for layer in model.layers:
-            if hasattr(layer, "rng"):
-                layer.rng = np.random.default_rng(seed)
+        _reseed(model, seed)
         return model.forward(x, training=True)
 
     r = g.standard_normal(run().shape)
     run()
     dx = model.backward(r)
-    analytic = {i: {k: v.copy() for k, v in layer.grads.items()} for i, layer in enumerate(model.layers)}
+    params = list(model.parameters())
+    analytic = {p.name: p.grad.copy() for p in params}
 
     def loss():
         return float((run() * r).sum())
@@ -114,11 +120,13 @@ def check_network(model, input_shape, batch: int = 2, samples: int = 16, seed: i
         err, n = sampled(x, dx)
         rows.append({"index": None, "layer": "input", "param": "input", "shape": list(x.shape), "checked": n,
                      "error": err})
-    for i, layer in enumerate(model.layers):
-        if only is not None and i not in only:
+    for p in params:
+        _, index, *inner = p.name.split(".")  # layers.{index}[.body.0].{key}
+        index = int(index)
+        if only is not None and index not in only:
             continue
-        for key, p in layer.params.items():
-            err, n = sampled(p, analytic[i][key])
-            rows.append({"index": i, "layer": model.names[i], "param": key, "shape": list(p.shape), "checked": n,
-                         "error": err})
+        err, n = sampled(p.value, analytic[p.name])
+        layer = ".".join([model.names[index], *inner[:-1]])
+        rows.append({"index": index, "layer": layer, "param": p.key, "shape": list(p.value.shape),
+                     "checked": n, "error": err})
     return rows

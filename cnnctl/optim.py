@@ -1,4 +1,4 @@
-"""Optimizers with torch.optim's update rules, applied in place to a Sequential's parameters.
+"""Optimizers with torch.optim's update rules, applied in place to a model's parameters (through any nesting).
 
 Each optimizer keeps per-parameter state arrays (named like `layers.0.weight`) and a step count; both go into
 checkpoints through state_dict()/load_state_dict(). `lr` is a plain attribute that schedules set.
@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .nn.model import Sequential
+from .nn.base import Layer, Param
 from .registry import registrar
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {}
@@ -20,22 +20,20 @@ register_optimizer = registrar(OPTIMIZERS)
 class Optimizer:
     tag = "optimizer"
 
-    def __init__(self, model: Sequential, lr: float, weight_decay: float = 0.0, decay_bias_and_norm: bool = True):
+    def __init__(self, model: Layer, lr: float, weight_decay: float = 0.0, decay_bias_and_norm: bool = True):
         self.model, self.lr, self.weight_decay = model, float(lr), float(weight_decay)
         self.decay_bias_and_norm = decay_bias_and_norm
         self.steps = 0
         self.state: dict[str, dict[str, np.ndarray]] = {}
 
-    def _decay(self, layer, key) -> float:
-        if not self.decay_bias_and_norm and (key == "bias" or layer.tag.startswith("batchnorm")):
-            return 0.0
-        return self.weight_decay
+    def _decay(self, p: Param) -> float:
+        return 0.0 if not self.decay_bias_and_norm and p.is_bias_or_norm else self.weight_decay
 
     def step(self) -> None:
         self.steps += 1
-        for name, layer, key in self.model.parameters():
-            st = self.state.setdefault(name, {})
-            layer.params[key] = self.update(layer.params[key], layer.grads[key], st, self._decay(layer, key))
+        for p in self.model.parameters():
+            st = self.state.setdefault(p.name, {})
+            p.value[...] = self.update(p.value, p.grad, st, self._decay(p))  # in place: the model's own array
 
     def update(self, p: np.ndarray, g: np.ndarray, st: dict, wd: float) -> np.ndarray:
         raise NotImplementedError

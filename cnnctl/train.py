@@ -23,7 +23,7 @@ from . import checkpoint, data, runs
 from .builder import build_loss, build_model, check_known_data, check_outputs
 from .config import Spec, load_config, spec_to_dict, validate
 from .errors import CheckpointError, CnnctlError, ConfigError, TrainingError
-from .nn import Loss, Sequential
+from .nn import Loss, Model
 from .schedules import resolve_mode
 
 
@@ -79,7 +79,7 @@ class Seeds:
             getattr(self, k).bit_generator.state = v  # in place: layers holding the generator see it too
 
 
-def evaluate(model: Sequential, loss_fn: Loss, ds: data.Dataset, split: data.Split, batch_size: int,
+def evaluate(model: Model, loss_fn: Loss, ds: data.Dataset, split: data.Split, batch_size: int,
              num_classes: int) -> dict:
     """Mean loss, accuracy and the confusion matrix (rows: true class, columns: predicted) of one split."""
     total_loss, confusion = 0.0, np.zeros((num_classes, num_classes), np.int64)
@@ -102,7 +102,7 @@ def load_data(spec: Spec, rows: list, seeds: Seeds, normalization: dict | None =
     return ds
 
 
-def load_model(ckpt: checkpoint.Checkpoint, path) -> tuple[Spec, Sequential, list]:
+def load_model(ckpt: checkpoint.Checkpoint, path) -> tuple[Spec, Model, list]:
     """Rebuild the model a checkpoint describes and load its weights; refuse another architecture."""
     spec = validate(ckpt.config, f"{path} (embedded config)")
     model, rows = build_model(spec.model)
@@ -110,7 +110,7 @@ def load_model(ckpt: checkpoint.Checkpoint, path) -> tuple[Spec, Sequential, lis
     return spec, model, rows
 
 
-def restore_weights(model: Sequential, ckpt: checkpoint.Checkpoint, path) -> None:
+def restore_weights(model: Model, ckpt: checkpoint.Checkpoint, path) -> None:
     try:
         model.load_state_dict(ckpt.model_state)
     except (KeyError, ValueError) as e:

@@ -4,8 +4,44 @@ CASES has an entry for every registered layer tag (a test asserts it), so a new 
 Each case: (id, factory taking a Generator, input shape with batch axis).
 """
 
-
 from cnnctl import nn
+
+
+def _seq(*layers):
+    return nn.Sequential(list(layers))
+
+
+def basic_block(g, c, o, stride):
+    """ResNet's basic block: conv-bn-relu-conv-bn plus the identity or a projection, then ReLU."""
+    body = _seq(nn.Conv2D(c, o, 3, stride=stride, padding=1, bias=False, rng=g), nn.BatchNorm2D(o, activation="relu"),
+                nn.Conv2D(o, o, 3, padding=1, bias=False, rng=g), nn.BatchNorm2D(o))
+    shortcut = None if (c, stride) == (o, 1) else _seq(nn.Conv2D(c, o, 1, stride=stride, bias=False, rng=g),
+                                                      nn.BatchNorm2D(o))
+    return nn.Residual(body, shortcut, "relu")
+
+
+def bottleneck(g, c, mid, o):
+    """ResNet-50's bottleneck: 1x1 down, 3x3, 1x1 up, projection shortcut."""
+    body = _seq(nn.Conv2D(c, mid, 1, bias=False, rng=g), nn.BatchNorm2D(mid, activation="relu"),
+                nn.Conv2D(mid, mid, 3, padding=1, bias=False, rng=g), nn.BatchNorm2D(mid, activation="relu"),
+                nn.Conv2D(mid, o, 1, bias=False, rng=g), nn.BatchNorm2D(o))
+    return nn.Residual(body, _seq(nn.Conv2D(c, o, 1, bias=False, rng=g), nn.BatchNorm2D(o)), "relu")
+
+
+def inverted_residual(g, c, expand):
+    """MobileNetV2's inverted residual: 1x1 expand, 3x3 depthwise (groups = channels), 1x1 linear projection."""
+    e = c * expand
+    return nn.Residual(_seq(nn.Conv2D(c, e, 1, bias=False, rng=g), nn.BatchNorm2D(e, activation="relu"),
+                            nn.Conv2D(e, e, 3, padding=1, groups=e, bias=False, rng=g),
+                            nn.BatchNorm2D(e, activation="relu"),
+                            nn.Conv2D(e, c, 1, bias=False, rng=g), nn.BatchNorm2D(c)))
+
+
+def dense_layer(g, c, growth):
+    """DenseNet's layer: the input and bn-relu-conv(growth) of it, concatenated."""
+    return nn.Concat([_seq(), _seq(nn.BatchNorm2D(c, activation="relu"),
+                                   nn.Conv2D(c, growth, 3, padding=1, bias=False, rng=g))])
+
 
 CASES = {
     "conv2d": [
@@ -18,6 +54,27 @@ CASES = {
         ("k3_p1_relu_narrow", lambda g: nn.Conv2D(4, 2, 3, padding=1, activation="relu", rng=g), (2, 4, 6, 7)),
         ("same_d2_tanh_nobias", lambda g: nn.Conv2D(3, 2, 3, padding="same", dilation=2, bias=False,
                                                     activation="tanh", rng=g), (2, 3, 6, 5)),
+        ("groups4", lambda g: nn.Conv2D(8, 12, 3, padding=1, groups=4, rng=g), (2, 8, 5, 6)),
+        ("depthwise_s2_relu", lambda g: nn.Conv2D(4, 4, 3, stride=2, padding=1, groups=4, activation="relu", rng=g),
+         (2, 4, 7, 6)),
+        ("depthwise_x2_d2", lambda g: nn.Conv2D(3, 6, (3, 2), dilation=(2, 1), groups=3, rng=g), (2, 3, 8, 5)),
+    ],
+    "sequential": [
+        ("conv_relu_pool", lambda g: _seq(nn.Conv2D(2, 3, 3, padding=1, activation="relu", rng=g), nn.MaxPool2D(2)),
+         (2, 2, 6, 6)),
+    ],
+    "residual": [
+        ("basic_identity", lambda g: basic_block(g, 3, 3, 1), (2, 3, 6, 5)),
+        ("basic_projection", lambda g: basic_block(g, 2, 4, 2), (2, 2, 7, 6)),
+        ("bottleneck", lambda g: bottleneck(g, 4, 2, 8), (2, 4, 5, 5)),
+        ("inverted_residual", lambda g: inverted_residual(g, 3, 2), (2, 3, 5, 6)),
+    ],
+    "concat": [
+        ("dense_layer", lambda g: dense_layer(g, 3, 2), (2, 3, 5, 5)),
+        ("inception", lambda g: nn.Concat([_seq(nn.Conv2D(2, 2, 1, rng=g)),
+                                           _seq(nn.Conv2D(2, 3, 3, padding=1, activation="relu", rng=g)),
+                                           _seq(nn.MaxPool2D(3, stride=1, padding=1))]), (2, 2, 5, 6)),
+        ("features", lambda g: nn.Concat([_seq(nn.Dense(4, 3, rng=g)), _seq()]), (3, 4)),
     ],
     "maxpool2d": [
         ("k2", lambda g: nn.MaxPool2D(2), (2, 3, 6, 8)),
@@ -52,7 +109,14 @@ def all_cases():
             yield tag, case_id, factory, shape
 
 
-def randomize_params(layer, rng):
-    """Non-trivial parameters (BatchNorm starts at ones/zeros, biases at zeros)."""
-    for key, p in layer.params.items():
-        layer.params[key] = (p + rng.normal(0, 0.5, p.shape)).astype(p.dtype)
+def randomize_params(layer, rng, statistics=False):
+    """Non-trivial parameters (BatchNorm starts at ones/zeros, biases at zeros) everywhere in the tree, and with
+    `statistics` non-trivial BatchNorm running statistics too."""
+    for p in layer.parameters():
+        p.layer.params[p.key] = (p.value + rng.normal(0, 0.5, p.value.shape)).astype(p.value.dtype)
+    if statistics:
+        for _, sub in layer.named_layers():
+            if "running_mean" in sub.buffers:
+                dtype = sub.buffers["running_mean"].dtype
+                sub.buffers["running_mean"] = rng.normal(size=sub.num_features).astype(dtype)
+                sub.buffers["running_var"] = rng.uniform(0.5, 2.0, size=sub.num_features).astype(dtype)

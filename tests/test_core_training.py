@@ -21,7 +21,7 @@ def make_problem(g, n=256):
 def test_small_cnn_cuts_loss_tenfold():
     g = np.random.default_rng(0)
     x, y = make_problem(g)
-    model = nn.Sequential([
+    model = nn.Model([
         nn.Conv2D(1, 4, 3, padding=1, activation="relu", rng=g), nn.MaxPool2D(2),
         nn.Conv2D(4, 8, 3, padding=1, activation="relu", rng=g), nn.MaxPool2D(2),
         nn.Flatten(), nn.Dense(8 * 3 * 3, 2, rng=g),
@@ -50,7 +50,7 @@ def test_relu_moved_after_max_pooling_changes_no_number():
 
     x = np.random.default_rng(0).standard_normal((5, 2, 12, 12))
     dy = np.random.default_rng(1).standard_normal((5, 3))
-    model = nn.Sequential(layers(np.random.default_rng(2)))
+    model = nn.Model(layers(np.random.default_rng(2)))
     model.layers[0].needs_input_grad = True
     assert model._relu_after_pool == {0, 2}
     one_by_one = layers(np.random.default_rng(2))

@@ -21,10 +21,7 @@ def test_every_registered_layer_has_cases():
 def test_layer_gradients(tag, case_id, factory, shape, training):
     g = np.random.default_rng(0)
     layer = factory(g).to(np.float64)
-    randomize_params(layer, g)
-    if training is False and "running_mean" in layer.buffers:
-        layer.buffers["running_mean"] = g.normal(size=layer.num_features)
-        layer.buffers["running_var"] = g.uniform(0.5, 2.0, size=layer.num_features)
+    randomize_params(layer, g, statistics=not training)
     errors = check_layer(layer, g.standard_normal(shape), training=training)
     assert max(errors.values()) < TOL, errors
 

@@ -24,7 +24,7 @@ TORCH = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
 
 
 def small_model(g):
-    return nn.Sequential([nn.Conv2D(1, 2, 3, rng=g), nn.BatchNorm2D(2), nn.Flatten(), nn.Dense(18, 3, rng=g)]).to(
+    return nn.Model([nn.Conv2D(1, 2, 3, rng=g), nn.BatchNorm2D(2), nn.Flatten(), nn.Dense(18, 3, rng=g)]).to(
         np.float64
     )
 
@@ -85,7 +85,7 @@ def test_state_dict_round_trip_continues_identically():
 def test_training_stays_float32(tag):
     """No silent float64 upcasts anywhere in a training step: outputs, gradients, parameters, optimizer state."""
     g = np.random.default_rng(3)
-    model = nn.Sequential([nn.Conv2D(1, 3, 3, padding=1, activation="relu", rng=g), nn.BatchNorm2D(3),
+    model = nn.Model([nn.Conv2D(1, 3, 3, padding=1, activation="relu", rng=g), nn.BatchNorm2D(3),
                            nn.MaxPool2D(2), nn.AvgPool2D(2, stride=1), nn.Flatten(), nn.Dropout(0.1, rng=g),
                            nn.Dense(27, 8, activation="tanh", rng=g), nn.Dense(8, 3, rng=g)])
     with_momentum = tag in ("sgd", "rmsprop")

@@ -11,72 +11,33 @@ from cnnctl import functional as F
 from cnnctl import nn
 from cnnctl.gradcheck import rel_error
 from tests.cases import CASES, all_cases, randomize_params
+from tests.torch_models import loaded
 
 torch = pytest.importorskip("torch")
 TOL = 1e-4
 
 
-def torch_reference(layer):
-    """A function x -> y in torch equivalent to layer, with the layer's weights loaded by name."""
-    tnn, tf = torch.nn, torch.nn.functional
-    acts = {"relu": tf.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "softmax": lambda t: tf.softmax(t, 1),
-            "leaky_relu": tf.leaky_relu, "elu": tf.elu}
-    act = acts[layer.activation.tag] if layer.activation is not None else (lambda t: t)
-    if isinstance(layer, nn.Conv2D):
-        module = tnn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, 0,
-                            layer.dilation, bias="bias" in layer.params)
-
-        def run(x):
-            t, b, l, r = layer._pads(tuple(x.shape[2:]))
-            return act(module(tf.pad(x, (l, r, t, b))))
-    elif isinstance(layer, nn.Dense):
-        module = tnn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
-
-        def run(x):
-            return act(module(x))
-    elif isinstance(layer, (nn.BatchNorm1D, nn.BatchNorm2D)):
-        module = (tnn.BatchNorm1d if isinstance(layer, nn.BatchNorm1D) else tnn.BatchNorm2d)(layer.num_features)
-        run = module
-    else:
-        module = {
-            nn.MaxPool2D: lambda: tnn.MaxPool2d(getattr(layer, "kernel_size", 1), getattr(layer, "stride", 1),
-                                                getattr(layer, "padding", 0)),
-            nn.AvgPool2D: lambda: tnn.AvgPool2d(getattr(layer, "kernel_size", 1), getattr(layer, "stride", 1),
-                                                getattr(layer, "padding", 0)),
-            nn.GlobalAvgPool2D: lambda: tnn.AdaptiveAvgPool2d(1),
-            nn.Flatten: tnn.Flatten,
-            nn.ReLU: tnn.ReLU,
-            nn.LeakyReLU: lambda: tnn.LeakyReLU(getattr(layer, "negative_slope", 0.01)),
-            nn.ELU: lambda: tnn.ELU(getattr(layer, "alpha", 1.0)),
-            nn.Sigmoid: tnn.Sigmoid,
-            nn.Tanh: tnn.Tanh,
-            nn.Softmax: lambda: tnn.Softmax(dim=1),
-        }[type(layer)]()
-        run = (lambda x: module(x).flatten(1)) if isinstance(layer, nn.GlobalAvgPool2D) else module
-    state = {k: torch.tensor(v) for k, v in {**layer.params, **layer.buffers}.items()}
-    module.load_state_dict(state, strict=True)
-    return module, run
-
-
 def compare(layer, x, training=True, dy_seed=0):
-    module, run = torch_reference(layer)
+    """Output, input gradient, every parameter gradient and every buffer after one step agree with the torch
+    module built from the same tree (tests/torch_models.py), weights loaded by our names."""
+    module = loaded(layer)
     module.train(training)
+    layer.set_input_grad(True)
     y = layer.forward(x, training)
     dy = np.random.default_rng(dy_seed).standard_normal(y.shape).astype(np.float32)
-    if hasattr(layer, "needs_input_grad"):
-        layer.needs_input_grad = True
     dx = layer.backward(dy)
     xt = torch.tensor(x, requires_grad=True)
-    yt = run(xt)
+    yt = module(xt)
     yt.backward(torch.tensor(dy))
     assert y.dtype == np.float32 and dx.dtype == np.float32
     errors = {"output": rel_error(y, yt.detach().numpy()), "input": rel_error(dx, xt.grad.numpy())}
     tparams = dict(module.named_parameters())
-    for key in layer.params:
-        errors[key] = rel_error(layer.grads[key], tparams[key].grad.numpy())
+    for p in layer.parameters():
+        errors[p.name] = rel_error(p.grad, tparams[p.name].grad.numpy())
     tbuffers = dict(module.named_buffers())
-    for key, value in layer.buffers.items():
-        errors[key] = rel_error(np.asarray(value, np.float64), tbuffers[key].numpy().astype(np.float64))
+    for name, value in layer.state_dict().items():
+        if name in tbuffers:
+            errors[name] = rel_error(np.asarray(value, np.float64), tbuffers[name].numpy().astype(np.float64))
     assert max(errors.values()) < TOL, errors
 
 
@@ -87,10 +48,7 @@ def test_layer_matches_torch(tag, case_id, factory, shape, training):
     layer = factory(g)
     if tag == "dropout":
         pytest.skip("random masks cannot be shared with torch; see test_dropout_semantics")
-    randomize_params(layer, g)
-    if "running_mean" in layer.buffers:
-        layer.buffers["running_mean"] = g.normal(size=layer.num_features).astype(np.float32)
-        layer.buffers["running_var"] = g.uniform(0.5, 2.0, size=layer.num_features).astype(np.float32)
+    randomize_params(layer, g, statistics=True)
     compare(layer, g.standard_normal(shape).astype(np.float32), training)
 
 
@@ -180,7 +138,7 @@ def test_dropout_semantics():
 def test_sequential_state_dict_loads_into_torch():
     """A whole LeNet-style stack moves into an equivalent torch nn.Sequential by name, with equal outputs."""
     g = np.random.default_rng(5)
-    ours = nn.Sequential([nn.Conv2D(1, 4, 3, padding=1, rng=g), nn.BatchNorm2D(4), nn.ReLU(), nn.MaxPool2D(2),
+    ours = nn.Model([nn.Conv2D(1, 4, 3, padding=1, rng=g), nn.BatchNorm2D(4), nn.ReLU(), nn.MaxPool2D(2),
                           nn.Flatten(), nn.Dense(4 * 7 * 7, 10, rng=g)])
     tnn = torch.nn
     theirs = tnn.Sequential(tnn.Conv2d(1, 4, 3, padding=1), tnn.BatchNorm2d(4), tnn.ReLU(), tnn.MaxPool2d(2),

@@ -140,21 +140,17 @@ def viz(
     """The first conv layer's filters as a grid; with --image, every conv layer's feature maps."""
     ckpt = checkpoint.load(checkpoint_path)
     spec, model, rows = load_model(ckpt, checkpoint_path)
-    convs = [i for i, layer in enumerate(model.layers) if isinstance(layer, nn.Conv2D)]
+    convs = {name: layer for name, layer in model.named_layers() if isinstance(layer, nn.Conv2D)}
     if not convs:
         raise CnnctlError(f"{checkpoint_path}: the model has no conv2d layer to show")
     if image is None:
-        first = model.layers[convs[0]]
-        plots.plot_filters(first.params["weight"], out_file, f"{model.names[convs[0]]} filters "
-                           f"{tuple(first.params['weight'].shape)}")
+        name, first = next(iter(convs.items()))
+        plots.plot_filters(first.params["weight"], out_file, f"{name} filters {tuple(first.params['weight'].shape)}")
     else:
         names, x01 = predict_lib.load_inputs([image], spec.model.input_shape)
-        h = predict_lib.normalize(x01[:1], ckpt.normalization)
-        maps = []
-        for i, layer in enumerate(model.layers):
-            h = layer.forward(h, training=False)
-            if i in convs:
-                maps.append((model.names[i], np.asarray(h[0])))
+        with nn.recording(convs) as outputs:  # every convolution's output, nested ones included
+            model.forward(predict_lib.normalize(x01[:1], ckpt.normalization), training=False)
+        maps = [(name, np.asarray(outputs[name][0])) for name in convs]
         plots.plot_feature_maps(maps, x01[0, 0] if x01.shape[1] == 1 else x01[0].transpose(1, 2, 0), out_file)
     out.print(f"wrote {out_file}")
 

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import checkpoint, plots
 from ..bench import bench as run_bench
-from ..builder import LayerRow, build_loss, check_known_data
+from ..builder import LayerRow, build_loss, check_known_data, walk
 from ..config import apply_overrides, load_config
 from ..errors import CnnctlError, DataError
 from ..runs import create_run_dir
@@ -260,9 +260,12 @@ def bench(
 def inspect(
     target: Annotated[Path, typer.Argument(metavar="CONFIG_OR_CHECKPOINT")],
     set_: SetOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    depth: Annotated[int | None, typer.Option("--depth", min=0, help="Show nested layers down to this depth "
+                                              "(0: top-level layers only; default: all).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (with the whole tree).")] = False,
 ):
-    """Validate a config (or a checkpoint's) and show each layer's output shape, parameters and MACs."""
+    """Validate a config (or a checkpoint's) and show the layer tree: output shapes, parameters, MACs and
+    receptive fields."""
     spec, rows = load_target(target, list(set_ or []))
     check_known_data(spec, rows)
     report = _report(spec, rows)
@@ -274,34 +277,49 @@ def inspect(
     if as_json:
         print(json.dumps(report))
         return
+    shown = [r for r in walk(rows) if depth is None or r.depth <= depth]
     out.print(table(f"{spec.name}: input {tuple(spec.model.input_shape)}",
-                    ("#", "name", "type", "output shape", "params", "MACs"), right=("#", "params", "MACs"), rows=(
-        (str(r.index), escape(r.name), r.type, str(_shape(r.output_shape)), f"{r.params:,}", f"{r.macs:,}")
-        for r in rows)))
-    out.print(f"total parameters {report['total_params']:,}  ({report['param_bytes'] / 1e6:.2f} MB as float32)")
+                    ("#", "name", "type", "output shape", "params", "MACs", "receptive field"),
+                    right=("params", "MACs"), rows=(
+        ("  " * r.depth + r.path.split(".", 1)[1], escape(r.name), escape(r.type), str(_shape(r.output_shape)),
+         f"{r.params:,}", f"{r.macs:,}", _rf(r.receptive_field)) for r in shown)))
+    out.print(f"total parameters {report['trainable_params']:,} trainable, {report['non_trainable_params']:,} "
+              f"non-trainable (running statistics)  ({report['param_bytes'] / 1e6:.2f} MB as float32)")
     out.print(f"total MACs per sample {report['total_macs']:,}")
     out.print(f"activation memory per sample {report['activation_bytes_per_sample'] / 1e3:,.1f} kB (float32)")
     d = report["dataset"]
     if "unavailable" in d:
-        out.print(f"dataset {d['name']}: not loaded ({d['unavailable']})", soft_wrap=True)
+        out.print(f"dataset {d['name']}: not loaded ({escape(d['unavailable'])})", soft_wrap=True)
     else:
         out.print(f"dataset {d['name']}: train {d['train']:,}  val {d['val']:,}  test {d['test']:,}  image "
-                  f"{tuple(d['image_shape'])}  {len(d['classes'])} classes: {', '.join(d['classes'])}", soft_wrap=True)
+                  f"{tuple(d['image_shape'])}  {len(d['classes'])} classes: {escape(', '.join(d['classes']))}",
+                  soft_wrap=True)
 
 
 def _shape(s):
     return s[0] if len(s) == 1 else s
 
 
+def _rf(rf) -> str:
+    """Receptive field as 'size / stride' (one number when square), or 'all' once it covers the whole input."""
+    if rf is None:
+        return "all"
+    size = f"{rf[0]}" if rf[0] == rf[1] else f"{rf[0]}x{rf[1]}"
+    stride = f"{rf[2]}" if rf[2] == rf[3] else f"{rf[2]}x{rf[3]}"
+    return f"{size} / {stride}"
+
+
 def _report(spec, rows: list[LayerRow]) -> dict:
-    total_params = sum(r.params for r in rows)
-    act = sum(int(np.prod(r.output_shape)) for r in rows) * 4
+    trainable = sum(r.params for r in rows)
+    frozen = sum(r.buffers for r in rows)
+    act = sum(int(np.prod(r.output_shape)) for r in walk(rows) if not r.children) * 4
     return {
         "name": spec.name, "input_shape": list(spec.model.input_shape),
-        "layers": [{"index": r.index, "name": r.name, "type": r.type, "output_shape": list(r.output_shape),
-                    "params": r.params, "macs": r.macs} for r in rows],
-        "total_params": total_params, "param_bytes": total_params * 4, "total_macs": sum(r.macs for r in rows),
+        "layers": [r.as_dict() for r in rows],
+        "total_params": trainable, "trainable_params": trainable, "non_trainable_params": frozen,
+        "param_bytes": (trainable + frozen) * 4, "total_macs": sum(r.macs for r in rows),
         "activation_bytes_per_sample": act,
     }
+
 
 

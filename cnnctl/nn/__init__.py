@@ -1,18 +1,29 @@
-"""cnnctl.nn: the NumPy layers, losses and model container. See docs/backprop.md for the math."""
+"""cnnctl.nn: the NumPy layers, losses and model containers. See docs/backprop.md for the math.
+
+Importing a layer module registers its layer types with their specs; `AnyLayer`, the config's layer union,
+is derived from that registry once every module is imported.
+"""
 
 from .activations import ELU, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
-from .base import REGISTRY, Layer, make_activation, register
+from .base import REGISTRY, SPECS, BlockUse, Layer, LayerSpec, Param, layer_union, make_activation, register
 from .conv import Conv2D
 from .dense import Dense, Flatten
+from .graph import Concat, ConcatSpec, Residual, ResidualSpec
+from .hooks import recording
 from .init import INITS, initialize
 from .losses import LOSSES, CrossEntropyLoss, Loss, MSELoss
-from .model import Sequential
+from .model import Model, Sequential, SequentialSpec
 from .pooling import AvgPool2D, GlobalAvgPool2D, MaxPool2D
 from .regularization import BatchNorm1D, BatchNorm2D, Dropout
 
+AnyLayer = layer_union(BlockUse)
+for _spec in SPECS.values():  # containers hold lists of AnyLayer: resolve that name now that it exists
+    _spec.model_rebuild(_types_namespace={"AnyLayer": AnyLayer})
+
 __all__ = [
-    "REGISTRY", "LOSSES", "INITS", "Layer", "Loss", "Sequential", "register", "make_activation", "initialize",
+    "REGISTRY", "SPECS", "LOSSES", "INITS", "AnyLayer", "BlockUse", "Layer", "LayerSpec", "Param", "Loss",
+    "Sequential", "Model", "Residual", "Concat", "register", "make_activation", "initialize",
     "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Flatten", "Dense",
     "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Softmax", "Dropout", "BatchNorm1D", "BatchNorm2D",
-    "CrossEntropyLoss", "MSELoss",
+    "CrossEntropyLoss", "MSELoss", "SequentialSpec", "ResidualSpec", "ConcatSpec", "recording",
 ]

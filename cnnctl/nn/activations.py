@@ -2,15 +2,52 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 from .. import functional as F
-from .base import Layer, register
+from .base import Layer, LayerSpec, register
 
 
-@register("relu")
+class ReLUSpec(LayerSpec):
+    type: Literal["relu"]
+
+
+class LeakyReLUSpec(LayerSpec):
+    type: Literal["leaky_relu"]
+    negative_slope: float = 0.01
+
+    def build(self, input_shape, scope):
+        return LeakyReLU(self.negative_slope)
+
+
+class ELUSpec(LayerSpec):
+    type: Literal["elu"]
+    alpha: float = 1.0
+
+    def build(self, input_shape, scope):
+        return ELU(self.alpha)
+
+
+class SigmoidSpec(LayerSpec):
+    type: Literal["sigmoid"]
+
+
+class TanhSpec(LayerSpec):
+    type: Literal["tanh"]
+
+
+class SoftmaxSpec(LayerSpec):
+    type: Literal["softmax"]
+
+
+@register("relu", ReLUSpec)
 class ReLU(Layer):
     """max(x, 0); the derivative at 0 is taken as 0, like PyTorch."""
+
+    def onnx(self, g, x, input_shape, name):
+        return g.node("Relu", [x], name)
 
     def forward(self, x, training=True):
         self._mask = x > 0
@@ -20,13 +57,16 @@ class ReLU(Layer):
         return dy * self._mask
 
 
-@register("leaky_relu")
+@register("leaky_relu", LeakyReLUSpec)
 class LeakyReLU(Layer):
     """x if x > 0 else negative_slope * x."""
 
     def __init__(self, negative_slope: float = 0.01):
         super().__init__()
         self.negative_slope = negative_slope
+
+    def onnx(self, g, x, input_shape, name):
+        return g.node("LeakyRelu", [x], name, alpha=self.negative_slope)
 
     def forward(self, x, training=True):
         self._mask = x > 0
@@ -39,13 +79,16 @@ class LeakyReLU(Layer):
         return f"LeakyReLU(negative_slope={self.negative_slope})"
 
 
-@register("elu")
+@register("elu", ELUSpec)
 class ELU(Layer):
     """x if x > 0 else alpha * (exp(x) - 1)."""
 
     def __init__(self, alpha: float = 1.0):
         super().__init__()
         self.alpha = alpha
+
+    def onnx(self, g, x, input_shape, name):
+        return g.node("Elu", [x], name, alpha=self.alpha)
 
     def forward(self, x, training=True):
         self._mask = x > 0
@@ -59,9 +102,12 @@ class ELU(Layer):
         return f"ELU(alpha={self.alpha})"
 
 
-@register("sigmoid")
+@register("sigmoid", SigmoidSpec)
 class Sigmoid(Layer):
     """1 / (1 + exp(-x)), computed without overflow."""
+
+    def onnx(self, g, x, input_shape, name):
+        return g.node("Sigmoid", [x], name)
 
     def forward(self, x, training=True):
         e = np.exp(-np.abs(x))
@@ -72,8 +118,11 @@ class Sigmoid(Layer):
         return dy * self._y * (1 - self._y)
 
 
-@register("tanh")
+@register("tanh", TanhSpec)
 class Tanh(Layer):
+    def onnx(self, g, x, input_shape, name):
+        return g.node("Tanh", [x], name)
+
     def forward(self, x, training=True):
         self._y = np.tanh(x)
         return self._y
@@ -82,9 +131,12 @@ class Tanh(Layer):
         return dy * (1 - self._y * self._y)
 
 
-@register("softmax")
+@register("softmax", SoftmaxSpec)
 class Softmax(Layer):
     """Softmax over the feature axis (axis 1). For training, prefer cross_entropy on logits."""
+
+    def onnx(self, g, x, input_shape, name):
+        return g.node("Softmax", [x], name, axis=1)
 
     def forward(self, x, training=True):
         self._y = F.softmax(x, axis=1)

@@ -1,31 +1,84 @@
-"""The layer contract and the registry of layer types.
+"""The layer contract, the tree every model is, and the registry of layer types.
 
 Every layer:
   * says its output shape for an input shape without any data (`output_shape`, per sample, no batch axis),
     raising ShapeError when it cannot take that input, so a whole net is checked before training;
   * `forward(x, training=True)` caches exactly what backward needs, overwriting it on every call;
-  * `backward(dy)` fills `grads` (same keys as `params`) and returns the gradient for the input;
+  * `backward(dy)` fills `grads` (same keys as `params`) and returns the gradient for the input (None when
+    `set_input_grad(False)` said nobody needs it);
   * keeps non-trainable state in `buffers`, and never owns an optimizer.
+A container (Sequential, Residual, Concat) is a layer whose `children()` are layers; parameters, buffers,
+state-dict names (PyTorch's: `layers.3.body.0.weight`), dtype casts and gradient resets walk the tree.
 Layout is NCHW; parameter names and layouts are PyTorch's.
+
+A layer type is registered once, with the pydantic spec users write in YAML (`@register("conv2d", spec)`):
+the config's layer union and its `type` tags are derived from this registry.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterator
+from typing import Annotated, Any, ClassVar, NamedTuple, Union
 
 import numpy as np
+from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, Tag
 
 from ..errors import ShapeError
-from ..registry import registrar
+from ..strict import PosInt, Strict
 
-REGISTRY: dict[str, type[Layer]] = {}
-register = registrar(REGISTRY)  # @register("conv2d"): make a layer type known under its spec tag
+REGISTRY: dict[str, type[Layer]] = {}  # layer classes by tag
+SPECS: dict[str, type[LayerSpec]] = {}  # spec classes by the `type` users write (a superset of REGISTRY's tags)
+
+
+def register(tag: str, spec: type[LayerSpec] | None = None):
+    """Class decorator: make a layer type known under `tag`, with the spec that builds it (if users can
+    write it in a config)."""
+
+    def deco(cls):
+        cls.tag = tag
+        REGISTRY[tag] = cls
+        if spec is not None:
+            register_spec(spec)
+        return cls
+
+    return deco
+
+
+def register_spec(spec: type[LayerSpec]) -> type[LayerSpec]:
+    """Make a spec known by its `type` tag (for tags that are not a layer class of their own, like batchnorm)."""
+    SPECS[spec.model_fields["type"].annotation.__args__[0]] = spec
+    return spec
+
+
+class Param(NamedTuple):
+    """One trainable array of a model: its state-dict name and where it lives. `value` is the array itself
+    (optimizers update it in place), `grad` the gradient the last backward left."""
+
+    name: str
+    layer: Layer
+    key: str
+
+    @property
+    def value(self) -> np.ndarray:
+        return self.layer.params[self.key]
+
+    @property
+    def grad(self) -> np.ndarray:
+        return self.layer.grads[self.key]
+
+    @property
+    def is_bias_or_norm(self) -> bool:
+        return self.key == "bias" or self.layer.is_norm
 
 
 class Layer:
     """Base class: an identity with no parameters. Subclasses override what they change."""
 
     tag: ClassVar[str] = "layer"
+    is_norm: ClassVar[bool] = False  # normalisation parameters (exempt from weight decay on request)
+    takes_relu: ClassVar[bool] = False  # forward(x, training, relu=True) applies a ReLU after itself (max pooling)
+    relu_deferrable: bool = False  # its ReLU may run after a following layer that takes_relu instead
+    needs_input_grad: bool = True
     activation: Layer | None = None
 
     def __init__(self) -> None:
@@ -33,37 +86,107 @@ class Layer:
         self.grads: dict[str, np.ndarray] = {}
         self.buffers: dict[str, np.ndarray] = {}
 
+    # ------------------------------------------------------------ the contract
+
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(input_shape)
 
     def macs(self, input_shape: tuple[int, ...]) -> int:
-        """Multiply-accumulates per sample in the forward pass."""
+        """Multiply-accumulates per sample in the forward pass (children included)."""
         return 0
+
+    def receptive_field(self, rf: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        """(height, width, row stride, column stride) in input pixels of what one output position sees, given
+        that of this layer's input; None once every output sees the whole input."""
+        return rf
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         raise NotImplementedError
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray) -> np.ndarray | None:
         raise NotImplementedError
 
+    def onnx(self, g, x: str, input_shape: tuple[int, ...], name: str) -> str:
+        """Add this layer's ONNX nodes to g (export.OnnxGraph) reading value x; return the output's name."""
+        raise NotImplementedError(f"{self.tag} has no ONNX mapping")
+
+    # ------------------------------------------------------------ the tree
+
+    def children(self) -> list[tuple[str, Layer]]:
+        """Named sub-layers (state-dict name parts); none for a plain layer."""
+        return []
+
+    def named_layers(self, prefix: str = "") -> Iterator[tuple[str, Layer]]:
+        """Every layer below this one, depth first, with its dotted name (this one first, as `prefix`)."""
+        yield prefix, self
+        for name, child in self.children():
+            yield from child.named_layers(f"{prefix}.{name}" if prefix else name)
+
+    def parameters(self) -> Iterator[Param]:
+        """Every trainable array of the tree, in state-dict order."""
+        for prefix, layer in self.named_layers():
+            for key in layer.params:
+                yield Param(f"{prefix}.{key}" if prefix else key, layer, key)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every parameter and buffer of the tree under its PyTorch-style name."""
+        out = {}
+        for prefix, layer in self.named_layers():
+            for key, value in {**layer.params, **layer.buffers}.items():
+                out[f"{prefix}.{key}" if prefix else key] = value
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Copy arrays in; raises KeyError/ValueError naming the first missing, extra or misshapen entry."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        extra = sorted(set(state) - set(own))
+        if missing or extra:
+            raise KeyError(f"missing {missing[:5]}, unexpected {extra[:5]}")
+        for name in own:
+            value = state[name]
+            if own[name].shape != np.shape(value) and not (own[name].shape == () and np.size(value) == 1):
+                raise ValueError(f"{name} has shape {np.shape(value)}, the model expects {own[name].shape}")
+        for prefix, layer in self.named_layers():
+            for store in (layer.params, layer.buffers):
+                for key in store:  # safetensors returns 0-d arrays as shape (1,)
+                    value = state[f"{prefix}.{key}" if prefix else key]
+                    store[key] = np.array(value, dtype=store[key].dtype).reshape(store[key].shape)
+        self.zero_grad()
+
     def zero_grad(self) -> None:
-        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        for _, layer in self.named_layers():
+            layer.grads = {k: np.zeros_like(v) for k, v in layer.params.items()}
 
     def to(self, dtype) -> Layer:
         """Cast floating parameters and buffers to dtype (float32 by default; float64 for gradient checks)."""
-        self.params = {k: v.astype(dtype) for k, v in self.params.items()}
-        self.buffers = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in self.buffers.items()}
+        for _, layer in self.named_layers():
+            layer.params = {k: v.astype(dtype) for k, v in layer.params.items()}
+            layer.buffers = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in layer.buffers.items()}
         self.zero_grad()
         return self
 
     def num_params(self) -> int:
-        return int(sum(p.size for p in self.params.values()))
+        return int(sum(p.value.size for p in self.parameters()))
+
+    def num_buffer_values(self) -> int:
+        """Values of the non-trainable state (BatchNorm's running statistics and batch count)."""
+        return int(sum(b.size for _, layer in self.named_layers() for b in layer.buffers.values()))
+
+    def set_input_grad(self, needed: bool) -> None:
+        """Whether backward must return the input gradient (the first layer of a model skips it)."""
+        self.needs_input_grad = needed
+
+    # ------------------------------------------------------------ helpers for subclasses
 
     def _activate(self, y: np.ndarray, training: bool) -> np.ndarray:
         return y if self.activation is None else self.activation.forward(y, training)
 
     def _deactivate(self, dy: np.ndarray) -> np.ndarray:
         return dy if self.activation is None else self.activation.backward(dy)
+
+    def _onnx_activation(self, g, x: str, name: str) -> str:
+        return x if self.activation is None else self.activation.onnx(g, x, (), name + ".act")
 
     def _expect_rank(self, input_shape: tuple[int, ...], rank: int, fix: str) -> None:
         if len(input_shape) != rank:
@@ -81,3 +204,52 @@ def make_activation(name: str | None) -> Layer | None:
     if name is None or name == "linear":
         return None
     return REGISTRY[name]()
+
+
+# ---------------------------------------------------------------- specs
+
+
+class LayerSpec(Strict):
+    """Base of every layer spec: a `type` tag (declared by each subclass) and an optional name."""
+
+    name: str | None = Field(None, description="Optional display name for inspect and error messages.")
+    _block: str | None = PrivateAttr(None)  # the block this layer was made from, for display
+
+    @property
+    def display_type(self) -> str:
+        return self._block or self.type  # type: ignore[attr-defined]
+
+    def layer_lists(self) -> dict[str, list[LayerSpec]]:
+        """The layer lists this spec holds (containers), by the name used in error paths."""
+        return {}
+
+    def with_layer_lists(self, lists: dict[str, list[LayerSpec]]) -> LayerSpec:
+        """A copy with its layer lists replaced (after blocks are expanded)."""
+        return self
+
+    def build(self, input_shape: tuple[int, ...], scope) -> Layer:
+        """The layer for the shape that reaches it. `scope` (builder.Scope) gives `rng` and builds children."""
+        return REGISTRY[self.type]()  # type: ignore[attr-defined]
+
+
+def _layer_tag(v: Any) -> str | None:
+    t = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    if not isinstance(t, str):
+        return None
+    return t if t in SPECS else "block"
+
+
+def layer_union(block_use: type[LayerSpec]):
+    """The annotated union of every registered spec, discriminated on `type`; any other `type` is a use of a
+    block defined under model.blocks (resolved, or refused with the known types, by cnnctl.blocks)."""
+    members = tuple(Annotated[spec, Tag(tag)] for tag, spec in SPECS.items()) + (Annotated[block_use, Tag("block")],)
+    return Annotated[Union[members], Discriminator(_layer_tag, custom_error_type="missing_type",  # noqa: UP007
+                                                         custom_error_message="missing 'type'")]
+
+
+class BlockUse(LayerSpec):
+    """A use of a block defined under model.blocks: `type` is the block's name, the other keys its parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    repeat: PosInt = Field(1, description="Stack this many copies of the block, each with its own weights.")

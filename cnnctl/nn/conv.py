@@ -1,19 +1,51 @@
-"""Conv2D: y[n,o] = act(sum_c xcorr(x[n,c], weight[o,c]) + bias[o]). Math in docs/backprop.md."""
+"""Conv2D: y[n,o] = act(sum_c xcorr(x[n,c], weight[o,c]) + bias[o]), optionally grouped. Math in docs/backprop.md."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
+from pydantic import Field
 
 from .. import functional as F
 from ..errors import ShapeError
+from ..strict import Activation, Init, NonNegInt, PosInt, PosPair
 from .activations import ReLU
-from .base import Layer, make_activation, register
+from .base import Layer, LayerSpec, make_activation, register
 from .init import initialize
 
 
-@register("conv2d")
+class Conv2DSpec(LayerSpec):
+    type: Literal["conv2d"]
+    filters: PosInt | None = Field(None, description="Number of output channels (default with groups: depthwise: "
+                                   "the input channels).")
+    kernel_size: PosPair = Field(description="Kernel size, an int or [height, width].")
+    stride: PosPair = 1
+    padding: NonNegInt | tuple[NonNegInt, NonNegInt] | Literal["same", "valid"] = 0
+    dilation: PosPair = 1
+    groups: PosInt | Literal["depthwise"] = Field(1, description="Channel groups: each output channel sees the "
+                                                  "input channels of its group; `depthwise` = one group per input "
+                                                  "channel. Input channels and filters must both divide by it.")
+    bias: bool = True
+    activation: Activation | None = None
+    init: Init = "he_normal"
+
+    def build(self, input_shape, scope):
+        c = input_shape[0] if input_shape else 0
+        groups = c if self.groups == "depthwise" else self.groups
+        filters = self.filters if self.filters is not None else (c if self.groups == "depthwise" else None)
+        if filters is None:
+            raise ShapeError("conv2d needs 'filters' (the number of output channels)", "add filters: N")
+        if len(input_shape) == 3 and (c % groups or filters % groups):
+            raise ShapeError(f"conv2d groups: {groups} must divide both the input channels ({c}) and filters "
+                             f"({filters})", f"use groups that divide both, e.g. groups: {np.gcd(c, filters)}")
+        return Conv2D(c, filters, self.kernel_size, self.stride, self.padding, self.dilation, self.bias,
+                      self.activation, self.init, scope.rng, groups=groups)
+
+
+@register("conv2d", Conv2DSpec)
 class Conv2D(Layer):
-    """2-D cross-correlation, (N, C, H, W) -> (N, O, OH, OW); weight (O, C, KH, KW), bias (O,)."""
+    """2-D cross-correlation, (N, C, H, W) -> (N, O, OH, OW); weight (O, C/groups, KH, KW), bias (O,)."""
 
     def __init__(
         self,
@@ -28,25 +60,28 @@ class Conv2D(Layer):
         init: str = "he_normal",
         rng: np.random.Generator | None = None,
         dtype=np.float32,
+        groups: int = 1,
     ):
         super().__init__()
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
         self.kernel_size, self.stride, self.dilation = F.pair(kernel_size), F.pair(stride), F.pair(dilation)
         if padding not in ("same", "valid"):
             padding = F.pair(padding)
         self.padding = padding
         rng = rng if rng is not None else np.random.default_rng()
-        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self.params["weight"] = initialize(shape, init, rng, dtype)
         if bias:
             self.params["bias"] = np.zeros(self.out_channels, dtype=dtype)
         self.activation = make_activation(activation)
-        self._fused_relu = isinstance(self.activation, ReLU)  # applied inside the convolution (one pass less)
-        self.needs_input_grad = True
+        # a ReLU is applied inside the (ungrouped) convolution, one pass less; Sequential may defer it further
+        self.fused_relu = isinstance(self.activation, ReLU) and self.groups == 1
+        self.relu_deferrable = self.fused_relu
         self._buffers: dict = {}  # scratch arrays reused between steps (padded input, columns)
         self.zero_grad()
 
-    def _pads(self, hw) -> F.Padding4:
+    def pads(self, hw) -> F.Padding4:
+        """(top, bottom, left, right) padding for an input of this height and width."""
         return F.resolve_padding(self.padding, hw, self.kernel_size, self.stride, self.dilation)
 
     def output_shape(self, input_shape):
@@ -54,7 +89,7 @@ class Conv2D(Layer):
         c, h, w = input_shape
         if c != self.in_channels:
             raise ShapeError(f"conv2d expects {self.in_channels} input channels, got {c} (input {input_shape})")
-        p = self._pads((h, w))
+        p = self.pads((h, w))
         oh = F.out_size(h, self.kernel_size[0], self.stride[0], p[0] + p[1], self.dilation[0])
         ow = F.out_size(w, self.kernel_size[1], self.stride[1], p[2] + p[3], self.dilation[1])
         if oh < 1 or ow < 1:
@@ -68,34 +103,52 @@ class Conv2D(Layer):
 
     def macs(self, input_shape):
         o, oh, ow = self.output_shape(input_shape)
-        return o * oh * ow * self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        return o * oh * ow * (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+
+    def receptive_field(self, rf):
+        if rf is None:
+            return None
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        return rf[0] + dh * (kh - 1) * rf[2], rf[1] + dw * (kw - 1) * rf[3], rf[2] * sh, rf[3] * sw
 
     def forward(self, x, training=True, relu: bool | None = None):
-        """`relu=False` leaves a ReLU activation out of this call: Sequential applies it after a following max
+        """`relu=False` leaves a fused ReLU out of this call: Sequential applies it after a following max
         pooling instead (max pooling and ReLU commute), where there are fewer numbers to mask."""
         self._x_shape = x.shape
-        self._pad4 = self._pads(x.shape[2:])
-        fused = self._fused_relu if relu is None else self._fused_relu and relu
-        y, self._saved = F.conv2d_forward(
-            x, self.params["weight"], self.params.get("bias"), self.stride, self._pad4, self.dilation, self._buffers,
-            relu=fused,
-        )
-        return y if self._fused_relu else self._activate(y, training)
+        self._pad4 = self.pads(x.shape[2:])
+        w, b = self.params["weight"], self.params.get("bias")
+        if self.groups > 1:
+            y, self._saved = F.grouped_conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation, self.groups)
+            return self._activate(y, training)
+        fused = self.fused_relu if relu is None else self.fused_relu and relu
+        y, self._saved = F.conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation, self._buffers, relu=fused)
+        return y if self.fused_relu else self._activate(y, training)
 
     def backward(self, dy):
-        if not self._fused_relu:
+        if not self.fused_relu:
             dy = self._deactivate(dy)
-        dx, dw, db = F.conv2d_backward(
-            dy, self._saved, self.params["weight"], self._x_shape, self.stride, self._pad4, self.dilation,
-            need_dx=self.needs_input_grad, cache=self._buffers,
-        )
+        args = (self.params["weight"], self._x_shape, self.stride, self._pad4, self.dilation)
+        if self.groups > 1:
+            dx, dw, db = F.grouped_conv2d_backward(dy, self._saved, *args, self.groups, self.needs_input_grad)
+        else:
+            dx, dw, db = F.conv2d_backward(dy, self._saved, *args, need_dx=self.needs_input_grad, cache=self._buffers)
         self.grads["weight"] = dw
         if "bias" in self.params:
             self.grads["bias"] = db
         return dx
 
+    def onnx(self, g, x, input_shape, name):
+        t, b, l, r = self.pads(input_shape[1:])
+        inputs = [x, g.const(name + ".weight", self.params["weight"])]
+        if "bias" in self.params:
+            inputs.append(g.const(name + ".bias", self.params["bias"]))
+        out = g.node("Conv", inputs, name, kernel_shape=list(self.kernel_size), strides=list(self.stride),
+                     dilations=list(self.dilation), pads=[t, l, b, r], group=self.groups)
+        return self._onnx_activation(g, out, name)
+
     def __repr__(self):
+        groups = f", groups={self.groups}" if self.groups > 1 else ""
         return (
             f"Conv2D({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, bias={'bias' in self.params})"
+            f"padding={self.padding}, dilation={self.dilation}{groups}, bias={'bias' in self.params})"
         )

@@ -3,20 +3,44 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from ..errors import ShapeError
-from .base import Layer, make_activation, register
+from ..strict import Activation, Init, PosInt
+from .base import Layer, LayerSpec, make_activation, register
 from .init import initialize
 
 
-@register("flatten")
+class FlattenSpec(LayerSpec):
+    type: Literal["flatten"]
+
+
+class DenseSpec(LayerSpec):
+    type: Literal["dense"]
+    units: PosInt = Field(description="Number of output features.")
+    bias: bool = True
+    activation: Activation | None = None
+    init: Init = "he_normal"
+
+    def build(self, input_shape, scope):
+        return Dense(input_shape[0], self.units, self.bias, self.activation, self.init, scope.rng)
+
+
+@register("flatten", FlattenSpec)
 class Flatten(Layer):
     """(N, C, H, W) -> (N, C*H*W), in C, H, W order like PyTorch's."""
 
     def output_shape(self, input_shape):
         return (math.prod(input_shape),)
+
+    def receptive_field(self, rf):
+        return None
+
+    def onnx(self, g, x, input_shape, name):
+        return g.node("Flatten", [x], name, axis=1)
 
     def forward(self, x, training=True):
         self._shape = x.shape
@@ -26,7 +50,7 @@ class Flatten(Layer):
         return dy.reshape(self._shape)
 
 
-@register("dense")
+@register("dense", DenseSpec)
 class Dense(Layer):
     """y = act(x @ weight.T + bias); (N, in) -> (N, out); weight (out, in), bias (out,)."""
 
@@ -47,7 +71,6 @@ class Dense(Layer):
         if bias:
             self.params["bias"] = np.zeros(self.out_features, dtype=dtype)
         self.activation = make_activation(activation)
-        self.needs_input_grad = True
         self.zero_grad()
 
     def output_shape(self, input_shape):
@@ -62,6 +85,15 @@ class Dense(Layer):
 
     def macs(self, input_shape):
         return self.in_features * self.out_features
+
+    def receptive_field(self, rf):
+        return None
+
+    def onnx(self, g, x, input_shape, name):
+        inputs = [x, g.const(name + ".weight", self.params["weight"])]
+        if "bias" in self.params:
+            inputs.append(g.const(name + ".bias", self.params["bias"]))
+        return self._onnx_activation(g, g.node("Gemm", inputs, name, transB=1), name)
 
     def forward(self, x, training=True):
         self._x = x

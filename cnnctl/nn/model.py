@@ -1,34 +1,60 @@
-"""Sequential: a list of layers run in order, with PyTorch-style state-dict names `layers.{i}.{key}`."""
+"""Sequential (layers run in order) and Model (the root of every network: state-dict names `layers.{i}...`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+from pydantic import Field
 
-from .base import Layer
-from .conv import Conv2D
-from .pooling import MaxPool2D
+from .base import Layer, LayerSpec, register
+
+if TYPE_CHECKING:  # the layer union, built in nn/__init__ once every layer type is registered
+    from . import AnyLayer
 
 
-class Sequential:
-    """Runs layers in order; backward in reverse. The first layer skips its input gradient.
+class SequentialSpec(LayerSpec):
+    type: Literal["sequential"]
+    layers: list[AnyLayer] = Field(min_length=1, description="Layers in order (a block's body, or `repeat` copies).")
+
+    def layer_lists(self):
+        return {("layers",): self.layers}
+
+    def with_layer_lists(self, lists):
+        return self.model_copy(update={"layers": lists[("layers",)]})
+
+    def build(self, input_shape, scope):
+        return scope.sequence(None, self.layers, input_shape)
+
+
+@register("sequential", SequentialSpec)
+class Sequential(Layer):
+    """Runs layers in order; backward in reverse, stopping where no earlier layer needs gradients.
 
     A convolution with a ReLU activation followed by max pooling has its ReLU applied after the pooling:
     max(pool(z), 0) = pool(max(z, 0)), and the gradients agree too (a window whose maximum is not positive
     passes no gradient either way), but the ReLU and its mask then touch a quarter of the numbers (2x2
-    pooling). Each layer called on its own still applies its own activation.
+    pooling). That is valid here because the convolution's output has one consumer, the pooling. Each layer
+    called on its own still applies its own activation. Children are named 0, 1, ... like torch's.
     """
 
-    def __init__(self, layers: list[Layer], names: list[str] | None = None):
+    child_prefix = ""
+
+    def __init__(self, layers: list[Layer] | tuple = (), names: list[str] | None = None):
+        super().__init__()
         self.layers = list(layers)
         self.names = names or [f"{type(layer).__name__.lower()}_{i}" for i, layer in enumerate(self.layers)]
-        if self.layers and hasattr(self.layers[0], "needs_input_grad"):
-            self.layers[0].needs_input_grad = False
-        self._relu_after_pool = {  # indices of conv layers whose ReLU the next (max pooling) layer applies
-            i for i, (a, b) in enumerate(zip(self.layers, self.layers[1:]))
-            if isinstance(a, Conv2D) and a._fused_relu and isinstance(b, MaxPool2D)
+        self._relu_after_pool = {  # indices of layers whose ReLU the next (max pooling) layer applies
+            i for i, (a, b) in enumerate(zip(self.layers, self.layers[1:])) if a.relu_deferrable and b.takes_relu
         }
+
+    def children(self):
+        return [(f"{self.child_prefix}{i}", layer) for i, layer in enumerate(self.layers)]
+
+    def set_input_grad(self, needed: bool) -> None:
+        self.needs_input_grad = needed
+        for i, layer in enumerate(self.layers):
+            layer.set_input_grad(needed or i > 0)
 
     def forward_options(self, i: int) -> dict:
         """Keyword arguments this model passes to layer i's forward (the ReLU moved behind max pooling)."""
@@ -36,9 +62,13 @@ class Sequential:
             return {"relu": False}
         return {"relu": True} if i - 1 in self._relu_after_pool else {}
 
+    def forward_layer(self, i: int, x: np.ndarray, training: bool = True) -> np.ndarray:
+        """Layer i's output within this sequence (with the deferred ReLU where it applies)."""
+        return self.layers[i].forward(x, training, **self.forward_options(i))
+
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
-        for i, layer in enumerate(self.layers):
-            x = layer.forward(x, training, **self.forward_options(i))
+        for i in range(len(self.layers)):
+            x = self.forward_layer(i, x, training)
         return x
 
     __call__ = forward
@@ -57,50 +87,47 @@ class Sequential:
             shapes.append(shape)
         return shapes
 
-    def parameters(self) -> Iterator[tuple[str, Layer, str]]:
-        """(state-dict name, layer, key) for every trainable parameter."""
-        for i, layer in enumerate(self.layers):
-            for key in layer.params:
-                yield f"layers.{i}.{key}", layer, key
+    def output_shape(self, input_shape):
+        return self.output_shapes(input_shape)[-1] if self.layers else tuple(input_shape)
 
-    def num_params(self) -> int:
-        return sum(layer.num_params() for layer in self.layers)
+    def macs(self, input_shape):
+        shapes = [tuple(input_shape), *self.output_shapes(input_shape)]
+        return sum(layer.macs(s) for layer, s in zip(self.layers, shapes))
 
-    def zero_grad(self) -> None:
+    def receptive_field(self, rf):
         for layer in self.layers:
-            layer.zero_grad()
+            rf = layer.receptive_field(rf)
+        return rf
 
-    def to(self, dtype) -> Sequential:
-        for layer in self.layers:
-            layer.to(dtype)
-        return self
+    def onnx(self, g, x, input_shape, name):
+        shape = tuple(input_shape)
+        for (child, layer) in self.children():
+            x = layer.onnx(g, x, shape, f"{name}.{child}" if name else child)
+            shape = layer.output_shape(shape)
+        return x
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Every parameter and buffer under `layers.{i}.{key}`, like a PyTorch nn.Sequential stored as `layers`."""
-        out = {}
-        for i, layer in enumerate(self.layers):
-            for key, value in {**layer.params, **layer.buffers}.items():
-                out[f"layers.{i}.{key}"] = value
-        return out
+    def __len__(self) -> int:
+        return len(self.layers)
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Copy arrays in; raises KeyError/ValueError naming the first missing, extra or misshapen entry."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        extra = sorted(set(state) - set(own))
-        if missing or extra:
-            raise KeyError(f"missing {missing[:5]}, unexpected {extra[:5]}")
-        for name in own:
-            value = state[name]
-            if own[name].shape != np.shape(value) and not (own[name].shape == () and np.size(value) == 1):
-                raise ValueError(f"{name} has shape {np.shape(value)}, the model expects {own[name].shape}")
-        for i, layer in enumerate(self.layers):
-            for store in (layer.params, layer.buffers):
-                for key in store:
-                    value = state[f"layers.{i}.{key}"]  # safetensors returns 0-d arrays as shape (1,)
-                    store[key] = np.array(value, dtype=store[key].dtype).reshape(store[key].shape)
-        self.zero_grad()
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __getitem__(self, i: int) -> Layer:
+        return self.layers[i]
 
     def __repr__(self) -> str:
-        body = "\n".join(f"  ({i}) {name}: {layer!r}" for i, (name, layer) in enumerate(zip(self.names, self.layers)))
-        return f"Sequential(\n{body}\n)"
+        body = "\n".join(f"  ({i}) {name}: {layer!r}".replace("\n", "\n  ")
+                         for i, (name, layer) in enumerate(zip(self.names, self.layers)))
+        return f"{type(self).__name__}(\n{body}\n)"
+
+
+class Model(Sequential):
+    """The root of a network: a Sequential whose layers are named `layers.{i}` (a PyTorch module holding an
+    nn.Sequential as `layers`). The first layer skips its input gradient: nothing below it needs one."""
+
+    child_prefix = "layers."
+
+    def __init__(self, layers: list[Layer], names: list[str] | None = None):
+        super().__init__(layers, names)
+        self.set_input_grad(False)
+

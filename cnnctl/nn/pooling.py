@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
+from pydantic import Field
 
 from .. import functional as F
 from ..errors import ShapeError
-from .base import Layer, register
+from ..strict import NonNegInt, PosPair
+from .base import Layer, LayerSpec, register
+
+
+class _PoolSpec(LayerSpec):
+    kernel_size: PosPair = Field(description="Window size, an int or [height, width].")
+    stride: PosPair | None = Field(None, description="Defaults to kernel_size.")
+    padding: NonNegInt | tuple[NonNegInt, NonNegInt] = 0
+
+    def build(self, input_shape, scope):
+        return {"maxpool2d": MaxPool2D, "avgpool2d": AvgPool2D}[self.type](  # type: ignore[attr-defined]
+            self.kernel_size, self.stride, self.padding)
+
+
+class MaxPool2DSpec(_PoolSpec):
+    type: Literal["maxpool2d"]
+
+
+class AvgPool2DSpec(_PoolSpec):
+    type: Literal["avgpool2d"]
+
+
+class GlobalAvgPool2DSpec(LayerSpec):
+    type: Literal["global_avgpool2d"]
 
 
 class _Pool2D(Layer):
@@ -38,6 +64,18 @@ class _Pool2D(Layer):
             )
         return (c, oh, ow)
 
+    def receptive_field(self, rf):
+        if rf is None:
+            return None
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        return rf[0] + (kh - 1) * rf[2], rf[1] + (kw - 1) * rf[3], rf[2] * sh, rf[3] * sw
+
+    def onnx(self, g, x, input_shape, name):
+        ph, pw = self.padding
+        extra = {} if isinstance(self, MaxPool2D) else {"count_include_pad": 1}
+        return g.node("MaxPool" if isinstance(self, MaxPool2D) else "AveragePool", [x], name,
+                      kernel_shape=list(self.kernel_size), strides=list(self.stride), pads=[ph, pw, ph, pw], **extra)
+
     def _padded(self, x):
         ph, pw = self.padding
         self._pad4 = (ph, ph, pw, pw)
@@ -51,13 +89,14 @@ class _Pool2D(Layer):
         return f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding})"
 
 
-@register("maxpool2d")
+@register("maxpool2d", MaxPool2DSpec)
 class MaxPool2D(_Pool2D):
     """Max over each window, a running maximum over the kernel offsets. Forward also records which offset
     won (the first in row-major order on ties, like PyTorch), so backward routes each delta there with one
     comparison per offset instead of re-deriving the winner from the input."""
 
     pad_value = -np.inf
+    takes_relu = True
 
     def forward(self, x, training=True, relu: bool = False):
         """`relu=True` returns max(pool(x), 0), which equals pool(max(x, 0)) with the same gradients: how
@@ -101,7 +140,7 @@ class MaxPool2D(_Pool2D):
         return F.unpad(dxp, self._pad4)
 
 
-@register("avgpool2d")
+@register("avgpool2d", AvgPool2DSpec)
 class AvgPool2D(_Pool2D):
     """Mean over each window, padded zeros counted (PyTorch's count_include_pad=True)."""
 
@@ -123,13 +162,19 @@ class AvgPool2D(_Pool2D):
         return F.unpad(dxp, self._pad4)
 
 
-@register("global_avgpool2d")
+@register("global_avgpool2d", GlobalAvgPool2DSpec)
 class GlobalAvgPool2D(Layer):
     """Mean over all positions of each map: (N, C, H, W) -> (N, C)."""
 
     def output_shape(self, input_shape):
         self._expect_rank(input_shape, 3, "global_avgpool2d needs feature maps; put it before flatten/dense")
         return (input_shape[0],)
+
+    def receptive_field(self, rf):
+        return None
+
+    def onnx(self, g, x, input_shape, name):
+        return g.node("Flatten", [g.node("GlobalAveragePool", [x], name + ".gap")], name, axis=1)
 
     def forward(self, x, training=True):
         self._hw = x.shape[2:]

@@ -2,13 +2,50 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
+from pydantic import Field
 
 from ..errors import ShapeError
-from .base import Layer, register
+from ..strict import Activation
+from .base import Layer, LayerSpec, make_activation, register, register_spec
 
 
-@register("dropout")
+class DropoutSpec(LayerSpec):
+    type: Literal["dropout"]
+    rate: float = Field(0.5, ge=0.0, lt=1.0, description="Probability of zeroing each value while training.")
+
+    def build(self, input_shape, scope):
+        return Dropout(self.rate, scope.rng)
+
+
+class _BatchNormSpec(LayerSpec):
+    momentum: float = Field(0.1, gt=0.0, le=1.0)
+    eps: float = Field(1e-5, gt=0.0)
+    activation: Activation | None = Field(None, description="Applied after normalising (conv-bn-relu).")
+
+    def build(self, input_shape, scope):
+        cls = {"batchnorm1d": BatchNorm1D, "batchnorm2d": BatchNorm2D}.get(self.type)  # type: ignore
+        if cls is None:  # plain `batchnorm`: 1-D or 2-D from the incoming shape
+            cls = BatchNorm1D if len(input_shape) == 1 else BatchNorm2D
+        return cls(input_shape[0], self.eps, self.momentum, activation=self.activation)
+
+
+@register_spec
+class BatchNormSpec(_BatchNormSpec):
+    type: Literal["batchnorm"]
+
+
+class BatchNorm1DSpec(_BatchNormSpec):
+    type: Literal["batchnorm1d"]
+
+
+class BatchNorm2DSpec(_BatchNormSpec):
+    type: Literal["batchnorm2d"]
+
+
+@register("dropout", DropoutSpec)
 class Dropout(Layer):
     """Inverted dropout: zero each value with probability rate and scale the rest by 1/(1-rate) when
     training; the identity otherwise. The mask is drawn from the Generator passed in."""
@@ -31,6 +68,9 @@ class Dropout(Layer):
     def backward(self, dy):
         return dy if self._scale is None else dy * self._scale
 
+    def onnx(self, g, x, input_shape, name):
+        return g.node("Identity", [x], name)
+
     def __repr__(self):
         return f"Dropout(rate={self.rate})"
 
@@ -41,9 +81,12 @@ class _BatchNorm(Layer):
     variance is updated with the unbiased batch variance, running = (1 - momentum) * running + momentum * batch."""
 
     rank = 0  # per-sample rank of the input
+    is_norm = True
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, dtype=np.float32):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, dtype=np.float32,
+                 activation: str | None = None):
         super().__init__()
+        self.activation = make_activation(activation)
         self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
         self.params = {"weight": np.ones(num_features, dtype), "bias": np.zeros(num_features, dtype)}
         self.buffers = {
@@ -62,52 +105,68 @@ class _BatchNorm(Layer):
     def macs(self, input_shape):
         return 2 * int(np.prod(input_shape))
 
-    def _axes_and_shape(self, x):
-        axes = (0,) + tuple(range(2, x.ndim))
-        return axes, (1, -1) + (1,) * (x.ndim - 2)
+    def _shapes(self, x):
+        """The einsum spec that sums over every axis but the channels, and the per-channel broadcast shape."""
+        letters = "nchw"[: x.ndim] if x.ndim <= 4 else None
+        return f"{letters}->c", f"{letters},{letters}->c", (1, -1) + (1,) * (x.ndim - 2)
 
     def forward(self, x, training=True):
-        axes, bshape = self._axes_and_shape(x)
-        if training:
-            mean = x.mean(axis=axes)
-            var = x.var(axis=axes)
-            m = x.size // x.shape[1]
-            b = self.buffers
-            b["running_mean"] = ((1 - self.momentum) * b["running_mean"] + self.momentum * mean).astype(mean.dtype)
+        total, dot, bshape = self._shapes(x)
+        m = x.size // x.shape[1]
+        if training:  # two passes for the statistics (mean, then the centred squares: no cancellation)
+            mean = np.einsum(total, x) / x.dtype.type(m)
+            xhat = np.subtract(x, mean.reshape(bshape))  # keeps x's memory layout
+            var = np.einsum(dot, xhat, xhat) / x.dtype.type(m)
+            b, mo = self.buffers, self.momentum
+            b["running_mean"] = ((1 - mo) * b["running_mean"] + mo * mean).astype(b["running_mean"].dtype)
             unbiased = var * (m / max(m - 1, 1))
-            b["running_var"] = ((1 - self.momentum) * b["running_var"] + self.momentum * unbiased).astype(var.dtype)
+            b["running_var"] = ((1 - mo) * b["running_var"] + mo * unbiased).astype(b["running_var"].dtype)
             b["num_batches_tracked"] = b["num_batches_tracked"] + 1
         else:
             mean, var = self.buffers["running_mean"], self.buffers["running_var"]
-        self._training = training
-        self._inv_std = (1.0 / np.sqrt(var + self.eps)).astype(x.dtype).reshape(bshape)
-        self._xhat = (x - mean.reshape(bshape)) * self._inv_std
-        return self._xhat * self.params["weight"].reshape(bshape) + self.params["bias"].reshape(bshape)
+            xhat = np.subtract(x, mean.astype(x.dtype).reshape(bshape))
+        self._training, self._m = training, m
+        self._inv_std = (1.0 / np.sqrt(var + self.eps)).astype(x.dtype)
+        np.multiply(xhat, self._inv_std.reshape(bshape), out=xhat)
+        self._xhat = xhat
+        y = np.multiply(xhat, self.params["weight"].reshape(bshape))
+        np.add(y, self.params["bias"].reshape(bshape), out=y)
+        return self._activate(y, training)
 
     def backward(self, dy):
-        axes, bshape = self._axes_and_shape(dy)
-        self.grads["weight"] = (dy * self._xhat).sum(axis=axes)
-        self.grads["bias"] = dy.sum(axis=axes)
-        dxhat = dy * self.params["weight"].reshape(bshape)
-        if not self._training:
-            return dxhat * self._inv_std
-        # the batch mean and variance depend on x too: subtract their share of the gradient
-        mean_dxhat = dxhat.mean(axis=axes, keepdims=True)
-        mean_dxhat_xhat = (dxhat * self._xhat).mean(axis=axes, keepdims=True)
-        return (dxhat - mean_dxhat - self._xhat * mean_dxhat_xhat) * self._inv_std
+        dy = self._deactivate(dy)
+        total, dot, bshape = self._shapes(dy)
+        gb = np.einsum(total, dy)
+        gw = np.einsum(dot, dy, self._xhat)
+        self.grads["weight"], self.grads["bias"] = gw, gb
+        k = self.params["weight"] * self._inv_std  # d(out)/d(x) per channel with the statistics held fixed
+        dx = np.multiply(dy, k.reshape(bshape))
+        if self._training:
+            # the batch mean and variance depend on x too: subtract their share of the gradient,
+            # k * (mean(dy) + xhat * mean(dy * xhat))
+            dx -= np.multiply(self._xhat, (k * gw / self._m).reshape(bshape))
+            dx -= (k * gb / self._m).reshape(bshape)
+        return dx
+
+    def onnx(self, g, x, input_shape, name):
+        inputs = [x] + [g.const(f"{name}.{k}", v) for k, v in (
+            ("weight", self.params["weight"]), ("bias", self.params["bias"]),
+            ("running_mean", self.buffers["running_mean"]), ("running_var", self.buffers["running_var"]))]
+        out = g.node("BatchNormalization", inputs, name, epsilon=self.eps, momentum=1 - self.momentum)
+        return self._onnx_activation(g, out, name)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum})"
 
 
-@register("batchnorm1d")
+@register("batchnorm1d", BatchNorm1DSpec)
 class BatchNorm1D(_BatchNorm):
     """Batch normalisation of features: (N, F)."""
 
     rank = 1
 
 
-@register("batchnorm2d")
+@register("batchnorm2d", BatchNorm2DSpec)
 class BatchNorm2D(_BatchNorm):
     """Batch normalisation of feature maps: (N, C, H, W), statistics over N, H and W."""
 

@@ -1,0 +1,213 @@
+"""Branching containers: Residual (body(x) + shortcut(x)) and Concat (branches joined on the channel axis).
+
+Where one input feeds several branches, their input gradients add (a fork's backward); a concatenation's
+gradient is split by channels, each branch getting its own slice. docs/backprop.md has the math.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from pydantic import Field
+
+from .. import functional as F
+from ..errors import ShapeError
+from ..strict import Activation
+from .base import Layer, LayerSpec, make_activation, register
+from .model import Sequential
+
+if TYPE_CHECKING:  # the layer union, built in nn/__init__ once every layer type is registered
+    from . import AnyLayer
+
+
+def _max_rf(rfs):
+    rfs = list(rfs)
+    if any(rf is None for rf in rfs):
+        return None
+    return tuple(max(rf[k] for rf in rfs) for k in range(4))
+
+
+class ResidualSpec(LayerSpec):
+    type: Literal["residual"]
+    body: list[AnyLayer] = Field(min_length=1, description="The residual branch, run on the input.")
+    shortcut: Literal["auto", "identity"] | list[AnyLayer] = Field(
+        "auto", description="identity; auto (identity when the body keeps the shape, else a 1x1 convolution with "
+        "the body's stride and channels plus batchnorm: ResNet's option B); or a list of layers.")
+    activation: Activation | None = Field(None, description="Applied to body(x) + shortcut(x).")
+
+    def layer_lists(self):
+        lists = {("body",): self.body}
+        if isinstance(self.shortcut, list):
+            lists[("shortcut",)] = self.shortcut
+        return lists
+
+    def with_layer_lists(self, lists):
+        update = {"body": lists[("body",)]}
+        if ("shortcut",) in lists:
+            update["shortcut"] = lists[("shortcut",)]
+        return self.model_copy(update=update)
+
+    def build(self, input_shape, scope):
+        body = scope.sequence("body", self.body, input_shape)
+        shortcut = None
+        if isinstance(self.shortcut, list):
+            shortcut = scope.sequence("shortcut", self.shortcut, input_shape)
+        elif self.shortcut == "auto":
+            out = body.output_shape(input_shape)
+            if tuple(out) != tuple(input_shape):
+                shortcut = scope.sequence("shortcut", projection(input_shape, out), input_shape)
+        return Residual(body, shortcut, self.activation)
+
+
+def projection(input_shape, output_shape) -> list[LayerSpec]:
+    """ResNet's option B shortcut from input_shape to output_shape: a 1x1 convolution (no bias) with the
+    stride that maps the input's height and width onto the output's, then batchnorm."""
+    from .conv import Conv2DSpec
+    from .regularization import BatchNormSpec
+
+    if len(input_shape) != 3 or len(output_shape) != 3:
+        raise ShapeError(f"residual: the body maps {tuple(input_shape)} to {tuple(output_shape)}; an automatic "
+                         "shortcut needs feature maps in and out", "give an explicit shortcut: [layers]")
+    strides = []
+    for size, out in zip(input_shape[1:], output_shape[1:]):
+        s = next((s for s in range(1, size + 1) if (size - 1) // s + 1 == out), None)
+        if s is None:
+            raise ShapeError(f"residual: no 1x1 convolution stride maps the input {tuple(input_shape)} onto the "
+                             f"body's output {tuple(output_shape)}", "give an explicit shortcut: [layers], or pad "
+                             "the body's convolutions (padding: same)")
+        strides.append(s)
+    return [Conv2DSpec(type="conv2d", filters=output_shape[0], kernel_size=1, stride=tuple(strides), bias=False),
+            BatchNormSpec(type="batchnorm")]
+
+
+@register("residual", ResidualSpec)
+class Residual(Layer):
+    """y = act(body(x) + shortcut(x)); the shortcut is the identity when None."""
+
+    def __init__(self, body: Sequential, shortcut: Sequential | None = None, activation: str | None = None):
+        super().__init__()
+        self.body, self.shortcut = body, shortcut
+        self.activation = make_activation(activation)
+
+    def children(self):
+        return [("body", self.body)] + ([("shortcut", self.shortcut)] if self.shortcut is not None else [])
+
+    def set_input_grad(self, needed):
+        self.needs_input_grad = needed
+        for _, child in self.children():
+            child.set_input_grad(needed)
+
+    def output_shape(self, input_shape):
+        a = tuple(self.body.output_shape(input_shape))
+        b = tuple(self.shortcut.output_shape(input_shape)) if self.shortcut is not None else tuple(input_shape)
+        if a != b:
+            what = "the shortcut" if self.shortcut is not None else "the identity shortcut (the input)"
+            raise ShapeError(f"residual: the body outputs {a} but {what} gives {b}; they must be equal to add",
+                             "use shortcut: auto (a 1x1 convolution when shapes differ), give a shortcut that "
+                             f"outputs {a}, or make the body keep the shape {b}")
+        return a
+
+    def macs(self, input_shape):
+        sc = self.shortcut.macs(input_shape) if self.shortcut is not None else 0
+        return self.body.macs(input_shape) + sc
+
+    def receptive_field(self, rf):
+        return _max_rf([self.body.receptive_field(rf),
+                        self.shortcut.receptive_field(rf) if self.shortcut is not None else rf])
+
+    def forward(self, x, training=True):
+        y = self.body.forward(x, training)
+        s = self.shortcut.forward(x, training) if self.shortcut is not None else x
+        return self._activate(np.add(y, F.in_layout_of(s, y)), training)
+
+    def backward(self, dy):
+        dy = self._deactivate(dy)
+        dx = self.body.backward(dy)
+        ds = self.shortcut.backward(dy) if self.shortcut is not None else dy
+        if not self.needs_input_grad:
+            return None
+        return np.add(dx, F.in_layout_of(ds, dx))  # the fork: both branches' input gradients add
+
+    def onnx(self, g, x, input_shape, name):
+        a = self.body.onnx(g, x, input_shape, name + ".body")
+        b = self.shortcut.onnx(g, x, input_shape, name + ".shortcut") if self.shortcut is not None else x
+        return self._onnx_activation(g, g.node("Add", [a, b], name + ".add"), name)
+
+    def __repr__(self):
+        sc = repr(self.shortcut) if self.shortcut is not None else "identity"
+        return f"Residual(body={self.body!r}, shortcut={sc})"
+
+
+class ConcatSpec(LayerSpec):
+    type: Literal["concat"]
+    branches: list[list[AnyLayer]] = Field(min_length=2, description="Layer lists run on the same input; outputs "
+                                           "are joined on the channel axis; [] is the input itself.")
+
+    def layer_lists(self):
+        return {("branches", k): b for k, b in enumerate(self.branches)}
+
+    def with_layer_lists(self, lists):
+        return self.model_copy(update={"branches": [lists[("branches", k)] for k in range(len(self.branches))]})
+
+    def build(self, input_shape, scope):
+        return Concat([scope.sequence(f"branches.{k}", b, input_shape) for k, b in enumerate(self.branches)])
+
+
+@register("concat", ConcatSpec)
+class Concat(Layer):
+    """Branches on the same input, outputs concatenated on axis 1 (channels, or features)."""
+
+    def __init__(self, branches: list[Sequential]):
+        super().__init__()
+        self.branches = list(branches)
+
+    def children(self):
+        return [(f"branches.{k}", b) for k, b in enumerate(self.branches)]
+
+    def set_input_grad(self, needed):
+        self.needs_input_grad = needed
+        for b in self.branches:
+            b.set_input_grad(needed)
+
+    def output_shape(self, input_shape):
+        shapes = [tuple(b.output_shape(input_shape)) for b in self.branches]
+        if len({len(s) for s in shapes}) > 1 or len({s[1:] for s in shapes}) > 1:
+            listed = ", ".join(f"branches[{k}] {s}" for k, s in enumerate(shapes))
+            raise ShapeError(f"concat: the branches' outputs differ in more than the channel count ({listed})",
+                             "make every branch keep the same height and width (padding: same, equal strides)")
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def macs(self, input_shape):
+        return sum(b.macs(input_shape) for b in self.branches)
+
+    def receptive_field(self, rf):
+        return _max_rf(b.receptive_field(rf) for b in self.branches)
+
+    def forward(self, x, training=True):
+        outs = [b.forward(x, training) for b in self.branches]
+        self._channels = np.cumsum([0] + [o.shape[1] for o in outs])
+        n, rest = x.shape[0], outs[0].shape[2:]
+        if len(rest) == 2:  # feature maps: store batch-innermost, as convolutions want their input
+            y = np.empty((int(self._channels[-1]), *rest, n), x.dtype).transpose(3, 0, 1, 2)
+        else:
+            y = np.empty((n, int(self._channels[-1])), x.dtype)
+        for o, a, b in zip(outs, self._channels, self._channels[1:]):
+            y[:, a:b] = o
+        return y
+
+    def backward(self, dy):
+        dx = None
+        for branch, a, b in zip(self.branches, self._channels, self._channels[1:]):
+            d = branch.backward(dy[:, a:b])  # each branch gets its channels' share
+            if self.needs_input_grad:
+                dx = d.copy() if dx is None else np.add(dx, F.in_layout_of(d, dx), out=dx)
+        return dx
+
+    def onnx(self, g, x, input_shape, name):
+        outs = [b.onnx(g, x, input_shape, f"{name}.branches.{k}") for k, b in enumerate(self.branches)]
+        return g.node("Concat", outs, name, axis=1)
+
+    def __repr__(self):
+        return f"Concat({', '.join(repr(b) for b in self.branches)})"
+

@@ -1,0 +1,97 @@
+"""Validation errors as readable lines: each with its key path (model.layers[2].filters), YAML line and message."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from . import nn, optim, schedules
+from .errors import ConfigError
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+    """Line (1-based) of the deepest YAML node on the path loc; union tags in loc are skipped."""
+    line = None if node is None else node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    node, line = v, k.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+    return line
+
+
+def _format_path(loc: tuple, data: Any) -> str:
+    """('model', 'layers', 2, 'conv2d', 'filters') -> 'model.layers[2].filters' (skipping union tags)."""
+    out, node = "", data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        elif isinstance(node, dict) and part in node:
+            out += f".{part}" if out else part
+            node = node[part]
+        elif isinstance(node, dict) and (node.get("type") == part or part in _UNION_TAGS):
+            continue  # a discriminated-union tag, not a key
+        else:
+            out += f".{part}" if out else str(part)
+            node = None
+    return out or "(top level)"
+
+
+_UNION_TAGS = set(nn.SPECS) | {"block"} | set(optim.OPTIMIZERS) | set(schedules.SCHEDULES)
+
+
+def _is_within(path: str, dotted: str) -> bool:
+    """Whether an error at `path` (model.layers[1].units) and an override key (model.layers.1) overlap."""
+    as_path = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", dotted)
+    def under(a, b):
+        return a == b or a.startswith(b + ".") or a.startswith(b + "[")
+
+    return under(path, as_path) or under(as_path, path)
+
+
+def _message(err: dict) -> str:
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "union_tag_invalid":
+        tag = str(ctx.get("tag"))
+        tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
+        close = difflib.get_close_matches(tag, tags, n=1)
+        guess = f"did you mean '{close[0]}'? " if close else ""
+        return f"unknown type '{tag}'; {guess}known types: {', '.join(tags)}"
+    if kind == "union_tag_not_found":
+        return "missing 'type'"
+    if kind == "missing":
+        return "required key is missing"
+    msg = err["msg"]
+    if kind not in ("unknown_key",) and "input" in err and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def format_validation_error(e: ValidationError, data: Any, source: str, root: yaml.Node | None,
+                            overrides: list[str] = ()) -> ConfigError:
+    lines = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        if err["type"] == "unknown_key":
+            loc = (*loc, err["ctx"]["key"])
+        path = _format_path(loc, data)
+        where = ""
+        if any(_is_within(path, o.partition("=")[0].strip()) for o in overrides):
+            where = " (from --set)"
+        else:
+            line = _line_of(root, loc)
+            if line is not None:
+                where = f" (line {line})"
+        lines.append(f"  {path}{where}: {_message(err)}")
+    n = len(lines)
+    return ConfigError(f"{source}: invalid config ({n} problem{'s' if n > 1 else ''})\n" + "\n".join(lines),
+                       "correct the keys above; `cnnctl inspect CONFIG` checks a config without training")

@@ -1,0 +1,37 @@
+"""The base of every spec model and the field types they share (no cnnctl imports: nn/ and config use it)."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosPair = PosInt | tuple[PosInt, PosInt]
+Activation = Literal["relu", "leaky_relu", "elu", "sigmoid", "tanh", "softmax", "linear"]
+Init = Literal["he_normal", "he_uniform", "glorot_normal", "glorot_uniform"]
+
+
+class Strict(BaseModel):
+    """Base for every spec model: unknown keys are errors that suggest the closest known key."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls.model_config.get("extra") == "forbid":
+            known = list(cls.model_fields)
+            for key in data:
+                if key not in known:
+                    close = difflib.get_close_matches(str(key), known, n=1)
+                    hint = f"did you mean '{close[0]}'? " if close else ""
+                    raise PydanticCustomError(
+                        "unknown_key",
+                        "unknown key '{key}'; {hint}known keys: {known}",
+                        {"key": str(key), "hint": hint, "known": ", ".join(known)},
+                    )
+        return data

@@ -94,17 +94,21 @@ class _Resolver:
         try:
             layer = _ADAPTER.validate_python(raw)
         except ValidationError as e:
-            problems = []
+            problems, at = [], loc
             for err in e.errors():
                 inner = tuple(err["loc"])
                 if err["type"] == "unknown_key":
                     inner = (*inner, err["ctx"]["key"])
                 src = _value_at(block, inner)
-                origin = f" (from {src} = {values[src[1:]]!r} at this use)" if _is_ref(src, values) else ""
+                origin = ""
+                if _is_ref(src, values):
+                    origin = f" (from {src} = {values[src[1:]]!r})"
+                    if src[1:] in args:  # point at the argument that does not fit
+                        at = (*loc, src[1:])
                 line = _line_of(self.root, (*home, *inner)) if self.root is not None else None
                 problems.append(f"block '{name}' {_format_path(inner, raw)}"
                                 f"{f' (line {line})' if line else ''}: {_message(err)}{origin}")
-            self.fail(loc, "; ".join(problems))
+            self.fail(at, "; ".join(problems))
         layer = self.one(layer, home, (*stack, name))
         layer._block = name
         if use.repeat > 1:

@@ -34,6 +34,11 @@ class LayerRow:
     receptive_field: tuple[int, int, int, int] | None  # (height, width, row stride, column stride); None: all
     children: list[LayerRow] = field(default_factory=list)
 
+    @property
+    def named(self) -> bool:
+        """Whether the name was given in the config (not the default type_index)."""
+        return self.name != f"{self.type}_{self.index}"
+
     def walk(self) -> Iterator[LayerRow]:
         yield self
         for c in self.children:

@@ -279,10 +279,10 @@ def inspect(
         return
     shown = [r for r in walk(rows) if depth is None or r.depth <= depth]
     out.print(table(f"{spec.name}: input {tuple(spec.model.input_shape)}",
-                    ("#", "name", "type", "output shape", "params", "MACs", "receptive field"),
+                    ("#", "type", "output shape", "params", "MACs", "receptive field"),
                     right=("params", "MACs"), rows=(
-        ("  " * r.depth + r.path.split(".", 1)[1], escape(r.name), escape(r.type), str(_shape(r.output_shape)),
-         f"{r.params:,}", f"{r.macs:,}", _rf(r.receptive_field)) for r in shown)))
+        ("  " * r.depth + r.path.split(".", 1)[1], escape(r.type + (f" {r.name!r}" if r.named else "")),
+         str(_shape(r.output_shape)), f"{r.params:,}", f"{r.macs:,}", _rf(r.receptive_field)) for r in shown)))
     out.print(f"total parameters {report['trainable_params']:,} trainable, {report['non_trainable_params']:,} "
               f"non-trainable (running statistics)  ({report['param_bytes'] / 1e6:.2f} MB as float32)")
     out.print(f"total MACs per sample {report['total_macs']:,}")

@@ -5,6 +5,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = Path(os.environ.get("CNNCTL_TEST_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
+FASHION = Path(os.environ.get("CNNCTL_TEST_FASHION_MNIST", ROOT.parent / "shared" / "data" / "fashion-mnist"))
 
 TINY = """\
 name: tiny
@@ -39,3 +40,10 @@ def mnist_root() -> Path:
     if not (MNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"MNIST not found at {MNIST}")
     return MNIST
+
+
+@pytest.fixture
+def fashion_root() -> Path:
+    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not found at {FASHION}")
+    return FASHION

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cnnctl import checkpoint
-from cnnctl.builder import build_model
+from cnnctl import checkpoint, nn
 from cnnctl.cli import app
-from cnnctl.config import Spec, config_schema
+from cnnctl.config import config_schema
+from tests.cases import all_cases, randomize_params
 from tests.conftest import ROOT
 from tests.helpers import invoke
 
@@ -119,44 +119,28 @@ def test_predict_images_and_npz(run_dir, tmp_path):
     invoke("predict", run_dir / "checkpoints" / "best.safetensors", tmp_path / "missing.png", code=2)
 
 
-EXPORT_LAYERS = [
-    {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": "same", "activation": "relu"},
-    {"type": "batchnorm"},
-    {"type": "maxpool2d", "kernel_size": 3, "stride": 2, "padding": 1},
-    {"type": "conv2d", "filters": 5, "kernel_size": [3, 2], "stride": 2, "dilation": [1, 2], "activation": "elu"},
-    {"type": "avgpool2d", "kernel_size": 2, "stride": 1, "padding": 1},
-    {"type": "leaky_relu", "negative_slope": 0.2},
-    {"type": "conv2d", "filters": 6, "kernel_size": 1, "activation": "tanh"},
-    {"type": "global_avgpool2d"},
-    {"type": "dropout", "rate": 0.3},
-    {"type": "dense", "units": 8, "activation": "sigmoid"},
-    {"type": "batchnorm"},
-    {"type": "dense", "units": 4},
-]
-
-
-def test_onnx_export_matches_in_onnxruntime(tmp_path):
+@pytest.mark.parametrize(("tag", "case_id", "factory", "shape"), list(all_cases()), ids=lambda v: str(v))
+def test_onnx_export_of_every_layer_case_matches_onnxruntime(tag, case_id, factory, shape, tmp_path):
+    """Every registered layer type (the cases of tests/cases.py, containers included) exports to ONNX and gives
+    the same outputs in onnxruntime, with non-trivial weights and BatchNorm statistics."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     from cnnctl.export import export_onnx
 
-    spec = Spec.model_validate({"name": "x", "data": {"dataset": "shapes"},
-                                "model": {"input_shape": [3, 17, 15], "layers": EXPORT_LAYERS}})
     g = np.random.default_rng(0)
-    model, _ = build_model(spec.model, g)
-    for layer in model.layers:  # non-trivial BatchNorm statistics
-        if "running_mean" in layer.buffers:
-            n = layer.num_features
-            layer.buffers["running_mean"] = g.normal(size=n).astype(np.float32)
-            layer.buffers["running_var"] = g.uniform(0.5, 2, n).astype(np.float32)
-            layer.params["weight"] = g.uniform(0.5, 1.5, n).astype(np.float32)
-    norm = {"mean": [0.2, 0.5, 0.4], "std": [0.3, 0.25, 0.2]}
-    path = export_onnx(model, (3, 17, 15), norm, "x", tmp_path / "m.onnx", softmax=False)
-    x01 = g.random((5, 3, 17, 15)).astype(np.float32)
-    ours = model.forward(((x01 - np.array(norm["mean"], np.float32)[:, None, None])
-                          / np.array(norm["std"], np.float32)[:, None, None]).astype(np.float32), training=False)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    theirs = sess.run(["output"], {"input": x01})[0]
+    layer = factory(g)
+    randomize_params(layer, g, statistics=True)
+    if len(shape) != 4:  # a layer on features: feed it (F, 1, 1) images, flattened (the graph's input is images)
+        model, shape = nn.Model([nn.Flatten(), layer]), (shape[0], int(np.prod(shape[1:])), 1, 1)
+    else:
+        model = nn.Model([layer])
+    c = shape[1]
+    norm = {"mean": list(g.uniform(0.3, 0.6, c)), "std": list(g.uniform(0.2, 0.4, c))}
+    path = export_onnx(model, shape[1:], norm, "x", tmp_path / "m.onnx")
+    x01 = g.random(shape).astype(np.float32)
+    x = (x01 - np.array(norm["mean"], np.float32)[:, None, None]) / np.array(norm["std"], np.float32)[:, None, None]
+    ours = model.forward(x.astype(np.float32), training=False)
+    theirs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["output"], {"input": x01})[0]
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
 
 

@@ -1,8 +1,12 @@
 """cnnctl.nn: the NumPy layers, losses and model containers. See docs/backprop.md for the math.
 
-Importing a layer module registers its layer types with their specs; `AnyLayer`, the config's layer union,
-is derived from that registry once every module is imported.
+Importing a layer module registers its layer types with their specs. Every module of this package is
+imported here (a new layer type is one new module), then `AnyLayer`, the config's layer union, is derived
+from the registry.
 """
+
+import importlib
+import pkgutil
 
 from .activations import ELU, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
 from .base import REGISTRY, SPECS, BlockUse, Layer, LayerSpec, Param, layer_union, make_activation, register
@@ -15,6 +19,9 @@ from .losses import LOSSES, CrossEntropyLoss, Loss, MSELoss
 from .model import Model, Sequential, SequentialSpec
 from .pooling import AvgPool2D, GlobalAvgPool2D, MaxPool2D
 from .regularization import BatchNorm1D, BatchNorm2D, Dropout
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 AnyLayer = layer_union(BlockUse)
 for _spec in SPECS.values():  # containers hold lists of AnyLayer: resolve that name now that it exists

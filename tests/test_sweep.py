@@ -193,3 +193,26 @@ def test_ctrl_c_stops_cleanly_and_resume_matches_an_uninterrupted_sweep(tmp_path
     straight = results(only_dir(tmp_path / "straight"))
     assert [(r["trial"], r["best"], r["epochs"]) for r in results(sweep_dir)] == \
         [(r["trial"], r["best"], r["epochs"]) for r in straight]
+
+
+def test_sweep_over_block_parameters_of_a_graph_model(tmp_path):
+    """A sweep reaches into blocks: each trial is an ordinary graph-model run with its own block arguments."""
+    from tests.test_graph import GRAPH
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(GRAPH))
+    sweep = {"name": "blocks", "base": "base.yaml", "metric": "val_acc", "mode": "max",
+             "space": {"model.layers.2.filters": {"choice": [5, 7]}, "model.blocks.basic.activation": "tanh",
+                       "train.epochs": 1},
+             "search": {"type": "grid"}, "executor": {"type": "local", "max_concurrent": 2}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    invoke("sweep", tmp_path / "sweep.yaml", "--runs-dir", tmp_path / "runs", "-q")
+    rows = results(only_dir(tmp_path / "runs"))
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    shapes = []
+    for r in rows:
+        report = json.loads(invoke("inspect", only_dir(tmp_path / "runs") / "trials" / r["trial"] / "checkpoints" /
+                                   "best.safetensors", "--json").output)
+        shapes.append(report["layers"][2]["output_shape"])
+    assert shapes == [[5, 4, 4], [7, 4, 4]]
+    best = yaml.safe_load((only_dir(tmp_path / "runs") / "best.yaml").read_text())
+    assert best["model"]["blocks"]["basic"]["activation"] == "tanh"

@@ -23,7 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from . import nn
 from .errors import ConfigError
-from .spec_errors import _format_path, _line_of, _message
+from .spec_errors import error_message, format_path, line_of
 
 _ADAPTER = TypeAdapter(nn.AnyLayer)
 
@@ -44,8 +44,8 @@ class _Resolver:
         self.blocks, self.data, self.root, self.source = blocks, data, root, source
 
     def where(self, loc: tuple) -> str:
-        line = _line_of(self.root, loc) if self.root is not None else None
-        return _format_path(loc, self.data) + (f" (line {line})" if line else "")
+        line = line_of(self.root, loc) if self.root is not None else None
+        return format_path(loc, self.data) + (f" (line {line})" if line else "")
 
     def fail(self, loc: tuple, message: str, hint: str | None = None):
         raise ConfigError(f"{self.source}: {self.where(loc)}: {message}", hint or "correct the block or its use; "
@@ -105,9 +105,9 @@ class _Resolver:
                     origin = f" (from {src} = {values[src[1:]]!r})"
                     if src[1:] in args:  # point at the argument that does not fit
                         at = (*loc, src[1:])
-                line = _line_of(self.root, (*home, *inner)) if self.root is not None else None
-                problems.append(f"block '{name}' {_format_path(inner, raw)}"
-                                f"{f' (line {line})' if line else ''}: {_message(err)}{origin}")
+                line = line_of(self.root, (*home, *inner)) if self.root is not None else None
+                problems.append(f"block '{name}' {format_path(inner, raw)}"
+                                f"{f' (line {line})' if line else ''}: {error_message(err)}{origin}")
             self.fail(at, "; ".join(problems))
         layer = self.one(layer, home, (*stack, name))
         layer._block = name

@@ -110,10 +110,6 @@ def build_model(spec: ModelSpec, rng: np.random.Generator | None = None) -> tupl
     return Model(layers, [r.name for r in rows]), rows
 
 
-def layer_label(i: int, spec) -> str:
-    return f"model.layers[{i}] ({spec.type}{' ' + repr(spec.name) if spec.name else ''})"
-
-
 def check_outputs(spec: Spec, rows: list[LayerRow], num_classes: int) -> None:
     """The last layer must emit one value per class."""
     last = rows[-1]

@@ -13,7 +13,7 @@ from . import nn, optim, schedules
 from .errors import ConfigError
 
 
-def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+def line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     """Line (1-based) of the deepest YAML node on the path loc; union tags in loc are skipped."""
     line = None if node is None else node.start_mark.line + 1
     for part in loc:
@@ -28,7 +28,7 @@ def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     return line
 
 
-def _format_path(loc: tuple, data: Any) -> str:
+def format_path(loc: tuple, data: Any) -> str:
     """('model', 'layers', 2, 'conv2d', 'filters') -> 'model.layers[2].filters' (skipping union tags)."""
     out, node = "", data
     for part in loc:
@@ -49,7 +49,7 @@ def _format_path(loc: tuple, data: Any) -> str:
 _UNION_TAGS = set(nn.SPECS) | {"block"} | set(optim.OPTIMIZERS) | set(schedules.SCHEDULES)
 
 
-def _is_within(path: str, dotted: str) -> bool:
+def is_within(path: str, dotted: str) -> bool:
     """Whether an error at `path` (model.layers[1].units) and an override key (model.layers.1) overlap."""
     as_path = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", dotted)
     def under(a, b):
@@ -58,7 +58,7 @@ def _is_within(path: str, dotted: str) -> bool:
     return under(path, as_path) or under(as_path, path)
 
 
-def _message(err: dict) -> str:
+def error_message(err: dict) -> str:
     kind, ctx = err["type"], err.get("ctx", {})
     if kind == "union_tag_invalid":
         tag = str(ctx.get("tag"))
@@ -83,15 +83,15 @@ def format_validation_error(e: ValidationError, data: Any, source: str, root: ya
         loc = tuple(err["loc"])
         if err["type"] == "unknown_key":
             loc = (*loc, err["ctx"]["key"])
-        path = _format_path(loc, data)
+        path = format_path(loc, data)
         where = ""
-        if any(_is_within(path, o.partition("=")[0].strip()) for o in overrides):
+        if any(is_within(path, o.partition("=")[0].strip()) for o in overrides):
             where = " (from --set)"
         else:
-            line = _line_of(root, loc)
+            line = line_of(root, loc)
             if line is not None:
                 where = f" (line {line})"
-        lines.append(f"  {path}{where}: {_message(err)}")
+        lines.append(f"  {path}{where}: {error_message(err)}")
     n = len(lines)
     return ConfigError(f"{source}: invalid config ({n} problem{'s' if n > 1 else ''})\n" + "\n".join(lines),
                        "correct the keys above; `cnnctl inspect CONFIG` checks a config without training")

@@ -26,6 +26,7 @@ from .errors import ConfigError
 from .spec_errors import error_message, format_path, line_of
 
 _ADAPTER = TypeAdapter(nn.AnyLayer)
+MAX_BLOCK_DEPTH = 32
 
 
 def resolve(model, data: Any = None, root: yaml.Node | None = None, source: str = "config") -> list[nn.LayerSpec]:
@@ -71,6 +72,9 @@ class _Resolver:
             defined = f"; blocks: {', '.join(sorted(self.blocks))}" if self.blocks else ""
             self.fail((*loc, "type"), f"unknown type '{name}'; {guess}known types: {', '.join(sorted(nn.SPECS))}"
                       f"{defined}", "use a known layer type, or define the block under model.blocks")
+        if len(stack) >= MAX_BLOCK_DEPTH:
+            self.fail(loc, f"blocks use blocks more than {MAX_BLOCK_DEPTH} deep ({' > '.join((*stack, name))})",
+                      "flatten the chain of blocks")
         if name in stack:
             self.fail(loc, f"block '{name}' uses itself ({' > '.join((*stack, name))})", "a block cannot contain "
                       "itself; use repeat: N to stack copies")

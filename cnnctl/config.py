@@ -325,6 +325,10 @@ def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         raise ConfigError(f"cannot read config {path}: {e}") from None
     try:
         return yaml.safe_load(text), yaml.compose(text)
+    except RecursionError:  # the YAML parser recurses once per nesting level
+        raise ConfigError(f"{path}: the config nests too deeply to read (more than {MAX_NESTING} levels are never "
+                          "needed)", "flatten it: define repeated structure once under model.blocks and use "
+                          "repeat: N") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -332,7 +336,26 @@ def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
                           "check indentation and that every key is followed by ': '") from None
 
 
+MAX_NESTING = 64  # mappings and lists inside each other; real configs (ResNets, nested blocks) stay far below
+
+
+def nesting(data: Any, limit: int = MAX_NESTING) -> int:
+    """How deeply mappings and lists nest in data (counting stops past limit), without recursion."""
+    deepest, stack = 0, [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth + 1)
+            if deepest > limit:
+                break
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def validate(data: Any, source: str = "config", root: yaml.Node | None = None, overrides: list[str] = ()) -> Spec:
+    if nesting(data) > MAX_NESTING:
+        raise ConfigError(f"{source}: the config nests more than {MAX_NESTING} levels deep",
+                          "flatten it: define repeated structure once under model.blocks and use repeat: N")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a YAML mapping (key: value lines), "
                           f"got {type(data).__name__}")

@@ -311,3 +311,26 @@ def test_every_registered_type_walks_the_tree():
     layers = [r for r in walk(build_model(spec_of([{"type": "basic", "filters": 3}], {"basic": BASIC}).model)[1])]
     assert [r.path for r in layers] == ["layers.0", "layers.0.body.0", "layers.0.body.1", "layers.0.body.2",
                                         "layers.0.body.3"]
+
+
+@pytest.mark.parametrize("depth", [40, 400])
+def test_absurd_nesting_is_refused_with_exit_code_2(tmp_path, depth):
+    """Containers nest to any sensible depth; a config nested hundreds of levels (which only an attacker writes)
+    is one clear error, whether the YAML parser or the validator meets it first."""
+    layer = {"type": "relu"}
+    for _ in range(depth):
+        layer = {"type": "residual", "body": [layer]}
+    path = tmp_path / "deep.yaml"
+    path.write_text(json.dumps({**BASE, "model": {"input_shape": [1, 4, 4], "layers": [layer]}}))
+    res = invoke("inspect", path, code=2)
+    assert "nests" in res.output and "Traceback" not in res.output
+    ten = {"type": "relu"}
+    for _ in range(10):
+        ten = {"type": "residual", "body": [ten]}
+    _, rows = build_model(spec_of([ten, {"type": "flatten"}, {"type": "dense", "units": 4}]).model)
+    assert rows[0].output_shape == (3, 8, 8)
+
+
+def test_repeat_is_bounded():
+    with pytest.raises(ConfigError, match="less than or equal to 1000"):
+        spec_of([{"type": "b", "repeat": 10**6}], {"b": {"type": "relu"}})

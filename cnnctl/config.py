@@ -307,33 +307,80 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE", "e.g. --set optimizer.lr=0.01")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
+        value = load_yaml(raw, f"--set {item!r}")[0] if raw.strip() else None
         _set_path(data, key.strip(), value, "--set")
     return data
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key_node.value}' (first given at line {seen[key_node.value]}; "
+                        "YAML would silently keep only the last)", key_node.start_mark)
+                seen[key_node.value] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+MAX_YAML_NODES = 200_000  # after expanding aliases; a config has a few hundred, an alias bomb billions
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes in the document with every alias expanded, computed without expanding (memoised per node)."""
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = ([n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode)
+                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), 10 * MAX_YAML_NODES)
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def load_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """The one YAML reader for configs and what cnnctl wrote from them: safe (no code), keys unique, aliases
+    bounded; returns the data and its node tree (for line numbers). Errors are ConfigErrors naming source."""
+    try:
+        loader = _Loader(text)
+        try:
+            root = loader.get_single_node()
+            if root is not None and _expanded_size(root) > MAX_YAML_NODES:
+                raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} values through its "
+                                  "aliases (&anchor / *alias)", "write the values out, or use model.blocks")
+            return (loader.construct_document(root) if root is not None else None), root
+        finally:
+            loader.dispose()
+    except RecursionError:  # the YAML parser recurses once per nesting level
+        raise ConfigError(f"{source}: the config nests too deeply to read (more than {MAX_NESTING} levels are "
+                          "never needed)", "flatten it: define repeated structure once under model.blocks and "
+                          "use repeat: N") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{at}: {getattr(e, 'problem', e)}",
+                          "check indentation and that every key is followed by ': ', once") from None
+
+
 def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
-    """The parsed YAML and its node tree (for line numbers)."""
+    """The parsed YAML file and its node tree (for line numbers)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}", "check the path") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from None
-    try:
-        return yaml.safe_load(text), yaml.compose(text)
-    except RecursionError:  # the YAML parser recurses once per nesting level
-        raise ConfigError(f"{path}: the config nests too deeply to read (more than {MAX_NESTING} levels are never "
-                          "needed)", "flatten it: define repeated structure once under model.blocks and use "
-                          "repeat: N") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}",
-                          "check indentation and that every key is followed by ': '") from None
+    return load_yaml(text, str(path))
 
 
 MAX_NESTING = 64  # mappings and lists inside each other; real configs (ResNets, nested blocks) stay far below

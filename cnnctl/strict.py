@@ -6,19 +6,22 @@ import difflib
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Strict as NoCoercion
 from pydantic_core import PydanticCustomError
 
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# counts are integers as written: `epochs: true` or `filters: 3.5` are errors, not 1 and 3
+PosInt = Annotated[int, NoCoercion(), Field(gt=0)]
+NonNegInt = Annotated[int, NoCoercion(), Field(ge=0)]
 PosPair = PosInt | tuple[PosInt, PosInt]
 Activation = Literal["relu", "leaky_relu", "elu", "sigmoid", "tanh", "softmax", "linear"]
 Init = Literal["he_normal", "he_uniform", "glorot_normal", "glorot_uniform"]
 
 
 class Strict(BaseModel):
-    """Base for every spec model: unknown keys are errors that suggest the closest known key."""
+    """Base for every spec model: unknown keys are errors that suggest the closest known key; numbers must be
+    finite (`lr: .inf`, `1e400` and NaN are refused)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

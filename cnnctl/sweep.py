@@ -267,7 +267,7 @@ def read_report(sweep_dir: Path) -> tuple[str, str, list[dict]]:
     path = Path(sweep_dir) / "results.csv"
     if not path.is_file():
         raise CnnctlError(f"{sweep_dir} has no results.csv", "pass a directory that cnnctl sweep wrote")
-    sweep = SweepSpec.model_validate(yaml.safe_load((Path(sweep_dir) / "sweep.yaml").read_text()))
+    sweep = SweepSpec.model_validate(read_yaml(Path(sweep_dir) / "sweep.yaml")[0])
     return sweep.metric, resolve_mode(sweep.metric, sweep.mode), list(csv.DictReader(path.open()))
 
 

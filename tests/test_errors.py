@@ -168,3 +168,38 @@ def test_fix_hints_keep_their_brackets(tmp_path, monkeypatch):
     (tmp_path / "r" / "metrics.jsonl").write_text('{"epoch": 1, "lr": 0.1}\n')
     text = expect_error(["plot", tmp_path / "r", "--out", tmp_path / "x.png"], "matplotlib")
     assert "pip install 'cnnctl[plot]'" in text
+
+
+@pytest.mark.parametrize("text,words", [
+    (TINY + "optimizer: {type: sgd, lr: 0.1}\n", ["duplicate key 'optimizer'",
+                                                  f"first given at line {TINY.count(chr(10)) - 1}",
+                                                  f"line {TINY.count(chr(10)) + 1}"]),
+    (TINY.replace("lr: 0.01", "lr: .inf"), ["optimizer.lr", "finite number"]),
+    (TINY.replace("lr: 0.01", "lr: 1e400"), ["optimizer.lr", "finite number"]),
+    (TINY.replace("lr: 0.01", "lr: 0.01, eps: .nan"), ["optimizer.eps", "finite number"]),
+    (TINY.replace("dataset: shapes", "dataset: shapes\n  normalize: {mean: [0.5], std: [.inf]}"),
+     ["data.normalize", "finite number"]),
+    (TINY.replace("epochs: 2", "epochs: true"), ["train.epochs", "valid integer"]),
+    (TINY.replace("filters: 4", "filters: 3.5"), ["model.layers[0].filters", "valid integer"]),
+])
+def test_values_that_must_be_refused(tmp_path, text, words):
+    expect_error(["inspect", write(tmp_path, text)], *words)
+
+
+def test_name_is_taken_as_written(tmp_path, tiny_config):
+    res = runner.invoke(app, ["train", str(tiny_config), "--runs-dir", str(tmp_path / "runs"), "--name", "007", "-q",
+                              "--set", "train.epochs=1"])
+    assert res.exit_code == 0, res.output
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("007-") and yaml.safe_load((run / "config.yaml").read_text())["name"] == "007"
+
+
+def test_alias_bomb_in_a_run_config_is_refused(tmp_path, tiny_config):
+    res = runner.invoke(app, ["train", str(tiny_config), "--runs-dir", str(tmp_path / "runs"), "-q",
+                              "--set", "train.epochs=1"])
+    assert res.exit_code == 0, res.output
+    (run,) = (tmp_path / "runs").iterdir()
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    (run / "config.yaml").write_text(bomb)
+    expect_error(["runs", "diff", run, run], "aliases", "config.yaml")

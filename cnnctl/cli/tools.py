@@ -8,7 +8,6 @@ from typing import Annotated
 
 import numpy as np
 import typer
-import yaml
 from rich.markup import escape
 from rich.table import Table
 
@@ -18,7 +17,7 @@ from .. import predict as predict_lib
 from .. import runs as runs_lib
 from .. import sweep as sweep_lib
 from ..builder import build_model
-from ..config import config_schema
+from ..config import config_schema, read_yaml
 from ..data import dataset_info
 from ..errors import CnnctlError
 from ..export import export_onnx
@@ -73,7 +72,7 @@ def _run_dir_config(run_dir: Path) -> dict:
     info = runs_lib.run_info(run_dir)
     if info is None:
         raise CnnctlError(f"{run_dir} is not a run directory (no config.yaml)")
-    return yaml.safe_load((run_dir / "config.yaml").read_text())
+    return read_yaml(run_dir / "config.yaml")[0]
 
 
 def _runs_diff(a: Path, b: Path, as_json: bool) -> None:

@@ -119,7 +119,7 @@ def train(
     """Train a model from a YAML config; writes runs/NAME-YYYYmmdd-HHMMSS/."""
     overrides = list(set_ or [])
     if name:
-        overrides.append(f"name={name}")
+        overrides.append(f"name={json.dumps(name)}")  # a string as it is (--name 007 stays "007")
     if (config is None) == (resume is None):
         raise CnnctlError("give a CONFIG to start a run, or --resume RUN_DIR to continue one (not both)",
                           "cnnctl train configs/quickstart.yaml   or   cnnctl train --resume runs/NAME-...")

@@ -203,3 +203,16 @@ def test_alias_bomb_in_a_run_config_is_refused(tmp_path, tiny_config):
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
     (run / "config.yaml").write_text(bomb)
     expect_error(["runs", "diff", run, run], "aliases", "config.yaml")
+
+
+@pytest.mark.parametrize("runs_dir", ["a[/]b", "[bold red]x"])
+def test_user_text_is_never_rich_markup(tmp_path, tiny_config, runs_dir):
+    """Paths and names print exactly as given: square brackets are not markup (no MarkupError, nothing eaten)."""
+    target = tmp_path / runs_dir
+    res = runner.invoke(app, ["train", str(tiny_config), "--runs-dir", str(target), "-q", "--set", "train.epochs=1"])
+    assert res.exit_code == 0, res.output
+    assert str(target) in res.output
+    res = runner.invoke(app, ["runs", str(target)])
+    assert res.exit_code == 0 and str(target) in res.output, res.output
+    bad = tmp_path / "[x]" / "missing.yaml"
+    expect_error(["inspect", bad], str(bad))

@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .. import __version__, checkpoint
 from ..builder import build_model
@@ -20,8 +20,10 @@ from ..train import Interrupted, load_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train convolutional networks from one YAML file on a pure NumPy core.")
-out = Console(highlight=False, soft_wrap=True)  # paths and messages never break mid-line
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# paths and messages never break mid-line; markup is off, so user text (paths, names, class names) prints as it
+# is: styles are given as rich Text objects, never as [tags] inside strings
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 SetOption = Annotated[list[str], typer.Option("--set", help="Override a config key: --set optimizer.lr=0.01 "
                                               "(dotted path, value parsed as YAML); repeatable.")]
@@ -35,13 +37,13 @@ def guarded(fn):
         try:
             return fn(*args, **kwargs)
         except Interrupted as e:
-            err.print(f"[bold yellow]interrupted:[/] {escape(e.message)}")
-            err.print(f"  {escape(e.hint)}")
+            err.print(Text.assemble(("interrupted: ", "bold yellow"), e.message))
+            err.print(f"  {e.hint}")
             raise typer.Exit(e.exit_code) from None
         except CnnctlError as e:
-            err.print(f"[bold red]error:[/] {escape(e.message)}")
+            err.print(Text.assemble(("error: ", "bold red"), e.message))
             if e.hint:
-                err.print(f"  [bold]fix:[/] {escape(e.hint)}")
+                err.print(Text.assemble(("  fix: ", "bold"), e.hint))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")

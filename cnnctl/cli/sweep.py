@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 from rich.live import Live
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .. import sweep as sweep_lib
 from ..errors import CnnctlError
@@ -56,8 +56,8 @@ def sweep_(
                                          + (f" ({r['error']})" if r.get("error") else ""), soft_wrap=True))
     except KeyboardInterrupt:
         sweep_lib.write_results(sweep_dir, trials, results, sweep, specs)
-        err.print(f"[bold yellow]interrupted:[/] {len(results)} of {len(trials)} trials done", soft_wrap=True)
-        err.print(f"  resume with: cnnctl sweep --resume {escape(str(sweep_dir))}")
+        err.print(Text.assemble(("interrupted: ", "bold yellow"), f"{len(results)} of {len(trials)} trials done"))
+        err.print(f"  resume with: cnnctl sweep --resume {sweep_dir}")
         raise typer.Exit(130) from None
     best = sweep_lib.write_results(sweep_dir, trials, results, sweep, specs)
     out.print(view.table())
@@ -91,7 +91,7 @@ class _SweepView:
                 elif run_dir.is_dir():
                     r = {**r, "status": "starting"}
             best = r.get("best")
-            t.add_row(trial.id, escape(" ".join(trial.as_set())), r["status"], str(r.get("epochs") or 0),
+            t.add_row(trial.id, " ".join(trial.as_set()), r["status"], str(r.get("epochs") or 0),
                       "-" if best is None else f"{best:.4f}")
         return t
 
@@ -105,6 +105,6 @@ def sweep_report(sweep_dir: Path) -> None:
     out.print(table(f"{sweep_dir.name}: trials ranked by {metric} ({mode})",
                     ("rank", "trial", metric, "epochs", "status", "overrides"), rows=(
         (str(i) if r["best"] else "-", r["trial"], f"{float(r['best']):.4f}" if r["best"] else "-", r["epochs"] or "-",
-         escape(r["status"] + (f": {r['error']}" if r.get("error") else "")), escape(r["overrides"]))
+         r["status"] + (f": {r['error']}" if r.get("error") else ""), r["overrides"])
         for i, r in enumerate(scored + [r for r in rows if not r["best"]], start=1))))
 

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .. import checkpoint, nn, plots
 from .. import functional as F
@@ -51,15 +51,15 @@ def runs_(
     if as_json:
         print(json.dumps(rows))
         return
-    listing = Table(title=f"runs in {escape(str(folder))}")
+    listing = Table(title=f"runs in {folder}")
     run_width = max([len(r["run"]) for r in rows] + [3])
     for col in ("run", "started", "status", "epochs", "best val", "test", "params", "wall"):
         listing.add_column(col, justify="left" if col in ("run", "started", "status") else "right",
                            no_wrap=col != "run", min_width=run_width if col == "run" else None)
     colors = {"finished": "green", "interrupted": "yellow", "failed": "red", "running": "cyan"}
     for r in rows:
-        listing.add_row(escape(r["run"]), r["started"][5:16].replace("T", " ") if r["started"] else "-",
-                        f"[{colors.get(r['status'], 'white')}]{r['status']}[/]",
+        listing.add_row(r["run"], r["started"][5:16].replace("T", " ") if r["started"] else "-",
+                        Text(str(r["status"]), style=colors.get(r["status"], "white")),
                         f"{r['epochs_done'] or 0}/{r['epochs'] or '?'}", fmt(r["best_val_acc"], True),
                         fmt(r["test_acc"], True), f"{r['params']:,}" if r["params"] else "-",
                         f"{r['wall_seconds']:.0f}s" if r["wall_seconds"] is not None else "-")
@@ -88,7 +88,7 @@ def _runs_diff(a: Path, b: Path, as_json: bool) -> None:
                           "metrics": {k: {"a": va, "b": vb} for k, (va, vb) in final.items()}}))
         return
     out.print(table("config keys that differ", ("key", a.name, b.name),
-                    rows=((escape(k), escape(repr(va)), escape(repr(vb))) for k, va, vb in diffs))
+                    rows=((k, repr(va), repr(vb)) for k, va, vb in diffs))
               if diffs else "the configs are identical")
     out.print(table("final metrics", ("metric", a.name, b.name), right=(a.name, b.name), rows=(
         (k, fmt(va, k.endswith("acc")), fmt(vb, k.endswith("acc"))) for k, (va, vb) in final.items())))
@@ -124,7 +124,7 @@ def plot(
         return
     for title, keys in (("loss", ("train_loss", "val_loss")), ("accuracy", ("train_acc", "val_acc")),
                         ("learning rate", ("lr",))):
-        out.print(f"[bold]{title}[/]")
+        out.print(Text(title, style="bold"))
         out.print(plots.text_chart({k: [r.get(k) for r in history] for k in keys}), markup=False, highlight=False)
 
 
@@ -211,7 +211,7 @@ def predict_(
         print(json.dumps(results))
         return
     out.print(table(f"predictions of {checkpoint_path}", ["input", *(f"#{r + 1}" for r in range(k))], rows=(
-        (escape(res["input"]), *(f"{escape(t['class'])} {100 * t['probability']:.1f}%" for t in res["top"]))
+        (res["input"], *(f"{t['class']} {100 * t['probability']:.1f}%" for t in res["top"]))
         for res in results)))
 
 
@@ -256,8 +256,9 @@ def gradcheck(
         out.print(table(f"{spec.name}: analytic vs numerical gradients (float64, central differences)",
                         ("#", "layer", "param", "shape", "checked", "rel. error", ""),
                         right=("#", "checked", "rel. error"), rows=(
-            ("-" if r["index"] is None else str(r["index"]), escape(r["layer"]), r["param"], str(tuple(r["shape"])),
-             str(r["checked"]), f"{r['error']:.2e}", "[green]ok[/]" if r["error"] < tol else "[red]FAIL[/]")
+            ("-" if r["index"] is None else str(r["index"]), r["layer"], r["param"], str(tuple(r["shape"])),
+             str(r["checked"]), f"{r['error']:.2e}",
+             Text("ok", style="green") if r["error"] < tol else Text("FAIL", style="red"))
             for r in results)))
         out.print(f"largest relative error {worst:.2e} (tolerance {tol:g})")
     if worst >= tol:

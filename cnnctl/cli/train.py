@@ -11,8 +11,8 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from .. import checkpoint, plots
 from ..bench import bench as run_bench
@@ -216,10 +216,10 @@ def eval_(
     out.print(f"loss {res['loss']:.4f}  accuracy {100 * res['accuracy']:.2f}%")
     columns = ("class", "support", "precision", "recall")
     out.print(table("per class", columns, right=columns, rows=(
-        (escape(c), f"{int(cm[i].sum()):,}", f"{100 * precision[i]:.2f}%", f"{100 * recall[i]:.2f}%")
+        (c, f"{int(cm[i].sum()):,}", f"{100 * precision[i]:.2f}%", f"{100 * recall[i]:.2f}%")
         for i, c in enumerate(ds.classes))))
     out.print(table("confusion matrix (rows: true, columns: predicted)", ["", *ds.classes], right=ds.classes, rows=(
-        (escape(c), *(f"[bold]{v}[/]" if i == j else str(v) for j, v in enumerate(cm[i])))
+        (c, *(Text(str(v), style="bold") if i == j else str(v) for j, v in enumerate(cm[i])))
         for i, c in enumerate(ds.classes))))
 
 
@@ -247,11 +247,11 @@ def bench(
               f"{res['ms_p10']:.2f}, p90 {res['ms_p90']:.2f})   {res['gflops']:.1f} GFLOP/s")
     out.print(f"  peak RSS {res['peak_rss_mb']:.0f} MB   BLAS threads {threads}"
               + (f" ({blas.get('library')} {blas.get('kernel')})" if blas.get("library") else "")
-              + (f"   {escape(blas['note'])}" if blas.get("note") else ""))
+              + (f"   {blas['note']}" if blas.get("note") else ""))
     if per_layer:
         out.print(table("per layer (ms per step)", ("#", "name", "output shape", "forward", "backward"),
                         right=("#", "forward", "backward"), rows=(
-            (str(r["index"]), escape(r["name"]), str(tuple(r["output_shape"])), f"{r['forward_ms']:.3f}",
+            (str(r["index"]), r["name"], str(tuple(r["output_shape"])), f"{r['forward_ms']:.3f}",
              f"{r['backward_ms']:.3f}") for r in res["layers"])))
 
 
@@ -281,7 +281,7 @@ def inspect(
     out.print(table(f"{spec.name}: input {tuple(spec.model.input_shape)}",
                     ("#", "type", "output shape", "params", "MACs", "receptive field"),
                     right=("params", "MACs"), rows=(
-        ("  " * r.depth + r.path.split(".", 1)[1], escape(r.type + (f" {r.name!r}" if r.named else "")),
+        ("  " * r.depth + r.path.split(".", 1)[1], r.type + (f" {r.name!r}" if r.named else ""),
          str(_shape(r.output_shape)), f"{r.params:,}", f"{r.macs:,}", _rf(r.receptive_field)) for r in shown)))
     out.print(f"total parameters {report['trainable_params']:,} trainable, {report['non_trainable_params']:,} "
               f"non-trainable (running statistics)  ({report['param_bytes'] / 1e6:.2f} MB as float32)")
@@ -289,10 +289,10 @@ def inspect(
     out.print(f"activation memory per sample {report['activation_bytes_per_sample'] / 1e3:,.1f} kB (float32)")
     d = report["dataset"]
     if "unavailable" in d:
-        out.print(f"dataset {d['name']}: not loaded ({escape(d['unavailable'])})", soft_wrap=True)
+        out.print(f"dataset {d['name']}: not loaded ({d['unavailable']})", soft_wrap=True)
     else:
         out.print(f"dataset {d['name']}: train {d['train']:,}  val {d['val']:,}  test {d['test']:,}  image "
-                  f"{tuple(d['image_shape'])}  {len(d['classes'])} classes: {escape(', '.join(d['classes']))}",
+                  f"{tuple(d['image_shape'])}  {len(d['classes'])} classes: {', '.join(d['classes'])}",
                   soft_wrap=True)
 
 

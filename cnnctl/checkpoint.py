@@ -17,7 +17,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CnnctlError
 
 FORMAT = "cnnctl-checkpoint"
 FORMAT_VERSION = 1
@@ -37,16 +37,23 @@ class Checkpoint:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write data to path atomically: a temporary file beside it, fsync, rename. An OS refusal (a folder in the
+    way, no permission, a full disk) is a CnnctlError naming the path, and leaves nothing behind."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CnnctlError(f"cannot write {path}: {e.strerror or e}",
+                              "write to a writable folder with free space, to a file name (not a folder)") from None
         raise
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import atomic_write_bytes
+from .errors import CnnctlError
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
@@ -28,6 +29,9 @@ def create_run_dir(runs_dir: str | Path, name: str) -> Path:
         except FileExistsError:
             n += 1
             path = base.with_name(f"{base.name}-{n}")
+        except OSError as e:  # runs_dir is a file, read-only, too long a name, ...
+            raise CnnctlError(f"cannot create the run directory {path}: {e.strerror or e}",
+                              "pass --runs-dir a writable folder (and a shorter --name)") from None
 
 
 def write_yaml(path: Path, data: dict) -> None:
@@ -79,10 +83,12 @@ def append_metrics(run_dir: Path, row: dict) -> None:
 
 
 def read_json(path: Path) -> dict | None:
+    """A JSON object from path, or None when it is missing, unreadable, malformed or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -90,7 +96,15 @@ def read_history(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a crash mid-write (or edited by hand): the others still count
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def _pid_alive(pid) -> bool:
@@ -114,7 +128,7 @@ def run_info(run_dir: Path) -> dict | None:
     status = summary.get("status", "unknown")
     if status == "running" and not _pid_alive(summary.get("pid")):
         status = "interrupted"  # killed without a chance to say so
-    best, test = summary.get("best") or {}, summary.get("test") or {}
+    best, test = (v if isinstance(v, dict) else {} for v in (summary.get("best"), summary.get("test")))
     return {
         "run": run_dir.name, "path": str(run_dir), "name": summary.get("name"),
         "started": summary.get("started"), "status": status,

@@ -216,3 +216,45 @@ def test_user_text_is_never_rich_markup(tmp_path, tiny_config, runs_dir):
     assert res.exit_code == 0 and str(target) in res.output, res.output
     bad = tmp_path / "[x]" / "missing.yaml"
     expect_error(["inspect", bad], str(bad))
+
+
+def test_unwritable_destinations_are_clear_errors(tmp_path, tiny_config):
+    (tmp_path / "adir").mkdir()
+    expect_error(["schema", "--out", tmp_path / "adir"], "cannot write", "adir")
+    (tmp_path / "afile").write_text("x")
+    expect_error(["train", tiny_config, "--runs-dir", tmp_path / "afile", "-q"], "cannot create the run directory",
+                 "afile")
+    assert [p.name for p in (tmp_path / "adir").iterdir()] == []  # no temporary file left behind
+
+
+@pytest.fixture
+def one_epoch_run(tmp_path, tiny_config):
+    res = runner.invoke(app, ["train", str(tiny_config), "--runs-dir", str(tmp_path / "runs"), "-q",
+                              "--set", "train.epochs=2"])
+    assert res.exit_code == 0, res.output
+    (run,) = (tmp_path / "runs").iterdir()
+    return run
+
+
+def test_damaged_run_files_do_not_break_the_listing_or_plots(tmp_path, one_epoch_run):
+    other = one_epoch_run.with_name("other")
+    other.mkdir()
+    (other / "config.yaml").write_text((one_epoch_run / "config.yaml").read_text())
+    (other / "summary.json").write_text('["not", "an", "object"]')
+    res = runner.invoke(app, ["runs", str(one_epoch_run.parent)])
+    assert res.exit_code == 0 and one_epoch_run.name in res.output and "other" in res.output, res.output
+    with (one_epoch_run / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 3, "train_lo')  # torn by a crash mid-write
+    res = runner.invoke(app, ["plot", str(one_epoch_run)])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda w: w.astype(np.int8), ["layers.0.weight", "int8", "floating-point"]),
+    (lambda w: np.full_like(w, np.nan), ["layers.0.weight", "NaN"]),
+])
+def test_checkpoint_weights_of_the_wrong_kind_are_refused(tmp_path, one_epoch_run, damage, words):
+    ckpt = checkpoint.load(one_epoch_run / "checkpoints" / "best.safetensors")
+    ckpt.model_state["layers.0.weight"] = damage(ckpt.model_state["layers.0.weight"])
+    checkpoint.save(tmp_path / "bad.safetensors", ckpt)
+    expect_error(["eval", tmp_path / "bad.safetensors"], *words)

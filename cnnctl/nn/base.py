@@ -147,6 +147,11 @@ class Layer:
             value = state[name]
             if own[name].shape != np.shape(value) and not (own[name].shape == () and np.size(value) == 1):
                 raise ValueError(f"{name} has shape {np.shape(value)}, the model expects {own[name].shape}")
+            value = np.asarray(value)
+            if own[name].dtype.kind == "f" and value.dtype.kind != "f":
+                raise ValueError(f"{name} is stored as {value.dtype}; the model expects floating-point values")
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise ValueError(f"{name} holds NaN or infinite values")
         for prefix, layer in self.named_layers():
             for store in (layer.params, layer.buffers):
                 for key in store:  # safetensors returns 0-d arrays as shape (1,)

@@ -36,6 +36,15 @@ class Checkpoint:
     trainer: dict = field(default_factory=dict)  # history, schedule, random states, mid-epoch position
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write data to path atomically: a temporary file beside it, fsync, rename. An OS refusal (a folder in the
     way, no permission, a full disk) is a CnnctlError naming the path, and leaves nothing behind."""
@@ -43,6 +52,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; every file cnnctl writes follows the user's umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

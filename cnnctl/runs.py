@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
@@ -32,6 +34,30 @@ def create_run_dir(runs_dir: str | Path, name: str) -> Path:
         except OSError as e:  # runs_dir is a file, read-only, too long a name, ...
             raise CnnctlError(f"cannot create the run directory {path}: {e.strerror or e}",
                               "pass --runs-dir a writable folder (and a shorter --name)") from None
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path):
+    """Hold an exclusive lock on a run directory while training writes to it; a second process is refused with
+    the holder's pid. The lock is the kernel's (flock), so it ends with its process however that ends: a lock
+    file left by a killed run is never stale. Temporary files found once the lock is held were left by a
+    killed writer, and are removed."""
+    path = Path(run_dir) / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise CnnctlError(f"{run_dir} is being trained by another process (pid {holder})",
+                              "wait for it to finish, or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        for stale in [*Path(run_dir).glob(".*.tmp"), *Path(run_dir).glob("checkpoints/.*.tmp")]:
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_yaml(path: Path, data: dict) -> None:

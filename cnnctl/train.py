@@ -105,6 +105,8 @@ def load_data(spec: Spec, rows: list, seeds: Seeds, normalization: dict | None =
 def load_model(ckpt: checkpoint.Checkpoint, path) -> tuple[Spec, Model, list]:
     """Rebuild the model a checkpoint describes and load its weights; refuse another architecture."""
     spec = validate(ckpt.config, f"{path} (embedded config)")
+    # a checkpoint is data: its embedded config never makes cnnctl download anything
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"download": False})})
     model, rows = build_model(spec.model)
     restore_weights(model, ckpt, path)
     return spec, model, rows
@@ -338,7 +340,17 @@ def resume_spec(run_dir: Path, overrides: list[str], force: bool) -> tuple[Spec,
     if not (run_dir / "config.yaml").is_file():
         raise CnnctlError(f"{run_dir} is not a run directory (no config.yaml)",
                           "pass the directory that cnnctl train printed, e.g. runs/NAME-YYYYmmdd-HHMMSS")
-    ckpt = checkpoint.load(run_dir / "checkpoints" / "last.safetensors")
+    last = run_dir / "checkpoints" / "last.safetensors"
+    if not last.is_file():
+        raise CnnctlError(f"{run_dir} has no {last.relative_to(run_dir)}: the run stopped before its first checkpoint "
+                          "was written, so there is nothing to continue", f"start it again: cnnctl train "
+                          f"{run_dir / 'config.yaml'}")
+    summary = runs.read_json(run_dir / "summary.json") or {}
+    if summary.get("status") == "finished" and summary.get("stopped_early") and not force:
+        raise CnnctlError(f"{run_dir} finished: early stopping ended it after epoch {summary.get('epochs_done')}",
+                          "to train on anyway pass --force (early stopping may end it again; raise "
+                          "train.early_stopping.patience with --set)")
+    ckpt = checkpoint.load(last)
     spec, _ = load_config(run_dir / "config.yaml", overrides)
     old, new = copy.deepcopy(ckpt.config), spec_to_dict(spec)
     old["train"]["epochs"] = new["train"]["epochs"]

@@ -258,3 +258,44 @@ def test_checkpoint_weights_of_the_wrong_kind_are_refused(tmp_path, one_epoch_ru
     ckpt.model_state["layers.0.weight"] = damage(ckpt.model_state["layers.0.weight"])
     checkpoint.save(tmp_path / "bad.safetensors", ckpt)
     expect_error(["eval", tmp_path / "bad.safetensors"], *words)
+
+
+def test_a_run_directory_is_trained_by_one_process_at_a_time(one_epoch_run):
+    import os
+
+    from cnnctl import runs
+
+    with runs.locked(one_epoch_run):
+        expect_error(["train", "--resume", one_epoch_run, "--set", "train.epochs=3", "-q"],
+                     "being trained by another process", f"pid {os.getpid()}")
+    stale = one_epoch_run / "checkpoints" / ".last.safetensors.abc.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    res = runner.invoke(app, ["train", "--resume", str(one_epoch_run), "--set", "train.epochs=3", "-q"])
+    assert res.exit_code == 0, res.output
+    assert not stale.exists()  # left by a killed writer: removed once the lock is held
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("config.yaml", "summary.json", "metrics.csv", "checkpoints/last.safetensors"):
+        assert (one_epoch_run / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_resume_says_why_there_is_nothing_to_continue(one_epoch_run):
+    import json
+
+    summary = json.loads((one_epoch_run / "summary.json").read_text())
+    (one_epoch_run / "summary.json").write_text(json.dumps({**summary, "stopped_early": True}))
+    expect_error(["train", "--resume", one_epoch_run, "--set", "train.epochs=4"], "early stopping", "--force")
+    (one_epoch_run / "checkpoints" / "last.safetensors").unlink()
+    expect_error(["train", "--resume", one_epoch_run, "--set", "train.epochs=4"], "no checkpoints/last.safetensors",
+                 "start it again")
+
+
+def test_a_checkpoint_never_makes_cnnctl_download(tmp_path, one_epoch_run):
+    from tests.http_fixture import FileServer
+
+    ckpt = checkpoint.load(one_epoch_run / "checkpoints" / "best.safetensors")
+    with FileServer(tmp_path) as server:
+        ckpt.config["data"].update(dataset="mnist", root=str(tmp_path / "fetched"), download=True, mirror=server.url)
+        checkpoint.save(tmp_path / "evil.safetensors", ckpt)
+        expect_error(["eval", tmp_path / "evil.safetensors"], "fetched")
+        assert server.requests == [] and not (tmp_path / "fetched").exists()

@@ -19,7 +19,7 @@ from ..bench import bench as run_bench
 from ..builder import LayerRow, build_loss, check_known_data, walk
 from ..config import apply_overrides, load_config
 from ..errors import CnnctlError, DataError
-from ..runs import create_run_dir
+from ..runs import create_run_dir, locked
 from ..train import Callback, Seeds, Trainer, evaluate, load_data, load_model, resume_spec
 from .common import SetOption, app, fmt, guarded, load_target, out, table
 
@@ -126,17 +126,21 @@ def train(
     cb = RichProgress(out) if out.is_terminal and not quiet else PlainProgress(out)
     run_dir = None
     try:
-        if resume is not None:
-            spec, ckpt = resume_spec(resume, overrides, force)
-            trainer = Trainer(spec, cb, normalization=ckpt.normalization)
-            trainer.restore(ckpt, resume)
-            run_dir = resume
-        else:
-            spec, _ = load_config(config, overrides)
-            trainer = Trainer(spec, cb)  # every check runs before the run directory exists
-            run_dir = create_run_dir(runs_dir, spec.name)
-        with _stop_on_signals(trainer):
-            summary = trainer.fit(run_dir, resumed=resume is not None)
+        with contextlib.ExitStack() as held:
+            if resume is not None:
+                if (resume / "config.yaml").is_file():
+                    held.enter_context(locked(resume))  # one process at a time trains a run directory
+                spec, ckpt = resume_spec(resume, overrides, force)
+                trainer = Trainer(spec, cb, normalization=ckpt.normalization)
+                trainer.restore(ckpt, resume)
+                run_dir = resume
+            else:
+                spec, _ = load_config(config, overrides)
+                trainer = Trainer(spec, cb)  # every check runs before the run directory exists
+                run_dir = create_run_dir(runs_dir, spec.name)
+                held.enter_context(locked(run_dir))
+            with _stop_on_signals(trainer):
+                summary = trainer.fit(run_dir, resumed=resume is not None)
     except BaseException:
         if resume is None and run_dir is not None and not (run_dir / "checkpoints" / "last.safetensors").exists():
             _remove_empty_run(run_dir)

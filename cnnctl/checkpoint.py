@@ -8,6 +8,7 @@ Writes are atomic: a temporary file in the same folder, fsync, then rename over 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -129,4 +130,25 @@ def load(path: str | Path) -> Checkpoint:
     except Exception as e:  # safetensors raises its own error types for corrupt data
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})",
                               "use another checkpoint, e.g. checkpoints/last.safetensors") from None
+    _check_metadata(ckpt, path)
     return ckpt
+
+
+def _check_metadata(ckpt: Checkpoint, path: Path) -> None:
+    """The metadata has the types cnnctl wrote: anything else is a damaged (or hostile) file, said here once."""
+    def bad(what: str):
+        raise CheckpointError(f"{path}: damaged checkpoint metadata: {what}", "use a checkpoint written by cnnctl "
+                              "train, e.g. checkpoints/best.safetensors")
+
+    for key in ("config", "metrics", "normalization", "trainer"):
+        if not isinstance(getattr(ckpt, key), dict):
+            bad(f"'{key}' is a {type(getattr(ckpt, key)).__name__}, not a mapping")
+    if ckpt.epoch < 0 or ckpt.step < 0:
+        bad(f"epoch {ckpt.epoch} and step {ckpt.step} must not be negative")
+    norm = ckpt.normalization
+    if norm:
+        mean, std = norm.get("mean"), norm.get("std")
+        numbers = (isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) and
+                                                      math.isfinite(x) for x in v) for v in (mean, std))
+        if not all(numbers) or len(mean) != len(std) or min(std) <= 0:
+            bad("normalization needs lists 'mean' and 'std' of finite numbers, equally long, std positive")

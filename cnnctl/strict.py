@@ -9,9 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic import Strict as NoCoercion
 from pydantic_core import PydanticCustomError
 
-# counts are integers as written: `epochs: true` or `filters: 3.5` are errors, not 1 and 3
-PosInt = Annotated[int, NoCoercion(), Field(gt=0)]
-NonNegInt = Annotated[int, NoCoercion(), Field(ge=0)]
+# counts are integers as written (`epochs: true` or `filters: 3.5` are errors, not 1 and 3), and fit in int32
+# (10^30 filters is a clear error, not an overflow deep in NumPy)
+INT_MAX = 2**31 - 1
+PosInt = Annotated[int, NoCoercion(), Field(gt=0, le=INT_MAX)]
+NonNegInt = Annotated[int, NoCoercion(), Field(ge=0, le=INT_MAX)]
 PosPair = PosInt | tuple[PosInt, PosInt]
 Activation = Literal["relu", "leaky_relu", "elu", "sigmoid", "tanh", "softmax", "linear"]
 Init = Literal["he_normal", "he_uniform", "glorot_normal", "glorot_uniform"]

@@ -87,6 +87,14 @@ class SweepSpec(Strict):
                 kind, args = next(iter(value.items()))
                 if not isinstance(args, list) or not args or (kind != "choice" and len(args) != 2):
                     raise ValueError(f"{key}: {kind} takes a list" + ("" if kind == "choice" else " [low, high]"))
+                if kind != "choice":
+                    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
+                               for a in args):
+                        raise ValueError(f"{key}: {kind} bounds must be finite numbers, got {args}")
+                    if kind == "randint" and not all(isinstance(a, int) for a in args):
+                        raise ValueError(f"{key}: randint bounds must be integers, got {args}")
+                    if args[0] >= args[1]:
+                        raise ValueError(f"{key}: {kind} needs low < high, got {args}")
                 if kind == "loguniform" and min(args) <= 0:
                     raise ValueError(f"{key}: loguniform bounds must be positive")
         return space

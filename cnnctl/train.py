@@ -178,15 +178,22 @@ class Trainer:
     def restore(self, ckpt: checkpoint.Checkpoint, path) -> None:
         """Continue from a checkpoint: weights, optimizer, schedule, counters, generators, position."""
         restore_weights(self.model, ckpt, path)
-        self.optimizer.load_state_dict(ckpt.optimizer_state)
         t = ckpt.trainer
         if not t:
             raise CheckpointError(f"{path}: holds no training state (written by an older cnnctl)")
-        self.epoch, self.step = ckpt.epoch, ckpt.step
-        self.history, self.best, self.stopper, self.partial = t["history"], t["best"], t["stopper"], t["partial"]
-        self.schedule.load_state_dict(t["schedule"])
-        self.seeds.restore(t["seeds"])
-        self.wall_seconds = t["wall_seconds"]
+        try:
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
+            self.epoch, self.step = ckpt.epoch, ckpt.step
+            self.history, self.best, self.stopper, self.partial = t["history"], t["best"], t["stopper"], t["partial"]
+            if self.partial is not None and not 0 <= int(self.partial["position"]) <= self.steps_per_epoch:
+                raise ValueError(f"partial.position {self.partial['position']} is outside the epoch's "
+                                 f"{self.steps_per_epoch} batches")
+            self.schedule.load_state_dict(t["schedule"])
+            self.seeds.restore(t["seeds"])
+            self.wall_seconds = float(t["wall_seconds"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: {e})",
+                                  "resume from another checkpoint, or start the run again") from None
 
     # ------------------------------------------------------------ loop
 
@@ -353,7 +360,8 @@ def resume_spec(run_dir: Path, overrides: list[str], force: bool) -> tuple[Spec,
     ckpt = checkpoint.load(last)
     spec, _ = load_config(run_dir / "config.yaml", overrides)
     old, new = copy.deepcopy(ckpt.config), spec_to_dict(spec)
-    old["train"]["epochs"] = new["train"]["epochs"]
+    if isinstance(old.get("train"), dict):
+        old["train"]["epochs"] = new["train"]["epochs"]
     if old != new and not force:
         diff = "".join(difflib.unified_diff(
             yaml.safe_dump(ckpt.config, sort_keys=False).splitlines(True),

@@ -299,3 +299,48 @@ def test_a_checkpoint_never_makes_cnnctl_download(tmp_path, one_epoch_run):
         checkpoint.save(tmp_path / "evil.safetensors", ckpt)
         expect_error(["eval", tmp_path / "evil.safetensors"], "fetched")
         assert server.requests == [] and not (tmp_path / "fetched").exists()
+
+
+def _set(obj, attr, key, value):
+    getattr(obj, attr)[key] = value
+
+
+METADATA_DAMAGE = {
+    "normalization a list": lambda c: setattr(c, "normalization", [0.5, 0.2]),
+    "normalization a string": lambda c: setattr(c, "normalization", "auto"),
+    "std missing": lambda c: c.normalization.pop("std"),
+    "std infinite": lambda c: _set(c, "normalization", "std", [float("inf")]),
+    "config a list": lambda c: setattr(c, "config", [1, 2]),
+    "trainer without seeds": lambda c: c.trainer.pop("seeds"),
+    "bad generator state": lambda c: c.trainer["seeds"].update(shuffle={"bit_generator": "nope"}),
+    "position 10^9": lambda c: c.trainer.update(partial={"position": 10**9, "shuffle_state": None, "loss_sum": 0,
+                                                         "correct": 0, "seen": 0}),
+}
+
+
+@pytest.mark.parametrize("damage", list(METADATA_DAMAGE))
+def test_damaged_checkpoint_metadata_is_one_clear_error(tmp_path, one_epoch_run, damage):
+    last = one_epoch_run / "checkpoints" / "last.safetensors"
+    ckpt = checkpoint.load(last)
+    METADATA_DAMAGE[damage](ckpt)
+    checkpoint.save(last, ckpt)
+    verbs = [["train", "--resume", one_epoch_run, "--set", "train.epochs=3", "--force"]]
+    if damage not in ("trainer without seeds", "bad generator state", "position 10^9"):  # used by resume only
+        np.savez(tmp_path / "x.npz", x=np.zeros((1, 16, 16), np.uint8))
+        verbs += [["eval", last], ["predict", last, tmp_path / "x.npz"]]
+    for args in verbs:
+        expect_error(args, "last.safetensors")
+
+
+@pytest.mark.parametrize("space,words", [
+    ({"optimizer.lr": {"uniform": [float("nan"), 1]}}, ["finite numbers"]),
+    ({"train.epochs": {"randint": [5, 1]}}, ["low < high"]),
+])
+def test_impossible_sweep_spaces(tmp_path, tiny_config, space, words):
+    sweep = {"name": "s", "base": str(tiny_config), "space": space}
+    expect_error(["sweep", write(tmp_path, yaml.safe_dump(sweep), "s.yaml")], *words)
+
+
+def test_absurd_sizes_are_validation_errors(tmp_path):
+    expect_error(["inspect", write(tmp_path, TINY.replace("filters: 4", "filters: 1000000000000000000000000000000"))],
+                 "model.layers[0].filters", "less than or equal to 2147483647")

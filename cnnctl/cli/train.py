@@ -132,7 +132,7 @@ def train(
                     held.enter_context(locked(resume))  # one process at a time trains a run directory
                 spec, ckpt = resume_spec(resume, overrides, force)
                 trainer = Trainer(spec, cb, normalization=ckpt.normalization)
-                trainer.restore(ckpt, resume)
+                trainer.restore(ckpt, resume / "checkpoints" / "last.safetensors")
                 run_dir = resume
             else:
                 spec, _ = load_config(config, overrides)

@@ -257,4 +257,5 @@ class BlockUse(LayerSpec):
 
     model_config = ConfigDict(extra="allow")
     type: str
-    repeat: PosInt = Field(1, le=1000, description="Stack this many copies of the block, each with its own weights.")
+    repeat: Annotated[PosInt, Field(le=1000)] = Field(1, description="Stack this many copies of the block, each "
+                                                      "with its own weights (at most 1000).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,15 @@ def load_inputs(paths: list[Path], input_shape) -> tuple[list[str], np.ndarray]:
         if path.suffix == ".npz":
             if not path.is_file():
                 raise DataError(f"file not found: {path}")
-            with np.load(path, allow_pickle=False) as z:
-                key = next((k for k in ("x", "x_test", "images") if k in z.files), None)
-                if key is None:
-                    raise DataError(f"{path}: no array named x, x_test or images (found {', '.join(z.files)})")
-                x = files._nchw(z[key], path, key)
+            try:
+                with files.open_npz(path) as z:
+                    key = next((k for k in ("x", "x_test", "images") if k in z.files), None)
+                    if key is None:
+                        raise DataError(f"{path}: no array named x, x_test or images (found {', '.join(z.files)})")
+                    x = files._nchw(z[key], path, key)
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                raise DataError(f"{path}: cannot read as a plain .npz ({e})", "store numeric arrays with np.savez") \
+                    from None
             if x.shape[1:] != (c, h, w):
                 raise DataError(f"{path}: images of shape {x.shape[1:]}, the model takes {(c, h, w)}")
             arrays.extend(x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0))
@@ -35,7 +40,7 @@ def load_inputs(paths: list[Path], input_shape) -> tuple[list[str], np.ndarray]:
             with Image.open(path) as im:
                 im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
                 a = np.asarray(im, dtype=np.float32) / 255.0
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:
             raise DataError(f"{path}: cannot decode the image ({e})") from None
         arrays.append(a[None] if c == 1 else a.transpose(2, 0, 1))
         names.append(path.name)

@@ -158,3 +158,62 @@ def test_cifar10_damaged(tmp_path):
     batch.unlink()
     with pytest.raises(DataError, match="missing data_batch_3.bin"):
         cifar.load_split(tmp_path, "train")
+
+
+def test_hostile_idx_headers_are_refused_without_inflating(tmp_path):
+    """A small gzip that inflates far past its header's shape is refused after reading one byte more than the
+    shape needs; a header whose dimensions multiply past any data set is refused before reading the body."""
+    import struct
+    import time
+
+    bomb = tmp_path / "bomb.gz"
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        f.write(b"\x00\x00\x08\x03" + struct.pack(">III", 1, 28, 28))
+        for _ in range(64):
+            f.write(bytes(4 << 20))  # 256 MB of zeros after the one image the header announces
+    assert bomb.stat().st_size < 1 << 20
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="more than that"):
+        idx.read(bomb, 3)
+    assert time.perf_counter() - t0 < 1.0
+    huge = tmp_path / "huge"
+    huge.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">III", 2**31, 2**31, 4))
+    with pytest.raises(DataError, match="more than any IDX data set"):
+        idx.read(huge, 3)
+
+
+def test_hostile_user_files_are_data_errors(tmp_path):
+    import os
+    import struct
+    import zlib
+
+    from cnnctl.data import cifar, files
+
+    (tmp_path / "cifar" / "cifar-10-batches-bin" / "data_batch_1.bin").mkdir(parents=True)
+    with pytest.raises(DataError, match="cannot read"):
+        cifar.read_batch(tmp_path / "cifar" / "cifar-10-batches-bin" / "data_batch_1.bin")
+    good = tmp_path / "good.npz"
+    x, y = np.zeros((2, 4, 4), np.uint8), np.array([0, 1])
+    np.savez(good, x_train=x, y_train=y, x_test=x, y_test=y)
+    (tmp_path / "torn.npz").write_bytes(good.read_bytes()[:200])
+    np.save(tmp_path / "plain.npy", x)
+    os.rename(tmp_path / "plain.npy", tmp_path / "renamed.npz")
+    np.savez(tmp_path / "wrap.npz", x_train=x, y_train=np.array([0, 2**64 - 1], np.uint64), x_test=x, y_test=y)
+    for name, words in [("torn.npz", "cannot read"), ("renamed.npz", "single .npy array"), ("wrap.npz", "label")]:
+        with pytest.raises(DataError, match=words):
+            files.load_npz(tmp_path / name)
+    pytest.importorskip("PIL")
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+    os.mkfifo(root / "train" / "a" / "pipe.png")  # would block forever if opened
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+    (root / "test" / "a" / "bomb.png").write_bytes(png)
+    with pytest.raises(DataError) as e:
+        files.load_folder(root, (1, 8, 8))
+    assert "bomb.png" in str(e.value) or "holds no images" in str(e.value)

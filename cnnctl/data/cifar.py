@@ -27,6 +27,8 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"cifar10: missing {path.name} in {path.parent}",
                         "extract cifar-10-binary.tar.gz so that data.root/cifar-10-batches-bin/ holds "
                         "data_batch_1.bin .. data_batch_5.bin and test_batch.bin") from None
+    except OSError as e:  # a folder where the file should be, no permission, ...
+        raise DataError(f"cifar10: cannot read {path}: {e.strerror or e}", "replace it with the batch file") from None
     if raw.size == 0 or raw.size % RECORD:
         raise DataError(f"{path}: {raw.size} bytes is not a whole number of {RECORD}-byte CIFAR-10 records",
                         "the file is truncated or not the binary version; download it again")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +24,25 @@ def _nchw(x: np.ndarray, path: Path, key: str) -> np.ndarray:
     return x
 
 
+MAX_CLASSES = 100_000  # class names are listed; more is not a classification set
+
+
+def open_npz(path: Path):
+    """np.load of an .npz archive without pickles; a lone .npy array (renamed) is refused by name."""
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: a single .npy array, not an .npz archive of named arrays",
+                        "save with np.savez(path, x_train=..., y_train=..., ...)")
+    return z
+
+
 def load_npz(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """(x_train, y_train), (x_test, y_test) from an .npz, read with allow_pickle=False."""
     if not path.is_file():
         raise DataError(f"npz file not found: {path}", "set data.root to the .npz file holding "
                         "x_train, y_train, x_test and y_test")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open_npz(path) as z:
             missing = [k for k in NPZ_KEYS if k not in z.files]
             if missing:
                 raise DataError(f"{path}: missing arrays {', '.join(missing)} (found {', '.join(z.files) or 'none'})",
@@ -37,7 +50,7 @@ def load_npz(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarra
             arrays = {k: z[k] for k in NPZ_KEYS}
     except DataError:
         raise
-    except (ValueError, OSError, EOFError) as e:  # object arrays need pickle: refused; corrupt zip
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # object arrays need pickle; corrupt zip
         raise DataError(f"{path}: cannot read as a plain .npz ({e})",
                         "store numeric arrays only (no object arrays), e.g. with np.savez") from None
     out = []
@@ -54,6 +67,9 @@ def load_npz(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarra
             raise DataError(f"{path}: x_{split} holds {len(x)} images but y_{split} holds {len(y)} labels")
         if len(y) and y.min() < 0:
             raise DataError(f"{path}: y_{split} has a negative label {int(y.min())}")
+        if len(y) and int(y.max()) > MAX_CLASSES - 1:  # before int64: a uint64 2^64-1 would wrap to -1
+            raise DataError(f"{path}: y_{split} has label {int(y.max())}; at most {MAX_CLASSES} classes are supported",
+                            "labels are class indices 0..K-1")
         out.append((x, y.astype(np.int64)))
     if out[0][0].shape[1:] != out[1][0].shape[1:]:
         raise DataError(f"{path}: train images {out[0][0].shape[1:]} and test images {out[1][0].shape[1:]} differ")
@@ -87,13 +103,14 @@ def load_folder(root: Path, input_shape) -> tuple[list[str], tuple, tuple]:
         images, labels = [], []
         for label, name in enumerate(classes):
             folder = root / split / name
-            files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+            files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) \
+                if folder.is_dir() else []  # regular files only: a named pipe would block the read forever
             for f in files:
                 try:
                     with Image.open(f) as im:
                         im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
                         arr = np.asarray(im, dtype=np.uint8)
-                except OSError as e:
+                except (OSError, Image.DecompressionBombError) as e:
                     raise DataError(f"{f}: cannot decode the image ({e})", "remove or replace the file") from None
                 images.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
                 labels.append(label)

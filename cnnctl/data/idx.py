@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,25 +29,35 @@ def find(root: Path, stem: str, dataset: str) -> Path:
     )
 
 
+MAX_BYTES = 2**32  # 4 GB: far beyond any IDX set (MNIST's largest file is 47 MB)
+
+
 def read(path: Path, ndim: int) -> np.ndarray:
-    """An IDX array of unsigned bytes with ndim dimensions (3 for images, 1 for labels)."""
+    """An IDX array of unsigned bytes with ndim dimensions (3 for images, 1 for labels). The header is checked
+    before the body is read, and a gzip file is inflated only as far as the header's shape needs (a small file
+    that would inflate to gigabytes is refused after reading one byte past that)."""
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        with path.open("rb") as f:
+            compressed = f.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if compressed else path.open("rb")) as f:
+            head = f.read(4 + 4 * ndim)
+            if len(head) < 4 + 4 * ndim or head[0:2] != b"\x00\x00" or head[2] != 0x08 or head[3] != ndim:
+                raise DataError(
+                    f"{path}: not an IDX file of {ndim}-D unsigned bytes (magic {head[:4].hex() or 'empty'}, "
+                    f"expected 0000080{ndim})",
+                    "check that images and labels are not swapped and the file is not truncated; download it again",
+                )
+            dims = tuple(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+            expected = math.prod(dims)  # Python integers: no overflow
+            if expected > MAX_BYTES:
+                raise DataError(f"{path}: header says {dims} ({expected:,} bytes), more than any IDX data set",
+                                "the file is corrupt; download it again")
+            body = f.read(expected + 1)
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: cannot read or decompress: {e}", "download the file again") from None
-    if len(raw) < 4 + 4 * ndim or raw[0:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] != ndim:
-        raise DataError(
-            f"{path}: not an IDX file of {ndim}-D unsigned bytes (magic {raw[:4].hex() or 'empty'}, expected "
-            f"0000080{ndim})",
-            "check that images and labels are not swapped and the file is not truncated; download it again",
-        )
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    body = memoryview(raw)[4 + 4 * ndim :]
-    expected = int(np.prod(dims))
     if len(body) != expected:
-        raise DataError(f"{path}: header says {dims} ({expected} bytes) but the file holds {len(body)} bytes",
+        held = f"{len(body):,}" if len(body) <= expected else "more than that"
+        raise DataError(f"{path}: header says {dims} ({expected:,} bytes) but the file holds {held} bytes",
                         "the file is truncated or corrupt; download it again")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 

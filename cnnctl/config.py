@@ -237,7 +237,8 @@ class TrainSpec(Strict):
 
 
 class Spec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; letters, digits, '_', '.', '-'.")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100,
+                      description="Run name; letters, digits, '_', '.', '-' (at most 100).")
     seed: NonNegInt = 0
     data: DataSpec
     model: ModelSpec

@@ -31,11 +31,12 @@ from .errors import CnnctlError, ConfigError
 from .schedules import resolve_mode
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+MAX_TRIALS = 10_000  # every trial's spec is drawn and checked before the first one runs
 
 
 class RandomSearch(Strict):
     type: Literal["random"]
-    samples: int = Field(10, gt=0, description="Number of trials to draw.")
+    samples: int = Field(10, gt=0, le=10_000, description="Number of trials to draw (at most 10,000).")
     seed: int = Field(0, ge=0)
 
 
@@ -139,6 +140,11 @@ def draw_trials(sweep: SweepSpec) -> list[Trial]:
                 raise ConfigError(f"space.{key}: grid search needs {{choice: [...]}}, got {dist}",
                                   "use search: {type: random, samples: N} for continuous distributions")
         keys = list(varied)
+        size = math.prod(len(varied[k]["choice"]) for k in keys)
+        if size > MAX_TRIALS:
+            raise ConfigError(f"the grid has {size:,} trials (the product of the choices' lengths); at most "
+                              f"{MAX_TRIALS:,} are run", "search fewer values, or use search: {type: random, "
+                              "samples: N}")
         for values in itertools.product(*(varied[k]["choice"] for k in keys)):
             combos.append(dict(zip(keys, values)))
     else:

@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from cnnctl import checkpoint
@@ -344,3 +346,47 @@ def test_impossible_sweep_spaces(tmp_path, tiny_config, space, words):
 def test_absurd_sizes_are_validation_errors(tmp_path):
     expect_error(["inspect", write(tmp_path, TINY.replace("filters: 4", "filters: 1000000000000000000000000000000"))],
                  "model.layers[0].filters", "less than or equal to 2147483647")
+
+
+def test_huge_sweeps_and_names_are_refused(tmp_path, tiny_config):
+    space = {f"k{i}": {"choice": list(range(10))} for i in range(5)}  # 100,000 trials
+    sweep = {"name": "s", "base": str(tiny_config), "space": space}
+    expect_error(["sweep", write(tmp_path, yaml.safe_dump(sweep), "s.yaml")], "100,000 trials", "random")
+    expect_error(["train", tiny_config, "--name", "n" * 300, "--runs-dir", tmp_path / "runs"], "name",
+                 "at most 100")
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**40, 10**40), st.floats(allow_nan=True),
+                   st.text(max_size=8), st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(
+                       st.sampled_from(["type", "filters", "kernel_size", "x"]), st.integers(-2, 5), max_size=3))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["name", "seed", "data.batch_size", "data.val_split", "data.normalize",
+                                           "model.input_shape", "model.layers.0", "model.layers.0.filters",
+                                           "model.layers.0.kernel_size", "model.layers.1.type", "model.blocks",
+                                           "model.layers.2", "optimizer", "optimizer.lr", "schedule",
+                                           "train.epochs", "train.early_stopping", "loss"]), VALUES),
+                min_size=1, max_size=4))
+def test_fuzzed_configs_give_a_spec_or_a_clear_error(changes):
+    """Random values at random keys: validation and shape checking either accept the config or raise a
+    CnnctlError (exit code 2 in the CLI); never another exception."""
+    from cnnctl.builder import build_model
+    from cnnctl.config import validate
+    from cnnctl.errors import CnnctlError
+
+    data = yaml.safe_load(TINY)
+    for key, value in changes:
+        node, parts = data, key.split(".")
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                break
+        else:
+            last = int(parts[-1]) if isinstance(node, list) else parts[-1]
+            if isinstance(node, dict) or (isinstance(last, int) and last < len(node)):
+                node[last] = value
+    try:
+        build_model(validate(data).model)
+    except CnnctlError:
+        pass

@@ -356,7 +356,8 @@ def test_huge_sweeps_and_names_are_refused(tmp_path, tiny_config):
                  "at most 100")
 
 
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**40, 10**40), st.floats(allow_nan=True),
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.integers(-10**40, 10**40),
+                   st.floats(allow_nan=True),
                    st.text(max_size=8), st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(
                        st.sampled_from(["type", "filters", "kernel_size", "x"]), st.integers(-2, 5), max_size=3))
 

@@ -38,6 +38,17 @@ class Optimizer:
     def update(self, p: np.ndarray, g: np.ndarray, st: dict, wd: float) -> np.ndarray:
         raise NotImplementedError
 
+    @property
+    def keeps_state(self) -> bool:
+        """Whether every step leaves per-parameter state (moments, momentum) that a resumed run needs."""
+        return True
+
+    def missing_state(self) -> list[str]:
+        """Parameters without the per-parameter state a stepped optimizer of this kind must have."""
+        if not self.keeps_state or self.steps == 0:
+            return []
+        return [p.name for p in self.model.parameters() if not self.state.get(p.name)]
+
     def state_dict(self) -> dict[str, np.ndarray]:
         out = {f"{name}.{k}": v for name, st in self.state.items() for k, v in st.items()}
         out["steps"] = np.array(self.steps, np.int64)
@@ -60,6 +71,10 @@ class SGD(Optimizer):
                  decay_bias_and_norm=True):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.momentum, self.dampening, self.nesterov = float(momentum), float(dampening), bool(nesterov)
+
+    @property
+    def keeps_state(self) -> bool:
+        return self.momentum != 0
 
     def update(self, p, g, st, wd):
         if wd:

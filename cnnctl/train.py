@@ -183,6 +183,12 @@ class Trainer:
             raise CheckpointError(f"{path}: holds no training state (written by an older cnnctl)")
         try:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
+            missing = self.optimizer.missing_state()
+            if missing:
+                raise CheckpointError(f"{path}: the optimizer state of {len(missing)} parameter(s) is missing "
+                                      f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); resuming "
+                                      "would silently restart their moments, so the run would not be exact",
+                                      "resume from an intact checkpoint, or start the run again")
             self.epoch, self.step = ckpt.epoch, ckpt.step
             self.history, self.best, self.stopper, self.partial = t["history"], t["best"], t["stopper"], t["partial"]
             if self.partial is not None and not 0 <= int(self.partial["position"]) <= self.steps_per_epoch:

@@ -248,6 +248,15 @@ class Spec(Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
 
     @model_validator(mode="after")
+    def _crop_fits_the_image(self):
+        crop, side = self.data.augment.random_crop, max(self.model.input_shape[1:])
+        if crop > side:
+            raise PydanticCustomError(
+                "crop_too_large", "data.augment.random_crop is {crop}, more than the image ({side} pixels); pad by "
+                "at most the image size (4 is usual for 32 pixels)", {"crop": crop, "side": side})
+        return self
+
+    @model_validator(mode="after")
     def _monitors_need_validation_data(self):
         t = self.train
         used = [("train.monitor", t.monitor)]

@@ -401,3 +401,12 @@ def test_resume_refuses_a_checkpoint_without_its_optimizer_state(one_epoch_run):
     checkpoint.save(last, ckpt)
     expect_error(["train", "--resume", one_epoch_run, "--set", "train.epochs=3"], "optimizer state",
                  "layers.0.weight", "not be exact")
+
+
+def test_data_that_cannot_fit_is_refused_before_it_is_made(tmp_path):
+    big = write(tmp_path, TINY.replace("[1, 16, 16]", "[1, 3000, 3000]"), "big.yaml")
+    expect_error(["train", big, "--runs-dir", tmp_path / "runs"], "shapes data", "GB", "input_shape")
+    res = runner.invoke(app, ["inspect", str(big)])  # inspect still shows the model, and says why no data
+    assert res.exit_code == 0 and "not loaded" in res.output and "GB" in res.output, res.output
+    expect_error(["inspect", write(tmp_path, TINY.replace("dataset: shapes", "dataset: shapes\n  augment: "
+                                                          "{random_crop: 8000}"))], "random_crop", "16 pixels")

@@ -30,6 +30,12 @@ def _inside(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {kind!r}")
 
 
+def bytes_needed(n: int, n_kinds: int, shape: tuple[int, int, int]) -> int:
+    """Peak memory of generate(n, ...): the uint8 images plus one kind's float temporaries (about five arrays)."""
+    c, h, w = shape
+    return n * c * h * w + 5 * 8 * -(-n // n_kinds) * c * h * w
+
+
 def generate(n: int, kinds: list[str], shape: tuple[int, int, int], noise: float, rng: np.random.Generator):
     """n images (uint8, (n, C, H, W)) with balanced labels (int64) in random order."""
     c, h, w = shape

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..config import DataSpec
 from ..errors import DataError
+from ..memory import refuse_over
 from . import augment, cifar, download, files, idx, shapes
 
 IDX_CLASSES = {
@@ -82,9 +83,9 @@ def _load_raw(spec: DataSpec, input_shape, rng, progress) -> tuple[list[str], Sp
     classes, _ = dataset_info(spec)
     if spec.dataset == "shapes":
         o = spec.shapes
-        _check_memory(f"the shapes data at input_shape {list(input_shape)}",
-                      shapes.bytes_needed(max(o.train_size, o.test_size), len(o.kinds), tuple(input_shape)),
-                      "use a smaller model.input_shape or data.shapes.train_size / test_size")
+        refuse_over(f"the shapes data at input_shape {list(input_shape)}",  # at most half the memory
+                    shapes.bytes_needed(max(o.train_size, o.test_size), len(o.kinds), tuple(input_shape)), 2,
+                    DataError, "use a smaller model.input_shape or data.shapes.train_size / test_size")
         train = shapes.generate(o.train_size, list(o.kinds), tuple(input_shape), o.noise, rng)
         test = shapes.generate(o.test_size, list(o.kinds), tuple(input_shape), o.noise, rng)
         return classes, Split(*train), Split(*test)
@@ -168,14 +169,3 @@ def batches(ds: Dataset, split: Split, batch_size: int, order: np.ndarray | None
         x *= scale
         x -= shift
         yield x, split.y[idx_]
-
-
-def _check_memory(what: str, needed: int, fix: str) -> None:
-    """Refuse, before allocating, what would take more than half of this machine's memory."""
-    try:
-        budget = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (ValueError, OSError, AttributeError):
-        budget = 2**33
-    if needed > budget:
-        raise DataError(f"{what} would take about {needed / 1e9:,.1f} GB, more than this machine can spare "
-                        f"({budget / 1e9:,.1f} GB)", fix)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
 from ..errors import ShapeError
+from ..memory import refuse_over
 
 INITS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform")
 
@@ -18,22 +18,12 @@ def fans(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[1] * receptive, shape[0] * receptive
 
 
-def _memory_budget() -> int:
-    """Bytes one weight may take while it is drawn: a sixteenth of the machine's memory (1.5 GB here)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 16
-    except (ValueError, OSError, AttributeError):
-        return 2**31
-
-
 def initialize(shape: tuple[int, ...], method: str, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
     """He (Kaiming, for ReLU-family nets) or Glorot (Xavier) initialisation, normal or uniform. A weight too large
     for this machine is refused before anything is allocated."""
-    needed = 8 * math.prod(shape)  # drawn in float64
-    if needed > _memory_budget():
-        raise ShapeError(f"a weight of shape {tuple(shape)} would take {needed / 1e9:,.1f} GB while it is drawn, more "
-                         f"than this machine can spare ({_memory_budget() / 1e9:,.1f} GB)",
-                         "use fewer filters or units, or a smaller kernel")
+    # drawn in float64; at most a sixteenth of the machine's memory (1.5 GB here)
+    refuse_over(f"a weight of shape {tuple(shape)} (while it is drawn)", 8 * math.prod(shape), 16, ShapeError,
+                "use fewer filters or units, or a smaller kernel")
     fan_in, fan_out = fans(shape)
     family, dist = method.rsplit("_", 1)
     if family == "he":

@@ -24,10 +24,12 @@ import numpy as np
 from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, Tag
 
 from ..errors import ShapeError
+from ..registry import registrar
 from ..strict import PosInt, Strict
 
 REGISTRY: dict[str, type[Layer]] = {}  # layer classes by tag
 SPECS: dict[str, type[LayerSpec]] = {}  # spec classes by the `type` users write (a superset of REGISTRY's tags)
+_register_class = registrar(REGISTRY)
 
 
 def register(tag: str, spec: type[LayerSpec] | None = None):
@@ -35,11 +37,9 @@ def register(tag: str, spec: type[LayerSpec] | None = None):
     write it in a config)."""
 
     def deco(cls):
-        cls.tag = tag
-        REGISTRY[tag] = cls
         if spec is not None:
             register_spec(spec)
-        return cls
+        return _register_class(tag)(cls)
 
     return deco
 

@@ -44,8 +44,8 @@ class Optimizer:
         return True
 
     def missing_state(self) -> list[str]:
-        """Parameters without the per-parameter state a stepped optimizer of this kind must have."""
-        if not self.keeps_state or self.steps == 0:
+        """Parameters without the per-parameter state this kind of optimizer holds once it has stepped."""
+        if not self.keeps_state:
             return []
         return [p.name for p in self.model.parameters() if not self.state.get(p.name)]
 

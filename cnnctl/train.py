@@ -183,7 +183,8 @@ class Trainer:
             raise CheckpointError(f"{path}: holds no training state (written by an older cnnctl)")
         try:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
-            missing = self.optimizer.missing_state()
+            # the checkpoint's own step count says whether there must be state (its `steps` entry may be gone too)
+            missing = self.optimizer.missing_state() if ckpt.step > 0 else []
             if missing:
                 raise CheckpointError(f"{path}: the optimizer state of {len(missing)} parameter(s) is missing "
                                       f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); resuming "

@@ -393,11 +393,12 @@ def test_fuzzed_configs_give_a_spec_or_a_clear_error(changes):
         pass
 
 
-def test_resume_refuses_a_checkpoint_without_its_optimizer_state(one_epoch_run):
+@pytest.mark.parametrize("removed", ["layers.0.", ""])  # one layer's moments, or every optimizer tensor
+def test_resume_refuses_a_checkpoint_without_its_optimizer_state(one_epoch_run, removed):
     last = one_epoch_run / "checkpoints" / "last.safetensors"
     ckpt = checkpoint.load(last)
     assert any(k.startswith("layers.0.weight.") for k in ckpt.optimizer_state)  # Adam's moments are stored
-    ckpt.optimizer_state = {k: v for k, v in ckpt.optimizer_state.items() if not k.startswith("layers.0.")}
+    ckpt.optimizer_state = {k: v for k, v in ckpt.optimizer_state.items() if not k.startswith(removed)}
     checkpoint.save(last, ckpt)
     expect_error(["train", "--resume", one_epoch_run, "--set", "train.epochs=3"], "optimizer state",
                  "layers.0.weight", "not be exact")

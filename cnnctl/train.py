@@ -102,11 +102,15 @@ def load_data(spec: Spec, rows: list, seeds: Seeds, normalization: dict | None =
     return ds
 
 
+def offline(spec: Spec) -> Spec:
+    """The spec with data.download off: for checkpoints' configs and for verbs that never download."""
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"download": False})})
+
+
 def load_model(ckpt: checkpoint.Checkpoint, path) -> tuple[Spec, Model, list]:
     """Rebuild the model a checkpoint describes and load its weights; refuse another architecture."""
     spec = validate(ckpt.config, f"{path} (embedded config)")
-    # a checkpoint is data: its embedded config never makes cnnctl download anything
-    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"download": False})})
+    spec = offline(spec)  # a checkpoint is data: its embedded config never makes cnnctl download anything
     model, rows = build_model(spec.model)
     restore_weights(model, ckpt, path)
     return spec, model, rows

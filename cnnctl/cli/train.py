@@ -20,7 +20,7 @@ from ..builder import LayerRow, build_loss, check_known_data, walk
 from ..config import apply_overrides, load_config
 from ..errors import CnnctlError, DataError
 from ..runs import create_run_dir, locked
-from ..train import Callback, Seeds, Trainer, evaluate, load_data, load_model, resume_spec
+from ..train import Callback, Seeds, Trainer, evaluate, load_data, load_model, offline, resume_spec
 from .common import SetOption, app, fmt, guarded, load_target, out, table
 
 
@@ -274,8 +274,7 @@ def inspect(
     check_known_data(spec, rows)
     report = _report(spec, rows)
     try:  # the data too, when it is at hand (inspect never downloads)
-        spec_local = spec.model_copy(update={"data": spec.data.model_copy(update={"download": False})})
-        report["dataset"] = load_data(spec_local, rows, Seeds.from_seed(spec.seed)).describe()
+        report["dataset"] = load_data(offline(spec), rows, Seeds.from_seed(spec.seed)).describe()
     except DataError as e:
         report["dataset"] = {"name": spec.data.dataset, "unavailable": e.message}
     if as_json:

@@ -23,7 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from . import nn
 from .errors import ConfigError
-from .spec_errors import error_message, format_path, line_of
+from .spec_errors import at_line, error_loc, error_message, format_path
 
 _ADAPTER = TypeAdapter(nn.AnyLayer)
 MAX_BLOCK_DEPTH = 32
@@ -45,8 +45,7 @@ class _Resolver:
         self.blocks, self.data, self.root, self.source = blocks, data, root, source
 
     def where(self, loc: tuple) -> str:
-        line = line_of(self.root, loc) if self.root is not None else None
-        return format_path(loc, self.data) + (f" (line {line})" if line else "")
+        return format_path(loc, self.data) + at_line(self.root, loc)
 
     def fail(self, loc: tuple, message: str, hint: str | None = None):
         raise ConfigError(f"{self.source}: {self.where(loc)}: {message}", hint or "correct the block or its use; "
@@ -100,18 +99,15 @@ class _Resolver:
         except ValidationError as e:
             problems, at = [], loc
             for err in e.errors():
-                inner = tuple(err["loc"])
-                if err["type"] == "unknown_key":
-                    inner = (*inner, err["ctx"]["key"])
+                inner = error_loc(err)
                 src = _value_at(block, inner)
                 origin = ""
                 if _is_ref(src, values):
                     origin = f" (from {src} = {values[src[1:]]!r})"
                     if src[1:] in args:  # point at the argument that does not fit
                         at = (*loc, src[1:])
-                line = line_of(self.root, (*home, *inner)) if self.root is not None else None
-                problems.append(f"block '{name}' {format_path(inner, raw)}"
-                                f"{f' (line {line})' if line else ''}: {error_message(err)}{origin}")
+                problems.append(f"block '{name}' {format_path(inner, raw)}{at_line(self.root, (*home, *inner))}: "
+                                f"{error_message(err)}{origin}")
             self.fail(at, "; ".join(problems))
         layer = self.one(layer, home, (*stack, name))
         layer._block = name

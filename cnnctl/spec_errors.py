@@ -76,22 +76,26 @@ def error_message(err: dict) -> str:
     return msg
 
 
+def error_loc(err: dict) -> tuple:
+    """A pydantic error's location, down to the offending key for an unknown key."""
+    loc = tuple(err["loc"])
+    return (*loc, err["ctx"]["key"]) if err["type"] == "unknown_key" else loc
+
+
+def at_line(root: yaml.Node | None, loc: tuple) -> str:
+    """' (line N)' for the YAML node at loc, or '' when there is no node tree."""
+    line = line_of(root, loc)
+    return f" (line {line})" if line is not None else ""
+
+
 def format_validation_error(e: ValidationError, data: Any, source: str, root: yaml.Node | None,
                             overrides: list[str] = ()) -> ConfigError:
     lines = []
     for err in e.errors():
-        loc = tuple(err["loc"])
-        if err["type"] == "unknown_key":
-            loc = (*loc, err["ctx"]["key"])
+        loc = error_loc(err)
         path = format_path(loc, data)
-        where = ""
-        if any(is_within(path, o.partition("=")[0].strip()) for o in overrides):
-            where = " (from --set)"
-        else:
-            line = line_of(root, loc)
-            if line is not None:
-                where = f" (line {line})"
-        lines.append(f"  {path}{where}: {error_message(err)}")
+        from_set = any(is_within(path, o.partition("=")[0].strip()) for o in overrides)
+        lines.append(f"  {path}{' (from --set)' if from_set else at_line(root, loc)}: {error_message(err)}")
     n = len(lines)
     return ConfigError(f"{source}: invalid config ({n} problem{'s' if n > 1 else ''})\n" + "\n".join(lines),
                        "correct the keys above; `cnnctl inspect CONFIG` checks a config without training")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ def load_inputs(paths: list[Path], input_shape) -> tuple[list[str], np.ndarray]:
                     if key is None:
                         raise DataError(f"{path}: no array named x, x_test or images (found {', '.join(z.files)})")
                     x = files._nchw(z[key], path, key)
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            except files.NPZ_ERRORS as e:
                 raise DataError(f"{path}: cannot read as a plain .npz ({e})", "store numeric arrays with np.savez") \
                     from None
             if x.shape[1:] != (c, h, w):

@@ -27,6 +27,11 @@ def _nchw(x: np.ndarray, path: Path, key: str) -> np.ndarray:
 MAX_CLASSES = 100_000  # class names are listed; more is not a classification set
 
 
+# what reading an .npz raises for a file that is not a plain one: object arrays (they need pickle), a torn or
+# foreign zip, an unreadable file
+NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile)
+
+
 def open_npz(path: Path):
     """np.load of an .npz archive without pickles; a lone .npy array (renamed) is refused by name."""
     z = np.load(path, allow_pickle=False)
@@ -50,7 +55,7 @@ def load_npz(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarra
             arrays = {k: z[k] for k in NPZ_KEYS}
     except DataError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # object arrays need pickle; corrupt zip
+    except NPZ_ERRORS as e:
         raise DataError(f"{path}: cannot read as a plain .npz ({e})",
                         "store numeric arrays only (no object arrays), e.g. with np.savez") from None
     out = []

@@ -39,6 +39,12 @@ class OnnxGraph:
         self.inits.append(self.numpy_helper.from_array(np.asarray(value, np.float32), name))
         return name
 
+    def arrays(self, name: str, layer, keys: tuple[str, ...]) -> list[str]:
+        """The layer's parameters and buffers under these keys (those it has, in this order) as constants named
+        after its state-dict path."""
+        store = {**layer.params, **layer.buffers}
+        return [self.const(f"{name}.{k}", store[k]) for k in keys if k in store]
+
     def node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
         """Add one node named after the layer's state-dict path; returns its output's name."""
         out = f"{name}.out"

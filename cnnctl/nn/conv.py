@@ -139,9 +139,7 @@ class Conv2D(Layer):
 
     def onnx(self, g, x, input_shape, name):
         t, b, l, r = self.pads(input_shape[1:])
-        inputs = [x, g.const(name + ".weight", self.params["weight"])]
-        if "bias" in self.params:
-            inputs.append(g.const(name + ".bias", self.params["bias"]))
+        inputs = [x, *g.arrays(name, self, ("weight", "bias"))]
         out = g.node("Conv", inputs, name, kernel_shape=list(self.kernel_size), strides=list(self.stride),
                      dilations=list(self.dilation), pads=[t, l, b, r], group=self.groups)
         return self._onnx_activation(g, out, name)

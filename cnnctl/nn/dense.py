@@ -90,9 +90,7 @@ class Dense(Layer):
         return None
 
     def onnx(self, g, x, input_shape, name):
-        inputs = [x, g.const(name + ".weight", self.params["weight"])]
-        if "bias" in self.params:
-            inputs.append(g.const(name + ".bias", self.params["bias"]))
+        inputs = [x, *g.arrays(name, self, ("weight", "bias"))]
         return self._onnx_activation(g, g.node("Gemm", inputs, name, transB=1), name)
 
     def forward(self, x, training=True):

@@ -149,9 +149,7 @@ class _BatchNorm(Layer):
         return dx
 
     def onnx(self, g, x, input_shape, name):
-        inputs = [x] + [g.const(f"{name}.{k}", v) for k, v in (
-            ("weight", self.params["weight"]), ("bias", self.params["bias"]),
-            ("running_mean", self.buffers["running_mean"]), ("running_var", self.buffers["running_var"]))]
+        inputs = [x, *g.arrays(name, self, ("weight", "bias", "running_mean", "running_var"))]
         out = g.node("BatchNormalization", inputs, name, epsilon=self.eps, momentum=1 - self.momentum)
         return self._onnx_activation(g, out, name)
 

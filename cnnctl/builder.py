@@ -33,11 +33,7 @@ class LayerRow:
     macs: int
     receptive_field: tuple[int, int, int, int] | None  # (height, width, row stride, column stride); None: all
     children: list[LayerRow] = field(default_factory=list)
-
-    @property
-    def named(self) -> bool:
-        """Whether the name was given in the config (not the default type_index)."""
-        return self.name != f"{self.type}_{self.index}"
+    named: bool = False  # the name was given in the config (else it is the default type_index)
 
     def walk(self) -> Iterator[LayerRow]:
         yield self
@@ -95,7 +91,7 @@ class Scope:
             rf = layer.receptive_field(rf)
             self.rows.append(LayerRow(i, child_path, label, spec.name or f"{spec.display_type}_{i}",
                                       spec.display_type, self.depth + 1, shape, out, layer.num_params(),
-                                      layer.num_buffer_values(), macs, rf, rows))
+                                      layer.num_buffer_values(), macs, rf, rows, spec.name is not None))
             layers.append(layer)
             shape = out
         return layers

@@ -362,7 +362,23 @@ VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.integers(-1
                        st.sampled_from(["type", "filters", "kernel_size", "x"]), st.integers(-2, 5), max_size=3))
 
 
-@settings(max_examples=150, deadline=None)
+def set_key(node, parts, value):
+    """Set a dotted key in nested YAML data, creating mappings on the way; a no-op where an earlier change put a
+    scalar, or a list where a name is asked (and an index past a list's end)."""
+    for i, part in enumerate(parts):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return
+            part = int(part)
+        elif not isinstance(node, dict):
+            return
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node[part] if isinstance(node, list) else node.setdefault(part, {})
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)  # the same examples on every run: CI never flakes
 @given(st.lists(st.tuples(st.sampled_from(["name", "seed", "data.batch_size", "data.val_split", "data.normalize",
                                            "model.input_shape", "model.layers.0", "model.layers.0.filters",
                                            "model.layers.0.kernel_size", "model.layers.1.type", "model.blocks",
@@ -378,15 +394,7 @@ def test_fuzzed_configs_give_a_spec_or_a_clear_error(changes):
 
     data = yaml.safe_load(TINY)
     for key, value in changes:
-        node, parts = data, key.split(".")
-        for part in parts[:-1]:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                break
-        else:
-            last = int(parts[-1]) if isinstance(node, list) else parts[-1]
-            if isinstance(node, dict) or (isinstance(last, int) and last < len(node)):
-                node[last] = value
+        set_key(data, key.split("."), value)
     try:
         build_model(validate(data).model)
     except CnnctlError:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from .builder import build_loss, build_model
+from .builder import build_loss, build_model, check_training_memory, describe
 from .config import Spec
 
 
@@ -38,6 +38,7 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
     """Median and spread of the time per training step, images/s, GFLOP/s and peak memory."""
     bs = batch_size or spec.data.batch_size
     g = np.random.default_rng(spec.seed)
+    check_training_memory(spec.name, describe(spec.model), bs)
     model, rows = build_model(spec.model, g)
     loss_fn = build_loss(spec)
     optimizer = spec.optimizer.build(model)

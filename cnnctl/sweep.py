@@ -24,7 +24,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from . import runs
-from .builder import build_model, check_known_data
+from .builder import check_known_data, describe
 from .checkpoint import atomic_write_bytes
 from .config import Monitor, Strict, apply_overrides, format_validation_error, read_yaml, spec_to_dict, validate
 from .errors import CnnctlError, ConfigError
@@ -172,7 +172,7 @@ def trial_spec(base: dict, trial: Trial, sweep_name: str, source: str):
     raw["name"] = f"{sweep_name}.{trial.id}"
     try:
         spec = validate(raw, f"{source} with {trial.id} {trial.overrides}")
-        check_known_data(spec, build_model(spec.model)[1])
+        check_known_data(spec, describe(spec.model))
     except CnnctlError as e:
         raise type(e)(f"{trial.id} ({', '.join(trial.as_set())}) gives an invalid spec: {e.message}", e.hint) \
             from None

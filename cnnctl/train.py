@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from . import checkpoint, data, runs
-from .builder import build_loss, build_model, check_known_data, check_outputs
+from .builder import build_loss, build_model, check_known_data, check_outputs, check_training_memory, describe
 from .config import Spec, load_config, spec_to_dict, validate
 from .errors import CheckpointError, CnnctlError, ConfigError, TrainingError
 from .nn import Loss, Model
@@ -136,6 +136,7 @@ class Trainer:
     def __init__(self, spec: Spec, callback: Callback | None = None, normalization: dict | None = None):
         self.spec, self.cb = spec, callback or Callback()
         self.seeds = Seeds.from_seed(spec.seed)
+        check_training_memory(spec.name, describe(spec.model), spec.data.batch_size)  # before any weight is drawn
         self.model, self.rows = build_model(spec.model, self.seeds.init)
         check_known_data(spec, self.rows)  # fail before reading any data when we can
         self.loss_fn = build_loss(spec)

@@ -1,5 +1,6 @@
 """Every user error: exit code 2, no traceback, a message naming the key, file or layer."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -348,6 +349,25 @@ def test_absurd_sizes_are_validation_errors(tmp_path):
                  "model.layers[0].filters", "less than or equal to 2147483647")
 
 
+def test_inspect_needs_no_weights_and_train_refuses_what_cannot_fit(tmp_path):
+    """A dense layer of 10^6 units on 64x64 inputs (4.1e9 weights, 16 GB as float32): inspect shows it without
+    drawing a weight (in a few MB), and training is refused from the estimate before anything is drawn."""
+    import resource
+
+    big = write(tmp_path, TINY.replace("[1, 16, 16]", "[1, 64, 64]").replace(
+        "{type: dense, units: 4}", "{type: dense, units: 1000000}\n    - {type: dense, units: 4}"), "big.yaml")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = runner.invoke(app, ["inspect", str(big), "--json"])
+    assert res.exit_code == 0, res.output
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: no 16 GB weight
+    report = json.loads(res.output)
+    assert report["trainable_params"] == 4 * 32 * 32 * 10**6 + 10**6 + 10**6 * 4 + 4 + 4 * 9 + 4
+    assert report["training_bytes"] > 64e9
+    expect_error(["train", big, "--runs-dir", tmp_path / "runs"], "training tiny at batch size 32", "GB",
+                 "data.batch_size")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_huge_sweeps_and_names_are_refused(tmp_path, tiny_config):
     space = {f"k{i}": {"choice": list(range(10))} for i in range(5)}  # 100,000 trials
     sweep = {"name": "s", "base": str(tiny_config), "space": space}
@@ -414,7 +434,8 @@ def test_resume_refuses_a_checkpoint_without_its_optimizer_state(one_epoch_run, 
 
 def test_data_that_cannot_fit_is_refused_before_it_is_made(tmp_path):
     big = write(tmp_path, TINY.replace("[1, 16, 16]", "[1, 3000, 3000]"), "big.yaml")
-    expect_error(["train", big, "--runs-dir", tmp_path / "runs"], "shapes data", "GB", "input_shape")
+    expect_error(["train", big, "--runs-dir", tmp_path / "runs", "--set", "data.batch_size=1"], "shapes data", "GB",
+                 "input_shape")  # the model itself fits at batch size 1
     res = runner.invoke(app, ["inspect", str(big)])  # inspect still shows the model, and says why no data
     assert res.exit_code == 0 and "not loaded" in res.output and "GB" in res.output, res.output
     expect_error(["inspect", write(tmp_path, TINY.replace("dataset: shapes", "dataset: shapes\n  augment: "

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import __version__, checkpoint
-from ..builder import build_model
+from ..builder import describe
 from ..config import apply_overrides, load_config
 from ..errors import CnnctlError
 from ..train import Interrupted, load_model
@@ -88,6 +88,5 @@ def load_target(target: Path, overrides: list[str]):
         spec, _, rows = load_model(ckpt, target)
         return spec, rows
     spec, _ = load_config(target, overrides)
-    _, rows = build_model(spec.model)
-    return spec, rows
+    return spec, describe(spec.model)
 

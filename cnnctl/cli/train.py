@@ -16,7 +16,7 @@ from rich.text import Text
 
 from .. import checkpoint, plots
 from ..bench import bench as run_bench
-from ..builder import LayerRow, build_loss, check_known_data, walk
+from ..builder import LayerRow, activation_values, build_loss, check_known_data, training_bytes, walk
 from ..config import apply_overrides, load_config
 from ..errors import CnnctlError, DataError
 from ..runs import create_run_dir, locked
@@ -289,7 +289,8 @@ def inspect(
     out.print(f"total parameters {report['trainable_params']:,} trainable, {report['non_trainable_params']:,} "
               f"non-trainable (running statistics)  ({report['param_bytes'] / 1e6:.2f} MB as float32)")
     out.print(f"total MACs per sample {report['total_macs']:,}")
-    out.print(f"activation memory per sample {report['activation_bytes_per_sample'] / 1e3:,.1f} kB (float32)")
+    out.print(f"activation memory per sample {report['activation_bytes_per_sample'] / 1e3:,.1f} kB (float32); "
+              f"training at batch size {spec.data.batch_size} needs about {_bytes(report['training_bytes'])}")
     d = report["dataset"]
     if "unavailable" in d:
         out.print(f"dataset {d['name']}: not loaded ({d['unavailable']})", soft_wrap=True)
@@ -297,6 +298,10 @@ def inspect(
         out.print(f"dataset {d['name']}: train {d['train']:,}  val {d['val']:,}  test {d['test']:,}  image "
                   f"{tuple(d['image_shape'])}  {len(d['classes'])} classes: {', '.join(d['classes'])}",
                   soft_wrap=True)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
 def _shape(s):
@@ -315,13 +320,13 @@ def _rf(rf) -> str:
 def _report(spec, rows: list[LayerRow]) -> dict:
     trainable = sum(r.params for r in rows)
     frozen = sum(r.buffers for r in rows)
-    act = sum(int(np.prod(r.output_shape)) for r in walk(rows) if not r.children) * 4
     return {
         "name": spec.name, "input_shape": list(spec.model.input_shape),
         "layers": [r.as_dict() for r in rows],
         "total_params": trainable, "trainable_params": trainable, "non_trainable_params": frozen,
         "param_bytes": (trainable + frozen) * 4, "total_macs": sum(r.macs for r in rows),
-        "activation_bytes_per_sample": act,
+        "activation_bytes_per_sample": 4 * activation_values(rows),
+        "training_bytes": training_bytes(rows, spec.data.batch_size),
     }
 
 

@@ -26,6 +26,7 @@ from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, Tag
 from ..errors import ShapeError
 from ..registry import registrar
 from ..strict import PosInt, Strict
+from .init import is_placeholder
 
 REGISTRY: dict[str, type[Layer]] = {}  # layer classes by tag
 SPECS: dict[str, type[LayerSpec]] = {}  # spec classes by the `type` users write (a superset of REGISTRY's tags)
@@ -161,7 +162,7 @@ class Layer:
 
     def zero_grad(self) -> None:
         for _, layer in self.named_layers():
-            layer.grads = {k: np.zeros_like(v) for k, v in layer.params.items()}
+            layer.grads = {k: v if is_placeholder(v) else np.zeros_like(v) for k, v in layer.params.items()}
 
     def to(self, dtype) -> Layer:
         """Cast floating parameters and buffers to dtype (float32 by default; float64 for gradient checks)."""

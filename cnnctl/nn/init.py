@@ -12,6 +12,25 @@ from ..memory import refuse_over
 INITS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform")
 
 
+class _ShapesOnly:
+    """Passed as the generator to build a model's shapes without its weights (inspect, memory estimates)."""
+
+    def __repr__(self):
+        return "SHAPES_ONLY"
+
+
+SHAPES_ONLY = _ShapesOnly()
+
+
+def placeholder(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A read-only array of zeros that holds one number whatever its shape (all strides 0)."""
+    return np.broadcast_to(np.zeros((), dtype), tuple(shape))
+
+
+def is_placeholder(a: np.ndarray) -> bool:
+    return a.ndim > 0 and a.size > 1 and not any(a.strides)
+
+
 def fans(shape: tuple[int, ...]) -> tuple[int, int]:
     """fan_in and fan_out of a Dense (out, in) or Conv2D (out, in, kh, kw) weight."""
     receptive = math.prod(shape[2:])
@@ -20,7 +39,9 @@ def fans(shape: tuple[int, ...]) -> tuple[int, int]:
 
 def initialize(shape: tuple[int, ...], method: str, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
     """He (Kaiming, for ReLU-family nets) or Glorot (Xavier) initialisation, normal or uniform. A weight too large
-    for this machine is refused before anything is allocated."""
+    for this machine is refused before anything is allocated. With rng=SHAPES_ONLY: a placeholder."""
+    if rng is SHAPES_ONLY:
+        return placeholder(shape, dtype)
     # drawn in float64; at most a sixteenth of the machine's memory (1.5 GB here)
     refuse_over(f"a weight of shape {tuple(shape)} (while it is drawn)", 8 * math.prod(shape), 16, ShapeError,
                 "use fewer filters or units, or a smaller kernel")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import io
 import json
@@ -69,13 +70,27 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def _append_line(path: Path, line: str) -> None:
-    """Append one whole line with a single write, then fsync, so a crash never leaves a torn line."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    """Append one whole line with a single write, then fsync, so a crash never leaves a torn line; a write the
+    OS refuses or cuts short (a full disk) is undone and becomes a CnnctlError naming the file."""
+    data = line.encode()
     try:
-        os.write(fd, line.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "the write was cut short (is the disk full?)")
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise CnnctlError(f"cannot append to {path}: {e.strerror or e}",
+                          "free space on that disk (or pass --runs-dir a folder on another), then continue the run "
+                          "with cnnctl train --resume RUN_DIR") from None
 
 
 def _csv_line(row: dict, header: bool) -> str:

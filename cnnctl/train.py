@@ -7,6 +7,7 @@ current epoch's shuffle order and the partial sums of its metrics, and the metri
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import math
@@ -335,10 +336,12 @@ class Trainer:
                 if self.stop_signal is not None:
                     raise Interrupted(self.stop_signal, self.run_dir, epoch, self.step)
         except Interrupted:
-            self._write_summary("interrupted")
+            with contextlib.suppress(CnnctlError):
+                self._write_summary("interrupted")
             raise
-        except TrainingError as e:
-            self._write_summary("failed", error=e.message)
+        except CnnctlError as e:  # a diverging loss, a full disk, ...: the summary says so if it still can
+            with contextlib.suppress(CnnctlError):
+                self._write_summary("failed", error=e.message)
             raise
         extra = {"stopped_early": stopped_early}
         if spec.train.test_at_end:

@@ -440,3 +440,29 @@ def test_data_that_cannot_fit_is_refused_before_it_is_made(tmp_path):
     assert res.exit_code == 0 and "not loaded" in res.output and "GB" in res.output, res.output
     expect_error(["inspect", write(tmp_path, TINY.replace("dataset: shapes", "dataset: shapes\n  augment: "
                                                           "{random_crop: 8000}"))], "random_crop", "16 pixels")
+
+
+def test_a_full_disk_mid_run_is_a_clear_error_and_the_summary_says_failed(tmp_path, tiny_config, monkeypatch):
+    """The OS cuts the metrics append short (as on a full disk): the partial line is undone, the run exits 2
+    naming the file and how to continue, and summary.json says failed (never stays 'running')."""
+    from cnnctl import runs
+
+    real_write = runs.os.write
+
+    def short_write(fd, data):
+        if data.startswith(b'{"epoch": 2'):  # the second epoch's metrics.jsonl line
+            return real_write(fd, data[:7])
+        return real_write(fd, data)
+
+    monkeypatch.setattr(runs.os, "write", short_write)
+    expect_error(["train", tiny_config, "--runs-dir", tmp_path / "runs"], "cannot append to", "metrics.jsonl",
+                 "--resume")
+    monkeypatch.undo()
+    run = next((tmp_path / "runs").iterdir())
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]  # no torn second line
+    res = runner.invoke(app, ["train", "--resume", str(run), "-q", "--set", "train.epochs=3"])  # space is back
+    assert res.exit_code == 0, res.output
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"

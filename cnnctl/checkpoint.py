@@ -13,12 +13,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import AfterValidator, AllowInfNan, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from .errors import CheckpointError, CnnctlError
+from .strict import NonNegInt, Strict
 
 FORMAT = "cnnctl-checkpoint"
 FORMAT_VERSION = 1
@@ -152,3 +155,56 @@ def _check_metadata(ckpt: Checkpoint, path: Path) -> None:
                                                       math.isfinite(x) for x in v) for v in (mean, std))
         if not all(numbers) or len(mean) != len(std) or min(std) <= 0:
             bad("normalization needs lists 'mean' and 'std' of finite numbers, equally long, std positive")
+    if ckpt.trainer:
+        try:
+            TrainerState.model_validate(ckpt.trainer)
+        except ValidationError as e:
+            first = e.errors()[0]
+            bad(f"trainer.{'.'.join(map(str, first['loc']))}: {first['msg']}")
+
+
+def _generator_state(state: dict) -> dict:
+    """A numpy bit generator's state that numpy accepts (tried on a scratch generator of its kind)."""
+    kind = getattr(np.random, str(state.get("bit_generator")), None)
+    if not (isinstance(kind, type) and issubclass(kind, np.random.BitGenerator)):
+        raise ValueError(f"unknown bit generator {state.get('bit_generator')!r}")
+    try:
+        kind().state = state
+    except (TypeError, KeyError, OverflowError) as e:
+        raise ValueError(f"not a valid {kind.__name__} state ({type(e).__name__}: {e})") from None
+    return state
+
+
+Number = Annotated[StrictInt | StrictFloat, AllowInfNan(False)]
+GeneratorState = Annotated[dict[str, Any], AfterValidator(_generator_state)]
+Metrics = dict[str, Number | None]
+
+
+class _Partial(Strict):
+    position: NonNegInt
+    shuffle_state: GeneratorState
+    loss_sum: Number
+    correct: NonNegInt
+    seen: NonNegInt
+
+
+class _Stopper(Strict):
+    best: Number | None
+    bad_epochs: NonNegInt
+
+
+class TrainerState(Strict):
+    """What `cnnctl train --resume` reads back (written by Trainer._trainer_state): every field present is
+    checked here, so damaged state is refused on load rather than failing mid-training (a missing one is
+    refused by resume only, so eval and predict still read an older checkpoint)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    classes: list[StrictStr] | None = None
+    history: list[Metrics] | None = None
+    best: Metrics | None = None
+    stopper: _Stopper | None = None
+    partial: _Partial | None = None
+    schedule: dict[str, Number | None] | None = None
+    seeds: dict[Literal["init", "data", "shuffle", "augment"], GeneratorState] | None = None
+    wall_seconds: Annotated[float, Field(ge=0)] | None = None

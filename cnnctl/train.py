@@ -196,8 +196,13 @@ class Trainer:
                                       f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); resuming "
                                       "would silently restart their moments, so the run would not be exact",
                                       "resume from an intact checkpoint, or start the run again")
+            for key in ("classes", "history", "stopper", "schedule", "seeds", "wall_seconds"):
+                if t.get(key) is None:  # the types were checked on load; these cannot be absent
+                    raise KeyError(key)
             self.epoch, self.step = ckpt.epoch, ckpt.step
             self.history, self.best, self.stopper, self.partial = t["history"], t["best"], t["stopper"], t["partial"]
+            if self.best is not None and not isinstance(self.best.get(self.monitor), (int, float)):
+                raise ValueError(f"the best epoch's row has no '{self.monitor}' (the monitored metric)")
             if self.partial is not None and not 0 <= int(self.partial["position"]) <= self.steps_per_epoch:
                 raise ValueError(f"partial.position {self.partial['position']} is outside the epoch's "
                                  f"{self.steps_per_epoch} batches")

@@ -28,10 +28,51 @@ def line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     return line
 
 
+def _is_member(part, node) -> bool:
+    """Whether a loc part names a member of a plain union (`literal['auto','none']`, `constrained-int`,
+    `tuple[...]`, `int`) rather than a key of the data."""
+    return isinstance(part, str) and not (isinstance(node, dict) and part in node) and (
+        "[" in part or "-" in part or part in ("int", "float", "str", "bool", "none"))
+
+
+def _union_point(loc: tuple, data: Any) -> tuple[tuple, str] | None:
+    """(the path to the first plain union on loc, the member the error came from), or None."""
+    node = data
+    for i, part in enumerate(loc):
+        if _is_member(part, node):
+            return tuple(loc[:i]), part
+        node = node[part] if isinstance(node, dict) and part in node or (
+            isinstance(node, list) and isinstance(part, int) and part < len(node)) else None
+    return None
+
+
+def _mismatch(err: dict) -> bool:
+    """The input is not of this union member's kind at all (the other members' errors say more)."""
+    return err["type"].endswith("_type") or err["type"] in ("literal_error", "is_instance_of", "model_type")
+
+
+def relevant_errors(errors: list[dict], data: Any) -> list[dict]:
+    """A plain union reports every member's error; keep those of the members the input is of the kind of
+    (`normalize: {std: [.inf]}`: the mapping member's 'finite number', not the literal's 'auto or none')."""
+    fitting: dict[tuple, set] = {}
+    for err in errors:
+        point = _union_point(tuple(err["loc"]), data)
+        if point and not _mismatch(err):
+            fitting.setdefault(point[0], set()).add(point[1])
+    kept = []
+    for err in errors:
+        point = _union_point(tuple(err["loc"]), data)
+        if point is None or point[0] not in fitting or point[1] in fitting[point[0]]:
+            kept.append(err)
+    return kept
+
+
 def format_path(loc: tuple, data: Any) -> str:
     """('model', 'layers', 2, 'conv2d', 'filters') -> 'model.layers[2].filters' (skipping union tags)."""
     out, node = "", data
     for part in loc:
+        if _is_member(part, node):
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
             node = node[part] if isinstance(node, list) and part < len(node) else None
@@ -91,7 +132,7 @@ def at_line(root: yaml.Node | None, loc: tuple) -> str:
 def format_validation_error(e: ValidationError, data: Any, source: str, root: yaml.Node | None,
                             overrides: list[str] = ()) -> ConfigError:
     lines = []
-    for err in e.errors():
+    for err in relevant_errors(e.errors(), data):
         loc = error_loc(err)
         path = format_path(loc, data)
         from_set = any(is_within(path, o.partition("=")[0].strip()) for o in overrides)

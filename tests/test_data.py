@@ -173,7 +173,7 @@ def test_hostile_idx_headers_are_refused_without_inflating(tmp_path):
             f.write(bytes(4 << 20))  # 256 MB of zeros after the one image the header announces
     assert bomb.stat().st_size < 1 << 20
     t0 = time.perf_counter()
-    with pytest.raises(DataError, match="more than that"):
+    with pytest.raises(DataError, match="holds more"):
         idx.read(bomb, 3)
     assert time.perf_counter() - t0 < 1.0
     huge = tmp_path / "huge"

@@ -41,6 +41,8 @@ def expect_error(args, *words, code=2):
 
 
 CONFIG_ERRORS = {
+    "a union member's error only": (lambda d: d["data"].update(normalize={"mean": [0.5], "std": [float("inf")]}),
+                                    ["data.normalize.std[0]", "finite number", "1 problem"]),
     "unknown key with suggestion": (lambda d: d["data"].update(batchsize=3), ["data.batchsize",
                                                                            "did you mean 'batch_size'"]),
     "unknown layer key": (lambda d: d["model"]["layers"][0].update(filter=3), ["model.layers[0].filter",

@@ -56,8 +56,8 @@ def read(path: Path, ndim: int) -> np.ndarray:
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: cannot read or decompress: {e}", "download the file again") from None
     if len(body) != expected:
-        held = f"{len(body):,}" if len(body) <= expected else "more than that"
-        raise DataError(f"{path}: header says {dims} ({expected:,} bytes) but the file holds {held} bytes",
+        held = f"only {len(body):,} bytes" if len(body) < expected else "more (it was read no further)"
+        raise DataError(f"{path}: header says {dims} ({expected:,} bytes) but the file holds {held}",
                         "the file is truncated or corrupt; download it again")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 

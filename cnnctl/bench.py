@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from . import parallel
 from .builder import build_loss, build_model, check_training_memory, describe
 from .config import Spec
 
@@ -82,7 +83,7 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
         "ms_per_step": float(np.median(ms)), "ms_p10": float(np.percentile(ms, 10)),
         "ms_p90": float(np.percentile(ms, 90)), "images_per_second": bs / (np.median(ms) / 1e3),
         "gflops": flops / (np.median(ms) / 1e3) / 1e9, "flops_per_step": flops,
-        "peak_rss_mb": peak_rss_mb(), "blas": blas_info(), "params": model.num_params(),
+        "peak_rss_mb": peak_rss_mb(), "threads": parallel.threads(), "blas": blas_info(), "params": model.num_params(),
     }
     if per_layer:
         for _ in range(steps):

@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import parallel
+
 Pair = tuple[int, int]
 Padding4 = tuple[int, int, int, int]  # top, bottom, left, right
 
@@ -111,7 +113,12 @@ def batch_innermost(x: np.ndarray, cache: dict | None, name: str) -> np.ndarray:
     if x.strides[0] == x.itemsize or x.shape[0] == 1:
         return x
     out = buffer(cache, name, (x.shape[1], x.shape[2], x.shape[3], x.shape[0]), x.dtype)
-    out[...] = x.transpose(1, 2, 3, 0)
+    xt = x.transpose(1, 2, 3, 0)
+
+    def channels(lo, hi):
+        out[lo:hi] = xt[lo:hi]
+
+    parallel.split(x.shape[1], channels, x.size)
     return out.transpose(3, 0, 1, 2)
 
 
@@ -128,9 +135,13 @@ def lower(x: np.ndarray, pad4: Padding4, kw: int, sw: int, dw: int, ow: int, cac
     pt, pb, pl, _ = pad4
     lowered = buffer(cache, f"{name}{pad4}{x0}", (h + pt + pb, c, kw, ow, n), x.dtype, zero=True)
     src = batch_innermost(x, cache, name + ".chwn").transpose(2, 1, 3, 0)  # (H, C, W, N) view
-    for j in range(kw):  # output column x reads input column x0 + x*sw + j*dw - pl at kernel column j
-        xs, cols = inside(x0 + j * dw - pl, sw, ow, w)
-        lowered[pt : pt + h, :, j, xs] = src[:, :, cols]
+    places = [(j, *inside(x0 + j * dw - pl, sw, ow, w)) for j in range(kw)]
+
+    def channels(lo, hi):
+        for j, xs, cols in places:  # output column x reads input column x0 + x*sw + j*dw - pl at kernel column j
+            lowered[pt : pt + h, lo:hi, j, xs] = src[:, lo:hi, cols]
+
+    parallel.split(c, channels, lowered.size)
     return lowered
 
 
@@ -191,14 +202,22 @@ def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: P
     oh, ow = out_size(hp, kh, stride[0], 0, dilation[0]), out_size(wp, kw, stride[1], 0, dilation[1])
     lowered = lower(x, padding, kw, stride[1], dilation[1], ow, cache, "lowered")
     y = np.empty((o, oh, ow, n), x.dtype)
-    # (O, K) @ (OH, K, OW*N) -> (OH, O, OW*N): NumPy loops over the output rows in C, one BLAS call each
-    np.matmul(rows_first(weight), row_windows(lowered, kh, stride[0], dilation[0], oh), out=by_rows(y))
-    if bias is not None:
-        y += bias[:, None, None, None]
-    mask = None
-    if relu:
-        mask = np.greater(y, 0)
-        np.multiply(y, mask, out=y)  # twice as fast as np.maximum(y, 0) here (measured); gives -0.0 for y < 0
+    mask = np.empty(y.shape, bool) if relu else None
+    # (O, K) @ (OH, K, OW*N) -> (OH, O, OW*N): one BLAS call per output row, then bias and ReLU on those rows
+    # while they are in cache; slices of rows go to cnnctl's threads
+    wm, windows, yr = rows_first(weight), row_windows(lowered, kh, stride[0], dilation[0], oh), by_rows(y)
+    mr = by_rows(mask) if relu else None
+    b3 = None if bias is None else bias[:, None]
+
+    def rows(lo, hi):
+        part = np.matmul(wm, windows[lo:hi], out=yr[lo:hi])
+        if b3 is not None:
+            part += b3
+        if relu:
+            m = np.greater(part, 0, out=mr[lo:hi])
+            np.multiply(part, m, out=part)  # twice as fast as np.maximum(y, 0) here (measured); -0.0 for y < 0
+
+    parallel.split(oh, rows, y.size * wm.shape[1] // parallel.MAC_PER_NUMBER)
     return y.transpose(3, 0, 1, 2), ConvSaved(lowered, mask)
 
 
@@ -217,14 +236,27 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     n, o, oh, ow = dy.shape
     _, c, kh, kw = weight.shape
     dyt = dy.transpose(1, 2, 3, 0)  # (O, OH, OW, N): free when dy came from conv2d_forward's layout
-    if saved.relu_mask is None:
-        dY = np.ascontiguousarray(dyt)
+    mask = saved.relu_mask
+    if mask is None and dyt.flags.c_contiguous:  # already in the products' layout: no copy
+        dY = dyt
     else:
-        dY = np.multiply(dyt, saved.relu_mask, out=buffer(cache, "dY", (o, oh, ow, n), dy.dtype))
+        dY = buffer(cache, "dY", (o, oh, ow, n), dy.dtype)
+    dbias = np.empty(o, dy.dtype)
+
+    def channels(lo, hi):  # the deltas in the products' layout (masked by a fused ReLU), and their sums
+        if mask is not None:
+            np.multiply(dyt[lo:hi], mask[lo:hi], out=dY[lo:hi])
+        elif dY is not dyt:
+            dY[lo:hi] = dyt[lo:hi]
+        dY[lo:hi].sum(axis=(1, 2, 3), out=dbias[lo:hi])
+
+    parallel.split(o, channels, dY.size)
     windows = row_windows(saved.lowered, kh, stride[0], dilation[0], oh)
-    per_row = np.matmul(by_rows(dY), windows.transpose(0, 2, 1))  # (OH, O, K)
-    dweight = np.ascontiguousarray(per_row.sum(axis=0).reshape(o, kh, c, kw).transpose(0, 2, 1, 3))
-    dbias = dY.sum(axis=(1, 2, 3))
+    per_row = parallel.matmul(by_rows(dY), windows.transpose(0, 2, 1),
+                              np.empty((oh, o, kh * c * kw), dy.dtype))  # (OH, O, K)
+    summed = np.empty((o, kh * c * kw), dy.dtype)
+    parallel.split(o, lambda lo, hi: per_row[:, lo:hi].sum(axis=0, out=summed[lo:hi]), per_row.size)
+    dweight = np.ascontiguousarray(summed.reshape(o, kh, c, kw).transpose(0, 2, 1, 3))
     if not need_dx:
         return None, dweight, dbias
     if method == "auto":
@@ -258,7 +290,7 @@ def conv2d_dx_full(dY, weight, x_shape, stride: Pair, padding: Padding4, dilatio
                     "dlowered", x0=pl)
     rotated = rows_first(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, KH*O*KW)
     dx = np.empty((c, h, w, n), dY.dtype)
-    np.matmul(rotated, row_windows(lowered, kh, 1, dilation[0], h, y0=pt), out=by_rows(dx))
+    parallel.matmul(rotated, row_windows(lowered, kh, 1, dilation[0], h, y0=pt), by_rows(dx))
     return dx
 
 
@@ -277,12 +309,17 @@ def conv2d_dx_rows(dY, weight, x_shape, stride: Pair, padding: Padding4, dilatio
     # lowering with one kernel column: the deltas rows first, (OH + 2*span, O, 1, OW, N), zero rows around
     padded = lower(dY.transpose(3, 0, 1, 2), (span, span, 0, 0), 1, 1, 1, ow, cache, "dYrows")
     flipped = weight[:, :, ::-1].transpose(1, 3, 2, 0).reshape(c * kw, kh * o)  # [(c, j), (KH-1-i, o)]
-    lifted = np.matmul(flipped, row_windows(padded, kh, 1, dilation[0], h, y0=pt),
-                       out=buffer(cache, "lifted", (h, c * kw, ow * n), dY.dtype)).reshape(h, c, kw, ow, n)
-    dx = np.zeros((c, h, w, n), dY.dtype)
-    for j in range(kw):  # lifted[r, c, j, x] belongs to input column x*sw + j*dw - pl
-        xs, cols = inside(j * dilation[1] - pl, stride[1], ow, w)
-        dx[:, :, cols] += lifted[:, :, j, xs].transpose(1, 0, 2, 3)
+    lifted = parallel.matmul(flipped, row_windows(padded, kh, 1, dilation[0], h, y0=pt),
+                             buffer(cache, "lifted", (h, c * kw, ow * n), dY.dtype)).reshape(h, c, kw, ow, n)
+    dx = np.empty((c, h, w, n), dY.dtype)
+    places = [(j, *inside(j * dilation[1] - pl, stride[1], ow, w)) for j in range(kw)]
+
+    def channels(lo, hi):
+        dx[lo:hi] = 0
+        for j, xs, cols in places:  # lifted[r, c, j, x] belongs to input column x*sw + j*dw - pl
+            dx[lo:hi, :, cols] += lifted[:, lo:hi, j, xs].transpose(1, 0, 2, 3)
+
+    parallel.split(c, channels, dx.size * kw)
     return dx
 
 
@@ -294,13 +331,18 @@ def conv2d_dx_scatter(dY, weight, x_shape, stride: Pair, padding: Padding4, dila
     h, w = x_shape[2], x_shape[3]
     pt, _, pl, _ = padding
     hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
-    parts = np.matmul(rows_first(weight).T, by_rows(dY), out=buffer(cache, "parts", (oh, kh * c * kw, ow * n),
-                                                                    dY.dtype))
+    parts = parallel.matmul(rows_first(weight).T, by_rows(dY),
+                            buffer(cache, "parts", (oh, kh * c * kw, ow * n), dY.dtype))
     parts = parts.reshape(oh, kh, c, kw, ow, n)
-    dxp = np.zeros((c, hp, wp, n), dY.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            dxp[(slice(None), *_window(i, j, (oh, ow), stride, dilation))] += parts[:, i, :, j].transpose(1, 0, 2, 3)
+    dxp = np.empty((c, hp, wp, n), dY.dtype)
+    windows = [(i, j, _window(i, j, (oh, ow), stride, dilation)) for i in range(kh) for j in range(kw)]
+
+    def channels(lo, hi):
+        dxp[lo:hi] = 0
+        for i, j, (rows, cols) in windows:
+            dxp[lo:hi, rows, cols] += parts[:, i, lo:hi, j].transpose(1, 0, 2, 3)
+
+    parallel.split(c, channels, dxp.size * kh * kw)
     return dxp[:, pt : pt + h, pl : pl + w]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import checkpoint, data, runs
+from . import checkpoint, data, parallel, runs
 from .builder import build_loss, build_model, check_known_data, check_outputs, check_training_memory, describe
 from .config import Spec, load_config, spec_to_dict, validate
 from .errors import CheckpointError, CnnctlError, ConfigError, TrainingError
@@ -219,7 +219,7 @@ class Trainer:
         runs.write_json(self.run_dir / "summary.json", {
             "name": self.spec.name, "status": status, "started": self.started, "pid": os.getpid(),
             "epochs": self.spec.train.epochs, "epochs_done": self.epoch,
-            "steps": self.step, "params": self.model.num_params(),
+            "steps": self.step, "params": self.model.num_params(), "threads": parallel.threads(),
             "wall_seconds": round(self._elapsed(), 3),
             "monitor": self.monitor, "final": self.history[-1] if self.history else None,
             "best": self.best,

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .. import __version__, checkpoint
+from .. import __version__, checkpoint, parallel
 from ..builder import describe
 from ..config import apply_overrides, load_config
 from ..errors import CnnctlError
@@ -27,6 +27,14 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 SetOption = Annotated[list[str], typer.Option("--set", help="Override a config key: --set optimizer.lr=0.01 "
                                               "(dotted path, value parsed as YAML); repeatable.")]
+ThreadsOption = Annotated[int | None, typer.Option(
+    "--threads", help="Threads for the array work (default: $CNNCTL_THREADS, else the cores this process may "
+    "use); BLAS itself runs single-threaded. The numbers do not depend on it.", show_default=False)]
+
+
+def use_threads(threads: int | None) -> int:
+    """Resolve --threads / $CNNCTL_THREADS / the usable cores, and run the array work on that many threads."""
+    return parallel.use(parallel.resolve(threads))
 
 
 def guarded(fn):

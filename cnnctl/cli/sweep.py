@@ -14,7 +14,7 @@ from .. import sweep as sweep_lib
 from ..errors import CnnctlError
 from ..schedules import resolve_mode
 from ..sweep import trial_result
-from .common import app, err, guarded, out, table
+from .common import ThreadsOption, app, err, guarded, out, table, use_threads
 
 
 @app.command("sweep")
@@ -30,8 +30,10 @@ def sweep_(
     report: Annotated[Path | None, typer.Option("--report", help="Only print the ranked trials of a sweep "
                                                 "directory.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live table.")] = False,
+    threads: ThreadsOption = None,
 ):
     """Search over config overrides: every trial is an ordinary run under SWEEP_DIR/trials/."""
+    use_threads(threads)
     if report is not None:
         return sweep_report(report)
     ex = None

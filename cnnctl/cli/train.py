@@ -21,7 +21,7 @@ from ..config import apply_overrides, load_config
 from ..errors import CnnctlError, DataError
 from ..runs import create_run_dir, locked
 from ..train import Callback, Seeds, Trainer, evaluate, load_data, load_model, offline, resume_spec
-from .common import SetOption, app, fmt, guarded, load_target, out, table
+from .common import SetOption, ThreadsOption, app, fmt, guarded, load_target, out, table, use_threads
 
 
 class RichProgress(Callback):
@@ -115,8 +115,10 @@ def train(
                                                  "checkpoint; --set train.epochs=N extends a finished run.")] = None,
     force: Annotated[bool, typer.Option("--force", help="With --resume: accept a changed config.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Plain lines instead of live progress bars.")] = False,
+    threads: ThreadsOption = None,
 ):
     """Train a model from a YAML config; writes runs/NAME-YYYYmmdd-HHMMSS/."""
+    use_threads(threads)
     overrides = list(set_ or [])
     if name:
         overrides.append(f"name={json.dumps(name)}")  # a string as it is (--name 007 stays "007")
@@ -190,8 +192,10 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot_file: Annotated[Path | None, typer.Option("--plot", help="Also draw the confusion matrix to this PNG "
                                                    "(needs cnnctl[plot]).")] = None,
+    threads: ThreadsOption = None,
 ):
     """Evaluate a checkpoint (it carries its own config): loss, accuracy, per-class precision/recall."""
+    use_threads(threads)
     if data_split not in ("test", "val", "train"):
         raise CnnctlError(f"--data-split must be test, val or train, got {data_split!r}")
     ckpt = checkpoint.load(checkpoint_path)
@@ -237,19 +241,21 @@ def bench(
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 3,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Forward and backward ms per layer.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    threads: ThreadsOption = None,
 ):
     """Time full training steps (forward, loss, backward, update) on synthetic data of the input shape."""
+    use_threads(threads)
     spec, _ = load_target(target, list(set_ or []))
     res = run_bench(spec, batch_size, steps, warmup, per_layer)
     if as_json:
         print(json.dumps(res))
         return
     blas = res["blas"]
-    threads = blas.get("threads") or "unknown"
+    blas_threads = blas.get("threads") or "unknown"
     out.print(f"{spec.name}: batch {res['batch_size']}, {res['steps']} steps after {res['warmup']} warm-up")
     out.print(f"  {res['images_per_second']:,.0f} images/s   {res['ms_per_step']:.2f} ms/step (median; p10 "
               f"{res['ms_p10']:.2f}, p90 {res['ms_p90']:.2f})   {res['gflops']:.1f} GFLOP/s")
-    out.print(f"  peak RSS {res['peak_rss_mb']:.0f} MB   BLAS threads {threads}"
+    out.print(f"  peak RSS {res['peak_rss_mb']:.0f} MB   threads {res['threads']} (BLAS {blas_threads})"
               + (f" ({blas.get('library')} {blas.get('kernel')})" if blas.get("library") else "")
               + (f"   {blas['note']}" if blas.get("note") else ""))
     if per_layer:

@@ -1,0 +1,105 @@
+"""cnnctl's own threads: the same numbers bit for bit whatever the thread count, slices that add up to the
+unsliced result, and --threads / CNNCTL_THREADS reported where the issue asks."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cnnctl import parallel
+from cnnctl.cli import app
+from tests.cases import all_cases, randomize_params
+
+runner = CliRunner()
+CASES = [pytest.param(factory, shape, id=f"{tag}-{case_id}") for tag, case_id, factory, shape in all_cases()]
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    """Set the thread count (and, with grain=, the slice size); back to one thread after the test."""
+    def use(n, grain=None):
+        if grain is not None:
+            monkeypatch.setattr(parallel, "GRAIN", grain)
+        parallel.use(n)
+
+    yield use
+    parallel.use(1)
+
+
+def step(factory, shape):
+    """Output, input gradient and parameter gradients of one training-mode pass (float32, seeded)."""
+    g = np.random.default_rng(4)
+    layer = factory(g)
+    randomize_params(layer, g)
+    layer.set_input_grad(True)
+    x = g.standard_normal(shape).astype(np.float32)
+    y = layer.forward(x, training=True)
+    dy = g.standard_normal(y.shape).astype(np.float32)
+    dx = layer.backward(dy)
+    return [np.array(y), np.array(dx)] + [np.array(p.layer.grads[p.key]) for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("factory,shape", CASES)
+def test_every_layer_gives_the_same_bits_on_any_thread_count(threads, factory, shape):
+    """Cut into many slices (grain 8), one, two and three threads give identical arrays; and the slices add up
+    to what the unsliced call gives (to rounding: the gradient checks run on the unsliced path)."""
+    threads(1)
+    whole = step(factory, shape)
+    threads(1, grain=8)
+    one = step(factory, shape)
+    for n in (2, 3):
+        threads(n, grain=8)
+        for a, b in zip(one, step(factory, shape)):
+            assert a.tobytes() == b.tobytes()
+    for a, b in zip(one, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_split_covers_every_item_once_and_passes_errors_on(threads):
+    threads(3, grain=1)
+    seen = np.zeros(1000, int)
+
+    def work(lo, hi):
+        seen[lo:hi] += 1
+
+    parallel.split(1000, work, 10**6)
+    assert (seen == 1).all()
+    assert parallel.slices(1000, 10**6) == parallel.slices(1000, 10**6)  # depends on the size only
+
+    def fail(lo, hi):
+        raise ValueError(f"slice {lo}")
+
+    with pytest.raises(ValueError, match="slice"):
+        parallel.split(100, fail, 10**6)
+
+
+def test_training_is_identical_with_one_and_two_threads(tmp_path, tiny_config, threads):
+    threads(1, grain=64)  # the tiny net's operations are cut into slices too
+    finals = []
+    for n in (1, 2):
+        res = runner.invoke(app, ["train", str(tiny_config), "--runs-dir", str(tmp_path / f"t{n}"), "-q",
+                                  "--threads", str(n)])
+        assert res.exit_code == 0, res.output
+        (run,) = (tmp_path / f"t{n}").iterdir()
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["threads"] == n
+        finals.append([{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                       for line in (run / "metrics.jsonl").read_text().splitlines()])
+    assert finals[0] == finals[1]
+
+
+def test_threads_option_and_variable(tiny_config, threads, monkeypatch):
+    res = runner.invoke(app, ["bench", str(tiny_config), "--steps", "2", "--warmup", "0", "--json", "--threads", "2"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["threads"] == 2
+    monkeypatch.setenv("CNNCTL_THREADS", "3")
+    res = runner.invoke(app, ["bench", str(tiny_config), "--steps", "2", "--warmup", "0", "--json"])
+    assert json.loads(res.output)["threads"] == 3
+    monkeypatch.setenv("CNNCTL_THREADS", "many")
+    res = runner.invoke(app, ["bench", str(tiny_config), "--steps", "2"])
+    assert res.exit_code == 2 and "CNNCTL_THREADS" in res.output and "Traceback" not in res.output
+    monkeypatch.delenv("CNNCTL_THREADS")
+    res = runner.invoke(app, ["bench", str(tiny_config), "--steps", "2", "--threads", "0"])
+    assert res.exit_code == 2 and "--threads" in res.output
+    assert parallel.resolve(None) == parallel.available_cores()

@@ -1,9 +1,11 @@
 """cnnctl against PyTorch (CPU) on the same networks, batch sizes and thread count, in one process.
 
-    python benchmarks/vs_torch.py [--steps 30] [--warmup 10] [--rounds 3] [--json]
+    python benchmarks/vs_torch.py [--steps 30] [--warmup 10] [--rounds 3] [--threads N] [--only NAME] [--json]
 
 Prints a markdown table of images/s for both and the ratio cnnctl / torch (targets: >= 1.0 for LeNet-5 at
-batch 128, >= 0.8 at batch 32 and for the CIFAR-size net), plus the machine it ran on. torch is a
+batch 32 and 128, >= 0.8 for the CIFAR-size net, ResNet-20 and the resnet-fashion model), plus the machine it
+ran on. cnnctl runs as the CLI does (its own --threads threads, BLAS single-threaded); torch gets the same
+thread count; the ResNets are built from their configs and converted with tests/torch_models.py. torch is a
 benchmark-only dependency (pip install torch==2.13.0). Each measurement times full training steps: forward,
 cross-entropy loss, backward and an SGD-with-momentum update, on synthetic data, after warm-up. The two
 frameworks alternate for --rounds rounds and each reports the median of its per-round medians, so a noisy
@@ -16,12 +18,19 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from cnnctl.bench import bench, blas_info
-from cnnctl.config import Spec
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.torch_models
+
+from cnnctl import parallel  # noqa: E402
+from cnnctl.bench import bench, blas_info  # noqa: E402
+from cnnctl.builder import build_model  # noqa: E402
+from cnnctl.config import Spec, read_yaml  # noqa: E402
 
 LENET = [
     {"type": "conv2d", "filters": 6, "kernel_size": 5, "padding": 2, "activation": "relu"},
@@ -44,49 +53,37 @@ CIFAR = [
     {"type": "dense", "units": 256, "activation": "relu"},
     {"type": "dense", "units": 10},
 ]
-CASES = [("LeNet-5", LENET, (1, 28, 28), 32, 0.8), ("LeNet-5", LENET, (1, 28, 28), 128, 1.0),
-         ("CIFAR-size net", CIFAR, (3, 32, 32), 128, 0.8)]
+CASES = [("LeNet-5", LENET, (1, 28, 28), 32, 1.0), ("LeNet-5", LENET, (1, 28, 28), 128, 1.0),
+         ("CIFAR-size net", CIFAR, (3, 32, 32), 128, 0.8),
+         ("ResNet-20", ROOT / "configs/resnet20-cifar10.yaml", (3, 32, 32), 128, 0.8),
+         ("resnet-fashion", ROOT / "configs/resnet-fashion.yaml", (1, 28, 28), 128, 0.8)]
 
 
-def spec_for(name, layers, shape, batch):
+def spec_for(name, layers, shape, batch) -> Spec:
+    """A spec for the case: its layers, or a config file's model; SGD with momentum 0.9 either way."""
+    model = ({"input_shape": list(shape), "layers": layers} if isinstance(layers, list)
+             else read_yaml(layers)[0]["model"])
     return Spec.model_validate({
         "name": name.replace(" ", "-"), "data": {"dataset": "shapes", "batch_size": batch},
-        "model": {"input_shape": list(shape), "layers": layers},
-        "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.9},
+        "model": model, "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.9},
     })
 
 
-def torch_model(layers, shape):
-    import torch.nn as tnn
+def torch_module(spec: Spec):
+    """The same network in torch (tests/torch_models.py: the converter the reference tests use)."""
+    from tests.torch_models import to_torch
 
-    mods, c, h, w, flat = [], shape[0], shape[1], shape[2], None
-    for spec in layers:
-        t = spec["type"]
-        if t == "conv2d":
-            k, p = spec["kernel_size"], spec.get("padding", 0)
-            mods.append(tnn.Conv2d(c, spec["filters"], k, padding=p))
-            c, h, w = spec["filters"], h + 2 * p - k + 1, w + 2 * p - k + 1
-        elif t == "maxpool2d":
-            mods.append(tnn.MaxPool2d(spec["kernel_size"]))
-            h, w = h // spec["kernel_size"], w // spec["kernel_size"]
-        elif t == "flatten":
-            mods.append(tnn.Flatten())
-            flat = c * h * w
-        elif t == "dense":
-            mods.append(tnn.Linear(flat, spec["units"]))
-            flat = spec["units"]
-        if spec.get("activation") == "relu":
-            mods.append(tnn.ReLU())
-    return tnn.Sequential(*mods)
+    return to_torch(build_model(spec.model, np.random.default_rng(0))[0])
 
 
-def bench_torch(layers, shape, batch, steps, warmup):
+def bench_torch(spec: Spec, batch, steps, warmup):
+    """Full training steps in torch: forward, cross-entropy, backward, SGD with momentum 0.9 (as ours)."""
     import torch
 
-    model = torch_model(layers, shape)
+    model = torch_module(spec).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
-    x = torch.randn(batch, *shape)
+    x = torch.randn(batch, *spec.model.input_shape)
     y = torch.randint(0, 10, (batch,))
 
     def step():
@@ -133,19 +130,24 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=parallel.available_cores(),
+                    help="Threads for both (default: the cores this process may use).")
+    ap.add_argument("--only", help="Run only the cases whose name contains this (e.g. ResNet).")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     import torch
 
-    blas = blas_info()
-    threads = blas.get("threads") or os.cpu_count()
+    threads = parallel.use(args.threads)  # cnnctl's own threads, BLAS single-threaded, as the CLI does
     torch.set_num_threads(threads)
+    blas = blas_info()
     rows = []
     for name, layers, shape, batch, target in CASES:
+        if args.only and args.only.lower() not in name.lower():
+            continue
         ours, theirs = [], []
         for _ in range(args.rounds):
             ours.append(bench(spec_for(name, layers, shape, batch), batch, args.steps, args.warmup))
-            theirs.append(bench_torch(layers, shape, batch, args.steps, args.warmup))
+            theirs.append(bench_torch(spec_for(name, layers, shape, batch), batch, args.steps, args.warmup))
         ours_ms = float(np.median([r["ms_per_step"] for r in ours]))
         theirs_ms = float(np.median([r["ms_per_step"] for r in theirs]))
         rows.append({"network": name, "input": "x".join(map(str, shape)), "batch": batch,

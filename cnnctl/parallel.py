@@ -104,6 +104,23 @@ def split(n: int, work: Callable[[int, int], object], size: int) -> None:
         h.result()
 
 
+def channels(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Channels lo:hi of an (N, C, ...) array (features lo:hi of an (N, F) one)."""
+    return a[:, lo:hi] if a.ndim > 1 else a[lo:hi]
+
+
+def per_channel(like: np.ndarray, work: Callable[[int, int], object]) -> None:
+    """split over the channel axis (axis 1) of arrays shaped like `like`, for element-wise passes."""
+    split(like.shape[1] if like.ndim > 1 else like.shape[0], work, like.size)
+
+
+def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a + b (same shape), into a new array laid out as a, a slice of channels per thread."""
+    out = np.empty_like(a)
+    per_channel(a, lambda lo, hi: np.add(channels(a, lo, hi), channels(b, lo, hi), out=channels(out, lo, hi)))
+    return out
+
+
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out[r] = a @ b[r] (or a[r] @ b[r] when a is stacked too) for every r of the leading axis, in slices
     of r: the same single-threaded product per r as NumPy's own loop."""

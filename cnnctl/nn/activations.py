@@ -7,6 +7,7 @@ from typing import Literal
 import numpy as np
 
 from .. import functional as F
+from .. import parallel
 from .base import Layer, LayerSpec, register
 
 
@@ -50,11 +51,21 @@ class ReLU(Layer):
         return g.node("Relu", [x], name)
 
     def forward(self, x, training=True):
-        self._mask = x > 0
-        return np.maximum(x, 0)
+        self._mask, y = np.empty_like(x, dtype=bool), np.empty_like(x)
+
+        def part(lo, hi):
+            xs = parallel.channels(x, lo, hi)
+            np.greater(xs, 0, out=parallel.channels(self._mask, lo, hi))
+            np.maximum(xs, 0, out=parallel.channels(y, lo, hi))
+
+        parallel.per_channel(x, part)
+        return y
 
     def backward(self, dy):
-        return dy * self._mask
+        dx = np.empty_like(dy)
+        parallel.per_channel(dy, lambda lo, hi: np.multiply(parallel.channels(dy, lo, hi), parallel.channels(
+            self._mask, lo, hi), out=parallel.channels(dx, lo, hi)))
+        return dx
 
 
 @register("leaky_relu", LeakyReLUSpec)

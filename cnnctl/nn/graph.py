@@ -12,6 +12,7 @@ import numpy as np
 from pydantic import Field
 
 from .. import functional as F
+from .. import parallel
 from ..errors import ShapeError
 from ..strict import Activation
 from .base import Layer, LayerSpec, make_activation, register
@@ -119,7 +120,7 @@ class Residual(Layer):
     def forward(self, x, training=True):
         y = self.body.forward(x, training)
         s = self.shortcut.forward(x, training) if self.shortcut is not None else x
-        return self._activate(np.add(y, F.in_layout_of(s, y)), training)
+        return self._activate(parallel.add(y, F.in_layout_of(s, y)), training)
 
     def backward(self, dy):
         dy = self._deactivate(dy)
@@ -127,7 +128,7 @@ class Residual(Layer):
         ds = self.shortcut.backward(dy) if self.shortcut is not None else dy
         if not self.needs_input_grad:
             return None
-        return np.add(dx, F.in_layout_of(ds, dx))  # the fork: both branches' input gradients add
+        return parallel.add(dx, F.in_layout_of(ds, dx))  # the fork: both branches' input gradients add
 
     def onnx(self, g, x, input_shape, name):
         a = self.body.onnx(g, x, input_shape, name + ".body")

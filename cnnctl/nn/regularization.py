@@ -7,6 +7,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from .. import parallel
 from ..errors import ShapeError
 from ..strict import Activation
 from .base import Layer, LayerSpec, make_activation, register, register_spec
@@ -112,40 +113,56 @@ class _BatchNorm(Layer):
 
     def forward(self, x, training=True):
         total, dot, bshape = self._shapes(x)
-        m = x.size // x.shape[1]
-        if training:  # two passes for the statistics (mean, then the centred squares: no cancellation)
-            mean = np.einsum(total, x) / x.dtype.type(m)
-            xhat = np.subtract(x, mean.reshape(bshape))  # keeps x's memory layout
-            var = np.einsum(dot, xhat, xhat) / x.dtype.type(m)
+        m, c = x.size // x.shape[1], x.shape[1]
+        xhat, y = np.empty_like(x), np.empty_like(x)  # laid out as x
+        mean, var, inv_std = (np.empty(c, x.dtype) for _ in range(3))
+        weight, bias, eps, cut = self.params["weight"], self.params["bias"], self.eps, parallel.channels
+        if not training:
+            mean[:], var[:] = self.buffers["running_mean"], self.buffers["running_var"]
+
+        def part(lo, hi):  # a slice of channels: statistics, normalisation, scale and shift
+            xs, xh = cut(x, lo, hi), cut(xhat, lo, hi)
+            if training:  # two passes for the statistics (mean, then the centred squares: no cancellation)
+                mean[lo:hi] = np.einsum(total, xs) / x.dtype.type(m)
+            np.subtract(xs, mean[lo:hi].reshape(bshape), out=xh)
+            if training:
+                var[lo:hi] = np.einsum(dot, xh, xh) / x.dtype.type(m)
+            inv_std[lo:hi] = 1.0 / np.sqrt(var[lo:hi] + eps)
+            np.multiply(xh, inv_std[lo:hi].reshape(bshape), out=xh)
+            ys = np.multiply(xh, weight[lo:hi].reshape(bshape), out=cut(y, lo, hi))
+            np.add(ys, bias[lo:hi].reshape(bshape), out=ys)
+
+        parallel.per_channel(x, part)
+        if training:
             b, mo = self.buffers, self.momentum
             b["running_mean"] = ((1 - mo) * b["running_mean"] + mo * mean).astype(b["running_mean"].dtype)
             unbiased = var * (m / max(m - 1, 1))
             b["running_var"] = ((1 - mo) * b["running_var"] + mo * unbiased).astype(b["running_var"].dtype)
             b["num_batches_tracked"] = b["num_batches_tracked"] + 1
-        else:
-            mean, var = self.buffers["running_mean"], self.buffers["running_var"]
-            xhat = np.subtract(x, mean.astype(x.dtype).reshape(bshape))
-        self._training, self._m = training, m
-        self._inv_std = (1.0 / np.sqrt(var + self.eps)).astype(x.dtype)
-        np.multiply(xhat, self._inv_std.reshape(bshape), out=xhat)
-        self._xhat = xhat
-        y = np.multiply(xhat, self.params["weight"].reshape(bshape))
-        np.add(y, self.params["bias"].reshape(bshape), out=y)
+        self._training, self._m, self._inv_std, self._xhat = training, m, inv_std, xhat
         return self._activate(y, training)
 
     def backward(self, dy):
         dy = self._deactivate(dy)
         total, dot, bshape = self._shapes(dy)
-        gb = np.einsum(total, dy)
-        gw = np.einsum(dot, dy, self._xhat)
+        c, cut, m = dy.shape[1], parallel.channels, self._m
+        gw, gb, dx = np.empty(c, dy.dtype), np.empty(c, dy.dtype), np.empty_like(dy)
+        weight = self.params["weight"]
+
+        def part(lo, hi):
+            ds, xh, dxs = cut(dy, lo, hi), cut(self._xhat, lo, hi), cut(dx, lo, hi)
+            gb[lo:hi] = np.einsum(total, ds)
+            gw[lo:hi] = np.einsum(dot, ds, xh)
+            k = weight[lo:hi] * self._inv_std[lo:hi]  # d(out)/d(x) per channel with the statistics held fixed
+            np.multiply(ds, k.reshape(bshape), out=dxs)
+            if self._training:
+                # the batch mean and variance depend on x too: subtract their share of the gradient,
+                # k * (mean(dy) + xhat * mean(dy * xhat))
+                dxs -= np.multiply(xh, (k * gw[lo:hi] / m).reshape(bshape))
+                dxs -= (k * gb[lo:hi] / m).reshape(bshape)
+
+        parallel.per_channel(dy, part)
         self.grads["weight"], self.grads["bias"] = gw, gb
-        k = self.params["weight"] * self._inv_std  # d(out)/d(x) per channel with the statistics held fixed
-        dx = np.multiply(dy, k.reshape(bshape))
-        if self._training:
-            # the batch mean and variance depend on x too: subtract their share of the gradient,
-            # k * (mean(dy) + xhat * mean(dy * xhat))
-            dx -= np.multiply(self._xhat, (k * gw / self._m).reshape(bshape))
-            dx -= (k * gb / self._m).reshape(bshape)
         return dx
 
     def onnx(self, g, x, input_shape, name):

@@ -17,11 +17,9 @@ from .config import Spec
 
 
 def blas_info() -> dict:
-    """BLAS library, kernel and thread count as threadpoolctl sees them (an optional package)."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return {"threads": None, "note": "pip install threadpoolctl (or 'cnnctl[bench]') to report BLAS threads"}
+    """BLAS library, kernel and thread count as threadpoolctl sees them."""
+    from threadpoolctl import threadpool_info
+
     for pool in threadpool_info():
         if pool.get("user_api") == "blas":
             return {"threads": pool.get("num_threads"), "library": pool.get("internal_api"),

@@ -113,3 +113,15 @@ def test_real_subprocess_train_eval_and_error(tiny_config, tmp_path):
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr + bad.stdout
     assert "model.layers[0].filters" in bad.stderr and "greater than 0" in bad.stderr
+
+
+def test_help_keeps_brackets_and_reads_like_a_cli():
+    """-h works; text in square brackets survives (no markup); flags show no <bool>, options name their value;
+    shell completion can be installed."""
+    r = runner
+    text = r.invoke(app, ["eval", "-h"]).output
+    assert "cnnctl[plot]" in text and "<bool>" not in text and "<list[str]>" not in text, text
+    assert "--set KEY=VALUE" in text and "--threads N" in text and "--plot FILE.png" in text
+    assert "--install-completion" in r.invoke(app, ["-h"]).output
+    for verb in ("train", "inspect", "bench", "sweep", "plot", "viz", "export", "predict", "gradcheck"):
+        assert "<bool>" not in r.invoke(app, [verb, "-h"]).output, verb

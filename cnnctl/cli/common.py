@@ -18,18 +18,22 @@ from ..config import apply_overrides, load_config
 from ..errors import CnnctlError
 from ..train import Interrupted, load_model
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# help is plain text (rich_markup_mode=None): square brackets in it, as in cnnctl[plot], stay as written
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Train convolutional networks from one YAML file on a pure NumPy core.")
 # paths and messages never break mid-line; markup is off, so user text (paths, names, class names) prints as it
 # is: styles are given as rich Text objects, never as [tags] inside strings
 out = Console(highlight=False, soft_wrap=True, markup=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
-SetOption = Annotated[list[str], typer.Option("--set", help="Override a config key: --set optimizer.lr=0.01 "
+SetOption = Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE",
+                                              help="Override a config key: --set optimizer.lr=0.01 "
                                               "(dotted path, value parsed as YAML); repeatable.")]
 ThreadsOption = Annotated[int | None, typer.Option(
-    "--threads", help="Threads for the array work (default: $CNNCTL_THREADS, else the cores this process may "
-    "use); BLAS itself runs single-threaded. The numbers do not depend on it.", show_default=False)]
+    "--threads", metavar="N", show_default=False,
+    help="Threads for the array work (default: $CNNCTL_THREADS, else the cores this process may use); BLAS itself "
+    "runs single-threaded. The numbers do not depend on it.")]
 
 
 def use_threads(threads: int | None) -> int:
@@ -67,7 +71,8 @@ def _version(value: bool):
 
 
 @app.callback()
-def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False):
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                           help="Show the version and exit.")] = False):
     """cnnctl: declarative CNN training on NumPy."""
 
 

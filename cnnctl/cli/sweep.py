@@ -21,13 +21,18 @@ from .common import ThreadsOption, app, err, guarded, out, table, use_threads
 @guarded
 def sweep_(
     sweep_file: Annotated[Path | None, typer.Argument(metavar="SWEEP.yaml", help="The sweep file.")] = None,
-    executor: Annotated[str | None, typer.Option("--executor", help="local or ray (overrides the file).")] = None,
-    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address, e.g. auto or "
+    executor: Annotated[str | None, typer.Option("--executor", metavar="NAME",
+                                                 help="local or ray (overrides the file).")] = None,
+    address: Annotated[str | None, typer.Option("--address", metavar="ADDRESS",
+                                                help="Ray cluster address, e.g. auto or "
                                                 "ray://host:10001 (implies --executor ray).")] = None,
-    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where the sweep directory is created.")] = Path("runs"),
-    resume: Annotated[Path | None, typer.Option("--resume", help="Continue a sweep directory: finished trials "
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", metavar="DIR",
+                                           help="Where the sweep directory is created.")] = Path("runs"),
+    resume: Annotated[Path | None, typer.Option("--resume", metavar="SWEEP_DIR",
+                                                help="Continue a sweep directory: finished trials "
                                                 "are kept, the others rerun (from their last checkpoint).")] = None,
-    report: Annotated[Path | None, typer.Option("--report", help="Only print the ranked trials of a sweep "
+    report: Annotated[Path | None, typer.Option("--report", metavar="SWEEP_DIR",
+                                                help="Only print the ranked trials of a sweep "
                                                 "directory.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live table.")] = False,
     threads: ThreadsOption = None,

@@ -105,7 +105,7 @@ def _history(run_dir: Path) -> list[dict]:
 @guarded
 def plot(
     run: Annotated[Path, typer.Argument(metavar="RUN_DIR")],
-    out_file: Annotated[Path | None, typer.Option("--out", help="Write a PNG (needs cnnctl[plot]); "
+    out_file: Annotated[Path | None, typer.Option("--out", metavar="FILE", help="Write a PNG (needs cnnctl[plot]); "
                                                   "without it, charts are drawn in the terminal.")] = None,
 ):
     """Loss and accuracy curves (train and validation) and the learning rate of a run; for a sweep
@@ -132,8 +132,9 @@ def plot(
 @guarded
 def viz(
     checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
-    out_file: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
-    image: Annotated[Path | None, typer.Option("--image", help="Also show each conv layer's feature maps for "
+    out_file: Annotated[Path, typer.Option("--out", metavar="FILE", help="PNG file to write.")],
+    image: Annotated[Path | None, typer.Option("--image", metavar="FILE",
+                                               help="Also show each conv layer's feature maps for "
                                                "this image (a picture file or an .npz).")] = None,
 ):
     """The first conv layer's filters as a grid; with --image, every conv layer's feature maps."""
@@ -157,7 +158,8 @@ def viz(
 @app.command()
 @guarded
 def schema(
-    out_file: Annotated[Path | None, typer.Option("--out", help="Write to a file instead of stdout.")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", metavar="FILE",
+                                                  help="Write to a file instead of stdout.")] = None,
 ):
     """The JSON Schema of the config file, for editor completion and checking."""
     text = json.dumps(config_schema(), indent=2) + "\n"
@@ -172,8 +174,8 @@ def schema(
 @guarded
 def export(
     checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
-    out_file: Annotated[Path, typer.Option("--out", help="File to write, e.g. model.onnx.")],
-    fmt: Annotated[str, typer.Option("--format", help="Only onnx for now.")] = "onnx",
+    out_file: Annotated[Path, typer.Option("--out", metavar="FILE", help="File to write, e.g. model.onnx.")],
+    fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="Only onnx for now.")] = "onnx",
     softmax: Annotated[bool, typer.Option("--softmax", help="End the graph with Softmax (probabilities).")] = False,
 ):
     """Export a checkpoint as an ONNX graph (input: pixels on the 0..1 scale; normalisation baked in)."""
@@ -191,7 +193,7 @@ def export(
 def predict_(
     checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
     inputs: Annotated[list[Path], typer.Argument(metavar="FILES...", help="Image files or .npz files.")],
-    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes to show per input.")] = 3,
+    top_k: Annotated[int, typer.Option("--top-k", metavar="K", min=1, help="Classes to show per input.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Class probabilities for images (Pillow) or an .npz, normalised as in training."""
@@ -225,11 +227,12 @@ def _class_names(spec, n: int, ckpt) -> list[str]:
 def gradcheck(
     target: Annotated[Path, typer.Argument(metavar="CONFIG_OR_CHECKPOINT")],
     set_: SetOption = None,
-    layers: Annotated[list[str] | None, typer.Option("--layers", help="Layer indices or names to check "
+    layers: Annotated[list[str] | None, typer.Option("--layers", metavar="LAYER",
+                                                     help="Layer indices or names to check "
                                                      "(repeatable; default: all).")] = None,
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Entries checked per array.")] = 16,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Random inputs in the batch.")] = 2,
-    tol: Annotated[float, typer.Option("--tol", help="Largest relative error that passes.")] = 1e-6,
+    samples: Annotated[int, typer.Option("--samples", metavar="N", min=1, help="Entries checked per array.")] = 16,
+    batch: Annotated[int, typer.Option("--batch", metavar="N", min=1, help="Random inputs in the batch.")] = 2,
+    tol: Annotated[float, typer.Option("--tol", metavar="TOL", help="Largest relative error that passes.")] = 1e-6,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):

@@ -107,11 +107,15 @@ def _epoch_line(row):
 @app.command()
 @guarded
 def train(
-    config: Annotated[Path | None, typer.Argument(help="YAML config file (not needed with --resume).")] = None,
+    config: Annotated[Path | None, typer.Argument(metavar="[CONFIG]",
+                                                  help="YAML config file (not needed with --resume).")] = None,
     set_: SetOption = None,
-    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run directories are created.")] = Path("runs"),
-    name: Annotated[str | None, typer.Option("--name", help="Run name (default: the config's name).")] = None,
-    resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run directory from its last "
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", metavar="DIR",
+                                           help="Where run directories are created.")] = Path("runs"),
+    name: Annotated[str | None, typer.Option("--name", metavar="NAME",
+                                             help="Run name (default: the config's name).")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", metavar="RUN_DIR",
+                                                help="Continue this run directory from its last "
                                                  "checkpoint; --set train.epochs=N extends a finished run.")] = None,
     force: Annotated[bool, typer.Option("--force", help="With --resume: accept a changed config.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Plain lines instead of live progress bars.")] = False,
@@ -187,10 +191,11 @@ def _remove_empty_run(run_dir: Path) -> None:
 @guarded
 def eval_(
     checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A .safetensors checkpoint.")],
-    data_split: Annotated[str, typer.Option("--data-split", help="test, val or train.")] = "test",
+    data_split: Annotated[str, typer.Option("--data-split", metavar="SPLIT", help="test, val or train.")] = "test",
     set_: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    plot_file: Annotated[Path | None, typer.Option("--plot", help="Also draw the confusion matrix to this PNG "
+    plot_file: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png",
+                                                   help="Also draw the confusion matrix to this PNG "
                                                    "(needs cnnctl[plot]).")] = None,
     threads: ThreadsOption = None,
 ):
@@ -236,9 +241,10 @@ def eval_(
 def bench(
     target: Annotated[Path, typer.Argument(metavar="CONFIG_OR_CHECKPOINT")],
     set_: SetOption = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: data.batch_size.")] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps.")] = 20,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 3,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="B", min=1,
+                                                   help="Default: data.batch_size.")] = None,
+    steps: Annotated[int, typer.Option("--steps", metavar="N", min=1, help="Timed training steps.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed steps first.")] = 3,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Forward and backward ms per layer.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     threads: ThreadsOption = None,
@@ -255,9 +261,8 @@ def bench(
     out.print(f"{spec.name}: batch {res['batch_size']}, {res['steps']} steps after {res['warmup']} warm-up")
     out.print(f"  {res['images_per_second']:,.0f} images/s   {res['ms_per_step']:.2f} ms/step (median; p10 "
               f"{res['ms_p10']:.2f}, p90 {res['ms_p90']:.2f})   {res['gflops']:.1f} GFLOP/s")
-    out.print(f"  peak RSS {res['peak_rss_mb']:.0f} MB   threads {res['threads']} (BLAS {blas_threads})"
-              + (f" ({blas.get('library')} {blas.get('kernel')})" if blas.get("library") else "")
-              + (f"   {blas['note']}" if blas.get("note") else ""))
+    out.print(f"  peak RSS {res['peak_rss_mb']:.0f} MB   threads {res['threads']} (BLAS {blas_threads}"
+              + (f": {blas.get('library')} {blas.get('kernel')})" if blas.get("library") else ")"))
     if per_layer:
         out.print(table("per layer (ms per step)", ("#", "name", "output shape", "forward", "backward"),
                         right=("#", "forward", "backward"), rows=(
@@ -270,7 +275,8 @@ def bench(
 def inspect(
     target: Annotated[Path, typer.Argument(metavar="CONFIG_OR_CHECKPOINT")],
     set_: SetOption = None,
-    depth: Annotated[int | None, typer.Option("--depth", min=0, help="Show nested layers down to this depth "
+    depth: Annotated[int | None, typer.Option("--depth", metavar="N", min=0,
+                                              help="Show nested layers down to this depth "
                                               "(0: top-level layers only; default: all).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (with the whole tree).")] = False,
 ):

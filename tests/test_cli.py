@@ -125,3 +125,18 @@ def test_help_keeps_brackets_and_reads_like_a_cli():
     assert "--install-completion" in r.invoke(app, ["-h"]).output
     for verb in ("train", "inspect", "bench", "sweep", "plot", "viz", "export", "predict", "gradcheck"):
         assert "<bool>" not in r.invoke(app, [verb, "-h"]).output, verb
+
+
+def test_a_run_directory_stands_for_its_best_checkpoint(tmp_path, tiny_config):
+    """eval, inspect, predict, export and viz take a run directory and say which checkpoint they use."""
+    assert run("train", tiny_config, "--runs-dir", tmp_path / "runs", "-q").exit_code == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    best = run_dir / "checkpoints" / "best.safetensors"
+    np.savez(tmp_path / "x.npz", x=np.zeros((1, 16, 16), np.uint8))
+    for args in (["eval", run_dir, "--json"], ["inspect", run_dir], ["predict", run_dir, tmp_path / "x.npz"],
+                 ["export", run_dir, "--out", tmp_path / "m.onnx"], ["viz", run_dir, "--out", tmp_path / "v.png"]):
+        res = run(*args)
+        assert res.exit_code == 0, (args, res.output)
+        assert f"using {best} (best checkpoint of the run)" in res.output, res.output
+    res = run("eval", tmp_path)
+    assert res.exit_code == 2 and "without checkpoints/best.safetensors" in res.output

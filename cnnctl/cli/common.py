@@ -93,7 +93,27 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], rig
     return t
 
 
+def checkpoint_of(path: Path) -> Path:
+    """A checkpoint file as given, or for a run directory its best checkpoint (else its last), said on stderr."""
+    if not path.is_dir():
+        return path
+    for name in ("best", "last"):
+        found = path / "checkpoints" / f"{name}.safetensors"
+        if found.is_file():
+            err.print(f"using {found} ({name} checkpoint of the run)")
+            return found
+    raise CnnctlError(f"{path} is a folder without checkpoints/best.safetensors or checkpoints/last.safetensors",
+                      "pass a run directory that finished an epoch, or a .safetensors file")
+
+
+def load_checkpoint(path: Path) -> tuple[Path, checkpoint.Checkpoint]:
+    """checkpoint_of(path) and the checkpoint loaded from it."""
+    path = checkpoint_of(path)
+    return path, checkpoint.load(path)
+
+
 def load_target(target: Path, overrides: list[str]):
+    target = checkpoint_of(target)
     if target.suffix == ".safetensors":
         ckpt = checkpoint.load(target)
         if overrides:

@@ -23,7 +23,7 @@ from ..errors import CnnctlError
 from ..export import export_onnx
 from ..gradcheck import check_network
 from ..train import load_model
-from .common import SetOption, app, fmt, guarded, load_target, out, table
+from .common import SetOption, app, fmt, guarded, load_checkpoint, load_target, out, table
 from .sweep import sweep_report
 
 
@@ -131,14 +131,14 @@ def plot(
 @app.command()
 @guarded
 def viz(
-    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT|RUN_DIR")],
     out_file: Annotated[Path, typer.Option("--out", metavar="FILE", help="PNG file to write.")],
     image: Annotated[Path | None, typer.Option("--image", metavar="FILE",
                                                help="Also show each conv layer's feature maps for "
                                                "this image (a picture file or an .npz).")] = None,
 ):
     """The first conv layer's filters as a grid; with --image, every conv layer's feature maps."""
-    ckpt = checkpoint.load(checkpoint_path)
+    checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
     spec, model, rows = load_model(ckpt, checkpoint_path)
     convs = {name: layer for name, layer in model.named_layers() if isinstance(layer, nn.Conv2D)}
     if not convs:
@@ -173,7 +173,7 @@ def schema(
 @app.command()
 @guarded
 def export(
-    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT|RUN_DIR")],
     out_file: Annotated[Path, typer.Option("--out", metavar="FILE", help="File to write, e.g. model.onnx.")],
     fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="Only onnx for now.")] = "onnx",
     softmax: Annotated[bool, typer.Option("--softmax", help="End the graph with Softmax (probabilities).")] = False,
@@ -181,7 +181,7 @@ def export(
     """Export a checkpoint as an ONNX graph (input: pixels on the 0..1 scale; normalisation baked in)."""
     if fmt != "onnx":
         raise CnnctlError(f"unknown --format {fmt!r}", "use --format onnx")
-    ckpt = checkpoint.load(checkpoint_path)
+    checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
     spec, model, _ = load_model(ckpt, checkpoint_path)
     export_onnx(model, spec.model.input_shape, ckpt.normalization, spec.name, out_file, softmax)
     out.print(f"wrote {out_file} (input 'input': N x {' x '.join(map(str, spec.model.input_shape))} pixels "
@@ -191,13 +191,13 @@ def export(
 @app.command("predict")
 @guarded
 def predict_(
-    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT")],
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT|RUN_DIR")],
     inputs: Annotated[list[Path], typer.Argument(metavar="FILES...", help="Image files or .npz files.")],
     top_k: Annotated[int, typer.Option("--top-k", metavar="K", min=1, help="Classes to show per input.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Class probabilities for images (Pillow) or an .npz, normalised as in training."""
-    ckpt = checkpoint.load(checkpoint_path)
+    checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
     spec, model, _ = load_model(ckpt, checkpoint_path)
     names, x01 = predict_lib.load_inputs(inputs, spec.model.input_shape)
     logits = model.forward(predict_lib.normalize(x01, ckpt.normalization), training=False)
@@ -225,7 +225,7 @@ def _class_names(spec, n: int, ckpt) -> list[str]:
 @app.command()
 @guarded
 def gradcheck(
-    target: Annotated[Path, typer.Argument(metavar="CONFIG_OR_CHECKPOINT")],
+    target: Annotated[Path, typer.Argument(metavar="CONFIG|CHECKPOINT|RUN_DIR")],
     set_: SetOption = None,
     layers: Annotated[list[str] | None, typer.Option("--layers", metavar="LAYER",
                                                      help="Layer indices or names to check "

@@ -14,14 +14,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from .. import checkpoint, plots
+from .. import plots
 from ..bench import bench as run_bench
 from ..builder import LayerRow, activation_values, build_loss, check_known_data, training_bytes, walk
 from ..config import apply_overrides, load_config
 from ..errors import CnnctlError, DataError
 from ..runs import create_run_dir, locked
 from ..train import Callback, Seeds, Trainer, evaluate, load_data, load_model, offline, resume_spec
-from .common import SetOption, ThreadsOption, app, fmt, guarded, load_target, out, table, use_threads
+from .common import SetOption, ThreadsOption, app, fmt, guarded, load_checkpoint, load_target, out, table, use_threads
 
 
 class RichProgress(Callback):
@@ -190,7 +190,8 @@ def _remove_empty_run(run_dir: Path) -> None:
 @app.command("eval")
 @guarded
 def eval_(
-    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A .safetensors checkpoint.")],
+    checkpoint_path: Annotated[Path, typer.Argument(
+        metavar="CHECKPOINT|RUN_DIR", help="A .safetensors checkpoint, or a run directory (its best checkpoint).")],
     data_split: Annotated[str, typer.Option("--data-split", metavar="SPLIT", help="test, val or train.")] = "test",
     set_: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -203,7 +204,7 @@ def eval_(
     use_threads(threads)
     if data_split not in ("test", "val", "train"):
         raise CnnctlError(f"--data-split must be test, val or train, got {data_split!r}")
-    ckpt = checkpoint.load(checkpoint_path)
+    checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
     if set_:
         ckpt.config = apply_overrides(ckpt.config, list(set_))
     spec, model, rows = load_model(ckpt, checkpoint_path)
@@ -239,7 +240,7 @@ def eval_(
 @app.command()
 @guarded
 def bench(
-    target: Annotated[Path, typer.Argument(metavar="CONFIG_OR_CHECKPOINT")],
+    target: Annotated[Path, typer.Argument(metavar="CONFIG|CHECKPOINT|RUN_DIR")],
     set_: SetOption = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="B", min=1,
                                                    help="Default: data.batch_size.")] = None,
@@ -273,7 +274,7 @@ def bench(
 @app.command()
 @guarded
 def inspect(
-    target: Annotated[Path, typer.Argument(metavar="CONFIG_OR_CHECKPOINT")],
+    target: Annotated[Path, typer.Argument(metavar="CONFIG|CHECKPOINT|RUN_DIR")],
     set_: SetOption = None,
     depth: Annotated[int | None, typer.Option("--depth", metavar="N", min=0,
                                               help="Show nested layers down to this depth "

@@ -14,17 +14,7 @@ import numpy as np
 from . import parallel
 from .builder import build_loss, build_model, check_training_memory, describe
 from .config import Spec
-
-
-def blas_info() -> dict:
-    """BLAS library, kernel and thread count as threadpoolctl sees them."""
-    from threadpoolctl import threadpool_info
-
-    for pool in threadpool_info():
-        if pool.get("user_api") == "blas":
-            return {"threads": pool.get("num_threads"), "library": pool.get("internal_api"),
-                    "kernel": pool.get("architecture"), "version": pool.get("version")}
-    return {"threads": None}
+from .environment import blas_info
 
 
 def peak_rss_mb() -> float:

@@ -38,6 +38,7 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)
     normalization: dict = field(default_factory=dict)  # {"mean": [...], "std": [...]}
     trainer: dict = field(default_factory=dict)  # history, schedule, random states, mid-epoch position
+    environment: dict = field(default_factory=dict)  # versions, BLAS, threads, platform, command (informative)
 
 
 def _umask() -> int:
@@ -83,6 +84,7 @@ def save(path: str | Path, ckpt: Checkpoint) -> None:
         "metrics": json.dumps(ckpt.metrics),
         "normalization": json.dumps(ckpt.normalization),
         "trainer": json.dumps(ckpt.trainer),
+        "environment": json.dumps(ckpt.environment),
     }
     atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
 
@@ -129,6 +131,7 @@ def load(path: str | Path) -> Checkpoint:
             metrics=json.loads(meta["metrics"]),
             normalization=json.loads(meta["normalization"]),
             trainer=json.loads(meta.get("trainer", "{}")),
+            environment=json.loads(meta.get("environment", "{}")),
         )
     except Exception as e:  # safetensors raises its own error types for corrupt data
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})",
@@ -143,7 +146,7 @@ def _check_metadata(ckpt: Checkpoint, path: Path) -> None:
         raise CheckpointError(f"{path}: damaged checkpoint metadata: {what}", "use a checkpoint written by cnnctl "
                               "train, e.g. checkpoints/best.safetensors")
 
-    for key in ("config", "metrics", "normalization", "trainer"):
+    for key in ("config", "metrics", "normalization", "trainer", "environment"):
         if not isinstance(getattr(ckpt, key), dict):
             bad(f"'{key}' is a {type(getattr(ckpt, key)).__name__}, not a mapping")
     if ckpt.epoch < 0 or ckpt.step < 0:

@@ -23,6 +23,7 @@ import yaml
 from . import checkpoint, data, parallel, runs
 from .builder import build_loss, build_model, check_known_data, check_outputs, check_training_memory, describe
 from .config import Spec, load_config, spec_to_dict, validate
+from .environment import environment
 from .errors import CheckpointError, CnnctlError, ConfigError, TrainingError
 from .nn import Loss, Model
 from .schedules import resolve_mode
@@ -178,7 +179,7 @@ class Trainer:
             optimizer_state=self.optimizer.state_dict(), epoch=self.epoch, step=self.step,
             metrics=self.history[-1] if self.history else {},
             normalization={"mean": self.ds.mean.tolist(), "std": self.ds.std.tolist()},
-            trainer=self._trainer_state(),
+            trainer=self._trainer_state(), environment=self.environment,
         ))
 
     def restore(self, ckpt: checkpoint.Checkpoint, path) -> None:
@@ -224,6 +225,7 @@ class Trainer:
             "monitor": self.monitor, "final": self.history[-1] if self.history else None,
             "best": self.best,
             "dataset": self.ds.describe(),
+            "environment": self.environment,
             **extra,
         })
 
@@ -311,6 +313,7 @@ class Trainer:
     def fit(self, run_dir: Path, resumed: bool = False) -> dict:
         spec, bs = self.spec, self.spec.data.batch_size
         self.run_dir, self._started = Path(run_dir), time.time()
+        self.environment = environment()
         previous = runs.run_info(self.run_dir) if resumed else None
         self.started = (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S")
         runs.write_yaml(self.run_dir / "config.yaml", spec_to_dict(spec))

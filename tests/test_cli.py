@@ -140,3 +140,17 @@ def test_a_run_directory_stands_for_its_best_checkpoint(tmp_path, tiny_config):
         assert f"using {best} (best checkpoint of the run)" in res.output, res.output
     res = run("eval", tmp_path)
     assert res.exit_code == 2 and "without checkpoints/best.safetensors" in res.output
+
+
+def test_summary_and_checkpoints_record_the_environment(tmp_path, tiny_config):
+    import platform
+
+    from cnnctl import __version__, checkpoint
+
+    assert run("train", tiny_config, "--runs-dir", tmp_path / "runs", "-q", "--threads", "1").exit_code == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    env = json.loads((run_dir / "summary.json").read_text())["environment"]
+    assert env["cnnctl"] == __version__ and env["numpy"] == np.__version__
+    assert env["python"] == platform.python_version() and env["threads"] == 1 and "blas" in env
+    assert env["platform"] and isinstance(env["command"], list)
+    assert checkpoint.load(run_dir / "checkpoints" / "best.safetensors").environment == env

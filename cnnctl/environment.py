@@ -1,0 +1,28 @@
+"""What a run's numbers depend on, recorded in summary.json and in every checkpoint."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import numpy as np
+
+from . import __version__, parallel
+
+
+def blas_info() -> dict:
+    """BLAS library, kernel and thread count as threadpoolctl sees them."""
+    from threadpoolctl import threadpool_info
+
+    for pool in threadpool_info():
+        if pool.get("user_api") == "blas":
+            return {"threads": pool.get("num_threads"), "library": pool.get("internal_api"),
+                    "kernel": pool.get("architecture"), "version": pool.get("version")}
+    return {"threads": None}
+
+
+def environment() -> dict:
+    """cnnctl, Python and NumPy versions, the BLAS and its threads, cnnctl's threads, the platform, the command."""
+    return {"cnnctl": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "blas": blas_info(), "threads": parallel.threads(), "platform": platform.platform(),
+            "command": sys.argv}

@@ -85,7 +85,7 @@ class _Resolver:
                 close = difflib.get_close_matches(key, list(params), n=1)
                 guess = f"did you mean '{close[0]}'? " if close else ""
                 self.fail((*loc, key), f"block '{name}' has no parameter '{key}'; {guess}its parameters: "
-                          f"{', '.join(params) or '(none)'}, plus name and repeat",
+                          f"{', '.join(params) or '(none)'}, plus name, repeat and trainable",
                           f"remove '{key}' or declare it under model.blocks.{name}.params")
         missing = [p for p, default in params.items() if default is None and p not in args]
         if missing:
@@ -119,6 +119,8 @@ class _Resolver:
             layer._block = f"{name} x{use.repeat}"
         if use.name:
             layer = layer.model_copy(update={"name": use.name})
+        if not use.trainable:
+            layer = layer.model_copy(update={"trainable": False})
         return layer
 
     def substitute(self, value: Any, values: dict, loc: tuple, block: str) -> Any:

@@ -31,12 +31,13 @@ class LayerRow:
     depth: int  # 0 for model.layers
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
-    params: int  # trainable values, children included
+    params: int  # parameter values, children included (trainable or frozen)
     buffers: int  # non-trainable values (running statistics), children included
     macs: int
     receptive_field: tuple[int, int, int, int] | None  # (height, width, row stride, column stride); None: all
     children: list[LayerRow] = field(default_factory=list)
     named: bool = False  # the name was given in the config (else it is the default type_index)
+    frozen: int = 0  # of params, those in frozen layers (trainable: false)
 
     def walk(self) -> Iterator[LayerRow]:
         yield self
@@ -47,8 +48,8 @@ class LayerRow:
         rf = self.receptive_field
         return {"index": self.index, "path": self.path, "name": self.name, "type": self.type,
                 "output_shape": list(self.output_shape), "params": self.params, "buffers": self.buffers,
-                "macs": self.macs, "receptive_field": None if rf is None else {"size": [rf[0], rf[1]],
-                                                                                 "stride": [rf[2], rf[3]]},
+                "frozen_params": self.frozen, "macs": self.macs,
+                "receptive_field": None if rf is None else {"size": [rf[0], rf[1]], "stride": [rf[2], rf[3]]},
                 "children": [c.as_dict() for c in self.children]}
 
 
@@ -84,6 +85,8 @@ class Scope:
             scope = Scope(self.rng, child_path, label, self.depth + 1, rf, rows)
             try:
                 layer = spec.build(shape, scope)
+                if not spec.trainable:
+                    layer.freeze()
                 out, macs = tuple(layer.output_shape(shape)), int(layer.macs(shape))
             except ShapeError as e:
                 if getattr(e, "located", False):
@@ -94,7 +97,8 @@ class Scope:
             rf = layer.receptive_field(rf)
             self.rows.append(LayerRow(i, child_path, label, spec.name or f"{spec.display_type}_{i}",
                                       spec.display_type, self.depth + 1, shape, out, layer.num_params(),
-                                      layer.num_buffer_values(), macs, rf, rows, spec.name is not None))
+                                      layer.num_buffer_values(), macs, rf, rows, spec.name is not None,
+                                      layer.num_frozen_params()))
             layers.append(layer)
             shape = out
         return layers

@@ -31,7 +31,7 @@ class Optimizer:
 
     def step(self) -> None:
         self.steps += 1
-        for p in self.model.parameters():
+        for p in self.model.trainable_parameters():
             st = self.state.setdefault(p.name, {})
             p.value[...] = self.update(p.value, p.grad, st, self._decay(p))  # in place: the model's own array
 
@@ -47,7 +47,7 @@ class Optimizer:
         """Parameters without the per-parameter state this kind of optimizer holds once it has stepped."""
         if not self.keeps_state:
             return []
-        return [p.name for p in self.model.parameters() if not self.state.get(p.name)]
+        return [p.name for p in self.model.trainable_parameters() if not self.state.get(p.name)]
 
     def state_dict(self) -> dict[str, np.ndarray]:
         out = {f"{name}.{k}": v for name, st in self.state.items() for k, v in st.items()}

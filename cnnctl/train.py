@@ -231,11 +231,11 @@ class Trainer:
 
     def _clip(self) -> None:
         max_norm = self.spec.train.grad_clip_norm
-        grads = [layer.grads[key] for _, layer, key in self.model.parameters()]
+        grads = [layer.grads[key] for _, layer, key in self.model.trainable_parameters()]
         total = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
         coef = max_norm / (total + 1e-6)
         if coef < 1.0:  # torch.nn.utils.clip_grad_norm_
-            for _, layer, key in self.model.parameters():
+            for _, layer, key in self.model.trainable_parameters():
                 grad = layer.grads[key]
                 layer.grads[key] = grad * grad.dtype.type(coef)
 
@@ -327,6 +327,8 @@ class Trainer:
         try:
             while self.epoch < spec.train.epochs and not stopped_early:
                 epoch = self.epoch + 1
+                if spec.train.unfreeze_at_epoch and epoch >= spec.train.unfreeze_at_epoch:
+                    self.model.freeze(False)  # from here on everything trains (a no-op once done)
                 t0 = time.perf_counter()
                 train_loss, train_acc = self._train_epoch(epoch)
                 row = {"epoch": epoch, "step": self.step, "train_loss": train_loss, "train_acc": train_acc,

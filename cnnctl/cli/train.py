@@ -299,7 +299,8 @@ def inspect(
                     right=("params", "MACs"), rows=(
         ("  " * r.depth + r.path.split(".", 1)[1], r.type + (f" {r.name!r}" if r.named else ""),
          str(_shape(r.output_shape)), f"{r.params:,}", f"{r.macs:,}", _rf(r.receptive_field)) for r in shown)))
-    out.print(f"total parameters {report['trainable_params']:,} trainable, {report['non_trainable_params']:,} "
+    frozen = f", {report['frozen_params']:,} frozen" if report["frozen_params"] else ""
+    out.print(f"total parameters {report['trainable_params']:,} trainable{frozen}, {report['non_trainable_params']:,} "
               f"non-trainable (running statistics)  ({report['param_bytes'] / 1e6:.2f} MB as float32)")
     out.print(f"total MACs per sample {report['total_macs']:,}")
     out.print(f"activation memory per sample {report['activation_bytes_per_sample'] / 1e3:,.1f} kB (float32); "
@@ -331,13 +332,14 @@ def _rf(rf) -> str:
 
 
 def _report(spec, rows: list[LayerRow]) -> dict:
-    trainable = sum(r.params for r in rows)
-    frozen = sum(r.buffers for r in rows)
+    total = sum(r.params for r in rows)
+    frozen = sum(r.frozen for r in rows)
+    buffers = sum(r.buffers for r in rows)
     return {
         "name": spec.name, "input_shape": list(spec.model.input_shape),
         "layers": [r.as_dict() for r in rows],
-        "total_params": trainable, "trainable_params": trainable, "non_trainable_params": frozen,
-        "param_bytes": (trainable + frozen) * 4, "total_macs": sum(r.macs for r in rows),
+        "total_params": total, "trainable_params": total - frozen, "frozen_params": frozen,
+        "non_trainable_params": buffers, "param_bytes": (total + buffers) * 4, "total_macs": sum(r.macs for r in rows),
         "activation_bytes_per_sample": 4 * activation_values(rows),
         "training_bytes": training_bytes(rows, spec.data.batch_size),
     }

@@ -80,6 +80,7 @@ class Layer:
     takes_relu: ClassVar[bool] = False  # forward(x, training, relu=True) applies a ReLU after itself (max pooling)
     relu_deferrable: bool = False  # its ReLU may run after a following layer that takes_relu instead
     needs_input_grad: bool = True
+    frozen: bool = False  # trainable: false: its parameters are not updated (a frozen batchnorm uses its running stats)
     activation: Layer | None = None
 
     def __init__(self) -> None:
@@ -129,6 +130,18 @@ class Layer:
             for key in layer.params:
                 yield Param(f"{prefix}.{key}" if prefix else key, layer, key)
 
+    def trainable_parameters(self) -> Iterator[Param]:
+        """The parameters of the layers that are not frozen: what optimizers update."""
+        return (p for p in self.parameters() if not p.layer.frozen)
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) this layer and every layer below it."""
+        for _, layer in self.named_layers():
+            layer.frozen = frozen
+
+    def has_trainable(self) -> bool:
+        return any(True for _ in self.trainable_parameters())
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """Every parameter and buffer of the tree under its PyTorch-style name."""
         out = {}
@@ -175,6 +188,9 @@ class Layer:
     def num_params(self) -> int:
         return int(sum(p.value.size for p in self.parameters()))
 
+    def num_frozen_params(self) -> int:
+        return int(sum(p.value.size for p in self.parameters() if p.layer.frozen))
+
     def num_buffer_values(self) -> int:
         """Values of the non-trainable state (BatchNorm's running statistics and batch count)."""
         return int(sum(b.size for _, layer in self.named_layers() for b in layer.buffers.values()))
@@ -219,6 +235,9 @@ class LayerSpec(Strict):
     """Base of every layer spec: a `type` tag (declared by each subclass) and an optional name."""
 
     name: str | None = Field(None, description="Optional display name for inspect and error messages.")
+    trainable: bool = Field(True, description="false freezes the layer (or block): its parameters are not updated "
+                            "or decayed, a frozen batchnorm normalises with its running statistics, and backward "
+                            "stops below the lowest trainable layer. train.unfreeze_at_epoch unfreezes everything.")
     _block: str | None = PrivateAttr(None)  # the block this layer was made from, for display
 
     @property

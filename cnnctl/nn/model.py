@@ -52,9 +52,11 @@ class Sequential(Layer):
         return [(f"{self.child_prefix}{i}", layer) for i, layer in enumerate(self.layers)]
 
     def set_input_grad(self, needed: bool) -> None:
+        """A layer needs its input gradient when the sequence's input does or a layer before it trains."""
         self.needs_input_grad = needed
-        for i, layer in enumerate(self.layers):
-            layer.set_input_grad(needed or i > 0)
+        for layer in self.layers:
+            layer.set_input_grad(needed)
+            needed = needed or layer.has_trainable()
 
     def forward_options(self, i: int) -> dict:
         """Keyword arguments this model passes to layer i's forward (the ReLU moved behind max pooling)."""
@@ -123,11 +125,16 @@ class Sequential(Layer):
 
 class Model(Sequential):
     """The root of a network: a Sequential whose layers are named `layers.{i}` (a PyTorch module holding an
-    nn.Sequential as `layers`). The first layer skips its input gradient: nothing below it needs one."""
+    nn.Sequential as `layers`). The first layer skips its input gradient: nothing below it needs one (nor do
+    the layers above frozen ones, up to the first that trains)."""
 
     child_prefix = "layers."
 
     def __init__(self, layers: list[Layer], names: list[str] | None = None):
         super().__init__(layers, names)
+        self.set_input_grad(False)
+
+    def freeze(self, frozen: bool = True) -> None:
+        super().freeze(frozen)
         self.set_input_grad(False)
 

@@ -114,6 +114,7 @@ class _BatchNorm(Layer):
     def forward(self, x, training=True):
         total, dot, bshape = self._shapes(x)
         m, c = x.size // x.shape[1], x.shape[1]
+        training = training and not self.frozen  # a frozen batchnorm normalises with its running statistics
         xhat, y = np.empty_like(x), np.empty_like(x)  # laid out as x
         mean, var, inv_std = (np.empty(c, x.dtype) for _ in range(3))
         weight, bias, eps, cut = self.params["weight"], self.params["bias"], self.eps, parallel.channels

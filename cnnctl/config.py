@@ -28,7 +28,18 @@ LAYER_SPECS = nn.SPECS  # every `type` a layer can have, derived from the layer 
 AnyLayer = nn.AnyLayer
 
 
+class InitFromSpec(Strict):
+    checkpoint: str = Field(min_length=1, description="A cnnctl checkpoint, or any safetensors file of tensors "
+                            "under the same names (a PyTorch state_dict saved with safetensors).")
+    strict: bool = Field(False, description="true: every parameter and buffer must be copied and every tensor "
+                         "of the file used, else an error.")
+
+
 class ModelSpec(Strict):
+    init_from: InitFromSpec | None = Field(None, description="Start from another model's weights: every "
+                                           "parameter and buffer whose name and shape match is copied, the rest "
+                                           "start fresh (Caffe's -weights). For a new run only; --resume continues "
+                                           "from the run's own checkpoint.")
     input_shape: tuple[PosInt, PosInt, PosInt] = Field(description="Input shape per sample: [channels, height, width].")
     blocks: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Your own layer types: name -> {params: {name: default, ...}, and a layer "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from safetensors.numpy import load_file
 
 from . import checkpoint, data, parallel, runs
 from .builder import build_loss, build_model, check_known_data, check_outputs, check_training_memory, describe
@@ -118,6 +119,43 @@ def load_model(ckpt: checkpoint.Checkpoint, path) -> tuple[Spec, Model, list]:
     return spec, model, rows
 
 
+def init_from(model: Model, path: str, strict: bool) -> dict:
+    """Copy into the model every tensor of a safetensors file whose name and shape match one of its
+    parameters or buffers (optimizer tensors of a cnnctl checkpoint are ignored); the rest keep their fresh
+    values. Returns what was copied, what starts fresh (and why) and what of the file was not used."""
+    try:
+        tensors = load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"model.init_from: {path} not found", "give a checkpoint path, e.g. "
+                              "runs/NAME/checkpoints/best.safetensors") from None
+    except Exception as e:  # safetensors' own errors for files that are not safetensors
+        raise CheckpointError(f"model.init_from: {path} is not a readable safetensors file ({e})",
+                              "give a .safetensors file (a cnnctl checkpoint, or a state_dict saved with "
+                              "safetensors)") from None
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(checkpoint.OPTIM_PREFIX)}
+    own = model.state_dict()
+    copied, fresh = {}, []
+    for name, value in own.items():
+        if name not in tensors:
+            fresh.append({"name": name, "reason": "not in the file"})
+        elif np.shape(tensors[name]) != value.shape and not (value.shape == () and np.size(tensors[name]) == 1):
+            fresh.append({"name": name, "reason": f"shape {tuple(np.shape(tensors[name]))} in the file, "
+                                                  f"{value.shape} here"})
+        else:
+            copied[name] = tensors[name]
+    unused = sorted(set(tensors) - set(own))
+    if strict and (fresh or unused):
+        listed = [f"{f['name']} ({f['reason']})" for f in fresh] + [f"{u} (not in the model)" for u in unused]
+        raise CheckpointError(f"model.init_from (strict): {path} does not fit the model: {', '.join(listed[:5])}"
+                              f"{', ...' if len(listed) > 5 else ''}",
+                              "set model.init_from.strict: false to copy what matches and start the rest fresh")
+    try:
+        model.load_state_dict({**own, **copied})
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"model.init_from: {path}: {e}", "use a checkpoint written by cnnctl train") from None
+    return {"checkpoint": str(path), "copied": sorted(copied), "fresh": fresh, "unused": unused}
+
+
 def restore_weights(model: Model, ckpt: checkpoint.Checkpoint, path) -> None:
     try:
         model.load_state_dict(ckpt.model_state)
@@ -135,11 +173,15 @@ def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0
 class Trainer:
     """Builds everything a spec needs (all shape and data checks happen here), then `fit(run_dir)` trains."""
 
-    def __init__(self, spec: Spec, callback: Callback | None = None, normalization: dict | None = None):
+    def __init__(self, spec: Spec, callback: Callback | None = None, normalization: dict | None = None,
+                 resuming: bool = False):
         self.spec, self.cb = spec, callback or Callback()
         self.seeds = Seeds.from_seed(spec.seed)
         check_training_memory(spec.name, describe(spec.model), spec.data.batch_size)  # before any weight is drawn
         self.model, self.rows = build_model(spec.model, self.seeds.init)
+        init = spec.model.init_from
+        # a new run starts from init_from's weights; a resumed one from its own checkpoint (restore)
+        self.init_report = None if init is None or resuming else init_from(self.model, init.checkpoint, init.strict)
         check_known_data(spec, self.rows)  # fail before reading any data when we can
         self.loss_fn = build_loss(spec)
         self.ds = load_data(spec, self.rows, self.seeds, normalization, self.cb.on_download)
@@ -226,6 +268,7 @@ class Trainer:
             "best": self.best,
             "dataset": self.ds.describe(),
             "environment": self.environment,
+            **({"init_from": self.init_report} if self.init_report else {}),
             **extra,
         })
 
@@ -322,7 +365,8 @@ class Trainer:
         self.cb.on_train_start({"run_dir": str(self.run_dir), "params": self.model.num_params(),
                                 "train": len(self.ds.train), "val": len(self.ds.val), "test": len(self.ds.test),
                                 "image_shape": self.ds.image_shape, "classes": self.ds.classes,
-                                "resumed_at": (self.epoch, self.step) if resumed else None})
+                                "resumed_at": (self.epoch, self.step) if resumed else None,
+                                "init_from": self.init_report})
         stopped_early = False
         try:
             while self.epoch < spec.train.epochs and not stopped_early:

@@ -113,3 +113,58 @@ def test_trainable_false_on_a_single_layer_and_block_argument_errors(tmp_path):
     cfg.write_text(bad)
     res = runner.invoke(app, ["inspect", str(cfg)])
     assert res.exit_code == 2 and "trainable" in res.output
+
+
+def test_init_from_copies_what_matches_and_says_what_starts_fresh(tmp_path):
+    from cnnctl import checkpoint
+    from cnnctl.train import Trainer
+
+    source = train(tmp_path / "a", TINY)
+    best = source / "checkpoints" / "best.safetensors"
+    wider = yaml.safe_load(TINY)  # a dense layer of 8 inserted: layers.4 changes shape, layers.5 is new
+    wider["model"]["layers"].insert(4, {"type": "dense", "units": 8, "activation": "relu"})
+    text = yaml.safe_dump(wider)
+    (tmp_path / "b").mkdir()
+    cfg = tmp_path / "b" / "c.yaml"
+    cfg.write_text(text)
+    res = runner.invoke(app, ["train", str(cfg), "--init-from", str(best), "--runs-dir", str(tmp_path / "b" / "runs"),
+                              "-q", "--set", "train.epochs=1"])
+    assert res.exit_code == 0, res.output
+    assert f"initialised from {best}: copied 2 of 6 parameters and buffers" in res.output
+    assert "fresh: layers.4.weight (shape (4, 256) in the file, (8, 256) here)" in res.output
+    assert "fresh: layers.5.weight (not in the file)" in res.output
+    (run,) = (tmp_path / "b" / "runs").iterdir()
+    report = json.loads((run / "summary.json").read_text())["init_from"]
+    assert report["copied"] == ["layers.0.bias", "layers.0.weight"]
+    data = yaml.safe_load(text)
+    data["model"]["init_from"] = {"checkpoint": str(best)}
+    trainer = Trainer(validate(data))
+    np.testing.assert_array_equal(trainer.model.layers[0].params["weight"],
+                                  checkpoint.load(best).model_state["layers.0.weight"])
+    res = runner.invoke(app, ["train", str(cfg), "--init-from", str(best), "--set", "model.init_from.strict=true",
+                              "--runs-dir", str(tmp_path / "b" / "runs")])
+    assert res.exit_code == 2 and "strict" in res.output and "layers.4.weight" in res.output, res.output
+    res = runner.invoke(app, ["train", str(cfg), "--init-from", str(tmp_path / "nope.safetensors")])
+    assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_init_from_a_pytorch_state_dict_saved_with_safetensors(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from cnnctl.train import Trainer
+    from tests.torch_models import to_torch
+
+    data = yaml.safe_load(BN_NET)
+    spec = validate(data)
+    module = to_torch(build_model(spec.model)[0])
+    with torch.no_grad():
+        for p in module.parameters():
+            p.uniform_(-1, 1)
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    save_file(state, tmp_path / "torch.safetensors")
+    data["model"]["init_from"] = {"checkpoint": str(tmp_path / "torch.safetensors"), "strict": True}
+    trainer = Trainer(validate(data))
+    assert not trainer.init_report["fresh"] and not trainer.init_report["unused"]
+    for name, value in trainer.model.state_dict().items():
+        np.testing.assert_allclose(value, state[name].numpy(), err_msg=name)

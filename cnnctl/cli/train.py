@@ -96,6 +96,13 @@ def _print_start(console, info):
     console.print(f"run: {info['run_dir']}")
     if info.get("resumed_at"):
         console.print(f"resumed after epoch {info['resumed_at'][0]}, step {info['resumed_at'][1]}")
+    init = info.get("init_from")
+    if init:
+        n = len(init["copied"]) + len(init["fresh"])
+        console.print(f"initialised from {init['checkpoint']}: copied {len(init['copied'])} of {n} parameters and "
+                      f"buffers" + (f"; {len(init['unused'])} tensors of the file unused" if init["unused"] else ""))
+        for f in init["fresh"]:
+            console.print(f"  fresh: {f['name']} ({f['reason']})")
 
 
 def _epoch_line(row):
@@ -119,11 +126,16 @@ def train(
                                                  "checkpoint; --set train.epochs=N extends a finished run.")] = None,
     force: Annotated[bool, typer.Option("--force", help="With --resume: accept a changed config.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Plain lines instead of live progress bars.")] = False,
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", metavar="CHECKPOINT", help="Start from these weights: every parameter and buffer whose "
+        "name and shape match is copied (model.init_from.checkpoint).")] = None,
     threads: ThreadsOption = None,
 ):
     """Train a model from a YAML config; writes runs/NAME-YYYYmmdd-HHMMSS/."""
     use_threads(threads)
     overrides = list(set_ or [])
+    if init_from is not None:
+        overrides.append(f"model.init_from.checkpoint={json.dumps(str(init_from))}")
     if name:
         overrides.append(f"name={json.dumps(name)}")  # a string as it is (--name 007 stays "007")
     if (config is None) == (resume is None):
@@ -137,7 +149,7 @@ def train(
                 if (resume / "config.yaml").is_file():
                     held.enter_context(locked(resume))  # one process at a time trains a run directory
                 spec, ckpt = resume_spec(resume, overrides, force)
-                trainer = Trainer(spec, cb, normalization=ckpt.normalization)
+                trainer = Trainer(spec, cb, normalization=ckpt.normalization, resuming=True)
                 trainer.restore(ckpt, resume / "checkpoints" / "last.safetensors")
                 run_dir = resume
             else:

@@ -168,3 +168,16 @@ def test_init_from_a_pytorch_state_dict_saved_with_safetensors(tmp_path):
     assert not trainer.init_report["fresh"] and not trainer.init_report["unused"]
     for name, value in trainer.model.state_dict().items():
         np.testing.assert_allclose(value, state[name].numpy(), err_msg=name)
+
+
+def test_resume_is_exact_with_init_from(tmp_path):
+    best = train(tmp_path / "src", TINY) / "checkpoints" / "best.safetensors"
+    text = TINY.replace("train: {epochs: 2}", "train: {epochs: 3}").replace(
+        "model:\n", f"model:\n  init_from: {{checkpoint: {best}}}\n")
+    whole = weights(train(tmp_path / "a", text))
+    part = train(tmp_path / "b", text, "--set", "train.epochs=1")
+    res = runner.invoke(app, ["train", "--resume", str(part), "-q", "--set", "train.epochs=3"])
+    assert res.exit_code == 0, res.output
+    resumed = weights(part)
+    for name, value in whole.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)

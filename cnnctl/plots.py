@@ -105,6 +105,22 @@ def plot_feature_maps(maps: list[tuple[str, np.ndarray]], image: np.ndarray, out
     plt.close(fig)
 
 
+def plot_lr_find(lrs: list[float], losses: list[float], suggested: float | None, out: Path, title: str) -> None:
+    """The range test's smoothed loss against the learning rate (log scale), the suggestion marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    ax.plot(lrs, losses)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss (smoothed)")
+    if suggested is not None:
+        ax.axvline(suggested, color="tab:red", linestyle="--", label=f"suggested {suggested:.2g}")
+        ax.legend()
+    ax.set_title(title)
+    _save(fig, out)
+    plt.close(fig)
+
+
 def plot_confusion(cm: np.ndarray, classes: list[str], out: Path, title: str) -> None:
     plt = pyplot()
     k = len(classes)
@@ -124,7 +140,8 @@ def plot_confusion(cm: np.ndarray, classes: list[str], out: Path, title: str) ->
     plt.close(fig)
 
 
-def text_chart(series: dict[str, list[float | None]], height: int = 10, width: int = 60) -> str:
+def text_chart(series: dict[str, list[float | None]], height: int = 10, width: int = 60,
+               x_label: str = "epoch 1 .. {n}") -> str:
     """A chart in plain characters: one marker per series, y axis labelled with its range."""
     markers = "o*x+#@"
     values = [v for vs in series.values() for v in vs if v is not None and math.isfinite(v)]
@@ -148,7 +165,8 @@ def text_chart(series: dict[str, list[float | None]], height: int = 10, width: i
         label = f"{hi:.4g}" if r == 0 else f"{lo:.4g}" if r == height - 1 else ""
         lines.append(f"{label:>{label_w}} |{''.join(row)}")
     lines.append(" " * label_w + " +" + "-" * cols)
-    lines.append(" " * label_w + f"  epoch 1 .. {n}   " + "  ".join(f"{m} {k}" for m, k in zip(markers, series)))
+    legend = "  ".join(f"{m} {k}" for m, k in zip(markers, series))
+    lines.append(" " * label_w + "  " + x_label.format(n=n) + "   " + legend)
     return "\n".join(lines)
 
 

@@ -205,3 +205,18 @@ def test_gradcheck_catches_a_broken_layer(monkeypatch):
     res = runner.invoke(app, ["gradcheck", str(ROOT / "configs" / "quickstart.yaml"), "--json", "--samples", "4"])
     assert res.exit_code == 1
     assert not json.loads(res.output)["passed"]
+
+
+def test_lr_find_suggests_a_rate_and_leaves_nothing_behind(tmp_path, tiny_config, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = invoke("lr-find", tiny_config, "--steps", "40", "--max-lr", "10", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert set(out) == {"suggested_lr", "lrs", "losses"} and len(out["lrs"]) == len(out["losses"]) <= 40
+    assert out["lrs"][0] == pytest.approx(1e-7) and out["lrs"] == sorted(out["lrs"])
+    assert 1e-7 < out["suggested_lr"] < out["lrs"][-1]
+    text = invoke("lr-find", tiny_config, "--steps", "40", "--max-lr", "10", "--out", tmp_path / "lr.png").output
+    assert "--set optimizer.lr=" in text and (tmp_path / "lr.png").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lr.png", "tiny.yaml"]  # no run directory
+    res = CliRunner().invoke(app, ["lr-find", str(tiny_config), "--min-lr", "1", "--max-lr", "0.1"])
+    assert res.exit_code == 2 and "min-lr" in res.output

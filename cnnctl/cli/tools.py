@@ -17,13 +17,14 @@ from .. import predict as predict_lib
 from .. import runs as runs_lib
 from .. import sweep as sweep_lib
 from ..builder import build_model
-from ..config import config_schema, read_yaml
+from ..config import config_schema, load_config, read_yaml
 from ..data import dataset_info
 from ..errors import CnnctlError
 from ..export import export_onnx
 from ..gradcheck import check_network
+from ..lr_find import lr_find as lr_find_lib
 from ..train import load_model
-from .common import SetOption, app, fmt, guarded, load_checkpoint, load_target, out, table
+from .common import SetOption, ThreadsOption, app, fmt, guarded, load_checkpoint, load_target, out, table, use_threads
 from .sweep import sweep_report
 
 
@@ -267,3 +268,39 @@ def gradcheck(
     if worst >= tol:
         raise typer.Exit(1)
 
+
+@app.command("lr-find")
+@guarded
+def lr_find_(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG")],
+    set_: SetOption = None,
+    min_lr: Annotated[float, typer.Option("--min-lr", metavar="LR", help="First rate of the ramp.")] = 1e-7,
+    max_lr: Annotated[float, typer.Option("--max-lr", metavar="LR", help="Last rate of the ramp.")] = 1.0,
+    steps: Annotated[int, typer.Option("--steps", metavar="N", help="Batches, one rate each.")] = 100,
+    out_file: Annotated[Path | None, typer.Option("--out", metavar="FILE.png", help="Draw loss against rate "
+                                                  "(needs cnnctl[plot]).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {suggested_lr, lrs, losses}.")] = False,
+    threads: ThreadsOption = None,
+):
+    """The learning-rate range test: train with an exponentially growing rate until the loss diverges, and
+    suggest the rate where it falls fastest. Leaves no run directory."""
+    use_threads(threads)
+    spec, _ = load_config(config, list(set_ or []))
+    res = lr_find_lib(spec, min_lr, max_lr, steps)
+    if out_file is not None:
+        plots.plot_lr_find(res["lrs"], res["losses"], res["suggested_lr"], out_file, f"{spec.name}: lr range test")
+    if as_json:
+        print(json.dumps({"suggested_lr": res["suggested_lr"], "lrs": res["lrs"], "losses": res["losses"]}))
+        return
+    out.print(plots.text_chart({"loss (smoothed)": res["losses"]},
+                               x_label=f"learning rate {res['lrs'][0]:.2g} .. {res['lrs'][-1]:.2g} (log scale)"))
+    out.print(f"{len(res['lrs'])} steps from {res['lrs'][0]:.2g} to {res['lrs'][-1]:.2g}"
+              + (" (stopped: the loss diverged)" if res["stopped_early"] else ""))
+    if res["suggested_lr"] is None:
+        out.print("no suggestion: the loss did not fall; try a wider range (--min-lr / --max-lr) or more --steps")
+    else:
+        lr = f"{res['suggested_lr']:.2g}"
+        out.print(f"suggested learning rate {lr} (steepest descent of the smoothed loss)")
+        out.print(f"  --set optimizer.lr={lr}")
+    if out_file is not None:
+        out.print(f"wrote {out_file}")

@@ -1,0 +1,79 @@
+"""The learning-rate range test (Smith 2015; fastai's lr_find): train from the config's initial weights while
+the rate grows exponentially from min_lr to max_lr, one batch per rate, and watch the loss.
+
+The suggested rate is where the smoothed loss falls fastest (its steepest descent against log lr, before its
+minimum): large enough to learn quickly, well below where training diverges. Nothing is written: the
+weights are thrown away.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .builder import build_loss, build_model, check_training_memory, describe
+from .config import Spec
+from .errors import CnnctlError
+from .train import Seeds, load_data
+
+SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected (as fastai)
+DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
+
+
+def lr_find(spec: Spec, min_lr: float = 1e-7, max_lr: float = 1.0, steps: int = 100) -> dict:
+    """{"suggested_lr", "lrs", "losses" (smoothed), "stopped_early"} of the range test on spec's training data."""
+    if not 0 < min_lr < max_lr or not math.isfinite(max_lr):
+        raise CnnctlError(f"--min-lr {min_lr:g} and --max-lr {max_lr:g}: need 0 < min-lr < max-lr",
+                          "e.g. --min-lr 1e-7 --max-lr 1")
+    if steps < 5:
+        raise CnnctlError(f"--steps {steps}: the test needs at least 5 steps", "e.g. --steps 100")
+    seeds = Seeds.from_seed(spec.seed)
+    check_training_memory(spec.name, describe(spec.model), spec.data.batch_size)
+    model, rows = build_model(spec.model, seeds.init)
+    ds = load_data(spec, rows, seeds)
+    loss_fn, optimizer = build_loss(spec), spec.optimizer.build(model)
+    lrs, losses, avg, best = [], [], 0.0, math.inf
+    batches = _endless(ds, spec, seeds)
+    for i in range(steps):
+        lr = min_lr * (max_lr / min_lr) ** (i / (steps - 1))
+        x, y = next(batches)
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss = float(loss_fn.forward(model.forward(x, training=True), y))
+            if not math.isfinite(loss):
+                break
+            model.backward(loss_fn.backward())
+            optimizer.lr = lr
+            optimizer.step()
+        avg = SMOOTHING * avg + (1 - SMOOTHING) * loss
+        smoothed = avg / (1 - SMOOTHING ** (i + 1))
+        lrs.append(lr)
+        losses.append(smoothed)
+        best = min(best, smoothed)
+        if smoothed > DIVERGED * best and i > 0:
+            break
+    return {"suggested_lr": suggest(lrs, losses), "lrs": lrs, "losses": losses,
+            "stopped_early": len(lrs) < steps}
+
+
+def suggest(lrs: list[float], losses: list[float]) -> float | None:
+    """The rate of steepest descent of the loss against log(lr), between the first tenth of the steps (where
+    the average still settles) and the loss's minimum; None when the loss never falls there."""
+    start = max(3, len(losses) // 10)
+    end = int(np.argmin(losses)) + 1 if losses else 0
+    if end - start < 3:
+        return None
+    slope = np.gradient(np.asarray(losses[start:end]), np.log(np.asarray(lrs[start:end])))
+    i = int(np.argmin(slope))
+    return float(lrs[start + i]) if slope[i] < 0 else None
+
+
+def _endless(ds, spec: Spec, seeds: Seeds):
+    """Shuffled, augmented training batches, epoch after epoch, as training draws them."""
+    from . import data
+
+    aug = spec.data.augment
+    aug = aug if (aug.random_crop or aug.random_shift or aug.horizontal_flip) else None
+    while True:
+        order = seeds.shuffle.permutation(len(ds.train))
+        yield from data.batches(ds, ds.train, spec.data.batch_size, order, 0, aug, seeds.augment)

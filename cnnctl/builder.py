@@ -15,7 +15,7 @@ import numpy as np
 
 from . import data
 from .config import ModelSpec, Spec
-from .errors import DataError, ShapeError
+from .errors import ConfigError, DataError, ShapeError
 from .memory import refuse_over
 from .nn import LOSSES, Layer, Loss, Model, Sequential
 from .nn.init import SHAPES_ONLY
@@ -162,7 +162,24 @@ def check_known_data(spec: Spec, rows: list[LayerRow]) -> None:
                         f"set model.input_shape: {list(image_shape)}")
 
 
-def build_loss(spec: Spec) -> Loss:
+def class_weights(spec: Spec, train_labels: np.ndarray | None, num_classes: int | None) -> np.ndarray | None:
+    """loss.class_weights as an array: the list given, or for auto n / (classes * count) over the training
+    labels (a class without images gets weight 1); None without weights, or for auto without labels (bench)."""
+    w = spec.loss.class_weights
+    if w is None or (w == "auto" and train_labels is None):
+        return None
+    if w == "auto":
+        counts = np.bincount(train_labels, minlength=num_classes).astype(np.float64)
+        return np.where(counts > 0, len(train_labels) / (num_classes * np.maximum(counts, 1)), 1.0)
+    if num_classes is not None and len(w) != num_classes:
+        raise ConfigError(f"loss.class_weights has {len(w)} values but the dataset has {num_classes} classes",
+                          f"give {num_classes} weights, or class_weights: auto")
+    return np.asarray(w, np.float64)
+
+
+def build_loss(spec: Spec, train_labels: np.ndarray | None = None, num_classes: int | None = None) -> Loss:
+    """The config's loss; class weights (auto) come from the training labels when given."""
     if spec.loss.type == "cross_entropy":
-        return LOSSES["cross_entropy"](label_smoothing=spec.loss.label_smoothing)
+        return LOSSES["cross_entropy"](label_smoothing=spec.loss.label_smoothing,
+                                       class_weights=class_weights(spec, train_labels, num_classes))
     return LOSSES[spec.loss.type]()

@@ -96,6 +96,11 @@ class DataSpec(Strict):
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Training-batch augmentation.")
     batch_size: PosInt = 64
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the training data held out.")
+    stratify: bool = Field(False, description="Hold out val_split of every class (the validation split keeps the "
+                           "class proportions); off by default so that existing configs keep their exact split.")
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle", description="shuffle: every training image once per epoch; balanced: as many draws, with "
+        "replacement, each class equally likely (for imbalanced data).")
     normalize: Literal["auto", "none"] | dict[Literal["mean", "std"], list[float]] = Field(
         "auto", description="auto: per-channel mean/std of the training split; none: pixels in 0..1; or mean/std.")
     shapes: ShapesSpec = Field(default_factory=ShapesSpec, description="Options of the `shapes` generator.")
@@ -113,6 +118,15 @@ class DataSpec(Strict):
 class LossSpec(Strict):
     type: Literal["cross_entropy", "mse"] = "cross_entropy"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["auto"] | list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="cross_entropy only: a weight per class (PyTorch's weight=), or auto: inverse class "
+        "frequency of the training split, n / (classes * count), so that the average weight per image is 1.")
+
+    @model_validator(mode="after")
+    def _weights_need_cross_entropy(self):
+        if self.class_weights is not None and self.type != "cross_entropy":
+            raise ValueError("class_weights apply to cross_entropy only")
+        return self
 
 
 class SGDSpec(Strict):

@@ -32,7 +32,7 @@ def lr_find(spec: Spec, min_lr: float = 1e-7, max_lr: float = 1.0, steps: int = 
     check_training_memory(spec.name, describe(spec.model), spec.data.batch_size)
     model, rows = build_model(spec.model, seeds.init)
     ds = load_data(spec, rows, seeds)
-    loss_fn, optimizer = build_loss(spec), spec.optimizer.build(model)
+    loss_fn, optimizer = build_loss(spec, ds.train.y, len(ds.classes)), spec.optimizer.build(model)
     lrs, losses, avg, best = [], [], 0.0, math.inf
     batches = _endless(ds, spec, seeds)
     for i in range(steps):
@@ -75,5 +75,5 @@ def _endless(ds, spec: Spec, seeds: Seeds):
     aug = spec.data.augment
     aug = aug if (aug.random_crop or aug.random_shift or aug.horizontal_flip) else None
     while True:
-        order = seeds.shuffle.permutation(len(ds.train))
+        order = data.epoch_order(ds.train, spec.data.sampler, seeds.shuffle)
         yield from data.batches(ds, ds.train, spec.data.batch_size, order, 0, aug, seeds.augment)

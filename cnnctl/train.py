@@ -183,9 +183,9 @@ class Trainer:
         # a new run starts from init_from's weights; a resumed one from its own checkpoint (restore)
         self.init_report = None if init is None or resuming else init_from(self.model, init.checkpoint, init.strict)
         check_known_data(spec, self.rows)  # fail before reading any data when we can
-        self.loss_fn = build_loss(spec)
         self.ds = load_data(spec, self.rows, self.seeds, normalization, self.cb.on_download)
         self.num_classes = len(self.ds.classes)
+        self.loss_fn = build_loss(spec, self.ds.train.y, self.num_classes)
         self.optimizer = spec.optimizer.build(self.model)
         self.steps_per_epoch = -(-len(self.ds.train) // spec.data.batch_size)
         self.schedule = spec.schedule.build(self.optimizer.lr, self.steps_per_epoch, spec.train.epochs)
@@ -291,7 +291,7 @@ class Trainer:
         else:
             start, total_loss, correct, seen = 0, 0.0, 0, 0
         shuffle_state = copy.deepcopy(self.seeds.shuffle.bit_generator.state)
-        order = self.seeds.shuffle.permutation(len(self.ds.train))
+        order = data.epoch_order(self.ds.train, self.spec.data.sampler, self.seeds.shuffle)
         self.cb.on_epoch_start(epoch, self.spec.train.epochs, self.steps_per_epoch, start)
         aug = self.spec.data.augment
         aug = aug if (aug.random_crop or aug.random_shift or aug.horizontal_flip) else None

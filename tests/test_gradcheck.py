@@ -54,6 +54,13 @@ def test_cross_entropy_gradient(smoothing):
     assert err < TOL
 
 
+def test_weighted_cross_entropy_gradient():
+    g = np.random.default_rng(6)
+    for smoothing in (0.0, 0.1):
+        loss = nn.CrossEntropyLoss(smoothing, class_weights=g.uniform(0.2, 3.0, 4))
+        assert check_loss(loss, g.standard_normal((5, 4)) * 3, g.integers(0, 4, 5)) < TOL
+
+
 @pytest.mark.parametrize("int_targets", [False, True])
 def test_mse_gradient(int_targets):
     g = np.random.default_rng(4)

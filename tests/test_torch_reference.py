@@ -108,6 +108,22 @@ def test_cross_entropy_matches_torch(smoothing, scale):
     assert rel_error(grad, lt.grad.numpy()) < TOL
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_weighted_cross_entropy_matches_torch(smoothing):
+    g = np.random.default_rng(5)
+    logits = (g.standard_normal((16, 5)) * 3).astype(np.float32)
+    targets = g.integers(0, 5, 16)
+    weights = g.uniform(0.2, 3.0, 5)
+    loss = nn.CrossEntropyLoss(label_smoothing=smoothing, class_weights=weights)
+    value, grad = loss.forward(logits, targets), loss.backward()
+    lt = torch.tensor(logits, requires_grad=True)
+    vt = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32), label_smoothing=smoothing)(
+        lt, torch.tensor(targets))
+    vt.backward()
+    assert abs(value - vt.item()) <= TOL * max(1.0, abs(vt.item()))
+    assert rel_error(grad, lt.grad.numpy()) < TOL
+
+
 def test_mse_matches_torch_with_the_documented_constant():
     g = np.random.default_rng(2)
     out, tgt = g.standard_normal((8, 5)).astype(np.float32), g.standard_normal((8, 5)).astype(np.float32)

@@ -221,7 +221,7 @@ def eval_(
         ckpt.config = apply_overrides(ckpt.config, list(set_))
     spec, model, rows = load_model(ckpt, checkpoint_path)
     ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)
-    loss_fn = build_loss(spec)
+    loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
     res = evaluate(model, loss_fn, ds, ds.split(data_split), spec.data.batch_size, len(ds.classes))
     cm = res["confusion_matrix"]
     with np.errstate(invalid="ignore", divide="ignore"):

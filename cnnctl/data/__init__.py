@@ -128,8 +128,14 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
                         f"model.input_shape is {list(input_shape)}",
                         f"set model.input_shape: {list(full.x.shape[1:])}")
     order = rng.permutation(len(full))
-    n_val = int(round(len(full) * spec.val_split))
-    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    if spec.stratify:  # val_split of each class: the same shuffled order, taken class by class
+        val_idx = np.concatenate([members[: int(round(len(members) * spec.val_split))]
+                                  for members in (order[full.y[order] == c] for c in np.unique(full.y))])
+        val_idx = np.sort(val_idx)
+        train_idx = np.setdiff1d(np.arange(len(full)), val_idx)
+    else:
+        n_val = int(round(len(full) * spec.val_split))
+        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     train, val = Split(full.x[train_idx], full.y[train_idx]), Split(full.x[val_idx], full.y[val_idx])
     if len(train) == 0:
         raise DataError(f"dataset '{spec.dataset}': no training images left after val_split={spec.val_split}")
@@ -150,6 +156,17 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
                             f"{len(mean)} and {len(std)}")
     return Dataset(spec.dataset, classes, train, val, test, np.asarray(mean, np.float32),
                    np.asarray(std, np.float32))
+
+
+def epoch_order(split: Split, sampler: str, rng: np.random.Generator) -> np.ndarray:
+    """The training images of one epoch, in order: a permutation (shuffle), or as many draws with
+    replacement with every class equally likely (balanced: each image's chance 1 / (classes * its count))."""
+    n = len(split)
+    if sampler == "balanced":
+        counts = np.bincount(split.y)
+        p = 1.0 / (np.count_nonzero(counts) * counts[split.y])
+        return rng.choice(n, size=n, replace=True, p=p / p.sum())
+    return rng.permutation(n)
 
 
 def batches(ds: Dataset, split: Split, batch_size: int, order: np.ndarray | None = None, start: int = 0,

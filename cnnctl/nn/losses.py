@@ -39,20 +39,36 @@ class CrossEntropyLoss(Loss):
     Computed through log-softmax, so logits of magnitude 1e4 give finite values and gradients.
     """
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = 0.0, class_weights=None):
         self.label_smoothing = float(label_smoothing)
+        self.class_weights = None if class_weights is None else np.asarray(class_weights, np.float64)
 
     def forward(self, outputs, targets):
         targets = _check_class_targets(outputs, targets)
         n, k = outputs.shape
         logp = F.log_softmax(outputs, axis=1)
-        dist = np.full_like(outputs, self.label_smoothing / k)
-        dist[np.arange(n), targets] += 1.0 - self.label_smoothing
-        self._probs, self._dist = np.exp(logp), dist
-        return float(-(dist * logp).sum() / n)
+        e, w = self.label_smoothing, self.class_weights
+        if w is None:  # the target distribution, each sample counting 1
+            q = np.full_like(outputs, e / k)
+            q[np.arange(n), targets] += 1.0 - e
+            total = n
+        else:
+            if len(w) != k:
+                raise ValueError(f"{len(w)} class weights for {k} outputs")
+            # PyTorch's weighted form: the true class's term weighted by its class's weight, the smoothing
+            # term by each class's own, normalised by the summed weights of the batch's true classes
+            ww = w.astype(outputs.dtype)
+            q = np.broadcast_to(ww * (e / k), outputs.shape).copy()
+            q[np.arange(n), targets] += (1.0 - e) * ww[targets]
+            total = float(w[targets].sum())
+        self._probs, self._q, self._total = np.exp(logp), q, total
+        return float(-(q * logp).sum() / total)
 
     def backward(self):
-        return (self._probs - self._dist) / self._probs.shape[0]
+        p, q = self._probs, self._q
+        if self.class_weights is None:
+            return (p - q) / self._total
+        return (p * q.sum(axis=1, keepdims=True) - q) / self._total
 
 
 @register_loss("mse")

@@ -24,7 +24,7 @@ import numpy as np
 from vs_torch import CASES, bench_torch, machine_info, median_seconds, print_table, spec_for
 
 from cnnctl.bench import blas_info
-from cnnctl.builder import build_model
+from cnnctl.builder import build_model, walk
 from cnnctl.nn.conv import Conv2D
 from cnnctl.nn.dense import Dense
 
@@ -62,7 +62,7 @@ def conv_torch(layer, in_shape, batch) -> float:
     import torch
 
     conv = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                           padding=layer._pads(in_shape[1:])[0])
+                           padding=layer.pads(in_shape[1:])[0])
     x = torch.randn(batch, *in_shape, requires_grad=True)
     g = torch.randn_like(conv(x))
     return median_seconds(lambda: conv(x).backward(g), 7)
@@ -71,6 +71,7 @@ def conv_torch(layer, in_shape, batch) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="torch steps are timed this many times (median)")
+    ap.add_argument("--only", help="Run only the cases whose name contains this (e.g. ResNet).")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     import torch
@@ -80,20 +81,26 @@ def main():
     rng = np.random.default_rng(0)
     results = []
     for name, layers, shape, batch, target in CASES:
-        model, rows = build_model(spec_for(name, layers, shape, batch).model, rng)
+        if args.only and args.only.lower() not in name.lower():
+            continue
+        spec = spec_for(name, layers, shape, batch)
+        model, rows = build_model(spec.model, rng)
+        by_path = dict(model.named_layers())
         per_layer, total = [], 0.0
-        for i, (layer, row) in enumerate(zip(model.layers, rows)):
-            if not isinstance(layer, (Conv2D, Dense)):
+        for row in walk(rows):  # nested layers too (the convolutions inside residual blocks)
+            layer = by_path[row.path]
+            if not isinstance(layer, (Conv2D, Dense)) or getattr(layer, "groups", 1) > 1:
                 continue
-            prods = products(layer, row.input_shape, row.output_shape, batch, i == 0, rng)
+            first = row.path == "layers.0"
+            prods = products(layer, row.input_shape, row.output_shape, batch, first, rng)
             secs, flops = sum(s for _, s, _ in prods), sum(f for _, _, f in prods)
             total += secs
-            entry = {"layer": row.name, "products_ms": secs * 1e3, "products_gflops": flops / secs / 1e9}
-            if isinstance(layer, Conv2D) and i > 0:
+            entry = {"layer": row.path, "products_ms": secs * 1e3, "products_gflops": flops / secs / 1e9}
+            if isinstance(layer, Conv2D) and not first:
                 t = conv_torch(layer, row.input_shape, batch)
                 entry.update(torch_conv_ms=t * 1e3, torch_conv_gflops=flops / t / 1e9)
             per_layer.append(entry)
-        torch_ms = float(np.median([bench_torch(layers, shape, batch, 20, 5)["ms_per_step"]
+        torch_ms = float(np.median([bench_torch(spec, batch, 20, 5)["ms_per_step"]
                                     for _ in range(args.rounds)]))
         results.append({"network": name, "batch": batch, "target": target, "products_ms": total * 1e3,
                         "torch_step_ms": torch_ms, "ceiling": torch_ms / (total * 1e3), "layers": per_layer})
@@ -109,7 +116,7 @@ def main():
         for e in r["layers"]:
             tail = (f" | {e['torch_conv_ms']:7.2f} ms {e['torch_conv_gflops']:5.0f} GFLOP/s"
                     if "torch_conv_ms" in e else "")
-            print(f"  {r['network']} b{r['batch']} {e['layer']:<10} {e['products_ms']:7.2f} ms "
+            print(f"  {r['network']} b{r['batch']} {e['layer']:<22} {e['products_ms']:7.2f} ms "
                   f"{e['products_gflops']:5.0f} GFLOP/s{tail}")
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from . import runs
+from . import parallel, runs
 from .builder import check_known_data, describe
 from .checkpoint import atomic_write_bytes
 from .config import Monitor, Strict, apply_overrides, format_validation_error, read_yaml, spec_to_dict, validate
@@ -53,7 +53,8 @@ class AshaSpec(Strict):
 class LocalExecutor(Strict):
     type: Literal["local"]
     max_concurrent: int = Field(2, gt=0, description="Trials training at the same time.")
-    blas_threads: int = Field(1, gt=0, description="BLAS threads per trial.")
+    blas_threads: int = Field(1, gt=0, description="Threads per trial (cnnctl's own, BLAS single-threaded; "
+                              "cnnctl sweep --threads N overrides it).")
 
 
 class RayExecutor(Strict):
@@ -243,7 +244,8 @@ def run_trial(spec_dict: dict, run_dir: str, metric: str, stop_rule=None, report
 
 
 def _local_worker(args) -> tuple[str, dict]:
-    trial_id, spec_dict, run_dir, metric, asha, record, lock = args
+    trial_id, spec_dict, run_dir, metric, asha, record, lock, threads = args
+    parallel.use(threads)
     rule = None
     if asha is not None:
         spec_asha, max_epochs, mode = asha
@@ -351,7 +353,7 @@ def trial_result(run_dir: Path, metric: str, mode: str, error: str | None = None
 
 def run_local(sweep: SweepSpec, trials: list[Trial], specs: dict, sweep_dir: Path, results: dict,
               on_update=None) -> None:
-    """Trials in worker processes on this machine, `max_concurrent` at a time, one BLAS thread each."""
+    """Trials in worker processes on this machine, `max_concurrent` at a time, `blas_threads` threads each."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -373,7 +375,8 @@ def run_local(sweep: SweepSpec, trials: list[Trial], specs: dict, sweep_dir: Pat
             if t.id in results:
                 continue
             asha = (sweep.scheduler, specs[t.id]["train"]["epochs"], mode) if sweep.scheduler else None
-            args = (t.id, specs[t.id], str(sweep_dir / "trials" / t.id), sweep.metric, asha, record, lock)
+            args = (t.id, specs[t.id], str(sweep_dir / "trials" / t.id), sweep.metric, asha, record, lock,
+                    ex.blas_threads)
             futures[pool.submit(_local_worker, args)] = t.id
             if on_update:
                 on_update(t.id, {"status": "queued"})

@@ -38,7 +38,7 @@ def sweep_(
     threads: ThreadsOption = None,
 ):
     """Search over config overrides: every trial is an ordinary run under SWEEP_DIR/trials/."""
-    use_threads(threads)
+    use_threads(threads if threads is not None else 1)  # this process only reports; the trials do the work
     if report is not None:
         return sweep_report(report)
     ex = None
@@ -48,6 +48,8 @@ def sweep_(
             raise CnnctlError(f"--executor must be local or ray, got {executor!r}")
         ex = {"type": kind, **({"address": address} if address else {})}
     sweep, trials, specs, sweep_dir, results = sweep_lib.prepare(sweep_file, runs_dir, resume, ex)
+    if threads is not None and sweep.executor.type == "local":  # threads per trial
+        sweep.executor.blas_threads = threads
     out.print(f"sweep {sweep.name}: {len(trials)} trials ({len(results)} finished before), executor "
               f"{sweep.executor.type}, metric {sweep.metric}; directory {sweep_dir}", soft_wrap=True)
     run = sweep_lib.EXECUTORS[sweep.executor.type]

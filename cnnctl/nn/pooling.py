@@ -8,6 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from .. import functional as F
+from .. import parallel
 from ..errors import ShapeError
 from ..strict import NonNegInt, PosPair
 from .base import Layer, LayerSpec, register
@@ -103,21 +104,27 @@ class MaxPool2D(_Pool2D):
         Sequential runs a conv's ReLU when this layer follows it."""
         xp = self._padded(x)
         self._padded_shape = xp.shape
-        slices = self._slices(xp)
-        out = np.copy(next(slices), order="K")  # temporaries below copy out's memory layout ("like")
+        out = np.copy(next(self._slices(xp)), order="K")  # temporaries below copy out's memory layout ("like")
         count = self.kernel_size[0] * self.kernel_size[1]
         self._winner = winner = np.zeros_like(out, np.uint8 if count < 256 else np.uint16)
-        greater, candidate = np.empty_like(out, bool), np.empty_like(winner)
-        for k, s in enumerate(slices, 1):
-            # offsets come in increasing order, so "k where strictly greater" can only raise the winner
-            np.greater(s, out, out=greater)
-            np.multiply(greater, winner.dtype.type(k), out=candidate)
-            np.maximum(winner, candidate, out=winner)
-            np.maximum(out, s, out=out)
-        self._relu_mask = None
-        if relu:
-            self._relu_mask = np.greater(out, 0)
-            np.multiply(out, self._relu_mask, out=out)
+        self._relu_mask = np.empty_like(out, bool) if relu else None
+
+        def part(lo, hi):  # a slice of channels
+            o, w = out[:, lo:hi], winner[:, lo:hi]
+            greater, candidate = np.empty_like(o, bool), np.empty_like(w)
+            for k, s in enumerate(self._slices(xp[:, lo:hi])):
+                if k == 0:
+                    continue  # out starts as the first offset's values
+                # offsets come in increasing order, so "k where strictly greater" can only raise the winner
+                np.greater(s, o, out=greater)
+                np.multiply(greater, w.dtype.type(k), out=candidate)
+                np.maximum(w, candidate, out=w)
+                np.maximum(o, s, out=o)
+            if relu:
+                m = np.greater(o, 0, out=self._relu_mask[:, lo:hi])
+                np.multiply(o, m, out=o)
+
+        parallel.per_channel(out, part)
         return out
 
     def backward(self, dy):
@@ -130,13 +137,18 @@ class MaxPool2D(_Pool2D):
         (oh, ow), (sh, sw) = self._out_hw, self.stride
         covered = not overlap and oh * sh == hp and ow * sw == wp  # every input position is in one window
         dxp = (np.empty_like if covered else np.zeros_like)(winner, dy.dtype, shape=self._padded_shape)
-        hit = np.empty_like(winner, bool)
-        for k, window in enumerate(self._slices(dxp)):
-            np.equal(winner, k, out=hit)
-            if overlap:
-                window += dy * hit
-            else:
-                np.multiply(dy, hit, out=window)
+
+        def part(lo, hi):  # a slice of channels
+            w, d = winner[:, lo:hi], dy[:, lo:hi]
+            hit = np.empty_like(w, bool)
+            for k, window in enumerate(self._slices(dxp[:, lo:hi])):
+                np.equal(w, k, out=hit)
+                if overlap:
+                    window += d * hit
+                else:
+                    np.multiply(d, hit, out=window)
+
+        parallel.per_channel(winner, part)
         return F.unpad(dxp, self._pad4)
 
 

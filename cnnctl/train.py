@@ -41,6 +41,12 @@ class Callback:
 
     def on_epoch_end(self, row: dict) -> None: ...
 
+    def on_step(self, step: int, lr: float, loss: float) -> None:
+        """After each optimizer step: the step count, the rate it used and the batch's loss."""
+
+    def on_train_end(self, summary: dict) -> None:
+        """After a run finished, with what summary.json holds."""
+
     def on_download(self, name: str, done: int, total: int | None) -> None: ...
 
     def should_stop(self, row: dict) -> bool:
@@ -314,6 +320,7 @@ class Trainer:
                 self._clip()
             self.optimizer.step()
             self.step += 1
+            self.cb.on_step(self.step, self.optimizer.lr, loss)
             total_loss += loss * len(y)
             correct += int((out.argmax(axis=1) == y).sum())
             seen += len(y)
@@ -362,6 +369,10 @@ class Trainer:
         runs.write_yaml(self.run_dir / "config.yaml", spec_to_dict(spec))
         runs.rewrite_metrics(self.run_dir, self.history)  # on resume: exactly the rows the checkpoint knows
         self._write_summary("running")
+        if spec.train.loggers:
+            from .loggers import Callbacks, make_loggers
+
+            self.cb = Callbacks([self.cb, *make_loggers(spec.train.loggers, self.run_dir, spec_to_dict(spec))])
         self.cb.on_train_start({"run_dir": str(self.run_dir), "params": self.model.num_params(),
                                 "train": len(self.ds.train), "val": len(self.ds.val), "test": len(self.ds.test),
                                 "image_shape": self.ds.image_shape, "classes": self.ds.classes,
@@ -402,6 +413,7 @@ class Trainer:
             test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, bs, self.num_classes)
             extra["test"] = {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]}
         self._write_summary("finished", **extra)
+        self.cb.on_train_end({"final": self.history[-1], "best": self.best, **extra})
         return {**extra, "best": self.best, "monitor": self.monitor, "final": self.history[-1],
                 "wall_seconds": round(self._elapsed(), 3)}
 

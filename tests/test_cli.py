@@ -154,3 +154,22 @@ def test_summary_and_checkpoints_record_the_environment(tmp_path, tiny_config):
     assert env["python"] == platform.python_version() and env["threads"] == 1 and "blas" in env
     assert env["platform"] and isinstance(env["command"], list)
     assert checkpoint.load(run_dir / "checkpoints" / "best.safetensors").environment == env
+
+
+def test_tensorboard_logger_writes_what_tensorboard_reads(tmp_path, tiny_config):
+    pytest.importorskip("tensorboardX")
+    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    res = run("train", tiny_config, "--runs-dir", tmp_path / "runs", "-q", "--logger", "tensorboard")
+    assert res.exit_code == 0, res.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    acc = ea_mod.EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        events = acc.Scalars(key)
+        assert [e.step for e in events] == [m["epoch"] for m in metrics]
+        assert [e.value for e in events] == pytest.approx([m[key] for m in metrics], rel=1e-6)
+    assert len(acc.Scalars("lr")) == metrics[-1]["step"]  # one rate per optimizer step
+    assert any("hparams" in d.name for d in (run_dir / "tensorboard").iterdir() if d.is_dir())
+    res = run("train", tiny_config, "--runs-dir", tmp_path / "r2", "--logger", "wandb")
+    assert res.exit_code == 2 and "train.loggers" in res.output

@@ -129,11 +129,15 @@ def train(
     init_from: Annotated[Path | None, typer.Option(
         "--init-from", metavar="CHECKPOINT", help="Start from these weights: every parameter and buffer whose "
         "name and shape match is copied (model.init_from.checkpoint).")] = None,
+    logger: Annotated[list[str] | None, typer.Option(
+        "--logger", metavar="NAME", help="Also log to tensorboard (train.loggers); repeatable.")] = None,
     threads: ThreadsOption = None,
 ):
     """Train a model from a YAML config; writes runs/NAME-YYYYmmdd-HHMMSS/."""
     use_threads(threads)
     overrides = list(set_ or [])
+    if logger:
+        overrides.append(f"train.loggers={json.dumps(list(dict.fromkeys(logger)))}")
     if init_from is not None:
         overrides.append(f"model.init_from.checkpoint={json.dumps(str(init_from))}")
     if name:

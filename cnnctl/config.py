@@ -259,8 +259,9 @@ class TrainSpec(Strict):
     keep_last: PosInt | None = Field(None, description="How many epoch checkpoints to keep (default: all).")
     checkpoint_every_steps: PosInt | None = Field(None, description="Also update last.safetensors every this "
                                                   "many optimizer steps (for long epochs).")
-    loggers: list[Literal["tensorboard"]] = Field(
-        default_factory=list, description="Also log to: tensorboard (RUN/tensorboard/, the tensorboard extra).")
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="Also log to: tensorboard (RUN/tensorboard/, the tensorboard extra), "
+        "mlflow (MLFLOW_TRACKING_URI, else RUNS_DIR/mlflow.db; the mlflow extra).")
     unfreeze_at_epoch: PosInt | None = Field(None, description="Make every layer trainable from this epoch on "
                                              "(1-based; layers frozen with trainable: false train from then).")
 

@@ -4,11 +4,14 @@ always-on record; these copy the same numbers where other tools look for them.
 tensorboard (the optional extra `cnnctl[tensorboard]`): event files in RUN/tensorboard/ with every epoch
 metric, the learning rate and loss per optimizer step, and at the end the resolved config as hyperparameters
 with the final metrics.
+
+mlflow (the optional extra `cnnctl[mlflow]`): see MLflowLogger.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .errors import CnnctlError
@@ -94,7 +97,49 @@ class TensorBoardLogger(Callback):
         self.writer.close()
 
 
-LOGGERS = {"tensorboard": TensorBoardLogger}
+class MLflowLogger(Callback):
+    """One MLflow run per cnnctl run (experiment: the config's name, run name: the run directory's): the
+    flattened config as params, every epoch metric, and at the end the final metrics with the best checkpoint
+    and summary.json as artifacts. MLFLOW_TRACKING_URI is honoured; without it, a SQLite store beside the
+    run directories (RUNS_DIR/mlflow.db)."""
+
+    MAX_PARAM = 500  # characters of a param value (MLflow refuses longer ones)
+
+    def __init__(self, run_dir: Path, config: dict):
+        try:
+            import mlflow
+        except ImportError:
+            raise CnnctlError("train.loggers: mlflow needs the mlflow extra, which is not installed",
+                              "pip install 'cnnctl[mlflow]'") from None
+        self.mlflow, self.run_dir = mlflow, Path(run_dir)
+        try:
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                mlflow.set_tracking_uri(f"sqlite:///{(self.run_dir.parent / 'mlflow.db').resolve()}")
+            mlflow.set_experiment(str(config.get("name", "cnnctl")))
+            self.run = mlflow.start_run(run_name=self.run_dir.name)
+            params = {k: str(v)[: self.MAX_PARAM] for k, v in flatten(config).items()}
+            mlflow.log_params(params)
+        except Exception as e:  # MLflow's own errors: an unreachable server, a bad URI
+            raise CnnctlError(f"train.loggers: mlflow could not start a run ({type(e).__name__}: {e})",
+                              "check MLFLOW_TRACKING_URI, or leave mlflow out of train.loggers") from None
+
+    def on_epoch_end(self, row: dict) -> None:
+        metrics = {k: v for k, v in row.items() if k not in ("epoch", "step") and isinstance(v, (int, float))}
+        self.mlflow.log_metrics(metrics, step=row["epoch"])
+
+    def on_train_end(self, summary: dict) -> None:
+        final = {f"final_{k}": v for k, v in (summary.get("final") or {}).items()
+                 if isinstance(v, (int, float)) and k not in ("epoch", "step", "seconds")}
+        if summary.get("test"):
+            final["test_acc"] = summary["test"]["accuracy"]
+        self.mlflow.log_metrics(final)
+        for path in (self.run_dir / "checkpoints" / "best.safetensors", self.run_dir / "summary.json"):
+            if path.is_file():
+                self.mlflow.log_artifact(str(path))
+        self.mlflow.end_run()
+
+
+LOGGERS = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}
 
 
 def make_loggers(names: list[str], run_dir: Path, config: dict) -> list[Callback]:

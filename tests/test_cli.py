@@ -173,3 +173,26 @@ def test_tensorboard_logger_writes_what_tensorboard_reads(tmp_path, tiny_config)
     assert any("hparams" in d.name for d in (run_dir / "tensorboard").iterdir() if d.is_dir())
     res = run("train", tiny_config, "--runs-dir", tmp_path / "r2", "--logger", "wandb")
     assert res.exit_code == 2 and "train.loggers" in res.output
+
+
+def test_mlflow_logger_writes_a_run_that_mlflow_reads(tmp_path, tiny_config, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the working directory
+    res = run("train", tiny_config, "--runs-dir", tmp_path / "runs", "-q", "--logger", "mlflow",
+              "--set", "train.test_at_end=true")
+    assert res.exit_code == 0, res.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "tiny"]
+    (found,) = client.search_runs([exp.experiment_id])
+    assert found.info.run_name == run_dir.name and found.info.status == "FINISHED"
+    assert found.data.params["optimizer.lr"] == "0.01" and found.data.params["data.batch_size"] == "32"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = client.get_metric_history(found.info.run_id, "val_acc")
+    assert [(h.step, h.value) for h in history] == [(m["epoch"], pytest.approx(m["val_acc"])) for m in metrics]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert found.data.metrics["test_acc"] == pytest.approx(summary["test"]["accuracy"])
+    assert {a.path for a in client.list_artifacts(found.info.run_id)} == {"best.safetensors", "summary.json"}

@@ -130,7 +130,7 @@ def train(
         "--init-from", metavar="CHECKPOINT", help="Start from these weights: every parameter and buffer whose "
         "name and shape match is copied (model.init_from.checkpoint).")] = None,
     logger: Annotated[list[str] | None, typer.Option(
-        "--logger", metavar="NAME", help="Also log to tensorboard (train.loggers); repeatable.")] = None,
+        "--logger", metavar="NAME", help="Also log to tensorboard or mlflow (train.loggers); repeatable.")] = None,
     threads: ThreadsOption = None,
 ):
     """Train a model from a YAML config; writes runs/NAME-YYYYmmdd-HHMMSS/."""

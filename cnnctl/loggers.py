@@ -11,6 +11,7 @@ mlflow (the optional extra `cnnctl[mlflow]`): see MLflowLogger.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -112,6 +113,7 @@ class MLflowLogger(Callback):
             raise CnnctlError("train.loggers: mlflow needs the mlflow extra, which is not installed",
                               "pip install 'cnnctl[mlflow]'") from None
         self.mlflow, self.run_dir = mlflow, Path(run_dir)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines would interleave with progress
         try:
             if not os.environ.get("MLFLOW_TRACKING_URI"):
                 mlflow.set_tracking_uri(f"sqlite:///{(self.run_dir.parent / 'mlflow.db').resolve()}")

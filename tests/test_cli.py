@@ -123,8 +123,9 @@ def test_help_keeps_brackets_and_reads_like_a_cli():
     assert "cnnctl[plot]" in text and "<bool>" not in text and "<list[str]>" not in text, text
     assert "--set KEY=VALUE" in text and "--threads N" in text and "--plot FILE.png" in text
     assert "--install-completion" in r.invoke(app, ["-h"]).output
-    for verb in ("train", "inspect", "bench", "sweep", "plot", "viz", "export", "predict", "gradcheck"):
-        assert "<bool>" not in r.invoke(app, [verb, "-h"]).output, verb
+    for verb in ("train", "eval", "inspect", "bench", "sweep", "runs", "plot", "viz", "export", "predict",
+                 "gradcheck", "lr-find", "schema"):
+        assert "<" not in r.invoke(app, [verb, "-h"]).output, verb  # no <bool>, <path>, <list[str]>, <int>
 
 
 def test_a_run_directory_stands_for_its_best_checkpoint(tmp_path, tiny_config):

@@ -11,12 +11,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperArgument
 
 from .. import __version__, checkpoint, parallel
 from ..builder import describe
 from ..config import apply_overrides, load_config
 from ..errors import CnnctlError
 from ..train import Interrupted, load_model
+
+# typer prints an argument's Python type after its metavar ("CHECKPOINT|RUN_DIR <path>", "FILES... <list[Path]>");
+# cnnctl's metavars say what to give, so arguments show those alone (options already do when given a metavar)
+TyperArgument.display_type_rich = lambda self, ctx: None
 
 # help is plain text (rich_markup_mode=None): square brackets in it, as in cnnctl[plot], stay as written
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,

@@ -234,7 +234,7 @@ def gradcheck(
     samples: Annotated[int, typer.Option("--samples", metavar="N", min=1, help="Entries checked per array.")] = 16,
     batch: Annotated[int, typer.Option("--batch", metavar="N", min=1, help="Random inputs in the batch.")] = 2,
     tol: Annotated[float, typer.Option("--tol", metavar="TOL", help="Largest relative error that passes.")] = 1e-6,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", metavar="SEED")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Compare every layer's backprop gradients with central differences (float64) in the configured net."""

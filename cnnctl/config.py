@@ -83,6 +83,11 @@ class AugmentSpec(Strict):
                                 "repeating edge pixels.")
     horizontal_flip: bool = Field(False, description="Mirror half of the images left to right.")
 
+    @property
+    def active(self) -> bool:
+        """Whether any augmentation is asked for."""
+        return bool(self.random_crop or self.random_shift or self.horizontal_flip)
+
 
 class DataSpec(Strict):
     dataset: Literal["shapes", "mnist", "fashion_mnist", "kmnist", "cifar10", "digits", "npz", "folder"] = Field(

@@ -12,10 +12,9 @@ import math
 
 import numpy as np
 
-from .builder import build_loss, build_model, check_training_memory, describe
 from .config import Spec
 from .errors import CnnctlError
-from .train import Seeds, load_data
+from .train import Seeds, Trainer
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected (as fastai)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
@@ -28,13 +27,10 @@ def lr_find(spec: Spec, min_lr: float = 1e-7, max_lr: float = 1.0, steps: int = 
                           "e.g. --min-lr 1e-7 --max-lr 1")
     if steps < 5:
         raise CnnctlError(f"--steps {steps}: the test needs at least 5 steps", "e.g. --steps 100")
-    seeds = Seeds.from_seed(spec.seed)
-    check_training_memory(spec.name, describe(spec.model), spec.data.batch_size)
-    model, rows = build_model(spec.model, seeds.init)
-    ds = load_data(spec, rows, seeds)
-    loss_fn, optimizer = build_loss(spec, ds.train.y, len(ds.classes)), spec.optimizer.build(model)
+    trainer = Trainer(spec)  # the model, data, loss and optimizer a run would start with; nothing is written
+    model, loss_fn, optimizer = trainer.model, trainer.loss_fn, trainer.optimizer
     lrs, losses, avg, best = [], [], 0.0, math.inf
-    batches = _endless(ds, spec, seeds)
+    batches = _endless(trainer.ds, spec, trainer.seeds)
     for i in range(steps):
         lr = min_lr * (max_lr / min_lr) ** (i / (steps - 1))
         x, y = next(batches)
@@ -72,8 +68,7 @@ def _endless(ds, spec: Spec, seeds: Seeds):
     """Shuffled, augmented training batches, epoch after epoch, as training draws them."""
     from . import data
 
-    aug = spec.data.augment
-    aug = aug if (aug.random_crop or aug.random_shift or aug.horizontal_flip) else None
+    aug = spec.data.augment if spec.data.augment.active else None
     while True:
         order = data.epoch_order(ds.train, spec.data.sampler, seeds.shuffle)
         yield from data.batches(ds, ds.train, spec.data.batch_size, order, 0, aug, seeds.augment)

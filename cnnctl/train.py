@@ -299,8 +299,7 @@ class Trainer:
         shuffle_state = copy.deepcopy(self.seeds.shuffle.bit_generator.state)
         order = data.epoch_order(self.ds.train, self.spec.data.sampler, self.seeds.shuffle)
         self.cb.on_epoch_start(epoch, self.spec.train.epochs, self.steps_per_epoch, start)
-        aug = self.spec.data.augment
-        aug = aug if (aug.random_crop or aug.random_shift or aug.horizontal_flip) else None
+        aug = self.spec.data.augment if self.spec.data.augment.active else None
         batches = data.batches(self.ds, self.ds.train, bs, order, start, aug, self.seeds.augment)
         for b, (x, y) in enumerate(batches, start=start):
             t0 = time.perf_counter()

@@ -82,11 +82,19 @@ class AugmentSpec(Strict):
     random_shift: float = Field(0.0, ge=0.0, lt=0.5, description="Shift by up to this fraction of the size, "
                                 "repeating edge pixels.")
     horizontal_flip: bool = Field(False, description="Mirror half of the images left to right.")
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="Probability of setting one random rectangle "
+                                  "(2-33% of the image, aspect 0.3-3.3) of an image to 0 (random erasing, cutout).")
 
     @property
     def active(self) -> bool:
         """Whether any augmentation is asked for."""
-        return bool(self.random_crop or self.random_shift or self.horizontal_flip)
+        return bool(self.random_crop or self.random_shift or self.horizontal_flip or self.random_erasing)
+
+
+class TestTimeAugmentSpec(Strict):
+    horizontal_flip: bool = Field(False, description="Average the network's outputs for each image and its mirror "
+                                  "image (validation, test, eval and predict; an exported model is the plain "
+                                  "network).")
 
 
 class DataSpec(Strict):
@@ -99,6 +107,8 @@ class DataSpec(Strict):
     mirror: str | None = Field(None, description="Base URL to download the files from instead of the official ones.")
     classes: list[str] | None = Field(None, description="Class names for npz data (default: 0..max label).")
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Training-batch augmentation.")
+    test_time_augment: TestTimeAugmentSpec = Field(default_factory=TestTimeAugmentSpec,
+                                                   description="Augmentation when evaluating and predicting.")
     batch_size: PosInt = 64
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the training data held out.")
     stratify: bool = Field(False, description="Hold out val_split of every class (the validation split keeps the "

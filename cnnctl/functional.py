@@ -83,11 +83,36 @@ def _window(i: int, j: int, out_hw: Pair, stride: Pair, dilation: Pair, origin: 
     )
 
 
-def buffer(cache: dict | None, name: str, shape: tuple, dtype, zero: bool = False) -> np.ndarray:
+class Scratch:
+    """Arrays that live only during one call (the input copied batch-innermost for lowering, the deltas in the
+    products' layout, the lowered deltas, partial products), shared by every layer of a model: layers run one
+    at a time, so one array per (purpose, shape) serves them all, instead of one per layer. (What must outlive
+    the call, the lowered input that backward reads, stays with its layer.)"""
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple, dtype, zero: bool = False) -> np.ndarray:
+        key = (name, tuple(shape), np.dtype(dtype).str)
+        b = self._arrays.get(key)
+        if b is None:
+            b = self._arrays[key] = (np.zeros if zero else np.empty)(shape, dtype)
+        return b
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays.values())
+
+
+def buffer(cache: dict | Scratch | None, name: str, shape: tuple, dtype, zero: bool = False) -> np.ndarray:
     """A scratch array reused across calls while its shape and dtype stay the same (zeroed when created,
-    if asked: callers that only ever write its interior keep a zero border for free)."""
+    if asked: callers that only ever write its interior keep a zero border for free, which is why `name`
+    must tell apart every pattern of writes). A dict holds one array per name (a layer's own), a Scratch
+    one per name and shape (shared by layers); None allocates a new one."""
     if cache is None:
         return (np.zeros if zero else np.empty)(shape, dtype)
+    if isinstance(cache, Scratch):
+        return cache.get(name, shape, dtype, zero)
     b = cache.get(name)
     if b is None or b.shape != shape or b.dtype != dtype:
         b = cache[name] = (np.zeros if zero else np.empty)(shape, dtype)
@@ -122,19 +147,20 @@ def batch_innermost(x: np.ndarray, cache: dict | None, name: str) -> np.ndarray:
     return out.transpose(3, 0, 1, 2)
 
 
-def lower(x: np.ndarray, pad4: Padding4, kw: int, sw: int, dw: int, ow: int, cache: dict | None, name: str,
-          x0: int = 0) -> np.ndarray:
+def lower(x: np.ndarray, pad4: Padding4, kw: int, sw: int, dw: int, ow: int, cache: dict | Scratch | None, name: str,
+          x0: int = 0, scratch: Scratch | None = None) -> np.ndarray:
     """Column lowering (MEC): x (N, C, H, W) -> L (Hp, C, KW, OW, N) with
     L[r, c, j, x, n] = xpad[n, c, r, x0 + x*sw + j*dw], xpad being x with `pad4` zeros around it.
 
     Only the kernel's columns are unrolled (KW strided slice copies, not KH*KW as for im2col): the rows
     i = 0..KH-1 that output row y reads are KH consecutive rows of L, so `row_windows` hands each output
     row's im2col matrix to the matrix product as a view. The buffer's name carries the padding and origin:
-    only the interior is written, the zeros around it are written once, when the buffer is created."""
+    only the interior is written, the zeros around it are written once, when the buffer is created. The input
+    copied batch-innermost, when it is not, goes to `scratch` (else `cache`)."""
     n, c, h, w = x.shape
     pt, pb, pl, _ = pad4
-    lowered = buffer(cache, f"{name}{pad4}{x0}", (h + pt + pb, c, kw, ow, n), x.dtype, zero=True)
-    src = batch_innermost(x, cache, name + ".chwn").transpose(2, 1, 3, 0)  # (H, C, W, N) view
+    lowered = buffer(cache, f"{name}{pad4}{x0},{sw},{dw},{w}", (h + pt + pb, c, kw, ow, n), x.dtype, zero=True)
+    src = batch_innermost(x, scratch or cache, name + ".chwn").transpose(2, 1, 3, 0)  # (H, C, W, N) view
     places = [(j, *inside(x0 + j * dw - pl, sw, ow, w)) for j in range(kw)]
 
     def channels(lo, hi):
@@ -189,18 +215,18 @@ class ConvSaved(NamedTuple):
 
 
 def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: Pair, cache: dict | None = None,
-                   relu: bool = False):
+                   relu: bool = False, scratch: Scratch | None = None):
     """y[n,o] = sum_c xcorr(x[n,c], weight[o,c]) + bias[o], as one matrix product per output row over the
     lowered input, followed by max(y, 0) when `relu` (applied in place on the contiguous product).
 
-    Returns y (N, O, OH, OW), a view of an (O, OH, OW, N) array, and a ConvSaved for backward. `cache`
-    keeps scratch buffers between calls.
+    Returns y (N, O, OH, OW), a view of an (O, OH, OW, N) array, and a ConvSaved for backward. `cache` (the
+    layer's own) keeps the lowered input between calls, `scratch` (shared) what lives only in this call.
     """
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
     oh, ow = out_size(hp, kh, stride[0], 0, dilation[0]), out_size(wp, kw, stride[1], 0, dilation[1])
-    lowered = lower(x, padding, kw, stride[1], dilation[1], ow, cache, "lowered")
+    lowered = lower(x, padding, kw, stride[1], dilation[1], ow, cache, "lowered", scratch=scratch)
     y = np.empty((o, oh, ow, n), x.dtype)
     mask = np.empty(y.shape, bool) if relu else None
     # (O, K) @ (OH, K, OW*N) -> (OH, O, OW*N): one BLAS call per output row, then bias and ReLU on those rows
@@ -222,10 +248,10 @@ def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: P
 
 
 def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, need_dx=True,
-                    cache: dict | None = None, method: str = "auto"):
+                    scratch: Scratch | None = None, method: str = "auto"):
     """Gradients of conv2d_forward, given the ConvSaved it returned; dy is the gradient of its output (after
     the fused ReLU, if any: its mask is applied while dy is copied into the layout the products need).
-    Returns dx (or None), dweight, dbias.
+    Returns dx (or None), dweight, dbias. Its temporary arrays come from `scratch`.
 
     dweight: the cross-correlation of the layer input with the deltas, the sum over output rows of
     dY[row] @ window[row].T. dbias: the sum of the deltas.
@@ -240,7 +266,7 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     if mask is None and dyt.flags.c_contiguous:  # already in the products' layout: no copy
         dY = dyt
     else:
-        dY = buffer(cache, "dY", (o, oh, ow, n), dy.dtype)
+        dY = buffer(scratch, "dY", (o, oh, ow, n), dy.dtype)
     dbias = np.empty(o, dy.dtype)
 
     def channels(lo, hi):  # the deltas in the products' layout (masked by a fused ReLU), and their sums
@@ -253,7 +279,7 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     parallel.split(o, channels, dY.size)
     windows = row_windows(saved.lowered, kh, stride[0], dilation[0], oh)
     per_row = parallel.matmul(by_rows(dY), windows.transpose(0, 2, 1),
-                              np.empty((oh, o, kh * c * kw), dy.dtype))  # (OH, O, K)
+                              buffer(scratch, "per_row", (oh, o, kh * c * kw), dy.dtype))  # (OH, O, K)
     summed = np.empty((o, kh * c * kw), dy.dtype)
     parallel.split(o, lambda lo, hi: per_row[:, lo:hi].sum(axis=0, out=summed[lo:hi]), per_row.size)
     dweight = np.ascontiguousarray(summed.reshape(o, kh, c, kw).transpose(0, 2, 1, 3))
@@ -261,7 +287,7 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
         return None, dweight, dbias
     if method == "auto":
         method = dx_method(weight.shape, x_shape, (oh, ow), stride)
-    dx = DX_METHODS[method](dY, weight, x_shape, stride, padding, dilation, cache)
+    dx = DX_METHODS[method](dY, weight, x_shape, stride, padding, dilation, scratch)
     return dx.transpose(3, 0, 1, 2), dweight, dbias
 
 
@@ -276,7 +302,7 @@ def dx_method(weight_shape, x_shape, out_hw: Pair, stride: Pair) -> str:
     return "rows" if stride[0] == 1 else "scatter"
 
 
-def conv2d_dx_full(dY, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, cache=None):
+def conv2d_dx_full(dY, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, scratch=None):
     """dx (C, H, W, N) as the literal full correlation (stride 1 only): pad the deltas dY (O, OH, OW, N) by
     the kernel span - 1 and correlate them with the rotated kernel (channels swapped) at the unpadded input
     positions, with the same lowering as forward."""
@@ -286,7 +312,7 @@ def conv2d_dx_full(dY, weight, x_shape, stride: Pair, padding: Padding4, dilatio
     n, h, w = dY.shape[3], x_shape[2], x_shape[3]
     pt, _, pl, _ = padding
     span_h, span_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)  # span - 1, so oh + span_h == hp
-    lowered = lower(dY.transpose(3, 0, 1, 2), (span_h, span_h, span_w, span_w), kw, 1, dilation[1], w, cache,
+    lowered = lower(dY.transpose(3, 0, 1, 2), (span_h, span_h, span_w, span_w), kw, 1, dilation[1], w, scratch,
                     "dlowered", x0=pl)
     rotated = rows_first(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, KH*O*KW)
     dx = np.empty((c, h, w, n), dY.dtype)
@@ -294,7 +320,7 @@ def conv2d_dx_full(dY, weight, x_shape, stride: Pair, padding: Padding4, dilatio
     return dx
 
 
-def conv2d_dx_rows(dY, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, cache=None):
+def conv2d_dx_rows(dY, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, scratch=None):
     """dx (C, H, W, N) for row stride 1: correlate along the rows (one product per input row over KH rows of
     the zero-padded deltas), then KW column scatter-adds instead of KH*KW."""
     if stride[0] != 1:
@@ -307,10 +333,10 @@ def conv2d_dx_rows(dY, weight, x_shape, stride: Pair, padding: Padding4, dilatio
     # (dilated) rows of the zero-padded deltas, read through the same overlapping windows as forward
     span = dilation[0] * (kh - 1)
     # lowering with one kernel column: the deltas rows first, (OH + 2*span, O, 1, OW, N), zero rows around
-    padded = lower(dY.transpose(3, 0, 1, 2), (span, span, 0, 0), 1, 1, 1, ow, cache, "dYrows")
+    padded = lower(dY.transpose(3, 0, 1, 2), (span, span, 0, 0), 1, 1, 1, ow, scratch, "dYrows")
     flipped = weight[:, :, ::-1].transpose(1, 3, 2, 0).reshape(c * kw, kh * o)  # [(c, j), (KH-1-i, o)]
     lifted = parallel.matmul(flipped, row_windows(padded, kh, 1, dilation[0], h, y0=pt),
-                             buffer(cache, "lifted", (h, c * kw, ow * n), dY.dtype)).reshape(h, c, kw, ow, n)
+                             buffer(scratch, "lifted", (h, c * kw, ow * n), dY.dtype)).reshape(h, c, kw, ow, n)
     dx = np.empty((c, h, w, n), dY.dtype)
     places = [(j, *inside(j * dilation[1] - pl, stride[1], ow, w)) for j in range(kw)]
 
@@ -323,7 +349,7 @@ def conv2d_dx_rows(dY, weight, x_shape, stride: Pair, padding: Padding4, dilatio
     return dx
 
 
-def conv2d_dx_scatter(dY, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, cache=None):
+def conv2d_dx_scatter(dY, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, scratch=None):
     """dx (C, H, W, N) for any stride: form W^T dY and scatter-add each kernel offset's slice back to where
     forward read it (the full convolution's sum without the zeros a strided one would insert)."""
     o, c, kh, kw = weight.shape
@@ -332,7 +358,7 @@ def conv2d_dx_scatter(dY, weight, x_shape, stride: Pair, padding: Padding4, dila
     pt, _, pl, _ = padding
     hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
     parts = parallel.matmul(rows_first(weight).T, by_rows(dY),
-                            buffer(cache, "parts", (oh, kh * c * kw, ow * n), dY.dtype))
+                            buffer(scratch, "parts", (oh, kh * c * kw, ow * n), dY.dtype))
     parts = parts.reshape(oh, kh, c, kw, ow, n)
     dxp = np.empty((c, hp, wp, n), dY.dtype)
     windows = [(i, j, _window(i, j, (oh, ow), stride, dilation)) for i in range(kh) for j in range(kw)]

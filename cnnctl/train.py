@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 
 from . import checkpoint, data, parallel, runs
 from .builder import build_loss, build_model, check_known_data, check_outputs, check_training_memory, describe
-from .config import Spec, load_config, spec_to_dict, validate
+from .config import Spec, TestTimeAugmentSpec, load_config, spec_to_dict, validate
 from .environment import environment
 from .errors import CheckpointError, CnnctlError, ConfigError, TrainingError
 from .nn import Loss, Model
@@ -88,12 +88,24 @@ class Seeds:
             getattr(self, k).bit_generator.state = v  # in place: layers holding the generator see it too
 
 
+def infer(model: Model, x: np.ndarray, tta: TestTimeAugmentSpec | None = None) -> np.ndarray:
+    """The model's outputs for a batch (inference mode); with test-time augmentation the mean of the outputs
+    for the images and their mirror images."""
+    out = model.forward(x, training=False)
+    if tta is None or not tta.horizontal_flip:
+        return out
+    out = np.array(out, copy=True)  # the next forward may reuse the layer's output buffer
+    out += model.forward(np.ascontiguousarray(x[..., ::-1]), training=False)
+    out *= out.dtype.type(0.5)
+    return out
+
+
 def evaluate(model: Model, loss_fn: Loss, ds: data.Dataset, split: data.Split, batch_size: int,
-             num_classes: int) -> dict:
+             num_classes: int, tta: TestTimeAugmentSpec | None = None) -> dict:
     """Mean loss, accuracy and the confusion matrix (rows: true class, columns: predicted) of one split."""
     total_loss, confusion = 0.0, np.zeros((num_classes, num_classes), np.int64)
     for x, y in data.batches(ds, split, batch_size):
-        out = model.forward(x, training=False)
+        out = infer(model, x, tta)
         total_loss += loss_fn.forward(out, y) * len(y)
         np.add.at(confusion, (y, out.argmax(axis=1)), 1)
     n = len(split)
@@ -361,6 +373,7 @@ class Trainer:
 
     def fit(self, run_dir: Path, resumed: bool = False) -> dict:
         spec, bs = self.spec, self.spec.data.batch_size
+        tta = spec.data.test_time_augment
         self.run_dir, self._started = Path(run_dir), time.time()
         self.environment = environment()
         previous = runs.run_info(self.run_dir) if resumed else None
@@ -388,7 +401,7 @@ class Trainer:
                 row = {"epoch": epoch, "step": self.step, "train_loss": train_loss, "train_acc": train_acc,
                        "val_loss": None, "val_acc": None, "lr": self.optimizer.lr}
                 if len(self.ds.val):
-                    val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, bs, self.num_classes)
+                    val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, bs, self.num_classes, tta)
                     row.update(val_loss=val["loss"], val_acc=val["accuracy"])
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 self.epoch = epoch
@@ -409,7 +422,7 @@ class Trainer:
             raise
         extra = {"stopped_early": stopped_early}
         if spec.train.test_at_end:
-            test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, bs, self.num_classes)
+            test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, bs, self.num_classes, tta)
             extra["test"] = {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]}
         self._write_summary("finished", **extra)
         self.cb.on_train_end({"final": self.history[-1], "best": self.best, **extra})

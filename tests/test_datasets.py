@@ -222,8 +222,27 @@ def test_flip_and_determinism():
     assert np.array_equal(a[i], x[i, :, :, ::-1])
 
 
+def test_random_erasing_blanks_one_rectangle_per_chosen_image():
+    x = np.random.default_rng(0).integers(1, 255, (400, 2, 10, 12), dtype=np.uint8)  # no zero pixels
+    a = augment.random_erasing(x, 0.5, np.random.default_rng(5))
+    assert np.array_equal(a, augment.random_erasing(x, 0.5, np.random.default_rng(5)))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    erased = (a == 0).any(axis=(1, 2, 3))
+    assert 150 < erased.sum() < 250
+    assert np.array_equal(a[~erased], x[~erased])
+    for img in a[erased]:
+        zero = img[0] == 0
+        assert np.array_equal(zero, img[1] == 0)  # every channel, the same rectangle
+        rows, cols = np.flatnonzero(zero.any(axis=1)), np.flatnonzero(zero.any(axis=0))
+        assert zero[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # one solid rectangle ...
+        assert zero.sum() == len(rows) * len(cols)  # ... and nothing else
+        assert 0.01 <= zero.mean() <= 0.5
+    assert np.array_equal(augment.random_erasing(x, 0.0, np.random.default_rng(5)), x)
+    assert (augment.random_erasing(x, 1.0, np.random.default_rng(5)) == 0).any(axis=(1, 2, 3)).all()
+
+
 def test_only_training_batches_are_augmented(tmp_path):
-    spec = AugmentSpec(horizontal_flip=True, random_crop=2)
+    spec = AugmentSpec(horizontal_flip=True, random_crop=2, random_erasing=0.5)
     ds = load_dataset(DataSpec(dataset="shapes", shapes={"train_size": 64, "test_size": 8}), (1, 12, 12),
                       np.random.default_rng(0))
     plain = np.concatenate([xb for xb, _ in batches(ds, ds.train, 16)])

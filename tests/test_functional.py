@@ -145,24 +145,27 @@ def test_layers_give_the_same_numbers_for_any_memory_layout(tag):
 @pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((1, 1), "rows"),
                                            ((2, 1), "scatter"), ((1, 2), "rows")])
 def test_reused_buffers_give_the_same_gradients(stride, method):
-    """A layer's scratch buffers (the lowered input and deltas, zeroed once) carry nothing from one step
-    into the next: a second batch through the same cache gives what a fresh cache gives, and a naive
-    convolution."""
+    """A layer's buffers (the lowered input, zeroed once) and the scratch arrays its model's layers share (the
+    lowered deltas, zeroed once, partial products) carry nothing from one step or one layer into the next:
+    two convolutions of other strides, paddings and dilations taking turns on one Scratch, step after step,
+    give what fresh buffers give, and a naive convolution."""
     g = np.random.default_rng(4)
     w, b = g.standard_normal((3, 2, 3, 2)), g.standard_normal(3)
-    pad4, dil = (1, 2, 0, 1), (2, 1)
-    cache = {}
-    for step in range(2):
+    layers = [(stride, (1, 2, 0, 1), (2, 1), method, {}), ((1, 1), (2, 0, 1, 1), (1, 2), "full", {}),
+              ((2, 2), (1, 1, 1, 1), (1, 1), "scatter", {})]
+    shared = F.Scratch()
+    for step in range(3):
         x = g.standard_normal((7, 2, 9, 8))
-        dy = None
-        results = []
-        for c in (cache, {}):
-            y, saved = F.conv2d_forward(x, w, b, stride, pad4, dil, c)
-            dy = np.random.default_rng(step).standard_normal(y.shape)
-            results.append((y, *F.conv2d_backward(dy, saved, w, x.shape, stride, pad4, dil, cache=c, method=method)))
-        np.testing.assert_allclose(results[0][0], naive_conv(x, w, b, stride, pad4, dil), rtol=1e-12, atol=1e-12)
-        for reused, fresh in zip(*results):
-            np.testing.assert_array_equal(reused, fresh)
+        for st, pad4, dil, how, cache in layers:
+            results = []
+            for c, s in ((cache, shared), ({}, None)):
+                y, saved = F.conv2d_forward(x, w, b, st, pad4, dil, c, scratch=s)
+                dy = np.random.default_rng(step).standard_normal(y.shape)
+                results.append((y, *F.conv2d_backward(dy, saved, w, x.shape, st, pad4, dil, scratch=s, method=how)))
+            np.testing.assert_allclose(results[0][0], naive_conv(x, w, b, st, pad4, dil), rtol=1e-12, atol=1e-12)
+            for reused, fresh in zip(*results):
+                np.testing.assert_array_equal(reused, fresh)
+    assert shared.nbytes > 0
 
 
 @pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((1, 1), "rows"),

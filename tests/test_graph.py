@@ -46,6 +46,22 @@ def test_resnet20_has_the_papers_size():
     assert not any(n.startswith("layers.2.0.shortcut") for n in names)  # identity where the shape is kept
 
 
+def test_zero_init_residual_starts_each_block_as_its_shortcut():
+    zero = copy.deepcopy(BASIC)
+    zero["body"][3]["weight_init"] = 0
+    spec = spec_of([{"type": "basic", "filters": 3}, {"type": "basic", "filters": 5, "stride": 2}],
+                   {"basic": zero})
+    model, _ = build_model(spec.model)
+    identity, projection = model.layers
+    assert not identity.body.layers[3].params["weight"].any()
+    assert np.array_equal(identity.body.layers[1].params["weight"], np.ones(3, np.float32))
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(identity.forward(x, training=True), np.maximum(x, 0))
+    h = np.maximum(x, 0)
+    np.testing.assert_allclose(projection.forward(h, training=True),
+                               np.maximum(projection.shortcut.forward(h, training=True), 0), atol=1e-6)
+
+
 def test_blocks_substitute_defaults_and_arguments_and_repeat_makes_copies():
     spec = spec_of([{"type": "basic", "filters": 4, "repeat": 2}, {"type": "basic", "filters": 6, "stride": 2},
                     {"type": "global_avgpool2d"}, {"type": "dense", "units": 4}], {"basic": BASIC})

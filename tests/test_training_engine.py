@@ -254,3 +254,36 @@ def test_kill_9_at_random_moments_leaves_a_resumable_run(tmp_path):
         invoke("train", "--resume", run_dir)
     assert kills >= 1
     assert_same_run(only_run(tmp_path / "straight"), run_dir)
+
+
+def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
+    from cnnctl import train
+    from cnnctl.config import TestTimeAugmentSpec
+    from cnnctl.data import batches
+
+    cfg = write_config(tmp_path, data__test_time_augment={"horizontal_flip": True}, train__epochs=1,
+                       train__test_at_end=True)
+    invoke("train", cfg, "--runs-dir", tmp_path / "runs")
+    run = only_run(tmp_path / "runs")
+    path = run / "checkpoints" / "last.safetensors"
+    ckpt = checkpoint.load(path)
+    spec, model, rows = train.load_model(ckpt, path)
+    ds = train.load_data(spec, rows, train.Seeds.from_seed(spec.seed), ckpt.normalization)
+    flip = TestTimeAugmentSpec(horizontal_flip=True)
+    x, y = next(batches(ds, ds.test, 50))
+    plain = model.forward(x, training=False).copy()
+    mirrored = model.forward(np.ascontiguousarray(x[..., ::-1]), training=False).copy()
+    np.testing.assert_allclose(train.infer(model, x, flip), (plain + mirrored) / 2, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(train.infer(model, x), plain)
+
+    summary = json.loads((run / "summary.json").read_text())
+    loss_fn = train.build_loss(spec, ds.train.y, len(ds.classes))
+    with_flip = train.evaluate(model, loss_fn, ds, ds.test, 32, len(ds.classes), flip)
+    without = train.evaluate(model, loss_fn, ds, ds.test, 32, len(ds.classes))
+    assert summary["test"]["accuracy"] == with_flip["accuracy"]
+    assert abs(summary["test"]["loss"] - with_flip["loss"]) < 1e-6
+    assert with_flip["loss"] != without["loss"]
+    out = invoke("eval", path, "--json").stdout
+    assert json.loads(out)["loss"] == pytest.approx(with_flip["loss"], abs=1e-6)
+    out = invoke("eval", path, "--json", "--set", "data.test_time_augment.horizontal_flip=false").stdout
+    assert json.loads(out)["loss"] == pytest.approx(without["loss"], abs=1e-6)

@@ -23,7 +23,7 @@ from ..errors import CnnctlError
 from ..export import export_onnx
 from ..gradcheck import check_network
 from ..lr_find import lr_find as lr_find_lib
-from ..train import load_model
+from ..train import infer, load_model
 from .common import SetOption, ThreadsOption, app, fmt, guarded, load_checkpoint, load_target, out, table, use_threads
 from .sweep import sweep_report
 
@@ -201,7 +201,7 @@ def predict_(
     checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
     spec, model, _ = load_model(ckpt, checkpoint_path)
     names, x01 = predict_lib.load_inputs(inputs, spec.model.input_shape)
-    logits = model.forward(predict_lib.normalize(x01, ckpt.normalization), training=False)
+    logits = infer(model, predict_lib.normalize(x01, ckpt.normalization), spec.data.test_time_augment)
     probs = F.softmax(logits, axis=1) if spec.loss.type == "cross_entropy" else logits
     classes = _class_names(spec, logits.shape[1], ckpt)
     k = min(top_k, len(classes))

@@ -226,7 +226,8 @@ def eval_(
     spec, model, rows = load_model(ckpt, checkpoint_path)
     ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)
     loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
-    res = evaluate(model, loss_fn, ds, ds.split(data_split), spec.data.batch_size, len(ds.classes))
+    res = evaluate(model, loss_fn, ds, ds.split(data_split), spec.data.batch_size, len(ds.classes),
+                   spec.data.test_time_augment)
     cm = res["confusion_matrix"]
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.nan_to_num(np.diag(cm) / cm.sum(axis=0))

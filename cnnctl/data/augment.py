@@ -38,12 +38,34 @@ def horizontal_flip(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def random_erasing(x: np.ndarray, p: float, rng: np.random.Generator, area=(0.02, 0.33),
+                   aspect=(0.3, 3.3)) -> np.ndarray:
+    """With probability p per sample, set one rectangle of every channel to 0 (Zhong et al. 2017): its area a
+    uniform fraction `area` of the image, its aspect ratio (height / width) log-uniform in `aspect`, its sides
+    clipped to the image, its position uniform. Every sample draws the same numbers whether erased or not."""
+    n, _, h, w = x.shape
+    erase = rng.random(n) < p
+    size = h * w * rng.uniform(*area, n)
+    ratio = np.exp(rng.uniform(np.log(aspect[0]), np.log(aspect[1]), n))
+    eh = np.clip(np.rint(np.sqrt(size * ratio)), 1, h).astype(np.int64)
+    ew = np.clip(np.rint(np.sqrt(size / ratio)), 1, w).astype(np.int64)
+    top = (rng.random(n) * (h - eh + 1)).astype(np.int64)
+    left = (rng.random(n) * (w - ew + 1)).astype(np.int64)
+    rows, cols = np.arange(h), np.arange(w)
+    inside = (((rows >= top[:, None]) & (rows < (top + eh)[:, None]))[:, :, None]
+              & ((cols >= left[:, None]) & (cols < (left + ew)[:, None]))[:, None, :])
+    inside &= erase[:, None, None]
+    return np.where(inside[:, None], x.dtype.type(0), x)
+
+
 def apply(x: np.ndarray, spec, rng: np.random.Generator) -> np.ndarray:
-    """The augmentations a DataSpec.augment asks for, in a fixed order: crop, shift, flip."""
+    """The augmentations a DataSpec.augment asks for, in a fixed order: crop, shift, flip, erasing."""
     if spec.random_crop:
         x = random_crop(x, spec.random_crop, rng)
     if spec.random_shift:
         x = random_shift(x, spec.random_shift, rng)
     if spec.horizontal_flip:
         x = horizontal_flip(x, rng)
+    if spec.random_erasing:
+        x = random_erasing(x, spec.random_erasing, rng)
     return x

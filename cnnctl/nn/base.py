@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, Tag
 
 from ..errors import ShapeError
+from ..functional import Scratch
 from ..registry import registrar
 from ..strict import PosInt, Strict
 from .init import is_placeholder
@@ -82,6 +83,7 @@ class Layer:
     needs_input_grad: bool = True
     frozen: bool = False  # trainable: false: its parameters are not updated (a frozen batchnorm uses its running stats)
     activation: Layer | None = None
+    scratch: Scratch | None = None  # temporary arrays shared by the layers of a model (Model hands it out)
 
     def __init__(self) -> None:
         self.params: dict[str, np.ndarray] = {}

@@ -77,7 +77,7 @@ class Conv2D(Layer):
         # a ReLU is applied inside the (ungrouped) convolution, one pass less; Sequential may defer it further
         self.fused_relu = isinstance(self.activation, ReLU) and self.groups == 1
         self.relu_deferrable = self.fused_relu
-        self._buffers: dict = {}  # scratch arrays reused between steps (padded input, columns)
+        self._buffers: dict = {}  # the lowered input, reused between steps (backward reads it)
         self.zero_grad()
 
     def pads(self, hw) -> F.Padding4:
@@ -121,7 +121,8 @@ class Conv2D(Layer):
             y, self._saved = F.grouped_conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation, self.groups)
             return self._activate(y, training)
         fused = self.fused_relu if relu is None else self.fused_relu and relu
-        y, self._saved = F.conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation, self._buffers, relu=fused)
+        y, self._saved = F.conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation, self._buffers, relu=fused,
+                                           scratch=self.scratch)
         return y if self.fused_relu else self._activate(y, training)
 
     def backward(self, dy):
@@ -131,7 +132,8 @@ class Conv2D(Layer):
         if self.groups > 1:
             dx, dw, db = F.grouped_conv2d_backward(dy, self._saved, *args, self.groups, self.needs_input_grad)
         else:
-            dx, dw, db = F.conv2d_backward(dy, self._saved, *args, need_dx=self.needs_input_grad, cache=self._buffers)
+            dx, dw, db = F.conv2d_backward(dy, self._saved, *args, need_dx=self.needs_input_grad,
+                                             scratch=self.scratch)
         self.grads["weight"] = dw
         if "bias" in self.params:
             self.grads["bias"] = db

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import Field
 
+from ..functional import Scratch
 from .base import Layer, LayerSpec, register
 
 if TYPE_CHECKING:  # the layer union, built in nn/__init__ once every layer type is registered
@@ -133,6 +134,9 @@ class Model(Sequential):
     def __init__(self, layers: list[Layer], names: list[str] | None = None):
         super().__init__(layers, names)
         self.set_input_grad(False)
+        self.scratch = Scratch()
+        for _, layer in self.named_layers():
+            layer.scratch = self.scratch
 
     def freeze(self, frozen: bool = True) -> None:
         super().freeze(frozen)

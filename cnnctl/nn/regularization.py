@@ -25,12 +25,15 @@ class _BatchNormSpec(LayerSpec):
     momentum: float = Field(0.1, gt=0.0, le=1.0)
     eps: float = Field(1e-5, gt=0.0)
     activation: Activation | None = Field(None, description="Applied after normalising (conv-bn-relu).")
+    weight_init: float = Field(1.0, description="Initial scale (weight, gamma). 0 in the last batchnorm of a "
+                               "residual body starts the block as its shortcut (zero-init residual, Goyal et al. "
+                               "2017; torchvision's zero_init_residual).")
 
     def build(self, input_shape, scope):
         cls = {"batchnorm1d": BatchNorm1D, "batchnorm2d": BatchNorm2D}.get(self.type)  # type: ignore
         if cls is None:  # plain `batchnorm`: 1-D or 2-D from the incoming shape
             cls = BatchNorm1D if len(input_shape) == 1 else BatchNorm2D
-        return cls(input_shape[0], self.eps, self.momentum, activation=self.activation)
+        return cls(input_shape[0], self.eps, self.momentum, activation=self.activation, weight_init=self.weight_init)
 
 
 @register_spec
@@ -85,11 +88,11 @@ class _BatchNorm(Layer):
     is_norm = True
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, dtype=np.float32,
-                 activation: str | None = None):
+                 activation: str | None = None, weight_init: float = 1.0):
         super().__init__()
         self.activation = make_activation(activation)
         self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
-        self.params = {"weight": np.ones(num_features, dtype), "bias": np.zeros(num_features, dtype)}
+        self.params = {"weight": np.full(num_features, weight_init, dtype), "bias": np.zeros(num_features, dtype)}
         self.buffers = {
             "running_mean": np.zeros(num_features, dtype),
             "running_var": np.ones(num_features, dtype),

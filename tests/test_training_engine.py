@@ -287,3 +287,16 @@ def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
     assert json.loads(out)["loss"] == pytest.approx(with_flip["loss"], abs=1e-6)
     out = invoke("eval", path, "--json", "--set", "data.test_time_augment.horizontal_flip=false").stdout
     assert json.loads(out)["loss"] == pytest.approx(without["loss"], abs=1e-6)
+
+    from cnnctl import functional as F
+    from cnnctl import predict
+
+    images = np.random.default_rng(2).integers(0, 256, (5, 20, 20), dtype=np.uint8)
+    np.savez(tmp_path / "x.npz", x=images)
+    res = json.loads(invoke("predict", path, tmp_path / "x.npz", "--top-k", "4", "--json").stdout)
+    _, x01 = predict.load_inputs([tmp_path / "x.npz"], spec.model.input_shape)
+    xn = predict.normalize(x01, ckpt.normalization)
+    probs = F.softmax(train.infer(model, xn, flip), axis=1)
+    for r, p in zip(res, probs):
+        got = {t["class"]: t["probability"] for t in r["top"]}
+        assert got == pytest.approx(dict(zip(ds.classes, p.tolist())), abs=1e-5)

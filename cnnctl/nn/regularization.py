@@ -118,22 +118,21 @@ class _BatchNorm(Layer):
         total, dot, bshape = self._shapes(x)
         m, c = x.size // x.shape[1], x.shape[1]
         training = training and not self.frozen  # a frozen batchnorm normalises with its running statistics
-        xhat, y = np.empty_like(x), np.empty_like(x)  # laid out as x
+        centred, y = np.empty_like(x), np.empty_like(x)  # laid out as x
         mean, var, inv_std = (np.empty(c, x.dtype) for _ in range(3))
         weight, bias, eps, cut = self.params["weight"], self.params["bias"], self.eps, parallel.channels
         if not training:
             mean[:], var[:] = self.buffers["running_mean"], self.buffers["running_var"]
 
-        def part(lo, hi):  # a slice of channels: statistics, normalisation, scale and shift
-            xs, xh = cut(x, lo, hi), cut(xhat, lo, hi)
+        def part(lo, hi):  # a slice of channels: statistics, then y = (x - mean) * (weight * inv_std) + bias
+            xs, xc = cut(x, lo, hi), cut(centred, lo, hi)
             if training:  # two passes for the statistics (mean, then the centred squares: no cancellation)
                 mean[lo:hi] = np.einsum(total, xs) / x.dtype.type(m)
-            np.subtract(xs, mean[lo:hi].reshape(bshape), out=xh)
+            np.subtract(xs, mean[lo:hi].reshape(bshape), out=xc)
             if training:
-                var[lo:hi] = np.einsum(dot, xh, xh) / x.dtype.type(m)
+                var[lo:hi] = np.einsum(dot, xc, xc) / x.dtype.type(m)
             inv_std[lo:hi] = 1.0 / np.sqrt(var[lo:hi] + eps)
-            np.multiply(xh, inv_std[lo:hi].reshape(bshape), out=xh)
-            ys = np.multiply(xh, weight[lo:hi].reshape(bshape), out=cut(y, lo, hi))
+            ys = np.multiply(xc, (weight[lo:hi] * inv_std[lo:hi]).reshape(bshape), out=cut(y, lo, hi))
             np.add(ys, bias[lo:hi].reshape(bshape), out=ys)
 
         parallel.per_channel(x, part)
@@ -143,7 +142,7 @@ class _BatchNorm(Layer):
             unbiased = var * (m / max(m - 1, 1))
             b["running_var"] = ((1 - mo) * b["running_var"] + mo * unbiased).astype(b["running_var"].dtype)
             b["num_batches_tracked"] = b["num_batches_tracked"] + 1
-        self._training, self._m, self._inv_std, self._xhat = training, m, inv_std, xhat
+        self._training, self._m, self._inv_std, self._centred = training, m, inv_std, centred
         return self._activate(y, training)
 
     def backward(self, dy):
@@ -153,16 +152,17 @@ class _BatchNorm(Layer):
         gw, gb, dx = np.empty(c, dy.dtype), np.empty(c, dy.dtype), np.empty_like(dy)
         weight = self.params["weight"]
 
-        def part(lo, hi):
-            ds, xh, dxs = cut(dy, lo, hi), cut(self._xhat, lo, hi), cut(dx, lo, hi)
+        def part(lo, hi):  # xhat = centred * inv_std, never formed: inv_std goes into per-channel factors
+            ds, xc, dxs = cut(dy, lo, hi), cut(self._centred, lo, hi), cut(dx, lo, hi)
+            inv_std = self._inv_std[lo:hi]
             gb[lo:hi] = np.einsum(total, ds)
-            gw[lo:hi] = np.einsum(dot, ds, xh)
-            k = weight[lo:hi] * self._inv_std[lo:hi]  # d(out)/d(x) per channel with the statistics held fixed
+            gw[lo:hi] = np.einsum(dot, ds, xc) * inv_std  # sum(dy * xhat)
+            k = weight[lo:hi] * inv_std  # d(out)/d(x) per channel with the statistics held fixed
             np.multiply(ds, k.reshape(bshape), out=dxs)
             if self._training:
                 # the batch mean and variance depend on x too: subtract their share of the gradient,
                 # k * (mean(dy) + xhat * mean(dy * xhat))
-                dxs -= np.multiply(xh, (k * gw[lo:hi] / m).reshape(bshape))
+                dxs -= np.multiply(xc, (k * gw[lo:hi] * inv_std / m).reshape(bshape))
                 dxs -= (k * gb[lo:hi] / m).reshape(bshape)
 
         parallel.per_channel(dy, part)

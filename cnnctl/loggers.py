@@ -69,6 +69,15 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def final_metrics(summary: dict) -> dict:
+    """The last epoch's numeric metrics (train_loss, val_acc, lr, ...) and, after a test, test_acc."""
+    final = {k: v for k, v in (summary.get("final") or {}).items()
+             if isinstance(v, (int, float)) and k not in ("epoch", "step", "seconds")}
+    if summary.get("test"):
+        final["test_acc"] = summary["test"]["accuracy"]
+    return final
+
+
 class TensorBoardLogger(Callback):
     def __init__(self, run_dir: Path, config: dict):
         try:
@@ -90,10 +99,7 @@ class TensorBoardLogger(Callback):
         self.writer.flush()
 
     def on_train_end(self, summary: dict) -> None:
-        final = {f"final/{k}": v for k, v in (summary.get("final") or {}).items()
-                 if isinstance(v, (int, float)) and k not in ("epoch", "step", "seconds")}
-        if summary.get("test"):
-            final["final/test_acc"] = summary["test"]["accuracy"]
+        final = {f"final/{k}": v for k, v in final_metrics(summary).items()}
         self.writer.add_hparams(flatten(self.config), final, name="hparams")
         self.writer.close()
 
@@ -130,10 +136,7 @@ class MLflowLogger(Callback):
         self.mlflow.log_metrics(metrics, step=row["epoch"])
 
     def on_train_end(self, summary: dict) -> None:
-        final = {f"final_{k}": v for k, v in (summary.get("final") or {}).items()
-                 if isinstance(v, (int, float)) and k not in ("epoch", "step", "seconds")}
-        if summary.get("test"):
-            final["test_acc"] = summary["test"]["accuracy"]
+        final = {k if k == "test_acc" else f"final_{k}": v for k, v in final_metrics(summary).items()}
         self.mlflow.log_metrics(final)
         for path in (self.run_dir / "checkpoints" / "best.safetensors", self.run_dir / "summary.json"):
             if path.is_file():

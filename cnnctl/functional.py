@@ -83,25 +83,15 @@ def _window(i: int, j: int, out_hw: Pair, stride: Pair, dilation: Pair, origin: 
     )
 
 
-class Scratch:
+class Scratch(dict):
     """Arrays that live only during one call (the input copied batch-innermost for lowering, the deltas in the
     products' layout, the lowered deltas, partial products), shared by every layer of a model: layers run one
     at a time, so one array per (purpose, shape) serves them all, instead of one per layer. (What must outlive
     the call, the lowered input that backward reads, stays with its layer.)"""
 
-    def __init__(self) -> None:
-        self._arrays: dict[tuple, np.ndarray] = {}
-
-    def get(self, name: str, shape: tuple, dtype, zero: bool = False) -> np.ndarray:
-        key = (name, tuple(shape), np.dtype(dtype).str)
-        b = self._arrays.get(key)
-        if b is None:
-            b = self._arrays[key] = (np.zeros if zero else np.empty)(shape, dtype)
-        return b
-
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._arrays.values())
+        return sum(a.nbytes for a in self.values())
 
 
 def buffer(cache: dict | Scratch | None, name: str, shape: tuple, dtype, zero: bool = False) -> np.ndarray:
@@ -111,11 +101,10 @@ def buffer(cache: dict | Scratch | None, name: str, shape: tuple, dtype, zero: b
     one per name and shape (shared by layers); None allocates a new one."""
     if cache is None:
         return (np.zeros if zero else np.empty)(shape, dtype)
-    if isinstance(cache, Scratch):
-        return cache.get(name, shape, dtype, zero)
-    b = cache.get(name)
+    key = (name, tuple(shape), np.dtype(dtype).str) if isinstance(cache, Scratch) else name
+    b = cache.get(key)
     if b is None or b.shape != shape or b.dtype != dtype:
-        b = cache[name] = (np.zeros if zero else np.empty)(shape, dtype)
+        b = cache[key] = (np.zeros if zero else np.empty)(shape, dtype)
     return b
 
 
@@ -132,7 +121,7 @@ def in_layout_of(a: np.ndarray, like: np.ndarray) -> np.ndarray:
     return out
 
 
-def batch_innermost(x: np.ndarray, cache: dict | None, name: str) -> np.ndarray:
+def batch_innermost(x: np.ndarray, cache: dict | Scratch | None, name: str) -> np.ndarray:
     """x (N, C, H, W) as a view of a (C, H, W, N) array: x itself when it already is one (what conv and
     pooling layers return), else a copy into a reused buffer (the network input, C-order)."""
     if x.strides[0] == x.itemsize or x.shape[0] == 1:
@@ -160,7 +149,8 @@ def lower(x: np.ndarray, pad4: Padding4, kw: int, sw: int, dw: int, ow: int, cac
     n, c, h, w = x.shape
     pt, pb, pl, _ = pad4
     lowered = buffer(cache, f"{name}{pad4}{x0},{sw},{dw},{w}", (h + pt + pb, c, kw, ow, n), x.dtype, zero=True)
-    src = batch_innermost(x, scratch or cache, name + ".chwn").transpose(2, 1, 3, 0)  # (H, C, W, N) view
+    copies = cache if scratch is None else scratch
+    src = batch_innermost(x, copies, name + ".chwn").transpose(2, 1, 3, 0)  # (H, C, W, N) view
     places = [(j, *inside(x0 + j * dw - pl, sw, ow, w)) for j in range(kw)]
 
     def channels(lo, hi):

@@ -124,18 +124,19 @@ def activation_values(rows: list[LayerRow]) -> int:
     return sum(math.prod(r.output_shape) for r in walk(rows) if not r.children)
 
 
-def training_bytes(rows: list[LayerRow], batch_size: int) -> int:
+def training_bytes(rows: list[LayerRow], batch_size: int, averaged: bool = False) -> int:
     """An estimate of the memory a training step needs: weights, gradients and two optimizer moments per
-    parameter, and per sample of the batch four copies of every activation (the output, its gradient and what
-    backward keeps: lowered inputs, masks). Close to the measured peak (ResNet-20 at batch 128: estimate 0.83 GB,
-    peak RSS 0.84 GB including Python and NumPy)."""
+    parameter (and their moving average with train.ema_decay), and per sample of the batch four copies of every
+    activation (the output, its gradient and what backward keeps: lowered inputs, masks). Close to the measured
+    peak (ResNet-20 at batch 128: estimate 0.83 GB, peak RSS 0.84 GB including Python and NumPy)."""
     params = sum(r.params + r.buffers for r in rows)
-    return 4 * (4 * params + 4 * batch_size * activation_values(rows))
+    return 4 * ((5 if averaged else 4) * params + 4 * batch_size * activation_values(rows))
 
 
-def check_training_memory(name: str, rows: list[LayerRow], batch_size: int) -> None:
+def check_training_memory(name: str, rows: list[LayerRow], batch_size: int, averaged: bool = False) -> None:
     """Refuse, before any weight is drawn, a model and batch size this machine's memory cannot train."""
-    refuse_over(f"training {name} at batch size {batch_size}", training_bytes(rows, batch_size), 1, ShapeError,
+    refuse_over(f"training {name} at batch size {batch_size}", training_bytes(rows, batch_size, averaged), 1,
+                ShapeError,
                 "lower data.batch_size, or use fewer filters or units (cnnctl inspect shows where the parameters "
                 "and activations are)")
 

@@ -1,5 +1,6 @@
-"""Checkpoints: safetensors files holding every parameter, buffer and optimizer state array, with the
-resolved config, epoch, step, metrics and normalisation as JSON in the header metadata.
+"""Checkpoints: safetensors files holding every parameter, buffer and optimizer state array (and, when the model's
+weights are a moving average, the weights training updates), with the resolved config, epoch, step, metrics and
+normalisation as JSON in the header metadata.
 
 Loading parses the safetensors header and raw tensor bytes only; nothing in the file is ever executed.
 Writes are atomic: a temporary file in the same folder, fsync, then rename over the real name.
@@ -26,6 +27,7 @@ from .strict import NonNegInt, Strict
 FORMAT = "cnnctl-checkpoint"
 FORMAT_VERSION = 1
 OPTIM_PREFIX = "optimizer."
+TRAINING_PREFIX = "training."  # the weights the optimizer updates, when model_state is their average (ema_decay)
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Checkpoint:
     normalization: dict = field(default_factory=dict)  # {"mean": [...], "std": [...]}
     trainer: dict = field(default_factory=dict)  # history, schedule, random states, mid-epoch position
     environment: dict = field(default_factory=dict)  # versions, BLAS, threads, platform, command (informative)
+    training_state: dict[str, np.ndarray] = field(default_factory=dict)  # with train.ema_decay: the raw weights
 
 
 def _umask() -> int:
@@ -75,6 +78,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def save(path: str | Path, ckpt: Checkpoint) -> None:
     tensors = {k: np.ascontiguousarray(v) for k, v in ckpt.model_state.items()}
     tensors.update({OPTIM_PREFIX + k: np.ascontiguousarray(v) for k, v in ckpt.optimizer_state.items()})
+    tensors.update({TRAINING_PREFIX + k: np.ascontiguousarray(v) for k, v in ckpt.training_state.items()})
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -124,8 +128,10 @@ def load(path: str | Path) -> Checkpoint:
         tensors = st_load(raw)
         ckpt = Checkpoint(
             config=json.loads(meta["config"]),
-            model_state={k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)},
+            model_state={k: v for k, v in tensors.items() if not k.startswith((OPTIM_PREFIX, TRAINING_PREFIX))},
             optimizer_state={k[len(OPTIM_PREFIX) :]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)},
+            training_state={k[len(TRAINING_PREFIX) :]: v for k, v in tensors.items()
+                            if k.startswith(TRAINING_PREFIX)},
             epoch=int(meta["epoch"]),
             step=int(meta["step"]),
             metrics=json.loads(meta["metrics"]),

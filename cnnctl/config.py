@@ -92,9 +92,29 @@ class AugmentSpec(Strict):
 
 
 class TestTimeAugmentSpec(Strict):
+    """Views of every image whose outputs are averaged (validation, test, eval and predict; an exported model is
+    the plain network): the image, each shifted copy, and with horizontal_flip the mirror of every one."""
+
     horizontal_flip: bool = Field(False, description="Average the network's outputs for each image and its mirror "
                                   "image (validation, test, eval and predict; an exported model is the plain "
                                   "network).")
+    shifts: list[tuple[int, int]] = Field(
+        default=[], description="Also average over copies shifted by [rows, columns] pixels each (positive: down, "
+        "right; the edge pixels repeat), e.g. [[1, 1], [-1, -1]]; with horizontal_flip each is mirrored too.")
+
+    @field_validator("shifts")
+    @classmethod
+    def _real_shifts(cls, v):
+        if any(dy == 0 and dx == 0 for dy, dx in v):
+            raise ValueError("[0, 0] is the image itself, which is always one of the views: leave it out")
+        if len(set(v)) != len(v):
+            raise ValueError("a shift is listed twice: give each once")
+        return v
+
+    @property
+    def views(self) -> int:
+        """How many forward passes one image costs."""
+        return (1 + len(self.shifts)) * (2 if self.horizontal_flip else 1)
 
 
 class DataSpec(Strict):
@@ -279,6 +299,9 @@ class TrainSpec(Strict):
         "mlflow (MLFLOW_TRACKING_URI, else RUNS_DIR/mlflow.db; the mlflow extra).")
     unfreeze_at_epoch: PosInt | None = Field(None, description="Make every layer trainable from this epoch on "
                                              "(1-based; layers frozen with trainable: false train from then).")
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="Keep an exponential moving average of the "
+                                    "weights (and running statistics), 0.999 for example; validation, the test, "
+                                    "the checkpoints' model and so eval, predict and export use the average.")
 
 
 class Spec(Strict):

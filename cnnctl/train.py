@@ -22,6 +22,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from . import checkpoint, data, parallel, runs
+from .averaging import WeightAverage
 from .builder import build_loss, build_model, check_known_data, check_outputs, check_training_memory, describe
 from .config import Spec, TestTimeAugmentSpec, load_config, spec_to_dict, validate
 from .environment import environment
@@ -90,13 +91,14 @@ class Seeds:
 
 def infer(model: Model, x: np.ndarray, tta: TestTimeAugmentSpec | None = None) -> np.ndarray:
     """The model's outputs for a batch (inference mode); with test-time augmentation the mean of the outputs
-    for the images and their mirror images."""
-    out = model.forward(x, training=False)
-    if tta is None or not tta.horizontal_flip:
-        return out
-    out = np.array(out, copy=True)  # the next forward may reuse the layer's output buffer
-    out += model.forward(np.ascontiguousarray(x[..., ::-1]), training=False)
-    out *= out.dtype.type(0.5)
+    for the views of each image it asks for (mirror, shifted copies)."""
+    if tta is None or tta.views == 1:
+        return model.forward(x, training=False)
+    views = data.augment.test_time_views(x, tta)
+    out = np.array(model.forward(next(views), training=False), copy=True)  # the next forward may reuse its buffer
+    for view in views:
+        out += model.forward(view, training=False)
+    out *= out.dtype.type(1 / tta.views)
     return out
 
 
@@ -133,7 +135,7 @@ def load_model(ckpt: checkpoint.Checkpoint, path) -> tuple[Spec, Model, list]:
     spec = validate(ckpt.config, f"{path} (embedded config)")
     spec = offline(spec)  # a checkpoint is data: its embedded config never makes cnnctl download anything
     model, rows = build_model(spec.model)
-    restore_weights(model, ckpt, path)
+    restore_weights(model, ckpt.model_state, path)
     return spec, model, rows
 
 
@@ -150,7 +152,8 @@ def init_from(model: Model, path: str, strict: bool) -> dict:
         raise CheckpointError(f"model.init_from: {path} is not a readable safetensors file ({e})",
                               "give a .safetensors file (a cnnctl checkpoint, or a state_dict saved with "
                               "safetensors)") from None
-    tensors = {k: v for k, v in tensors.items() if not k.startswith(checkpoint.OPTIM_PREFIX)}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith((checkpoint.OPTIM_PREFIX,
+                                                                     checkpoint.TRAINING_PREFIX))}
     own = model.state_dict()
     copied, fresh = {}, []
     for name, value in own.items():
@@ -174,9 +177,9 @@ def init_from(model: Model, path: str, strict: bool) -> dict:
     return {"checkpoint": str(path), "copied": sorted(copied), "fresh": fresh, "unused": unused}
 
 
-def restore_weights(model: Model, ckpt: checkpoint.Checkpoint, path) -> None:
+def restore_weights(model: Model, state: dict[str, np.ndarray], path) -> None:
     try:
-        model.load_state_dict(ckpt.model_state)
+        model.load_state_dict(state)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not fit the architecture in its config: {e}",
                               "the file was edited or belongs to another model") from None
@@ -195,7 +198,8 @@ class Trainer:
                  resuming: bool = False):
         self.spec, self.cb = spec, callback or Callback()
         self.seeds = Seeds.from_seed(spec.seed)
-        check_training_memory(spec.name, describe(spec.model), spec.data.batch_size)  # before any weight is drawn
+        check_training_memory(spec.name, describe(spec.model), spec.data.batch_size,  # before any weight is drawn
+                              averaged=spec.train.ema_decay is not None)
         self.model, self.rows = build_model(spec.model, self.seeds.init)
         init = spec.model.init_from
         # a new run starts from init_from's weights; a resumed one from its own checkpoint (restore)
@@ -205,6 +209,8 @@ class Trainer:
         self.num_classes = len(self.ds.classes)
         self.loss_fn = build_loss(spec, self.ds.train.y, self.num_classes)
         self.optimizer = spec.optimizer.build(self.model)
+        decay = spec.train.ema_decay
+        self.average = WeightAverage(self.model, decay) if decay else None  # what is evaluated and saved
         self.steps_per_epoch = -(-len(self.ds.train) // spec.data.batch_size)
         self.schedule = spec.schedule.build(self.optimizer.lr, self.steps_per_epoch, spec.train.epochs)
         self.monitor, self.monitor_mode = spec.train.monitor, resolve_mode(spec.train.monitor, "auto")
@@ -233,9 +239,17 @@ class Trainer:
         """Wall time of the run so far, across resumes."""
         return self.wall_seconds + (time.time() - self._started)
 
+    def evaluated(self):
+        """A context in which the model holds the weights that are evaluated and saved: with train.ema_decay
+        their moving average, else the weights themselves."""
+        return self.average.applied() if self.average else contextlib.nullcontext()
+
     def _save(self, name: str) -> None:
+        model_state, training_state = self.model.state_dict(), {}
+        if self.average:
+            model_state, training_state = self.average.average, model_state
         checkpoint.save(self.run_dir / "checkpoints" / f"{name}.safetensors", checkpoint.Checkpoint(
-            config=spec_to_dict(self.spec), model_state=self.model.state_dict(),
+            config=spec_to_dict(self.spec), model_state=model_state, training_state=training_state,
             optimizer_state=self.optimizer.state_dict(), epoch=self.epoch, step=self.step,
             metrics=self.history[-1] if self.history else {},
             normalization={"mean": self.ds.mean.tolist(), "std": self.ds.std.tolist()},
@@ -243,8 +257,15 @@ class Trainer:
         ))
 
     def restore(self, ckpt: checkpoint.Checkpoint, path) -> None:
-        """Continue from a checkpoint: weights, optimizer, schedule, counters, generators, position."""
-        restore_weights(self.model, ckpt, path)
+        """Continue from a checkpoint: weights (and their average), optimizer, schedule, counters, generators,
+        position."""
+        restore_weights(self.model, ckpt.model_state, path)  # the weights, or their average with train.ema_decay
+        if ckpt.training_state:  # the average is model_state; training goes on from these
+            if self.average:
+                self.average.load(self.model.state_dict())
+            restore_weights(self.model, ckpt.training_state, path)
+        elif self.average:  # a run continued with train.ema_decay newly set (--force): averaging starts here
+            self.average.load(self.model.state_dict())
         t = ckpt.trainer
         if not t:
             raise CheckpointError(f"{path}: holds no training state (written by an older cnnctl)")
@@ -331,6 +352,8 @@ class Trainer:
                 self._clip()
             self.optimizer.step()
             self.step += 1
+            if self.average:
+                self.average.update(self.step)
             self.cb.on_step(self.step, self.optimizer.lr, loss)
             total_loss += loss * len(y)
             correct += int((out.argmax(axis=1) == y).sum())
@@ -401,7 +424,8 @@ class Trainer:
                 row = {"epoch": epoch, "step": self.step, "train_loss": train_loss, "train_acc": train_acc,
                        "val_loss": None, "val_acc": None, "lr": self.optimizer.lr}
                 if len(self.ds.val):
-                    val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, bs, self.num_classes, tta)
+                    with self.evaluated():
+                        val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, bs, self.num_classes, tta)
                     row.update(val_loss=val["loss"], val_acc=val["accuracy"])
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 self.epoch = epoch
@@ -422,7 +446,8 @@ class Trainer:
             raise
         extra = {"stopped_early": stopped_early}
         if spec.train.test_at_end:
-            test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, bs, self.num_classes, tta)
+            with self.evaluated():
+                test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, bs, self.num_classes, tta)
             extra["test"] = {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]}
         self._write_summary("finished", **extra)
         self.cb.on_train_end({"final": self.history[-1], "best": self.best, **extra})

@@ -241,6 +241,36 @@ def test_random_erasing_blanks_one_rectangle_per_chosen_image():
     assert (augment.random_erasing(x, 1.0, np.random.default_rng(5)) == 0).any(axis=(1, 2, 3)).all()
 
 
+def test_shift_repeats_the_edges():
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    down_right = augment.shift(x, 1, 2)
+    assert np.array_equal(down_right[..., 1:, 2:], x[..., :-1, :-2])
+    assert np.array_equal(down_right[..., 0, 2:], x[..., 0, :-2])  # the top row repeated
+    assert np.array_equal(down_right[..., 1:, 0], x[..., :-1, 0])
+    assert np.array_equal(down_right[..., 1:, 1], x[..., :-1, 0])
+    up_left = augment.shift(x, -1, -1)
+    assert np.array_equal(up_left[..., :-1, :-1], x[..., 1:, 1:])
+    assert np.array_equal(up_left[..., -1, :-1], x[..., -1, 1:])
+    assert np.array_equal(augment.shift(x, 0, 0), x) and augment.shift(x, 9, 9).min() == x[..., 0, 0].min()
+
+
+def test_test_time_views_are_the_shifts_and_their_mirrors():
+    from cnnctl.config import TestTimeAugmentSpec
+
+    x = np.random.default_rng(0).random((3, 2, 6, 6), dtype=np.float32)
+    spec = TestTimeAugmentSpec(horizontal_flip=True, shifts=[[1, 1], [-1, 0]])
+    views = list(augment.test_time_views(x, spec))
+    assert spec.views == len(views) == 6
+    expected = [x, x[..., ::-1], augment.shift(x, 1, 1), augment.shift(x, 1, 1)[..., ::-1],
+                augment.shift(x, -1, 0), augment.shift(x, -1, 0)[..., ::-1]]
+    for got, want in zip(views, expected):
+        assert np.array_equal(got, want) and got.flags.c_contiguous
+    assert [v.shape for v in augment.test_time_views(x, TestTimeAugmentSpec(shifts=[[0, 2]]))] == [x.shape] * 2
+    for bad in ([[0, 0]], [[1, 1], [1, 1]]):
+        with pytest.raises(ValueError):
+            TestTimeAugmentSpec(shifts=bad)
+
+
 def test_only_training_batches_are_augmented(tmp_path):
     spec = AugmentSpec(horizontal_flip=True, random_crop=2, random_erasing=0.5)
     ds = load_dataset(DataSpec(dataset="shapes", shapes={"train_size": 64, "test_size": 8}), (1, 12, 12),

@@ -62,6 +62,9 @@ def assert_same_run(a: Path, b: Path):
         assert np.array_equal(ca.model_state[k], cb.model_state[k]), k
     for k in ca.optimizer_state:
         assert np.array_equal(ca.optimizer_state[k], cb.optimizer_state[k]), k
+    assert ca.training_state.keys() == cb.training_state.keys()
+    for k in ca.training_state:
+        assert np.array_equal(ca.training_state[k], cb.training_state[k]), k
     assert (ca.epoch, ca.step) == (cb.epoch, cb.step)
 
 
@@ -259,7 +262,7 @@ def test_kill_9_at_random_moments_leaves_a_resumable_run(tmp_path):
 def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
     from cnnctl import train
     from cnnctl.config import TestTimeAugmentSpec
-    from cnnctl.data import batches
+    from cnnctl.data import augment, batches
 
     cfg = write_config(tmp_path, data__test_time_augment={"horizontal_flip": True}, train__epochs=1,
                        train__test_at_end=True)
@@ -275,6 +278,11 @@ def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
     mirrored = model.forward(np.ascontiguousarray(x[..., ::-1]), training=False).copy()
     np.testing.assert_allclose(train.infer(model, x, flip), (plain + mirrored) / 2, rtol=1e-6, atol=1e-6)
     assert np.array_equal(train.infer(model, x), plain)
+    shifted = model.forward(augment.shift(x, 1, -1), training=False).copy()
+    shifted_mirrored = model.forward(np.ascontiguousarray(augment.shift(x, 1, -1)[..., ::-1]), training=False).copy()
+    four = TestTimeAugmentSpec(horizontal_flip=True, shifts=[[1, -1]])
+    np.testing.assert_allclose(train.infer(model, x, four), (plain + mirrored + shifted + shifted_mirrored) / 4,
+                               rtol=1e-5, atol=1e-6)
 
     summary = json.loads((run / "summary.json").read_text())
     loss_fn = train.build_loss(spec, ds.train.y, len(ds.classes))

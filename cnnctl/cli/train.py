@@ -358,7 +358,7 @@ def _report(spec, rows: list[LayerRow]) -> dict:
         "total_params": total, "trainable_params": total - frozen, "frozen_params": frozen,
         "non_trainable_params": buffers, "param_bytes": (total + buffers) * 4, "total_macs": sum(r.macs for r in rows),
         "activation_bytes_per_sample": 4 * activation_values(rows),
-        "training_bytes": training_bytes(rows, spec.data.batch_size),
+        "training_bytes": training_bytes(rows, spec.data.batch_size, spec.train.ema_decay is not None),
     }
 
 

@@ -5,6 +5,8 @@ Works on the stored pixels (uint8 or float) before normalisation, so padding is 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 
@@ -28,6 +30,23 @@ def random_shift(x: np.ndarray, fraction: float, rng: np.random.Generator) -> np
     dy = rng.integers(-int(fraction * h), int(fraction * h) + 1, n)
     dx = rng.integers(-int(fraction * w), int(fraction * w) + 1, n)
     return _gather(x, np.clip(np.arange(h) - dy[:, None], 0, h - 1), np.clip(np.arange(w) - dx[:, None], 0, w - 1))
+
+
+def shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Every sample moved dy rows down and dx columns right (negative: up, left), repeating the edge pixels."""
+    h, w = x.shape[-2:]
+    rows, cols = np.clip(np.arange(h) - dy, 0, h - 1), np.clip(np.arange(w) - dx, 0, w - 1)
+    return np.ascontiguousarray(x[..., rows[:, None], cols])
+
+
+def test_time_views(x: np.ndarray, spec) -> Iterator[np.ndarray]:
+    """The views a TestTimeAugmentSpec asks for, the batch itself first: each shift of it, and with
+    horizontal_flip the mirror of every one. Works on normalised batches too (nothing is padded with 0)."""
+    for dy, dx in [(0, 0), *spec.shifts]:
+        view = x if dy == dx == 0 else shift(x, dy, dx)
+        yield view
+        if spec.horizontal_flip:
+            yield np.ascontiguousarray(view[..., ::-1])
 
 
 def horizontal_flip(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -38,8 +38,9 @@ def run_cnnctl(spec, tmp: Path) -> list[dict]:
 
     class TestEachEpoch(Callback):
         def on_epoch_end(self, row):
-            test = evaluate(trainer.model, trainer.loss_fn, trainer.ds, trainer.ds.test, spec.data.batch_size,
-                            trainer.num_classes, spec.data.test_time_augment)
+            with trainer.evaluated():  # the weights' moving average with train.ema_decay
+                test = evaluate(trainer.model, trainer.loss_fn, trainer.ds, trainer.ds.test, spec.data.batch_size,
+                                trainer.num_classes, spec.data.test_time_augment)
             total = (rows[-1]["seconds"] if rows else 0.0) + row["seconds"]
             rows.append({"epoch": row["epoch"], "seconds": total, "test_acc": test["accuracy"]})
             print(f"cnnctl epoch {row['epoch']}: {total:.0f} s, test {100 * test['accuracy']:.2f}%", flush=True)

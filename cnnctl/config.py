@@ -299,6 +299,9 @@ class TrainSpec(Strict):
         "mlflow (MLFLOW_TRACKING_URI, else RUNS_DIR/mlflow.db; the mlflow extra).")
     unfreeze_at_epoch: PosInt | None = Field(None, description="Make every layer trainable from this epoch on "
                                              "(1-based; layers frozen with trainable: false train from then).")
+    validate_every: PosInt = Field(1, description="Validate after every this many epochs and after the last "
+                                   "(Lightning's check_val_every_n_epoch); the epochs between have no val_ metrics, "
+                                   "and checkpoints/best and val_ monitors only consider validated epochs.")
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="Keep an exponential moving average of the "
                                     "weights (and running statistics), 0.999 for example; validation, the test, "
                                     "the checkpoints' model and so eval, predict and export use the average.")

@@ -371,8 +371,8 @@ class Trainer:
     def _end_of_epoch(self, row: dict) -> bool:
         """Checkpoints, schedule and early stopping after an epoch; True when training should stop."""
         t = self.spec.train
-        value = row[self.monitor]
-        if self.best is None or improved(value, self.best[self.monitor], self.monitor_mode):
+        value = row[self.monitor]  # None after an epoch without validation (train.validate_every)
+        if value is not None and (self.best is None or improved(value, self.best[self.monitor], self.monitor_mode)):
             self.best = dict(row)
             self._save("best")
         if t.checkpoint_every and self.epoch % t.checkpoint_every == 0:
@@ -383,7 +383,7 @@ class Trainer:
                     old.unlink()
         self.schedule.observe(row)
         stop = False
-        if t.early_stopping:
+        if t.early_stopping and row[t.early_stopping.monitor] is not None:
             es = t.early_stopping
             mode = resolve_mode(es.monitor, es.mode)
             if improved(row[es.monitor], self.stopper["best"], mode, es.min_delta):
@@ -423,7 +423,7 @@ class Trainer:
                 train_loss, train_acc = self._train_epoch(epoch)
                 row = {"epoch": epoch, "step": self.step, "train_loss": train_loss, "train_acc": train_acc,
                        "val_loss": None, "val_acc": None, "lr": self.optimizer.lr}
-                if len(self.ds.val):
+                if len(self.ds.val) and (epoch % spec.train.validate_every == 0 or epoch == spec.train.epochs):
                     with self.evaluated():
                         val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, bs, self.num_classes, tta)
                     row.update(val_loss=val["loss"], val_acc=val["accuracy"])

@@ -308,3 +308,22 @@ def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
     for r, p in zip(res, probs):
         got = {t["class"]: t["probability"] for t in r["top"]}
         assert got == pytest.approx(dict(zip(ds.classes, p.tolist())), abs=1e-5)
+
+
+def test_validate_every_skips_validation_between_and_validates_the_last_epoch(tmp_path):
+    cfg = write_config(tmp_path, train__epochs=5, train__validate_every=2,
+                       train__early_stopping={"monitor": "val_loss", "patience": 1, "min_delta": 10.0})
+    invoke("train", cfg, "--runs-dir", tmp_path / "r")
+    run_dir = only_run(tmp_path / "r")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # validated after epochs 2 and 4; early stopping (nothing improves by 10) counts only those, so it stops at 4
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert [r["val_acc"] is not None for r in rows] == [False, True, False, True]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best"]["epoch"] in (2, 4) and summary["stopped_early"]
+    best = checkpoint.load(run_dir / "checkpoints" / "best.safetensors")
+    assert best.epoch == summary["best"]["epoch"]
+    cfg = write_config(tmp_path, train__epochs=3, train__validate_every=2)
+    invoke("train", cfg, "--runs-dir", tmp_path / "s")
+    rows = [json.loads(line) for line in (only_run(tmp_path / "s") / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_acc"] is not None for r in rows] == [False, True, True]  # the last epoch always

@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from . import parallel
+from .averaging import WeightAverage
 from .builder import build_loss, build_model, check_training_memory, describe
 from .config import Spec
 from .environment import blas_info
@@ -27,10 +28,11 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
     """Median and spread of the time per training step, images/s, GFLOP/s and peak memory."""
     bs = batch_size or spec.data.batch_size
     g = np.random.default_rng(spec.seed)
-    check_training_memory(spec.name, describe(spec.model), bs)
+    check_training_memory(spec.name, describe(spec.model), bs, averaged=spec.train.ema_decay is not None)
     model, rows = build_model(spec.model, g)
     loss_fn = build_loss(spec)
     optimizer = spec.optimizer.build(model)
+    average = WeightAverage(model, spec.train.ema_decay) if spec.train.ema_decay else None  # part of a step
     n_out = rows[-1].output_shape[0]
     x = g.standard_normal((bs, *spec.model.input_shape)).astype(np.float32)
     y = g.integers(0, n_out, bs)
@@ -55,6 +57,8 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
                 if d is None:
                     break
         optimizer.step()
+        if average:
+            average.update(optimizer.steps)
 
     for _ in range(warmup):
         step(False)

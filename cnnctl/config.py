@@ -99,8 +99,9 @@ class TestTimeAugmentSpec(Strict):
                                   "image (validation, test, eval and predict; an exported model is the plain "
                                   "network).")
     shifts: list[tuple[int, int]] = Field(
-        default=[], max_length=64, description="Also average over copies shifted by [rows, columns] pixels each (positive: down, "
-        "right; the edge pixels repeat), e.g. [[1, 1], [-1, -1]]; with horizontal_flip each is mirrored too.")
+        default=[], max_length=64, description="Also average over copies shifted by [rows, columns] pixels each "
+        "(positive: down, right; the edge pixels repeat), e.g. [[1, 1], [-1, -1]]; with horizontal_flip each is "
+        "mirrored too.")
 
     @field_validator("shifts")
     @classmethod

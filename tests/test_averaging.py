@@ -86,3 +86,15 @@ def test_init_from_an_averaged_checkpoint_takes_the_average(tmp_path):
     ckpt = checkpoint.load(last)
     for k, v in trainer.model.state_dict().items():
         assert np.array_equal(v, ckpt.model_state[k].reshape(v.shape)), k
+
+
+def test_bench_times_the_averaging_as_part_of_a_step(monkeypatch):
+    from cnnctl.bench import bench
+
+    calls = []
+    monkeypatch.setattr(WeightAverage, "update", lambda self, step: calls.append(step))
+    bench(validate({**CONFIG, "train": {"ema_decay": 0.99}}), steps=2, warmup=1)
+    assert calls == [1, 2, 3]
+    calls.clear()
+    bench(validate(CONFIG), steps=2, warmup=1)
+    assert calls == []

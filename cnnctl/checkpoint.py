@@ -30,6 +30,12 @@ OPTIM_PREFIX = "optimizer."
 TRAINING_PREFIX = "training."  # the weights the optimizer updates, when model_state is their average (ema_decay)
 
 
+def model_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's own parameters and buffers among a checkpoint file's tensors (no optimizer state, no weights
+    kept beside an average)."""
+    return {k: v for k, v in tensors.items() if not k.startswith((OPTIM_PREFIX, TRAINING_PREFIX))}
+
+
 @dataclass
 class Checkpoint:
     config: dict
@@ -128,7 +134,7 @@ def load(path: str | Path) -> Checkpoint:
         tensors = st_load(raw)
         ckpt = Checkpoint(
             config=json.loads(meta["config"]),
-            model_state={k: v for k, v in tensors.items() if not k.startswith((OPTIM_PREFIX, TRAINING_PREFIX))},
+            model_state=model_tensors(tensors),
             optimizer_state={k[len(OPTIM_PREFIX) :]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)},
             training_state={k[len(TRAINING_PREFIX) :]: v for k, v in tensors.items()
                             if k.startswith(TRAINING_PREFIX)},

@@ -152,8 +152,7 @@ def init_from(model: Model, path: str, strict: bool) -> dict:
         raise CheckpointError(f"model.init_from: {path} is not a readable safetensors file ({e})",
                               "give a .safetensors file (a cnnctl checkpoint, or a state_dict saved with "
                               "safetensors)") from None
-    tensors = {k: v for k, v in tensors.items() if not k.startswith((checkpoint.OPTIM_PREFIX,
-                                                                     checkpoint.TRAINING_PREFIX))}
+    tensors = checkpoint.model_tensors(tensors)
     own = model.state_dict()
     copied, fresh = {}, []
     for name, value in own.items():

@@ -26,7 +26,11 @@ def decay_at(decay: float, step: int) -> float:
 class WeightAverage:
     def __init__(self, model: Layer, decay: float):
         self.model, self.decay = model, float(decay)
-        self.average = {name: np.array(value, copy=True) for name, value in model.state_dict().items()}
+        self.reset()
+
+    def reset(self) -> None:
+        """Start the average at the model's current weights (a new run, or one resumed from a checkpoint)."""
+        self.average = {name: np.array(value, copy=True) for name, value in self.model.state_dict().items()}
 
     def update(self, step: int) -> None:
         """Fold the model's current weights in, after optimizer step `step`."""
@@ -38,11 +42,6 @@ class WeightAverage:
                 avg += avg.dtype.type(1 - d) * value
             else:
                 avg[...] = value
-
-    def load(self, state: dict[str, np.ndarray]) -> None:
-        """Take the average from a checkpoint (its names and shapes were checked by loading them into the model)."""
-        own = self.model.state_dict()
-        self.average = {name: np.array(state[name], dtype=v.dtype).reshape(v.shape) for name, v in own.items()}
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:

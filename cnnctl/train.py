@@ -259,12 +259,10 @@ class Trainer:
         """Continue from a checkpoint: weights (and their average), optimizer, schedule, counters, generators,
         position."""
         restore_weights(self.model, ckpt.model_state, path)  # the weights, or their average with train.ema_decay
-        if ckpt.training_state:  # the average is model_state; training goes on from these
-            if self.average:
-                self.average.load(self.model.state_dict())
+        if self.average:  # the average goes on from model_state (from the weights, if the run had none)
+            self.average.reset()
+        if ckpt.training_state:  # model_state was an average: training goes on from the weights beside it
             restore_weights(self.model, ckpt.training_state, path)
-        elif self.average:  # a run continued with train.ema_decay newly set (--force): averaging starts here
-            self.average.load(self.model.state_dict())
         t = ckpt.trainer
         if not t:
             raise CheckpointError(f"{path}: holds no training state (written by an older cnnctl)")

@@ -16,6 +16,11 @@ def _gather(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return x[n, :, rows[:, :, None], cols[:, None, :]].transpose(0, 3, 1, 2)
 
 
+def _edge_clipped(size: int, offset) -> np.ndarray:
+    """Indices of a shift by `offset` (a number, or a column of per-sample numbers) that repeat the edge."""
+    return np.clip(np.arange(size) - offset, 0, size - 1)
+
+
 def random_crop(x: np.ndarray, padding: int, rng: np.random.Generator) -> np.ndarray:
     """Pad by `padding` zeros on every side, then crop back to (H, W) at a random offset per sample."""
     n, _, h, w = x.shape
@@ -29,14 +34,13 @@ def random_shift(x: np.ndarray, fraction: float, rng: np.random.Generator) -> np
     n, _, h, w = x.shape
     dy = rng.integers(-int(fraction * h), int(fraction * h) + 1, n)
     dx = rng.integers(-int(fraction * w), int(fraction * w) + 1, n)
-    return _gather(x, np.clip(np.arange(h) - dy[:, None], 0, h - 1), np.clip(np.arange(w) - dx[:, None], 0, w - 1))
+    return _gather(x, _edge_clipped(h, dy[:, None]), _edge_clipped(w, dx[:, None]))
 
 
 def shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """Every sample moved dy rows down and dx columns right (negative: up, left), repeating the edge pixels."""
     h, w = x.shape[-2:]
-    rows, cols = np.clip(np.arange(h) - dy, 0, h - 1), np.clip(np.arange(w) - dx, 0, w - 1)
-    return np.ascontiguousarray(x[..., rows[:, None], cols])
+    return np.ascontiguousarray(x[..., _edge_clipped(h, dy)[:, None], _edge_clipped(w, dx)])
 
 
 def test_time_views(x: np.ndarray, spec) -> Iterator[np.ndarray]:

@@ -36,6 +36,11 @@ def model_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in tensors.items() if not k.startswith((OPTIM_PREFIX, TRAINING_PREFIX))}
 
 
+def _under(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The tensors whose names start with `prefix`, named without it (the inverse of how save names them)."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 @dataclass
 class Checkpoint:
     config: dict
@@ -135,9 +140,8 @@ def load(path: str | Path) -> Checkpoint:
         ckpt = Checkpoint(
             config=json.loads(meta["config"]),
             model_state=model_tensors(tensors),
-            optimizer_state={k[len(OPTIM_PREFIX) :]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)},
-            training_state={k[len(TRAINING_PREFIX) :]: v for k, v in tensors.items()
-                            if k.startswith(TRAINING_PREFIX)},
+            optimizer_state=_under(tensors, OPTIM_PREFIX),
+            training_state=_under(tensors, TRAINING_PREFIX),
             epoch=int(meta["epoch"]),
             step=int(meta["step"]),
             metrics=json.loads(meta["metrics"]),

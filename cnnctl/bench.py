@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from . import parallel
+from . import distributed, parallel
 from .averaging import WeightAverage
 from .builder import build_loss, build_model, check_training_memory, describe
 from .config import Spec
@@ -24,9 +24,14 @@ def peak_rss_mb() -> float:
 
 
 def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: int = 3,
-          per_layer: bool = False) -> dict:
-    """Median and spread of the time per training step, images/s, GFLOP/s and peak memory."""
+          per_layer: bool = False, world: distributed.World | None = None) -> dict:
+    """Median and spread of the time per training step, images/s, GFLOP/s and peak memory. With several MPI
+    ranks each steps on its share of the (global) batch as training does, images/s counts the global batch and
+    the time spent in reductions is reported."""
     bs = batch_size or spec.data.batch_size
+    world = world or distributed.World()
+    if world.size > 1:
+        distributed.check_batches(bs, bs, world.size)
     g = np.random.default_rng(spec.seed)
     check_training_memory(spec.name, describe(spec.model), bs, averaged=spec.train.ema_decay is not None)
     model, rows = build_model(spec.model, g)
@@ -36,26 +41,40 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
     n_out = rows[-1].output_shape[0]
     x = g.standard_normal((bs, *spec.model.input_shape)).astype(np.float32)
     y = g.integers(0, n_out, bs)
+    lo, hi = world.shard(bs)
+    x, y = x[lo:hi], y[lo:hi]
+    for layer in distributed.attach(model, world, spec.train.sync_batchnorm):
+        layer.batch_part = (lo, hi, bs) if world.size > 1 else None
+    reduce_gradients = distributed.GradientReducer(world)
+
+    def loss_gradient(out) -> np.ndarray:
+        loss = loss_fn.forward(out, y)
+        grad = loss_fn.backward()
+        if world.size > 1:  # as training: the global batch's loss, this share's gradient scaled to it
+            t = loss_fn.normalizer
+            sums = world.sum(np.array([loss * t, t], np.float64))
+            grad *= grad.dtype.type(t / sums[1])
+        return grad
     layer_times = np.zeros((len(model.layers), 2))
 
     def step(timed_layers: bool) -> None:
         if not timed_layers:
-            loss_fn.forward(model.forward(x, training=True), y)
-            model.backward(loss_fn.backward())
+            model.backward(loss_gradient(model.forward(x, training=True)))
         else:
             h = x
             for i in range(len(model.layers)):  # top-level layers; a block is timed as a whole
                 t0 = time.perf_counter()
                 h = model.forward_layer(i, h, True)
                 layer_times[i, 0] += time.perf_counter() - t0
-            loss_fn.forward(h, y)
-            d = loss_fn.backward()
+            d = loss_gradient(h)
             for i in reversed(range(len(model.layers))):
                 t0 = time.perf_counter()
                 d = model.layers[i].backward(d)
                 layer_times[i, 1] += time.perf_counter() - t0
                 if d is None:
                     break
+        if world.size > 1:
+            reduce_gradients(model.trainable_parameters())
         optimizer.step()
         if average:
             average.update(optimizer.steps)
@@ -63,6 +82,7 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
     for _ in range(warmup):
         step(False)
     times = []
+    world.reduce_seconds, world.reductions = 0.0, 0
     for _ in range(steps):
         t0 = time.perf_counter()
         step(False)
@@ -76,7 +96,12 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
         "ms_p90": float(np.percentile(ms, 90)), "images_per_second": bs / (np.median(ms) / 1e3),
         "gflops": flops / (np.median(ms) / 1e3) / 1e9, "flops_per_step": flops,
         "peak_rss_mb": peak_rss_mb(), "threads": parallel.threads(), "blas": blas_info(), "params": model.num_params(),
+        "ranks": world.size,
     }
+    if world.size > 1:  # rank 0's figures (the reductions keep the ranks in step)
+        out["reduce_ms_per_step"] = 1e3 * world.reduce_seconds / steps
+        out["reductions_per_step"] = world.reductions / steps
+        out["sync_batchnorm"] = spec.train.sync_batchnorm
     if per_layer:
         for _ in range(steps):
             step(True)

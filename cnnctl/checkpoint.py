@@ -123,14 +123,23 @@ def _metadata(raw: bytes, path: Path) -> dict:
     return meta
 
 
-def load(path: str | Path) -> Checkpoint:
+def read(path: str | Path) -> bytes:
+    """A checkpoint file's bytes (a missing or unreadable file is a CheckpointError)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}", "check the path (runs/NAME/checkpoints/...)") from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def load(path: str | Path) -> Checkpoint:
+    return parse(read(path), Path(path))
+
+
+def parse(raw: bytes, path: Path) -> Checkpoint:
+    """The checkpoint in a file's bytes (`path` names it in messages)."""
     meta = _metadata(raw, path)
     if meta.get("format_version") != str(FORMAT_VERSION):
         raise CheckpointError(f"{path}: checkpoint format version {meta.get('format_version')} is not supported "

@@ -306,6 +306,11 @@ class TrainSpec(Strict):
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="Keep an exponential moving average of the "
                                     "weights (and running statistics), 0.999 for example; validation, the test, "
                                     "the checkpoints' model and so eval, predict and export use the average.")
+    sync_batchnorm: bool = Field(True, description="With several MPI ranks (mpiexec -n N cnnctl train): batchnorm "
+                                 "statistics over the whole global batch, summed across the ranks (SyncBatchNorm: the "
+                                 "model one process would train); false: each rank normalises its own share (ghost "
+                                 "batchnorm over data.batch_size / N images: fewer messages, another model). No effect "
+                                 "in one process.")
 
 
 class Spec(Strict):

@@ -11,6 +11,8 @@ class CnnctlError(Exception):
     """A user-facing error: a message, an optional fix, and the process exit code."""
 
     exit_code = 2
+    # met by every MPI rank at the same point (so rank 0 alone reports it and no rank needs to end the others)
+    collective = False
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -41,3 +43,4 @@ class TrainingError(CnnctlError):
     """Training could not go on (for example the loss became NaN)."""
 
     exit_code = 1
+    collective = True  # the loss is reduced over the ranks before it is checked

@@ -42,7 +42,8 @@ def available_cores() -> int:
 
 
 def resolve(threads: int | None) -> int:
-    """--threads N, else $CNNCTL_THREADS, else the cores this process may use."""
+    """--threads N, else $CNNCTL_THREADS, else the cores this process may use (shared out between the MPI ranks
+    on this host when the launcher bound none of them to cores)."""
     if threads is not None:
         if threads < 1:
             raise CnnctlError(f"--threads {threads}: give at least 1", "e.g. --threads 2")
@@ -52,7 +53,13 @@ def resolve(threads: int | None) -> int:
         if not env.isdigit() or int(env) < 1:
             raise CnnctlError(f"{ENV}={env!r} is not a positive whole number", f"e.g. export {ENV}=2, or unset it")
         return int(env)
-    return available_cores()
+    cores = available_cores()
+    from .distributed import local_ranks
+
+    ranks = local_ranks()
+    if ranks > 1 and cores == (os.cpu_count() or cores):  # unbound ranks on one host: a share of the cores each
+        return max(1, cores // ranks)
+    return cores
 
 
 def use(threads: int) -> int:

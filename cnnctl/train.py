@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 from safetensors.numpy import load_file
 
-from . import checkpoint, data, parallel, runs
+from . import checkpoint, data, distributed, parallel, runs
 from .averaging import WeightAverage
 from .builder import build_loss, build_model, check_known_data, check_outputs, check_training_memory, describe
 from .config import Spec, TestTimeAugmentSpec, load_config, spec_to_dict, validate
@@ -103,13 +103,24 @@ def infer(model: Model, x: np.ndarray, tta: TestTimeAugmentSpec | None = None) -
 
 
 def evaluate(model: Model, loss_fn: Loss, ds: data.Dataset, split: data.Split, batch_size: int,
-             num_classes: int, tta: TestTimeAugmentSpec | None = None) -> dict:
-    """Mean loss, accuracy and the confusion matrix (rows: true class, columns: predicted) of one split."""
+             num_classes: int, tta: TestTimeAugmentSpec | None = None,
+             world: distributed.World | None = None) -> dict:
+    """Mean loss, accuracy and the confusion matrix (rows: true class, columns: predicted) of one split.
+    With several ranks each evaluates its share of every batch and the sums are reduced."""
+    world = world or distributed.World()
     total_loss, confusion = 0.0, np.zeros((num_classes, num_classes), np.int64)
     for x, y in data.batches(ds, split, batch_size):
+        if world.size > 1:
+            lo, hi = world.shard(len(y))
+            x, y = x[lo:hi], y[lo:hi]
+            if not len(y):
+                continue
         out = infer(model, x, tta)
         total_loss += loss_fn.forward(out, y) * len(y)
         np.add.at(confusion, (y, out.argmax(axis=1)), 1)
+    if world.size > 1:
+        sums = world.sum(np.concatenate([[total_loss], confusion.ravel()]).astype(np.float64))
+        total_loss, confusion = float(sums[0]), np.rint(sums[1:]).astype(np.int64).reshape(confusion.shape)
     n = len(split)
     return {"loss": total_loss / max(n, 1), "accuracy": float(np.trace(confusion) / max(n, 1)), "n": n,
             "confusion_matrix": confusion}
@@ -194,8 +205,9 @@ class Trainer:
     """Builds everything a spec needs (all shape and data checks happen here), then `fit(run_dir)` trains."""
 
     def __init__(self, spec: Spec, callback: Callback | None = None, normalization: dict | None = None,
-                 resuming: bool = False):
+                 resuming: bool = False, world: distributed.World | None = None):
         self.spec, self.cb = spec, callback or Callback()
+        self.world = world or distributed.World()  # several MPI ranks: each trains on its share of every batch
         self.seeds = Seeds.from_seed(spec.seed)
         check_training_memory(spec.name, describe(spec.model), spec.data.batch_size,  # before any weight is drawn
                               averaged=spec.train.ema_decay is not None)
@@ -206,6 +218,10 @@ class Trainer:
         check_known_data(spec, self.rows)  # fail before reading any data when we can
         self.ds = load_data(spec, self.rows, self.seeds, normalization, self.cb.on_download)
         self.num_classes = len(self.ds.classes)
+        if self.world.size > 1:
+            distributed.check_batches(spec.data.batch_size, len(self.ds.train), self.world.size)
+        self.dropouts = distributed.attach(self.model, self.world, spec.train.sync_batchnorm)
+        self.reduce_gradients = distributed.GradientReducer(self.world)
         self.loss_fn = build_loss(spec, self.ds.train.y, self.num_classes)
         self.optimizer = spec.optimizer.build(self.model)
         decay = spec.train.ema_decay
@@ -220,7 +236,8 @@ class Trainer:
         self.stopper = {"best": None, "bad_epochs": 0}
         self.partial: dict | None = None  # where an interrupted epoch stopped
         self.wall_seconds = 0.0
-        self.stop_signal: int | None = None
+        self.stop_signal: int | None = None  # set by a signal handler on this rank
+        self.ranks = [{"rank": 0, "host": self.world.host, "pid": os.getpid()}]  # fit asks every rank
 
     # ------------------------------------------------------------ state
 
@@ -244,6 +261,8 @@ class Trainer:
         return self.average.applied() if self.average else contextlib.nullcontext()
 
     def _save(self, name: str) -> None:
+        if not self.world.root:  # rank 0 alone writes the run directory
+            return
         model_state, training_state = self.model.state_dict(), {}
         if self.average:
             model_state, training_state = self.average.average, model_state
@@ -295,6 +314,8 @@ class Trainer:
     # ------------------------------------------------------------ loop
 
     def _write_summary(self, status: str, **extra) -> None:
+        if not self.world.root:
+            return
         runs.write_json(self.run_dir / "summary.json", {
             "name": self.spec.name, "status": status, "started": self.started, "pid": os.getpid(),
             "epochs": self.spec.train.epochs, "epochs_done": self.epoch,
@@ -305,6 +326,7 @@ class Trainer:
             "dataset": self.ds.describe(),
             "environment": self.environment,
             **({"init_from": self.init_report} if self.init_report else {}),
+            **({"world": {"size": self.world.size, "ranks": self.ranks}} if self.world.size > 1 else {}),
             **extra,
         })
 
@@ -334,9 +356,18 @@ class Trainer:
         for b, (x, y) in enumerate(batches, start=start):
             t0 = time.perf_counter()
             self.optimizer.lr = self.schedule.lr(epoch - 1, self.step)
+            n = len(y)
+            if self.world.size > 1:  # this rank's share of the global batch
+                lo, hi = self.world.shard(n)
+                x, y = x[lo:hi], y[lo:hi]
+                for layer in self.dropouts:
+                    layer.batch_part = (lo, hi, n)
             with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught just below
                 out = self.model.forward(x, training=True)
                 loss = self.loss_fn.forward(out, y)
+            correct_now = int((out.argmax(axis=1) == y).sum())
+            if self.world.size > 1:  # the global batch's loss and accuracy, and whether any rank was signalled
+                loss, share, correct_now, stop = self._reduce_step(loss, correct_now)
             if not np.isfinite(loss):
                 raise TrainingError(
                     f"the loss became {loss} at epoch {epoch}, step {self.step + 1} (batch {b + 1}/"
@@ -344,7 +375,12 @@ class Trainer:
                     f"lower optimizer.lr (now {self.optimizer.lr:g}), add schedule.warmup_epochs or "
                     f"train.grad_clip_norm, keep data.normalize: auto, or add batchnorm layers",
                 )
-            self.model.backward(self.loss_fn.backward())
+            grad = self.loss_fn.backward()
+            if self.world.size > 1:  # this share's gradient, normalised as the whole batch's
+                grad *= grad.dtype.type(share)
+            self.model.backward(grad)
+            if self.world.size > 1:
+                self.reduce_gradients(self.model.trainable_parameters())
             if self.spec.train.grad_clip_norm:
                 self._clip()
             self.optimizer.step()
@@ -352,18 +388,44 @@ class Trainer:
             if self.average:
                 self.average.update(self.step)
             self.cb.on_step(self.step, self.optimizer.lr, loss)
-            total_loss += loss * len(y)
-            correct += int((out.argmax(axis=1) == y).sum())
-            seen += len(y)
-            self.cb.on_batch_end(b + 1, total_loss / seen, correct / seen, len(y) / (time.perf_counter() - t0))
-            if self.stop_signal is not None or (every and self.step % every == 0):
+            if self.world.size == 1:
+                stop = self.stop_signal is not None
+            total_loss += loss * n
+            correct += correct_now
+            seen += n
+            self.cb.on_batch_end(b + 1, total_loss / seen, correct / seen, n / (time.perf_counter() - t0))
+            if stop or (every and self.step % every == 0):
                 self.partial = {"position": b + 1, "shuffle_state": shuffle_state, "loss_sum": total_loss,
                                 "correct": correct, "seen": seen}
                 self._save("last")
-                if self.stop_signal is not None:
-                    raise Interrupted(self.stop_signal, self.run_dir, epoch, self.step)
+                if stop:
+                    raise Interrupted(self.stop_signal or signal.SIGINT, self.run_dir, epoch, self.step)
         self.partial = None
         return total_loss / seen, correct / seen
+
+    def _reduce_step(self, loss: float, correct: int) -> tuple[float, float, int, bool]:
+        """One small reduction per step over the ranks: the global batch's loss, this share's part of its
+        normaliser (the factor for this share's loss gradient), the correct count, and whether any rank was
+        asked to stop (so that all stop after the same step)."""
+        t = self.loss_fn.normalizer
+        sums = self.world.sum(np.array([loss * t, t, correct, self.stop_signal == signal.SIGINT,
+                                        self.stop_signal == signal.SIGTERM], np.float64))
+        if self.stop_signal is None and sums[3:].any():
+            self.stop_signal = signal.SIGTERM if sums[4] else signal.SIGINT
+        return float(sums[0] / sums[1]), t / float(sums[1]), int(sums[2]), bool(sums[3:].any())
+
+    def _synchronise(self) -> None:
+        """After an epoch, every rank takes rank 0's weights, buffers and optimizer state (one broadcast): they
+        are equal already when the reductions give every rank the same sums; with train.sync_batchnorm false
+        this makes the running statistics rank 0's on every rank."""
+        if self.world.size == 1:
+            return
+        state = {name: np.array(value) for name, value in self.model.state_dict().items()}
+        arrays = [*state.values(), *(v for st in self.optimizer.state.values() for v in st.values())]
+        if self.average:
+            arrays += list(self.average.average.values())
+        distributed.broadcast_state(self.world, arrays)
+        self.model.load_state_dict(state)
 
     def _end_of_epoch(self, row: dict) -> bool:
         """Checkpoints, schedule and early stopping after an epoch; True when training should stop."""
@@ -374,7 +436,7 @@ class Trainer:
             self._save("best")
         if t.checkpoint_every and self.epoch % t.checkpoint_every == 0:
             self._save(f"epoch-{self.epoch:04d}")
-            if t.keep_last:
+            if t.keep_last and self.world.root:
                 kept = sorted((self.run_dir / "checkpoints").glob("epoch-*.safetensors"))
                 for old in kept[: -t.keep_last]:
                     old.unlink()
@@ -398,10 +460,13 @@ class Trainer:
         self.environment = environment()
         previous = runs.run_info(self.run_dir) if resumed else None
         self.started = (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S")
-        runs.write_yaml(self.run_dir / "config.yaml", spec_to_dict(spec))
-        runs.rewrite_metrics(self.run_dir, self.history)  # on resume: exactly the rows the checkpoint knows
+        if self.world.size > 1:
+            self.ranks = self.world.ranks()
+        if self.world.root:
+            runs.write_yaml(self.run_dir / "config.yaml", spec_to_dict(spec))
+            runs.rewrite_metrics(self.run_dir, self.history)  # on resume: exactly the rows the checkpoint knows
         self._write_summary("running")
-        if spec.train.loggers:
+        if spec.train.loggers and self.world.root:
             from .loggers import Callbacks, make_loggers
 
             self.cb = Callbacks([self.cb, *make_loggers(spec.train.loggers, self.run_dir, spec_to_dict(spec))])
@@ -409,7 +474,8 @@ class Trainer:
                                 "train": len(self.ds.train), "val": len(self.ds.val), "test": len(self.ds.test),
                                 "image_shape": self.ds.image_shape, "classes": self.ds.classes,
                                 "resumed_at": (self.epoch, self.step) if resumed else None,
-                                "init_from": self.init_report})
+                                "init_from": self.init_report,
+                                "ranks": self.ranks if self.world.size > 1 else None})
         stopped_early = False
         try:
             while self.epoch < spec.train.epochs and not stopped_early:
@@ -418,21 +484,24 @@ class Trainer:
                     self.model.freeze(False)  # from here on everything trains (a no-op once done)
                 t0 = time.perf_counter()
                 train_loss, train_acc = self._train_epoch(epoch)
+                self._synchronise()
                 row = {"epoch": epoch, "step": self.step, "train_loss": train_loss, "train_acc": train_acc,
                        "val_loss": None, "val_acc": None, "lr": self.optimizer.lr}
                 if len(self.ds.val) and (epoch % spec.train.validate_every == 0 or epoch == spec.train.epochs):
                     with self.evaluated():
-                        val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, bs, self.num_classes, tta)
+                        val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, bs, self.num_classes, tta,
+                                       self.world)
                     row.update(val_loss=val["loss"], val_acc=val["accuracy"])
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 self.epoch = epoch
                 self.history.append(row)
                 stopped_early = self._end_of_epoch(row)
-                runs.append_metrics(self.run_dir, row)
+                if self.world.root:
+                    runs.append_metrics(self.run_dir, row)
                 self.cb.on_epoch_end(row)
-                stopped_early = stopped_early or self.cb.should_stop(row)
-                if self.stop_signal is not None:
-                    raise Interrupted(self.stop_signal, self.run_dir, epoch, self.step)
+                stopped_early = self.world.any(stopped_early or self.cb.should_stop(row))  # rank 0's callbacks
+                if self.world.any(self.stop_signal is not None):  # every rank stops here if any was signalled
+                    raise Interrupted(self.stop_signal or signal.SIGINT, self.run_dir, epoch, self.step)
         except Interrupted:
             with contextlib.suppress(CnnctlError):
                 self._write_summary("interrupted")
@@ -444,7 +513,8 @@ class Trainer:
         extra = {"stopped_early": stopped_early}
         if spec.train.test_at_end:
             with self.evaluated():
-                test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, bs, self.num_classes, tta)
+                test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, bs, self.num_classes, tta,
+                                self.world)
             extra["test"] = {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]}
         self._write_summary("finished", **extra)
         self.cb.on_train_end({"final": self.history[-1], "best": self.best, **extra})

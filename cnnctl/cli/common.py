@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import traceback
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperArgument
 
-from .. import __version__, checkpoint, parallel
+from .. import __version__, checkpoint, distributed, parallel
 from ..builder import describe
 from ..config import apply_overrides, load_config
 from ..errors import CnnctlError
@@ -47,24 +48,49 @@ def use_threads(threads: int | None) -> int:
 
 
 def guarded(fn):
-    """Turn CnnctlError into one readable message and its exit code; Ctrl-C into exit 130."""
+    """Turn CnnctlError into one readable message and its exit code; Ctrl-C into exit 130.
+
+    Under MPI (several ranks) an error that every rank meets at the same point (a stop requested by a signal, a
+    diverging loss) is printed by rank 0 and every rank exits; any other error on one rank is printed with its
+    rank and host, and ends every rank at once (MPI_Abort), so that none waits for it in a reduction."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        world = None
         try:
             return fn(*args, **kwargs)
         except Interrupted as e:
-            err.print(Text.assemble(("interrupted: ", "bold yellow"), e.message))
-            err.print(f"  {e.hint}")
+            world = distributed.current()
+            if world is None or world.root:
+                err.print(Text.assemble(("interrupted: ", "bold yellow"), e.message))
+                err.print(f"  {e.hint}")
             raise typer.Exit(e.exit_code) from None
         except CnnctlError as e:
-            err.print(Text.assemble(("error: ", "bold red"), e.message))
-            if e.hint:
-                err.print(Text.assemble(("  fix: ", "bold"), e.hint))
+            world = distributed.current()
+            many = world is not None and world.size > 1
+            if not many or world.root or not e.collective:
+                where = f"error ({world.label()}): " if many and not e.collective else "error: "
+                err.print(Text.assemble((where, "bold red"), e.message))
+                if e.hint:
+                    err.print(Text.assemble(("  fix: ", "bold"), e.hint))
+            if many and not e.collective:
+                world.abort(e.exit_code)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            err.print("interrupted")
+            world = distributed.current()
+            err.print("interrupted" + (f" ({world.label()})" if world and world.size > 1 else ""))
+            if world is not None and world.size > 1:
+                world.abort(130)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception:
+            world = distributed.current()
+            if world is None or world.size == 1:
+                raise
+            err.print(f"error ({world.label()}): an unexpected failure in cnnctl; ending every rank")
+            err.print(traceback.format_exc(), end="")
+            world.abort(1)
 
     return wrapper
 

@@ -14,10 +14,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from .. import plots
+from .. import checkpoint, distributed, plots
 from ..bench import bench as run_bench
 from ..builder import LayerRow, activation_values, build_loss, check_known_data, training_bytes, walk
-from ..config import apply_overrides, load_config
+from ..checkpoint import Checkpoint
+from ..config import Spec, apply_overrides, load_config, spec_to_dict, validate
 from ..errors import CnnctlError, DataError
 from ..runs import create_run_dir, locked
 from ..train import Callback, Seeds, Trainer, evaluate, load_data, load_model, offline, resume_spec
@@ -88,12 +89,23 @@ class PlainProgress(Callback):
         pass
 
 
+class Silent(Callback):
+    """No output: the MPI ranks other than 0."""
+
+    def close(self):
+        pass
+
+
 def _print_start(console, info):
     console.print(f"data: train {info['train']:,}  val {info['val']:,}  test {info['test']:,}  "
                   f"image {tuple(info['image_shape'])}  {len(info['classes'])} classes: "
                   f"{', '.join(info['classes'])}", soft_wrap=True)
     console.print(f"model: {info['params']:,} parameters")
     console.print(f"run: {info['run_dir']}")
+    if info.get("ranks"):
+        ranks = info["ranks"]
+        console.print(f"MPI: {len(ranks)} ranks, global batch split across them: " + ", ".join(
+            f"rank {r['rank']} pid {r['pid']} on {r['host']}" for r in ranks), soft_wrap=True)
     if info.get("resumed_at"):
         console.print(f"resumed after epoch {info['resumed_at'][0]}, step {info['resumed_at'][1]}")
     init = info.get("init_from")
@@ -133,7 +145,9 @@ def train(
         "--logger", metavar="NAME", help="Also log to tensorboard or mlflow (train.loggers); repeatable.")] = None,
     threads: ThreadsOption = None,
 ):
-    """Train a model from a YAML config; writes runs/NAME-YYYYmmdd-HHMMSS/."""
+    """Train a model from a YAML config; writes runs/NAME-YYYYmmdd-HHMMSS/. Under mpiexec -n N (cnnctl[mpi]) the
+    N ranks train one model data-parallel; rank 0 writes the run directory."""
+    world = distributed.world()
     use_threads(threads)
     overrides = list(set_ or [])
     if logger:
@@ -145,30 +159,46 @@ def train(
     if (config is None) == (resume is None):
         raise CnnctlError("give a CONFIG to start a run, or --resume RUN_DIR to continue one (not both)",
                           "cnnctl train configs/quickstart.yaml   or   cnnctl train --resume runs/NAME-...")
-    cb = RichProgress(out) if out.is_terminal and not quiet else PlainProgress(out)
+    if not world.root:  # progress from rank 0 only
+        cb = Silent()
+    elif out.is_terminal and not quiet:
+        cb = RichProgress(out)
+    else:
+        cb = PlainProgress(out)
     run_dir = None
     try:
         with contextlib.ExitStack() as held:
             if resume is not None:
-                if (resume / "config.yaml").is_file():
-                    held.enter_context(locked(resume))  # one process at a time trains a run directory
-                spec, ckpt = resume_spec(resume, overrides, force)
-                trainer = Trainer(spec, cb, normalization=ckpt.normalization, resuming=True)
-                trainer.restore(ckpt, resume / "checkpoints" / "last.safetensors")
+                last = resume / "checkpoints" / "last.safetensors"
+                spec = ckpt = None
+                if world.root:  # rank 0 reads the run directory and sends the others what they need
+                    if (resume / "config.yaml").is_file():
+                        held.enter_context(locked(resume))  # one process at a time trains a run directory
+                    spec, ckpt = resume_spec(resume, overrides, force)
+                spec, ckpt = _shared_resume(world, spec, ckpt, last)
+                trainer = _make_trainer(world, lambda: Trainer(spec, cb, normalization=ckpt.normalization,
+                                                               resuming=True, world=world))
+                trainer.restore(ckpt, last)
                 run_dir = resume
             else:
-                spec, _ = load_config(config, overrides)
-                trainer = Trainer(spec, cb)  # every check runs before the run directory exists
-                run_dir = create_run_dir(runs_dir, spec.name)
-                held.enter_context(locked(run_dir))
+                spec = load_config(config, overrides)[0] if world.root else None
+                spec = _shared_spec(world, spec)
+                trainer = _make_trainer(world, lambda: Trainer(spec, cb, world=world))  # every check runs first
+                if world.root:
+                    run_dir = create_run_dir(runs_dir, spec.name)
+                    held.enter_context(locked(run_dir))
+                run_dir = Path(world.broadcast_bytes(str(run_dir).encode() if world.root else None).decode())
             with _stop_on_signals(trainer):
                 summary = trainer.fit(run_dir, resumed=resume is not None)
     except BaseException:
-        if resume is None and run_dir is not None and not (run_dir / "checkpoints" / "last.safetensors").exists():
+        if (world.root and resume is None and run_dir is not None
+                and not (run_dir / "checkpoints" / "last.safetensors").exists()):
             _remove_empty_run(run_dir)
         raise
     finally:
         cb.close()
+    if not world.root:
+        return
     best = summary["best"]
     if summary["stopped_early"]:
         out.print(f"early stopping after epoch {summary['final']['epoch']}")
@@ -177,6 +207,33 @@ def train(
     if "test" in summary:
         out.print(f"test accuracy {fmt(summary['test']['accuracy'], True)} on {summary['test']['n']:,} images")
     out.print(f"run directory: {run_dir}")
+
+
+def _shared_spec(world: distributed.World, spec: Spec | None) -> Spec:
+    """Rank 0's spec on every rank (only rank 0 reads the config file)."""
+    if world.size == 1:
+        return spec
+    data = world.broadcast_bytes(json.dumps(spec_to_dict(spec)).encode() if world.root else None)
+    return spec if world.root else validate(json.loads(data), "the config rank 0 sent")
+
+
+def _shared_resume(world: distributed.World, spec: Spec | None, ckpt: Checkpoint | None, last: Path):
+    """Rank 0's spec and last checkpoint on every rank (the run directory need only be on rank 0's host)."""
+    if world.size == 1:
+        return spec, ckpt
+    spec = _shared_spec(world, spec)
+    raw = world.broadcast_bytes(checkpoint.read(last) if world.root else None)
+    return spec, (ckpt if world.root else checkpoint.parse(raw, last))
+
+
+def _make_trainer(world: distributed.World, make) -> Trainer:
+    """Rank 0 builds its trainer first (downloading the data if the config asks for it), then the other ranks; all
+    are built (every check passed on every rank) before rank 0 makes the run directory."""
+    trainer = make() if world.root else None
+    world.any(False)  # every rank waits here for rank 0
+    trainer = trainer or make()
+    world.any(False)
+    return trainer
 
 
 @contextlib.contextmanager
@@ -268,9 +325,12 @@ def bench(
     threads: ThreadsOption = None,
 ):
     """Time full training steps (forward, loss, backward, update) on synthetic data of the input shape."""
+    world = distributed.world()
     use_threads(threads)
     spec, _ = load_target(target, list(set_ or []))
-    res = run_bench(spec, batch_size, steps, warmup, per_layer)
+    res = run_bench(spec, batch_size, steps, warmup, per_layer, world)
+    if not world.root:
+        return
     if as_json:
         print(json.dumps(res))
         return
@@ -281,6 +341,10 @@ def bench(
               f"{res['ms_p10']:.2f}, p90 {res['ms_p90']:.2f})   {res['gflops']:.1f} GFLOP/s")
     out.print(f"  peak RSS {res['peak_rss_mb']:.0f} MB   threads {res['threads']} (BLAS {blas_threads}"
               + (f": {blas.get('library')} {blas.get('kernel')})" if blas.get("library") else ")"))
+    if res["ranks"] > 1:
+        out.print(f"  MPI: {res['ranks']} ranks, batch {res['batch_size']} split across them; reductions "
+                  f"{res['reduce_ms_per_step']:.2f} ms/step ({res['reductions_per_step']:.0f} Allreduce calls per step, "
+                  f"batchnorm {'synchronised' if res['sync_batchnorm'] else 'per rank'})")
     if per_layer:
         out.print(table("per layer (ms per step)", ("#", "name", "output shape", "forward", "backward"),
                         right=("#", "forward", "backward"), rows=(

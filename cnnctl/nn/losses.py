@@ -13,6 +13,9 @@ register_loss = registrar(LOSSES)
 
 class Loss:
     tag = "loss"
+    # what the last forward divided its sum by (the batch size, or the batch's summed class weights): data-parallel
+    # training rescales each part's gradient to the whole batch's normaliser
+    normalizer: float = 1.0
 
     def forward(self, outputs: np.ndarray, targets: np.ndarray) -> float:
         raise NotImplementedError
@@ -62,6 +65,7 @@ class CrossEntropyLoss(Loss):
             q[np.arange(n), targets] += (1.0 - e) * ww[targets]
             total = float(w[targets].sum())
         self._probs, self._q, self._total = np.exp(logp), q, total
+        self.normalizer = float(total)
         return float(-(q * logp).sum() / total)
 
     def backward(self):
@@ -86,6 +90,7 @@ class MSELoss(Loss):
         if targets.shape != outputs.shape:
             raise ValueError(f"mse targets must have the outputs' shape {outputs.shape}, got {targets.shape}")
         self._diff = outputs - targets.astype(outputs.dtype)
+        self.normalizer = float(outputs.shape[0])
         return float(0.5 * (self._diff**2).sum() / outputs.shape[0])
 
     def backward(self):

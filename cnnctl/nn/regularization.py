@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -52,7 +53,13 @@ class BatchNorm2DSpec(_BatchNormSpec):
 @register("dropout", DropoutSpec)
 class Dropout(Layer):
     """Inverted dropout: zero each value with probability rate and scale the rest by 1/(1-rate) when
-    training; the identity otherwise. The mask is drawn from the Generator passed in."""
+    training; the identity otherwise. The mask is drawn from the Generator passed in.
+
+    `batch_part = (lo, hi, n)` says the input is rows lo:hi of a batch of n whose other rows other processes
+    hold (data-parallel training, cnnctl.distributed): the mask is drawn for the whole batch and rows lo:hi
+    of it are used, so every process draws the same numbers as one process training the whole batch."""
+
+    batch_part: tuple[int, int, int] | None = None
 
     def __init__(self, rate: float = 0.5, rng: np.random.Generator | None = None):
         super().__init__()
@@ -65,7 +72,14 @@ class Dropout(Layer):
         if not training or self.rate == 0.0:
             self._scale = None
             return x
-        keep = self.rng.random(x.shape, dtype=np.float32) >= self.rate
+        part = self.batch_part
+        if part is None:
+            keep = self.rng.random(x.shape, dtype=np.float32) >= self.rate
+        else:
+            lo, hi, n = part
+            if hi - lo != x.shape[0]:
+                raise ValueError(f"dropout: batch_part {part} does not match an input of {x.shape[0]} rows")
+            keep = self.rng.random((n, *x.shape[1:]), dtype=np.float32)[lo:hi] >= self.rate
         self._scale = keep.astype(x.dtype) / x.dtype.type(1.0 - self.rate)
         return x * self._scale
 
@@ -86,6 +100,11 @@ class _BatchNorm(Layer):
 
     rank = 0  # per-sample rank of the input
     is_norm = True
+    # when set (cnnctl.distributed, data-parallel training): sums per-channel float64 arrays, in place, over the
+    # processes that hold the other parts of the batch, so that the statistics and their gradients are the whole
+    # batch's (SyncBatchNorm); each process keeps the weight and bias gradients of its own part, which the trainer
+    # sums with the other parameters'
+    batch_sum: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, dtype=np.float32,
                  activation: str | None = None, weight_init: float = 1.0):
@@ -121,15 +140,19 @@ class _BatchNorm(Layer):
         centred, y = np.empty_like(x), np.empty_like(x)  # laid out as x
         mean, var, inv_std = (np.empty(c, x.dtype) for _ in range(3))
         weight, bias, eps, cut = self.params["weight"], self.params["bias"], self.eps, parallel.channels
+        local = training  # statistics of this batch, computed in the pass below
         if not training:
             mean[:], var[:] = self.buffers["running_mean"], self.buffers["running_var"]
+        elif self.batch_sum is not None:  # of the whole batch, parts of which other processes hold
+            m = self._summed_statistics(x, centred, mean, var)
+            local = False
 
         def part(lo, hi):  # a slice of channels: statistics, then y = (x - mean) * (weight * inv_std) + bias
             xs, xc = cut(x, lo, hi), cut(centred, lo, hi)
-            if training:  # two passes for the statistics (mean, then the centred squares: no cancellation)
+            if local:  # two passes for the statistics (mean, then the centred squares: no cancellation)
                 mean[lo:hi] = np.einsum(total, xs) / x.dtype.type(m)
             np.subtract(xs, mean[lo:hi].reshape(bshape), out=xc)
-            if training:
+            if local:
                 var[lo:hi] = np.einsum(dot, xc, xc) / x.dtype.type(m)
             inv_std[lo:hi] = 1.0 / np.sqrt(var[lo:hi] + eps)
             ys = np.multiply(xc, (weight[lo:hi] * inv_std[lo:hi]).reshape(bshape), out=cut(y, lo, hi))
@@ -145,26 +168,63 @@ class _BatchNorm(Layer):
         self._training, self._m, self._inv_std, self._centred = training, m, inv_std, centred
         return self._activate(y, training)
 
+    def _summed_statistics(self, x, centred, mean, var) -> int:
+        """Mean and (biased) variance over the whole batch into mean and var; returns its size. One reduction
+        of per-channel sums and sums of squares (float64, each part's from its own centred values, so no
+        cancellation in float32)."""
+        total, dot, bshape = self._shapes(x)
+        c, n, cut = x.shape[1], x.size // x.shape[1], parallel.channels
+        sums = np.zeros(2 * c + 1, np.float64)  # sum, sum of squares per channel; the count
+
+        def part(lo, hi):
+            xs, xc = cut(x, lo, hi), cut(centred, lo, hi)
+            mu = np.einsum(total, xs) / x.dtype.type(max(n, 1))
+            np.subtract(xs, mu.reshape(bshape), out=xc)
+            mu64 = mu.astype(np.float64)
+            sums[lo:hi] = mu64 * n
+            sums[c + lo : c + hi] = np.einsum(dot, xc, xc).astype(np.float64) + n * mu64 * mu64
+
+        parallel.per_channel(x, part)
+        sums[-1] = n
+        self.batch_sum(sums)
+        m = int(sums[-1])
+        mean64 = sums[:c] / m
+        mean[:] = mean64
+        var[:] = np.maximum(sums[c : 2 * c] / m - mean64 * mean64, 0.0)
+        return m
+
     def backward(self, dy):
         dy = self._deactivate(dy)
         total, dot, bshape = self._shapes(dy)
         c, cut, m = dy.shape[1], parallel.channels, self._m
         gw, gb, dx = np.empty(c, dy.dtype), np.empty(c, dy.dtype), np.empty_like(dy)
         weight = self.params["weight"]
+        summed = self._training and self.batch_sum is not None
+        sum_b, sum_w = (gb, gw) if not summed else (np.empty(c, dy.dtype), np.empty(c, dy.dtype))
+
+        def sums(lo, hi):
+            ds, xc = cut(dy, lo, hi), cut(self._centred, lo, hi)
+            gb[lo:hi] = np.einsum(total, ds)
+            gw[lo:hi] = np.einsum(dot, ds, xc) * self._inv_std[lo:hi]  # sum(dy * xhat)
 
         def part(lo, hi):  # xhat = centred * inv_std, never formed: inv_std goes into per-channel factors
             ds, xc, dxs = cut(dy, lo, hi), cut(self._centred, lo, hi), cut(dx, lo, hi)
             inv_std = self._inv_std[lo:hi]
-            gb[lo:hi] = np.einsum(total, ds)
-            gw[lo:hi] = np.einsum(dot, ds, xc) * inv_std  # sum(dy * xhat)
+            if not summed:
+                sums(lo, hi)
             k = weight[lo:hi] * inv_std  # d(out)/d(x) per channel with the statistics held fixed
             np.multiply(ds, k.reshape(bshape), out=dxs)
             if self._training:
                 # the batch mean and variance depend on x too: subtract their share of the gradient,
                 # k * (mean(dy) + xhat * mean(dy * xhat))
-                dxs -= np.multiply(xc, (k * gw[lo:hi] * inv_std / m).reshape(bshape))
-                dxs -= (k * gb[lo:hi] / m).reshape(bshape)
+                dxs -= np.multiply(xc, (k * sum_w[lo:hi] * inv_std / m).reshape(bshape))
+                dxs -= (k * sum_b[lo:hi] / m).reshape(bshape)
 
+        if summed:  # the two sums over the whole batch, in one reduction; this part's own are the parameters'
+            parallel.per_channel(dy, sums)
+            both = np.concatenate([gb, gw]).astype(np.float64)
+            self.batch_sum(both)
+            sum_b[:], sum_w[:] = both[:c], both[c:]
         parallel.per_channel(dy, part)
         self.grads["weight"], self.grads["bias"] = gw, gb
         return dx

@@ -544,12 +544,16 @@ def resume_spec(run_dir: Path, overrides: list[str], force: bool) -> tuple[Spec,
                           "train.early_stopping.patience with --set)")
     ckpt = checkpoint.load(last)
     spec, _ = load_config(run_dir / "config.yaml", overrides)
-    old, new = copy.deepcopy(ckpt.config), spec_to_dict(spec)
+    try:  # the checkpoint's config with the defaults of keys added since it was written
+        old = spec_to_dict(validate(ckpt.config, f"{last} (embedded config)"))
+    except ConfigError:
+        old = copy.deepcopy(ckpt.config)
+    new = spec_to_dict(spec)
     if isinstance(old.get("train"), dict):
         old["train"]["epochs"] = new["train"]["epochs"]
     if old != new and not force:
         diff = "".join(difflib.unified_diff(
-            yaml.safe_dump(ckpt.config, sort_keys=False).splitlines(True),
+            yaml.safe_dump(old, sort_keys=False).splitlines(True),
             yaml.safe_dump(spec_to_dict(spec), sort_keys=False).splitlines(True),
             "checkpoint config", "config.yaml + --set", n=1))
         raise ConfigError(f"the config of {run_dir} differs from the one its checkpoint was trained with:\n{diff}",

@@ -342,9 +342,10 @@ def bench(
     out.print(f"  peak RSS {res['peak_rss_mb']:.0f} MB   threads {res['threads']} (BLAS {blas_threads}"
               + (f": {blas.get('library')} {blas.get('kernel')})" if blas.get("library") else ")"))
     if res["ranks"] > 1:
+        bn = "synchronised" if res["sync_batchnorm"] else "per rank"
         out.print(f"  MPI: {res['ranks']} ranks, batch {res['batch_size']} split across them; reductions "
-                  f"{res['reduce_ms_per_step']:.2f} ms/step ({res['reductions_per_step']:.0f} Allreduce calls per step, "
-                  f"batchnorm {'synchronised' if res['sync_batchnorm'] else 'per rank'})")
+                  f"{res['reduce_ms_per_step']:.2f} ms/step ({res['reductions_per_step']:.0f} Allreduce calls per "
+                  f"step, batchnorm {bn})")
     if per_layer:
         out.print(table("per layer (ms per step)", ("#", "name", "output shape", "forward", "backward"),
                         right=("#", "forward", "backward"), rows=(

@@ -84,10 +84,14 @@ def guarded(fn):
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
-        except Exception:
+        except Exception as e:
             world = distributed.current()
             if world is None or world.size == 1:
                 raise
+            if isinstance(e, MemoryError):
+                err.print(Text.assemble((f"error ({world.label()}): ", "bold red"), "out of memory; ending every rank"))
+                err.print(Text.assemble(("  fix: ", "bold"), "lower data.batch_size, or start fewer ranks on this host"))
+                world.abort(2)
             err.print(f"error ({world.label()}): an unexpected failure in cnnctl; ending every rank")
             err.print(traceback.format_exc(), end="")
             world.abort(1)

@@ -90,7 +90,7 @@ def guarded(fn):
                 raise
             if isinstance(e, MemoryError):
                 err.print(Text.assemble((f"error ({world.label()}): ", "bold red"), "out of memory; ending every rank"))
-                err.print(Text.assemble(("  fix: ", "bold"), "lower data.batch_size, or start fewer ranks on this host"))
+                err.print(Text.assemble(("  fix: ", "bold"), "lower data.batch_size, or start fewer ranks on a host"))
                 world.abort(2)
             err.print(f"error ({world.label()}): an unexpected failure in cnnctl; ending every rank")
             err.print(traceback.format_exc(), end="")

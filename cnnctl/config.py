@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 from . import blocks, nn, optim, schedules
 from .errors import ConfigError
 from .spec_errors import format_validation_error
-from .strict import NonNegInt, PosInt, Strict
+from .strict import Mode, Monitor, NonNegInt, PosInt, Strict
 
 # ---------------------------------------------------------------- the model
 
@@ -152,7 +152,7 @@ class DataSpec(Strict):
 
 
 class LossSpec(Strict):
-    type: Literal["cross_entropy", "mse"] = "cross_entropy"
+    type: Literal[tuple(nn.LOSSES)] = "cross_entropy"  # derived from the loss registry
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     class_weights: Literal["auto"] | list[Annotated[float, Field(gt=0)]] | None = Field(
         None, description="cross_entropy only: a weight per class (PyTorch's weight=), or auto: inverse class "
@@ -165,116 +165,14 @@ class LossSpec(Strict):
         return self
 
 
-class SGDSpec(Strict):
-    type: Literal["sgd"]
-    lr: float = Field(0.01, gt=0.0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    dampening: float = Field(0.0, ge=0.0, le=1.0)
-    nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0.0)
-    decay_bias_and_norm: bool = True
-
-    def build(self, model):
-        return optim.OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
+OptimizerSpec = Annotated[Union[tuple(dict.fromkeys(optim.OPTIMIZER_SPECS.values()))],  # noqa: UP007
+                          Field(discriminator="type")]  # derived from the optimizer registry
 
 
-class AdamSpec(Strict):
-    type: Literal["adam", "adamw"]
-    lr: float = Field(0.001, gt=0.0)
-    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float | None = Field(None, ge=0.0, description="Default 0 for adam, 0.01 for adamw.")
-    amsgrad: bool = False
-    decay_bias_and_norm: bool = True
-
-    def build(self, model):
-        kwargs = self.model_dump(exclude={"type", "weight_decay"})
-        if self.weight_decay is not None:
-            kwargs["weight_decay"] = self.weight_decay
-        return optim.OPTIMIZERS[self.type](model, **kwargs)
 
 
-class RMSpropSpec(Strict):
-    type: Literal["rmsprop"]
-    lr: float = Field(0.01, gt=0.0)
-    alpha: float = Field(0.99, ge=0.0, lt=1.0)
-    eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    centered: bool = False
-    decay_bias_and_norm: bool = True
-
-    def build(self, model):
-        return optim.OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
-
-
-OptimizerSpec = Annotated[SGDSpec | AdamSpec | RMSpropSpec, Field(discriminator="type")]
-
-
-Monitor = Literal["val_loss", "val_acc", "train_loss", "train_acc"]
-Mode = Literal["auto", "min", "max"]
-
-
-class _ScheduleSpec(Strict):
-    warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up length in epochs (fractions allowed), "
-                                 "stepped per batch.")
-
-    def build(self, base_lr: float, steps_per_epoch: int, epochs: int):
-        params = self.model_dump(exclude={"type", "warmup_epochs"})
-        warmup = round(self.warmup_epochs * steps_per_epoch)
-        return schedules.SCHEDULES[self.type](base_lr, steps_per_epoch, epochs, warmup, **params)
-
-
-class ConstantScheduleSpec(_ScheduleSpec):
-    type: Literal["constant"]
-
-
-class StepScheduleSpec(_ScheduleSpec):
-    type: Literal["step"]
-    step_size: PosInt = Field(10, description="Epochs between reductions.")
-    gamma: float = Field(0.1, gt=0.0)
-
-
-class MultiStepScheduleSpec(_ScheduleSpec):
-    type: Literal["multistep"]
-    milestones: list[PosInt] = Field(description="Epochs after which the rate is multiplied by gamma.")
-    gamma: float = Field(0.1, gt=0.0)
-
-
-class ExponentialScheduleSpec(_ScheduleSpec):
-    type: Literal["exponential"]
-    gamma: float = Field(0.95, gt=0.0)
-
-
-class CosineScheduleSpec(_ScheduleSpec):
-    type: Literal["cosine"]
-    t_max: PosInt | None = Field(None, description="Epochs of the half cosine (default: train.epochs).")
-    eta_min: float = Field(0.0, ge=0.0)
-
-
-class OneCycleScheduleSpec(_ScheduleSpec):
-    type: Literal["onecycle"]
-    pct_start: float = Field(0.3, gt=0.0, lt=1.0)
-    div_factor: float = Field(25.0, gt=0.0)
-    final_div_factor: float = Field(1e4, gt=0.0)
-
-
-class PlateauScheduleSpec(_ScheduleSpec):
-    type: Literal["reduce_on_plateau"]
-    monitor: Monitor = "val_loss"
-    mode: Mode = "auto"
-    factor: float = Field(0.1, gt=0.0, lt=1.0)
-    patience: NonNegInt = 10
-    threshold: float = Field(1e-4, ge=0.0)
-    cooldown: NonNegInt = 0
-    min_lr: float = Field(0.0, ge=0.0)
-
-
-ScheduleSpec = Annotated[
-    Union[ConstantScheduleSpec, StepScheduleSpec, MultiStepScheduleSpec, ExponentialScheduleSpec,  # noqa: UP007
-          CosineScheduleSpec, OneCycleScheduleSpec, PlateauScheduleSpec],
-    Field(discriminator="type"),
-]
+ScheduleSpec = Annotated[Union[tuple(schedules.SCHEDULE_SPECS.values())],  # noqa: UP007
+                         Field(discriminator="type")]  # derived from the schedule registry
 
 
 class EarlyStoppingSpec(Strict):
@@ -320,8 +218,8 @@ class Spec(Strict):
     data: DataSpec
     model: ModelSpec
     loss: LossSpec = Field(default_factory=LossSpec)
-    optimizer: OptimizerSpec = Field(default_factory=lambda: SGDSpec(type="sgd"))
-    schedule: ScheduleSpec = Field(default_factory=lambda: ConstantScheduleSpec(type="constant"))
+    optimizer: OptimizerSpec = Field(default_factory=lambda: optim.OPTIMIZER_SPECS["sgd"](type="sgd"))
+    schedule: ScheduleSpec = Field(default_factory=lambda: schedules.SCHEDULE_SPECS["constant"](type="constant"))
     train: TrainSpec = Field(default_factory=TrainSpec)
 
     @model_validator(mode="after")
@@ -518,7 +416,7 @@ def spec_to_dict(spec: Spec) -> dict:
 def config_schema() -> dict:
     """The JSON Schema of a config file (for editors: yaml-language-server and friends)."""
     schema = Spec.model_json_schema()
-    shorthands = {"loss": ["cross_entropy", "mse"], "optimizer": sorted(optim.OPTIMIZERS),
+    shorthands = {"loss": sorted(nn.LOSSES), "optimizer": sorted(optim.OPTIMIZERS),
                   "schedule": sorted(schedules.SCHEDULES)}
     for key, names in shorthands.items():  # `loss: mse` means {type: mse}: say so in the schema too
         prop = schema["properties"][key]

@@ -7,14 +7,71 @@ checkpoints through state_dict()/load_state_dict(). `lr` is a plain attribute th
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field
 
 from .nn.base import Layer, Param
 from .registry import registrar
+from .strict import Strict
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {}
-register_optimizer = registrar(OPTIMIZERS)
+OPTIMIZER_SPECS: dict[str, type[Strict]] = {}  # what `optimizer:` in a config may be, by its `type`
+register_optimizer = registrar(OPTIMIZERS, OPTIMIZER_SPECS)
+
+
+# ---------------------------------------------------------------- specs (the YAML)
+
+
+class SGDSpec(Strict):
+    type: Literal["sgd"]
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    dampening: float = Field(0.0, ge=0.0, le=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0.0)
+    decay_bias_and_norm: bool = True
+
+    def build(self, model):
+        return OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
+
+
+class AdamSpec(Strict):
+    type: Literal["adam"]
+    lr: float = Field(0.001, gt=0.0)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float | None = Field(None, ge=0.0, description="Default 0 for adam, 0.01 for adamw.")
+    amsgrad: bool = False
+    decay_bias_and_norm: bool = True
+
+    def build(self, model):
+        kwargs = self.model_dump(exclude={"type", "weight_decay"})
+        if self.weight_decay is not None:
+            kwargs["weight_decay"] = self.weight_decay
+        return OPTIMIZERS[self.type](model, **kwargs)
+
+
+class AdamWSpec(AdamSpec):
+    type: Literal["adamw"]
+
+
+class RMSpropSpec(Strict):
+    type: Literal["rmsprop"]
+    lr: float = Field(0.01, gt=0.0)
+    alpha: float = Field(0.99, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    centered: bool = False
+    decay_bias_and_norm: bool = True
+
+    def build(self, model):
+        return OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
+
+
+# ---------------------------------------------------------------- the update rules
 
 
 class Optimizer:
@@ -63,7 +120,7 @@ class Optimizer:
                 self.state.setdefault(name, {})[k] = np.array(value)
 
 
-@register_optimizer("sgd")
+@register_optimizer("sgd", SGDSpec)
 class SGD(Optimizer):
     """p -= lr * (nesterov ? g + momentum*b : b), b = momentum*b + (1-dampening)*g, g = grad + wd*p."""
 
@@ -89,7 +146,7 @@ class SGD(Optimizer):
         return p - self.lr * g
 
 
-@register_optimizer("adam")
+@register_optimizer("adam", AdamSpec)
 class Adam(Optimizer):
     """Adam (L2 weight decay added to the gradient); AdamW decouples it. Bias-corrected moments, optional AMSGrad."""
 
@@ -115,7 +172,7 @@ class Adam(Optimizer):
         return p - (self.lr / (1 - b1**t)) * m / denom
 
 
-@register_optimizer("adamw")
+@register_optimizer("adamw", AdamWSpec)
 class AdamW(Adam):
     """Adam with decoupled weight decay: p *= 1 - lr*wd before the Adam step (default wd 0.01, like torch)."""
 
@@ -126,7 +183,7 @@ class AdamW(Adam):
         super().__init__(model, lr, betas, eps, weight_decay, amsgrad, decay_bias_and_norm)
 
 
-@register_optimizer("rmsprop")
+@register_optimizer("rmsprop", RMSpropSpec)
 class RMSprop(Optimizer):
     """v = alpha*v + (1-alpha)*g^2; p -= lr * g / (sqrt(v - centered mean^2) + eps), with optional momentum."""
 

@@ -9,11 +9,77 @@ for reduce_on_plateau, the state that `observe` updates and `state_dict` saves).
 from __future__ import annotations
 
 import math
+from typing import Literal
+
+from pydantic import Field
 
 from .registry import registrar
+from .strict import Mode, Monitor, NonNegInt, PosInt, Strict
 
 SCHEDULES: dict[str, type[Schedule]] = {}
-register_schedule = registrar(SCHEDULES)
+SCHEDULE_SPECS: dict[str, type[Strict]] = {}  # what `schedule:` in a config may be, by its `type`
+register_schedule = registrar(SCHEDULES, SCHEDULE_SPECS)
+
+
+# ---------------------------------------------------------------- specs (the YAML)
+
+
+class _ScheduleSpec(Strict):
+    warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up length in epochs (fractions allowed), "
+                                 "stepped per batch.")
+
+    def build(self, base_lr: float, steps_per_epoch: int, epochs: int):
+        params = self.model_dump(exclude={"type", "warmup_epochs"})
+        warmup = round(self.warmup_epochs * steps_per_epoch)
+        return SCHEDULES[self.type](base_lr, steps_per_epoch, epochs, warmup, **params)
+
+
+class ConstantScheduleSpec(_ScheduleSpec):
+    type: Literal["constant"]
+
+
+class StepScheduleSpec(_ScheduleSpec):
+    type: Literal["step"]
+    step_size: PosInt = Field(10, description="Epochs between reductions.")
+    gamma: float = Field(0.1, gt=0.0)
+
+
+class MultiStepScheduleSpec(_ScheduleSpec):
+    type: Literal["multistep"]
+    milestones: list[PosInt] = Field(description="Epochs after which the rate is multiplied by gamma.")
+    gamma: float = Field(0.1, gt=0.0)
+
+
+class ExponentialScheduleSpec(_ScheduleSpec):
+    type: Literal["exponential"]
+    gamma: float = Field(0.95, gt=0.0)
+
+
+class CosineScheduleSpec(_ScheduleSpec):
+    type: Literal["cosine"]
+    t_max: PosInt | None = Field(None, description="Epochs of the half cosine (default: train.epochs).")
+    eta_min: float = Field(0.0, ge=0.0)
+
+
+class OneCycleScheduleSpec(_ScheduleSpec):
+    type: Literal["onecycle"]
+    pct_start: float = Field(0.3, gt=0.0, lt=1.0)
+    div_factor: float = Field(25.0, gt=0.0)
+    final_div_factor: float = Field(1e4, gt=0.0)
+
+
+class PlateauScheduleSpec(_ScheduleSpec):
+    type: Literal["reduce_on_plateau"]
+    monitor: Monitor = "val_loss"
+    mode: Mode = "auto"
+    factor: float = Field(0.1, gt=0.0, lt=1.0)
+    patience: NonNegInt = 10
+    threshold: float = Field(1e-4, ge=0.0)
+    cooldown: NonNegInt = 0
+    min_lr: float = Field(0.0, ge=0.0)
+
+
+# ---------------------------------------------------------------- the schedules
 
 
 class Schedule:
@@ -46,10 +112,10 @@ class Schedule:
         pass
 
 
-register_schedule("constant")(Schedule)
+register_schedule("constant", ConstantScheduleSpec)(Schedule)
 
 
-@register_schedule("step")
+@register_schedule("step", StepScheduleSpec)
 class StepLR(Schedule):
     def __init__(self, base_lr, steps_per_epoch, epochs, warmup_steps=0, step_size=10, gamma=0.1):
         super().__init__(base_lr, steps_per_epoch, epochs, warmup_steps)
@@ -59,7 +125,7 @@ class StepLR(Schedule):
         return self.base_lr * self.gamma ** (epoch // self.step_size)
 
 
-@register_schedule("multistep")
+@register_schedule("multistep", MultiStepScheduleSpec)
 class MultiStepLR(Schedule):
     def __init__(self, base_lr, steps_per_epoch, epochs, warmup_steps=0, milestones=(), gamma=0.1):
         super().__init__(base_lr, steps_per_epoch, epochs, warmup_steps)
@@ -69,7 +135,7 @@ class MultiStepLR(Schedule):
         return self.base_lr * self.gamma ** sum(m <= epoch for m in self.milestones)
 
 
-@register_schedule("exponential")
+@register_schedule("exponential", ExponentialScheduleSpec)
 class ExponentialLR(Schedule):
     def __init__(self, base_lr, steps_per_epoch, epochs, warmup_steps=0, gamma=0.95):
         super().__init__(base_lr, steps_per_epoch, epochs, warmup_steps)
@@ -79,7 +145,7 @@ class ExponentialLR(Schedule):
         return self.base_lr * self.gamma**epoch
 
 
-@register_schedule("cosine")
+@register_schedule("cosine", CosineScheduleSpec)
 class CosineLR(Schedule):
     """eta_min + (base - eta_min) * (1 + cos(pi * epoch / t_max)) / 2; t_max defaults to the run's epochs."""
 
@@ -91,7 +157,7 @@ class CosineLR(Schedule):
         return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * epoch / self.t_max)) / 2
 
 
-@register_schedule("onecycle")
+@register_schedule("onecycle", OneCycleScheduleSpec)
 class OneCycleLR(Schedule):
     """torch's OneCycleLR (cosine annealing, two phases), stepped per batch; `lr` is the peak (max_lr).
     Starts at max_lr / div_factor, peaks after pct_start of the steps, ends at start / final_div_factor."""
@@ -115,7 +181,7 @@ class OneCycleLR(Schedule):
         return self._cos(self.base_lr, self.final, (step - self.peak_step) / (self.total - 1 - self.peak_step))
 
 
-@register_schedule("reduce_on_plateau")
+@register_schedule("reduce_on_plateau", PlateauScheduleSpec)
 class ReduceOnPlateau(Schedule):
     """Multiply the rate by factor when the monitored metric has not improved (relative threshold) for more
     than `patience` epochs, never below min_lr; torch's ReduceLROnPlateau with threshold_mode='rel'."""

@@ -9,7 +9,6 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from . import nn, optim, schedules
 from .errors import ConfigError
 
 
@@ -70,7 +69,7 @@ def relevant_errors(errors: list[dict], data: Any) -> list[dict]:
 def format_path(loc: tuple, data: Any) -> str:
     """('model', 'layers', 2, 'conv2d', 'filters') -> 'model.layers[2].filters' (skipping union tags)."""
     out, node = "", data
-    for part in loc:
+    for i, part in enumerate(loc):
         if _is_member(part, node):
             continue
         if isinstance(part, int):
@@ -79,15 +78,14 @@ def format_path(loc: tuple, data: Any) -> str:
         elif isinstance(node, dict) and part in node:
             out += f".{part}" if out else part
             node = node[part]
-        elif isinstance(node, dict) and (node.get("type") == part or part in _UNION_TAGS):
-            continue  # a discriminated-union tag, not a key
+        elif isinstance(node, dict) and (node.get("type") == part or part == "block"
+                                         or (i + 1 < len(loc) and loc[i + 1] in node)):
+            continue  # a discriminated-union tag (the `type`, or the default one of a mapping without it), not a key
         else:
             out += f".{part}" if out else str(part)
             node = None
     return out or "(top level)"
 
-
-_UNION_TAGS = set(nn.SPECS) | {"block"} | set(optim.OPTIMIZERS) | set(schedules.SCHEDULES)
 
 
 def is_within(path: str, dotted: str) -> bool:

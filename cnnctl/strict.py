@@ -15,8 +15,8 @@ INT_MAX = 2**31 - 1
 PosInt = Annotated[int, NoCoercion(), Field(gt=0, le=INT_MAX)]
 NonNegInt = Annotated[int, NoCoercion(), Field(ge=0, le=INT_MAX)]
 PosPair = PosInt | tuple[PosInt, PosInt]
-Activation = Literal["relu", "leaky_relu", "elu", "sigmoid", "tanh", "softmax", "linear"]
-Init = Literal["he_normal", "he_uniform", "glorot_normal", "glorot_uniform"]
+Monitor = Literal["val_loss", "val_acc", "train_loss", "train_acc"]
+Mode = Literal["auto", "min", "max"]
 
 
 class Strict(BaseModel):

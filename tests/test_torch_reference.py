@@ -11,10 +11,14 @@ from cnnctl import functional as F
 from cnnctl import nn
 from cnnctl.gradcheck import rel_error
 from tests.cases import CASES, all_cases, randomize_params
-from tests.torch_models import loaded
+from tests.torch_models import TORCH, loaded
 
 torch = pytest.importorskip("torch")
 TOL = 1e-4
+
+
+def test_every_registered_layer_type_has_a_torch_reference():
+    assert set(TORCH) == set(nn.REGISTRY), "add the new layer type's torch module to TORCH in tests/torch_models.py"
 
 
 def compare(layer, x, training=True, dy_seed=0):

@@ -5,19 +5,11 @@ import torch
 from cnnctl import nn
 
 tnn, tf = torch.nn, torch.nn.functional
-ACTS = {None: lambda t: t, "relu": tf.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-        "softmax": lambda t: tf.softmax(t, 1), "leaky_relu": tf.leaky_relu, "elu": tf.elu}
 
 
 def _act(layer):
-    a = layer.activation
-    if a is None:
-        return ACTS[None]
-    if isinstance(a, nn.LeakyReLU):
-        return lambda t: tf.leaky_relu(t, a.negative_slope)
-    if isinstance(a, nn.ELU):
-        return lambda t: tf.elu(t, a.alpha)
-    return ACTS[a.tag]
+    """The activation a conv, dense, batchnorm or residual applies itself, as a torch callable."""
+    return (lambda t: t) if layer.activation is None else to_torch(layer.activation)
 
 
 class Conv(tnn.Conv2d):
@@ -83,36 +75,34 @@ class Root(tnn.Module):
         return self.layers(x)
 
 
+# the torch reference of every registered layer type, by its tag (a test asserts every tag has one)
+TORCH = {
+    "sequential": lambda layer: tnn.Sequential(*[to_torch(child) for child in layer.layers]),
+    "residual": Residual,
+    "concat": Concat,
+    "conv2d": Conv,
+    "dense": Linear,
+    "batchnorm1d": _bn,
+    "batchnorm2d": _bn,
+    "global_avgpool2d": lambda layer: tnn.Sequential(tnn.AdaptiveAvgPool2d(1), tnn.Flatten()),
+    "maxpool2d": lambda layer: tnn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding),
+    "avgpool2d": lambda layer: tnn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding),
+    "flatten": lambda layer: tnn.Flatten(),
+    "relu": lambda layer: tnn.ReLU(),
+    "leaky_relu": lambda layer: tnn.LeakyReLU(layer.negative_slope),
+    "elu": lambda layer: tnn.ELU(layer.alpha),
+    "sigmoid": lambda layer: tnn.Sigmoid(),
+    "tanh": lambda layer: tnn.Tanh(),
+    "softmax": lambda layer: tnn.Softmax(dim=1),
+    "dropout": lambda layer: tnn.Dropout(layer.rate),
+}
+
+
 def to_torch(layer):
     """The torch module computing what `layer` computes, with parameter and buffer names equal to ours."""
     if isinstance(layer, nn.Model):
         return Root(layer)
-    if isinstance(layer, nn.Sequential):
-        return tnn.Sequential(*[to_torch(child) for child in layer.layers])
-    if isinstance(layer, nn.Residual):
-        return Residual(layer)
-    if isinstance(layer, nn.Concat):
-        return Concat(layer)
-    if isinstance(layer, nn.Conv2D):
-        return Conv(layer)
-    if isinstance(layer, nn.Dense):
-        return Linear(layer)
-    if isinstance(layer, (nn.BatchNorm1D, nn.BatchNorm2D)):
-        return _bn(layer)
-    if isinstance(layer, nn.GlobalAvgPool2D):
-        return tnn.Sequential(tnn.AdaptiveAvgPool2d(1), tnn.Flatten())
-    return {
-        nn.MaxPool2D: lambda: tnn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding),
-        nn.AvgPool2D: lambda: tnn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding),
-        nn.Flatten: tnn.Flatten,
-        nn.ReLU: tnn.ReLU,
-        nn.LeakyReLU: lambda: tnn.LeakyReLU(getattr(layer, "negative_slope", 0.01)),
-        nn.ELU: lambda: tnn.ELU(getattr(layer, "alpha", 1.0)),
-        nn.Sigmoid: tnn.Sigmoid,
-        nn.Tanh: tnn.Tanh,
-        nn.Softmax: lambda: tnn.Softmax(dim=1),
-        nn.Dropout: lambda: tnn.Dropout(layer.rate),
-    }[type(layer)]()
+    return TORCH[layer.tag](layer)
 
 
 def loaded(layer):

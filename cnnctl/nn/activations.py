@@ -43,7 +43,7 @@ class SoftmaxSpec(LayerSpec):
     type: Literal["softmax"]
 
 
-@register("relu", ReLUSpec)
+@register("relu", ReLUSpec, activation=True)
 class ReLU(Layer):
     """max(x, 0); the derivative at 0 is taken as 0, like PyTorch."""
 
@@ -68,7 +68,7 @@ class ReLU(Layer):
         return dx
 
 
-@register("leaky_relu", LeakyReLUSpec)
+@register("leaky_relu", LeakyReLUSpec, activation=True)
 class LeakyReLU(Layer):
     """x if x > 0 else negative_slope * x."""
 
@@ -90,7 +90,7 @@ class LeakyReLU(Layer):
         return f"LeakyReLU(negative_slope={self.negative_slope})"
 
 
-@register("elu", ELUSpec)
+@register("elu", ELUSpec, activation=True)
 class ELU(Layer):
     """x if x > 0 else alpha * (exp(x) - 1)."""
 
@@ -113,7 +113,7 @@ class ELU(Layer):
         return f"ELU(alpha={self.alpha})"
 
 
-@register("sigmoid", SigmoidSpec)
+@register("sigmoid", SigmoidSpec, activation=True)
 class Sigmoid(Layer):
     """1 / (1 + exp(-x)), computed without overflow."""
 
@@ -129,7 +129,7 @@ class Sigmoid(Layer):
         return dy * self._y * (1 - self._y)
 
 
-@register("tanh", TanhSpec)
+@register("tanh", TanhSpec, activation=True)
 class Tanh(Layer):
     def onnx(self, g, x, input_shape, name):
         return g.node("Tanh", [x], name)
@@ -142,7 +142,7 @@ class Tanh(Layer):
         return dy * (1 - self._y * self._y)
 
 
-@register("softmax", SoftmaxSpec)
+@register("softmax", SoftmaxSpec, activation=True)
 class Softmax(Layer):
     """Softmax over the feature axis (axis 1). For training, prefer cross_entropy on logits."""
 

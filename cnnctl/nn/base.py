@@ -31,16 +31,20 @@ from .init import is_placeholder
 
 REGISTRY: dict[str, type[Layer]] = {}  # layer classes by tag
 SPECS: dict[str, type[LayerSpec]] = {}  # spec classes by the `type` users write (a superset of REGISTRY's tags)
+ACTIVATIONS: dict[str, type[Layer]] = {}  # the element-wise layers a conv, dense or batchnorm may apply itself
 _register_class = registrar(REGISTRY)
 
 
-def register(tag: str, spec: type[LayerSpec] | None = None):
+def register(tag: str, spec: type[LayerSpec] | None = None, activation: bool = False):
     """Class decorator: make a layer type known under `tag`, with the spec that builds it (if users can
-    write it in a config)."""
+    write it in a config). `activation=True`: its name is also a value of the `activation:` key of conv2d,
+    dense, batchnorm and residual (the layer must build with no arguments)."""
 
     def deco(cls):
         if spec is not None:
             register_spec(spec)
+        if activation:
+            ACTIVATIONS[tag] = cls
         return _register_class(tag)(cls)
 
     return deco
@@ -227,7 +231,7 @@ def make_activation(name: str | None) -> Layer | None:
     """An activation layer from its tag ("relu", "tanh", ...), or None for None / "linear"."""
     if name is None or name == "linear":
         return None
-    return REGISTRY[name]()
+    return ACTIVATIONS[name]()
 
 
 # ---------------------------------------------------------------- specs

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field
 
 from .. import functional as F
 from ..errors import ShapeError
-from ..strict import Activation, Init, NonNegInt, PosInt, PosPair
+from ..strict import NonNegInt, PosInt, PosPair
 from .activations import ReLU
 from .base import Layer, LayerSpec, make_activation, register
-from .init import initialize
+from .init import Init, initialize
+
+if TYPE_CHECKING:  # derived from the activation registry in nn/__init__ once every layer type is registered
+    from . import Activation
 
 
 class Conv2DSpec(LayerSpec):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field
 
 from ..errors import ShapeError
-from ..strict import Activation, Init, PosInt
+from ..strict import PosInt
 from .base import Layer, LayerSpec, make_activation, register
-from .init import initialize
+from .init import Init, initialize
+
+if TYPE_CHECKING:  # derived from the activation registry in nn/__init__ once every layer type is registered
+    from . import Activation
 
 
 class FlattenSpec(LayerSpec):

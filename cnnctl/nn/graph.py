@@ -14,12 +14,11 @@ from pydantic import Field
 from .. import functional as F
 from .. import parallel
 from ..errors import ShapeError
-from ..strict import Activation
 from .base import Layer, LayerSpec, make_activation, register
 from .model import Sequential
 
-if TYPE_CHECKING:  # the layer union, built in nn/__init__ once every layer type is registered
-    from . import AnyLayer
+if TYPE_CHECKING:  # the layer union and the activation names, built in nn/__init__ once every layer type is registered
+    from . import Activation, AnyLayer
 
 
 def _max_rf(rfs):

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 
 from ..errors import ShapeError
 from ..memory import refuse_over
 
-INITS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform")
+# the initialisers by name: (variance from fan_in and fan_out, distribution); `init:` in a config takes these names
+INITS = {
+    "he_normal": (lambda fan_in, fan_out: 2.0 / fan_in, "normal"),
+    "he_uniform": (lambda fan_in, fan_out: 2.0 / fan_in, "uniform"),
+    "glorot_normal": (lambda fan_in, fan_out: 2.0 / (fan_in + fan_out), "normal"),
+    "glorot_uniform": (lambda fan_in, fan_out: 2.0 / (fan_in + fan_out), "uniform"),
+}
+Init = Literal[tuple(INITS)]  # the spec field type, derived from the table
 
 
 class _ShapesOnly:
@@ -45,19 +53,13 @@ def initialize(shape: tuple[int, ...], method: str, rng: np.random.Generator, dt
     # drawn in float64; at most a sixteenth of the machine's memory (1.5 GB here)
     refuse_over(f"a weight of shape {tuple(shape)} (while it is drawn)", 8 * math.prod(shape), 16, ShapeError,
                 "use fewer filters or units, or a smaller kernel")
-    fan_in, fan_out = fans(shape)
-    family, dist = method.rsplit("_", 1)
-    if family == "he":
-        var = 2.0 / fan_in
-    elif family == "glorot":
-        var = 2.0 / (fan_in + fan_out)
-    else:
+    if method not in INITS:
         raise ValueError(f"unknown initialiser {method!r}; choose one of {', '.join(INITS)}")
+    variance, dist = INITS[method]
+    var = variance(*fans(shape))
     if dist == "normal":
         w = rng.normal(0.0, math.sqrt(var), size=shape)
-    elif dist == "uniform":
+    else:
         bound = math.sqrt(3.0 * var)
         w = rng.uniform(-bound, bound, size=shape)
-    else:
-        raise ValueError(f"unknown initialiser {method!r}; choose one of {', '.join(INITS)}")
     return w.astype(dtype)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field
 
 from .. import parallel
 from ..errors import ShapeError
-from ..strict import Activation
 from .base import Layer, LayerSpec, make_activation, register, register_spec
+
+if TYPE_CHECKING:  # derived from the activation registry in nn/__init__ once every layer type is registered
+    from . import Activation
 
 
 class DropoutSpec(LayerSpec):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,7 +19,8 @@ from pydantic import AfterValidator, AllowInfNan, ConfigDict, Field, StrictFloat
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from .errors import CheckpointError, CnnctlError
+from .errors import CheckpointError
+from .fileio import atomic_write_bytes
 from .strict import NonNegInt, Strict
 
 FORMAT = "cnnctl-checkpoint"
@@ -53,37 +52,6 @@ class Checkpoint:
     trainer: dict = field(default_factory=dict)  # history, schedule, random states, mid-epoch position
     environment: dict = field(default_factory=dict)  # versions, BLAS, threads, platform, command (informative)
     training_state: dict[str, np.ndarray] = field(default_factory=dict)  # with train.ema_decay: the raw weights
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write data to path atomically: a temporary file beside it, fsync, rename. An OS refusal (a folder in the
-    way, no permission, a full disk) is a CnnctlError naming the path, and leaves nothing behind."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; every file cnnctl writes follows the user's umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CnnctlError(f"cannot write {path}: {e.strerror or e}",
-                              "write to a writable folder with free space, to a file name (not a folder)") from None
-        raise
 
 
 def save(path: str | Path, ckpt: Checkpoint) -> None:

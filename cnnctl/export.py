@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from . import nn
-from .checkpoint import atomic_write_bytes
 from .errors import CnnctlError
+from .fileio import atomic_write_bytes
 
 OPSET = 17
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import atomic_write_bytes
 from .errors import CnnctlError
+from .fileio import atomic_write_bytes
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 

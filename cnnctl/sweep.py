@@ -25,9 +25,9 @@ from pydantic import Field, ValidationError, field_validator
 
 from . import parallel, runs
 from .builder import check_known_data, describe
-from .checkpoint import atomic_write_bytes
 from .config import Monitor, Strict, apply_overrides, format_validation_error, read_yaml, spec_to_dict, validate
 from .errors import CnnctlError, ConfigError
+from .fileio import atomic_write_bytes
 from .schedules import resolve_mode
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from safetensors.numpy import load_file
 
 from . import checkpoint, data, distributed, parallel, runs
 from .averaging import WeightAverage
@@ -27,6 +26,7 @@ from .builder import build_loss, build_model, check_known_data, check_outputs, c
 from .config import Spec, TestTimeAugmentSpec, load_config, spec_to_dict, validate
 from .environment import environment
 from .errors import CheckpointError, CnnctlError, ConfigError, TrainingError
+from .loading import init_from, restore_weights
 from .nn import Loss, Model
 from .schedules import resolve_mode
 
@@ -134,65 +134,6 @@ def load_data(spec: Spec, rows: list, seeds: Seeds, normalization: dict | None =
     ds = data.load_dataset(spec.data, spec.model.input_shape, seeds.data, norm, progress)
     check_outputs(spec, rows, len(ds.classes))
     return ds
-
-
-def offline(spec: Spec) -> Spec:
-    """The spec with data.download off: for checkpoints' configs and for verbs that never download."""
-    return spec.model_copy(update={"data": spec.data.model_copy(update={"download": False})})
-
-
-def load_model(ckpt: checkpoint.Checkpoint, path) -> tuple[Spec, Model, list]:
-    """Rebuild the model a checkpoint describes and load its weights; refuse another architecture."""
-    spec = validate(ckpt.config, f"{path} (embedded config)")
-    spec = offline(spec)  # a checkpoint is data: its embedded config never makes cnnctl download anything
-    model, rows = build_model(spec.model)
-    restore_weights(model, ckpt.model_state, path)
-    return spec, model, rows
-
-
-def init_from(model: Model, path: str, strict: bool) -> dict:
-    """Copy into the model every tensor of a safetensors file whose name and shape match one of its
-    parameters or buffers (optimizer tensors of a cnnctl checkpoint are ignored); the rest keep their fresh
-    values. Returns what was copied, what starts fresh (and why) and what of the file was not used."""
-    try:
-        tensors = load_file(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"model.init_from: {path} not found", "give a checkpoint path, e.g. "
-                              "runs/NAME/checkpoints/best.safetensors") from None
-    except Exception as e:  # safetensors' own errors for files that are not safetensors
-        raise CheckpointError(f"model.init_from: {path} is not a readable safetensors file ({e})",
-                              "give a .safetensors file (a cnnctl checkpoint, or a state_dict saved with "
-                              "safetensors)") from None
-    tensors = checkpoint.model_tensors(tensors)
-    own = model.state_dict()
-    copied, fresh = {}, []
-    for name, value in own.items():
-        if name not in tensors:
-            fresh.append({"name": name, "reason": "not in the file"})
-        elif np.shape(tensors[name]) != value.shape and not (value.shape == () and np.size(tensors[name]) == 1):
-            fresh.append({"name": name, "reason": f"shape {tuple(np.shape(tensors[name]))} in the file, "
-                                                  f"{value.shape} here"})
-        else:
-            copied[name] = tensors[name]
-    unused = sorted(set(tensors) - set(own))
-    if strict and (fresh or unused):
-        listed = [f"{f['name']} ({f['reason']})" for f in fresh] + [f"{u} (not in the model)" for u in unused]
-        raise CheckpointError(f"model.init_from (strict): {path} does not fit the model: {', '.join(listed[:5])}"
-                              f"{', ...' if len(listed) > 5 else ''}",
-                              "set model.init_from.strict: false to copy what matches and start the rest fresh")
-    try:
-        model.load_state_dict({**own, **copied})
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"model.init_from: {path}: {e}", "use a checkpoint written by cnnctl train") from None
-    return {"checkpoint": str(path), "copied": sorted(copied), "fresh": fresh, "unused": unused}
-
-
-def restore_weights(model: Model, state: dict[str, np.ndarray], path) -> None:
-    try:
-        model.load_state_dict(state)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: weights do not fit the architecture in its config: {e}",
-                              "the file was edited or belongs to another model") from None
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:

@@ -169,7 +169,7 @@ def test_checkpoint_loads_into_torch_via_safetensors(run_dir):
     # our layer indices count spec entries (activations are fused), torch's count modules
     mapping = {0: 0, 2: 3, 5: 7, 6: 9}
     net.load_state_dict({f"{mapping[int(k.split('.')[1])]}.{k.split('.')[2]}": v for k, v in weights.items()})
-    from cnnctl.train import load_model
+    from cnnctl.loading import load_model
 
     ckpt = checkpoint.load(run_dir / "checkpoints" / "best.safetensors")
     _, model, _ = load_model(ckpt, "x")

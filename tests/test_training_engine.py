@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cnnctl import checkpoint
+from cnnctl import checkpoint, loading
 from tests.helpers import invoke
 
 CONFIG = {
@@ -270,7 +270,7 @@ def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
     run = only_run(tmp_path / "runs")
     path = run / "checkpoints" / "last.safetensors"
     ckpt = checkpoint.load(path)
-    spec, model, rows = train.load_model(ckpt, path)
+    spec, model, rows = loading.load_model(ckpt, path)
     ds = train.load_data(spec, rows, train.Seeds.from_seed(spec.seed), ckpt.normalization)
     flip = TestTimeAugmentSpec(horizontal_flip=True)
     x, y = next(batches(ds, ds.test, 50))

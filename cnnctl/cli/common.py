@@ -14,11 +14,9 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperArgument
 
-from .. import __version__, checkpoint, distributed, parallel
-from ..builder import describe
-from ..config import apply_overrides, load_config
+from .. import __version__, checkpoint, distributed, loading, parallel
 from ..errors import CnnctlError
-from ..train import Interrupted, load_model
+from ..train import Interrupted
 
 # typer prints an argument's Python type after its metavar ("CHECKPOINT|RUN_DIR <path>", "FILES... <list[Path]>");
 # cnnctl's metavars say what to give, so arguments show those alone (options already do when given a metavar)
@@ -130,31 +128,18 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], rig
 
 def checkpoint_of(path: Path) -> Path:
     """A checkpoint file as given, or for a run directory its best checkpoint (else its last), said on stderr."""
-    if not path.is_dir():
-        return path
-    for name in ("best", "last"):
-        found = path / "checkpoints" / f"{name}.safetensors"
-        if found.is_file():
-            err.print(f"using {found} ({name} checkpoint of the run)")
-            return found
-    raise CnnctlError(f"{path} is a folder without checkpoints/best.safetensors or checkpoints/last.safetensors",
-                      "pass a run directory that finished an epoch, or a .safetensors file")
+    found, which = loading.checkpoint_file(path)
+    if which is not None:
+        err.print(f"using {found} ({which} checkpoint of the run)")
+    return found
 
 
-def load_checkpoint(path: Path) -> tuple[Path, checkpoint.Checkpoint]:
-    """checkpoint_of(path) and the checkpoint loaded from it."""
+def load_checkpoint(path: Path, overrides: list[str] | None = None) -> tuple[Path, checkpoint.Checkpoint]:
+    """checkpoint_of(path) and the checkpoint loaded from it, with --set overrides applied to its config."""
     path = checkpoint_of(path)
-    return path, checkpoint.load(path)
+    return path, loading.with_overrides(checkpoint.load(path), overrides or [])
 
 
 def load_target(target: Path, overrides: list[str]):
-    target = checkpoint_of(target)
-    if target.suffix == ".safetensors":
-        ckpt = checkpoint.load(target)
-        if overrides:
-            ckpt.config = apply_overrides(ckpt.config, overrides)
-        spec, _, rows = load_model(ckpt, target)
-        return spec, rows
-    spec, _ = load_config(target, overrides)
-    return spec, describe(spec.model)
-
+    """The spec and layer rows of a config, a checkpoint or a run directory."""
+    return loading.load_target(checkpoint_of(target), overrides)

@@ -11,8 +11,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .. import checkpoint, nn, plots
 from .. import functional as F
+from .. import nn, plots
 from .. import predict as predict_lib
 from .. import runs as runs_lib
 from .. import sweep as sweep_lib
@@ -21,9 +21,11 @@ from ..config import config_schema, load_config, read_yaml
 from ..data import dataset_info
 from ..errors import CnnctlError
 from ..export import export_onnx
+from ..fileio import atomic_write_bytes
 from ..gradcheck import check_network
+from ..loading import load_model
 from ..lr_find import lr_find as lr_find_lib
-from ..train import infer, load_model
+from ..train import infer
 from .common import SetOption, ThreadsOption, app, fmt, guarded, load_checkpoint, load_target, out, table, use_threads
 from .sweep import sweep_report
 
@@ -167,7 +169,7 @@ def schema(
     if out_file is None:
         print(text, end="")
     else:
-        checkpoint.atomic_write_bytes(out_file, text.encode())
+        atomic_write_bytes(out_file, text.encode())
         out.print(f"wrote {out_file}")
 
 

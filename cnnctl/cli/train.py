@@ -18,10 +18,11 @@ from .. import checkpoint, distributed, plots
 from ..bench import bench as run_bench
 from ..builder import LayerRow, activation_values, build_loss, check_known_data, training_bytes, walk
 from ..checkpoint import Checkpoint
-from ..config import Spec, apply_overrides, load_config, spec_to_dict, validate
+from ..config import Spec, load_config, spec_to_dict, validate
 from ..errors import CnnctlError, DataError
+from ..loading import load_model, offline
 from ..runs import create_run_dir, locked
-from ..train import Callback, Seeds, Trainer, evaluate, load_data, load_model, offline, resume_spec
+from ..train import Callback, Seeds, Trainer, evaluate, load_data, resume_spec
 from .common import SetOption, ThreadsOption, app, fmt, guarded, load_checkpoint, load_target, out, table, use_threads
 
 
@@ -277,9 +278,7 @@ def eval_(
     use_threads(threads)
     if data_split not in ("test", "val", "train"):
         raise CnnctlError(f"--data-split must be test, val or train, got {data_split!r}")
-    checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
-    if set_:
-        ckpt.config = apply_overrides(ckpt.config, list(set_))
+    checkpoint_path, ckpt = load_checkpoint(checkpoint_path, list(set_ or []))
     spec, model, rows = load_model(ckpt, checkpoint_path)
     ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)
     loss_fn = build_loss(spec, ds.train.y, len(ds.classes))

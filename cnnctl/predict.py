@@ -1,4 +1,5 @@
-"""Inputs for prediction and visualisation: image files (Pillow) or an .npz, as the model's input shape."""
+"""Prediction: inputs from image files (Pillow) or an .npz as the model's input shape (also for visualisation),
+and the top classes with their probabilities."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import files
+from . import functional as F
+from .data import dataset_info, files
 from .errors import DataError
 
 
@@ -53,3 +55,26 @@ def normalize(x01: np.ndarray, normalization: dict) -> np.ndarray:
     mean = np.asarray(normalization.get("mean", [0.0]), np.float32)[None, :, None, None]
     std = np.asarray(normalization.get("std", [1.0]), np.float32)[None, :, None, None]
     return ((x01 - mean) / std).astype(np.float32)
+
+
+def probabilities(spec, outputs: np.ndarray) -> np.ndarray:
+    """Class probabilities from a model's outputs: softmax of the logits a cross-entropy model gives; an mse
+    model's outputs are its scores as they are."""
+    return F.softmax(outputs, axis=1) if spec.loss.type == "cross_entropy" else outputs
+
+
+def class_names(spec, n: int, ckpt) -> list[str]:
+    """The class names a checkpoint's run saw (else the dataset's, else 0..n-1)."""
+    names = (ckpt.trainer.get("classes") if ckpt.trainer else None) or dataset_info(spec.data)[0]
+    return list(names) if names and len(names) == n else [str(i) for i in range(n)]
+
+
+def top_classes(names: list[str], probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
+    """Per input, the k most probable classes: {input, prediction, top: [{class, probability}]}."""
+    k = min(k, len(classes))
+    results = []
+    for name, p in zip(names, probs):
+        order = np.argsort(-p, kind="stable")[:k]
+        results.append({"input": name, "prediction": classes[order[0]],
+                        "top": [{"class": classes[j], "probability": float(p[j])} for j in order]})
+    return results

@@ -13,6 +13,7 @@ import csv
 import io
 import itertools
 import math
+import multiprocessing
 import os
 import time
 from dataclasses import dataclass
@@ -368,6 +369,7 @@ def run_local(sweep: SweepSpec, trials: list[Trial], specs: dict, sweep_dir: Pat
             _replay_rungs(sweep, specs[t.id], sweep_dir / "trials" / t.id, record)
     saved = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update({k: str(ex.blas_threads) for k in saved})  # for the spawned workers (numpy is loaded here)
+    others = set(multiprocessing.active_children())  # a manager process, if any: not the pool's
     pool = ProcessPoolExecutor(max_workers=ex.max_concurrent, mp_context=ctx)
     try:
         futures = {}
@@ -393,7 +395,7 @@ def run_local(sweep: SweepSpec, trials: list[Trial], specs: dict, sweep_dir: Pat
                 on_update(tid, results[tid])
         pool.shutdown(wait=True)
     except BaseException:  # Ctrl-C: stop the trials now; their last epoch checkpoints stay for --resume
-        processes = list((getattr(pool, "_processes", None) or {}).values())
+        processes = [p for p in multiprocessing.active_children() if p not in others]  # the pool's workers
         pool.shutdown(wait=False, cancel_futures=True)
         for proc in processes:
             proc.terminate()

@@ -123,7 +123,16 @@ def evaluate(model: Model, loss_fn: Loss, ds: data.Dataset, split: data.Split, b
         total_loss, confusion = float(sums[0]), np.rint(sums[1:]).astype(np.int64).reshape(confusion.shape)
     n = len(split)
     return {"loss": total_loss / max(n, 1), "accuracy": float(np.trace(confusion) / max(n, 1)), "n": n,
-            "confusion_matrix": confusion}
+            "confusion_matrix": confusion, **per_class(confusion)}
+
+
+def per_class(confusion: np.ndarray) -> dict:
+    """Support, precision and recall of each class from a confusion matrix (rows: true class); 0 where a class
+    was never predicted or never present."""
+    hits = np.diag(confusion).astype(np.float64)
+    predicted, present = confusion.sum(axis=0), confusion.sum(axis=1)
+    return {"support": present, "precision": np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0),
+            "recall": np.divide(hits, present, out=np.zeros_like(hits), where=present > 0)}
 
 
 def load_data(spec: Spec, rows: list, seeds: Seeds, normalization: dict | None = None,

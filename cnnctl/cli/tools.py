@@ -11,14 +11,12 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .. import functional as F
 from .. import nn, plots
 from .. import predict as predict_lib
 from .. import runs as runs_lib
 from .. import sweep as sweep_lib
 from ..builder import build_model
 from ..config import config_schema, load_config, read_yaml
-from ..data import dataset_info
 from ..errors import CnnctlError
 from ..export import export_onnx
 from ..fileio import atomic_write_bytes
@@ -204,25 +202,15 @@ def predict_(
     spec, model, _ = load_model(ckpt, checkpoint_path)
     names, x01 = predict_lib.load_inputs(inputs, spec.model.input_shape)
     logits = infer(model, predict_lib.normalize(x01, ckpt.normalization), spec.data.test_time_augment)
-    probs = F.softmax(logits, axis=1) if spec.loss.type == "cross_entropy" else logits
-    classes = _class_names(spec, logits.shape[1], ckpt)
-    k = min(top_k, len(classes))
-    results = []
-    for name, p in zip(names, probs):
-        order = np.argsort(-p, kind="stable")[:k]
-        results.append({"input": name, "prediction": classes[order[0]],
-                        "top": [{"class": classes[j], "probability": float(p[j])} for j in order]})
+    classes = predict_lib.class_names(spec, logits.shape[1], ckpt)
+    results = predict_lib.top_classes(names, predict_lib.probabilities(spec, logits), classes, top_k)
+    k = len(results[0]["top"]) if results else 0
     if as_json:
         print(json.dumps(results))
         return
     out.print(table(f"predictions of {checkpoint_path}", ["input", *(f"#{r + 1}" for r in range(k))], rows=(
         (res["input"], *(f"{t['class']} {100 * t['probability']:.1f}%" for t in res["top"]))
         for res in results)))
-
-
-def _class_names(spec, n: int, ckpt) -> list[str]:
-    names = (ckpt.trainer.get("classes") if ckpt.trainer else None) or dataset_info(spec.data)[0]
-    return list(names) if names and len(names) == n else [str(i) for i in range(n)]
 
 
 @app.command()

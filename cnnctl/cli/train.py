@@ -8,7 +8,6 @@ import signal
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -284,10 +283,7 @@ def eval_(
     loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
     res = evaluate(model, loss_fn, ds, ds.split(data_split), spec.data.batch_size, len(ds.classes),
                    spec.data.test_time_augment)
-    cm = res["confusion_matrix"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.nan_to_num(np.diag(cm) / cm.sum(axis=0))
-        recall = np.nan_to_num(np.diag(cm) / cm.sum(axis=1))
+    cm, precision, recall = res["confusion_matrix"], res["precision"], res["recall"]
     if plot_file is not None:
         plots.plot_confusion(cm, ds.classes, plot_file, f"{spec.name}: {data_split} split, accuracy "
                              f"{100 * res['accuracy']:.2f}%")

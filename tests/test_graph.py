@@ -319,7 +319,13 @@ def test_viz_records_nested_convolutions():
     np.testing.assert_array_equal(plain, recorded)
     assert outputs["layers.0"].min() >= 0 and outputs["layers.0"].shape == (1, 2, 8, 8)  # its own ReLU applied
     assert outputs["layers.2.body.0"].shape == (1, 2, 4, 4)
-    assert "forward" not in vars(model.layers[0])  # the hooks are gone afterwards
+    assert all(not layer.forward_hooks for layer in convs.values())  # the hooks are gone afterwards
+    seen = []
+    remove = model.layers[2].add_forward_hook(lambda layer, y: seen.append((layer, y.shape)))
+    model.forward(x, training=False)
+    remove()
+    model.forward(x, training=False)
+    assert seen == [(model.layers[2], (1, 2, 4, 4))]  # once, with the residual's output, until removed
 
 
 def test_every_registered_type_walks_the_tree():

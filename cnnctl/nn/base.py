@@ -17,7 +17,7 @@ the config's layer union and its `type` tags are derived from this registry.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, ClassVar, NamedTuple, Union
 
 import numpy as np
@@ -93,6 +93,28 @@ class Layer:
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.buffers: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------ running it
+
+    forward_hooks: tuple = ()  # called as hook(layer, output) after each forward through __call__
+
+    def __call__(self, x: np.ndarray, training: bool = True, **options) -> np.ndarray:
+        """forward, then the forward hooks: how containers run their children (and so how a whole model runs)."""
+        y = self.forward(x, training, **options)
+        for hook in self.forward_hooks:
+            hook(self, y)
+        return y
+
+    def add_forward_hook(self, hook) -> Callable[[], None]:
+        """Call hook(layer, output) after every forward of this layer run by its container (torch's
+        register_forward_hook); returns the function that removes it. A layer with a hook applies its own
+        activation in full, so the hook sees the layer's own output."""
+        self.forward_hooks = (*self.forward_hooks, hook)
+
+        def remove() -> None:
+            self.forward_hooks = tuple(h for h in self.forward_hooks if h is not hook)
+
+        return remove
 
     # ------------------------------------------------------------ the contract
 

@@ -117,8 +117,8 @@ class Residual(Layer):
                         self.shortcut.receptive_field(rf) if self.shortcut is not None else rf])
 
     def forward(self, x, training=True):
-        y = self.body.forward(x, training)
-        s = self.shortcut.forward(x, training) if self.shortcut is not None else x
+        y = self.body(x, training)
+        s = self.shortcut(x, training) if self.shortcut is not None else x
         return self._activate(parallel.add(y, F.in_layout_of(s, y)), training)
 
     def backward(self, dy):
@@ -185,7 +185,7 @@ class Concat(Layer):
         return _max_rf(b.receptive_field(rf) for b in self.branches)
 
     def forward(self, x, training=True):
-        outs = [b.forward(x, training) for b in self.branches]
+        outs = [b(x, training) for b in self.branches]
         self._channels = np.cumsum([0] + [o.shape[1] for o in outs])
         n, rest = x.shape[0], outs[0].shape[2:]
         if len(rest) == 2:  # feature maps: store batch-innermost, as convolutions want their input

@@ -1,4 +1,4 @@
-"""Recording layer outputs during a forward pass (for feature-map views), without the layers knowing."""
+"""Recording layer outputs during a forward pass (for feature-map views), through the layers' forward hooks."""
 
 from __future__ import annotations
 
@@ -10,17 +10,13 @@ from .base import Layer
 @contextmanager
 def recording(layers: dict[str, Layer]):
     """Within the block, each of these layers' forward outputs is kept under its name (the last call wins).
-    A recorded layer applies its whole activation itself (no ReLU deferred to a following max pooling,
-    which then applies an idempotent ReLU once more), so what is recorded is the layer's own output."""
+    A watched layer applies its whole activation itself (no ReLU deferred to a following max pooling), so what
+    is recorded is the layer's own output."""
     outputs: dict = {}
-    for name, layer in layers.items():
-        def forward(x, training=True, _forward=layer.forward, _name=name, **_options):
-            outputs[_name] = y = _forward(x, training)
-            return y
-
-        layer.forward = forward  # an instance attribute, shadowing the class's method
+    removers = [layer.add_forward_hook(lambda _layer, y, _name=name: outputs.__setitem__(_name, y))
+                for name, layer in layers.items()]
     try:
         yield outputs
     finally:
-        for layer in layers.values():
-            del layer.forward
+        for remove in removers:
+            remove()

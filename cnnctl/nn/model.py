@@ -60,21 +60,21 @@ class Sequential(Layer):
             needed = needed or layer.has_trainable()
 
     def forward_options(self, i: int) -> dict:
-        """Keyword arguments this model passes to layer i's forward (the ReLU moved behind max pooling)."""
-        if i in self._relu_after_pool:
+        """Keyword arguments this model passes to layer i's forward (the ReLU moved behind max pooling, unless
+        a forward hook watches the layer whose ReLU it is)."""
+        if i in self._relu_after_pool and not self.layers[i].forward_hooks:
             return {"relu": False}
         return {"relu": True} if i - 1 in self._relu_after_pool else {}
 
     def forward_layer(self, i: int, x: np.ndarray, training: bool = True) -> np.ndarray:
         """Layer i's output within this sequence (with the deferred ReLU where it applies)."""
-        return self.layers[i].forward(x, training, **self.forward_options(i))
+        return self.layers[i](x, training, **self.forward_options(i))
 
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
         for i in range(len(self.layers)):
             x = self.forward_layer(i, x, training)
         return x
 
-    __call__ = forward
 
     def backward(self, dy: np.ndarray) -> np.ndarray | None:
         for layer in reversed(self.layers):

@@ -49,7 +49,7 @@ class Checkpoint:
     step: int = 0
     metrics: dict = field(default_factory=dict)
     normalization: dict = field(default_factory=dict)  # {"mean": [...], "std": [...]}
-    trainer: dict = field(default_factory=dict)  # history, schedule, random states, mid-epoch position
+    run: RunState | None = None  # where the run stands (None in a file written without it)
     environment: dict = field(default_factory=dict)  # versions, BLAS, threads, platform, command (informative)
     training_state: dict[str, np.ndarray] = field(default_factory=dict)  # with train.ema_decay: the raw weights
 
@@ -66,7 +66,7 @@ def save(path: str | Path, ckpt: Checkpoint) -> None:
         "step": str(ckpt.step),
         "metrics": json.dumps(ckpt.metrics),
         "normalization": json.dumps(ckpt.normalization),
-        "trainer": json.dumps(ckpt.trainer),
+        "trainer": ckpt.run.model_dump_json() if ckpt.run is not None else "{}",
         "environment": json.dumps(ckpt.environment),
     }
     atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
@@ -123,13 +123,14 @@ def parse(raw: bytes, path: Path) -> Checkpoint:
             step=int(meta["step"]),
             metrics=json.loads(meta["metrics"]),
             normalization=json.loads(meta["normalization"]),
-            trainer=json.loads(meta.get("trainer", "{}")),
+            run=None,
             environment=json.loads(meta.get("environment", "{}")),
         )
     except Exception as e:  # safetensors raises its own error types for corrupt data
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})",
                               "use another checkpoint, e.g. checkpoints/last.safetensors") from None
     _check_metadata(ckpt, path)
+    ckpt.run = _run_state(meta.get("trainer", "{}"), ckpt, path)
     return ckpt
 
 
@@ -139,7 +140,7 @@ def _check_metadata(ckpt: Checkpoint, path: Path) -> None:
         raise CheckpointError(f"{path}: damaged checkpoint metadata: {what}", "use a checkpoint written by cnnctl "
                               "train, e.g. checkpoints/best.safetensors")
 
-    for key in ("config", "metrics", "normalization", "trainer", "environment"):
+    for key in ("config", "metrics", "normalization", "environment"):
         if not isinstance(getattr(ckpt, key), dict):
             bad(f"'{key}' is a {type(getattr(ckpt, key)).__name__}, not a mapping")
     if ckpt.epoch < 0 or ckpt.step < 0:
@@ -151,12 +152,26 @@ def _check_metadata(ckpt: Checkpoint, path: Path) -> None:
                                                       math.isfinite(x) for x in v) for v in (mean, std))
         if not all(numbers) or len(mean) != len(std) or min(std) <= 0:
             bad("normalization needs lists 'mean' and 'std' of finite numbers, equally long, std positive")
-    if ckpt.trainer:
-        try:
-            TrainerState.model_validate(ckpt.trainer)
-        except ValidationError as e:
-            first = e.errors()[0]
-            bad(f"trainer.{'.'.join(map(str, first['loc']))}: {first['msg']}")
+
+
+def _run_state(text: str, ckpt: Checkpoint, path: Path) -> RunState | None:
+    """The header's run state, checked (None when the file has none); its counters are the header's."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raw = e
+    if raw == {}:
+        return None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: damaged checkpoint metadata: 'trainer' is not a mapping",
+                              "use a checkpoint written by cnnctl train, e.g. checkpoints/best.safetensors")
+    try:
+        return RunState.model_validate({**raw, "epoch": ckpt.epoch, "step": ckpt.step})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise CheckpointError(f"{path}: damaged checkpoint metadata: trainer.{'.'.join(map(str, first['loc']))}: "
+                              f"{first['msg']}", "use a checkpoint written by cnnctl train, e.g. "
+                              "checkpoints/best.safetensors") from None
 
 
 def _generator_state(state: dict) -> dict:
@@ -176,7 +191,9 @@ GeneratorState = Annotated[dict[str, Any], AfterValidator(_generator_state)]
 Metrics = dict[str, Number | None]
 
 
-class _Partial(Strict):
+class Partial(Strict):
+    """Where an interrupted epoch stopped: the next batch, the epoch's shuffle, its running sums."""
+
     position: NonNegInt
     shuffle_state: GeneratorState
     loss_sum: Number
@@ -184,23 +201,29 @@ class _Partial(Strict):
     seen: NonNegInt
 
 
-class _Stopper(Strict):
-    best: Number | None
-    bad_epochs: NonNegInt
+class Stopper(Strict):
+    """Early stopping's memory: the best monitored value so far and the epochs since it."""
+
+    best: Number | None = None
+    bad_epochs: NonNegInt = 0
 
 
-class TrainerState(Strict):
-    """What `cnnctl train --resume` reads back (written by Trainer._trainer_state): every field present is
-    checked here, so damaged state is refused on load rather than failing mid-training (a missing one is
-    refused by resume only, so eval and predict still read an older checkpoint)."""
+class RunState(Strict):
+    """Where a run stands: the one object the trainer reads and writes (counters, history, best epoch, early
+    stopping, the position in an interrupted epoch, the schedule's and the random streams' states, wall time),
+    saved in every checkpoint and checked here when read back, so damaged state is refused on load rather than
+    failing mid-training. A field an older checkpoint lacks is None: resume refuses it, eval and predict do not
+    need it."""
 
     model_config = ConfigDict(extra="ignore")
 
+    epoch: NonNegInt = 0  # finished epochs
+    step: NonNegInt = 0  # optimizer steps taken
     classes: list[StrictStr] | None = None
     history: list[Metrics] | None = None
-    best: Metrics | None = None
-    stopper: _Stopper | None = None
-    partial: _Partial | None = None
+    best: Metrics | None = None  # the row of the best epoch by train.monitor
+    stopper: Stopper | None = None
+    partial: Partial | None = None
     schedule: dict[str, Number | None] | None = None
     seeds: dict[Literal["init", "data", "shuffle", "augment"], GeneratorState] | None = None
     wall_seconds: Annotated[float, Field(ge=0)] | None = None

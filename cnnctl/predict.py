@@ -65,7 +65,7 @@ def probabilities(spec, outputs: np.ndarray) -> np.ndarray:
 
 def class_names(spec, n: int, ckpt) -> list[str]:
     """The class names a checkpoint's run saw (else the dataset's, else 0..n-1)."""
-    names = (ckpt.trainer.get("classes") if ckpt.trainer else None) or dataset_info(spec.data)[0]
+    names = (ckpt.run.classes if ckpt.run else None) or dataset_info(spec.data)[0]
     return list(names) if names and len(names) == n else [str(i) for i in range(n)]
 
 

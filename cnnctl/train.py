@@ -23,6 +23,7 @@ import yaml
 from . import checkpoint, data, distributed, parallel, runs
 from .averaging import WeightAverage
 from .builder import build_loss, build_model, check_known_data, check_outputs, check_training_memory, describe
+from .checkpoint import Partial, RunState, Stopper
 from .config import Spec, TestTimeAugmentSpec, load_config, spec_to_dict, validate
 from .environment import environment
 from .errors import CheckpointError, CnnctlError, ConfigError, TrainingError
@@ -179,13 +180,8 @@ class Trainer:
         self.steps_per_epoch = -(-len(self.ds.train) // spec.data.batch_size)
         self.schedule = spec.schedule.build(self.optimizer.lr, self.steps_per_epoch, spec.train.epochs)
         self.monitor, self.monitor_mode = spec.train.monitor, resolve_mode(spec.train.monitor, "auto")
-        self.epoch = 0  # finished epochs
-        self.step = 0  # optimizer steps taken
-        self.history: list[dict] = []
-        self.best: dict | None = None
-        self.stopper = {"best": None, "bad_epochs": 0}
-        self.partial: dict | None = None  # where an interrupted epoch stopped
-        self.wall_seconds = 0.0
+        # where the run stands: read and written here, saved in every checkpoint (checkpoint.RunState)
+        self.state = RunState(classes=self.ds.classes, history=[], stopper=Stopper(), wall_seconds=0.0)
         self.stop_signal: int | None = None  # set by a signal handler on this rank
         self.ranks = [{"rank": 0, "host": self.world.host, "pid": os.getpid()}]  # fit asks every rank
 
@@ -195,15 +191,14 @@ class Trainer:
         """Ask training to stop at the next batch boundary (from a signal handler)."""
         self.stop_signal = signum
 
-    def _trainer_state(self) -> dict:
-        return {"classes": self.ds.classes, "history": self.history, "best": self.best, "stopper": self.stopper,
-                "partial": self.partial,
-                "schedule": self.schedule.state_dict(), "seeds": self.seeds.state(),
-                "wall_seconds": self._elapsed()}
+    def _run_state(self) -> RunState:
+        """The run state with the schedule's and the random streams' states and the wall time as of now."""
+        return self.state.model_copy(update={"schedule": self.schedule.state_dict(), "seeds": self.seeds.state(),
+                                             "wall_seconds": self._elapsed()})
 
     def _elapsed(self) -> float:
         """Wall time of the run so far, across resumes."""
-        return self.wall_seconds + (time.time() - self._started)
+        return self.state.wall_seconds + (time.time() - self._started)
 
     def evaluated(self):
         """A context in which the model holds the weights that are evaluated and saved: with train.ema_decay
@@ -218,10 +213,10 @@ class Trainer:
             model_state, training_state = self.average.average, model_state
         checkpoint.save(self.run_dir / "checkpoints" / f"{name}.safetensors", checkpoint.Checkpoint(
             config=spec_to_dict(self.spec), model_state=model_state, training_state=training_state,
-            optimizer_state=self.optimizer.state_dict(), epoch=self.epoch, step=self.step,
-            metrics=self.history[-1] if self.history else {},
+            optimizer_state=self.optimizer.state_dict(), epoch=self.state.epoch, step=self.state.step,
+            metrics=self.state.history[-1] if self.state.history else {},
             normalization={"mean": self.ds.mean.tolist(), "std": self.ds.std.tolist()},
-            trainer=self._trainer_state(), environment=self.environment,
+            run=self._run_state(), environment=self.environment,
         ))
 
     def restore(self, ckpt: checkpoint.Checkpoint, path) -> None:
@@ -232,8 +227,8 @@ class Trainer:
             self.average.reset()
         if ckpt.training_state:  # model_state was an average: training goes on from the weights beside it
             restore_weights(self.model, ckpt.training_state, path)
-        t = ckpt.trainer
-        if not t:
+        t = ckpt.run
+        if t is None:
             raise CheckpointError(f"{path}: holds no training state (written by an older cnnctl)")
         try:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
@@ -245,18 +240,16 @@ class Trainer:
                                       "would silently restart their moments, so the run would not be exact",
                                       "resume from an intact checkpoint, or start the run again")
             for key in ("classes", "history", "stopper", "schedule", "seeds", "wall_seconds"):
-                if t.get(key) is None:  # the types were checked on load; these cannot be absent
+                if getattr(t, key) is None:  # the types were checked on load; these cannot be absent
                     raise KeyError(key)
-            self.epoch, self.step = ckpt.epoch, ckpt.step
-            self.history, self.best, self.stopper, self.partial = t["history"], t["best"], t["stopper"], t["partial"]
-            if self.best is not None and not isinstance(self.best.get(self.monitor), (int, float)):
+            if t.best is not None and not isinstance(t.best.get(self.monitor), (int, float)):
                 raise ValueError(f"the best epoch's row has no '{self.monitor}' (the monitored metric)")
-            if self.partial is not None and not 0 <= int(self.partial["position"]) <= self.steps_per_epoch:
-                raise ValueError(f"partial.position {self.partial['position']} is outside the epoch's "
+            if t.partial is not None and not 0 <= t.partial.position <= self.steps_per_epoch:
+                raise ValueError(f"partial.position {t.partial.position} is outside the epoch's "
                                  f"{self.steps_per_epoch} batches")
-            self.schedule.load_state_dict(t["schedule"])
-            self.seeds.restore(t["seeds"])
-            self.wall_seconds = float(t["wall_seconds"])
+            self.schedule.load_state_dict(t.schedule)
+            self.seeds.restore(t.seeds)
+            self.state = t.model_copy(update={"classes": self.ds.classes})
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: {e})",
                                   "resume from another checkpoint, or start the run again") from None
@@ -268,11 +261,11 @@ class Trainer:
             return
         runs.write_json(self.run_dir / "summary.json", {
             "name": self.spec.name, "status": status, "started": self.started, "pid": os.getpid(),
-            "epochs": self.spec.train.epochs, "epochs_done": self.epoch,
-            "steps": self.step, "params": self.model.num_params(), "threads": parallel.threads(),
+            "epochs": self.spec.train.epochs, "epochs_done": self.state.epoch,
+            "steps": self.state.step, "params": self.model.num_params(), "threads": parallel.threads(),
             "wall_seconds": round(self._elapsed(), 3),
-            "monitor": self.monitor, "final": self.history[-1] if self.history else None,
-            "best": self.best,
+            "monitor": self.monitor, "final": self.state.history[-1] if self.state.history else None,
+            "best": self.state.best,
             "dataset": self.ds.describe(),
             "environment": self.environment,
             **({"init_from": self.init_report} if self.init_report else {}),
@@ -292,10 +285,10 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
         bs, every = self.spec.data.batch_size, self.spec.train.checkpoint_every_steps
-        if self.partial:  # continue an interrupted epoch where it stopped
-            p = self.partial
-            self.seeds.shuffle.bit_generator.state = p["shuffle_state"]
-            start, total_loss, correct, seen = p["position"], p["loss_sum"], p["correct"], p["seen"]
+        if self.state.partial:  # continue an interrupted epoch where it stopped
+            p = self.state.partial
+            self.seeds.shuffle.bit_generator.state = copy.deepcopy(p.shuffle_state)
+            start, total_loss, correct, seen = p.position, p.loss_sum, p.correct, p.seen
         else:
             start, total_loss, correct, seen = 0, 0.0, 0, 0
         shuffle_state = copy.deepcopy(self.seeds.shuffle.bit_generator.state)
@@ -305,7 +298,7 @@ class Trainer:
         batches = data.batches(self.ds, self.ds.train, bs, order, start, aug, self.seeds.augment)
         for b, (x, y) in enumerate(batches, start=start):
             t0 = time.perf_counter()
-            self.optimizer.lr = self.schedule.lr(epoch - 1, self.step)
+            self.optimizer.lr = self.schedule.lr(epoch - 1, self.state.step)
             n = len(y)
             if self.world.size > 1:  # this rank's share of the global batch
                 lo, hi = self.world.shard(n)
@@ -320,7 +313,7 @@ class Trainer:
                 loss, share, correct_now, stop = self._reduce_step(loss, correct_now)
             if not np.isfinite(loss):
                 raise TrainingError(
-                    f"the loss became {loss} at epoch {epoch}, step {self.step + 1} (batch {b + 1}/"
+                    f"the loss became {loss} at epoch {epoch}, step {self.state.step + 1} (batch {b + 1}/"
                     f"{self.steps_per_epoch}); training stopped, the checkpoints already written are untouched",
                     f"lower optimizer.lr (now {self.optimizer.lr:g}), add schedule.warmup_epochs or "
                     f"train.grad_clip_norm, keep data.normalize: auto, or add batchnorm layers",
@@ -334,23 +327,23 @@ class Trainer:
             if self.spec.train.grad_clip_norm:
                 self._clip()
             self.optimizer.step()
-            self.step += 1
+            self.state.step += 1
             if self.average:
-                self.average.update(self.step)
-            self.cb.on_step(self.step, self.optimizer.lr, loss)
+                self.average.update(self.state.step)
+            self.cb.on_step(self.state.step, self.optimizer.lr, loss)
             if self.world.size == 1:
                 stop = self.stop_signal is not None
             total_loss += loss * n
             correct += correct_now
             seen += n
             self.cb.on_batch_end(b + 1, total_loss / seen, correct / seen, n / (time.perf_counter() - t0))
-            if stop or (every and self.step % every == 0):
-                self.partial = {"position": b + 1, "shuffle_state": shuffle_state, "loss_sum": total_loss,
-                                "correct": correct, "seen": seen}
+            if stop or (every and self.state.step % every == 0):
+                self.state.partial = Partial(position=b + 1, shuffle_state=shuffle_state, loss_sum=total_loss,
+                                             correct=correct, seen=seen)
                 self._save("last")
                 if stop:
-                    raise Interrupted(self.stop_signal or signal.SIGINT, self.run_dir, epoch, self.step)
-        self.partial = None
+                    raise Interrupted(self.stop_signal or signal.SIGINT, self.run_dir, epoch, self.state.step)
+        self.state.partial = None
         return total_loss / seen, correct / seen
 
     def _reduce_step(self, loss: float, correct: int) -> tuple[float, float, int, bool]:
@@ -381,11 +374,12 @@ class Trainer:
         """Checkpoints, schedule and early stopping after an epoch; True when training should stop."""
         t = self.spec.train
         value = row[self.monitor]  # None after an epoch without validation (train.validate_every)
-        if value is not None and (self.best is None or improved(value, self.best[self.monitor], self.monitor_mode)):
-            self.best = dict(row)
+        best = self.state.best
+        if value is not None and (best is None or improved(value, best[self.monitor], self.monitor_mode)):
+            self.state.best = dict(row)
             self._save("best")
-        if t.checkpoint_every and self.epoch % t.checkpoint_every == 0:
-            self._save(f"epoch-{self.epoch:04d}")
+        if t.checkpoint_every and self.state.epoch % t.checkpoint_every == 0:
+            self._save(f"epoch-{self.state.epoch:04d}")
             if t.keep_last and self.world.root:
                 kept = sorted((self.run_dir / "checkpoints").glob("epoch-*.safetensors"))
                 for old in kept[: -t.keep_last]:
@@ -395,11 +389,12 @@ class Trainer:
         if t.early_stopping and row[t.early_stopping.monitor] is not None:
             es = t.early_stopping
             mode = resolve_mode(es.monitor, es.mode)
-            if improved(row[es.monitor], self.stopper["best"], mode, es.min_delta):
-                self.stopper = {"best": row[es.monitor], "bad_epochs": 0}
+            stopper = self.state.stopper
+            if improved(row[es.monitor], stopper.best, mode, es.min_delta):
+                self.state.stopper = Stopper(best=row[es.monitor], bad_epochs=0)
             else:
-                self.stopper["bad_epochs"] += 1
-                stop = self.stopper["bad_epochs"] >= es.patience
+                stopper.bad_epochs += 1
+                stop = stopper.bad_epochs >= es.patience
         self._save("last")
         return stop
 
@@ -414,7 +409,7 @@ class Trainer:
             self.ranks = self.world.ranks()
         if self.world.root:
             runs.write_yaml(self.run_dir / "config.yaml", spec_to_dict(spec))
-            runs.rewrite_metrics(self.run_dir, self.history)  # on resume: exactly the rows the checkpoint knows
+            runs.rewrite_metrics(self.run_dir, self.state.history)  # on resume: exactly the rows the checkpoint knows
         self._write_summary("running")
         if spec.train.loggers and self.world.root:
             from .loggers import Callbacks, make_loggers
@@ -423,19 +418,19 @@ class Trainer:
         self.cb.on_train_start({"run_dir": str(self.run_dir), "params": self.model.num_params(),
                                 "train": len(self.ds.train), "val": len(self.ds.val), "test": len(self.ds.test),
                                 "image_shape": self.ds.image_shape, "classes": self.ds.classes,
-                                "resumed_at": (self.epoch, self.step) if resumed else None,
+                                "resumed_at": (self.state.epoch, self.state.step) if resumed else None,
                                 "init_from": self.init_report,
                                 "ranks": self.ranks if self.world.size > 1 else None})
         stopped_early = False
         try:
-            while self.epoch < spec.train.epochs and not stopped_early:
-                epoch = self.epoch + 1
+            while self.state.epoch < spec.train.epochs and not stopped_early:
+                epoch = self.state.epoch + 1
                 if spec.train.unfreeze_at_epoch and epoch >= spec.train.unfreeze_at_epoch:
                     self.model.freeze(False)  # from here on everything trains (a no-op once done)
                 t0 = time.perf_counter()
                 train_loss, train_acc = self._train_epoch(epoch)
                 self._synchronise()
-                row = {"epoch": epoch, "step": self.step, "train_loss": train_loss, "train_acc": train_acc,
+                row = {"epoch": epoch, "step": self.state.step, "train_loss": train_loss, "train_acc": train_acc,
                        "val_loss": None, "val_acc": None, "lr": self.optimizer.lr}
                 if len(self.ds.val) and (epoch % spec.train.validate_every == 0 or epoch == spec.train.epochs):
                     with self.evaluated():
@@ -443,15 +438,15 @@ class Trainer:
                                        self.world)
                     row.update(val_loss=val["loss"], val_acc=val["accuracy"])
                 row["seconds"] = round(time.perf_counter() - t0, 3)
-                self.epoch = epoch
-                self.history.append(row)
+                self.state.epoch = epoch
+                self.state.history.append(row)
                 stopped_early = self._end_of_epoch(row)
                 if self.world.root:
                     runs.append_metrics(self.run_dir, row)
                 self.cb.on_epoch_end(row)
                 stopped_early = self.world.any(stopped_early or self.cb.should_stop(row))  # rank 0's callbacks
                 if self.world.any(self.stop_signal is not None):  # every rank stops here if any was signalled
-                    raise Interrupted(self.stop_signal or signal.SIGINT, self.run_dir, epoch, self.step)
+                    raise Interrupted(self.stop_signal or signal.SIGINT, self.run_dir, epoch, self.state.step)
         except Interrupted:
             with contextlib.suppress(CnnctlError):
                 self._write_summary("interrupted")
@@ -467,8 +462,8 @@ class Trainer:
                                 self.world)
             extra["test"] = {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]}
         self._write_summary("finished", **extra)
-        self.cb.on_train_end({"final": self.history[-1], "best": self.best, **extra})
-        return {**extra, "best": self.best, "monitor": self.monitor, "final": self.history[-1],
+        self.cb.on_train_end({"final": self.state.history[-1], "best": self.state.best, **extra})
+        return {**extra, "best": self.state.best, "monitor": self.monitor, "final": self.state.history[-1],
                 "wall_seconds": round(self._elapsed(), 3)}
 
 
@@ -508,7 +503,7 @@ def resume_spec(run_dir: Path, overrides: list[str], force: bool) -> tuple[Spec,
             "checkpoint config", "config.yaml + --set", n=1))
         raise ConfigError(f"the config of {run_dir} differs from the one its checkpoint was trained with:\n{diff}",
                           "undo the change, or pass --force to continue with the new config")
-    if ckpt.epoch > spec.train.epochs or (ckpt.epoch == spec.train.epochs and not ckpt.trainer.get("partial")):
+    if ckpt.epoch > spec.train.epochs or (ckpt.epoch == spec.train.epochs and not (ckpt.run and ckpt.run.partial)):
         raise CnnctlError(f"{run_dir} has finished {ckpt.epoch} of {spec.train.epochs} epochs; nothing to resume",
                           f"extend it with --set train.epochs={ckpt.epoch + 5} (for example)")
     return spec, ckpt

@@ -2,6 +2,12 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# every property test runs the same examples on every run (CI never flakes), with no deadline (a 2-core machine
+# under load is slow); files set only max_examples
+settings.register_profile("cnnctl", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("cnnctl")
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = Path(os.environ.get("CNNCTL_TEST_MNIST", ROOT.parent / "shared" / "data" / "mnist"))

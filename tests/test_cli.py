@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from cnnctl.cli import app
 from tests.conftest import ROOT
-
-runner = CliRunner()
+from tests.helpers import runner
 
 
 def run(*args):

@@ -8,17 +8,14 @@ import sys
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from cnnctl.cli import app
 from cnnctl.config import AugmentSpec, DataSpec
 from cnnctl.data import augment, batches, download, files, load_dataset
 from cnnctl.errors import DataError
 from tests.conftest import ROOT, TINY
+from tests.helpers import runner
 from tests.http_fixture import FileServer
-
-runner = CliRunner()
-
 
 # ---------------------------------------------------------------- npz
 

@@ -5,14 +5,12 @@ import json
 import numpy as np
 import yaml
 from safetensors.numpy import load_file
-from typer.testing import CliRunner
 
 from cnnctl.builder import build_model
 from cnnctl.cli import app
 from cnnctl.config import validate
 from tests.conftest import TINY
-
-runner = CliRunner()
+from tests.helpers import runner
 
 BN_NET = """\
 name: ft

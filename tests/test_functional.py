@@ -129,8 +129,7 @@ def test_layers_give_the_same_numbers_for_any_memory_layout(tag):
         results = []
         for x_layout, dy_layout in itertools.product(layouts, layouts):
             layer = factory(np.random.default_rng(1))
-            if hasattr(layer, "needs_input_grad"):
-                layer.needs_input_grad = True
+            layer.set_input_grad(True)
             y = layer.forward(x_layout(x), True)
             dy = np.random.default_rng(2).standard_normal(y.shape).astype(np.float32)
             dx = layer.backward(dy_layout(dy) if dy.ndim == 4 else dy)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnnctl import nn
@@ -196,7 +196,7 @@ def layer_strategy(depth):
     return st.one_of(leaf, residual, concat)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15)
 @given(st.lists(layer_strategy(2), min_size=1, max_size=3), st.integers(0, 2**16))
 def test_random_nested_graphs_match_torch(layers, seed):
     spec = spec_of([{"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1}, *layers,

@@ -2,15 +2,13 @@
 
 import numpy as np
 import yaml
-from typer.testing import CliRunner
 
 from cnnctl.builder import build_loss
 from cnnctl.cli import app
 from cnnctl.config import validate
 from cnnctl.data import epoch_order, load_dataset
 from tests.conftest import TINY
-
-runner = CliRunner()
+from tests.helpers import runner
 
 
 def imbalanced(tmp_path, counts=(300, 60, 20)):

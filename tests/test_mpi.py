@@ -23,8 +23,7 @@ from safetensors.numpy import load_file
 
 from cnnctl import distributed
 from cnnctl.nn.regularization import BatchNorm2D
-
-from .helpers import invoke
+from tests.helpers import invoke
 
 MPIEXEC = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 CNNCTL = [sys.executable, "-m", "cnnctl"]

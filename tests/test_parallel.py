@@ -5,13 +5,12 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from cnnctl import parallel
 from cnnctl.cli import app
 from tests.cases import all_cases, randomize_params
+from tests.helpers import runner
 
-runner = CliRunner()
 CASES = [pytest.param(factory, shape, id=f"{tag}-{case_id}") for tag, case_id, factory, shape in all_cases()]
 
 
@@ -65,7 +64,12 @@ def test_split_covers_every_item_once_and_passes_errors_on(threads):
 
     parallel.split(1000, work, 10**6)
     assert (seen == 1).all()
-    assert parallel.slices(1000, 10**6) == parallel.slices(1000, 10**6)  # depends on the size only
+    # where an operation is cut depends on its size only: the same bounds for one thread as for three
+    cut_three = parallel.slices(1000, 10**6)
+    threads(1, grain=1)
+    assert parallel.slices(1000, 10**6) == cut_three == [1000 * i // 16 for i in range(17)]  # MAX_SLICES pieces
+    assert parallel.slices(1000, 10) == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]  # size // GRAIN
+    threads(3, grain=1)
 
     def fail(lo, hi):
         raise ValueError(f"slice {lo}")

@@ -2,7 +2,7 @@
 random convolutions and poolings keep the adjoint identity <dy, J dx> = <J^T dy, dx>."""
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from cnnctl import nn
@@ -16,7 +16,7 @@ conv_args = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(conv_args)
 def test_conv_output_shape_promise_and_adjoint(a):
     layer = nn.Conv2D(a["c"], a["o"], a["k"], stride=a["s"], padding=a["p"], dilation=a["d"],
@@ -24,8 +24,8 @@ def test_conv_output_shape_promise_and_adjoint(a):
     layer.needs_input_grad = True
     try:
         promised = layer.output_shape((a["c"], a["h"], a["w"]))
-    except ShapeError:
-        return  # the kernel does not fit: refused before any data, which is the promise
+    except ShapeError:  # the kernel does not fit: refused before any data, which is the promise
+        assume(False)  # counted as discarded: hypothesis fails the test if too few examples fit
     g = np.random.default_rng(1)
     x = g.standard_normal((a["n"], a["c"], a["h"], a["w"]))
     y = layer.forward(x)
@@ -38,7 +38,7 @@ def test_conv_output_shape_promise_and_adjoint(a):
     assert abs((dy * jv).sum() - (jtdy * v).sum()) <= 1e-9 * max(1.0, abs((dy * jv).sum()))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(st.integers(1, 4), st.integers(1, 3), st.integers(0, 2), st.integers(2, 12), st.integers(2, 12),
        st.sampled_from([nn.MaxPool2D, nn.AvgPool2D]))
 def test_pool_output_shape_promise(k, s, p, h, w, cls):
@@ -46,7 +46,7 @@ def test_pool_output_shape_promise(k, s, p, h, w, cls):
     try:
         promised = layer.output_shape((2, h, w))
     except ShapeError:
-        return
+        assume(False)
     x = np.random.default_rng(2).standard_normal((3, 2, h, w)).astype(np.float32)
     y = layer.forward(x)
     assert y.shape == (3, *promised) and y.dtype == np.float32

@@ -8,16 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from cnnctl import checkpoint, nn
 from cnnctl.cli import app
 from cnnctl.config import config_schema
 from tests.cases import all_cases, randomize_params
 from tests.conftest import ROOT
-from tests.helpers import invoke
-
-runner = CliRunner()
+from tests.helpers import invoke, runner
 
 QUICK = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
 QUICK["data"]["shapes"] = {"train_size": 600, "test_size": 100}
@@ -218,5 +215,5 @@ def test_lr_find_suggests_a_rate_and_leaves_nothing_behind(tmp_path, tiny_config
     text = invoke("lr-find", tiny_config, "--steps", "40", "--max-lr", "10", "--out", tmp_path / "lr.png").output
     assert "--set optimizer.lr=" in text and (tmp_path / "lr.png").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lr.png", "tiny.yaml"]  # no run directory
-    res = CliRunner().invoke(app, ["lr-find", str(tiny_config), "--min-lr", "1", "--max-lr", "0.1"])
+    res = runner.invoke(app, ["lr-find", str(tiny_config), "--min-lr", "1", "--max-lr", "0.1"])
     assert res.exit_code == 2 and "min-lr" in res.output

@@ -221,7 +221,7 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(tmp_path, sig, code):
     run_dir = only_run(tmp_path / "b")
     assert f"cnnctl train --resume {run_dir}" in err and "Traceback" not in err
     ckpt = checkpoint.load(run_dir / "checkpoints" / "last.safetensors")
-    assert ckpt.trainer["partial"] is not None and ckpt.trainer["partial"]["position"] > 0, "not mid-epoch"
+    assert ckpt.run.partial is not None and ckpt.run.partial.position > 0, "not mid-epoch"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
     invoke("train", "--resume", run_dir)
     assert_same_run(only_run(tmp_path / "straight"), run_dir)

@@ -184,3 +184,18 @@ def build_loss(spec: Spec, train_labels: np.ndarray | None = None, num_classes: 
         return LOSSES["cross_entropy"](label_smoothing=spec.loss.label_smoothing,
                                        class_weights=class_weights(spec, train_labels, num_classes))
     return LOSSES[spec.loss.type]()
+
+
+def inspect_report(spec, rows: list[LayerRow]) -> dict:
+    """What `cnnctl inspect` shows: the layer tree, parameter counts, MACs and memory estimates."""
+    total = sum(r.params for r in rows)
+    frozen = sum(r.frozen for r in rows)
+    buffers = sum(r.buffers for r in rows)
+    return {
+        "name": spec.name, "input_shape": list(spec.model.input_shape),
+        "layers": [r.as_dict() for r in rows],
+        "total_params": total, "trainable_params": total - frozen, "frozen_params": frozen,
+        "non_trainable_params": buffers, "param_bytes": (total + buffers) * 4, "total_macs": sum(r.macs for r in rows),
+        "activation_bytes_per_sample": 4 * activation_values(rows),
+        "training_bytes": training_bytes(rows, spec.data.batch_size, spec.train.ema_decay is not None),
+    }

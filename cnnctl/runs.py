@@ -207,3 +207,38 @@ def diff_configs(a: dict, b: dict) -> list[tuple[str, object, object]]:
     """(dotted key, value in a, value in b) for every key whose values differ (missing: None)."""
     fa, fb = flatten(a), flatten(b)
     return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def remove_run(run_dir: Path) -> None:
+    """A run that failed before its first epoch leaves no directory behind."""
+    for p in sorted(run_dir.rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    run_dir.rmdir()
+
+
+def config_of(run_dir: Path) -> dict:
+    """A run directory's resolved config (config.yaml)."""
+    from .config import read_yaml
+
+    if run_info(run_dir) is None:
+        raise CnnctlError(f"{run_dir} is not a run directory (no config.yaml)")
+    return read_yaml(run_dir / "config.yaml")[0]
+
+
+def history_of(run_dir: Path) -> list[dict]:
+    """A run's epoch rows (metrics.jsonl); a run without any is an error."""
+    history = read_history(run_dir)
+    if not history:
+        raise CnnctlError(f"{run_dir} has no metrics.jsonl yet", "plot a run that finished at least one epoch")
+    return history
+
+
+def compare_runs(a: Path, b: Path) -> tuple[list[tuple[str, object, object]], dict[str, tuple]]:
+    """The config keys two runs differ in (as --set paths) and their final metrics side by side."""
+    diffs = diff_configs(config_of(a), config_of(b))
+    sa, sb = (read_json(p / "summary.json") or {} for p in (a, b))
+    final = {k: ((sa.get("final") or {}).get(k), (sb.get("final") or {}).get(k))
+             for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+    final["best_val_acc"] = ((sa.get("best") or {}).get("val_acc"), (sb.get("best") or {}).get("val_acc"))
+    final["test_acc"] = ((sa.get("test") or {}).get("accuracy"), (sb.get("test") or {}).get("accuracy"))
+    return diffs, final

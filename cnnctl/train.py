@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import json
 import math
 import os
 import signal
@@ -507,3 +508,68 @@ def resume_spec(run_dir: Path, overrides: list[str], force: bool) -> tuple[Spec,
         raise CnnctlError(f"{run_dir} has finished {ckpt.epoch} of {spec.train.epochs} epochs; nothing to resume",
                           f"extend it with --set train.epochs={ckpt.epoch + 5} (for example)")
     return spec, ckpt
+
+
+def _shared_spec(world: distributed.World, spec: Spec | None) -> Spec:
+    """Rank 0's spec on every rank (only rank 0 reads the config file)."""
+    if world.size == 1:
+        return spec
+    data = world.broadcast_bytes(json.dumps(spec_to_dict(spec)).encode() if world.root else None)
+    return spec if world.root else validate(json.loads(data), "the config rank 0 sent")
+
+
+def _shared_resume(world: distributed.World, spec: Spec | None, ckpt: checkpoint.Checkpoint | None, last: Path):
+    """Rank 0's spec and last checkpoint on every rank (the run directory need only be on rank 0's host)."""
+    if world.size == 1:
+        return spec, ckpt
+    spec = _shared_spec(world, spec)
+    raw = world.broadcast_bytes(checkpoint.read(last) if world.root else None)
+    return spec, (ckpt if world.root else checkpoint.parse(raw, last))
+
+
+def _make_trainer(world: distributed.World, make) -> Trainer:
+    """Rank 0 builds its trainer first (downloading the data if the config asks for it), then the other ranks; all
+    are built (every check passed on every rank) before rank 0 makes the run directory."""
+    trainer = make() if world.root else None
+    world.any(False)  # every rank waits here for rank 0
+    trainer = trainer or make()
+    world.any(False)
+    return trainer
+
+
+@contextlib.contextmanager
+def session(config: Path | None, overrides: list[str], runs_dir: Path, resume: Path | None, force: bool,
+            callback: Callback, world: distributed.World):
+    """Everything before fit, as a context yielding (trainer, run_dir): rank 0 reads the config (or the run to
+    resume, which it locks) and sends the others the spec (and checkpoint); every rank builds its trainer, so every
+    check runs on every rank before rank 0 makes the run directory. A new run that fails before its first
+    checkpoint leaves no directory behind."""
+    run_dir = None
+    try:
+        with contextlib.ExitStack() as held:
+            if resume is not None:
+                last = resume / "checkpoints" / "last.safetensors"
+                spec = ckpt = None
+                if world.root:  # rank 0 reads the run directory and sends the others what they need
+                    if (resume / "config.yaml").is_file():
+                        held.enter_context(runs.locked(resume))  # one process at a time trains a run directory
+                    spec, ckpt = resume_spec(resume, overrides, force)
+                spec, ckpt = _shared_resume(world, spec, ckpt, last)
+                trainer = _make_trainer(world, lambda: Trainer(spec, callback, normalization=ckpt.normalization,
+                                                               resuming=True, world=world))
+                trainer.restore(ckpt, last)
+                run_dir = resume
+            else:
+                spec = load_config(config, overrides)[0] if world.root else None
+                spec = _shared_spec(world, spec)
+                trainer = _make_trainer(world, lambda: Trainer(spec, callback, world=world))  # every check first
+                if world.root:
+                    run_dir = runs.create_run_dir(runs_dir, spec.name)
+                    held.enter_context(runs.locked(run_dir))
+                run_dir = Path(world.broadcast_bytes(str(run_dir).encode() if world.root else None).decode())
+            yield trainer, run_dir
+    except BaseException:
+        if (world.root and resume is None and run_dir is not None
+                and not (run_dir / "checkpoints" / "last.safetensors").exists()):
+            runs.remove_run(run_dir)
+        raise

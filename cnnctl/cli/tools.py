@@ -16,7 +16,7 @@ from .. import predict as predict_lib
 from .. import runs as runs_lib
 from .. import sweep as sweep_lib
 from ..builder import build_model
-from ..config import config_schema, load_config, read_yaml
+from ..config import config_schema, load_config
 from ..errors import CnnctlError
 from ..export import export_onnx
 from ..fileio import atomic_write_bytes
@@ -69,21 +69,8 @@ def runs_(
         out.print(f"no runs in {folder}")
 
 
-def _run_dir_config(run_dir: Path) -> dict:
-    info = runs_lib.run_info(run_dir)
-    if info is None:
-        raise CnnctlError(f"{run_dir} is not a run directory (no config.yaml)")
-    return read_yaml(run_dir / "config.yaml")[0]
-
-
 def _runs_diff(a: Path, b: Path, as_json: bool) -> None:
-    ca, cb = _run_dir_config(a), _run_dir_config(b)
-    diffs = runs_lib.diff_configs(ca, cb)
-    sa, sb = (runs_lib.read_json(p / "summary.json") or {} for p in (a, b))
-    metrics = ["train_loss", "train_acc", "val_loss", "val_acc"]
-    final = {k: ((sa.get("final") or {}).get(k), (sb.get("final") or {}).get(k)) for k in metrics}
-    final["best_val_acc"] = ((sa.get("best") or {}).get("val_acc"), (sb.get("best") or {}).get("val_acc"))
-    final["test_acc"] = ((sa.get("test") or {}).get("accuracy"), (sb.get("test") or {}).get("accuracy"))
+    diffs, final = runs_lib.compare_runs(a, b)
     if as_json:
         print(json.dumps({"a": str(a), "b": str(b), "config": [{"key": k, "a": va, "b": vb} for k, va, vb in diffs],
                           "metrics": {k: {"a": va, "b": vb} for k, (va, vb) in final.items()}}))
@@ -93,13 +80,6 @@ def _runs_diff(a: Path, b: Path, as_json: bool) -> None:
               if diffs else "the configs are identical")
     out.print(table("final metrics", ("metric", a.name, b.name), right=(a.name, b.name), rows=(
         (k, fmt(va, k.endswith("acc")), fmt(vb, k.endswith("acc"))) for k, (va, vb) in final.items())))
-
-
-def _history(run_dir: Path) -> list[dict]:
-    history = runs_lib.read_history(run_dir)
-    if not history:
-        raise CnnctlError(f"{run_dir} has no metrics.jsonl yet", "plot a run that finished at least one epoch")
-    return history
 
 
 @app.command()
@@ -118,7 +98,7 @@ def plot(
         plots.plot_sweep(rows, metric, out_file, run.name)
         out.print(f"wrote {out_file}")
         return
-    history = _history(run)
+    history = runs_lib.history_of(run)
     if out_file is not None:
         plots.plot_curves(history, out_file, title=run.name)
         out.print(f"wrote {out_file}")

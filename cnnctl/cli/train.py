@@ -13,15 +13,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from .. import checkpoint, distributed, plots
+from .. import distributed, plots
 from ..bench import bench as run_bench
-from ..builder import LayerRow, activation_values, build_loss, check_known_data, training_bytes, walk
-from ..checkpoint import Checkpoint
-from ..config import Spec, load_config, spec_to_dict, validate
+from ..builder import build_loss, check_known_data, inspect_report, walk
 from ..errors import CnnctlError, DataError
 from ..loading import load_model, offline
-from ..runs import create_run_dir, locked
-from ..train import Callback, Seeds, Trainer, evaluate, load_data, resume_spec
+from ..train import Callback, Seeds, Trainer, evaluate, load_data, session
 from .common import SetOption, ThreadsOption, app, fmt, guarded, load_checkpoint, load_target, out, table, use_threads
 
 
@@ -165,36 +162,10 @@ def train(
         cb = RichProgress(out)
     else:
         cb = PlainProgress(out)
-    run_dir = None
     try:
-        with contextlib.ExitStack() as held:
-            if resume is not None:
-                last = resume / "checkpoints" / "last.safetensors"
-                spec = ckpt = None
-                if world.root:  # rank 0 reads the run directory and sends the others what they need
-                    if (resume / "config.yaml").is_file():
-                        held.enter_context(locked(resume))  # one process at a time trains a run directory
-                    spec, ckpt = resume_spec(resume, overrides, force)
-                spec, ckpt = _shared_resume(world, spec, ckpt, last)
-                trainer = _make_trainer(world, lambda: Trainer(spec, cb, normalization=ckpt.normalization,
-                                                               resuming=True, world=world))
-                trainer.restore(ckpt, last)
-                run_dir = resume
-            else:
-                spec = load_config(config, overrides)[0] if world.root else None
-                spec = _shared_spec(world, spec)
-                trainer = _make_trainer(world, lambda: Trainer(spec, cb, world=world))  # every check runs first
-                if world.root:
-                    run_dir = create_run_dir(runs_dir, spec.name)
-                    held.enter_context(locked(run_dir))
-                run_dir = Path(world.broadcast_bytes(str(run_dir).encode() if world.root else None).decode())
+        with session(config, overrides, runs_dir, resume, force, cb, world) as (trainer, run_dir):
             with _stop_on_signals(trainer):
                 summary = trainer.fit(run_dir, resumed=resume is not None)
-    except BaseException:
-        if (world.root and resume is None and run_dir is not None
-                and not (run_dir / "checkpoints" / "last.safetensors").exists()):
-            _remove_empty_run(run_dir)
-        raise
     finally:
         cb.close()
     if not world.root:
@@ -207,33 +178,6 @@ def train(
     if "test" in summary:
         out.print(f"test accuracy {fmt(summary['test']['accuracy'], True)} on {summary['test']['n']:,} images")
     out.print(f"run directory: {run_dir}")
-
-
-def _shared_spec(world: distributed.World, spec: Spec | None) -> Spec:
-    """Rank 0's spec on every rank (only rank 0 reads the config file)."""
-    if world.size == 1:
-        return spec
-    data = world.broadcast_bytes(json.dumps(spec_to_dict(spec)).encode() if world.root else None)
-    return spec if world.root else validate(json.loads(data), "the config rank 0 sent")
-
-
-def _shared_resume(world: distributed.World, spec: Spec | None, ckpt: Checkpoint | None, last: Path):
-    """Rank 0's spec and last checkpoint on every rank (the run directory need only be on rank 0's host)."""
-    if world.size == 1:
-        return spec, ckpt
-    spec = _shared_spec(world, spec)
-    raw = world.broadcast_bytes(checkpoint.read(last) if world.root else None)
-    return spec, (ckpt if world.root else checkpoint.parse(raw, last))
-
-
-def _make_trainer(world: distributed.World, make) -> Trainer:
-    """Rank 0 builds its trainer first (downloading the data if the config asks for it), then the other ranks; all
-    are built (every check passed on every rank) before rank 0 makes the run directory."""
-    trainer = make() if world.root else None
-    world.any(False)  # every rank waits here for rank 0
-    trainer = trainer or make()
-    world.any(False)
-    return trainer
 
 
 @contextlib.contextmanager
@@ -251,13 +195,6 @@ def _stop_on_signals(trainer: Trainer):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def _remove_empty_run(run_dir: Path) -> None:
-    """A run that failed before its first epoch leaves no directory behind."""
-    for p in sorted(run_dir.rglob("*"), reverse=True):
-        p.rmdir() if p.is_dir() else p.unlink()
-    run_dir.rmdir()
 
 
 @app.command("eval")
@@ -362,7 +299,7 @@ def inspect(
     receptive fields."""
     spec, rows = load_target(target, list(set_ or []))
     check_known_data(spec, rows)
-    report = _report(spec, rows)
+    report = inspect_report(spec, rows)
     try:  # the data too, when it is at hand (inspect never downloads)
         report["dataset"] = load_data(offline(spec), rows, Seeds.from_seed(spec.seed)).describe()
     except DataError as e:
@@ -406,20 +343,3 @@ def _rf(rf) -> str:
     size = f"{rf[0]}" if rf[0] == rf[1] else f"{rf[0]}x{rf[1]}"
     stride = f"{rf[2]}" if rf[2] == rf[3] else f"{rf[2]}x{rf[3]}"
     return f"{size} / {stride}"
-
-
-def _report(spec, rows: list[LayerRow]) -> dict:
-    total = sum(r.params for r in rows)
-    frozen = sum(r.frozen for r in rows)
-    buffers = sum(r.buffers for r in rows)
-    return {
-        "name": spec.name, "input_shape": list(spec.model.input_shape),
-        "layers": [r.as_dict() for r in rows],
-        "total_params": total, "trainable_params": total - frozen, "frozen_params": frozen,
-        "non_trainable_params": buffers, "param_bytes": (total + buffers) * 4, "total_macs": sum(r.macs for r in rows),
-        "activation_bytes_per_sample": 4 * activation_values(rows),
-        "training_bytes": training_bytes(rows, spec.data.batch_size, spec.train.ema_decay is not None),
-    }
-
-
-

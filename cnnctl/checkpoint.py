@@ -191,6 +191,11 @@ GeneratorState = Annotated[dict[str, Any], AfterValidator(_generator_state)]
 Metrics = dict[str, Number | None]
 
 
+# the run's independent random streams, spawned from its seed in this order: weights (and dropout), data
+# (generation and the validation split), shuffling, augmentation (train.Seeds holds them)
+STREAMS = ("init", "data", "shuffle", "augment")
+
+
 class Partial(Strict):
     """Where an interrupted epoch stopped: the next batch, the epoch's shuffle, its running sums."""
 
@@ -225,5 +230,5 @@ class RunState(Strict):
     stopper: Stopper | None = None
     partial: Partial | None = None
     schedule: dict[str, Number | None] | None = None
-    seeds: dict[Literal["init", "data", "shuffle", "augment"], GeneratorState] | None = None
+    seeds: dict[Literal[STREAMS], GeneratorState] | None = None
     wall_seconds: Annotated[float, Field(ge=0)] | None = None

@@ -80,11 +80,11 @@ class Seeds:
 
     @classmethod
     def from_seed(cls, seed: int) -> Seeds:
-        return cls(*np.random.default_rng(seed).spawn(4))
+        return cls(*np.random.default_rng(seed).spawn(len(checkpoint.STREAMS)))
 
     def state(self) -> dict:
         return {k: copy.deepcopy(getattr(self, k).bit_generator.state)
-                for k in ("init", "data", "shuffle", "augment")}
+                for k in checkpoint.STREAMS}
 
     def restore(self, state: dict) -> None:
         for k, v in state.items():

@@ -81,15 +81,15 @@ def test_state_dict_round_trip_continues_identically():
         np.testing.assert_array_equal(la.params[ka], lb.params[kb])
 
 
-@pytest.mark.parametrize("tag", ["sgd", "adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize("tag", sorted(OPTIMIZERS))
 def test_training_stays_float32(tag):
     """No silent float64 upcasts anywhere in a training step: outputs, gradients, parameters, optimizer state."""
     g = np.random.default_rng(3)
     model = nn.Model([nn.Conv2D(1, 3, 3, padding=1, activation="relu", rng=g), nn.BatchNorm2D(3),
                            nn.MaxPool2D(2), nn.AvgPool2D(2, stride=1), nn.Flatten(), nn.Dropout(0.1, rng=g),
                            nn.Dense(27, 8, activation="tanh", rng=g), nn.Dense(8, 3, rng=g)])
-    with_momentum = tag in ("sgd", "rmsprop")
-    kwargs = {"momentum": 0.9, "weight_decay": 1e-3} if with_momentum else {"weight_decay": 1e-3, "amsgrad": True}
+    momentum, amsgrad = {"momentum": 0.9, "weight_decay": 1e-3}, {"weight_decay": 1e-3, "amsgrad": True}
+    kwargs = {"sgd": momentum, "rmsprop": momentum, "adam": amsgrad, "adamw": amsgrad}.get(tag, {"weight_decay": 1e-3})
     opt = OPTIMIZERS[tag](model, lr=0.01, **kwargs)
     loss = nn.CrossEntropyLoss(label_smoothing=0.1)
     x = g.standard_normal((4, 1, 8, 8)).astype(np.float32)

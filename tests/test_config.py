@@ -79,3 +79,27 @@ def test_shorthands():
             "model": {"input_shape": [1, 8, 8], "layers": [{"type": "flatten"}, {"type": "dense", "units": 4}]}}
     spec = Spec.model_validate({**base, "loss": "mse", "optimizer": {"lr": 0.3}})
     assert spec.loss.type == "mse" and spec.optimizer.type == "sgd" and spec.optimizer.lr == 0.3
+
+
+def test_every_config_key_is_in_the_config_reference():
+    """docs/config.md documents every key of every spec (layers, optimizers and schedules from their registries)."""
+    from cnnctl import optim, schedules
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    missing = []
+
+    def walk(model, where, seen):
+        for name, field in model.model_fields.items():
+            if not re.search(rf"[\s(,{{.`]{name}[\s,):=}}`.]", text):  # as a key: `name`, name:, a.name, ...
+                missing.append(f"{where}{name}")
+            ann = field.annotation
+            for sub in (*getattr(ann, "__args__", ()), ann):
+                if isinstance(sub, type) and hasattr(sub, "model_fields") and sub not in seen:
+                    walk(sub, f"{where}{name}.", seen | {sub})
+
+    walk(Spec, "", {Spec})
+    for kind, table in (("layer", LAYER_SPECS), ("optimizer", optim.OPTIMIZER_SPECS),
+                        ("schedule", schedules.SCHEDULE_SPECS)):
+        for tag, spec in table.items():
+            walk(spec, f"{kind} {tag}: ", {spec})
+    assert not missing, f"keys without a word in docs/config.md: {missing}"

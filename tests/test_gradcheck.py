@@ -87,3 +87,33 @@ def test_negative_control_wrong_gradient_fails():
     g = np.random.default_rng(6)
     errors = check_layer(BrokenConv(1, 1, 3, rng=g), g.standard_normal((1, 1, 5, 5)))
     assert errors["weight"] > 0.1
+
+
+def _relu_net(g):
+    return nn.Model([nn.Dense(3, 4, rng=g), nn.ReLU(), nn.Dense(4, 2, rng=g)])
+
+
+def test_network_check_skips_kinks_and_says_so():
+    """A hidden unit whose ReLU input is exactly 0 for every input: any perturbation of its weights crosses the
+    kink, where the central difference is half a slope. Those entries are skipped and counted, the others pass."""
+    from cnnctl.gradcheck import check_network
+
+    model = _relu_net(np.random.default_rng(0))
+    model.layers[0].params["weight"][0] = 0.0
+    model.layers[0].params["bias"][0] = 0.0
+    rows = {(r["layer"], r["param"]): r for r in check_network(model, (3,), batch=4, samples=12)}
+    weight, bias = rows[("dense_0", "weight")], rows[("dense_0", "bias")]
+    assert weight["kinks"] == 3 and weight["checked"] == 9  # unit 0's three weights are kinks, the rest checked
+    assert bias["kinks"] == 1 and bias["checked"] == 3
+    assert max(r["error"] for r in rows.values()) < TOL
+
+
+def test_network_check_still_fails_a_wrong_relu_backward(monkeypatch):
+    """Negative control for a ReLU network: a backward that passes gradients where the unit was off is wrong at
+    smooth points, which are no kinks, so it fails."""
+    from cnnctl.gradcheck import check_network
+
+    monkeypatch.setattr(nn.ReLU, "backward", lambda self, dy: dy)  # ignores the mask
+    rows = check_network(_relu_net(np.random.default_rng(1)), (3,), batch=8, samples=12)
+    assert max(r["error"] for r in rows) > 1e-3
+    assert sum(r["kinks"] for r in rows) < sum(r["checked"] for r in rows)

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -24,7 +25,19 @@ from ..gradcheck import check_network
 from ..loading import load_model
 from ..lr_find import lr_find as lr_find_lib
 from ..train import infer
-from .common import SetOption, ThreadsOption, app, fmt, guarded, load_checkpoint, load_target, out, table, use_threads
+from .common import (
+    SetOption,
+    ThreadsOption,
+    app,
+    err,
+    fmt,
+    guarded,
+    load_checkpoint,
+    load_target,
+    out,
+    table,
+    use_threads,
+)
 from .sweep import sweep_report
 
 
@@ -222,19 +235,28 @@ def gradcheck(
             else:
                 raise CnnctlError(f"--layers {item!r}: no such layer", f"use an index 0..{len(rows) - 1} or one "
                                   f"of: {', '.join(by_name)}")
-    results = check_network(model, spec.model.input_shape, batch, samples, seed, only)
+    if not tol > 0:  # NaN or <= 0 would make every row fail, or none
+        raise CnnctlError(f"--tol {tol}: give a positive number", "e.g. --tol 1e-6")
+    with Progress(TextColumn("checking gradients"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
+        task = bar.add_task("", total=None)
+        results = check_network(model, spec.model.input_shape, batch, samples, seed, only, tol,
+                                lambda done, total: bar.update(task, completed=done, total=total))
     worst = max(r["error"] for r in results)
+    kinks = sum(r["kinks"] for r in results)
     if as_json:
-        print(json.dumps({"tolerance": tol, "passed": worst < tol, "results": results}))
+        print(json.dumps({"tolerance": tol, "passed": worst < tol, "kinks_skipped": kinks, "results": results}))
     else:
         out.print(table(f"{spec.name}: analytic vs numerical gradients (float64, central differences)",
-                        ("#", "layer", "param", "shape", "checked", "rel. error", ""),
-                        right=("#", "checked", "rel. error"), rows=(
+                        ("#", "layer", "param", "shape", "checked", "kinks", "rel. error", ""),
+                        right=("#", "checked", "kinks", "rel. error"), rows=(
             ("-" if r["index"] is None else str(r["index"]), r["layer"], r["param"], str(tuple(r["shape"])),
-             str(r["checked"]), f"{r['error']:.2e}",
+             str(r["checked"]), str(r["kinks"]) if r["kinks"] else "", f"{r['error']:.2e}",
              Text("ok", style="green") if r["error"] < tol else Text("FAIL", style="red"))
             for r in results)))
-        out.print(f"largest relative error {worst:.2e} (tolerance {tol:g})")
+        out.print(f"largest relative error {worst:.2e} (tolerance {tol:g})"
+                  + (f"; {kinks} entries skipped as kinks (the perturbation crossed a ReLU or max-pooling "
+                     "switch, where the central difference is not the derivative)" if kinks else ""))
     if worst >= tol:
         raise typer.Exit(1)
 

@@ -260,11 +260,17 @@ class Spec(Strict):
 # ---------------------------------------------------------------- loading
 
 
+def _is_int(text: str) -> bool:
+    """Whether a --set path part is a list index as int() reads it: ASCII digits, maybe a leading '-'."""
+    digits = text[1:] if text.startswith("-") else text
+    return digits.isascii() and digits.isdigit()
+
+
 def _set_path(data: dict, dotted: str, value: Any, origin: str) -> None:
     parts = dotted.split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
-        key: Any = int(part) if isinstance(node, list) and part.lstrip("-").isdigit() else part
+        key: Any = int(part) if isinstance(node, list) and _is_int(part) else part
         try:
             node = node[key]
         except (KeyError, IndexError, TypeError):
@@ -277,7 +283,7 @@ def _set_path(data: dict, dotted: str, value: Any, origin: str) -> None:
                                   "model.layers.0.filters=8") from None
     last: Any = parts[-1]
     if isinstance(node, list):
-        if not last.lstrip("-").isdigit() or not -len(node) <= int(last) < len(node):
+        if not _is_int(last) or not -len(node) <= int(last) < len(node):
             raise ConfigError(f"{origin}: cannot set '{dotted}': no list item {last}")
         last = int(last)
     elif not isinstance(node, dict):

@@ -50,7 +50,7 @@ def resolve(threads: int | None) -> int:
         return threads
     env = os.environ.get(ENV, "").strip()
     if env:
-        if not env.isdigit() or int(env) < 1:
+        if not (env.isascii() and env.isdigit()) or int(env) < 1:  # '²' is a digit to isdigit, not to int
             raise CnnctlError(f"{ENV}={env!r} is not a positive whole number", f"e.g. export {ENV}=2, or unset it")
         return int(env)
     cores = available_cores()

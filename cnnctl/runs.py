@@ -242,3 +242,13 @@ def compare_runs(a: Path, b: Path) -> tuple[list[tuple[str, object, object]], di
     final["best_val_acc"] = ((sa.get("best") or {}).get("val_acc"), (sb.get("best") or {}).get("val_acc"))
     final["test_acc"] = ((sa.get("test") or {}).get("accuracy"), (sb.get("test") or {}).get("accuracy"))
     return diffs, final
+
+
+def epoch_checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoints/epoch-N.safetensors, oldest epoch first: by the number, so epoch-10000 comes after epoch-9999
+    (the names are zero-padded to 4 digits only)."""
+    def epoch(path: Path) -> int:
+        number = path.stem.partition("-")[2]
+        return int(number) if number.isascii() and number.isdigit() else -1
+
+    return sorted((Path(run_dir) / "checkpoints").glob("epoch-*.safetensors"), key=epoch)

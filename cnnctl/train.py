@@ -382,7 +382,7 @@ class Trainer:
         if t.checkpoint_every and self.state.epoch % t.checkpoint_every == 0:
             self._save(f"epoch-{self.state.epoch:04d}")
             if t.keep_last and self.world.root:
-                kept = sorted((self.run_dir / "checkpoints").glob("epoch-*.safetensors"))
+                kept = runs.epoch_checkpoints(self.run_dir)
                 for old in kept[: -t.keep_last]:
                     old.unlink()
         self.schedule.observe(row)

@@ -72,6 +72,9 @@ def test_overrides_parse_yaml_values():
     assert data["a"]["b"] == 1  # the input is not modified
     with pytest.raises(ConfigError):
         apply_overrides(data, ["l.5.x=1"])
+    for index in ("²", "١"):  # digits to str.isdigit (int() refuses the first): not list indices here
+        with pytest.raises(ConfigError, match="does not exist"):
+            apply_overrides(data, [f"l.{index}.x=1"])
 
 
 def test_shorthands():

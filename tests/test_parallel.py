@@ -100,9 +100,10 @@ def test_threads_option_and_variable(tiny_config, threads, monkeypatch):
     monkeypatch.setenv("CNNCTL_THREADS", "3")
     res = runner.invoke(app, ["bench", str(tiny_config), "--steps", "2", "--warmup", "0", "--json"])
     assert json.loads(res.output)["threads"] == 3
-    monkeypatch.setenv("CNNCTL_THREADS", "many")
-    res = runner.invoke(app, ["bench", str(tiny_config), "--steps", "2"])
-    assert res.exit_code == 2 and "CNNCTL_THREADS" in res.output and "Traceback" not in res.output
+    for bad in ("many", "²"):  # '²' passes str.isdigit, which int() refuses
+        monkeypatch.setenv("CNNCTL_THREADS", bad)
+        res = runner.invoke(app, ["bench", str(tiny_config), "--steps", "2"])
+        assert res.exit_code == 2 and "CNNCTL_THREADS" in res.output and "Traceback" not in res.output
     monkeypatch.delenv("CNNCTL_THREADS")
     res = runner.invoke(app, ["bench", str(tiny_config), "--steps", "2", "--threads", "0"])
     assert res.exit_code == 2 and "--threads" in res.output

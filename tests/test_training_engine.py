@@ -327,3 +327,14 @@ def test_validate_every_skips_validation_between_and_validates_the_last_epoch(tm
     invoke("train", cfg, "--runs-dir", tmp_path / "s")
     rows = [json.loads(line) for line in (only_run(tmp_path / "s") / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_acc"] is not None for r in rows] == [False, True, True]  # the last epoch always
+
+
+def test_epoch_checkpoints_are_ordered_by_number_past_epoch_9999(tmp_path):
+    """keep_last deletes the oldest: epoch-10000 is newer than epoch-9999 although it sorts first by name."""
+    from cnnctl import runs
+
+    (tmp_path / "checkpoints").mkdir()
+    for n in (9998, 10000, 9999, 10001):
+        (tmp_path / "checkpoints" / f"epoch-{n:04d}.safetensors").write_bytes(b"")
+    assert [p.name for p in runs.epoch_checkpoints(tmp_path)] == [
+        "epoch-9998.safetensors", "epoch-9999.safetensors", "epoch-10000.safetensors", "epoch-10001.safetensors"]

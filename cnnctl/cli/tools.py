@@ -228,7 +228,7 @@ def gradcheck(
         by_name = {r.name: r.index for r in rows}
         only = set()
         for item in layers:
-            if item.isdigit() and int(item) < len(rows):
+            if item.isascii() and item.isdigit() and int(item) < len(rows):
                 only.add(int(item))
             elif item in by_name:
                 only.add(by_name[item])

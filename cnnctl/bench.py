@@ -41,19 +41,16 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
     n_out = rows[-1].output_shape[0]
     x = g.standard_normal((bs, *spec.model.input_shape)).astype(np.float32)
     y = g.integers(0, n_out, bs)
-    lo, hi = world.shard(bs)
-    x, y = x[lo:hi], y[lo:hi]
-    for layer in distributed.attach(model, world, spec.train.sync_batchnorm):
-        layer.batch_part = (lo, hi, bs) if world.size > 1 else None
+    dropouts = distributed.attach(model, world, spec.train.sync_batchnorm)
+    if world.size > 1:
+        x, y = distributed.take_share(world, x, y, dropouts)
     reduce_gradients = distributed.GradientReducer(world)
 
     def loss_gradient(out) -> np.ndarray:
         loss = loss_fn.forward(out, y)
         grad = loss_fn.backward()
-        if world.size > 1:  # as training: the global batch's loss, this share's gradient scaled to it
-            t = loss_fn.normalizer
-            sums = world.sum(np.array([loss * t, t], np.float64))
-            grad *= grad.dtype.type(t / sums[1])
+        if world.size > 1:  # as training: this share's gradient scaled to the global batch's
+            grad *= grad.dtype.type(distributed.reduce_loss(world, loss, loss_fn.normalizer)[1])
         return grad
     layer_times = np.zeros((len(model.layers), 2))
 

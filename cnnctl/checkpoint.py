@@ -114,6 +114,7 @@ def parse(raw: bytes, path: Path) -> Checkpoint:
                               f"by this cnnctl (version {FORMAT_VERSION})", "use the cnnctl that wrote it")
     try:
         tensors = st_load(raw)
+        run = json.loads(meta.get("trainer", "{}"))  # checked below, once the rest of the metadata is sound
         ckpt = Checkpoint(
             config=json.loads(meta["config"]),
             model_state=model_tensors(tensors),
@@ -123,14 +124,13 @@ def parse(raw: bytes, path: Path) -> Checkpoint:
             step=int(meta["step"]),
             metrics=json.loads(meta["metrics"]),
             normalization=json.loads(meta["normalization"]),
-            run=None,
             environment=json.loads(meta.get("environment", "{}")),
         )
     except Exception as e:  # safetensors raises its own error types for corrupt data
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})",
                               "use another checkpoint, e.g. checkpoints/last.safetensors") from None
     _check_metadata(ckpt, path)
-    ckpt.run = _run_state(meta.get("trainer", "{}"), ckpt, path)
+    ckpt.run = _run_state(run, ckpt, path)
     return ckpt
 
 
@@ -154,12 +154,8 @@ def _check_metadata(ckpt: Checkpoint, path: Path) -> None:
             bad("normalization needs lists 'mean' and 'std' of finite numbers, equally long, std positive")
 
 
-def _run_state(text: str, ckpt: Checkpoint, path: Path) -> RunState | None:
+def _run_state(raw: Any, ckpt: Checkpoint, path: Path) -> RunState | None:
     """The header's run state, checked (None when the file has none); its counters are the header's."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raw = e
     if raw == {}:
         return None
     if not isinstance(raw, dict):

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from .errors import CnnctlError
+from .errors import CnnctlError, ConfigError
 
 # Variables the launchers set in each rank's environment: MPICH's hydra and Intel MPI (PMI), Open MPI,
 # Slurm's srun (set for a job step only, not in the batch script around it)
@@ -82,9 +82,6 @@ class World:
     def ranks(self) -> list[dict]:
         """Each rank's host and process id, in rank order."""
         return [{"rank": 0, "host": self.host, "pid": os.getpid()}]
-
-    def describe(self) -> dict:
-        return {"size": self.size, "ranks": self.ranks()}
 
     def abort(self, code: int) -> None:
         """End every rank now (a failure on one rank must not leave the others waiting in a reduction)."""
@@ -205,6 +202,23 @@ class GradientReducer:
             at += n
 
 
+def take_share(world: World, x: np.ndarray, y: np.ndarray, dropouts: list) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's rows of a global batch (x, y); the dropout layers are told which rows of it they see."""
+    n = len(y)
+    lo, hi = world.shard(n)
+    for layer in dropouts:
+        layer.batch_part = (lo, hi, n)
+    return x[lo:hi], y[lo:hi]
+
+
+def reduce_loss(world: World, loss: float, normalizer: float, *extra: float) -> tuple[float, float, np.ndarray]:
+    """One reduction over the ranks: the global batch's loss, this share's factor for its loss gradient (its
+    normaliser over the global batch's, so that the summed parameter gradients are the global batch's), and the
+    sums of the extra numbers."""
+    sums = world.sum(np.array([loss * normalizer, normalizer, *extra], np.float64))
+    return float(sums[0] / sums[1]), normalizer / float(sums[1]), sums[2:]
+
+
 def flat_state(arrays: list[np.ndarray]) -> np.ndarray:
     """The arrays' bytes end to end (for one broadcast of a whole state)."""
     return np.concatenate([np.ascontiguousarray(a).view(np.uint8).ravel() for a in arrays]) if arrays \
@@ -227,8 +241,6 @@ def broadcast_state(world: World, arrays: list[np.ndarray]) -> None:
 def check_batches(batch_size: int, n_train: int, size: int) -> None:
     """Every rank must get a share of every global batch: data.batch_size a multiple of the ranks, and the
     epoch's last (smaller) batch no smaller than their number."""
-    from .errors import ConfigError
-
     if batch_size % size:
         lower, higher = batch_size // size * size, -(-batch_size // size) * size
         raise ConfigError(f"data.batch_size {batch_size} is the global batch, cut into {size} equal shares (one per "

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .distributed import local_ranks
 from .errors import CnnctlError
 
 ENV = "CNNCTL_THREADS"
@@ -54,8 +55,6 @@ def resolve(threads: int | None) -> int:
             raise CnnctlError(f"{ENV}={env!r} is not a positive whole number", f"e.g. export {ENV}=2, or unset it")
         return int(env)
     cores = available_cores()
-    from .distributed import local_ranks
-
     ranks = local_ranks()
     if ranks > 1 and cores == (os.cpu_count() or cores):  # unbound ranks on one host: a share of the cores each
         return max(1, cores // ranks)

@@ -184,7 +184,7 @@ class Trainer:
         # where the run stands: read and written here, saved in every checkpoint (checkpoint.RunState)
         self.state = RunState(classes=self.ds.classes, history=[], stopper=Stopper(), wall_seconds=0.0)
         self.stop_signal: int | None = None  # set by a signal handler on this rank
-        self.ranks = [{"rank": 0, "host": self.world.host, "pid": os.getpid()}]  # fit asks every rank
+        self.ranks: list[dict] = []  # each rank's host and pid: fit asks (a collective call under MPI)
 
     # ------------------------------------------------------------ state
 
@@ -302,10 +302,7 @@ class Trainer:
             self.optimizer.lr = self.schedule.lr(epoch - 1, self.state.step)
             n = len(y)
             if self.world.size > 1:  # this rank's share of the global batch
-                lo, hi = self.world.shard(n)
-                x, y = x[lo:hi], y[lo:hi]
-                for layer in self.dropouts:
-                    layer.batch_part = (lo, hi, n)
+                x, y = distributed.take_share(self.world, x, y, self.dropouts)
             with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught just below
                 out = self.model.forward(x, training=True)
                 loss = self.loss_fn.forward(out, y)
@@ -351,12 +348,12 @@ class Trainer:
         """One small reduction per step over the ranks: the global batch's loss, this share's part of its
         normaliser (the factor for this share's loss gradient), the correct count, and whether any rank was
         asked to stop (so that all stop after the same step)."""
-        t = self.loss_fn.normalizer
-        sums = self.world.sum(np.array([loss * t, t, correct, self.stop_signal == signal.SIGINT,
-                                        self.stop_signal == signal.SIGTERM], np.float64))
-        if self.stop_signal is None and sums[3:].any():
-            self.stop_signal = signal.SIGTERM if sums[4] else signal.SIGINT
-        return float(sums[0] / sums[1]), t / float(sums[1]), int(sums[2]), bool(sums[3:].any())
+        loss, share, (correct, interrupts, terms) = distributed.reduce_loss(
+            self.world, loss, self.loss_fn.normalizer, correct, self.stop_signal == signal.SIGINT,
+            self.stop_signal == signal.SIGTERM)
+        if self.stop_signal is None and (interrupts or terms):
+            self.stop_signal = signal.SIGTERM if terms else signal.SIGINT
+        return loss, share, int(correct), bool(interrupts or terms)
 
     def _synchronise(self) -> None:
         """After an epoch, every rank takes rank 0's weights, buffers and optimizer state (one broadcast): they
@@ -406,8 +403,7 @@ class Trainer:
         self.environment = environment()
         previous = runs.run_info(self.run_dir) if resumed else None
         self.started = (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S")
-        if self.world.size > 1:
-            self.ranks = self.world.ranks()
+        self.ranks = self.world.ranks()
         if self.world.root:
             runs.write_yaml(self.run_dir / "config.yaml", spec_to_dict(spec))
             runs.rewrite_metrics(self.run_dir, self.state.history)  # on resume: exactly the rows the checkpoint knows

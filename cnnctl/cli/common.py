@@ -54,7 +54,6 @@ def guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        world = None
         try:
             return fn(*args, **kwargs)
         except Interrupted as e:

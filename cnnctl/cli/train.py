@@ -236,7 +236,7 @@ def eval_(
     out.print(f"loss {res['loss']:.4f}  accuracy {100 * res['accuracy']:.2f}%")
     columns = ("class", "support", "precision", "recall")
     out.print(table("per class", columns, right=columns, rows=(
-        (c, f"{int(cm[i].sum()):,}", f"{100 * precision[i]:.2f}%", f"{100 * recall[i]:.2f}%")
+        (c, f"{int(res['support'][i]):,}", f"{100 * precision[i]:.2f}%", f"{100 * recall[i]:.2f}%")
         for i, c in enumerate(ds.classes))))
     out.print(table("confusion matrix (rows: true, columns: predicted)", ["", *ds.classes], right=ds.classes, rows=(
         (c, *(Text(str(v), style="bold") if i == j else str(v) for j, v in enumerate(cm[i])))

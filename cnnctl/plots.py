@@ -56,8 +56,10 @@ def plot_curves(history: list[dict], out: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def _grid(images: np.ndarray, cols: int, cmap: str, out: Path, title: str, labels: list[str] | None = None) -> None:
+def _grid(images: np.ndarray, cols: int, cmap: str, out: Path, title: str, labels: list[str] | None = None,
+          limits: tuple[float, float] | None = None) -> None:
     plt = pyplot()
+    vmin, vmax = limits or (None, None)
     n = len(images)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows + 0.5), squeeze=False)
@@ -65,7 +67,7 @@ def _grid(images: np.ndarray, cols: int, cmap: str, out: Path, title: str, label
         ax.axis("off")
         if k < n:
             img = images[k]
-            ax.imshow(img, cmap=None if img.ndim == 3 else cmap, interpolation="nearest")
+            ax.imshow(img, cmap=None if img.ndim == 3 else cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
             if labels:
                 ax.set_title(labels[k], fontsize=7)
     fig.suptitle(title)
@@ -85,6 +87,20 @@ def plot_filters(weight: np.ndarray, out: Path, title: str) -> None:
     else:
         images = [w[0] for w in weight]
     _grid(np.asarray(images), min(8, len(images)), "gray", out, title, [f"{i}" for i in range(len(images))])
+
+
+def plot_samples(images: np.ndarray, labels: list[str], out: Path, title: str) -> None:
+    """Dataset images (N, C, H, W) as stored (uint8 on 0..255, float data on its own range), each titled with
+    its class: a grid of up to 8 columns."""
+    x = images.transpose(0, 2, 3, 1)
+    if x.shape[-1] == 1:
+        x = x[..., 0]
+    if images.dtype == np.uint8:
+        limits = (0, 255)
+    else:  # float data: one range for the whole grid, so that brightness compares across images
+        x = _unit(x.astype(np.float64))
+        limits = (0.0, 1.0)
+    _grid(x, min(8, len(x)), "gray", out, title, labels, limits)
 
 
 def plot_feature_maps(maps: list[tuple[str, np.ndarray]], image: np.ndarray, out: Path) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderHook
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperArgument
@@ -30,6 +31,33 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_mar
 # is: styles are given as rich Text objects, never as [tags] inside strings
 out = Console(highlight=False, soft_wrap=True, markup=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+# control characters in user text (class names from a config, a folder or a checkpoint; file names) never reach
+# the terminal: an escape sequence could retitle the window, hide output or move the cursor
+_CONTROLS = dict.fromkeys([*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)], "\ufffd")
+
+
+def printable(text: str) -> str:
+    """text with every control character but newline and tab shown as U+FFFD."""
+    return text.translate(_CONTROLS)
+
+
+class _Printable:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __rich_console__(self, console, options):
+        for seg in console.render(self.inner, options):
+            yield seg if seg.control else Segment(printable(seg.text), seg.style)
+
+
+class _NoControls(RenderHook):
+    def process_renderables(self, renderables):
+        return [_Printable(r) for r in renderables]
+
+
+for _console in (out, err):
+    _console.push_render_hook(_NoControls())
 
 SetOption = Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE",
                                               help="Override a config key: --set optimizer.lr=0.01 "
@@ -123,6 +151,22 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], rig
     for row in rows:
         t.add_row(*row)
     return t
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Refuse an output file that cannot be written before any work is done: its folder is created when
+    missing (as the writers do), and a temporary file is made and removed there."""
+    path = Path(path)
+    if path.is_dir():
+        raise CnnctlError(f"{option} {path}: is a folder", f"give a file name, e.g. {path / 'out.png'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CnnctlError(f"{option} {path}: cannot write there ({e.strerror or e})",
+                          "give a path in a folder you can write to") from None
 
 
 def checkpoint_of(path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Around training: runs, runs diff, plot, viz, schema, export, predict, gradcheck."""
+"""Around training: runs, runs diff, plot, viz, data, schema, export, predict, gradcheck."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from .. import data as data_lib
 from .. import nn, plots
 from .. import predict as predict_lib
 from .. import runs as runs_lib
@@ -24,11 +25,14 @@ from ..fileio import atomic_write_bytes
 from ..gradcheck import check_network
 from ..loading import load_model
 from ..lr_find import lr_find as lr_find_lib
-from ..train import infer
+from ..loading import offline
+from ..train import Seeds, infer, load_data
 from .common import (
     SetOption,
     ThreadsOption,
     app,
+    check_writable,
+    checkpoint_of,
     err,
     fmt,
     guarded,
@@ -147,6 +151,69 @@ def viz(
         maps = [(name, np.asarray(outputs[name][0])) for name in convs]
         plots.plot_feature_maps(maps, x01[0, 0] if x01.shape[1] == 1 else x01[0].transpose(1, 2, 0), out_file)
     out.print(f"wrote {out_file}")
+
+
+@app.command("data")
+@guarded
+def data_(
+    target: Annotated[Path, typer.Argument(metavar="CONFIG|CHECKPOINT|RUN_DIR")],
+    set_: SetOption = None,
+    split: Annotated[str, typer.Option("--split", metavar="SPLIT", help="train, val or test: the split "
+                                       "--out draws from.")] = "train",
+    augmented: Annotated[bool, typer.Option("--augmented", help="Draw the images as training sees them "
+                                            "(data.augment applied; train split only).")] = False,
+    out_file: Annotated[Path | None, typer.Option("--out", metavar="FILE.png", help="Draw a grid of sample "
+                                                  "images with their classes (needs cnnctl[plot]).")] = None,
+    count: Annotated[int, typer.Option("--count", metavar="N", min=1, max=256, help="Images in the grid.")] = 32,
+    seed: Annotated[int, typer.Option("--seed", metavar="SEED", help="Which images the grid shows.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as one JSON object.")] = False,
+):
+    """The dataset as the run sees it: images per class in the train, validation and test splits (the
+    validation split carved from the seed as in training), and with --out a grid of labelled samples."""
+    if split not in ("train", "val", "test"):
+        raise CnnctlError(f"--split must be train, val or test, got {split!r}")
+    if augmented and split != "train":
+        raise CnnctlError(f"--augmented applies to the train split (augmentation is for training), not {split}",
+                          "leave out --augmented, or use --split train")
+    if out_file is not None:
+        check_writable(out_file, "--out")
+    found = checkpoint_of(target)
+    if found.suffix == ".safetensors":  # a run's data: its normalisation, never a download
+        _, ckpt = load_checkpoint(found, list(set_ or []))
+        spec, _, rows = load_model(ckpt, found)
+        spec, normalization = offline(spec), ckpt.normalization or None
+    else:
+        spec, rows = load_target(found, list(set_ or []))
+        normalization = None
+    ds = load_data(spec, rows, Seeds.from_seed(spec.seed), normalization)
+    counts = data_lib.class_counts(ds)
+    if out_file is not None:
+        chosen = ds.split(split)
+        if not len(chosen):
+            raise CnnctlError(f"the {split} split of {spec.data.dataset} holds no images", "use another --split")
+        x, y = data_lib.samples(ds, chosen, count, np.random.default_rng(seed),
+                                spec.data.augment if augmented else None)
+        plots.plot_samples(x, [ds.classes[i] for i in y], out_file,
+                           f"{spec.name}: {spec.data.dataset} {split}" + (" (augmented)" if augmented else ""))
+    if as_json:
+        print(json.dumps({"dataset": spec.data.dataset, "image_shape": list(ds.image_shape),
+                          "dtype": str(ds.train.x.dtype), "classes": ds.classes,
+                          "mean": ds.mean.tolist(), "std": ds.std.tolist(), "splits": counts,
+                          **({"out": str(out_file)} if out_file is not None else {})}))
+        return
+    names = ("train", "val", "test")
+    out.print(table(f"{spec.name}: {spec.data.dataset}, images {tuple(ds.image_shape)} {ds.train.x.dtype}",
+                    ("class", *names), right=names, rows=[
+        *((c, *(f"{counts[s]['per_class'][i]:,}" for s in names)) for i, c in enumerate(ds.classes)),
+        ("total", *(f"{counts[s]['total']:,}" for s in names))]))
+    scale = "pixels / 255" if ds.train.x.dtype == np.uint8 else "values"
+    out.print(f"normalisation ({scale}): mean {_floats(ds.mean)}  std {_floats(ds.std)}")
+    if out_file is not None:
+        out.print(f"wrote {out_file}")
+
+
+def _floats(values) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
 
 
 @app.command()

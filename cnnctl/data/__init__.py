@@ -158,6 +158,23 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
                    np.asarray(std, np.float32))
 
 
+def class_counts(ds: Dataset) -> dict:
+    """Images per class in each split, and the totals (what `cnnctl data` reports)."""
+    k = len(ds.classes)
+    return {name: {"total": len(split), "per_class": np.bincount(split.y, minlength=k)[:k].tolist()}
+            for name, split in (("train", ds.train), ("val", ds.val), ("test", ds.test))}
+
+
+def samples(ds: Dataset, split: Split, count: int, rng: np.random.Generator, augment_spec=None) -> tuple:
+    """`count` images of a split drawn without replacement (in the stored pixel scale, augmented as in training
+    when augment_spec is given) and their labels, in the order drawn."""
+    idx = np.sort(rng.choice(len(split), size=min(count, len(split)), replace=False))
+    x = split.x[idx]
+    if augment_spec is not None:
+        x = augment.apply(x, augment_spec, rng)
+    return x, split.y[idx]
+
+
 def epoch_order(split: Split, sampler: str, rng: np.random.Generator) -> np.ndarray:
     """The training images of one epoch, in order: a permutation (shuffle), or as many draws with
     replacement with every class equally likely (balanced: each image's chance 1 / (classes * its count))."""

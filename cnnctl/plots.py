@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -25,11 +26,23 @@ def pyplot():
 
 
 def _save(fig, out: Path) -> None:
+    """Write the figure atomically (a temporary file renamed over out); a path that cannot be written is one
+    clear error."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        tmp.replace(out)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CnnctlError(f"{out}: cannot write the picture ({e.strerror or e})",
+                          "give a path in a folder you can write to") from None
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def plot_curves(history: list[dict], out: Path, title: str = "") -> None:
@@ -53,7 +66,6 @@ def plot_curves(history: list[dict], out: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     _save(fig, out)
-    plt.close(fig)
 
 
 def _grid(images: np.ndarray, cols: int, cmap: str, out: Path, title: str, labels: list[str] | None = None,
@@ -72,7 +84,6 @@ def _grid(images: np.ndarray, cols: int, cmap: str, out: Path, title: str, label
                 ax.set_title(labels[k], fontsize=7)
     fig.suptitle(title)
     _save(fig, out)
-    plt.close(fig)
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -118,7 +129,6 @@ def plot_feature_maps(maps: list[tuple[str, np.ndarray]], image: np.ndarray, out
             axes[r, c].imshow(m[c], cmap="viridis", interpolation="nearest")
             axes[r, c].set_title(f"{name}:{c}", fontsize=6)
     _save(fig, out)
-    plt.close(fig)
 
 
 def plot_lr_find(lrs: list[float], losses: list[float], suggested: float | None, out: Path, title: str) -> None:
@@ -134,7 +144,6 @@ def plot_lr_find(lrs: list[float], losses: list[float], suggested: float | None,
         ax.legend()
     ax.set_title(title)
     _save(fig, out)
-    plt.close(fig)
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], out: Path, title: str) -> None:
@@ -153,7 +162,6 @@ def plot_confusion(cm: np.ndarray, classes: list[str], out: Path, title: str) ->
                     color="white" if cm[i, j] > limit else "black")
     ax.set_title(title)
     _save(fig, out)
-    plt.close(fig)
 
 
 def text_chart(series: dict[str, list[float | None]], height: int = 10, width: int = 60,
@@ -213,4 +221,3 @@ def plot_sweep(rows: list[dict], metric: str, out: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     _save(fig, out)
-    plt.close(fig)

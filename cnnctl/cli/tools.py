@@ -23,9 +23,8 @@ from ..errors import CnnctlError
 from ..export import export_onnx
 from ..fileio import atomic_write_bytes
 from ..gradcheck import check_network
-from ..loading import load_model
+from ..loading import load_model, offline
 from ..lr_find import lr_find as lr_find_lib
-from ..loading import offline
 from ..train import Seeds, infer, load_data
 from .common import (
     SetOption,
@@ -108,6 +107,8 @@ def plot(
 ):
     """Loss and accuracy curves (train and validation) and the learning rate of a run; for a sweep
     directory, the metric against each searched key."""
+    if out_file is not None:
+        check_writable(out_file, "--out")
     if (run / "results.csv").is_file() and (run / "sweep.yaml").is_file():
         if out_file is None:
             raise CnnctlError("plotting a sweep needs --out FILE.png", "or use cnnctl runs SWEEP_DIR for a table")
@@ -136,6 +137,7 @@ def viz(
                                                "this image (a picture file or an .npz).")] = None,
 ):
     """The first conv layer's filters as a grid; with --image, every conv layer's feature maps."""
+    check_writable(out_file, "--out")
     checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
     spec, model, rows = load_model(ckpt, checkpoint_path)
     convs = {name: layer for name, layer in model.named_layers() if isinstance(layer, nn.Conv2D)}
@@ -224,6 +226,8 @@ def schema(
 ):
     """The JSON Schema of the config file, for editor completion and checking."""
     text = json.dumps(config_schema(), indent=2) + "\n"
+    if out_file is not None:
+        check_writable(out_file, "--out")
     if out_file is None:
         print(text, end="")
     else:
@@ -242,6 +246,7 @@ def export(
     """Export a checkpoint as an ONNX graph (input: pixels on the 0..1 scale; normalisation baked in)."""
     if fmt != "onnx":
         raise CnnctlError(f"unknown --format {fmt!r}", "use --format onnx")
+    check_writable(out_file, "--out")
     checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
     spec, model, _ = load_model(ckpt, checkpoint_path)
     export_onnx(model, spec.model.input_shape, ckpt.normalization, spec.name, out_file, softmax)
@@ -344,6 +349,8 @@ def lr_find_(
     """The learning-rate range test: train with an exponentially growing rate until the loss diverges, and
     suggest the rate where it falls fastest. Leaves no run directory."""
     use_threads(threads)
+    if out_file is not None:
+        check_writable(out_file, "--out")
     spec, _ = load_config(config, list(set_ or []))
     res = lr_find_lib(spec, min_lr, max_lr, steps)
     if out_file is not None:

@@ -19,7 +19,19 @@ from ..builder import build_loss, check_known_data, inspect_report, walk
 from ..errors import CnnctlError, DataError
 from ..loading import load_model, offline
 from ..train import Callback, Seeds, Trainer, evaluate, load_data, session
-from .common import SetOption, ThreadsOption, app, fmt, guarded, load_checkpoint, load_target, out, table, use_threads
+from .common import (
+    SetOption,
+    ThreadsOption,
+    app,
+    check_writable,
+    fmt,
+    guarded,
+    load_checkpoint,
+    load_target,
+    out,
+    table,
+    use_threads,
+)
 
 
 class RichProgress(Callback):
@@ -214,6 +226,8 @@ def eval_(
     use_threads(threads)
     if data_split not in ("test", "val", "train"):
         raise CnnctlError(f"--data-split must be test, val or train, got {data_split!r}")
+    if plot_file is not None:
+        check_writable(plot_file, "--plot")
     checkpoint_path, ckpt = load_checkpoint(checkpoint_path, list(set_ or []))
     spec, model, rows = load_model(ckpt, checkpoint_path)
     ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)

@@ -17,7 +17,7 @@ from . import data
 from .config import ModelSpec, Spec
 from .errors import ConfigError, DataError, ShapeError
 from .memory import refuse_over
-from .nn import LOSSES, Layer, Loss, Model, Sequential
+from .nn import ACTIVATIONS, LOSSES, Layer, Loss, Model, Sequential
 from .nn.init import SHAPES_ONLY
 
 
@@ -152,8 +152,39 @@ def check_outputs(spec: Spec, rows: list[LayerRow], num_classes: int) -> None:
         )
 
 
+def final_activation(specs: list) -> str | None:
+    """The element-wise function the model's outputs leave last: an activation layer's type, or the
+    `activation:` of the last layer (looking into a trailing sequential); None for a linear output."""
+    last = specs[-1]
+    while last.type == "sequential":
+        last = last.layers[-1]
+    return last.type if last.type in ACTIVATIONS else getattr(last, "activation", None)
+
+
+def check_loss_fits(spec: Spec) -> None:
+    """The model's outputs must be what the loss takes: cross_entropy takes logits (a softmax before it trains
+    on probabilities and learns worse, with no error), nll takes log-probabilities (a log_softmax ends the
+    model)."""
+    takes, loss = LOSSES[spec.loss.type].takes, spec.loss.type
+    tree = spec.model.tree()
+    final = final_activation(tree)
+    where = f"model.layers[{len(tree) - 1}] ({tree[-1].type})"
+    if takes == "logits" and final in ("softmax", "log_softmax"):
+        raise ConfigError(f"the model ends in {final} ({where}), but loss {loss} takes logits and applies "
+                          "log-softmax itself: it would train on probabilities, slower and to a worse accuracy",
+                          f"remove the {final} (predict and export --softmax still give probabilities), or end "
+                          "with log_softmax and use loss: nll")
+    if takes == "log_probabilities" and final != "log_softmax":
+        raise ConfigError(f"loss {loss} takes log-probabilities, but the model ends in "
+                          f"{final or 'a linear layer'} ({where})",
+                          "end the model with {type: log_softmax} (or activation: log_softmax on its last layer), "
+                          "or use loss: cross_entropy on the logits")
+
+
 def check_known_data(spec: Spec, rows: list[LayerRow]) -> None:
-    """What can be checked against the dataset without reading it: its class count and image shape."""
+    """What can be checked without reading the data: the loss against the model's outputs, and the dataset's
+    class count and image shape."""
+    check_loss_fits(spec)
     classes, image_shape = data.dataset_info(spec.data)
     if classes is not None:
         check_outputs(spec, rows, len(classes))

@@ -131,6 +131,9 @@ class DataSpec(Strict):
     test_time_augment: TestTimeAugmentSpec = Field(default_factory=TestTimeAugmentSpec,
                                                    description="Augmentation when evaluating and predicting.")
     batch_size: PosInt = 64
+    eval_batch_size: PosInt | None = Field(None, description="Batch size for validation, test, eval and predict "
+                                           "(default: batch_size). Evaluation keeps nothing for backward, so it can "
+                                           "be larger; the numbers do not depend on it.")
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the training data held out.")
     stratify: bool = Field(False, description="Hold out val_split of every class (the validation split keeps the "
                            "class proportions); off by default so that existing configs keep their exact split.")
@@ -150,6 +153,11 @@ class DataSpec(Strict):
             raise ValueError("std values must be positive")
         return v
 
+    @property
+    def evaluation_batch(self) -> int:
+        """Images per forward pass when evaluating or predicting."""
+        return self.eval_batch_size or self.batch_size
+
 
 class LossSpec(Strict):
     type: Literal[tuple(nn.LOSSES)] = "cross_entropy"  # derived from the loss registry
@@ -162,6 +170,8 @@ class LossSpec(Strict):
     def _weights_need_cross_entropy(self):
         if self.class_weights is not None and self.type != "cross_entropy":
             raise ValueError("class_weights apply to cross_entropy only")
+        if self.label_smoothing and self.type != "cross_entropy":
+            raise ValueError("label_smoothing applies to cross_entropy only")
         return self
 
 

@@ -52,7 +52,10 @@ class OnnxGraph:
         return out
 
 
-def to_onnx(model: nn.Layer, input_shape, normalization: dict, name: str, softmax: bool = False):
+def to_onnx(model: nn.Layer, input_shape, normalization: dict, name: str, softmax: bool = False,
+            outputs: str = "logits"):
+    """The ONNX model; with softmax, its output made probabilities from what the model's outputs are (`outputs`,
+    what its loss takes: logits get a Softmax, log-probabilities an Exp)."""
     onnx, helper, numpy_helper = _onnx()
     g = OnnxGraph(helper, numpy_helper)
     c = input_shape[0]
@@ -61,7 +64,9 @@ def to_onnx(model: nn.Layer, input_shape, normalization: dict, name: str, softma
     x = g.node("Div", [g.node("Sub", ["input", mean], "norm.centre"), std], "norm.scale")
     x = model.onnx(g, x, tuple(input_shape), "")
     shape = model.output_shape(tuple(input_shape))
-    if softmax:
+    if softmax and outputs == "log_probabilities":
+        x = g.node("Exp", [x], "probabilities")
+    elif softmax:
         x = g.node("Softmax", [x], "probabilities", axis=1)
     g.nodes.append(helper.make_node("Identity", [x], ["output"], name="output"))
     graph = helper.make_graph(
@@ -76,7 +81,8 @@ def to_onnx(model: nn.Layer, input_shape, normalization: dict, name: str, softma
     return m
 
 
-def export_onnx(model, input_shape, normalization, name: str, out: Path, softmax: bool = False) -> Path:
-    m = to_onnx(model, input_shape, normalization, name, softmax)
+def export_onnx(model, input_shape, normalization, name: str, out: Path, softmax: bool = False,
+                outputs: str = "logits") -> Path:
+    m = to_onnx(model, input_shape, normalization, name, softmax, outputs)
     atomic_write_bytes(Path(out), m.SerializeToString())
     return Path(out)

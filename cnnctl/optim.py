@@ -71,6 +71,31 @@ class RMSpropSpec(Strict):
         return OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
 
 
+class AdagradSpec(Strict):
+    type: Literal["adagrad"]
+    lr: float = Field(0.01, gt=0.0)
+    lr_decay: float = Field(0.0, ge=0.0, description="The rate at step t is lr / (1 + (t - 1) * lr_decay).")
+    weight_decay: float = Field(0.0, ge=0.0)
+    initial_accumulator_value: float = Field(0.0, ge=0.0)
+    eps: float = Field(1e-10, gt=0.0)
+    decay_bias_and_norm: bool = True
+
+    def build(self, model):
+        return OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
+
+
+class AdadeltaSpec(Strict):
+    type: Literal["adadelta"]
+    lr: float = Field(1.0, gt=0.0, description="Scales the step (1.0: Zeiler's Adadelta, which needs no rate).")
+    rho: float = Field(0.9, ge=0.0, le=1.0)
+    eps: float = Field(1e-6, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    decay_bias_and_norm: bool = True
+
+    def build(self, model):
+        return OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
+
+
 # ---------------------------------------------------------------- the update rules
 
 
@@ -206,3 +231,41 @@ class RMSprop(Optimizer):
             buf = st["momentum_buffer"] = self.momentum * st.get("momentum_buffer", np.zeros_like(p)) + g / avg
             return p - self.lr * buf
         return p - self.lr * g / avg
+
+
+@register_optimizer("adagrad", AdagradSpec)
+class Adagrad(Optimizer):
+    """s += g^2; p -= lr / (1 + (t-1)*lr_decay) * g / (sqrt(s) + eps) (Duchi et al. 2011; torch.optim.Adagrad)."""
+
+    def __init__(self, model, lr=0.01, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10,
+                 decay_bias_and_norm=True):
+        super().__init__(model, lr, weight_decay, decay_bias_and_norm)
+        self.lr_decay, self.initial, self.eps = float(lr_decay), float(initial_accumulator_value), float(eps)
+
+    def update(self, p, g, st, wd):
+        if wd:
+            g = g + wd * p
+        if "sum" not in st:
+            st["sum"] = np.full_like(p, self.initial)
+        s = st["sum"] = st["sum"] + g * g
+        clr = self.lr / (1 + (self.steps - 1) * self.lr_decay)
+        return p - clr * g / (np.sqrt(s) + self.eps)
+
+
+@register_optimizer("adadelta", AdadeltaSpec)
+class Adadelta(Optimizer):
+    """v = rho*v + (1-rho)*g^2; d = sqrt(u + eps) / sqrt(v + eps) * g; u = rho*u + (1-rho)*d^2; p -= lr*d
+    (Zeiler 2012; torch.optim.Adadelta)."""
+
+    def __init__(self, model, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, decay_bias_and_norm=True):
+        super().__init__(model, lr, weight_decay, decay_bias_and_norm)
+        self.rho, self.eps = float(rho), float(eps)
+
+    def update(self, p, g, st, wd):
+        r = self.rho
+        if wd:
+            g = g + wd * p
+        v = st["square_avg"] = r * st.get("square_avg", np.zeros_like(p)) + (1 - r) * g * g
+        d = np.sqrt(st.get("acc_delta", np.zeros_like(p)) + self.eps) / np.sqrt(v + self.eps) * g
+        st["acc_delta"] = r * st.get("acc_delta", np.zeros_like(p)) + (1 - r) * d * d
+        return p - self.lr * d

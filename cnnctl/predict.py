@@ -10,6 +10,7 @@ import numpy as np
 from . import functional as F
 from .data import dataset_info, files
 from .errors import DataError
+from .nn import LOSSES
 
 
 def load_inputs(paths: list[Path], input_shape) -> tuple[list[str], np.ndarray]:
@@ -57,10 +58,22 @@ def normalize(x01: np.ndarray, normalization: dict) -> np.ndarray:
     return ((x01 - mean) / std).astype(np.float32)
 
 
+def outputs(model, x01: np.ndarray, normalization: dict, tta, batch_size: int) -> np.ndarray:
+    """The model's outputs for inputs on the 0..1 scale, batch_size at a time: memory stays that of one batch
+    however many inputs there are."""
+    from .train import infer  # the trainer's own inference (test-time views included)
+
+    return np.concatenate([infer(model, normalize(x01[i : i + batch_size], normalization), tta)
+                           for i in range(0, len(x01), batch_size)])
+
+
 def probabilities(spec, outputs: np.ndarray) -> np.ndarray:
-    """Class probabilities from a model's outputs: softmax of the logits a cross-entropy model gives; an mse
-    model's outputs are its scores as they are."""
-    return F.softmax(outputs, axis=1) if spec.loss.type == "cross_entropy" else outputs
+    """Class probabilities from a model's outputs, by what its loss takes: the softmax of logits
+    (cross_entropy), the exponential of log-probabilities (nll); scores (mse) as they are."""
+    takes = LOSSES[spec.loss.type].takes
+    if takes == "logits":
+        return F.softmax(outputs, axis=1)
+    return np.exp(outputs) if takes == "log_probabilities" else outputs
 
 
 def class_names(spec, n: int, ckpt) -> list[str]:

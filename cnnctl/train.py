@@ -397,7 +397,7 @@ class Trainer:
         return stop
 
     def fit(self, run_dir: Path, resumed: bool = False) -> dict:
-        spec, bs = self.spec, self.spec.data.batch_size
+        spec, ebs = self.spec, self.spec.data.evaluation_batch
         tta = spec.data.test_time_augment
         self.run_dir, self._started = Path(run_dir), time.time()
         self.environment = environment()
@@ -431,7 +431,7 @@ class Trainer:
                        "val_loss": None, "val_acc": None, "lr": self.optimizer.lr}
                 if len(self.ds.val) and (epoch % spec.train.validate_every == 0 or epoch == spec.train.epochs):
                     with self.evaluated():
-                        val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, bs, self.num_classes, tta,
+                        val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, ebs, self.num_classes, tta,
                                        self.world)
                     row.update(val_loss=val["loss"], val_acc=val["accuracy"])
                 row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -455,7 +455,7 @@ class Trainer:
         extra = {"stopped_early": stopped_early}
         if spec.train.test_at_end:
             with self.evaluated():
-                test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, bs, self.num_classes, tta,
+                test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, ebs, self.num_classes, tta,
                                 self.world)
             extra["test"] = {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]}
         self._write_summary("finished", **extra)

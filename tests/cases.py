@@ -97,7 +97,9 @@ CASES = {
     "sigmoid": [("sigmoid", lambda g: nn.Sigmoid(), (3, 4, 5))],
     "tanh": [("tanh", lambda g: nn.Tanh(), (3, 4, 5))],
     "softmax": [("softmax", lambda g: nn.Softmax(), (4, 6))],
+    "log_softmax": [("log_softmax", lambda g: nn.LogSoftmax(), (4, 6))],
     "dropout": [("dropout", lambda g: nn.Dropout(0.3, rng=g), (4, 10))],
+    "dropout2d": [("dropout2d", lambda g: nn.Dropout2D(0.4, rng=g), (3, 5, 4, 3))],
     "batchnorm1d": [("bn1d", lambda g: nn.BatchNorm1D(5), (6, 5))],
     "batchnorm2d": [("bn2d", lambda g: nn.BatchNorm2D(3), (4, 3, 5, 4))],
 }

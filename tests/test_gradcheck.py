@@ -61,6 +61,12 @@ def test_weighted_cross_entropy_gradient():
         assert check_loss(loss, g.standard_normal((5, 4)) * 3, g.integers(0, 4, 5)) < TOL
 
 
+def test_nll_gradient():
+    g = np.random.default_rng(8)
+    logp = np.log(np.random.default_rng(9).dirichlet(np.ones(4), 5))
+    assert check_loss(nn.NLLLoss(), logp, g.integers(0, 4, 5)) < TOL
+
+
 @pytest.mark.parametrize("int_targets", [False, True])
 def test_mse_gradient(int_targets):
     g = np.random.default_rng(4)

@@ -44,7 +44,7 @@ def test_unwritable_outputs_are_refused_before_any_work(tiny_run, tmp_path, verb
 
 
 def test_a_folder_given_as_the_output_file_is_refused(tiny_run, tmp_path):
-    expect_error(["plot", tiny_run, "--out", tmp_path], "is a folder")
+    expect_error(["plot", tiny_run, "--out", tmp_path], "it is a folder")
 
 
 def test_picture_writers_turn_os_errors_into_one_message(tmp_path):

@@ -19,8 +19,17 @@ SETTINGS = [
     ("adamw", {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}),
     ("rmsprop", {"lr": 1e-2}),
     ("rmsprop", {"lr": 1e-2, "alpha": 0.9, "momentum": 0.5, "centered": True, "weight_decay": 1e-2}),
+    ("adagrad", {"lr": 1e-1}),
+    ("adagrad", {"lr": 1e-1, "lr_decay": 0.05, "weight_decay": 1e-2, "initial_accumulator_value": 0.1, "eps": 1e-8}),
+    ("adadelta", {}),
+    ("adadelta", {"lr": 0.5, "rho": 0.8, "eps": 1e-5, "weight_decay": 1e-2}),
 ]
-TORCH = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
+TORCH = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "adagrad": "Adagrad",
+         "adadelta": "Adadelta"}
+
+
+def test_every_optimizer_has_torch_settings():
+    assert {tag for tag, _ in SETTINGS} == set(OPTIMIZERS) == set(TORCH)
 
 
 def small_model(g):

@@ -50,7 +50,7 @@ def compare(layer, x, training=True, dy_seed=0):
 def test_layer_matches_torch(tag, case_id, factory, shape, training):
     g = np.random.default_rng(0)
     layer = factory(g)
-    if tag == "dropout":
+    if tag in ("dropout", "dropout2d"):
         pytest.skip("random masks cannot be shared with torch; see test_dropout_semantics")
     randomize_params(layer, g, statistics=True)
     compare(layer, g.standard_normal(shape).astype(np.float32), training)
@@ -153,6 +153,40 @@ def test_dropout_semantics():
     np.testing.assert_allclose(layer.backward(dy), kept / np.float32(0.7), rtol=1e-6)
     reference = torch.nn.Dropout(0.3).eval()(torch.tensor(x)).numpy()
     np.testing.assert_array_equal(layer.forward(x, training=False), reference)
+
+
+def test_dropout2d_drops_whole_channels_like_torch():
+    """Spatial dropout: each (image, channel) map kept whole and scaled by 1/(1-rate), or zeroed; the same mask in
+    backward; the identity in eval; the fraction dropped near the rate (torch's Dropout2d draws its own)."""
+    x = np.random.default_rng(3).standard_normal((64, 32, 5, 4)).astype(np.float32) + 5  # no zeros of its own
+    layer = nn.Dropout2D(0.25, rng=np.random.default_rng(4))
+    y = layer.forward(x, training=True)
+    kept = (y != 0).reshape(64, 32, -1)
+    assert (kept.all(axis=2) | ~kept.any(axis=2)).all()  # whole maps only
+    np.testing.assert_allclose(y[y != 0], x[y != 0] / 0.75, rtol=1e-6)
+    assert abs(1 - kept.all(axis=2).mean() - 0.25) < 0.03
+    np.testing.assert_allclose(layer.backward(np.ones_like(x)), (y != 0) / np.float32(0.75), rtol=1e-6)
+    t = torch.nn.Dropout2d(0.25).train()(torch.tensor(x)).numpy().reshape(64, 32, -1)
+    assert abs((t == 0).all(axis=2).mean() - 0.25) < 0.05  # the same semantics in torch
+    np.testing.assert_array_equal(layer.forward(x, training=False), torch.nn.Dropout2d(0.25).eval()(
+        torch.tensor(x)).numpy())
+
+
+def test_log_softmax_then_nll_matches_torch_and_equals_cross_entropy():
+    g = np.random.default_rng(7)
+    logits = (g.standard_normal((16, 10)) * 4).astype(np.float32)
+    targets = g.integers(0, 10, 16)
+    head, loss = nn.LogSoftmax(), nn.NLLLoss()
+    value = loss.forward(head.forward(logits), targets)
+    grad = head.backward(loss.backward())
+    lt = torch.tensor(logits, requires_grad=True)
+    vt = torch.nn.functional.nll_loss(torch.log_softmax(lt, dim=1), torch.tensor(targets))
+    vt.backward()
+    assert abs(value - vt.item()) <= TOL * max(1.0, abs(vt.item()))
+    assert rel_error(grad, lt.grad.numpy()) < TOL
+    ce = nn.CrossEntropyLoss()
+    assert abs(ce.forward(logits, targets) - value) < 1e-6
+    assert rel_error(ce.backward(), grad) < TOL
 
 
 def test_sequential_state_dict_loads_into_torch():

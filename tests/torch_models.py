@@ -94,7 +94,9 @@ TORCH = {
     "sigmoid": lambda layer: tnn.Sigmoid(),
     "tanh": lambda layer: tnn.Tanh(),
     "softmax": lambda layer: tnn.Softmax(dim=1),
+    "log_softmax": lambda layer: tnn.LogSoftmax(dim=1),
     "dropout": lambda layer: tnn.Dropout(layer.rate),
+    "dropout2d": lambda layer: tnn.Dropout2d(layer.rate),
 }
 
 

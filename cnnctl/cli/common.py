@@ -158,7 +158,8 @@ def check_writable(path: Path, option: str) -> None:
     missing (as the writers do), and a temporary file is made and removed there."""
     path = Path(path)
     if path.is_dir():
-        raise CnnctlError(f"{option} {path}: is a folder", f"give a file name, e.g. {path / 'out.png'}")
+        raise CnnctlError(f"{option} {path}: cannot write there, it is a folder",
+                          f"give a file name, e.g. {path / 'out.png'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.parent / f".{path.name}.probe"

@@ -25,7 +25,7 @@ from ..fileio import atomic_write_bytes
 from ..gradcheck import check_network
 from ..loading import load_model, offline
 from ..lr_find import lr_find as lr_find_lib
-from ..train import Seeds, infer, load_data
+from ..train import Seeds, load_data
 from .common import (
     SetOption,
     ThreadsOption,
@@ -249,7 +249,8 @@ def export(
     check_writable(out_file, "--out")
     checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
     spec, model, _ = load_model(ckpt, checkpoint_path)
-    export_onnx(model, spec.model.input_shape, ckpt.normalization, spec.name, out_file, softmax)
+    export_onnx(model, spec.model.input_shape, ckpt.normalization, spec.name, out_file, softmax,
+                nn.LOSSES[spec.loss.type].takes)
     out.print(f"wrote {out_file} (input 'input': N x {' x '.join(map(str, spec.model.input_shape))} pixels "
               f"in 0..1; output 'output': {'probabilities' if softmax else 'logits'})")
 
@@ -266,7 +267,8 @@ def predict_(
     checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
     spec, model, _ = load_model(ckpt, checkpoint_path)
     names, x01 = predict_lib.load_inputs(inputs, spec.model.input_shape)
-    logits = infer(model, predict_lib.normalize(x01, ckpt.normalization), spec.data.test_time_augment)
+    logits = predict_lib.outputs(model, x01, ckpt.normalization, spec.data.test_time_augment,
+                                 spec.data.evaluation_batch)
     classes = predict_lib.class_names(spec, logits.shape[1], ckpt)
     results = predict_lib.top_classes(names, predict_lib.probabilities(spec, logits), classes, top_k)
     k = len(results[0]["top"]) if results else 0

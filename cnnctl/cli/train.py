@@ -232,7 +232,7 @@ def eval_(
     spec, model, rows = load_model(ckpt, checkpoint_path)
     ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)
     loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
-    res = evaluate(model, loss_fn, ds, ds.split(data_split), spec.data.batch_size, len(ds.classes),
+    res = evaluate(model, loss_fn, ds, ds.split(data_split), spec.data.evaluation_batch, len(ds.classes),
                    spec.data.test_time_augment)
     cm, precision, recall = res["confusion_matrix"], res["precision"], res["recall"]
     if plot_file is not None:

@@ -12,7 +12,7 @@ from typing import Literal
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-from .activations import ELU, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh  # noqa: E402  (registered above)
+from .activations import ELU, LeakyReLU, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh  # noqa: E402  (registered above)
 from .base import (  # noqa: E402
     ACTIVATIONS,
     REGISTRY,
@@ -30,10 +30,10 @@ from .dense import Dense, Flatten  # noqa: E402
 from .graph import Concat, ConcatSpec, Residual, ResidualSpec  # noqa: E402
 from .hooks import recording  # noqa: E402
 from .init import INITS, Init, initialize  # noqa: E402
-from .losses import LOSSES, CrossEntropyLoss, Loss, MSELoss  # noqa: E402
+from .losses import LOSSES, CrossEntropyLoss, Loss, MSELoss, NLLLoss  # noqa: E402
 from .model import Model, Sequential, SequentialSpec  # noqa: E402
 from .pooling import AvgPool2D, GlobalAvgPool2D, MaxPool2D  # noqa: E402
-from .regularization import BatchNorm1D, BatchNorm2D, Dropout  # noqa: E402
+from .regularization import BatchNorm1D, BatchNorm2D, Dropout, Dropout2D  # noqa: E402
 
 Activation = Literal[(*ACTIVATIONS, "linear")]  # "linear": none
 AnyLayer = layer_union(BlockUse)
@@ -44,6 +44,6 @@ __all__ = [
     "REGISTRY", "SPECS", "ACTIVATIONS", "LOSSES", "INITS", "Activation", "Init", "AnyLayer", "BlockUse", "Layer",
     "LayerSpec", "Param", "Loss", "Sequential", "Model", "Residual", "Concat", "register", "make_activation",
     "initialize", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Flatten", "Dense",
-    "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Softmax", "Dropout", "BatchNorm1D", "BatchNorm2D",
-    "CrossEntropyLoss", "MSELoss", "SequentialSpec", "ResidualSpec", "ConcatSpec", "recording",
+    "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Dropout", "Dropout2D", "BatchNorm1D", "BatchNorm2D",
+    "CrossEntropyLoss", "MSELoss", "NLLLoss", "SequentialSpec", "ResidualSpec", "ConcatSpec", "recording",
 ]

@@ -43,6 +43,10 @@ class SoftmaxSpec(LayerSpec):
     type: Literal["softmax"]
 
 
+class LogSoftmaxSpec(LayerSpec):
+    type: Literal["log_softmax"]
+
+
 @register("relu", ReLUSpec, activation=True)
 class ReLU(Layer):
     """max(x, 0); the derivative at 0 is taken as 0, like PyTorch."""
@@ -156,3 +160,20 @@ class Softmax(Layer):
     def backward(self, dy):
         y = self._y
         return y * (dy - (dy * y).sum(axis=1, keepdims=True))
+
+
+@register("log_softmax", LogSoftmaxSpec, activation=True)
+class LogSoftmax(Layer):
+    """log(softmax(x)) over the feature axis (axis 1), computed stably: the output the nll loss takes (PyTorch's
+    log_softmax + nll_loss, which together are cross_entropy)."""
+
+    def onnx(self, g, x, input_shape, name):
+        return g.node("LogSoftmax", [x], name, axis=1)
+
+    def forward(self, x, training=True):
+        y = F.log_softmax(x, axis=1)
+        self._p = np.exp(y)
+        return y
+
+    def backward(self, dy):
+        return dy - self._p * dy.sum(axis=1, keepdims=True)

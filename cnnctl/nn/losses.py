@@ -13,6 +13,9 @@ register_loss = registrar(LOSSES)
 
 class Loss:
     tag = "loss"
+    # what the model's outputs must be for this loss: logits (it applies log-softmax itself), log_probabilities
+    # (a log_softmax ends the model), or scores (taken as they are); the model checks and predict read it
+    takes = "scores"
     # what the last forward divided its sum by (the batch size, or the batch's summed class weights): data-parallel
     # training rescales each part's gradient to the whole batch's normaliser
     normalizer: float = 1.0
@@ -41,6 +44,8 @@ class CrossEntropyLoss(Loss):
     With label smoothing e the target distribution is (1 - e) * onehot + e / K (PyTorch's definition).
     Computed through log-softmax, so logits of magnitude 1e4 give finite values and gradients.
     """
+
+    takes = "logits"
 
     def __init__(self, label_smoothing: float = 0.0, class_weights=None):
         self.label_smoothing = float(label_smoothing)
@@ -95,3 +100,24 @@ class MSELoss(Loss):
 
     def backward(self):
         return self._diff / self._diff.shape[0]
+
+
+@register_loss("nll")
+class NLLLoss(Loss):
+    """Negative log-likelihood of log-probabilities (N, K) (a log_softmax layer's output) with integer targets
+    (N,): -mean(outputs[i, target_i]), PyTorch's nll_loss. log_softmax + nll equals cross_entropy on logits."""
+
+    takes = "log_probabilities"
+
+    def forward(self, outputs, targets):
+        targets = _check_class_targets(outputs, targets)
+        n = outputs.shape[0]
+        self._shape, self._targets, self.normalizer = outputs.shape, targets, float(n)
+        self._dtype = outputs.dtype
+        return float(-outputs[np.arange(n), targets].sum(dtype=np.float64) / max(n, 1))
+
+    def backward(self):
+        grad = np.zeros(self._shape, self._dtype)
+        n = self._shape[0]
+        grad[np.arange(n), self._targets] = -1.0 / max(n, 1)
+        return grad

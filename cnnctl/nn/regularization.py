@@ -24,6 +24,17 @@ class DropoutSpec(LayerSpec):
         return Dropout(self.rate, scope.rng)
 
 
+class Dropout2DSpec(LayerSpec):
+    type: Literal["dropout2d"]
+    rate: float = Field(0.5, ge=0.0, lt=1.0, description="Probability of zeroing each whole channel while training.")
+
+    def build(self, input_shape, scope):
+        if len(input_shape) != 3:
+            raise ShapeError(f"dropout2d drops channels of (C, H, W) maps; its input has shape {tuple(input_shape)}",
+                             "put dropout2d between convolutions, or use dropout after flatten")
+        return Dropout2D(self.rate, scope.rng)
+
+
 class _BatchNormSpec(LayerSpec):
     momentum: float = Field(0.1, gt=0.0, le=1.0)
     eps: float = Field(1e-5, gt=0.0)
@@ -76,14 +87,18 @@ class Dropout(Layer):
             return x
         part = self.batch_part
         if part is None:
-            keep = self.rng.random(x.shape, dtype=np.float32) >= self.rate
+            keep = self.rng.random(self.mask_shape(x.shape), dtype=np.float32) >= self.rate
         else:
             lo, hi, n = part
             if hi - lo != x.shape[0]:
                 raise ValueError(f"dropout: batch_part {part} does not match an input of {x.shape[0]} rows")
-            keep = self.rng.random((n, *x.shape[1:]), dtype=np.float32)[lo:hi] >= self.rate
+            keep = self.rng.random(self.mask_shape((n, *x.shape[1:])), dtype=np.float32)[lo:hi] >= self.rate
         self._scale = keep.astype(x.dtype) / x.dtype.type(1.0 - self.rate)
         return x * self._scale
+
+    def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """One random draw per value."""
+        return shape
 
     def backward(self, dy):
         return dy if self._scale is None else dy * self._scale
@@ -93,6 +108,20 @@ class Dropout(Layer):
 
     def __repr__(self):
         return f"Dropout(rate={self.rate})"
+
+
+@register("dropout2d", Dropout2DSpec)
+class Dropout2D(Dropout):
+    """Spatial dropout (Tompson et al. 2015; PyTorch's Dropout2d): zero each whole channel of an (N, C, H, W)
+    input with probability rate and scale the kept ones by 1/(1-rate) while training; the identity otherwise.
+    Neighbouring pixels of a map are strongly correlated, so dropping single values regularises convolutions
+    little."""
+
+    def mask_shape(self, shape):
+        return (*shape[:2], *(1,) * (len(shape) - 2))
+
+    def __repr__(self):
+        return f"Dropout2D(rate={self.rate})"
 
 
 class _BatchNorm(Layer):

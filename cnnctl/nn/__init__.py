@@ -44,6 +44,7 @@ __all__ = [
     "REGISTRY", "SPECS", "ACTIVATIONS", "LOSSES", "INITS", "Activation", "Init", "AnyLayer", "BlockUse", "Layer",
     "LayerSpec", "Param", "Loss", "Sequential", "Model", "Residual", "Concat", "register", "make_activation",
     "initialize", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Flatten", "Dense",
-    "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Dropout", "Dropout2D", "BatchNorm1D", "BatchNorm2D",
+    "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Dropout", "Dropout2D", "BatchNorm1D",
+    "BatchNorm2D",
     "CrossEntropyLoss", "MSELoss", "NLLLoss", "SequentialSpec", "ResidualSpec", "ConcatSpec", "recording",
 ]

@@ -16,7 +16,7 @@ from .nn import LOSSES
 def load_inputs(paths: list[Path], input_shape) -> tuple[list[str], np.ndarray]:
     """(names, images (N, C, H, W)) from image files and/or .npz files (array `x`, `x_test` or `images`)."""
     c, h, w = input_shape
-    names, arrays = [], []
+    names, arrays, pictures = [], [], []
     for path in map(Path, paths):
         if path.suffix == ".npz":
             if not path.is_file():
@@ -26,7 +26,7 @@ def load_inputs(paths: list[Path], input_shape) -> tuple[list[str], np.ndarray]:
                     key = next((k for k in ("x", "x_test", "images") if k in z.files), None)
                     if key is None:
                         raise DataError(f"{path}: no array named x, x_test or images (found {', '.join(z.files)})")
-                    x = files._nchw(z[key], path, key)
+                    x = files._nchw(files.read_array(z, key, path), path, key)
             except files.NPZ_ERRORS as e:
                 raise DataError(f"{path}: cannot read as a plain .npz ({e})", "store numeric arrays with np.savez") \
                     from None
@@ -35,19 +35,17 @@ def load_inputs(paths: list[Path], input_shape) -> tuple[list[str], np.ndarray]:
             arrays.extend(x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0))
             names.extend(f"{path.name}[{i}]" for i in range(len(x)))
             continue
-        Image = files._pillow()
         if not path.is_file():
             raise DataError(f"image not found: {path}")
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.float32) / 255.0
-        except (OSError, Image.DecompressionBombError) as e:
-            raise DataError(f"{path}: cannot decode the image ({e})") from None
-        arrays.append(a[None] if c == 1 else a.transpose(2, 0, 1))
+        pictures.append((len(arrays), path))
+        arrays.append(None)  # decoded below, all pictures at once
         names.append(path.name)
     if not arrays:
         raise DataError("no inputs given", "pass image files or an .npz")
+    if pictures:
+        decoded = files.decode_images([p for _, p in pictures], (c, h, w), "the inputs")
+        for (i, _), image in zip(pictures, decoded):
+            arrays[i] = image.astype(np.float32) / 255.0
     return names, np.stack(arrays).astype(np.float32)
 
 

@@ -100,7 +100,7 @@ def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match="holds no images"):
         files.load_folder(tmp_path, (1, 8, 8))
     (tmp_path / "train" / "a" / "x.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="cannot decode"):
+    with pytest.raises(DataError, match="cannot be decoded"):
         files.load_folder(tmp_path, (1, 8, 8))
 
 

@@ -89,3 +89,138 @@ def test_class_names_with_escape_sequences_never_reach_the_terminal(tmp_path):
     assert "\ufffd]0;pwned" in outputs[-2]  # shown, made harmless
     res = runner.invoke(app, ["predict", str(run), str(tmp_path / "x.npz"), "--json"])
     assert json.loads(res.stdout)[0]["top"][0]["class"] in ESCAPES  # JSON keeps the names (escaped by JSON)
+
+
+# ---------------------------------------------------------------- images read wrong or dangerously
+
+
+def _png16(path, value):
+    from PIL import Image
+
+    Image.fromarray(np.full((6, 6), value, np.uint16)).save(path)  # mode I;16: a 16-bit grayscale PNG
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_pngs_keep_their_brightness(tmp_path, channels):
+    pytest.importorskip("PIL")
+    from cnnctl.data import files
+
+    for value, expected in ((0, 0), (16448, 64), (32896, 128), (65535, 255)):
+        _png16(tmp_path / "x.png", value)
+        np.testing.assert_array_equal(files.decode_image(tmp_path / "x.png", (channels, 4, 4)),
+                                      np.full((channels, 4, 4), expected, np.uint8))
+
+
+def test_two_brightness_classes_of_16_bit_pngs_stay_apart_in_a_folder(tmp_path):
+    pytest.importorskip("PIL")
+    from cnnctl.data import files
+
+    for split in ("train", "test"):
+        for cls, value in (("dark", 12000), ("bright", 50000)):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                _png16(tmp_path / split / cls / f"{i}.png", value + i)
+    classes, (x, y), _ = files.load_folder(tmp_path, (1, 6, 6))
+    means = {classes[k]: x[y == k].mean() for k in range(2)}
+    assert abs(means["dark"] - 12000 / 257) < 1 and abs(means["bright"] - 50000 / 257) < 1
+
+
+def test_only_documented_formats_are_decoded_whatever_the_name(tmp_path, monkeypatch):
+    """A PostScript file named .png must never reach Pillow's EPS plugin (which runs Ghostscript)."""
+    PIL = pytest.importorskip("PIL")
+    from PIL import EpsImagePlugin
+
+    from cnnctl.data import files
+
+    called = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(EpsImagePlugin, "gs_windows_binary", "/bin/false", raising=False)
+    (tmp_path / "x.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n")
+    with pytest.raises(ValueError, match="not a picture in one of the formats"):
+        files.decode_image(tmp_path / "x.png", (1, 8, 8))
+    assert not called and PIL
+
+
+def _damaged_png(path, length=0):
+    """A PNG whose IDAT chunk length is damaged (Pillow raises SyntaxError), or with length=5 its IHDR's
+    (ValueError)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 100, np.uint8)).save(buf, format="PNG")
+    raw = bytearray(buf.getvalue())
+    at = 33 if length == 0 else 8  # the IDAT length field follows the 25-byte IHDR chunk
+    raw[at : at + 4] = length.to_bytes(4, "big")
+    path.write_bytes(bytes(raw))
+
+
+def test_every_bad_file_of_a_folder_is_named_in_one_message(tmp_path):
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    from cnnctl.data import files
+    from cnnctl.errors import DataError
+
+    d = tmp_path / "train" / "a"
+    d.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "good.png")
+    (d / "text.png").write_bytes(b"not an image")
+    _damaged_png(d / "chunk.png")
+    _damaged_png(d / "header.png", 5)
+    (d / "trunc.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
+    with pytest.raises(DataError) as e:
+        files.load_folder(tmp_path, (1, 8, 8))
+    text = str(e.value)
+    assert "4 of 5 files" in text and all(n in text for n in ("text.png", "chunk.png", "header.png", "trunc.jpg"))
+    assert "SyntaxError" in text and "ValueError" in text
+    assert "good.png" not in text
+
+
+def test_predict_names_every_bad_picture_and_reads_16_bit(tiny_run, tmp_path):
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "bad1.png").write_bytes(b"junk")
+    _damaged_png(tmp_path / "bad2.png")
+    expect_error(["predict", tiny_run, tmp_path / "ok.png", tmp_path / "bad1.png", tmp_path / "bad2.png"],
+                 "2 of 3 files in the inputs cannot be decoded", "bad1.png", "bad2.png")
+    _png16(tmp_path / "wide.png", 65535)
+    from cnnctl.predict import load_inputs
+
+    _, x = load_inputs([tmp_path / "wide.png"], (1, 16, 16))
+    assert x.min() == 1.0
+
+
+def test_pictures_without_pillow_name_the_images_extra(tiny_run, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    (tmp_path / "a.png").write_bytes(b"x")
+    text = expect_error(["predict", tiny_run, tmp_path / "a.png"], "cnnctl[images]", "Pillow")
+    assert "dataset: folder" not in text
+
+
+# ---------------------------------------------------------------- memory with no bound
+
+
+def test_an_npz_header_claiming_a_terabyte_is_refused_before_reading(tmp_path):
+    from cnnctl.data import files
+    from cnnctl.errors import DataError
+
+    path = tmp_path / "huge.npz"
+    np.savez(path, x_train=np.zeros((2, 4, 4), np.uint8), y_train=np.zeros(2, int),
+             x_test=np.zeros((1, 4, 4), np.uint8), y_test=np.zeros(1, int))
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    raw = members["x_train.npy"]
+    members["x_train.npy"] = raw.replace(b"'shape': (2, 4, 4), ", b"'shape': (1000000000000,), ")
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    with pytest.raises(DataError, match="more than this machine can spare"):
+        files.load_npz(path)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
+from ..memory import refuse_over
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -41,6 +43,22 @@ def open_npz(path: Path):
     return z
 
 
+def read_array(z, key: str, path: Path) -> np.ndarray:
+    """One array of an open .npz, its declared size checked against this machine's memory before it is read
+    (a header can claim any size)."""
+    try:
+        with z.zip.open(f"{key}.npy") as f:
+            fmt = np.lib.format
+            version = fmt.read_magic(f)
+            header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = header(f)
+    except KeyError:
+        shape, dtype = (), np.dtype(np.uint8)  # not stored as key.npy: let np.load say what it is
+    refuse_over(f"{path}: array {key} of shape {tuple(shape)} {dtype}", math.prod(shape) * dtype.itemsize, 2,
+                DataError, "the file is damaged, or too large for this machine")
+    return z[key]
+
+
 def load_npz(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """(x_train, y_train), (x_test, y_test) from an .npz, read with allow_pickle=False."""
     if not path.is_file():
@@ -52,7 +70,7 @@ def load_npz(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarra
             if missing:
                 raise DataError(f"{path}: missing arrays {', '.join(missing)} (found {', '.join(z.files) or 'none'})",
                                 "save the file with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
-            arrays = {k: z[k] for k in NPZ_KEYS}
+            arrays = {k: read_array(z, k, path) for k in NPZ_KEYS}
     except DataError:
         raise
     except NPZ_ERRORS as e:
@@ -85,49 +103,92 @@ def _pillow():
     try:
         from PIL import Image
     except ImportError:
-        raise DataError("dataset: folder needs Pillow to decode images, which is not installed",
+        raise DataError("decoding picture files (PNG, JPEG, ...) needs Pillow, which is not installed",
                         "pip install 'cnnctl[images]'") from None
     return Image
 
 
-def load_folder(root: Path, input_shape) -> tuple[list[str], tuple, tuple]:
-    """ImageFolder: root/train/<class>/*.png|jpg and root/test/<class>/..., resized to the input shape."""
+# the formats cnnctl decodes, by Pillow's name: nothing else is opened whatever a file's name or content (a
+# PostScript file named .png would otherwise run Ghostscript, an external program)
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
+WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # 16-bit (and 32-bit integer) grayscale
+
+
+def decode_image(path: Path, input_shape) -> np.ndarray:
+    """One picture file as uint8 (C, H, W) of the input shape: grayscale (C 1) or RGB (C 3), resized bilinearly.
+    16-bit grayscale keeps its range (0..65535 becomes 0..255; Pillow's convert would clip it to 255). Raises
+    ValueError with the reason for anything that is not a readable image of a documented format."""
     Image = _pillow()
+    c, h, w = input_shape
+    try:
+        with Image.open(path, formats=FORMATS) as im:
+            if im.mode in WIDE_MODES:
+                wide = np.asarray(im, dtype=np.float64)  # only 16-bit PNGs decode to these modes
+                im = Image.fromarray(np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
+            im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except MemoryError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"not a picture in one of the formats cnnctl reads ({', '.join(FORMATS)})") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... for damaged files
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+    return arr[None] if c == 1 else arr.transpose(2, 0, 1)
+
+
+def decode_images(paths: list[Path], input_shape, where: str) -> np.ndarray:
+    """Every file decoded into one uint8 (N, C, H, W) array, allocated once after a memory check; every file
+    that cannot be decoded is named in one error."""
+    refuse_over(f"{len(paths):,} images of shape {tuple(input_shape)} from {where}",
+                len(paths) * math.prod(input_shape), 4, DataError,  # a quarter: the splits are copied once more
+                "use a smaller model.input_shape, or fewer images")
+    out = np.empty((len(paths), *input_shape), np.uint8)
+    bad = []
+    for i, f in enumerate(paths):
+        try:
+            out[i] = decode_image(f, input_shape)
+        except ValueError as e:
+            bad.append(f"{f}: {e}")
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DataError(f"{len(bad)} of {len(paths):,} files in {where} cannot be decoded:\n  {shown}",
+                        "remove or replace them (cnnctl reads " + ", ".join(FORMATS) + ")")
+    return out
+
+
+def load_folder(root: Path, input_shape) -> tuple[list[str], tuple, tuple]:
+    """ImageFolder: root/train/<class>/*.png|jpg and, when present, root/test/<class>/... (else an empty test
+    split), resized to the input shape."""
+    _pillow()
     c, h, w = input_shape
     if c not in (1, 3):
         raise DataError(f"dataset: folder decodes grayscale (1 channel) or RGB (3), but input_shape has {c} channels")
     train_dir = root / "train"
     if not train_dir.is_dir():
-        raise DataError(f"{train_dir} does not exist", "lay the images out as ROOT/train/<class>/*.png and "
-                        "ROOT/test/<class>/*.png, and set data.root to ROOT")
+        raise DataError(f"{train_dir} does not exist", "lay the images out as ROOT/train/<class>/*.png (and "
+                        "optionally ROOT/test/<class>/*.png), and set data.root to ROOT")
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{train_dir} has no class folders", "put each class's images in train/<class name>/")
+    test_dir = root / "test"
+    if test_dir.is_dir():
+        extra = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
+        if extra:
+            raise DataError(f"{test_dir} has classes {extra} that train/ does not have")
     splits = []
     for split in ("train", "test"):
-        images, labels = [], []
+        paths, labels = [], []
         for label, name in enumerate(classes):
             folder = root / split / name
-            files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) \
+            found = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) \
                 if folder.is_dir() else []  # regular files only: a named pipe would block the read forever
-            for f in files:
-                try:
-                    with Image.open(f) as im:
-                        im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
-                        arr = np.asarray(im, dtype=np.uint8)
-                except (OSError, Image.DecompressionBombError) as e:
-                    raise DataError(f"{f}: cannot decode the image ({e})", "remove or replace the file") from None
-                images.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
-                labels.append(label)
-        if split == "test":
-            extra = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and p.name not in classes) \
-                if (root / "test").is_dir() else []
-            if extra:
-                raise DataError(f"{root / 'test'} has classes {extra} that train/ does not have")
-        if not images:
+            paths += found
+            labels += [label] * len(found)
+        if not paths and (split == "train" or test_dir.is_dir()):
             raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
                             f"put images in {root / split}/<class>/")
-        splits.append((np.stack(images), np.asarray(labels, np.int64)))
+        images = decode_images(paths, (c, h, w), str(root / split))
+        splits.append((images, np.asarray(labels, np.int64)))
     return classes, splits[0], splits[1]
 
 

@@ -16,6 +16,8 @@ INITS = {
     "he_uniform": (lambda fan_in, fan_out: 2.0 / fan_in, "uniform"),
     "glorot_normal": (lambda fan_in, fan_out: 2.0 / (fan_in + fan_out), "normal"),
     "glorot_uniform": (lambda fan_in, fan_out: 2.0 / (fan_in + fan_out), "uniform"),
+    # PyTorch's default for Conv2d and Linear weights (kaiming_uniform_, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    "torch_uniform": (lambda fan_in, fan_out: 1.0 / (3.0 * fan_in), "uniform"),
 }
 Init = Literal[tuple(INITS)]  # the spec field type, derived from the table
 

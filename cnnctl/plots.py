@@ -194,19 +194,48 @@ def text_chart(series: dict[str, list[float | None]], height: int = 10, width: i
     return "\n".join(lines)
 
 
-def plot_sweep(rows: list[dict], metric: str, out: Path, title: str) -> None:
-    """One panel per searched key: each trial's best metric against the value it used."""
-    import yaml
-
-    plt = pyplot()
+def sweep_points(rows: list[dict]) -> dict[str, list[tuple[object, float]]]:
+    """Per searched key, (value, best metric) of every trial with a metric (read_report's rows)."""
     points: dict[str, list[tuple[object, float]]] = {}
     for r in rows:
-        if not r.get("best"):
+        if r["best"] is None:
             continue
-        for item in r["overrides"].split():
-            key, _, raw = item.partition("=")
-            points.setdefault(key, []).append((yaml.safe_load(raw), float(r["best"])))
-    keys = [k for k, v in points.items() if len({repr(x) for x, _ in v}) > 1] or list(points)[:1]
+        for key, value in r["values"].items():
+            points.setdefault(key, []).append((value, r["best"]))
+    return points
+
+
+def _varied(points: dict) -> list[str]:
+    """The searched keys whose trials used more than one value (else the first key)."""
+    return [k for k, v in points.items() if len({repr(x) for x, _ in v}) > 1] or list(points)[:1]
+
+
+def sweep_text(rows: list[dict], metric: str, width: int = 40) -> str:
+    """The sweep in plain characters: per searched key, one bar per trial (sorted by value) as long as its
+    metric, from the lowest to the highest of the sweep."""
+    points = sweep_points(rows)
+    keys = _varied(points)
+    if not keys:
+        raise CnnctlError("no finished trial to plot yet")
+    values = [m for k in keys for _, m in points[k]]
+    lo, hi = min(values), max(values)
+    lines = []
+    for key in keys:
+        lines.append(f"{metric} against {key}")
+        numeric = all(isinstance(x, (int, float)) for x, _ in points[key])
+        shown = sorted(points[key], key=lambda p: p[0] if numeric else str(p[0]))
+        label_w = max(len(str(x)) for x, _ in shown)
+        for x, m in shown:
+            n = 1 + round((m - lo) / (hi - lo) * (width - 1)) if hi > lo else width
+            lines.append(f"  {str(x):>{label_w}} |{'#' * n} {m:.4f}")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict], metric: str, out: Path, title: str) -> None:
+    """One panel per searched key: each trial's best metric against the value it used."""
+    plt = pyplot()
+    points = sweep_points(rows)
+    keys = _varied(points)
     if not keys:
         raise CnnctlError("no finished trial to plot yet")
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False, layout="constrained")

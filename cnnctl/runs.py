@@ -9,6 +9,7 @@ import fcntl
 import io
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -41,19 +42,36 @@ def create_run_dir(runs_dir: str | Path, name: str) -> Path:
 def locked(run_dir: Path):
     """Hold an exclusive lock on a run directory while training writes to it; a second process is refused with
     the holder's pid. The lock is the kernel's (flock), so it ends with its process however that ends: a lock
-    file left by a killed run is never stale. Temporary files found once the lock is held were left by a
-    killed writer, and are removed."""
+    file left by a killed run is never stale. The lock file is opened without following links and must be a
+    regular file of its own (a run directory from elsewhere may hold a `.lock` that links to another file);
+    nothing is written to it before the lock is held. Temporary files found once the lock is held were left
+    by a killed writer, and are removed."""
     path = Path(run_dir) / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        why = "it is a symbolic link" if e.errno == errno.ELOOP else (e.strerror or str(e))
+        raise CnnctlError(f"cannot lock the run directory {run_dir}: {path.name}: {why}",
+                          f"remove {path} if it is not a plain file cnnctl made, and check that {run_dir} is "
+                          "writable") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            what = "not a regular file" if not stat.S_ISREG(info.st_mode) else "a hard link to another file"
+            raise CnnctlError(f"cannot lock the run directory {run_dir}: {path} is {what}",
+                              f"remove {path}; cnnctl makes a new one")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             raise CnnctlError(f"{run_dir} is being trained by another process (pid {holder})",
                               "wait for it to finish, or stop it first") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:  # the holder's pid, for the message above; only ever written under the lock
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:
+            raise CnnctlError(f"cannot write {path}: {e.strerror or e}",
+                              "free disk space, or make the run directory writable") from None
         for stale in [*Path(run_dir).glob(".*.tmp"), *Path(run_dir).glob("checkpoints/.*.tmp")]:
             stale.unlink(missing_ok=True)
         yield

@@ -9,15 +9,18 @@ is in the best 1/reduction_factor of the trials that reached that rung before it
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
 import math
 import multiprocessing
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
@@ -96,6 +99,9 @@ class SweepSpec(Strict):
                         raise ValueError(f"{key}: {kind} bounds must be finite numbers, got {args}")
                     if kind == "randint" and not all(isinstance(a, int) for a in args):
                         raise ValueError(f"{key}: randint bounds must be integers, got {args}")
+                    if kind == "randint" and not all(-(2**63) <= a <= 2**63 - 1 for a in args):
+                        raise ValueError(f"{key}: randint bounds must lie within +-9.2e18 (64-bit integers), "
+                                         f"got {args}")
                     if args[0] >= args[1]:
                         raise ValueError(f"{key}: {kind} needs low < high, got {args}")
                 if kind == "loguniform" and min(args) <= 0:
@@ -207,8 +213,11 @@ class Asha:
         return value >= cutoff if self.mode == "max" else value <= cutoff
 
 
-def run_trial(spec_dict: dict, run_dir: str, metric: str, stop_rule=None, report=None) -> dict:
-    """Train one trial into run_dir (resuming it when it has a checkpoint); returns its result row."""
+def run_trial(spec_dict: dict, run_dir: str, metric: str, stop_rule=None, report=None,
+              parent: int | None = None) -> dict:
+    """Train one trial into run_dir (resuming it when it has a checkpoint), holding the run directory's lock;
+    returns its result row. With `parent` (the sweep's pid), the trial stops at the next batch once that
+    process is gone (killed with SIGKILL, say): no orphan trains on."""
     from .config import Spec
     from .train import Callback, Trainer
 
@@ -216,6 +225,10 @@ def run_trial(spec_dict: dict, run_dir: str, metric: str, stop_rule=None, report
     run_dir = Path(run_dir)
 
     class Hooks(Callback):
+        def on_batch_end(self, batch, loss, acc, images_per_second):
+            if parent is not None and os.getppid() != parent:
+                raise CnnctlError("the sweep process is gone; the trial stops (its last checkpoint stays)")
+
         def on_epoch_end(self, row):
             if report is not None:
                 report(row)
@@ -225,15 +238,16 @@ def run_trial(spec_dict: dict, run_dir: str, metric: str, stop_rule=None, report
 
     t0 = time.time()
     try:
-        trainer = Trainer(spec, Hooks())
-        last = run_dir / "checkpoints" / "last.safetensors"
-        if last.is_file():
-            from . import checkpoint
-
-            ckpt = checkpoint.load(last)
-            trainer.restore(ckpt, last)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        summary = trainer.fit(run_dir, resumed=last.is_file())
+        with runs.locked(run_dir):  # one process at a time trains a trial (a sweep, train --resume, ...)
+            trainer = Trainer(spec, Hooks())
+            last = run_dir / "checkpoints" / "last.safetensors"
+            if last.is_file():
+                from . import checkpoint
+
+                ckpt = checkpoint.load(last)
+                trainer.restore(ckpt, last)
+            summary = trainer.fit(run_dir, resumed=last.is_file())
     except CnnctlError as e:
         return {"status": "failed", "error": e.message, "seconds": round(time.time() - t0, 2)}
     except Exception as e:  # a crash in one trial must not end the sweep
@@ -244,14 +258,17 @@ def run_trial(spec_dict: dict, run_dir: str, metric: str, stop_rule=None, report
             "seconds": round(time.time() - t0, 2), "error": None}
 
 
-def _local_worker(args) -> tuple[str, dict]:
-    trial_id, spec_dict, run_dir, metric, asha, record, lock, threads = args
+def _local_worker(trial_id, spec_dict, run_dir, metric, asha, record, lock, threads, parent, results) -> None:
+    """One trial in its own process; its result row goes on the `results` queue."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the sweep, which stops its trials itself
     parallel.use(threads)
     rule = None
     if asha is not None:
         spec_asha, max_epochs, mode = asha
         rule = Asha(spec_asha, max_epochs, mode, record, lock).keep_going
-    return trial_id, run_trial(spec_dict, run_dir, metric, rule)
+    results.put((trial_id, run_trial(spec_dict, run_dir, metric, rule, parent=parent)))
 
 
 # ---------------------------------------------------------------- the sweep directory
@@ -271,7 +288,9 @@ def write_results(sweep_dir: Path, trials: list[Trial], results: dict[str, dict]
         w.writerow({"trial": t.id, "overrides": " ".join(t.as_set()), **{k: r.get(k) for k in RESULT_FIELDS[1:-1]}})
     atomic_write_bytes(sweep_dir / "results.csv", buf.getvalue().encode())
     mode = resolve_mode(sweep.metric, sweep.mode)
-    done = [(t, results[t.id]) for t in trials if results.get(t.id, {}).get("best") is not None]
+    # only trials that ran to their end (or that ASHA stopped): a failed trial's metric is of a shorter run
+    done = [(t, results[t.id]) for t in trials if results.get(t.id, {}).get("best") is not None
+            and results[t.id]["status"] in ("finished", "stopped")]
     if not done:
         return None
     best_t, best_r = (max if mode == "max" else min)(done, key=lambda tr: tr[1]["best"])
@@ -279,32 +298,52 @@ def write_results(sweep_dir: Path, trials: list[Trial], results: dict[str, dict]
     return {"trial": best_t.id, **best_r, "overrides": best_t.overrides}
 
 
+def _number(cell, kind=float):
+    """A results.csv cell as a number, or None when it is empty or not a finite number (a hand-edited n/a)."""
+    try:
+        value = kind(float(cell)) if kind is int else float(cell)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 def read_report(sweep_dir: Path) -> tuple[str, str, list[dict]]:
-    """(metric, resolved mode, every row of results.csv) of a sweep directory."""
-    path = Path(sweep_dir) / "results.csv"
+    """(metric, resolved mode, every row of results.csv, parsed): numbers are numbers or None, and `values` holds
+    the trial's overrides as the sweep drew them (from sweep.yaml, never by splitting the text)."""
+    sweep_dir = Path(sweep_dir)
+    path = sweep_dir / "results.csv"
     if not path.is_file():
         raise CnnctlError(f"{sweep_dir} has no results.csv", "pass a directory that cnnctl sweep wrote")
-    sweep = SweepSpec.model_validate(read_yaml(Path(sweep_dir) / "sweep.yaml")[0])
-    return sweep.metric, resolve_mode(sweep.metric, sweep.mode), list(csv.DictReader(path.open()))
+    sweep, _, _ = load_sweep(sweep_dir / "sweep.yaml", sweep_dir / "base.yaml")
+    drawn = {t.id: t.overrides for t in draw_trials(sweep)}
+    try:
+        with path.open(newline="") as f:
+            raw = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise CnnctlError(f"{path}: cannot read ({e})", "rerun the sweep with --resume to rewrite it") from None
+    rows = []
+    for r in raw:
+        rows.append({"trial": r.get("trial") or "?", "status": r.get("status") or "?", "best": _number(r.get("best")),
+                     "best_epoch": _number(r.get("best_epoch"), int), "epochs": _number(r.get("epochs"), int),
+                     "seconds": _number(r.get("seconds")), "error": r.get("error") or None,
+                     "overrides": r.get("overrides") or "", "values": drawn.get(r.get("trial"), {})})
+    return sweep.metric, resolve_mode(sweep.metric, sweep.mode), rows
 
 
 def read_results(sweep_dir: Path) -> dict[str, dict]:
-    path = sweep_dir / "results.csv"
-    if not path.is_file():
+    """The trials results.csv records as finished (or stopped by ASHA) with their metric: kept by --resume."""
+    if not (sweep_dir / "results.csv").is_file():
         return {}
-    out = {}
-    for row in csv.DictReader(path.open()):
-        if row["status"] in ("finished", "stopped"):
-            out[row["trial"]] = {"status": row["status"], "best": float(row["best"]) if row["best"] else None,
-                                 "best_epoch": int(row["best_epoch"]) if row["best_epoch"] else None,
-                                 "epochs": int(row["epochs"]) if row["epochs"] else None,
-                                 "seconds": float(row["seconds"]) if row["seconds"] else None, "error": None}
-    return out
+    return {r["trial"]: {k: r[k] for k in ("status", "best", "best_epoch", "epochs", "seconds", "error")}
+            for r in read_report(sweep_dir)[2] if r["status"] in ("finished", "stopped") and r["best"] is not None}
 
 
-def prepare(sweep_file: Path | None, runs_dir: Path, resume: Path | None, executor: dict | None = None):
+def prepare(sweep_file: Path | None, runs_dir: Path, resume: Path | None, executor: dict | None = None,
+            held: contextlib.ExitStack | None = None):
     """Load and validate everything before any trial starts; returns (sweep, trials, specs, sweep_dir,
-    results of finished trials). With resume, the sweep and base config are the copies in that directory."""
+    results of finished trials). With resume, the sweep and base config are the copies in that directory.
+    With `held`, the sweep directory's lock is taken into it (before the results are read): one process at a
+    time runs a sweep directory."""
     if resume is not None:
         sweep_dir = Path(resume)
         if not (sweep_dir / "sweep.yaml").is_file():
@@ -321,10 +360,14 @@ def prepare(sweep_file: Path | None, runs_dir: Path, resume: Path | None, execut
     trials = draw_trials(sweep)
     specs = {t.id: spec_to_dict(trial_spec(base, t, sweep.name, str(base_path))) for t in trials}
     if resume is not None:
+        if held is not None:
+            held.enter_context(runs.locked(sweep_dir))
         finished = read_results(sweep_dir)
     else:
         sweep_dir = runs.create_run_dir(runs_dir, sweep.name)
         os.rmdir(sweep_dir / "checkpoints")
+        if held is not None:
+            held.enter_context(runs.locked(sweep_dir))
         atomic_write_bytes(sweep_dir / "sweep.yaml", Path(sweep_file).read_bytes())
         runs.write_yaml(sweep_dir / "base.yaml", base)
         finished = {}
@@ -352,15 +395,25 @@ def trial_result(run_dir: Path, metric: str, mode: str, error: str | None = None
             "seconds": summary.get("wall_seconds"), "error": error or summary.get("error")}
 
 
+def _died(exitcode: int | None) -> str:
+    """What a trial process's exit code says about how it ended without a result."""
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name if -exitcode in signal.Signals._value2member_map_ else -exitcode
+        hint = " (the kernel's out-of-memory killer sends SIGKILL)" if exitcode == -signal.SIGKILL else ""
+        return f"its process was killed by {name}{hint}"
+    return f"its process ended with exit code {exitcode} and no result"
+
+
 def run_local(sweep: SweepSpec, trials: list[Trial], specs: dict, sweep_dir: Path, results: dict,
               on_update=None) -> None:
-    """Trials in worker processes on this machine, `max_concurrent` at a time, `blas_threads` threads each."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    """Trials in processes of their own on this machine, `max_concurrent` at a time, `blas_threads` threads
+    each. A trial whose process dies (the out-of-memory killer, a signal) fails alone, named with its cause;
+    the others go on. Ctrl-C or SIGTERM to the sweep stops every trial (their last checkpoints stay)."""
+    from multiprocessing.connection import wait
 
     ex = sweep.executor
     mode = resolve_mode(sweep.metric, sweep.mode)
-    ctx = mp.get_context("spawn")
+    ctx = multiprocessing.get_context("spawn")
     manager = ctx.Manager() if sweep.scheduler else None
     record = manager.dict() if manager else None
     lock = manager.Lock() if manager else None
@@ -369,40 +422,51 @@ def run_local(sweep: SweepSpec, trials: list[Trial], specs: dict, sweep_dir: Pat
             _replay_rungs(sweep, specs[t.id], sweep_dir / "trials" / t.id, record)
     saved = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update({k: str(ex.blas_threads) for k in saved})  # for the spawned workers (numpy is loaded here)
-    others = set(multiprocessing.active_children())  # a manager process, if any: not the pool's
-    pool = ProcessPoolExecutor(max_workers=ex.max_concurrent, mp_context=ctx)
+    queue = ctx.Queue()
+    pending = [t for t in trials if t.id not in results]
+    running: dict[str, multiprocessing.process.BaseProcess] = {}
+    reported: dict[str, dict] = {}
+
+    def finish(tid: str, error: str | None) -> None:
+        results[tid] = trial_result(sweep_dir / "trials" / tid, sweep.metric, mode, error)
+        write_results(sweep_dir, trials, results, sweep, specs)
+        if on_update:
+            on_update(tid, results[tid])
+
     try:
-        futures = {}
-        for t in trials:
-            if t.id in results:
-                continue
-            asha = (sweep.scheduler, specs[t.id]["train"]["epochs"], mode) if sweep.scheduler else None
-            args = (t.id, specs[t.id], str(sweep_dir / "trials" / t.id), sweep.metric, asha, record, lock,
-                    ex.blas_threads)
-            futures[pool.submit(_local_worker, args)] = t.id
+        for t in pending:
             if on_update:
                 on_update(t.id, {"status": "queued"})
-        for fut in as_completed(futures):
-            tid = futures[fut]
-            try:
-                _, res = fut.result()
-                error = res.get("error")
-            except Exception as e:  # the worker process itself died
-                error = f"{type(e).__name__}: {e}"
-            results[tid] = trial_result(sweep_dir / "trials" / tid, sweep.metric, mode, error)
-            write_results(sweep_dir, trials, results, sweep, specs)
-            if on_update:
-                on_update(tid, results[tid])
-        pool.shutdown(wait=True)
-    except BaseException:  # Ctrl-C: stop the trials now; their last epoch checkpoints stay for --resume
-        processes = [p for p in multiprocessing.active_children() if p not in others]  # the pool's workers
-        pool.shutdown(wait=False, cancel_futures=True)
-        for proc in processes:
+        while pending or running:
+            while pending and len(running) < ex.max_concurrent:
+                t = pending.pop(0)
+                asha = (sweep.scheduler, specs[t.id]["train"]["epochs"], mode) if sweep.scheduler else None
+                proc = ctx.Process(target=_local_worker, name=f"cnnctl-{t.id}", daemon=True, args=(
+                    t.id, specs[t.id], str(sweep_dir / "trials" / t.id), sweep.metric, asha, record, lock,
+                    ex.blas_threads, os.getpid(), queue))
+                proc.start()
+                running[t.id] = proc
+            wait([p.sentinel for p in running.values()], timeout=1.0)
+            for tid, proc in list(running.items()):
+                if proc.is_alive():
+                    continue
+                proc.join()
+                del running[tid]
+                while proc.exitcode == 0 and tid not in reported:  # sent before the process ended
+                    try:
+                        done_id, res = queue.get(timeout=10)
+                    except Empty:
+                        break
+                    reported[done_id] = res
+                res = reported.pop(tid, None)
+                finish(tid, res.get("error") if res else _died(proc.exitcode))
+    finally:  # Ctrl-C, SIGTERM or an error here: no trial outlives the sweep
+        for proc in running.values():
             proc.terminate()
-        for proc in processes:
-            proc.join(timeout=5)
-        raise
-    finally:
+        for proc in running.values():
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

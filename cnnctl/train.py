@@ -453,7 +453,10 @@ class Trainer:
                 self._write_summary("failed", error=e.message)
             raise
         extra = {"stopped_early": stopped_early}
-        if spec.train.test_at_end:
+        if spec.train.test_at_end and not len(self.ds.test):
+            extra["test_skipped"] = f"the {spec.data.dataset} data has no test split; the run is measured on " \
+                                    "its validation split"
+        elif spec.train.test_at_end:
             with self.evaluated():
                 test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, ebs, self.num_classes, tta,
                                 self.world)

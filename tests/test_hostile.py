@@ -224,3 +224,185 @@ def test_an_npz_header_claiming_a_terabyte_is_refused_before_reading(tmp_path):
             z.writestr(n, b)
     with pytest.raises(DataError, match="more than this machine can spare"):
         files.load_npz(path)
+
+
+# ---------------------------------------------------------------- sweeps
+
+def _sweep(tmp_path, epochs=40, **space):
+    from tests.test_sweep import write_sweep
+
+    return write_sweep(tmp_path, space={"optimizer.lr": {"choice": [0.001, 0.003]}, "train.epochs": epochs,
+                                        **space})
+
+
+def _start_sweep(path, runs_dir, *args):
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "cnnctl", "sweep", str(path), "--runs-dir", str(runs_dir), "-q",
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(list(runs_dir.glob("*/trials/*/metrics.csv"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert time.time() < deadline, "the trials never started"
+    return proc
+
+
+def _lock_free(run_dir) -> bool:
+    """Whether no process holds the run directory's lock (every trial process holds its trial's)."""
+    from cnnctl import runs
+    from cnnctl.errors import CnnctlError
+
+    try:
+        with runs.locked(run_dir):
+            return True
+    except CnnctlError:
+        return False
+
+
+def test_sigterm_stops_the_sweep_and_every_trial_and_a_second_sweep_is_refused(tmp_path):
+    import signal
+    import time
+
+    path = _sweep(tmp_path)
+    proc = _start_sweep(path, tmp_path / "runs")
+    sweep_dir = next((tmp_path / "runs").iterdir())
+    trials = sorted((sweep_dir / "trials").iterdir())
+    assert not any(_lock_free(t) for t in trials)  # trials hold their run directories' locks
+    # beside it: a second sweep on the same directory, and a train --resume of one of its trials
+    expect_error(["sweep", "--resume", sweep_dir, "-q"], "being trained by another process", f"pid {proc.pid}")
+    expect_error(["train", "--resume", trials[0]], "being trained by another process")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "interrupted" in err and f"cnnctl sweep --resume {sweep_dir}" in err and "Traceback" not in err
+    time.sleep(0.5)
+    assert all(_lock_free(t) for t in trials), "a trial process outlived the sweep"
+    epochs = [len((t / "metrics.csv").read_text().splitlines()) - 1 for t in trials]
+    time.sleep(2)
+    assert epochs == [len((t / "metrics.csv").read_text().splitlines()) - 1 for t in trials]
+
+
+def test_trials_stop_when_the_sweep_process_is_killed(tmp_path):
+    import signal
+    import time
+
+    proc = _start_sweep(_sweep(tmp_path), tmp_path / "runs")
+    trials = sorted(next((tmp_path / "runs").iterdir()).joinpath("trials").iterdir())
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    deadline = time.time() + 60
+    while not all(_lock_free(t) for t in trials) and time.time() < deadline:
+        time.sleep(0.2)
+    assert all(_lock_free(t) for t in trials), "orphaned trials kept training"
+
+
+def test_a_killed_trial_process_fails_alone_and_is_never_named_best(tmp_path):
+    import os
+    import signal
+
+    path = _sweep(tmp_path, epochs=25)
+    proc = _start_sweep(path, tmp_path / "runs")
+    sweep_dir = next((tmp_path / "runs").iterdir())
+    victim = sweep_dir / "trials" / "trial-001"
+    pid = int((victim / ".lock").read_text())
+    os.kill(pid, signal.SIGKILL)  # what the out-of-memory killer does
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err
+    rows = {r["trial"]: r for r in __import__("csv").DictReader((sweep_dir / "results.csv").open())}
+    assert rows["trial-000"]["status"] == "finished" and rows["trial-000"]["epochs"] == "25"
+    assert rows["trial-001"]["status"] == "failed" and "SIGKILL" in rows["trial-001"]["error"]
+    assert "best: trial-000" in out and "1 of 2 trials failed: trial-001" in err
+    assert yaml.safe_load((sweep_dir / "best.yaml").read_text())["name"].endswith("trial-000")
+
+
+def test_hand_edited_results_and_list_valued_keys(tmp_path):
+    import csv
+
+    from tests.test_sweep import write_sweep
+
+    path = write_sweep(tmp_path, space={"optimizer.lr": {"choice": [0.001, 0.003]}, "train.epochs": 1,
+                                        "data.test_time_augment.shifts": {"choice": [[], [[1, 1], [-1, -1]]]}})
+    from tests.helpers import invoke
+
+    invoke("sweep", path, "--runs-dir", tmp_path / "runs", "-q")
+    sweep_dir = next((tmp_path / "runs").iterdir())
+    text = invoke("plot", sweep_dir).stdout  # in the terminal, values whole
+    assert "[[1, 1], [-1, -1]]" in text and "val_acc against data.test_time_augment.shifts" in text
+    pytest.importorskip("matplotlib")
+    invoke("plot", sweep_dir, "--out", tmp_path / "s.png")
+    rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
+    rows[0].update(best="n/a", epochs="n/a", seconds="inf")
+    with (sweep_dir / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    for args in (["runs", sweep_dir], ["sweep", "--report", sweep_dir], ["plot", sweep_dir]):
+        res = invoke(*args)
+        assert "Traceback" not in res.output
+    invoke("sweep", "--resume", sweep_dir, "-q")  # the n/a trial counts as not done: it runs again
+    rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
+    assert rows[0]["best"] not in ("", "n/a")
+
+
+def test_randint_bounds_beyond_64_bits_are_refused(tmp_path):
+    path = _sweep(tmp_path, **{"seed": {"randint": [0, 10**23]}})
+    text = yaml.safe_load(path.read_text())
+    text["search"] = {"type": "random", "samples": 2}
+    path.write_text(yaml.safe_dump(text))
+    expect_error(["sweep", path, "--runs-dir", tmp_path / "runs"], "64-bit integers")
+
+
+# ---------------------------------------------------------------- writing through a run's .lock
+
+
+@pytest.fixture
+def interrupted_run(tmp_path):
+    """A run that stopped after one of its two epochs (so --resume has work to do)."""
+    from tests.helpers import invoke
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    invoke("train", cfg, "--runs-dir", tmp_path / "runs", "--set", "train.epochs=1")
+    run = next((tmp_path / "runs").iterdir())
+    return run
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "directory", "fifo"])
+def test_a_lock_that_is_not_a_plain_file_of_its_own_is_refused_untouched(interrupted_run, tmp_path, kind):
+    import os
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("do not truncate me")
+    lock = interrupted_run / ".lock"
+    lock.unlink(missing_ok=True)
+    if kind == "symlink":
+        lock.symlink_to(victim)
+    elif kind == "hardlink":
+        os.link(victim, lock)
+    elif kind == "directory":
+        lock.mkdir()
+    else:
+        os.mkfifo(lock)
+    for args in (["train", "--resume", interrupted_run, "--set", "train.epochs=2"],
+                 ["train", "--resume", interrupted_run, "--set", "train.epochs=1"]):  # refused, and also when
+        expect_error(args, "cannot lock the run directory", ".lock")            # the resume would be refused
+    assert victim.read_text() == "do not truncate me"
+
+
+def test_a_lock_is_written_only_once_it_is_held(interrupted_run):
+    import fcntl
+    import os
+
+    from tests.helpers import invoke
+
+    fd = os.open(interrupted_run / ".lock", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    os.write(fd, b"4242\n")
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        expect_error(["train", "--resume", interrupted_run, "--set", "train.epochs=2"], "pid 4242")
+        assert (interrupted_run / ".lock").read_text() == "4242\n"
+    finally:
+        os.close(fd)
+    invoke("train", "--resume", interrupted_run, "--set", "train.epochs=2")

@@ -86,10 +86,11 @@ def test_ray_grid_on_a_local_instance(tmp_path):
 
 def test_a_failing_trial_does_not_stop_the_sweep(tmp_path):
     path = write_sweep(tmp_path, space={"optimizer.lr": {"choice": [0.003, 1e30]}, "train.epochs": 2})
-    res = invoke("sweep", path, "--runs-dir", tmp_path / "runs", "-q")
+    res = invoke("sweep", path, "--runs-dir", tmp_path / "runs", "-q", code=1)  # not every trial completed
     rows = results(only_dir(tmp_path / "runs"))
     assert [r["status"] for r in rows] == ["finished", "failed"]
     assert "loss became" in rows[1]["error"] and "best: trial-000" in res.output
+    assert "1 of 2 trials failed: trial-001" in res.output
 
 
 def test_resume_skips_finished_trials(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -47,13 +49,25 @@ def sweep_(
         if kind not in ("local", "ray"):
             raise CnnctlError(f"--executor must be local or ray, got {executor!r}")
         ex = {"type": kind, **({"address": address} if address else {})}
-    sweep, trials, specs, sweep_dir, results = sweep_lib.prepare(sweep_file, runs_dir, resume, ex)
+    with contextlib.ExitStack() as held:
+        sweep, trials, specs, sweep_dir, results = sweep_lib.prepare(sweep_file, runs_dir, resume, ex, held)
+        _run(sweep, trials, specs, sweep_dir, results, threads, quiet)
+
+
+def _run(sweep, trials, specs, sweep_dir: Path, results: dict, threads: int | None, quiet: bool) -> None:
     if threads is not None and sweep.executor.type == "local":  # threads per trial
         sweep.executor.blas_threads = threads
     out.print(f"sweep {sweep.name}: {len(trials)} trials ({len(results)} finished before), executor "
               f"{sweep.executor.type}, metric {sweep.metric}; directory {sweep_dir}", soft_wrap=True)
     run = sweep_lib.EXECUTORS[sweep.executor.type]
     view = _SweepView(sweep, trials, sweep_dir, results)
+    stopped_by = []
+
+    def on_signal(signum, frame):  # SIGTERM (timeout, Slurm, docker stop) stops the trials like Ctrl-C
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
     try:
         if out.is_terminal and not quiet:
             with Live(view, console=out, refresh_per_second=2):
@@ -64,12 +78,17 @@ def sweep_(
                                          if r.get("best") is not None else "")
                                          + (f" ({r['error']})" if r.get("error") else ""), soft_wrap=True))
     except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal while the trials are stopped
         sweep_lib.write_results(sweep_dir, trials, results, sweep, specs)
-        err.print(Text.assemble(("interrupted: ", "bold yellow"), f"{len(results)} of {len(trials)} trials done"))
+        err.print(Text.assemble(("interrupted: ", "bold yellow"), f"{len(results)} of {len(trials)} trials done; "
+                                "the running trials were stopped"))
         err.print(f"  resume with: cnnctl sweep --resume {sweep_dir}")
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + stopped_by[0] if stopped_by else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     best = sweep_lib.write_results(sweep_dir, trials, results, sweep, specs)
     out.print(view.table())
+    failed = [tid for tid, r in results.items() if r["status"] == "failed"]
     if best is None:
         out.print("no trial produced the metric")
         raise typer.Exit(1)
@@ -77,6 +96,11 @@ def sweep_(
     out.print(f"best: {best['trial']} {sweep.metric} {best['best']:.4f} (epoch {best['best_epoch']}) with "
               f"{best['overrides']}; checkpoint {best_ckpt}", soft_wrap=True)
     out.print(f"results: {sweep_dir / 'results.csv'}   best spec: {sweep_dir / 'best.yaml'}")
+    if failed:  # the best is of the trials that completed; the sweep is not
+        err.print(Text.assemble((f"{len(failed)} of {len(trials)} trials failed: ", "bold red"), ", ".join(failed)))
+        err.print(f"  see their errors above (or cnnctl runs {sweep_dir}); rerun them with: cnnctl sweep --resume "
+                  f"{sweep_dir}")
+        raise typer.Exit(1)
 
 
 class _SweepView:
@@ -110,10 +134,12 @@ class _SweepView:
 
 def sweep_report(sweep_dir: Path) -> None:
     metric, mode, rows = sweep_lib.read_report(sweep_dir)
-    scored = sorted([r for r in rows if r["best"]], key=lambda r: float(r["best"]), reverse=mode == "max")
+    ranked = [r for r in rows if r["best"] is not None and r["status"] in ("finished", "stopped")]
+    ranked.sort(key=lambda r: r["best"], reverse=mode == "max")
+    others = [r for r in rows if r not in ranked]
     out.print(table(f"{sweep_dir.name}: trials ranked by {metric} ({mode})",
                     ("rank", "trial", metric, "epochs", "status", "overrides"), rows=(
-        (str(i) if r["best"] else "-", r["trial"], f"{float(r['best']):.4f}" if r["best"] else "-", r["epochs"] or "-",
-         r["status"] + (f": {r['error']}" if r.get("error") else ""), r["overrides"])
-        for i, r in enumerate(scored + [r for r in rows if not r["best"]], start=1))))
+        (str(i) if i <= len(ranked) else "-", r["trial"], "-" if r["best"] is None else f"{r['best']:.4f}",
+         str(r["epochs"] or "-"), r["status"] + (f": {r['error']}" if r["error"] else ""), r["overrides"])
+        for i, r in enumerate(ranked + others, start=1))))
 

@@ -110,9 +110,10 @@ def plot(
     if out_file is not None:
         check_writable(out_file, "--out")
     if (run / "results.csv").is_file() and (run / "sweep.yaml").is_file():
-        if out_file is None:
-            raise CnnctlError("plotting a sweep needs --out FILE.png", "or use cnnctl runs SWEEP_DIR for a table")
         metric, _, rows = sweep_lib.read_report(run)
+        if out_file is None:
+            out.print(plots.sweep_text(rows, metric), markup=False, highlight=False)
+            return
         plots.plot_sweep(rows, metric, out_file, run.name)
         out.print(f"wrote {out_file}")
         return

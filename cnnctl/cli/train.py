@@ -24,6 +24,7 @@ from .common import (
     ThreadsOption,
     app,
     check_writable,
+    err,
     fmt,
     guarded,
     load_checkpoint,
@@ -189,6 +190,8 @@ def train(
               f"{best['epoch']}; wall time {summary['wall_seconds']:.1f}s")
     if "test" in summary:
         out.print(f"test accuracy {fmt(summary['test']['accuracy'], True)} on {summary['test']['n']:,} images")
+    if "test_skipped" in summary:
+        out.print(f"no test accuracy: {summary['test_skipped']}")
     out.print(f"run directory: {run_dir}")
 
 
@@ -214,7 +217,9 @@ def _stop_on_signals(trainer: Trainer):
 def eval_(
     checkpoint_path: Annotated[Path, typer.Argument(
         metavar="CHECKPOINT|RUN_DIR", help="A .safetensors checkpoint, or a run directory (its best checkpoint).")],
-    data_split: Annotated[str, typer.Option("--data-split", metavar="SPLIT", help="test, val or train.")] = "test",
+    data_split: Annotated[str | None, typer.Option(
+        "--data-split", metavar="SPLIT", show_default=False,
+        help="test, val or train (default: test; val for data without a test split).")] = None,
     set_: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot_file: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png",
@@ -224,7 +229,7 @@ def eval_(
 ):
     """Evaluate a checkpoint (it carries its own config): loss, accuracy, per-class precision/recall."""
     use_threads(threads)
-    if data_split not in ("test", "val", "train"):
+    if data_split not in ("test", "val", "train", None):
         raise CnnctlError(f"--data-split must be test, val or train, got {data_split!r}")
     if plot_file is not None:
         check_writable(plot_file, "--plot")
@@ -232,6 +237,14 @@ def eval_(
     spec, model, rows = load_model(ckpt, checkpoint_path)
     ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)
     loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
+    if data_split is None:
+        data_split = "test" if len(ds.test) else "val"
+        if data_split == "val":
+            err.print(f"the {spec.data.dataset} data has no test split: evaluating the validation split")
+    if not len(ds.split(data_split)):
+        raise DataError(f"the {data_split} split of the {spec.data.dataset} data holds no images",
+                        "choose another --data-split" + (" (val_split is 0: no validation split)"
+                                                         if data_split == "val" else ""))
     res = evaluate(model, loss_fn, ds, ds.split(data_split), spec.data.evaluation_batch, len(ds.classes),
                    spec.data.test_time_augment)
     cm, precision, recall = res["confusion_matrix"], res["precision"], res["recall"]

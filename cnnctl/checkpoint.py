@@ -20,7 +20,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from .errors import CheckpointError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, json_text
 from .strict import NonNegInt, Strict
 
 FORMAT = "cnnctl-checkpoint"
@@ -61,13 +61,13 @@ def save(path: str | Path, ckpt: Checkpoint) -> None:
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(ckpt.config),
+        "config": json_text(ckpt.config),
         "epoch": str(ckpt.epoch),
         "step": str(ckpt.step),
-        "metrics": json.dumps(ckpt.metrics),
-        "normalization": json.dumps(ckpt.normalization),
+        "metrics": json_text(ckpt.metrics),
+        "normalization": json_text(ckpt.normalization),
         "trainer": ckpt.run.model_dump_json() if ckpt.run is not None else "{}",
-        "environment": json.dumps(ckpt.environment),
+        "environment": json_text(ckpt.environment),
     }
     atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
 

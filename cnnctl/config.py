@@ -242,6 +242,17 @@ class Spec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _shifts_fit_the_image(self):
+        h, w = self.model.input_shape[1:]
+        for dy, dx in self.data.test_time_augment.shifts:
+            if abs(dy) >= h or abs(dx) >= w:
+                raise PydanticCustomError(
+                    "shift_too_large", "data.test_time_augment.shifts has [{dy}, {dx}], as far as or beyond the "
+                    "{h}x{w} image; shift by less than its size (1 or 2 pixels is usual)",
+                    {"dy": dy, "dx": dx, "h": h, "w": w})
+        return self
+
+    @model_validator(mode="after")
     def _monitors_need_validation_data(self):
         t = self.train
         used = [("train.monitor", t.monitor)]

@@ -3,6 +3,8 @@ schemas) goes through atomic_write_bytes."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -39,3 +41,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             raise CnnctlError(f"cannot write {path}: {e.strerror or e}",
                               "write to a writable folder with free space, to a file name (not a folder)") from None
         raise
+
+
+def finite_or_none(obj):
+    """obj with every non-finite float (NaN, inf) replaced by None, through dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj, indent: int | None = None) -> str:
+    """Strict JSON (RFC 8259) of obj: a non-finite number is written as null, never as a bare NaN or Infinity
+    token that strict readers reject."""
+    return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False)

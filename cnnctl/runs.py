@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import CnnctlError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, json_text
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
@@ -84,7 +84,7 @@ def write_yaml(path: Path, data: dict) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json_text(data, indent=2) + "\n").encode())
 
 
 def _append_line(path: Path, line: str) -> None:
@@ -121,17 +121,19 @@ def _csv_line(row: dict, header: bool) -> str:
 
 
 def _json_line(row: dict) -> str:
-    return json.dumps({k: row.get(k) for k in METRIC_FIELDS}) + "\n"
+    return json_text({k: row.get(k) for k in METRIC_FIELDS}) + "\n"
 
 
 def rewrite_metrics(run_dir: Path, rows: list[dict]) -> None:
-    """Replace metrics.csv and metrics.jsonl with exactly these rows (atomically); no rows, no files."""
-    for name in ("metrics.csv", "metrics.jsonl"):
-        (run_dir / name).unlink(missing_ok=True)
-    if rows:
-        csv_text = "".join(_csv_line(r, i == 0) for i, r in enumerate(rows))
-        atomic_write_bytes(run_dir / "metrics.csv", csv_text.encode())
-        atomic_write_bytes(run_dir / "metrics.jsonl", "".join(_json_line(r) for r in rows).encode())
+    """Replace metrics.csv and metrics.jsonl with exactly these rows, each file atomically (a failed write
+    leaves the old file whole); no rows, no files."""
+    if not rows:
+        for name in ("metrics.csv", "metrics.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
+        return
+    csv_text = "".join(_csv_line(r, i == 0) for i, r in enumerate(rows))
+    atomic_write_bytes(run_dir / "metrics.csv", csv_text.encode())
+    atomic_write_bytes(run_dir / "metrics.jsonl", "".join(_json_line(r) for r in rows).encode())
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
@@ -185,7 +187,7 @@ def run_info(run_dir: Path) -> dict | None:
         return None
     summary = read_json(run_dir / "summary.json") or {}
     status = summary.get("status", "unknown")
-    if status == "running" and not _pid_alive(summary.get("pid")):
+    if status in ("running", "testing") and not _pid_alive(summary.get("pid")):
         status = "interrupted"  # killed without a chance to say so
     best, test = (v if isinstance(v, dict) else {} for v in (summary.get("best"), summary.get("test")))
     return {

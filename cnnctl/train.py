@@ -147,6 +147,15 @@ def load_data(spec: Spec, rows: list, seeds: Seeds, normalization: dict | None =
     return ds
 
 
+def check_finite(what: str, value: float, when: str, lr: float) -> None:
+    """A metric that is NaN or infinite ends the run with a TrainingError before anything records it."""
+    if not math.isfinite(value):
+        raise TrainingError(f"the {what} became {value} {when}; training stopped, the checkpoints already written "
+                            "are untouched",
+                            f"lower optimizer.lr (now {lr:g}), or look for extreme values in the data "
+                            "(cnnctl data CONFIG shows each split)")
+
+
 def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
     if best is None:
         return True
@@ -185,6 +194,7 @@ class Trainer:
         self.state = RunState(classes=self.ds.classes, history=[], stopper=Stopper(), wall_seconds=0.0)
         self.stop_signal: int | None = None  # set by a signal handler on this rank
         self.ranks: list[dict] = []  # each rank's host and pid: fit asks (a collective call under MPI)
+        self.fitting = False
 
     # ------------------------------------------------------------ state
 
@@ -258,14 +268,17 @@ class Trainer:
     # ------------------------------------------------------------ loop
 
     def _write_summary(self, status: str, **extra) -> None:
+        """summary.json as of the last epoch whose records (checkpoint and metrics rows) were all written: after a
+        failed write it never claims more than the run directory holds."""
         if not self.world.root:
             return
+        rows = [r for r in self.state.history if r["epoch"] <= self.recorded]
         runs.write_json(self.run_dir / "summary.json", {
             "name": self.spec.name, "status": status, "started": self.started, "pid": os.getpid(),
-            "epochs": self.spec.train.epochs, "epochs_done": self.state.epoch,
-            "steps": self.state.step, "params": self.model.num_params(), "threads": parallel.threads(),
+            "epochs": self.spec.train.epochs, "epochs_done": self.recorded,
+            "steps": rows[-1]["step"] if rows else 0, "params": self.model.num_params(), "threads": parallel.threads(),
             "wall_seconds": round(self._elapsed(), 3),
-            "monitor": self.monitor, "final": self.state.history[-1] if self.state.history else None,
+            "monitor": self.monitor, "final": rows[-1] if rows else None,
             "best": self.state.best,
             "dataset": self.ds.describe(),
             "environment": self.environment,
@@ -400,7 +413,9 @@ class Trainer:
         spec, ebs = self.spec, self.spec.data.evaluation_batch
         tta = spec.data.test_time_augment
         self.run_dir, self._started = Path(run_dir), time.time()
+        self.fitting = True  # from here a failure leaves the run directory and its records in place
         self.environment = environment()
+        self.recorded = self.state.epoch  # epochs with checkpoint and metrics rows written (resume: the checkpoint's)
         previous = runs.run_info(self.run_dir) if resumed else None
         self.started = (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S")
         self.ranks = self.world.ranks()
@@ -433,6 +448,7 @@ class Trainer:
                     with self.evaluated():
                         val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, ebs, self.num_classes, tta,
                                        self.world)
+                    check_finite("validation loss", val["loss"], f"after epoch {epoch}", self.optimizer.lr)
                     row.update(val_loss=val["loss"], val_acc=val["accuracy"])
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 self.state.epoch = epoch
@@ -440,6 +456,9 @@ class Trainer:
                 stopped_early = self._end_of_epoch(row)
                 if self.world.root:
                     runs.append_metrics(self.run_dir, row)
+                self.recorded = epoch
+                if epoch < spec.train.epochs:  # progress on disk: `runs` and a crash see the epochs done
+                    self._write_summary("running")
                 self.cb.on_epoch_end(row)
                 stopped_early = self.world.any(stopped_early or self.cb.should_stop(row))  # rank 0's callbacks
                 if self.world.any(self.stop_signal is not None):  # every rank stops here if any was signalled
@@ -452,14 +471,25 @@ class Trainer:
             with contextlib.suppress(CnnctlError):
                 self._write_summary("failed", error=e.message)
             raise
+        except Exception as e:  # a failure in cnnctl itself: recorded too, then shown with its traceback
+            with contextlib.suppress(CnnctlError):
+                self._write_summary("failed", error=f"{type(e).__name__}: {e}")
+            raise
         extra = {"stopped_early": stopped_early}
         if spec.train.test_at_end and not len(self.ds.test):
             extra["test_skipped"] = f"the {spec.data.dataset} data has no test split; the run is measured on " \
                                     "its validation split"
         elif spec.train.test_at_end:
-            with self.evaluated():
-                test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, ebs, self.num_classes, tta,
-                                self.world)
+            self._write_summary("testing")  # killed now, the run resumes to its test evaluation
+            try:
+                with self.evaluated():
+                    test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, ebs, self.num_classes, tta,
+                                    self.world)
+                check_finite("test loss", test["loss"], "at the end", self.optimizer.lr)
+            except CnnctlError as e:
+                with contextlib.suppress(CnnctlError):
+                    self._write_summary("failed", error=e.message)
+                raise
             extra["test"] = {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]}
         self._write_summary("finished", **extra)
         self.cb.on_train_end({"final": self.state.history[-1], "best": self.state.best, **extra})
@@ -503,7 +533,9 @@ def resume_spec(run_dir: Path, overrides: list[str], force: bool) -> tuple[Spec,
             "checkpoint config", "config.yaml + --set", n=1))
         raise ConfigError(f"the config of {run_dir} differs from the one its checkpoint was trained with:\n{diff}",
                           "undo the change, or pass --force to continue with the new config")
-    if ckpt.epoch > spec.train.epochs or (ckpt.epoch == spec.train.epochs and not (ckpt.run and ckpt.run.partial)):
+    unfinished = summary.get("status") not in ("finished", None)  # killed during its test evaluation, say
+    if ckpt.epoch > spec.train.epochs or (ckpt.epoch == spec.train.epochs and not (ckpt.run and ckpt.run.partial)
+                                          and not unfinished):
         raise CnnctlError(f"{run_dir} has finished {ckpt.epoch} of {spec.train.epochs} epochs; nothing to resume",
                           f"extend it with --set train.epochs={ckpt.epoch + 5} (for example)")
     return spec, ckpt
@@ -567,8 +599,8 @@ def session(config: Path | None, overrides: list[str], runs_dir: Path, resume: P
                     held.enter_context(runs.locked(run_dir))
                 run_dir = Path(world.broadcast_bytes(str(run_dir).encode() if world.root else None).decode())
             yield trainer, run_dir
-    except BaseException:
-        if (world.root and resume is None and run_dir is not None
+    except BaseException:  # a new run that never began training leaves nothing behind; one that did keeps its records
+        if (world.root and resume is None and run_dir is not None and not trainer.fitting
                 and not (run_dir / "checkpoints" / "last.safetensors").exists()):
             runs.remove_run(run_dir)
         raise

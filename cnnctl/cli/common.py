@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import os
+import sys
 import traceback
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
@@ -17,6 +21,7 @@ from typer.core import TyperArgument
 
 from .. import __version__, checkpoint, distributed, loading, parallel
 from ..errors import CnnctlError
+from ..fileio import json_text
 from ..train import Interrupted
 
 # typer prints an argument's Python type after its metavar ("CHECKPOINT|RUN_DIR <path>", "FILES... <list[Path]>");
@@ -29,7 +34,48 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_mar
                   help="Train convolutional networks from one YAML file on a pure NumPy core.")
 # paths and messages never break mid-line; markup is off, so user text (paths, names, class names) prints as it
 # is: styles are given as rich Text objects, never as [tags] inside strings
-out = Console(highlight=False, soft_wrap=True, markup=False)
+class _Stdout:
+    """stdout for everything cnnctl prints: once the reader is gone (`cnnctl train ... | head -5`), the rest of
+    the output is dropped (fd 1 then points at /dev/null, so the exit flush is quiet too) and the work goes on:
+    a training run finishes and records its results as if nothing had happened."""
+
+    gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                sys.stdout.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        _Stdout.gone = True
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+
+    def isatty(self) -> bool:
+        return not self.gone and sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stdout, "encoding", None) or "utf-8"
+
+
+stdout = _Stdout()
+out = Console(file=stdout, highlight=False, soft_wrap=True, markup=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 # control characters in user text (class names from a config, a folder or a checkpoint; file names) never reach
@@ -141,6 +187,12 @@ def fmt(v, pct=False):
         return "-"
     return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
 
+
+
+def print_json(obj) -> None:
+    """One strict JSON document on stdout (a non-finite number is null)."""
+    stdout.write(json_text(obj) + "\n")
+    stdout.flush()
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], right: Collection[str] = ()) -> Table:

@@ -38,6 +38,8 @@ from .common import (
     load_checkpoint,
     load_target,
     out,
+    print_json,
+    stdout,
     table,
     use_threads,
 )
@@ -66,7 +68,7 @@ def runs_(
         raise CnnctlError(f"runs folder not found: {folder}", "pass the folder given to --runs-dir (default: runs)")
     rows = runs_lib.list_runs(folder)
     if as_json:
-        print(json.dumps(rows))
+        print_json(rows)
         return
     listing = Table(title=f"runs in {folder}")
     run_width = max([len(r["run"]) for r in rows] + [3])
@@ -88,8 +90,8 @@ def runs_(
 def _runs_diff(a: Path, b: Path, as_json: bool) -> None:
     diffs, final = runs_lib.compare_runs(a, b)
     if as_json:
-        print(json.dumps({"a": str(a), "b": str(b), "config": [{"key": k, "a": va, "b": vb} for k, va, vb in diffs],
-                          "metrics": {k: {"a": va, "b": vb} for k, (va, vb) in final.items()}}))
+        print_json({"a": str(a), "b": str(b), "config": [{"key": k, "a": va, "b": vb} for k, va, vb in diffs],
+                          "metrics": {k: {"a": va, "b": vb} for k, (va, vb) in final.items()}})
         return
     out.print(table("config keys that differ", ("key", a.name, b.name),
                     rows=((k, repr(va), repr(vb)) for k, va, vb in diffs))
@@ -199,10 +201,10 @@ def data_(
         plots.plot_samples(x, [ds.classes[i] for i in y], out_file,
                            f"{spec.name}: {spec.data.dataset} {split}" + (" (augmented)" if augmented else ""))
     if as_json:
-        print(json.dumps({"dataset": spec.data.dataset, "image_shape": list(ds.image_shape),
+        print_json({"dataset": spec.data.dataset, "image_shape": list(ds.image_shape),
                           "dtype": str(ds.train.x.dtype), "classes": ds.classes,
                           "mean": ds.mean.tolist(), "std": ds.std.tolist(), "splits": counts,
-                          **({"out": str(out_file)} if out_file is not None else {})}))
+                          **({"out": str(out_file)} if out_file is not None else {})})
         return
     names = ("train", "val", "test")
     out.print(table(f"{spec.name}: {spec.data.dataset}, images {tuple(ds.image_shape)} {ds.train.x.dtype}",
@@ -230,7 +232,7 @@ def schema(
     if out_file is not None:
         check_writable(out_file, "--out")
     if out_file is None:
-        print(text, end="")
+        stdout.write(text)
     else:
         atomic_write_bytes(out_file, text.encode())
         out.print(f"wrote {out_file}")
@@ -274,7 +276,7 @@ def predict_(
     results = predict_lib.top_classes(names, predict_lib.probabilities(spec, logits), classes, top_k)
     k = len(results[0]["top"]) if results else 0
     if as_json:
-        print(json.dumps(results))
+        print_json(results)
         return
     out.print(table(f"predictions of {checkpoint_path}", ["input", *(f"#{r + 1}" for r in range(k))], rows=(
         (res["input"], *(f"{t['class']} {100 * t['probability']:.1f}%" for t in res["top"]))
@@ -320,7 +322,7 @@ def gradcheck(
     worst = max(r["error"] for r in results)
     kinks = sum(r["kinks"] for r in results)
     if as_json:
-        print(json.dumps({"tolerance": tol, "passed": worst < tol, "kinks_skipped": kinks, "results": results}))
+        print_json({"tolerance": tol, "passed": worst < tol, "kinks_skipped": kinks, "results": results})
     else:
         out.print(table(f"{spec.name}: analytic vs numerical gradients (float64, central differences)",
                         ("#", "layer", "param", "shape", "checked", "kinks", "rel. error", ""),
@@ -359,7 +361,7 @@ def lr_find_(
     if out_file is not None:
         plots.plot_lr_find(res["lrs"], res["losses"], res["suggested_lr"], out_file, f"{spec.name}: lr range test")
     if as_json:
-        print(json.dumps({"suggested_lr": res["suggested_lr"], "lrs": res["lrs"], "losses": res["losses"]}))
+        print_json({"suggested_lr": res["suggested_lr"], "lrs": res["lrs"], "losses": res["losses"]})
         return
     out.print(plots.text_chart({"loss (smoothed)": res["losses"]},
                                x_label=f"learning rate {res['lrs'][0]:.2g} .. {res['lrs'][-1]:.2g} (log scale)"))

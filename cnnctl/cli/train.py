@@ -30,6 +30,7 @@ from .common import (
     load_checkpoint,
     load_target,
     out,
+    print_json,
     table,
     use_threads,
 )
@@ -252,11 +253,11 @@ def eval_(
         plots.plot_confusion(cm, ds.classes, plot_file, f"{spec.name}: {data_split} split, accuracy "
                              f"{100 * res['accuracy']:.2f}%")
     if as_json:
-        print(json.dumps({
+        print_json({
             "checkpoint": str(checkpoint_path), "split": data_split, "loss": res["loss"], "accuracy": res["accuracy"],
             "n": res["n"], "classes": ds.classes, "precision": precision.tolist(), "recall": recall.tolist(),
             "confusion_matrix": cm.tolist(), "epoch": ckpt.epoch,
-        }))
+        })
         return
     out.print(f"{checkpoint_path} (epoch {ckpt.epoch}) on the {data_split} split of {spec.data.dataset} "
               f"({res['n']:,} images)")
@@ -291,7 +292,7 @@ def bench(
     if not world.root:
         return
     if as_json:
-        print(json.dumps(res))
+        print_json(res)
         return
     blas = res["blas"]
     blas_threads = blas.get("threads") or "unknown"
@@ -332,7 +333,7 @@ def inspect(
     except DataError as e:
         report["dataset"] = {"name": spec.data.dataset, "unavailable": e.message}
     if as_json:
-        print(json.dumps(report))
+        print_json(report)
         return
     shown = [r for r in walk(rows) if depth is None or r.depth <= depth]
     out.print(table(f"{spec.name}: input {tuple(spec.model.input_shape)}",

@@ -27,6 +27,12 @@ from .spec_errors import at_line, error_loc, error_message, format_path
 
 _ADAPTER = TypeAdapter(nn.AnyLayer)
 MAX_BLOCK_DEPTH = 32
+MAX_LAYERS = 100_000  # layers a model may expand to (ResNet-1001 has about 3,000): repeats multiply
+
+
+def size(spec: nn.LayerSpec) -> int:
+    """Layers in a resolved spec, its nested lists included."""
+    return 1 + sum(size(child) for layers in spec.layer_lists().values() for child in layers)
 
 
 def resolve(model, data: Any = None, root: yaml.Node | None = None, source: str = "config") -> list[nn.LayerSpec]:
@@ -43,6 +49,7 @@ def params_of(block: dict) -> dict[str, Any]:
 class _Resolver:
     def __init__(self, blocks: dict, data: Any, root: yaml.Node | None, source: str):
         self.blocks, self.data, self.root, self.source = blocks, data, root, source
+        self.made = 0  # layers made by block uses so far (nested uses counted again in their copies: a bound)
 
     def where(self, loc: tuple) -> str:
         return format_path(loc, self.data) + at_line(self.root, loc)
@@ -111,6 +118,11 @@ class _Resolver:
             self.fail(at, "; ".join(problems))
         layer = self.one(layer, home, (*stack, name))
         layer._block = name
+        self.made += size(layer) * use.repeat  # before any copy is made
+        if self.made > MAX_LAYERS:
+            self.fail((*loc, "repeat") if use.repeat > 1 else loc,
+                      f"the block uses expand to more than {MAX_LAYERS:,} layers (block '{name}' has {size(layer):,}"
+                      f" layers, used {use.repeat:,} times here)", "lower repeat; nested repeats multiply")
         if use.repeat > 1:
             copies = [layer.model_copy(deep=True) for _ in range(use.repeat)]
             for c in copies:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +23,7 @@ from safetensors.numpy import save as st_save
 
 from .errors import CheckpointError
 from .fileio import atomic_write_bytes, json_text
+from .memory import refuse_over
 from .strict import NonNegInt, Strict
 
 FORMAT = "cnnctl-checkpoint"
@@ -91,15 +94,33 @@ def _metadata(raw: bytes, path: Path) -> dict:
     return meta
 
 
+MAX_HEADER = 100_000_000  # bytes of JSON header: safetensors' own limit
+
+
 def read(path: str | Path) -> bytes:
-    """A checkpoint file's bytes (a missing or unreadable file is a CheckpointError)."""
+    """A checkpoint file's bytes. A missing or unreadable file, one that is not a regular file (a device such as
+    /dev/zero, a pipe), one larger than memory allows, or one whose first 8 bytes do not give a safetensors header
+    length that fits the file is a CheckpointError, before the body is read."""
     path = Path(path)
     try:
-        return path.read_bytes()
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: opening a named pipe would block
+            raise CheckpointError(f"{path}: not a regular file", "give a .safetensors checkpoint file")
+        with path.open("rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):  # replaced in between
+                raise CheckpointError(f"{path}: not a regular file", "give a .safetensors checkpoint file")
+            refuse_over(f"reading checkpoint {path}", info.st_size, 2, CheckpointError,
+                        "the file is not a cnnctl checkpoint, or too large for this machine")
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(MAX_HEADER, info.st_size - 8):
+                raise CheckpointError(f"{path}: not a safetensors file (its first 8 bytes do not give a header "
+                                      "length that fits the file)", "give a checkpoint written by cnnctl train")
+            return head + f.read()
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}", "check the path (runs/NAME/checkpoints/...)") from None
     except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
 
 
 def load(path: str | Path) -> Checkpoint:

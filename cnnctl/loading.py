@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.numpy import load as st_load
 
 from . import checkpoint
 from .builder import build_model, describe
@@ -69,10 +69,11 @@ def init_from(model: Model, path: str, strict: bool) -> dict:
     parameters or buffers (optimizer tensors of a cnnctl checkpoint are ignored); the rest keep their fresh
     values. Returns what was copied, what starts fresh (and why) and what of the file was not used."""
     try:
-        tensors = load_file(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"model.init_from: {path} not found", "give a checkpoint path, e.g. "
-                              "runs/NAME/checkpoints/best.safetensors") from None
+        raw = checkpoint.read(path)  # the same checks as any checkpoint before its body is read
+    except CheckpointError as e:
+        raise CheckpointError(f"model.init_from: {e.message}", e.hint) from None
+    try:
+        tensors = st_load(raw)
     except Exception as e:  # safetensors' own errors for files that are not safetensors
         raise CheckpointError(f"model.init_from: {path} is not a readable safetensors file ({e})",
                               "give a .safetensors file (a cnnctl checkpoint, or a state_dict saved with "

@@ -584,3 +584,99 @@ def test_a_closed_pipe_does_not_stop_training(tmp_path):
     done = subprocess.run(f"{sys.executable} -m cnnctl runs {tmp_path / 'runs'} --json | head -c 3",
                           shell=True, capture_output=True, text=True, timeout=60)
     assert done.stderr == "", done.stderr
+
+
+# ---------------------------------------------------------------- memory with no bound (continued)
+
+
+def test_nested_repeats_are_refused_before_they_expand(tmp_path):
+    import time
+
+    spec = yaml.safe_load(TINY)
+    spec["model"]["blocks"] = {"a": {"type": "relu"},
+                               "b": {"type": "sequential", "layers": [{"type": "a", "repeat": 1000}]},
+                               "c": {"type": "sequential", "layers": [{"type": "b", "repeat": 1000}]}}
+    spec["model"]["layers"].insert(0, {"type": "c", "repeat": 1000})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    t0 = time.perf_counter()
+    expect_error(["inspect", path], "more than 100,000 layers", "model.blocks.c.layers[0].repeat",
+                 "nested repeats multiply")
+    assert time.perf_counter() - t0 < 30  # refused, not expanded (10^9 copies would take hours)
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("model.layers.0.padding", 2147483647, ["model.layers[4] (dense)", "more than any machine can"]),
+    ("model.layers.0.filters", 2147483647, []),
+])
+def test_inspect_of_huge_layers_allocates_nothing(tmp_path, key, value, words):
+    import resource
+
+    from tests.helpers import invoke
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TINY)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if words:
+        expect_error(["inspect", cfg, "--set", f"{key}={value}"], *words)
+    else:
+        assert "total parameters" in invoke("inspect", cfg, "--set", f"{key}={value}").stdout
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # kB: under 0.5 GB
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda p: "/dev/zero", ["not a regular file"]),
+    (lambda p: p / "fifo", ["not a regular file"]),
+    (lambda p: (p / "h.safetensors").write_bytes((10**15).to_bytes(8, "little") + b"{}") and p / "h.safetensors",
+     ["not a safetensors file"]),
+    (lambda p: (p / "s.safetensors").write_bytes(b"abc") and p / "s.safetensors", ["not a safetensors file"]),
+])
+def test_checkpoints_are_checked_before_their_body_is_read(tmp_path, make, words):
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    target = make(tmp_path)
+    expect_error(["eval", target], *words)
+    spec = yaml.safe_load(TINY)
+    spec["model"]["init_from"] = {"checkpoint": str(target)}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    expect_error(["train", path, "--runs-dir", tmp_path / "runs"], "model.init_from", *words)
+
+
+def test_gradcheck_refuses_a_batch_beyond_memory_and_eval_an_empty_split(tiny_run, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TINY)
+    expect_error(["gradcheck", cfg, "--batch", "100000000"], "more than this machine can spare", "smaller --batch")
+    expect_error(["gradcheck", cfg, "--tol", "nan"], "give a positive number")
+    expect_error(["eval", tiny_run, "--data-split", "val", "--set", "data.val_split=0", "--set",
+                  "train.monitor=train_loss"],
+                 "the val split of the shapes data holds no images", "val_split is 0")
+
+
+def test_a_folder_without_a_test_split_trains_and_says_where_it_is_measured(tmp_path):
+    pytest.importorskip("PIL")
+    from tests.helpers import invoke
+    from tests.test_datasets import make_folder
+
+    make_folder(tmp_path / "imgs")
+    import shutil
+
+    shutil.rmtree(tmp_path / "imgs" / "test")
+    spec = yaml.safe_load(TINY)
+    spec["data"] = {"dataset": "folder", "root": str(tmp_path / "imgs"), "val_split": 0.25, "batch_size": 4}
+    spec["model"]["input_shape"] = [3, 16, 16]
+    spec["model"]["layers"][-1]["units"] = 2
+    spec["train"] = {"epochs": 1, "test_at_end": True}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    res = invoke("train", cfg, "--runs-dir", tmp_path / "runs")
+    assert "no test accuracy: the folder data has no test split" in res.output
+    run = next((tmp_path / "runs").iterdir())
+    ev = invoke("eval", run, "--json")
+    assert _json_split(ev.stdout) == "val" and "evaluating the validation split" in ev.stderr
+    expect_error(["eval", run, "--data-split", "test"], "the test split of the folder data holds no images")
+
+
+def _json_split(text):
+    return json.loads(text)["split"]

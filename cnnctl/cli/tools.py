@@ -17,7 +17,7 @@ from .. import nn, plots
 from .. import predict as predict_lib
 from .. import runs as runs_lib
 from .. import sweep as sweep_lib
-from ..builder import build_model
+from ..builder import activation_values, build_model
 from ..config import config_schema, load_config
 from ..errors import CnnctlError
 from ..export import export_onnx
@@ -25,6 +25,7 @@ from ..fileio import atomic_write_bytes
 from ..gradcheck import check_network
 from ..loading import load_model, offline
 from ..lr_find import lr_find as lr_find_lib
+from ..memory import refuse_over
 from ..train import Seeds, load_data
 from .common import (
     SetOption,
@@ -298,7 +299,10 @@ def gradcheck(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Compare every layer's backprop gradients with central differences (float64) in the configured net."""
-    spec, _ = load_target(target, list(set_ or []))
+    spec, rows = load_target(target, list(set_ or []))
+    # float64 activations, their gradients and what backward keeps, for every input of the batch
+    refuse_over(f"gradcheck of {spec.name} at --batch {batch}", 8 * 4 * batch * activation_values(rows), 2,
+                CnnctlError, "use a smaller --batch (the default 2 is enough to check the backprop)")
     model, rows = build_model(spec.model, np.random.default_rng(seed))
     only = None
     if layers:

@@ -12,7 +12,7 @@ from ..errors import ShapeError
 from ..strict import NonNegInt, PosInt, PosPair
 from .activations import ReLU
 from .base import Layer, LayerSpec, make_activation, register
-from .init import Init, initialize
+from .init import Init, constant, initialize
 
 if TYPE_CHECKING:  # derived from the activation registry in nn/__init__ once every layer type is registered
     from . import Activation
@@ -75,7 +75,7 @@ class Conv2D(Layer):
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self.params["weight"] = initialize(shape, init, rng, dtype)
         if bias:
-            self.params["bias"] = np.zeros(self.out_channels, dtype=dtype)
+            self.params["bias"] = constant((self.out_channels,), 0.0, rng, dtype)
         self.activation = make_activation(activation)
         # a ReLU is applied inside the (ungrouped) convolution, one pass less; Sequential may defer it further
         self.fused_relu = isinstance(self.activation, ReLU) and self.groups == 1

@@ -11,7 +11,7 @@ from pydantic import Field
 from ..errors import ShapeError
 from ..strict import PosInt
 from .base import Layer, LayerSpec, make_activation, register
-from .init import Init, initialize
+from .init import Init, constant, initialize
 
 if TYPE_CHECKING:  # derived from the activation registry in nn/__init__ once every layer type is registered
     from . import Activation
@@ -72,7 +72,7 @@ class Dense(Layer):
         rng = rng if rng is not None else np.random.default_rng()
         self.params["weight"] = initialize((self.out_features, self.in_features), init, rng, dtype)
         if bias:
-            self.params["bias"] = np.zeros(self.out_features, dtype=dtype)
+            self.params["bias"] = constant((self.out_features,), 0.0, rng, dtype)
         self.activation = make_activation(activation)
         self.zero_grad()
 

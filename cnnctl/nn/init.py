@@ -32,9 +32,23 @@ class _ShapesOnly:
 SHAPES_ONLY = _ShapesOnly()
 
 
+MAX_VALUES = 2**48  # far beyond any machine's memory, and within what NumPy can index
+
+
 def placeholder(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-    """A read-only array of zeros that holds one number whatever its shape (all strides 0)."""
+    """A read-only array of zeros that holds one number whatever its shape (all strides 0). A shape of more
+    values than any machine could hold is refused (by the builder, naming the layer)."""
+    if math.prod(shape) > MAX_VALUES:
+        raise ShapeError(f"a parameter of shape {tuple(shape)} would hold {math.prod(shape):.3g} values, more than "
+                         "any machine can", "use fewer filters or units, less padding, or a smaller input_shape")
     return np.broadcast_to(np.zeros((), dtype), tuple(shape))
+
+
+def constant(shape: tuple[int, ...], value: float, rng, dtype=np.float32) -> np.ndarray:
+    """A parameter or buffer filled with value; with rng=SHAPES_ONLY a placeholder (nothing allocated)."""
+    if rng is SHAPES_ONLY:
+        return placeholder(shape, dtype)
+    return np.full(shape, value, dtype)
 
 
 def is_placeholder(a: np.ndarray) -> bool:

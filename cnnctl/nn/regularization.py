@@ -11,6 +11,7 @@ from pydantic import Field
 from .. import parallel
 from ..errors import ShapeError
 from .base import Layer, LayerSpec, make_activation, register, register_spec
+from .init import constant
 
 if TYPE_CHECKING:  # derived from the activation registry in nn/__init__ once every layer type is registered
     from . import Activation
@@ -47,7 +48,8 @@ class _BatchNormSpec(LayerSpec):
         cls = {"batchnorm1d": BatchNorm1D, "batchnorm2d": BatchNorm2D}.get(self.type)  # type: ignore
         if cls is None:  # plain `batchnorm`: 1-D or 2-D from the incoming shape
             cls = BatchNorm1D if len(input_shape) == 1 else BatchNorm2D
-        return cls(input_shape[0], self.eps, self.momentum, activation=self.activation, weight_init=self.weight_init)
+        return cls(input_shape[0], self.eps, self.momentum, activation=self.activation, weight_init=self.weight_init,
+                   rng=scope.rng)
 
 
 @register_spec
@@ -138,14 +140,15 @@ class _BatchNorm(Layer):
     batch_sum: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, dtype=np.float32,
-                 activation: str | None = None, weight_init: float = 1.0):
+                 activation: str | None = None, weight_init: float = 1.0, rng=None):
         super().__init__()
         self.activation = make_activation(activation)
         self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
-        self.params = {"weight": np.full(num_features, weight_init, dtype), "bias": np.zeros(num_features, dtype)}
+        n = (self.num_features,)  # rng is only asked whether this is a shapes-only build (SHAPES_ONLY)
+        self.params = {"weight": constant(n, weight_init, rng, dtype), "bias": constant(n, 0.0, rng, dtype)}
         self.buffers = {
-            "running_mean": np.zeros(num_features, dtype),
-            "running_var": np.ones(num_features, dtype),
+            "running_mean": constant(n, 0.0, rng, dtype),
+            "running_var": constant(n, 1.0, rng, dtype),
             "num_batches_tracked": np.zeros((), np.int64),
         }
         self.zero_grad()

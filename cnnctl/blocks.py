@@ -23,7 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from . import nn
 from .errors import ConfigError
-from .spec_errors import at_line, error_loc, error_message, format_path
+from .spec_errors import error_loc, error_message, format_path, origin
 
 _ADAPTER = TypeAdapter(nn.AnyLayer)
 MAX_BLOCK_DEPTH = 32
@@ -35,9 +35,10 @@ def size(spec: nn.LayerSpec) -> int:
     return 1 + sum(size(child) for layers in spec.layer_lists().values() for child in layers)
 
 
-def resolve(model, data: Any = None, root: yaml.Node | None = None, source: str = "config") -> list[nn.LayerSpec]:
+def resolve(model, data: Any = None, root: yaml.Node | None = None, source: str = "config",
+            overrides: list[str] = ()) -> list[nn.LayerSpec]:
     """model.layers with every block use expanded (recursively) into concrete layer specs."""
-    return _Resolver(model.blocks, data, root, source).list(model.layers, ("model", "layers"), ())
+    return _Resolver(model.blocks, data, root, source, overrides).list(model.layers, ("model", "layers"), ())
 
 
 def params_of(block: dict) -> dict[str, Any]:
@@ -47,12 +48,12 @@ def params_of(block: dict) -> dict[str, Any]:
 
 
 class _Resolver:
-    def __init__(self, blocks: dict, data: Any, root: yaml.Node | None, source: str):
-        self.blocks, self.data, self.root, self.source = blocks, data, root, source
+    def __init__(self, blocks: dict, data: Any, root: yaml.Node | None, source: str, overrides: list[str]):
+        self.blocks, self.data, self.root, self.source, self.overrides = blocks, data, root, source, overrides
         self.made = 0  # layers made by block uses so far (nested uses counted again in their copies: a bound)
 
     def where(self, loc: tuple) -> str:
-        return format_path(loc, self.data) + at_line(self.root, loc)
+        return format_path(loc, self.data) + origin(self.root, loc, self.data, self.overrides)
 
     def fail(self, loc: tuple, message: str, hint: str | None = None):
         raise ConfigError(f"{self.source}: {self.where(loc)}: {message}", hint or "correct the block or its use; "
@@ -108,13 +109,14 @@ class _Resolver:
             for err in e.errors():
                 inner = error_loc(err)
                 src = _value_at(block, inner)
-                origin = ""
+                via = ""
                 if _is_ref(src, values):
-                    origin = f" (from {src} = {values[src[1:]]!r})"
+                    via = f" (from {src} = {values[src[1:]]!r})"
                     if src[1:] in args:  # point at the argument that does not fit
                         at = (*loc, src[1:])
-                problems.append(f"block '{name}' {format_path(inner, raw)}{at_line(self.root, (*home, *inner))}: "
-                                f"{error_message(err)}{origin}")
+                problems.append(f"block '{name}' {format_path(inner, raw)}"
+                                f"{origin(self.root, (*home, *inner), self.data, self.overrides)}: "
+                                f"{error_message(err)}{via}")
             self.fail(at, "; ".join(problems))
         layer = self.one(layer, home, (*stack, name))
         layer._block = name

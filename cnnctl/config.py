@@ -422,7 +422,7 @@ def validate(data: Any, source: str = "config", root: yaml.Node | None = None, o
         spec = Spec.model_validate(data)
     except ValidationError as e:
         raise format_validation_error(e, data, source, root, overrides) from None
-    blocks.resolve(spec.model, data, root, source)  # block errors now, with the file's line numbers
+    blocks.resolve(spec.model, data, root, source, overrides)  # block errors now, with the file's line numbers
     return spec
 
 

@@ -12,8 +12,9 @@ import numpy as np
 from .errors import CnnctlError
 
 
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend, or a clear message naming the extra."""
+def pyplot(instead: str | None = None):
+    """matplotlib.pyplot on the non-interactive Agg backend, or a clear message naming the extra (and, when the
+    verb has one, `instead`: what works without it)."""
     try:
         import matplotlib
 
@@ -21,8 +22,11 @@ def pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         raise CnnctlError("drawing PNG files needs matplotlib, which is not installed",
-                          "pip install 'cnnctl[plot]' (or leave out --out for a chart in the terminal)") from None
+                          "pip install 'cnnctl[plot]'" + (f" (or {instead})" if instead else "")) from None
     return plt
+
+
+TERMINAL = "leave out --out for charts in the terminal"
 
 
 def _save(fig, out: Path) -> None:
@@ -47,7 +51,7 @@ def _save(fig, out: Path) -> None:
 
 def plot_curves(history: list[dict], out: Path, title: str = "") -> None:
     """Loss, accuracy (train and validation) and learning rate per epoch, three panels in one PNG."""
-    plt = pyplot()
+    plt = pyplot(TERMINAL)
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
@@ -133,7 +137,7 @@ def plot_feature_maps(maps: list[tuple[str, np.ndarray]], image: np.ndarray, out
 
 def plot_lr_find(lrs: list[float], losses: list[float], suggested: float | None, out: Path, title: str) -> None:
     """The range test's smoothed loss against the learning rate (log scale), the suggestion marked."""
-    plt = pyplot()
+    plt = pyplot("leave out --out: the verb prints the curve in the terminal")
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     ax.plot(lrs, losses)
     ax.set_xscale("log")
@@ -233,7 +237,7 @@ def sweep_text(rows: list[dict], metric: str, width: int = 40) -> str:
 
 def plot_sweep(rows: list[dict], metric: str, out: Path, title: str) -> None:
     """One panel per searched key: each trial's best metric against the value it used."""
-    plt = pyplot()
+    plt = pyplot(TERMINAL)
     points = sweep_points(rows)
     keys = _varied(points)
     if not keys:

@@ -127,14 +127,21 @@ def at_line(root: yaml.Node | None, loc: tuple) -> str:
     return f" (line {line})" if line is not None else ""
 
 
+def origin(root: yaml.Node | None, loc: tuple, data: Any, overrides: list[str] = ()) -> str:
+    """Where the value at loc came from: ' (from --set)' when an override set it (or a key around it), else the
+    config file's ' (line N)'."""
+    path = format_path(loc, data)
+    if any(is_within(path, o.partition("=")[0].strip()) for o in overrides):
+        return " (from --set)"
+    return at_line(root, loc)
+
+
 def format_validation_error(e: ValidationError, data: Any, source: str, root: yaml.Node | None,
                             overrides: list[str] = ()) -> ConfigError:
     lines = []
     for err in relevant_errors(e.errors(), data):
         loc = error_loc(err)
-        path = format_path(loc, data)
-        from_set = any(is_within(path, o.partition("=")[0].strip()) for o in overrides)
-        lines.append(f"  {path}{' (from --set)' if from_set else at_line(root, loc)}: {error_message(err)}")
+        lines.append(f"  {format_path(loc, data)}{origin(root, loc, data, overrides)}: {error_message(err)}")
     n = len(lines)
     return ConfigError(f"{source}: invalid config ({n} problem{'s' if n > 1 else ''})\n" + "\n".join(lines),
                        "correct the keys above; `cnnctl inspect CONFIG` checks a config without training")

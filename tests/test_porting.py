@@ -116,3 +116,42 @@ def test_predict_runs_in_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(predict, "normalize", lambda x, n: sizes.append(len(x)) or real(x, n))
     res = json.loads(invoke("predict", run, tmp_path / "x.npz", "--json").stdout)
     assert len(res) == 10 and sizes == [4, 4, 2]
+
+
+# ---------------------------------------------------------------- the hints a port met, made right
+
+
+@pytest.fixture
+def trained(tmp_path):
+    cfg = config(tmp_path, lambda s: s["train"].update(epochs=1))
+    invoke("train", cfg, "--runs-dir", tmp_path / "runs")
+    return cfg, next((tmp_path / "runs").iterdir())
+
+
+def test_missing_matplotlib_hints_fit_each_verb(trained, tmp_path, monkeypatch):
+    import sys
+
+    cfg, run = trained
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)
+    viz = expect_error(["viz", run, "--out", tmp_path / "f.png"], "cnnctl[plot]")
+    assert "leave out --out" not in viz  # viz has no terminal drawing
+    expect_error(["plot", run, "--out", tmp_path / "c.png"], "cnnctl[plot]", "leave out --out")
+    expect_error(["data", cfg, "--out", tmp_path / "g.png"], "cnnctl[plot]")
+
+
+def test_set_errors_name_the_override_not_a_line_of_the_file(tmp_path):
+    from tests.conftest import ROOT
+
+    cfg = config(tmp_path, lambda s: None)
+    text = expect_error(["inspect", cfg, "--set", "model.layers.0.type=conv3d"], "model.layers[0].type (from --set)")
+    assert "(line" not in text.split("\n")[0]
+    expect_error(["inspect", ROOT / "configs" / "resnet20-cifar10.yaml", "--set",
+                  "model.blocks.basic.body.0.filters=abc"], "body[0].filters (from --set)")
+    expect_error(["inspect", cfg, "--set", "optimizer.lr=-1"], "optimizer.lr (from --set)")
+
+
+def test_lr_find_says_when_the_loss_never_diverged(tmp_path):
+    cfg = config(tmp_path, lambda s: None)
+    res = invoke("lr-find", cfg, "--steps", "8", "--max-lr", "1e-4")
+    assert "the loss never diverged up to 0.0001" in res.stdout and "--max-lr 0.001" in res.stdout

@@ -371,6 +371,9 @@ def lr_find_(
                                x_label=f"learning rate {res['lrs'][0]:.2g} .. {res['lrs'][-1]:.2g} (log scale)"))
     out.print(f"{len(res['lrs'])} steps from {res['lrs'][0]:.2g} to {res['lrs'][-1]:.2g}"
               + (" (stopped: the loss diverged)" if res["stopped_early"] else ""))
+    if not res["stopped_early"]:
+        out.print(f"the loss never diverged up to {res['lrs'][-1]:.2g}: the useful range may reach higher; the "
+                  f"suggestion is the steepest descent within this range (try --max-lr {10 * max_lr:g})")
     if res["suggested_lr"] is None:
         out.print("no suggestion: the loss did not fall; try a wider range (--min-lr / --max-lr) or more --steps")
     else:

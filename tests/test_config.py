@@ -12,7 +12,7 @@ from cnnctl.config import LAYER_SPECS, Spec, apply_overrides, load_config, spec_
 from cnnctl.errors import ConfigError
 from tests.conftest import ROOT
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "docs" / "porting").glob("*.yaml"))
 
 
 def test_spec_tags_match_the_layer_registry():

@@ -155,3 +155,20 @@ def test_lr_find_says_when_the_loss_never_diverged(tmp_path):
     cfg = config(tmp_path, lambda s: None)
     res = invoke("lr-find", cfg, "--steps", "8", "--max-lr", "1e-4")
     assert "the loss never diverged up to 0.0001" in res.stdout and "--max-lr 0.001" in res.stdout
+
+
+@pytest.mark.parametrize("name", ["keras-mnist-convnet", "pytorch-mnist"])
+def test_the_ported_examples_train_from_their_yaml(tmp_path, name):
+    """docs/porting's configs end to end (layers, loss, optimizer, schedule) on MNIST-shaped data; their real
+    MNIST accuracy is measured in docs/porting.md."""
+    from tests.conftest import ROOT
+
+    g = np.random.default_rng(0)
+    x = g.integers(0, 256, (120, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "m.npz", x_train=x, y_train=np.arange(120) % 10, x_test=x[:20], y_test=np.arange(20) % 10)
+    cfg = ROOT / "docs" / "porting" / f"{name}.yaml"
+    res = invoke("train", cfg, "--runs-dir", tmp_path / "runs", "--set", "data.dataset=npz", "--set",
+                 f"data.root={tmp_path / 'm.npz'}", "--set", "train.epochs=2")
+    assert "test accuracy" in res.stdout
+    rows = [json.loads(line) for line in next((tmp_path / "runs").iterdir()).joinpath("metrics.jsonl").open()]
+    assert len(rows) == 2 and all(np.isfinite(r["train_loss"]) for r in rows)

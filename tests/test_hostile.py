@@ -680,3 +680,122 @@ def test_a_folder_without_a_test_split_trains_and_says_where_it_is_measured(tmp_
 
 def _json_split(text):
     return json.loads(text)["split"]
+
+
+# ---------------------------------------------------------------- fuzzers over the new surfaces
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _png_bytes(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (6, 5), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# a damaged picture: a valid PNG with bytes flipped, cut short, or followed by junk; or arbitrary bytes
+PICTURES = st.one_of(
+    st.binary(max_size=200),
+    st.tuples(st.integers(0, 5), st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6),
+              st.integers(0, 400)).map(lambda t: bytes(
+                  b if i not in dict(t[1]) else dict(t[1])[i] for i, b in enumerate(_png_bytes(t[0])))[: t[2] or None]),
+)
+
+
+@settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(PICTURES, min_size=1, max_size=4), st.sampled_from([(1, 8, 8), (3, 5, 7)]))
+def test_fuzzed_folder_images_give_data_or_one_clear_error(tmp_path_factory, pictures, shape):
+    pytest.importorskip("PIL")
+    from cnnctl.data import files
+    from cnnctl.errors import DataError
+
+    root = tmp_path_factory.mktemp("folder")
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+        (root / split / "a" / "ok.png").write_bytes(_png_bytes(99))
+    for i, raw in enumerate(pictures):
+        (root / "train" / "a" / f"f{i}.{'png' if i % 2 else 'jpg'}").write_bytes(raw)
+    try:
+        classes, (x, y), _ = files.load_folder(root, shape)
+    except DataError as e:
+        assert "cannot be decoded" in e.message
+    else:
+        assert classes == ["a"] and x.shape[1:] == shape and x.dtype == np.uint8 and len(y) == len(x)
+
+
+ARRAYS = st.one_of(
+    st.builds(lambda n, h, w, dt: np.zeros((n, h, w), dt), st.integers(0, 4), st.integers(1, 5), st.integers(1, 5),
+              st.sampled_from([np.uint8, np.float32, np.float64, np.int16, np.bool_, np.complex64])),
+    st.builds(lambda shape: np.ones(shape, np.uint8), st.lists(st.integers(0, 3), max_size=5).map(tuple)),
+    st.builds(lambda v: np.array(v), st.lists(st.integers(-5, 2**40), max_size=5)),
+    st.just(np.array(["a", "b"])),
+    st.just(np.array([np.nan, np.inf])),
+)
+
+
+@settings(max_examples=120, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["x_train", "y_train", "x_test", "y_test", "other"]), ARRAYS, max_size=5),
+       st.integers(0, 64))
+def test_fuzzed_npz_contents_give_data_or_one_clear_error(tmp_path_factory, arrays, cut):
+    from cnnctl.data import files
+    from cnnctl.errors import DataError
+
+    path = tmp_path_factory.mktemp("npz") / "d.npz"
+    np.savez(path, **arrays)
+    if cut:  # also a file cut short
+        path.write_bytes(path.read_bytes()[:-cut])
+    try:
+        (x, y), (xt, yt) = files.load_npz(path)
+    except DataError:
+        return
+    assert x.ndim == 4 and y.dtype == np.int64 and len(x) == len(y) and x.shape[1:] == xt.shape[1:]
+
+
+DAMAGE = st.sampled_from([
+    ("summary.json", b""), ("summary.json", b'{"status": "running", "pid": 1, "epochs_done": "x"}'),
+    ("summary.json", b"NaN"), ("metrics.jsonl", b'{"epoch": 1}\n{"epoch": '), ("metrics.csv", b"epoch\nzz\n"),
+    ("config.yaml", b"name: [unclosed"), ("config.yaml", b""), (".lock", None), ("checkpoints/last.safetensors", b""),
+    ("checkpoints/last.safetensors", None), ("checkpoints/best.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}"),
+    ("checkpoints/.last.safetensors.abc.tmp", b"partial"),
+])
+
+
+@pytest.fixture(scope="module")
+def pristine_run(tmp_path_factory):
+    from cnnctl.cli import app
+
+    tmp = tmp_path_factory.mktemp("pristine")
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(TINY)
+    res = runner.invoke(app, ["train", str(cfg), "--runs-dir", str(tmp / "runs"), "--set", "train.epochs=1"])
+    assert res.exit_code == 0, res.output
+    return next((tmp / "runs").iterdir())
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(DAMAGE, min_size=1, max_size=3))
+def test_run_directories_damaged_by_kills_give_results_or_clear_errors(tmp_path_factory, pristine_run, damage):
+    """What a kill at any moment (or a full disk) can leave: truncated or missing files, stale temporaries.
+    Every verb that reads a run answers or refuses with exit 2 (1 for a training failure), never a traceback."""
+    import shutil
+
+    from cnnctl.cli import app
+
+    run = tmp_path_factory.mktemp("damaged") / pristine_run.name
+    shutil.copytree(pristine_run, run)
+    for name, raw in damage:
+        if raw is None:
+            (run / name).unlink(missing_ok=True)
+        else:
+            (run / name).write_bytes(raw)
+    for args in (["runs", run.parent], ["runs", run.parent, "--json"], ["plot", run], ["eval", run],
+                 ["inspect", run], ["train", "--resume", run, "--set", "train.epochs=2"]):
+        res = runner.invoke(app, [str(a) for a in args])
+        assert res.exit_code in (0, 1, 2), (args, res.output)
+        assert res.exception is None or isinstance(res.exception, SystemExit), (args, repr(res.exception))
+        assert "Traceback" not in res.output

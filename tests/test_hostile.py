@@ -459,6 +459,18 @@ def test_a_non_finite_validation_loss_fails_the_run_and_its_records_stay_readabl
     invoke("train", "--resume", run)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1e300])
+def test_float_images_that_are_not_finite_float32_are_refused_at_load(tmp_path, value):
+    from cnnctl.data import files
+    from cnnctl.errors import DataError
+
+    x = np.random.default_rng(0).random((20, 4, 4))
+    x[7, 1, 2] = value
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.arange(20) % 2, x_test=x[:4], y_test=np.arange(4) % 2)
+    with pytest.raises(DataError, match="x_train holds 1 values that are not finite"):
+        files.load_npz(tmp_path / "d.npz")
+
+
 def test_a_non_finite_test_loss_fails_the_run(tmp_path, monkeypatch):
     _patched_evaluate(monkeypatch, lambda split, res: {**res, "loss": float("inf")} if split == "test" else None)
     expect_error(["train", _config(tmp_path, test_at_end=True), "--runs-dir", tmp_path / "runs"],

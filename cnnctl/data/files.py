@@ -82,7 +82,12 @@ def load_npz(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarra
         if x.dtype != np.uint8:
             if x.dtype.kind not in "fiu":
                 raise DataError(f"{path}: x_{split} has dtype {x.dtype}; expected uint8 or float images")
-            x = x.astype(np.float32)
+            with np.errstate(over="ignore"):  # values beyond float32 become inf, counted below
+                x = x.astype(np.float32)
+            bad = int(x.size - np.count_nonzero(np.isfinite(x)))  # NaN, inf, or beyond float32's range
+            if bad:
+                raise DataError(f"{path}: x_{split} holds {bad:,} values that are not finite float32 numbers",
+                                "repair or drop those images")
         if y.dtype.kind not in "iu" or y.ndim != 1:
             raise DataError(f"{path}: y_{split} must be a 1-D integer array of class labels, got {y.dtype} {y.shape}")
         x = _nchw(x, path, f"x_{split}")

@@ -36,7 +36,7 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
     check_training_memory(spec.name, describe(spec.model), bs, averaged=spec.train.ema_decay is not None)
     model, rows = build_model(spec.model, g)
     loss_fn = build_loss(spec)
-    optimizer = spec.optimizer.build(model)
+    optimizer = spec.optimizer.build(model, rows)
     average = WeightAverage(model, spec.train.ema_decay) if spec.train.ema_decay else None  # part of a step
     n_out = rows[-1].output_shape[0]
     x = g.standard_normal((bs, *spec.model.input_shape)).astype(np.float32)

@@ -19,6 +19,7 @@ from .errors import ConfigError, DataError, ShapeError
 from .memory import refuse_over
 from .nn import ACTIVATIONS, LOSSES, Layer, Loss, Model, Sequential
 from .nn.init import SHAPES_ONLY
+from .optim import assign_groups
 
 
 @dataclass
@@ -185,6 +186,7 @@ def check_known_data(spec: Spec, rows: list[LayerRow]) -> None:
     """What can be checked without reading the data: the loss against the model's outputs, and the dataset's
     class count and image shape."""
     check_loss_fits(spec)
+    parameter_groups(spec, rows)  # every group takes some parameter
     classes, image_shape = data.dataset_info(spec.data)
     if classes is not None:
         check_outputs(spec, rows, len(classes))
@@ -217,6 +219,18 @@ def build_loss(spec: Spec, train_labels: np.ndarray | None = None, num_classes: 
     return LOSSES[spec.loss.type]()
 
 
+def parameter_groups(spec: Spec, rows: list[LayerRow]) -> list[dict]:
+    """optimizer.groups resolved against the model (no weights drawn): each group's options and the parameters
+    it takes. A group that takes none is a ConfigError."""
+    if not spec.optimizer.groups:
+        return []
+    model, _ = build_model(spec.model, SHAPES_ONLY)
+    assigned = assign_groups(spec.optimizer.groups, model, rows)
+    return [{"group": i, "match": g.match.model_dump(exclude_none=True), "lr_scale": g.lr_scale,
+             "weight_decay": g.weight_decay, "params": [name for name, a in assigned.items() if a is g]}
+            for i, g in enumerate(spec.optimizer.groups)]
+
+
 def inspect_report(spec, rows: list[LayerRow]) -> dict:
     """What `cnnctl inspect` shows: the layer tree, parameter counts, MACs and memory estimates."""
     total = sum(r.params for r in rows)
@@ -229,4 +243,5 @@ def inspect_report(spec, rows: list[LayerRow]) -> dict:
         "non_trainable_params": buffers, "param_bytes": (total + buffers) * 4, "total_macs": sum(r.macs for r in rows),
         "activation_bytes_per_sample": 4 * activation_values(rows),
         "training_bytes": training_bytes(rows, spec.data.batch_size, spec.train.ema_decay is not None),
+        "param_groups": parameter_groups(spec, rows),
     }

@@ -6,12 +6,14 @@ checkpoints through state_dict()/load_state_dict(). `lr` is a plain attribute th
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from .errors import ConfigError
 from .nn.base import Layer, Param
 from .registry import registrar
 from .strict import Strict
@@ -24,7 +26,60 @@ register_optimizer = registrar(OPTIMIZERS, OPTIMIZER_SPECS)
 # ---------------------------------------------------------------- specs (the YAML)
 
 
-class SGDSpec(Strict):
+class GroupMatch(Strict):
+    """Which parameters a group takes; every key given must match (at least one must be given)."""
+
+    param: str | None = Field(None, description="A pattern (* and ? wildcards) on the parameter's name, e.g. "
+                              "'*.bias' or 'layers.0.*'; a pattern without a dot matches the last part (bias, "
+                              "weight).")
+    layer_type: str | None = Field(None, description="The type of the parameter's layer: conv2d, dense, "
+                                   "batchnorm (either kind), ...")
+    block: str | None = Field(None, description="A block name under model.blocks: the parameters inside any use "
+                              "of it.")
+
+    @model_validator(mode="after")
+    def _something(self):
+        if self.param is None and self.layer_type is None and self.block is None:
+            raise ValueError("give at least one of param, layer_type, block")
+        return self
+
+    def matches(self, p: Param, blocks: set[str]) -> bool:
+        name = p.name if "." in (self.param or ".") else p.key
+        tag = p.layer.tag
+        return ((self.param is None or fnmatch.fnmatchcase(name, self.param))
+                and (self.layer_type is None or tag == self.layer_type or tag.startswith(self.layer_type)
+                     and tag[len(self.layer_type):] in ("1d", "2d"))
+                and (self.block is None or self.block in blocks))
+
+
+class ParamGroupSpec(Strict):
+    """Options for some of the parameters (Caffe's lr_mult and decay_mult, torch.optim's parameter groups): each
+    parameter takes the first group that matches it, the others the optimizer's own options."""
+
+    match: GroupMatch
+    lr_scale: float = Field(1.0, ge=0.0, description="The group's learning rate is the optimizer's (as scheduled) "
+                            "times this.")
+    weight_decay: float | None = Field(None, ge=0.0, description="The group's weight decay (default: the "
+                                       "optimizer's).")
+
+
+class _OptimizerSpec(Strict):
+    groups: list[ParamGroupSpec] = Field(default=[], description="Parameter groups, matched in order: "
+                                         "[{match: {param: bias}, lr_scale: 2, weight_decay: 0}, ...].")
+
+    def options(self) -> dict:
+        """The optimizer's keyword arguments."""
+        return self.model_dump(exclude={"type", "groups"})
+
+    def build(self, model, rows=None):
+        """The optimizer for model, with each parameter's group resolved (rows, the builder's layer rows, give
+        the blocks each parameter sits in)."""
+        opt = OPTIMIZERS[self.type](model, **self.options())
+        opt.groups = assign_groups(self.groups, model, rows or [])
+        return opt
+
+
+class SGDSpec(_OptimizerSpec):
     type: Literal["sgd"]
     lr: float = Field(0.01, gt=0.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
@@ -33,11 +88,8 @@ class SGDSpec(Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     decay_bias_and_norm: bool = True
 
-    def build(self, model):
-        return OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
 
-
-class AdamSpec(Strict):
+class AdamSpec(_OptimizerSpec):
     type: Literal["adam"]
     lr: float = Field(0.001, gt=0.0)
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
@@ -46,18 +98,18 @@ class AdamSpec(Strict):
     amsgrad: bool = False
     decay_bias_and_norm: bool = True
 
-    def build(self, model):
-        kwargs = self.model_dump(exclude={"type", "weight_decay"})
+    def options(self):
+        kwargs = self.model_dump(exclude={"type", "weight_decay", "groups"})
         if self.weight_decay is not None:
             kwargs["weight_decay"] = self.weight_decay
-        return OPTIMIZERS[self.type](model, **kwargs)
+        return kwargs
 
 
 class AdamWSpec(AdamSpec):
     type: Literal["adamw"]
 
 
-class RMSpropSpec(Strict):
+class RMSpropSpec(_OptimizerSpec):
     type: Literal["rmsprop"]
     lr: float = Field(0.01, gt=0.0)
     alpha: float = Field(0.99, ge=0.0, lt=1.0)
@@ -67,11 +119,8 @@ class RMSpropSpec(Strict):
     centered: bool = False
     decay_bias_and_norm: bool = True
 
-    def build(self, model):
-        return OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
 
-
-class AdagradSpec(Strict):
+class AdagradSpec(_OptimizerSpec):
     type: Literal["adagrad"]
     lr: float = Field(0.01, gt=0.0)
     lr_decay: float = Field(0.0, ge=0.0, description="The rate at step t is lr / (1 + (t - 1) * lr_decay).")
@@ -80,20 +129,14 @@ class AdagradSpec(Strict):
     eps: float = Field(1e-10, gt=0.0)
     decay_bias_and_norm: bool = True
 
-    def build(self, model):
-        return OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
 
-
-class AdadeltaSpec(Strict):
+class AdadeltaSpec(_OptimizerSpec):
     type: Literal["adadelta"]
     lr: float = Field(1.0, gt=0.0, description="Scales the step (1.0: Zeiler's Adadelta, which needs no rate).")
     rho: float = Field(0.9, ge=0.0, le=1.0)
     eps: float = Field(1e-6, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     decay_bias_and_norm: bool = True
-
-    def build(self, model):
-        return OPTIMIZERS[self.type](model, **self.model_dump(exclude={"type"}))
 
 
 # ---------------------------------------------------------------- the update rules
@@ -107,17 +150,23 @@ class Optimizer:
         self.decay_bias_and_norm = decay_bias_and_norm
         self.steps = 0
         self.state: dict[str, dict[str, np.ndarray]] = {}
+        self.groups: dict[str, ParamGroupSpec] = {}  # parameter name -> its group (the others have none)
 
     def _decay(self, p: Param) -> float:
+        group = self.groups.get(p.name)
+        if group is not None and group.weight_decay is not None:
+            return group.weight_decay
         return 0.0 if not self.decay_bias_and_norm and p.is_bias_or_norm else self.weight_decay
 
     def step(self) -> None:
         self.steps += 1
         for p in self.model.trainable_parameters():
             st = self.state.setdefault(p.name, {})
-            p.value[...] = self.update(p.value, p.grad, st, self._decay(p))  # in place: the model's own array
+            group = self.groups.get(p.name)
+            lr = self.lr * group.lr_scale if group is not None else self.lr
+            p.value[...] = self.update(p.value, p.grad, st, self._decay(p), lr)  # in place: the model's own array
 
-    def update(self, p: np.ndarray, g: np.ndarray, st: dict, wd: float) -> np.ndarray:
+    def update(self, p: np.ndarray, g: np.ndarray, st: dict, wd: float, lr: float) -> np.ndarray:
         raise NotImplementedError
 
     @property
@@ -158,7 +207,7 @@ class SGD(Optimizer):
     def keeps_state(self) -> bool:
         return self.momentum != 0
 
-    def update(self, p, g, st, wd):
+    def update(self, p, g, st, wd, lr):
         if wd:
             g = g + wd * p
         if self.momentum:
@@ -168,7 +217,7 @@ class SGD(Optimizer):
                 st["momentum_buffer"] = self.momentum * st["momentum_buffer"] + (1 - self.dampening) * g
             b = st["momentum_buffer"]
             g = g + self.momentum * b if self.nesterov else b
-        return p - self.lr * g
+        return p - lr * g
 
 
 @register_optimizer("adam", AdamSpec)
@@ -182,10 +231,10 @@ class Adam(Optimizer):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.betas, self.eps, self.amsgrad = (float(betas[0]), float(betas[1])), float(eps), bool(amsgrad)
 
-    def update(self, p, g, st, wd):
+    def update(self, p, g, st, wd, lr):
         b1, b2 = self.betas
         if wd and self.decoupled:
-            p = p * (1 - self.lr * wd)
+            p = p * (1 - lr * wd)
         elif wd:
             g = g + wd * p
         m = st["exp_avg"] = b1 * st.get("exp_avg", np.zeros_like(p)) + (1 - b1) * g
@@ -194,7 +243,7 @@ class Adam(Optimizer):
             v = st["max_exp_avg_sq"] = np.maximum(st.get("max_exp_avg_sq", np.zeros_like(p)), v)
         t = self.steps
         denom = np.sqrt(v) / math.sqrt(1 - b2**t) + self.eps
-        return p - (self.lr / (1 - b1**t)) * m / denom
+        return p - (lr / (1 - b1**t)) * m / denom
 
 
 @register_optimizer("adamw", AdamWSpec)
@@ -217,7 +266,7 @@ class RMSprop(Optimizer):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.alpha, self.eps, self.momentum, self.centered = float(alpha), float(eps), float(momentum), centered
 
-    def update(self, p, g, st, wd):
+    def update(self, p, g, st, wd, lr):
         a = self.alpha
         if wd:
             g = g + wd * p
@@ -229,8 +278,8 @@ class RMSprop(Optimizer):
             avg = np.sqrt(v) + self.eps
         if self.momentum:
             buf = st["momentum_buffer"] = self.momentum * st.get("momentum_buffer", np.zeros_like(p)) + g / avg
-            return p - self.lr * buf
-        return p - self.lr * g / avg
+            return p - lr * buf
+        return p - lr * g / avg
 
 
 @register_optimizer("adagrad", AdagradSpec)
@@ -242,13 +291,13 @@ class Adagrad(Optimizer):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.lr_decay, self.initial, self.eps = float(lr_decay), float(initial_accumulator_value), float(eps)
 
-    def update(self, p, g, st, wd):
+    def update(self, p, g, st, wd, lr):
         if wd:
             g = g + wd * p
         if "sum" not in st:
             st["sum"] = np.full_like(p, self.initial)
         s = st["sum"] = st["sum"] + g * g
-        clr = self.lr / (1 + (self.steps - 1) * self.lr_decay)
+        clr = lr / (1 + (self.steps - 1) * self.lr_decay)
         return p - clr * g / (np.sqrt(s) + self.eps)
 
 
@@ -261,11 +310,41 @@ class Adadelta(Optimizer):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.rho, self.eps = float(rho), float(eps)
 
-    def update(self, p, g, st, wd):
+    def update(self, p, g, st, wd, lr):
         r = self.rho
         if wd:
             g = g + wd * p
         v = st["square_avg"] = r * st.get("square_avg", np.zeros_like(p)) + (1 - r) * g * g
         d = np.sqrt(st.get("acc_delta", np.zeros_like(p)) + self.eps) / np.sqrt(v + self.eps) * g
         st["acc_delta"] = r * st.get("acc_delta", np.zeros_like(p)) + (1 - r) * d * d
-        return p - self.lr * d
+        return p - lr * d
+
+
+def assign_groups(groups: list[ParamGroupSpec], model: Layer, rows: list) -> dict[str, ParamGroupSpec]:
+    """Each parameter's group: the first that matches it. A group that matches no parameter is an error (a typo
+    would otherwise silently change nothing)."""
+    def blocks_of(name: str) -> set[str]:
+        found = set()
+        for r in rows:
+            for row in r.walk():
+                if name.startswith(row.path + "."):
+                    found.add(row.type.split(" x")[0])
+        return found
+
+    assigned, used = {}, [0] * len(groups)
+    for p in model.parameters():
+        blocks = blocks_of(p.name) if any(g.match.block for g in groups) else set()
+        for i, g in enumerate(groups):
+            if g.match.matches(p, blocks):
+                assigned[p.name] = g
+                used[i] += 1
+                break
+    for i, n in enumerate(used):
+        if not n:
+            m = groups[i].match.model_dump(exclude_none=True)
+            raise ConfigError(f"optimizer.groups[{i}] (match {m}) matches no parameter"
+                              + (" that an earlier group has not taken" if any(
+                                  groups[i].match.matches(p, blocks_of(p.name)) for p in model.parameters()) else ""),
+                              "check the pattern against the names `cnnctl inspect --json` lists (layers.0.weight, "
+                              "...), the layer type, or the block name")
+    return assigned

@@ -184,7 +184,7 @@ class Trainer:
         self.dropouts = distributed.attach(self.model, self.world, spec.train.sync_batchnorm)
         self.reduce_gradients = distributed.GradientReducer(self.world)
         self.loss_fn = build_loss(spec, self.ds.train.y, self.num_classes)
-        self.optimizer = spec.optimizer.build(self.model)
+        self.optimizer = spec.optimizer.build(self.model, self.rows)
         decay = spec.train.ema_decay
         self.average = WeightAverage(self.model, decay) if decay else None  # what is evaluated and saved
         self.steps_per_epoch = -(-len(self.ds.train) // spec.data.batch_size)

@@ -114,3 +114,107 @@ def test_training_stays_float32(tag):
     assert all(a.dtype == np.float32 for a in arrays), {a.dtype for a in arrays}
     assert all(v.dtype == np.float32 for layer in model.layers for k, v in layer.buffers.items()
                if k != "num_batches_tracked")
+
+
+# ---------------------------------------------------------------- parameter groups
+
+
+def _grouped_model(g):
+    return nn.Model([nn.Conv2D(1, 2, 3, rng=g), nn.BatchNorm2D(2), nn.Flatten(), nn.Dense(18, 3, rng=g)]).to(
+        np.float64)
+
+
+GROUPS = [{"match": {"param": "bias"}, "lr_scale": 4.0, "weight_decay": 0.0},
+          {"match": {"layer_type": "batchnorm"}, "weight_decay": 0.0},
+          {"match": {"param": "layers.3.*"}, "lr_scale": 0.5}]
+
+
+@pytest.mark.parametrize("tag", sorted(OPTIMIZERS))
+def test_parameter_groups_match_torch_param_groups(tag):
+    """The groups above against torch.optim with the same parameter groups, over 20 steps (with a changing lr, as a
+    schedule sets it)."""
+    from cnnctl.optim import OPTIMIZER_SPECS
+
+    g = np.random.default_rng(0)
+    model = _grouped_model(g)
+    lr = {"sgd": 0.05, "adadelta": 1.0}.get(tag, 0.01)
+    extra = {"sgd": {"momentum": 0.9}}.get(tag, {})
+    spec = OPTIMIZER_SPECS[tag].model_validate({"type": tag, "lr": lr, "weight_decay": 0.01, **extra,
+                                                 "groups": GROUPS})
+    opt = spec.build(model)
+    index = {id(grp): i for i, grp in enumerate(spec.groups)}
+    assert {name: index[id(grp)] for name, grp in opt.groups.items()} == {
+        "layers.0.bias": 0, "layers.1.weight": 1, "layers.1.bias": 0, "layers.3.weight": 2, "layers.3.bias": 0}
+    names = [p.name for p in model.parameters()]
+    tparams = {p.name: torch.tensor(p.value.copy(), requires_grad=True) for p in model.parameters()}
+    options = {"lr": lr, "weight_decay": 0.01, **extra}
+    torch_groups = [
+        {"params": [tparams[n] for n in names if n.endswith("bias")], "lr": lr * 4, "weight_decay": 0.0},
+        {"params": [tparams["layers.1.weight"]], "lr": lr, "weight_decay": 0.0},
+        {"params": [tparams["layers.3.weight"]], "lr": lr * 0.5},
+        {"params": [tparams["layers.0.weight"]]},
+    ]
+    topt = getattr(torch.optim, TORCH[tag])(torch_groups, **options)
+    base = [grp["lr"] if "lr" in grp else lr for grp in topt.param_groups]
+    for step in range(20):
+        factor = 1.0 / (1 + step)  # a schedule moving the rate: groups keep their ratio
+        opt.lr = lr * factor
+        for tg, b in zip(topt.param_groups, base):
+            tg["lr"] = b * factor
+        for p in model.parameters():
+            grad = g.standard_normal(p.value.shape)
+            p.layer.grads[p.key] = grad
+            tparams[p.name].grad = torch.tensor(grad)
+        opt.step()
+        topt.step()
+    for p in model.parameters():
+        np.testing.assert_allclose(p.value, tparams[p.name].detach().numpy(), rtol=1e-6, atol=1e-6, err_msg=p.name)
+
+
+def test_a_group_that_matches_nothing_is_an_error():
+    from cnnctl.errors import ConfigError
+    from cnnctl.optim import OPTIMIZER_SPECS
+
+    model = _grouped_model(np.random.default_rng(0))
+    for groups, words in (([{"match": {"layer_type": "dense2d"}}], "matches no parameter"),
+                          ([{"match": {"param": "bias"}}, {"match": {"param": "*.bias"}}],
+                           "that an earlier group has not taken")):
+        spec = OPTIMIZER_SPECS["sgd"].model_validate({"type": "sgd", "groups": groups})
+        with pytest.raises(ConfigError, match=words):
+            spec.build(model)
+
+
+def test_groups_from_a_config_resume_exactly_and_sweep(tmp_path):
+    """optimizer.groups in a run: a resumed run equals a straight one, --set reaches into the groups, and a sweep
+    can search a group's option."""
+    import json
+
+    import yaml
+
+    from tests.conftest import TINY
+    from tests.helpers import invoke
+
+    spec = yaml.safe_load(TINY)
+    spec["optimizer"] = {"type": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3,
+                         "groups": [{"match": {"param": "bias"}, "lr_scale": 2.0, "weight_decay": 0.0},
+                                    {"match": {"layer_type": "conv2d"}, "lr_scale": 0.5}]}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    invoke("train", cfg, "--runs-dir", tmp_path / "a", "--set", "train.epochs=1")
+    run = next((tmp_path / "a").iterdir())
+    invoke("train", "--resume", run, "--set", "train.epochs=2")
+    invoke("train", cfg, "--runs-dir", tmp_path / "b")
+    other = next((tmp_path / "b").iterdir())
+
+    def rows(r):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (r / "metrics.jsonl").open()]
+
+    assert rows(run) == rows(other)
+    invoke("train", cfg, "--runs-dir", tmp_path / "c", "--set", "optimizer.groups.0.lr_scale=1.0")
+    assert rows(next((tmp_path / "c").iterdir())) != rows(other)  # the override changed the run
+    report = json.loads(invoke("inspect", cfg, "--json").stdout)["param_groups"]
+    assert report[0]["params"] == ["layers.0.bias", "layers.4.bias"] and report[1]["params"] == ["layers.0.weight"]
+    sweep = {"name": "g", "base": str(cfg), "metric": "val_acc", "space": {
+        "optimizer.groups.0.lr_scale": {"choice": [1.0, 4.0]}, "train.epochs": 1}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    invoke("sweep", tmp_path / "s.yaml", "--runs-dir", tmp_path / "sw", "-q")

@@ -345,6 +345,15 @@ def inspect(
     out.print(f"total parameters {report['trainable_params']:,} trainable{frozen}, {report['non_trainable_params']:,} "
               f"non-trainable (running statistics)  ({report['param_bytes'] / 1e6:.2f} MB as float32)")
     out.print(f"total MACs per sample {report['total_macs']:,}")
+    if report["param_groups"]:
+        names = [r["params"] for r in report["param_groups"]]
+        out.print(table("optimizer parameter groups (each parameter in the first that matches)",
+                        ("#", "match", "lr scale", "weight decay", "parameters (--json lists all)"),
+                        right=("#", "lr scale"), rows=(
+            (str(g["group"]), ", ".join(f"{k}: {v}" for k, v in g["match"].items()), f"{g['lr_scale']:g}",
+             "optimizer's" if g["weight_decay"] is None else f"{g['weight_decay']:g}",
+             f"{len(n)} ({n[0]}{', ...' if len(n) > 1 else ''})")
+            for g, n in zip(report["param_groups"], names))))
     out.print(f"activation memory per sample {report['activation_bytes_per_sample'] / 1e3:,.1f} kB (float32); "
               f"training at batch size {spec.data.batch_size} needs about {_bytes(report['training_bytes'])}")
     d = report["dataset"]

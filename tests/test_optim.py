@@ -192,7 +192,7 @@ def test_groups_from_a_config_resume_exactly_and_sweep(tmp_path):
     import yaml
 
     from tests.conftest import TINY
-    from tests.helpers import invoke
+    from tests.helpers import invoke, metric_rows
 
     spec = yaml.safe_load(TINY)
     spec["optimizer"] = {"type": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3,
@@ -206,12 +206,9 @@ def test_groups_from_a_config_resume_exactly_and_sweep(tmp_path):
     invoke("train", cfg, "--runs-dir", tmp_path / "b")
     other = next((tmp_path / "b").iterdir())
 
-    def rows(r):
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (r / "metrics.jsonl").open()]
-
-    assert rows(run) == rows(other)
+    assert metric_rows(run) == metric_rows(other)
     invoke("train", cfg, "--runs-dir", tmp_path / "c", "--set", "optimizer.groups.0.lr_scale=1.0")
-    assert rows(next((tmp_path / "c").iterdir())) != rows(other)  # the override changed the run
+    assert metric_rows(next((tmp_path / "c").iterdir())) != metric_rows(other)  # the override changed the run
     report = json.loads(invoke("inspect", cfg, "--json").stdout)["param_groups"]
     assert report[0]["params"] == ["layers.0.bias", "layers.4.bias"] and report[1]["params"] == ["layers.0.weight"]
     sweep = {"name": "g", "base": str(cfg), "metric": "val_acc", "space": {

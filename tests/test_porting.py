@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.conftest import TINY
-from tests.helpers import invoke
+from tests.helpers import invoke, metric_rows
 from tests.test_errors import expect_error
 
 
@@ -87,11 +87,7 @@ def test_adagrad_and_adadelta_train_from_a_config_and_resume_exactly(tmp_path, o
     invoke("train", "--resume", run, "--set", "train.epochs=2")
     invoke("train", cfg, "--runs-dir", tmp_path / "b")
     straight = next((tmp_path / "b").iterdir())
-    def rows(r):
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-                for line in (r / "metrics.jsonl").read_text().splitlines()]
-
-    assert rows(run) == rows(straight) and len(rows(run)) == 2
+    assert metric_rows(run) == metric_rows(straight) and len(metric_rows(run)) == 2
 
 
 def test_eval_batch_size_changes_nothing_but_the_batching(tmp_path):

@@ -91,6 +91,7 @@ TORCH = {
     "relu": lambda layer: tnn.ReLU(),
     "leaky_relu": lambda layer: tnn.LeakyReLU(layer.negative_slope),
     "elu": lambda layer: tnn.ELU(layer.alpha),
+    "celu": lambda layer: tnn.CELU(layer.alpha),
     "sigmoid": lambda layer: tnn.Sigmoid(),
     "tanh": lambda layer: tnn.Tanh(),
     "softmax": lambda layer: tnn.Softmax(dim=1),

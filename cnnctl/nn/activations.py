@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from .. import functional as F
 from .. import parallel
@@ -41,6 +42,14 @@ class TanhSpec(LayerSpec):
 
 class SoftmaxSpec(LayerSpec):
     type: Literal["softmax"]
+
+
+class CELUSpec(LayerSpec):
+    type: Literal["celu"]
+    alpha: float = Field(1.0, gt=0.0)
+
+    def build(self, input_shape, scope):
+        return CELU(self.alpha)
 
 
 class LogSoftmaxSpec(LayerSpec):
@@ -177,3 +186,27 @@ class LogSoftmax(Layer):
 
     def backward(self, dy):
         return dy - self._p * dy.sum(axis=1, keepdims=True)
+
+
+@register("celu", CELUSpec, activation=True)
+class CELU(Layer):
+    """max(0, x) + min(0, alpha * (exp(x / alpha) - 1)) (Barron 2017; PyTorch's CELU): continuously
+    differentiable for every alpha."""
+
+    def __init__(self, alpha: float = 1.0):
+        super().__init__()
+        self.alpha = alpha
+
+    def onnx(self, g, x, input_shape, name):
+        return g.node("Celu", [x], name, alpha=self.alpha)
+
+    def forward(self, x, training=True):
+        self._mask = x > 0
+        self._exp = np.exp(np.minimum(x, 0) / x.dtype.type(self.alpha))  # exp(x/alpha) where x <= 0
+        return np.where(self._mask, x, x.dtype.type(self.alpha) * (self._exp - 1)).astype(x.dtype, copy=False)
+
+    def backward(self, dy):
+        return np.where(self._mask, dy, dy * self._exp).astype(dy.dtype, copy=False)
+
+    def __repr__(self):
+        return f"CELU(alpha={self.alpha})"

@@ -219,6 +219,15 @@ def build_loss(spec: Spec, train_labels: np.ndarray | None = None, num_classes: 
     return LOSSES[spec.loss.type]()
 
 
+FLOPS_PER_MAC = 6  # a training step: 2 FLOPs per multiply-add forward, twice that backward (as airbench counts)
+
+
+def training_pflops(rows: list[LayerRow], images: int) -> float:
+    """Training compute in PFLOPs for `images` training images (of any number of epochs): forward MACs x 6.
+    Machine-independent, so runs compare across machines; validation and test-time views are not counted."""
+    return FLOPS_PER_MAC * sum(r.macs for r in rows) * images / 1e15
+
+
 def parameter_groups(spec: Spec, rows: list[LayerRow]) -> list[dict]:
     """optimizer.groups resolved against the model (no weights drawn): each group's options and the parameters
     it takes. A group that takes none is a ConfigError."""

@@ -23,7 +23,15 @@ import yaml
 
 from . import checkpoint, data, distributed, parallel, runs
 from .averaging import WeightAverage
-from .builder import build_loss, build_model, check_known_data, check_outputs, check_training_memory, describe
+from .builder import (
+    build_loss,
+    build_model,
+    check_known_data,
+    check_outputs,
+    check_training_memory,
+    describe,
+    training_pflops,
+)
 from .checkpoint import Partial, RunState, Stopper
 from .config import Spec, TestTimeAugmentSpec, load_config, spec_to_dict, validate
 from .environment import environment
@@ -282,10 +290,17 @@ class Trainer:
             "best": self.state.best,
             "dataset": self.ds.describe(),
             "environment": self.environment,
+            "training_pflops": training_pflops(self.rows, self._images_trained(rows[-1]["step"] if rows else 0)),
             **({"init_from": self.init_report} if self.init_report else {}),
             **({"world": {"size": self.world.size, "ranks": self.ranks}} if self.world.size > 1 else {}),
             **extra,
         })
+
+    def _images_trained(self, steps: int) -> int:
+        """Training images the first `steps` steps saw (every epoch's last batch may be short)."""
+        n, bs = len(self.ds.train), self.spec.data.batch_size
+        epochs, rest = divmod(steps, self.steps_per_epoch)
+        return epochs * n + min(rest * bs, n)
 
     def _clip(self) -> None:
         max_norm = self.spec.train.grad_clip_norm
@@ -494,7 +509,8 @@ class Trainer:
         self._write_summary("finished", **extra)
         self.cb.on_train_end({"final": self.state.history[-1], "best": self.state.best, **extra})
         return {**extra, "best": self.state.best, "monitor": self.monitor, "final": self.state.history[-1],
-                "wall_seconds": round(self._elapsed(), 3)}
+                "wall_seconds": round(self._elapsed(), 3),
+                "training_pflops": training_pflops(self.rows, self._images_trained(self.state.step))}
 
 
 def resume_spec(run_dir: Path, overrides: list[str], force: bool) -> tuple[Spec, checkpoint.Checkpoint]:

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from .. import distributed, plots
 from ..bench import bench as run_bench
-from ..builder import build_loss, check_known_data, inspect_report, walk
+from ..builder import build_loss, check_known_data, inspect_report, training_pflops, walk
 from ..errors import CnnctlError, DataError
 from ..loading import load_model, offline
 from ..train import Callback, Seeds, Trainer, evaluate, load_data, session
@@ -188,7 +188,8 @@ def train(
     if summary["stopped_early"]:
         out.print(f"early stopping after epoch {summary['final']['epoch']}")
     out.print(f"best {summary['monitor']} {fmt(best[summary['monitor']], 'acc' in summary['monitor'])} at epoch "
-              f"{best['epoch']}; wall time {summary['wall_seconds']:.1f}s")
+              f"{best['epoch']}; wall time {summary['wall_seconds']:.1f}s; training compute "
+              f"{summary['training_pflops']:.4g} PFLOPs")
     if "test" in summary:
         out.print(f"test accuracy {fmt(summary['test']['accuracy'], True)} on {summary['test']['n']:,} images")
     if "test_skipped" in summary:
@@ -330,6 +331,7 @@ def inspect(
     report = inspect_report(spec, rows)
     try:  # the data too, when it is at hand (inspect never downloads)
         report["dataset"] = load_data(offline(spec), rows, Seeds.from_seed(spec.seed)).describe()
+        report["training_pflops_per_epoch"] = training_pflops(rows, report["dataset"]["train"])
     except DataError as e:
         report["dataset"] = {"name": spec.data.dataset, "unavailable": e.message}
     if as_json:
@@ -357,6 +359,10 @@ def inspect(
     out.print(f"activation memory per sample {report['activation_bytes_per_sample'] / 1e3:,.1f} kB (float32); "
               f"training at batch size {spec.data.batch_size} needs about {_bytes(report['training_bytes'])}")
     d = report["dataset"]
+    if "unavailable" not in d:
+        epoch = report["training_pflops_per_epoch"]
+        out.print(f"training compute {epoch:.4g} PFLOPs per epoch of {d['train']:,} images, "
+                  f"{epoch * spec.train.epochs:.4g} for {spec.train.epochs} epochs (forward MACs x 6)")
     if "unavailable" in d:
         out.print(f"dataset {d['name']}: not loaded ({d['unavailable']})", soft_wrap=True)
     else:

@@ -81,7 +81,10 @@ class AugmentSpec(Strict):
     random_crop: NonNegInt = Field(0, description="Pad by this many pixels, then crop back at a random offset.")
     random_shift: float = Field(0.0, ge=0.0, lt=0.5, description="Shift by up to this fraction of the size, "
                                 "repeating edge pixels.")
-    horizontal_flip: bool = Field(False, description="Mirror half of the images left to right.")
+    horizontal_flip: bool | Literal["alternating"] = Field(
+        False, description="true: mirror a random half of the images left to right; alternating: each image is "
+        "mirrored every other epoch (which half starts is fixed by the seed), so every epoch pair sees both "
+        "views (airbench's alternating flip, Jordan 2024).")
     random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="Probability of setting one random rectangle "
                                   "(2-33% of the image, aspect 0.3-3.3) of an image to 0 (random erasing, cutout).")
 

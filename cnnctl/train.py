@@ -324,7 +324,9 @@ class Trainer:
         order = data.epoch_order(self.ds.train, self.spec.data.sampler, self.seeds.shuffle)
         self.cb.on_epoch_start(epoch, self.spec.train.epochs, self.steps_per_epoch, start)
         aug = self.spec.data.augment if self.spec.data.augment.active else None
-        batches = data.batches(self.ds, self.ds.train, bs, order, start, aug, self.seeds.augment)
+        flips = data.augment.alternating_flips(len(self.ds.train), self.spec.seed, epoch) \
+            if aug is not None and aug.horizontal_flip == "alternating" else None
+        batches = data.batches(self.ds, self.ds.train, bs, order, start, aug, self.seeds.augment, flips)
         for b, (x, y) in enumerate(batches, start=start):
             t0 = time.perf_counter()
             self.optimizer.lr = self.schedule.lr(epoch - 1, self.state.step)

@@ -187,9 +187,11 @@ def epoch_order(split: Split, sampler: str, rng: np.random.Generator) -> np.ndar
 
 
 def batches(ds: Dataset, split: Split, batch_size: int, order: np.ndarray | None = None, start: int = 0,
-            augment_spec=None, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            augment_spec=None, rng: np.random.Generator | None = None,
+            flips: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Float32, normalised batches of split in the given order (default: as stored), from batch `start` on;
-    augmented with augment_spec and rng when given (training batches only)."""
+    augmented with augment_spec and rng when given (training batches only); `flips` (per image of the split)
+    says which are mirrored under alternating flip."""
     n = len(split)
     order = np.arange(n) if order is None else order
     scale = (1.0 / (ds.pixel_scale * ds.std)).astype(np.float32)[None, :, None, None]
@@ -198,7 +200,7 @@ def batches(ds: Dataset, split: Split, batch_size: int, order: np.ndarray | None
         idx_ = order[b * batch_size : (b + 1) * batch_size]
         x = split.x[idx_]
         if augment_spec is not None:
-            x = augment.apply(x, augment_spec, rng)
+            x = augment.apply(x, augment_spec, rng, None if flips is None else flips[idx_])
         x = x.astype(np.float32)
         x *= scale
         x -= shift

@@ -53,12 +53,19 @@ def test_time_views(x: np.ndarray, spec) -> Iterator[np.ndarray]:
             yield np.ascontiguousarray(view[..., ::-1])
 
 
-def horizontal_flip(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Mirror a random half of the samples left to right."""
-    flip = rng.random(len(x)) < 0.5
+def horizontal_flip(x: np.ndarray, rng: np.random.Generator, flip: np.ndarray | None = None) -> np.ndarray:
+    """Mirror a random half of the samples left to right (or those `flip` says)."""
+    flip = rng.random(len(x)) < 0.5 if flip is None else flip
     out = x.copy()
     out[flip] = x[flip, :, :, ::-1]
     return out
+
+
+def alternating_flips(n: int, seed: int, epoch: int) -> np.ndarray:
+    """Which of n training images are mirrored in this epoch (1-based) under alternating flip: a fixed random
+    half in odd epochs, the other half in even ones. A function of the seed alone: nothing to checkpoint."""
+    first = np.random.default_rng([seed, 0xF1]).random(n) < 0.5
+    return first if epoch % 2 else ~first
 
 
 def random_erasing(x: np.ndarray, p: float, rng: np.random.Generator, area=(0.02, 0.33),
@@ -81,13 +88,16 @@ def random_erasing(x: np.ndarray, p: float, rng: np.random.Generator, area=(0.02
     return np.where(inside[:, None], x.dtype.type(0), x)
 
 
-def apply(x: np.ndarray, spec, rng: np.random.Generator) -> np.ndarray:
-    """The augmentations a DataSpec.augment asks for, in a fixed order: crop, shift, flip, erasing."""
+def apply(x: np.ndarray, spec, rng: np.random.Generator, flips: np.ndarray | None = None) -> np.ndarray:
+    """The augmentations a DataSpec.augment asks for, in a fixed order: crop, shift, flip, erasing. With
+    alternating flip, `flips` says which images of the batch are mirrored."""
     if spec.random_crop:
         x = random_crop(x, spec.random_crop, rng)
     if spec.random_shift:
         x = random_shift(x, spec.random_shift, rng)
-    if spec.horizontal_flip:
+    if spec.horizontal_flip == "alternating":
+        x = horizontal_flip(x, rng, flips)
+    elif spec.horizontal_flip:
         x = horizontal_flip(x, rng)
     if spec.random_erasing:
         x = random_erasing(x, spec.random_erasing, rng)

@@ -57,3 +57,26 @@ def test_alternating_flip_trains_and_resumes_exactly(tmp_path):
     invoke("train", cfg, "--runs-dir", tmp_path / "c", "--set", "train.epochs=3", "--set",
            "data.augment.horizontal_flip=true")
     assert metric_rows(next((tmp_path / "c").iterdir())) != metric_rows(run)
+
+
+@pytest.mark.parametrize("out,inp,groups,kernel", [(4, 4, 1, (3, 3)), (6, 4, 1, (3, 3)), (3, 5, 1, (1, 1)),
+                                                   (8, 8, 8, (3, 3)), (8, 4, 2, (3, 5)), (5, 7, 1, ())])
+def test_dirac_init_is_torch_dirac_where_the_channels_allow_it(out, inp, groups, kernel):
+    torch = pytest.importorskip("torch")
+    from cnnctl import nn
+
+    g = np.random.default_rng(0)
+    layer = nn.Conv2D(inp, out, kernel, groups=groups, init="dirac", rng=g) if kernel else \
+        nn.Dense(inp, out, init="dirac", rng=g)
+    w = layer.params["weight"]
+    t = torch.empty(w.shape)
+    torch.nn.init.dirac_(t, groups) if kernel else torch.nn.init.eye_(t)
+    t = t.numpy()
+    identity = np.array([(o % (out // groups)) < w.shape[1] for o in range(out)])
+    np.testing.assert_array_equal(w[identity], t[identity])
+    if (~identity).any():  # the rest keep He normal draws
+        assert np.abs(w[~identity]).mean() > 0.05
+    if kernel and groups == 1 and out == inp:  # the layer starts as the identity
+        x = g.standard_normal((2, inp, 6, 6)).astype(np.float32)
+        np.testing.assert_allclose(nn.Conv2D(inp, out, kernel, padding=1, init="dirac", bias=False, rng=g).forward(
+            x), x, atol=1e-6)

@@ -12,7 +12,7 @@ from ..errors import ShapeError
 from ..strict import NonNegInt, PosInt, PosPair
 from .activations import ReLU
 from .base import Layer, LayerSpec, make_activation, register
-from .init import Init, constant, initialize
+from .init import SHAPES_ONLY, Init, constant, dirac, initialize
 
 if TYPE_CHECKING:  # derived from the activation registry in nn/__init__ once every layer type is registered
     from . import Activation
@@ -74,6 +74,8 @@ class Conv2D(Layer):
         rng = rng if rng is not None else np.random.default_rng()
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self.params["weight"] = initialize(shape, init, rng, dtype)
+        if init == "dirac" and rng is not SHAPES_ONLY:
+            dirac(self.params["weight"], self.groups)
         if bias:
             self.params["bias"] = constant((self.out_channels,), 0.0, rng, dtype)
         self.activation = make_activation(activation)

@@ -11,7 +11,7 @@ from pydantic import Field
 from ..errors import ShapeError
 from ..strict import PosInt
 from .base import Layer, LayerSpec, make_activation, register
-from .init import Init, constant, initialize
+from .init import SHAPES_ONLY, Init, constant, dirac, initialize
 
 if TYPE_CHECKING:  # derived from the activation registry in nn/__init__ once every layer type is registered
     from . import Activation
@@ -71,6 +71,8 @@ class Dense(Layer):
         self.in_features, self.out_features = int(in_features), int(out_features)
         rng = rng if rng is not None else np.random.default_rng()
         self.params["weight"] = initialize((self.out_features, self.in_features), init, rng, dtype)
+        if init == "dirac" and rng is not SHAPES_ONLY:
+            dirac(self.params["weight"])
         if bias:
             self.params["bias"] = constant((self.out_features,), 0.0, rng, dtype)
         self.activation = make_activation(activation)

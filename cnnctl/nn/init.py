@@ -18,6 +18,8 @@ INITS = {
     "glorot_uniform": (lambda fan_in, fan_out: 2.0 / (fan_in + fan_out), "uniform"),
     # PyTorch's default for Conv2d and Linear weights (kaiming_uniform_, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     "torch_uniform": (lambda fan_in, fan_out: 1.0 / (3.0 * fan_in), "uniform"),
+    # identity (Dirac) where the channels allow it, He normal elsewhere: see dirac()
+    "dirac": (lambda fan_in, fan_out: 2.0 / fan_in, "normal"),
 }
 Init = Literal[tuple(INITS)]  # the spec field type, derived from the table
 
@@ -59,6 +61,20 @@ def fans(shape: tuple[int, ...]) -> tuple[int, int]:
     """fan_in and fan_out of a Dense (out, in) or Conv2D (out, in, kh, kw) weight."""
     receptive = math.prod(shape[2:])
     return shape[1] * receptive, shape[0] * receptive
+
+
+def dirac(w: np.ndarray, groups: int = 1) -> np.ndarray:
+    """w (out, in/groups, *kernel) with its first min(out, in) filters of every group made the identity (torch's
+    nn.init.dirac_ for those: a 1 at the kernel's centre on the matching input channel, 0 elsewhere): the layer
+    starts by passing those channels through. The other filters keep their random values (airbench's partial
+    identity initialisation)."""
+    out_per_group, width = w.shape[0] // groups, w.shape[1]
+    o = np.arange(w.shape[0])
+    local = o % out_per_group
+    identity = o[local < width]
+    w[identity] = 0
+    w[(identity, local[identity], *(np.full(len(identity), k // 2) for k in w.shape[2:]))] = 1
+    return w
 
 
 def initialize(shape: tuple[int, ...], method: str, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:

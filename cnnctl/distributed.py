@@ -263,7 +263,8 @@ def attach(model, world: World, sync_batchnorm: bool) -> list:
     dropouts = []
     for _, layer in model.named_layers():
         if isinstance(layer, _BatchNorm):
-            layer.batch_sum = world.sum if world.size > 1 and sync_batchnorm else None
+            # ghost batchnorm keeps its virtual batches' statistics local: cut from each rank's share
+            layer.batch_sum = world.sum if world.size > 1 and sync_batchnorm and not layer.ghost_batch else None
         elif isinstance(layer, Dropout):
             dropouts.append(layer)
     return dropouts

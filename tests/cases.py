@@ -101,8 +101,10 @@ CASES = {
     "log_softmax": [("log_softmax", lambda g: nn.LogSoftmax(), (4, 6))],
     "dropout": [("dropout", lambda g: nn.Dropout(0.3, rng=g), (4, 10))],
     "dropout2d": [("dropout2d", lambda g: nn.Dropout2D(0.4, rng=g), (3, 5, 4, 3))],
-    "batchnorm1d": [("bn1d", lambda g: nn.BatchNorm1D(5), (6, 5))],
-    "batchnorm2d": [("bn2d", lambda g: nn.BatchNorm2D(3), (4, 3, 5, 4))],
+    "batchnorm1d": [("bn1d", lambda g: nn.BatchNorm1D(5), (6, 5)),
+                    ("bn1d_ghost", lambda g: nn.BatchNorm1D(4, ghost_batch=3), (8, 4))],
+    "batchnorm2d": [("bn2d", lambda g: nn.BatchNorm2D(3), (4, 3, 5, 4)),
+                    ("bn2d_ghost", lambda g: nn.BatchNorm2D(3, ghost_batch=2, activation="relu"), (5, 3, 4, 4))],
 }
 
 

@@ -80,3 +80,37 @@ def test_dirac_init_is_torch_dirac_where_the_channels_allow_it(out, inp, groups,
         x = g.standard_normal((2, inp, 6, 6)).astype(np.float32)
         np.testing.assert_allclose(nn.Conv2D(inp, out, kernel, padding=1, init="dirac", bias=False, rng=g).forward(
             x), x, atol=1e-6)
+
+
+def test_ghost_batchnorm_from_a_config_trains_and_resumes_exactly(tmp_path):
+    from tests.helpers import metric_rows
+
+    def change(s):
+        s["model"]["layers"].insert(1, {"type": "batchnorm", "ghost_batch": 8, "activation": "relu"})
+    cfg = config(tmp_path, change)
+    invoke("train", cfg, "--runs-dir", tmp_path / "a", "--set", "train.epochs=2")
+    invoke("train", cfg, "--runs-dir", tmp_path / "b", "--set", "train.epochs=1")
+    run = next((tmp_path / "b").iterdir())
+    invoke("train", "--resume", run, "--set", "train.epochs=2")
+    assert metric_rows(run) == metric_rows(next((tmp_path / "a").iterdir()))
+    invoke("train", cfg, "--runs-dir", tmp_path / "c", "--set", "train.epochs=2", "--set",
+           "model.layers.1.ghost_batch=32")  # one virtual batch per batch: plain batchnorm
+    invoke("train", cfg, "--runs-dir", tmp_path / "d", "--set", "train.epochs=2", "--set",
+           "model.layers.1.ghost_batch=null")
+    assert metric_rows(next((tmp_path / "c").iterdir())) == metric_rows(next((tmp_path / "d").iterdir()))
+    assert metric_rows(run) != metric_rows(next((tmp_path / "d").iterdir()))
+
+
+def test_frozen_batchnorm_scales_are_a_parameter_group(tmp_path):
+    """Page's frozen batchnorm scales: the weights of every batchnorm in a group with lr_scale 0 and no decay
+    stay at their initial value, whatever the optimizer's state does."""
+    from cnnctl import checkpoint
+
+    def change(s):
+        s["model"]["layers"].insert(1, {"type": "batchnorm", "weight_init": 1.0})
+        s["optimizer"] = {"type": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "groups": [
+            {"match": {"layer_type": "batchnorm", "param": "weight"}, "lr_scale": 0.0, "weight_decay": 0.0}]}
+    invoke("train", config(tmp_path, change), "--runs-dir", tmp_path / "runs")
+    state = checkpoint.load(next((tmp_path / "runs").iterdir()) / "checkpoints" / "last.safetensors").model_state
+    np.testing.assert_array_equal(state["layers.1.weight"], np.ones(4, np.float32))
+    assert np.abs(state["layers.1.bias"]).max() > 0  # the rest trains

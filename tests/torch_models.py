@@ -39,6 +39,9 @@ def _bn(layer):
 
     class BN(base):
         def forward(self, x):
+            g = layer.ghost_batch
+            if self.training and g and len(x) > g:  # ghost batchnorm: the module on each virtual batch in turn
+                return act(torch.cat([super(BN, self).forward(part) for part in torch.split(x, g)]))
             return act(super().forward(x))
 
     act = _act(layer)

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from .. import parallel
 from ..errors import ShapeError
+from ..strict import PosInt
 from .base import Layer, LayerSpec, make_activation, register, register_spec
 from .init import constant
 
@@ -43,13 +44,16 @@ class _BatchNormSpec(LayerSpec):
     weight_init: float = Field(1.0, description="Initial scale (weight, gamma). 0 in the last batchnorm of a "
                                "residual body starts the block as its shortcut (zero-init residual, Goyal et al. "
                                "2017; torchvision's zero_init_residual).")
+    ghost_batch: PosInt | None = Field(None, description="Ghost batchnorm (Hoffer et al. 2017): while training, "
+                                       "statistics over virtual batches of this many samples (the batch cut in "
+                                       "order, the last part may be smaller), as if the layer ran on each in turn.")
 
     def build(self, input_shape, scope):
         cls = {"batchnorm1d": BatchNorm1D, "batchnorm2d": BatchNorm2D}.get(self.type)  # type: ignore
         if cls is None:  # plain `batchnorm`: 1-D or 2-D from the incoming shape
             cls = BatchNorm1D if len(input_shape) == 1 else BatchNorm2D
         return cls(input_shape[0], self.eps, self.momentum, activation=self.activation, weight_init=self.weight_init,
-                   rng=scope.rng)
+                   rng=scope.rng, ghost_batch=self.ghost_batch)
 
 
 @register_spec
@@ -140,8 +144,9 @@ class _BatchNorm(Layer):
     batch_sum: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, dtype=np.float32,
-                 activation: str | None = None, weight_init: float = 1.0, rng=None):
+                 activation: str | None = None, weight_init: float = 1.0, rng=None, ghost_batch: int | None = None):
         super().__init__()
+        self.ghost_batch = ghost_batch
         self.activation = make_activation(activation)
         self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
         n = (self.num_features,)  # rng is only asked whether this is a shapes-only build (SHAPES_ONLY)
@@ -168,9 +173,21 @@ class _BatchNorm(Layer):
         return f"{letters}->c", f"{letters},{letters}->c", (1, -1) + (1,) * (x.ndim - 2)
 
     def forward(self, x, training=True):
+        training = training and not self.frozen  # a frozen batchnorm normalises with its running statistics
+        g = self.ghost_batch
+        if training and g and x.shape[0] > g:  # ghost batchnorm: each virtual batch in turn, its own statistics
+            parts = [self._normalise(x[lo : lo + g], True) for lo in range(0, x.shape[0], g)]
+            self._saved = [state for _, state in parts]
+            return self._activate(np.concatenate([y for y, _ in parts]), training)
+        y, state = self._normalise(x, training)
+        self._saved = [state]
+        return self._activate(y, training)
+
+    def _normalise(self, x, training):
+        """(x - mean) / std * weight + bias with this batch's statistics (training: updating the running ones) or
+        the running ones, and what backward needs."""
         total, dot, bshape = self._shapes(x)
         m, c = x.size // x.shape[1], x.shape[1]
-        training = training and not self.frozen  # a frozen batchnorm normalises with its running statistics
         centred, y = np.empty_like(x), np.empty_like(x)  # laid out as x
         mean, var, inv_std = (np.empty(c, x.dtype) for _ in range(3))
         weight, bias, eps, cut = self.params["weight"], self.params["bias"], self.eps, parallel.channels
@@ -199,8 +216,7 @@ class _BatchNorm(Layer):
             unbiased = var * (m / max(m - 1, 1))
             b["running_var"] = ((1 - mo) * b["running_var"] + mo * unbiased).astype(b["running_var"].dtype)
             b["num_batches_tracked"] = b["num_batches_tracked"] + 1
-        self._training, self._m, self._inv_std, self._centred = training, m, inv_std, centred
-        return self._activate(y, training)
+        return y, (training, m, inv_std, centred)
 
     def _summed_statistics(self, x, centred, mean, var) -> int:
         """Mean and (biased) variance over the whole batch into mean and var; returns its size. One reduction
@@ -229,26 +245,39 @@ class _BatchNorm(Layer):
 
     def backward(self, dy):
         dy = self._deactivate(dy)
+        if len(self._saved) == 1:
+            dx, gw, gb = self._backprop(dy, self._saved[0])
+        else:  # ghost batchnorm: each virtual batch's part; the parameters' gradients add up
+            g = self.ghost_batch
+            done = [self._backprop(dy[i * g : (i + 1) * g], state) for i, state in enumerate(self._saved)]
+            dx = np.concatenate([d for d, _, _ in done])
+            gw, gb = sum(w for _, w, _ in done), sum(b for _, _, b in done)
+        self.grads["weight"], self.grads["bias"] = gw, gb
+        return dx
+
+    def _backprop(self, dy, state):
+        """(input gradient, weight gradient, bias gradient) of one normalisation, given its saved state."""
+        training, m, inv_std_all, centred = state
         total, dot, bshape = self._shapes(dy)
-        c, cut, m = dy.shape[1], parallel.channels, self._m
+        c, cut = dy.shape[1], parallel.channels
         gw, gb, dx = np.empty(c, dy.dtype), np.empty(c, dy.dtype), np.empty_like(dy)
         weight = self.params["weight"]
-        summed = self._training and self.batch_sum is not None
+        summed = training and self.batch_sum is not None
         sum_b, sum_w = (gb, gw) if not summed else (np.empty(c, dy.dtype), np.empty(c, dy.dtype))
 
         def sums(lo, hi):
-            ds, xc = cut(dy, lo, hi), cut(self._centred, lo, hi)
+            ds, xc = cut(dy, lo, hi), cut(centred, lo, hi)
             gb[lo:hi] = np.einsum(total, ds)
-            gw[lo:hi] = np.einsum(dot, ds, xc) * self._inv_std[lo:hi]  # sum(dy * xhat)
+            gw[lo:hi] = np.einsum(dot, ds, xc) * inv_std_all[lo:hi]  # sum(dy * xhat)
 
         def part(lo, hi):  # xhat = centred * inv_std, never formed: inv_std goes into per-channel factors
-            ds, xc, dxs = cut(dy, lo, hi), cut(self._centred, lo, hi), cut(dx, lo, hi)
-            inv_std = self._inv_std[lo:hi]
+            ds, xc, dxs = cut(dy, lo, hi), cut(centred, lo, hi), cut(dx, lo, hi)
+            inv_std = inv_std_all[lo:hi]
             if not summed:
                 sums(lo, hi)
             k = weight[lo:hi] * inv_std  # d(out)/d(x) per channel with the statistics held fixed
             np.multiply(ds, k.reshape(bshape), out=dxs)
-            if self._training:
+            if training:
                 # the batch mean and variance depend on x too: subtract their share of the gradient,
                 # k * (mean(dy) + xhat * mean(dy * xhat))
                 dxs -= np.multiply(xc, (k * sum_w[lo:hi] * inv_std / m).reshape(bshape))
@@ -260,8 +289,7 @@ class _BatchNorm(Layer):
             self.batch_sum(both)
             sum_b[:], sum_w[:] = both[:c], both[c:]
         parallel.per_channel(dy, part)
-        self.grads["weight"], self.grads["bias"] = gw, gb
-        return dx
+        return dx, gw, gb
 
     def onnx(self, g, x, input_shape, name):
         inputs = [x, *g.arrays(name, self, ("weight", "bias", "running_mean", "running_var"))]

@@ -18,6 +18,25 @@ def config(tmp_path, change=lambda s: None, name="c.yaml"):
     return path
 
 
+def trained(cfg, runs_dir, *sets, epochs=2):
+    """The metric rows of a run of cfg for `epochs` epochs with these --set overrides."""
+    from tests.helpers import metric_rows
+
+    invoke("train", cfg, "--runs-dir", runs_dir, "--set", f"train.epochs={epochs}", *(a for v in sets
+                                                                                      for a in ("--set", v)))
+    return metric_rows(next(runs_dir.iterdir()))
+
+
+def resumed(cfg, runs_dir, epochs=2):
+    """The metric rows of a run of cfg stopped after epochs - 1 epochs and resumed to `epochs`."""
+    from tests.helpers import metric_rows
+
+    invoke("train", cfg, "--runs-dir", runs_dir, "--set", f"train.epochs={epochs - 1}")
+    run = next(runs_dir.iterdir())
+    invoke("train", "--resume", run, "--set", f"train.epochs={epochs}")
+    return metric_rows(run)
+
+
 def test_training_compute_is_reported_by_inspect_summary_and_the_last_line(tmp_path):
     cfg = config(tmp_path)
     report = json.loads(invoke("inspect", cfg, "--json").stdout)
@@ -46,17 +65,10 @@ def test_alternating_flip_mirrors_each_image_every_other_epoch():
 
 
 def test_alternating_flip_trains_and_resumes_exactly(tmp_path):
-    from tests.helpers import metric_rows
-
     cfg = config(tmp_path, lambda s: s["data"].update(augment={"horizontal_flip": "alternating"}))
-    invoke("train", cfg, "--runs-dir", tmp_path / "a", "--set", "train.epochs=3")
-    invoke("train", cfg, "--runs-dir", tmp_path / "b", "--set", "train.epochs=2")
-    run = next((tmp_path / "b").iterdir())
-    invoke("train", "--resume", run, "--set", "train.epochs=3")
-    assert metric_rows(run) == metric_rows(next((tmp_path / "a").iterdir()))
-    invoke("train", cfg, "--runs-dir", tmp_path / "c", "--set", "train.epochs=3", "--set",
-           "data.augment.horizontal_flip=true")
-    assert metric_rows(next((tmp_path / "c").iterdir())) != metric_rows(run)
+    straight = trained(cfg, tmp_path / "a", epochs=3)
+    assert resumed(cfg, tmp_path / "b", epochs=3) == straight
+    assert trained(cfg, tmp_path / "c", "data.augment.horizontal_flip=true", epochs=3) != straight
 
 
 @pytest.mark.parametrize("out,inp,groups,kernel", [(4, 4, 1, (3, 3)), (6, 4, 1, (3, 3)), (3, 5, 1, (1, 1)),
@@ -83,22 +95,13 @@ def test_dirac_init_is_torch_dirac_where_the_channels_allow_it(out, inp, groups,
 
 
 def test_ghost_batchnorm_from_a_config_trains_and_resumes_exactly(tmp_path):
-    from tests.helpers import metric_rows
-
     def change(s):
         s["model"]["layers"].insert(1, {"type": "batchnorm", "ghost_batch": 8, "activation": "relu"})
     cfg = config(tmp_path, change)
-    invoke("train", cfg, "--runs-dir", tmp_path / "a", "--set", "train.epochs=2")
-    invoke("train", cfg, "--runs-dir", tmp_path / "b", "--set", "train.epochs=1")
-    run = next((tmp_path / "b").iterdir())
-    invoke("train", "--resume", run, "--set", "train.epochs=2")
-    assert metric_rows(run) == metric_rows(next((tmp_path / "a").iterdir()))
-    invoke("train", cfg, "--runs-dir", tmp_path / "c", "--set", "train.epochs=2", "--set",
-           "model.layers.1.ghost_batch=32")  # one virtual batch per batch: plain batchnorm
-    invoke("train", cfg, "--runs-dir", tmp_path / "d", "--set", "train.epochs=2", "--set",
-           "model.layers.1.ghost_batch=null")
-    assert metric_rows(next((tmp_path / "c").iterdir())) == metric_rows(next((tmp_path / "d").iterdir()))
-    assert metric_rows(run) != metric_rows(next((tmp_path / "d").iterdir()))
+    straight = trained(cfg, tmp_path / "a")
+    assert resumed(cfg, tmp_path / "b") == straight
+    one_virtual_batch = trained(cfg, tmp_path / "c", "model.layers.1.ghost_batch=32")  # the batch: plain batchnorm
+    assert one_virtual_batch == trained(cfg, tmp_path / "d", "model.layers.1.ghost_batch=null") != straight
 
 
 def test_frozen_batchnorm_scales_are_a_parameter_group(tmp_path):

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from .errors import ConfigError
 from .nn.base import Layer, Param
 from .registry import registrar
-from .strict import Strict
+from .strict import PosInt, Strict
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {}
 OPTIMIZER_SPECS: dict[str, type[Strict]] = {}  # what `optimizer:` in a config may be, by its `type`
@@ -63,19 +63,30 @@ class ParamGroupSpec(Strict):
                                        "optimizer's).")
 
 
+class LookaheadSpec(Strict):
+    """Lookahead (Zhang et al. 2019) around any optimizer: slow weights follow the optimizer's (fast) weights
+    every k steps, slow += alpha * (fast - slow), and the fast weights restart from them."""
+
+    k: PosInt = Field(5, description="Optimizer steps between synchronisations.")
+    alpha: float = Field(0.5, gt=0.0, le=1.0, description="How far the slow weights move towards the fast ones.")
+
+
 class _OptimizerSpec(Strict):
     groups: list[ParamGroupSpec] = Field(default=[], description="Parameter groups, matched in order: "
                                          "[{match: {param: bias}, lr_scale: 2, weight_decay: 0}, ...].")
+    lookahead: LookaheadSpec | None = Field(None, description="Wrap the optimizer in lookahead: {k: 5, alpha: "
+                                            "0.5}.")
 
     def options(self) -> dict:
         """The optimizer's keyword arguments."""
-        return self.model_dump(exclude={"type", "groups"})
+        return self.model_dump(exclude={"type", "groups", "lookahead"})
 
     def build(self, model, rows=None):
         """The optimizer for model, with each parameter's group resolved (rows, the builder's layer rows, give
         the blocks each parameter sits in)."""
         opt = OPTIMIZERS[self.type](model, **self.options())
         opt.groups = assign_groups(self.groups, model, rows or [])
+        opt.lookahead = self.lookahead
         return opt
 
 
@@ -99,7 +110,7 @@ class AdamSpec(_OptimizerSpec):
     decay_bias_and_norm: bool = True
 
     def options(self):
-        kwargs = self.model_dump(exclude={"type", "weight_decay", "groups"})
+        kwargs = self.model_dump(exclude={"type", "weight_decay", "groups", "lookahead"})
         if self.weight_decay is not None:
             kwargs["weight_decay"] = self.weight_decay
         return kwargs
@@ -151,6 +162,7 @@ class Optimizer:
         self.steps = 0
         self.state: dict[str, dict[str, np.ndarray]] = {}
         self.groups: dict[str, ParamGroupSpec] = {}  # parameter name -> its group (the others have none)
+        self.lookahead: LookaheadSpec | None = None
 
     def _decay(self, p: Param) -> float:
         group = self.groups.get(p.name)
@@ -160,11 +172,19 @@ class Optimizer:
 
     def step(self) -> None:
         self.steps += 1
+        la = self.lookahead
         for p in self.model.trainable_parameters():
             st = self.state.setdefault(p.name, {})
+            if la is not None and "lookahead_slow" not in st:  # the slow weights start as the weights
+                st["lookahead_slow"] = p.value.copy()
             group = self.groups.get(p.name)
             lr = self.lr * group.lr_scale if group is not None else self.lr
             p.value[...] = self.update(p.value, p.grad, st, self._decay(p), lr)  # in place: the model's own array
+        if la is not None and self.steps % la.k == 0:  # lookahead: the slow weights step, the fast restart there
+            for p in self.model.trainable_parameters():
+                slow = self.state[p.name]["lookahead_slow"]
+                slow += p.value.dtype.type(la.alpha) * (p.value - slow)
+                p.value[...] = slow
 
     def update(self, p: np.ndarray, g: np.ndarray, st: dict, wd: float, lr: float) -> np.ndarray:
         raise NotImplementedError

@@ -119,6 +119,21 @@ def test_training_stays_float32(tag):
 # ---------------------------------------------------------------- parameter groups
 
 
+def assert_equal_to_torch(model, tparams):
+    for p in model.parameters():
+        np.testing.assert_allclose(p.value, tparams[p.name].detach().numpy(), rtol=1e-6, atol=1e-6, err_msg=p.name)
+
+
+def step_both(model, opt, tparams, topt, g):
+    """One step of ours and of torch's on the same random gradients."""
+    for p in model.parameters():
+        grad = g.standard_normal(p.value.shape)
+        p.layer.grads[p.key] = grad
+        tparams[p.name].grad = torch.tensor(grad)
+    opt.step()
+    topt.step()
+
+
 def _grouped_model(g):
     return nn.Model([nn.Conv2D(1, 2, 3, rng=g), nn.BatchNorm2D(2), nn.Flatten(), nn.Dense(18, 3, rng=g)]).to(
         np.float64)
@@ -161,14 +176,8 @@ def test_parameter_groups_match_torch_param_groups(tag):
         opt.lr = lr * factor
         for tg, b in zip(topt.param_groups, base):
             tg["lr"] = b * factor
-        for p in model.parameters():
-            grad = g.standard_normal(p.value.shape)
-            p.layer.grads[p.key] = grad
-            tparams[p.name].grad = torch.tensor(grad)
-        opt.step()
-        topt.step()
-    for p in model.parameters():
-        np.testing.assert_allclose(p.value, tparams[p.name].detach().numpy(), rtol=1e-6, atol=1e-6, err_msg=p.name)
+        step_both(model, opt, tparams, topt, g)
+    assert_equal_to_torch(model, tparams)
 
 
 def test_a_group_that_matches_nothing_is_an_error():
@@ -236,19 +245,13 @@ def test_lookahead_matches_lookahead_around_torch_optim(tag):
                                             **options)
     slow = {n: t.detach().clone() for n, t in tparams.items()}
     for step in range(1, 21):
-        for p in model.parameters():
-            grad = g.standard_normal(p.value.shape)
-            p.layer.grads[p.key] = grad
-            tparams[p.name].grad = torch.tensor(grad)
-        opt.step()
-        topt.step()
+        step_both(model, opt, tparams, topt, g)
         if step % 3 == 0:
             with torch.no_grad():
                 for n, t in tparams.items():
                     slow[n] += 0.6 * (t - slow[n])
                     t.copy_(slow[n])
-    for p in model.parameters():
-        np.testing.assert_allclose(p.value, tparams[p.name].detach().numpy(), rtol=1e-6, atol=1e-6, err_msg=p.name)
+    assert_equal_to_torch(model, tparams)
     assert "layers.0.weight.lookahead_slow" in opt.state_dict()  # checkpointed: a resume continues exactly
 
 

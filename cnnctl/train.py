@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import checkpoint, data, distributed, parallel, runs
+from . import checkpoint, data, distributed, parallel, runs, whitening
 from .averaging import WeightAverage
 from .builder import (
     build_loss,
@@ -186,6 +186,8 @@ class Trainer:
         self.init_report = None if init is None or resuming else init_from(self.model, init.checkpoint, init.strict)
         check_known_data(spec, self.rows)  # fail before reading any data when we can
         self.ds = load_data(spec, self.rows, self.seeds, normalization, self.cb.on_download)
+        # a new run's first convolution from the patch covariance (a resumed run has it, init_from brings its own)
+        self.whitening = None if resuming or init is not None else whitening.apply(self.model, self.ds)
         self.num_classes = len(self.ds.classes)
         if self.world.size > 1:
             distributed.check_batches(spec.data.batch_size, len(self.ds.train), self.world.size)
@@ -292,6 +294,7 @@ class Trainer:
             "environment": self.environment,
             "training_pflops": training_pflops(self.rows, self._images_trained(rows[-1]["step"] if rows else 0)),
             **({"init_from": self.init_report} if self.init_report else {}),
+            **({"patch_whitening": self.whitening} if self.whitening else {}),
             **({"world": {"size": self.world.size, "ranks": self.ranks}} if self.world.size > 1 else {}),
             **extra,
         })

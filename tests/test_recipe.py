@@ -117,3 +117,44 @@ def test_frozen_batchnorm_scales_are_a_parameter_group(tmp_path):
     state = checkpoint.load(next((tmp_path / "runs").iterdir()) / "checkpoints" / "last.safetensors").model_state
     np.testing.assert_array_equal(state["layers.1.weight"], np.ones(4, np.float32))
     assert np.abs(state["layers.1.bias"]).max() > 0  # the rest trains
+
+
+def test_whitening_filters_decorrelate_the_patches():
+    from cnnctl import whitening
+
+    g = np.random.default_rng(0)
+    mix = g.standard_normal((6, 6))
+    rows = g.standard_normal((20000, 6)) @ mix  # correlated patch values
+    filters, values = whitening.whitening_filters(rows, eps=0.0)
+    out = (rows - rows.mean(axis=0)) @ filters.T
+    np.testing.assert_allclose(np.cov(out.T, bias=True), np.eye(6), atol=1e-8)
+    assert (np.diff(values) <= 0).all()  # largest eigenvalue first
+
+
+def test_patch_whitening_initialises_the_first_convolution_from_the_data(tmp_path):
+    from cnnctl import whitening
+    from cnnctl.config import load_config
+    from cnnctl.train import Trainer
+
+    def change(s):
+        s["model"]["layers"][0].update(filters=12, kernel_size=2, init="patch_whitening")  # d = 4: 4 + 4 + 4 random
+    cfg = config(tmp_path, change)
+    trainer = Trainer(load_config(cfg)[0])
+    w = trainer.model.layers[0].params["weight"]
+    rows = whitening.patches(trainer.ds, (2, 2))
+    out = (rows - rows.mean(axis=0)) @ w[:4].reshape(4, -1).T.astype(np.float64)
+    np.testing.assert_allclose(np.cov(out.T, bias=True), np.eye(4), atol=0.02)  # eps keeps it just under 1
+    np.testing.assert_array_equal(w[4:8], -w[:4])
+    assert trainer.whitening["whitened_filters"] == 8 and len(trainer.whitening["eigenvalues"]) == 4
+    straight = trained(cfg, tmp_path / "a")
+    summary = json.loads(next((tmp_path / "a").iterdir()).joinpath("summary.json").read_text())
+    assert summary["patch_whitening"]["patch_values"] == 4
+    assert resumed(cfg, tmp_path / "b") == straight
+
+
+def test_patch_whitening_is_for_the_first_layer_only(tmp_path):
+    from tests.test_errors import expect_error
+
+    cfg = config(tmp_path, lambda s: s["model"]["layers"].insert(2, {"type": "conv2d", "filters": 4,
+                                                                      "kernel_size": 1, "init": "patch_whitening"}))
+    expect_error(["inspect", cfg], "model.layers[2] (conv2d)", "patch_whitening is for the model's first layer")

@@ -42,6 +42,9 @@ class Conv2DSpec(LayerSpec):
         if len(input_shape) == 3 and (c % groups or filters % groups):
             raise ShapeError(f"conv2d groups: {groups} must divide both the input channels ({c}) and filters "
                              f"({filters})", f"use groups that divide both, e.g. groups: {np.gcd(c, filters)}")
+        if self.init == "patch_whitening" and (scope.path != "layers.0" or groups != 1 or self.dilation != 1):
+            raise ShapeError("init: patch_whitening is for the model's first layer (it sees the images), ungrouped "
+                             "and undilated", "use it on model.layers[0] only, with groups: 1 and dilation: 1")
         return Conv2D(c, filters, self.kernel_size, self.stride, self.padding, self.dilation, self.bias,
                       self.activation, self.init, scope.rng, groups=groups)
 
@@ -74,6 +77,7 @@ class Conv2D(Layer):
         rng = rng if rng is not None else np.random.default_rng()
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self.params["weight"] = initialize(shape, init, rng, dtype)
+        self.init = init  # patch_whitening is completed by the trainer, from the data
         if init == "dirac" and rng is not SHAPES_ONLY:
             dirac(self.params["weight"], self.groups)
         if bias:

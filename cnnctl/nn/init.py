@@ -20,6 +20,9 @@ INITS = {
     "torch_uniform": (lambda fan_in, fan_out: 1.0 / (3.0 * fan_in), "uniform"),
     # identity (Dirac) where the channels allow it, He normal elsewhere: see dirac()
     "dirac": (lambda fan_in, fan_out: 2.0 / fan_in, "normal"),
+    # the first convolution from the training data's patch covariance, set once the data is loaded (whitening.py);
+    # He normal until then, and for the filters beyond twice the patch size
+    "patch_whitening": (lambda fan_in, fan_out: 2.0 / fan_in, "normal"),
 }
 Init = Literal[tuple(INITS)]  # the spec field type, derived from the table
 

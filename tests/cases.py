@@ -94,6 +94,7 @@ CASES = {
     "relu": [("relu", lambda g: nn.ReLU(), (3, 4, 5))],
     "leaky_relu": [("leaky", lambda g: nn.LeakyReLU(0.1), (3, 4, 5))],
     "elu": [("elu", lambda g: nn.ELU(0.7), (3, 4, 5))],
+    "gelu": [("gelu", lambda g: nn.GELU(), (3, 4, 5)), ("gelu_wide", lambda g: nn.GELU(), (2, 3, 4, 5))],
     "celu": [("celu", lambda g: nn.CELU(0.6), (3, 4, 5)), ("celu_wide", lambda g: nn.CELU(2.5), (2, 3, 4, 5))],
     "sigmoid": [("sigmoid", lambda g: nn.Sigmoid(), (3, 4, 5))],
     "tanh": [("tanh", lambda g: nn.Tanh(), (3, 4, 5))],

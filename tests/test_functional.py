@@ -182,3 +182,12 @@ def test_fused_relu_equals_relu_after_conv(stride, method):
     got = F.conv2d_backward(dy, fused, w, x.shape, stride, pad4, dil, method=method)
     for e, a in zip(expected, got):
         np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_erf_matches_the_standard_library_everywhere():
+    import math
+
+    from cnnctl import functional as F
+
+    x = np.concatenate([np.linspace(-9, 9, 20001), [0.0, -0.0, 2.5, -2.5, 2.5000001, 40.0, -40.0]])
+    np.testing.assert_allclose(F.erf(x), [math.erf(v) for v in x], rtol=0, atol=2e-14)

@@ -95,6 +95,7 @@ TORCH = {
     "leaky_relu": lambda layer: tnn.LeakyReLU(layer.negative_slope),
     "elu": lambda layer: tnn.ELU(layer.alpha),
     "celu": lambda layer: tnn.CELU(layer.alpha),
+    "gelu": lambda layer: tnn.GELU(),
     "sigmoid": lambda layer: tnn.Sigmoid(),
     "tanh": lambda layer: tnn.Tanh(),
     "softmax": lambda layer: tnn.Softmax(dim=1),

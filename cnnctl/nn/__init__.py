@@ -12,7 +12,7 @@ from typing import Literal
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-from .activations import CELU, ELU, LeakyReLU, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh  # noqa: E402  (registered above)
+from .activations import CELU, ELU, GELU, LeakyReLU, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh  # noqa: E402  (registered above)
 from .base import (  # noqa: E402
     ACTIVATIONS,
     REGISTRY,
@@ -44,7 +44,7 @@ __all__ = [
     "REGISTRY", "SPECS", "ACTIVATIONS", "LOSSES", "INITS", "Activation", "Init", "AnyLayer", "BlockUse", "Layer",
     "LayerSpec", "Param", "Loss", "Sequential", "Model", "Residual", "Concat", "register", "make_activation",
     "initialize", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Flatten", "Dense",
-    "ReLU", "LeakyReLU", "ELU", "CELU", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Dropout", "Dropout2D",
+    "ReLU", "LeakyReLU", "ELU", "CELU", "GELU", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Dropout", "Dropout2D",
     "BatchNorm1D", "BatchNorm2D",
     "CrossEntropyLoss", "MSELoss", "NLLLoss", "SequentialSpec", "ResidualSpec", "ConcatSpec", "recording",
 ]

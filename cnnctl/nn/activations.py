@@ -44,6 +44,10 @@ class SoftmaxSpec(LayerSpec):
     type: Literal["softmax"]
 
 
+class GELUSpec(LayerSpec):
+    type: Literal["gelu"]
+
+
 class CELUSpec(LayerSpec):
     type: Literal["celu"]
     alpha: float = Field(1.0, gt=0.0)
@@ -186,6 +190,29 @@ class LogSoftmax(Layer):
 
     def backward(self, dy):
         return dy - self._p * dy.sum(axis=1, keepdims=True)
+
+
+@register("gelu", GELUSpec, activation=True)
+class GELU(Layer):
+    """x * Phi(x), Phi the standard normal distribution function (Hendrycks and Gimpel 2016): PyTorch's exact
+    GELU, not its tanh approximation."""
+
+    def onnx(self, g, x, input_shape, name):  # opset 17 has no Gelu: x * 0.5 * (1 + erf(x / sqrt 2))
+        consts = {k: g.const(f"{name}.{k}", np.array(v, np.float32)) for k, v in
+                  (("half", 0.5), ("one", 1.0), ("sqrt2", np.sqrt(2.0)))}
+        erf = g.node("Erf", [g.node("Div", [x, consts["sqrt2"]], f"{name}.scaled")], f"{name}.erf")
+        cdf = g.node("Mul", [g.node("Add", [erf, consts["one"]], f"{name}.shifted"), consts["half"]], f"{name}.cdf")
+        return g.node("Mul", [x, cdf], name)
+
+    def forward(self, x, training=True):
+        self._x = x
+        self._cdf = (0.5 * (1.0 + F.erf(x / np.sqrt(2.0)))).astype(x.dtype)
+        return x * self._cdf
+
+    def backward(self, dy):
+        x = self._x
+        pdf = np.exp(-0.5 * x * x) * x.dtype.type(1 / np.sqrt(2 * np.pi))
+        return dy * (self._cdf + x * pdf)
 
 
 @register("celu", CELUSpec, activation=True)

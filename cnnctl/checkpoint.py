@@ -112,7 +112,10 @@ def read(path: str | Path) -> bytes:
             refuse_over(f"reading checkpoint {path}", info.st_size, 2, CheckpointError,
                         "the file is not a cnnctl checkpoint, or too large for this machine")
             head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: empty or truncated checkpoint ({len(head)} bytes)",
+                                      "use another checkpoint, e.g. checkpoints/last.safetensors")
+            n = int.from_bytes(head, "little")
             if not 0 < n <= min(MAX_HEADER, info.st_size - 8):
                 raise CheckpointError(f"{path}: not a safetensors file (its first 8 bytes do not give a header "
                                       "length that fits the file)", "give a checkpoint written by cnnctl train")

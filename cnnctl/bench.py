@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from . import distributed, parallel
+from . import plan as plans
 from .averaging import WeightAverage
 from .builder import build_loss, build_model, check_training_memory, describe
 from .config import Spec
@@ -24,7 +25,7 @@ def peak_rss_mb() -> float:
 
 
 def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: int = 3,
-          per_layer: bool = False, world: distributed.World | None = None) -> dict:
+          per_layer: bool = False, world: distributed.World | None = None, autotune: bool = False) -> dict:
     """Median and spread of the time per training step, images/s, GFLOP/s and peak memory. With several MPI
     ranks each steps on its share of the (global) batch as training does, images/s counts the global batch and
     the time spent in reductions is reported."""
@@ -52,24 +53,15 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
         if world.size > 1:  # as training: this share's gradient scaled to the global batch's
             grad *= grad.dtype.type(distributed.reduce_loss(world, loss, loss_fn.normalizer)[1])
         return grad
-    layer_times = np.zeros((len(model.layers), 2))
+    if autotune or spec.train.autotune:
+        model.algorithms = plans.autotune(model, tuple(x.shape[1:]), x.shape[0])
+    plan = model.plan(tuple(x.shape[1:]), x.dtype)  # the plan every step of this batch runs
+    step_times = np.zeros((len(plan.steps), 2))
 
-    def step(timed_layers: bool) -> None:
-        if not timed_layers:
-            model.backward(loss_gradient(model.forward(x, training=True)))
-        else:
-            h = x
-            for i in range(len(model.layers)):  # top-level layers; a block is timed as a whole
-                t0 = time.perf_counter()
-                h = model.forward_layer(i, h, True)
-                layer_times[i, 0] += time.perf_counter() - t0
-            d = loss_gradient(h)
-            for i in reversed(range(len(model.layers))):
-                t0 = time.perf_counter()
-                d = model.layers[i].backward(d)
-                layer_times[i, 1] += time.perf_counter() - t0
-                if d is None:
-                    break
+    def step(timed: bool) -> None:
+        clock = step_times if timed else None
+        out = model.forward(x, training=True) if not timed else plan.forward(x, True, clock)
+        plan.backward(loss_gradient(out), clock)
         if world.size > 1:
             reduce_gradients(model.trainable_parameters())
         optimizer.step()
@@ -102,7 +94,16 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
     if per_layer:
         for _ in range(steps):
             step(True)
+        # each top-level layer's steps (a block's all), fused passes counted where the plan runs them
+        layer_times = np.zeros((len(model.layers), 2))
+        for s, t in zip(plan.steps, step_times):
+            layer_times[int(s.name.split(".")[1])] += t
         out["layers"] = [{"index": r.index, "name": r.name, "type": r.type, "output_shape": list(r.output_shape),
                           "forward_ms": 1e3 * layer_times[r.index, 0] / steps,
                           "backward_ms": 1e3 * layer_times[r.index, 1] / steps} for r in rows]
+        out["ms_outside_steps"] = max(0.0, float(np.median(ms)) - 1e3 * step_times.sum() / steps)
+        out["plan_steps"] = [{**row, "forward_ms": float(1e3 * t[0] / steps), "backward_ms": float(1e3 * t[1] / steps)}
+                        for row, t in zip(plan.describe(bs), step_times)]
+    out["plan"] = plan.describe(bs)
+    out["algorithms"] = plan.algorithms()
     return out

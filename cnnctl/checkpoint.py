@@ -24,6 +24,7 @@ from safetensors.numpy import save as st_save
 from .errors import CheckpointError
 from .fileio import atomic_write_bytes, json_text
 from .memory import refuse_over
+from .plan import ALGORITHMS
 from .strict import NonNegInt, Strict
 
 FORMAT = "cnnctl-checkpoint"
@@ -252,3 +253,4 @@ class RunState(Strict):
     schedule: dict[str, Number | None] | None = None
     seeds: dict[Literal[STREAMS], GeneratorState] | None = None
     wall_seconds: Annotated[float, Field(ge=0)] | None = None
+    algorithms: dict[StrictStr, Literal[tuple(ALGORITHMS)]] | None = None  # the plan's convolution algorithms

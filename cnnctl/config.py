@@ -222,6 +222,11 @@ class TrainSpec(Strict):
                                  "model one process would train); false: each rank normalises its own share (ghost "
                                  "batchnorm over data.batch_size / N images: fewer messages, another model). No effect "
                                  "in one process.")
+    autotune: bool = Field(False, description="Time every convolution algorithm each layer can run by (lowering, "
+                           "pointwise, Winograd F(2x2,3x3) and F(4x4,3x3)) once on this machine and train with the "
+                           "fastest (cached in ~/.cache/cnnctl/plans/); false: the shape rule, the same plan on every "
+                           "machine. The plan used is recorded in summary.json and the checkpoints; a resumed run "
+                           "keeps it.")
 
 
 class Spec(Strict):

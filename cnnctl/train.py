@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import checkpoint, data, distributed, parallel, runs, whitening
+from . import checkpoint, data, distributed, parallel, plan, runs, whitening
 from .averaging import WeightAverage
 from .builder import (
     build_loss,
@@ -202,6 +202,8 @@ class Trainer:
         self.monitor, self.monitor_mode = spec.train.monitor, resolve_mode(spec.train.monitor, "auto")
         # where the run stands: read and written here, saved in every checkpoint (checkpoint.RunState)
         self.state = RunState(classes=self.ds.classes, history=[], stopper=Stopper(), wall_seconds=0.0)
+        if not resuming:  # the execution plan's convolution algorithms (a resumed run keeps its own: restore)
+            self._plan_algorithms(autotune=spec.train.autotune)
         self.stop_signal: int | None = None  # set by a signal handler on this rank
         self.ranks: list[dict] = []  # each rank's host and pid: fit asks (a collective call under MPI)
         self.fitting = False
@@ -211,6 +213,17 @@ class Trainer:
     def request_stop(self, signum: int) -> None:
         """Ask training to stop at the next batch boundary (from a signal handler)."""
         self.stop_signal = signum
+
+    def _plan_algorithms(self, autotune: bool, recorded: dict | None = None) -> None:
+        """Fix the convolution algorithms of the training batch's plan: those a checkpoint recorded, the fastest
+        on this machine (train.autotune), or the shape rule; and record them in the run state."""
+        shape = tuple(self.spec.model.input_shape)
+        batch = self.spec.data.batch_size // self.world.size
+        if recorded is not None:
+            self.model.algorithms = recorded
+        elif autotune:
+            self.model.algorithms = plan.autotune(self.model, shape, batch)
+        self.state = self.state.model_copy(update={"algorithms": self.model.plan(shape).algorithms()})
 
     def _run_state(self) -> RunState:
         """The run state with the schedule's and the random streams' states and the wall time as of now."""
@@ -271,6 +284,7 @@ class Trainer:
             self.schedule.load_state_dict(t.schedule)
             self.seeds.restore(t.seeds)
             self.state = t.model_copy(update={"classes": self.ds.classes})
+            self._plan_algorithms(autotune=False, recorded=t.algorithms or {})  # older runs: the shape rule
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: {e})",
                                   "resume from another checkpoint, or start the run again") from None
@@ -292,6 +306,7 @@ class Trainer:
             "best": self.state.best,
             "dataset": self.ds.describe(),
             "environment": self.environment,
+            "plan": self.state.algorithms,
             "training_pflops": training_pflops(self.rows, self._images_trained(rows[-1]["step"] if rows else 0)),
             **({"init_from": self.init_report} if self.init_report else {}),
             **({"patch_whitening": self.whitening} if self.whitening else {}),
@@ -515,7 +530,8 @@ class Trainer:
         self.cb.on_train_end({"final": self.state.history[-1], "best": self.state.best, **extra})
         return {**extra, "best": self.state.best, "monitor": self.monitor, "final": self.state.history[-1],
                 "wall_seconds": round(self._elapsed(), 3),
-                "training_pflops": training_pflops(self.rows, self._images_trained(self.state.step))}
+                "plan": self.state.algorithms,
+            "training_pflops": training_pflops(self.rows, self._images_trained(self.state.step))}
 
 
 def resume_spec(run_dir: Path, overrides: list[str], force: bool) -> tuple[Spec, checkpoint.Checkpoint]:

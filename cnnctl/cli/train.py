@@ -154,6 +154,8 @@ def train(
         "name and shape match is copied (model.init_from.checkpoint).")] = None,
     logger: Annotated[list[str] | None, typer.Option(
         "--logger", metavar="NAME", help="Also log to tensorboard or mlflow (train.loggers); repeatable.")] = None,
+    autotune: Annotated[bool, typer.Option("--autotune", help="Time each convolution's algorithms once on this "
+                                           "machine and use the fastest (train.autotune).")] = False,
     threads: ThreadsOption = None,
 ):
     """Train a model from a YAML config; writes runs/NAME-YYYYmmdd-HHMMSS/. Under mpiexec -n N (cnnctl[mpi]) the
@@ -166,7 +168,9 @@ def train(
     if init_from is not None:
         overrides.append(f"model.init_from.checkpoint={json.dumps(str(init_from))}")
     if name:
-        overrides.append(f"name={json.dumps(name)}")  # a string as it is (--name 007 stays "007")
+        overrides.append(f"name={json.dumps(name)}")
+    if autotune:
+        overrides.append("train.autotune=true")  # a string as it is (--name 007 stays "007")
     if (config is None) == (resume is None):
         raise CnnctlError("give a CONFIG to start a run, or --resume RUN_DIR to continue one (not both)",
                           "cnnctl train configs/quickstart.yaml   or   cnnctl train --resume runs/NAME-...")
@@ -282,6 +286,10 @@ def bench(
     steps: Annotated[int, typer.Option("--steps", metavar="N", min=1, help="Timed training steps.")] = 20,
     warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed steps first.")] = 3,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Forward and backward ms per layer.")] = False,
+    show_plan: Annotated[bool, typer.Option("--plan", help="The execution plan, step by step: kind, layer, "
+                                            "algorithm, fused operations, memory, forward and backward ms.")] = False,
+    autotune: Annotated[bool, typer.Option("--autotune", help="Time each convolution's algorithms (cached) and "
+                                           "use the fastest, as train --autotune.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     threads: ThreadsOption = None,
 ):
@@ -289,7 +297,7 @@ def bench(
     world = distributed.world()
     use_threads(threads)
     spec, _ = load_target(target, list(set_ or []))
-    res = run_bench(spec, batch_size, steps, warmup, per_layer, world)
+    res = run_bench(spec, batch_size, steps, warmup, per_layer or show_plan, world, autotune=autotune)
     if not world.root:
         return
     if as_json:
@@ -312,6 +320,15 @@ def bench(
                         right=("#", "forward", "backward"), rows=(
             (str(r["index"]), r["name"], str(tuple(r["output_shape"])), f"{r['forward_ms']:.3f}",
              f"{r['backward_ms']:.3f}") for r in res["layers"])))
+    if show_plan:
+        out.print(table(f"execution plan (batch {res['batch_size']}; MB of memory, ms per step)",
+                        ("#", "kind", "layer", "algorithm", "fused", "out MB", "kept MB", "fwd ms", "bwd ms"),
+                        right=("#", "out MB", "kept MB", "fwd ms", "bwd ms"), rows=(
+            (str(r["step"]), r["kind"], r["layer"], r["algorithm"], r["fused"], f"{r['output_bytes'] / 1e6:.2f}",
+             f"{r['saved_bytes'] / 1e6:.2f}", f"{r['forward_ms']:.2f}", f"{r['backward_ms']:.2f}")
+            for r in res["plan_steps"])))
+        out.print(f"  outside the planned steps (loss, optimizer update, hand-offs): {res['ms_outside_steps']:.1f} "
+                  f"ms/step")
 
 
 @app.command()

@@ -24,7 +24,6 @@ import numpy as np
 from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, Tag
 
 from ..errors import ShapeError
-from ..functional import Scratch
 from ..registry import registrar
 from ..strict import PosInt, Strict
 from .init import is_placeholder
@@ -82,12 +81,9 @@ class Layer:
 
     tag: ClassVar[str] = "layer"
     is_norm: ClassVar[bool] = False  # normalisation parameters (exempt from weight decay on request)
-    takes_relu: ClassVar[bool] = False  # forward(x, training, relu=True) applies a ReLU after itself (max pooling)
-    relu_deferrable: bool = False  # its ReLU may run after a following layer that takes_relu instead
     needs_input_grad: bool = True
     frozen: bool = False  # trainable: false: its parameters are not updated (a frozen batchnorm uses its running stats)
     activation: Layer | None = None
-    scratch: Scratch | None = None  # temporary arrays shared by the layers of a model (Model hands it out)
 
     def __init__(self) -> None:
         self.params: dict[str, np.ndarray] = {}
@@ -98,17 +94,18 @@ class Layer:
 
     forward_hooks: tuple = ()  # called as hook(layer, output) after each forward through __call__
 
-    def __call__(self, x: np.ndarray, training: bool = True, **options) -> np.ndarray:
-        """forward, then the forward hooks: how containers run their children (and so how a whole model runs)."""
-        y = self.forward(x, training, **options)
+    def __call__(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        """forward, then the forward hooks: how containers run their children (a Model runs through its plan,
+        which calls the hooks too)."""
+        y = self.forward(x, training)
         for hook in self.forward_hooks:
             hook(self, y)
         return y
 
     def add_forward_hook(self, hook) -> Callable[[], None]:
         """Call hook(layer, output) after every forward of this layer run by its container (torch's
-        register_forward_hook); returns the function that removes it. A layer with a hook applies its own
-        activation in full, so the hook sees the layer's own output."""
+        register_forward_hook); returns the function that removes it. A model's plan fuses nothing across a layer
+        with a hook, so the hook sees the layer's own output."""
         self.forward_hooks = (*self.forward_hooks, hook)
 
         def remove() -> None:

@@ -10,7 +10,6 @@ from pydantic import Field
 from .. import functional as F
 from ..errors import ShapeError
 from ..strict import NonNegInt, PosInt, PosPair
-from .activations import ReLU
 from .base import Layer, LayerSpec, make_activation, register
 from .init import SHAPES_ONLY, Init, constant, dirac, initialize
 
@@ -83,10 +82,7 @@ class Conv2D(Layer):
         if bias:
             self.params["bias"] = constant((self.out_channels,), 0.0, rng, dtype)
         self.activation = make_activation(activation)
-        # a ReLU is applied inside the (ungrouped) convolution, one pass less; Sequential may defer it further
-        self.fused_relu = isinstance(self.activation, ReLU) and self.groups == 1
-        self.relu_deferrable = self.fused_relu
-        self._buffers: dict = {}  # the lowered input, reused between steps (backward reads it)
+        self._buffers: dict = {}  # the lowered input, reused between calls (backward reads it)
         self.zero_grad()
 
     def pads(self, hw) -> F.Padding4:
@@ -120,29 +116,23 @@ class Conv2D(Layer):
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         return rf[0] + dh * (kh - 1) * rf[2], rf[1] + dw * (kw - 1) * rf[3], rf[2] * sh, rf[3] * sw
 
-    def forward(self, x, training=True, relu: bool | None = None):
-        """`relu=False` leaves a fused ReLU out of this call: Sequential applies it after a following max
-        pooling instead (max pooling and ReLU commute), where there are fewer numbers to mask."""
+    def forward(self, x, training=True):
         self._x_shape = x.shape
         self._pad4 = self.pads(x.shape[2:])
         w, b = self.params["weight"], self.params.get("bias")
         if self.groups > 1:
             y, self._saved = F.grouped_conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation, self.groups)
             return self._activate(y, training)
-        fused = self.fused_relu if relu is None else self.fused_relu and relu
-        y, self._saved = F.conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation, self._buffers, relu=fused,
-                                           scratch=self.scratch)
-        return y if self.fused_relu else self._activate(y, training)
+        y, self._saved = F.conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation, self._buffers)
+        return self._activate(y, training)
 
     def backward(self, dy):
-        if not self.fused_relu:
-            dy = self._deactivate(dy)
+        dy = self._deactivate(dy)
         args = (self.params["weight"], self._x_shape, self.stride, self._pad4, self.dilation)
         if self.groups > 1:
             dx, dw, db = F.grouped_conv2d_backward(dy, self._saved, *args, self.groups, self.needs_input_grad)
         else:
-            dx, dw, db = F.conv2d_backward(dy, self._saved, *args, need_dx=self.needs_input_grad,
-                                             scratch=self.scratch)
+            dx, dw, db = F.conv2d_backward(dy, self._saved, *args, need_dx=self.needs_input_grad)
         self.grads["weight"] = dw
         if "bias" in self.params:
             self.grads["bias"] = db

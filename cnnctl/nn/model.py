@@ -31,13 +31,7 @@ class SequentialSpec(LayerSpec):
 @register("sequential", SequentialSpec)
 class Sequential(Layer):
     """Runs layers in order; backward in reverse, stopping where no earlier layer needs gradients.
-
-    A convolution with a ReLU activation followed by max pooling has its ReLU applied after the pooling:
-    max(pool(z), 0) = pool(max(z, 0)), and the gradients agree too (a window whose maximum is not positive
-    passes no gradient either way), but the ReLU and its mask then touch a quarter of the numbers (2x2
-    pooling). That is valid here because the convolution's output has one consumer, the pooling. Each layer
-    called on its own still applies its own activation. Children are named 0, 1, ... like torch's.
-    """
+    Children are named 0, 1, ... like torch's."""
 
     child_prefix = ""
 
@@ -45,9 +39,6 @@ class Sequential(Layer):
         super().__init__()
         self.layers = list(layers)
         self.names = names or [f"{type(layer).__name__.lower()}_{i}" for i, layer in enumerate(self.layers)]
-        self._relu_after_pool = {  # indices of layers whose ReLU the next (max pooling) layer applies
-            i for i, (a, b) in enumerate(zip(self.layers, self.layers[1:])) if a.relu_deferrable and b.takes_relu
-        }
 
     def children(self):
         return [(f"{self.child_prefix}{i}", layer) for i, layer in enumerate(self.layers)]
@@ -59,22 +50,10 @@ class Sequential(Layer):
             layer.set_input_grad(needed)
             needed = needed or layer.has_trainable()
 
-    def forward_options(self, i: int) -> dict:
-        """Keyword arguments this model passes to layer i's forward (the ReLU moved behind max pooling, unless
-        a forward hook watches the layer whose ReLU it is)."""
-        if i in self._relu_after_pool and not self.layers[i].forward_hooks:
-            return {"relu": False}
-        return {"relu": True} if i - 1 in self._relu_after_pool else {}
-
-    def forward_layer(self, i: int, x: np.ndarray, training: bool = True) -> np.ndarray:
-        """Layer i's output within this sequence (with the deferred ReLU where it applies)."""
-        return self.layers[i](x, training, **self.forward_options(i))
-
     def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
-        for i in range(len(self.layers)):
-            x = self.forward_layer(i, x, training)
+        for layer in self.layers:
+            x = layer(x, training)
         return x
-
 
     def backward(self, dy: np.ndarray) -> np.ndarray | None:
         for layer in reversed(self.layers):
@@ -127,18 +106,60 @@ class Sequential(Layer):
 class Model(Sequential):
     """The root of a network: a Sequential whose layers are named `layers.{i}` (a PyTorch module holding an
     nn.Sequential as `layers`). The first layer skips its input gradient: nothing below it needs one (nor do
-    the layers above frozen ones, up to the first that trains)."""
+    the layers above frozen ones, up to the first that trains).
+
+    A model runs through its execution plan (cnnctl.plan): `forward` plans the input's shape once (again when
+    the shape, dtype, frozen layers, forward hooks or `algorithms` change) and runs the plan; `backward` runs the
+    same plan's backward. `algorithms` overrides the convolution algorithm of named layers (autotuning, or the
+    plan a checkpoint recorded)."""
 
     child_prefix = "layers."
+    MAX_PLANS = 4  # plans kept (training batch, last short batch, evaluation batch, ...)
 
     def __init__(self, layers: list[Layer], names: list[str] | None = None):
         super().__init__(layers, names)
+        self._plans: dict = {}
+        self._plan = None
+        self._algorithms: dict[str, str] = {}
+        self._keep: dict = {}  # per-layer buffers every plan shares (the lowered inputs backward reads)
+        self._scratch = Scratch()
         self.set_input_grad(False)
-        self.scratch = Scratch()
-        for _, layer in self.named_layers():
-            layer.scratch = self.scratch
+
+    @property
+    def algorithms(self) -> dict[str, str]:
+        return dict(self._algorithms)
+
+    @algorithms.setter
+    def algorithms(self, value: dict[str, str]) -> None:
+        self._algorithms = dict(value)
+        self._plans = {}
+
+    def set_input_grad(self, needed: bool) -> None:
+        super().set_input_grad(needed)
+        self._plans = {}
 
     def freeze(self, frozen: bool = True) -> None:
         super().freeze(frozen)
         self.set_input_grad(False)
 
+    def plan(self, input_shape: tuple, dtype=np.float32):
+        """The plan for inputs of this per-sample shape (built, or the one built before)."""
+        from ..plan import Plan
+
+        hooked = frozenset(name for name, layer in self.named_layers() if layer.forward_hooks)
+        key = (tuple(input_shape), np.dtype(dtype).str, hooked)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            plan = self._plans[key] = Plan(self, input_shape, self._algorithms, self._keep, self._scratch)
+        return plan
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        self._plan = self.plan(x.shape[1:], x.dtype)
+        return self._plan.forward(x, training)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray | None:
+        if self._plan is None:
+            raise RuntimeError("backward before forward")
+        return self._plan.backward(dy)

@@ -97,17 +97,13 @@ class MaxPool2D(_Pool2D):
     comparison per offset instead of re-deriving the winner from the input."""
 
     pad_value = -np.inf
-    takes_relu = True
 
-    def forward(self, x, training=True, relu: bool = False):
-        """`relu=True` returns max(pool(x), 0), which equals pool(max(x, 0)) with the same gradients: how
-        Sequential runs a conv's ReLU when this layer follows it."""
+    def forward(self, x, training=True):
         xp = self._padded(x)
         self._padded_shape = xp.shape
         out = np.copy(next(self._slices(xp)), order="K")  # temporaries below copy out's memory layout ("like")
         count = self.kernel_size[0] * self.kernel_size[1]
         self._winner = winner = np.zeros_like(out, np.uint8 if count < 256 else np.uint16)
-        self._relu_mask = np.empty_like(out, bool) if relu else None
 
         def part(lo, hi):  # a slice of channels
             o, w = out[:, lo:hi], winner[:, lo:hi]
@@ -120,9 +116,6 @@ class MaxPool2D(_Pool2D):
                 np.multiply(greater, w.dtype.type(k), out=candidate)
                 np.maximum(w, candidate, out=w)
                 np.maximum(o, s, out=o)
-            if relu:
-                m = np.greater(o, 0, out=self._relu_mask[:, lo:hi])
-                np.multiply(o, m, out=o)
 
         parallel.per_channel(out, part)
         return out
@@ -130,8 +123,6 @@ class MaxPool2D(_Pool2D):
     def backward(self, dy):
         winner = self._winner
         dy = F.in_layout_of(dy, winner)
-        if self._relu_mask is not None:
-            dy = dy * self._relu_mask
         overlap = any(s < k for s, k in zip(self.stride, self.kernel_size))
         hp, wp = self._padded_shape[2:]
         (oh, ow), (sh, sw) = self._out_hw, self.stride

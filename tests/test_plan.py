@@ -1,0 +1,158 @@
+"""The execution plan: every convolution algorithm against naive loops, central differences (float64) and
+PyTorch (float32); a planned model equals its layers run one by one, for every registered layer case."""
+
+import numpy as np
+import pytest
+
+from cnnctl import nn, plan, winograd
+from cnnctl.gradcheck import check_layer, rel_error
+from tests.cases import all_cases, basic_block, randomize_params
+from tests.test_functional import naive_conv
+
+CASES = list(all_cases())
+
+
+def _algorithm_cases():
+    """(case..., algorithm) for every case and every algorithm at least one of its convolutions can run by."""
+    for tag, case_id, factory, shape in CASES:
+        model = nn.Model([factory(np.random.default_rng(0))])
+        steps = [s for s in model.plan(tuple(shape[1:])).steps if isinstance(s, plan.ConvStep)]
+        usable = {a for s in steps for a in plan.candidates(s.layer, model.plan(tuple(shape[1:])).shapes[s.inputs[0]])}
+        for algorithm in plan.ALGORITHMS:
+            if algorithm == "lowering" or algorithm in usable:
+                yield pytest.param(tag, case_id, factory, shape, algorithm, id=f"{tag}-{case_id}-{algorithm}")
+WINOGRAD_FP32_TOL = {2: 1e-5, 4: 1e-4}  # relative to the largest output; measured worst: docs/backprop.md
+
+
+
+def convs_of(model, input_shape, dtype):
+    return [s for s in model.plan(input_shape, dtype).steps if isinstance(s, plan.ConvStep)]
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("pads,hw", [((1, 1, 1, 1), (7, 6)), ((0, 0, 0, 0), (8, 9)), ((2, 2, 2, 2), (5, 5)),
+                                      ((2, 0, 1, 2), (6, 7)), ((1, 1, 1, 1), (4, 4))])
+def test_winograd_equals_naive_convolution_and_its_gradients(m, pads, hw):
+    """Forward against naive loops; weight and input gradients against the lowering's (itself checked
+    against naive loops and central differences), float64, tiles that do and do not divide the output."""
+    from cnnctl import functional as F
+
+    g = np.random.default_rng(0)
+    x, w, b = g.standard_normal((3, 2, *hw)), g.standard_normal((4, 2, 3, 3)), g.standard_normal(4)
+    y, saved = winograd.forward(x.transpose(1, 2, 3, 0), w, b, pads, m)
+    np.testing.assert_allclose(y.transpose(3, 0, 1, 2), naive_conv(x, w, b, (1, 1), pads, (1, 1)), rtol=1e-10,
+                               atol=1e-10)
+    dy = g.standard_normal(y.shape)
+    dx, dw, db = winograd.backward(dy, saved, w, (2, *hw), pads, m)
+    _, lsaved = F.conv2d_forward(x, w, b, (1, 1), pads, (1, 1))
+    ldx, ldw, ldb = F.conv2d_backward(dy.transpose(3, 0, 1, 2), lsaved, w, x.shape, (1, 1), pads, (1, 1))
+    np.testing.assert_allclose(dx.transpose(3, 0, 1, 2), ldx, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(dw, ldw, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(db, ldb, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_float32_error_is_within_its_stated_tolerance(m):
+    """Float32 Winograd against a float64 direct convolution, on a layer of ResNet-20's first stage scaled
+    down: the error stays within the tolerance docs/backprop.md gives."""
+    g = np.random.default_rng(1)
+    x = g.standard_normal((16, 12, 12, 4)).astype(np.float32)
+    w = (g.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32)
+    y, _ = winograd.forward(x, w, None, (1, 1, 1, 1), m)
+    ref = naive_conv(x.transpose(3, 0, 1, 2).astype(np.float64), w.astype(np.float64), np.zeros(16), (1, 1),
+                     (1, 1, 1, 1), (1, 1))
+    err = np.abs(y.transpose(3, 0, 1, 2) - ref).max() / np.abs(ref).max()
+    assert err < WINOGRAD_FP32_TOL[m], err
+
+
+def _force(model, shape, dtype, algorithm):
+    """Every planned convolution of the model by `algorithm` where it can run; returns how many."""
+    steps = convs_of(model, shape, dtype)
+    model.algorithms = {s.name: algorithm for s in steps}
+    return sum(s.algorithm == algorithm for s in convs_of(model, shape, dtype))
+
+
+@pytest.mark.parametrize(("tag", "case_id", "factory", "shape", "algorithm"), list(_algorithm_cases()))
+def test_planned_models_pass_gradient_checks_with_every_algorithm(tag, case_id, factory, shape, algorithm):
+    """Every registered layer case as a model run by its plan, each convolution by `algorithm` where it
+    applies (the lowering elsewhere), against central differences in float64."""
+    g = np.random.default_rng(0)
+    layer = factory(g).to(np.float64)
+    randomize_params(layer, g)
+    model = nn.Model([layer])
+    assert _force(model, tuple(shape[1:]), np.float64, algorithm) or algorithm == "lowering"
+    model.set_input_grad(True)
+    errors = check_layer(model, g.standard_normal(shape), training=True)
+    assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize(("tag", "case_id", "factory", "shape"), CASES, ids=lambda v: str(v))
+def test_a_planned_model_equals_its_layers_run_one_by_one(tag, case_id, factory, shape):
+    """The default plan (fusions, algorithm rule) gives the outputs and gradients of the layers' own
+    forward and backward, float64."""
+    if tag in ("dropout", "dropout2d"):
+        pytest.skip("random masks: the two runs would draw different numbers")
+    g = np.random.default_rng(3)
+    layer = factory(g).to(np.float64)
+    randomize_params(layer, g)
+    x = g.standard_normal(shape)
+    layer.set_input_grad(True)
+    y = layer.forward(x, True)
+    dy = g.standard_normal(y.shape)
+    dx = layer.backward(dy)
+    own = {p.name: p.grad.copy() for p in layer.parameters()}
+    model = nn.Model([layer])
+    model.set_input_grad(True)
+    np.testing.assert_allclose(model.forward(x, True), y, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(model.backward(dy), dx, rtol=1e-11, atol=1e-11)
+    for p in model.parameters():
+        np.testing.assert_allclose(p.grad, own[p.name.removeprefix("layers.0.")], rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("algorithm", list(plan.ALGORITHMS))
+def test_every_algorithm_matches_torch_on_a_residual_network(algorithm):
+    """A small ResNet (3x3 and 1x1 convolutions, strided and not) run by its plan with every convolution by
+    `algorithm` where it applies: output, input and parameter gradients against PyTorch, float32, 1e-4."""
+    pytest.importorskip("torch")
+    from tests.test_torch_reference import compare
+
+    g = np.random.default_rng(4)
+    model = nn.Model([nn.Conv2D(3, 8, 3, padding=1, activation="relu", rng=g), basic_block(g, 8, 8, 1),
+                      nn.Conv2D(8, 8, 1, activation="relu", rng=g), basic_block(g, 8, 16, 2), nn.GlobalAvgPool2D(),
+                      nn.Dense(16, 5, rng=g)])
+    randomize_params(model, g, statistics=True)
+    assert _force(model, (3, 10, 9), np.float32, algorithm) >= 1
+    compare(model, g.standard_normal((4, 3, 10, 9)).astype(np.float32))
+
+
+def test_the_default_rule_and_the_plan_description():
+    """1x1 stride-1 convolutions are one product, the rest lowered; the ReLU behind max pooling and the
+    residual add's ReLU are fused; describe() says so, with memory per step."""
+    g = np.random.default_rng(5)
+    model = nn.Model([nn.Conv2D(1, 4, 3, padding=1, activation="relu", rng=g), nn.MaxPool2D(2),
+                      nn.Conv2D(4, 4, 1, rng=g), basic_block(g, 4, 4, 1), nn.Flatten(), nn.Dense(64, 2, rng=g)])
+    rows = {r["layer"]: r for r in model.plan((1, 8, 8)).describe(batch=32)}
+    assert rows["layers.0"]["algorithm"] == "lowering" and rows["layers.2"]["algorithm"] == "pointwise"
+    assert rows["layers.1"]["fused"] == "relu of layers.0" and rows["layers.3"]["fused"] == "relu"
+    assert rows["layers.0"]["output_bytes"] == 32 * 4 * 8 * 8 * 4 and rows["layers.0"]["saved_bytes"] > 0
+
+
+def test_a_hooked_layer_is_not_fused_across_and_sees_its_own_output():
+    """A forward hook on a conv whose ReLU the plan would move behind pooling: the plan is rebuilt without
+    the move, so the hook sees max(conv, 0)."""
+    g = np.random.default_rng(6)
+    model = nn.Model([nn.Conv2D(1, 2, 3, padding=1, activation="relu", rng=g), nn.MaxPool2D(2)])
+    x = g.standard_normal((2, 1, 6, 6)).astype(np.float32)
+    seen = []
+    remove = model.layers[0].add_forward_hook(lambda layer, y: seen.append(np.array(y)))
+    model.forward(x)
+    remove()
+    assert (seen[0] >= 0).all() and (seen[0] == 0).any()
+    assert rel_error(seen[0], model.layers[0].forward(x)) == 0
+
+
+def test_the_layer_contract_has_no_speed_flags():
+    """Speed lives in the plan: the layer contract has no ReLU-deferral flags or scratch plumbing."""
+    for name in ("takes_relu", "relu_deferrable", "scratch", "fused_relu"):
+        assert not hasattr(nn.Layer, name)
+        assert not hasattr(nn.Conv2D(1, 1, 3), name)

@@ -156,3 +156,44 @@ def test_the_layer_contract_has_no_speed_flags():
     for name in ("takes_relu", "relu_deferrable", "scratch", "fused_relu"):
         assert not hasattr(nn.Layer, name)
         assert not hasattr(nn.Conv2D(1, 1, 3), name)
+
+
+def test_autotuned_plan_is_cached_recorded_and_kept_on_resume(tmp_path, tiny_config, monkeypatch):
+    """train --autotune: the timings land in the cache folder, the algorithms in summary.json and in the
+    checkpoints' run state; a resume runs with the recorded algorithms even when the cache has changed since
+    (here to Winograd), while a new autotuned run takes the cache's."""
+    import json
+
+    from cnnctl import checkpoint
+    from tests.helpers import invoke
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    invoke("train", tiny_config, "--runs-dir", tmp_path / "a", "-q", "--autotune", "--set", "train.epochs=1")
+    run = next((tmp_path / "a").iterdir())
+    cache = next((tmp_path / "cache" / "cnnctl" / "plans").glob("*.json"))
+    timed = json.loads(cache.read_text())
+    assert len(timed) == 1 and set(timed.values()) <= set(plan.ALGORITHMS)
+    recorded = json.loads((run / "summary.json").read_text())["plan"]
+    assert recorded == {"layers.0": next(iter(timed.values()))}
+    assert checkpoint.load(run / "checkpoints" / "last.safetensors").run.algorithms == recorded
+    cache.write_text(json.dumps({k: "winograd2" for k in timed}))  # a later cache must not change the run
+    invoke("train", "--resume", run, "-q", "--set", "train.epochs=2")
+    assert json.loads((run / "summary.json").read_text())["plan"] == recorded
+    invoke("train", tiny_config, "--runs-dir", tmp_path / "b", "-q", "--set", "train.autotune=true",
+           "--set", "train.epochs=2")
+    straight = next((tmp_path / "b").iterdir())
+    assert json.loads((straight / "summary.json").read_text())["plan"] == {"layers.0": "winograd2"}
+
+
+def test_bench_prints_the_plan(tiny_config):
+    """bench --plan: a row per step with its algorithm and fusions; --json carries the same rows."""
+    import json
+
+    from tests.helpers import invoke
+
+    text = invoke("bench", tiny_config, "--steps", "1", "--warmup", "0", "--plan").output
+    assert "execution plan" in text and "outside the planned steps" in text
+    res = json.loads(invoke("bench", tiny_config, "--steps", "1", "--warmup", "0", "--plan", "--json").output)
+    assert [r["kind"] for r in res["plan_steps"]] == ["conv", "maxpool2d", "flatten", "dropout", "dense"]
+    assert res["algorithms"] == {"layers.0": "lowering"} and "ms_outside_steps" in res
+    assert res["plan_steps"][1]["fused"] == "relu of layers.0"

@@ -11,7 +11,9 @@ layer its three products. Everything else a step does (im2col, padding, activati
 the update) is counted as free. The sum is compared with torch's measured step: `ceiling` is the ratio
 cnnctl / torch that a core spending nothing outside NumPy's BLAS would reach. When it is below a target,
 no work outside the products reaches that target; only faster products (a faster BLAS, fewer FLOPs) can.
-Also prints each conv layer's products in GFLOP/s next to torch's own fwd+bwd convolution of that layer.
+Also times cnnctl's own step (its threads, BLAS single-threaded) and prints the time outside the products:
+the step less the products alone, in ms and as a share of the step (lowering copies, normalisation,
+activations, adds, layout changes, the loss and the update). Also prints each conv layer's products in GFLOP/s next to torch's own fwd+bwd convolution of that layer.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import os
 import numpy as np
 from vs_torch import CASES, bench_torch, machine_info, median_seconds, print_table, spec_for
 
-from cnnctl.bench import blas_info
+from threadpoolctl import threadpool_limits
+
+from cnnctl import parallel
+from cnnctl.bench import bench, blas_info
 from cnnctl.builder import build_model, walk
 from cnnctl.nn.conv import Conv2D
 from cnnctl.nn.dense import Dense
@@ -102,15 +107,22 @@ def main():
             per_layer.append(entry)
         torch_ms = float(np.median([bench_torch(spec, batch, 20, 5)["ms_per_step"]
                                     for _ in range(args.rounds)]))
+        with threadpool_limits(limits=1, user_api="blas"):  # cnnctl's own step, as the CLI runs it
+            parallel.use(parallel.resolve(None))
+            ours = float(np.median([bench(spec, batch, 10, 3)["ms_per_step"] for _ in range(args.rounds)]))
+        outside = max(0.0, ours - total * 1e3)
         results.append({"network": name, "batch": batch, "target": target, "products_ms": total * 1e3,
-                        "torch_step_ms": torch_ms, "ceiling": torch_ms / (total * 1e3), "layers": per_layer})
+                        "torch_step_ms": torch_ms, "ceiling": torch_ms / (total * 1e3), "cnnctl_step_ms": ours,
+                        "outside_products_ms": outside, "outside_share": outside / ours, "layers": per_layer})
     if args.json:
         print(json.dumps({"machine": machine_info(blas), "results": results}, indent=2))
         return
     print(f"machine: {machine_info(blas)}")
-    print_table(["network", "batch", "products alone (ms)", "torch step (ms)", "ceiling", "target"],
+    print_table(["network", "batch", "products alone (ms)", "torch step (ms)", "ceiling", "target",
+                 "cnnctl step (ms)", "outside the products (ms, share of the step)"],
                 [[r["network"], r["batch"], f"{r['products_ms']:.1f}", f"{r['torch_step_ms']:.1f}",
-                  f"{r['ceiling']:.2f}", f">= {r['target']:.1f}"] for r in results])
+                  f"{r['ceiling']:.2f}", f">= {r['target']:.1f}", f"{r['cnnctl_step_ms']:.1f}",
+                  f"{r['outside_products_ms']:.1f} ({100 * r['outside_share']:.0f}%)"] for r in results])
     print("\nper layer: NumPy products (ms, GFLOP/s) | torch's fwd+bwd convolution (ms, GFLOP/s)")
     for r in results:
         for e in r["layers"]:

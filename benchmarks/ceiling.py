@@ -13,7 +13,8 @@ cnnctl / torch that a core spending nothing outside NumPy's BLAS would reach. Wh
 no work outside the products reaches that target; only faster products (a faster BLAS, fewer FLOPs) can.
 Also times cnnctl's own step (its threads, BLAS single-threaded) and prints the time outside the products:
 the step less the products alone, in ms and as a share of the step (lowering copies, normalisation,
-activations, adds, layout changes, the loss and the update). Also prints each conv layer's products in GFLOP/s next to torch's own fwd+bwd convolution of that layer.
+activations, adds, layout changes, the loss and the update). Also prints each conv layer's products in
+GFLOP/s next to torch's own fwd+bwd convolution of that layer.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import json
 import os
 
 import numpy as np
-from vs_torch import CASES, bench_torch, machine_info, median_seconds, print_table, spec_for
-
 from threadpoolctl import threadpool_limits
+from vs_torch import CASES, bench_torch, machine_info, median_seconds, print_table, spec_for
 
 from cnnctl import parallel
 from cnnctl.bench import bench, blas_info

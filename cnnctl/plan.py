@@ -134,7 +134,7 @@ class ConvStep(Step):
         else:
             y, saved = F.conv2d_forward(x, w, b, conv.stride, self._pad4, conv.dilation, self.keep, relu=self.relu,
                                         scratch=self.scratch)
-        self._saved = saved if training else None
+        self._saved = saved  # also after an evaluation forward: a backward may follow (gradient checks)
         return y if self.activation is None else self.activation.forward(y, training)
 
     def backward(self, dy):

@@ -130,7 +130,7 @@ class ConvStep(Step):
             y, saved = winograd.forward(xc, w, b, self._pad4, int(self.algorithm[-1]), relu=self.relu)
             y = y.transpose(3, 0, 1, 2)
         elif self.algorithm == "pointwise":
-            y, saved = pointwise_forward(x, w, b, self.relu, self.scratch)
+            y, saved = pointwise_forward(x, w, b, self.relu)
         else:
             y, saved = F.conv2d_forward(x, w, b, conv.stride, self._pad4, conv.dilation, self.keep, relu=self.relu,
                                         scratch=self.scratch)
@@ -148,7 +148,7 @@ class ConvStep(Step):
             dx, dw, db = winograd.backward(dyc, self._saved, w, tuple(self._x_shape[1:]), self._pad4, m, need)
             dx = None if dx is None else dx.transpose(3, 0, 1, 2)
         elif self.algorithm == "pointwise":
-            dx, dw, db = pointwise_backward(dy, self._saved, w, need, self.scratch)
+            dx, dw, db = pointwise_backward(dy, self._saved, w, need)
         else:
             dx, dw, db = F.conv2d_backward(dy, self._saved, w, self._x_shape, conv.stride, self._pad4,
                                            conv.dilation, need_dx=need, scratch=self.scratch)
@@ -249,7 +249,7 @@ class ConcatStep(Step):
 # ------------------------------------------------------------------ pointwise convolution
 
 
-def pointwise_forward(x, weight, bias, relu, scratch):
+def pointwise_forward(x, weight, bias, relu):
     """A 1x1 stride-1 unpadded convolution: y (O, H*W*N) = W (O, C) @ x (C, H*W*N) on the batch-innermost
     input, bias and ReLU on slices of rows. Saves the input (a view) and the ReLU mask."""
     n, c, h, w = x.shape
@@ -270,11 +270,12 @@ def pointwise_forward(x, weight, bias, relu, scratch):
     return y.reshape(o, h, w, n).transpose(3, 0, 1, 2), (xc, mask, (n, c, h, w))
 
 
-def pointwise_backward(dy, saved, weight, need_dx, scratch):
+def pointwise_backward(dy, saved, weight, need_dx):
+    """Gradients of pointwise_forward: dx (or None), dweight, dbias."""
     xc, mask, (n, c, h, w) = saved
     o = weight.shape[0]
-    dY = F.in_layout_of(dy, np.empty((o, h, w, n), dy.dtype).transpose(3, 0, 1, 2)).transpose(1, 2, 3, 0)
-    dY = dY.reshape(o, -1) if dY.flags.c_contiguous else np.ascontiguousarray(dY).reshape(o, -1)
+    dyt = dy.transpose(1, 2, 3, 0)  # (O, H, W, N): free when dy is batch-innermost
+    dY = (dyt if dyt.flags.c_contiguous else np.ascontiguousarray(dyt)).reshape(o, -1)
     if mask is not None:
         dY = dY * mask
     dbias = dY.sum(axis=1)
@@ -443,7 +444,8 @@ class Plan:
 
     def describe(self, batch: int, itemsize: int = 4) -> list[dict]:
         """One row per step: kind, layer, algorithm, what is fused, output shape and the memory its output takes
-        and what it keeps for backward (estimated from the shapes, for a batch of `batch`)."""
+        and what it keeps for backward, for a batch of `batch` (the plan's own steps estimated from their
+        shapes, a layer run as it is measured from the arrays it holds after its last forward)."""
         rows = []
         for k, s in enumerate(self.steps):
             out = int(np.prod(s.out_shape)) * batch * itemsize
@@ -454,7 +456,7 @@ class Plan:
 
 
 def _saved_bytes(step: Step, shapes, batch: int, itemsize: int) -> int:
-    """What a step keeps from forward to backward (an estimate from the shapes)."""
+    """What a step keeps from forward to backward (see `Plan.describe`)."""
     inp = int(np.prod(shapes[step.inputs[0]])) * batch
     out = int(np.prod(step.out_shape)) * batch
     if isinstance(step, ConvStep):

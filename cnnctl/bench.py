@@ -91,6 +91,7 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
         out["reduce_ms_per_step"] = 1e3 * world.reduce_seconds / steps
         out["reductions_per_step"] = world.reductions / steps
         out["sync_batchnorm"] = spec.train.sync_batchnorm
+    out["plan"] = plan.describe(bs)
     if per_layer:
         for _ in range(steps):
             step(True)
@@ -103,7 +104,6 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
                           "backward_ms": 1e3 * layer_times[r.index, 1] / steps} for r in rows]
         out["ms_outside_steps"] = max(0.0, float(np.median(ms)) - 1e3 * step_times.sum() / steps)
         out["plan_steps"] = [{**row, "forward_ms": float(1e3 * t[0] / steps), "backward_ms": float(1e3 * t[1] / steps)}
-                        for row, t in zip(plan.describe(bs), step_times)]
-    out["plan"] = plan.describe(bs)
+                             for row, t in zip(out["plan"], step_times)]
     out["algorithms"] = plan.algorithms()
     return out

@@ -38,7 +38,7 @@ from . import parallel, winograd
 from .nn.activations import ReLU
 from .nn.base import Layer
 from .nn.conv import Conv2D
-from .nn.graph import Concat, Residual
+from .nn.graph import Concat, Residual, join_channels
 from .nn.model import Sequential
 from .nn.pooling import MaxPool2D
 
@@ -126,8 +126,9 @@ class ConvStep(Step):
         self._x_shape, self._pad4 = x.shape, conv.pads(x.shape[2:])
         w, b = conv.params["weight"], conv.params.get("bias")
         if self.algorithm.startswith("winograd"):
-            xc = F.batch_innermost(x, self.scratch, "x.chwn").transpose(1, 2, 3, 0)
-            y, saved = winograd.forward(xc, w, b, self._pad4, int(self.algorithm[-1]), relu=self.relu)
+            # (C, H, W, N) as a view: the input transform copies it into its padded tiles in any layout
+            y, saved = winograd.forward(x.transpose(1, 2, 3, 0), w, b, self._pad4, int(self.algorithm[-1]),
+                                        relu=self.relu)
             y = y.transpose(3, 0, 1, 2)
         elif self.algorithm == "pointwise":
             y, saved = pointwise_forward(x, w, b, self.relu)
@@ -162,6 +163,19 @@ class ConvStep(Step):
         self._saved = None
 
 
+def _relu_in_place(y: np.ndarray, mask: np.ndarray) -> None:
+    """y = max(y, 0) in place, recording where y > 0 in mask (a multiply by the mask: -0.0 below zero)."""
+    np.multiply(y, np.greater(y, 0, out=mask), out=y)
+
+
+def _masked(dy: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """dy * mask, laid out as the mask, a slice of channels per thread: a fused ReLU's backward."""
+    dyl, out = F.in_layout_of(dy, mask), np.empty_like(mask, dtype=dy.dtype)
+    parallel.per_channel(out, lambda lo, hi: np.multiply(parallel.channels(dyl, lo, hi), parallel.channels(
+        mask, lo, hi), out=parallel.channels(out, lo, hi)))
+    return out
+
+
 class PoolReluStep(Step):
     """Max pooling followed by the ReLU moved behind it: max(pool(z), 0) = pool(max(z, 0)), and the gradients
     agree (a window whose maximum is not positive passes none either way)."""
@@ -169,17 +183,12 @@ class PoolReluStep(Step):
     def forward(self, xs, training):
         y = self.layer.forward(xs[0], training)
         self._mask = np.empty_like(y, dtype=bool)
-
-        def part(lo, hi):
-            ys = parallel.channels(y, lo, hi)
-            m = np.greater(ys, 0, out=parallel.channels(self._mask, lo, hi))
-            np.multiply(ys, m, out=ys)
-
-        parallel.per_channel(y, part)
+        parallel.per_channel(y, lambda lo, hi: _relu_in_place(parallel.channels(y, lo, hi),
+                                                               parallel.channels(self._mask, lo, hi)))
         return y
 
     def backward(self, dy):
-        dy = F.in_layout_of(dy, self._mask) * self._mask
+        dy = _masked(dy, self._mask)
         self._mask = None
         return [self.layer.backward(dy)]
 
@@ -200,8 +209,7 @@ class AddStep(Step):
         def part(lo, hi):
             ys = np.add(parallel.channels(a, lo, hi), parallel.channels(b, lo, hi), out=parallel.channels(y, lo, hi))
             if mask is not None:
-                m = np.greater(ys, 0, out=parallel.channels(mask, lo, hi))
-                np.multiply(ys, m, out=ys)
+                _relu_in_place(ys, parallel.channels(mask, lo, hi))
 
         parallel.per_channel(a, part)
         self._mask = mask
@@ -211,12 +219,7 @@ class AddStep(Step):
         if self.activation is not None:
             dy = self.activation.backward(dy)
         if self._mask is not None:
-            masked = np.empty_like(self._mask, dtype=dy.dtype)
-            dyl = F.in_layout_of(dy, self._mask)
-            parallel.per_channel(masked, lambda lo, hi: np.multiply(
-                parallel.channels(dyl, lo, hi), parallel.channels(self._mask, lo, hi),
-                out=parallel.channels(masked, lo, hi)))
-            dy = masked
+            dy = _masked(dy, self._mask)
         self._mask = None
         return [dy if g else None for g in self.gates]
 
@@ -232,14 +235,7 @@ class ConcatStep(Step):
         self.gates = gates
 
     def forward(self, xs, training):
-        self._channels = np.cumsum([0] + [x.shape[1] for x in xs])
-        n, rest = xs[0].shape[0], xs[0].shape[2:]
-        if len(rest) == 2:  # feature maps: batch-innermost, as convolutions want their input
-            y = np.empty((int(self._channels[-1]), *rest, n), xs[0].dtype).transpose(3, 0, 1, 2)
-        else:
-            y = np.empty((n, int(self._channels[-1])), xs[0].dtype)
-        for x, a, b in zip(xs, self._channels, self._channels[1:]):
-            y[:, a:b] = x
+        y, self._channels = join_channels(xs)
         return y
 
     def backward(self, dy):
@@ -472,8 +468,10 @@ def _saved_bytes(step: Step, shapes, batch: int, itemsize: int) -> int:
             kw, ow = step.layer.kernel_size[1], step.out_shape[2]
             kept = (h + pads[0] + pads[1]) * c * kw * ow * batch * itemsize
         return kept + (out if step.relu else 0)  # the ReLU mask, a byte per value
-    if isinstance(step, (AddStep, PoolReluStep)):
-        return out if (getattr(step, "relu", True)) else 0
+    if isinstance(step, PoolReluStep) or (isinstance(step, AddStep) and step.relu):
+        return out  # the ReLU mask, a byte per value
+    if isinstance(step, AddStep):
+        return 0
     return _held_bytes(step.layer) + (_held_bytes(step.layer.activation) if step.layer.activation else 0)
 
 

@@ -531,7 +531,7 @@ class Trainer:
         return {**extra, "best": self.state.best, "monitor": self.monitor, "final": self.state.history[-1],
                 "wall_seconds": round(self._elapsed(), 3),
                 "plan": self.state.algorithms,
-            "training_pflops": training_pflops(self.rows, self._images_trained(self.state.step))}
+                "training_pflops": training_pflops(self.rows, self._images_trained(self.state.step))}
 
 
 def resume_spec(run_dir: Path, overrides: list[str], force: bool) -> tuple[Spec, checkpoint.Checkpoint]:

@@ -168,9 +168,9 @@ def train(
     if init_from is not None:
         overrides.append(f"model.init_from.checkpoint={json.dumps(str(init_from))}")
     if name:
-        overrides.append(f"name={json.dumps(name)}")
+        overrides.append(f"name={json.dumps(name)}")  # a string as it is (--name 007 stays "007")
     if autotune:
-        overrides.append("train.autotune=true")  # a string as it is (--name 007 stays "007")
+        overrides.append("train.autotune=true")
     if (config is None) == (resume is None):
         raise CnnctlError("give a CONFIG to start a run, or --resume RUN_DIR to continue one (not both)",
                           "cnnctl train configs/quickstart.yaml   or   cnnctl train --resume runs/NAME-...")

@@ -154,6 +154,20 @@ class ConcatSpec(LayerSpec):
         return Concat([scope.sequence(f"branches.{k}", b, input_shape) for k, b in enumerate(self.branches)])
 
 
+def join_channels(outs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays concatenated on axis 1 (feature maps stored batch-innermost, as convolutions want their
+    input), and the channel bounds of each: [0, c0, c0 + c1, ...]."""
+    bounds = np.cumsum([0] + [o.shape[1] for o in outs])
+    n, rest = outs[0].shape[0], outs[0].shape[2:]
+    if len(rest) == 2:
+        y = np.empty((int(bounds[-1]), *rest, n), outs[0].dtype).transpose(3, 0, 1, 2)
+    else:
+        y = np.empty((n, int(bounds[-1])), outs[0].dtype)
+    for o, a, b in zip(outs, bounds, bounds[1:]):
+        y[:, a:b] = o
+    return y, bounds
+
+
 @register("concat", ConcatSpec)
 class Concat(Layer):
     """Branches on the same input, outputs concatenated on axis 1 (channels, or features)."""
@@ -185,15 +199,7 @@ class Concat(Layer):
         return _max_rf(b.receptive_field(rf) for b in self.branches)
 
     def forward(self, x, training=True):
-        outs = [b(x, training) for b in self.branches]
-        self._channels = np.cumsum([0] + [o.shape[1] for o in outs])
-        n, rest = x.shape[0], outs[0].shape[2:]
-        if len(rest) == 2:  # feature maps: store batch-innermost, as convolutions want their input
-            y = np.empty((int(self._channels[-1]), *rest, n), x.dtype).transpose(3, 0, 1, 2)
-        else:
-            y = np.empty((n, int(self._channels[-1])), x.dtype)
-        for o, a, b in zip(outs, self._channels, self._channels[1:]):
-            y[:, a:b] = o
+        y, self._channels = join_channels([b(x, training) for b in self.branches])
         return y
 
     def backward(self, dy):

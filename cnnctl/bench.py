@@ -107,3 +107,19 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
                              for row, t in zip(out["plan"], step_times)]
     out["algorithms"] = plan.algorithms()
     return out
+
+
+def planned(spec: Spec, batch_size: int | None = None, algorithms: dict[str, str] | None = None) -> dict:
+    """The execution plan a training step of this batch runs, without timing it: the plan's steps as
+    `Plan.describe` gives them, after one training forward on a batch of zeros (a layer the plan runs as a
+    layer reports the arrays it then holds). `algorithms` are a run's recorded convolution algorithms; without
+    them the default rule on the layers' shapes decides, as `cnnctl train` without `--autotune` does."""
+    bs = batch_size or spec.data.batch_size
+    check_training_memory(spec.name, describe(spec.model), bs, averaged=False)
+    model, _ = build_model(spec.model, np.random.default_rng(spec.seed))
+    model.algorithms = algorithms or {}
+    x = np.zeros((bs, *spec.model.input_shape), np.float32)
+    model.forward(x, training=True)
+    plan = model.plan(tuple(x.shape[1:]), x.dtype)
+    return {"batch_size": bs, "recorded": bool(algorithms), "steps": plan.describe(bs),
+            "algorithms": plan.algorithms()}

@@ -53,6 +53,16 @@ def load_model(ckpt: checkpoint.Checkpoint, path) -> tuple[Spec, Model, list]:
     return spec, model, rows
 
 
+def recorded_algorithms(target: Path) -> dict[str, str] | None:
+    """The convolution algorithms a checkpoint (or a run directory's) recorded; None for a config or a file
+    written before runs recorded them."""
+    target = Path(target)
+    if not (target.is_dir() or target.suffix == ".safetensors"):
+        return None
+    ckpt = checkpoint.load(checkpoint_file(target)[0])
+    return ckpt.run.algorithms if ckpt.run else None
+
+
 def load_target(target: Path, overrides: list[str]) -> tuple[Spec, list]:
     """The spec and layer rows of a config file, or of a checkpoint (a .safetensors file; its weights are
     checked against its config), with --set overrides applied."""

@@ -183,6 +183,9 @@ def test_autotuned_plan_is_cached_recorded_and_kept_on_resume(tmp_path, tiny_con
            "--set", "train.epochs=2")
     straight = next((tmp_path / "b").iterdir())
     assert json.loads((straight / "summary.json").read_text())["plan"] == {"layers.0": "winograd2"}
+    shown = json.loads(invoke("inspect", straight / "checkpoints" / "last.safetensors", "--plan", "--json").output)
+    assert shown["plan"]["recorded"] and shown["plan"]["algorithms"] == {"layers.0": "winograd2"}
+    assert shown["plan"]["steps"][0]["algorithm"] == "winograd2"
 
 
 def test_bench_prints_the_plan(tiny_config):
@@ -197,3 +200,17 @@ def test_bench_prints_the_plan(tiny_config):
     assert [r["kind"] for r in res["plan_steps"]] == ["conv", "maxpool2d", "flatten", "dropout", "dense"]
     assert res["algorithms"] == {"layers.0": "lowering"} and "ms_outside_steps" in res
     assert res["plan_steps"][1]["fused"] == "relu of layers.0"
+
+
+def test_inspect_prints_the_plan_without_timing_it(tiny_config):
+    """inspect --plan: the same steps as bench --plan (no times), algorithms by the default rule for a config."""
+    import json
+
+    from tests.helpers import invoke
+
+    text = invoke("inspect", tiny_config, "--plan").output
+    assert "execution plan (batch" in text and "default rule" in text and "fwd ms" not in text
+    res = json.loads(invoke("inspect", tiny_config, "--plan", "--json").output)["plan"]
+    assert [r["kind"] for r in res["steps"]] == ["conv", "maxpool2d", "flatten", "dropout", "dense"]
+    assert res["algorithms"] == {"layers.0": "lowering"} and not res["recorded"]
+    assert res["steps"][1]["fused"] == "relu of layers.0" and res["steps"][0]["saved_bytes"] > 0

@@ -15,9 +15,10 @@ from rich.text import Text
 
 from .. import distributed, plots
 from ..bench import bench as run_bench
+from ..bench import planned
 from ..builder import build_loss, check_known_data, inspect_report, training_pflops, walk
 from ..errors import CnnctlError, DataError
-from ..loading import load_model, offline
+from ..loading import load_model, offline, recorded_algorithms
 from ..train import Callback, Seeds, Trainer, evaluate, load_data, session
 from .common import (
     SetOption,
@@ -321,12 +322,8 @@ def bench(
             (str(r["index"]), r["name"], str(tuple(r["output_shape"])), f"{r['forward_ms']:.3f}",
              f"{r['backward_ms']:.3f}") for r in res["layers"])))
     if show_plan:
-        out.print(table(f"execution plan (batch {res['batch_size']}; MB of memory, ms per step)",
-                        ("#", "kind", "layer", "algorithm", "fused", "out MB", "kept MB", "fwd ms", "bwd ms"),
-                        right=("#", "out MB", "kept MB", "fwd ms", "bwd ms"), rows=(
-            (str(r["step"]), r["kind"], r["layer"], r["algorithm"], r["fused"], f"{r['output_bytes'] / 1e6:.2f}",
-             f"{r['saved_bytes'] / 1e6:.2f}", f"{r['forward_ms']:.2f}", f"{r['backward_ms']:.2f}")
-            for r in res["plan_steps"])))
+        out.print(plan_table(f"execution plan (batch {res['batch_size']}; MB of memory, ms per step)",
+                             res["plan_steps"]))
         out.print(f"  outside the planned steps (loss, optimizer update, hand-offs): {res['ms_outside_steps']:.1f} "
                   f"ms/step")
 
@@ -340,6 +337,9 @@ def inspect(
                                               help="Show nested layers down to this depth "
                                               "(0: top-level layers only; default: all).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (with the whole tree).")] = False,
+    show_plan: Annotated[bool, typer.Option("--plan", help="Also the execution plan of a training step, step by "
+                                            "step: kind, layer, algorithm, fused operations, memory (a "
+                                            "checkpoint's recorded algorithms; bench --plan adds times).")] = False,
 ):
     """Validate a config (or a checkpoint's) and show the layer tree: output shapes, parameters, MACs and
     receptive fields."""
@@ -351,6 +351,8 @@ def inspect(
         report["training_pflops_per_epoch"] = training_pflops(rows, report["dataset"]["train"])
     except DataError as e:
         report["dataset"] = {"name": spec.data.dataset, "unavailable": e.message}
+    if show_plan:
+        report["plan"] = planned(spec, algorithms=recorded_algorithms(target))
     if as_json:
         print_json(report)
         return
@@ -386,6 +388,21 @@ def inspect(
         out.print(f"dataset {d['name']}: train {d['train']:,}  val {d['val']:,}  test {d['test']:,}  image "
                   f"{tuple(d['image_shape'])}  {len(d['classes'])} classes: {', '.join(d['classes'])}",
                   soft_wrap=True)
+    if show_plan:
+        p = report["plan"]
+        source = "the run's recorded algorithms" if p["recorded"] else "algorithms by the default rule"
+        out.print(plan_table(f"execution plan (batch {p['batch_size']}, {source}; MB of memory)", p["steps"]))
+
+
+def plan_table(title: str, steps: list[dict]):
+    """The plan's steps as a table (`bench --plan` and `inspect --plan`); times when the rows have them."""
+    timed = "forward_ms" in steps[0]
+    columns = ("#", "kind", "layer", "algorithm", "fused", "out MB", "kept MB")
+    columns += ("fwd ms", "bwd ms") if timed else ()
+    return table(title, columns, right=("#", "out MB", "kept MB", "fwd ms", "bwd ms"), rows=(
+        (str(r["step"]), r["kind"], r["layer"], r["algorithm"], r["fused"], f"{r['output_bytes'] / 1e6:.2f}",
+         f"{r['saved_bytes'] / 1e6:.2f}", *((f"{r['forward_ms']:.2f}", f"{r['backward_ms']:.2f}") if timed else ()))
+        for r in steps))
 
 
 def _bytes(n: int) -> str:

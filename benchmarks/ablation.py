@@ -1,5 +1,6 @@
 """An airbench-style ablation: a base config, then one change added at a time, each row trained with several
 seeds at a fixed epoch budget; a Markdown table of test accuracy (per seed and mean) and training compute.
+Rows whose runs have not finished are left out.
 
     python benchmarks/ablation.py benchmarks/ablation-fashion.yaml [--data ../shared/data/fashion-mnist]
                                   [--runs-dir runs/ablation] [--jobs 2] [--threads 1] [--rows N ...] [--table]
@@ -96,9 +97,12 @@ def train_all(spec: dict, todo: list[dict], data: str | None, runs_dir: Path, jo
 
 
 def table(spec: dict, all_runs: list[dict], runs_dir: Path) -> str:
-    lines = ["| row | change | " + " | ".join(f"seed {s}" for s in spec["seeds"]) + " | mean | vs above | PFLOPs |",
+    """One row per ablation row: test accuracy per seed, their mean (over the seeds finished, counted when not
+    all are), the change against the row above (cumulative) or the base (not), the largest training compute."""
+    against = "vs above" if spec["cumulative"] else "vs base"
+    lines = ["| row | change | " + " | ".join(f"seed {s}" for s in spec["seeds"]) + f" | mean | {against} | PFLOPs |",
              "| --- | --- | " + " | ".join("---" for _ in spec["seeds"]) + " | --- | --- | --- |"]
-    previous = None
+    reference = None
     for k, row in enumerate(spec["rows"]):
         accs, pflops = [], []
         for r in (r for r in all_runs if r["row"] == k):
@@ -110,14 +114,16 @@ def table(spec: dict, all_runs: list[dict], runs_dir: Path) -> str:
             accs.append(100 * summary["test"]["accuracy"])
             pflops.append(summary["training_pflops"])
         done = [a for a in accs if a is not None]
-        mean = sum(done) / len(done) if len(done) == len(accs) else None
-        delta = f"{mean - previous:+.2f}" if mean is not None and previous is not None else ""
+        if not done:
+            continue
+        mean = sum(done) / len(done)
+        shown = f"{mean:.2f}" + ("" if len(done) == len(accs) else f" ({len(done)} of {len(accs)})")
+        delta = f"{mean - reference:+.2f}" if reference is not None else ""
         change = "; ".join(f"`{o}`" for o in row.get("set", [])) or "(base)"
         lines.append(f"| {row['name']} | {change} | " + " | ".join("" if a is None else f"{a:.2f}" for a in accs)
-                     + f" | {'' if mean is None else f'{mean:.2f}'} | {delta} | "
-                     + (f"{max(pflops):.3f}" if pflops else "") + " |")
-        if mean is not None:
-            previous = mean
+                     + f" | {shown} | {delta} | {max(pflops):.3f} |")
+        if spec["cumulative"] or reference is None:
+            reference = mean
     return "\n".join(lines)
 
 

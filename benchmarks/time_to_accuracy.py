@@ -9,7 +9,7 @@ SGD with Nesterov momentum and weight decay, the one-cycle schedule stepped per 
 as cnnctl's), cross-entropy with the config's label smoothing, the same batch size and epochs, and the very
 same batches (cnnctl's data pipeline: shuffling, augmentation, normalisation). After every epoch both evaluate
 the test split (with the config's test-time augmentation); that evaluation is not counted in the times. The
-goal: cnnctl within 1.25x of PyTorch's time to each accuracy. torch is a benchmark-only dependency
+goal: cnnctl within 1.1x of PyTorch's time to each accuracy. torch is a benchmark-only dependency
 (pip install torch==2.13.0).
 """
 

@@ -52,20 +52,20 @@ def runs(spec: dict) -> list[dict]:
         overrides = [*spec["set"], *(above if spec["cumulative"] else []), *own]
         above += own
         for seed in spec["seeds"]:
-            out.append({"row": k, "name": row["name"], "seed": seed, "run": f"{k:02d}-{slug(row['name'])}-s{seed}",
-                        "own": own, "overrides": [*overrides, f"seed={seed}"]})
+            out.append({"row": k, "run": f"{k:02d}-{slug(row['name'])}-s{seed}",
+                        "overrides": [*overrides, f"seed={seed}"]})
     return out
 
 
-def finished(runs_dir: Path, name: str) -> Path | None:
-    """The newest directory of this run with a finished summary and a test accuracy."""
+def finished(runs_dir: Path, name: str) -> dict | None:
+    """The summary of this run's newest directory that finished with a test accuracy."""
     for d in sorted(runs_dir.glob(f"{name}-*"), reverse=True):
         try:
             summary = json.loads((d / "summary.json").read_text())
         except (OSError, ValueError):
             continue
         if summary.get("status") == "finished" and "test" in summary:
-            return d
+            return summary
     return None
 
 
@@ -106,11 +106,10 @@ def table(spec: dict, all_runs: list[dict], runs_dir: Path) -> str:
     for k, row in enumerate(spec["rows"]):
         accs, pflops = [], []
         for r in (r for r in all_runs if r["row"] == k):
-            d = finished(runs_dir, r["run"])
-            if d is None:
+            summary = finished(runs_dir, r["run"])
+            if summary is None:
                 accs.append(None)
                 continue
-            summary = json.loads((d / "summary.json").read_text())
             accs.append(100 * summary["test"]["accuracy"])
             pflops.append(summary["training_pflops"])
         done = [a for a in accs if a is not None]

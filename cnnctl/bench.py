@@ -24,6 +24,12 @@ def peak_rss_mb() -> float:
     return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
 
 
+def _built(spec: Spec, batch_size: int, g: np.random.Generator, averaged: bool):
+    """The model a training step of this batch runs (and its layer rows), once its memory is known to fit."""
+    check_training_memory(spec.name, describe(spec.model), batch_size, averaged=averaged)
+    return build_model(spec.model, g)
+
+
 def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: int = 3,
           per_layer: bool = False, world: distributed.World | None = None, autotune: bool = False) -> dict:
     """Median and spread of the time per training step, images/s, GFLOP/s and peak memory. With several MPI
@@ -34,8 +40,7 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
     if world.size > 1:
         distributed.check_batches(bs, bs, world.size)
     g = np.random.default_rng(spec.seed)
-    check_training_memory(spec.name, describe(spec.model), bs, averaged=spec.train.ema_decay is not None)
-    model, rows = build_model(spec.model, g)
+    model, rows = _built(spec, bs, g, averaged=spec.train.ema_decay is not None)
     loss_fn = build_loss(spec)
     optimizer = spec.optimizer.build(model, rows)
     average = WeightAverage(model, spec.train.ema_decay) if spec.train.ema_decay else None  # part of a step
@@ -115,8 +120,7 @@ def planned(spec: Spec, batch_size: int | None = None, algorithms: dict[str, str
     layer reports the arrays it then holds). `algorithms` are a run's recorded convolution algorithms; without
     them the default rule on the layers' shapes decides, as `cnnctl train` without `--autotune` does."""
     bs = batch_size or spec.data.batch_size
-    check_training_memory(spec.name, describe(spec.model), bs, averaged=False)
-    model, _ = build_model(spec.model, np.random.default_rng(spec.seed))
+    model, _ = _built(spec, bs, np.random.default_rng(spec.seed), averaged=False)
     model.algorithms = algorithms or {}
     x = np.zeros((bs, *spec.model.input_shape), np.float32)
     model.forward(x, training=True)

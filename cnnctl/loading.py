@@ -7,6 +7,7 @@ Below the training engine: train, eval, predict, export, viz, bench, inspect and
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from safetensors.numpy import load as st_load
@@ -53,25 +54,25 @@ def load_model(ckpt: checkpoint.Checkpoint, path) -> tuple[Spec, Model, list]:
     return spec, model, rows
 
 
-def recorded_algorithms(target: Path) -> dict[str, str] | None:
-    """The convolution algorithms a checkpoint (or a run directory's) recorded; None for a config or a file
-    written before runs recorded them."""
-    target = Path(target)
-    if not (target.is_dir() or target.suffix == ".safetensors"):
-        return None
-    ckpt = checkpoint.load(checkpoint_file(target)[0])
-    return ckpt.run.algorithms if ckpt.run else None
+class Target(NamedTuple):
+    """What `load_target` read: the spec, its layer rows, and the convolution algorithms a checkpoint recorded
+    (None for a config, or for a checkpoint written before runs recorded them)."""
+
+    spec: Spec
+    rows: list
+    algorithms: dict[str, str] | None
 
 
-def load_target(target: Path, overrides: list[str]) -> tuple[Spec, list]:
+def load_target(target: Path, overrides: list[str]) -> Target:
     """The spec and layer rows of a config file, or of a checkpoint (a .safetensors file; its weights are
-    checked against its config), with --set overrides applied."""
+    checked against its config, and the file is read once), with --set overrides applied."""
     target = Path(target)
     if target.suffix == ".safetensors":
-        spec, _, rows = load_model(with_overrides(checkpoint.load(target), overrides), target)
-        return spec, rows
+        ckpt = with_overrides(checkpoint.load(target), overrides)
+        spec, _, rows = load_model(ckpt, target)
+        return Target(spec, rows, ckpt.run.algorithms if ckpt.run else None)
     spec, _ = load_config(target, overrides)
-    return spec, describe(spec.model)
+    return Target(spec, describe(spec.model), None)
 
 
 def init_from(model: Model, path: str, strict: bool) -> dict:

@@ -236,6 +236,6 @@ def load_checkpoint(path: Path, overrides: list[str] | None = None) -> tuple[Pat
     return path, loading.with_overrides(checkpoint.load(path), overrides or [])
 
 
-def load_target(target: Path, overrides: list[str]):
-    """The spec and layer rows of a config, a checkpoint or a run directory."""
+def load_target(target: Path, overrides: list[str]) -> loading.Target:
+    """The spec, layer rows and recorded algorithms of a config, a checkpoint or a run directory."""
     return loading.load_target(checkpoint_of(target), overrides)

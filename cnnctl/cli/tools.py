@@ -189,7 +189,7 @@ def data_(
         spec, _, rows = load_model(ckpt, found)
         spec, normalization = offline(spec), ckpt.normalization or None
     else:
-        spec, rows = load_target(found, list(set_ or []))
+        spec, rows, _ = load_target(found, list(set_ or []))
         normalization = None
     ds = load_data(spec, rows, Seeds.from_seed(spec.seed), normalization)
     counts = data_lib.class_counts(ds)
@@ -299,7 +299,7 @@ def gradcheck(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Compare every layer's backprop gradients with central differences (float64) in the configured net."""
-    spec, rows = load_target(target, list(set_ or []))
+    spec, rows, _ = load_target(target, list(set_ or []))
     # float64 activations, their gradients and what backward keeps, for every input of the batch
     refuse_over(f"gradcheck of {spec.name} at --batch {batch}", 8 * 4 * batch * activation_values(rows), 2,
                 CnnctlError, "use a smaller --batch (the default 2 is enough to check the backprop)")

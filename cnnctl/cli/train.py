@@ -18,7 +18,7 @@ from ..bench import bench as run_bench
 from ..bench import planned
 from ..builder import build_loss, check_known_data, inspect_report, training_pflops, walk
 from ..errors import CnnctlError, DataError
-from ..loading import load_model, offline, recorded_algorithms
+from ..loading import load_model, offline
 from ..train import Callback, Seeds, Trainer, evaluate, load_data, session
 from .common import (
     SetOption,
@@ -297,7 +297,7 @@ def bench(
     """Time full training steps (forward, loss, backward, update) on synthetic data of the input shape."""
     world = distributed.world()
     use_threads(threads)
-    spec, _ = load_target(target, list(set_ or []))
+    spec = load_target(target, list(set_ or [])).spec
     res = run_bench(spec, batch_size, steps, warmup, per_layer or show_plan, world, autotune=autotune)
     if not world.root:
         return
@@ -343,7 +343,7 @@ def inspect(
 ):
     """Validate a config (or a checkpoint's) and show the layer tree: output shapes, parameters, MACs and
     receptive fields."""
-    spec, rows = load_target(target, list(set_ or []))
+    spec, rows, algorithms = load_target(target, list(set_ or []))
     check_known_data(spec, rows)
     report = inspect_report(spec, rows)
     try:  # the data too, when it is at hand (inspect never downloads)
@@ -352,7 +352,7 @@ def inspect(
     except DataError as e:
         report["dataset"] = {"name": spec.data.dataset, "unavailable": e.message}
     if show_plan:
-        report["plan"] = planned(spec, algorithms=recorded_algorithms(target))
+        report["plan"] = planned(spec, algorithms=algorithms)
     if as_json:
         print_json(report)
         return

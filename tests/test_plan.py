@@ -214,3 +214,55 @@ def test_inspect_prints_the_plan_without_timing_it(tiny_config):
     assert [r["kind"] for r in res["steps"]] == ["conv", "maxpool2d", "flatten", "dropout", "dense"]
     assert res["algorithms"] == {"layers.0": "lowering"} and not res["recorded"]
     assert res["steps"][1]["fused"] == "relu of layers.0" and res["steps"][0]["saved_bytes"] > 0
+
+
+class _SiLU(nn.Layer):
+    """x * sigmoid(x), written here and nowhere else: a new element-wise layer type needs no change to the
+    plan or to any other layer."""
+
+    def forward(self, x, training=True):
+        self._x, self._s = x, 1 / (1 + np.exp(-x))
+        return x * self._s
+
+    def backward(self, dy):
+        s = self._s
+        return dy * (s + self._x * s * (1 - s))
+
+
+def test_a_new_element_wise_layer_type_runs_through_the_plan_untouched(monkeypatch):
+    """A SiLU defined in this test alone, as a layer of its own, as a convolution's activation and as a
+    residual unit's: the planned model equals its layers run one by one and passes central differences
+    (float64), and the plan still fuses what it knows around it."""
+    from cnnctl.nn import base
+
+    monkeypatch.setitem(base.ACTIVATIONS, "silu", _SiLU)
+    g = np.random.default_rng(7)
+    body = nn.Sequential([nn.Conv2D(4, 4, 3, padding=1, bias=False, rng=g), nn.BatchNorm2D(4, activation="silu"),
+                          nn.Conv2D(4, 4, 3, padding=1, rng=g)])
+    layers = [nn.Conv2D(2, 4, 3, padding=1, activation="silu", rng=g), nn.Residual(body, None, "silu"), _SiLU(),
+              nn.Conv2D(4, 4, 3, padding=1, activation="relu", rng=g), nn.MaxPool2D(2), nn.Flatten(),
+              nn.Dense(16, 3, rng=g)]
+    model = nn.Model(layers).to(np.float64)
+    randomize_params(model, g)
+    x = g.standard_normal((3, 2, 4, 4))
+    kinds = [(s.kind, s.fused) for s in model.plan((2, 4, 4), np.float64).steps]
+    assert ("maxpool2d", ["relu of layers.3"]) in kinds and ("add", []) in kinds  # SiLU is not a ReLU to fuse
+
+    def one_by_one(inp):
+        for layer in layers:
+            inp = layer.forward(inp, True)
+        return inp
+
+    model.set_input_grad(True)
+    y = one_by_one(x)
+    dy = g.standard_normal(y.shape)
+    d = dy
+    for layer in reversed(layers):
+        d = layer.backward(d)
+    own = {p.name: p.grad.copy() for p in model.parameters()}
+    np.testing.assert_allclose(model.forward(x, True), y, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(model.backward(dy), d, rtol=1e-11, atol=1e-11)
+    for p in model.parameters():
+        np.testing.assert_allclose(p.grad, own[p.name], rtol=1e-11, atol=1e-11)
+    errors = check_layer(model, x, training=True)
+    assert max(errors.values()) < 1e-6, errors

@@ -248,13 +248,10 @@ def test_a_new_element_wise_layer_type_runs_through_the_plan_untouched(monkeypat
     kinds = [(s.kind, s.fused) for s in model.plan((2, 4, 4), np.float64).steps]
     assert ("maxpool2d", ["relu of layers.3"]) in kinds and ("add", []) in kinds  # SiLU is not a ReLU to fuse
 
-    def one_by_one(inp):
-        for layer in layers:
-            inp = layer.forward(inp, True)
-        return inp
-
     model.set_input_grad(True)
-    y = one_by_one(x)
+    y = x
+    for layer in layers:  # the layers' own forward and backward, one by one
+        y = layer.forward(y, True)
     dy = g.standard_normal(y.shape)
     d = dy
     for layer in reversed(layers):

@@ -3,14 +3,16 @@ seeds at a fixed epoch budget; a Markdown table of test accuracy (per seed and m
 Rows whose runs have not finished are left out.
 
     python benchmarks/ablation.py benchmarks/ablation-fashion.yaml [--data ../shared/data/fashion-mnist]
-                                  [--runs-dir runs/ablation] [--jobs 2] [--threads 1] [--rows N ...] [--table]
+                                  [--config CONFIG] [--runs-dir runs/ablation] [--jobs 2] [--threads 1]
+                                  [--rows N ...] [--table]
 
 The spec file names the base config, the overrides every run gets (`set`), the seeds and the rows; each row
 adds its own `--set` overrides to those of the rows above it (`cumulative: true`, the default) or to the base
-alone. Every run is a plain `cnnctl train CONFIG --set ...` (the command is printed and recorded under the
-run's directory), named `<row>-s<seed>`; a run whose directory already holds a finished summary is not
-trained again, so an interrupted ablation continues where it stopped, and `--table` only reads the runs.
-`--jobs` runs that many trainings side by side, each with `--threads` threads.
+alone; `--config` runs the same rows on another base config (give it its own `--runs-dir`). Every run is a
+plain `cnnctl train CONFIG --set ...` (the command is printed and recorded under the run's directory), named
+`<row>-s<seed>`; a run whose directory already holds a finished summary is not trained again, so an
+interrupted ablation continues where it stopped, and `--table` only reads the runs. `--jobs` runs that many
+trainings side by side, each with `--threads` threads.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("spec", type=Path)
     ap.add_argument("--data", help="data.root for every run (e.g. ../shared/data/fashion-mnist)")
+    ap.add_argument("--config", help="base config instead of the spec's (the rows' keys must exist in it)")
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/ablation"))
     ap.add_argument("--jobs", type=int, default=1, help="trainings side by side")
     ap.add_argument("--threads", type=int, default=2, help="threads of each training")
@@ -137,6 +140,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="only print the table of the runs already finished")
     args = ap.parse_args()
     spec = load_spec(args.spec)
+    if args.config:
+        spec["config"] = str(Path(args.config).resolve())
     all_runs = runs(spec)
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     if not args.table:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))  # tests.torch_models
 from cnnctl import parallel  # noqa: E402
 from cnnctl.bench import bench, blas_info  # noqa: E402
 from cnnctl.builder import build_model  # noqa: E402
-from cnnctl.config import Spec, read_yaml  # noqa: E402
+from cnnctl.config import Spec, read_config  # noqa: E402
 
 LENET = [
     {"type": "conv2d", "filters": 6, "kernel_size": 5, "padding": 2, "activation": "relu"},
@@ -62,7 +62,7 @@ CASES = [("LeNet-5", LENET, (1, 28, 28), 32, 1.0), ("LeNet-5", LENET, (1, 28, 28
 def spec_for(name, layers, shape, batch) -> Spec:
     """A spec for the case: its layers, or a config file's model; SGD with momentum 0.9 either way."""
     model = ({"input_shape": list(shape), "layers": layers} if isinstance(layers, list)
-             else read_yaml(layers)[0]["model"])
+             else read_config(layers)[0]["model"])
     return Spec.model_validate({
         "name": name.replace(" ", "-"), "data": {"dataset": "shapes", "batch_size": batch},
         "model": model, "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.9},

@@ -2,8 +2,9 @@
 
 Every model forbids unknown keys (with a did-you-mean), every layer spec carries a `type` tag and the
 layer union is discriminated on it; `LAYER_SPECS` maps those tags to spec classes, and each spec's `build`
-makes the matching `cnnctl.nn` layer for the shape that reaches it. `load_config` turns a file plus
-`--set` overrides into a validated `Spec`, raising ConfigError with key paths and YAML line numbers.
+makes the matching `cnnctl.nn` layer for the shape that reaches it. `load_config` turns a file (with the
+chain of base configs it `extends:`) plus `--set` overrides into a validated `Spec`, raising ConfigError with
+key paths and YAML line numbers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from . import blocks, nn, optim, schedules
 from .errors import ConfigError
-from .spec_errors import format_validation_error
+from .spec_errors import format_validation_error, line_of
 from .strict import Mode, Monitor, NonNegInt, PosInt, Strict
 
 # ---------------------------------------------------------------- the model
@@ -327,6 +328,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE", "e.g. --set optimizer.lr=0.01")
+        if key.strip() == "extends":
+            raise ConfigError(f"--set {item!r}: `extends` is read from the config file, before any --set",
+                              "write `extends: BASE.yaml` in the config, or run the base config with --set")
         value = load_yaml(raw, f"--set {item!r}")[0] if raw.strip() else None
         _set_path(data, key.strip(), value, "--set")
     return data
@@ -368,11 +372,14 @@ def _expanded_size(root: yaml.Node) -> int:
     return sizes[id(root)]
 
 
-def load_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+def load_yaml(text: str, source: str, mark_name: str | None = None) -> tuple[Any, yaml.Node | None]:
     """The one YAML reader for configs and what cnnctl wrote from them: safe (no code), keys unique, aliases
-    bounded; returns the data and its node tree (for line numbers). Errors are ConfigErrors naming source."""
+    bounded; returns the data and its node tree (for line numbers; `mark_name` names the file in the nodes'
+    marks). Errors are ConfigErrors naming source."""
     try:
         loader = _Loader(text)
+        if mark_name is not None:
+            loader.name = mark_name
         try:
             root = loader.get_single_node()
             if root is not None and _expanded_size(root) > MAX_YAML_NODES:
@@ -392,7 +399,7 @@ def load_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
                           "check indentation and that every key is followed by ': ', once") from None
 
 
-def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+def read_yaml(path: Path, mark_name: str | None = None) -> tuple[Any, yaml.Node | None]:
     """The parsed YAML file and its node tree (for line numbers)."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -400,7 +407,68 @@ def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         raise ConfigError(f"config file not found: {path}", "check the path") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from None
-    return load_yaml(text, str(path))
+    return load_yaml(text, str(path), mark_name)
+
+
+MAX_EXTENDS = 8  # configs in one `extends:` chain; real ones have two or three
+
+
+def read_config(path: str | Path) -> tuple[Any, yaml.Node | None]:
+    """A config file with its `extends:` resolved: the base config it names (a path relative to this file; the
+    base may extend another) with this file's keys merged over it, mappings key by key and every other value
+    (lists included, as OmegaConf and Hydra merge) replaced whole. Returns the merged data and a node tree of
+    the same shape, so errors give the line of whichever file a value came from."""
+    return _read_config(Path(path), [])
+
+
+def _read_config(path: Path, chain: list[Path]) -> tuple[Any, yaml.Node | None]:
+    data, root = read_yaml(path, mark_name=str(path) if chain else None)  # a base's lines name its file
+    if not isinstance(data, dict) or "extends" not in data:
+        return data, root
+    where = f"{path}: extends (line {line_of(root, ('extends',))})"
+    target = data["extends"]
+    if not isinstance(target, str) or not target.strip():
+        raise ConfigError(f"{where}: expected the path of a config file, got {target!r}",
+                          "e.g. extends: resnet-fashion.yaml (relative to this file)")
+    base_path = path.parent / target
+    chain = [*chain, path.resolve()]
+    if base_path.resolve() in chain:
+        loop = " -> ".join(str(p.name) for p in [*chain, base_path.resolve()])
+        raise ConfigError(f"{where}: the configs extend each other in a loop ({loop})",
+                          "remove one of the `extends:` keys")
+    if len(chain) >= MAX_EXTENDS:
+        raise ConfigError(f"{where}: more than {MAX_EXTENDS} configs extend one another",
+                          "extend the base config directly")
+    if not base_path.is_file():
+        raise ConfigError(f"{where}: config file not found: {base_path}",
+                          "the path is relative to the directory of the file that extends it")
+    base, base_root = _read_config(base_path, chain)
+    if not isinstance(base, dict):
+        raise ConfigError(f"{base_path}: the config must be a YAML mapping (key: value lines); {path} extends it",
+                          "point `extends:` at a cnnctl config")
+    own = {k: v for k, v in data.items() if k != "extends"}
+    own_root = yaml.MappingNode(root.tag, [(k, v) for k, v in root.value if k.value != "extends"],
+                                root.start_mark, root.end_mark)
+    return _merged(base, own), _merged_nodes(base_root, own_root)
+
+
+def _merged(base: Any, over: Any) -> Any:
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return copy.deepcopy(over)
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merged(base[key], value) if key in base else copy.deepcopy(value)
+    return out
+
+
+def _merged_nodes(base: yaml.Node, over: yaml.Node) -> yaml.Node:
+    """The node tree of `_merged(base, over)`: over's nodes where it gives a value, base's elsewhere."""
+    if not (isinstance(base, yaml.MappingNode) and isinstance(over, yaml.MappingNode)):
+        return over
+    own = {k.value: (k, v) for k, v in over.value if isinstance(k, yaml.ScalarNode)}
+    pairs = [(own[k.value][0], _merged_nodes(v, own.pop(k.value)[1])) if k.value in own else (k, v)
+             for k, v in base.value]
+    return yaml.MappingNode(over.tag, pairs + list(own.values()), over.start_mark, over.end_mark)
 
 
 MAX_NESTING = 64  # mappings and lists inside each other; real configs (ResNets, nested blocks) stay far below
@@ -437,7 +505,7 @@ def validate(data: Any, source: str = "config", root: yaml.Node | None = None, o
 def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Spec, dict]:
     """Read, override and validate a YAML config. Returns the spec and the raw (overridden) mapping."""
     path = Path(path)
-    data, root = read_yaml(path)
+    data, root = read_config(path)
     if isinstance(data, dict):
         data = apply_overrides(data, list(overrides))
     return validate(data, str(path), root, list(overrides)), data
@@ -464,6 +532,10 @@ def config_schema() -> dict:
     use = schema["$defs"]["BlockUse"]
     use["properties"]["type"]["not"] = {"enum": sorted(nn.SPECS)}
     use["description"] = "A block defined under model.blocks, used as a layer: {type: NAME, PARAM: VALUE, repeat: N}."
-    schema["title"] = "cnnctl config"
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    return schema
+    # a file that `extends:` another holds only what it changes; it is checked once merged (cnnctl inspect)
+    full = {k: v for k, v in schema.items() if k not in ("$defs", "title")}
+    extends = {"type": "string", "minLength": 1, "description": "A base config (a path relative to this file) "
+               "that this file's keys are merged over: mappings key by key, other values replaced whole."}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "cnnctl config",
+            "$defs": schema["$defs"], "if": {"type": "object", "required": ["extends"]},
+            "then": {"type": "object", "properties": {"extends": extends}}, "else": full}

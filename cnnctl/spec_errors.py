@@ -12,19 +12,26 @@ from pydantic import ValidationError
 from .errors import ConfigError
 
 
-def line_of(node: yaml.Node | None, loc: tuple) -> int | None:
-    """Line (1-based) of the deepest YAML node on the path loc; union tags in loc are skipped."""
-    line = None if node is None else node.start_mark.line + 1
+def mark_of(node: yaml.Node | None, loc: tuple) -> yaml.Mark | None:
+    """Where the deepest YAML node on the path loc starts (its key's mark for a mapping value); union tags in
+    loc are skipped."""
+    mark = None if node is None else node.start_mark
     for part in loc:
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 if k.value == str(part):
-                    node, line = v, k.start_mark.line + 1
+                    node, mark = v, k.start_mark
                     break
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
-            line = node.start_mark.line + 1
-    return line
+            mark = node.start_mark
+    return mark
+
+
+def line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+    """Line (1-based) of the deepest YAML node on the path loc."""
+    mark = mark_of(node, loc)
+    return None if mark is None else mark.line + 1
 
 
 def _is_member(part, node) -> bool:
@@ -122,9 +129,14 @@ def error_loc(err: dict) -> tuple:
 
 
 def at_line(root: yaml.Node | None, loc: tuple) -> str:
-    """' (line N)' for the YAML node at loc, or '' when there is no node tree."""
-    line = line_of(root, loc)
-    return f" (line {line})" if line is not None else ""
+    """' (line N)' for the YAML node at loc (' (line N of FILE)' when it came from a base config), or '' when
+    there is no node tree."""
+    mark = mark_of(root, loc)
+    if mark is None:
+        return ""
+    # a value inherited through `extends:` names the file it came from (the config's own lines carry no name)
+    inherited = "" if mark.name.startswith("<") else f" of {mark.name}"
+    return f" (line {mark.line + 1}{inherited})"
 
 
 def origin(root: yaml.Node | None, loc: tuple, data: Any, overrides: list[str] = ()) -> str:

@@ -29,7 +29,16 @@ from pydantic import Field, ValidationError, field_validator
 
 from . import parallel, runs
 from .builder import check_known_data, describe
-from .config import Monitor, Strict, apply_overrides, format_validation_error, read_yaml, spec_to_dict, validate
+from .config import (
+    Monitor,
+    Strict,
+    apply_overrides,
+    format_validation_error,
+    read_config,
+    read_yaml,
+    spec_to_dict,
+    validate,
+)
 from .errors import CnnctlError, ConfigError
 from .fileio import atomic_write_bytes
 from .schedules import resolve_mode
@@ -131,7 +140,7 @@ def load_sweep(path: str | Path, base_path: Path | None = None) -> tuple[SweepSp
     except ValidationError as e:
         raise format_validation_error(e, raw, str(path), root) from None
     base_path = base_path or (path.parent / sweep.base).resolve()
-    base, _ = read_yaml(base_path)
+    base, _ = read_config(base_path)
     if not isinstance(base, dict):
         raise ConfigError(f"{base_path}: the base config must be a YAML mapping")
     return sweep, base, base_path

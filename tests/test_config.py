@@ -106,3 +106,69 @@ def test_every_config_key_is_in_the_config_reference():
         for tag, spec in table.items():
             walk(spec, f"{kind} {tag}: ", {spec})
     assert not missing, f"keys without a word in docs/config.md: {missing}"
+
+
+BASE = """name: base
+data: {dataset: shapes, batch_size: 16}
+model:
+  input_shape: [1, 8, 8]
+  layers:
+    - {type: conv2d, filters: 4, kernel_size: 3}
+    - {type: flatten}
+    - {type: dense, units: 4}
+optimizer: {type: sgd, lr: 0.1, momentum: 0.9}
+train: {epochs: 2}
+"""
+
+
+def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
+    """A config that `extends:` a base holds what it changes: mappings merge key by key, lists and scalars are
+    replaced whole; a base may extend another (paths relative to the file that names them); the result is the
+    config written out in full."""
+    (tmp_path / "base.yaml").write_text(BASE)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mid.yaml").write_text("extends: ../base.yaml\nname: mid\noptimizer: {lr: 0.05}\n")
+    (tmp_path / "sub" / "top.yaml").write_text(
+        "extends: mid.yaml\nname: top\ntrain: {epochs: 3}\n"
+        "model:\n  layers: [{type: flatten}, {type: dense, units: 4}]\n")
+    spec, raw = load_config(tmp_path / "sub" / "top.yaml", ["train.epochs=4"])
+    assert "extends" not in raw
+    written = BASE.replace("name: base", "name: top").replace("lr: 0.1", "lr: 0.05").replace("epochs: 2", "epochs: 4")
+    written = written.replace("    - {type: conv2d, filters: 4, kernel_size: 3}\n", "")
+    (tmp_path / "full.yaml").write_text(written)
+    assert spec == load_config(tmp_path / "full.yaml")[0]
+    assert spec.optimizer.momentum == 0.9 and spec.data.batch_size == 16  # kept from the base
+
+
+def test_extends_errors_name_the_file_and_line(tmp_path):
+    (tmp_path / "base.yaml").write_text(BASE.replace("filters: 4", "filters: -4"))
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nname: child\ntrain: {epochs: 0}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "child.yaml")
+    text = str(e.value)
+    # the inherited bad value: the base's line and file; the config's own: its line alone
+    assert f"model.layers[0].filters (line 6 of {tmp_path / 'base.yaml'})" in text
+    assert "train.epochs (line 3)" in text
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    loop = tmp_path / "loop.yaml"
+    cases = {"extends: missing.yaml\n": f"{loop}: extends (line 1): config file not found",
+             "extends: [base.yaml]\n": f"{loop}: extends (line 1): expected the path of a config file",
+             "extends: loop.yaml\n": f"{loop}: extends (line 1): the configs extend each other in a loop "
+                                     "(loop.yaml -> loop.yaml)",
+             "extends: list.yaml\n": f"{tmp_path / 'list.yaml'}: the config must be a YAML mapping"}
+    for text, message in cases.items():
+        loop.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_config(loop)
+        assert str(e.value).startswith(message) and e.value.hint
+    with pytest.raises(ConfigError, match="read from the config file"):
+        load_config(tmp_path / "base.yaml", ["extends=other.yaml"])
+
+
+def test_a_shipped_config_that_extends_equals_its_base_with_the_changes(tmp_path):
+    """configs/resnet-fashion-fast.yaml is resnet-fashion.yaml with other widths, epochs and name."""
+    fast, _ = load_config(ROOT / "configs" / "resnet-fashion-fast.yaml")
+    base, _ = load_config(ROOT / "configs" / "resnet-fashion.yaml", [
+        "name=resnet-fashion-fast", "train.epochs=23", "train.validate_every=23", "model.layers.0.filters=16",
+        "model.layers.2.filters=32", "model.layers.3.filters=64", "model.layers.4.filters=128"])
+    assert fast == base

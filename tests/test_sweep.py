@@ -217,3 +217,11 @@ def test_sweep_over_block_parameters_of_a_graph_model(tmp_path):
     assert shapes == [[5, 4, 4], [7, 4, 4]]
     best = yaml.safe_load((only_dir(tmp_path / "runs") / "best.yaml").read_text())
     assert best["model"]["blocks"]["basic"]["activation"] == "tanh"
+
+
+def test_a_sweep_base_may_extend_another_config(tmp_path):
+    path = write_sweep(tmp_path)
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nname: child\ntrain: {epochs: 5}\n")
+    _, base, _ = sweep_lib.load_sweep(path, tmp_path / "child.yaml")
+    assert "extends" not in base and base["name"] == "child" and base["train"]["epochs"] == 5
+    assert base["model"] == BASE["model"]

@@ -11,7 +11,7 @@ import yaml
 
 from cnnctl import checkpoint, nn
 from cnnctl.cli import app
-from cnnctl.config import config_schema
+from cnnctl.config import config_schema, read_config
 from tests.cases import all_cases, randomize_params
 from tests.conftest import ROOT
 from tests.helpers import invoke, runner
@@ -90,6 +90,7 @@ def test_schema_validates_the_example_configs(tmp_path):
     assert schema == json.loads(json.dumps(config_schema()))
     for path in (ROOT / "configs").glob("*.yaml"):
         jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+        jsonschema.validate(read_config(path)[0], schema)  # a config that extends another: once merged
         assert path.read_text().startswith("# yaml-language-server: $schema=../docs/cnnctl.schema.json")
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**QUICK, "optimizer": {"type": "sgd", "lr": -1}}, schema)

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console, RenderHook
+from rich.file_proxy import FileProxy
 from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
@@ -34,17 +35,27 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_mar
                   help="Train convolutional networks from one YAML file on a pure NumPy core.")
 # paths and messages never break mid-line; markup is off, so user text (paths, names, class names) prints as it
 # is: styles are given as rich Text objects, never as [tags] inside strings
+def _real_stdout():
+    """The file that sys.stdout stands for. While a live display runs, rich replaces sys.stdout with a proxy that
+    prints to a console; cnnctl's console writes through _Stdout, so writing to the proxy would go round for ever
+    (console -> _Stdout -> proxy -> console). The proxy is looked through to the file it wraps."""
+    f = sys.stdout
+    while isinstance(f, FileProxy):
+        f = f.rich_proxied_file
+    return f
+
+
 class _Stdout:
-    """stdout for everything cnnctl prints: once the reader is gone (`cnnctl train ... | head -5`), the rest of
-    the output is dropped (fd 1 then points at /dev/null, so the exit flush is quiet too) and the work goes on:
-    a training run finishes and records its results as if nothing had happened."""
+    """stdout for everything cnnctl prints, the one writer to fd 1: once the reader is gone (`cnnctl train ... |
+    head -5`), the rest of the output is dropped (fd 1 then points at /dev/null, so the exit flush is quiet too)
+    and the work goes on: a training run finishes and records its results as if nothing had happened."""
 
     gone = False
 
     def write(self, text: str) -> int:
         if not self.gone:
             try:
-                sys.stdout.write(text)
+                _real_stdout().write(text)
             except BrokenPipeError:
                 self._drop()
         return len(text)
@@ -52,7 +63,7 @@ class _Stdout:
     def flush(self) -> None:
         if not self.gone:
             try:
-                sys.stdout.flush()
+                _real_stdout().flush()
             except BrokenPipeError:
                 self._drop()
 
@@ -60,18 +71,18 @@ class _Stdout:
         _Stdout.gone = True
         with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, _real_stdout().fileno())
             os.close(devnull)
 
     def isatty(self) -> bool:
-        return not self.gone and sys.stdout.isatty()
+        return not self.gone and _real_stdout().isatty()
 
     def fileno(self) -> int:
-        return sys.stdout.fileno()
+        return _real_stdout().fileno()
 
     @property
     def encoding(self) -> str:
-        return getattr(sys.stdout, "encoding", None) or "utf-8"
+        return getattr(_real_stdout(), "encoding", None) or "utf-8"
 
 
 stdout = _Stdout()

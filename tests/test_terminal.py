@@ -1,0 +1,87 @@
+"""Every verb with live output, run as a user runs it: its own process in a pseudo-terminal (not a pipe), at 80
+and 200 columns. Each must end within a bound, show the cursor again and put its final lines on the screen.
+(Rich's live display replaces sys.stdout while it runs: output written back through it once looped for ever.)"""
+
+import numpy as np
+import pytest
+import rich
+import yaml
+from packaging.version import Version
+
+from tests.conftest import ROOT
+from tests.terminal import run_in_terminal
+
+COLUMNS = [80, 200]
+HIDE, SHOW = "\x1b[?25l", "\x1b[?25h"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A small quick-start config, a sweep over it, an image array, and one run trained in a terminal."""
+    d = tmp_path_factory.mktemp("terminal")
+    spec = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    spec["data"]["shapes"] = {"train_size": 400, "test_size": 100}
+    spec["train"]["epochs"] = 2
+    (d / "quick.yaml").write_text(yaml.safe_dump(spec))
+    (d / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "s", "base": "quick.yaml", "metric": "val_acc", "mode": "max",
+        "space": {"optimizer.lr": {"choice": [0.001, 0.003]}}, "search": {"type": "grid"},
+        "executor": {"type": "local", "max_concurrent": 2}}))
+    np.savez(d / "x.npz", x=np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8))
+    screen = run_in_terminal(["train", "quick.yaml", "--runs-dir", "runs"], cwd=d)
+    assert screen.code == 0, screen.text
+    (run,) = (d / "runs").iterdir()
+    return d, run
+
+
+def _check(screen, *final):
+    assert screen.code == 0, screen.text[-3000:]
+    if HIDE in screen.raw:  # a live display hid the cursor: it is shown again before the end
+        assert screen.raw.rindex(SHOW) > screen.raw.rindex(HIDE)
+    tail = "\n".join(screen.last_lines(len(final) + 2))
+    for text in final:
+        assert text in tail, screen.text[-3000:]
+
+
+@pytest.mark.parametrize("columns", COLUMNS)
+def test_train_ends_on_a_terminal(work, columns):
+    d, _ = work
+    screen = run_in_terminal(["train", "quick.yaml", "--runs-dir", f"runs-{columns}"], columns=columns, cwd=d)
+    _check(screen, "best val_acc", "run directory:")
+    assert HIDE in screen.raw and "epoch   2  train loss" in screen.text  # the live bars ran, the epoch lines too
+
+
+@pytest.mark.parametrize("columns", COLUMNS)
+def test_sweep_ends_on_a_terminal(work, columns):
+    d, _ = work
+    screen = run_in_terminal(["sweep", "sweep.yaml", "--runs-dir", f"sweeps-{columns}"], columns=columns, cwd=d)
+    _check(screen, "best: trial-", "results:")
+    assert HIDE in screen.raw  # the live table ran
+
+
+@pytest.mark.parametrize("columns", COLUMNS)
+@pytest.mark.parametrize("verb", ["eval", "bench", "gradcheck", "lr-find", "data", "predict"])
+def test_verb_ends_on_a_terminal(work, verb, columns):
+    d, run = work
+    args, final = {
+        "eval": (["eval", run], ["└"]),
+        "bench": (["bench", "quick.yaml", "--steps", "2", "--warmup", "1"], ["images/s", "peak RSS"]),
+        "gradcheck": (["gradcheck", "quick.yaml"], ["largest relative error"]),
+        "lr-find": (["lr-find", "quick.yaml", "--steps", "8"], ["8 steps from 1e-07 to 1"]),
+        "data": (["data", "quick.yaml"], ["normalisation"]),
+        "predict": (["predict", run, "x.npz"], ["x.npz[2]"]),
+    }[verb]
+    _check(run_in_terminal(args, columns=columns, cwd=d), *final)
+
+
+def test_the_rich_version_is_one_the_project_allows():
+    """pyproject pins rich to the majors these tests were run with: a new major is tried here before it is let in."""
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '"rich>=13,<16"' in text
+    assert Version("13") <= Version(rich.__version__ if hasattr(rich, "__version__") else _rich_version()) < Version("16")
+
+
+def _rich_version():
+    from importlib.metadata import version
+
+    return version("rich")

@@ -206,12 +206,18 @@ class Optimizer:
         return out
 
     def load_state_dict(self, flat: dict[str, np.ndarray]) -> None:
+        """State keyed by parameter name, in one order whatever the order of `flat` (a safetensors file's tensors
+        come back in an order that differs between processes): the model's parameters in order, each one's
+        entries by name; entries of names the model lacks last, by name."""
         self.steps = int(np.ravel(flat.get("steps", 0))[0])
-        self.state = {}
+        found: dict[str, dict[str, np.ndarray]] = {}
         for full, value in flat.items():
             if full != "steps":
                 name, k = full.rsplit(".", 1)
-                self.state.setdefault(name, {})[k] = np.array(value)
+                found.setdefault(name, {})[k] = np.array(value)
+        order = [p.name for p in self.model.trainable_parameters() if p.name in found]
+        order += sorted(found.keys() - set(order))
+        self.state = {name: dict(sorted(found[name].items())) for name in order}
 
 
 @register_optimizer("sgd", SGDSpec)

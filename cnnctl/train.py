@@ -410,9 +410,12 @@ class Trainer:
         if self.world.size == 1:
             return
         state = {name: np.array(value) for name, value in self.model.state_dict().items()}
-        arrays = [*state.values(), *(v for st in self.optimizer.state.values() for v in st.values())]
+        # by name, never by the order a dict was filled in (a checkpoint's tensors come back in another order on
+        # each rank): the broadcast copies arrays by position
+        optim = self.optimizer.state
+        arrays = [*state.values(), *(optim[name][k] for name in sorted(optim) for k in sorted(optim[name]))]
         if self.average:
-            arrays += list(self.average.average.values())
+            arrays += [self.average.average[name] for name in sorted(self.average.average)]
         distributed.broadcast_state(self.world, arrays)
         self.model.load_state_dict(state)
 
@@ -587,12 +590,13 @@ def _shared_spec(world: distributed.World, spec: Spec | None) -> Spec:
 
 
 def _shared_resume(world: distributed.World, spec: Spec | None, ckpt: checkpoint.Checkpoint | None, last: Path):
-    """Rank 0's spec and last checkpoint on every rank (the run directory need only be on rank 0's host)."""
+    """Rank 0's spec and last checkpoint on every rank (the run directory need only be on rank 0's host): every
+    rank, rank 0 too, parses the same bytes with the same function."""
     if world.size == 1:
         return spec, ckpt
     spec = _shared_spec(world, spec)
     raw = world.broadcast_bytes(checkpoint.read(last) if world.root else None)
-    return spec, (ckpt if world.root else checkpoint.parse(raw, last))
+    return spec, checkpoint.parse(raw, last)
 
 
 def _make_trainer(world: distributed.World, make) -> Trainer:

@@ -142,6 +142,16 @@ def check_training_memory(name: str, rows: list[LayerRow], batch_size: int, aver
                 "and activations are)")
 
 
+def check_evaluation_memory(name: str, rows: list[LayerRow], batch_size: int) -> None:
+    """Refuse, before the first batch, an evaluation batch (data.eval_batch_size, or the split when it is
+    smaller) this process's memory cannot run: the weights and per sample twice every activation (a layer's
+    input and output, or the lowered input of a convolution)."""
+    params = sum(r.params + r.buffers for r in rows)
+    needed = 4 * (params + 2 * batch_size * activation_values(rows))
+    refuse_over(f"evaluating {name} at batch size {batch_size}", needed, 1, ShapeError,
+                "lower data.eval_batch_size (validation, test, eval and predict batches)")
+
+
 def check_outputs(spec: Spec, rows: list[LayerRow], num_classes: int) -> None:
     """The last layer must emit one value per class."""
     last = rows[-1]

@@ -10,6 +10,7 @@ key paths and YAML line numbers.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -20,6 +21,7 @@ from pydantic_core import PydanticCustomError
 
 from . import blocks, nn, optim, schedules
 from .errors import ConfigError
+from .fileio import Unreadable, read_regular
 from .spec_errors import format_validation_error, line_of
 from .strict import Mode, Monitor, NonNegInt, PosInt, Strict
 
@@ -399,14 +401,25 @@ def load_yaml(text: str, source: str, mark_name: str | None = None) -> tuple[Any
                           "check indentation and that every key is followed by ': ', once") from None
 
 
-def read_yaml(path: Path, mark_name: str | None = None) -> tuple[Any, yaml.Node | None]:
-    """The parsed YAML file and its node tree (for line numbers)."""
+MAX_CONFIG_BYTES = 1 << 20  # a config file; the largest shipped one is a few kB
+
+
+def read_yaml(path: Path, mark_name: str | None = None, where: str = "") -> tuple[Any, yaml.Node | None]:
+    """The parsed YAML file and its node tree (for line numbers). The file must be a regular file of at most
+    MAX_CONFIG_BYTES; `where` (the `extends:` that names it) goes before the message of a file that is not."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}", "check the path") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config {path}: {e}") from None
+        raw = read_regular(path, MAX_CONFIG_BYTES)
+    except Unreadable as e:
+        if e.missing:
+            raise ConfigError(f"{where}config file not found: {path}", "check the path" + (
+                " (relative to the directory of the file that extends it)" if where else "")) from None
+        raise ConfigError(f"{where}cannot read config {path}: {e.reason}",
+                          f"give a YAML config file (at most {MAX_CONFIG_BYTES // (1 << 20)} MB)") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}cannot read config {path}: not UTF-8 text ({e.reason} at byte {e.start})",
+                          "give a YAML config file saved as UTF-8") from None
     return load_yaml(text, str(path), mark_name)
 
 
@@ -421,8 +434,8 @@ def read_config(path: str | Path) -> tuple[Any, yaml.Node | None]:
     return _read_config(Path(path), [])
 
 
-def _read_config(path: Path, chain: list[Path]) -> tuple[Any, yaml.Node | None]:
-    data, root = read_yaml(path, mark_name=str(path) if chain else None)  # a base's lines name its file
+def _read_config(path: Path, chain: list[Path], referrer: str = "") -> tuple[Any, yaml.Node | None]:
+    data, root = read_yaml(path, str(path) if chain else None, referrer)  # a base's lines name its file
     if not isinstance(data, dict) or "extends" not in data:
         return data, root
     where = f"{path}: extends (line {line_of(root, ('extends',))})"
@@ -430,19 +443,18 @@ def _read_config(path: Path, chain: list[Path]) -> tuple[Any, yaml.Node | None]:
     if not isinstance(target, str) or not target.strip():
         raise ConfigError(f"{where}: expected the path of a config file, got {target!r}",
                           "e.g. extends: resnet-fashion.yaml (relative to this file)")
+    if "\0" in target:
+        raise ConfigError(f"{where}: the path has a NUL character", "give the path of a config file")
     base_path = path.parent / target
-    chain = [*chain, path.resolve()]
-    if base_path.resolve() in chain:
-        loop = " -> ".join(str(p.name) for p in [*chain, base_path.resolve()])
+    chain = [*chain, Path(os.path.realpath(path))]
+    if Path(os.path.realpath(base_path)) in chain:
+        loop = " -> ".join(str(p.name) for p in [*chain, Path(os.path.realpath(base_path))])
         raise ConfigError(f"{where}: the configs extend each other in a loop ({loop})",
                           "remove one of the `extends:` keys")
     if len(chain) >= MAX_EXTENDS:
         raise ConfigError(f"{where}: more than {MAX_EXTENDS} configs extend one another",
                           "extend the base config directly")
-    if not base_path.is_file():
-        raise ConfigError(f"{where}: config file not found: {base_path}",
-                          "the path is relative to the directory of the file that extends it")
-    base, base_root = _read_config(base_path, chain)
+    base, base_root = _read_config(base_path, chain, f"{where}: ")
     if not isinstance(base, dict):
         raise ConfigError(f"{base_path}: the config must be a YAML mapping (key: value lines); {path} extends it",
                           "point `extends:` at a cnnctl config")

@@ -44,3 +44,8 @@ class TrainingError(CnnctlError):
 
     exit_code = 1
     collective = True  # the loss is reduced over the ranks before it is checked
+
+
+class CnnctlWarning(UserWarning):
+    """Something the user should know that does not stop the work (an autotune cache that cannot be read, say):
+    the CLI prints it as one `warning:` line."""

@@ -28,6 +28,7 @@ import os
 import platform
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,8 @@ import numpy as np
 
 from . import functional as F
 from . import parallel, winograd
+from .errors import CnnctlError, CnnctlWarning
+from .fileio import Unreadable, atomic_write_bytes, read_regular
 from .nn.activations import ReLU
 from .nn.base import Layer
 from .nn.conv import Conv2D
@@ -534,12 +537,7 @@ def autotune(model, input_shape: tuple, batch: int, dtype=np.float32, path: Path
     are cached in `path` (default `cache_path()`) by layer shape, batch, threads and dtype, so each shape is
     timed once per machine. The model's weights are not touched."""
     path = path or cache_path()
-    try:
-        cache = json.loads(path.read_text())
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, ValueError):
-        cache = {}
+    cache = _read_cache(path)
     p = Plan(model, input_shape)
     g = np.random.default_rng(0)
     chosen, changed = {}, False
@@ -565,11 +563,33 @@ def autotune(model, input_shape: tuple, batch: int, dtype=np.float32, path: Path
                 progress(step.name, times)
         chosen[step.name] = known
     if changed:
-        from .fileio import atomic_write_bytes
-
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, json.dumps(cache, indent=1, sort_keys=True).encode())
-        except OSError:
-            pass  # an unwritable cache costs the timing next time, nothing else
+        try:  # the cache file itself, never where a link in its place points
+            atomic_write_bytes(path, json.dumps(cache, indent=1, sort_keys=True).encode(), follow_links=False)
+        except CnnctlError as e:  # an unwritable cache costs the timing next time, nothing else
+            warnings.warn(CnnctlWarning(f"autotune cache not saved ({e.message}); the timing is repeated next time"),
+                          stacklevel=2)
     return chosen
+
+
+MAX_CACHE_BYTES = 4 << 20  # the autotune cache: a few hundred bytes per convolution shape
+
+
+def _read_cache(path: Path) -> dict:
+    """The autotune cache: a regular file (not a link) of at most MAX_CACHE_BYTES holding a JSON object; anything
+    else is one warning and an empty cache (every convolution is timed again)."""
+    try:
+        cache = json.loads(read_regular(path, MAX_CACHE_BYTES, follow_links=False))
+    except Unreadable as e:
+        if not e.missing:
+            warnings.warn(CnnctlWarning(f"autotune cache {path} not read ({e.reason}); timing every convolution"),
+                          stacklevel=3)
+        return {}
+    except (ValueError, RecursionError) as e:  # RecursionError: deeply nested JSON
+        warnings.warn(CnnctlWarning(f"autotune cache {path} not read (not JSON: {type(e).__name__}); timing every "
+                                    "convolution"), stacklevel=3)
+        return {}
+    if not isinstance(cache, dict):
+        warnings.warn(CnnctlWarning(f"autotune cache {path} not read (not a JSON object); timing every convolution"),
+                      stacklevel=3)
+        return {}
+    return cache

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-import contextlib
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 
 from .errors import CnnctlError
+from .fileio import atomic_write_bytes
 
 
 def pyplot(instead: str | None = None):
@@ -30,23 +31,16 @@ TERMINAL = "leave out --out for charts in the terminal"
 
 
 def _save(fig, out: Path) -> None:
-    """Write the figure atomically (a temporary file renamed over out); a path that cannot be written is one
-    clear error."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        tmp.replace(out)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise CnnctlError(f"{out}: cannot write the picture ({e.strerror or e})",
-                          "give a path in a folder you can write to") from None
-    finally:
-        import matplotlib.pyplot as plt
+    """Write the figure as a PNG through fileio.atomic_write_bytes (a file replaced atomically, a device or FIFO
+    written in place); a path that cannot be written is one clear error."""
+    import matplotlib.pyplot as plt
 
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    finally:
         plt.close(fig)
+    atomic_write_bytes(Path(out), buf.getvalue())
 
 
 def plot_curves(history: list[dict], out: Path, title: str = "") -> None:

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import io
 import json
+import math
 import os
 import stat
 import time
@@ -180,22 +181,35 @@ def _pid_alive(pid) -> bool:
     return True
 
 
+def _of(kind: str, v):
+    """v when it is of the kind a summary field holds ("text", "count", "number"), else None: a damaged or
+    hand-edited summary.json shows n/a in that field, never an error."""
+    if kind == "text":
+        return v if isinstance(v, str) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    if kind == "count":
+        return v if isinstance(v, int) and v >= 0 else None
+    return float(v)
+
+
 def run_info(run_dir: Path) -> dict | None:
-    """One row of `cnnctl runs`, or None when run_dir is not a run directory."""
+    """One row of `cnnctl runs`, or None when run_dir is not a run directory. Every field has its type or is
+    None, whatever summary.json holds."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         return None
     summary = read_json(run_dir / "summary.json") or {}
-    status = summary.get("status", "unknown")
+    status = _of("text", summary.get("status")) or "unknown"
     if status in ("running", "testing") and not _pid_alive(summary.get("pid")):
         status = "interrupted"  # killed without a chance to say so
     best, test = (v if isinstance(v, dict) else {} for v in (summary.get("best"), summary.get("test")))
     return {
-        "run": run_dir.name, "path": str(run_dir), "name": summary.get("name"),
-        "started": summary.get("started"), "status": status,
-        "epochs_done": summary.get("epochs_done"), "epochs": summary.get("epochs"),
-        "best_val_acc": best.get("val_acc"), "test_acc": test.get("accuracy"),
-        "params": summary.get("params"), "wall_seconds": summary.get("wall_seconds"),
+        "run": run_dir.name, "path": str(run_dir), "name": _of("text", summary.get("name")),
+        "started": _of("text", summary.get("started")), "status": status,
+        "epochs_done": _of("count", summary.get("epochs_done")), "epochs": _of("count", summary.get("epochs")),
+        "best_val_acc": _of("number", best.get("val_acc")), "test_acc": _of("number", test.get("accuracy")),
+        "params": _of("count", summary.get("params")), "wall_seconds": _of("number", summary.get("wall_seconds")),
     }
 
 

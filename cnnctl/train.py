@@ -7,6 +7,7 @@ current epoch's shuffle order and the partial sums of its metrics, and the metri
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import difflib
@@ -15,6 +16,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from .averaging import WeightAverage
 from .builder import (
     build_loss,
     build_model,
+    check_evaluation_memory,
     check_known_data,
     check_outputs,
     check_training_memory,
@@ -155,6 +158,40 @@ def load_data(spec: Spec, rows: list, seeds: Seeds, normalization: dict | None =
     return ds
 
 
+class NumericWarnings:
+    """numpy's floating-point RuntimeWarnings (overflow, invalid value, division by zero) while a run trains, from
+    every thread: counted, never printed raw. A run that then diverges names them in its error, as the first
+    sign of where the numbers left float32's range."""
+
+    def __init__(self):
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __enter__(self) -> NumericWarnings:
+        self._saved = warnings.catch_warnings()
+        self._saved.__enter__()
+        warnings.simplefilter("always", RuntimeWarning)
+        shown = warnings.showwarning
+
+        def count(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, RuntimeWarning):
+                self.counts[f"{message} ({Path(filename).name}:{lineno})"] += 1
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = count
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._saved.__exit__(*exc)
+
+    def explain(self, error: CnnctlError) -> None:
+        """Add what numpy warned of to a divergence's message."""
+        if self.counts:
+            seen = "; ".join(f"{what} x{n}" for what, n in self.counts.most_common(3))
+            error.message = f"{error.message}; before it numpy warned of: {seen}"
+            error.args = (error.message,)
+
+
 def check_finite(what: str, value: float, when: str, lr: float) -> None:
     """A metric that is NaN or infinite ends the run with a TrainingError before anything records it."""
     if not math.isfinite(value):
@@ -189,6 +226,8 @@ class Trainer:
         # a new run's first convolution from the patch covariance (a resumed run has it, init_from brings its own)
         self.whitening = None if resuming or init is not None else whitening.apply(self.model, self.ds)
         self.num_classes = len(self.ds.classes)
+        check_evaluation_memory(spec.name, self.rows, min(spec.data.evaluation_batch,
+                                                          max(len(self.ds.val), len(self.ds.test), 1)))
         if self.world.size > 1:
             distributed.check_batches(spec.data.batch_size, len(self.ds.train), self.world.size)
         self.dropouts = distributed.attach(self.model, self.world, spec.train.sync_batchnorm)
@@ -448,6 +487,12 @@ class Trainer:
         return stop
 
     def fit(self, run_dir: Path, resumed: bool = False) -> dict:
+        """Train to train.epochs (from where a resumed run stands), validate, checkpoint, test; returns the summary.
+        numpy's floating-point warnings are counted meanwhile, never printed (see NumericWarnings)."""
+        with NumericWarnings() as self.numerics:
+            return self._fit(run_dir, resumed)
+
+    def _fit(self, run_dir: Path, resumed: bool) -> dict:
         spec, ebs = self.spec, self.spec.data.evaluation_batch
         tta = spec.data.test_time_augment
         self.run_dir, self._started = Path(run_dir), time.time()
@@ -486,9 +531,12 @@ class Trainer:
                     with self.evaluated():
                         val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, ebs, self.num_classes, tta,
                                        self.world)
-                    check_finite("validation loss", val["loss"], f"after epoch {epoch}", self.optimizer.lr)
                     row.update(val_loss=val["loss"], val_acc=val["accuracy"])
                 row["seconds"] = round(time.perf_counter() - t0, 3)
+                if row["val_loss"] is not None and not math.isfinite(row["val_loss"]):
+                    if self.world.root:  # the epoch was trained: its row is kept (the loss as null), then it stops
+                        runs.append_metrics(self.run_dir, row)
+                    check_finite("validation loss", val["loss"], f"after epoch {epoch}", self.optimizer.lr)
                 self.state.epoch = epoch
                 self.state.history.append(row)
                 stopped_early = self._end_of_epoch(row)
@@ -506,6 +554,8 @@ class Trainer:
                 self._write_summary("interrupted")
             raise
         except CnnctlError as e:  # a diverging loss, a full disk, ...: the summary says so if it still can
+            if isinstance(e, TrainingError):
+                self.numerics.explain(e)
             with contextlib.suppress(CnnctlError):
                 self._write_summary("failed", error=e.message)
             raise

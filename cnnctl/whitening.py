@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import data
+from .errors import ShapeError
+from .memory import refuse_over
 from .nn import Conv2D, Model
 
 IMAGES = 5000  # the first images of the training split (a fixed choice: no random stream is used)
@@ -16,7 +18,17 @@ EPS = 5e-4  # added to the eigenvalues, as airbench does
 def patches(ds: data.Dataset, kernel: tuple[int, int], images: int = IMAGES) -> np.ndarray:
     """Every k x k patch (stride 1, no padding) of the first `images` normalised training images, as rows of
     (C * kh * kw) float64 values."""
-    x, _ = next(data.batches(ds, ds.train, min(images, len(ds.train))))
+    n, (c, h, w) = min(images, len(ds.train)), ds.image_shape
+    kh, kw = kernel
+    if kh > h or kw > w:
+        raise ShapeError(f"layers.0: patch_whitening takes the {kh}x{kw} patches of the {h}x{w} training images, "
+                         "but the kernel is larger than the image", "use a smaller kernel_size, or another init")
+    d, count = c * kh * kw, n * (h - kh + 1) * (w - kw + 1)
+    # the images, the patches in float32 and in float64, their centred copy, the covariance
+    refuse_over(f"patch_whitening of layers.0 ({count:,} patches of {d} values)",
+                4 * n * c * h * w + (4 + 8 + 8) * count * d + 8 * d * d, 2, ShapeError,
+                "use a smaller kernel_size (the patches grow with its square), or another init")
+    x, _ = next(data.batches(ds, ds.train, n))
     windows = np.lib.stride_tricks.sliding_window_view(x, kernel, axis=(2, 3))  # N, C, OH, OW, kh, kw
     return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kernel[0] * kernel[1]).astype(np.float64)
 

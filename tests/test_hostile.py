@@ -54,7 +54,7 @@ def test_picture_writers_turn_os_errors_into_one_message(tmp_path):
     from cnnctl.errors import CnnctlError
 
     (tmp_path / "file").write_text("")  # a file where the folder should be (root ignores permissions)
-    with pytest.raises(CnnctlError, match="cannot write the picture"):
+    with pytest.raises(CnnctlError, match="cannot write .*x.png: Not a directory"):
         plots.plot_lr_find([1e-3, 1e-2], [1.0, 0.5], None, tmp_path / "file" / "x.png", "t")
 
 
@@ -223,7 +223,7 @@ def test_an_npz_header_claiming_a_terabyte_is_refused_before_reading(tmp_path):
     with zipfile.ZipFile(path, "w") as z:
         for n, b in members.items():
             z.writestr(n, b)
-    with pytest.raises(DataError, match="more than this machine can spare"):
+    with pytest.raises(DataError, match="more than can be spared"):
         files.load_npz(path)
 
 
@@ -453,7 +453,9 @@ def test_a_non_finite_validation_loss_fails_the_run_and_its_records_stay_readabl
     run = next((tmp_path / "runs").iterdir())
     summary = _strict(run / "summary.json")
     assert summary["status"] == "failed" and summary["epochs_done"] == 1
-    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    # epoch 2 was trained: its row is kept, the loss as null (strict JSON); its checkpoint was not written
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["val_loss"] is None and rows[1]["train_loss"] > 0
     monkeypatch.undo()
     invoke("eval", run)  # every checkpoint it wrote loads
     invoke("train", "--resume", run)
@@ -659,7 +661,7 @@ def test_checkpoints_are_checked_before_their_body_is_read(tmp_path, make, words
 def test_gradcheck_refuses_a_batch_beyond_memory_and_eval_an_empty_split(tiny_run, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(TINY)
-    expect_error(["gradcheck", cfg, "--batch", "100000000"], "more than this machine can spare", "smaller --batch")
+    expect_error(["gradcheck", cfg, "--batch", "100000000"], "more than can be spared", "smaller --batch")
     expect_error(["gradcheck", cfg, "--tol", "nan"], "give a positive number")
     expect_error(["eval", tiny_run, "--data-split", "val", "--set", "data.val_split=0", "--set",
                   "train.monitor=train_loss"],

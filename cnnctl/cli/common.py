@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Annotated
@@ -22,7 +24,7 @@ from typer.core import TyperArgument
 
 from .. import __version__, checkpoint, distributed, loading, parallel
 from ..errors import CnnctlError
-from ..fileio import json_text
+from ..fileio import json_text, special_kind
 from ..train import Interrupted
 
 # typer prints an argument's Python type after its metavar ("CHECKPOINT|RUN_DIR <path>", "FILES... <list[Path]>");
@@ -116,6 +118,21 @@ class _NoControls(RenderHook):
 for _console in (out, err):
     _console.push_render_hook(_NoControls())
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings as cnnctl prints them: one `warning:` line on stderr, never a file name and source line
+    (numpy's floating-point RuntimeWarnings are counted by the trainer, not shown; outside it, each once)."""
+    text = str(message)
+    if issubclass(category, RuntimeWarning):
+        if text in _shown:
+            return
+        _shown.add(text)
+        text = f"numpy: {text}"
+    err.print(Text.assemble(("warning: ", "bold yellow"), text))
+
+
+_shown: set[str] = set()
+warnings.showwarning = _show_warning
+
 SetOption = Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE",
                                               help="Override a config key: --set optimizer.lr=0.01 "
                                               "(dotted path, value parsed as YAML); repeatable.")]
@@ -166,14 +183,22 @@ def guarded(fn):
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
-        except Exception as e:
+        except MemoryError as e:  # past every check made before allocating (they estimate): one message, no traceback
+            world = distributed.current()
+            many = world is not None and world.size > 1
+            err.print(Text.assemble((f"error ({world.label()}): " if many else "error: ", "bold red"),
+                                    f"out of memory: {e or 'an allocation failed'}" + ("; ending every rank" if many
+                                                                                        else "")))
+            err.print(Text.assemble(("  fix: ", "bold"), "lower data.batch_size or data.eval_batch_size, use a "
+                                    "smaller model.input_shape, " + ("start fewer ranks on a host, " if many else "") +
+                                    "or raise the process's memory limit (ulimit -v)"))
+            if many:
+                world.abort(2)
+            raise typer.Exit(2) from None
+        except Exception:
             world = distributed.current()
             if world is None or world.size == 1:
                 raise
-            if isinstance(e, MemoryError):
-                err.print(Text.assemble((f"error ({world.label()}): ", "bold red"), "out of memory; ending every rank"))
-                err.print(Text.assemble(("  fix: ", "bold"), "lower data.batch_size, or start fewer ranks on a host"))
-                world.abort(2)
             err.print(f"error ({world.label()}): an unexpected failure in cnnctl; ending every rank")
             err.print(traceback.format_exc(), end="")
             world.abort(1)
@@ -217,19 +242,29 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], rig
 
 
 def check_writable(path: Path, option: str) -> None:
-    """Refuse an output file that cannot be written before any work is done: its folder is created when
-    missing (as the writers do), and a temporary file is made and removed there."""
+    """Refuse an output path that cannot be written before any work is done, by the rules of
+    fileio.atomic_write_bytes: a file (or nothing, or a symlink to either) needs a folder where a temporary file
+    can be made (created when missing, as the writers do); a device or FIFO needs write permission; a folder or a
+    socket is refused."""
     path = Path(path)
-    if path.is_dir():
-        raise CnnctlError(f"{option} {path}: cannot write there, it is a folder",
-                          f"give a file name, e.g. {path / 'out.png'}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.probe"
+        target = Path(os.path.realpath(path))
+        kind = special_kind(target)
+        if kind == "folder":
+            raise CnnctlError(f"{option} {path}: cannot write there, it is a folder",
+                              f"give a file name, e.g. {path / 'out.png'}")
+        if kind == "socket":
+            raise CnnctlError(f"{option} {path}: cannot write there, it is a socket", "give the name of a file")
+        if kind is not None:  # a device or FIFO is written in place
+            if not os.access(target, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = target.parent / f".{target.name}.probe"
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as e:
-        raise CnnctlError(f"{option} {path}: cannot write there ({e.strerror or e})",
+    except (OSError, ValueError) as e:
+        raise CnnctlError(f"{option} {path}: cannot write there ({getattr(e, 'strerror', None) or e})",
                           "give a path in a folder you can write to") from None
 
 

@@ -17,7 +17,7 @@ from .. import nn, plots
 from .. import predict as predict_lib
 from .. import runs as runs_lib
 from .. import sweep as sweep_lib
-from ..builder import activation_values, build_model
+from ..builder import activation_values, build_model, check_evaluation_memory
 from ..config import config_schema, load_config
 from ..errors import CnnctlError
 from ..export import export_onnx
@@ -269,8 +269,9 @@ def predict_(
 ):
     """Class probabilities for images (Pillow) or an .npz, normalised as in training."""
     checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
-    spec, model, _ = load_model(ckpt, checkpoint_path)
+    spec, model, rows = load_model(ckpt, checkpoint_path)
     names, x01 = predict_lib.load_inputs(inputs, spec.model.input_shape)
+    check_evaluation_memory(spec.name, rows, min(spec.data.evaluation_batch, max(len(x01), 1)))
     logits = predict_lib.outputs(model, x01, ckpt.normalization, spec.data.test_time_augment,
                                  spec.data.evaluation_batch)
     classes = predict_lib.class_names(spec, logits.shape[1], ckpt)

@@ -16,7 +16,7 @@ from rich.text import Text
 from .. import distributed, plots
 from ..bench import bench as run_bench
 from ..bench import planned
-from ..builder import build_loss, check_known_data, inspect_report, training_pflops, walk
+from ..builder import build_loss, check_evaluation_memory, check_known_data, inspect_report, training_pflops, walk
 from ..errors import CnnctlError, DataError
 from ..loading import load_model, offline
 from ..train import Callback, Seeds, Trainer, evaluate, load_data, session
@@ -252,6 +252,7 @@ def eval_(
         raise DataError(f"the {data_split} split of the {spec.data.dataset} data holds no images",
                         "choose another --data-split" + (" (val_split is 0: no validation split)"
                                                          if data_split == "val" else ""))
+    check_evaluation_memory(spec.name, rows, min(spec.data.evaluation_batch, len(ds.split(data_split))))
     res = evaluate(model, loss_fn, ds, ds.split(data_split), spec.data.evaluation_batch, len(ds.classes),
                    spec.data.test_time_augment)
     cm, precision, recall = res["confusion_matrix"], res["precision"], res["recall"]

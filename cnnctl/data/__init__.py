@@ -146,9 +146,8 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
     elif spec.normalize == "none":
         mean, std = [0.0] * channels, [1.0] * channels
     elif spec.normalize == "auto":
-        pixels = train.x.transpose(1, 0, 2, 3).reshape(channels, -1)
-        mean = (pixels.mean(axis=1, dtype=np.float64) / scale).tolist()
-        std = (np.maximum(pixels.std(axis=1, dtype=np.float64) / scale, 1e-3)).tolist()
+        mean, std = channel_statistics(train.x)
+        mean, std = (mean / scale).tolist(), np.maximum(std / scale, 1e-3).tolist()
     else:
         mean, std = spec.normalize["mean"], spec.normalize["std"]
         if len(mean) != channels or len(std) != channels:
@@ -156,6 +155,23 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
                             f"{len(mean)} and {len(std)}")
     return Dataset(spec.dataset, classes, train, val, test, np.asarray(mean, np.float32),
                    np.asarray(std, np.float32))
+
+
+def channel_statistics(x: np.ndarray, chunk_values: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation (float64, two passes) of an (N, C, H, W) array, a channel at a
+    time over groups of images of about `chunk_values` values: the float64 copies never hold more than one
+    group, whatever the size of the data."""
+    n, c, h, w = x.shape
+    step = max(1, chunk_values // max(1, h * w))
+    groups = [(ch, slice(i, i + step)) for ch in range(c) for i in range(0, n, step)]
+    mean = np.zeros(c)
+    for ch, part in groups:
+        mean[ch] += x[part, ch].sum(dtype=np.float64)
+    mean /= n * h * w
+    var = np.zeros(c)
+    for ch, part in groups:
+        var[ch] += np.square(x[part, ch] - mean[ch]).sum()
+    return mean, np.sqrt(var / (n * h * w))
 
 
 def class_counts(ds: Dataset) -> dict:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 from pydantic import Field
+from pydantic import Strict as NoCoercion
 
 from .. import parallel
 from ..errors import ShapeError
-from ..strict import PosInt
+from ..strict import INT_MAX
 from .base import Layer, LayerSpec, make_activation, register, register_spec
 from .init import constant
 
@@ -44,9 +45,10 @@ class _BatchNormSpec(LayerSpec):
     weight_init: float = Field(1.0, description="Initial scale (weight, gamma). 0 in the last batchnorm of a "
                                "residual body starts the block as its shortcut (zero-init residual, Goyal et al. "
                                "2017; torchvision's zero_init_residual).")
-    ghost_batch: PosInt | None = Field(None, description="Ghost batchnorm (Hoffer et al. 2017): while training, "
-                                       "statistics over virtual batches of this many samples (the batch cut in "
-                                       "order, the last part may be smaller), as if the layer ran on each in turn.")
+    ghost_batch: Annotated[int, NoCoercion(), Field(ge=2, le=INT_MAX)] | None = Field(
+        None, description="Ghost batchnorm (Hoffer et al. 2017): while training, statistics over virtual batches of "
+        "this many samples (at least 2: the statistics of one sample are its own values; the batch cut in order, "
+        "the last part may be smaller), as if the layer ran on each in turn.")
 
     def build(self, input_shape, scope):
         cls = {"batchnorm1d": BatchNorm1D, "batchnorm2d": BatchNorm2D}.get(self.type)  # type: ignore

@@ -259,6 +259,58 @@ def export(
               f"in 0..1; output 'output': {'probabilities' if softmax else 'logits'})")
 
 
+def _numbers(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise CnnctlError(f"{option} {text!r}: give numbers separated by commas", f"e.g. {option} 0.5,0.5,0.5") \
+            from None
+
+
+@app.command("import")
+@guarded
+def import_(
+    model_file: Annotated[Path, typer.Argument(metavar="MODEL.onnx", help="An image classifier's ONNX graph.")],
+    out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder for config.yaml and "
+                                          "model.safetensors.")],
+    name: Annotated[str | None, typer.Option("--name", metavar="NAME", help="The config's name (default: the "
+                                             "file's).")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", metavar="M,...", help="Per-channel mean the network was "
+                                             "trained with, on the 0..1 pixel scale (default: none).")] = None,
+    std: Annotated[str | None, typer.Option("--std", metavar="S,...", help="Per-channel std, with --mean.")] = None,
+    classes_file: Annotated[Path | None, typer.Option("--classes", metavar="FILE", help="Class names, one per "
+                                                      "line (default: class_0, class_1, ...).")] = None,
+):
+    """Import an ONNX image classifier: a cnnctl config and a checkpoint of its weights, exact to onnxruntime."""
+    from .. import onnx_import
+    from ..fileio import Unreadable, read_regular
+    from .train import layer_table
+
+    classes = None
+    if classes_file is not None:
+        try:
+            text = read_regular(classes_file, 1 << 20).decode("utf-8")
+        except (Unreadable, UnicodeDecodeError) as e:
+            raise CnnctlError(f"--classes {classes_file}: cannot read it ({getattr(e, 'reason', e)})",
+                              "give a UTF-8 text file with one class name per line") from None
+        classes = [line.strip() for line in text.splitlines() if line.strip()]
+    for path in (out_dir / "config.yaml", out_dir / "model.safetensors"):
+        check_writable(path, "--out")
+    spec_dict, spec, model, rows, norm, classes, imp = onnx_import.build(
+        model_file, name or model_file.stem, _numbers(mean, "--mean"), _numbers(std, "--std"), classes)
+    onnx_import.write(out_dir, model_file, spec_dict, spec, model, norm, classes)
+    out.print(layer_table(spec, rows))
+    n_weights = len(model.state_dict())
+    out.print(f"mapped {imp.tensors_mapped} tensors of the graph onto {n_weights} parameters and buffers "
+              f"({sum(v.size for v in model.state_dict().values()):,} values); opset {imp.opset}"
+              + (f"; the final {imp.final} left to the loss" if imp.final else ""))
+    out.print(f"wrote {out_dir / 'config.yaml'} and {out_dir / 'model.safetensors'}")
+    out.print(f"  fine-tune: fill in data.root, then cnnctl train {out_dir / 'config.yaml'} --init-from "
+              f"{out_dir / 'model.safetensors'}")
+
+
 @app.command("predict")
 @guarded
 def predict_(

@@ -357,12 +357,7 @@ def inspect(
     if as_json:
         print_json(report)
         return
-    shown = [r for r in walk(rows) if depth is None or r.depth <= depth]
-    out.print(table(f"{spec.name}: input {tuple(spec.model.input_shape)}",
-                    ("#", "type", "output shape", "params", "MACs", "receptive field"),
-                    right=("params", "MACs"), rows=(
-        ("  " * r.depth + r.path.split(".", 1)[1], r.type + (f" {r.name!r}" if r.named else ""),
-         str(_shape(r.output_shape)), f"{r.params:,}", f"{r.macs:,}", _rf(r.receptive_field)) for r in shown)))
+    out.print(layer_table(spec, rows, depth))
     frozen = f", {report['frozen_params']:,} frozen" if report["frozen_params"] else ""
     out.print(f"total parameters {report['trainable_params']:,} trainable{frozen}, {report['non_trainable_params']:,} "
               f"non-trainable (running statistics)  ({report['param_bytes'] / 1e6:.2f} MB as float32)")
@@ -393,6 +388,16 @@ def inspect(
         p = report["plan"]
         source = "the run's recorded algorithms" if p["recorded"] else "algorithms by the default rule"
         out.print(plan_table(f"execution plan (batch {p['batch_size']}, {source}; MB of memory)", p["steps"]))
+
+
+def layer_table(spec, rows, depth: int | None = None):
+    """The layer tree as inspect shows it: output shapes, parameters, MACs, receptive fields."""
+    shown = [r for r in walk(rows) if depth is None or r.depth <= depth]
+    return table(f"{spec.name}: input {tuple(spec.model.input_shape)}",
+                 ("#", "type", "output shape", "params", "MACs", "receptive field"),
+                 right=("params", "MACs"), rows=(
+        ("  " * r.depth + r.path.split(".", 1)[1], r.type + (f" {r.name!r}" if r.named else ""),
+         str(_shape(r.output_shape)), f"{r.params:,}", f"{r.macs:,}", _rf(r.receptive_field)) for r in shown))
 
 
 def plan_table(title: str, steps: list[dict]):

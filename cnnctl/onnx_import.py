@@ -1,0 +1,698 @@
+"""ONNX import: an image classifier's graph (torch.onnx.export, tf2onnx, a model zoo) to a cnnctl config and its
+weights (the optional `onnx` extra).
+
+The graph is read as data (protobuf; nothing in it runs). Its one input must be N x C x H x W with C, H and W
+fixed; every tensor's shape is then known, with the batch as a marker value, so that the Shape / Gather /
+Unsqueeze / Concat / Reshape chains torch emits for a flatten fold into constants. The nodes that carry data are
+walked from the input: a chain of single-input nodes becomes a list of layers; where a tensor feeds several
+branches that meet again, the branches become a container by the node that joins them (Add: `residual`, Concat
+on channels: `concat`), recursively. Conv + BatchNormalization + Relu stay three cnnctl layers (conv2d, batchnorm
+with its activation), so the weights map one to one and fine-tuning updates the batchnorm statistics as PyTorch
+does.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CnnctlError
+from .fileio import Unreadable, read_regular
+from .memory import refuse_over
+
+BATCH = 7919  # the batch size the shapes are computed with: a prime no real dimension is likely to equal
+MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one message
+
+# the data-carrying operators this importer maps onto cnnctl layers; constant-only ones fold away
+LAYER_OPS = {"Sub", "Div", "Conv", "BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Celu",
+             "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Gemm", "MatMul", "Add",
+             "Concat", "Dropout", "Identity", "Pad", "Softmax", "LogSoftmax"}
+FOLDED_OPS = {"Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast", "Concat", "Reshape", "Identity",
+              "Mul", "Add", "Sub", "Div", "Slice", "ConstantOfShape", "Range", "ReduceProd"}
+# what a user meets most often among the rest, and what it would take
+LATER = {"Clip": "ReLU6 (MobileNetV2)", "HardSwish": "hardswish (MobileNetV3)", "HardSigmoid": "hardsigmoid",
+         "Mul": "squeeze-and-excitation gating or SiLU", "Erf": "the Erf pattern of GELU",
+         "Gelu": "GELU as one node"}
+
+
+class ImportError_(CnnctlError):
+    """A graph cnnctl cannot take (its message names the operators, a node of each and how many)."""
+
+
+def _onnx():
+    try:
+        import onnx
+        from onnx import numpy_helper, shape_inference
+    except ImportError:
+        raise CnnctlError("cnnctl import needs the onnx package, which is not installed",
+                          "pip install 'cnnctl[onnx]'") from None
+    return onnx, numpy_helper, shape_inference
+
+
+@dataclass
+class Imported:
+    """The result: the model's layer specs, its input shape, the weights by state-dict name, what the graph
+    ended with, and what was mapped."""
+
+    input_shape: tuple[int, int, int]
+    layers: list[dict]
+    weights: dict[str, np.ndarray]
+    final: str | None  # "softmax" or "log_softmax" when the graph ended in one
+    opset: int
+    tensors_mapped: int = 0
+    normalization: dict | None = None  # a leading Sub and Div (cnnctl export writes them): mean and std
+
+
+def read_model(path: Path):
+    """The ONNX model in a file: a regular file, parsed as protobuf (no code runs), shapes inferred."""
+    onnx, _, _ = _onnx()
+    try:
+        raw = read_regular(Path(path), MAX_ONNX_BYTES)
+    except Unreadable as e:
+        if e.missing:
+            raise CnnctlError(f"ONNX file not found: {path}", "check the path") from None
+        raise CnnctlError(f"cannot read {path}: {e.reason}", "give an .onnx file") from None
+    refuse_over(f"reading {path}", 3 * len(raw), 2, CnnctlError, "the model is too large for this machine")
+    try:
+        return onnx.load_model_from_string(raw)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise CnnctlError(f"{path}: not an ONNX model ({type(e).__name__}: {e})",
+                          "give a file written by torch.onnx.export, tf2onnx or cnnctl export") from None
+
+
+def import_model(model, source: str = "the graph") -> Imported:
+    """Map an ONNX ModelProto onto cnnctl layer specs and weights (see the module's docstring)."""
+    return _Importer(model, source).run()
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _pair(v) -> int | list[int]:
+    v = [int(x) for x in v]
+    return v[0] if len(set(v)) == 1 else v
+
+
+class _Importer:
+    def __init__(self, model, source: str):
+        self.onnx, self.numpy_helper, self.shape_inference = _onnx()
+        self.model, self.source = model, source
+        self.graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.const: dict[str, np.ndarray] = {t.name: self.numpy_helper.to_array(t) for t in self.graph.initializer}
+        self.weights: dict[str, np.ndarray] = {}
+        self.used: set[str] = set()
+        self.final: str | None = None
+        self.normalization: dict | None = None
+        self.visited: set[int] = set()
+        self.pending: list[int] | None = None
+
+    # ---------------------------------------------------------------- checks and shapes
+
+    def fail(self, message: str, hint: str | None = None):
+        raise ImportError_(f"{self.source}: {message}", hint)
+
+    def _check_operators(self) -> None:
+        """Every node that carries data (after folding) must be one cnnctl maps: all others in one message."""
+        unknown = collections.defaultdict(list)
+        for node in self.nodes:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in LAYER_OPS:
+                op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+                unknown[op].append(node.name or node.output[0])
+        if unknown:
+            listed = "; ".join(f"{op}{f' ({LATER[op]})' if op in LATER else ''} x{len(names)}, e.g. node "
+                               f"{names[0]!r}" for op, names in sorted(unknown.items()))
+            self.fail(f"operators cnnctl cannot import: {listed}",
+                      "export the network without them, or with layers cnnctl has (docs/transfer.md lists them)")
+
+    def _input(self):
+        inits = set(self.const)
+        inputs = [v for v in self.graph.input if v.name not in inits]
+        if len(inputs) != 1:
+            self.fail(f"the graph has {len(inputs)} inputs ({', '.join(v.name for v in inputs)}); an image "
+                      "classifier has one", "export the network with one image input")
+        if len(self.graph.output) != 1:
+            names = ", ".join(v.name for v in self.graph.output)
+            self.fail(f"the graph has {len(self.graph.output)} outputs ({names}); an image classifier has one",
+                      "export the network with its class scores as the only output")
+        v = inputs[0]
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) != 4 or any(not d.HasField("dim_value") for d in dims[1:]):
+            shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            self.fail(f"input {v.name!r} has shape {shown}; cnnctl imports N x C x H x W images with C, H and W "
+                      "fixed (dynamic spatial sizes cannot be imported)",
+                      "export with a fixed image size, e.g. torch.onnx.export(model, torch.zeros(1, 3, 224, 224), "
+                      "..., dynamic_axes={'input': {0: 'N'}})")
+        return v.name, tuple(int(d.dim_value) for d in dims[1:])
+
+    def _shapes(self, input_name: str, chw: tuple) -> dict[str, tuple]:
+        """Every tensor's shape, the batch being BATCH."""
+        m = self.onnx.ModelProto()
+        m.CopyFrom(self.model)
+        for v in m.graph.input:
+            if v.name == input_name:
+                v.type.tensor_type.shape.dim[0].Clear()
+                v.type.tensor_type.shape.dim[0].dim_value = BATCH
+        del m.graph.value_info[:]
+        try:
+            m = self.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+        except Exception as e:
+            self.fail(f"its shapes cannot be inferred ({type(e).__name__}: {e})")
+        shapes = {}
+        for v in [*m.graph.input, *m.graph.value_info, *m.graph.output]:
+            dims = v.type.tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims) and v.type.tensor_type.HasField("shape"):
+                shapes[v.name] = tuple(int(d.dim_value) for d in dims)
+        shapes[input_name] = (BATCH, *chw)
+        return shapes
+
+    # ---------------------------------------------------------------- constant folding
+
+    def _fold(self, shapes: dict) -> None:
+        """Evaluate every node whose inputs are all constants (Shape: of a tensor whose shape is known)."""
+        for node in self.graph.node:
+            op = node.op_type
+            if op == "Constant":
+                a = _attrs(node)
+                value = a.get("value")
+                self.const[node.output[0]] = (self.numpy_helper.to_array(value) if value is not None else
+                                              np.asarray(next(v for v in a.values())))
+                continue
+            if op == "Shape" and node.input[0] in shapes:
+                a = _attrs(node)
+                s = np.array(shapes[node.input[0]], np.int64)
+                self.const[node.output[0]] = s[a.get("start", 0): a.get("end", len(s))]
+                continue
+            inputs = [i for i in node.input if i]
+            if op not in FOLDED_OPS or not inputs or not all(i in self.const for i in inputs):
+                continue
+            value = self._evaluate(node, [self.const[i] for i in inputs])
+            if value is not None:
+                self.const[node.output[0]] = value
+
+    def _evaluate(self, node, xs: list[np.ndarray]):
+        op, a = node.op_type, _attrs(node)
+        if op == "Gather":
+            return np.take(xs[0], xs[1], axis=a.get("axis", 0))
+        if op in ("Unsqueeze", "Squeeze"):
+            axes = a.get("axes", xs[1].tolist() if len(xs) > 1 else None)
+            if op == "Squeeze":
+                return np.squeeze(xs[0], axis=None if axes is None else tuple(axes))
+            out = xs[0]
+            for ax in sorted(int(x) % (out.ndim + len(axes)) for x in axes):
+                out = np.expand_dims(out, ax)
+            return out
+        if op == "Concat":
+            return np.concatenate([np.atleast_1d(x) for x in xs], axis=a.get("axis", 0))
+        if op == "Cast":
+            return xs[0].astype(self.onnx.helper.tensor_dtype_to_np_dtype(a["to"]))
+        if op == "Identity":
+            return xs[0]
+        if op == "Reshape":
+            return xs[0].reshape([int(d) if d != 0 else xs[0].shape[i] for i, d in enumerate(xs[1])])
+        if op in ("Mul", "Add", "Sub", "Div"):
+            f = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide}[op]
+            out = f(xs[0], xs[1])
+            return out // 1 if op == "Div" and xs[0].dtype.kind == "i" else out.astype(xs[0].dtype)
+        if op == "Slice" and len(xs) >= 3:
+            axes = xs[3].tolist() if len(xs) > 3 else list(range(len(xs[1])))
+            steps = xs[4].tolist() if len(xs) > 4 else [1] * len(axes)
+            index = [slice(None)] * xs[0].ndim
+            for s, e, ax, st in zip(xs[1].tolist(), xs[2].tolist(), axes, steps):
+                index[ax] = slice(s, e, st)
+            return xs[0][tuple(index)]
+        if op == "ConstantOfShape":
+            value = a.get("value")
+            fill = self.numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
+            return np.full(xs[0].astype(np.int64), fill.ravel()[0], fill.dtype)
+        if op == "ReduceProd":
+            return np.prod(xs[0], keepdims=bool(a.get("keepdims", 1)))
+        return None
+
+    # ---------------------------------------------------------------- the walk
+
+    def run(self) -> Imported:
+        name, chw = self._input()
+        self.input = name
+        self.shapes = self._shapes(name, chw)
+        self._fold(self.shapes)
+        self.nodes = [n for n in self.graph.node if n.output[0] not in self.const]
+        self._check_operators()
+        self.consumers = collections.defaultdict(list)
+        for n in self.nodes:
+            for i in self._data_inputs(n):
+                self.consumers[i].append(n)
+        self.output = self.graph.output[0].name
+        self.flat = False  # cnnctl's tensor is (C,) where the graph's is (N, C, 1, 1) after a global pooling
+        layers: list[dict] = []
+        end = self._walk(name, layers)
+        if end != self.output:
+            self.fail(f"the walk from the input stopped at tensor {end!r}, not at the output {self.output!r}")
+        unused = [n for n in self.nodes if id(n) not in self.visited]
+        if unused:
+            self.fail(f"{len(unused)} nodes do not lie between the input and the output "
+                      f"(e.g. {unused[0].op_type} {unused[0].name!r})")
+        return Imported(chw, layers, self.weights, self.final, self.opset, len(self.used), self.normalization)
+
+    def _data_inputs(self, node) -> list[str]:
+        return [i for i in node.input if i and i not in self.const]
+
+    def _is_join(self, node) -> bool:
+        return len(self._data_inputs(node)) > 1
+
+    def _walk(self, t: str, layers: list[dict]) -> str:
+        """Convert from tensor t on, appending to layers, up to a tensor that feeds a join (or the output)."""
+        while True:
+            cons = self.consumers.get(t, [])
+            if t == self.output and not cons:
+                return t
+            if not cons:
+                self.fail(f"tensor {t!r} is used by nothing and is not the output")
+            if len(cons) == 1 and self._is_join(cons[0]):
+                return t
+            if len(cons) == 1:
+                node = cons[0]
+                self.visited.add(id(node))
+                self._convert(node, layers)
+                t = node.output[0]
+                continue
+            t = self._fork(t, cons, layers)
+
+    def _fork(self, t: str, cons: list, layers: list[dict]) -> str:
+        branches, ends, joins, flat = [], [], {}, self.flat
+        for c in cons:
+            self.flat = flat  # every branch starts from the fork's tensor
+            if self._is_join(c):  # the input itself joins
+                branches.append([])
+                ends.append(t)
+                joins[id(c)] = c
+                continue
+            own: list[dict] = []
+            self.visited.add(id(c))
+            self._convert(c, own)
+            end = self._walk(c.output[0], own)
+            ends.append(end)
+            branches.append(own)
+            for j in self.consumers.get(end, [None])[:1]:
+                joins[id(j)] = j
+        if len(joins) != 1 or None in joins.values():
+            self.fail(f"tensor {t!r} feeds {len(cons)} branches that do not meet in one Add or Concat node",
+                      "cnnctl imports branches that rejoin (residual units, concatenations)")
+        (join,) = joins.values()
+        self.visited.add(id(join))
+        inputs = self._data_inputs(join)
+        if sorted(ends) != sorted(inputs):
+            self.fail(f"node {join.name!r} ({join.op_type}) joins tensors from outside the branches of {t!r}")
+        by_input = [branches[ends.index(i)] for i in inputs]
+        if join.op_type == "Add" and len(by_input) == 2:
+            a, b = by_input
+            body, shortcut = (a, b) if len(a) >= len(b) else (b, a)  # the longer branch is the body
+            layers.append({"type": "residual", "body": body, "shortcut": shortcut or "identity"})
+        elif join.op_type == "Concat" and int(_attrs(join).get("axis", 1)) in (1, -3) and not self.flat:
+            layers.append({"type": "concat", "branches": by_input})
+        else:
+            self.fail(f"node {join.name!r} joins {len(inputs)} branches with {join.op_type}, which cnnctl cannot "
+                      "import", "cnnctl joins branches by Add (residual) and by Concat on channels")
+        return join.output[0]
+
+    # ---------------------------------------------------------------- single nodes
+
+    def _param(self, name: str) -> np.ndarray:
+        self.used.add(name)
+        return np.asarray(self.const[name], np.float32)
+
+    def _convert(self, node, layers: list[dict]) -> None:
+        op, a = node.op_type, _attrs(node)
+        ins = node.input
+        shape_in = self.shapes.get(self._data_inputs(node)[0]) if self._data_inputs(node) else None
+        if op in ("Sub", "Div"):
+            self._normalization(node, layers)
+            return
+        if op in ("Softmax", "LogSoftmax") and self._last(node) and int(a.get("axis", -1)) in (1, -1):
+            self.final = "softmax" if op == "Softmax" else "log_softmax"
+            if op == "LogSoftmax":
+                layers.append({"type": "log_softmax"})
+            return
+        if op in ("Identity", "Dropout"):
+            if op == "Dropout" and not self._last(node):
+                ratio = a.get("ratio", float(self.const[ins[1]]) if len(ins) > 1 and ins[1] in self.const else 0.5)
+                layers.append({"type": "dropout", "rate": round(float(ratio), 6)})
+            return
+        if op == "Conv":
+            w = self._param(ins[1])
+            pads = [int(p) for p in a.get("pads", [0, 0, 0, 0])]
+            pads = self._pending_pads(pads)
+            if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+                self.fail(f"Conv {node.name!r}: auto_pad {a['auto_pad']!r} is not imported",
+                          "export with explicit pads (torch does)")
+            if pads[0] != pads[2] or pads[1] != pads[3]:
+                self.fail(f"Conv {node.name!r}: asymmetric padding {pads} (top, left, bottom, right)",
+                          "cnnctl pads each side of an axis alike")
+            spec = {"type": "conv2d", "filters": int(w.shape[0]), "kernel_size": _pair(w.shape[2:])}
+            for key, onnx_key, default in (("stride", "strides", 1), ("dilation", "dilations", 1)):
+                v = _pair(a.get(onnx_key, [default, default]))
+                if v != default:
+                    spec[key] = v
+            if pads[0] or pads[1]:
+                spec["padding"] = _pair(pads[:2])
+            if int(a.get("group", 1)) != 1:
+                spec["groups"] = int(a["group"])
+            tensors = {"weight": w}
+            if len(ins) > 2 and ins[2]:
+                tensors["bias"] = self._param(ins[2])
+            else:
+                spec["bias"] = False
+            self._add(layers, spec, tensors)
+            return
+        if op == "BatchNormalization":
+            spec = {"type": "batchnorm"}
+            eps = float(a.get("epsilon", 1e-5))
+            if abs(eps - 1e-5) > 1e-12:
+                spec["eps"] = float(np.float32(eps))
+            momentum = 1.0 - float(a.get("momentum", 0.9))
+            if abs(momentum - 0.1) > 1e-6:
+                spec["momentum"] = round(momentum, 6)
+            self._add(layers, spec, {"weight": self._param(ins[1]), "bias": self._param(ins[2]),
+                                     "running_mean": self._param(ins[3]), "running_var": self._param(ins[4])})
+            return
+        if op in ("Relu", "Sigmoid", "Tanh"):
+            act = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}[op]
+            last = layers[-1] if layers else None
+            if last is not None and last["type"] in ("conv2d", "dense", "batchnorm", "residual") \
+                    and last.get("activation") is None:
+                last["activation"] = act
+            else:
+                layers.append({"type": act})
+            return
+        if op == "LeakyRelu":
+            layers.append({"type": "leaky_relu", "negative_slope": float(np.float32(a.get("alpha", 0.01)))})
+            return
+        if op in ("Elu", "Celu"):
+            layers.append({"type": op.lower(), "alpha": float(np.float32(a.get("alpha", 1.0)))})
+            return
+        if op in ("MaxPool", "AveragePool"):
+            self._pool(node, a, shape_in, layers)
+            return
+        if op == "GlobalAveragePool" or (op == "ReduceMean" and self._reduces_hw(node, a)):
+            layers.append({"type": "global_avgpool2d"})
+            self.flat = True
+            return
+        if op == "Flatten":
+            if int(a.get("axis", 1)) != 1:
+                self.fail(f"Flatten {node.name!r} with axis {a.get('axis')}: only axis 1 is an image classifier's")
+            if not self.flat:
+                layers.append({"type": "flatten"})
+                self.flat = True
+            return
+        if op == "Reshape":
+            target = self.shapes.get(node.output[0])
+            if target is None or len(target) != 2 or target[0] != BATCH:
+                self.fail(f"Reshape {node.name!r} to {target}: only a flatten to (N, features) is imported "
+                          "(a reshape that depends on the batch or keeps feature maps cannot be)")
+            if not self.flat:
+                layers.append({"type": "flatten"})
+                self.flat = True
+            return
+        if op == "Gemm":
+            if float(a.get("alpha", 1.0)) != 1.0 or float(a.get("beta", 1.0)) != 1.0 or int(a.get("transA", 0)):
+                self.fail(f"Gemm {node.name!r}: alpha, beta other than 1 or transA are not imported")
+            w = self._param(ins[1])
+            w = w if int(a.get("transB", 0)) else w.T
+            tensors = {"weight": np.ascontiguousarray(w)}
+            spec = {"type": "dense", "units": int(w.shape[0])}
+            if len(ins) > 2 and ins[2]:
+                tensors["bias"] = np.broadcast_to(self._param(ins[2]), (w.shape[0],)).copy()
+            else:
+                spec["bias"] = False
+            self._flat_for_dense(layers)
+            self._add(layers, spec, tensors)
+            return
+        if op == "MatMul":
+            w = self._param(ins[1])
+            self._flat_for_dense(layers)
+            self._add(layers, {"type": "dense", "units": int(w.shape[1]), "bias": False},
+                      {"weight": np.ascontiguousarray(w.T)})
+            return
+        if op == "Add":  # a constant added: the bias of the MatMul before it
+            const = [i for i in ins if i in self.const]
+            last = layers[-1] if layers else None
+            if last is not None and last["type"] == "dense" and last.get("bias") is False and const:
+                b = self._param(const[0]).ravel()
+                if b.shape == (last["units"],):
+                    del last["bias"]
+                    self.weights[last["_path"] + ".bias"] = b
+                    return
+            self.fail(f"Add {node.name!r}: a constant added anywhere but as a MatMul's bias is not imported")
+        if op == "Pad":
+            self._pad(node, a)
+            return
+        if op in ("Softmax", "LogSoftmax"):
+            self.fail(f"{op} {node.name!r} inside the network: only a final one is imported")
+        what = LATER.get(op)
+        self.fail(f"node {node.name!r}: {op}" + (f" ({what})" if what else "") + " is not imported by cnnctl yet",
+                  "export the network without it")
+
+    def _last(self, node) -> bool:
+        """Whether nothing but Identity nodes stand between node and the graph's output."""
+        t = node.output[0]
+        while t != self.output:
+            cons = self.consumers.get(t, [])
+            if len(cons) != 1 or cons[0].op_type != "Identity":
+                return False
+            t = cons[0].output[0]
+        return True
+
+    def _normalization(self, node, layers) -> None:
+        """Sub(input, mean) then Div(., std), first of all (as cnnctl export writes them): the normalisation."""
+        const = [i for i in node.input if i in self.const]
+        first = self._data_inputs(node) == [self.input] if node.op_type == "Sub" else \
+            self.normalization is not None and "std" not in self.normalization and not layers
+        if layers or not const or node.input[0] in self.const or not first:
+            self.fail(f"{node.op_type} {node.name!r}: only a normalisation at the input (Sub of a mean, then Div "
+                      "by a std) is imported")
+        value = np.asarray(self.const[const[0]], np.float64).ravel()
+        self.used.add(const[0])
+        if node.op_type == "Sub":
+            self.normalization = {"mean": value.tolist()}
+        else:
+            self.normalization["std"] = value.tolist()
+
+    def _add(self, layers: list[dict], spec: dict, tensors: dict) -> None:
+        """A layer with weights: its tensors are kept under a provisional key, renamed to the state-dict path
+        once the whole tree is laid out (paths()). """
+        key = f"#{len(self.weights)}"
+        spec["_path"] = key
+        for k, v in tensors.items():
+            self.weights[f"{key}.{k}"] = v
+        layers.append(spec)
+
+    def _flat_for_dense(self, layers: list[dict]) -> None:
+        if not self.flat:
+            layers.append({"type": "flatten"})
+            self.flat = True
+
+    def _reduces_hw(self, node, a) -> bool:
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1] in self.const:
+            axes = self.const[node.input[1]].tolist()
+        if sorted(int(x) % 4 for x in (axes or [])) != [2, 3]:
+            self.fail(f"ReduceMean {node.name!r} over axes {axes}: only the mean over height and width is imported")
+        return True
+
+    def _pool(self, node, a, shape_in, layers) -> None:
+        k = [int(x) for x in a["kernel_shape"]]
+        s = [int(x) for x in a.get("strides", [1, 1])]
+        pads = self._pending_pads([int(p) for p in a.get("pads", [0, 0, 0, 0])])
+        if pads[0] != pads[2] or pads[1] != pads[3]:
+            self.fail(f"{node.op_type} {node.name!r}: asymmetric padding {pads}", "cnnctl pads each side alike")
+        if any(int(d) != 1 for d in a.get("dilations", [1, 1])):
+            self.fail(f"{node.op_type} {node.name!r}: dilated pooling is not imported")
+        if node.op_type == "AveragePool" and any(pads) and not int(a.get("count_include_pad", 0)):
+            self.fail(f"AveragePool {node.name!r}: padding left out of the mean (count_include_pad 0) is not "
+                      "imported", "export with count_include_pad=True, or without padding")
+        if int(a.get("ceil_mode", 0)) and shape_in is not None:
+            for size, kk, ss, p in zip(shape_in[2:], k, s, pads[:2]):
+                if (size + 2 * p - kk) % ss:
+                    self.fail(f"{node.op_type} {node.name!r}: ceil_mode changes the output size here "
+                              f"({size} with kernel {kk}, stride {ss}); cnnctl pools with floor")
+        spec = {"type": "maxpool2d" if node.op_type == "MaxPool" else "avgpool2d", "kernel_size": _pair(k)}
+        if s != k:
+            spec["stride"] = _pair(s)
+        if pads[0] or pads[1]:
+            spec["padding"] = _pair(pads[:2])
+        layers.append(spec)
+
+    def _pad(self, node, a) -> None:
+        mode = a.get("mode", b"constant")
+        pads = a.get("pads")
+        if pads is None and len(node.input) > 1:
+            pads = self.const[node.input[1]].tolist()
+        value = float(self.const[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0.0
+        pads = [int(p) for p in pads]
+        if mode not in (b"constant", "constant") or value != 0 or any(pads[:2]) or any(pads[4:6]):
+            self.fail(f"Pad {node.name!r}: only zero padding of height and width is imported")
+        self.pending = [pads[2], pads[3], pads[6], pads[7]]  # top, left, bottom, right
+        consumers = self.consumers.get(node.output[0], [])
+        if len(consumers) != 1 or consumers[0].op_type not in ("Conv", "MaxPool", "AveragePool"):
+            self.fail(f"Pad {node.name!r}: only a Pad before a Conv or pooling is imported (it becomes its padding)")
+
+    def _pending_pads(self, pads: list[int]) -> list[int]:
+        extra, self.pending = self.pending, None
+        return [p + e for p, e in zip(pads, extra)] if extra else pads
+
+
+def lay_out(layers: list[dict], weights: dict[str, np.ndarray], prefix: str = "layers") -> dict[str, np.ndarray]:
+    """Give every layer's weights their state-dict names (layers.3.body.0.weight), dropping the provisional keys
+    from the specs; returns the renamed weights."""
+    named = {}
+    for i, spec in enumerate(layers):
+        path = f"{prefix}.{i}"
+        key = spec.pop("_path", None)
+        if key is not None:
+            for k in [k for k in weights if k.startswith(key + ".")]:
+                named[f"{path}.{k[len(key) + 1:]}"] = weights[k]
+        if spec["type"] == "residual":
+            named.update(lay_out(spec["body"], weights, f"{path}.body"))
+            if isinstance(spec["shortcut"], list):
+                named.update(lay_out(spec["shortcut"], weights, f"{path}.shortcut"))
+        elif spec["type"] == "concat":
+            for b, branch in enumerate(spec["branches"]):
+                named.update(lay_out(branch, weights, f"{path}.branches.{b}"))
+    return named
+
+
+# ---------------------------------------------------------------- the config and checkpoint written
+
+
+def _flow(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, default_flow_style=True, width=10**9, sort_keys=False).strip()
+
+
+def _layer_lines(layers: list[dict], indent: str) -> list[str]:
+    lines = []
+    for spec in layers:
+        if spec["type"] == "residual":
+            lines.append(f"{indent}- type: residual")
+            lines.append(f"{indent}  body:")
+            lines += _layer_lines(spec["body"], indent + "    ")
+            if isinstance(spec["shortcut"], list):
+                lines.append(f"{indent}  shortcut:")
+                lines += _layer_lines(spec["shortcut"], indent + "    ")
+            else:
+                lines.append(f"{indent}  shortcut: {spec['shortcut']}")
+            if spec.get("activation"):
+                lines.append(f"{indent}  activation: {spec['activation']}")
+        elif spec["type"] == "concat":
+            lines.append(f"{indent}- type: concat")
+            lines.append(f"{indent}  branches:")
+            for branch in spec["branches"]:
+                if not branch:
+                    lines.append(f"{indent}    - []   # the input itself")
+                    continue
+                first, *rest = _layer_lines(branch, indent + "      ")
+                lines.append(f"{indent}    - {first.strip()}" if first.lstrip().startswith("- {") else
+                             f"{indent}    -\n{first}")
+                lines += rest
+        else:
+            lines.append(f"{indent}- {_flow(spec)}")
+    return lines
+
+
+def config_text(spec: dict, source: str) -> str:
+    """The config as a person would write it: commented, leaf layers one per line, containers as blocks."""
+    data, model = spec["data"], spec["model"]
+    lines = [
+        f"# Imported by `cnnctl import {source}`: the layers of the ONNX graph, with their weights in",
+        "# model.safetensors beside this file. Fill in the data section, then fine-tune:",
+        "#   cnnctl train config.yaml --init-from model.safetensors",
+        f"name: {spec['name']}",
+        f"seed: {spec['seed']}",
+        "data:",
+        "  dataset: folder            # your images: ROOT/train/<class>/*.png (and optionally ROOT/test/<class>/)",
+        f"  root: {data['root']}     # fill in",
+        f"  batch_size: {data['batch_size']}",
+        f"  val_split: {data['val_split']}",
+        f"  normalize: {_flow(data['normalize']) if isinstance(data['normalize'], dict) else data['normalize']}"
+        "   # what the network was trained with",
+        "model:",
+        f"  input_shape: {_flow(model['input_shape'])}   # C, H, W of the graph's input",
+        "  layers:",
+        *_layer_lines(model["layers"], "    "),
+        f"loss: {spec['loss']}",
+        f"optimizer: {_flow(spec['optimizer'])}",
+        f"train: {_flow(spec['train'])}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build(onnx_path: Path, name: str, mean: list[float] | None, std: list[float] | None,
+          classes: list[str] | None):
+    """Import the graph: (spec dict, Spec, model with the weights loaded, layer rows, normalisation, class names,
+    Imported)."""
+    from .builder import build_model
+    from .config import validate
+
+    imp = import_model(read_model(onnx_path), str(onnx_path))
+    named = lay_out(imp.layers, imp.weights)
+    c = imp.input_shape[0]
+    if (mean is None) != (std is None):
+        raise CnnctlError("give --mean and --std together", "e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225")
+    if mean is not None:
+        if len(mean) != c or len(std) != c or min(std) <= 0:
+            raise CnnctlError(f"--mean and --std need {c} values each (one per input channel), std positive")
+        norm = {"mean": list(mean), "std": list(std)}
+    elif imp.normalization is not None and len(imp.normalization.get("std", [])) in (1, c):
+        norm = {k: (v * c if len(v) == 1 else v) for k, v in imp.normalization.items()}
+    else:
+        norm = {"mean": [0.0] * c, "std": [1.0] * c}
+    spec_dict = {
+        "name": name, "seed": 0,
+        "data": {"dataset": "folder", "root": "PATH/TO/IMAGES", "batch_size": 32, "val_split": 0.1,
+                 "normalize": norm if norm["std"] != [1.0] * c or any(norm["mean"]) else "none"},
+        "model": {"input_shape": list(imp.input_shape), "layers": imp.layers},
+        "loss": "nll" if imp.final == "log_softmax" else "cross_entropy",
+        "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.9},
+        "train": {"epochs": 10},
+    }
+    spec = validate(spec_dict, f"the config imported from {onnx_path}")
+    model, rows = build_model(spec.model)
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(named)), sorted(set(named) - set(own))
+    wrong = [k for k in own if k in named and own[k].shape != named[k].shape]
+    if missing or extra or wrong:  # a mapping this module got wrong: said plainly
+        shapes = [(k, own[k].shape, named[k].shape) for k in wrong[:3]]
+        raise CnnctlError(f"{onnx_path}: the imported weights do not fit the imported layers (missing "
+                          f"{missing[:3]}, extra {extra[:3]}, shapes {shapes})",
+                          "report this graph to cnnctl")
+    model.load_state_dict(named)
+    k = rows[-1].output_shape[0] if len(rows[-1].output_shape) == 1 else None
+    if k is None:
+        raise CnnctlError(f"{onnx_path}: the network outputs shape {rows[-1].output_shape}, not one score per class",
+                          "import an image classifier (its output N x classes)")
+    if classes is not None and len(classes) != k:
+        raise CnnctlError(f"--classes gives {len(classes)} names but the network has {k} outputs",
+                          "one class name per line, as many as the network's outputs")
+    return spec_dict, spec, model, rows, norm, classes or [f"class_{i}" for i in range(k)], imp
+
+
+def write(out_dir: Path, onnx_path: Path, spec_dict: dict, spec, model, norm: dict, classes: list[str]) -> None:
+    """DIR/config.yaml (readable, commented) and DIR/model.safetensors (a cnnctl checkpoint of the weights)."""
+    from . import checkpoint
+    from .checkpoint import RunState
+    from .config import spec_to_dict
+    from .environment import environment
+    from .fileio import atomic_write_bytes
+
+    out_dir = Path(out_dir)
+    atomic_write_bytes(out_dir / "config.yaml", config_text(spec_dict, Path(onnx_path).name).encode())
+    checkpoint.save(out_dir / "model.safetensors", checkpoint.Checkpoint(
+        config=spec_to_dict(spec), model_state=model.state_dict(), normalization=norm,
+        run=RunState(classes=classes), environment={**environment(), "imported_from": str(onnx_path)}))

@@ -665,6 +665,9 @@ def build(onnx_path: Path, name: str, mean: list[float] | None, std: list[float]
     spec = validate(spec_dict, f"the config imported from {onnx_path}")
     model, rows = build_model(spec.model)
     own = model.state_dict()
+    for key in own:  # a counter ONNX does not carry: it starts at 0, as in a fresh PyTorch model
+        if key.endswith(".num_batches_tracked") and key not in named:
+            named[key] = np.zeros_like(own[key])
     missing, extra = sorted(set(own) - set(named)), sorted(set(named) - set(own))
     wrong = [k for k in own if k in named and own[k].shape != named[k].shape]
     if missing or extra or wrong:  # a mapping this module got wrong: said plainly

@@ -1,0 +1,335 @@
+"""cnnctl import: networks built in torch with random weights, exported with torch.onnx.export, imported, and run
+by cnnctl: outputs equal onnxruntime's to 1e-4 of the largest; every shipped config survives export -> import;
+graphs cnnctl cannot take are one message naming what is in the way."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from cnnctl import onnx_import
+from cnnctl.builder import build_model
+from cnnctl.config import load_config
+from cnnctl.export import to_onnx
+from tests.conftest import ROOT
+from tests.helpers import invoke
+from tests.test_errors import expect_error
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+nn = torch.nn
+
+
+def _bn(c):
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():  # statistics and affine parameters away from the defaults, so that mapping them counts
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+class Basic(nn.Module):  # torchvision's BasicBlock
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), _bn(cout), nn.ReLU(),
+                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), _bn(cout))
+        self.down = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), _bn(cout))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + (x if self.down is None else self.down(x)))
+
+
+class Bottleneck(nn.Module):  # torchvision's Bottleneck (stride on the 3x3)
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        cout = 4 * width
+        self.body = nn.Sequential(nn.Conv2d(cin, width, 1, bias=False), _bn(width), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, stride, 1, bias=False), _bn(width), nn.ReLU(),
+                                  nn.Conv2d(width, cout, 1, bias=False), _bn(cout))
+        self.down = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), _bn(cout))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + (x if self.down is None else self.down(x)))
+
+
+def resnet(block, counts, classes=10):
+    layers, cin = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), _bn(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)], 64
+    for stage, (n, width) in enumerate(zip(counts, (64, 128, 256, 512))):
+        for i in range(n):
+            b = block(cin, width, 2 if stage and not i else 1)
+            layers.append(b)
+            cin = width * (4 if block is Bottleneck else 1)
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
+
+
+def vgg11(classes=10):
+    cfg, layers, cin = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], [], 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU(inplace=True)]
+            cin = v
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, 256), nn.ReLU(), nn.Dropout(0.5),
+                         nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, classes))
+
+
+class DenseLayer(nn.Module):  # DenseNet-BC: BN-ReLU-Conv1x1-BN-ReLU-Conv3x3, the input concatenated
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.f = nn.Sequential(_bn(cin), nn.ReLU(), nn.Conv2d(cin, 4 * growth, 1, bias=False), _bn(4 * growth),
+                               nn.ReLU(), nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False))
+
+    def forward(self, x):
+        return torch.cat([x, self.f(x)], 1)
+
+
+def densenet(classes=10, growth=8):
+    layers, c = [nn.Conv2d(3, 16, 3, padding=1, bias=False)], 16
+    for block in range(2):
+        for _ in range(3):
+            layers.append(DenseLayer(c, growth))
+            c += growth
+        if block == 0:
+            layers += [_bn(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False), nn.AvgPool2d(2)]
+            c //= 2
+    return nn.Sequential(*layers, _bn(c), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
+
+
+class Fire(nn.Module):  # SqueezeNet's fire module
+    def __init__(self, cin, squeeze, e1, e3):
+        super().__init__()
+        self.squeeze = nn.Sequential(nn.Conv2d(cin, squeeze, 1), nn.ReLU())
+        self.e1 = nn.Sequential(nn.Conv2d(squeeze, e1, 1), nn.ReLU())
+        self.e3 = nn.Sequential(nn.Conv2d(squeeze, e3, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        x = self.squeeze(x)
+        return torch.cat([self.e1(x), self.e3(x)], 1)
+
+
+def squeezenet11(classes=10):  # torchvision's squeezenet1_1, ceil-mode pooling and all
+    pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, 2), nn.ReLU(), pool(), Fire(64, 16, 64, 64), Fire(128, 16, 64, 64), pool(),
+        Fire(128, 32, 128, 128), Fire(256, 32, 128, 128), pool(), Fire(256, 48, 192, 192), Fire(384, 48, 192, 192),
+        Fire(384, 64, 256, 256), Fire(512, 64, 256, 256), nn.Dropout(0.5), nn.Conv2d(512, classes, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+class ViewFlatten(nn.Module):  # x.view(x.size(0), -1): the Shape/Gather/Unsqueeze/Concat/Reshape chain
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+def small_cnn(end=None, act=nn.ReLU):
+    layers = [nn.Conv2d(1, 6, 5, padding=2), act(), nn.AvgPool2d(2), nn.Conv2d(6, 8, 3, stride=2, dilation=2),
+              nn.Tanh(), ViewFlatten(), nn.Linear(8 * 3 * 3, 16), nn.Sigmoid(), nn.Linear(16, 4)]
+    return nn.Sequential(*layers, *([end] if end is not None else []))
+
+
+NETWORKS = {  # name: (builder, input shape (C, H, W), whether to keep batchnorm as its own layer)
+    "resnet18": (lambda: resnet(Basic, [2, 2, 2, 2]), (3, 64, 64), True),
+    "resnet18-bn-folded": (lambda: resnet(Basic, [2, 2, 2, 2]), (3, 64, 64), False),
+    "resnet50": (lambda: resnet(Bottleneck, [3, 4, 6, 3]), (3, 32, 32), True),
+    "vgg11": (vgg11, (3, 32, 32), False),
+    "densenet": (densenet, (3, 16, 16), True),
+    "squeezenet1_1": (squeezenet11, (3, 63, 63), False),
+    "small-view-flatten": (small_cnn, (1, 20, 20), False),
+    "small-leaky-logsoftmax": (lambda: small_cnn(nn.LogSoftmax(1), lambda: nn.LeakyReLU(0.2)), (1, 20, 20), False),
+    "small-elu-softmax": (lambda: small_cnn(nn.Softmax(1), nn.ELU), (1, 20, 20), False),
+}
+
+
+def export(net, shape, path, keep_batchnorm=False, **kw):
+    torch.manual_seed(0)
+    net = net.eval()
+    torch.onnx.export(net, torch.zeros(1, *shape), str(path), dynamo=False, input_names=["input"],
+                      output_names=["output"], dynamic_axes={"input": {0: "N"}, "output": {0: "N"}},
+                      opset_version=kw.pop("opset", 17), do_constant_folding=not keep_batchnorm, **kw)
+    return path
+
+
+def assert_equal_to_onnxruntime(path, model, shape, normalization=None):
+    x = np.random.default_rng(1).random((3, *shape), dtype=np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"input": x})[0]
+    if normalization:  # the graph normalises its 0..1 input itself; cnnctl's predict does it before the model
+        c = shape[0]
+        x = (x - np.reshape(normalization["mean"], (1, c, 1, 1))) / np.reshape(normalization["std"], (1, c, 1, 1))
+    got = model.forward(x.astype(np.float32), training=False)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), np.abs(got - ref).max() / np.abs(ref).max()
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_torch_networks_import_exactly(tmp_path, name):
+    make, shape, keep_bn = NETWORKS[name]
+    torch.manual_seed(0)
+    path = export(make(), shape, tmp_path / f"{name}.onnx", keep_bn)
+    spec_dict, spec, model, rows, norm, classes, imp = onnx_import.build(path, name, None, None, None)
+    if "softmax" in name:  # the final softmax is left to the loss: cnnctl's outputs are its logits
+        import onnxruntime
+
+        x = np.random.default_rng(1).random((3, *shape), dtype=np.float32)
+        ref = onnxruntime.InferenceSession(str(path)).run(None, {"input": x})[0]
+        got = model.forward(x, training=False)
+        probs = np.exp(got) if imp.final == "log_softmax" else np.exp(got - got.max(1, keepdims=True))
+        probs = probs if imp.final == "log_softmax" else probs / probs.sum(1, keepdims=True)
+        expected = np.exp(ref) if imp.final == "log_softmax" else ref
+        assert np.abs(probs - expected).max() < 1e-5
+    else:
+        assert_equal_to_onnxruntime(path, model, shape)
+    kinds = {r.type for r in _walk(rows)}
+    if name.startswith("resnet"):
+        assert "residual" in kinds and ("batchnorm" in kinds) == keep_bn
+    if name in ("densenet", "squeezenet1_1"):
+        assert "concat" in kinds
+
+
+def _walk(rows):
+    for r in rows:
+        yield from r.walk()
+
+
+def test_the_cli_writes_a_config_and_checkpoint_every_verb_takes(tmp_path):
+    net = resnet(Basic, [1, 1, 1, 1], classes=3)
+    path = export(net, (3, 32, 32), tmp_path / "r.onnx", keep_batchnorm=True)
+    (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
+    res = invoke("import", path, "--out", tmp_path / "imp", "--classes", tmp_path / "classes.txt",
+                 "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225")
+    assert "mapped" in res.output and "wrote" in res.output
+    text = (tmp_path / "imp" / "config.yaml").read_text()
+    assert "type: residual" in text and "# fill in" in text and "mean: [0.485, 0.456, 0.406]" in text
+    spec, _ = load_config(tmp_path / "imp" / "config.yaml")  # the written config is a valid cnnctl config
+    ckpt = tmp_path / "imp" / "model.safetensors"
+    info = json.loads(invoke("inspect", ckpt, "--json").output)
+    assert info["total_params"] == sum(p.numel() for p in net.parameters())  # as torch counts them
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    preds = json.loads(invoke("predict", ckpt, tmp_path / "x.npz", "--json").output)
+    assert {t["class"] for t in preds[0]["top"]} == {"cat", "dog", "bird"}
+    invoke("export", ckpt, "--out", tmp_path / "back.onnx")  # and back to ONNX: the same numbers again
+    x01 = np.random.default_rng(2).random((2, 3, 32, 32), dtype=np.float32)
+    again = ort.InferenceSession(str(tmp_path / "back.onnx")).run(None, {"input": x01})[0]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    first = ort.InferenceSession(str(path)).run(None, {"input": ((x01 - mean[:, None, None]) / std[:, None, None])
+                                                       .astype(np.float32)})[0]
+    assert np.abs(again - first).max() <= 1e-4 * np.abs(first).max()
+
+
+def test_a_folder_of_images_fine_tunes_an_imported_network(tmp_path):
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    path = export(small_cnn(), (1, 20, 20), tmp_path / "s.onnx")
+    invoke("import", path, "--out", tmp_path / "imp")
+    g = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for k in range(4):
+            (tmp_path / "img" / split / f"c{k}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(g.integers(0, 256, (20, 20), dtype=np.uint8)).save(
+                    tmp_path / "img" / split / f"c{k}" / f"{i}.png")
+    cfg = yaml.safe_load((tmp_path / "imp" / "config.yaml").read_text())
+    cfg["data"].update(root=str(tmp_path / "img"), batch_size=8, val_split=0.25)
+    cfg["train"] = {"epochs": 2}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(cfg))
+    res = invoke("train", tmp_path / "ft.yaml", "--init-from", tmp_path / "imp" / "model.safetensors",
+                 "--runs-dir", tmp_path / "runs")
+    assert "copied 8 of 8 parameters and buffers" in res.output
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_survives_export_and_import(tmp_path, config):
+    spec, _ = load_config(ROOT / "configs" / config)
+    model, _ = build_model(spec.model, np.random.default_rng(0))
+    for layer in model.named_layers():  # batchnorm statistics away from 0 and 1, so that they count
+        for value in layer[1].buffers.values():
+            value[...] = np.random.default_rng(1).uniform(0.5, 1.5, value.shape)
+    c = spec.model.input_shape[0]
+    norm = {"mean": [0.25] * c, "std": [0.5] * c}
+    m = to_onnx(model, spec.model.input_shape, norm, spec.name)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    _, _, imported, _, got_norm, _, _ = onnx_import.build(path, spec.name, None, None, None)
+    assert got_norm == norm
+    a, b = ([v for k, v in m.state_dict().items() if not k.endswith("num_batches_tracked")] for m in (model, imported))
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert_equal_to_onnxruntime(path, imported, spec.model.input_shape, norm)
+
+
+# ---------------------------------------------------------------- what cannot be imported
+
+
+def test_operators_cnnctl_cannot_take_are_named_with_a_node_and_a_count(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return nn.functional.hardswish(nn.functional.relu6(self.b(nn.functional.relu6(self.a(x))))).mean((2, 3))
+
+    path = export(Net(), (3, 16, 16), tmp_path / "m.onnx")
+    expect_error(["import", path, "--out", tmp_path / "o"], "operators cnnctl cannot import", "Clip (ReLU6",
+                 "x2, e.g. node", "HardSwish", "x1")
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_graphs_that_are_not_image_classifiers_are_refused(tmp_path):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            y = self.c(x)
+            return y.mean((2, 3)), y.amax((2, 3))
+
+    torch.onnx.export(Two().eval(), torch.zeros(1, 1, 8, 8), str(tmp_path / "two.onnx"), dynamo=False,
+                      input_names=["input"], output_names=["a", "b"])
+    expect_error(["import", tmp_path / "two.onnx", "--out", tmp_path / "o"], "2 outputs (a, b)")
+    torch.onnx.export(nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval(),
+                      torch.zeros(1, 1, 8, 8), str(tmp_path / "dyn.onnx"), dynamo=False, input_names=["input"],
+                      output_names=["o"], dynamic_axes={"input": {0: "N", 2: "H", 3: "W"}})
+    expect_error(["import", tmp_path / "dyn.onnx", "--out", tmp_path / "o"], "dynamic spatial sizes")
+
+    class BatchReshape(nn.Module):
+        def forward(self, x):
+            return x.reshape(2, -1)  # folds the batch into the features: depends on the batch
+
+    path = export(nn.Sequential(nn.Conv2d(1, 2, 3), BatchReshape()), (1, 8, 8), tmp_path / "b.onnx")
+    expect_error(["import", path, "--out", tmp_path / "o"], "only a flatten to (N, features)")
+
+
+def test_ceil_mode_pooling_that_changes_the_size_and_asymmetric_padding_are_refused(tmp_path):
+    path = export(nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True), nn.Flatten()), (1, 8, 8), tmp_path / "c.onnx")
+    expect_error(["import", path, "--out", tmp_path / "o"], "ceil_mode changes the output size")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 1, 2, 2), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["y"], pads=[0, 0, 1, 1], name="conv"),
+         helper.make_node("Flatten", ["y"], ["output"], name="flat")], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 128])], [weight])
+    (tmp_path / "p.onnx").write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                      .SerializeToString())
+    expect_error(["import", tmp_path / "p.onnx", "--out", tmp_path / "o"], "Conv 'conv': asymmetric padding")
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"not a protobuf at all \xff\xff", ["not an ONNX model"]),
+    (None, ["ONNX file not found"]),
+])
+def test_files_that_are_not_onnx_are_one_message(tmp_path, content, words):
+    path = tmp_path / "m.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    expect_error(["import", path, "--out", tmp_path / "o"], *words)
+    expect_error(["import", "/dev/zero", "--out", tmp_path / "o"], "not a regular file")

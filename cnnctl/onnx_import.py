@@ -28,14 +28,15 @@ MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one message
 
 # the data-carrying operators this importer maps onto cnnctl layers; constant-only ones fold away
 LAYER_OPS = {"Sub", "Div", "Conv", "BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Celu",
+             "Clip", "HardSigmoid", "HardSwish", "Mul",
              "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Gemm", "MatMul", "Add",
              "Concat", "Dropout", "Identity", "Pad", "Softmax", "LogSoftmax"}
 FOLDED_OPS = {"Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast", "Concat", "Reshape", "Identity",
               "Mul", "Add", "Sub", "Div", "Slice", "ConstantOfShape", "Range", "ReduceProd"}
 # what a user meets most often among the rest, and what it would take
-LATER = {"Clip": "ReLU6 (MobileNetV2)", "HardSwish": "hardswish (MobileNetV3)", "HardSigmoid": "hardsigmoid",
-         "Mul": "squeeze-and-excitation gating or SiLU", "Erf": "the Erf pattern of GELU",
-         "Gelu": "GELU as one node"}
+LATER = {"Erf": "the Erf pattern of GELU", "Gelu": "GELU as one node"}
+# activations cnnctl layers may apply themselves (conv2d, dense, batchnorm, residual: `activation:`)
+FOLDABLE = {"relu", "sigmoid", "tanh", "relu6", "hardsigmoid", "hardswish", "silu"}
 
 
 class ImportError_(CnnctlError):
@@ -92,6 +93,10 @@ def _attrs(node) -> dict:
     from onnx import helper
 
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _types(layers: list[dict]) -> list[str]:
+    return [spec["type"] for spec in layers]
 
 
 def _pair(v) -> int | list[int]:
@@ -314,6 +319,8 @@ class _Importer:
             a, b = by_input
             body, shortcut = (a, b) if len(a) >= len(b) else (b, a)  # the longer branch is the body
             layers.append({"type": "residual", "body": body, "shortcut": shortcut or "identity"})
+        elif join.op_type == "Mul" and sorted(map(_types, by_input)) == [[], ["sigmoid"]]:  # x * sigmoid(x)
+            self._activation(layers, "silu")
         elif join.op_type == "Concat" and int(_attrs(join).get("axis", 1)) in (1, -3) and not self.flat:
             layers.append({"type": "concat", "branches": by_input})
         else:
@@ -381,14 +388,25 @@ class _Importer:
             self._add(layers, spec, {"weight": self._param(ins[1]), "bias": self._param(ins[2]),
                                      "running_mean": self._param(ins[3]), "running_var": self._param(ins[4])})
             return
-        if op in ("Relu", "Sigmoid", "Tanh"):
-            act = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}[op]
-            last = layers[-1] if layers else None
-            if last is not None and last["type"] in ("conv2d", "dense", "batchnorm", "residual") \
-                    and last.get("activation") is None:
-                last["activation"] = act
-            else:
-                layers.append({"type": act})
+        if op in ("Relu", "Sigmoid", "Tanh", "HardSwish"):
+            self._activation(layers, {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh",
+                                      "HardSwish": "hardswish"}[op])
+            return
+        if op == "Clip":
+            low, high = (a.get(k) for k in ("min", "max"))
+            if low is None and len(ins) > 1 and ins[1] in self.const:
+                low = float(self.const[ins[1]])
+            if high is None and len(ins) > 2 and ins[2] in self.const:
+                high = float(self.const[ins[2]])
+            if low != 0 or high != 6:
+                self.fail(f"Clip {node.name!r} to [{low}, {high}]: only Clip to [0, 6] (ReLU6) is imported")
+            self._activation(layers, "relu6")
+            return
+        if op == "HardSigmoid":
+            if abs(float(a.get("alpha", 0.2)) - 1 / 6) > 1e-6 or abs(float(a.get("beta", 0.5)) - 0.5) > 1e-6:
+                self.fail(f"HardSigmoid {node.name!r} with alpha {a.get('alpha', 0.2)}, beta {a.get('beta', 0.5)}: "
+                          "only PyTorch's (alpha 1/6, beta 1/2) is imported")
+            self._activation(layers, "hardsigmoid")
             return
         if op == "LeakyRelu":
             layers.append({"type": "leaky_relu", "negative_slope": float(np.float32(a.get("alpha", 0.01)))})
@@ -457,6 +475,15 @@ class _Importer:
         what = LATER.get(op)
         self.fail(f"node {node.name!r}: {op}" + (f" ({what})" if what else "") + " is not imported by cnnctl yet",
                   "export the network without it")
+
+    def _activation(self, layers: list[dict], act: str) -> None:
+        """An element-wise activation: the previous layer's `activation:` when it has none, else a layer."""
+        last = layers[-1] if layers else None
+        if last is not None and act in FOLDABLE and last["type"] in ("conv2d", "dense", "batchnorm", "residual") \
+                and last.get("activation") is None:
+            last["activation"] = act
+        else:
+            layers.append({"type": act})
 
     def _last(self, node) -> bool:
         """Whether nothing but Identity nodes stand between node and the graph's output."""

@@ -123,3 +123,14 @@ def test_network_check_still_fails_a_wrong_relu_backward(monkeypatch):
     rows = check_network(_relu_net(np.random.default_rng(1)), (3,), batch=8, samples=12)
     assert max(r["error"] for r in rows) > 1e-3
     assert sum(r["kinks"] for r in rows) < sum(r["checked"] for r in rows)
+
+
+@pytest.mark.parametrize("layer", [nn.ReLU6(), nn.HardSigmoid(), nn.HardSwish(), nn.SiLU()], ids=repr)
+def test_hard_activations_across_their_kinks(layer):
+    """Inputs spread over -8..8, so that every piece (below -3, between, above 3 and 6) is checked; none lies
+    within 1e-3 of a kink, where central differences straddle two pieces."""
+    x = np.random.default_rng(5).uniform(-8, 8, (4, 3, 5, 5))
+    for kink in (-3.0, 0.0, 3.0, 6.0):
+        x[np.abs(x - kink) < 1e-3] += 2e-3
+    errors = check_layer(layer, x)
+    assert max(errors.values()) < TOL, errors

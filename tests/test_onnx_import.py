@@ -123,6 +123,31 @@ def squeezenet11(classes=10):  # torchvision's squeezenet1_1, ceil-mode pooling 
         nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
+class InvertedResidual(nn.Module):  # torchvision's MobileNetV2 block: expand, depthwise, project (ReLU6)
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        layers = [] if expand == 1 else [nn.Conv2d(cin, hidden, 1, bias=False), _bn(hidden), nn.ReLU6()]
+        self.f = nn.Sequential(*layers, nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                               _bn(hidden), nn.ReLU6(), nn.Conv2d(hidden, cout, 1, bias=False), _bn(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.f(x) if self.residual else self.f(x)
+
+
+def mobilenet_v2(classes=10):
+    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1)]
+    layers, cin = [nn.Conv2d(3, 32, 3, 2, 1, bias=False), _bn(32), nn.ReLU6()], 32
+    for t, c, n, s in settings:
+        for i in range(n):
+            layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+            cin = c
+    return nn.Sequential(*layers, nn.Conv2d(cin, 1280, 1, bias=False), _bn(1280), nn.ReLU6(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(1280, classes))
+
+
 class ViewFlatten(nn.Module):  # x.view(x.size(0), -1): the Shape/Gather/Unsqueeze/Concat/Reshape chain
     def forward(self, x):
         return x.view(x.size(0), -1)
@@ -139,6 +164,9 @@ NETWORKS = {  # name: (builder, input shape (C, H, W), whether to keep batchnorm
     "resnet18-bn-folded": (lambda: resnet(Basic, [2, 2, 2, 2]), (3, 64, 64), False),
     "resnet50": (lambda: resnet(Bottleneck, [3, 4, 6, 3]), (3, 32, 32), True),
     "vgg11": (vgg11, (3, 32, 32), False),
+    "mobilenet_v2": (mobilenet_v2, (3, 32, 32), True),
+    "small-silu-hardswish": (lambda: small_cnn(act=nn.SiLU).append(nn.Hardswish()), (1, 20, 20), False),
+    "small-hardsigmoid": (lambda: small_cnn(act=nn.Hardsigmoid), (1, 20, 20), False),
     "densenet": (densenet, (3, 16, 16), True),
     "squeezenet1_1": (squeezenet11, (3, 63, 63), False),
     "small-view-flatten": (small_cnn, (1, 20, 20), False),
@@ -190,6 +218,21 @@ def test_torch_networks_import_exactly(tmp_path, name):
         assert "residual" in kinds and ("batchnorm" in kinds) == keep_bn
     if name in ("densenet", "squeezenet1_1"):
         assert "concat" in kinds
+    if name == "mobilenet_v2":
+        assert {"residual", "batchnorm"} <= kinds and any(spec.get("groups", 1) > 1 for spec in _specs(imp.layers))
+        assert any(spec.get("activation") == "relu6" for spec in _specs(imp.layers))
+    if name == "small-silu-hardswish":
+        assert imp.layers[0]["activation"] == "silu" and imp.layers[-1]["activation"] == "hardswish"
+
+
+def _specs(layers):
+    for spec in layers:
+        yield spec
+        for key in ("body", "shortcut"):
+            if isinstance(spec.get(key), list):
+                yield from _specs(spec[key])
+        for branch in spec.get("branches", []):
+            yield from _specs(branch)
 
 
 def _walk(rows):
@@ -273,11 +316,12 @@ def test_operators_cnnctl_cannot_take_are_named_with_a_node_and_a_count(tmp_path
             self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
 
         def forward(self, x):
-            return nn.functional.hardswish(nn.functional.relu6(self.b(nn.functional.relu6(self.a(x))))).mean((2, 3))
+            y = nn.functional.gelu(self.b(nn.functional.gelu(self.a(x))))
+            return nn.functional.local_response_norm(y, 2).mean((2, 3))
 
     path = export(Net(), (3, 16, 16), tmp_path / "m.onnx")
-    expect_error(["import", path, "--out", tmp_path / "o"], "operators cnnctl cannot import", "Clip (ReLU6",
-                 "x2, e.g. node", "HardSwish", "x1")
+    expect_error(["import", path, "--out", tmp_path / "o"], "operators cnnctl cannot import",
+                 "Erf (the Erf pattern of GELU) x2, e.g. node", "x1, e.g. node")
     assert not (tmp_path / "o" / "model.safetensors").exists()
 
 

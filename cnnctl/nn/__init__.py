@@ -12,7 +12,21 @@ from typing import Literal
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-from .activations import CELU, ELU, GELU, LeakyReLU, LogSoftmax, ReLU, Sigmoid, Softmax, Tanh  # noqa: E402  (registered above)
+from .activations import (  # noqa: E402  (registered above)
+    CELU,
+    ELU,
+    GELU,
+    HardSigmoid,
+    HardSwish,
+    LeakyReLU,
+    LogSoftmax,
+    ReLU,
+    ReLU6,
+    Sigmoid,
+    SiLU,
+    Softmax,
+    Tanh,
+)
 from .base import (  # noqa: E402
     ACTIVATIONS,
     REGISTRY,
@@ -47,4 +61,5 @@ __all__ = [
     "ReLU", "LeakyReLU", "ELU", "CELU", "GELU", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Dropout", "Dropout2D",
     "BatchNorm1D", "BatchNorm2D",
     "CrossEntropyLoss", "MSELoss", "NLLLoss", "SequentialSpec", "ResidualSpec", "ConcatSpec", "recording",
+    "ReLU6", "HardSigmoid", "HardSwish", "SiLU",
 ]

@@ -60,6 +60,11 @@ class LogSoftmaxSpec(LayerSpec):
     type: Literal["log_softmax"]
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
 @register("relu", ReLUSpec, activation=True)
 class ReLU(Layer):
     """max(x, 0); the derivative at 0 is taken as 0, like PyTorch."""
@@ -138,8 +143,7 @@ class Sigmoid(Layer):
         return g.node("Sigmoid", [x], name)
 
     def forward(self, x, training=True):
-        e = np.exp(-np.abs(x))
-        self._y = np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+        self._y = _sigmoid(x)
         return self._y
 
     def backward(self, dy):
@@ -237,3 +241,84 @@ class CELU(Layer):
 
     def __repr__(self):
         return f"CELU(alpha={self.alpha})"
+
+
+class ReLU6Spec(LayerSpec):
+    type: Literal["relu6"]
+
+
+class HardSigmoidSpec(LayerSpec):
+    type: Literal["hardsigmoid"]
+
+
+class HardSwishSpec(LayerSpec):
+    type: Literal["hardswish"]
+
+
+class SiLUSpec(LayerSpec):
+    type: Literal["silu"]
+
+
+@register("relu6", ReLU6Spec, activation=True)
+class ReLU6(Layer):
+    """min(max(x, 0), 6) (MobileNetV2); the derivative is 1 strictly between 0 and 6, else 0, like PyTorch."""
+
+    def onnx(self, g, x, input_shape, name):
+        return g.node("Clip", [x, g.const(f"{name}.min", np.array(0.0)), g.const(f"{name}.max", np.array(6.0))], name)
+
+    def forward(self, x, training=True):
+        self._inside = (x > 0) & (x < 6)
+        return np.clip(x, 0, 6).astype(x.dtype, copy=False)
+
+    def backward(self, dy):
+        return dy * self._inside
+
+
+@register("hardsigmoid", HardSigmoidSpec, activation=True)
+class HardSigmoid(Layer):
+    """relu6(x + 3) / 6 (MobileNetV3; PyTorch's Hardsigmoid): 0 below -3, 1 above 3, x / 6 + 1/2 between."""
+
+    def onnx(self, g, x, input_shape, name):
+        return g.node("HardSigmoid", [x], name, alpha=1 / 6, beta=0.5)
+
+    def forward(self, x, training=True):
+        self._inside = (x > -3) & (x < 3)
+        return np.clip(x * x.dtype.type(1 / 6) + x.dtype.type(0.5), 0, 1).astype(x.dtype, copy=False)
+
+    def backward(self, dy):
+        return dy * (self._inside * dy.dtype.type(1 / 6))
+
+
+@register("hardswish", HardSwishSpec, activation=True)
+class HardSwish(Layer):
+    """x * relu6(x + 3) / 6 (Howard et al. 2019, MobileNetV3): 0 below -3, x above 3; its derivative is
+    (2x + 3) / 6 on [-3, 3], as PyTorch takes it."""
+
+    def onnx(self, g, x, input_shape, name):
+        return g.node("HardSwish", [x], name)
+
+    def forward(self, x, training=True):
+        self._x = x
+        return (x * np.clip(x + x.dtype.type(3), 0, 6) * x.dtype.type(1 / 6)).astype(x.dtype, copy=False)
+
+    def backward(self, dy):
+        x = self._x
+        d = np.where(x < -3, 0, np.where(x <= 3, x * x.dtype.type(1 / 3) + x.dtype.type(0.5), 1))
+        return (dy * d).astype(dy.dtype, copy=False)
+
+
+@register("silu", SiLUSpec, activation=True)
+class SiLU(Layer):
+    """x * sigmoid(x) (Elfwing et al. 2017; swish, EfficientNet's activation); derivative s (1 + x (1 - s))."""
+
+    def onnx(self, g, x, input_shape, name):
+        return g.node("Mul", [x, g.node("Sigmoid", [x], f"{name}.sigmoid")], name)
+
+    def forward(self, x, training=True):
+        self._x = x
+        self._s = _sigmoid(x)
+        return x * self._s
+
+    def backward(self, dy):
+        s = self._s
+        return dy * (s * (1 + self._x * (1 - s)))

@@ -39,6 +39,11 @@ class OnnxGraph:
         self.inits.append(self.numpy_helper.from_array(np.asarray(value, np.float32), name))
         return name
 
+    def ints(self, name: str, values) -> str:
+        """An int64 constant (shapes, axes)."""
+        self.inits.append(self.numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
     def arrays(self, name: str, layer, keys: tuple[str, ...]) -> list[str]:
         """The layer's parameters and buffers under these keys (those it has, in this order) as constants named
         after its state-dict path."""

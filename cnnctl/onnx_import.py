@@ -290,12 +290,13 @@ class _Importer:
             t = self._fork(t, cons, layers)
 
     def _fork(self, t: str, cons: list, layers: list[dict]) -> str:
-        branches, ends, joins, flat = [], [], {}, self.flat
+        branches, ends, joins, flat, flats = [], [], {}, self.flat, []
         for c in cons:
             self.flat = flat  # every branch starts from the fork's tensor
             if self._is_join(c):  # the input itself joins
                 branches.append([])
                 ends.append(t)
+                flats.append(flat)
                 joins[id(c)] = c
                 continue
             own: list[dict] = []
@@ -304,6 +305,7 @@ class _Importer:
             end = self._walk(c.output[0], own)
             ends.append(end)
             branches.append(own)
+            flats.append(self.flat)  # whether the branch ended in one value per channel
             for j in self.consumers.get(end, [None])[:1]:
                 joins[id(j)] = j
         if len(joins) != 1 or None in joins.values():
@@ -320,12 +322,18 @@ class _Importer:
             body, shortcut = (a, b) if len(a) >= len(b) else (b, a)  # the longer branch is the body
             layers.append({"type": "residual", "body": body, "shortcut": shortcut or "identity"})
         elif join.op_type == "Mul" and sorted(map(_types, by_input)) == [[], ["sigmoid"]]:  # x * sigmoid(x)
+            self.flat = flat
             self._activation(layers, "silu")
+        elif join.op_type == "Mul" and len(by_input) == 2 and [] in by_input and not flat \
+                and all(f for f, b in zip(flats, branches) if b):
+            layers.append({"type": "gate", "branch": by_input[0] or by_input[1]})  # x * g(x), g per channel
         elif join.op_type == "Concat" and int(_attrs(join).get("axis", 1)) in (1, -3) and not self.flat:
             layers.append({"type": "concat", "branches": by_input})
         else:
             self.fail(f"node {join.name!r} joins {len(inputs)} branches with {join.op_type}, which cnnctl cannot "
-                      "import", "cnnctl joins branches by Add (residual) and by Concat on channels")
+                      "import", "cnnctl joins branches by Add (residual), Concat on channels and Mul (x * sigmoid(x), "
+                      "or squeeze-and-excitation gating)")
+        self.flat = flat  # a join gives what came in: feature maps stay feature maps
         return join.output[0]
 
     # ---------------------------------------------------------------- single nodes
@@ -350,6 +358,19 @@ class _Importer:
             if op == "Dropout" and not self._last(node):
                 ratio = a.get("ratio", float(self.const[ins[1]]) if len(ins) > 1 and ins[1] in self.const else 0.5)
                 layers.append({"type": "dropout", "rate": round(float(ratio), 6)})
+            return
+        if op == "Conv" and self.flat:  # a 1x1 convolution on 1x1 maps after a global pooling: a dense layer
+            w = self._param(ins[1])
+            if w.shape[2:] != (1, 1) or int(a.get("group", 1)) != 1 or any(a.get("pads", [])):
+                self.fail(f"Conv {node.name!r} after a global pooling: only a 1x1 convolution (a dense layer) is "
+                          "imported there")
+            tensors = {"weight": np.ascontiguousarray(w[:, :, 0, 0])}
+            spec = {"type": "dense", "units": int(w.shape[0])}
+            if len(ins) > 2 and ins[2]:
+                tensors["bias"] = self._param(ins[2])
+            else:
+                spec["bias"] = False
+            self._add(layers, spec, tensors)
             return
         if op == "Conv":
             w = self._param(ins[1])
@@ -591,6 +612,8 @@ def lay_out(layers: list[dict], weights: dict[str, np.ndarray], prefix: str = "l
         elif spec["type"] == "concat":
             for b, branch in enumerate(spec["branches"]):
                 named.update(lay_out(branch, weights, f"{path}.branches.{b}"))
+        elif spec["type"] == "gate":
+            named.update(lay_out(spec["branch"], weights, f"{path}.branch"))
     return named
 
 
@@ -617,6 +640,10 @@ def _layer_lines(layers: list[dict], indent: str) -> list[str]:
                 lines.append(f"{indent}  shortcut: {spec['shortcut']}")
             if spec.get("activation"):
                 lines.append(f"{indent}  activation: {spec['activation']}")
+        elif spec["type"] == "gate":
+            lines.append(f"{indent}- type: gate   # squeeze-and-excitation: the input's channels scaled by:")
+            lines.append(f"{indent}  branch:")
+            lines += _layer_lines(spec["branch"], indent + "    ")
         elif spec["type"] == "concat":
             lines.append(f"{indent}- type: concat")
             lines.append(f"{indent}  branches:")

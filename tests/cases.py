@@ -76,6 +76,12 @@ CASES = {
                                            _seq(nn.MaxPool2D(3, stride=1, padding=1))]), (2, 2, 5, 6)),
         ("features", lambda g: nn.Concat([_seq(nn.Dense(4, 3, rng=g)), _seq()]), (3, 4)),
     ],
+    "gate": [
+        ("squeeze_excite", lambda g: nn.Gate(_seq(nn.GlobalAvgPool2D(), nn.Dense(4, 2, activation="relu", rng=g),
+                                                  nn.Dense(2, 4, activation="hardsigmoid", rng=g))), (2, 4, 5, 6)),
+        ("sigmoid_gate", lambda g: nn.Gate(_seq(nn.GlobalAvgPool2D(), nn.Dense(3, 3, activation="sigmoid", rng=g))),
+         (3, 3, 4, 4)),
+    ],
     "maxpool2d": [
         ("k2", lambda g: nn.MaxPool2D(2), (2, 3, 6, 8)),
         ("k3_s2_p1", lambda g: nn.MaxPool2D(3, stride=2, padding=1), (2, 2, 7, 6)),

@@ -148,6 +148,57 @@ def mobilenet_v2(classes=10):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(1280, classes))
 
 
+class SqueezeExcite(nn.Module):  # torchvision's SqueezeExcitation: 1x1 convolutions on the pooled channels
+    def __init__(self, c, squeeze, act=nn.ReLU, scale=nn.Hardsigmoid):
+        super().__init__()
+        self.fc1, self.fc2, self.act, self.scale = nn.Conv2d(c, squeeze, 1), nn.Conv2d(squeeze, c, 1), act(), scale()
+
+    def forward(self, x):
+        s = nn.functional.adaptive_avg_pool2d(x, 1)
+        return self.scale(self.fc2(self.act(self.fc1(s)))) * x
+
+
+class MBConv(nn.Module):  # MobileNetV3's and EfficientNet's block: expand, depthwise, squeeze-excite, project
+    def __init__(self, cin, cout, k, stride, expanded, act, se, se_act=nn.ReLU, se_scale=nn.Hardsigmoid):
+        super().__init__()
+        layers = [] if expanded == cin else [nn.Conv2d(cin, expanded, 1, bias=False), _bn(expanded), act()]
+        layers += [nn.Conv2d(expanded, expanded, k, stride, k // 2, groups=expanded, bias=False), _bn(expanded),
+                   act()]
+        if se:
+            layers.append(SqueezeExcite(expanded, max(8, expanded // 4), se_act, se_scale))
+        self.f = nn.Sequential(*layers, nn.Conv2d(expanded, cout, 1, bias=False), _bn(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.f(x) if self.residual else self.f(x)
+
+
+def mobilenet_v3_small(classes=10):  # torchvision's mobilenet_v3_small settings
+    hs, re = nn.Hardswish, nn.ReLU
+    settings = [(3, 16, 16, True, re, 2), (3, 72, 24, False, re, 2), (3, 88, 24, False, re, 1),
+                (5, 96, 40, True, hs, 2), (5, 240, 40, True, hs, 1), (5, 240, 40, True, hs, 1),
+                (5, 120, 48, True, hs, 1), (5, 144, 48, True, hs, 1), (5, 288, 96, True, hs, 2),
+                (5, 576, 96, True, hs, 1), (5, 576, 96, True, hs, 1)]
+    layers, cin = [nn.Conv2d(3, 16, 3, 2, 1, bias=False), _bn(16), hs()], 16
+    for k, exp, c, se, act, s in settings:
+        layers.append(MBConv(cin, c, k, s, exp, act, se))
+        cin = c
+    return nn.Sequential(*layers, nn.Conv2d(cin, 576, 1, bias=False), _bn(576), hs(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(576, 1024), hs(), nn.Dropout(0.2), nn.Linear(1024, classes))
+
+
+def efficientnet_b0_style(classes=10):  # EfficientNet-B0's stages (one block each): SiLU, sigmoid gating
+    settings = [(1, 3, 16, 1), (6, 3, 24, 2), (6, 5, 40, 2), (6, 3, 80, 2), (6, 5, 112, 1), (6, 5, 192, 2),
+                (6, 3, 320, 1)]
+    layers, cin = [nn.Conv2d(3, 32, 3, 2, 1, bias=False), _bn(32), nn.SiLU()], 32
+    for t, k, c, s in settings:
+        layers.append(MBConv(cin, c, k, s, cin * t, nn.SiLU, True, nn.SiLU, nn.Sigmoid))
+        layers.append(MBConv(c, c, k, 1, c * t, nn.SiLU, True, nn.SiLU, nn.Sigmoid))
+        cin = c
+    return nn.Sequential(*layers, nn.Conv2d(cin, 1280, 1, bias=False), _bn(1280), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Dropout(0.2), nn.Linear(1280, classes))
+
+
 class ViewFlatten(nn.Module):  # x.view(x.size(0), -1): the Shape/Gather/Unsqueeze/Concat/Reshape chain
     def forward(self, x):
         return x.view(x.size(0), -1)
@@ -165,6 +216,8 @@ NETWORKS = {  # name: (builder, input shape (C, H, W), whether to keep batchnorm
     "resnet50": (lambda: resnet(Bottleneck, [3, 4, 6, 3]), (3, 32, 32), True),
     "vgg11": (vgg11, (3, 32, 32), False),
     "mobilenet_v2": (mobilenet_v2, (3, 32, 32), True),
+    "mobilenet_v3_small": (mobilenet_v3_small, (3, 64, 64), True),
+    "efficientnet_b0_style": (efficientnet_b0_style, (3, 64, 64), True),
     "small-silu-hardswish": (lambda: small_cnn(act=nn.SiLU).append(nn.Hardswish()), (1, 20, 20), False),
     "small-hardsigmoid": (lambda: small_cnn(act=nn.Hardsigmoid), (1, 20, 20), False),
     "densenet": (densenet, (3, 16, 16), True),
@@ -221,6 +274,8 @@ def test_torch_networks_import_exactly(tmp_path, name):
     if name == "mobilenet_v2":
         assert {"residual", "batchnorm"} <= kinds and any(spec.get("groups", 1) > 1 for spec in _specs(imp.layers))
         assert any(spec.get("activation") == "relu6" for spec in _specs(imp.layers))
+    if name in ("mobilenet_v3_small", "efficientnet_b0_style"):
+        assert "gate" in kinds and "residual" in kinds
     if name == "small-silu-hardswish":
         assert imp.layers[0]["activation"] == "silu" and imp.layers[-1]["activation"] == "hardswish"
 

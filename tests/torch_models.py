@@ -69,6 +69,15 @@ class Concat(tnn.Module):
         return torch.cat([b(x) for b in self.branches], dim=1)
 
 
+class Gate(tnn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.branch = to_torch(layer.branch)
+
+    def forward(self, x):
+        return x * self.branch(x)[:, :, None, None]
+
+
 class Root(tnn.Module):
     def __init__(self, layer):
         super().__init__()
@@ -83,6 +92,7 @@ TORCH = {
     "sequential": lambda layer: tnn.Sequential(*[to_torch(child) for child in layer.layers]),
     "residual": Residual,
     "concat": Concat,
+    "gate": Gate,
     "conv2d": Conv,
     "dense": Linear,
     "batchnorm1d": _bn,

@@ -41,7 +41,7 @@ from .base import (  # noqa: E402
 )
 from .conv import Conv2D  # noqa: E402
 from .dense import Dense, Flatten  # noqa: E402
-from .graph import Concat, ConcatSpec, Residual, ResidualSpec  # noqa: E402
+from .graph import Concat, ConcatSpec, Gate, GateSpec, Residual, ResidualSpec  # noqa: E402
 from .hooks import recording  # noqa: E402
 from .init import INITS, Init, initialize  # noqa: E402
 from .losses import LOSSES, CrossEntropyLoss, Loss, MSELoss, NLLLoss  # noqa: E402
@@ -61,5 +61,5 @@ __all__ = [
     "ReLU", "LeakyReLU", "ELU", "CELU", "GELU", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Dropout", "Dropout2D",
     "BatchNorm1D", "BatchNorm2D",
     "CrossEntropyLoss", "MSELoss", "NLLLoss", "SequentialSpec", "ResidualSpec", "ConcatSpec", "recording",
-    "ReLU6", "HardSigmoid", "HardSwish", "SiLU",
+    "ReLU6", "HardSigmoid", "HardSwish", "SiLU", "Gate", "GateSpec",
 ]

@@ -6,6 +6,7 @@ gradient is split by channels, each branch getting its own slice. docs/backprop.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -217,3 +218,70 @@ class Concat(Layer):
     def __repr__(self):
         return f"Concat({', '.join(repr(b) for b in self.branches)})"
 
+
+
+class GateSpec(LayerSpec):
+    type: Literal["gate"]
+    branch: list[AnyLayer] = Field(min_length=1, description="Layers run on the input that end in one value per "
+                                   "channel (global_avgpool2d, dense layers, a sigmoid or hardsigmoid); the input's "
+                                   "channels are scaled by them: squeeze-and-excitation (Hu et al. 2018).")
+
+    def layer_lists(self):
+        return {("branch",): self.branch}
+
+    def with_layer_lists(self, lists):
+        return self.model_copy(update={"branch": lists[("branch",)]})
+
+    def build(self, input_shape, scope):
+        return Gate(scope.sequence("branch", self.branch, input_shape))
+
+
+@register("gate", GateSpec)
+class Gate(Layer):
+    """y = x * g(x), g(x) one value per sample and channel broadcast over height and width: squeeze-and-excitation
+    gating (MobileNetV3, EfficientNet). Backward: dx = dy * g + g's input gradient of sum_hw(dy * x) (the fork)."""
+
+    def __init__(self, branch: Sequential):
+        super().__init__()
+        self.branch = branch
+
+    def children(self):
+        return [("branch", self.branch)]
+
+    def set_input_grad(self, needed):
+        self.needs_input_grad = needed
+        self.branch.set_input_grad(needed)
+
+    def output_shape(self, input_shape):
+        out = tuple(self.branch.output_shape(input_shape))
+        if len(input_shape) != 3 or out != (input_shape[0],):
+            raise ShapeError(f"gate: the branch maps {tuple(input_shape)} to {out}; it must give one value per "
+                             f"channel of feature maps ({input_shape[0] if input_shape else '?'},)",
+                             "end the branch in a dense layer with as many units as the input has channels")
+        return tuple(input_shape)
+
+    def macs(self, input_shape):
+        return self.branch.macs(input_shape) + math.prod(input_shape)
+
+    def receptive_field(self, rf):
+        return self.branch.receptive_field(rf)
+
+    def forward(self, x, training=True):
+        self._x, g = x, self.branch(x, training)
+        self._g = g[:, :, None, None]
+        return x * self._g
+
+    def backward(self, dy):
+        dg = np.einsum("nchw,nchw->nc", dy, self._x)
+        dx = self.branch.backward(dg.astype(dy.dtype, copy=False))
+        if not self.needs_input_grad:
+            return None
+        return np.add(dy * self._g, F.in_layout_of(dx, dy))
+
+    def onnx(self, g, x, input_shape, name):
+        gate = self.branch.onnx(g, x, input_shape, name + ".branch")
+        shape = g.ints(f"{name}.shape", [0, -1, 1, 1])
+        return g.node("Mul", [x, g.node("Reshape", [gate, shape], name + ".per_channel")], name)
+
+    def __repr__(self):
+        return f"Gate({self.branch!r})"

@@ -30,7 +30,7 @@ MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one message
 LAYER_OPS = {"Sub", "Div", "Conv", "BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Celu",
              "Clip", "HardSigmoid", "HardSwish", "Mul",
              "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Gemm", "MatMul", "Add",
-             "Concat", "Dropout", "Identity", "Pad", "Softmax", "LogSoftmax"}
+             "Concat", "Dropout", "Identity", "Pad", "Softmax", "LogSoftmax", "Unsqueeze"}
 FOLDED_OPS = {"Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast", "Concat", "Reshape", "Identity",
               "Mul", "Add", "Sub", "Div", "Slice", "ConstantOfShape", "Range", "ReduceProd"}
 # what a user meets most often among the rest, and what it would take
@@ -449,6 +449,8 @@ class _Importer:
                 layers.append({"type": "flatten"})
                 self.flat = True
             return
+        if op in ("Reshape", "Unsqueeze") and self.flat and self._per_channel(node):
+            return  # (N, C) -> (N, C, 1, 1) before a gate's Mul: cnnctl's gate broadcasts (N, C) itself
         if op == "Reshape":
             target = self.shapes.get(node.output[0])
             if target is None or len(target) != 2 or target[0] != BATCH:
@@ -496,6 +498,10 @@ class _Importer:
         what = LATER.get(op)
         self.fail(f"node {node.name!r}: {op}" + (f" ({what})" if what else "") + " is not imported by cnnctl yet",
                   "export the network without it")
+
+    def _per_channel(self, node) -> bool:
+        before, after = self.shapes.get(self._data_inputs(node)[0]), self.shapes.get(node.output[0])
+        return before is not None and after is not None and len(before) == 2 and after == (*before, 1, 1)
 
     def _activation(self, layers: list[dict], act: str) -> None:
         """An element-wise activation: the previous layer's `activation:` when it has none, else a layer."""

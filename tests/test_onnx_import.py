@@ -342,9 +342,32 @@ def test_a_folder_of_images_fine_tunes_an_imported_network(tmp_path):
     assert "copied 8 of 8 parameters and buffers" in res.output
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+EVERY_KIND = """\
+name: kinds
+data: {dataset: shapes, shapes: {train_size: 40, test_size: 8}}
+model:
+  input_shape: [1, 16, 16]
+  layers:
+    - {type: conv2d, filters: 8, kernel_size: 3, padding: 1, bias: false}
+    - {type: batchnorm, activation: hardswish}
+    - type: residual
+      body:
+        - {type: conv2d, filters: 8, kernel_size: 3, padding: 1, groups: depthwise, activation: silu}
+        - {type: gate, branch: [{type: global_avgpool2d}, {type: dense, units: 4, activation: relu6},
+                                {type: dense, units: 8, activation: hardsigmoid}]}
+    - {type: concat, branches: [[], [{type: conv2d, filters: 4, kernel_size: 1, activation: elu}]]}
+    - {type: avgpool2d, kernel_size: 2}
+    - {type: leaky_relu, negative_slope: 0.2}
+    - {type: flatten}
+    - {type: dense, units: 4, activation: tanh}
+"""
+
+
+@pytest.mark.parametrize("config", ["every layer kind", *sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))])
 def test_every_shipped_config_survives_export_and_import(tmp_path, config):
-    spec, _ = load_config(ROOT / "configs" / config)
+    if config == "every layer kind":
+        (tmp_path / "kinds.yaml").write_text(EVERY_KIND)
+    spec, _ = load_config(tmp_path / "kinds.yaml" if config == "every layer kind" else ROOT / "configs" / config)
     model, _ = build_model(spec.model, np.random.default_rng(0))
     for layer in model.named_layers():  # batchnorm statistics away from 0 and 1, so that they count
         for value in layer[1].buffers.values():

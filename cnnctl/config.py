@@ -80,7 +80,25 @@ class ShapesSpec(Strict):
     noise: float = Field(0.15, ge=0.0, le=1.0, description="Std of Gaussian pixel noise on a 0..1 scale.")
 
 
+class ResizedCropSpec(Strict):
+    scale: tuple[float, float] = Field((0.08, 1.0), description="Fraction of the image's area the crop covers: "
+                                       "drawn uniformly between these.")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="Aspect ratio (width / height) of the crop: "
+                                       "drawn log-uniformly between these.")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        (s0, s1), (r0, r1) = self.scale, self.ratio
+        if not (0 < s0 <= s1 <= 1 and 0 < r0 <= r1):
+            raise ValueError("give scale as [min, max] within (0, 1] and ratio as [min, max] above 0, min <= max")
+        return self
+
+
 class AugmentSpec(Strict):
+    random_resized_crop: ResizedCropSpec | None = Field(
+        None, description="A random part of each image (its area and aspect ratio drawn from scale and ratio) "
+        "resized back to the image's size, bilinearly (torchvision's RandomResizedCrop, for fine-tuning); {} "
+        "takes torchvision's defaults.")
     random_crop: NonNegInt = Field(0, description="Pad by this many pixels, then crop back at a random offset.")
     random_shift: float = Field(0.0, ge=0.0, lt=0.5, description="Shift by up to this fraction of the size, "
                                 "repeating edge pixels.")
@@ -94,7 +112,8 @@ class AugmentSpec(Strict):
     @property
     def active(self) -> bool:
         """Whether any augmentation is asked for."""
-        return bool(self.random_crop or self.random_shift or self.horizontal_flip or self.random_erasing)
+        return bool(self.random_crop or self.random_shift or self.horizontal_flip or self.random_erasing
+                    or self.random_resized_crop is not None)
 
 
 class TestTimeAugmentSpec(Strict):
@@ -136,6 +155,10 @@ class DataSpec(Strict):
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Training-batch augmentation.")
     test_time_augment: TestTimeAugmentSpec = Field(default_factory=TestTimeAugmentSpec,
                                                    description="Augmentation when evaluating and predicting.")
+    resize: PosInt | None = Field(None, description="folder data and predict's picture files: scale each picture so "
+                                  "that its shorter side has this many pixels (bilinear, aspect kept), then cut the "
+                                  "input's height x width from its centre (torchvision's evaluation transform: "
+                                  "Resize(256) + CenterCrop(224)); default: stretch the picture to the input size.")
     batch_size: PosInt = 64
     eval_batch_size: PosInt | None = Field(None, description="Batch size for validation, test, eval and predict "
                                            "(default: batch_size). Evaluation keeps nothing for backward, so it can "
@@ -250,6 +273,19 @@ class Spec(Strict):
             raise PydanticCustomError(
                 "crop_too_large", "data.augment.random_crop is {crop}, more than the image ({side} pixels); pad by "
                 "at most the image size (4 is usual for 32 pixels)", {"crop": crop, "side": side})
+        return self
+
+    @model_validator(mode="after")
+    def _resize_fits_the_input(self):
+        r, (h, w) = self.data.resize, self.model.input_shape[1:]
+        if r is not None and self.data.dataset != "folder":
+            raise PydanticCustomError("resize_needs_pictures", "data.resize applies to picture files (dataset: "
+                                      "folder, and predict); the {dataset} data has its own size", {
+                                          "dataset": self.data.dataset})
+        if r is not None and r < max(h, w):
+            raise PydanticCustomError(
+                "resize_too_small", "data.resize is {r}: the shorter side must have at least {side} pixels to cut "
+                "the {h}x{w} input from it (256 for 224 is usual)", {"r": r, "side": max(h, w), "h": h, "w": w})
         return self
 
     @model_validator(mode="after")

@@ -13,8 +13,9 @@ from .errors import DataError
 from .nn import LOSSES
 
 
-def load_inputs(paths: list[Path], input_shape) -> tuple[list[str], np.ndarray]:
-    """(names, images (N, C, H, W)) from image files and/or .npz files (array `x`, `x_test` or `images`)."""
+def load_inputs(paths: list[Path], input_shape, resize: int | None = None) -> tuple[list[str], np.ndarray]:
+    """(names, images (N, C, H, W)) from image files (decoded as the folder dataset decodes them: `resize` is
+    data.resize) and/or .npz files (array `x`, `x_test` or `images`)."""
     c, h, w = input_shape
     names, arrays, pictures = [], [], []
     for path in map(Path, paths):
@@ -43,7 +44,7 @@ def load_inputs(paths: list[Path], input_shape) -> tuple[list[str], np.ndarray]:
     if not arrays:
         raise DataError("no inputs given", "pass image files or an .npz")
     if pictures:
-        decoded = files.decode_images([p for _, p in pictures], (c, h, w), "the inputs")
+        decoded = files.decode_images([p for _, p in pictures], (c, h, w), "the inputs", resize)
         for (i, _), image in zip(pictures, decoded):
             arrays[i] = image.astype(np.float32) / 255.0
     return names, np.stack(arrays).astype(np.float32)

@@ -151,7 +151,7 @@ def viz(
         name, first = next(iter(convs.items()))
         plots.plot_filters(first.params["weight"], out_file, f"{name} filters {tuple(first.params['weight'].shape)}")
     else:
-        names, x01 = predict_lib.load_inputs([image], spec.model.input_shape)
+        names, x01 = predict_lib.load_inputs([image], spec.model.input_shape, spec.data.resize)
         with nn.recording(convs) as outputs:  # every convolution's output, nested ones included
             model.forward(predict_lib.normalize(x01[:1], ckpt.normalization), training=False)
         maps = [(name, np.asarray(outputs[name][0])) for name in convs]
@@ -322,7 +322,7 @@ def predict_(
     """Class probabilities for images (Pillow) or an .npz, normalised as in training."""
     checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
     spec, model, rows = load_model(ckpt, checkpoint_path)
-    names, x01 = predict_lib.load_inputs(inputs, spec.model.input_shape)
+    names, x01 = predict_lib.load_inputs(inputs, spec.model.input_shape, spec.data.resize)
     check_evaluation_memory(spec.name, rows, min(spec.data.evaluation_batch, max(len(x01), 1)))
     logits = predict_lib.outputs(model, x01, ckpt.normalization, spec.data.test_time_augment,
                                  spec.data.evaluation_batch)

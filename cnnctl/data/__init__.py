@@ -101,7 +101,7 @@ def _load_raw(spec: DataSpec, input_shape, rng, progress) -> tuple[list[str], Sp
                             "list every class in data.classes, or fix the labels")
         return classes or [str(i) for i in range(n)], Split(*train), Split(*test)
     if spec.dataset == "folder":
-        names, train, test = files.load_folder(root, input_shape)
+        names, train, test = files.load_folder(root, input_shape, spec.resize)
         return names, Split(*train), Split(*test)
     if spec.download:
         download.ensure(spec.dataset, root, progress, spec.mirror)

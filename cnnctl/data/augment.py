@@ -88,9 +88,61 @@ def random_erasing(x: np.ndarray, p: float, rng: np.random.Generator, area=(0.02
     return np.where(inside[:, None], x.dtype.type(0), x)
 
 
+def resized_crop_boxes(n: int, h: int, w: int, scale, ratio, rng: np.random.Generator, tries: int = 10):
+    """(top, left, height, width) of n random crops, as torchvision's RandomResizedCrop draws them: an area
+    fraction uniform in `scale`, an aspect ratio (width / height) log-uniform in `ratio`, up to `tries` draws per
+    image until the box fits; an image whose draws all fail gets the whole image, its aspect clamped to `ratio`."""
+    area = h * w * rng.uniform(scale[0], scale[1], (n, tries))
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, tries)))
+    bw, bh = np.rint(np.sqrt(area * aspect)).astype(np.int64), np.rint(np.sqrt(area / aspect)).astype(np.int64)
+    fits = (bw > 0) & (bw <= w) & (bh > 0) & (bh <= h)
+    first = fits.argmax(axis=1)
+    rows = np.arange(n)
+    ok = fits[rows, first]
+    bh, bw = np.where(ok, bh[rows, first], 0), np.where(ok, bw[rows, first], 0)
+    whole = w / h  # the fallback: the largest centred box within the ratio range
+    fh, fw = (h, int(round(h * ratio[1]))) if whole > ratio[1] else \
+        (int(round(w / ratio[0])), w) if whole < ratio[0] else (h, w)
+    bh, bw = np.where(ok, bh, fh), np.where(ok, bw, fw)
+    u = rng.random((2, n))  # the position, drawn for every image (the stream does not depend on the fallback)
+    top = np.where(ok, (u[0] * (h - bh + 1)).astype(np.int64), (h - fh) // 2)
+    left = np.where(ok, (u[1] * (w - bw + 1)).astype(np.int64), (w - fw) // 2)
+    return top, left, bh, bw
+
+
+def resized_crop(x: np.ndarray, top, left, bh, bw) -> np.ndarray:
+    """Each image's box resized back to the image's size, bilinearly (half-pixel centres, as align_corners
+    false), all images at once; uint8 images stay uint8 (rounded)."""
+    n, c, h, w = x.shape
+    ys = top[:, None] + (np.arange(h) + 0.5)[None, :] * (bh[:, None] / h) - 0.5  # (n, h) source rows
+    xs = left[:, None] + (np.arange(w) + 0.5)[None, :] * (bw[:, None] / w) - 0.5
+    ys = np.clip(ys, top[:, None], (top + bh - 1)[:, None])  # the crop's own edge pixels repeat, as when the crop
+    xs = np.clip(xs, left[:, None], (left + bw - 1)[:, None])  # is cut out first and then resized
+    y0, x0 = np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64)
+    y1, x1 = np.minimum(y0 + 1, (top + bh - 1)[:, None]), np.minimum(x0 + 1, (left + bw - 1)[:, None])
+    wy, wx = (ys - y0)[:, :, None, None], (xs - x0)[:, None, :, None]  # (n, h, 1, 1), (n, 1, w, 1)
+    img = x.transpose(0, 2, 3, 1).astype(np.float32)  # (n, h, w, c)
+    i = np.arange(n)[:, None, None]
+
+    def at(rows, cols):
+        return img[i, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
+
+    top_row = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+    bottom_row = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+    out = (top_row * (1 - wy) + bottom_row * wy).transpose(0, 3, 1, 2)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8) if x.dtype == np.uint8 else out.astype(x.dtype)
+
+
+def random_resized_crop(x: np.ndarray, spec, rng: np.random.Generator) -> np.ndarray:
+    n, _, h, w = x.shape
+    return resized_crop(x, *resized_crop_boxes(n, h, w, spec.scale, spec.ratio, rng))
+
+
 def apply(x: np.ndarray, spec, rng: np.random.Generator, flips: np.ndarray | None = None) -> np.ndarray:
-    """The augmentations a DataSpec.augment asks for, in a fixed order: crop, shift, flip, erasing. With
-    alternating flip, `flips` says which images of the batch are mirrored."""
+    """The augmentations a DataSpec.augment asks for, in a fixed order: resized crop, crop, shift, flip,
+    erasing. With alternating flip, `flips` says which images of the batch are mirrored."""
+    if spec.random_resized_crop is not None:
+        x = random_resized_crop(x, spec.random_resized_crop, rng)
     if spec.random_crop:
         x = random_crop(x, spec.random_crop, rng)
     if spec.random_shift:

@@ -119,8 +119,9 @@ FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # 16-bit (and 32-bit integer) grayscale
 
 
-def decode_image(path: Path, input_shape) -> np.ndarray:
-    """One picture file as uint8 (C, H, W) of the input shape: grayscale (C 1) or RGB (C 3), resized bilinearly.
+def decode_image(path: Path, input_shape, resize: int | None = None) -> np.ndarray:
+    """One picture file as uint8 (C, H, W) of the input shape: grayscale (C 1) or RGB (C 3), resized bilinearly
+    (with `resize`: its shorter side to `resize` pixels, aspect kept, then the centre H x W cut out).
     16-bit grayscale keeps its range (0..65535 becomes 0..255; Pillow's convert would clip it to 255). Raises
     ValueError with the reason for anything that is not a readable image of a documented format."""
     Image = _pillow()
@@ -130,7 +131,15 @@ def decode_image(path: Path, input_shape) -> np.ndarray:
             if im.mode in WIDE_MODES:
                 wide = np.asarray(im, dtype=np.float64)  # only 16-bit PNGs decode to these modes
                 im = Image.fromarray(np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
-            im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+            im = im.convert("L" if c == 1 else "RGB")
+            if resize is None:
+                im = im.resize((w, h), Image.BILINEAR)
+            else:  # torchvision's Resize(resize) then CenterCrop((h, w))
+                short, long_ = sorted(im.size)
+                scaled = (resize, int(resize * long_ / short))
+                im = im.resize(scaled if im.size[0] <= im.size[1] else scaled[::-1], Image.BILINEAR)
+                top, left = int(round((im.size[1] - h) / 2.0)), int(round((im.size[0] - w) / 2.0))
+                im = im.crop((left, top, left + w, top + h))
             arr = np.asarray(im, dtype=np.uint8)
     except MemoryError:
         raise
@@ -141,7 +150,7 @@ def decode_image(path: Path, input_shape) -> np.ndarray:
     return arr[None] if c == 1 else arr.transpose(2, 0, 1)
 
 
-def decode_images(paths: list[Path], input_shape, where: str) -> np.ndarray:
+def decode_images(paths: list[Path], input_shape, where: str, resize: int | None = None) -> np.ndarray:
     """Every file decoded into one uint8 (N, C, H, W) array, allocated once after a memory check; every file
     that cannot be decoded is named in one error."""
     refuse_over(f"{len(paths):,} images of shape {tuple(input_shape)} from {where}",
@@ -151,7 +160,7 @@ def decode_images(paths: list[Path], input_shape, where: str) -> np.ndarray:
     bad = []
     for i, f in enumerate(paths):
         try:
-            out[i] = decode_image(f, input_shape)
+            out[i] = decode_image(f, input_shape, resize)
         except ValueError as e:
             bad.append(f"{f}: {e}")
     if bad:
@@ -161,7 +170,7 @@ def decode_images(paths: list[Path], input_shape, where: str) -> np.ndarray:
     return out
 
 
-def load_folder(root: Path, input_shape) -> tuple[list[str], tuple, tuple]:
+def load_folder(root: Path, input_shape, resize: int | None = None) -> tuple[list[str], tuple, tuple]:
     """ImageFolder: root/train/<class>/*.png|jpg and, when present, root/test/<class>/... (else an empty test
     split), resized to the input shape."""
     _pillow()
@@ -192,7 +201,7 @@ def load_folder(root: Path, input_shape) -> tuple[list[str], tuple, tuple]:
         if not paths and (split == "train" or test_dir.is_dir()):
             raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
                             f"put images in {root / split}/<class>/")
-        images = decode_images(paths, (c, h, w), str(root / split))
+        images = decode_images(paths, (c, h, w), str(root / split), resize)
         splits.append((images, np.asarray(labels, np.int64)))
     return classes, splits[0], splits[1]
 

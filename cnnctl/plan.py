@@ -114,6 +114,26 @@ class LayerStep(Step):
     def backward(self, dy):
         return [self.layer.backward(dy)]
 
+    def release(self):
+        for _, layer in self.layer.named_layers():
+            _forget(layer)
+            if layer.activation is not None:
+                _forget(layer.activation)
+
+
+def _forget(layer: Layer) -> None:
+    """Drop the arrays a layer holds from its forward for its backward (by the convention `_held_bytes` measures:
+    underscore attributes holding arrays)."""
+    for key, value in list(vars(layer).items()):
+        if key.startswith("_") and _holds_arrays(value):
+            setattr(layer, key, None)
+
+
+def _holds_arrays(value, depth: int = 3) -> bool:
+    if isinstance(value, np.ndarray):
+        return True
+    return depth > 0 and isinstance(value, (list, tuple)) and any(_holds_arrays(v, depth - 1) for v in value)
+
 
 class ConvStep(Step):
     """An ungrouped convolution by the plan's algorithm, bias and ReLU fused on its output (the layer's
@@ -123,6 +143,7 @@ class ConvStep(Step):
         super().__init__(*args, **kw)
         self.keep, self.scratch, self.relu, self.activation = keep, scratch, relu, activation
         self._saved = None
+        self.forward_only = False  # below the lowest trainable layer: the lowered input goes to the shared scratch
 
     def forward(self, xs, training):
         conv, x = self.layer, xs[0]
@@ -136,7 +157,8 @@ class ConvStep(Step):
         elif self.algorithm == "pointwise":
             y, saved = pointwise_forward(x, w, b, self.relu)
         else:
-            y, saved = F.conv2d_forward(x, w, b, conv.stride, self._pad4, conv.dilation, self.keep, relu=self.relu,
+            y, saved = F.conv2d_forward(x, w, b, conv.stride, self._pad4, conv.dilation,
+                                        self.scratch if self.forward_only else self.keep, relu=self.relu,
                                         scratch=self.scratch)
         self._saved = saved  # also after an evaluation forward: a backward may follow (gradient checks)
         return y if self.activation is None else self.activation.forward(y, training)
@@ -164,6 +186,8 @@ class ConvStep(Step):
 
     def release(self):
         self._saved = None
+        if self.activation is not None:
+            _forget(self.activation)
 
 
 def _relu_in_place(y: np.ndarray, mask: np.ndarray) -> None:
@@ -194,6 +218,10 @@ class PoolReluStep(Step):
         dy = _masked(dy, self._mask)
         self._mask = None
         return [self.layer.backward(dy)]
+
+    def release(self):
+        self._mask = None
+        _forget(self.layer)
 
 
 class AddStep(Step):
@@ -309,12 +337,31 @@ class Plan:
         out = self._emit(model, "", 0, self.input_shape, top=True)
         self.output = out
         self._fuse()
+        self.forward_only = self._forward_only(model)
+        for k in self.forward_only:
+            if isinstance(self.steps[k], ConvStep):
+                self.steps[k].forward_only = True
         self.consumers = [0] * len(self.shapes)
         for s in self.steps:
             for v in s.inputs:
                 self.consumers[v] += 1
 
     # ------------------------------------------------------------ building
+
+    def _forward_only(self, model) -> set[int]:
+        """The steps no gradient reaches: those of the top-level layers below the lowest one that trains, when
+        the model's input needs no gradient. They run forward only and keep nothing for a backward."""
+        top = getattr(model, "layers", None)
+        if top is None or model.needs_input_grad:
+            return set()
+        first = next((i for i, layer in enumerate(top) if layer.has_trainable()), len(top))
+        prefix = getattr(model, "child_prefix", "")
+        out = set()
+        for k, step in enumerate(self.steps):
+            head = step.name[len(prefix):].split(".", 1)[0] if step.name.startswith(prefix) else ""
+            if head.isdigit() and int(head) < first:
+                out.add(k)
+        return out
 
     def _value(self, shape) -> int:
         self.shapes.append(tuple(shape))
@@ -401,6 +448,8 @@ class Plan:
         for k, step in enumerate(self.steps):
             t0 = time.perf_counter() if clock is not None else 0.0
             y = step.forward([values[v] for v in step.inputs], training)
+            if k in self.forward_only:  # below the lowest trainable layer: nothing is kept for a backward
+                step.release()
             if clock is not None:
                 clock[k, 0] += time.perf_counter() - t0
             values[step.output] = y
@@ -450,7 +499,8 @@ class Plan:
             out = int(np.prod(s.out_shape)) * batch * itemsize
             rows.append({"step": k, "kind": s.kind, "layer": s.name or "(model)", "algorithm": s.algorithm,
                          "fused": ", ".join(s.fused), "output_shape": list(s.out_shape), "output_bytes": out,
-                         "saved_bytes": _saved_bytes(s, self.shapes, batch, itemsize)})
+                         "saved_bytes": 0 if k in self.forward_only else _saved_bytes(s, self.shapes, batch, itemsize),
+                         "forward_only": k in self.forward_only})
         return rows
 
 

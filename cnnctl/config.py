@@ -235,6 +235,10 @@ class TrainSpec(Strict):
     loggers: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list, description="Also log to: tensorboard (RUN/tensorboard/, the tensorboard extra), "
         "mlflow (MLFLOW_TRACKING_URI, else RUNS_DIR/mlflow.db; the mlflow extra).")
+    cache_frozen: bool = Field(False, description="Compute the frozen layers at the start of the model (those below "
+                               "the first that trains) once per image, and train the rest on their outputs: the "
+                               "same numbers, without running the frozen part every epoch. Needs no augmentation "
+                               "of the input, no test-time views and no unfreeze_at_epoch.")
     unfreeze_at_epoch: PosInt | None = Field(None, description="Make every layer trainable from this epoch on "
                                              "(1-based; layers frozen with trainable: false train from then).")
     validate_every: PosInt = Field(1, description="Validate after every this many epochs and after the last "
@@ -273,6 +277,17 @@ class Spec(Strict):
             raise PydanticCustomError(
                 "crop_too_large", "data.augment.random_crop is {crop}, more than the image ({side} pixels); pad by "
                 "at most the image size (4 is usual for 32 pixels)", {"crop": crop, "side": side})
+        return self
+
+    @model_validator(mode="after")
+    def _cache_frozen_needs_fixed_inputs(self):
+        t, d = self.train, self.data
+        why = ("data.augment changes the images every epoch" if d.augment.active else
+               "data.test_time_augment runs the model on several views of each image" if d.test_time_augment.views > 1
+               else "train.unfreeze_at_epoch makes the frozen layers train" if t.unfreeze_at_epoch else None)
+        if t.cache_frozen and why:
+            raise PydanticCustomError("cache_frozen", "train.cache_frozen computes the frozen layers once per image, "
+                                      "but {why}; leave one of them out", {"why": why})
         return self
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import checkpoint, data, distributed, parallel, plan, runs, whitening
+from . import checkpoint, data, distributed, nn, parallel, plan, runs, whitening
 from .averaging import WeightAverage
 from .builder import (
     build_loss,
@@ -40,6 +40,7 @@ from .config import Spec, TestTimeAugmentSpec, load_config, spec_to_dict, valida
 from .environment import environment
 from .errors import CheckpointError, CnnctlError, ConfigError, TrainingError
 from .loading import init_from, restore_weights
+from .memory import refuse_over
 from .nn import Loss, Model
 from .schedules import resolve_mode
 
@@ -158,6 +159,16 @@ def load_data(spec: Spec, rows: list, seeds: Seeds, normalization: dict | None =
     return ds
 
 
+def _top_index(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit() else None
+
+
+def _renumbered(name: str, by: int) -> str:
+    parts = name.split(".")
+    return ".".join([parts[0], str(int(parts[1]) + by), *parts[2:]])
+
+
 class NumericWarnings:
     """numpy's floating-point RuntimeWarnings (overflow, invalid value, division by zero) while a run trains, from
     every thread: counted, never printed raw. A run that then diverges names them in its error, as the first
@@ -243,6 +254,9 @@ class Trainer:
         self.state = RunState(classes=self.ds.classes, history=[], stopper=Stopper(), wall_seconds=0.0)
         if not resuming:  # the execution plan's convolution algorithms (a resumed run keeps its own: restore)
             self._plan_algorithms(autotune=spec.train.autotune)
+        # what the training step runs and is fed: the model on the images, or with train.cache_frozen the layers
+        # above the frozen prefix on the prefix's outputs, computed once (fit: after a resume's weights are in)
+        self.net, self.feed = self.model, self.ds
         self.stop_signal: int | None = None  # set by a signal handler on this rank
         self.ranks: list[dict] = []  # each rank's host and pid: fit asks (a collective call under MPI)
         self.fitting = False
@@ -252,6 +266,46 @@ class Trainer:
     def request_stop(self, signum: int) -> None:
         """Ask training to stop at the next batch boundary (from a signal handler)."""
         self.stop_signal = signum
+
+    def _cache_frozen(self) -> None:
+        """train.cache_frozen: run the frozen prefix (the top-level layers below the first that trains) once over
+        every split, and from here on train and evaluate the rest on those outputs. Nothing random may happen
+        before the first trainable layer (no input augmentation, checked with the config; no dropout in the
+        prefix), so the numbers are those of the full model, to the rounding of the batches' sums."""
+        layers, where = self.model.layers, "train.cache_frozen"
+        first = next((i for i, layer in enumerate(layers) if layer.has_trainable()), len(layers))
+        if first == 0:
+            raise ConfigError(f"{where}: model.layers[0] trains, so there is no frozen prefix to compute once",
+                              "freeze the pretrained layers (trainable: false), or leave cache_frozen out")
+        if first == len(layers):
+            raise ConfigError(f"{where}: every layer is frozen; nothing would train",
+                              "leave the last layers trainable")
+        random = [name for name, layer in Model(layers[:first]).named_layers()
+                  if isinstance(layer, (nn.Dropout, nn.Dropout2D))]
+        if random:
+            raise ConfigError(f"{where}: model.{random[0]} (dropout) lies in the frozen prefix and draws a new mask "
+                              "every step, so its output cannot be computed once", "move the dropout after the "
+                              "first trainable layer, or leave cache_frozen out")
+        prefix, self.net = Model(layers[:first]), Model(layers[first:])
+        for part, shift in ((prefix, 0), (self.net, first)):
+            part.algorithms = {_renumbered(k, -shift): v for k, v in self.model.algorithms.items()
+                               if _top_index(k) is not None and (shift == 0) == (_top_index(k) < first)}
+        shape = prefix.output_shape(tuple(self.spec.model.input_shape))
+        n = len(self.ds.train) + len(self.ds.val) + len(self.ds.test)
+        refuse_over(f"{where}: the outputs of model.layers[:{first}] for {n:,} images", 4 * n * math.prod(shape), 2,
+                    ConfigError, "leave cache_frozen out, or cache a deeper prefix (smaller outputs)")
+        ebs = self.spec.data.evaluation_batch
+
+        def outputs(split: data.Split) -> data.Split:
+            x = np.empty((len(split), *shape), np.float32)
+            for i, (xb, _) in enumerate(data.batches(self.ds, split, ebs)):
+                x[i * ebs : i * ebs + len(xb)] = prefix.forward(xb, training=False)
+            return data.Split(x, split.y)
+
+        with self.evaluated():
+            splits = [outputs(s) for s in (self.ds.train, self.ds.val, self.ds.test)]
+        zero, one = np.zeros(shape[0], np.float32), np.ones(shape[0], np.float32)
+        self.feed = data.Dataset(self.ds.name, self.ds.classes, *splits, zero, one)
 
     def _plan_algorithms(self, autotune: bool, recorded: dict | None = None) -> None:
         """Fix the convolution algorithms of the training batch's plan: those a checkpoint recorded, the fastest
@@ -378,12 +432,12 @@ class Trainer:
         else:
             start, total_loss, correct, seen = 0, 0.0, 0, 0
         shuffle_state = copy.deepcopy(self.seeds.shuffle.bit_generator.state)
-        order = data.epoch_order(self.ds.train, self.spec.data.sampler, self.seeds.shuffle)
+        order = data.epoch_order(self.feed.train, self.spec.data.sampler, self.seeds.shuffle)
         self.cb.on_epoch_start(epoch, self.spec.train.epochs, self.steps_per_epoch, start)
         aug = self.spec.data.augment if self.spec.data.augment.active else None
         flips = data.augment.alternating_flips(len(self.ds.train), self.spec.seed, epoch) \
             if aug is not None and aug.horizontal_flip == "alternating" else None
-        batches = data.batches(self.ds, self.ds.train, bs, order, start, aug, self.seeds.augment, flips)
+        batches = data.batches(self.feed, self.feed.train, bs, order, start, aug, self.seeds.augment, flips)
         for b, (x, y) in enumerate(batches, start=start):
             t0 = time.perf_counter()
             self.optimizer.lr = self.schedule.lr(epoch - 1, self.state.step)
@@ -391,7 +445,7 @@ class Trainer:
             if self.world.size > 1:  # this rank's share of the global batch
                 x, y = distributed.take_share(self.world, x, y, self.dropouts)
             with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught just below
-                out = self.model.forward(x, training=True)
+                out = self.net.forward(x, training=True)
                 loss = self.loss_fn.forward(out, y)
             correct_now = int((out.argmax(axis=1) == y).sum())
             if self.world.size > 1:  # the global batch's loss and accuracy, and whether any rank was signalled
@@ -406,7 +460,7 @@ class Trainer:
             grad = self.loss_fn.backward()
             if self.world.size > 1:  # this share's gradient, normalised as the whole batch's
                 grad *= grad.dtype.type(share)
-            self.model.backward(grad)
+            self.net.backward(grad)
             if self.world.size > 1:
                 self.reduce_gradients(self.model.trainable_parameters())
             if self.spec.train.grad_clip_norm:
@@ -494,6 +548,8 @@ class Trainer:
 
     def _fit(self, run_dir: Path, resumed: bool) -> dict:
         spec, ebs = self.spec, self.spec.data.evaluation_batch
+        if spec.train.cache_frozen and self.net is self.model:
+            self._cache_frozen()
         tta = spec.data.test_time_augment
         self.run_dir, self._started = Path(run_dir), time.time()
         self.fitting = True  # from here a failure leaves the run directory and its records in place
@@ -529,7 +585,7 @@ class Trainer:
                        "val_loss": None, "val_acc": None, "lr": self.optimizer.lr}
                 if len(self.ds.val) and (epoch % spec.train.validate_every == 0 or epoch == spec.train.epochs):
                     with self.evaluated():
-                        val = evaluate(self.model, self.loss_fn, self.ds, self.ds.val, ebs, self.num_classes, tta,
+                        val = evaluate(self.net, self.loss_fn, self.feed, self.feed.val, ebs, self.num_classes, tta,
                                        self.world)
                     row.update(val_loss=val["loss"], val_acc=val["accuracy"])
                 row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -571,7 +627,7 @@ class Trainer:
             self._write_summary("testing")  # killed now, the run resumes to its test evaluation
             try:
                 with self.evaluated():
-                    test = evaluate(self.model, self.loss_fn, self.ds, self.ds.test, ebs, self.num_classes, tta,
+                    test = evaluate(self.net, self.loss_fn, self.feed, self.feed.test, ebs, self.num_classes, tta,
                                     self.world)
                 check_finite("test loss", test["loss"], "at the end", self.optimizer.lr)
             except CnnctlError as e:

@@ -109,3 +109,63 @@ def test_frozen_layers_run_forward_only_and_keep_nothing_for_backward(monkeypatc
     again.backward(np.ones_like(y2) / y2.size)
     assert np.array_equal(y, y2) and again._keep["layers.0"]
     assert np.array_equal(again.layers[4].grads["weight"], model.layers[4].grads["weight"])
+
+
+CACHED = """\
+name: cached
+seed: 4
+data: {dataset: shapes, batch_size: 32, val_split: 0.2, shapes: {train_size: 400, test_size: 100}}
+model:
+  input_shape: [1, 16, 16]
+  layers:
+    - {type: conv2d, filters: 8, kernel_size: 3, padding: 1, bias: false, trainable: false}
+    - {type: batchnorm, activation: relu, trainable: false}
+    - {type: maxpool2d, kernel_size: 2}
+    - {type: conv2d, filters: 8, kernel_size: 3, padding: 1, activation: relu}
+    - {type: global_avgpool2d}
+    - {type: dropout, rate: 0.2}
+    - {type: dense, units: 4}
+optimizer: {type: sgd, lr: 0.05, momentum: 0.9}
+train: {epochs: 3, test_at_end: true}
+"""
+
+
+def _rows(run):
+    import json
+
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cache_frozen_trains_the_same_numbers_and_resumes_bit_exact(tmp_path):
+    import json
+
+    (tmp_path / "c.yaml").write_text(CACHED)
+    invoke("train", tmp_path / "c.yaml", "--runs-dir", tmp_path / "plain")
+    invoke("train", tmp_path / "c.yaml", "--set", "train.cache_frozen=true", "--runs-dir", tmp_path / "cached")
+    (plain,), (cached,) = (list((tmp_path / d).iterdir()) for d in ("plain", "cached"))
+    for a, b in zip(_rows(plain), _rows(cached)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+    summaries = [json.loads((r / "summary.json").read_text()) for r in (plain, cached)]
+    assert summaries[0]["test"]["accuracy"] == summaries[1]["test"]["accuracy"]
+    # 2 epochs then resumed to 3: the cache is computed again from the checkpoint's weights
+    invoke("train", tmp_path / "c.yaml", "--set", "train.cache_frozen=true", "--set", "train.epochs=2",
+           "--runs-dir", tmp_path / "part")
+    (part,) = list((tmp_path / "part").iterdir())
+    invoke("train", "--resume", part, "--set", "train.epochs=3")
+    assert _rows(part) == _rows(cached)
+
+
+@pytest.mark.parametrize("change, words", [
+    ("data.augment.horizontal_flip=true", ["data.augment changes the images every epoch"]),
+    ("data.test_time_augment.horizontal_flip=true", ["several views of each image"]),
+    ("train.unfreeze_at_epoch=2", ["makes the frozen layers train"]),
+    ("model.layers.0.trainable=true", ["model.layers[0] trains, so there is no frozen prefix"]),
+    ("model.layers.2={type: dropout2d, rate: 0.1}", ["model.layers.2 (dropout) lies in the frozen prefix"]),
+])
+def test_cache_frozen_refuses_what_changes_the_prefix(tmp_path, change, words):
+    (tmp_path / "c.yaml").write_text(CACHED)
+    expect_error(["train", tmp_path / "c.yaml", "--set", "train.cache_frozen=true", "--set", change, "--runs-dir",
+                  tmp_path / "r"], "cache_frozen", *words)

@@ -210,8 +210,9 @@ def batches(ds: Dataset, split: Split, batch_size: int, order: np.ndarray | None
     says which are mirrored under alternating flip."""
     n = len(split)
     order = np.arange(n) if order is None else order
-    scale = (1.0 / (ds.pixel_scale * ds.std)).astype(np.float32)[None, :, None, None]
-    shift = (ds.mean / ds.std).astype(np.float32)[None, :, None, None]
+    per_channel = (1, -1) + (1,) * (split.x.ndim - 2)  # images (N, C, H, W), or features (N, C)
+    scale = (1.0 / (ds.pixel_scale * ds.std)).astype(np.float32).reshape(per_channel)
+    shift = (ds.mean / ds.std).astype(np.float32).reshape(per_channel)
     for b in range(start, -(-n // batch_size)):
         idx_ = order[b * batch_size : (b + 1) * batch_size]
         x = split.x[idx_]

@@ -159,6 +159,26 @@ def load_data(spec: Spec, rows: list, seeds: Seeds, normalization: dict | None =
     return ds
 
 
+class _Fed(Model):
+    """The layers above a cached frozen prefix, fed the prefix's stored outputs: each batch is first laid out in
+    memory as the prefix gave it (a convolution's outputs are batch-innermost views), so that every product runs
+    on the same layout, and rounds the same way, as in the whole model."""
+
+    order: list[int] | None = None
+
+    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+        if self.order is not None and _memory_order(x) != self.order:
+            laid = np.empty([x.shape[i] for i in self.order], x.dtype)
+            laid[...] = x.transpose(self.order)
+            x = laid.transpose(np.argsort(self.order))
+        return super().forward(x, training)
+
+
+def _memory_order(x: np.ndarray) -> list[int]:
+    """x's axes from the largest stride to the smallest (a C-order array: 0, 1, ...)."""
+    return sorted(range(x.ndim), key=lambda i: (-x.strides[i], i))
+
+
 def _top_index(name: str) -> int | None:
     parts = name.split(".")
     return int(parts[1]) if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit() else None
@@ -286,7 +306,7 @@ class Trainer:
             raise ConfigError(f"{where}: model.{random[0]} (dropout) lies in the frozen prefix and draws a new mask "
                               "every step, so its output cannot be computed once", "move the dropout after the "
                               "first trainable layer, or leave cache_frozen out")
-        prefix, self.net = Model(layers[:first]), Model(layers[first:])
+        prefix, self.net = Model(layers[:first]), _Fed(layers[first:])
         for part, shift in ((prefix, 0), (self.net, first)):
             part.algorithms = {_renumbered(k, -shift): v for k, v in self.model.algorithms.items()
                                if _top_index(k) is not None and (shift == 0) == (_top_index(k) < first)}
@@ -299,7 +319,10 @@ class Trainer:
         def outputs(split: data.Split) -> data.Split:
             x = np.empty((len(split), *shape), np.float32)
             for i, (xb, _) in enumerate(data.batches(self.ds, split, ebs)):
-                x[i * ebs : i * ebs + len(xb)] = prefix.forward(xb, training=False)
+                y = prefix.forward(xb, training=False)
+                x[i * ebs : i * ebs + len(xb)] = y
+                if self.net.order is None and len(xb) > 1:  # the layout the layer above saw: products round alike
+                    self.net.order = _memory_order(y)
             return data.Split(x, split.y)
 
         with self.evaluated():
@@ -548,10 +571,10 @@ class Trainer:
 
     def _fit(self, run_dir: Path, resumed: bool) -> dict:
         spec, ebs = self.spec, self.spec.data.evaluation_batch
-        if spec.train.cache_frozen and self.net is self.model:
-            self._cache_frozen()
         tta = spec.data.test_time_augment
         self.run_dir, self._started = Path(run_dir), time.time()
+        if spec.train.cache_frozen and self.net is self.model:  # in the wall time: the cache costs one pass
+            self._cache_frozen()
         self.fitting = True  # from here a failure leaves the run directory and its records in place
         self.environment = environment()
         self.recorded = self.state.epoch  # epochs with checkpoint and metrics rows written (resume: the checkpoint's)

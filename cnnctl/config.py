@@ -22,6 +22,7 @@ from pydantic_core import PydanticCustomError
 from . import blocks, nn, optim, schedules
 from .errors import ConfigError
 from .fileio import Unreadable, read_regular
+from .renames import RENAMES
 from .spec_errors import format_validation_error, line_of
 from .strict import Mode, Monitor, NonNegInt, PosInt, Strict
 
@@ -32,10 +33,23 @@ AnyLayer = nn.AnyLayer
 
 
 class InitFromSpec(Strict):
-    checkpoint: str = Field(min_length=1, description="A cnnctl checkpoint, or any safetensors file of tensors "
-                            "under the same names (a PyTorch state_dict saved with safetensors).")
+    checkpoint: str = Field(min_length=1, description="A cnnctl checkpoint or run directory, or any safetensors "
+                            "file of tensors (a PyTorch state_dict saved with safetensors).")
+    rename: Literal[tuple(RENAMES)] | list[tuple[str, str]] | None = Field(
+        None, description="How the file's tensor names become the model's: [[REGEX, REPLACEMENT], ...] applied in "
+        "order to every name (re.sub), or a shipped map: " + ", ".join(RENAMES) + " (for configs/torchvision/).")
     strict: bool = Field(False, description="true: every parameter and buffer must be copied and every tensor "
                          "of the file used, else an error.")
+
+    @field_validator("rename")
+    @classmethod
+    def _patterns_compile(cls, v):
+        for pattern, _ in v if isinstance(v, list) else []:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regular expression ({e})") from None
+        return v
 
 
 class ModelSpec(Strict):

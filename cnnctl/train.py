@@ -251,7 +251,8 @@ class Trainer:
         self.model, self.rows = build_model(spec.model, self.seeds.init)
         init = spec.model.init_from
         # a new run starts from init_from's weights; a resumed one from its own checkpoint (restore)
-        self.init_report = None if init is None or resuming else init_from(self.model, init.checkpoint, init.strict)
+        self.init_report = None if init is None or resuming else init_from(self.model, init.checkpoint, init.strict,
+                                                                                init.rename)
         check_known_data(spec, self.rows)  # fail before reading any data when we can
         self.ds = load_data(spec, self.rows, self.seeds, normalization, self.cb.on_download)
         # a new run's first convolution from the patch covariance (a resumed run has it, init_from brings its own)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from cnnctl.data import augment, files
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 from tests.helpers import invoke
 from tests.test_errors import expect_error
 
@@ -166,3 +166,151 @@ def test_cache_frozen_refuses_what_changes_the_prefix(tmp_path, change, words):
     (tmp_path / "c.yaml").write_text(CACHED)
     expect_error(["train", tmp_path / "c.yaml", "--set", "train.cache_frozen=true", "--set", change, "--runs-dir",
                   tmp_path / "r"], "cache_frozen", *words)
+
+
+# ---------------------------------------------------------------- torchvision's state dicts, by their own names
+
+def _torchvision_models():
+    """ResNet-18, ResNet-50 and MobileNetV2 written as torchvision writes them: the same module names, so the same
+    state-dict names (conv1, bn1, layer1.0.downsample.0, features.3.conv.1.0, classifier.1, ...)."""
+    torch = pytest.importorskip("torch")
+    tnn = torch.nn
+
+    class Basic(tnn.Module):
+        expansion = 1
+
+        def __init__(self, inp, planes, stride, down):
+            super().__init__()
+            self.conv1, self.bn1 = tnn.Conv2d(inp, planes, 3, stride, 1, bias=False), tnn.BatchNorm2d(planes)
+            self.conv2, self.bn2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False), tnn.BatchNorm2d(planes)
+            self.relu, self.downsample = tnn.ReLU(), down
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    class Bottleneck(tnn.Module):
+        expansion = 4
+
+        def __init__(self, inp, planes, stride, down):
+            super().__init__()
+            self.conv1, self.bn1 = tnn.Conv2d(inp, planes, 1, bias=False), tnn.BatchNorm2d(planes)
+            self.conv2, self.bn2 = tnn.Conv2d(planes, planes, 3, stride, 1, bias=False), tnn.BatchNorm2d(planes)
+            self.conv3, self.bn3 = tnn.Conv2d(planes, planes * 4, 1, bias=False), tnn.BatchNorm2d(planes * 4)
+            self.relu, self.downsample = tnn.ReLU(), down
+
+        def forward(self, x):
+            out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+            out = self.bn3(self.conv3(out))
+            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    class ResNet(tnn.Module):
+        def __init__(self, block, counts):
+            super().__init__()
+            self.conv1, self.bn1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False), tnn.BatchNorm2d(64)
+            self.relu, self.maxpool = tnn.ReLU(), tnn.MaxPool2d(3, 2, 1)
+            inp = 64
+            for k, (n, planes) in enumerate(zip(counts, (64, 128, 256, 512))):
+                blocks = []
+                for i in range(n):
+                    stride = 2 if k and not i else 1
+                    down = None
+                    if stride != 1 or inp != planes * block.expansion:
+                        down = tnn.Sequential(tnn.Conv2d(inp, planes * block.expansion, 1, stride, bias=False),
+                                              tnn.BatchNorm2d(planes * block.expansion))
+                    blocks.append(block(inp, planes, stride, down))
+                    inp = planes * block.expansion
+                setattr(self, f"layer{k + 1}", tnn.Sequential(*blocks))
+            self.avgpool, self.fc = tnn.AdaptiveAvgPool2d(1), tnn.Linear(inp, 1000)
+
+        def forward(self, x):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def cna(inp, out, k, stride=1, groups=1):  # torchvision's Conv2dNormActivation
+        return tnn.Sequential(tnn.Conv2d(inp, out, k, stride, (k - 1) // 2, groups=groups, bias=False),
+                              tnn.BatchNorm2d(out), tnn.ReLU6())
+
+    class Inverted(tnn.Module):
+        def __init__(self, inp, oup, stride, t):
+            super().__init__()
+            hidden, self.use_res = inp * t, stride == 1 and inp == oup
+            layers = [] if t == 1 else [cna(inp, hidden, 1)]
+            layers += [cna(hidden, hidden, 3, stride, hidden), tnn.Conv2d(hidden, oup, 1, bias=False),
+                       tnn.BatchNorm2d(oup)]
+            self.conv = tnn.Sequential(*layers)
+
+        def forward(self, x):
+            return x + self.conv(x) if self.use_res else self.conv(x)
+
+    class MobileNetV2(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            features, inp = [cna(3, 32, 3, 2)], 32
+            for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                               (6, 160, 3, 2), (6, 320, 1, 1)]:
+                for i in range(n):
+                    features.append(Inverted(inp, c, s if i == 0 else 1, t))
+                    inp = c
+            self.features = tnn.Sequential(*features, cna(320, 1280, 1))
+            self.classifier = tnn.Sequential(tnn.Dropout(0.2), tnn.Linear(1280, 1000))
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(tnn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+    return torch, {"resnet18": lambda: ResNet(Basic, [2, 2, 2, 2]),
+                   "resnet50": lambda: ResNet(Bottleneck, [3, 4, 6, 3]), "mobilenet_v2": MobileNetV2}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2"])
+def test_torchvision_state_dicts_load_into_the_shipped_configs_by_their_maps(tmp_path, name):
+    from safetensors.torch import save_file
+
+    from cnnctl import loading
+    from cnnctl.builder import build_model
+    from cnnctl.config import load_config
+
+    torch, models = _torchvision_models()
+    torch.manual_seed(0)
+    net = models[name]().eval()
+    with torch.no_grad():  # statistics away from 0 and 1, so that mapping them counts
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2)
+    save_file(net.state_dict(), str(tmp_path / f"{name}.safetensors"))
+    spec, _ = load_config(ROOT / "configs" / "torchvision" / f"{name}.yaml", ["model.input_shape=[3, 64, 64]"])
+    model, _ = build_model(spec.model, np.random.default_rng(0))
+    report = loading.init_from(model, str(tmp_path / f"{name}.safetensors"), True, spec.model.init_from.rename)
+    assert not report["fresh"] and not report["unused"] and len(report["copied"]) == len(net.state_dict())
+    x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    got = model.forward(x, training=False)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_init_from_renames_reports_by_name_and_refuses_collisions(tmp_path):
+    from safetensors.numpy import save_file
+
+    spec = yaml.safe_load(TINY)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    g = np.random.default_rng(0)
+    save_file({"features.0.weight": g.standard_normal((4, 1, 3, 3)).astype(np.float32),
+               "features.0.bias": np.zeros(4, np.float32), "head.weight": np.zeros((7, 256), np.float32),
+               "extra.thing": np.zeros(2, np.float32)}, str(tmp_path / "sd.safetensors"))
+    rules = '[["^features\\\\.", "layers."], ["^head\\\\.", "layers.4."]]'
+    res = invoke("train", tmp_path / "c.yaml", "--set", f"model.init_from.checkpoint={tmp_path / 'sd.safetensors'}",
+                 "--set", f"model.init_from.rename={rules}", "--runs-dir", tmp_path / "runs")
+    out = res.output
+    assert "(3 tensors renamed by model.init_from.rename): copied 2 of 4" in out
+    assert "fresh: layers.4.weight (shape (7, 256) in the file, (4, 256) here)" in out
+    assert "unused: extra.thing" in out
+    expect_error(["inspect", tmp_path / "c.yaml", "--set", "model.init_from={checkpoint: x, rename: [['(', 'y']]}"],
+                 "is not a regular expression")
+    expect_error(["inspect", tmp_path / "c.yaml", "--set", "model.init_from={checkpoint: x, rename: resnet}"],
+                 "model.init_from.rename", "torchvision_resnet")
+    expect_error(["train", tmp_path / "c.yaml", "--set", f"model.init_from.checkpoint={tmp_path / 'sd.safetensors'}",
+                  "--set", "model.init_from.rename=[['^.*$', 'same']]", "--runs-dir", tmp_path / "r2"],
+                 "both become same")

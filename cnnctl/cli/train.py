@@ -123,10 +123,16 @@ def _print_start(console, info):
     init = info.get("init_from")
     if init:
         n = len(init["copied"]) + len(init["fresh"])
-        console.print(f"initialised from {init['checkpoint']}: copied {len(init['copied'])} of {n} parameters and "
-                      f"buffers" + (f"; {len(init['unused'])} tensors of the file unused" if init["unused"] else ""))
+        renamed = f" ({init['renamed']} tensors renamed by model.init_from.rename)" if init.get("renamed") else ""
+        unused = f"; {len(init['unused'])} tensors of the file unused" if init["unused"] else ""
+        console.print(f"initialised from {init['checkpoint']}{renamed}: copied {len(init['copied'])} of {n} parameters "
+                      f"and buffers{unused}")
         for f in init["fresh"]:
             console.print(f"  fresh: {f['name']} ({f['reason']})")
+        for name in init["unused"][:10]:
+            console.print(f"  unused: {name} (no parameter or buffer of the model has its name)")
+        if len(init["unused"]) > 10:
+            console.print(f"  ... and {len(init['unused']) - 10} more unused (summary.json lists them all)")
 
 
 def _epoch_line(row):

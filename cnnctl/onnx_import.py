@@ -606,21 +606,65 @@ def lay_out(layers: list[dict], weights: dict[str, np.ndarray], prefix: str = "l
     from the specs; returns the renamed weights."""
     named = {}
     for i, spec in enumerate(layers):
-        path = f"{prefix}.{i}"
-        key = spec.pop("_path", None)
-        if key is not None:
-            for k in [k for k in weights if k.startswith(key + ".")]:
-                named[f"{path}.{k[len(key) + 1:]}"] = weights[k]
-        if spec["type"] == "residual":
-            named.update(lay_out(spec["body"], weights, f"{path}.body"))
-            if isinstance(spec["shortcut"], list):
-                named.update(lay_out(spec["shortcut"], weights, f"{path}.shortcut"))
-        elif spec["type"] == "concat":
-            for b, branch in enumerate(spec["branches"]):
-                named.update(lay_out(branch, weights, f"{path}.branches.{b}"))
-        elif spec["type"] == "gate":
-            named.update(lay_out(spec["branch"], weights, f"{path}.branch"))
+        named.update(_lay_one(spec, weights, f"{prefix}.{i}"))
     return named
+
+
+def _lay_one(spec: dict, weights: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    named = {}
+    copies = spec.pop("_copies", None)
+    if copies is not None:  # a block used with repeat: N is a sequential of the N copies
+        for k, copy in enumerate(copies):
+            named.update(_lay_one(copy, weights, f"{path}.{k}"))
+        return named
+    key = spec.pop("_path", None)
+    if key is not None:
+        for k in [k for k in weights if k.startswith(key + ".")]:
+            named[f"{path}.{k[len(key) + 1:]}"] = weights[k]
+    if spec["type"] == "residual":
+        named.update(lay_out(spec["body"], weights, f"{path}.body"))
+        if isinstance(spec["shortcut"], list):
+            named.update(lay_out(spec["shortcut"], weights, f"{path}.shortcut"))
+    elif spec["type"] == "concat":
+        for b, branch in enumerate(spec["branches"]):
+            named.update(lay_out(branch, weights, f"{path}.branches.{b}"))
+    elif spec["type"] == "gate":
+        named.update(lay_out(spec["branch"], weights, f"{path}.branch"))
+    return named
+
+
+def _shape_of(spec):
+    """A spec without its provisional weight keys: equal for two layers that differ in weights alone."""
+    if isinstance(spec, dict):
+        return {k: _shape_of(v) for k, v in spec.items() if k not in ("_path", "_copies")}
+    if isinstance(spec, list):
+        return [_shape_of(v) for v in spec]
+    return spec
+
+
+def fold_repeats(layers: list[dict]) -> tuple[list[dict], dict[str, dict]]:
+    """Runs of two or more identical containers (residual units, concatenations, gates that differ in weights
+    alone) at the top level become one use of a block with `repeat: N`; returns the layers and the blocks."""
+    import json
+
+    blocks: dict[str, dict] = {}
+    names: dict[str, str] = {}
+    out, i = [], 0
+    while i < len(layers):
+        spec = layers[i]
+        key = json.dumps(_shape_of(spec), sort_keys=True)
+        j = i + 1
+        while j < len(layers) and json.dumps(_shape_of(layers[j]), sort_keys=True) == key:
+            j += 1
+        if spec["type"] in ("residual", "concat", "gate") and j - i >= 2:
+            if key not in names:
+                names[key] = f"{spec['type']}_{sum(1 for n in names.values() if n.startswith(spec['type'])) + 1}"
+                blocks[names[key]] = _shape_of(spec)
+            out.append({"type": names[key], "repeat": j - i, "_copies": layers[i:j]})
+        else:
+            out.extend(layers[i:j])
+        i = j
+    return out, blocks
 
 
 # ---------------------------------------------------------------- the config and checkpoint written
@@ -666,6 +710,18 @@ def _layer_lines(layers: list[dict], indent: str) -> list[str]:
     return lines
 
 
+def _block_lines(blocks: dict[str, dict]) -> list[str]:
+    if not blocks:
+        return []
+    lines = ["  blocks:                     # structure that repeats: used below with repeat: N"]
+    for name, spec in blocks.items():
+        first, *rest = _layer_lines([spec], "      ")
+        lines.append(f"    {name}:")
+        lines.append("      " + first.strip()[2:])  # the block's own keys, not a list item
+        lines += [line[2:] if line.startswith("        ") else line for line in rest]
+    return lines
+
+
 def config_text(spec: dict, source: str) -> str:
     """The config as a person would write it: commented, leaf layers one per line, containers as blocks."""
     data, model = spec["data"], spec["model"]
@@ -684,6 +740,7 @@ def config_text(spec: dict, source: str) -> str:
         "   # what the network was trained with",
         "model:",
         f"  input_shape: {_flow(model['input_shape'])}   # C, H, W of the graph's input",
+        *_block_lines(model.get("blocks", {})),
         "  layers:",
         *_layer_lines(model["layers"], "    "),
         f"loss: {spec['loss']}",
@@ -701,6 +758,7 @@ def build(onnx_path: Path, name: str, mean: list[float] | None, std: list[float]
     from .config import validate
 
     imp = import_model(read_model(onnx_path), str(onnx_path))
+    imp.layers, blocks = fold_repeats(imp.layers)
     named = lay_out(imp.layers, imp.weights)
     c = imp.input_shape[0]
     if (mean is None) != (std is None):
@@ -717,7 +775,8 @@ def build(onnx_path: Path, name: str, mean: list[float] | None, std: list[float]
         "name": name, "seed": 0,
         "data": {"dataset": "folder", "root": "PATH/TO/IMAGES", "batch_size": 32, "val_split": 0.1,
                  "normalize": norm if norm["std"] != [1.0] * c or any(norm["mean"]) else "none"},
-        "model": {"input_shape": list(imp.input_shape), "layers": imp.layers},
+        "model": {"input_shape": list(imp.input_shape), **({"blocks": blocks} if blocks else {}),
+                  "layers": imp.layers},
         "loss": "nll" if imp.final == "log_softmax" else "cross_entropy",
         "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.9},
         "train": {"epochs": 10},

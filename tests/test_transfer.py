@@ -314,3 +314,25 @@ def test_init_from_renames_reports_by_name_and_refuses_collisions(tmp_path):
     expect_error(["train", tmp_path / "c.yaml", "--set", f"model.init_from.checkpoint={tmp_path / 'sd.safetensors'}",
                   "--set", "model.init_from.rename=[['^.*$', 'same']]", "--runs-dir", tmp_path / "r2"],
                  "both become same")
+
+
+def test_the_transfer_config_fine_tunes_torchvisions_resnet18_on_a_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    torch, models = _torchvision_models()
+    torch.manual_seed(0)
+    save_file(models["resnet18"]().state_dict(), str(tmp_path / "resnet18.safetensors"))
+    g = np.random.default_rng(0)
+    for split, n in (("train", 10), ("test", 2)):
+        for k in range(2):
+            (tmp_path / "img" / split / f"c{k}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(g.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(
+                    tmp_path / "img" / split / f"c{k}" / f"{i}.jpg")
+    res = invoke("train", ROOT / "configs" / "transfer-folder.yaml", "--set", f"data.root={tmp_path / 'img'}",
+                 "--set", f"model.init_from.checkpoint={tmp_path / 'resnet18.safetensors'}", "--set",
+                 "model.input_shape=[3, 48, 48]", "--set", "data.resize=56", "--set", "train.epochs=1", "--set",
+                 "data.batch_size=4", "--runs-dir", tmp_path / "runs")
+    assert "(122 tensors renamed by model.init_from.rename): copied 120 of 122 parameters and buffers" in res.output
+    assert "fresh: layers.8.weight (shape (1000, 512) in the file, (2, 512) here)" in res.output
+    assert "test accuracy" in res.output

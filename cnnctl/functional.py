@@ -43,7 +43,7 @@ def out_size(size: int, kernel: int, stride: int, pad_total: int, dilation: int 
 
 
 def resolve_padding(padding, hw: Pair, kernel: Pair, stride: Pair, dilation: Pair) -> Padding4:
-    """Turn a padding argument (int, pair, "valid" or "same") into explicit (top, bottom, left, right).
+    """Turn a padding argument (int, pair, four sides, "valid" or "same") into explicit (top, bottom, left, right).
 
     "same" keeps OH = ceil(H / stride); when the total padding is odd the extra row/column goes to the
     bottom/right (TensorFlow's and, for stride 1, PyTorch's convention).
@@ -57,6 +57,8 @@ def resolve_padding(padding, hw: Pair, kernel: Pair, stride: Pair, dilation: Pai
             total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
             pads += [total // 2, total - total // 2]
         return tuple(pads)  # type: ignore[return-value]
+    if isinstance(padding, (tuple, list)) and len(padding) == 4:  # (top, bottom, left, right) as given
+        return tuple(int(p) for p in padding)  # type: ignore[return-value]
     ph, pw = pair(padding)
     return ph, ph, pw, pw
 

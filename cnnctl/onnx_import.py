@@ -379,15 +379,14 @@ class _Importer:
             if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
                 self.fail(f"Conv {node.name!r}: auto_pad {a['auto_pad']!r} is not imported",
                           "export with explicit pads (torch does)")
-            if pads[0] != pads[2] or pads[1] != pads[3]:
-                self.fail(f"Conv {node.name!r}: asymmetric padding {pads} (top, left, bottom, right)",
-                          "cnnctl pads each side of an axis alike")
             spec = {"type": "conv2d", "filters": int(w.shape[0]), "kernel_size": _pair(w.shape[2:])}
             for key, onnx_key, default in (("stride", "strides", 1), ("dilation", "dilations", 1)):
                 v = _pair(a.get(onnx_key, [default, default]))
                 if v != default:
                     spec[key] = v
-            if pads[0] or pads[1]:
+            if pads[0] != pads[2] or pads[1] != pads[3]:  # ONNX: top, left, bottom, right; cnnctl: t, b, l, r
+                spec["padding"] = [pads[0], pads[2], pads[1], pads[3]]
+            elif pads[0] or pads[1]:
                 spec["padding"] = _pair(pads[:2])
             if int(a.get("group", 1)) != 1:
                 spec["groups"] = int(a["group"])

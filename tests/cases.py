@@ -46,6 +46,8 @@ def dense_layer(g, c, growth):
 CASES = {
     "conv2d": [
         ("k3", lambda g: nn.Conv2D(2, 3, 3, rng=g), (2, 2, 7, 6)),
+        ("k3_s2_pads_0101", lambda g: nn.Conv2D(2, 3, 3, stride=2, padding=(0, 1, 0, 1), rng=g), (2, 2, 7, 6)),
+        ("k3_pads_2011", lambda g: nn.Conv2D(2, 4, 3, padding=(2, 0, 1, 1), activation="relu", rng=g), (2, 2, 6, 5)),
         ("k2x3_s2_p1_relu", lambda g: nn.Conv2D(2, 3, (2, 3), stride=2, padding=1, activation="relu", rng=g),
          (2, 2, 7, 8)),
         # stride 1 with a fused ReLU, once through each stride-1 input-gradient path ("rows": O > 1.5 C, then

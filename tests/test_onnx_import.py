@@ -448,7 +448,7 @@ def test_graphs_that_are_not_image_classifiers_are_refused(tmp_path):
     expect_error(["import", path, "--out", tmp_path / "o"], "only a flatten to (N, features)")
 
 
-def test_ceil_mode_pooling_that_changes_the_size_and_asymmetric_padding_are_refused(tmp_path):
+def test_ceil_mode_pooling_that_changes_the_size_is_refused_and_asymmetric_padding_imports(tmp_path):
     path = export(nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True), nn.Flatten()), (1, 8, 8), tmp_path / "c.onnx")
     expect_error(["import", path, "--out", tmp_path / "o"], "ceil_mode changes the output size")
     from onnx import TensorProto, helper, numpy_helper
@@ -461,7 +461,10 @@ def test_ceil_mode_pooling_that_changes_the_size_and_asymmetric_padding_are_refu
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 128])], [weight])
     (tmp_path / "p.onnx").write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
                                       .SerializeToString())
-    expect_error(["import", tmp_path / "p.onnx", "--out", tmp_path / "o"], "Conv 'conv': asymmetric padding")
+    # asymmetric padding (TensorFlow's SAME with stride 2 writes it): [top, bottom, left, right] in cnnctl
+    _, spec, model, _, _, _, imp = onnx_import.build(tmp_path / "p.onnx", "p", None, None, None)
+    assert imp.layers[0]["padding"] == [0, 1, 0, 1]
+    assert_equal_to_onnxruntime(tmp_path / "p.onnx", model, (1, 8, 8))
 
 
 @pytest.mark.parametrize("content, words", [

@@ -23,7 +23,9 @@ class Conv2DSpec(LayerSpec):
                                    "the input channels).")
     kernel_size: PosPair = Field(description="Kernel size, an int or [height, width].")
     stride: PosPair = 1
-    padding: NonNegInt | tuple[NonNegInt, NonNegInt] | Literal["same", "valid"] = 0
+    padding: NonNegInt | tuple[NonNegInt, NonNegInt] | tuple[NonNegInt, NonNegInt, NonNegInt, NonNegInt] | Literal[
+        "same", "valid"] = Field(0, description="Zeros around the input: one number, [rows, columns], [top, bottom, "
+                                 "left, right], same (the output keeps ceil(size / stride)) or valid (none).")
     dilation: PosPair = 1
     groups: PosInt | Literal["depthwise"] = Field(1, description="Channel groups: each output channel sees the "
                                                   "input channels of its group; `depthwise` = one group per input "
@@ -70,8 +72,10 @@ class Conv2D(Layer):
         super().__init__()
         self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
         self.kernel_size, self.stride, self.dilation = F.pair(kernel_size), F.pair(stride), F.pair(dilation)
-        if padding not in ("same", "valid"):
+        if padding not in ("same", "valid") and not (isinstance(padding, (tuple, list)) and len(padding) == 4):
             padding = F.pair(padding)
+        elif isinstance(padding, list):
+            padding = tuple(padding)
         self.padding = padding
         rng = rng if rng is not None else np.random.default_rng()
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)

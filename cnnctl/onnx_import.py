@@ -28,15 +28,15 @@ MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one message
 
 # the data-carrying operators this importer maps onto cnnctl layers; constant-only ones fold away
 LAYER_OPS = {"Sub", "Div", "Conv", "BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Celu",
-             "Clip", "HardSigmoid", "HardSwish", "Mul",
+             "Clip", "HardSigmoid", "HardSwish", "Mul", "Gelu",
              "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Gemm", "MatMul", "Add",
              "Concat", "Dropout", "Identity", "Pad", "Softmax", "LogSoftmax", "Unsqueeze"}
 FOLDED_OPS = {"Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast", "Concat", "Reshape", "Identity",
               "Mul", "Add", "Sub", "Div", "Slice", "ConstantOfShape", "Range", "ReduceProd"}
 # what a user meets most often among the rest, and what it would take
-LATER = {"Erf": "the Erf pattern of GELU", "Gelu": "GELU as one node"}
+LATER = {"Erf": "outside GELU's x * (1 + erf(x / sqrt 2)) / 2"}
 # activations cnnctl layers may apply themselves (conv2d, dense, batchnorm, residual: `activation:`)
-FOLDABLE = {"relu", "sigmoid", "tanh", "relu6", "hardsigmoid", "hardswish", "silu"}
+FOLDABLE = {"relu", "sigmoid", "tanh", "relu6", "hardsigmoid", "hardswish", "silu", "gelu"}
 
 
 class ImportError_(CnnctlError):
@@ -240,6 +240,60 @@ class _Importer:
             return np.prod(xs[0], keepdims=bool(a.get("keepdims", 1)))
         return None
 
+    # ---------------------------------------------------------------- patterns
+
+    def _fuse_gelu(self) -> None:
+        """x * (1 + erf(x / sqrt 2)) / 2, as torch (Div, Erf, Add, Mul, Mul by 0.5) and cnnctl export (Div, Erf,
+        Add, Mul by 0.5, Mul) write GELU before opset 20's Gelu: one Gelu node in place of the five."""
+        producer = {o: n for n in self.nodes for o in n.output}
+        users = collections.defaultdict(list)
+        for n in self.nodes:
+            for i in n.input:
+                users[i].append(n)
+
+        def const_of(node, value) -> str | None:
+            """The data input of a binary node whose other input is the constant `value`."""
+            if node is None or len(node.input) != 2:
+                return None
+            a, b = node.input
+            for data_in, c in ((a, b), (b, a)):
+                if c in self.const and data_in not in self.const and np.size(self.const[c]) == 1 and \
+                        abs(float(np.ravel(self.const[c])[0]) - value) < 1e-4:
+                    return data_in
+            return None
+
+        def only_user(t):
+            return users[t][0] if len(users[t]) == 1 else None
+
+        for erf in [n for n in self.nodes if n.op_type == "Erf"]:
+            div = producer.get(erf.input[0])
+            x = None
+            if div is not None and div.op_type == "Div" and div.input[1] in self.const:
+                x = div.input[0] if abs(float(np.ravel(self.const[div.input[1]])[0]) - 2 ** 0.5) < 1e-4 else None
+            elif div is not None and div.op_type == "Mul":
+                x = const_of(div, 2 ** -0.5)
+            add = only_user(erf.output[0])
+            if x is None or add is None or add.op_type != "Add" or const_of(add, 1.0) != erf.output[0]:
+                continue
+            m1 = only_user(add.output[0])
+            if m1 is None or m1.op_type != "Mul":
+                continue
+            if const_of(m1, 0.5) == add.output[0]:  # (1 + erf) / 2, then x * that
+                m2 = only_user(m1.output[0])
+                if m2 is None or m2.op_type != "Mul" or sorted(m2.input) != sorted([x, m1.output[0]]):
+                    continue
+            elif sorted(m1.input) == sorted([x, add.output[0]]):  # x * (1 + erf), then / 2
+                m2 = only_user(m1.output[0])
+                if m2 is None or m2.op_type != "Mul" or const_of(m2, 0.5) != m1.output[0]:
+                    continue
+            else:
+                continue
+            gelu = self.onnx.helper.make_node("Gelu", [x], [m2.output[0]], name=erf.name or m2.name)
+            drop = {id(div), id(erf), id(add), id(m1), id(m2)}
+            at = min(k for k, n in enumerate(self.nodes) if id(n) in drop)
+            self.nodes = [n for n in self.nodes if id(n) not in drop]
+            self.nodes.insert(at, gelu)
+
     # ---------------------------------------------------------------- the walk
 
     def run(self) -> Imported:
@@ -248,6 +302,7 @@ class _Importer:
         self.shapes = self._shapes(name, chw)
         self._fold(self.shapes)
         self.nodes = [n for n in self.graph.node if n.output[0] not in self.const]
+        self._fuse_gelu()
         self._check_operators()
         self.consumers = collections.defaultdict(list)
         for n in self.nodes:
@@ -407,6 +462,11 @@ class _Importer:
                 spec["momentum"] = round(momentum, 6)
             self._add(layers, spec, {"weight": self._param(ins[1]), "bias": self._param(ins[2]),
                                      "running_mean": self._param(ins[3]), "running_var": self._param(ins[4])})
+            return
+        if op == "Gelu":
+            if a.get("approximate", b"none") not in (b"none", "none"):
+                self.fail(f"Gelu {node.name!r}: the tanh approximation is not imported (cnnctl's gelu is exact)")
+            self._activation(layers, "gelu")
             return
         if op in ("Relu", "Sigmoid", "Tanh", "HardSwish"):
             self._activation(layers, {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh",

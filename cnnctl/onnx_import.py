@@ -626,19 +626,18 @@ class _Importer:
             self.fail(f"{node.op_type} {node.name!r}: asymmetric padding {pads}", "cnnctl pads each side alike")
         if any(int(d) != 1 for d in a.get("dilations", [1, 1])):
             self.fail(f"{node.op_type} {node.name!r}: dilated pooling is not imported")
-        if node.op_type == "AveragePool" and any(pads) and not int(a.get("count_include_pad", 0)):
-            self.fail(f"AveragePool {node.name!r}: padding left out of the mean (count_include_pad 0) is not "
-                      "imported", "export with count_include_pad=True, or without padding")
-        if int(a.get("ceil_mode", 0)) and shape_in is not None:
-            for size, kk, ss, p in zip(shape_in[2:], k, s, pads[:2]):
-                if (size + 2 * p - kk) % ss:
-                    self.fail(f"{node.op_type} {node.name!r}: ceil_mode changes the output size here "
-                              f"({size} with kernel {kk}, stride {ss}); cnnctl pools with floor")
+        if any(2 * p > kk for p, kk in zip(pads[:2], k)):
+            self.fail(f"{node.op_type} {node.name!r}: padding {pads[:2]} is more than half the kernel {k}")
         spec = {"type": "maxpool2d" if node.op_type == "MaxPool" else "avgpool2d", "kernel_size": _pair(k)}
         if s != k:
             spec["stride"] = _pair(s)
         if pads[0] or pads[1]:
             spec["padding"] = _pair(pads[:2])
+        if int(a.get("ceil_mode", 0)) and shape_in is not None and any(
+                (size + 2 * p - kk) % ss for size, kk, ss, p in zip(shape_in[2:], k, s, pads[:2])):
+            spec["ceil_mode"] = True  # only where it changes the size: the config stays as plain as it can
+        if node.op_type == "AveragePool" and any(pads[:2]) and not int(a.get("count_include_pad", 0)):
+            spec["count_include_pad"] = False  # ONNX's default, where padding makes it matter
         layers.append(spec)
 
     def _pad(self, node, a) -> None:

@@ -452,9 +452,15 @@ def test_graphs_that_are_not_image_classifiers_are_refused(tmp_path):
     expect_error(["import", path, "--out", tmp_path / "o"], "only a flatten to (N, features)")
 
 
-def test_ceil_mode_pooling_that_changes_the_size_is_refused_and_asymmetric_padding_imports(tmp_path):
-    path = export(nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True), nn.Flatten()), (1, 8, 8), tmp_path / "c.onnx")
-    expect_error(["import", path, "--out", tmp_path / "o"], "ceil_mode changes the output size")
+def test_ceil_mode_and_excluded_padding_pooling_and_asymmetric_padding_import(tmp_path):
+    net = nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True), nn.AvgPool2d(3, 2, 1, ceil_mode=True,
+                                                                        count_include_pad=False),
+                        nn.AvgPool2d(2, 1, 1, count_include_pad=True), nn.Flatten())
+    path = export(net, (1, 8, 9), tmp_path / "c.onnx")
+    _, _, model, _, _, _, imp = onnx_import.build(path, "c", None, None, None)
+    assert imp.layers[0]["ceil_mode"] and imp.layers[1]["count_include_pad"] is False
+    assert "count_include_pad" not in imp.layers[2]
+    assert_equal_to_onnxruntime(path, model, (1, 8, 9))
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.ones((2, 1, 2, 2), np.float32), "w")

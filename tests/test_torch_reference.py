@@ -4,6 +4,8 @@ PyTorch is a test-only reference: these tests skip when it is not installed. Wei
 modules through load_state_dict with our own parameter names, which checks that names and layouts match.
 """
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -220,3 +222,23 @@ def test_same_padding_matches_torch_for_stride_one():
 
 def test_every_layer_is_covered():
     assert set(CASES) == set(nn.REGISTRY)
+
+
+@pytest.mark.parametrize("size", [5, 6, 7, 8])
+def test_ceil_mode_and_excluded_padding_match_torch_over_a_grid(size):
+    """Every kernel 2-3, stride 1-3 and padding up to half the kernel, ceil_mode on, both averages: torch's
+    output sizes and values (the ceil rule drops a last window that would start past the input)."""
+    g = np.random.default_rng(size)
+    x = g.standard_normal((2, 3, size, size + 1)).astype(np.float32)
+    for k, s, p in itertools.product((2, 3), (1, 2, 3), (0, 1)):
+        if p > k // 2:
+            continue
+        ours = [nn.MaxPool2D(k, s, p, ceil_mode=True), nn.AvgPool2D(k, s, p, ceil_mode=True),
+                nn.AvgPool2D(k, s, p, ceil_mode=True, count_include_pad=False)]
+        theirs = [torch.nn.MaxPool2d(k, s, p, ceil_mode=True), torch.nn.AvgPool2d(k, s, p, ceil_mode=True),
+                  torch.nn.AvgPool2d(k, s, p, ceil_mode=True, count_include_pad=False)]
+        for a, b in zip(ours, theirs):
+            ref = b(torch.from_numpy(x)).numpy()
+            got = a.forward(x)
+            assert got.shape == ref.shape, (k, s, p, a)
+            np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6, err_msg=repr(a))

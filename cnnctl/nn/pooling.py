@@ -18,18 +18,24 @@ class _PoolSpec(LayerSpec):
     kernel_size: PosPair = Field(description="Window size, an int or [height, width].")
     stride: PosPair | None = Field(None, description="Defaults to kernel_size.")
     padding: NonNegInt | tuple[NonNegInt, NonNegInt] = 0
-
-    def build(self, input_shape, scope):
-        return {"maxpool2d": MaxPool2D, "avgpool2d": AvgPool2D}[self.type](  # type: ignore[attr-defined]
-            self.kernel_size, self.stride, self.padding)
+    ceil_mode: bool = Field(False, description="Round the output size up: a last, partial window where one more "
+                            "would start inside the input (PyTorch's ceil_mode; SqueezeNet, GoogLeNet).")
 
 
 class MaxPool2DSpec(_PoolSpec):
     type: Literal["maxpool2d"]
 
+    def build(self, input_shape, scope):
+        return MaxPool2D(self.kernel_size, self.stride, self.padding, self.ceil_mode)
+
 
 class AvgPool2DSpec(_PoolSpec):
     type: Literal["avgpool2d"]
+    count_include_pad: bool = Field(True, description="Count the padded zeros in each window's mean (PyTorch's "
+                                    "default); false: divide by the input positions the window covers.")
+
+    def build(self, input_shape, scope):
+        return AvgPool2D(self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
 
 
 class GlobalAvgPool2DSpec(LayerSpec):
@@ -41,11 +47,25 @@ class _Pool2D(Layer):
 
     pad_value = 0.0
 
-    def __init__(self, kernel_size, stride=None, padding=0):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False):
         super().__init__()
         self.kernel_size = F.pair(kernel_size)
         self.stride = F.pair(stride) if stride is not None else self.kernel_size
         self.padding = F.pair(padding)
+        self.ceil_mode = bool(ceil_mode)
+
+    def _sizes(self, h: int, w: int) -> tuple[int, int]:
+        """The output height and width: floor, or with ceil_mode rounded up unless the last window would start
+        past the input and its leading padding (PyTorch's rule)."""
+        out = []
+        for size, k, s, p in zip((h, w), self.kernel_size, self.stride, self.padding):
+            n = F.out_size(size, k, s, 2 * p)
+            if self.ceil_mode and (size + 2 * p - k) % s and (size + 2 * p - k) >= 0:
+                n += 1
+                if (n - 1) * s >= size + p:
+                    n -= 1
+            out.append(n)
+        return out[0], out[1]
 
     def output_shape(self, input_shape):
         self._expect_rank(input_shape, 3, f"put {self.tag} before any flatten/dense layer")
@@ -55,9 +75,7 @@ class _Pool2D(Layer):
                 f"{self.tag} padding {self.padding} must be at most half the kernel size {self.kernel_size}",
                 "reduce padding",
             )
-        ph, pw = self.padding
-        oh = F.out_size(h, self.kernel_size[0], self.stride[0], 2 * ph)
-        ow = F.out_size(w, self.kernel_size[1], self.stride[1], 2 * pw)
+        oh, ow = self._sizes(h, w)
         if oh < 1 or ow < 1:
             raise ShapeError(
                 f"{self.tag} kernel {self.kernel_size} is larger than its input {(h, w)} (input shape {input_shape})",
@@ -73,21 +91,28 @@ class _Pool2D(Layer):
 
     def onnx(self, g, x, input_shape, name):
         ph, pw = self.padding
-        extra = {} if isinstance(self, MaxPool2D) else {"count_include_pad": 1}
+        extra = {} if isinstance(self, MaxPool2D) else {"count_include_pad": int(self.count_include_pad)}
         return g.node("MaxPool" if isinstance(self, MaxPool2D) else "AveragePool", [x], name,
-                      kernel_shape=list(self.kernel_size), strides=list(self.stride), pads=[ph, pw, ph, pw], **extra)
+                      kernel_shape=list(self.kernel_size), strides=list(self.stride), pads=[ph, pw, ph, pw],
+                      ceil_mode=int(self.ceil_mode), **extra)
 
     def _padded(self, x):
-        ph, pw = self.padding
-        self._pad4 = (ph, ph, pw, pw)
-        self._out_hw = self.output_shape(x.shape[1:])[1:]
+        """x padded on every side, and with ceil_mode on the bottom and right as far as the last window reaches."""
+        (ph, pw), (h, w) = self.padding, x.shape[2:]
+        self._out_hw = oh, ow = self.output_shape(x.shape[1:])[1:]
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        self._pad4 = (ph, max(ph, (oh - 1) * sh + kh - h - ph), pw, max(pw, (ow - 1) * sw + kw - w - pw))
         return F.pad(x, self._pad4, self.pad_value)
 
     def _slices(self, xp):
         return F.pool_slices(xp, self.kernel_size, self.stride, self._out_hw)
 
     def __repr__(self):
-        return f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding})"
+        ceil = ", ceil_mode=True" if self.ceil_mode else ""
+        if not getattr(self, "count_include_pad", True):
+            ceil += ", count_include_pad=False"
+        return (f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+                f"{ceil})")
 
 
 @register("maxpool2d", MaxPool2DSpec)
@@ -145,7 +170,24 @@ class MaxPool2D(_Pool2D):
 
 @register("avgpool2d", AvgPool2DSpec)
 class AvgPool2D(_Pool2D):
-    """Mean over each window, padded zeros counted (PyTorch's count_include_pad=True)."""
+    """Mean over each window, padded zeros counted (PyTorch's count_include_pad=True), or over the input
+    positions it covers (false). A ceil_mode window's part past the padded input is never counted, as in
+    PyTorch."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False, count_include_pad: bool = True):
+        super().__init__(kernel_size, stride, padding, ceil_mode)
+        self.count_include_pad = bool(count_include_pad)
+
+    def _divisor(self, h: int, w: int, dtype):
+        """1 / (the positions each window counts), per output position; a number when every window counts k*k."""
+        counts = []
+        for size, k, s, p, n in zip((h, w), self.kernel_size, self.stride, self.padding, self._out_hw):
+            start = np.arange(n) * s - p
+            lo, hi = (-p, size + p) if self.count_include_pad else (0, size)
+            counts.append(np.minimum(start + k, hi) - np.maximum(start, lo))
+        if (counts[0] == self.kernel_size[0]).all() and (counts[1] == self.kernel_size[1]).all():
+            return dtype.type(1.0 / (self.kernel_size[0] * self.kernel_size[1]))
+        return (1.0 / np.outer(counts[0], counts[1])).astype(dtype)
 
     def forward(self, x, training=True):
         xp = self._padded(x)
@@ -154,11 +196,12 @@ class AvgPool2D(_Pool2D):
         out = np.copy(next(slices), order="K")
         for s in slices:
             out += s
-        out *= 1.0 / (self.kernel_size[0] * self.kernel_size[1])
+        self._scale = self._divisor(*x.shape[2:], x.dtype)
+        out *= self._scale
         return out
 
     def backward(self, dy):
-        share = dy * (1.0 / (self.kernel_size[0] * self.kernel_size[1]))
+        share = dy * self._scale
         dxp = np.zeros(self._padded_shape, dy.dtype)
         for window in self._slices(dxp):
             window += share

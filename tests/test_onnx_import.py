@@ -492,3 +492,74 @@ def test_files_that_are_not_onnx_are_one_message(tmp_path, content, words):
         path.write_bytes(content)
     expect_error(["import", path, "--out", tmp_path / "o"], *words)
     expect_error(["import", "/dev/zero", "--out", tmp_path / "o"], "not a regular file")
+
+
+def _graph(tmp_path, nodes, inits, in_shape=(1, 8, 8), out_shape=None, opset=17, name="g.onnx"):
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *in_shape])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    path = tmp_path / name
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]).SerializeToString())
+    return path
+
+
+def test_the_rarer_operators_of_item_two_import_exactly(tmp_path):
+    """Pad joined into the convolution, ReduceMean over height and width, Dropout with its ratio, Identity,
+    MatMul + Add as a dense layer and a final LogSoftmax, in one hand-written graph."""
+    from onnx import helper
+
+    g = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Pad", ["input", "pads"], ["p"], mode="constant", name="pad"),
+        helper.make_node("Conv", ["p", "w", "b"], ["c"], kernel_shape=[3, 3], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("ReduceMean", ["r"], ["m"], axes=[2, 3], keepdims=1, name="mean"),
+        helper.make_node("Flatten", ["m"], ["f"], axis=1, name="flat"),
+        helper.make_node("Dropout", ["f", "ratio"], ["d"], name="drop"),
+        helper.make_node("Identity", ["d"], ["i"], name="same"),
+        helper.make_node("MatMul", ["i", "wm"], ["mm"], name="matmul"),
+        helper.make_node("Add", ["mm", "bm"], ["a"], name="bias"),
+        helper.make_node("LogSoftmax", ["a"], ["output"], axis=1, name="logsoftmax"),
+    ]
+    inits = {"pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "w": g.standard_normal((4, 1, 3, 3), np.float32),
+             "b": g.standard_normal(4, np.float32), "ratio": np.array(0.3, np.float32),
+             "wm": g.standard_normal((4, 3), np.float32), "bm": g.standard_normal(3, np.float32)}
+    path = _graph(tmp_path, nodes, inits)
+    _, spec, model, _, _, _, imp = onnx_import.build(path, "g", None, None, None)
+    assert [s["type"] for s in imp.layers] == ["conv2d", "global_avgpool2d", "dropout", "dense", "log_softmax"]
+    assert imp.layers[0]["padding"] == 1 and imp.layers[2]["rate"] == 0.3 and spec.loss.type == "nll"
+    assert_equal_to_onnxruntime(path, model, (1, 8, 8))
+
+
+@pytest.mark.parametrize("node, inits, words", [
+    (("Clip", ["input", "lo", "hi"], {}), {"lo": np.float32(0), "hi": np.float32(1)}, "only Clip to [0, 6]"),
+    (("Gelu", ["input"], {"approximate": "tanh"}), {}, "the tanh approximation is not imported"),
+    (("HardSigmoid", ["input"], {"alpha": 0.2}), {}, "only PyTorch's (alpha 1/6"),
+    (("Flatten", ["input"], {"axis": 2}), {}, "only axis 1"),
+    (("LeakyRelu", ["input"], {}), {}, None),
+], ids=["clip", "gelu-tanh", "hardsigmoid", "flatten-axis", "ok"])
+def test_operator_attributes_cnnctl_cannot_take_are_named(tmp_path, node, inits, words):
+    from onnx import helper
+
+    op, inputs, attrs = node
+    nodes = [helper.make_node(op, inputs, ["x"], name="the-node", **attrs),
+             helper.make_node("Flatten", ["x"], ["output"], axis=1, name="flat")]
+    path = _graph(tmp_path, nodes, inits, opset=20)
+    if words is None:
+        invoke("import", path, "--out", tmp_path / "o")
+        return
+    expect_error(["import", path, "--out", tmp_path / "o"], "'the-node'", words)
+
+
+def test_a_graph_with_two_inputs_is_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["output"])], "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 1, 4, 4]) for n in "ab"],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)])
+    (tmp_path / "two.onnx").write_bytes(helper.make_model(graph).SerializeToString())
+    expect_error(["import", tmp_path / "two.onnx", "--out", tmp_path / "o"], "2 inputs (a, b)")

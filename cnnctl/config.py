@@ -34,12 +34,22 @@ AnyLayer = nn.AnyLayer
 
 class InitFromSpec(Strict):
     checkpoint: str = Field(min_length=1, description="A cnnctl checkpoint or run directory, or any safetensors "
-                            "file of tensors (a PyTorch state_dict saved with safetensors).")
+                            "file of tensors (a PyTorch state_dict saved with safetensors); `path:` is the same key.")
     rename: Literal[tuple(RENAMES)] | list[tuple[str, str]] | None = Field(
         None, description="How the file's tensor names become the model's: [[REGEX, REPLACEMENT], ...] applied in "
         "order to every name (re.sub), or a shipped map: " + ", ".join(RENAMES) + " (for configs/torchvision/).")
     strict: bool = Field(False, description="true: every parameter and buffer must be copied and every tensor "
                          "of the file used, else an error.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_is_checkpoint(cls, data):
+        """`path:` is accepted for `checkpoint:` (a state dict of another framework is no checkpoint)."""
+        if isinstance(data, dict) and "path" in data:
+            if "checkpoint" in data:
+                raise ValueError("give the file as checkpoint or as path, not both")
+            data = {("checkpoint" if k == "path" else k): v for k, v in data.items()}
+        return data
 
     @field_validator("rename")
     @classmethod

@@ -301,8 +301,8 @@ def test_init_from_renames_reports_by_name_and_refuses_collisions(tmp_path):
                "features.0.bias": np.zeros(4, np.float32), "head.weight": np.zeros((7, 256), np.float32),
                "extra.thing": np.zeros(2, np.float32)}, str(tmp_path / "sd.safetensors"))
     rules = '[["^features\\\\.", "layers."], ["^head\\\\.", "layers.4."]]'
-    res = invoke("train", tmp_path / "c.yaml", "--set", f"model.init_from.checkpoint={tmp_path / 'sd.safetensors'}",
-                 "--set", f"model.init_from.rename={rules}", "--runs-dir", tmp_path / "runs")
+    res = invoke("train", tmp_path / "c.yaml", "--set", f"model.init_from.path={tmp_path / 'sd.safetensors'}",
+                 "--set", f"model.init_from.rename={rules}", "--runs-dir", tmp_path / "runs")  # path: = checkpoint:
     out = res.output
     assert "(3 tensors renamed by model.init_from.rename): copied 2 of 4" in out
     assert "fresh: layers.4.weight (shape (7, 256) in the file, (4, 256) here)" in out

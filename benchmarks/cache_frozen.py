@@ -44,7 +44,8 @@ def main() -> None:
     results = {}
     for cached in (False, True):
         runs = a.out / ("cached" if cached else "plain")
-        sets = [*FROZEN, "optimizer.lr=0.01", "data.dataset=npz", f"data.root={npz}", "data.augment={}", "data.test_time_augment={}",
+        sets = [*FROZEN, "optimizer.lr=0.01", "data.dataset=npz", f"data.root={npz}", "data.augment={}",
+                "data.test_time_augment={}",
                 f"train.epochs={a.epochs}", f"train.validate_every={a.epochs}", "train.test_at_end=true",
                 f"train.cache_frozen={str(cached).lower()}"]
         cmd = [sys.executable, "-m", "cnnctl", "train", str(ROOT / "configs" / "resnet-fashion-fast.yaml"), "-q",

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))  # tests.torch_models
 from cnnctl import data, parallel  # noqa: E402
 from cnnctl.builder import build_model  # noqa: E402
 from cnnctl.config import load_config  # noqa: E402
-from cnnctl.train import Callback, Seeds, Trainer, evaluate, load_data  # noqa: E402
+from cnnctl.engine import Callback, Seeds, Trainer, evaluate, load_data  # noqa: E402
 
 GOALS = (0.90, 0.92, 0.94)
 

@@ -15,8 +15,8 @@ import logging
 import os
 from pathlib import Path
 
+from .engine import Callback
 from .errors import CnnctlError
-from .train import Callback
 
 
 class Callbacks(Callback):

@@ -13,8 +13,8 @@ import math
 import numpy as np
 
 from .config import Spec
+from .engine import Seeds, Trainer
 from .errors import CnnctlError
-from .train import Seeds, Trainer
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected (as fastai)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum

@@ -60,7 +60,7 @@ def normalize(x01: np.ndarray, normalization: dict) -> np.ndarray:
 def outputs(model, x01: np.ndarray, normalization: dict, tta, batch_size: int) -> np.ndarray:
     """The model's outputs for inputs on the 0..1 scale, batch_size at a time: memory stays that of one batch
     however many inputs there are."""
-    from .train import infer  # the trainer's own inference (test-time views included)
+    from .engine import infer  # the trainer's own inference (test-time views included)
 
     return np.concatenate([infer(model, normalize(x01[i : i + batch_size], normalization), tta)
                            for i in range(0, len(x01), batch_size)])

@@ -228,7 +228,7 @@ def run_trial(spec_dict: dict, run_dir: str, metric: str, stop_rule=None, report
     returns its result row. With `parent` (the sweep's pid), the trial stops at the next batch once that
     process is gone (killed with SIGKILL, say): no orphan trains on."""
     from .config import Spec
-    from .train import Callback, Trainer
+    from .engine import Callback, Trainer
 
     spec = Spec.model_validate(spec_dict)
     run_dir = Path(run_dir)

@@ -161,7 +161,7 @@ def test_val_monitor_needs_validation_data(tmp_path):
 def test_grad_clip_matches_torch():
     torch = pytest.importorskip("torch")
     from cnnctl.config import Spec
-    from cnnctl.train import Trainer
+    from cnnctl.engine import Trainer
 
     spec = Spec.model_validate({**CONFIG, "train": {"epochs": 1, "grad_clip_norm": 0.5}})
     trainer = Trainer(spec)
@@ -260,7 +260,7 @@ def test_kill_9_at_random_moments_leaves_a_resumable_run(tmp_path):
 
 
 def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
-    from cnnctl import train
+    from cnnctl import engine as train
     from cnnctl.config import TestTimeAugmentSpec
     from cnnctl.data import augment, batches
 

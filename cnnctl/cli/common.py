@@ -23,9 +23,9 @@ from rich.text import Text
 from typer.core import TyperArgument
 
 from .. import __version__, checkpoint, distributed, loading, parallel
+from ..engine import Interrupted
 from ..errors import CnnctlError
 from ..fileio import json_text, special_kind
-from ..train import Interrupted
 
 # typer prints an argument's Python type after its metavar ("CHECKPOINT|RUN_DIR <path>", "FILES... <list[Path]>");
 # cnnctl's metavars say what to give, so arguments show those alone (options already do when given a metavar)

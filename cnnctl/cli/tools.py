@@ -12,13 +12,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from .. import api, nn, plots
 from .. import data as data_lib
-from .. import nn, plots
 from .. import predict as predict_lib
 from .. import runs as runs_lib
 from .. import sweep as sweep_lib
-from ..builder import activation_values, build_model, check_evaluation_memory
+from ..builder import activation_values, build_model
 from ..config import config_schema, load_config
+from ..engine import Seeds, load_data
 from ..errors import CnnctlError
 from ..export import export_onnx
 from ..fileio import atomic_write_bytes
@@ -26,7 +27,6 @@ from ..gradcheck import check_network
 from ..loading import load_model, offline
 from ..lr_find import lr_find as lr_find_lib
 from ..memory import refuse_over
-from ..train import Seeds, load_data
 from .common import (
     SetOption,
     ThreadsOption,
@@ -286,7 +286,7 @@ def import_(
     """Import an ONNX image classifier: a cnnctl config and a checkpoint of its weights, exact to onnxruntime."""
     from .. import onnx_import
     from ..fileio import Unreadable, read_regular
-    from .train import layer_table
+    from .engine import layer_table
 
     classes = None
     if classes_file is not None:
@@ -319,15 +319,12 @@ def predict_(
     top_k: Annotated[int, typer.Option("--top-k", metavar="K", min=1, help="Classes to show per input.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
-    """Class probabilities for images (Pillow) or an .npz, normalised as in training."""
-    checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
-    spec, model, rows = load_model(ckpt, checkpoint_path)
-    names, x01 = predict_lib.load_inputs(inputs, spec.model.input_shape, spec.data.resize)
-    check_evaluation_memory(spec.name, rows, min(spec.data.evaluation_batch, max(len(x01), 1)))
-    logits = predict_lib.outputs(model, x01, ckpt.normalization, spec.data.test_time_augment,
-                                 spec.data.evaluation_batch)
-    classes = predict_lib.class_names(spec, logits.shape[1], ckpt)
-    results = predict_lib.top_classes(names, predict_lib.probabilities(spec, logits), classes, top_k)
+    """Class probabilities for images (Pillow; resized as in training: stretched to the input size, or with
+    data.resize its shorter side scaled and the centre cut) or an .npz, normalised as in training."""
+    predictor = api.load(checkpoint_of(checkpoint_path))
+    checkpoint_path = predictor.checkpoint_path
+    names, x01 = predict_lib.load_inputs(inputs, predictor.spec.model.input_shape, predictor.spec.data.resize)
+    results = predict_lib.top_classes(names, predictor.predict(x01), predictor.classes, top_k)
     k = len(results[0]["top"]) if results else 0
     if as_json:
         print_json(results)

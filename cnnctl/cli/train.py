@@ -8,27 +8,28 @@ import signal
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from .. import distributed, plots
+from .. import api, distributed, plots
 from ..bench import bench as run_bench
 from ..bench import planned
-from ..builder import build_loss, check_evaluation_memory, check_known_data, inspect_report, training_pflops, walk
+from ..builder import check_known_data, inspect_report, training_pflops, walk
+from ..engine import Callback, Seeds, Trainer, load_data
 from ..errors import CnnctlError, DataError
-from ..loading import load_model, offline
-from ..train import Callback, Seeds, Trainer, evaluate, load_data, session
+from ..loading import offline
 from .common import (
     SetOption,
     ThreadsOption,
     app,
     check_writable,
+    checkpoint_of,
     err,
     fmt,
     guarded,
-    load_checkpoint,
     load_target,
     out,
     print_json,
@@ -187,14 +188,10 @@ def train(
         cb = RichProgress(out)
     else:
         cb = PlainProgress(out)
-    try:
-        with session(config, overrides, runs_dir, resume, force, cb, world) as (trainer, run_dir):
-            with _stop_on_signals(trainer):
-                summary = trainer.fit(run_dir, resumed=resume is not None)
-    finally:
-        cb.close()
+    run = api.train(config, overrides, runs_dir, resume=resume, force=force, callback=cb, stop=_stop_on_signals)
     if not world.root:
         return
+    summary, run_dir = run.result, run.dir
     best = summary["best"]
     if summary["stopped_early"]:
         out.print(f"early stopping after epoch {summary['final']['epoch']}")
@@ -246,42 +243,27 @@ def eval_(
         raise CnnctlError(f"--data-split must be test, val or train, got {data_split!r}")
     if plot_file is not None:
         check_writable(plot_file, "--plot")
-    checkpoint_path, ckpt = load_checkpoint(checkpoint_path, list(set_ or []))
-    spec, model, rows = load_model(ckpt, checkpoint_path)
-    ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)
-    loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
-    if data_split is None:
-        data_split = "test" if len(ds.test) else "val"
-        if data_split == "val":
-            err.print(f"the {spec.data.dataset} data has no test split: evaluating the validation split")
-    if not len(ds.split(data_split)):
-        raise DataError(f"the {data_split} split of the {spec.data.dataset} data holds no images",
-                        "choose another --data-split" + (" (val_split is 0: no validation split)"
-                                                         if data_split == "val" else ""))
-    check_evaluation_memory(spec.name, rows, min(spec.data.evaluation_batch, len(ds.split(data_split))))
-    res = evaluate(model, loss_fn, ds, ds.split(data_split), spec.data.evaluation_batch, len(ds.classes),
-                   spec.data.test_time_augment)
-    cm, precision, recall = res["confusion_matrix"], res["precision"], res["recall"]
+    res = api.evaluate(checkpoint_of(checkpoint_path), data_split, list(set_ or []))
+    if data_split is None and res["split"] == "val":
+        err.print(f"the {res['dataset']} data has no test split: evaluating the validation split")
+    data_split, classes = res["split"], res["classes"]
+    cm, precision, recall, f1 = res["confusion_matrix"], res["precision"], res["recall"], res["f1"]
     if plot_file is not None:
-        plots.plot_confusion(cm, ds.classes, plot_file, f"{spec.name}: {data_split} split, accuracy "
-                             f"{100 * res['accuracy']:.2f}%")
+        plots.plot_confusion(np.array(cm), classes, plot_file, f"{Path(res['checkpoint']).name}: {data_split} "
+                             f"split, accuracy {100 * res['accuracy']:.2f}%")
     if as_json:
-        print_json({
-            "checkpoint": str(checkpoint_path), "split": data_split, "loss": res["loss"], "accuracy": res["accuracy"],
-            "n": res["n"], "classes": ds.classes, "precision": precision.tolist(), "recall": recall.tolist(),
-            "confusion_matrix": cm.tolist(), "epoch": ckpt.epoch,
-        })
+        print_json(res)
         return
-    out.print(f"{checkpoint_path} (epoch {ckpt.epoch}) on the {data_split} split of {spec.data.dataset} "
+    out.print(f"{res['checkpoint']} (epoch {res['epoch']}) on the {data_split} split of {res['dataset']} "
               f"({res['n']:,} images)")
     out.print(f"loss {res['loss']:.4f}  accuracy {100 * res['accuracy']:.2f}%")
-    columns = ("class", "support", "precision", "recall")
+    columns = ("class", "support", "precision", "recall", "F1")
     out.print(table("per class", columns, right=columns, rows=(
-        (c, f"{int(res['support'][i]):,}", f"{100 * precision[i]:.2f}%", f"{100 * recall[i]:.2f}%")
-        for i, c in enumerate(ds.classes))))
-    out.print(table("confusion matrix (rows: true, columns: predicted)", ["", *ds.classes], right=ds.classes, rows=(
+        (c, f"{res['support'][i]:,}", f"{100 * precision[i]:.2f}%", f"{100 * recall[i]:.2f}%",
+         f"{100 * f1[i]:.2f}%") for i, c in enumerate(classes))))
+    out.print(table("confusion matrix (rows: true, columns: predicted)", ["", *classes], right=classes, rows=(
         (c, *(Text(str(v), style="bold") if i == j else str(v) for j, v in enumerate(cm[i])))
-        for i, c in enumerate(ds.classes))))
+        for i, c in enumerate(classes))))
 
 
 @app.command()

@@ -740,7 +740,7 @@ def _make_trainer(world: distributed.World, make) -> Trainer:
 
 
 @contextlib.contextmanager
-def session(config: Path | None, overrides: list[str], runs_dir: Path, resume: Path | None, force: bool,
+def session(config: Path | Spec | None, overrides: list[str], runs_dir: Path, resume: Path | None, force: bool,
             callback: Callback, world: distributed.World):
     """Everything before fit, as a context yielding (trainer, run_dir): rank 0 reads the config (or the run to
     resume, which it locks) and sends the others the spec (and checkpoint); every rank builds its trainer, so every
@@ -761,8 +761,9 @@ def session(config: Path | None, overrides: list[str], runs_dir: Path, resume: P
                                                                resuming=True, world=world))
                 trainer.restore(ckpt, last)
                 run_dir = resume
-            else:
-                spec = load_config(config, overrides)[0] if world.root else None
+            else:  # a config file, or a Spec already made (cnnctl.train with a dict or a Spec)
+                spec = (config if isinstance(config, Spec) else load_config(config, overrides)[0]) if world.root \
+                    else None
                 spec = _shared_spec(world, spec)
                 trainer = _make_trainer(world, lambda: Trainer(spec, callback, world=world))  # every check first
                 if world.root:

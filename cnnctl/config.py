@@ -168,8 +168,10 @@ class TestTimeAugmentSpec(Strict):
 
 
 class DataSpec(Strict):
-    dataset: Literal["shapes", "mnist", "fashion_mnist", "kmnist", "cifar10", "digits", "npz", "folder"] = Field(
-        description="Built-in dataset name, or npz / folder for your own data.")
+    dataset: Literal["shapes", "mnist", "fashion_mnist", "kmnist", "cifar10", "digits", "npz", "folder", "csv"] = \
+        Field(description="Built-in dataset name, or npz / folder / csv for your own data.")
+    path: str | None = Field(None, description="csv: the CSV of pictures, columns path,label and optionally split "
+                             "(train, val or test); paths relative to the CSV's folder.")
     root: str | None = Field(None, description="Folder with the dataset files (default ~/.cache/cnnctl/<dataset>, "
                              "or $CNNCTL_DATA/<dataset>); the .npz file for npz; the ImageFolder root for folder.")
     download: bool = Field(False, description="Fetch missing files (mnist, fashion_mnist, kmnist, cifar10) into "
@@ -196,6 +198,15 @@ class DataSpec(Strict):
     normalize: Literal["auto", "none"] | dict[Literal["mean", "std"], list[float]] = Field(
         "auto", description="auto: per-channel mean/std of the training split; none: pixels in 0..1; or mean/std.")
     shapes: ShapesSpec = Field(default_factory=ShapesSpec, description="Options of the `shapes` generator.")
+
+    @model_validator(mode="after")
+    def _csv_needs_its_path(self):
+        if (self.dataset == "csv") != (self.path is not None):
+            raise ValueError("dataset: csv reads the CSV given as data.path (columns path,label[,split]); other "
+                             "datasets take data.root" if self.dataset == "csv" else
+                             f"data.path is the CSV of dataset: csv; the {self.dataset} data is found through "
+                             "data.root")
+        return self
 
     @field_validator("normalize")
     @classmethod
@@ -317,7 +328,7 @@ class Spec(Strict):
     @model_validator(mode="after")
     def _resize_fits_the_input(self):
         r, (h, w) = self.data.resize, self.model.input_shape[1:]
-        if r is not None and self.data.dataset != "folder":
+        if r is not None and self.data.dataset not in ("folder", "csv"):
             raise PydanticCustomError("resize_needs_pictures", "data.resize applies to picture files (dataset: "
                                       "folder, and predict); the {dataset} data has its own size", {
                                           "dataset": self.data.dataset})

@@ -79,8 +79,16 @@ def root_of(spec: DataSpec) -> Path:
     return Path(spec.root).expanduser() if spec.root else default_root(spec.dataset)
 
 
-def _load_raw(spec: DataSpec, input_shape, rng, progress) -> tuple[list[str], Split, Split]:
+def _load_raw(spec: DataSpec, input_shape, rng, progress) -> tuple[list[str], Split, Split, Split | None]:
+    """(classes, training data, test split, and the validation split when the data itself gives one)."""
     classes, _ = dataset_info(spec)
+    if spec.dataset == "csv":
+        names, train, val, test = files.load_csv(Path(spec.path).expanduser(), input_shape, spec.resize)
+        return names, Split(*train), Split(*test), None if val is None else Split(*val)
+    return (*_load_plain(spec, input_shape, rng, progress, classes), None)
+
+
+def _load_plain(spec: DataSpec, input_shape, rng, progress, classes) -> tuple[list[str], Split, Split]:
     if spec.dataset == "shapes":
         o = spec.shapes
         refuse_over(f"the shapes data at input_shape {list(input_shape)}",  # at most half the memory
@@ -122,7 +130,7 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
 
     `normalization` (mean, std), when given (from a checkpoint), overrides what the spec would compute.
     """
-    classes, full, test = _load_raw(spec, input_shape, rng, progress)
+    classes, full, test, given_val = _load_raw(spec, input_shape, rng, progress)
     if tuple(full.x.shape[1:]) != tuple(input_shape):
         raise DataError(f"dataset '{spec.dataset}' has images of shape {tuple(full.x.shape[1:])} but "
                         f"model.input_shape is {list(input_shape)}",
@@ -137,6 +145,8 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
         n_val = int(round(len(full) * spec.val_split))
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     train, val = Split(full.x[train_idx], full.y[train_idx]), Split(full.x[val_idx], full.y[val_idx])
+    if given_val is not None:  # the data names its validation images (a CSV's split column): val_split is not used
+        train, val = full, given_val
     if len(train) == 0:
         raise DataError(f"dataset '{spec.dataset}': no training images left after val_split={spec.val_split}")
     channels = full.x.shape[1]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..fileio import Unreadable, read_regular
 from ..memory import refuse_over
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -221,3 +222,70 @@ def load_digits() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.n
     n_test = len(y) // 5
     test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
     return (x[train], y[train]), (x[test], y[test])
+
+
+MAX_CSV_BYTES = 64 << 20  # a list of picture paths; a million rows is about 50 MB
+CSV_SPLITS = ("train", "val", "test")
+
+
+def load_csv(path: Path, input_shape, resize: int | None = None):
+    """A CSV of pictures: columns `path` and `label` (and optionally `split`: train, val or test; default train),
+    paths relative to the CSV's folder, labels as class names (sorted) or as integers 0..K-1. Decoded as the folder
+    dataset decodes. Returns (classes, train, val or None, test); every missing file, unknown split and picture
+    that cannot be decoded is named in one message."""
+    import csv
+    import io
+
+    _pillow()
+    c = input_shape[0]
+    if c not in (1, 3):
+        raise DataError(f"dataset: csv decodes grayscale (1 channel) or RGB (3), but input_shape has {c} channels")
+    try:
+        text = read_regular(path, MAX_CSV_BYTES).decode("utf-8-sig")
+    except Unreadable as e:
+        raise DataError(f"data.path {path}: " + ("no such file" if e.missing else f"cannot read it ({e.reason})"),
+                        "give the CSV of pictures: columns path,label (and optionally split)") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.path {path}: not UTF-8 text ({e.reason})", "save the CSV as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text))
+    columns = [f.strip() for f in reader.fieldnames or []]
+    if "path" not in columns or "label" not in columns:
+        raise DataError(f"{path}: its header is {', '.join(columns) or 'empty'}; it needs the columns path and label",
+                        "first line: path,label (and ,split to choose each row's split)")
+    rows, bad = [], []
+    for line, row in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        split = row.get("split") or "train"
+        file = path.parent / row["path"]
+        if not row["path"] or not row["label"]:
+            bad.append(f"line {line}: an empty path or label")
+        elif split not in CSV_SPLITS:
+            bad.append(f"line {line}: split {split!r} is not train, val or test")
+        elif not file.is_file():
+            bad.append(f"line {line}: {file} does not exist")
+        else:
+            rows.append((split, file, row["label"]))
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DataError(f"{path}: {len(bad)} rows cannot be used:\n  {shown}", "fix or remove those rows")
+    if not any(split == "train" for split, _, _ in rows):
+        raise DataError(f"{path}: no training rows", "give rows with split train (or no split column)")
+    labels = [label for _, _, label in rows]
+    if all(label.isdigit() for label in labels):
+        classes = [str(i) for i in range(max(int(v) for v in labels) + 1)]
+        index = {str(int(v)): int(v) for v in labels}
+        labels = [str(int(v)) for v in labels]
+    else:
+        classes = sorted(set(labels))
+        index = {name: i for i, name in enumerate(classes)}
+    out = []
+    for name in CSV_SPLITS:
+        picked = [(f, index[label]) for (split, f, _), label in zip(rows, labels) if split == name]
+        if not picked:
+            out.append(None)
+            continue
+        images = decode_images([f for f, _ in picked], tuple(input_shape), f"{path} ({name} rows)", resize)
+        out.append((images, np.asarray([y for _, y in picked], np.int64)))
+    train, val, test = out
+    empty = (np.empty((0, *input_shape), np.uint8), np.empty(0, np.int64))
+    return classes, train, val, test if test is not None else empty

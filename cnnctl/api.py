@@ -49,12 +49,13 @@ class Run:
 
 def _spec(config, overrides: list[str]):
     """A Spec from a config file's path, a dict (the YAML as Python) or a Spec, with --set style overrides."""
-    from .config import Spec, apply_overrides, load_config, spec_to_dict, validate
+    from .config import Spec, absolute_data_paths, apply_overrides, load_config, spec_to_dict, validate
 
     if isinstance(config, Spec):
         return validate(apply_overrides(spec_to_dict(config), overrides), "the Spec given", overrides=overrides)
-    if isinstance(config, dict):
-        return validate(apply_overrides(config, overrides), "the config dict", overrides=overrides)
+    if isinstance(config, dict):  # relative data paths are the working directory's
+        return validate(absolute_data_paths(apply_overrides(config, overrides), Path.cwd()), "the config dict",
+                        overrides=overrides)
     if isinstance(config, (str, Path)):
         return load_config(Path(config), overrides)[0]
     raise CnnctlError(f"config must be a path, a dict or a Spec, got {type(config).__name__}")

@@ -181,10 +181,13 @@ def check_loss_fits(spec: Spec) -> None:
     final = final_activation(tree)
     where = f"model.layers[{len(tree) - 1}] ({tree[-1].type})"
     if takes == "logits" and final in ("softmax", "log_softmax"):
-        raise ConfigError(f"the model ends in {final} ({where}), but loss {loss} takes logits and applies "
+        own = tree[-1].type == final  # a layer of its own, or the last layer's activation: key
+        key = where if own else f"model.layers[{len(tree) - 1}].activation: {final}"
+        raise ConfigError(f"the model ends in {final} ({key}), but loss {loss} takes logits and applies "
                           "log-softmax itself: it would train on probabilities, slower and to a worse accuracy",
-                          f"remove the {final} (predict and export --softmax still give probabilities), or end "
-                          "with log_softmax and use loss: nll")
+                          (f"remove the layer {where}" if own else f"remove activation: {final} from "
+                           f"model.layers[{len(tree) - 1}]") + " (predict and export --softmax still give "
+                          "probabilities), or end with log_softmax and use loss: nll")
     if takes == "log_probabilities" and final != "log_softmax":
         raise ConfigError(f"loss {loss} takes log-probabilities, but the model ends in "
                           f"{final or 'a linear layer'} ({where})",

@@ -223,8 +223,38 @@ class DataSpec(Strict):
         return self.eval_batch_size or self.batch_size
 
 
+# other frameworks' names of cnnctl's losses: a config that uses one gets a did-you-mean naming the framework
+FOREIGN_LOSSES = {
+    "categorical_crossentropy": ("cross_entropy", "Keras"),
+    "sparse_categorical_crossentropy": ("cross_entropy", "Keras"),
+    "CategoricalCrossentropy": ("cross_entropy", "Keras"), "SparseCategoricalCrossentropy": ("cross_entropy", "Keras"),
+    "CrossEntropyLoss": ("cross_entropy", "PyTorch"), "cross_entropy_loss": ("cross_entropy", "PyTorch"),
+    "crossentropy": ("cross_entropy", None), "cross-entropy": ("cross_entropy", None), "ce": ("cross_entropy", None),
+    "softmax_cross_entropy": ("cross_entropy", "TensorFlow"), "SoftmaxWithLoss": ("cross_entropy", "Caffe"),
+    "NLLLoss": ("nll", "PyTorch"), "nll_loss": ("nll", "PyTorch"),
+    "MSELoss": ("mse", "PyTorch"), "mean_squared_error": ("mse", "Keras"), "MeanSquaredError": ("mse", "Keras"),
+    "EuclideanLoss": ("mse", "Caffe"), "l2": ("mse", None),
+    "binary_crossentropy": ("cross_entropy", "Keras"), "BinaryCrossentropy": ("cross_entropy", "Keras"),
+    "BCEWithLogitsLoss": ("cross_entropy", "PyTorch"), "BCELoss": ("cross_entropy", "PyTorch"),
+}
+
+
 class LossSpec(Strict):
     type: Literal[tuple(nn.LOSSES)] = "cross_entropy"  # derived from the loss registry
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _foreign_names(cls, v):
+        if isinstance(v, str) and v in FOREIGN_LOSSES:
+            ours, where = FOREIGN_LOSSES[v]
+            binary = v.lower().startswith(("binary", "bce"))
+            note = (" cnnctl has no binary loss: give the last dense layer 2 units and use cross_entropy on its "
+                    "logits" if binary else " cnnctl's cross_entropy takes logits (no softmax before it) and "
+                    "integer labels, like PyTorch's" if ours == "cross_entropy" else "")
+            whose = f"{where}'s" if where else "another framework's"
+            raise PydanticCustomError("foreign_loss", "{msg}",
+                                      {"msg": f"{v} is {whose} name; did you mean '{ours}'?{note}"})
+        return v
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     class_weights: Literal["auto"] | list[Annotated[float, Field(gt=0)]] | None = Field(
         None, description="cross_entropy only: a weight per class (PyTorch's weight=), or auto: inverse class "
@@ -520,8 +550,25 @@ def read_config(path: str | Path) -> tuple[Any, yaml.Node | None]:
     return _read_config(Path(path), [])
 
 
+DATA_PATHS = ("root", "path")  # data keys that name files: relative to the config file that writes them
+
+
+def absolute_data_paths(data: Any, folder: Path) -> Any:
+    """data.root and data.path made absolute against `folder` where they are relative (a config's own values are
+    relative to the config's folder, --set values to the working directory), so that a run's config.yaml and its
+    checkpoints work from any folder."""
+    section = data.get("data") if isinstance(data, dict) else None
+    if isinstance(section, dict):
+        for key in DATA_PATHS:
+            value = section.get(key)
+            if isinstance(value, str) and value and "\0" not in value and not Path(value).expanduser().is_absolute():
+                section[key] = os.path.normpath(os.path.join(os.path.abspath(folder), value))
+    return data
+
+
 def _read_config(path: Path, chain: list[Path], referrer: str = "") -> tuple[Any, yaml.Node | None]:
     data, root = read_yaml(path, str(path) if chain else None, referrer)  # a base's lines name its file
+    data = absolute_data_paths(data, path.parent)
     if not isinstance(data, dict) or "extends" not in data:
         return data, root
     where = f"{path}: extends (line {line_of(root, ('extends',))})"
@@ -605,7 +652,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Spec, dict
     path = Path(path)
     data, root = read_config(path)
     if isinstance(data, dict):
-        data = apply_overrides(data, list(overrides))
+        data = absolute_data_paths(apply_overrides(data, list(overrides)), Path.cwd())
     return validate(data, str(path), root, list(overrides)), data
 
 

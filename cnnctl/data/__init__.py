@@ -61,8 +61,12 @@ class Dataset:
 
 
 def default_root(dataset: str) -> Path:
-    base = os.environ.get("CNNCTL_DATA")
-    return Path(base) / dataset if base else Path.home() / ".cache" / "cnnctl" / dataset
+    """$CNNCTL_DATA/<dataset> (else ~/.cache/cnnctl/<dataset>); a folder named with hyphens (fashion-mnist, as the
+    data is often kept) is taken where the underscore one (fashion_mnist) does not exist."""
+    base = Path(os.environ["CNNCTL_DATA"]) if os.environ.get("CNNCTL_DATA") else Path.home() / ".cache" / "cnnctl"
+    if not (base / dataset).exists() and (base / dataset.replace("_", "-")).is_dir():
+        return base / dataset.replace("_", "-")
+    return base / dataset
 
 
 def dataset_info(spec: DataSpec) -> tuple[list[str] | None, tuple[int, int, int] | None]:

@@ -218,7 +218,13 @@ def list_runs(runs_dir: Path) -> list[dict]:
     runs_dir = Path(runs_dir)
     candidates = [p for p in runs_dir.iterdir() if p.is_dir()] if runs_dir.is_dir() else []
     candidates += [p for p in runs_dir.glob("*/trials/*") if p.is_dir()]
-    rows = [r for r in (run_info(p) for p in candidates) if r is not None]
+    rows = []
+    for p in candidates:
+        r = run_info(p)
+        if r is not None:
+            if p.parent.name == "trials" and (p.parent.parent / "sweep.yaml").is_file():
+                r["run"] = f"{p.parent.parent.name}/{p.name}"  # a sweep's trial: named with its sweep
+            rows.append(r)
     return sorted(rows, key=lambda r: (r["started"] or "", r["run"]))
 
 

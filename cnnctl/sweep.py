@@ -118,14 +118,31 @@ class SweepSpec(Strict):
         return space
 
 
+DONE = ("finished", "stopped", "diverged")  # trials with a result: ranked, and kept by --resume
+
+
+def _as_set(overrides: dict[str, Any]) -> list[str]:
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in overrides.items()]
+
+
 @dataclass
 class Trial:
     id: str
     overrides: dict[str, Any]
+    varied: tuple[str, ...] = ()  # the keys the search draws (the others are the space's constants)
 
     def as_set(self) -> list[str]:
-        return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                for k, v in self.overrides.items()]
+        return _as_set(self.overrides)
+
+    def drawn(self) -> list[str]:
+        """The overrides that differ between trials, as --set takes them (what the tables show)."""
+        return _as_set({k: v for k, v in self.overrides.items() if k in self.varied})
+
+
+def constants(sweep) -> list[str]:
+    """The space's constant keys, as --set takes them: the same for every trial, shown once."""
+    return _as_set({k: v for k, v in sweep.space.items() if not isinstance(v, dict)})
 
 
 def load_sweep(path: str | Path, base_path: Path | None = None) -> tuple[SweepSpec, dict, Path]:
@@ -180,7 +197,7 @@ def draw_trials(sweep: SweepSpec) -> list[Trial]:
                     v = int(g.integers(args[0], args[1]))
                 combo[key] = v
             combos.append(combo)
-    return [Trial(f"trial-{i:03d}", {**combo, **fixed}) for i, combo in enumerate(combos or [{}])]
+    return [Trial(f"trial-{i:03d}", {**combo, **fixed}, tuple(varied)) for i, combo in enumerate(combos or [{}])]
 
 
 def trial_spec(base: dict, trial: Trial, sweep_name: str, source: str):
@@ -299,7 +316,7 @@ def write_results(sweep_dir: Path, trials: list[Trial], results: dict[str, dict]
     mode = resolve_mode(sweep.metric, sweep.mode)
     # only trials that ran to their end (or that ASHA stopped): a failed trial's metric is of a shorter run
     done = [(t, results[t.id]) for t in trials if results.get(t.id, {}).get("best") is not None
-            and results[t.id]["status"] in ("finished", "stopped")]
+            and results[t.id]["status"] in DONE]
     if not done:
         return None
     best_t, best_r = (max if mode == "max" else min)(done, key=lambda tr: tr[1]["best"])
@@ -324,7 +341,9 @@ def read_report(sweep_dir: Path) -> tuple[str, str, list[dict]]:
     if not path.is_file():
         raise CnnctlError(f"{sweep_dir} has no results.csv", "pass a directory that cnnctl sweep wrote")
     sweep, _, _ = load_sweep(sweep_dir / "sweep.yaml", sweep_dir / "base.yaml")
-    drawn = {t.id: t.overrides for t in draw_trials(sweep)}
+    trials = draw_trials(sweep)
+    drawn = {t.id: t.overrides for t in trials}
+    shown = {t.id: " ".join(t.drawn()) for t in trials}
     try:
         with path.open(newline="") as f:
             raw = list(csv.DictReader(f))
@@ -335,7 +354,8 @@ def read_report(sweep_dir: Path) -> tuple[str, str, list[dict]]:
         rows.append({"trial": r.get("trial") or "?", "status": r.get("status") or "?", "best": _number(r.get("best")),
                      "best_epoch": _number(r.get("best_epoch"), int), "epochs": _number(r.get("epochs"), int),
                      "seconds": _number(r.get("seconds")), "error": r.get("error") or None,
-                     "overrides": r.get("overrides") or "", "values": drawn.get(r.get("trial"), {})})
+                     "overrides": r.get("overrides") or "", "values": drawn.get(r.get("trial"), {}),
+                     "drawn": shown.get(r.get("trial"), r.get("overrides") or "")})
     return sweep.metric, resolve_mode(sweep.metric, sweep.mode), rows
 
 
@@ -344,11 +364,11 @@ def read_results(sweep_dir: Path) -> dict[str, dict]:
     if not (sweep_dir / "results.csv").is_file():
         return {}
     return {r["trial"]: {k: r[k] for k in ("status", "best", "best_epoch", "epochs", "seconds", "error")}
-            for r in read_report(sweep_dir)[2] if r["status"] in ("finished", "stopped") and r["best"] is not None}
+            for r in read_report(sweep_dir)[2] if r["status"] in DONE and r["best"] is not None}
 
 
 def prepare(sweep_file: Path | None, runs_dir: Path, resume: Path | None, executor: dict | None = None,
-            held: contextlib.ExitStack | None = None):
+            held: contextlib.ExitStack | None = None, sets: list[str] = ()):
     """Load and validate everything before any trial starts; returns (sweep, trials, specs, sweep_dir,
     results of finished trials). With resume, the sweep and base config are the copies in that directory.
     With `held`, the sweep directory's lock is taken into it (before the results are read): one process at a
@@ -363,6 +383,11 @@ def prepare(sweep_file: Path | None, runs_dir: Path, resume: Path | None, execut
         if sweep_file is None:
             raise CnnctlError("give a SWEEP file, or --resume SWEEP_DIR")
         sweep, base, base_path = load_sweep(sweep_file)
+    if sets:
+        if resume is not None:
+            raise CnnctlError("--set applies to a new sweep; a resumed one keeps the values it started with (its "
+                              "base.yaml)", "leave --set out with --resume")
+        base = apply_overrides(base, list(sets))  # every trial's, before its own overrides; kept in base.yaml
     if executor:
         sweep = sweep.model_copy(update={"executor": SweepSpec.model_validate(
             {**sweep.model_dump(), "executor": executor}).executor})
@@ -400,8 +425,13 @@ def trial_result(run_dir: Path, metric: str, mode: str, error: str | None = None
         status = "stopped"  # ended by the scheduler between epochs
     else:
         status = "failed"
+    error = error or summary.get("error")
+    k = len((summary.get("dataset") or {}).get("classes") or []) if isinstance(summary.get("dataset"), dict) else 0
+    if status == "finished" and metric.endswith("_acc") and best[0] is not None and k >= 2 and best[0] <= 1.1 / k:
+        status = "diverged"  # it ran to the end, and learned nothing
+        error = f"best {metric} {100 * best[0]:.2f}% is chance for {k} classes: lower optimizer.lr"
     return {"status": status, "best": best[0], "best_epoch": best[1], "epochs": len(history),
-            "seconds": summary.get("wall_seconds"), "error": error or summary.get("error")}
+            "seconds": summary.get("wall_seconds"), "error": error}
 
 
 def _died(exitcode: int | None) -> str:

@@ -1,6 +1,7 @@
 """What a new user tripped on (issue 43), each fixed and held here."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -95,3 +96,51 @@ def test_the_softmax_message_names_the_key(tmp_path):
     spec["model"]["layers"].append({"type": "softmax"})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
     expect_error(["inspect", tmp_path / "c.yaml"], "remove the layer model.layers[5] (softmax)")
+
+
+def _sweep(tmp_path, space_extra=None):
+    base = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    base["data"]["shapes"] = {"train_size": 400, "test_size": 50}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = {"name": "grid", "base": "base.yaml", "metric": "val_acc", "mode": "max",
+             "space": {"optimizer.lr": {"choice": [0.001, 0.003]}, "train.epochs": 1, **(space_extra or {})},
+             "search": {"type": "grid"}, "executor": {"type": "local", "max_concurrent": 2}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    return tmp_path / "sweep.yaml"
+
+
+def test_sweep_set_constants_once_percent_and_the_sweeps_name_in_runs(tmp_path):
+    res = invoke("sweep", _sweep(tmp_path), "--set", "model.layers.0.filters=4", "--runs-dir", tmp_path / "runs",
+                 "-q")
+    out = res.output
+    assert out.count("every trial: train.epochs=1 model.layers.0.filters=4") == 1
+    assert re.search(r"trial-000: finished, best val_acc \d+\.\d\d%", out)  # percent, as `runs` shows it
+    table = out[out.index("┏"):]
+    assert "train.epochs" not in table and "filters" not in table and "optimizer.lr=0.001" in table
+    assert "best: trial-" in out and "% (epoch 1) with optimizer.lr=" in out
+    (sweep_dir,) = (tmp_path / "runs").iterdir()
+    base = yaml.safe_load((sweep_dir / "base.yaml").read_text())
+    assert base["model"]["layers"][0]["filters"] == 4  # every trial had it
+    runs = json.loads(invoke("runs", tmp_path / "runs", "--json").output)
+    assert sorted(r["run"] for r in runs) == [f"{sweep_dir.name}/trial-000", f"{sweep_dir.name}/trial-001"]
+    report = invoke("sweep", "--report", sweep_dir).output
+    assert "train.epochs" not in report and "%" in report
+    expect_error(["sweep", "--resume", sweep_dir, "--set", "train.epochs=2"], "--set applies to a new sweep")
+
+
+def test_a_finished_trial_at_chance_accuracy_is_flagged_diverged(tmp_path):
+    from cnnctl import runs as runs_lib
+    from cnnctl.sweep import trial_result
+
+    run = tmp_path / "trial-000"
+    run.mkdir()
+    runs_lib.write_json(run / "summary.json", {"status": "finished", "stopped_early": False,
+                                                "dataset": {"classes": [str(i) for i in range(10)]}})
+    rows = [{"epoch": e, "step": e, "train_loss": 2.31, "train_acc": 0.1, "val_loss": 2.31, "val_acc": acc,
+             "lr": 0.1, "seconds": 1.0} for e, acc in ((1, 0.098), (2, 0.1025))]
+    runs_lib.rewrite_metrics(run, rows)
+    res = trial_result(run, "val_acc", "max")
+    assert res["status"] == "diverged" and "chance for 10 classes" in res["error"]
+    rows[1]["val_acc"] = 0.45
+    runs_lib.rewrite_metrics(run, rows)
+    assert trial_result(run, "val_acc", "max")["status"] == "finished"

@@ -16,7 +16,7 @@ from .. import sweep as sweep_lib
 from ..errors import CnnctlError
 from ..schedules import resolve_mode
 from ..sweep import trial_result
-from .common import ThreadsOption, app, err, guarded, out, table, use_threads
+from .common import SetOption, ThreadsOption, app, err, fmt, guarded, out, table, use_threads
 
 
 @app.command("sweep")
@@ -37,6 +37,7 @@ def sweep_(
                                                 help="Only print the ranked trials of a sweep "
                                                 "directory.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live table.")] = False,
+    set_: SetOption = None,
     threads: ThreadsOption = None,
 ):
     """Search over config overrides: every trial is an ordinary run under SWEEP_DIR/trials/."""
@@ -50,15 +51,25 @@ def sweep_(
             raise CnnctlError(f"--executor must be local or ray, got {executor!r}")
         ex = {"type": kind, **({"address": address} if address else {})}
     with contextlib.ExitStack() as held:
-        sweep, trials, specs, sweep_dir, results = sweep_lib.prepare(sweep_file, runs_dir, resume, ex, held)
-        _run(sweep, trials, specs, sweep_dir, results, threads, quiet)
+        sweep, trials, specs, sweep_dir, results = sweep_lib.prepare(sweep_file, runs_dir, resume, ex, held,
+                                                                     list(set_ or []))
+        _run(sweep, trials, specs, sweep_dir, results, threads, quiet, list(set_ or []))
 
 
-def _run(sweep, trials, specs, sweep_dir: Path, results: dict, threads: int | None, quiet: bool) -> None:
+def _metric(metric: str, value) -> str:
+    """A metric as every verb shows it: accuracies in percent, losses to 4 decimals."""
+    return fmt(value, metric.endswith("_acc"))
+
+
+def _run(sweep, trials, specs, sweep_dir: Path, results: dict, threads: int | None, quiet: bool,
+         sets: list[str] = ()) -> None:
     if threads is not None and sweep.executor.type == "local":  # threads per trial
         sweep.executor.blas_threads = threads
     out.print(f"sweep {sweep.name}: {len(trials)} trials ({len(results)} finished before), executor "
               f"{sweep.executor.type}, metric {sweep.metric}; directory {sweep_dir}", soft_wrap=True)
+    same = [*sweep_lib.constants(sweep), *sets]
+    if same:  # the same for every trial: said once, not on every row
+        out.print(f"every trial: {' '.join(same)}", soft_wrap=True)
     run = sweep_lib.EXECUTORS[sweep.executor.type]
     view = _SweepView(sweep, trials, sweep_dir, results)
     stopped_by = []
@@ -74,8 +85,8 @@ def _run(sweep, trials, specs, sweep_dir: Path, results: dict, threads: int | No
                 run(sweep, trials, specs, sweep_dir, results)
         else:
             run(sweep, trials, specs, sweep_dir, results,
-                lambda tid, r: out.print(f"{tid}: {r['status']}" + (f", best {sweep.metric} {r['best']:.4f}"
-                                         if r.get("best") is not None else "")
+                lambda tid, r: out.print(f"{tid}: {r['status']}" + (f", best {sweep.metric} "
+                                         f"{_metric(sweep.metric, r['best'])}" if r.get("best") is not None else "")
                                          + (f" ({r['error']})" if r.get("error") else ""), soft_wrap=True))
     except KeyboardInterrupt:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal while the trials are stopped
@@ -93,8 +104,9 @@ def _run(sweep, trials, specs, sweep_dir: Path, results: dict, threads: int | No
         out.print("no trial produced the metric")
         raise typer.Exit(1)
     best_ckpt = sweep_dir / "trials" / best["trial"] / "checkpoints" / "best.safetensors"
-    out.print(f"best: {best['trial']} {sweep.metric} {best['best']:.4f} (epoch {best['best_epoch']}) with "
-              f"{best['overrides']}; checkpoint {best_ckpt}", soft_wrap=True)
+    drawn = " ".join(next(t for t in trials if t.id == best["trial"]).drawn()) or "the base config"
+    out.print(f"best: {best['trial']} {sweep.metric} {_metric(sweep.metric, best['best'])} (epoch "
+              f"{best['best_epoch']}) with {drawn}; checkpoint {best_ckpt}", soft_wrap=True)
     out.print(f"results: {sweep_dir / 'results.csv'}   best spec: {sweep_dir / 'best.yaml'}")
     if failed:  # the best is of the trials that completed; the sweep is not
         err.print(Text.assemble((f"{len(failed)} of {len(trials)} trials failed: ", "bold red"), ", ".join(failed)))
@@ -124,8 +136,8 @@ class _SweepView:
                 elif run_dir.is_dir():
                     r = {**r, "status": "starting"}
             best = r.get("best")
-            t.add_row(trial.id, " ".join(trial.as_set()), r["status"], str(r.get("epochs") or 0),
-                      "-" if best is None else f"{best:.4f}")
+            t.add_row(trial.id, " ".join(trial.drawn()), r["status"], str(r.get("epochs") or 0),
+                      _metric(self.sweep.metric, best))
         return t
 
     def __rich__(self):
@@ -134,12 +146,12 @@ class _SweepView:
 
 def sweep_report(sweep_dir: Path) -> None:
     metric, mode, rows = sweep_lib.read_report(sweep_dir)
-    ranked = [r for r in rows if r["best"] is not None and r["status"] in ("finished", "stopped")]
+    ranked = [r for r in rows if r["best"] is not None and r["status"] in sweep_lib.DONE]
     ranked.sort(key=lambda r: r["best"], reverse=mode == "max")
     others = [r for r in rows if r not in ranked]
     out.print(table(f"{sweep_dir.name}: trials ranked by {metric} ({mode})",
                     ("rank", "trial", metric, "epochs", "status", "overrides"), rows=(
-        (str(i) if i <= len(ranked) else "-", r["trial"], "-" if r["best"] is None else f"{r['best']:.4f}",
-         str(r["epochs"] or "-"), r["status"] + (f": {r['error']}" if r["error"] else ""), r["overrides"])
+        (str(i) if i <= len(ranked) else "-", r["trial"], _metric(metric, r["best"]),
+         str(r["epochs"] or "-"), r["status"] + (f": {r['error']}" if r["error"] else ""), r["drawn"])
         for i, r in enumerate(ranked + others, start=1))))
 

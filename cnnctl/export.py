@@ -7,6 +7,7 @@ The output `output` holds the logits, or probabilities with softmax=True.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ class OnnxGraph:
 
 
 def to_onnx(model: nn.Layer, input_shape, normalization: dict, name: str, softmax: bool = False,
-            outputs: str = "logits"):
+            outputs: str = "logits", classes: list[str] | None = None):
     """The ONNX model; with softmax, its output made probabilities from what the model's outputs are (`outputs`,
     what its loss takes: logits get a Softmax, log-probabilities an Exp)."""
     onnx, helper, numpy_helper = _onnx()
@@ -82,12 +83,44 @@ def to_onnx(model: nn.Layer, input_shape, normalization: dict, name: str, softma
     )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="cnnctl")
     m.ir_version = 8
+    meta = {"classes": json.dumps(list(classes or [])), "normalization": json.dumps(normalization or {}),
+            "input": "N x C x H x W pixels in 0..1", "output": "probabilities" if softmax else outputs}
+    for key, value in meta.items():
+        entry = m.metadata_props.add()
+        entry.key, entry.value = key, value
     onnx.checker.check_model(m)
     return m
 
 
 def export_onnx(model, input_shape, normalization, name: str, out: Path, softmax: bool = False,
-                outputs: str = "logits") -> Path:
-    m = to_onnx(model, input_shape, normalization, name, softmax, outputs)
+                outputs: str = "logits", classes: list[str] | None = None) -> Path:
+    m = to_onnx(model, input_shape, normalization, name, softmax, outputs, classes)
     atomic_write_bytes(Path(out), m.SerializeToString())
     return Path(out)
+
+
+def verify(path: Path, model, input_shape, normalization: dict, softmax: bool = False,
+           outputs: str = "logits") -> tuple[str, float] | None:
+    """Run the written file in onnxruntime on random pixels and compare with cnnctl's own outputs: (onnxruntime's
+    version, the largest difference relative to the largest output), or None when onnxruntime is not installed.
+    A difference above 1e-4 is a CnnctlError (the file is left for inspection)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    from .predict import normalize
+
+    x01 = np.random.default_rng(0).random((4, *input_shape), dtype=np.float32)
+    theirs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x01})[0]
+    ours = model.forward(normalize(x01, normalization), training=False)
+    if softmax and outputs == "log_probabilities":
+        ours = np.exp(ours)
+    elif softmax:
+        from .functional import softmax as softmax_fn
+
+        ours = softmax_fn(ours, axis=1)
+    error = float(np.abs(theirs - ours).max() / max(float(np.abs(ours).max()), 1e-12))
+    if error > 1e-4:
+        raise CnnctlError(f"{path}: onnxruntime's outputs differ from cnnctl's by {error:.2e} of the largest",
+                          "report this network to cnnctl (the file is kept for a look)")
+    return ort.__version__, error

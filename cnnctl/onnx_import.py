@@ -815,7 +815,18 @@ def build(onnx_path: Path, name: str, mean: list[float] | None, std: list[float]
     from .builder import build_model
     from .config import validate
 
-    imp = import_model(read_model(onnx_path), str(onnx_path))
+    proto = read_model(onnx_path)
+    imp = import_model(proto, str(onnx_path))
+    if classes is None:  # cnnctl export writes them into metadata_props
+        import json
+
+        meta = {p.key: p.value for p in proto.metadata_props}
+        try:
+            written = json.loads(meta.get("classes", "null"))
+        except ValueError:
+            written = None
+        if isinstance(written, list) and written and all(isinstance(c, str) for c in written):
+            classes = written
     imp.layers, blocks = fold_repeats(imp.layers)
     named = lay_out(imp.layers, imp.weights)
     c = imp.input_shape[0]
@@ -857,9 +868,11 @@ def build(onnx_path: Path, name: str, mean: list[float] | None, std: list[float]
     if k is None:
         raise CnnctlError(f"{onnx_path}: the network outputs shape {rows[-1].output_shape}, not one score per class",
                           "import an image classifier (its output N x classes)")
-    if classes is not None and len(classes) != k:
+    if classes is not None and len(classes) != k and "classes" not in {p.key for p in proto.metadata_props}:
         raise CnnctlError(f"--classes gives {len(classes)} names but the network has {k} outputs",
                           "one class name per line, as many as the network's outputs")
+    if classes is not None and len(classes) != k:
+        classes = None  # the file's own names do not fit its outputs: numbered instead
     return spec_dict, spec, model, rows, norm, classes or [f"class_{i}" for i in range(k)], imp
 
 

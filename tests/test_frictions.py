@@ -144,3 +144,24 @@ def test_a_finished_trial_at_chance_accuracy_is_flagged_diverged(tmp_path):
     rows[1]["val_acc"] = 0.45
     runs_lib.rewrite_metrics(run, rows)
     assert trial_result(run, "val_acc", "max")["status"] == "finished"
+
+
+def test_export_checks_its_file_against_onnxruntime_and_names_the_classes(tmp_path, monkeypatch):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    run = _run(tmp_path)
+    res = invoke("export", run, "--out", tmp_path / "m.onnx")
+    assert re.search(r"checked against onnxruntime [\d.]+: its outputs equal cnnctl's to [\d.e-]+ of the largest",
+                     res.output)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta["classes"]) == ["circle", "square", "triangle", "cross"]
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as where it is not installed
+    res = invoke("export", run, "--out", tmp_path / "n.onnx")
+    assert "not checked against onnxruntime: it is not installed" in res.output
+    monkeypatch.undo()
+    invoke("import", tmp_path / "m.onnx", "--out", tmp_path / "back")  # and the names come back with import
+    from cnnctl import checkpoint
+
+    assert checkpoint.load(tmp_path / "back" / "model.safetensors").run.classes == json.loads(meta["classes"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -21,8 +22,8 @@ from ..builder import activation_values, build_model
 from ..config import config_schema, load_config
 from ..engine import Seeds, load_data
 from ..errors import CnnctlError
-from ..export import export_onnx
-from ..fileio import atomic_write_bytes
+from ..export import export_onnx, verify
+from ..fileio import atomic_write_bytes, special_kind
 from ..gradcheck import check_network
 from ..loading import load_model, offline
 from ..lr_find import lr_find as lr_find_lib
@@ -252,11 +253,22 @@ def export(
         raise CnnctlError(f"unknown --format {fmt!r}", "use --format onnx")
     check_writable(out_file, "--out")
     checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
-    spec, model, _ = load_model(ckpt, checkpoint_path)
-    export_onnx(model, spec.model.input_shape, ckpt.normalization, spec.name, out_file, softmax,
-                nn.LOSSES[spec.loss.type].takes)
+    spec, model, rows = load_model(ckpt, checkpoint_path)
+    takes = nn.LOSSES[spec.loss.type].takes
+    classes = predict_lib.class_names(spec, rows[-1].output_shape[0], ckpt) if len(rows[-1].output_shape) == 1 \
+        else None
+    export_onnx(model, spec.model.input_shape, ckpt.normalization, spec.name, out_file, softmax, takes, classes)
     out.print(f"wrote {out_file} (input 'input': N x {' x '.join(map(str, spec.model.input_shape))} pixels "
-              f"in 0..1; output 'output': {'probabilities' if softmax else 'logits'})")
+              f"in 0..1; output 'output': {'probabilities' if softmax else 'logits'}; class names in its "
+              "metadata_props)")
+    if special_kind(Path(os.path.realpath(out_file))) is not None:
+        return  # written to a device or a FIFO: nothing to read back
+    checked = verify(out_file, model, spec.model.input_shape, ckpt.normalization, softmax, takes)
+    if checked is None:
+        out.print("not checked against onnxruntime: it is not installed (pip install onnxruntime)")
+    else:
+        out.print(f"checked against onnxruntime {checked[0]}: its outputs equal cnnctl's to {checked[1]:.1e} of the "
+                  "largest")
 
 
 def _numbers(text: str | None, option: str) -> list[float] | None:
@@ -286,7 +298,7 @@ def import_(
     """Import an ONNX image classifier: a cnnctl config and a checkpoint of its weights, exact to onnxruntime."""
     from .. import onnx_import
     from ..fileio import Unreadable, read_regular
-    from .engine import layer_table
+    from .train import layer_table
 
     classes = None
     if classes_file is not None:

@@ -151,7 +151,7 @@ def test_export_checks_its_file_against_onnxruntime_and_names_the_classes(tmp_pa
     pytest.importorskip("onnxruntime")
     run = _run(tmp_path)
     res = invoke("export", run, "--out", tmp_path / "m.onnx")
-    assert re.search(r"checked against onnxruntime [\d.]+: its outputs equal cnnctl's to [\d.e-]+ of the largest",
+    assert re.search(r"checked against onnxruntime [\d.]+: its outputs equal cnnctl's to [\d.e+-]+ of the largest",
                      res.output)
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(meta["classes"]) == ["circle", "square", "triangle", "cross"]

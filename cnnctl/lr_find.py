@@ -48,8 +48,38 @@ def lr_find(spec: Spec, min_lr: float = 1e-7, max_lr: float = 1.0, steps: int = 
         best = min(best, smoothed)
         if smoothed > DIVERGED * best and i > 0:
             break
+    k = len(trainer.ds.classes)
+    chance = math.log(k) if spec.loss.type in ("cross_entropy", "nll") and k > 1 else None
     return {"suggested_lr": suggest(lrs, losses), "lrs": lrs, "losses": losses,
-            "stopped_early": len(lrs) < steps}
+            "stopped_early": len(lrs) < steps, "classes": k, "chance_loss": chance}
+
+
+def verdict(res: dict, max_lr: float) -> list[str]:
+    """What the test showed, in words that hold for this curve: whether the loss ever fell below a uniform
+    guess's (ln K for K classes: below it, the network has learned something), and whether it was still falling,
+    rising or diverging at the end of the range."""
+    losses, lrs = res["losses"], res["lrs"]
+    if not losses:
+        return ["the loss was not finite from the first step: lower --min-lr"]
+    low = min(losses)
+    at = lrs[losses.index(low)]
+    notes = []
+    chance = res.get("chance_loss")
+    if chance is not None and low > chance:
+        notes.append(f"the smoothed loss went from {losses[0]:.3g} down to {low:.3g} but stayed above {chance:.3g} "
+                     f"(ln {res['classes']}: a uniform guess over {res['classes']} classes): the test ended before "
+                     f"the network learned anything, so the suggestion is a rough guess; try more --steps (e.g. "
+                     f"{2 * len(lrs)}) or --max-lr {10 * max_lr:g}")
+    if res["stopped_early"]:
+        notes.append(f"stopped at {lrs[-1]:.2g}: the loss diverged (past {DIVERGED:g}x its minimum, reached at "
+                     f"{at:.2g})")
+    elif losses[-1] <= 1.1 * low:
+        notes.append(f"the loss was still at its lowest at {lrs[-1]:.2g}, the end of the range: higher rates may "
+                     f"help too (try --max-lr {10 * max_lr:g})")
+    else:
+        notes.append(f"the loss rose from its minimum {low:.3g} at {at:.2g} to {losses[-1]:.3g} at {lrs[-1]:.2g} "
+                     f"without diverging: rates past about {at:.2g} do not help")
+    return notes
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float | None:

@@ -150,7 +150,7 @@ def test_set_errors_name_the_override_not_a_line_of_the_file(tmp_path):
 def test_lr_find_says_when_the_loss_never_diverged(tmp_path):
     cfg = config(tmp_path, lambda s: None)
     res = invoke("lr-find", cfg, "--steps", "8", "--max-lr", "1e-4")
-    assert "the loss never diverged up to 0.0001" in res.stdout and "--max-lr 0.001" in res.stdout
+    assert "the loss was still at its lowest at 0.0001" in res.stdout and "--max-lr 0.001" in res.stdout
 
 
 @pytest.mark.parametrize("name", ["keras-mnist-convnet", "pytorch-mnist"])

@@ -27,6 +27,7 @@ from ..fileio import atomic_write_bytes, special_kind
 from ..gradcheck import check_network
 from ..loading import load_model, offline
 from ..lr_find import lr_find as lr_find_lib
+from ..lr_find import verdict
 from ..memory import refuse_over
 from .common import (
     SetOption,
@@ -431,11 +432,9 @@ def lr_find_(
         return
     out.print(plots.text_chart({"loss (smoothed)": res["losses"]},
                                x_label=f"learning rate {res['lrs'][0]:.2g} .. {res['lrs'][-1]:.2g} (log scale)"))
-    out.print(f"{len(res['lrs'])} steps from {res['lrs'][0]:.2g} to {res['lrs'][-1]:.2g}"
-              + (" (stopped: the loss diverged)" if res["stopped_early"] else ""))
-    if not res["stopped_early"]:
-        out.print(f"the loss never diverged up to {res['lrs'][-1]:.2g}: the useful range may reach higher; the "
-                  f"suggestion is the steepest descent within this range (try --max-lr {10 * max_lr:g})")
+    out.print(f"{len(res['lrs'])} steps from {res['lrs'][0]:.2g} to {res['lrs'][-1]:.2g}")
+    for note in verdict(res, max_lr):
+        out.print(note, soft_wrap=True)
     if res["suggested_lr"] is None:
         out.print("no suggestion: the loss did not fall; try a wider range (--min-lr / --max-lr) or more --steps")
     else:

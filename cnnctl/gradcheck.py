@@ -149,7 +149,7 @@ def check_network(model, input_shape, batch: int = 2, samples: int = 16, seed: i
         _, index, *inner = p.name.split(".")  # layers.{index}[.body.0].{key}
         index = int(index)
         if only is None or index in only:
-            arrays.append((index, ".".join([model.names[index], *inner[:-1]]), p.key, p.value, analytic[p.name]))
+            arrays.append((index, p.name.rsplit(".", 1)[0], p.key, p.value, analytic[p.name]))  # layers.3.body.0
     rows = []
     for k, (index, layer, param, value, grad) in enumerate(arrays):
         err, n, kinks = sampled(value, grad)

@@ -61,6 +61,10 @@ def plot_curves(history: list[dict], out: Path, title: str = "") -> None:
     axes[2].set_title("learning rate")
     axes[2].set_xlabel("epoch")
     axes[2].grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:  # epochs are whole numbers: no 1.5 on the axis of a 3-epoch run
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     _save(fig, out)

@@ -183,3 +183,18 @@ def test_lr_find_verdicts_follow_the_curve():
     notes = verdict({"losses": [3.0, 2.5, 2.4], "lrs": lrs[:3], "stopped_early": False, "classes": 4,
                      "chance_loss": 1.386}, 1.0)
     assert "stayed above 1.39" in notes[0] and "still at its lowest" in notes[1]
+
+
+def test_curves_have_whole_epochs_on_their_axis(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from cnnctl import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig))
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_acc": 0.5, "val_acc": 0.4, "lr": 0.1}
+               for e in (1, 2, 3)]
+    plots.plot_curves(history, tmp_path / "c.png")
+    for ax in figures[0].axes:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -108,7 +108,7 @@ def test_network_check_skips_kinks_and_says_so():
     model.layers[0].params["weight"][0] = 0.0
     model.layers[0].params["bias"][0] = 0.0
     rows = {(r["layer"], r["param"]): r for r in check_network(model, (3,), batch=4, samples=12)}
-    weight, bias = rows[("dense_0", "weight")], rows[("dense_0", "bias")]
+    weight, bias = rows[("layers.0", "weight")], rows[("layers.0", "bias")]
     assert weight["kinks"] == 3 and weight["checked"] == 9  # unit 0's three weights are kinks, the rest checked
     assert bias["kinks"] == 1 and bias["checked"] == 3
     assert max(r["error"] for r in rows.values()) < TOL

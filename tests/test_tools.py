@@ -183,7 +183,10 @@ def test_gradcheck_cli(tmp_path):
     assert {r["index"] for r in layer_rows} == {0, 2, 5, 6}
     only = json.loads(invoke("gradcheck", ROOT / "configs" / "quickstart.yaml", "--json", "--layers", "dense_6",
                              "--samples", "4").output)
-    assert {r["layer"] for r in only["results"]} == {"dense_6"}
+    assert {r["layer"] for r in only["results"]} == {"layers.6"}  # named as the state dict and every verb name it
+    by_path = json.loads(invoke("gradcheck", ROOT / "configs" / "quickstart.yaml", "--json", "--layers", "layers.6",
+                                "--samples", "4").output)
+    assert [r["layer"] for r in by_path["results"]] == [r["layer"] for r in only["results"]]
     table = invoke("gradcheck", ROOT / "configs" / "quickstart.yaml", "--samples", "3").output
     assert "ok" in table and "FAIL" not in table
     invoke("gradcheck", ROOT / "configs" / "quickstart.yaml", "--layers", "nope", code=2)

@@ -353,7 +353,8 @@ def gradcheck(
     target: Annotated[Path, typer.Argument(metavar="CONFIG|CHECKPOINT|RUN_DIR")],
     set_: SetOption = None,
     layers: Annotated[list[str] | None, typer.Option("--layers", metavar="LAYER",
-                                                     help="Layer indices or names to check "
+                                                     help="Layers to check: an index, a state-dict prefix "
+                                                     "(layers.6) or a name "
                                                      "(repeatable; default: all).")] = None,
     samples: Annotated[int, typer.Option("--samples", metavar="N", min=1, help="Entries checked per array.")] = 16,
     batch: Annotated[int, typer.Option("--batch", metavar="N", min=1, help="Random inputs in the batch.")] = 2,
@@ -369,7 +370,7 @@ def gradcheck(
     model, rows = build_model(spec.model, np.random.default_rng(seed))
     only = None
     if layers:
-        by_name = {r.name: r.index for r in rows}
+        by_name = {**{r.path: r.index for r in rows}, **{r.name: r.index for r in rows}}  # layers.6, or dense_6
         only = set()
         for item in layers:
             if item.isascii() and item.isdigit() and int(item) < len(rows):

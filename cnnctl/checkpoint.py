@@ -212,6 +212,18 @@ GeneratorState = Annotated[dict[str, Any], AfterValidator(_generator_state)]
 Metrics = dict[str, Number | None]
 
 
+def _an_epochs_row(row: dict) -> dict:
+    """An epoch's row of the history: its epoch (1, 2, ...) and step counts at least, as integers."""
+    for key in ("epoch", "step"):
+        value = row.get(key)
+        if not isinstance(value, int) or value < (1 if key == "epoch" else 0):
+            raise ValueError(f"an epoch's row needs '{key}' as a whole number, got {value!r}")
+    return row
+
+
+EpochRow = Annotated[Metrics, AfterValidator(_an_epochs_row)]
+
+
 # the run's independent random streams, spawned from its seed in this order: weights (and dropout), data
 # (generation and the validation split), shuffling, augmentation (train.Seeds holds them)
 STREAMS = ("init", "data", "shuffle", "augment")
@@ -246,8 +258,8 @@ class RunState(Strict):
     epoch: NonNegInt = 0  # finished epochs
     step: NonNegInt = 0  # optimizer steps taken
     classes: list[StrictStr] | None = None
-    history: list[Metrics] | None = None
-    best: Metrics | None = None  # the row of the best epoch by train.monitor
+    history: list[EpochRow] | None = None
+    best: EpochRow | None = None  # the row of the best epoch by train.monitor
     stopper: Stopper | None = None
     partial: Partial | None = None
     schedule: dict[str, Number | None] | None = None

@@ -277,3 +277,23 @@ def test_runs_shows_damaged_summary_fields_as_missing(tiny_run, tmp_path):
     assert {k for k, v in rows["bad"].items() if v is None} == {"name", "started", "epochs_done", "epochs",
                                                                 "best_val_acc", "test_acc", "params", "wall_seconds"}
     assert rows["good"]["epochs_done"] == 1
+
+
+@pytest.mark.parametrize("history", [[{}], [{"epoch": "1", "step": 8}], [{"epoch": 0, "step": 1}]])
+def test_a_checkpoints_history_rows_without_their_counts_are_damage(tiny_run, tmp_path, history):
+    """Found by the fuzzed-metadata test in CI: an epoch's row of {} reached the trainer and ended in KeyError."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    last = run / "checkpoints" / "last.safetensors"
+    with safe_open(str(last), "numpy") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    trainer = json.loads(meta["trainer"])
+    trainer["history"] = history
+    save_file(tensors, str(last), metadata={**meta, "trainer": json.dumps(trainer)})
+    expect_error(["train", "--resume", run, "--set", "train.epochs=2", "--force"],
+                 "damaged checkpoint metadata: trainer.history.0")

@@ -32,14 +32,14 @@ class Screen:
         return [line for line in self.text.splitlines() if line.strip()][-n:]
 
 
-def run_in_terminal(args, columns: int = 80, rows: int = 24, timeout: float = 120, cwd=None) -> Screen:
-    """`python -m cnnctl ARGS` with a pseudo-terminal as stdin, stdout and stderr; the run must end within
-    `timeout` seconds (else it is killed and the test fails with what the screen showed)."""
+def run_in_terminal(args, columns: int = 80, rows: int = 24, timeout: float = 120, cwd=None, argv=None) -> Screen:
+    """`python -m cnnctl ARGS` (or `argv` as given) with a pseudo-terminal as stdin, stdout and stderr; the run
+    must end within `timeout` seconds (else it is killed and the test fails with what the screen showed)."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
     env["TERM"] = "xterm-256color"
-    proc = subprocess.Popen([sys.executable, "-m", "cnnctl", *map(str, args)], stdin=slave, stdout=slave,
+    proc = subprocess.Popen(argv or [sys.executable, "-m", "cnnctl", *map(str, args)], stdin=slave, stdout=slave,
                             stderr=slave, cwd=cwd, env=env, start_new_session=True, close_fds=True)
     os.close(slave)
     raw = bytearray()

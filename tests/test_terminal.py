@@ -79,3 +79,23 @@ def test_the_rich_version_is_one_the_project_allows():
     """pyproject pins rich to the majors these tests were run with: a new major is tried here before it is let in."""
     assert '"rich>=13,<16"' in (ROOT / "pyproject.toml").read_text()
     assert Version("13") <= Version(version("rich")) < Version("16")
+
+
+def test_the_python_api_shows_progress_on_a_terminal_and_none_when_quiet(work):
+    """cnnctl.train(quiet=False) in a terminal draws the bars (a script run by a user); quiet=True prints nothing."""
+    d, _ = work
+    for quiet in (False, True):
+        script = d / f"api_{quiet}.py"
+        script.write_text(f"import cnnctl\nrun = cnnctl.train('quick.yaml', runs_dir='api-runs', quiet={quiet})\n"
+                          "print('done', run.summary['status'])\n")
+        screen = _in_terminal_python(script, d)
+        assert screen.code == 0, screen.text[-2000:]
+        assert "done finished" in screen.text
+        assert ("epoch   2  train loss" in screen.text) != quiet and (HIDE in screen.raw) != quiet
+
+
+def _in_terminal_python(script, cwd):
+    """A Python script in the pseudo-terminal (the harness runs `python -m cnnctl`; this runs the script)."""
+    import sys
+
+    return run_in_terminal([], cwd=cwd, argv=[sys.executable, str(script)])

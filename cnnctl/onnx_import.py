@@ -419,13 +419,7 @@ class _Importer:
             if w.shape[2:] != (1, 1) or int(a.get("group", 1)) != 1 or any(a.get("pads", [])):
                 self.fail(f"Conv {node.name!r} after a global pooling: only a 1x1 convolution (a dense layer) is "
                           "imported there")
-            tensors = {"weight": np.ascontiguousarray(w[:, :, 0, 0])}
-            spec = {"type": "dense", "units": int(w.shape[0])}
-            if len(ins) > 2 and ins[2]:
-                tensors["bias"] = self._param(ins[2])
-            else:
-                spec["bias"] = False
-            self._add(layers, spec, tensors)
+            self._weighted(layers, {"type": "dense", "units": int(w.shape[0])}, w[:, :, 0, 0], ins)
             return
         if op == "Conv":
             w = self._param(ins[1])
@@ -445,12 +439,7 @@ class _Importer:
                 spec["padding"] = _pair(pads[:2])
             if int(a.get("group", 1)) != 1:
                 spec["groups"] = int(a["group"])
-            tensors = {"weight": w}
-            if len(ins) > 2 and ins[2]:
-                tensors["bias"] = self._param(ins[2])
-            else:
-                spec["bias"] = False
-            self._add(layers, spec, tensors)
+            self._weighted(layers, spec, w, ins)
             return
         if op == "BatchNormalization":
             spec = {"type": "batchnorm"}
@@ -524,14 +513,8 @@ class _Importer:
                 self.fail(f"Gemm {node.name!r}: alpha, beta other than 1 or transA are not imported")
             w = self._param(ins[1])
             w = w if int(a.get("transB", 0)) else w.T
-            tensors = {"weight": np.ascontiguousarray(w)}
-            spec = {"type": "dense", "units": int(w.shape[0])}
-            if len(ins) > 2 and ins[2]:
-                tensors["bias"] = np.broadcast_to(self._param(ins[2]), (w.shape[0],)).copy()
-            else:
-                spec["bias"] = False
             self._flat_for_dense(layers)
-            self._add(layers, spec, tensors)
+            self._weighted(layers, {"type": "dense", "units": int(w.shape[0])}, w, ins)
             return
         if op == "MatMul":
             w = self._param(ins[1])
@@ -595,6 +578,16 @@ class _Importer:
             self.normalization = {"mean": value.tolist()}
         else:
             self.normalization["std"] = value.tolist()
+
+    def _weighted(self, layers: list[dict], spec: dict, weight: np.ndarray, ins) -> None:
+        """A layer with a weight and, when the node has a third input, a bias (as long as the outputs: Gemm's C
+        may be a broadcast scalar), else `bias: false`."""
+        tensors = {"weight": np.ascontiguousarray(weight)}
+        if len(ins) > 2 and ins[2]:
+            tensors["bias"] = np.broadcast_to(self._param(ins[2]).ravel(), (weight.shape[0],)).copy()
+        else:
+            spec["bias"] = False
+        self._add(layers, spec, tensors)
 
     def _add(self, layers: list[dict], spec: dict, tensors: dict) -> None:
         """A layer with weights: its tensors are kept under a provisional key, renamed to the state-dict path

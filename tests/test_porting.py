@@ -26,8 +26,8 @@ def last(spec):
 
 @pytest.mark.parametrize("verb", ["train", "inspect"])
 @pytest.mark.parametrize("change,words", [
-    (lambda s: last(s).update(activation="softmax"), ["ends in softmax", "model.layers[4] (dense)",
-                                                      "takes logits", "remove the softmax"]),
+    (lambda s: last(s).update(activation="softmax"), ["ends in softmax", "model.layers[4].activation: softmax",
+                                                      "takes logits", "remove activation: softmax from"]),
     (lambda s: s["model"]["layers"].append({"type": "softmax"}), ["ends in softmax", "model.layers[5] (softmax)"]),
     (lambda s: s["model"]["layers"].append({"type": "log_softmax"}), ["ends in log_softmax", "loss: nll"]),
     (lambda s: s.update(loss="nll"), ["nll takes log-probabilities", "a linear layer", "{type: log_softmax}"]),

@@ -39,7 +39,7 @@ def _check(screen, *final):
     assert screen.code == 0, screen.text[-3000:]
     if HIDE in screen.raw:  # a live display hid the cursor: it is shown again before the end
         assert screen.raw.rindex(SHOW) > screen.raw.rindex(HIDE)
-    tail = "\n".join(screen.last_lines(len(final) + 2))
+    tail = "\n".join(screen.last_lines(len(final) + 4))
     for text in final:
         assert text in tail, screen.text[-3000:]
 

@@ -252,3 +252,22 @@ def plot_sweep(rows: list[dict], metric: str, out: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     _save(fig, out)
+
+
+def plot_explanation(image01: np.ndarray, heat: np.ndarray, out: Path, title: str) -> None:
+    """A picture (C, H, W) in 0..1 and its explanation map (H, W) side by side, the map also laid over the
+    picture (the `inferno` colour map, 45% opaque); the colour bar says what its colours mean."""
+    plt = pyplot()
+    c = image01.shape[0]
+    shown = image01[0] if c == 1 else np.clip(image01.transpose(1, 2, 0), 0, 1)
+    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4), layout="constrained")
+    for ax in axes:
+        ax.imshow(shown, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].set_title("input")
+    im = axes[1].imshow(heat, cmap="inferno", alpha=0.45)
+    axes[1].set_title("explanation")
+    fig.colorbar(im, ax=axes[1], shrink=0.8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -322,6 +323,64 @@ def import_(
     out.print(f"wrote {out_dir / 'config.yaml'} and {out_dir / 'model.safetensors'}")
     out.print(f"  fine-tune: fill in data.root, then cnnctl train {out_dir / 'config.yaml'} --init-from "
               f"{out_dir / 'model.safetensors'}")
+
+
+@app.command("explain")
+@guarded
+def explain_(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT|RUN_DIR")],
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUTS...", help="Image files or .npz files.")],
+    methods: Annotated[list[str] | None, typer.Option(
+        "--method", metavar="METHOD", help="saliency (default), gradcam or occlusion; repeatable.")] = None,
+    layer: Annotated[str | None, typer.Option("--layer", metavar="NAME", help="Grad-CAM's layer, a top-level "
+                                              "state-dict prefix such as layers.3 (default: the last spatial one)."
+                                              )] = None,
+    klass: Annotated[int | None, typer.Option("--class", metavar="K", help="The class to explain (default: the "
+                                              "predicted one).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Where the pictures go.")] = Path("explain"),
+    npy: Annotated[bool, typer.Option("--npy", help="Also each map as a .npy of the input's height x width.")] = False,
+    patch: Annotated[int, typer.Option("--patch", metavar="P", min=1, help="Occlusion's square.")] = 8,
+    stride: Annotated[int, typer.Option("--stride", metavar="S", min=1, help="Occlusion's step.")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """What a prediction looked at: saliency, Grad-CAM or occlusion maps of each input, as pictures laid over it
+    (and with --npy as arrays), with the top classes."""
+    from .. import explain as explain_lib
+
+    methods = list(dict.fromkeys(methods or ["saliency"]))
+    for m in methods:
+        if m not in explain_lib.METHODS:
+            raise CnnctlError(f"--method {m!r}: use one of {', '.join(explain_lib.METHODS)}")
+    predictor = api.load(checkpoint_of(checkpoint_path))
+    spec = predictor.spec
+    names, x01 = predict_lib.load_inputs(inputs, spec.model.input_shape, spec.data.resize)
+    probs = predictor.predict(x01)
+    x = predict_lib.normalize(x01, predictor.normalization)
+    results = predict_lib.top_classes(names, probs, predictor.classes, 3)
+    for m in methods:
+        maps, ks, used = explain_lib.explain(predictor.model, x, m, layer, klass, patch, stride,
+                                             nn.LOSSES[spec.loss.type].takes, spec.data.evaluation_batch)
+        for i, (res, heat) in enumerate(zip(results, maps)):
+            stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in res["input"])
+            picture = out_dir / f"{stem}.{m}.png"
+            what = f"{m}{f' of {used}' if used else ''} for class {predictor.classes[ks[i]]}"
+            plots.plot_explanation(x01[i], heat, picture, f"{res['input']}: {what}")
+            files = {"png": str(picture)}
+            if npy:
+                buf = io.BytesIO()
+                np.save(buf, heat, allow_pickle=False)
+                atomic_write_bytes(out_dir / f"{stem}.{m}.npy", buf.getvalue())
+                files["npy"] = str(out_dir / f"{stem}.{m}.npy")
+            res.setdefault("explained", []).append({"method": m, "class": predictor.classes[ks[i]],
+                                                    "layer": used, **files})
+    if as_json:
+        print_json(results)
+        return
+    k = len(results[0]["top"]) if results else 0
+    out.print(table(f"explanations ({', '.join(methods)}) in {out_dir}", ["input", *(f"#{r + 1}" for r in range(k)),
+                                                                         "pictures"], rows=(
+        (res["input"], *(f"{t['class']} {100 * t['probability']:.1f}%" for t in res["top"]),
+         ", ".join(Path(e["png"]).name for e in res["explained"])) for res in results)))
 
 
 @app.command("predict")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -21,8 +22,19 @@ def blas_info() -> dict:
     return {"threads": None}
 
 
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """cnnctl, Python and NumPy versions, the BLAS and its threads, cnnctl's threads, the platform, the command."""
-    return {"cnnctl": __version__, "python": platform.python_version(), "numpy": np.__version__,
+    return {"cnnctl": __version__, "cpu": cpu_model(), "python": platform.python_version(), "numpy": np.__version__,
             "blas": blas_info(), "threads": parallel.threads(), "platform": platform.platform(),
             "command": sys.argv}

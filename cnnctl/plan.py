@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import time
 import warnings
@@ -554,13 +553,9 @@ def cache_path() -> Path:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from .environment import cpu_model
+
+    return cpu_model()
 
 
 def _key(step: ConvStep, in_shape, batch: int, dtype) -> str:

@@ -30,9 +30,9 @@ def pyplot(instead: str | None = None):
 TERMINAL = "leave out --out for charts in the terminal"
 
 
-def _save(fig, out: Path) -> None:
-    """Write the figure as a PNG through fileio.atomic_write_bytes (a file replaced atomically, a device or FIFO
-    written in place); a path that cannot be written is one clear error."""
+def _save(fig, out: Path | None) -> bytes | None:
+    """Render the figure as a PNG: written through fileio.atomic_write_bytes (a file replaced atomically, a device
+    or FIFO written in place), or with `out` None returned as bytes (the report inlines them)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -40,10 +40,13 @@ def _save(fig, out: Path) -> None:
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
+    if out is None:
+        return buf.getvalue()
     atomic_write_bytes(Path(out), buf.getvalue())
+    return None
 
 
-def plot_curves(history: list[dict], out: Path, title: str = "") -> None:
+def plot_curves(history: list[dict], out: Path | None, title: str = "") -> bytes | None:
     """Loss, accuracy (train and validation) and learning rate per epoch, three panels in one PNG."""
     plt = pyplot(TERMINAL)
     epochs = [r["epoch"] for r in history]
@@ -67,11 +70,11 @@ def plot_curves(history: list[dict], out: Path, title: str = "") -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
-    _save(fig, out)
+    return _save(fig, out)
 
 
-def _grid(images: np.ndarray, cols: int, cmap: str, out: Path, title: str, labels: list[str] | None = None,
-          limits: tuple[float, float] | None = None) -> None:
+def _grid(images: np.ndarray, cols: int, cmap: str, out: Path | None, title: str, labels: list[str] | None = None,
+          limits: tuple[float, float] | None = None) -> bytes | None:
     plt = pyplot()
     vmin, vmax = limits or (None, None)
     n = len(images)
@@ -85,7 +88,7 @@ def _grid(images: np.ndarray, cols: int, cmap: str, out: Path, title: str, label
             if labels:
                 ax.set_title(labels[k], fontsize=7)
     fig.suptitle(title)
-    _save(fig, out)
+    return _save(fig, out)
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -93,16 +96,16 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
-def plot_filters(weight: np.ndarray, out: Path, title: str) -> None:
+def plot_filters(weight: np.ndarray, out: Path | None, title: str) -> bytes | None:
     """A conv layer's kernels (O, C, KH, KW) as a grid: RGB when C is 3, else one image per input channel 0."""
     if weight.shape[1] == 3:
         images = [_unit(w.transpose(1, 2, 0)) for w in weight]
     else:
         images = [w[0] for w in weight]
-    _grid(np.asarray(images), min(8, len(images)), "gray", out, title, [f"{i}" for i in range(len(images))])
+    return _grid(np.asarray(images), min(8, len(images)), "gray", out, title, [f"{i}" for i in range(len(images))])
 
 
-def plot_samples(images: np.ndarray, labels: list[str], out: Path, title: str) -> None:
+def plot_samples(images: np.ndarray, labels: list[str], out: Path | None, title: str) -> bytes | None:
     """Dataset images (N, C, H, W) as stored (uint8 on 0..255, float data on its own range), each titled with
     its class: a grid of up to 8 columns."""
     x = images.transpose(0, 2, 3, 1)
@@ -113,10 +116,10 @@ def plot_samples(images: np.ndarray, labels: list[str], out: Path, title: str) -
     else:  # float data: one range for the whole grid, so that brightness compares across images
         x = _unit(x.astype(np.float64))
         limits = (0.0, 1.0)
-    _grid(x, min(8, len(x)), "gray", out, title, labels, limits)
+    return _grid(x, min(8, len(x)), "gray", out, title, labels, limits)
 
 
-def plot_feature_maps(maps: list[tuple[str, np.ndarray]], image: np.ndarray, out: Path) -> None:
+def plot_feature_maps(maps: list[tuple[str, np.ndarray]], image: np.ndarray, out: Path | None) -> bytes | None:
     """The input image and, per conv layer, its output maps (C, H, W): one row per layer."""
     plt = pyplot()
     cols = min(8, max(m.shape[0] for _, m in maps))
@@ -130,10 +133,11 @@ def plot_feature_maps(maps: list[tuple[str, np.ndarray]], image: np.ndarray, out
         for c in range(min(cols, m.shape[0])):
             axes[r, c].imshow(m[c], cmap="viridis", interpolation="nearest")
             axes[r, c].set_title(f"{name}:{c}", fontsize=6)
-    _save(fig, out)
+    return _save(fig, out)
 
 
-def plot_lr_find(lrs: list[float], losses: list[float], suggested: float | None, out: Path, title: str) -> None:
+def plot_lr_find(lrs: list[float], losses: list[float], suggested: float | None, out: Path | None,
+                 title: str) -> bytes | None:
     """The range test's smoothed loss against the learning rate (log scale), the suggestion marked."""
     plt = pyplot("leave out --out: the verb prints the curve in the terminal")
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
@@ -145,10 +149,10 @@ def plot_lr_find(lrs: list[float], losses: list[float], suggested: float | None,
         ax.axvline(suggested, color="tab:red", linestyle="--", label=f"suggested {suggested:.2g}")
         ax.legend()
     ax.set_title(title)
-    _save(fig, out)
+    return _save(fig, out)
 
 
-def plot_confusion(cm: np.ndarray, classes: list[str], out: Path, title: str) -> None:
+def plot_confusion(cm: np.ndarray, classes: list[str], out: Path | None, title: str) -> bytes | None:
     plt = pyplot()
     k = len(classes)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 0.8 + 0.5 * k))
@@ -163,7 +167,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], out: Path, title: str) ->
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if cm[i, j] > limit else "black")
     ax.set_title(title)
-    _save(fig, out)
+    return _save(fig, out)
 
 
 def text_chart(series: dict[str, list[float | None]], height: int = 10, width: int = 60,
@@ -233,7 +237,7 @@ def sweep_text(rows: list[dict], metric: str, width: int = 40) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(rows: list[dict], metric: str, out: Path, title: str) -> None:
+def plot_sweep(rows: list[dict], metric: str, out: Path | None, title: str) -> bytes | None:
     """One panel per searched key: each trial's best metric against the value it used."""
     plt = pyplot(TERMINAL)
     points = sweep_points(rows)
@@ -251,10 +255,10 @@ def plot_sweep(rows: list[dict], metric: str, out: Path, title: str) -> None:
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    _save(fig, out)
+    return _save(fig, out)
 
 
-def plot_explanation(image01: np.ndarray, heat: np.ndarray, out: Path, title: str) -> None:
+def plot_explanation(image01: np.ndarray, heat: np.ndarray, out: Path | None, title: str) -> bytes | None:
     """A picture (C, H, W) in 0..1 and its explanation map (H, W) side by side, the map also laid over the
     picture (the `inferno` colour map, 45% opaque); the colour bar says what its colours mean."""
     plt = pyplot()
@@ -270,4 +274,29 @@ def plot_explanation(image01: np.ndarray, heat: np.ndarray, out: Path, title: st
     axes[1].set_title("explanation")
     fig.colorbar(im, ax=axes[1], shrink=0.8)
     fig.suptitle(title, fontsize=9)
-    _save(fig, out)
+    return _save(fig, out)
+
+
+def plot_reliability(confidence: np.ndarray, correct: np.ndarray, out: Path | None, title: str,
+                     bins: int = 10) -> bytes | None:
+    """The reliability diagram: per confidence bin, the accuracy (bars, numbered with their counts) against the
+    diagonal of perfect calibration."""
+    plt = pyplot()
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    acc = np.bincount(which, weights=correct, minlength=bins) / np.maximum(counts, 1)
+    fig, ax = plt.subplots(figsize=(4.2, 3.8), layout="constrained")
+    centres = (edges[:-1] + edges[1:]) / 2
+    ax.bar(centres, acc, width=1 / bins, edgecolor="black", color="tab:blue", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="black", label="perfect calibration")
+    for c, a, n in zip(centres, acc, counts):
+        if n:
+            ax.text(c, min(a + 0.02, 0.95), str(n), ha="center", fontsize=6)
+    ax.set_xlabel("confidence (largest probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, out)

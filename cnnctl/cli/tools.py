@@ -325,6 +325,26 @@ def import_(
               f"{out_dir / 'model.safetensors'}")
 
 
+@app.command()
+@guarded
+def report(
+    target: Annotated[Path, typer.Argument(metavar="RUN_DIR|SWEEP_DIR")],
+    out_file: Annotated[Path | None, typer.Option("--out", metavar="FILE.html", help="Where the page goes "
+                                                  "(default: RUN_DIR/report.html).")] = None,
+):
+    """One self-contained HTML page about a run or a sweep: status, config, model, curves, evaluation, the most
+    confidently wrong images with their saliency and Grad-CAM, calibration, filters, plan."""
+    from .. import report as report_lib
+
+    if not Path(target).is_dir():
+        raise CnnctlError(f"{target} is not a folder", "pass a run directory or a sweep directory")
+    out_file = out_file or Path(target) / "report.html"
+    check_writable(out_file, "--out")
+    text = report_lib.page(Path(target))
+    atomic_write_bytes(out_file, text.encode("utf-8"))
+    out.print(f"wrote {out_file} ({len(text) / 1e6:.2f} MB, self-contained: open it in any browser)")
+
+
 @app.command("explain")
 @guarded
 def explain_(

@@ -1,0 +1,144 @@
+"""cnnctl report: the page of a finished, a running, a failed and an interrupted run and of a sweep parses as
+HTML, every picture decodes, nothing refers outside the file; and a real browser renders it."""
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import TINY
+from tests.helpers import invoke
+
+Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("matplotlib")
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.refs, self.tags, self.headings, self.tables = [], [], [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(a)
+        if tag in ("h1", "h2", "h3"):
+            self.headings.append(tag)
+        if tag == "table":
+            self.tables += 1
+        for key in ("src", "href", "action", "data", "poster"):
+            if key in a:
+                self.refs.append(a[key])
+
+
+def _check(path):
+    text = path.read_text(encoding="utf-8")
+    page = _Page()
+    page.feed(text)
+    assert "h1" in page.headings and page.tables >= 1
+    assert "script" not in page.tags and "link" not in page.tags and "@import" not in text and "url(" not in text
+    for ref in page.refs:  # pictures inline; nothing outside the file
+        assert ref.startswith("data:image/png;base64,"), ref
+    for img in page.images:
+        assert img.get("alt"), img  # every picture says what it shows
+        png = base64.b64decode(img["src"].split(",", 1)[1])
+        with Image.open(io.BytesIO(png)) as im:
+            im.load()
+            assert im.size[0] > 10 and im.size[1] > 10
+    assert path.stat().st_size < 5e6
+    return text, page
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    spec = yaml.safe_load(TINY)
+    spec["train"].update(epochs=2, test_at_end=True)
+    (tmp / "c.yaml").write_text(yaml.safe_dump(spec))
+    invoke("train", tmp / "c.yaml", "--runs-dir", tmp / "runs")
+    (run,) = (tmp / "runs").iterdir()
+    return tmp, run
+
+
+def test_the_page_of_a_finished_run(finished):
+    tmp, run = finished
+    res = invoke("report", run)
+    assert "wrote" in res.output and (run / "report.html").is_file()
+    text, page = _check(run / "report.html")
+    for section in ("Config", "Model", "Learning curves", "Evaluation on the test split", "Per class",
+                    "The most confused pairs", "Calibration", "Expected calibration error", "most confidently wrong",
+                    "first layer", "Execution plan"):
+        assert section in text, section
+    assert len(page.images) >= 6 and "Status: finished" in text
+
+
+def test_the_pages_of_running_failed_and_interrupted_runs(finished, tmp_path):
+    _, run = finished
+    for status in ("running", "failed", "interrupted"):
+        copy = tmp_path / status
+        shutil.copytree(run, copy)
+        summary = json.loads((copy / "summary.json").read_text())
+        summary.update(status=status, pid=2**22 + 7 if status == "running" else summary.get("pid"),
+                       **({"error": "the loss became nan at epoch 2"} if status == "failed" else {}))
+        if status == "running":  # alive: this process's pid
+            import os
+
+            summary["pid"] = os.getpid()
+        (copy / "summary.json").write_text(json.dumps(summary))
+        if status == "interrupted":  # killed before its first checkpoint: nothing to evaluate
+            shutil.rmtree(copy / "checkpoints")
+            (copy / "metrics.jsonl").unlink()
+        invoke("report", copy, "--out", tmp_path / f"{status}.html")
+        text, _ = _check(tmp_path / f"{status}.html")
+        assert f"Status: {status}" in text
+    assert "the loss became nan" in (tmp_path / "failed.html").read_text()
+    assert "No checkpoint yet" in (tmp_path / "interrupted.html").read_text()
+
+
+def test_the_page_of_a_sweep(tmp_path):
+    base = yaml.safe_load(TINY)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "s", "base": "base.yaml", "metric": "val_acc", "space": {"optimizer.lr": {"choice": [0.001, 0.01]},
+                                                                        "train.epochs": 1},
+        "search": {"type": "grid"}, "executor": {"type": "local", "max_concurrent": 2}}))
+    invoke("sweep", tmp_path / "sweep.yaml", "--runs-dir", tmp_path / "runs", "-q")
+    (sweep_dir,) = (tmp_path / "runs").iterdir()
+    invoke("report", sweep_dir)
+    text, page = _check(sweep_dir / "report.html")
+    assert "Trials ranked by val_acc" in text and "optimizer.lr=0.01" in text and len(page.images) == 1
+
+
+def _browser():
+    return shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless Chromium (.ci/run installs chromium-headless-shell)")
+def test_a_real_browser_renders_every_picture_without_console_errors(finished, tmp_path):
+    _, run = finished
+    invoke("report", run, "--out", tmp_path / "page.html")
+    # a copy with a check appended: after load, every picture's natural width goes into the title
+    probe = (tmp_path / "page.html").read_text().replace(
+        "</body>", "<script>addEventListener('load', () => { document.title = 'widths:' + "
+                   "[...document.images].map(i => i.naturalWidth).join(','); });</script></body>")
+    (tmp_path / "probe.html").write_text(probe)
+    res = subprocess.run([_browser(), "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                          "--enable-logging=stderr", "--v=0", "--dump-dom", (tmp_path / "probe.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    title = res.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
+    widths = [int(w) for w in title.removeprefix("widths:").split(",")]
+    assert widths and all(w > 0 for w in widths), title
+    assert "Uncaught" not in res.stderr and "CONSOLE" not in res.stderr, res.stderr[-2000:]
+    shot = tmp_path / "shot.png"
+    subprocess.run([_browser(), "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,2000",
+                    f"--screenshot={shot}", (tmp_path / "page.html").as_uri()], capture_output=True, timeout=120,
+                   check=True)
+    with Image.open(shot) as im:
+        assert im.size == (1200, 2000) and np.asarray(im).std() > 5  # a page, not a blank

@@ -86,6 +86,8 @@ def _header(run_dir: Path, summary: dict, info: dict) -> str:
     blas = env.get("blas") if isinstance(env.get("blas"), dict) else {}
     items = [
         ("status", info.get("status")), ("started", summary.get("started")),
+        ("last recorded", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime((run_dir / "summary.json").stat().st_mtime))
+         if (run_dir / "summary.json").is_file() else "-"),
         ("epochs", f"{info.get('epochs_done') or 0} of {info.get('epochs') or '?'}"),
         ("wall time", f"{summary['wall_seconds']:.1f} s" if isinstance(summary.get("wall_seconds"), (int, float))
          else "-"),

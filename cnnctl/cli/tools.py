@@ -331,11 +331,13 @@ def report(
     target: Annotated[Path, typer.Argument(metavar="RUN_DIR|SWEEP_DIR")],
     out_file: Annotated[Path | None, typer.Option("--out", metavar="FILE.html", help="Where the page goes "
                                                   "(default: RUN_DIR/report.html).")] = None,
+    threads: ThreadsOption = None,
 ):
     """One self-contained HTML page about a run or a sweep: status, config, model, curves, evaluation, the most
     confidently wrong images with their saliency and Grad-CAM, calibration, filters, plan."""
     from .. import report as report_lib
 
+    use_threads(threads)
     if not Path(target).is_dir():
         raise CnnctlError(f"{target} is not a folder", "pass a run directory or a sweep directory")
     out_file = out_file or Path(target) / "report.html"
@@ -362,11 +364,13 @@ def explain_(
     patch: Annotated[int, typer.Option("--patch", metavar="P", min=1, help="Occlusion's square.")] = 8,
     stride: Annotated[int, typer.Option("--stride", metavar="S", min=1, help="Occlusion's step.")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    threads: ThreadsOption = None,
 ):
     """What a prediction looked at: saliency, Grad-CAM or occlusion maps of each input, as pictures laid over it
     (and with --npy as arrays), with the top classes."""
     from .. import explain as explain_lib
 
+    use_threads(threads)
     methods = list(dict.fromkeys(methods or ["saliency"]))
     for m in methods:
         if m not in explain_lib.METHODS:

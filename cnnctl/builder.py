@@ -253,6 +253,20 @@ def parameter_groups(spec: Spec, rows: list[LayerRow]) -> list[dict]:
             for i, g in enumerate(spec.optimizer.groups)]
 
 
+def shape_text(shape) -> str:
+    """An output shape as inspect shows it: (C, H, W), or the number of features alone."""
+    return str(shape[0] if len(shape) == 1 else tuple(shape))
+
+
+def receptive_field_text(rf) -> str:
+    """Receptive field as 'size / stride' (one number when square), or 'all' once it covers the whole input."""
+    if rf is None:
+        return "all"
+    size = f"{rf[0]}" if rf[0] == rf[1] else f"{rf[0]}x{rf[1]}"
+    stride = f"{rf[2]}" if rf[2] == rf[3] else f"{rf[2]}x{rf[3]}"
+    return f"{size} / {stride}"
+
+
 def inspect_report(spec, rows: list[LayerRow]) -> dict:
     """What `cnnctl inspect` shows: the layer tree, parameter counts, MACs and memory estimates."""
     total = sum(r.params for r in rows)

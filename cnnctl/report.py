@@ -122,16 +122,17 @@ def _curves(history: list[dict]) -> str:
 
 
 def _model_table(spec) -> str:
-    from .builder import describe, inspect_report, walk
+    from .builder import describe, inspect_report, receptive_field_text, shape_text, walk
 
     rows = describe(spec.model)
     report = inspect_report(spec, rows)
-    body = [["  " * r.depth + r.path.split(".", 1)[1], r.type, str(tuple(r.output_shape)), f"{r.params:,}",
-             f"{r.macs:,}"] for r in walk(rows)]
+    body = [["\u00a0\u00a0" * r.depth + r.path.split(".", 1)[1], r.type + (f" {r.name!r}" if r.named else ""),
+             shape_text(r.output_shape), f"{r.params:,}", f"{r.macs:,}", receptive_field_text(r.receptive_field)]
+            for r in walk(rows)]
     return ("<section><h2>Model</h2>" + _table(
         f"{spec.name}: input {tuple(spec.model.input_shape)}; {report['total_params']:,} parameters, "
-        f"{report['total_macs']:,} multiply-adds per image", ["#", "type", "output shape", "params", "MACs"], body,
-        left=3) + "</section>")
+        f"{report['total_macs']:,} multiply-adds per image", ["#", "type", "output shape", "params", "MACs",
+                                                              "receptive field"], body, left=3) + "</section>")
 
 
 def _evaluation(run_dir: Path, spec, ckpt_path: Path) -> str:

@@ -17,7 +17,7 @@ from rich.text import Text
 from .. import api, distributed, plots
 from ..bench import bench as run_bench
 from ..bench import planned
-from ..builder import check_known_data, inspect_report, training_pflops, walk
+from ..builder import check_known_data, inspect_report, receptive_field_text, shape_text, training_pflops, walk
 from ..engine import Callback, Seeds, Trainer, load_data
 from ..errors import CnnctlError, DataError
 from ..loading import offline
@@ -385,7 +385,8 @@ def layer_table(spec, rows, depth: int | None = None):
                  ("#", "type", "output shape", "params", "MACs", "receptive field"),
                  right=("params", "MACs"), rows=(
         ("  " * r.depth + r.path.split(".", 1)[1], r.type + (f" {r.name!r}" if r.named else ""),
-         str(_shape(r.output_shape)), f"{r.params:,}", f"{r.macs:,}", _rf(r.receptive_field)) for r in shown))
+         shape_text(r.output_shape), f"{r.params:,}", f"{r.macs:,}", receptive_field_text(r.receptive_field))
+        for r in shown))
 
 
 def plan_table(title: str, steps: list[dict]):
@@ -403,14 +404,3 @@ def _bytes(n: int) -> str:
     return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
-def _shape(s):
-    return s[0] if len(s) == 1 else s
-
-
-def _rf(rf) -> str:
-    """Receptive field as 'size / stride' (one number when square), or 'all' once it covers the whole input."""
-    if rf is None:
-        return "all"
-    size = f"{rf[0]}" if rf[0] == rf[1] else f"{rf[0]}x{rf[1]}"
-    stride = f"{rf[2]}" if rf[2] == rf[3] else f"{rf[2]}x{rf[3]}"
-    return f"{size} / {stride}"

@@ -135,7 +135,7 @@ def _model_table(spec) -> str:
                                                               "receptive field"], body, left=3) + "</section>")
 
 
-def _evaluation(run_dir: Path, spec, ckpt_path: Path) -> str:
+def _evaluation(ckpt_path: Path) -> str:
     """Confusion matrix, per-class metrics, confused pairs, calibration, the most confidently wrong images with
     their saliency and Grad-CAM, the first layer's filters: one pass over the test split (else validation)."""
     from . import checkpoint, explain, loading
@@ -278,7 +278,7 @@ def run_page(run_dir: Path) -> str:
         sections.append("<section><h2>Evaluation</h2><p class=\"note\">No checkpoint yet: the run has not finished "
                         "an epoch.</p></section>")
     else:
-        sections.append(_evaluation(run_dir, spec, ckpt_path))
+        sections.append(_evaluation(ckpt_path))
     sections.append(_plan(summary))
     return _page(f"cnnctl run {run_dir.name}", sections)
 

@@ -74,6 +74,31 @@ def read_regular(path: Path, limit: int, follow_links: bool = True) -> bytes:
     return data
 
 
+class NotWritable(CnnctlError):
+    """A folder or a socket where a file is to be written; `kind` says which."""
+
+    def __init__(self, path: Path, kind: str):
+        super().__init__(f"cannot write {path}: it is a {kind}", "give the name of a file to write")
+        self.kind = kind
+
+
+def output_target(path: Path, follow_links: bool = True) -> tuple[Path, bool]:
+    """Where a write to path lands, and whether in place: a symlink is followed and a device or a FIFO is written
+    in place (True), anything else replaced (False); a folder or a socket raises NotWritable. With follow_links
+    false the path itself is replaced, whatever stands there but a folder. An OS error of the path (a link loop,
+    a NUL byte) raises OSError or ValueError."""
+    path = Path(path)
+    if follow_links:
+        target = Path(os.path.realpath(path))  # a link's target: what `>` writes to
+        kind = special_kind(target)
+    else:  # cnnctl's own files: whatever stands there is replaced (a link as a link), but a folder
+        target = path
+        kind = "folder" if not path.is_symlink() and special_kind(path) == "folder" else None
+    if kind in ("folder", "socket"):
+        raise NotWritable(path, kind)
+    return target, kind is not None
+
+
 def atomic_write_bytes(path: Path, data: bytes, follow_links: bool = True) -> None:
     """Write data to path, and lose nothing if that fails.
 
@@ -86,13 +111,8 @@ def atomic_write_bytes(path: Path, data: bytes, follow_links: bool = True) -> No
     path = Path(path)
     tmp = None
     try:
-        target = Path(os.path.realpath(path)) if follow_links else path  # a link's target: what `>` writes to
-        kind = special_kind(target) if follow_links or not target.is_symlink() else None
-        if not follow_links and kind != "folder":
-            kind = None
-        if kind in ("folder", "socket"):
-            raise CnnctlError(f"cannot write {path}: it is a {kind}", "give the name of a file to write")
-        if kind is not None:  # a device or a FIFO: opened for writing as it is
+        target, in_place = output_target(path, follow_links)
+        if in_place:  # a device or a FIFO: opened for writing as it is
             with open(target, "wb", buffering=0) as f:
                 f.write(data)
             return

@@ -25,7 +25,7 @@ from typer.core import TyperArgument
 from .. import __version__, checkpoint, distributed, loading, parallel
 from ..engine import Interrupted
 from ..errors import CnnctlError
-from ..fileio import json_text, special_kind
+from ..fileio import NotWritable, json_text, output_target
 
 # typer prints an argument's Python type after its metavar ("CHECKPOINT|RUN_DIR <path>", "FILES... <list[Path]>");
 # cnnctl's metavars say what to give, so arguments show those alone (options already do when given a metavar)
@@ -243,19 +243,13 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], rig
 
 def check_writable(path: Path, option: str) -> None:
     """Refuse an output path that cannot be written before any work is done, by the rules of
-    fileio.atomic_write_bytes: a file (or nothing, or a symlink to either) needs a folder where a temporary file
-    can be made (created when missing, as the writers do); a device or FIFO needs write permission; a folder or a
+    fileio.output_target: a file (or nothing, or a symlink to either) needs a folder where a temporary file can
+    be made (created when missing, as the writers do); a device or FIFO needs write permission; a folder or a
     socket is refused."""
     path = Path(path)
     try:
-        target = Path(os.path.realpath(path))
-        kind = special_kind(target)
-        if kind == "folder":
-            raise CnnctlError(f"{option} {path}: cannot write there, it is a folder",
-                              f"give a file name, e.g. {path / 'out.png'}")
-        if kind == "socket":
-            raise CnnctlError(f"{option} {path}: cannot write there, it is a socket", "give the name of a file")
-        if kind is not None:  # a device or FIFO is written in place
+        target, in_place = output_target(path)
+        if in_place:  # a device or FIFO is written in place
             if not os.access(target, os.W_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             return
@@ -263,6 +257,10 @@ def check_writable(path: Path, option: str) -> None:
         probe = target.parent / f".{target.name}.probe"
         probe.write_bytes(b"")
         probe.unlink()
+    except NotWritable as e:
+        raise CnnctlError(f"{option} {path}: cannot write there, it is a {e.kind}",
+                          f"give a file name, e.g. {path / 'out.png'}" if e.kind == "folder" else
+                          "give the name of a file") from None
     except (OSError, ValueError) as e:
         raise CnnctlError(f"{option} {path}: cannot write there ({getattr(e, 'strerror', None) or e})",
                           "give a path in a folder you can write to") from None

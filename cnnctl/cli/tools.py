@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +23,7 @@ from ..config import config_schema, load_config
 from ..engine import Seeds, load_data
 from ..errors import CnnctlError
 from ..export import export_onnx, verify
-from ..fileio import atomic_write_bytes, special_kind
+from ..fileio import atomic_write_bytes, output_target
 from ..gradcheck import check_network
 from ..loading import load_model, offline
 from ..lr_find import lr_find as lr_find_lib
@@ -254,18 +253,16 @@ def export(
     if fmt != "onnx":
         raise CnnctlError(f"unknown --format {fmt!r}", "use --format onnx")
     check_writable(out_file, "--out")
-    checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
-    spec, model, rows = load_model(ckpt, checkpoint_path)
+    predictor = api.load(checkpoint_of(checkpoint_path))
+    spec, model, norm = predictor.spec, predictor.model, predictor.normalization
     takes = nn.LOSSES[spec.loss.type].takes
-    classes = predict_lib.class_names(spec, rows[-1].output_shape[0], ckpt) if len(rows[-1].output_shape) == 1 \
-        else None
-    export_onnx(model, spec.model.input_shape, ckpt.normalization, spec.name, out_file, softmax, takes, classes)
+    export_onnx(model, spec.model.input_shape, norm, spec.name, out_file, softmax, takes, predictor.classes)
     out.print(f"wrote {out_file} (input 'input': N x {' x '.join(map(str, spec.model.input_shape))} pixels "
               f"in 0..1; output 'output': {'probabilities' if softmax else 'logits'}; class names in its "
               "metadata_props)")
-    if special_kind(Path(os.path.realpath(out_file))) is not None:
+    if output_target(out_file)[1]:
         return  # written to a device or a FIFO: nothing to read back
-    checked = verify(out_file, model, spec.model.input_shape, ckpt.normalization, softmax, takes)
+    checked = verify(out_file, model, spec.model.input_shape, norm, softmax, takes)
     if checked is None:
         out.print("not checked against onnxruntime: it is not installed (pip install onnxruntime)")
     else:

@@ -93,6 +93,7 @@ class Step:
     layer: Layer | None = None
     algorithm: str = ""
     fused: list[str] = field(default_factory=list)
+    forward_only: bool = False  # below the lowest trainable layer: no gradient reaches it, it keeps nothing
 
     def forward(self, xs: list[np.ndarray], training: bool) -> np.ndarray:
         raise NotImplementedError
@@ -120,18 +121,21 @@ class LayerStep(Step):
                 _forget(layer.activation)
 
 
+def _held(layer: Layer):
+    """(attribute, arrays) of what a layer holds from its forward for its backward: by convention its underscore
+    attributes holding arrays, alone or in lists and tuples (a batchnorm keeps a list of state tuples)."""
+    for key, value in vars(layer).items():
+        if key.startswith("_"):
+            arrays = [a for v in (value if isinstance(value, (list, tuple)) else (value,))
+                      for a in (v if isinstance(v, tuple) else (v,)) if isinstance(a, np.ndarray)]
+            if arrays:
+                yield key, arrays
+
+
 def _forget(layer: Layer) -> None:
-    """Drop the arrays a layer holds from its forward for its backward (by the convention `_held_bytes` measures:
-    underscore attributes holding arrays)."""
-    for key, value in list(vars(layer).items()):
-        if key.startswith("_") and _holds_arrays(value):
-            setattr(layer, key, None)
-
-
-def _holds_arrays(value, depth: int = 3) -> bool:
-    if isinstance(value, np.ndarray):
-        return True
-    return depth > 0 and isinstance(value, (list, tuple)) and any(_holds_arrays(v, depth - 1) for v in value)
+    """Drop the arrays a layer holds from its forward for its backward."""
+    for key, _ in list(_held(layer)):
+        setattr(layer, key, None)
 
 
 class ConvStep(Step):
@@ -142,7 +146,6 @@ class ConvStep(Step):
         super().__init__(*args, **kw)
         self.keep, self.scratch, self.relu, self.activation = keep, scratch, relu, activation
         self._saved = None
-        self.forward_only = False  # below the lowest trainable layer: the lowered input goes to the shared scratch
 
     def forward(self, xs, training):
         conv, x = self.layer, xs[0]
@@ -157,7 +160,7 @@ class ConvStep(Step):
             y, saved = pointwise_forward(x, w, b, self.relu)
         else:
             y, saved = F.conv2d_forward(x, w, b, conv.stride, self._pad4, conv.dilation,
-                                        self.scratch if self.forward_only else self.keep, relu=self.relu,
+                                        self.scratch if self.forward_only else self.keep, relu=self.relu,  # kept
                                         scratch=self.scratch)
         self._saved = saved  # also after an evaluation forward: a backward may follow (gradient checks)
         return y if self.activation is None else self.activation.forward(y, training)
@@ -336,10 +339,8 @@ class Plan:
         out = self._emit(model, "", 0, self.input_shape, top=True)
         self.output = out
         self._fuse()
-        self.forward_only = self._forward_only(model)
-        for k in self.forward_only:
-            if isinstance(self.steps[k], ConvStep):
-                self.steps[k].forward_only = True
+        for k in self._forward_only(model):
+            self.steps[k].forward_only = True
         self.consumers = [0] * len(self.shapes)
         for s in self.steps:
             for v in s.inputs:
@@ -447,7 +448,7 @@ class Plan:
         for k, step in enumerate(self.steps):
             t0 = time.perf_counter() if clock is not None else 0.0
             y = step.forward([values[v] for v in step.inputs], training)
-            if k in self.forward_only:  # below the lowest trainable layer: nothing is kept for a backward
+            if step.forward_only:  # below the lowest trainable layer: nothing is kept for a backward
                 step.release()
             if clock is not None:
                 clock[k, 0] += time.perf_counter() - t0
@@ -498,8 +499,8 @@ class Plan:
             out = int(np.prod(s.out_shape)) * batch * itemsize
             rows.append({"step": k, "kind": s.kind, "layer": s.name or "(model)", "algorithm": s.algorithm,
                          "fused": ", ".join(s.fused), "output_shape": list(s.out_shape), "output_bytes": out,
-                         "saved_bytes": 0 if k in self.forward_only else _saved_bytes(s, self.shapes, batch, itemsize),
-                         "forward_only": k in self.forward_only})
+                         "saved_bytes": 0 if s.forward_only else _saved_bytes(s, self.shapes, batch, itemsize),
+                         "forward_only": s.forward_only})
         return rows
 
 
@@ -529,14 +530,7 @@ def _saved_bytes(step: Step, shapes, batch: int, itemsize: int) -> int:
 
 def _held_bytes(layer: Layer) -> int:
     """The arrays a layer holds from its last forward for its backward (measured: 0 before any forward)."""
-    total = 0
-    for key, value in vars(layer).items():
-        if key.startswith("_"):
-            for v in value if isinstance(value, (list, tuple)) else (value,):
-                for a in v if isinstance(v, tuple) else (v,):
-                    if isinstance(a, np.ndarray) and a.base is None:
-                        total += a.nbytes
-    return total
+    return sum(a.nbytes for _, arrays in _held(layer) for a in arrays if a.base is None)
 
 
 # ------------------------------------------------------------------ autotuning
@@ -544,18 +538,12 @@ def _held_bytes(layer: Layer) -> int:
 
 def cache_path() -> Path:
     """~/.cache/cnnctl/plans/<cpu model>-<blas>.json (XDG_CACHE_HOME respected)."""
-    from .environment import blas_info
+    from .environment import blas_info, cpu_model
 
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnctl" / "plans"
     blas = blas_info()
-    machine = f"{_cpu_model()}-{blas.get('library', 'blas')}-{blas.get('kernel', '')}"
+    machine = f"{cpu_model()}-{blas.get('library', 'blas')}-{blas.get('kernel', '')}"
     return root / (re.sub(r"[^A-Za-z0-9_.-]+", "_", machine).strip("_") + ".json")
-
-
-def _cpu_model() -> str:
-    from .environment import cpu_model
-
-    return cpu_model()
 
 
 def _key(step: ConvStep, in_shape, batch: int, dtype) -> str:

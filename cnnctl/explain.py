@@ -108,10 +108,9 @@ def upsample(maps: np.ndarray, size) -> np.ndarray:
 
 def _probabilities(model: Model, x: np.ndarray, takes: str) -> np.ndarray:
     """Class probabilities from the model's outputs, by what its loss takes (logits, log-probabilities, scores)."""
-    from .functional import softmax
+    from .functional import probabilities
 
-    out = model.forward(x, training=False)
-    return softmax(out, axis=1) if takes == "logits" else np.exp(out) if takes == "log_probabilities" else out
+    return probabilities(model.forward(x, training=False), takes)
 
 
 def occlusion(model: Model, x: np.ndarray, k=None, patch: int = 8, stride: int = 4, batch: int = 64,

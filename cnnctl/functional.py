@@ -457,6 +457,14 @@ def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def probabilities(outputs: np.ndarray, takes: str) -> np.ndarray:
+    """Class probabilities from a model's outputs (N, classes), by what its loss takes: the softmax of
+    logits, the exponential of log-probabilities; scores as they are."""
+    if takes == "logits":
+        return softmax(outputs, axis=1)
+    return np.exp(outputs) if takes == "log_probabilities" else outputs
+
+
 def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable log-softmax (exact for logits of any magnitude)."""
     shifted = z - z.max(axis=axis, keepdims=True)

@@ -69,10 +69,7 @@ def outputs(model, x01: np.ndarray, normalization: dict, tta, batch_size: int) -
 def probabilities(spec, outputs: np.ndarray) -> np.ndarray:
     """Class probabilities from a model's outputs, by what its loss takes: the softmax of logits
     (cross_entropy), the exponential of log-probabilities (nll); scores (mse) as they are."""
-    takes = LOSSES[spec.loss.type].takes
-    if takes == "logits":
-        return F.softmax(outputs, axis=1)
-    return np.exp(outputs) if takes == "log_probabilities" else outputs
+    return F.probabilities(outputs, LOSSES[spec.loss.type].takes)
 
 
 def class_names(spec, n: int, ckpt) -> list[str]:

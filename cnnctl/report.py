@@ -163,10 +163,9 @@ def _evaluation(ckpt_path: Path) -> str:
         total += loss_fn.forward(out, y) * len(y)
         logits.append(out)
     logits = np.concatenate(logits)
-    from .functional import softmax
+    from .functional import probabilities
 
-    probs = softmax(logits, axis=1) if takes == "logits" else np.exp(logits) if takes == "log_probabilities" \
-        else logits
+    probs = probabilities(logits, takes)
     pred, y = probs.argmax(axis=1), split.y
     k, classes = len(ds.classes), ds.classes
     cm = np.zeros((k, k), np.int64)

@@ -143,13 +143,18 @@ def occlusion(model: Model, x: np.ndarray, k=None, patch: int = 8, stride: int =
     return (maps / cover).astype(np.float32), ks
 
 
+def check_method(method: str) -> None:
+    """Refuse a method name that is not one of METHODS, naming the choices."""
+    if method not in METHODS:
+        raise CnnctlError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+
+
 def explain(model: Model, x: np.ndarray, method: str, layer: str | None = None, k=None, patch: int = 8,
             stride: int = 4, takes: str = "logits", batch: int = 64) -> tuple[np.ndarray, np.ndarray, str | None]:
     """(maps (N, H, W), classes explained, the layer Grad-CAM used) of one method on normalised inputs."""
+    check_method(method)
     if method == "saliency":
         return (*saliency(model, x, k), None)
     if method == "gradcam":
         return gradcam(model, x, layer, k)
-    if method == "occlusion":
-        return (*occlusion(model, x, k, patch, stride, batch, takes), None)
-    raise CnnctlError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    return (*occlusion(model, x, k, patch, stride, batch, takes), None)

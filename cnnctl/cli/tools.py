@@ -370,8 +370,7 @@ def explain_(
     use_threads(threads)
     methods = list(dict.fromkeys(methods or ["saliency"]))
     for m in methods:
-        if m not in explain_lib.METHODS:
-            raise CnnctlError(f"--method {m!r}: use one of {', '.join(explain_lib.METHODS)}")
+        explain_lib.check_method(m)
     predictor = api.load(checkpoint_of(checkpoint_path))
     spec = predictor.spec
     names, x01 = predict_lib.load_inputs(inputs, spec.model.input_shape, spec.data.resize)

@@ -290,9 +290,7 @@ def sweep_page(sweep_dir: Path) -> str:
 
     sweep_dir = Path(sweep_dir)
     metric, mode, rows = sweep_lib.read_report(sweep_dir)
-    ranked = sorted([r for r in rows if r["best"] is not None and r["status"] in sweep_lib.DONE],
-                    key=lambda r: r["best"], reverse=mode == "max")
-    others = [r for r in rows if r not in ranked]
+    ranked, others = sweep_lib.ranked(rows, mode)
     shown = (lambda v: _pct(v)) if metric.endswith("_acc") else (lambda v: _num(v))
     table = _table(f"Trials ranked by {metric} ({mode})", ["rank", "trial", "values", metric, "epochs", "status"],
                    [[str(i) if i <= len(ranked) else "-", r["trial"], r["drawn"], shown(r["best"]),

@@ -359,6 +359,14 @@ def read_report(sweep_dir: Path) -> tuple[str, str, list[dict]]:
     return sweep.metric, resolve_mode(sweep.metric, sweep.mode), rows
 
 
+def ranked(rows: list[dict], mode: str) -> tuple[list[dict], list[dict]]:
+    """(trials with a result, best first by mode; every other row in file order): the one ranking the sweep
+    table and the sweep page show."""
+    done = sorted([r for r in rows if r["best"] is not None and r["status"] in DONE],
+                  key=lambda r: r["best"], reverse=mode == "max")
+    return done, [r for r in rows if r not in done]
+
+
 def read_results(sweep_dir: Path) -> dict[str, dict]:
     """The trials results.csv records as finished (or stopped by ASHA) with their metric: kept by --resume."""
     if not (sweep_dir / "results.csv").is_file():

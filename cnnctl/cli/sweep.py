@@ -146,9 +146,7 @@ class _SweepView:
 
 def sweep_report(sweep_dir: Path) -> None:
     metric, mode, rows = sweep_lib.read_report(sweep_dir)
-    ranked = [r for r in rows if r["best"] is not None and r["status"] in sweep_lib.DONE]
-    ranked.sort(key=lambda r: r["best"], reverse=mode == "max")
-    others = [r for r in rows if r not in ranked]
+    ranked, others = sweep_lib.ranked(rows, mode)
     out.print(table(f"{sweep_dir.name}: trials ranked by {metric} ({mode})",
                     ("rank", "trial", metric, "epochs", "status", "overrides"), rows=(
         (str(i) if i <= len(ranked) else "-", r["trial"], _metric(metric, r["best"]),

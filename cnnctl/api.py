@@ -142,6 +142,7 @@ def evaluate(path: str | Path, split: str | None = "test", overrides: list[str] 
     from .builder import build_loss, check_evaluation_memory
     from .engine import Seeds, load_data
     from .engine import evaluate as evaluate_split
+    from .plan import Runner
 
     if split not in ("test", "val", "train", None):
         raise CnnctlError(f"split must be test, val or train, got {split!r}")
@@ -155,7 +156,7 @@ def evaluate(path: str | Path, split: str | None = "test", overrides: list[str] 
         raise DataError(f"the {split} split of the {spec.data.dataset} data holds no images",
                         "choose another split" + (" (val_split is 0: no validation split)" if split == "val" else ""))
     check_evaluation_memory(spec.name, rows, min(spec.data.evaluation_batch, len(ds.split(split))))
-    res = evaluate_split(model, build_loss(spec, ds.train.y, len(ds.classes)), ds, ds.split(split),
+    res = evaluate_split(Runner(model), build_loss(spec, ds.train.y, len(ds.classes)), ds, ds.split(split),
                          spec.data.evaluation_batch, len(ds.classes), spec.data.test_time_augment)
     p, r = res["precision"], res["recall"]
     f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)

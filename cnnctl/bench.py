@@ -17,6 +17,7 @@ from .averaging import WeightAverage
 from .builder import build_loss, build_model, check_training_memory, describe
 from .config import Spec
 from .environment import blas_info
+from .step import TrainingStep
 
 
 def peak_rss_mb() -> float:
@@ -41,37 +42,22 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
         distributed.check_batches(bs, bs, world.size)
     g = np.random.default_rng(spec.seed)
     model, rows = _built(spec, bs, g, averaged=spec.train.ema_decay is not None)
-    loss_fn = build_loss(spec)
     optimizer = spec.optimizer.build(model, rows)
     average = WeightAverage(model, spec.train.ema_decay) if spec.train.ema_decay else None  # part of a step
     n_out = rows[-1].output_shape[0]
     x = g.standard_normal((bs, *spec.model.input_shape)).astype(np.float32)
     y = g.integers(0, n_out, bs)
-    dropouts = distributed.attach(model, world, spec.train.sync_batchnorm)
+    runner = plans.Runner(model, batch=distributed.batch_of(world, spec.train.sync_batchnorm))
     if world.size > 1:
-        x, y = distributed.take_share(world, x, y, dropouts)
-    reduce_gradients = distributed.GradientReducer(world)
-
-    def loss_gradient(out) -> np.ndarray:
-        loss = loss_fn.forward(out, y)
-        grad = loss_fn.backward()
-        if world.size > 1:  # as training: this share's gradient scaled to the global batch's
-            grad *= grad.dtype.type(distributed.reduce_loss(world, loss, loss_fn.normalizer)[1])
-        return grad
+        x, y = distributed.take_share(world, x, y, runner.batch)
     if autotune or spec.train.autotune:
-        model.algorithms = plans.autotune(model, tuple(x.shape[1:]), x.shape[0])
-    plan = model.plan(tuple(x.shape[1:]), x.dtype)  # the plan every step of this batch runs
+        runner.algorithms = plans.autotune(model, tuple(x.shape[1:]), x.shape[0])
+    plan = runner.plan(tuple(x.shape[1:]), x.dtype)  # the plan every step of this batch runs
     step_times = np.zeros((len(plan.steps), 2))
+    train_step = TrainingStep(runner, build_loss(spec), optimizer, world, spec.train.grad_clip_norm, average)
 
     def step(timed: bool) -> None:
-        clock = step_times if timed else None
-        out = model.forward(x, training=True) if not timed else plan.forward(x, True, clock)
-        plan.backward(loss_gradient(out), clock)
-        if world.size > 1:
-            reduce_gradients(model.trainable_parameters())
-        optimizer.step()
-        if average:
-            average.update(optimizer.steps)
+        train_step(x, y, clock=step_times if timed else None)
 
     for _ in range(warmup):
         step(False)
@@ -121,9 +107,9 @@ def planned(spec: Spec, batch_size: int | None = None, algorithms: dict[str, str
     them the default rule on the layers' shapes decides, as `cnnctl train` without `--autotune` does."""
     bs = batch_size or spec.data.batch_size
     model, _ = _built(spec, bs, np.random.default_rng(spec.seed), averaged=False)
-    model.algorithms = algorithms or {}
+    runner = plans.Runner(model, algorithms or {})
     x = np.zeros((bs, *spec.model.input_shape), np.float32)
-    model.forward(x, training=True)
-    plan = model.plan(tuple(x.shape[1:]), x.dtype)
+    runner.forward(x, training=True)
+    plan = runner.plan(tuple(x.shape[1:]), x.dtype)
     return {"batch_size": bs, "recorded": bool(algorithms), "steps": plan.describe(bs),
             "algorithms": plan.algorithms()}

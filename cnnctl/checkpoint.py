@@ -21,10 +21,10 @@ from pydantic import AfterValidator, AllowInfNan, ConfigDict, Field, StrictFloat
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from .convolution import ALGORITHMS
 from .errors import CheckpointError
 from .fileio import atomic_write_bytes, json_text
 from .memory import refuse_over
-from .plan import ALGORITHMS
 from .strict import NonNegInt, Strict
 
 FORMAT = "cnnctl-checkpoint"

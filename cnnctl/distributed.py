@@ -147,15 +147,6 @@ def current() -> World | None:
     return _world
 
 
-def local_ranks() -> int:
-    """How many ranks of this job run on this host (1 outside MPI or when the launcher does not say)."""
-    for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
-        value = os.environ.get(name, "").split("(")[0].split(",")[0].strip()
-        if value.isascii() and value.isdigit():
-            return max(1, int(value))
-    return 1
-
-
 def world() -> World:
     """The world this process belongs to: MPI's when a launcher started more than one rank, else one process.
     mpi4py is imported (and MPI initialised) only in the first case."""
@@ -202,13 +193,21 @@ class GradientReducer:
             at += n
 
 
-def take_share(world: World, x: np.ndarray, y: np.ndarray, dropouts: list) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's rows of a global batch (x, y); the dropout layers are told which rows of it they see."""
+def take_share(world: World, x: np.ndarray, y: np.ndarray, batch) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's rows of a global batch (x, y); `batch` (the runner's nn.Batch) records which rows of it they
+    are, for the layers that draw for the whole batch (dropout)."""
     n = len(y)
     lo, hi = world.shard(n)
-    for layer in dropouts:
-        layer.batch_part = (lo, hi, n)
+    batch.part = (lo, hi, n)
     return x[lo:hi], y[lo:hi]
+
+
+def batch_of(world: World, sync_batchnorm: bool):
+    """What the layers that read the whole batch are told on this rank (an nn.Batch): batchnorm sums its statistics
+    over the ranks (unless sync_batchnorm is false). Nothing changes in one process."""
+    from .nn.base import Batch
+
+    return Batch(sum=world.sum if world.size > 1 and sync_batchnorm else None)
 
 
 def reduce_loss(world: World, loss: float, normalizer: float, *extra: float) -> tuple[float, float, np.ndarray]:
@@ -252,19 +251,3 @@ def check_batches(batch_size: int, n_train: int, size: int) -> None:
         raise ConfigError(f"the last batch of an epoch holds {last} of the {n_train:,} training images, fewer than "
                           f"the {size} MPI ranks, so some rank would have none",
                           "change data.batch_size or data.val_split a little, or run fewer ranks")
-
-
-def attach(model, world: World, sync_batchnorm: bool) -> list:
-    """Make the model's batch-dependent layers see the whole global batch: batchnorm sums its statistics over the
-    ranks (unless sync_batchnorm is false). Returns the dropout layers, whose share of each batch the trainer
-    sets. Nothing changes in one process."""
-    from .nn.regularization import Dropout, _BatchNorm
-
-    dropouts = []
-    for _, layer in model.named_layers():
-        if isinstance(layer, _BatchNorm):
-            # ghost batchnorm keeps its virtual batches' statistics local: cut from each rank's share
-            layer.batch_sum = world.sum if world.size > 1 and sync_batchnorm and not layer.ghost_batch else None
-        elif isinstance(layer, Dropout):
-            dropouts.append(layer)
-    return dropouts

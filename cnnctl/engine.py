@@ -43,6 +43,7 @@ from .loading import init_from, restore_weights
 from .memory import refuse_over
 from .nn import Loss, Model
 from .schedules import resolve_mode
+from .step import TrainingStep
 
 
 class Callback:
@@ -103,20 +104,20 @@ class Seeds:
             getattr(self, k).bit_generator.state = v  # in place: layers holding the generator see it too
 
 
-def infer(model: Model, x: np.ndarray, tta: TestTimeAugmentSpec | None = None) -> np.ndarray:
-    """The model's outputs for a batch (inference mode); with test-time augmentation the mean of the outputs
-    for the views of each image it asks for (mirror, shifted copies)."""
+def infer(net: plan.Runner, x: np.ndarray, tta: TestTimeAugmentSpec | None = None) -> np.ndarray:
+    """The outputs of the model a runner runs for a batch (inference mode); with test-time augmentation the mean
+    of the outputs for the views of each image it asks for (mirror, shifted copies)."""
     if tta is None or tta.views == 1:
-        return model.forward(x, training=False)
+        return net.forward(x, training=False)
     views = data.augment.test_time_views(x, tta)
-    out = np.array(model.forward(next(views), training=False), copy=True)  # the next forward may reuse its buffer
+    out = np.array(net.forward(next(views), training=False), copy=True)  # the next forward may reuse its buffer
     for view in views:
-        out += model.forward(view, training=False)
+        out += net.forward(view, training=False)
     out *= out.dtype.type(1 / tta.views)
     return out
 
 
-def evaluate(model: Model, loss_fn: Loss, ds: data.Dataset, split: data.Split, batch_size: int,
+def evaluate(net: plan.Runner, loss_fn: Loss, ds: data.Dataset, split: data.Split, batch_size: int,
              num_classes: int, tta: TestTimeAugmentSpec | None = None,
              world: distributed.World | None = None) -> dict:
     """Mean loss, accuracy and the confusion matrix (rows: true class, columns: predicted) of one split.
@@ -129,7 +130,7 @@ def evaluate(model: Model, loss_fn: Loss, ds: data.Dataset, split: data.Split, b
             x, y = x[lo:hi], y[lo:hi]
             if not len(y):
                 continue
-        out = infer(model, x, tta)
+        out = infer(net, x, tta)
         total_loss += loss_fn.forward(out, y) * len(y)
         np.add.at(confusion, (y, out.argmax(axis=1)), 1)
     if world.size > 1:
@@ -159,19 +160,19 @@ def load_data(spec: Spec, rows: list, seeds: Seeds, normalization: dict | None =
     return ds
 
 
-class _Fed(Model):
-    """The layers above a cached frozen prefix, fed the prefix's stored outputs: each batch is first laid out in
-    memory as the prefix gave it (a convolution's outputs are batch-innermost views), so that every product runs
-    on the same layout, and rounds the same way, as in the whole model."""
+class _Fed(plan.Runner):
+    """Runs the layers above a cached frozen prefix, fed the prefix's stored outputs: each batch is first laid out
+    in memory as the prefix gave it (a convolution's outputs are batch-innermost views), so that every product
+    runs on the same layout, and rounds the same way, as in the whole model."""
 
     order: list[int] | None = None
 
-    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+    def forward(self, x: np.ndarray, training: bool = True, clock: np.ndarray | None = None) -> np.ndarray:
         if self.order is not None and _memory_order(x) != self.order:
             laid = np.empty([x.shape[i] for i in self.order], x.dtype)
             laid[...] = x.transpose(self.order)
             x = laid.transpose(np.argsort(self.order))
-        return super().forward(x, training)
+        return super().forward(x, training, clock)
 
 
 def _memory_order(x: np.ndarray) -> list[int]:
@@ -262,8 +263,8 @@ class Trainer:
                                                           max(len(self.ds.val), len(self.ds.test), 1)))
         if self.world.size > 1:
             distributed.check_batches(spec.data.batch_size, len(self.ds.train), self.world.size)
-        self.dropouts = distributed.attach(self.model, self.world, spec.train.sync_batchnorm)
-        self.reduce_gradients = distributed.GradientReducer(self.world)
+        # runs the model through its execution plan; batchnorm and dropout learn from it the share of the batch
+        self.runner = plan.Runner(self.model, batch=distributed.batch_of(self.world, spec.train.sync_batchnorm))
         self.loss_fn = build_loss(spec, self.ds.train.y, self.num_classes)
         self.optimizer = spec.optimizer.build(self.model, self.rows)
         decay = spec.train.ema_decay
@@ -277,7 +278,7 @@ class Trainer:
             self._plan_algorithms(autotune=spec.train.autotune)
         # what the training step runs and is fed: the model on the images, or with train.cache_frozen the layers
         # above the frozen prefix on the prefix's outputs, computed once (fit: after a resume's weights are in)
-        self.net, self.feed = self.model, self.ds
+        self.net, self.feed = self.runner, self.ds
         self.stop_signal: int | None = None  # set by a signal handler on this rank
         self.ranks: list[dict] = []  # each rank's host and pid: fit asks (a collective call under MPI)
         self.fitting = False
@@ -307,11 +308,15 @@ class Trainer:
             raise ConfigError(f"{where}: model.{random[0]} (dropout) lies in the frozen prefix and draws a new mask "
                               "every step, so its output cannot be computed once", "move the dropout after the "
                               "first trainable layer, or leave cache_frozen out")
-        prefix, self.net = Model(layers[:first]), _Fed(layers[first:])
-        for part, shift in ((prefix, 0), (self.net, first)):
-            part.algorithms = {_renumbered(k, -shift): v for k, v in self.model.algorithms.items()
-                               if _top_index(k) is not None and (shift == 0) == (_top_index(k) < first)}
-        shape = prefix.output_shape(tuple(self.spec.model.input_shape))
+        recorded = self.runner.algorithms
+
+        def renumbered(shift: int) -> dict[str, str]:
+            return {_renumbered(k, -shift): v for k, v in recorded.items()
+                    if _top_index(k) is not None and (shift == 0) == (_top_index(k) < first)}
+
+        prefix = plan.Runner(Model(layers[:first]), renumbered(0))
+        self.net = _Fed(Model(layers[first:]), renumbered(first), batch=self.runner.batch)
+        shape = prefix.model.output_shape(tuple(self.spec.model.input_shape))
         n = len(self.ds.train) + len(self.ds.val) + len(self.ds.test)
         refuse_over(f"{where}: the outputs of model.layers[:{first}] for {n:,} images", 4 * n * math.prod(shape), 2,
                     ConfigError, "leave cache_frozen out, or cache a deeper prefix (smaller outputs)")
@@ -337,10 +342,10 @@ class Trainer:
         shape = tuple(self.spec.model.input_shape)
         batch = self.spec.data.batch_size // self.world.size
         if recorded is not None:
-            self.model.algorithms = recorded
+            self.runner.algorithms = recorded
         elif autotune:
-            self.model.algorithms = plan.autotune(self.model, shape, batch)
-        self.state = self.state.model_copy(update={"algorithms": self.model.plan(shape).algorithms()})
+            self.runner.algorithms = plan.autotune(self.model, shape, batch)
+        self.state = self.state.model_copy(update={"algorithms": self.runner.plan(shape).algorithms()})
 
     def _run_state(self) -> RunState:
         """The run state with the schedule's and the random streams' states and the wall time as of now."""
@@ -437,16 +442,6 @@ class Trainer:
         epochs, rest = divmod(steps, self.steps_per_epoch)
         return epochs * n + min(rest * bs, n)
 
-    def _clip(self) -> None:
-        max_norm = self.spec.train.grad_clip_norm
-        grads = [layer.grads[key] for _, layer, key in self.model.trainable_parameters()]
-        total = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
-        coef = max_norm / (total + 1e-6)
-        if coef < 1.0:  # torch.nn.utils.clip_grad_norm_
-            for _, layer, key in self.model.trainable_parameters():
-                grad = layer.grads[key]
-                layer.grads[key] = grad * grad.dtype.type(coef)
-
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
         bs, every = self.spec.data.batch_size, self.spec.train.checkpoint_every_steps
         if self.state.partial:  # continue an interrupted epoch where it stopped
@@ -462,40 +457,39 @@ class Trainer:
         flips = data.augment.alternating_flips(len(self.ds.train), self.spec.seed, epoch) \
             if aug is not None and aug.horizontal_flip == "alternating" else None
         batches = data.batches(self.feed, self.feed.train, bs, order, start, aug, self.seeds.augment, flips)
+        counted = {}  # the step's correct answers and whether any rank was asked to stop (one reduction)
+
+        def reduce(loss, out, y):
+            correct_now = int((out.argmax(axis=1) == y).sum())
+            share, stop = 1.0, self.stop_signal is not None
+            if self.world.size > 1:  # the global batch's loss and accuracy, and whether any rank was signalled
+                loss, share, correct_now, stop = self._reduce_step(loss, correct_now)
+            counted.update(correct=correct_now, stop=stop)
+            return loss, share
+
+        step = TrainingStep(self.net, self.loss_fn, self.optimizer, self.world, self.spec.train.grad_clip_norm,
+                            self.average, reduce)
         for b, (x, y) in enumerate(batches, start=start):
             t0 = time.perf_counter()
             self.optimizer.lr = self.schedule.lr(epoch - 1, self.state.step)
             n = len(y)
             if self.world.size > 1:  # this rank's share of the global batch
-                x, y = distributed.take_share(self.world, x, y, self.dropouts)
-            with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is caught just below
-                out = self.net.forward(x, training=True)
-                loss = self.loss_fn.forward(out, y)
-            correct_now = int((out.argmax(axis=1) == y).sum())
-            if self.world.size > 1:  # the global batch's loss and accuracy, and whether any rank was signalled
-                loss, share, correct_now, stop = self._reduce_step(loss, correct_now)
-            if not np.isfinite(loss):
+                x, y = distributed.take_share(self.world, x, y, self.runner.batch)
+
+            def diverged(loss, b=b):
                 raise TrainingError(
                     f"the loss became {loss} at epoch {epoch}, step {self.state.step + 1} (batch {b + 1}/"
                     f"{self.steps_per_epoch}); training stopped, the checkpoints already written are untouched",
                     f"lower optimizer.lr (now {self.optimizer.lr:g}), add schedule.warmup_epochs or "
                     f"train.grad_clip_norm, keep data.normalize: auto, or add batchnorm layers",
                 )
-            grad = self.loss_fn.backward()
-            if self.world.size > 1:  # this share's gradient, normalised as the whole batch's
-                grad *= grad.dtype.type(share)
-            self.net.backward(grad)
-            if self.world.size > 1:
-                self.reduce_gradients(self.model.trainable_parameters())
-            if self.spec.train.grad_clip_norm:
-                self._clip()
-            self.optimizer.step()
-            self.state.step += 1
-            if self.average:
-                self.average.update(self.state.step)
-            self.cb.on_step(self.state.step, self.optimizer.lr, loss)
-            if self.world.size == 1:
+
+            loss, _ = step(x, y, on_nonfinite=diverged, step_number=self.state.step + 1)
+            correct_now, stop = counted["correct"], counted["stop"]
+            if self.world.size == 1:  # a signal during this step stops after it
                 stop = self.stop_signal is not None
+            self.state.step += 1
+            self.cb.on_step(self.state.step, self.optimizer.lr, loss)
             total_loss += loss * n
             correct += correct_now
             seen += n
@@ -574,7 +568,7 @@ class Trainer:
         spec, ebs = self.spec, self.spec.data.evaluation_batch
         tta = spec.data.test_time_augment
         self.run_dir, self._started = Path(run_dir), time.time()
-        if spec.train.cache_frozen and self.net is self.model:  # in the wall time: the cache costs one pass
+        if spec.train.cache_frozen and self.net is self.runner:  # in the wall time: the cache costs one pass
             self._cache_frozen()
         self.fitting = True  # from here a failure leaves the run directory and its records in place
         self.environment = environment()

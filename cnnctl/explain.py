@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import CnnctlError
 from .nn import Model
+from .plan import Runner
 
 METHODS = ("saliency", "gradcam", "occlusion")
 
@@ -40,9 +41,10 @@ def _input_gradient(part: Model, x: np.ndarray, k) -> tuple[np.ndarray, np.ndarr
     """(logits, the classes, d logit_k / d x) of a top-level slice of a model, in inference mode."""
     part.set_input_grad(True)
     try:
-        logits = np.array(part.forward(x, training=False), copy=True)
+        run = Runner(part)
+        logits = np.array(run.forward(x, training=False), copy=True)
         ks = _classes(logits, k)
-        dx = part.backward(_one_hot(ks, logits.shape[1], logits.dtype))
+        dx = run.backward(_one_hot(ks, logits.shape[1], logits.dtype))
     finally:
         part.set_input_grad(False)
     return logits, ks, dx
@@ -77,7 +79,7 @@ def gradcam(model: Model, x: np.ndarray, layer: str | None = None, k=None) -> tu
     i = int(layer.split(".")[1])
     head, rest = Model(model.layers[: i + 1]), Model(model.layers[i + 1 :])
     try:
-        a = np.array(head.forward(x, training=False), copy=True)  # (N, C, h, w)
+        a = np.array(Runner(head).forward(x, training=False), copy=True)  # (N, C, h, w)
         _, ks, da = _input_gradient(rest, a, k) if rest.layers else (None, None, None)
     finally:
         model.set_input_grad(False)  # the slices shared the model's layers: its own flags again
@@ -110,7 +112,7 @@ def _probabilities(model: Model, x: np.ndarray, takes: str) -> np.ndarray:
     """Class probabilities from the model's outputs, by what its loss takes (logits, log-probabilities, scores)."""
     from .functional import probabilities
 
-    return probabilities(model.forward(x, training=False), takes)
+    return probabilities(Runner(model).forward(x, training=False), takes)
 
 
 def occlusion(model: Model, x: np.ndarray, k=None, patch: int = 8, stride: int = 4, batch: int = 64,

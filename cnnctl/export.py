@@ -108,11 +108,12 @@ def verify(path: Path, model, input_shape, normalization: dict, softmax: bool = 
         import onnxruntime as ort
     except ImportError:
         return None
+    from .plan import Runner
     from .predict import normalize
 
     x01 = np.random.default_rng(0).random((4, *input_shape), dtype=np.float32)
     theirs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x01})[0]
-    ours = model.forward(normalize(x01, normalization), training=False)
+    ours = Runner(model).forward(normalize(x01, normalization), training=False)
     if softmax and outputs == "log_probabilities":
         ours = np.exp(ours)
     elif softmax:

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import parallel
+from .epilogue import NONE, Epilogue, chain
 
 Pair = tuple[int, int]
 Padding4 = tuple[int, int, int, int]  # top, bottom, left, right
@@ -203,13 +204,13 @@ class ConvSaved(NamedTuple):
     """What conv2d_forward leaves for conv2d_backward."""
 
     lowered: np.ndarray  # the lowered input, (Hp, C, KW, OW, N) (see `lower`)
-    relu_mask: np.ndarray | None  # where the pre-activation was > 0, when a ReLU was fused
+    derivative: np.ndarray | None  # the fused activation's derivative (the epilogue's), laid out as the output
 
 
 def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: Pair, cache: dict | None = None,
-                   relu: bool = False, scratch: Scratch | None = None):
-    """y[n,o] = sum_c xcorr(x[n,c], weight[o,c]) + bias[o], as one matrix product per output row over the
-    lowered input, followed by max(y, 0) when `relu` (applied in place on the contiguous product).
+                   epilogue: Epilogue = NONE, scratch: Scratch | None = None):
+    """y[n,o] = f(sum_c xcorr(x[n,c], weight[o,c]) + bias[o]), as one matrix product per output row over the
+    lowered input; the bias and the element-wise f (`epilogue`) run on each slice of rows while it is in cache.
 
     Returns y (N, O, OH, OW), a view of an (O, OH, OW, N) array, and a ConvSaved for backward. `cache` (the
     layer's own) keeps the lowered input between calls, `scratch` (shared) what lives only in this call.
@@ -220,29 +221,24 @@ def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: P
     oh, ow = out_size(hp, kh, stride[0], 0, dilation[0]), out_size(wp, kw, stride[1], 0, dilation[1])
     lowered = lower(x, padding, kw, stride[1], dilation[1], ow, cache, "lowered", scratch=scratch)
     y = np.empty((o, oh, ow, n), x.dtype)
-    mask = np.empty(y.shape, bool) if relu else None
-    # (O, K) @ (OH, K, OW*N) -> (OH, O, OW*N): one BLAS call per output row, then bias and ReLU on those rows
+    d = epilogue.derivative(y)
+    # (O, K) @ (OH, K, OW*N) -> (OH, O, OW*N): one BLAS call per output row, then the epilogue on those rows
     # while they are in cache; slices of rows go to cnnctl's threads
     wm, windows, yr = rows_first(weight), row_windows(lowered, kh, stride[0], dilation[0], oh), by_rows(y)
-    mr = by_rows(mask) if relu else None
+    dr = None if d is None else by_rows(d)
     b3 = None if bias is None else bias[:, None]
 
     def rows(lo, hi):
-        part = np.matmul(wm, windows[lo:hi], out=yr[lo:hi])
-        if b3 is not None:
-            part += b3
-        if relu:
-            m = np.greater(part, 0, out=mr[lo:hi])
-            np.multiply(part, m, out=part)  # twice as fast as np.maximum(y, 0) here (measured); -0.0 for y < 0
+        epilogue(np.matmul(wm, windows[lo:hi], out=yr[lo:hi]), b3, None if dr is None else dr[lo:hi])
 
     parallel.split(oh, rows, y.size * wm.shape[1] // parallel.MAC_PER_NUMBER)
-    return y.transpose(3, 0, 1, 2), ConvSaved(lowered, mask)
+    return y.transpose(3, 0, 1, 2), ConvSaved(lowered, d)
 
 
 def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, need_dx=True,
                     scratch: Scratch | None = None, method: str = "auto"):
     """Gradients of conv2d_forward, given the ConvSaved it returned; dy is the gradient of its output (after
-    the fused ReLU, if any: its mask is applied while dy is copied into the layout the products need).
+    the fused activation, if any: its derivative is applied while dy is copied into the layout the products need).
     Returns dx (or None), dweight, dbias. Its temporary arrays come from `scratch`.
 
     dweight: the cross-correlation of the layer input with the deltas, the sum over output rows of
@@ -254,16 +250,16 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     n, o, oh, ow = dy.shape
     _, c, kh, kw = weight.shape
     dyt = dy.transpose(1, 2, 3, 0)  # (O, OH, OW, N): free when dy came from conv2d_forward's layout
-    mask = saved.relu_mask
+    mask = saved.derivative
     if mask is None and dyt.flags.c_contiguous:  # already in the products' layout: no copy
         dY = dyt
     else:
         dY = buffer(scratch, "dY", (o, oh, ow, n), dy.dtype)
     dbias = np.empty(o, dy.dtype)
 
-    def channels(lo, hi):  # the deltas in the products' layout (masked by a fused ReLU), and their sums
+    def channels(lo, hi):  # the deltas in the products' layout (times a fused activation's derivative), their sums
         if mask is not None:
-            np.multiply(dyt[lo:hi], mask[lo:hi], out=dY[lo:hi])
+            chain(dyt[lo:hi], mask[lo:hi], out=dY[lo:hi])
         elif dY is not dyt:
             dY[lo:hi] = dyt[lo:hi]
         dY[lo:hi].sum(axis=(1, 2, 3), out=dbias[lo:hi])

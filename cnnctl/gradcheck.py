@@ -13,6 +13,7 @@ import numpy as np
 
 from .nn.base import Layer
 from .nn.losses import Loss
+from .plan import Runner
 
 
 def numerical_grad(f: Callable[[], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -46,19 +47,22 @@ def _reseed(layer: Layer, seed: int) -> None:
             sub.rng = np.random.default_rng(seed)
 
 
-def check_layer(layer: Layer, x: np.ndarray, training: bool = True, seed: int = 0) -> dict[str, float]:
-    """Relative errors of backward's input and parameter gradients against central differences."""
+def check_layer(layer: Layer, x: np.ndarray, training: bool = True, seed: int = 0,
+                runner: Runner | None = None) -> dict[str, float]:
+    """Relative errors of backward's input and parameter gradients against central differences; with `runner`
+    (a plan.Runner of the layer, a model) run as training runs it, through the execution plan."""
     layer.to(np.float64)
     x = x.astype(np.float64)
     layer.set_input_grad(True)
+    net = runner or layer
 
     def run(inp):
         _reseed(layer, seed)
-        return layer.forward(inp, training)
+        return net.forward(inp, training)
 
     r = np.random.default_rng(seed + 1).standard_normal(run(x).shape)
     run(x)
-    dx = layer.backward(r)
+    dx = net.backward(r)
     analytic = {"input": dx, **{p.name: p.grad.copy() for p in layer.parameters()}}
 
     def loss():
@@ -104,14 +108,15 @@ def check_network(model, input_shape, batch: int = 2, samples: int = 16, seed: i
     model.set_input_grad(True)
     g = np.random.default_rng(seed)
     x = g.standard_normal((batch, *input_shape))
+    runner = Runner(model)  # what training runs: the execution plan
 
     def run():
         _reseed(model, seed)
-        return model.forward(x, training=True)
+        return runner.forward(x, training=True)
 
     r = g.standard_normal(run().shape)
     run()
-    dx = model.backward(r)
+    dx = runner.backward(r)
     params = list(model.parameters())
     analytic = {p.name: p.grad.copy() for p in params}
 

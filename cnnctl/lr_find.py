@@ -15,6 +15,7 @@ import numpy as np
 from .config import Spec
 from .engine import Seeds, Trainer
 from .errors import CnnctlError
+from .step import TrainingStep
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected (as fastai)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
@@ -28,19 +29,17 @@ def lr_find(spec: Spec, min_lr: float = 1e-7, max_lr: float = 1.0, steps: int = 
     if steps < 5:
         raise CnnctlError(f"--steps {steps}: the test needs at least 5 steps", "e.g. --steps 100")
     trainer = Trainer(spec)  # the model, data, loss and optimizer a run would start with; nothing is written
-    model, loss_fn, optimizer = trainer.model, trainer.loss_fn, trainer.optimizer
+    step = TrainingStep(trainer.runner, trainer.loss_fn, trainer.optimizer, grad_clip_norm=spec.train.grad_clip_norm)
     lrs, losses, avg, best = [], [], 0.0, math.inf
     batches = _endless(trainer.ds, spec, trainer.seeds)
     for i in range(steps):
         lr = min_lr * (max_lr / min_lr) ** (i / (steps - 1))
         x, y = next(batches)
+        trainer.optimizer.lr = lr
         with np.errstate(over="ignore", invalid="ignore"):
-            loss = float(loss_fn.forward(model.forward(x, training=True), y))
-            if not math.isfinite(loss):
-                break
-            model.backward(loss_fn.backward())
-            optimizer.lr = lr
-            optimizer.step()
+            loss, _ = step(x, y)
+        if not math.isfinite(loss):
+            break
         avg = SMOOTHING * avg + (1 - SMOOTHING) * loss
         smoothed = avg / (1 - SMOOTHING ** (i + 1))
         lrs.append(lr)

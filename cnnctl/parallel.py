@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .distributed import local_ranks
 from .errors import CnnctlError
 
 ENV = "CNNCTL_THREADS"
@@ -32,6 +31,15 @@ MAX_SLICES = 16  # more slices than threads: a thread that stalls holds up one s
 _threads = 1
 _pool: ThreadPoolExecutor | None = None
 _blas_limit = None  # threadpoolctl's limiter, kept alive while cnnctl owns the threads
+
+
+def local_ranks() -> int:
+    """How many ranks of this job run on this host (1 outside MPI or when the launcher does not say)."""
+    for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
+        value = os.environ.get(name, "").split("(")[0].split(",")[0].strip()
+        if value.isascii() and value.isdigit():
+            return max(1, int(value))
+    return 1
 
 
 def available_cores() -> int:

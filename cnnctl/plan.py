@@ -1,28 +1,35 @@
 """The execution plan: how a model runs, decided once per input shape; the layers only say what they compute.
 
 A model's layers are pure math (each layer's forward and backward can be read, and run, on its own). The plan
-walks the model's tree (sequences, residual units, concatenations, blocks) into a flat list of steps over
-numbered values, a tape, and decides for each step how it runs:
+walks the model's tree into a flat list of steps over numbered values, a tape, and decides for each step how it
+runs, by what each layer declares itself to be (`Layer.planned_as`), never by its class:
 
-  * **fusion**: a convolution's bias and ReLU run on its product while it is in cache; a ReLU that follows a
-    convolution moves behind a following max pooling (max and ReLU commute, with the same gradients, and the
-    pooled tensor is a quarter of the size); a residual unit's add and its ReLU are one pass;
-  * **the convolution algorithm** of every ungrouped convolution (`ALGORITHMS`): the lowering, a 1x1
-    convolution as one product, Winograd F(2x2, 3x3) or F(4x4, 3x3). By default a rule on the layer's shape
-    (`default_algorithm`), so the same config gives the same plan on every machine; `autotune` times the
+  * a **sequence** is its children in order; a **join** (a residual unit's add, a concatenation) is its
+    branches as steps of their own, then a step calling the container's own `join` and `join_backward`;
+  * a **convolution** runs by one of the registered algorithms (cnnctl.convolution: the lowering, a 1x1
+    convolution as one product, Winograd F(2x2, 3x3) or F(4x4, 3x3)), by default a rule on the layer's shape
+    (`convolution.default`), so the same config gives the same plan on every machine; `autotune` times the
     candidates on this machine instead;
+  * **fusion**: an **element-wise** activation (its function and derivative in one call) runs in the epilogue of
+    the pass that made its input (cnnctl.epilogue: a convolution's product, a residual add), whether it is the
+    layer's `activation:` or the next layer; a non-decreasing one that feeds a **window max** (max pooling)
+    alone moves behind it (the pooled tensor is a quarter of the size, the gradients are the same);
   * **memory**: temporary arrays (lowered deltas, partial products) come from one scratch shared by every
     step, the lowered inputs that backward reads are kept per layer, and each step forgets what it saved once
     its backward has run;
-  * **threads**: each step's array work is cut into slices by size (cnnctl.parallel), never by thread count.
+  * **threads**: each step's array work is cut into slices by size (cnnctl.parallel), never by thread count;
+    element-wise steps are cut by channels here, not inside the layers.
 
-Forward hooks still see every layer's own output: a layer with a hook is never fused across (the plan is
-rebuilt when hooks, frozen layers or the input shape change). `describe()` lists the steps, as `cnnctl
-inspect --plan` and `cnnctl bench --plan` print them.
+Any other layer, and a layer whose class rewrote the forward or backward its capability came with (a
+subclass), runs as a step calling its own forward and backward. Forward hooks still see every layer's own
+output: a layer with a hook is never fused across. `Runner` keeps a model's plans (one per input shape, rebuilt
+when hooks, frozen layers or the algorithms change) and is what trains, evaluates and times a model; `describe()`
+lists the steps, as `cnnctl inspect --plan` and `cnnctl bench --plan` print them.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -30,52 +37,37 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import convolution, parallel
 from . import functional as F
-from . import parallel, winograd
+from .epilogue import NONE, Epilogue, chain
 from .errors import CnnctlError, CnnctlWarning
 from .fileio import Unreadable, atomic_write_bytes, read_regular
-from .nn.activations import ReLU
-from .nn.base import Layer
-from .nn.conv import Conv2D
-from .nn.graph import Concat, Residual, join_channels
-from .nn.model import Sequential
-from .nn.pooling import MaxPool2D
+from .nn.base import Batch
 
-# ------------------------------------------------------------------ convolution algorithms
+if TYPE_CHECKING:
+    from .nn.base import Layer
 
 
-def _pointwise_applies(conv: Conv2D, pads) -> bool:
-    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and not any(pads) and conv.groups == 1
+def _fusable(layer) -> bool:
+    """Whether an activation can run as an epilogue: element-wise, with its own function as its math."""
+    return layer is not None and layer.planned_as() == "elementwise"
 
 
-ALGORITHMS = {
-    "lowering": "column lowering (MEC) and one product per output row; any kernel, stride, padding, dilation",
-    "pointwise": "a 1x1 stride-1 unpadded convolution as one product over the batch-innermost input, no copy",
-    "winograd2": "Winograd F(2x2, 3x3): 2.25x fewer multiply-adds; 3x3, stride 1, padding <= 2",
-    "winograd4": "Winograd F(4x4, 3x3): 4x fewer multiply-adds, a few more bits of float32 rounding; 3x3, "
-                 "stride 1, padding <= 2",
-}
+def _in_channels(work, *arrays: np.ndarray) -> None:
+    """work(*slices) over slices of channels of arrays laid out alike, across cnnctl's threads (cut by size: one
+    slice where the array is too small for more to pay)."""
+    parallel.per_channel(arrays[0], lambda lo, hi: work(*(parallel.channels(a, lo, hi) for a in arrays)))
 
 
-def candidates(conv: Conv2D, input_shape) -> list[str]:
-    """The algorithms that can run this convolution on inputs of this (C, H, W) shape."""
-    pads = conv.pads(input_shape[1:])
-    out = ["lowering"]
-    if _pointwise_applies(conv, pads):
-        out.append("pointwise")
-    if winograd.applies(conv.kernel_size, conv.stride, conv.dilation, pads, conv.groups):
-        out += ["winograd2", "winograd4"]
+def _chained(dy: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """dy * d laid out as d, a slice of channels per thread: the backward of an element-wise function."""
+    dyl, out = F.in_layout_of(dy, d), np.empty_like(d, dtype=dy.dtype)
+    _in_channels(lambda a, b, o: chain(a, b, out=o), dyl, d, out)
     return out
-
-
-def default_algorithm(conv: Conv2D, input_shape) -> str:
-    """The rule (docs/performance.md has the measurements behind it): 1x1 stride-1 convolutions as one product;
-    everything else by the lowering, which measured faster than both Winograd variants on every 3x3 layer of
-    the shipped configs at batch 128 (NumPy's transforms cost more memory passes than the products save)."""
-    return "pointwise" if "pointwise" in candidates(conv, input_shape) else "lowering"
 
 
 # ------------------------------------------------------------------ steps
@@ -104,11 +96,26 @@ class Step:
     def release(self) -> None:
         """Forget what forward saved for backward."""
 
+    def saved_bytes(self, shapes: list[tuple], batch: int, itemsize: int) -> int:
+        """What forward keeps for backward, for a batch of `batch` (estimated from the shapes)."""
+        return 0
+
+    def _derivative_bytes(self, epilogue: Epilogue, batch: int, itemsize: int) -> int:
+        if epilogue.activation is None:
+            return 0
+        size = np.dtype(epilogue.activation.derivative_dtype or np.dtype(f"f{itemsize}")).itemsize
+        return int(np.prod(self.out_shape)) * batch * size
+
 
 class LayerStep(Step):
-    """A layer run as it is: its own forward and backward (everything the plan does not rewrite)."""
+    """A layer run as it is: its own forward and backward (everything the plan does not rewrite). A layer that
+    reads the whole batch (`reads_batch`) is told the runner's Batch."""
+
+    batch: Batch | None = None
 
     def forward(self, xs, training):
+        if self.batch is not None and self.layer.reads_batch and "batch" in _parameters(type(self.layer).forward):
+            return self.layer.forward(xs[0], training, batch=self.batch)
         return self.layer.forward(xs[0], training)
 
     def backward(self, dy):
@@ -119,6 +126,14 @@ class LayerStep(Step):
             _forget(layer)
             if layer.activation is not None:
                 _forget(layer.activation)
+
+    def saved_bytes(self, shapes, batch, itemsize):  # measured from the arrays it holds after its last forward
+        act = self.layer.activation
+        return _held_bytes(self.layer) + (_held_bytes(act) if act is not None else 0)
+
+
+def _parameters(function) -> tuple[str, ...]:
+    return tuple(inspect.signature(function).parameters)
 
 
 def _held(layer: Layer):
@@ -138,48 +153,56 @@ def _forget(layer: Layer) -> None:
         setattr(layer, key, None)
 
 
-class ConvStep(Step):
-    """An ungrouped convolution by the plan's algorithm, bias and ReLU fused on its output (the layer's
-    other activations run as the activation layer after it)."""
+def _held_bytes(layer: Layer) -> int:
+    """The arrays a layer holds from its last forward for its backward (measured: 0 before any forward)."""
+    return sum(a.nbytes for _, arrays in _held(layer) for a in arrays if a.base is None)
 
-    def __init__(self, *args, keep: dict, scratch: F.Scratch, relu: bool, activation: Layer | None, **kw):
+
+class ElementwiseStep(Step):
+    """An element-wise activation on slices of channels across threads; keeps its derivative for backward."""
+
+    def forward(self, xs, training):
+        x, act = xs[0], self.layer
+        y, d = np.empty_like(x), act.derivative_like(x)
+        _in_channels(act.elementwise, x, y, d)
+        self._d = d
+        return y
+
+    def backward(self, dy):
+        dx = _chained(dy, self._d)
+        self._d = None
+        return [dx]
+
+    def release(self):
+        self._d = None
+
+    def saved_bytes(self, shapes, batch, itemsize):
+        return self._derivative_bytes(Epilogue(self.layer), batch, itemsize)
+
+
+class ConvStep(Step):
+    """A convolution by a registered algorithm, its bias and element-wise activation as the epilogue on its
+    output (an activation that is not element-wise runs after it, as its own layer)."""
+
+    def __init__(self, *args, keep: dict, scratch: F.Scratch, epilogue: Epilogue, activation: Layer | None, **kw):
         super().__init__(*args, **kw)
-        self.keep, self.scratch, self.relu, self.activation = keep, scratch, relu, activation
+        self.keep, self.scratch, self.epilogue, self.activation = keep, scratch, epilogue, activation
+        self.method = convolution.get(self.algorithm)
         self._saved = None
 
     def forward(self, xs, training):
-        conv, x = self.layer, xs[0]
-        self._x_shape, self._pad4 = x.shape, conv.pads(x.shape[2:])
-        w, b = conv.params["weight"], conv.params.get("bias")
-        if self.algorithm.startswith("winograd"):
-            # (C, H, W, N) as a view: the input transform copies it into its padded tiles in any layout
-            y, saved = winograd.forward(x.transpose(1, 2, 3, 0), w, b, self._pad4, int(self.algorithm[-1]),
-                                        relu=self.relu)
-            y = y.transpose(3, 0, 1, 2)
-        elif self.algorithm == "pointwise":
-            y, saved = pointwise_forward(x, w, b, self.relu)
-        else:
-            y, saved = F.conv2d_forward(x, w, b, conv.stride, self._pad4, conv.dilation,
-                                        self.scratch if self.forward_only else self.keep, relu=self.relu,  # kept
-                                        scratch=self.scratch)
-        self._saved = saved  # also after an evaluation forward: a backward may follow (gradient checks)
+        x = xs[0]
+        self._x_shape = x.shape
+        keep = self.scratch if self.forward_only else self.keep  # nothing to keep below the trainable layers
+        y, self._saved = self.method.forward(self.layer, x, self.epilogue, keep, self.scratch)
+        # saved also after an evaluation forward: a backward may follow (gradient checks)
         return y if self.activation is None else self.activation.forward(y, training)
 
     def backward(self, dy):
         conv = self.layer
         if self.activation is not None:
             dy = self.activation.backward(dy)
-        w, need = conv.params["weight"], conv.needs_input_grad
-        if self.algorithm.startswith("winograd"):
-            m = int(self.algorithm[-1])
-            dyc = dy.transpose(1, 2, 3, 0)
-            dx, dw, db = winograd.backward(dyc, self._saved, w, tuple(self._x_shape[1:]), self._pad4, m, need)
-            dx = None if dx is None else dx.transpose(3, 0, 1, 2)
-        elif self.algorithm == "pointwise":
-            dx, dw, db = pointwise_backward(dy, self._saved, w, need)
-        else:
-            dx, dw, db = F.conv2d_backward(dy, self._saved, w, self._x_shape, conv.stride, self._pad4,
-                                           conv.dilation, need_dx=need, scratch=self.scratch)
+        dx, dw, db = self.method.backward(conv, dy, self._saved, self._x_shape, self.scratch)
         conv.grads["weight"] = dw
         if "bias" in conv.params:
             conv.grads["bias"] = db
@@ -191,133 +214,89 @@ class ConvStep(Step):
         if self.activation is not None:
             _forget(self.activation)
 
-
-def _relu_in_place(y: np.ndarray, mask: np.ndarray) -> None:
-    """y = max(y, 0) in place, recording where y > 0 in mask (a multiply by the mask: -0.0 below zero)."""
-    np.multiply(y, np.greater(y, 0, out=mask), out=y)
-
-
-def _masked(dy: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """dy * mask, laid out as the mask, a slice of channels per thread: a fused ReLU's backward."""
-    dyl, out = F.in_layout_of(dy, mask), np.empty_like(mask, dtype=dy.dtype)
-    parallel.per_channel(out, lambda lo, hi: np.multiply(parallel.channels(dyl, lo, hi), parallel.channels(
-        mask, lo, hi), out=parallel.channels(out, lo, hi)))
-    return out
+    def saved_bytes(self, shapes, batch, itemsize):
+        kept = self.method.saved_bytes(self.layer, shapes[self.inputs[0]], self.out_shape, batch, itemsize)
+        return kept + self._derivative_bytes(self.epilogue, batch, itemsize)
 
 
-class PoolReluStep(Step):
-    """Max pooling followed by the ReLU moved behind it: max(pool(z), 0) = pool(max(z, 0)), and the gradients
-    agree (a window whose maximum is not positive passes none either way)."""
+class JoinStep(Step):
+    """A container's join of its branches' outputs (the container's own `join`), its element-wise activation
+    fused in the same pass (other activations after it). `gates[k]`: whether input k gets a gradient (an
+    identity branch's only when the container's input needs one)."""
 
-    def forward(self, xs, training):
-        y = self.layer.forward(xs[0], training)
-        self._mask = np.empty_like(y, dtype=bool)
-        parallel.per_channel(y, lambda lo, hi: _relu_in_place(parallel.channels(y, lo, hi),
-                                                               parallel.channels(self._mask, lo, hi)))
-        return y
-
-    def backward(self, dy):
-        dy = _masked(dy, self._mask)
-        self._mask = None
-        return [self.layer.backward(dy)]
-
-    def release(self):
-        self._mask = None
-        _forget(self.layer)
-
-
-class AddStep(Step):
-    """A residual unit's body(x) + shortcut(x), with its ReLU in the same pass (other activations after).
-    `gates[k]`: whether input k gets a gradient (an identity shortcut's only when the unit's input needs one)."""
-
-    def __init__(self, *args, gates: list[bool], relu: bool, activation: Layer | None, **kw):
+    def __init__(self, *args, gates: list[bool], in_shapes: list[tuple], epilogue: Epilogue,
+                 activation: Layer | None, **kw):
         super().__init__(*args, **kw)
-        self.gates, self.relu, self.activation = gates, relu, activation
+        self.gates, self.in_shapes, self.epilogue, self.activation = gates, in_shapes, epilogue, activation
+        self._d = None
 
     def forward(self, xs, training):
-        a, b = xs[0], F.in_layout_of(xs[1], xs[0])
-        y = np.empty_like(a)
-        mask = np.empty_like(a, dtype=bool) if self.relu else None
+        join, ep = self.layer.join, self.epilogue
+        if self.layer.join_by_values:  # value by value: join and epilogue on each slice of channels in one pass
+            a = xs[0]
+            rest = [F.in_layout_of(x, a) for x in xs[1:]]
+            y = np.empty_like(a)
+            d = ep.derivative(y)
 
-        def part(lo, hi):
-            ys = np.add(parallel.channels(a, lo, hi), parallel.channels(b, lo, hi), out=parallel.channels(y, lo, hi))
-            if mask is not None:
-                _relu_in_place(ys, parallel.channels(mask, lo, hi))
+            def part(y_, d_, *x_):
+                ep(join(list(x_), out=y_), None, d_)
 
-        parallel.per_channel(a, part)
-        self._mask = mask
+            if d is None:
+                _in_channels(lambda y_, *x_: join(list(x_), out=y_), y, a, *rest)
+            else:
+                _in_channels(part, y, d, a, *rest)
+        else:
+            y = join(xs)
+            d = ep.derivative(y)
+            if d is not None:
+                _in_channels(lambda y_, d_: ep(y_, None, d_), y, d)
+        self._d = d
         return y if self.activation is None else self.activation.forward(y, training)
 
     def backward(self, dy):
         if self.activation is not None:
             dy = self.activation.backward(dy)
-        if self._mask is not None:
-            dy = _masked(dy, self._mask)
-        self._mask = None
-        return [dy if g else None for g in self.gates]
+        if self._d is not None:
+            dy = _chained(dy, self._d)
+        self._d = None
+        grads = self.layer.join_backward(dy, self.in_shapes)
+        return [g if gate else None for g, gate in zip(grads, self.gates)]
 
     def release(self):
-        self._mask = None
+        self._d = None
+        if self.activation is not None:
+            _forget(self.activation)
+
+    def saved_bytes(self, shapes, batch, itemsize):
+        return self._derivative_bytes(self.epilogue, batch, itemsize)
 
 
-class ConcatStep(Step):
-    """Branch outputs joined on the channel axis; backward hands each branch its channels."""
+class WindowMaxStep(Step):
+    """A max pooling with the non-decreasing activation of the step before it moved behind it:
+    f(pool(z)) = pool(f(z)), and the gradients agree (the maximum of a window is where it was before)."""
 
-    def __init__(self, *args, gates: list[bool], **kw):
+    def __init__(self, *args, activation: Layer, **kw):
         super().__init__(*args, **kw)
-        self.gates = gates
+        self.activation = activation
+        self._d = None
 
     def forward(self, xs, training):
-        y, self._channels = join_channels(xs)
+        y = self.layer.forward(xs[0], training)
+        self._d = self.activation.derivative_like(y)
+        _in_channels(lambda y_, d_: self.activation.elementwise(y_, y_, d_), y, self._d)
         return y
 
     def backward(self, dy):
-        return [dy[:, a:b] if g else None for g, a, b in zip(self.gates, self._channels, self._channels[1:])]
+        dy = _chained(dy, self._d)
+        self._d = None
+        return [self.layer.backward(dy)]
 
+    def release(self):
+        self._d = None
+        _forget(self.layer)
 
-# ------------------------------------------------------------------ pointwise convolution
-
-
-def pointwise_forward(x, weight, bias, relu):
-    """A 1x1 stride-1 unpadded convolution: y (O, H*W*N) = W (O, C) @ x (C, H*W*N) on the batch-innermost
-    input, bias and ReLU on slices of rows. Saves the input (a view) and the ReLU mask."""
-    n, c, h, w = x.shape
-    xc = F.batch_innermost(x, None, "").transpose(1, 2, 3, 0).reshape(c, -1)  # keeps a copy alive for backward
-    o = weight.shape[0]
-    wm = weight.reshape(o, c)
-    y = np.empty((o, h * w * n), x.dtype)
-    mask = np.empty(y.shape, bool) if relu else None
-
-    def rows(lo, hi):
-        part = np.matmul(wm[lo:hi], xc, out=y[lo:hi])
-        if bias is not None:
-            part += bias[lo:hi, None]
-        if relu:
-            np.multiply(part, np.greater(part, 0, out=mask[lo:hi]), out=part)
-
-    parallel.split(o, rows, y.size * c // parallel.MAC_PER_NUMBER)
-    return y.reshape(o, h, w, n).transpose(3, 0, 1, 2), (xc, mask, (n, c, h, w))
-
-
-def pointwise_backward(dy, saved, weight, need_dx):
-    """Gradients of pointwise_forward: dx (or None), dweight, dbias."""
-    xc, mask, (n, c, h, w) = saved
-    o = weight.shape[0]
-    dyt = dy.transpose(1, 2, 3, 0)  # (O, H, W, N): free when dy is batch-innermost
-    dY = (dyt if dyt.flags.c_contiguous else np.ascontiguousarray(dyt)).reshape(o, -1)
-    if mask is not None:
-        dY = dY * mask
-    dbias = dY.sum(axis=1)
-    dweight = np.empty((o, c), dy.dtype)
-    parallel.split(o, lambda lo, hi: np.matmul(dY[lo:hi], xc.T, out=dweight[lo:hi]), dweight.size * xc.shape[1]
-                   // parallel.MAC_PER_NUMBER)
-    dx = None
-    if need_dx:
-        dxc = np.empty((c, h * w * n), dy.dtype)
-        parallel.split(c, lambda lo, hi: np.matmul(weight.reshape(o, c)[:, lo:hi].T, dY, out=dxc[lo:hi]),
-                       dxc.size * o // parallel.MAC_PER_NUMBER)
-        dx = dxc.reshape(c, h, w, n).transpose(3, 0, 1, 2)
-    return dx, dweight.reshape(weight.shape), dbias
+    def saved_bytes(self, shapes, batch, itemsize):
+        return _held_bytes(self.layer) + self._derivative_bytes(Epilogue(self.activation), batch, itemsize)
 
 
 # ------------------------------------------------------------------ the plan
@@ -327,17 +306,21 @@ class Plan:
     """The steps that run a model on inputs of one (C, H, W) shape and dtype; `forward` and `backward` run
     them, `describe` lists them."""
 
-    def __init__(self, model: Sequential, input_shape: tuple, choices: dict[str, str] | None = None,
-                 keep: dict | None = None, scratch: F.Scratch | None = None):
+    def __init__(self, model: Layer, input_shape: tuple, choices: dict[str, str] | None = None,
+                 keep: dict | None = None, scratch: F.Scratch | None = None, batch: Batch | None = None):
         self.input_shape = tuple(input_shape)
         self.choices = dict(choices or {})
+        unknown = sorted(set(self.choices.values()) - set(convolution.ALGORITHMS))
+        if unknown:
+            raise CnnctlError(f"unknown convolution algorithm {unknown[0]!r} in the plan's choices",
+                              f"use one of: {', '.join(convolution.ALGORITHMS)}")
         self.keep = keep if keep is not None else {}
         self.scratch = scratch if scratch is not None else F.Scratch()
+        self.batch = batch if batch is not None else Batch()
         self.steps: list[Step] = []
         self.hooks: list[tuple[int, Layer]] = []  # (value, layer): the layers whose output a value is
         self.shapes = [self.input_shape]
-        out = self._emit(model, "", 0, self.input_shape, top=True)
-        self.output = out
+        self.output = self._emit(model, "", 0, self.input_shape, top=True)
         self._fuse()
         for k in self._forward_only(model):
             self.steps[k].forward_only = True
@@ -351,8 +334,8 @@ class Plan:
     def _forward_only(self, model) -> set[int]:
         """The steps no gradient reaches: those of the top-level layers below the lowest one that trains, when
         the model's input needs no gradient. They run forward only and keep nothing for a backward."""
-        top = getattr(model, "layers", None)
-        if top is None or model.needs_input_grad:
+        top = [layer for _, layer in model.children()] if model.planned_as() == "sequence" else None
+        if not top or model.needs_input_grad:
             return set()
         first = next((i for i, layer in enumerate(top) if layer.has_trainable()), len(top))
         prefix = getattr(model, "child_prefix", "")
@@ -368,70 +351,89 @@ class Plan:
         return len(self.shapes) - 1
 
     def _emit(self, layer: Layer, name: str, value: int, shape: tuple, top: bool = False) -> int:
-        if isinstance(layer, Sequential):
-            prefix = layer.child_prefix
-            for i, child in enumerate(layer.layers):
-                child_name = f"{name}.{prefix}{i}" if name else f"{prefix}{i}"
-                value = self._emit(child, child_name, value, shape)
+        kind = layer.planned_as()
+        if kind == "sequence":
+            for child_name, child in layer.children():
+                value = self._emit(child, f"{name}.{child_name}" if name else child_name, value, shape)
                 shape = self.shapes[value]
             if not top:
                 self.hooks.append((value, layer))
             return value
-        if isinstance(layer, Residual):
-            b = self._emit(layer.body, f"{name}.body", value, shape)
-            s = self._emit(layer.shortcut, f"{name}.shortcut", value, shape) if layer.shortcut is not None else value
-            relu = isinstance(layer.activation, ReLU)
-            out = self._value(self.shapes[b])
-            gates = [True, s != value or layer.needs_input_grad]
-            self.steps.append(AddStep("add", name, [b, s], out, self.shapes[b], layer=layer, gates=gates, relu=relu,
-                                      activation=None if relu else layer.activation,
-                                      fused=["relu"] if relu else []))
-            self.hooks.append((out, layer))
-            return out
-        if isinstance(layer, Concat):
-            outs = [self._emit(br, f"{name}.branches.{k}", value, shape) for k, br in enumerate(layer.branches)]
+        if kind == "join":
+            outs = [value if branch is None else self._emit(branch, f"{name}.{b}", value, shape)
+                    for b, branch in layer.join_inputs()]
             out_shape = layer.output_shape(shape)
             out = self._value(out_shape)
+            act = layer.activation
             gates = [o != value or layer.needs_input_grad for o in outs]
-            self.steps.append(ConcatStep("concat", name, outs, out, out_shape, layer=layer, gates=gates))
+            self.steps.append(JoinStep("join", name, outs, out, out_shape, layer=layer, gates=gates,
+                                       in_shapes=[self.shapes[o] for o in outs],
+                                       epilogue=Epilogue(act) if _fusable(act) else NONE,
+                                       activation=None if _fusable(act) else act,
+                                       fused=[act.tag] if _fusable(act) else []))
             self.hooks.append((out, layer))
             return out
         out_shape = layer.output_shape(shape)
         out = self._value(out_shape)
-        if isinstance(layer, Conv2D) and layer.groups == 1:
-            algorithm = self.choices.get(name) or default_algorithm(layer, shape)
-            if algorithm not in candidates(layer, shape):
-                algorithm = default_algorithm(layer, shape)
-            relu = isinstance(layer.activation, ReLU)
+        algorithm = None
+        if kind == "convolution":
+            algorithm = self.choices.get(name) or convolution.default(layer, shape)
+            if algorithm not in convolution.candidates(layer, shape):
+                algorithm = convolution.default(layer, shape)
+        if algorithm is not None:
+            act = layer.activation
             step = ConvStep("conv", name, [value], out, out_shape, layer=layer, algorithm=algorithm,
-                            keep=self.keep.setdefault(name, {}), scratch=self.scratch, relu=relu,
-                            activation=None if relu or layer.activation is None else layer.activation,
-                            fused=(["bias"] if "bias" in layer.params else []) + (["relu"] if relu else []))
+                            keep=self.keep.setdefault(name, {}), scratch=self.scratch,
+                            epilogue=Epilogue(act) if _fusable(act) else NONE,
+                            activation=None if _fusable(act) else act,
+                            fused=(["bias"] if "bias" in layer.params else []) + ([act.tag] if _fusable(act) else []))
+        elif kind == "elementwise":
+            step = ElementwiseStep(layer.tag, name, [value], out, out_shape, layer=layer)
         else:
             step = LayerStep(layer.tag, name, [value], out, out_shape, layer=layer)
+            step.batch = self.batch
         self.steps.append(step)
         self.hooks.append((out, layer))
         return out
 
+    def _watched(self, value: int, besides: Layer) -> bool:
+        """Whether a hook other than `besides`'s sees this value (a container's output, say)."""
+        return value == self.output or any(v == value and layer is not besides and layer.forward_hooks
+                                           for v, layer in self.hooks)
+
     def _fuse(self) -> None:
-        """Move a convolution's ReLU behind the max pooling that alone reads its output (neither watched)."""
+        """Two rules, by capability: an element-wise layer that alone reads a convolution's or a join's output
+        becomes that step's epilogue; a non-decreasing epilogue activation of a convolution whose output a max
+        pooling alone reads moves behind the pooling. Never across a hook."""
         readers: dict[int, list[Step]] = {}
         for s in self.steps:
             for v in s.inputs:
                 readers.setdefault(v, []).append(s)
-        for s in self.steps:
-            if not (isinstance(s, ConvStep) and s.relu and not s.layer.forward_hooks):
+        for s in list(self.steps):
+            if not isinstance(s, (ConvStep, JoinStep)) or s.epilogue.activation is not None or s.activation \
+                    is not None or s.layer.forward_hooks:
                 continue
             nxt = readers.get(s.output, [])
-            if len(nxt) != 1 or not isinstance(nxt[0], LayerStep) or not isinstance(nxt[0].layer, MaxPool2D):
+            if len(nxt) != 1 or not isinstance(nxt[0], ElementwiseStep) or self._watched(s.output, s.layer):
                 continue
-            if any(v == s.output and layer is not s.layer for v, layer in self.hooks) or s.output == self.output:
-                continue  # a container's output: it must be the ReLU's
+            act = nxt[0]
+            s.epilogue, s.output, s.fused = Epilogue(act.layer), act.output, [*s.fused, f"{act.layer.tag} {act.name}"]
+            self.steps.remove(act)
+        for s in list(self.steps):
+            act = getattr(s, "epilogue", NONE).activation
+            if not isinstance(s, ConvStep) or act is None or not act.commutes_with_max() or s.layer.forward_hooks:
+                continue
+            nxt = readers.get(s.output, [])
+            if len(nxt) != 1 or not isinstance(nxt[0], LayerStep) or nxt[0].layer.planned_as() != "window_max":
+                continue
+            if self._watched(s.output, s.layer):
+                continue
             pool = nxt[0]
-            s.relu, s.fused = False, [f for f in s.fused if f != "relu"]
-            fused = PoolReluStep("maxpool2d", pool.name, pool.inputs, pool.output, pool.out_shape, layer=pool.layer,
-                                 fused=[f"relu of {s.name}"])
-            self.steps[self.steps.index(pool)] = fused
+            s.epilogue = NONE
+            s.fused = [f for f in s.fused if f != act.tag and not f.startswith(f"{act.tag} ")]
+            moved = WindowMaxStep(pool.kind, pool.name, pool.inputs, pool.output, pool.out_shape, layer=pool.layer,
+                                  activation=act, fused=[f"{act.tag} of {s.name}"])
+            self.steps[self.steps.index(pool)] = moved
 
     # ------------------------------------------------------------ running
 
@@ -488,7 +490,7 @@ class Plan:
 
     def algorithms(self) -> dict[str, str]:
         """The convolution algorithm of every planned convolution, by layer name."""
-        return {s.name: s.algorithm for s in self.steps if isinstance(s, ConvStep)}
+        return {s.name: s.algorithm for s in self.steps if s.algorithm}
 
     def describe(self, batch: int, itemsize: int = 4) -> list[dict]:
         """One row per step: kind, layer, algorithm, what is fused, output shape and the memory its output takes
@@ -499,38 +501,62 @@ class Plan:
             out = int(np.prod(s.out_shape)) * batch * itemsize
             rows.append({"step": k, "kind": s.kind, "layer": s.name or "(model)", "algorithm": s.algorithm,
                          "fused": ", ".join(s.fused), "output_shape": list(s.out_shape), "output_bytes": out,
-                         "saved_bytes": 0 if s.forward_only else _saved_bytes(s, self.shapes, batch, itemsize),
+                         "saved_bytes": 0 if s.forward_only else s.saved_bytes(self.shapes, batch, itemsize),
                          "forward_only": s.forward_only})
         return rows
 
 
-def _saved_bytes(step: Step, shapes, batch: int, itemsize: int) -> int:
-    """What a step keeps from forward to backward (see `Plan.describe`)."""
-    inp = int(np.prod(shapes[step.inputs[0]])) * batch
-    out = int(np.prod(step.out_shape)) * batch
-    if isinstance(step, ConvStep):
-        c, h, w = shapes[step.inputs[0]]
-        pads = step.layer.pads((h, w))
-        if step.algorithm.startswith("winograd"):
-            m = int(step.algorithm[-1])
-            _, _, ty, tx = winograd.tiles(h, w, pads, m)
-            kept = (m + 2) ** 2 * c * ty * tx * batch * itemsize
-        elif step.algorithm == "pointwise":
-            kept = inp * itemsize
-        else:
-            kw, ow = step.layer.kernel_size[1], step.out_shape[2]
-            kept = (h + pads[0] + pads[1]) * c * kw * ow * batch * itemsize
-        return kept + (out if step.relu else 0)  # the ReLU mask, a byte per value
-    if isinstance(step, PoolReluStep) or (isinstance(step, AddStep) and step.relu):
-        return out  # the ReLU mask, a byte per value
-    if isinstance(step, AddStep):
-        return 0
-    return _held_bytes(step.layer) + (_held_bytes(step.layer.activation) if step.layer.activation else 0)
+class Runner:
+    """Runs a model through its plans, as training, evaluation and benchmarks do: `forward` plans the input's
+    shape once (again when the shape, dtype, frozen layers, forward hooks or `algorithms` change) and runs the
+    plan; `backward` runs the same plan's backward. `algorithms` overrides the convolution algorithm of named
+    layers (autotuning, or the plan a checkpoint recorded); `batch` is what layers that read the whole batch
+    are told (data-parallel training). The numbers are the model's own forward and backward's."""
 
+    MAX_PLANS = 4  # plans kept (training batch, last short batch, evaluation batch, ...)
 
-def _held_bytes(layer: Layer) -> int:
-    """The arrays a layer holds from its last forward for its backward (measured: 0 before any forward)."""
-    return sum(a.nbytes for _, arrays in _held(layer) for a in arrays if a.base is None)
+    def __init__(self, model: Layer, algorithms: dict[str, str] | None = None, batch: Batch | None = None):
+        self.model = model
+        self._algorithms = dict(algorithms or {})
+        self.batch = batch if batch is not None else Batch()
+        self._plans: dict = {}
+        self._plan: Plan | None = None
+        self._keep: dict = {}  # per-layer buffers every plan shares (the lowered inputs backward reads)
+        self._scratch = F.Scratch()
+
+    @property
+    def algorithms(self) -> dict[str, str]:
+        return dict(self._algorithms)
+
+    @algorithms.setter
+    def algorithms(self, value: dict[str, str]) -> None:
+        self._algorithms = dict(value)
+        self._plans = {}
+
+    def plan(self, input_shape: tuple, dtype=np.float32) -> Plan:
+        """The plan for inputs of this per-sample shape (built, or the one built before)."""
+        state = tuple((id(layer), layer.frozen, layer.needs_input_grad, bool(layer.forward_hooks))
+                      for _, layer in self.model.named_layers())
+        key = (tuple(input_shape), np.dtype(dtype).str, state)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            plan = self._plans[key] = Plan(self.model, input_shape, self._algorithms, self._keep, self._scratch,
+                                           self.batch)
+        return plan
+
+    def forward(self, x: np.ndarray, training: bool = True, clock: np.ndarray | None = None) -> np.ndarray:
+        """The model's output for x; `clock` as Plan.forward's."""
+        self._plan = self.plan(x.shape[1:], x.dtype)
+        return self._plan.forward(x, training, clock)
+
+    __call__ = forward
+
+    def backward(self, dy: np.ndarray, clock: np.ndarray | None = None) -> np.ndarray | None:
+        if self._plan is None:
+            raise RuntimeError("backward before forward")
+        return self._plan.backward(dy, clock)
 
 
 # ------------------------------------------------------------------ autotuning
@@ -547,9 +573,10 @@ def cache_path() -> Path:
 
 
 def _key(step: ConvStep, in_shape, batch: int, dtype) -> str:
-    conv = step.layer
+    conv, act = step.layer, step.epilogue.name
+    fused = {"": "relu0", "relu": "relu1"}.get(act, f"act-{act}")  # the first two as keys written before
     return (f"{tuple(in_shape)}->{conv.out_channels} k{conv.kernel_size} s{conv.stride} p{conv.pads(in_shape[1:])} "
-            f"d{conv.dilation} bias{int('bias' in conv.params)} relu{int(step.relu)} batch{batch} "
+            f"d{conv.dilation} bias{int('bias' in conv.params)} {fused} batch{batch} "
             f"threads{parallel.threads()} {np.dtype(dtype).name}")
 
 
@@ -577,7 +604,7 @@ def autotune(model, input_shape: tuple, batch: int, dtype=np.float32, path: Path
     for step in [s for s in p.steps if isinstance(s, ConvStep)]:
         in_shape = p.shapes[step.inputs[0]]
         key = _key(step, in_shape, batch, dtype)
-        options = candidates(step.layer, in_shape)
+        options = convolution.candidates(step.layer, in_shape)
         known = cache.get(key)
         if not (isinstance(known, str) and known in options):
             x = g.standard_normal((batch, *in_shape)).astype(dtype)
@@ -586,7 +613,7 @@ def autotune(model, input_shape: tuple, batch: int, dtype=np.float32, path: Path
             times = {}
             for algorithm in options:
                 probe = ConvStep(step.kind, step.name, step.inputs, step.output, step.out_shape, layer=step.layer,
-                                 algorithm=algorithm, keep={}, scratch=F.Scratch(), relu=step.relu,
+                                 algorithm=algorithm, keep={}, scratch=F.Scratch(), epilogue=step.epilogue,
                                  activation=step.activation)
                 times[algorithm] = _time(probe, x, dy)
             step.layer.grads = grads

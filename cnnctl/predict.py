@@ -61,6 +61,9 @@ def outputs(model, x01: np.ndarray, normalization: dict, tta, batch_size: int) -
     """The model's outputs for inputs on the 0..1 scale, batch_size at a time: memory stays that of one batch
     however many inputs there are."""
     from .engine import infer  # the trainer's own inference (test-time views included)
+    from .plan import Runner
+
+    model = Runner(model)
 
     return np.concatenate([infer(model, normalize(x01[i : i + batch_size], normalization), tta)
                            for i in range(0, len(x01), batch_size)])

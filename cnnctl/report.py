@@ -143,6 +143,7 @@ def _evaluation(ckpt_path: Path) -> str:
     from .builder import build_loss
     from .engine import Seeds, infer, load_data, per_class
     from .nn import LOSSES, Conv2D
+    from .plan import Runner
     from .predict import normalize
 
     ckpt = checkpoint.load(ckpt_path)
@@ -157,9 +158,9 @@ def _evaluation(ckpt_path: Path) -> str:
         return "<section><h2>Evaluation</h2><p class=\"note\">No test or validation images.</p></section>"
     takes = LOSSES[spec.loss.type].takes
     loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
-    logits, total = [], 0.0
+    logits, total, run = [], 0.0, Runner(model)
     for x, y in data_lib.batches(ds, split, spec.data.evaluation_batch):
-        out = np.array(infer(model, x), copy=True)  # one view per image: the page stays quick to write
+        out = np.array(infer(run, x), copy=True)  # one view per image: the page stays quick to write
         total += loss_fn.forward(out, y) * len(y)
         logits.append(out)
     logits = np.concatenate(logits)

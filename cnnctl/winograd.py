@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import parallel
+from .epilogue import NONE, Epilogue, chain
 
 # the transforms, as in Lavin and Gray (2016), with the interpolation points 0, 1, -1 (m = 2) and 0, +-1, +-2
 # (m = 4); B^T is a x a, G is a x 3, A^T is m x a
@@ -175,11 +176,11 @@ def transform_deltas(dy: np.ndarray, ty: int, tx: int, m: int) -> np.ndarray:
 
 class WinogradSaved(NamedTuple):
     v: np.ndarray  # the transformed input tiles (a*a, C, TY*TX*N)
-    relu_mask: np.ndarray | None
+    derivative: np.ndarray | None  # the fused activation's derivative (the epilogue's)
 
 
-def forward(x: np.ndarray, weight: np.ndarray, bias, pads, m: int = 2, relu: bool = False):
-    """y = conv(x, weight) + bias (then max(y, 0) when relu) for x (C, H, W, N): y (O, OH, OW, N), saved."""
+def forward(x: np.ndarray, weight: np.ndarray, bias, pads, m: int = 2, epilogue: Epilogue = NONE):
+    """y = f(conv(x, weight) + bias) (f the epilogue's) for x (C, H, W, N): y (O, OH, OW, N), saved."""
     c, h, w, n = x.shape
     o = weight.shape[0]
     oh, ow, ty, tx = tiles(h, w, pads, m)
@@ -187,20 +188,12 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, pads, m: int = 2, relu: boo
     u = transform_kernel(weight, m)
     prod = parallel.matmul(u, v, np.empty((v.shape[0], o, v.shape[2]), x.dtype))
     y = transform_output(prod, oh, ow, ty, tx, n, m, np.empty((o, oh, ow, n), x.dtype))
-    mask = None
-    if bias is not None or relu:
-        mask = np.empty(y.shape, bool) if relu else None
-
-        def channels(lo, hi):
-            part = y[lo:hi]
-            if bias is not None:
-                part += bias[lo:hi, None, None, None]
-            if relu:
-                np.greater(part, 0, out=mask[lo:hi])
-                np.multiply(part, mask[lo:hi], out=part)
-
-        parallel.split(o, channels, y.size)
-    return y, WinogradSaved(v, mask)
+    d = epilogue.derivative(y)
+    if bias is not None or d is not None:
+        b4 = None if bias is None else bias[:, None, None, None]
+        parallel.split(o, lambda lo, hi: epilogue(y[lo:hi], None if b4 is None else b4[lo:hi],
+                                                  None if d is None else d[lo:hi]), y.size)
+    return y, WinogradSaved(v, d)
 
 
 def backward(dy: np.ndarray, saved: WinogradSaved, weight: np.ndarray, x_shape, pads, m: int = 2,
@@ -208,8 +201,7 @@ def backward(dy: np.ndarray, saved: WinogradSaved, weight: np.ndarray, x_shape, 
     """Gradients of `forward` for dy (O, OH, OW, N): dx (C, H, W, N) or None, dweight, dbias."""
     o, oh, ow, n = dy.shape
     c, h, w = x_shape[0], x_shape[1], x_shape[2]
-    if saved.relu_mask is not None:
-        dy = dy * saved.relu_mask
+    dy = chain(dy, saved.derivative)
     dbias = dy.sum(axis=(1, 2, 3))
     _, _, ty, tx = tiles(h, w, pads, m)
     z = transform_deltas(dy, ty, tx, m)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cnnctl import functional as F
+from cnnctl import nn
 
 
 def naive_conv(x, w, b, stride, pad4, dilation):
@@ -170,12 +171,14 @@ def test_reused_buffers_give_the_same_gradients(stride, method):
 @pytest.mark.parametrize("stride,method", [((1, 1), "full"), ((1, 1), "scatter"), ((1, 1), "rows"),
                                            ((2, 1), "scatter"), ((1, 2), "rows")])
 def test_fused_relu_equals_relu_after_conv(stride, method):
-    """conv2d_forward(relu=True) and its backward equal max(conv, 0) with the mask applied by hand."""
+    """conv2d_forward with a ReLU epilogue and its backward equal max(conv, 0) with the mask applied by hand."""
+    from cnnctl.epilogue import Epilogue
+
     g = np.random.default_rng(6)
     x, w, b = g.standard_normal((3, 2, 9, 8)), g.standard_normal((3, 2, 3, 2)), g.standard_normal(3)
     pad4, dil = (1, 2, 0, 1), (2, 1)
     z, saved = F.conv2d_forward(x, w, b, stride, pad4, dil)
-    y, fused = F.conv2d_forward(x, w, b, stride, pad4, dil, relu=True)
+    y, fused = F.conv2d_forward(x, w, b, stride, pad4, dil, epilogue=Epilogue(nn.ReLU()))
     np.testing.assert_array_equal(y, np.maximum(z, 0))
     dy = g.standard_normal(y.shape)
     expected = F.conv2d_backward(dy * (z > 0), saved, w, x.shape, stride, pad4, dil, method=method)

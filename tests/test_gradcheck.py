@@ -75,14 +75,19 @@ def test_mse_gradient(int_targets):
 
 
 def test_negative_control_wrong_gradient_fails():
-    """The checker must catch a wrong backward: a ReLU that lets negative deltas through by half."""
+    """The checker must catch a wrong backward: a ReLU that lets negative deltas through by half, and a
+    convolution that forgot the kernel's rotation; alone, and through the execution plan (which must run a
+    subclass's own backward, never the fused one of its base class)."""
+    from cnnctl.plan import Runner
 
     class BrokenReLU(nn.ReLU):
         def backward(self, dy):
-            return np.where(self._mask, dy, 0.5 * dy)
+            return np.where(self._d, dy, 0.5 * dy)
 
-    errors = check_layer(BrokenReLU(), np.random.default_rng(5).standard_normal((3, 4)))
-    assert errors["input"] > 0.1
+    x = np.random.default_rng(5).standard_normal((3, 4))
+    assert check_layer(BrokenReLU(), x)["input"] > 0.1
+    model = nn.Model([nn.Dense(4, 4, rng=np.random.default_rng(0)), BrokenReLU()])
+    assert check_layer(model, x, runner=Runner(model))["input"] > 0.1
 
     class BrokenConv(nn.Conv2D):
         def backward(self, dy):
@@ -93,6 +98,8 @@ def test_negative_control_wrong_gradient_fails():
     g = np.random.default_rng(6)
     errors = check_layer(BrokenConv(1, 1, 3, rng=g), g.standard_normal((1, 1, 5, 5)))
     assert errors["weight"] > 0.1
+    model = nn.Model([BrokenConv(1, 1, 3, rng=g)])
+    assert check_layer(model, g.standard_normal((1, 1, 5, 5)), runner=Runner(model))["layers.0.weight"] > 0.1
 
 
 def _relu_net(g):

@@ -4,8 +4,9 @@ PyTorch (float32); a planned model equals its layers run one by one, for every r
 import numpy as np
 import pytest
 
-from cnnctl import nn, plan, winograd
+from cnnctl import convolution, nn, plan, winograd
 from cnnctl.gradcheck import check_layer, rel_error
+from cnnctl.plan import Runner
 from tests.cases import all_cases, basic_block, randomize_params
 from tests.test_functional import naive_conv
 
@@ -15,18 +16,18 @@ CASES = list(all_cases())
 def _algorithm_cases():
     """(case..., algorithm) for every case and every algorithm at least one of its convolutions can run by."""
     for tag, case_id, factory, shape in CASES:
-        model = nn.Model([factory(np.random.default_rng(0))])
-        steps = [s for s in model.plan(tuple(shape[1:])).steps if isinstance(s, plan.ConvStep)]
-        usable = {a for s in steps for a in plan.candidates(s.layer, model.plan(tuple(shape[1:])).shapes[s.inputs[0]])}
-        for algorithm in plan.ALGORITHMS:
+        p = plan.Plan(nn.Model([factory(np.random.default_rng(0))]), tuple(shape[1:]))
+        usable = {a for s in p.steps if isinstance(s, plan.ConvStep)
+                  for a in convolution.candidates(s.layer, p.shapes[s.inputs[0]])}
+        for algorithm in convolution.ALGORITHMS:
             if algorithm == "lowering" or algorithm in usable:
                 yield pytest.param(tag, case_id, factory, shape, algorithm, id=f"{tag}-{case_id}-{algorithm}")
 WINOGRAD_FP32_TOL = {2: 1e-5, 4: 1e-4}  # relative to the largest output; measured worst: docs/backprop.md
 
 
 
-def convs_of(model, input_shape, dtype):
-    return [s for s in model.plan(input_shape, dtype).steps if isinstance(s, plan.ConvStep)]
+def convs_of(run, input_shape, dtype):
+    return [s for s in run.plan(input_shape, dtype).steps if isinstance(s, plan.ConvStep)]
 
 
 @pytest.mark.parametrize("m", [2, 4])
@@ -65,11 +66,11 @@ def test_winograd_float32_error_is_within_its_stated_tolerance(m):
     assert err < WINOGRAD_FP32_TOL[m], err
 
 
-def _force(model, shape, dtype, algorithm):
-    """Every planned convolution of the model by `algorithm` where it can run; returns how many."""
-    steps = convs_of(model, shape, dtype)
-    model.algorithms = {s.name: algorithm for s in steps}
-    return sum(s.algorithm == algorithm for s in convs_of(model, shape, dtype))
+def _force(run, shape, dtype, algorithm):
+    """Every planned convolution of the runner's model by `algorithm` where it can run; returns how many."""
+    steps = convs_of(run, shape, dtype)
+    run.algorithms = {s.name: algorithm for s in steps}
+    return sum(s.algorithm == algorithm for s in convs_of(run, shape, dtype))
 
 
 @pytest.mark.parametrize(("tag", "case_id", "factory", "shape", "algorithm"), list(_algorithm_cases()))
@@ -80,9 +81,10 @@ def test_planned_models_pass_gradient_checks_with_every_algorithm(tag, case_id, 
     layer = factory(g).to(np.float64)
     randomize_params(layer, g)
     model = nn.Model([layer])
-    assert _force(model, tuple(shape[1:]), np.float64, algorithm) or algorithm == "lowering"
+    run = Runner(model)
+    assert _force(run, tuple(shape[1:]), np.float64, algorithm) or algorithm == "lowering"
     model.set_input_grad(True)
-    errors = check_layer(model, g.standard_normal(shape), training=True)
+    errors = check_layer(model, g.standard_normal(shape), training=True, runner=run)
     assert max(errors.values()) < 1e-6, errors
 
 
@@ -103,13 +105,14 @@ def test_a_planned_model_equals_its_layers_run_one_by_one(tag, case_id, factory,
     own = {p.name: p.grad.copy() for p in layer.parameters()}
     model = nn.Model([layer])
     model.set_input_grad(True)
-    np.testing.assert_allclose(model.forward(x, True), y, rtol=1e-11, atol=1e-11)
-    np.testing.assert_allclose(model.backward(dy), dx, rtol=1e-11, atol=1e-11)
+    run = Runner(model)
+    np.testing.assert_allclose(run.forward(x, True), y, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(run.backward(dy), dx, rtol=1e-11, atol=1e-11)
     for p in model.parameters():
         np.testing.assert_allclose(p.grad, own[p.name.removeprefix("layers.0.")], rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize("algorithm", list(plan.ALGORITHMS))
+@pytest.mark.parametrize("algorithm", list(convolution.ALGORITHMS))
 def test_every_algorithm_matches_torch_on_a_residual_network(algorithm):
     """A small ResNet (3x3 and 1x1 convolutions, strided and not) run by its plan with every convolution by
     `algorithm` where it applies: output, input and parameter gradients against PyTorch, float32, 1e-4."""
@@ -121,8 +124,9 @@ def test_every_algorithm_matches_torch_on_a_residual_network(algorithm):
                       nn.Conv2D(8, 8, 1, activation="relu", rng=g), basic_block(g, 8, 16, 2), nn.GlobalAvgPool2D(),
                       nn.Dense(16, 5, rng=g)])
     randomize_params(model, g, statistics=True)
-    assert _force(model, (3, 10, 9), np.float32, algorithm) >= 1
-    compare(model, g.standard_normal((4, 3, 10, 9)).astype(np.float32))
+    run = Runner(model)
+    assert _force(run, (3, 10, 9), np.float32, algorithm) >= 1
+    compare(model, g.standard_normal((4, 3, 10, 9)).astype(np.float32), runner=run)
 
 
 def test_the_default_rule_and_the_plan_description():
@@ -131,7 +135,7 @@ def test_the_default_rule_and_the_plan_description():
     g = np.random.default_rng(5)
     model = nn.Model([nn.Conv2D(1, 4, 3, padding=1, activation="relu", rng=g), nn.MaxPool2D(2),
                       nn.Conv2D(4, 4, 1, rng=g), basic_block(g, 4, 4, 1), nn.Flatten(), nn.Dense(64, 2, rng=g)])
-    rows = {r["layer"]: r for r in model.plan((1, 8, 8)).describe(batch=32)}
+    rows = {r["layer"]: r for r in plan.Plan(model, (1, 8, 8)).describe(batch=32)}
     assert rows["layers.0"]["algorithm"] == "lowering" and rows["layers.2"]["algorithm"] == "pointwise"
     assert rows["layers.1"]["fused"] == "relu of layers.0" and rows["layers.3"]["fused"] == "relu"
     assert rows["layers.0"]["output_bytes"] == 32 * 4 * 8 * 8 * 4 and rows["layers.0"]["saved_bytes"] > 0
@@ -145,7 +149,7 @@ def test_a_hooked_layer_is_not_fused_across_and_sees_its_own_output():
     x = g.standard_normal((2, 1, 6, 6)).astype(np.float32)
     seen = []
     remove = model.layers[0].add_forward_hook(lambda layer, y: seen.append(np.array(y)))
-    model.forward(x)
+    Runner(model).forward(x)
     remove()
     assert (seen[0] >= 0).all() and (seen[0] == 0).any()
     assert rel_error(seen[0], model.layers[0].forward(x)) == 0
@@ -172,7 +176,7 @@ def test_autotuned_plan_is_cached_recorded_and_kept_on_resume(tmp_path, tiny_con
     run = next((tmp_path / "a").iterdir())
     cache = next((tmp_path / "cache" / "cnnctl" / "plans").glob("*.json"))
     timed = json.loads(cache.read_text())
-    assert len(timed) == 1 and set(timed.values()) <= set(plan.ALGORITHMS)
+    assert len(timed) == 1 and set(timed.values()) <= set(convolution.ALGORITHMS)
     recorded = json.loads((run / "summary.json").read_text())["plan"]
     assert recorded == {"layers.0": next(iter(timed.values()))}
     assert checkpoint.load(run / "checkpoints" / "last.safetensors").run.algorithms == recorded
@@ -245,8 +249,9 @@ def test_a_new_element_wise_layer_type_runs_through_the_plan_untouched(monkeypat
     model = nn.Model(layers).to(np.float64)
     randomize_params(model, g)
     x = g.standard_normal((3, 2, 4, 4))
-    kinds = [(s.kind, s.fused) for s in model.plan((2, 4, 4), np.float64).steps]
-    assert ("maxpool2d", ["relu of layers.3"]) in kinds and ("add", []) in kinds  # SiLU is not a ReLU to fuse
+    run = Runner(model)
+    kinds = [(s.kind, s.fused) for s in run.plan((2, 4, 4), np.float64).steps]
+    assert ("maxpool2d", ["relu of layers.3"]) in kinds and ("join", []) in kinds  # not element-wise: not fused
 
     model.set_input_grad(True)
     y = x
@@ -257,9 +262,9 @@ def test_a_new_element_wise_layer_type_runs_through_the_plan_untouched(monkeypat
     for layer in reversed(layers):
         d = layer.backward(d)
     own = {p.name: p.grad.copy() for p in model.parameters()}
-    np.testing.assert_allclose(model.forward(x, True), y, rtol=1e-11, atol=1e-11)
-    np.testing.assert_allclose(model.backward(dy), d, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(run.forward(x, True), y, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(run.backward(dy), d, rtol=1e-11, atol=1e-11)
     for p in model.parameters():
         np.testing.assert_allclose(p.grad, own[p.name], rtol=1e-11, atol=1e-11)
-    errors = check_layer(model, x, training=True)
+    errors = check_layer(model, x, training=True, runner=run)
     assert max(errors.values()) < 1e-6, errors

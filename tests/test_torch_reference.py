@@ -23,15 +23,17 @@ def test_every_registered_layer_type_has_a_torch_reference():
     assert set(TORCH) == set(nn.REGISTRY), "add the new layer type's torch module to TORCH in tests/torch_models.py"
 
 
-def compare(layer, x, training=True, dy_seed=0):
+def compare(layer, x, training=True, dy_seed=0, runner=None):
     """Output, input gradient, every parameter gradient and every buffer after one step agree with the torch
-    module built from the same tree (tests/torch_models.py), weights loaded by our names."""
+    module built from the same tree (tests/torch_models.py), weights loaded by our names. With `runner` (a
+    plan.Runner of the layer, a model): run through its execution plan."""
     module = loaded(layer)
     module.train(training)
     layer.set_input_grad(True)
-    y = layer.forward(x, training)
+    net = runner or layer
+    y = net.forward(x, training)
     dy = np.random.default_rng(dy_seed).standard_normal(y.shape).astype(np.float32)
-    dx = layer.backward(dy)
+    dx = net.backward(dy)
     xt = torch.tensor(x, requires_grad=True)
     yt = module(xt)
     yt.backward(torch.tensor(dy))

@@ -162,6 +162,7 @@ def test_grad_clip_matches_torch():
     torch = pytest.importorskip("torch")
     from cnnctl.config import Spec
     from cnnctl.engine import Trainer
+    from cnnctl.step import clip_gradients
 
     spec = Spec.model_validate({**CONFIG, "train": {"epochs": 1, "grad_clip_norm": 0.5}})
     trainer = Trainer(spec)
@@ -170,7 +171,7 @@ def test_grad_clip_matches_torch():
     for _, layer, key in trainer.model.parameters():
         layer.grads[key] = g.standard_normal(layer.params[key].shape).astype(np.float32)
         grads.append(torch.tensor(layer.grads[key], requires_grad=False))
-    trainer._clip()
+    clip_gradients(trainer.model.trainable_parameters(), 0.5)
     tensors = [torch.zeros_like(t, requires_grad=True) for t in grads]
     for t, gr in zip(tensors, grads):
         t.grad = gr.clone()

@@ -78,6 +78,7 @@ def test_a_folder_trains_with_resize_and_random_resized_crops_the_same_twice(tmp
 def test_frozen_layers_run_forward_only_and_keep_nothing_for_backward(monkeypatch):
     from cnnctl.builder import build_model
     from cnnctl.config import ModelSpec
+    from cnnctl.plan import Runner
 
     spec = ModelSpec.model_validate({"input_shape": [3, 12, 12], "layers": [
         {"type": "conv2d", "filters": 8, "kernel_size": 3, "padding": 1, "bias": False, "trainable": False},
@@ -89,13 +90,14 @@ def test_frozen_layers_run_forward_only_and_keep_nothing_for_backward(monkeypatc
         {"type": "global_avgpool2d"}, {"type": "dense", "units": 3}]})
     model, _ = build_model(spec, np.random.default_rng(0))
     x = np.random.default_rng(1).standard_normal((4, 3, 12, 12)).astype(np.float32)
-    y = model.forward(x, training=True)
-    model.backward(np.ones_like(y) / y.size)
-    rows = model.plan(x.shape[1:]).describe(4)
+    run = Runner(model)
+    y = run.forward(x, training=True)
+    run.backward(np.ones_like(y) / y.size)
+    rows = run.plan(x.shape[1:]).describe(4)
     frozen = [r for r in rows if r["layer"].split(".")[1] in "0123"]
     assert frozen and all(r["forward_only"] and r["saved_bytes"] == 0 for r in frozen)
     assert all(not r["forward_only"] for r in rows if r["layer"].split(".")[1] in "456")
-    assert model._keep["layers.0"] == {} and model._keep["layers.4"]  # the trained convolution keeps its input
+    assert run._keep["layers.0"] == {} and run._keep["layers.4"]  # the trained convolution keeps its input
     for name, layer in model.named_layers():
         if name and int(name.split(".")[1]) < 4:
             assert not any(isinstance(v, np.ndarray) for k, v in vars(layer).items() if k.startswith("_")), name
@@ -105,9 +107,10 @@ def test_frozen_layers_run_forward_only_and_keep_nothing_for_backward(monkeypatc
 
     monkeypatch.setattr(plan.Plan, "_forward_only", lambda self, model: set())
     again, _ = build_model(spec, np.random.default_rng(0))
-    y2 = again.forward(x, training=True)
-    again.backward(np.ones_like(y2) / y2.size)
-    assert np.array_equal(y, y2) and again._keep["layers.0"]
+    run2 = Runner(again)
+    y2 = run2.forward(x, training=True)
+    run2.backward(np.ones_like(y2) / y2.size)
+    assert np.array_equal(y, y2) and run2._keep["layers.0"]
     assert np.array_equal(again.layers[4].grads["weight"], model.layers[4].grads["weight"])
 
 

@@ -29,6 +29,7 @@ from ..loading import load_model, offline
 from ..lr_find import lr_find as lr_find_lib
 from ..lr_find import verdict
 from ..memory import refuse_over
+from ..plan import Runner
 from .common import (
     SetOption,
     ThreadsOption,
@@ -155,7 +156,7 @@ def viz(
     else:
         names, x01 = predict_lib.load_inputs([image], spec.model.input_shape, spec.data.resize)
         with nn.recording(convs) as outputs:  # every convolution's output, nested ones included
-            model.forward(predict_lib.normalize(x01[:1], ckpt.normalization), training=False)
+            Runner(model).forward(predict_lib.normalize(x01[:1], ckpt.normalization), training=False)
         maps = [(name, np.asarray(outputs[name][0])) for name in convs]
         plots.plot_feature_maps(maps, x01[0, 0] if x01.shape[1] == 1 else x01[0].transpose(1, 2, 0), out_file)
     out.print(f"wrote {out_file}")

@@ -1,14 +1,14 @@
-"""Element-wise activations and Softmax. Each caches what its derivative needs."""
+"""Activations: the element-wise ones (each one function giving f and its derivative, which the execution plan
+fuses), Softmax and LogSoftmax."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
 
 from .. import functional as F
-from .. import parallel
 from .base import Layer, LayerSpec, register
 
 
@@ -65,102 +65,131 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
 
 
+class Elementwise(Layer):
+    """An element-wise activation y = f(x), declared to the execution plan by one function, `elementwise(x, y, d)`:
+    f(x) into y and its derivative f'(x) into d, value by value. Backward is dy * d. The plan runs that function
+    on slices of channels across threads, or fuses it into the pass that made x (a convolution's product, a
+    residual add) while x is in cache; a layer's own forward and backward call it whole.
+
+    `elementwise` may be called with y the same array as x (in place): it reads x before writing y. `d` has the
+    dtype `derivative_dtype` (None: the input's; bool for a 0/1 derivative: a byte a value). `monotone` (f never
+    decreases) lets the plan move f behind a max pooling that follows it: pool(f(z)) = f(pool(z))."""
+
+    capability = "elementwise"
+    derivative_dtype: ClassVar[type | None] = None
+    monotone: ClassVar[bool] = False
+
+    def elementwise(self, x: np.ndarray, y: np.ndarray, d: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def derivative_like(self, x: np.ndarray) -> np.ndarray:
+        """An uninitialised derivative array for inputs like x, laid out as x."""
+        return np.empty_like(x, dtype=self.derivative_dtype or x.dtype)
+
+    def commutes_with_max(self) -> bool:
+        """Whether f is non-decreasing, as declared by the class that defines this f (a subclass that redefines
+        `elementwise` says so again, or is not moved behind a pooling)."""
+        owner = next(c for c in type(self).__mro__ if "elementwise" in vars(c))
+        return "monotone" in vars(owner) and bool(self.monotone)
+
+    def forward(self, x, training=True):
+        y, self._d = np.empty_like(x), self.derivative_like(x)
+        self.elementwise(x, y, self._d)
+        return y
+
+    def backward(self, dy):
+        return np.multiply(dy, self._d, dtype=dy.dtype)
+
+
 @register("relu", ReLUSpec, activation=True)
-class ReLU(Layer):
+class ReLU(Elementwise):
     """max(x, 0); the derivative at 0 is taken as 0, like PyTorch."""
+
+    derivative_dtype = np.bool_
+    monotone = True
 
     def onnx(self, g, x, input_shape, name):
         return g.node("Relu", [x], name)
 
-    def forward(self, x, training=True):
-        self._mask, y = np.empty_like(x, dtype=bool), np.empty_like(x)
-
-        def part(lo, hi):
-            xs = parallel.channels(x, lo, hi)
-            np.greater(xs, 0, out=parallel.channels(self._mask, lo, hi))
-            np.maximum(xs, 0, out=parallel.channels(y, lo, hi))
-
-        parallel.per_channel(x, part)
-        return y
-
-    def backward(self, dy):
-        dx = np.empty_like(dy)
-        parallel.per_channel(dy, lambda lo, hi: np.multiply(parallel.channels(dy, lo, hi), parallel.channels(
-            self._mask, lo, hi), out=parallel.channels(dx, lo, hi)))
-        return dx
+    def elementwise(self, x, y, d):
+        np.greater(x, 0, out=d)
+        np.multiply(x, d, out=y)  # twice as fast as np.maximum(x, 0) (measured); -0.0 below zero
 
 
 @register("leaky_relu", LeakyReLUSpec, activation=True)
-class LeakyReLU(Layer):
+class LeakyReLU(Elementwise):
     """x if x > 0 else negative_slope * x."""
 
     def __init__(self, negative_slope: float = 0.01):
         super().__init__()
         self.negative_slope = negative_slope
 
+    @property
+    def monotone(self) -> bool:
+        return self.negative_slope >= 0
+
     def onnx(self, g, x, input_shape, name):
         return g.node("LeakyRelu", [x], name, alpha=self.negative_slope)
 
-    def forward(self, x, training=True):
-        self._mask = x > 0
-        return np.where(self._mask, x, x * self.negative_slope).astype(x.dtype, copy=False)
-
-    def backward(self, dy):
-        return np.where(self._mask, dy, dy * self.negative_slope).astype(dy.dtype, copy=False)
+    def elementwise(self, x, y, d):
+        d[...] = np.where(x > 0, x.dtype.type(1), x.dtype.type(self.negative_slope))
+        np.multiply(x, d, out=y)
 
     def __repr__(self):
         return f"LeakyReLU(negative_slope={self.negative_slope})"
 
 
 @register("elu", ELUSpec, activation=True)
-class ELU(Layer):
+class ELU(Elementwise):
     """x if x > 0 else alpha * (exp(x) - 1)."""
 
     def __init__(self, alpha: float = 1.0):
         super().__init__()
         self.alpha = alpha
 
+    @property
+    def monotone(self) -> bool:
+        return self.alpha >= 0
+
     def onnx(self, g, x, input_shape, name):
         return g.node("Elu", [x], name, alpha=self.alpha)
 
-    def forward(self, x, training=True):
-        self._mask = x > 0
-        self._neg = self.alpha * np.expm1(np.minimum(x, 0))  # alpha*(e^x - 1) where x <= 0
-        return np.where(self._mask, x, self._neg).astype(x.dtype, copy=False)
-
-    def backward(self, dy):
-        return np.where(self._mask, dy, dy * (self._neg + self.alpha)).astype(dy.dtype, copy=False)
+    def elementwise(self, x, y, d):
+        mask = x > 0
+        neg = self.alpha * np.expm1(np.minimum(x, 0))  # alpha*(e^x - 1) where x <= 0
+        d[...] = np.where(mask, 1, neg + self.alpha)
+        y[...] = np.where(mask, x, neg)
 
     def __repr__(self):
         return f"ELU(alpha={self.alpha})"
 
 
 @register("sigmoid", SigmoidSpec, activation=True)
-class Sigmoid(Layer):
+class Sigmoid(Elementwise):
     """1 / (1 + exp(-x)), computed without overflow."""
+
+    monotone = True
 
     def onnx(self, g, x, input_shape, name):
         return g.node("Sigmoid", [x], name)
 
-    def forward(self, x, training=True):
-        self._y = _sigmoid(x)
-        return self._y
-
-    def backward(self, dy):
-        return dy * self._y * (1 - self._y)
+    def elementwise(self, x, y, d):
+        s = _sigmoid(x)
+        np.multiply(s, 1 - s, out=d)
+        y[...] = s
 
 
 @register("tanh", TanhSpec, activation=True)
-class Tanh(Layer):
+class Tanh(Elementwise):
+    monotone = True
+
     def onnx(self, g, x, input_shape, name):
         return g.node("Tanh", [x], name)
 
-    def forward(self, x, training=True):
-        self._y = np.tanh(x)
-        return self._y
-
-    def backward(self, dy):
-        return dy * (1 - self._y * self._y)
+    def elementwise(self, x, y, d):
+        t = np.tanh(x)
+        np.subtract(1, t * t, out=d)
+        y[...] = t
 
 
 @register("softmax", SoftmaxSpec, activation=True)
@@ -197,7 +226,7 @@ class LogSoftmax(Layer):
 
 
 @register("gelu", GELUSpec, activation=True)
-class GELU(Layer):
+class GELU(Elementwise):
     """x * Phi(x), Phi the standard normal distribution function (Hendrycks and Gimpel 2016): PyTorch's exact
     GELU, not its tanh approximation."""
 
@@ -208,21 +237,19 @@ class GELU(Layer):
         cdf = g.node("Mul", [g.node("Add", [erf, consts["one"]], f"{name}.shifted"), consts["half"]], f"{name}.cdf")
         return g.node("Mul", [x, cdf], name)
 
-    def forward(self, x, training=True):
-        self._x = x
-        self._cdf = (0.5 * (1.0 + F.erf(x / np.sqrt(2.0)))).astype(x.dtype)
-        return x * self._cdf
-
-    def backward(self, dy):
-        x = self._x
+    def elementwise(self, x, y, d):
+        cdf = (0.5 * (1.0 + F.erf(x / np.sqrt(2.0)))).astype(x.dtype)
         pdf = np.exp(-0.5 * x * x) * x.dtype.type(1 / np.sqrt(2 * np.pi))
-        return dy * (self._cdf + x * pdf)
+        np.add(cdf, x * pdf, out=d)
+        np.multiply(x, cdf, out=y)
 
 
 @register("celu", CELUSpec, activation=True)
-class CELU(Layer):
+class CELU(Elementwise):
     """max(0, x) + min(0, alpha * (exp(x / alpha) - 1)) (Barron 2017; PyTorch's CELU): continuously
     differentiable for every alpha."""
+
+    monotone = True
 
     def __init__(self, alpha: float = 1.0):
         super().__init__()
@@ -231,13 +258,11 @@ class CELU(Layer):
     def onnx(self, g, x, input_shape, name):
         return g.node("Celu", [x], name, alpha=self.alpha)
 
-    def forward(self, x, training=True):
-        self._mask = x > 0
-        self._exp = np.exp(np.minimum(x, 0) / x.dtype.type(self.alpha))  # exp(x/alpha) where x <= 0
-        return np.where(self._mask, x, x.dtype.type(self.alpha) * (self._exp - 1)).astype(x.dtype, copy=False)
-
-    def backward(self, dy):
-        return np.where(self._mask, dy, dy * self._exp).astype(dy.dtype, copy=False)
+    def elementwise(self, x, y, d):
+        mask = x > 0
+        e = np.exp(np.minimum(x, 0) / x.dtype.type(self.alpha))  # exp(x/alpha) where x <= 0
+        d[...] = np.where(mask, 1, e)
+        y[...] = np.where(mask, x, x.dtype.type(self.alpha) * (e - 1))
 
     def __repr__(self):
         return f"CELU(alpha={self.alpha})"
@@ -260,65 +285,55 @@ class SiLUSpec(LayerSpec):
 
 
 @register("relu6", ReLU6Spec, activation=True)
-class ReLU6(Layer):
+class ReLU6(Elementwise):
     """min(max(x, 0), 6) (MobileNetV2); the derivative is 1 strictly between 0 and 6, else 0, like PyTorch."""
+
+    derivative_dtype = np.bool_
+    monotone = True
 
     def onnx(self, g, x, input_shape, name):
         return g.node("Clip", [x, g.const(f"{name}.min", np.array(0.0)), g.const(f"{name}.max", np.array(6.0))], name)
 
-    def forward(self, x, training=True):
-        self._inside = (x > 0) & (x < 6)
-        return np.clip(x, 0, 6).astype(x.dtype, copy=False)
-
-    def backward(self, dy):
-        return dy * self._inside
+    def elementwise(self, x, y, d):
+        np.logical_and(x > 0, x < 6, out=d)
+        np.clip(x, 0, 6, out=y)
 
 
 @register("hardsigmoid", HardSigmoidSpec, activation=True)
-class HardSigmoid(Layer):
+class HardSigmoid(Elementwise):
     """relu6(x + 3) / 6 (MobileNetV3; PyTorch's Hardsigmoid): 0 below -3, 1 above 3, x / 6 + 1/2 between."""
+
+    monotone = True
 
     def onnx(self, g, x, input_shape, name):
         return g.node("HardSigmoid", [x], name, alpha=1 / 6, beta=0.5)
 
-    def forward(self, x, training=True):
-        self._inside = (x > -3) & (x < 3)
-        return np.clip(x * x.dtype.type(1 / 6) + x.dtype.type(0.5), 0, 1).astype(x.dtype, copy=False)
-
-    def backward(self, dy):
-        return dy * (self._inside * dy.dtype.type(1 / 6))
+    def elementwise(self, x, y, d):
+        np.multiply((x > -3) & (x < 3), x.dtype.type(1 / 6), out=d)
+        np.clip(x * x.dtype.type(1 / 6) + x.dtype.type(0.5), 0, 1, out=y)
 
 
 @register("hardswish", HardSwishSpec, activation=True)
-class HardSwish(Layer):
+class HardSwish(Elementwise):
     """x * relu6(x + 3) / 6 (Howard et al. 2019, MobileNetV3): 0 below -3, x above 3; its derivative is
     (2x + 3) / 6 on [-3, 3], as PyTorch takes it."""
 
     def onnx(self, g, x, input_shape, name):
         return g.node("HardSwish", [x], name)
 
-    def forward(self, x, training=True):
-        self._x = x
-        return (x * np.clip(x + x.dtype.type(3), 0, 6) * x.dtype.type(1 / 6)).astype(x.dtype, copy=False)
-
-    def backward(self, dy):
-        x = self._x
-        d = np.where(x < -3, 0, np.where(x <= 3, x * x.dtype.type(1 / 3) + x.dtype.type(0.5), 1))
-        return (dy * d).astype(dy.dtype, copy=False)
+    def elementwise(self, x, y, d):
+        d[...] = np.where(x < -3, 0, np.where(x <= 3, x * x.dtype.type(1 / 3) + x.dtype.type(0.5), 1))
+        y[...] = x * np.clip(x + x.dtype.type(3), 0, 6) * x.dtype.type(1 / 6)
 
 
 @register("silu", SiLUSpec, activation=True)
-class SiLU(Layer):
+class SiLU(Elementwise):
     """x * sigmoid(x) (Elfwing et al. 2017; swish, EfficientNet's activation); derivative s (1 + x (1 - s))."""
 
     def onnx(self, g, x, input_shape, name):
         return g.node("Mul", [x, g.node("Sigmoid", [x], f"{name}.sigmoid")], name)
 
-    def forward(self, x, training=True):
-        self._x = x
-        self._s = _sigmoid(x)
-        return x * self._s
-
-    def backward(self, dy):
-        s = self._s
-        return dy * (s * (1 + self._x * (1 - s)))
+    def elementwise(self, x, y, d):
+        s = _sigmoid(x)
+        np.multiply(s, 1 + x * (1 - s), out=d)
+        np.multiply(x, s, out=y)

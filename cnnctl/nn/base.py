@@ -18,6 +18,7 @@ the config's layer union and its `type` tags are derived from this registry.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, NamedTuple, Union
 
 import numpy as np
@@ -81,6 +82,8 @@ class Layer:
 
     tag: ClassVar[str] = "layer"
     is_norm: ClassVar[bool] = False  # normalisation parameters (exempt from weight decay on request)
+    capability: ClassVar[str | None] = None  # what the layer is to the execution plan (see `planned_as`)
+    reads_batch: ClassVar[bool] = False  # its forward takes `batch=` (a Batch: the whole batch's share and sums)
     needs_input_grad: bool = True
     frozen: bool = False  # trainable: false: its parameters are not updated (a frozen batchnorm uses its running stats)
     activation: Layer | None = None
@@ -91,6 +94,19 @@ class Layer:
         self.buffers: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------ running it
+
+    def planned_as(self) -> str | None:
+        """What this layer declares itself to the execution plan, or None (run it as it is, by its own forward and
+        backward). The capabilities: "elementwise" (activations.Elementwise: one function with its derivative),
+        "convolution" (the convolution algorithms may run it), "sequence" (children in order), "join" (branches
+        on one input, then `join`), "window_max" (max over windows: an increasing function commutes with it).
+        A capability holds only while forward and backward are those of the class that declared it: a subclass
+        that rewrites either runs as itself."""
+        owner = next(c for c in type(self).__mro__ if "capability" in vars(c))
+        cls = type(self)
+        if cls.forward is not owner.forward or cls.backward is not owner.backward:
+            return None
+        return self.capability
 
     forward_hooks: tuple = ()  # called as hook(layer, output) after each forward through __call__
 
@@ -244,6 +260,17 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+@dataclass
+class Batch:
+    """What the one running a model tells the layers that read the whole batch (`reads_batch`): `part` = (lo,
+    hi, n) when the input is rows lo:hi of a batch of n whose other rows other processes hold (dropout draws the
+    whole batch's mask and keeps these rows), `sum` a function summing per-channel float64 arrays in place over
+    those processes (batchnorm's statistics of the whole batch). The default: one process, the whole batch."""
+
+    part: tuple[int, int, int] | None = None
+    sum: Callable[[np.ndarray], object] | None = None
 
 
 def make_activation(name: str | None) -> Layer | None:

@@ -52,7 +52,11 @@ class Conv2DSpec(LayerSpec):
 
 @register("conv2d", Conv2DSpec)
 class Conv2D(Layer):
-    """2-D cross-correlation, (N, C, H, W) -> (N, O, OH, OW); weight (O, C/groups, KH, KW), bias (O,)."""
+    """2-D cross-correlation, (N, C, H, W) -> (N, O, OH, OW); weight (O, C/groups, KH, KW), bias (O,). The
+    execution plan runs an ungrouped one by one of the registered convolution algorithms (cnnctl.convolution),
+    its bias and element-wise activation fused on the output."""
+
+    capability = "convolution"
 
     def __init__(
         self,
@@ -86,7 +90,6 @@ class Conv2D(Layer):
         if bias:
             self.params["bias"] = constant((self.out_channels,), 0.0, rng, dtype)
         self.activation = make_activation(activation)
-        self._buffers: dict = {}  # the lowered input, reused between calls (backward reads it)
         self.zero_grad()
 
     def pads(self, hw) -> F.Padding4:
@@ -127,7 +130,7 @@ class Conv2D(Layer):
         if self.groups > 1:
             y, self._saved = F.grouped_conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation, self.groups)
             return self._activate(y, training)
-        y, self._saved = F.conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation, self._buffers)
+        y, self._saved = F.conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation)
         return self._activate(y, training)
 
     def backward(self, dy):

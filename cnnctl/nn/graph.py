@@ -13,7 +13,6 @@ import numpy as np
 from pydantic import Field
 
 from .. import functional as F
-from .. import parallel
 from ..errors import ShapeError
 from .base import Layer, LayerSpec, make_activation, register
 from .model import Sequential
@@ -84,7 +83,11 @@ def projection(input_shape, output_shape) -> list[LayerSpec]:
 
 @register("residual", ResidualSpec)
 class Residual(Layer):
-    """y = act(body(x) + shortcut(x)); the shortcut is the identity when None."""
+    """y = act(body(x) + shortcut(x)); the shortcut is the identity when None. A join: the plan runs the branches
+    as its own steps, then `join` (value by value, so on slices of channels) with the activation fused."""
+
+    capability = "join"
+    join_by_values = True  # join(xs, out) is element-wise over its inputs: it may run on slices of channels
 
     def __init__(self, body: Sequential, shortcut: Sequential | None = None, activation: str | None = None):
         super().__init__()
@@ -93,6 +96,18 @@ class Residual(Layer):
 
     def children(self):
         return [("body", self.body)] + ([("shortcut", self.shortcut)] if self.shortcut is not None else [])
+
+    def join_inputs(self) -> list[tuple[str, Sequential | None]]:
+        """The branches run on the input, by name, whose outputs `join` takes; None: the input itself."""
+        return [("body", self.body), ("shortcut", self.shortcut)]
+
+    def join(self, xs: list[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+        """body(x) + shortcut(x), laid out as the body's output."""
+        return np.add(xs[0], F.in_layout_of(xs[1], xs[0]), out=out)
+
+    def join_backward(self, dy: np.ndarray, shapes: list[tuple]) -> list[np.ndarray]:
+        """The gradient of each joined output (shapes: theirs, per sample): the sum's, to both."""
+        return [dy, dy]
 
     def set_input_grad(self, needed):
         self.needs_input_grad = needed
@@ -118,17 +133,16 @@ class Residual(Layer):
                         self.shortcut.receptive_field(rf) if self.shortcut is not None else rf])
 
     def forward(self, x, training=True):
-        y = self.body(x, training)
-        s = self.shortcut(x, training) if self.shortcut is not None else x
-        return self._activate(parallel.add(y, F.in_layout_of(s, y)), training)
+        return self._activate(self.join([x if b is None else b(x, training) for _, b in self.join_inputs()]),
+                              training)
 
     def backward(self, dy):
-        dy = self._deactivate(dy)
-        dx = self.body.backward(dy)
-        ds = self.shortcut.backward(dy) if self.shortcut is not None else dy
+        d_body, d_shortcut = self.join_backward(self._deactivate(dy), [])
+        dx = self.body.backward(d_body)
+        ds = self.shortcut.backward(d_shortcut) if self.shortcut is not None else d_shortcut
         if not self.needs_input_grad:
             return None
-        return parallel.add(dx, F.in_layout_of(ds, dx))  # the fork: both branches' input gradients add
+        return np.add(dx, F.in_layout_of(ds, dx))  # the fork: both branches' input gradients add
 
     def onnx(self, g, x, input_shape, name):
         a = self.body.onnx(g, x, input_shape, name + ".body")
@@ -155,10 +169,15 @@ class ConcatSpec(LayerSpec):
         return Concat([scope.sequence(f"branches.{k}", b, input_shape) for k, b in enumerate(self.branches)])
 
 
-def join_channels(outs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def channel_bounds(shapes: list[tuple]) -> np.ndarray:
+    """Where each of arrays of these per-sample shapes starts on the channel axis once joined: [0, c0, c0 + c1, ...]."""
+    return np.cumsum([0] + [s[0] for s in shapes])
+
+
+def join_channels(outs: list[np.ndarray]) -> np.ndarray:
     """The arrays concatenated on axis 1 (feature maps stored batch-innermost, as convolutions want their
-    input), and the channel bounds of each: [0, c0, c0 + c1, ...]."""
-    bounds = np.cumsum([0] + [o.shape[1] for o in outs])
+    input)."""
+    bounds = channel_bounds([o.shape[1:] for o in outs])
     n, rest = outs[0].shape[0], outs[0].shape[2:]
     if len(rest) == 2:
         y = np.empty((int(bounds[-1]), *rest, n), outs[0].dtype).transpose(3, 0, 1, 2)
@@ -166,12 +185,16 @@ def join_channels(outs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         y = np.empty((n, int(bounds[-1])), outs[0].dtype)
     for o, a, b in zip(outs, bounds, bounds[1:]):
         y[:, a:b] = o
-    return y, bounds
+    return y
 
 
 @register("concat", ConcatSpec)
 class Concat(Layer):
-    """Branches on the same input, outputs concatenated on axis 1 (channels, or features)."""
+    """Branches on the same input, outputs concatenated on axis 1 (channels, or features). A join: the plan runs
+    the branches as its own steps, then `join`."""
+
+    capability = "join"
+    join_by_values = False
 
     def __init__(self, branches: list[Sequential]):
         super().__init__()
@@ -179,6 +202,17 @@ class Concat(Layer):
 
     def children(self):
         return [(f"branches.{k}", b) for k, b in enumerate(self.branches)]
+
+    def join_inputs(self) -> list[tuple[str, Sequential | None]]:
+        return self.children()
+
+    def join(self, xs: list[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+        return join_channels(xs)
+
+    def join_backward(self, dy: np.ndarray, shapes: list[tuple]) -> list[np.ndarray]:
+        """Each branch's channels of the gradient (shapes: the branches' outputs', per sample)."""
+        bounds = channel_bounds(shapes)
+        return [dy[:, a:b] for a, b in zip(bounds, bounds[1:])]
 
     def set_input_grad(self, needed):
         self.needs_input_grad = needed
@@ -200,13 +234,14 @@ class Concat(Layer):
         return _max_rf(b.receptive_field(rf) for b in self.branches)
 
     def forward(self, x, training=True):
-        y, self._channels = join_channels([b(x, training) for b in self.branches])
-        return y
+        outs = [b(x, training) for b in self.branches]
+        self._shapes = [o.shape[1:] for o in outs]
+        return self.join(outs)
 
     def backward(self, dy):
         dx = None
-        for branch, a, b in zip(self.branches, self._channels, self._channels[1:]):
-            d = branch.backward(dy[:, a:b])  # each branch gets its channels' share
+        for branch, d in zip(self.branches, self.join_backward(dy, self._shapes)):
+            d = branch.backward(d)  # each branch gets its channels' share
             if self.needs_input_grad:
                 dx = d.copy() if dx is None else np.add(dx, F.in_layout_of(d, dx), out=dx)
         return dx

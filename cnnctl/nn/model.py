@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import Field
 
-from ..functional import Scratch
 from .base import Layer, LayerSpec, register
 
 if TYPE_CHECKING:  # the layer union, built in nn/__init__ once every layer type is registered
@@ -33,6 +32,7 @@ class Sequential(Layer):
     """Runs layers in order; backward in reverse, stopping where no earlier layer needs gradients.
     Children are named 0, 1, ... like torch's."""
 
+    capability = "sequence"
     child_prefix = ""
 
     def __init__(self, layers: list[Layer] | tuple = (), names: list[str] | None = None):
@@ -108,58 +108,15 @@ class Model(Sequential):
     nn.Sequential as `layers`). The first layer skips its input gradient: nothing below it needs one (nor do
     the layers above frozen ones, up to the first that trains).
 
-    A model runs through its execution plan (cnnctl.plan): `forward` plans the input's shape once (again when
-    the shape, dtype, frozen layers, forward hooks or `algorithms` change) and runs the plan; `backward` runs the
-    same plan's backward. `algorithms` overrides the convolution algorithm of named layers (autotuning, or the
-    plan a checkpoint recorded)."""
+    `forward` and `backward` run the layers one by one, as they are written; what trains, evaluates and times a
+    model runs it through an execution plan instead (cnnctl.plan.Runner), which computes the same numbers faster."""
 
     child_prefix = "layers."
-    MAX_PLANS = 4  # plans kept (training batch, last short batch, evaluation batch, ...)
 
     def __init__(self, layers: list[Layer], names: list[str] | None = None):
         super().__init__(layers, names)
-        self._plans: dict = {}
-        self._plan = None
-        self._algorithms: dict[str, str] = {}
-        self._keep: dict = {}  # per-layer buffers every plan shares (the lowered inputs backward reads)
-        self._scratch = Scratch()
         self.set_input_grad(False)
-
-    @property
-    def algorithms(self) -> dict[str, str]:
-        return dict(self._algorithms)
-
-    @algorithms.setter
-    def algorithms(self, value: dict[str, str]) -> None:
-        self._algorithms = dict(value)
-        self._plans = {}
-
-    def set_input_grad(self, needed: bool) -> None:
-        super().set_input_grad(needed)
-        self._plans = {}
 
     def freeze(self, frozen: bool = True) -> None:
         super().freeze(frozen)
         self.set_input_grad(False)
-
-    def plan(self, input_shape: tuple, dtype=np.float32):
-        """The plan for inputs of this per-sample shape (built, or the one built before)."""
-        from ..plan import Plan
-
-        hooked = frozenset(name for name, layer in self.named_layers() if layer.forward_hooks)
-        key = (tuple(input_shape), np.dtype(dtype).str, hooked)
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) >= self.MAX_PLANS:
-                self._plans.pop(next(iter(self._plans)))
-            plan = self._plans[key] = Plan(self, input_shape, self._algorithms, self._keep, self._scratch)
-        return plan
-
-    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
-        self._plan = self.plan(x.shape[1:], x.dtype)
-        return self._plan.forward(x, training)
-
-    def backward(self, dy: np.ndarray) -> np.ndarray | None:
-        if self._plan is None:
-            raise RuntimeError("backward before forward")
-        return self._plan.backward(dy)

@@ -121,6 +121,8 @@ class MaxPool2D(_Pool2D):
     won (the first in row-major order on ties, like PyTorch), so backward routes each delta there with one
     comparison per offset instead of re-deriving the winner from the input."""
 
+    capability = "window_max"  # a maximum over windows: pool(f(x)) = f(pool(x)) for a non-decreasing f
+
     pad_value = -np.inf
 
     def forward(self, x, training=True):

@@ -12,7 +12,7 @@ from pydantic import Strict as NoCoercion
 from .. import parallel
 from ..errors import ShapeError
 from ..strict import INT_MAX
-from .base import Layer, LayerSpec, make_activation, register, register_spec
+from .base import Batch, Layer, LayerSpec, make_activation, register, register_spec
 from .init import constant
 
 if TYPE_CHECKING:  # derived from the activation registry in nn/__init__ once every layer type is registered
@@ -76,11 +76,12 @@ class Dropout(Layer):
     """Inverted dropout: zero each value with probability rate and scale the rest by 1/(1-rate) when
     training; the identity otherwise. The mask is drawn from the Generator passed in.
 
-    `batch_part = (lo, hi, n)` says the input is rows lo:hi of a batch of n whose other rows other processes
-    hold (data-parallel training, cnnctl.distributed): the mask is drawn for the whole batch and rows lo:hi
-    of it are used, so every process draws the same numbers as one process training the whole batch."""
+    When the one running the model says (`batch=Batch(part=(lo, hi, n))`) that the input is rows lo:hi of a batch
+    of n whose other rows other processes hold (data-parallel training, cnnctl.distributed), the mask is drawn for
+    the whole batch and rows lo:hi of it are used, so every process draws the same numbers as one process
+    training the whole batch."""
 
-    batch_part: tuple[int, int, int] | None = None
+    reads_batch = True
 
     def __init__(self, rate: float = 0.5, rng: np.random.Generator | None = None):
         super().__init__()
@@ -89,17 +90,17 @@ class Dropout(Layer):
         self.rate = float(rate)
         self.rng = rng if rng is not None else np.random.default_rng()
 
-    def forward(self, x, training=True):
+    def forward(self, x, training=True, batch: Batch | None = None):
         if not training or self.rate == 0.0:
             self._scale = None
             return x
-        part = self.batch_part
+        part = None if batch is None else batch.part
         if part is None:
             keep = self.rng.random(self.mask_shape(x.shape), dtype=np.float32) >= self.rate
         else:
             lo, hi, n = part
             if hi - lo != x.shape[0]:
-                raise ValueError(f"dropout: batch_part {part} does not match an input of {x.shape[0]} rows")
+                raise ValueError(f"dropout: batch part {part} does not match an input of {x.shape[0]} rows")
             keep = self.rng.random(self.mask_shape((n, *x.shape[1:])), dtype=np.float32)[lo:hi] >= self.rate
         self._scale = keep.astype(x.dtype) / x.dtype.type(1.0 - self.rate)
         return x * self._scale
@@ -139,11 +140,13 @@ class _BatchNorm(Layer):
 
     rank = 0  # per-sample rank of the input
     is_norm = True
-    # when set (cnnctl.distributed, data-parallel training): sums per-channel float64 arrays, in place, over the
-    # processes that hold the other parts of the batch, so that the statistics and their gradients are the whole
-    # batch's (SyncBatchNorm); each process keeps the weight and bias gradients of its own part, which the trainer
-    # sums with the other parameters'
-    batch_sum: Callable[[np.ndarray], np.ndarray] | None = None
+    # `batch=Batch(sum=...)` from the one running the model (data-parallel training, cnnctl.distributed): the
+    # function sums per-channel float64 arrays, in place, over the processes that hold the other parts of the
+    # batch, so that the statistics and their gradients are the whole batch's (SyncBatchNorm); each process keeps
+    # the weight and bias gradients of its own part, which the trainer sums with the other parameters'. Ghost
+    # batchnorm keeps its virtual batches' statistics local.
+    reads_batch = True
+    batch_sum: Callable[[np.ndarray], object] | None = None  # the last training forward's
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, dtype=np.float32,
                  activation: str | None = None, weight_init: float = 1.0, rng=None, ghost_batch: int | None = None):
@@ -174,9 +177,10 @@ class _BatchNorm(Layer):
         letters = "nchw"[: x.ndim] if x.ndim <= 4 else None
         return f"{letters}->c", f"{letters},{letters}->c", (1, -1) + (1,) * (x.ndim - 2)
 
-    def forward(self, x, training=True):
+    def forward(self, x, training=True, batch: Batch | None = None):
         training = training and not self.frozen  # a frozen batchnorm normalises with its running statistics
         g = self.ghost_batch
+        self.batch_sum = None if batch is None or g else batch.sum
         if training and g and x.shape[0] > g:  # ghost batchnorm: each virtual batch in turn, its own statistics
             parts = [self._normalise(x[lo : lo + g], True) for lo in range(0, x.shape[0], g)]
             self._saved = [state for _, state in parts]

@@ -121,7 +121,8 @@ def main():
     print_table(["network", "batch", "products alone (ms)", "torch step (ms)", "ceiling", "target",
                  "cnnctl step (ms)", "outside the products (ms, share of the step)"],
                 [[r["network"], r["batch"], f"{r['products_ms']:.1f}", f"{r['torch_step_ms']:.1f}",
-                  f"{r['ceiling']:.2f}", f">= {r['target']:.1f}", f"{r['cnnctl_step_ms']:.1f}",
+                  f"{r['ceiling']:.2f}", f">= {r['target']:.1f}" if r["target"] else "-",
+                  f"{r['cnnctl_step_ms']:.1f}",
                   f"{r['outside_products_ms']:.1f} ({100 * r['outside_share']:.0f}%)"] for r in results])
     print("\nper layer: NumPy products (ms, GFLOP/s) | torch's fwd+bwd convolution (ms, GFLOP/s)")
     for r in results:

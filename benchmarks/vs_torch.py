@@ -3,13 +3,15 @@
     python benchmarks/vs_torch.py [--steps 30] [--warmup 10] [--rounds 3] [--threads N] [--only NAME] [--json]
 
 Prints a markdown table of images/s for both and the ratio cnnctl / torch (targets: >= 1.0 for LeNet-5 at
-batch 32 and 128, >= 0.8 for the CIFAR-size net, ResNet-20 and the resnet-fashion model), plus the machine it
-ran on. cnnctl runs as the CLI does (its own --threads threads, BLAS single-threaded); torch gets the same
+batch 32 and 128, >= 0.8 for the CIFAR-size net, ResNet-20 and the resnet-fashion model; the CIFAR-size net
+with GELU and with SiLU has no target), plus the machine it ran on. cnnctl runs as the CLI does (its own
+--threads threads, BLAS single-threaded); torch gets the same
 thread count; the ResNets are built from their configs and converted with tests/torch_models.py. torch is a
 benchmark-only dependency (pip install torch==2.13.0). Each measurement times full training steps: forward,
 cross-entropy loss, backward and an SGD-with-momentum update, on synthetic data, after warm-up. The two
-frameworks alternate for --rounds rounds and each reports the median of its per-round medians, so a noisy
-moment on the machine does not decide a ratio.
+frameworks alternate for --rounds rounds; each round gives a ratio (torch's median step time / cnnctl's, of
+that round), and the table gives the median of those ratios, each framework's median images/s, and its spread
+over the rounds (lowest-highest images/s): a noisy moment on the machine moves one round, not the ratio.
 """
 
 from __future__ import annotations
@@ -53,8 +55,15 @@ CIFAR = [
     {"type": "dense", "units": 256, "activation": "relu"},
     {"type": "dense", "units": 10},
 ]
+def _with(layers: list[dict], activation: str) -> list[dict]:
+    """The layers with every ReLU replaced by another activation."""
+    return [{**layer, "activation": activation} if layer.get("activation") == "relu" else layer for layer in layers]
+
+
 CASES = [("LeNet-5", LENET, (1, 28, 28), 32, 1.0), ("LeNet-5", LENET, (1, 28, 28), 128, 1.0),
          ("CIFAR-size net", CIFAR, (3, 32, 32), 128, 0.8),
+         ("CIFAR-size net GELU", _with(CIFAR, "gelu"), (3, 32, 32), 128, None),
+         ("CIFAR-size net SiLU", _with(CIFAR, "silu"), (3, 32, 32), 128, None),
          ("ResNet-20", ROOT / "configs/resnet20-cifar10.yaml", (3, 32, 32), 128, 0.8),
          ("resnet-fashion", ROOT / "configs/resnet-fashion.yaml", (1, 28, 28), 128, 0.8)]
 
@@ -148,20 +157,30 @@ def main():
         for _ in range(args.rounds):
             ours.append(bench(spec_for(name, layers, shape, batch), batch, args.steps, args.warmup))
             theirs.append(bench_torch(spec_for(name, layers, shape, batch), batch, args.steps, args.warmup))
-        ours_ms = float(np.median([r["ms_per_step"] for r in ours]))
-        theirs_ms = float(np.median([r["ms_per_step"] for r in theirs]))
+        ours_ms = [r["ms_per_step"] for r in ours]
+        theirs_ms = [r["ms_per_step"] for r in theirs]
         rows.append({"network": name, "input": "x".join(map(str, shape)), "batch": batch,
-                     "cnnctl_images_per_second": batch / ours_ms * 1e3, "cnnctl_ms": ours_ms,
-                     "torch_images_per_second": batch / theirs_ms * 1e3, "torch_ms": theirs_ms,
-                     "ratio": theirs_ms / ours_ms, "target": target,
+                     "cnnctl_images_per_second": batch / float(np.median(ours_ms)) * 1e3,
+                     "cnnctl_spread": [batch / max(ours_ms) * 1e3, batch / min(ours_ms) * 1e3],
+                     "torch_images_per_second": batch / float(np.median(theirs_ms)) * 1e3,
+                     "torch_spread": [batch / max(theirs_ms) * 1e3, batch / min(theirs_ms) * 1e3],
+                     "round_ratios": [t / o for t, o in zip(theirs_ms, ours_ms)],
+                     "ratio": float(np.median([t / o for t, o in zip(theirs_ms, ours_ms)])), "target": target,
                      "cnnctl_peak_rss_mb": ours[-1]["peak_rss_mb"]})
     if args.json:
         print(json.dumps({"machine": machine_info(blas), "results": rows}, indent=2))
         return
     print(f"machine: {machine_info(blas)}")
-    print_table(["network", "input", "batch", "cnnctl img/s", "torch img/s", "ratio", "target"],
-                [[r["network"], r["input"], r["batch"], f"{r['cnnctl_images_per_second']:,.0f}",
-                  f"{r['torch_images_per_second']:,.0f}", f"{r['ratio']:.2f}", f">= {r['target']:.1f}"]
+    def spread(lo_hi):
+        return f"{lo_hi[0]:,.0f}-{lo_hi[1]:,.0f}"
+
+    print_table(["network", "input", "batch", "cnnctl img/s (spread)", "torch img/s (spread)",
+                 "median ratio (rounds)", "target"],
+                [[r["network"], r["input"], r["batch"],
+                  f"{r['cnnctl_images_per_second']:,.0f} ({spread(r['cnnctl_spread'])})",
+                  f"{r['torch_images_per_second']:,.0f} ({spread(r['torch_spread'])})",
+                  f"**{r['ratio']:.2f}** ({', '.join(f'{v:.2f}' for v in r['round_ratios'])})",
+                  f">= {r['target']:.1f}" if r["target"] else "-"]
                  for r in rows])
     print(f"peak RSS of this process: {rows[-1]['cnnctl_peak_rss_mb']:.0f} MB")
 

@@ -426,9 +426,27 @@ def pool_slices(xp: np.ndarray, kernel: Pair, stride: Pair, out_hw: Pair):
             yield xp[(..., *_window(i, j, out_hw, stride, (1, 1)))]
 
 
+ERF_32 = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)  # Abramowitz and Stegun 7.1.26
+ERF_32_P = 0.3275911
+
+
 def erf(x: np.ndarray) -> np.ndarray:
-    """The error function, elementwise in float64 (NumPy has none), to about 1e-14: its Taylor series for
-    |x| <= 2.5 (40 terms) and the continued fraction of erfc beyond (40 levels, evaluated from the bottom)."""
+    """The error function, elementwise (NumPy has none). Float32 inputs: 1 - t (a1 + t (a2 + ...)) exp(-x^2)
+    with t = 1 / (1 + p |x|) (Abramowitz and Stegun 7.1.26: within 1.5e-7 of erf), computed in float32: within
+    6e-7 of erf (a few float32 units at 1; tested), in a dozen passes. Anything else in float64 to about 1e-14:
+    its Taylor series for |x| <= 2.5 (40 terms) and the continued fraction of erfc beyond (40 levels,
+    evaluated from the bottom)."""
+    x = np.asarray(x)
+    if x.dtype == np.float32:
+        a = np.abs(x)
+        t = 1 / (1 + np.float32(ERF_32_P) * a)
+        poly = np.float32(ERF_32[-1]) * t
+        for c in ERF_32[-2::-1]:
+            poly += np.float32(c)
+            poly *= t
+        np.multiply(a, a, out=a)
+        np.negative(a, out=a)
+        return np.copysign(1 - poly * np.exp(a, out=a), x)
     x = np.asarray(x, np.float64)
     a = np.abs(x)
     out = np.empty_like(a)

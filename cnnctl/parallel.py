@@ -24,7 +24,9 @@ import numpy as np
 from .errors import CnnctlError
 
 ENV = "CNNCTL_THREADS"
-GRAIN = 1 << 18  # numbers (or multiply-adds) per slice at least: smaller slices cost more to hand out than to do
+# numbers (or multiply-adds) per slice at least: smaller slices cost more to hand out than to do (at 1 << 18, LeNet-5
+# at batch 32 ran slower on 2 threads than on 1, its only sliced operation too small to pay for the handover)
+GRAIN = 1 << 19
 MAC_PER_NUMBER = 16  # a multiply-add in a product costs about a sixteenth of a number copied or compared
 MAX_SLICES = 16  # more slices than threads: a thread that stalls holds up one slice while the others go on
 

@@ -194,3 +194,12 @@ def test_erf_matches_the_standard_library_everywhere():
 
     x = np.concatenate([np.linspace(-9, 9, 20001), [0.0, -0.0, 2.5, -2.5, 2.5000001, 40.0, -40.0]])
     np.testing.assert_allclose(F.erf(x), [math.erf(v) for v in x], rtol=0, atol=2e-14)
+
+
+def test_float32_erf_is_within_a_few_units_of_float32_everywhere():
+    import math
+
+    x = np.concatenate([np.linspace(-12, 12, 100001), [0.0, -0.0, 1e-30, -1e-30, 60.0, -60.0]]).astype(np.float32)
+    got = F.erf(x)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, [math.erf(float(v)) for v in x], rtol=0, atol=6e-7)

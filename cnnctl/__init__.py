@@ -4,7 +4,7 @@ The Python API (cnnctl/api.py; docs/library.md): `cnnctl.train(config)` -> Run, 
 `cnnctl.evaluate(path)` -> dict. They are imported on first use, so `import cnnctl` stays light.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = ("train", "load", "evaluate", "Run", "Predictor")
 __all__ = ["__version__", *_API]

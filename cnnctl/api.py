@@ -63,10 +63,9 @@ def _spec(config, overrides: list[str]):
 
 def _live():
     """Progress bars in a terminal or a Jupyter notebook, plain lines elsewhere."""
-    from .cli.common import out
-    from .cli.train import PlainProgress, RichProgress
+    from .console import live
 
-    return RichProgress(out) if out.is_terminal or out.is_jupyter else PlainProgress(out)
+    return live()
 
 
 def train(config: Any = None, overrides: list[str] | None = None, runs_dir: str | Path = "runs", quiet: bool = True,

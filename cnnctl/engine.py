@@ -35,6 +35,7 @@ from .builder import (
     describe,
     training_pflops,
 )
+from .callbacks import Callback, Callbacks
 from .checkpoint import Partial, RunState, Stopper
 from .config import Spec, TestTimeAugmentSpec, load_config, spec_to_dict, validate
 from .environment import environment
@@ -44,30 +45,6 @@ from .memory import refuse_over
 from .nn import Loss, Model
 from .schedules import resolve_mode
 from .step import TrainingStep
-
-
-class Callback:
-    """Progress hooks; the CLI subclasses this to draw bars. Every hook is optional."""
-
-    def on_train_start(self, info: dict) -> None: ...
-
-    def on_epoch_start(self, epoch: int, epochs: int, n_batches: int, start: int) -> None: ...
-
-    def on_batch_end(self, batch: int, loss: float, acc: float, images_per_second: float) -> None: ...
-
-    def on_epoch_end(self, row: dict) -> None: ...
-
-    def on_step(self, step: int, lr: float, loss: float) -> None:
-        """After each optimizer step: the step count, the rate it used and the batch's loss."""
-
-    def on_train_end(self, summary: dict) -> None:
-        """After a run finished, with what summary.json holds."""
-
-    def on_download(self, name: str, done: int, total: int | None) -> None: ...
-
-    def should_stop(self, row: dict) -> bool:
-        """Asked after each epoch: True ends training there (a sweep scheduler's early stop)."""
-        return False
 
 
 class Interrupted(CnnctlError):
@@ -581,7 +558,7 @@ class Trainer:
             runs.rewrite_metrics(self.run_dir, self.state.history)  # on resume: exactly the rows the checkpoint knows
         self._write_summary("running")
         if spec.train.loggers and self.world.root:
-            from .loggers import Callbacks, make_loggers
+            from .loggers import make_loggers
 
             self.cb = Callbacks([self.cb, *make_loggers(spec.train.loggers, self.run_dir, spec_to_dict(spec))])
         self.cb.on_train_start({"run_dir": str(self.run_dir), "params": self.model.num_params(),

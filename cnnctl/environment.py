@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, parallel
+from . import parallel
+from .version import __version__
 
 
 def blas_info() -> dict:

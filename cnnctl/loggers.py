@@ -15,43 +15,8 @@ import logging
 import os
 from pathlib import Path
 
-from .engine import Callback
+from .callbacks import Callback
 from .errors import CnnctlError
-
-
-class Callbacks(Callback):
-    """Several callbacks as one: every hook goes to each, in order; training stops if any asks."""
-
-    def __init__(self, callbacks: list[Callback]):
-        self.callbacks = callbacks
-
-    def _each(self, hook: str, *args) -> None:
-        for cb in self.callbacks:
-            getattr(cb, hook)(*args)
-
-    def on_train_start(self, info):
-        self._each("on_train_start", info)
-
-    def on_epoch_start(self, epoch, epochs, n_batches, start):
-        self._each("on_epoch_start", epoch, epochs, n_batches, start)
-
-    def on_batch_end(self, batch, loss, acc, images_per_second):
-        self._each("on_batch_end", batch, loss, acc, images_per_second)
-
-    def on_step(self, step, lr, loss):
-        self._each("on_step", step, lr, loss)
-
-    def on_epoch_end(self, row):
-        self._each("on_epoch_end", row)
-
-    def on_download(self, name, done, total):
-        self._each("on_download", name, done, total)
-
-    def on_train_end(self, summary):
-        self._each("on_train_end", summary)
-
-    def should_stop(self, row: dict) -> bool:
-        return any(cb.should_stop(row) for cb in self.callbacks)
 
 
 def flatten(config: dict, prefix: str = "") -> dict:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, plots, runs
+from . import plots, runs
 from .errors import CnnctlError
+from .version import __version__
 
 GALLERY = 8  # the most confidently wrong test images shown
 VIEWS = "; each image once, without the config's test-time views, which the test accuracy above averages"

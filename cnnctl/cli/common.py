@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
-import io
 import os
-import sys
 import traceback
 import warnings
 from collections.abc import Collection, Iterable, Sequence
@@ -15,17 +12,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console, RenderHook
-from rich.file_proxy import FileProxy
-from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperArgument
 
-from .. import __version__, checkpoint, distributed, loading, parallel
+from .. import checkpoint, distributed, loading, parallel
+from ..console import _show_warning, err, fmt, out, printable, stdout  # noqa: F401  (the verbs' names for them)
 from ..engine import Interrupted
 from ..errors import CnnctlError
 from ..fileio import NotWritable, json_text, output_target
+from ..version import __version__
 
 # typer prints an argument's Python type after its metavar ("CHECKPOINT|RUN_DIR <path>", "FILES... <list[Path]>");
 # cnnctl's metavars say what to give, so arguments show those alone (options already do when given a metavar)
@@ -35,102 +31,6 @@ TyperArgument.display_type_rich = lambda self, ctx: None
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Train convolutional networks from one YAML file on a pure NumPy core.")
-# paths and messages never break mid-line; markup is off, so user text (paths, names, class names) prints as it
-# is: styles are given as rich Text objects, never as [tags] inside strings
-def _real_stdout():
-    """The file that sys.stdout stands for. While a live display runs, rich replaces sys.stdout with a proxy that
-    prints to a console; cnnctl's console writes through _Stdout, so writing to the proxy would go round for ever
-    (console -> _Stdout -> proxy -> console). The proxy is looked through to the file it wraps."""
-    f = sys.stdout
-    while isinstance(f, FileProxy):
-        f = f.rich_proxied_file
-    return f
-
-
-class _Stdout:
-    """stdout for everything cnnctl prints, the one writer to fd 1: once the reader is gone (`cnnctl train ... |
-    head -5`), the rest of the output is dropped (fd 1 then points at /dev/null, so the exit flush is quiet too)
-    and the work goes on: a training run finishes and records its results as if nothing had happened."""
-
-    gone = False
-
-    def write(self, text: str) -> int:
-        if not self.gone:
-            try:
-                _real_stdout().write(text)
-            except BrokenPipeError:
-                self._drop()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.gone:
-            try:
-                _real_stdout().flush()
-            except BrokenPipeError:
-                self._drop()
-
-    def _drop(self) -> None:
-        _Stdout.gone = True
-        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, _real_stdout().fileno())
-            os.close(devnull)
-
-    def isatty(self) -> bool:
-        return not self.gone and _real_stdout().isatty()
-
-    def fileno(self) -> int:
-        return _real_stdout().fileno()
-
-    @property
-    def encoding(self) -> str:
-        return getattr(_real_stdout(), "encoding", None) or "utf-8"
-
-
-stdout = _Stdout()
-out = Console(file=stdout, highlight=False, soft_wrap=True, markup=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
-
-# control characters in user text (class names from a config, a folder or a checkpoint; file names) never reach
-# the terminal: an escape sequence could retitle the window, hide output or move the cursor
-_CONTROLS = dict.fromkeys([*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)], "\ufffd")
-
-
-def printable(text: str) -> str:
-    """text with every control character but newline and tab shown as U+FFFD."""
-    return text.translate(_CONTROLS)
-
-
-class _Printable:
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __rich_console__(self, console, options):
-        for seg in console.render(self.inner, options):
-            yield seg if seg.control else Segment(printable(seg.text), seg.style)
-
-
-class _NoControls(RenderHook):
-    def process_renderables(self, renderables):
-        return [_Printable(r) for r in renderables]
-
-
-for _console in (out, err):
-    _console.push_render_hook(_NoControls())
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Python warnings as cnnctl prints them: one `warning:` line on stderr, never a file name and source line
-    (numpy's floating-point RuntimeWarnings are counted by the trainer, not shown; outside it, each once)."""
-    text = str(message)
-    if issubclass(category, RuntimeWarning):
-        if text in _shown:
-            return
-        _shown.add(text)
-        text = f"numpy: {text}"
-    err.print(Text.assemble(("warning: ", "bold yellow"), text))
-
-
-_shown: set[str] = set()
 warnings.showwarning = _show_warning
 
 SetOption = Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE",
@@ -216,13 +116,6 @@ def _version(value: bool):
 def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                            help="Show the version and exit.")] = False):
     """cnnctl: declarative CNN training on NumPy."""
-
-
-def fmt(v, pct=False):
-    if v is None:
-        return "-"
-    return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
-
 
 
 def print_json(obj) -> None:

@@ -10,15 +10,14 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
 from .. import api, distributed, plots
 from ..bench import bench as run_bench
 from ..bench import planned
 from ..builder import check_known_data, inspect_report, receptive_field_text, shape_text, training_pflops, walk
-from ..engine import Callback, Seeds, Trainer, load_data
+from ..console import PlainProgress, RichProgress, Silent
+from ..engine import Seeds, Trainer, load_data
 from ..errors import CnnctlError, DataError
 from ..loading import offline
 from .common import (
@@ -36,110 +35,6 @@ from .common import (
     table,
     use_threads,
 )
-
-
-class RichProgress(Callback):
-    """An epoch bar and a batch bar with running loss, accuracy, images/s and ETA."""
-
-    def __init__(self, console: Console):
-        self.console = console
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-        )
-        self.epoch_task = self.batch_task = None
-        self.downloads: dict[str, int] = {}
-
-    def on_download(self, name, done, total):
-        if name not in self.downloads:
-            self.progress.start()
-            self.downloads[name] = self.progress.add_task(f"download {name}", total=total, stats="")
-        self.progress.update(self.downloads[name], completed=done, stats=f"{done / 1e6:.1f} MB")
-
-    def on_train_start(self, info):
-        for task in self.downloads.values():
-            self.progress.remove_task(task)
-        self.progress.stop()
-        _print_start(self.console, info)
-        self.progress.start()
-
-    def on_epoch_start(self, epoch, epochs, n_batches, start):
-        if self.epoch_task is None:
-            self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=epoch - 1, stats="")
-        if self.batch_task is not None:
-            self.progress.remove_task(self.batch_task)
-        self.batch_task = self.progress.add_task(f"epoch {epoch}", total=n_batches, completed=start, stats="")
-
-    def on_batch_end(self, batch, loss, acc, ips):
-        self.progress.update(self.batch_task, completed=batch,
-                             stats=f"loss {loss:.4f} acc {100 * acc:.2f}% {ips:,.0f} img/s")
-
-    def on_epoch_end(self, row):
-        self.progress.advance(self.epoch_task)
-        self.progress.console.print(_epoch_line(row), soft_wrap=True)
-
-    def close(self):
-        self.progress.stop()
-
-
-class PlainProgress(Callback):
-    """One line per epoch, for logs and pipes."""
-
-    def __init__(self, console: Console):
-        self.console = console
-
-    def on_download(self, name, done, total):
-        if total is not None and done == total:
-            self.console.print(f"downloaded {name} ({total / 1e6:.1f} MB)")
-
-    def on_train_start(self, info):
-        _print_start(self.console, info)
-
-    def on_epoch_end(self, row):
-        self.console.print(_epoch_line(row), soft_wrap=True)
-
-    def close(self):
-        pass
-
-
-class Silent(Callback):
-    """No output: the MPI ranks other than 0."""
-
-    def close(self):
-        pass
-
-
-def _print_start(console, info):
-    console.print(f"data: train {info['train']:,}  val {info['val']:,}  test {info['test']:,}  "
-                  f"image {tuple(info['image_shape'])}  {len(info['classes'])} classes: "
-                  f"{', '.join(info['classes'])}", soft_wrap=True)
-    console.print(f"model: {info['params']:,} parameters")
-    console.print(f"run: {info['run_dir']}")
-    if info.get("ranks"):
-        ranks = info["ranks"]
-        console.print(f"MPI: {len(ranks)} ranks, global batch split across them: " + ", ".join(
-            f"rank {r['rank']} pid {r['pid']} on {r['host']}" for r in ranks), soft_wrap=True)
-    if info.get("resumed_at"):
-        console.print(f"resumed after epoch {info['resumed_at'][0]}, step {info['resumed_at'][1]}")
-    init = info.get("init_from")
-    if init:
-        n = len(init["copied"]) + len(init["fresh"])
-        renamed = f" ({init['renamed']} tensors renamed by model.init_from.rename)" if init.get("renamed") else ""
-        unused = f"; {len(init['unused'])} tensors of the file unused" if init["unused"] else ""
-        console.print(f"initialised from {init['checkpoint']}{renamed}: copied {len(init['copied'])} of {n} parameters "
-                      f"and buffers{unused}")
-        for f in init["fresh"]:
-            console.print(f"  fresh: {f['name']} ({f['reason']})")
-        for name in init["unused"][:10]:
-            console.print(f"  unused: {name} (no parameter or buffer of the model has its name)")
-        if len(init["unused"]) > 10:
-            console.print(f"  ... and {len(init['unused']) - 10} more unused (summary.json lists them all)")
-
-
-def _epoch_line(row):
-    return (f"epoch {row['epoch']:>3}  train loss {fmt(row['train_loss'])} acc {fmt(row['train_acc'], True)}  "
-            f"val loss {fmt(row['val_loss'])} acc {fmt(row['val_acc'], True)}  lr {row['lr']:.4g}  "
-            f"{row['seconds']:.1f}s")
 
 
 @app.command()

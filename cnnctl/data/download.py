@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
 from ..errors import DataError
+from ..version import __version__
 
 Progress = Callable[[str, int, int | None], None]  # (file name, bytes done, total bytes or None)
 

@@ -47,9 +47,9 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
     n_out = rows[-1].output_shape[0]
     x = g.standard_normal((bs, *spec.model.input_shape)).astype(np.float32)
     y = g.integers(0, n_out, bs)
-    runner = plans.Runner(model, batch=distributed.batch_of(world, spec.train.sync_batchnorm))
+    runner = plans.Runner(model, context=distributed.context_of(world, spec.train.sync_batchnorm))
     if world.size > 1:
-        x, y = distributed.take_share(world, x, y, runner.batch)
+        x, y = distributed.take_share(world, x, y, runner.context)
     if autotune or spec.train.autotune:
         runner.algorithms = plans.autotune(model, tuple(x.shape[1:]), x.shape[0])
     plan = runner.plan(tuple(x.shape[1:]), x.dtype)  # the plan every step of this batch runs

@@ -193,21 +193,22 @@ class GradientReducer:
             at += n
 
 
-def take_share(world: World, x: np.ndarray, y: np.ndarray, batch) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's rows of a global batch (x, y); `batch` (the runner's nn.Batch) records which rows of it they
-    are, for the layers that draw for the whole batch (dropout)."""
+def take_share(world: World, x: np.ndarray, y: np.ndarray, context) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's rows of a global batch (x, y); `context` (the runner's nn.Context) records which rows of it
+    they are, for the layers that draw for the whole batch (dropout)."""
     n = len(y)
     lo, hi = world.shard(n)
-    batch.part = (lo, hi, n)
+    context.part = (lo, hi, n)
     return x[lo:hi], y[lo:hi]
 
 
-def batch_of(world: World, sync_batchnorm: bool):
-    """What the layers that read the whole batch are told on this rank (an nn.Batch): batchnorm sums its statistics
-    over the ranks (unless sync_batchnorm is false). Nothing changes in one process."""
-    from .nn.base import Batch
+def context_of(world: World, sync_batchnorm: bool):
+    """What the layers that ask are told on this rank (an nn.Context): batchnorm sums its statistics over the ranks
+    (unless sync_batchnorm is false); per-channel work is cut across cnnctl's threads."""
+    from . import parallel
+    from .nn.base import Context
 
-    return Batch(sum=world.sum if world.size > 1 and sync_batchnorm else None)
+    return Context(sum=world.sum if world.size > 1 and sync_batchnorm else None, per_channel=parallel.per_channel)
 
 
 def reduce_loss(world: World, loss: float, normalizer: float, *extra: float) -> tuple[float, float, np.ndarray]:

@@ -241,7 +241,7 @@ class Trainer:
         if self.world.size > 1:
             distributed.check_batches(spec.data.batch_size, len(self.ds.train), self.world.size)
         # runs the model through its execution plan; batchnorm and dropout learn from it the share of the batch
-        self.runner = plan.Runner(self.model, batch=distributed.batch_of(self.world, spec.train.sync_batchnorm))
+        self.runner = plan.Runner(self.model, context=distributed.context_of(self.world, spec.train.sync_batchnorm))
         self.loss_fn = build_loss(spec, self.ds.train.y, self.num_classes)
         self.optimizer = spec.optimizer.build(self.model, self.rows)
         decay = spec.train.ema_decay
@@ -292,7 +292,7 @@ class Trainer:
                     if _top_index(k) is not None and (shift == 0) == (_top_index(k) < first)}
 
         prefix = plan.Runner(Model(layers[:first]), renumbered(0))
-        self.net = _Fed(Model(layers[first:]), renumbered(first), batch=self.runner.batch)
+        self.net = _Fed(Model(layers[first:]), renumbered(first), context=self.runner.context)
         shape = prefix.model.output_shape(tuple(self.spec.model.input_shape))
         n = len(self.ds.train) + len(self.ds.val) + len(self.ds.test)
         refuse_over(f"{where}: the outputs of model.layers[:{first}] for {n:,} images", 4 * n * math.prod(shape), 2,
@@ -451,7 +451,7 @@ class Trainer:
             self.optimizer.lr = self.schedule.lr(epoch - 1, self.state.step)
             n = len(y)
             if self.world.size > 1:  # this rank's share of the global batch
-                x, y = distributed.take_share(self.world, x, y, self.runner.batch)
+                x, y = distributed.take_share(self.world, x, y, self.runner.context)
 
             def diverged(loss, b=b):
                 raise TrainingError(

@@ -46,7 +46,7 @@ from . import functional as F
 from .epilogue import NONE, Epilogue, chain
 from .errors import CnnctlError, CnnctlWarning
 from .fileio import Unreadable, atomic_write_bytes, read_regular
-from .nn.base import Batch
+from .nn.base import Context
 
 if TYPE_CHECKING:
     from .nn.base import Layer
@@ -109,14 +109,13 @@ class Step:
 
 class LayerStep(Step):
     """A layer run as it is: its own forward and backward (everything the plan does not rewrite). A layer that
-    reads the whole batch (`reads_batch`) is told the runner's Batch."""
+    asks (`takes_context`) is told the runner's Context: the share of the batch, the sum over processes, and how
+    its per-channel work is cut across threads."""
 
-    batch: Batch | None = None
+    context: Context | None = None
 
     def forward(self, xs, training):
-        if self.batch is not None and self.layer.reads_batch and "batch" in _parameters(type(self.layer).forward):
-            return self.layer.forward(xs[0], training, batch=self.batch)
-        return self.layer.forward(xs[0], training)
+        return _forward(self.layer, xs[0], training, self.context)
 
     def backward(self, dy):
         return [self.layer.backward(dy)]
@@ -132,8 +131,11 @@ class LayerStep(Step):
         return _held_bytes(self.layer) + (_held_bytes(act) if act is not None else 0)
 
 
-def _parameters(function) -> tuple[str, ...]:
-    return tuple(inspect.signature(function).parameters)
+def _forward(layer: Layer, x: np.ndarray, training: bool, context: Context | None) -> np.ndarray:
+    """layer.forward, with `context=` where the layer takes one (a subclass's forward may not)."""
+    if context is not None and layer.takes_context and "context" in inspect.signature(type(layer).forward).parameters:
+        return layer.forward(x, training, context=context)
+    return layer.forward(x, training)
 
 
 def _held(layer: Layer):
@@ -275,13 +277,13 @@ class WindowMaxStep(Step):
     """A max pooling with the non-decreasing activation of the step before it moved behind it:
     f(pool(z)) = pool(f(z)), and the gradients agree (the maximum of a window is where it was before)."""
 
-    def __init__(self, *args, activation: Layer, **kw):
+    def __init__(self, *args, activation: Layer, context: Context | None = None, **kw):
         super().__init__(*args, **kw)
-        self.activation = activation
+        self.activation, self.context = activation, context
         self._d = None
 
     def forward(self, xs, training):
-        y = self.layer.forward(xs[0], training)
+        y = _forward(self.layer, xs[0], training, self.context)
         self._d = self.activation.derivative_like(y)
         _in_channels(lambda y_, d_: self.activation.elementwise(y_, y_, d_), y, self._d)
         return y
@@ -307,7 +309,7 @@ class Plan:
     them, `describe` lists them."""
 
     def __init__(self, model: Layer, input_shape: tuple, choices: dict[str, str] | None = None,
-                 keep: dict | None = None, scratch: F.Scratch | None = None, batch: Batch | None = None):
+                 keep: dict | None = None, scratch: F.Scratch | None = None, context: Context | None = None):
         self.input_shape = tuple(input_shape)
         self.choices = dict(choices or {})
         unknown = sorted(set(self.choices.values()) - set(convolution.ALGORITHMS))
@@ -316,7 +318,7 @@ class Plan:
                               f"use one of: {', '.join(convolution.ALGORITHMS)}")
         self.keep = keep if keep is not None else {}
         self.scratch = scratch if scratch is not None else F.Scratch()
-        self.batch = batch if batch is not None else Batch()
+        self.context = context if context is not None else Context(per_channel=parallel.per_channel)
         self.steps: list[Step] = []
         self.hooks: list[tuple[int, Layer]] = []  # (value, layer): the layers whose output a value is
         self.shapes = [self.input_shape]
@@ -391,7 +393,7 @@ class Plan:
             step = ElementwiseStep(layer.tag, name, [value], out, out_shape, layer=layer)
         else:
             step = LayerStep(layer.tag, name, [value], out, out_shape, layer=layer)
-            step.batch = self.batch
+            step.context = self.context
         self.steps.append(step)
         self.hooks.append((out, layer))
         return out
@@ -432,7 +434,7 @@ class Plan:
             s.epilogue = NONE
             s.fused = [f for f in s.fused if f != act.tag and not f.startswith(f"{act.tag} ")]
             moved = WindowMaxStep(pool.kind, pool.name, pool.inputs, pool.output, pool.out_shape, layer=pool.layer,
-                                  activation=act, fused=[f"{act.tag} of {s.name}"])
+                                  activation=act, context=self.context, fused=[f"{act.tag} of {s.name}"])
             self.steps[self.steps.index(pool)] = moved
 
     # ------------------------------------------------------------ running
@@ -510,15 +512,16 @@ class Runner:
     """Runs a model through its plans, as training, evaluation and benchmarks do: `forward` plans the input's
     shape once (again when the shape, dtype, frozen layers, forward hooks or `algorithms` change) and runs the
     plan; `backward` runs the same plan's backward. `algorithms` overrides the convolution algorithm of named
-    layers (autotuning, or the plan a checkpoint recorded); `batch` is what layers that read the whole batch
-    are told (data-parallel training). The numbers are the model's own forward and backward's."""
+    layers (autotuning, or the plan a checkpoint recorded); `context` is what the layers that ask are told (the
+    threads' cut of per-channel work; under MPI the share of the batch and the sum over the ranks). The numbers
+    are the model's own forward and backward's, whatever the thread count."""
 
     MAX_PLANS = 4  # plans kept (training batch, last short batch, evaluation batch, ...)
 
-    def __init__(self, model: Layer, algorithms: dict[str, str] | None = None, batch: Batch | None = None):
+    def __init__(self, model: Layer, algorithms: dict[str, str] | None = None, context: Context | None = None):
         self.model = model
         self._algorithms = dict(algorithms or {})
-        self.batch = batch if batch is not None else Batch()
+        self.context = context if context is not None else Context(per_channel=parallel.per_channel)
         self._plans: dict = {}
         self._plan: Plan | None = None
         self._keep: dict = {}  # per-layer buffers every plan shares (the lowered inputs backward reads)
@@ -543,7 +546,7 @@ class Runner:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.pop(next(iter(self._plans)))
             plan = self._plans[key] = Plan(self.model, input_shape, self._algorithms, self._keep, self._scratch,
-                                           self.batch)
+                                           self.context)
         return plan
 
     def forward(self, x: np.ndarray, training: bool = True, clock: np.ndarray | None = None) -> np.ndarray:

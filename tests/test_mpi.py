@@ -22,7 +22,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from cnnctl import distributed
-from cnnctl.nn.base import Batch
+from cnnctl.nn.base import Context
 from cnnctl.nn.regularization import BatchNorm2D
 from tests.helpers import invoke
 
@@ -310,8 +310,8 @@ class _Pair(distributed.World):
 
 
 def test_summed_batchnorm_equals_batchnorm_of_the_whole_batch():
-    """BatchNorm told a Batch whose sum adds two halves of a batch gives the whole batch's outputs, input gradients and
-    running statistics, and the halves' parameter gradients add up to the whole's."""
+    """BatchNorm told a Context whose sum adds two halves of a batch gives the whole batch's outputs, input gradients
+    and running statistics, and the halves' parameter gradients add up to the whole's."""
     g = np.random.default_rng(0)
     x = g.standard_normal((8, 3, 5, 5)) * 2 + 3
     dy = g.standard_normal(x.shape)
@@ -325,7 +325,7 @@ def test_summed_batchnorm_equals_batchnorm_of_the_whole_batch():
         bn = BatchNorm2D(3, dtype=np.float64)
         bn.params["weight"][:] = weight
         rows = slice(4 * r, 4 * r + 4)
-        results[r] = (bn.forward(x[rows], batch=Batch(sum=_Pair(r, slots, barrier).sum)), bn.backward(dy[rows]), bn)
+        results[r] = (bn.forward(x[rows], context=Context(sum=_Pair(r, slots, barrier).sum)), bn.backward(dy[rows]), bn)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
     for t in threads:
@@ -346,7 +346,7 @@ def test_dropout_with_a_batch_part_uses_its_rows_of_the_whole_batch_mask():
     x = np.ones((6, 4), np.float32)
     whole = Dropout(0.5, np.random.default_rng(1)).forward(x)
     part = Dropout(0.5, np.random.default_rng(1))
-    np.testing.assert_array_equal(part.forward(x[2:5], batch=Batch(part=(2, 5, 6))), whole[2:5])
+    np.testing.assert_array_equal(part.forward(x[2:5], context=Context(part=(2, 5, 6))), whole[2:5])
 
 
 def test_batch_checks_name_the_key_and_the_fix():

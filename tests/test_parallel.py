@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from cnnctl import parallel
+from cnnctl import nn, parallel
 from cnnctl.cli import app
-from tests.cases import all_cases, randomize_params
+from cnnctl.plan import Runner
+from tests.cases import all_cases, basic_block, randomize_params
 from tests.helpers import runner
 
 CASES = [pytest.param(factory, shape, id=f"{tag}-{case_id}") for tag, case_id, factory, shape in all_cases()]
@@ -26,33 +27,58 @@ def threads(monkeypatch):
     parallel.use(1)
 
 
-def step(factory, shape):
-    """Output, input gradient and parameter gradients of one training-mode pass (float32, seeded)."""
+def step(factory, shape, algorithm=None):
+    """Output, input gradient and parameter gradients of one training-mode pass (float32, seeded) of the layer as
+    a model run through its execution plan (every convolution by `algorithm` where it applies)."""
     g = np.random.default_rng(4)
     layer = factory(g)
     randomize_params(layer, g)
-    layer.set_input_grad(True)
+    model = nn.Model([layer])
+    model.set_input_grad(True)
+    run = Runner(model)
     x = g.standard_normal(shape).astype(np.float32)
-    y = layer.forward(x, training=True)
+    if algorithm:
+        run.algorithms = {s.name: algorithm for s in run.plan(x.shape[1:]).steps if s.algorithm}
+    y = run.forward(x, training=True)
     dy = g.standard_normal(y.shape).astype(np.float32)
-    dx = layer.backward(dy)
+    dx = run.backward(dy)
     return [np.array(y), np.array(dx)] + [np.array(p.layer.grads[p.key]) for p in layer.parameters()]
+
+
+def _same_bits_on_1_2_3_threads(threads, make):
+    """Cut into many slices (grain 8), one, two and three threads give identical arrays; and the slices add up
+    to what the unsliced call gives (to rounding: the gradient checks run on the unsliced path)."""
+    threads(1)
+    whole = make()
+    threads(1, grain=8)
+    one = make()
+    for n in (2, 3):
+        threads(n, grain=8)
+        for a, b in zip(one, make()):
+            assert a.tobytes() == b.tobytes()
+    for a, b in zip(one, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("factory,shape", CASES)
 def test_every_layer_gives_the_same_bits_on_any_thread_count(threads, factory, shape):
-    """Cut into many slices (grain 8), one, two and three threads give identical arrays; and the slices add up
-    to what the unsliced call gives (to rounding: the gradient checks run on the unsliced path)."""
-    threads(1)
-    whole = step(factory, shape)
-    threads(1, grain=8)
-    one = step(factory, shape)
-    for n in (2, 3):
-        threads(n, grain=8)
-        for a, b in zip(one, step(factory, shape)):
-            assert a.tobytes() == b.tobytes()
-    for a, b in zip(one, whole):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    """Every registered layer case, through the plan (where the slicing is decided)."""
+    _same_bits_on_1_2_3_threads(threads, lambda: step(factory, shape))
+
+
+@pytest.mark.parametrize("algorithm", ["lowering", "pointwise", "winograd2", "winograd4"])
+def test_a_residual_network_gives_the_same_bits_on_any_thread_count(threads, algorithm):
+    """The joins (a residual add with its fused ReLU, a concatenation), max pooling with a moved ReLU, batchnorm
+    and every convolution algorithm, through the plan at 1, 2 and 3 threads."""
+    def network(g):
+        return nn.Sequential([nn.Conv2D(3, 8, 3, padding=1, activation="relu", rng=g), basic_block(g, 8, 8, 1),
+                              nn.Conv2D(8, 8, 1, activation="gelu", rng=g), nn.Conv2D(8, 8, 3, padding=1,
+                              activation="silu", rng=g), nn.Concat([nn.Sequential([]), nn.Sequential([nn.Conv2D(
+                                  8, 4, 1, rng=g), nn.ReLU()])]), nn.Conv2D(12, 8, 3, padding=1, activation="tanh",
+                                                                            rng=g),
+                              nn.MaxPool2D(2), basic_block(g, 8, 16, 2), nn.GlobalAvgPool2D(), nn.Dense(16, 5, rng=g)])
+
+    _same_bits_on_1_2_3_threads(threads, lambda: step(network, (4, 3, 12, 10), algorithm))
 
 
 def test_split_covers_every_item_once_and_passes_errors_on(threads):

@@ -83,7 +83,7 @@ class Layer:
     tag: ClassVar[str] = "layer"
     is_norm: ClassVar[bool] = False  # normalisation parameters (exempt from weight decay on request)
     capability: ClassVar[str | None] = None  # what the layer is to the execution plan (see `planned_as`)
-    reads_batch: ClassVar[bool] = False  # its forward takes `batch=` (a Batch: the whole batch's share and sums)
+    takes_context: ClassVar[bool] = False  # its forward takes `context=` (a Context from the one running it)
     needs_input_grad: bool = True
     frozen: bool = False  # trainable: false: its parameters are not updated (a frozen batchnorm uses its running stats)
     activation: Layer | None = None
@@ -262,15 +262,28 @@ class Layer:
         return f"{type(self).__name__}()"
 
 
+def channels(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Channels lo:hi of an (N, C, ...) array (features lo:hi of an (N, F) one)."""
+    return a[:, lo:hi] if a.ndim > 1 else a[lo:hi]
+
+
+def whole(like: np.ndarray, work: Callable[[int, int], object]) -> None:
+    """work(0, C): all the channels of arrays shaped like `like` at once."""
+    work(0, like.shape[1] if like.ndim > 1 else like.shape[0])
+
+
 @dataclass
-class Batch:
-    """What the one running a model tells the layers that read the whole batch (`reads_batch`): `part` = (lo,
-    hi, n) when the input is rows lo:hi of a batch of n whose other rows other processes hold (dropout draws the
-    whole batch's mask and keeps these rows), `sum` a function summing per-channel float64 arrays in place over
-    those processes (batchnorm's statistics of the whole batch). The default: one process, the whole batch."""
+class Context:
+    """What the one running a model tells the layers that ask (`takes_context`), through forward's `context=`:
+    `per_channel(like, work)` runs work(lo, hi) over slices of the channels of arrays shaped like `like`, as the
+    runner cuts them (cnnctl.parallel's threads; by default all channels at once); `part` = (lo, hi, n) when the
+    input is rows lo:hi of a batch of n whose other rows other processes hold (dropout draws the whole batch's
+    mask and keeps these rows); `sum` a function summing per-channel float64 arrays in place over those processes
+    (batchnorm's statistics of the whole batch). The default: one process, the whole batch, no threads."""
 
     part: tuple[int, int, int] | None = None
     sum: Callable[[np.ndarray], object] | None = None
+    per_channel: Callable[[np.ndarray, Callable[[int, int], object]], None] = whole
 
 
 def make_activation(name: str | None) -> Layer | None:

@@ -8,10 +8,9 @@ import numpy as np
 from pydantic import Field
 
 from .. import functional as F
-from .. import parallel
 from ..errors import ShapeError
 from ..strict import NonNegInt, PosPair
-from .base import Layer, LayerSpec, register
+from .base import Context, Layer, LayerSpec, register
 
 
 class _PoolSpec(LayerSpec):
@@ -124,8 +123,10 @@ class MaxPool2D(_Pool2D):
     capability = "window_max"  # a maximum over windows: pool(f(x)) = f(pool(x)) for a non-decreasing f
 
     pad_value = -np.inf
+    takes_context = True  # its channels' work is cut as the runner says
 
-    def forward(self, x, training=True):
+    def forward(self, x, training=True, context: Context | None = None):
+        self._cut = (context or Context()).per_channel
         xp = self._padded(x)
         self._padded_shape = xp.shape
         out = np.copy(next(self._slices(xp)), order="K")  # temporaries below copy out's memory layout ("like")
@@ -144,7 +145,7 @@ class MaxPool2D(_Pool2D):
                 np.maximum(w, candidate, out=w)
                 np.maximum(o, s, out=o)
 
-        parallel.per_channel(out, part)
+        self._cut(out, part)
         return out
 
     def backward(self, dy):
@@ -166,7 +167,7 @@ class MaxPool2D(_Pool2D):
                 else:
                     np.multiply(d, hit, out=window)
 
-        parallel.per_channel(winner, part)
+        self._cut(winner, part)
         return F.unpad(dxp, self._pad4)
 
 

@@ -9,10 +9,9 @@ import numpy as np
 from pydantic import Field
 from pydantic import Strict as NoCoercion
 
-from .. import parallel
 from ..errors import ShapeError
 from ..strict import INT_MAX
-from .base import Batch, Layer, LayerSpec, make_activation, register, register_spec
+from .base import Context, Layer, LayerSpec, channels, make_activation, register, register_spec
 from .init import constant
 
 if TYPE_CHECKING:  # derived from the activation registry in nn/__init__ once every layer type is registered
@@ -76,12 +75,12 @@ class Dropout(Layer):
     """Inverted dropout: zero each value with probability rate and scale the rest by 1/(1-rate) when
     training; the identity otherwise. The mask is drawn from the Generator passed in.
 
-    When the one running the model says (`batch=Batch(part=(lo, hi, n))`) that the input is rows lo:hi of a batch
+    When the one running the model says (`context=Context(part=(lo, hi, n))`) that the input is rows lo:hi of a batch
     of n whose other rows other processes hold (data-parallel training, cnnctl.distributed), the mask is drawn for
     the whole batch and rows lo:hi of it are used, so every process draws the same numbers as one process
     training the whole batch."""
 
-    reads_batch = True
+    takes_context = True
 
     def __init__(self, rate: float = 0.5, rng: np.random.Generator | None = None):
         super().__init__()
@@ -90,11 +89,11 @@ class Dropout(Layer):
         self.rate = float(rate)
         self.rng = rng if rng is not None else np.random.default_rng()
 
-    def forward(self, x, training=True, batch: Batch | None = None):
+    def forward(self, x, training=True, context: Context | None = None):
         if not training or self.rate == 0.0:
             self._scale = None
             return x
-        part = None if batch is None else batch.part
+        part = None if context is None else context.part
         if part is None:
             keep = self.rng.random(self.mask_shape(x.shape), dtype=np.float32) >= self.rate
         else:
@@ -140,12 +139,12 @@ class _BatchNorm(Layer):
 
     rank = 0  # per-sample rank of the input
     is_norm = True
-    # `batch=Batch(sum=...)` from the one running the model (data-parallel training, cnnctl.distributed): the
+    # `context=Context(sum=...)` from the one running the model (data-parallel training, cnnctl.distributed): the
     # function sums per-channel float64 arrays, in place, over the processes that hold the other parts of the
     # batch, so that the statistics and their gradients are the whole batch's (SyncBatchNorm); each process keeps
     # the weight and bias gradients of its own part, which the trainer sums with the other parameters'. Ghost
     # batchnorm keeps its virtual batches' statistics local.
-    reads_batch = True
+    takes_context = True
     batch_sum: Callable[[np.ndarray], object] | None = None  # the last training forward's
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, dtype=np.float32,
@@ -177,10 +176,12 @@ class _BatchNorm(Layer):
         letters = "nchw"[: x.ndim] if x.ndim <= 4 else None
         return f"{letters}->c", f"{letters},{letters}->c", (1, -1) + (1,) * (x.ndim - 2)
 
-    def forward(self, x, training=True, batch: Batch | None = None):
+    def forward(self, x, training=True, context: Context | None = None):
         training = training and not self.frozen  # a frozen batchnorm normalises with its running statistics
         g = self.ghost_batch
-        self.batch_sum = None if batch is None or g else batch.sum
+        context = context or Context()
+        self.batch_sum = None if g else context.sum
+        self._cut = context.per_channel  # how the channels' work is cut (the runner's threads), backward too
         if training and g and x.shape[0] > g:  # ghost batchnorm: each virtual batch in turn, its own statistics
             parts = [self._normalise(x[lo : lo + g], True) for lo in range(0, x.shape[0], g)]
             self._saved = [state for _, state in parts]
@@ -196,7 +197,7 @@ class _BatchNorm(Layer):
         m, c = x.size // x.shape[1], x.shape[1]
         centred, y = np.empty_like(x), np.empty_like(x)  # laid out as x
         mean, var, inv_std = (np.empty(c, x.dtype) for _ in range(3))
-        weight, bias, eps, cut = self.params["weight"], self.params["bias"], self.eps, parallel.channels
+        weight, bias, eps, cut = self.params["weight"], self.params["bias"], self.eps, channels
         local = training  # statistics of this batch, computed in the pass below
         if not training:
             mean[:], var[:] = self.buffers["running_mean"], self.buffers["running_var"]
@@ -215,7 +216,7 @@ class _BatchNorm(Layer):
             ys = np.multiply(xc, (weight[lo:hi] * inv_std[lo:hi]).reshape(bshape), out=cut(y, lo, hi))
             np.add(ys, bias[lo:hi].reshape(bshape), out=ys)
 
-        parallel.per_channel(x, part)
+        self._cut(x, part)
         if training:
             b, mo = self.buffers, self.momentum
             b["running_mean"] = ((1 - mo) * b["running_mean"] + mo * mean).astype(b["running_mean"].dtype)
@@ -229,7 +230,7 @@ class _BatchNorm(Layer):
         of per-channel sums and sums of squares (float64, each part's from its own centred values, so no
         cancellation in float32)."""
         total, dot, bshape = self._shapes(x)
-        c, n, cut = x.shape[1], x.size // x.shape[1], parallel.channels
+        c, n, cut = x.shape[1], x.size // x.shape[1], channels
         sums = np.zeros(2 * c + 1, np.float64)  # sum, sum of squares per channel; the count
 
         def part(lo, hi):
@@ -240,7 +241,7 @@ class _BatchNorm(Layer):
             sums[lo:hi] = mu64 * n
             sums[c + lo : c + hi] = np.einsum(dot, xc, xc).astype(np.float64) + n * mu64 * mu64
 
-        parallel.per_channel(x, part)
+        self._cut(x, part)
         sums[-1] = n
         self.batch_sum(sums)
         m = int(sums[-1])
@@ -265,7 +266,7 @@ class _BatchNorm(Layer):
         """(input gradient, weight gradient, bias gradient) of one normalisation, given its saved state."""
         training, m, inv_std_all, centred = state
         total, dot, bshape = self._shapes(dy)
-        c, cut = dy.shape[1], parallel.channels
+        c, cut = dy.shape[1], channels
         gw, gb, dx = np.empty(c, dy.dtype), np.empty(c, dy.dtype), np.empty_like(dy)
         weight = self.params["weight"]
         summed = training and self.batch_sum is not None
@@ -290,11 +291,11 @@ class _BatchNorm(Layer):
                 dxs -= (k * sum_b[lo:hi] / m).reshape(bshape)
 
         if summed:  # the two sums over the whole batch, in one reduction; this part's own are the parameters'
-            parallel.per_channel(dy, sums)
+            self._cut(dy, sums)
             both = np.concatenate([gb, gw]).astype(np.float64)
             self.batch_sum(both)
             sum_b[:], sum_w[:] = both[:c], both[c:]
-        parallel.per_channel(dy, part)
+        self._cut(dy, part)
         return dx, gw, gb
 
     def onnx(self, g, x, input_shape, name):

@@ -281,3 +281,39 @@ def inspect_report(spec, rows: list[LayerRow]) -> dict:
         "training_bytes": training_bytes(rows, spec.data.batch_size, spec.train.ema_decay is not None),
         "param_groups": parameter_groups(spec, rows),
     }
+
+
+def checked_model(spec: Spec, rng: np.random.Generator) -> tuple[Model, list[LayerRow]]:
+    """The model a training run of spec starts with and its layer rows: its training memory checked before any
+    weight is drawn, and its outputs and loss checked against the data's kind before any data is read."""
+    check_training_memory(spec.name, describe(spec.model), spec.data.batch_size,
+                          averaged=spec.train.ema_decay is not None)
+    model, rows = build_model(spec.model, rng)
+    check_known_data(spec, rows)
+    return model, rows
+
+
+@dataclass
+class TrainingParts:
+    """What trains a model on a dataset: the loss, the optimizer, the weight average (train.ema_decay) and the
+    learning-rate schedule, with the number of steps in an epoch."""
+
+    loss_fn: Loss
+    optimizer: object
+    average: object | None
+    schedule: object
+    steps_per_epoch: int
+
+
+def training_parts(spec: Spec, model: Model, rows: list[LayerRow], ds) -> TrainingParts:
+    """The loss (class weights from ds's training labels), optimizer, average and schedule a spec asks for, once
+    the evaluation batch is known to fit."""
+    from .averaging import WeightAverage
+
+    check_evaluation_memory(spec.name, rows, min(spec.data.evaluation_batch, max(len(ds.val), len(ds.test), 1)))
+    loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
+    optimizer = spec.optimizer.build(model, rows)
+    decay = spec.train.ema_decay
+    steps = -(-len(ds.train) // spec.data.batch_size)
+    return TrainingParts(loss_fn, optimizer, WeightAverage(model, decay) if decay else None,
+                         spec.schedule.build(optimizer.lr, steps, spec.train.epochs), steps)

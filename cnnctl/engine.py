@@ -24,17 +24,7 @@ import numpy as np
 import yaml
 
 from . import checkpoint, data, distributed, nn, parallel, plan, runs, whitening
-from .averaging import WeightAverage
-from .builder import (
-    build_loss,
-    build_model,
-    check_evaluation_memory,
-    check_known_data,
-    check_outputs,
-    check_training_memory,
-    describe,
-    training_pflops,
-)
+from .builder import check_outputs, checked_model, training_parts, training_pflops
 from .callbacks import Callback, Callbacks
 from .checkpoint import Partial, RunState, Stopper
 from .config import Spec, TestTimeAugmentSpec, load_config, spec_to_dict, validate
@@ -224,30 +214,22 @@ class Trainer:
         self.spec, self.cb = spec, callback or Callback()
         self.world = world or distributed.World()  # several MPI ranks: each trains on its share of every batch
         self.seeds = Seeds.from_seed(spec.seed)
-        check_training_memory(spec.name, describe(spec.model), spec.data.batch_size,  # before any weight is drawn
-                              averaged=spec.train.ema_decay is not None)
-        self.model, self.rows = build_model(spec.model, self.seeds.init)
+        self.model, self.rows = checked_model(spec, self.seeds.init)  # every check that needs no data, first
         init = spec.model.init_from
         # a new run starts from init_from's weights; a resumed one from its own checkpoint (restore)
         self.init_report = None if init is None or resuming else init_from(self.model, init.checkpoint, init.strict,
                                                                                 init.rename)
-        check_known_data(spec, self.rows)  # fail before reading any data when we can
         self.ds = load_data(spec, self.rows, self.seeds, normalization, self.cb.on_download)
         # a new run's first convolution from the patch covariance (a resumed run has it, init_from brings its own)
         self.whitening = None if resuming or init is not None else whitening.apply(self.model, self.ds)
         self.num_classes = len(self.ds.classes)
-        check_evaluation_memory(spec.name, self.rows, min(spec.data.evaluation_batch,
-                                                          max(len(self.ds.val), len(self.ds.test), 1)))
         if self.world.size > 1:
             distributed.check_batches(spec.data.batch_size, len(self.ds.train), self.world.size)
+        parts = training_parts(spec, self.model, self.rows, self.ds)
+        self.loss_fn, self.optimizer, self.schedule = parts.loss_fn, parts.optimizer, parts.schedule
+        self.average, self.steps_per_epoch = parts.average, parts.steps_per_epoch  # the average: evaluated and saved
         # runs the model through its execution plan; batchnorm and dropout learn from it the share of the batch
         self.runner = plan.Runner(self.model, context=distributed.context_of(self.world, spec.train.sync_batchnorm))
-        self.loss_fn = build_loss(spec, self.ds.train.y, self.num_classes)
-        self.optimizer = spec.optimizer.build(self.model, self.rows)
-        decay = spec.train.ema_decay
-        self.average = WeightAverage(self.model, decay) if decay else None  # what is evaluated and saved
-        self.steps_per_epoch = -(-len(self.ds.train) // spec.data.batch_size)
-        self.schedule = spec.schedule.build(self.optimizer.lr, self.steps_per_epoch, spec.train.epochs)
         self.monitor, self.monitor_mode = spec.train.monitor, resolve_mode(spec.train.monitor, "auto")
         # where the run stands: read and written here, saved in every checkpoint (checkpoint.RunState)
         self.state = RunState(classes=self.ds.classes, history=[], stopper=Stopper(), wall_seconds=0.0)
@@ -542,9 +524,33 @@ class Trainer:
             return self._fit(run_dir, resumed)
 
     def _fit(self, run_dir: Path, resumed: bool) -> dict:
-        spec, ebs = self.spec, self.spec.data.evaluation_batch
-        tta = spec.data.test_time_augment
-        self.run_dir, self._started = Path(run_dir), time.time()
+        self._begin(Path(run_dir), resumed)
+        try:
+            stopped_early = self._epochs()
+        except Interrupted:
+            self._record_end("interrupted")
+            raise
+        except CnnctlError as e:  # a diverging loss, a full disk, ...: the summary says so if it still can
+            if isinstance(e, TrainingError):
+                self.numerics.explain(e)
+            self._record_end("failed", error=e.message)
+            raise
+        except Exception as e:  # a failure in cnnctl itself: recorded too, then shown with its traceback
+            self._record_end("failed", error=f"{type(e).__name__}: {e}")
+            raise
+        extra = {"stopped_early": stopped_early, **self._test()}
+        self._write_summary("finished", **extra)
+        self.cb.on_train_end({"final": self.state.history[-1], "best": self.state.best, **extra})
+        return {**extra, "best": self.state.best, "monitor": self.monitor, "final": self.state.history[-1],
+                "wall_seconds": round(self._elapsed(), 3),
+                "plan": self.state.algorithms,
+                "training_pflops": training_pflops(self.rows, self._images_trained(self.state.step))}
+
+    def _begin(self, run_dir: Path, resumed: bool) -> None:
+        """Before the first epoch: the frozen prefix's cache, the run directory's config, metrics and summary,
+        the loggers, and the start line."""
+        spec = self.spec
+        self.run_dir, self._started = run_dir, time.time()
         if spec.train.cache_frozen and self.net is self.runner:  # in the wall time: the cache costs one pass
             self._cache_frozen()
         self.fitting = True  # from here a failure leaves the run directory and its records in place
@@ -567,75 +573,73 @@ class Trainer:
                                 "resumed_at": (self.state.epoch, self.state.step) if resumed else None,
                                 "init_from": self.init_report,
                                 "ranks": self.ranks if self.world.size > 1 else None})
+
+    def _epochs(self) -> bool:
+        """Train, validate and record epochs up to train.epochs; True when early stopping (or a callback) ended
+        them first."""
         stopped_early = False
+        while self.state.epoch < self.spec.train.epochs and not stopped_early:
+            stopped_early = self._epoch(self.state.epoch + 1)
+        return stopped_early
+
+    def _epoch(self, epoch: int) -> bool:
+        """One epoch: train, synchronise the ranks, validate, record; True when training should stop after it."""
+        spec = self.spec
+        if spec.train.unfreeze_at_epoch and epoch >= spec.train.unfreeze_at_epoch:
+            self.model.freeze(False)  # from here on everything trains (a no-op once done)
+        t0 = time.perf_counter()
+        train_loss, train_acc = self._train_epoch(epoch)
+        self._synchronise()
+        row = {"epoch": epoch, "step": self.state.step, "train_loss": train_loss, "train_acc": train_acc,
+               "val_loss": None, "val_acc": None, "lr": self.optimizer.lr}
+        if len(self.ds.val) and (epoch % spec.train.validate_every == 0 or epoch == spec.train.epochs):
+            val = self._evaluate(self.feed.val)
+            row.update(val_loss=val["loss"], val_acc=val["accuracy"])
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        if row["val_loss"] is not None and not math.isfinite(row["val_loss"]):
+            if self.world.root:  # the epoch was trained: its row is kept (the loss as null), then it stops
+                runs.append_metrics(self.run_dir, row)
+            check_finite("validation loss", row["val_loss"], f"after epoch {epoch}", self.optimizer.lr)
+        self.state.epoch = epoch
+        self.state.history.append(row)
+        stop = self._end_of_epoch(row)
+        if self.world.root:
+            runs.append_metrics(self.run_dir, row)
+        self.recorded = epoch
+        if epoch < spec.train.epochs:  # progress on disk: `runs` and a crash see the epochs done
+            self._write_summary("running")
+        self.cb.on_epoch_end(row)
+        stop = self.world.any(stop or self.cb.should_stop(row))  # rank 0's callbacks
+        if self.world.any(self.stop_signal is not None):  # every rank stops here if any was signalled
+            raise Interrupted(self.stop_signal or signal.SIGINT, self.run_dir, epoch, self.state.step)
+        return stop
+
+    def _evaluate(self, split: data.Split) -> dict:
+        """The evaluated weights (their average with train.ema_decay) on a split of what the network is fed."""
+        with self.evaluated():
+            return evaluate(self.net, self.loss_fn, self.feed, split, self.spec.data.evaluation_batch,
+                            self.num_classes, self.spec.data.test_time_augment, self.world)
+
+    def _test(self) -> dict:
+        """The test split's loss and accuracy at the end (train.test_at_end), as summary entries."""
+        if not self.spec.train.test_at_end:
+            return {}
+        if not len(self.ds.test):
+            return {"test_skipped": f"the {self.spec.data.dataset} data has no test split; the run is measured on "
+                                    "its validation split"}
+        self._write_summary("testing")  # killed now, the run resumes to its test evaluation
         try:
-            while self.state.epoch < spec.train.epochs and not stopped_early:
-                epoch = self.state.epoch + 1
-                if spec.train.unfreeze_at_epoch and epoch >= spec.train.unfreeze_at_epoch:
-                    self.model.freeze(False)  # from here on everything trains (a no-op once done)
-                t0 = time.perf_counter()
-                train_loss, train_acc = self._train_epoch(epoch)
-                self._synchronise()
-                row = {"epoch": epoch, "step": self.state.step, "train_loss": train_loss, "train_acc": train_acc,
-                       "val_loss": None, "val_acc": None, "lr": self.optimizer.lr}
-                if len(self.ds.val) and (epoch % spec.train.validate_every == 0 or epoch == spec.train.epochs):
-                    with self.evaluated():
-                        val = evaluate(self.net, self.loss_fn, self.feed, self.feed.val, ebs, self.num_classes, tta,
-                                       self.world)
-                    row.update(val_loss=val["loss"], val_acc=val["accuracy"])
-                row["seconds"] = round(time.perf_counter() - t0, 3)
-                if row["val_loss"] is not None and not math.isfinite(row["val_loss"]):
-                    if self.world.root:  # the epoch was trained: its row is kept (the loss as null), then it stops
-                        runs.append_metrics(self.run_dir, row)
-                    check_finite("validation loss", val["loss"], f"after epoch {epoch}", self.optimizer.lr)
-                self.state.epoch = epoch
-                self.state.history.append(row)
-                stopped_early = self._end_of_epoch(row)
-                if self.world.root:
-                    runs.append_metrics(self.run_dir, row)
-                self.recorded = epoch
-                if epoch < spec.train.epochs:  # progress on disk: `runs` and a crash see the epochs done
-                    self._write_summary("running")
-                self.cb.on_epoch_end(row)
-                stopped_early = self.world.any(stopped_early or self.cb.should_stop(row))  # rank 0's callbacks
-                if self.world.any(self.stop_signal is not None):  # every rank stops here if any was signalled
-                    raise Interrupted(self.stop_signal or signal.SIGINT, self.run_dir, epoch, self.state.step)
-        except Interrupted:
-            with contextlib.suppress(CnnctlError):
-                self._write_summary("interrupted")
+            test = self._evaluate(self.feed.test)
+            check_finite("test loss", test["loss"], "at the end", self.optimizer.lr)
+        except CnnctlError as e:
+            self._record_end("failed", error=e.message)
             raise
-        except CnnctlError as e:  # a diverging loss, a full disk, ...: the summary says so if it still can
-            if isinstance(e, TrainingError):
-                self.numerics.explain(e)
-            with contextlib.suppress(CnnctlError):
-                self._write_summary("failed", error=e.message)
-            raise
-        except Exception as e:  # a failure in cnnctl itself: recorded too, then shown with its traceback
-            with contextlib.suppress(CnnctlError):
-                self._write_summary("failed", error=f"{type(e).__name__}: {e}")
-            raise
-        extra = {"stopped_early": stopped_early}
-        if spec.train.test_at_end and not len(self.ds.test):
-            extra["test_skipped"] = f"the {spec.data.dataset} data has no test split; the run is measured on " \
-                                    "its validation split"
-        elif spec.train.test_at_end:
-            self._write_summary("testing")  # killed now, the run resumes to its test evaluation
-            try:
-                with self.evaluated():
-                    test = evaluate(self.net, self.loss_fn, self.feed, self.feed.test, ebs, self.num_classes, tta,
-                                    self.world)
-                check_finite("test loss", test["loss"], "at the end", self.optimizer.lr)
-            except CnnctlError as e:
-                with contextlib.suppress(CnnctlError):
-                    self._write_summary("failed", error=e.message)
-                raise
-            extra["test"] = {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]}
-        self._write_summary("finished", **extra)
-        self.cb.on_train_end({"final": self.state.history[-1], "best": self.state.best, **extra})
-        return {**extra, "best": self.state.best, "monitor": self.monitor, "final": self.state.history[-1],
-                "wall_seconds": round(self._elapsed(), 3),
-                "plan": self.state.algorithms,
-                "training_pflops": training_pflops(self.rows, self._images_trained(self.state.step))}
+        return {"test": {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]}}
+
+    def _record_end(self, status: str, **extra) -> None:
+        """The summary's last word on a run that did not finish, if the disk still takes it."""
+        with contextlib.suppress(CnnctlError):
+            self._write_summary(status, **extra)
 
 
 def resume_spec(run_dir: Path, overrides: list[str], force: bool) -> tuple[Spec, checkpoint.Checkpoint]:

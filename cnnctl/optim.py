@@ -7,11 +7,13 @@ checkpoints through state_dict()/load_state_dict(). `lr` is a plain attribute th
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
+import typing
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 
 from .errors import ConfigError
 from .nn.base import Layer, Param
@@ -20,7 +22,31 @@ from .strict import PosInt, Strict
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {}
 OPTIMIZER_SPECS: dict[str, type[Strict]] = {}  # what `optimizer:` in a config may be, by its `type`
-register_optimizer = registrar(OPTIMIZERS, OPTIMIZER_SPECS)
+_register = registrar(OPTIMIZERS, OPTIMIZER_SPECS)
+
+# the constraints of the constructors' arguments, which the specs users write are made from
+Rate = Annotated[float, Field(gt=0.0)]
+Decay = Annotated[float, Field(ge=0.0)]
+Positive = Annotated[float, Field(gt=0.0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def register_optimizer(tag: str):
+    """Class decorator: make an optimizer known as `optimizer.type: tag`. Its spec (what a config may say) is made
+    from its constructor: every argument after the model is a key, with the constructor's default and the
+    constraints its annotation carries (Rate, Decay, ... above), so a new optimizer is its class alone."""
+
+    def deco(cls):
+        hints = typing.get_type_hints(cls.__init__, include_extras=True)
+        fields = {name: (hints[name], p.default) for name, p in inspect.signature(cls.__init__).parameters.items()
+                  if name not in ("self", "model")}
+        spec = create_model(f"{cls.__name__}Spec", __base__=_OptimizerSpec, __module__=__name__,
+                            type=(Literal[tag], ...), **fields, **COMMON)
+        spec.__doc__ = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None
+        return _register(tag, spec)(cls)
+
+    return deco
 
 
 # ---------------------------------------------------------------- specs (the YAML)
@@ -71,11 +97,24 @@ class LookaheadSpec(Strict):
     alpha: float = Field(0.5, gt=0.0, le=1.0, description="How far the slow weights move towards the fast ones.")
 
 
+# the keys every optimizer spec has after its constructor's
+COMMON = {
+    "groups": (list[ParamGroupSpec], Field(default=[], description="Parameter groups, matched in order: [{match: "
+                                           "{param: bias}, lr_scale: 2, weight_decay: 0}, ...].")),
+    "lookahead": (LookaheadSpec | None, Field(None, description="Wrap the optimizer in lookahead: {k: 5, alpha: "
+                                              "0.5}.")),
+}
+
+
 class _OptimizerSpec(Strict):
-    groups: list[ParamGroupSpec] = Field(default=[], description="Parameter groups, matched in order: "
-                                         "[{match: {param: bias}, lr_scale: 2, weight_decay: 0}, ...].")
-    lookahead: LookaheadSpec | None = Field(None, description="Wrap the optimizer in lookahead: {k: 5, alpha: "
-                                            "0.5}.")
+    """What every optimizer spec does; the keys are made by register_optimizer."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """`key: null` means the key's default (runs written before the specs were made from the constructors say
+        `weight_decay: null` for adam's and adamw's)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     def options(self) -> dict:
         """The optimizer's keyword arguments."""
@@ -88,66 +127,6 @@ class _OptimizerSpec(Strict):
         opt.groups = assign_groups(self.groups, model, rows or [])
         opt.lookahead = self.lookahead
         return opt
-
-
-class SGDSpec(_OptimizerSpec):
-    type: Literal["sgd"]
-    lr: float = Field(0.01, gt=0.0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    dampening: float = Field(0.0, ge=0.0, le=1.0)
-    nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0.0)
-    decay_bias_and_norm: bool = True
-
-
-class AdamSpec(_OptimizerSpec):
-    type: Literal["adam"]
-    lr: float = Field(0.001, gt=0.0)
-    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float | None = Field(None, ge=0.0, description="Default 0 for adam, 0.01 for adamw.")
-    amsgrad: bool = False
-    decay_bias_and_norm: bool = True
-
-    def options(self):
-        kwargs = self.model_dump(exclude={"type", "weight_decay", "groups", "lookahead"})
-        if self.weight_decay is not None:
-            kwargs["weight_decay"] = self.weight_decay
-        return kwargs
-
-
-class AdamWSpec(AdamSpec):
-    type: Literal["adamw"]
-
-
-class RMSpropSpec(_OptimizerSpec):
-    type: Literal["rmsprop"]
-    lr: float = Field(0.01, gt=0.0)
-    alpha: float = Field(0.99, ge=0.0, lt=1.0)
-    eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    centered: bool = False
-    decay_bias_and_norm: bool = True
-
-
-class AdagradSpec(_OptimizerSpec):
-    type: Literal["adagrad"]
-    lr: float = Field(0.01, gt=0.0)
-    lr_decay: float = Field(0.0, ge=0.0, description="The rate at step t is lr / (1 + (t - 1) * lr_decay).")
-    weight_decay: float = Field(0.0, ge=0.0)
-    initial_accumulator_value: float = Field(0.0, ge=0.0)
-    eps: float = Field(1e-10, gt=0.0)
-    decay_bias_and_norm: bool = True
-
-
-class AdadeltaSpec(_OptimizerSpec):
-    type: Literal["adadelta"]
-    lr: float = Field(1.0, gt=0.0, description="Scales the step (1.0: Zeiler's Adadelta, which needs no rate).")
-    rho: float = Field(0.9, ge=0.0, le=1.0)
-    eps: float = Field(1e-6, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    decay_bias_and_norm: bool = True
 
 
 # ---------------------------------------------------------------- the update rules
@@ -220,12 +199,12 @@ class Optimizer:
         self.state = {name: dict(sorted(found[name].items())) for name in order}
 
 
-@register_optimizer("sgd", SGDSpec)
+@register_optimizer("sgd")
 class SGD(Optimizer):
     """p -= lr * (nesterov ? g + momentum*b : b), b = momentum*b + (1-dampening)*g, g = grad + wd*p."""
 
-    def __init__(self, model, lr=0.01, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                 decay_bias_and_norm=True):
+    def __init__(self, model, lr: Rate = 0.01, momentum: Fraction = 0.0, dampening: Unit = 0.0, nesterov: bool = False,
+                 weight_decay: Decay = 0.0, decay_bias_and_norm: bool = True):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.momentum, self.dampening, self.nesterov = float(momentum), float(dampening), bool(nesterov)
 
@@ -246,14 +225,14 @@ class SGD(Optimizer):
         return p - lr * g
 
 
-@register_optimizer("adam", AdamSpec)
+@register_optimizer("adam")
 class Adam(Optimizer):
     """Adam (L2 weight decay added to the gradient); AdamW decouples it. Bias-corrected moments, optional AMSGrad."""
 
     decoupled = False
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                 decay_bias_and_norm=True):
+    def __init__(self, model, lr: Rate = 1e-3, betas: tuple[Fraction, Fraction] = (0.9, 0.999), eps: Positive = 1e-8,
+                 weight_decay: Decay = 0.0, amsgrad: bool = False, decay_bias_and_norm: bool = True):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.betas, self.eps, self.amsgrad = (float(betas[0]), float(betas[1])), float(eps), bool(amsgrad)
 
@@ -272,23 +251,23 @@ class Adam(Optimizer):
         return p - (lr / (1 - b1**t)) * m / denom
 
 
-@register_optimizer("adamw", AdamWSpec)
+@register_optimizer("adamw")
 class AdamW(Adam):
     """Adam with decoupled weight decay: p *= 1 - lr*wd before the Adam step (default wd 0.01, like torch)."""
 
     decoupled = True
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False,
-                 decay_bias_and_norm=True):
+    def __init__(self, model, lr: Rate = 1e-3, betas: tuple[Fraction, Fraction] = (0.9, 0.999), eps: Positive = 1e-8,
+                 weight_decay: Decay = 0.01, amsgrad: bool = False, decay_bias_and_norm: bool = True):
         super().__init__(model, lr, betas, eps, weight_decay, amsgrad, decay_bias_and_norm)
 
 
-@register_optimizer("rmsprop", RMSpropSpec)
+@register_optimizer("rmsprop")
 class RMSprop(Optimizer):
     """v = alpha*v + (1-alpha)*g^2; p -= lr * g / (sqrt(v - centered mean^2) + eps), with optional momentum."""
 
-    def __init__(self, model, lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
-                 decay_bias_and_norm=True):
+    def __init__(self, model, lr: Rate = 0.01, alpha: Fraction = 0.99, eps: Positive = 1e-8, weight_decay: Decay = 0.0,
+                 momentum: Fraction = 0.0, centered: bool = False, decay_bias_and_norm: bool = True):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.alpha, self.eps, self.momentum, self.centered = float(alpha), float(eps), float(momentum), centered
 
@@ -308,12 +287,15 @@ class RMSprop(Optimizer):
         return p - lr * g / avg
 
 
-@register_optimizer("adagrad", AdagradSpec)
+@register_optimizer("adagrad")
 class Adagrad(Optimizer):
     """s += g^2; p -= lr / (1 + (t-1)*lr_decay) * g / (sqrt(s) + eps) (Duchi et al. 2011; torch.optim.Adagrad)."""
 
-    def __init__(self, model, lr=0.01, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10,
-                 decay_bias_and_norm=True):
+    def __init__(self, model, lr: Rate = 0.01,
+                 lr_decay: Annotated[float, Field(ge=0.0, description="The rate at step t is lr / (1 + (t - 1) * "
+                                                  "lr_decay).")] = 0.0,
+                 weight_decay: Decay = 0.0, initial_accumulator_value: Decay = 0.0, eps: Positive = 1e-10,
+                 decay_bias_and_norm: bool = True):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.lr_decay, self.initial, self.eps = float(lr_decay), float(initial_accumulator_value), float(eps)
 
@@ -327,12 +309,14 @@ class Adagrad(Optimizer):
         return p - clr * g / (np.sqrt(s) + self.eps)
 
 
-@register_optimizer("adadelta", AdadeltaSpec)
+@register_optimizer("adadelta")
 class Adadelta(Optimizer):
     """v = rho*v + (1-rho)*g^2; d = sqrt(u + eps) / sqrt(v + eps) * g; u = rho*u + (1-rho)*d^2; p -= lr*d
     (Zeiler 2012; torch.optim.Adadelta)."""
 
-    def __init__(self, model, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, decay_bias_and_norm=True):
+    def __init__(self, model, lr: Annotated[float, Field(gt=0.0, description="Scales the step (1.0: Zeiler's "
+                                                         "Adadelta, which needs no rate).")] = 1.0,
+                 rho: Unit = 0.9, eps: Positive = 1e-6, weight_decay: Decay = 0.0, decay_bias_and_norm: bool = True):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.rho, self.eps = float(rho), float(eps)
 
@@ -344,6 +328,33 @@ class Adadelta(Optimizer):
         d = np.sqrt(st.get("acc_delta", np.zeros_like(p)) + self.eps) / np.sqrt(v + self.eps) * g
         st["acc_delta"] = r * st.get("acc_delta", np.zeros_like(p)) + (1 - r) * d * d
         return p - lr * d
+
+
+@register_optimizer("radam")
+class RAdam(Optimizer):
+    """Rectified Adam (Liu et al. 2020; torch.optim.RAdam): Adam's step scaled by the rectification r_t once the
+    variance of the adaptive rate is tractable (rho_t > 5), plain momentum SGD on the bias-corrected first moment
+    before that: no warm-up needed. L2 weight decay added to the gradient."""
+
+    def __init__(self, model, lr: Rate = 1e-3, betas: tuple[Fraction, Fraction] = (0.9, 0.999), eps: Positive = 1e-8,
+                 weight_decay: Decay = 0.0, decay_bias_and_norm: bool = True):
+        super().__init__(model, lr, weight_decay, decay_bias_and_norm)
+        self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
+
+    def update(self, p, g, st, wd, lr):
+        b1, b2 = self.betas
+        if wd:
+            g = g + wd * p
+        m = st["exp_avg"] = b1 * st.get("exp_avg", np.zeros_like(p)) + (1 - b1) * g
+        v = st["exp_avg_sq"] = b2 * st.get("exp_avg_sq", np.zeros_like(p)) + (1 - b2) * g * g
+        t = self.steps
+        corrected = m / (1 - b1**t)
+        rho_inf = 2 / (1 - b2) - 1
+        rho = rho_inf - 2 * t * b2**t / (1 - b2**t)
+        if rho <= 5:
+            return p - lr * corrected
+        rect = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+        return p - corrected * lr * (math.sqrt(1 - b2**t) / (np.sqrt(v) + self.eps)) * rect
 
 
 def assign_groups(groups: list[ParamGroupSpec], model: Layer, rows: list) -> dict[str, ParamGroupSpec]:

@@ -85,6 +85,45 @@ def test_shorthands():
     assert spec.loss.type == "mse" and spec.optimizer.type == "sgd" and spec.optimizer.lr == 0.3
 
 
+def _described(text: str, tag: str) -> list[str]:
+    """Where docs/config.md describes a type: each table row naming `tag`, and in prose the words from `tag` to
+    the first closing parenthesis after it (`sgd` (lr, momentum, ...), `adam` and `adamw` (lr, betas, ...))."""
+    found = []
+    for para in re.split(r"\n\s*\n", text):
+        rows = [line for line in para.splitlines() if line.startswith("|")]
+        if rows:
+            found += [row for row in rows if f"`{tag}`" in row]
+            continue
+        for m in re.finditer(re.escape(f"`{tag}`"), para):
+            end = para.find(")", m.end())
+            found.append(para[m.start() : end + 1 if end >= 0 else len(para)])
+    return found
+
+
+def test_every_registered_type_is_documented_with_its_own_keys():
+    """Each layer type, optimizer and schedule of the registries appears in docs/config.md as `tag`, and each of
+    its own keys (those its spec adds) in a row or paragraph that names it: an optimizer added without a word of
+    documentation fails here, whatever other optimizers' rows say."""
+    from cnnctl import optim, schedules
+    from cnnctl.nn.base import LayerSpec
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    undocumented = []
+    for kind, table in (("layer", LAYER_SPECS), ("optimizer", optim.OPTIMIZER_SPECS),
+                        ("schedule", schedules.SCHEDULE_SPECS)):
+        # keys every type of the kind has (a layer's name, an optimizer's lr) are the other test's
+        common = set.intersection(*(set(spec.model_fields) for spec in table.values())) | set(LayerSpec.model_fields)
+        for tag, spec in table.items():
+            where = _described(text, tag)
+            if not where:
+                undocumented.append(f"{kind} `{tag}`")
+                continue
+            for key in sorted(set(spec.model_fields) - common):
+                if not any(re.search(rf"(?<![\w.]){key}(?![\w])", b) for b in where):
+                    undocumented.append(f"{kind} {tag}: {key}")
+    assert not undocumented, f"not in docs/config.md beside their type: {undocumented}"
+
+
 def test_every_config_key_is_in_the_config_reference():
     """docs/config.md documents every key of every spec (layers, optimizers and schedules from their registries)."""
     from cnnctl import optim, schedules

@@ -23,9 +23,11 @@ SETTINGS = [
     ("adagrad", {"lr": 1e-1, "lr_decay": 0.05, "weight_decay": 1e-2, "initial_accumulator_value": 0.1, "eps": 1e-8}),
     ("adadelta", {}),
     ("adadelta", {"lr": 0.5, "rho": 0.8, "eps": 1e-5, "weight_decay": 1e-2}),
+    ("radam", {"lr": 1e-2}),
+    ("radam", {"lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 1e-2}),
 ]
 TORCH = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "adagrad": "Adagrad",
-         "adadelta": "Adadelta"}
+         "adadelta": "Adadelta", "radam": "RAdam"}
 
 
 def test_every_optimizer_has_torch_settings():

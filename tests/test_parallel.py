@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from cnnctl import nn, parallel
+from cnnctl import convolution, nn, parallel
 from cnnctl.cli import app
 from cnnctl.plan import Runner
 from tests.cases import all_cases, basic_block, randomize_params
@@ -66,7 +66,7 @@ def test_every_layer_gives_the_same_bits_on_any_thread_count(threads, factory, s
     _same_bits_on_1_2_3_threads(threads, lambda: step(factory, shape))
 
 
-@pytest.mark.parametrize("algorithm", ["lowering", "pointwise", "winograd2", "winograd4"])
+@pytest.mark.parametrize("algorithm", list(convolution.ALGORITHMS))
 def test_a_residual_network_gives_the_same_bits_on_any_thread_count(threads, algorithm):
     """The joins (a residual add with its fused ReLU, a concatenation), max pooling with a moved ReLU, batchnorm
     and every convolution algorithm, through the plan at 1, 2 and 3 threads."""

@@ -286,9 +286,12 @@ def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
                                rtol=1e-5, atol=1e-6)
 
     summary = json.loads((run / "summary.json").read_text())
-    loss_fn = train.build_loss(spec, ds.train.y, len(ds.classes))
-    with_flip = train.evaluate(model, loss_fn, ds, ds.test, 32, len(ds.classes), flip)
-    without = train.evaluate(model, loss_fn, ds, ds.test, 32, len(ds.classes))
+    from cnnctl.builder import build_loss
+    from cnnctl.plan import Runner
+
+    loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
+    with_flip = train.evaluate(Runner(model), loss_fn, ds, ds.test, 32, len(ds.classes), flip)
+    without = train.evaluate(Runner(model), loss_fn, ds, ds.test, 32, len(ds.classes))
     assert summary["test"]["accuracy"] == with_flip["accuracy"]
     assert abs(summary["test"]["loss"] - with_flip["loss"]) < 1e-6
     assert with_flip["loss"] != without["loss"]

@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import Field
 
 from .. import functional as F
-from .base import Layer, LayerSpec, register
+from .base import Context, Layer, LayerSpec, channels, register
 
 
 class ReLUSpec(LayerSpec):
@@ -80,6 +80,7 @@ class Elementwise(Layer):
     decreases) lets the plan move f behind a max pooling that follows it: pool(f(z)) = f(pool(z))."""
 
     capability = "elementwise"
+    takes_context = True  # run by a layer that applies it (batchnorm's activation), cut as that layer's runner says
     derivative_dtype: ClassVar[type | None] = None
     monotone: ClassVar[bool] = False
 
@@ -96,13 +97,18 @@ class Elementwise(Layer):
         owner = next(c for c in type(self).__mro__ if "elementwise" in vars(c))
         return "monotone" in vars(owner) and bool(self.monotone)
 
-    def forward(self, x, training=True):
-        y, self._d = np.empty_like(x), self.derivative_like(x)
-        self.elementwise(x, y, self._d)
+    def forward(self, x, training=True, context: Context | None = None):
+        y, d = np.empty_like(x), self.derivative_like(x)
+        self._cut = (context or Context()).per_channel
+        self._cut(x, lambda lo, hi: self.elementwise(channels(x, lo, hi), channels(y, lo, hi), channels(d, lo, hi)))
+        self._d = d
         return y
 
     def backward(self, dy):
-        return np.multiply(dy, self._d, dtype=dy.dtype)
+        d = self._d
+        dy, dx = F.in_layout_of(dy, d), np.empty_like(d, dtype=dy.dtype)  # one layout: several times faster
+        self._cut(d, lambda lo, hi: np.multiply(channels(dy, lo, hi), channels(d, lo, hi), out=channels(dx, lo, hi)))
+        return dx
 
 
 @register("relu", ReLUSpec, activation=True)
@@ -117,7 +123,7 @@ class ReLU(Elementwise):
 
     def elementwise(self, x, y, d):
         np.greater(x, 0, out=d)
-        np.multiply(x, d, out=y)  # twice as fast as np.maximum(x, 0) (measured); -0.0 below zero
+        np.maximum(x, 0, out=y)  # as fast as x * d in place, a third faster into another array (measured)
 
 
 @register("leaky_relu", LeakyReLUSpec, activation=True)

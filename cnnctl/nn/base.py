@@ -242,8 +242,13 @@ class Layer:
 
     # ------------------------------------------------------------ helpers for subclasses
 
-    def _activate(self, y: np.ndarray, training: bool) -> np.ndarray:
-        return y if self.activation is None else self.activation.forward(y, training)
+    def _activate(self, y: np.ndarray, training: bool, context: Context | None = None) -> np.ndarray:
+        """The layer's own activation on its output; `context` (the layer's runner's) passed on where it asks."""
+        if self.activation is None:
+            return y
+        if context is not None and self.activation.takes_context:
+            return self.activation.forward(y, training, context=context)
+        return self.activation.forward(y, training)
 
     def _deactivate(self, dy: np.ndarray) -> np.ndarray:
         return dy if self.activation is None else self.activation.backward(dy)

@@ -10,7 +10,7 @@ from pydantic import Field
 from .. import functional as F
 from ..errors import ShapeError
 from ..strict import NonNegInt, PosInt, PosPair
-from .base import Layer, LayerSpec, make_activation, register
+from .base import Context, Layer, LayerSpec, make_activation, register
 from .init import SHAPES_ONLY, Init, constant, dirac, initialize
 
 if TYPE_CHECKING:  # derived from the activation registry in nn/__init__ once every layer type is registered
@@ -57,6 +57,7 @@ class Conv2D(Layer):
     its bias and element-wise activation fused on the output."""
 
     capability = "convolution"
+    takes_context = True  # for its activation, when the plan runs it as it is (a grouped convolution)
 
     def __init__(
         self,
@@ -123,15 +124,15 @@ class Conv2D(Layer):
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         return rf[0] + dh * (kh - 1) * rf[2], rf[1] + dw * (kw - 1) * rf[3], rf[2] * sh, rf[3] * sw
 
-    def forward(self, x, training=True):
+    def forward(self, x, training=True, context: Context | None = None):
         self._x_shape = x.shape
         self._pad4 = self.pads(x.shape[2:])
         w, b = self.params["weight"], self.params.get("bias")
         if self.groups > 1:
             y, self._saved = F.grouped_conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation, self.groups)
-            return self._activate(y, training)
+            return self._activate(y, training, context)
         y, self._saved = F.conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation)
-        return self._activate(y, training)
+        return self._activate(y, training, context)
 
     def backward(self, dy):
         dy = self._deactivate(dy)

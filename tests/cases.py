@@ -117,6 +117,7 @@ CASES = {
     "hardswish": [("hardswish", lambda g: nn.HardSwish(), (3, 4, 5)),
                   ("hardswish_wide", lambda g: nn.HardSwish(), (2, 3, 4, 5))],
     "silu": [("silu", lambda g: nn.SiLU(), (3, 4, 5)), ("silu_wide", lambda g: nn.SiLU(), (2, 3, 4, 5))],
+    "mish": [("mish", lambda g: nn.Mish(), (3, 4, 5)), ("mish_wide", lambda g: nn.Mish(), (2, 3, 4, 5))],
     "tanh": [("tanh", lambda g: nn.Tanh(), (3, 4, 5))],
     "softmax": [("softmax", lambda g: nn.Softmax(), (4, 6))],
     "log_softmax": [("log_softmax", lambda g: nn.LogSoftmax(), (4, 6))],

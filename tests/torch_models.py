@@ -112,6 +112,7 @@ TORCH = {
     "hardsigmoid": lambda layer: tnn.Hardsigmoid(),
     "hardswish": lambda layer: tnn.Hardswish(),
     "silu": lambda layer: tnn.SiLU(),
+    "mish": lambda layer: tnn.Mish(),
     "tanh": lambda layer: tnn.Tanh(),
     "softmax": lambda layer: tnn.Softmax(dim=1),
     "log_softmax": lambda layer: tnn.LogSoftmax(dim=1),

@@ -328,11 +328,36 @@ def test_viz_records_nested_convolutions():
     assert seen == [(model.layers[2], (1, 2, 4, 4))]  # once, with the residual's output, until removed
 
 
-def test_every_registered_type_walks_the_tree():
-    assert {"sequential", "residual", "concat"} <= set(nn.REGISTRY)
-    layers = [r for r in walk(build_model(spec_of([{"type": "basic", "filters": 3}], {"basic": BASIC}).model)[1])]
-    assert [r.path for r in layers] == ["layers.0", "layers.0.body.0", "layers.0.body.1", "layers.0.body.2",
-                                        "layers.0.body.3"]
+CONV = {"type": "conv2d", "filters": 3, "kernel_size": 3, "padding": 1}
+CONTAINERS = {  # one use of each container type; a test fails for a container type without one
+    "sequential": {"type": "sequential", "layers": [CONV, {"type": "relu"}]},
+    "residual": {"type": "residual", "body": [CONV, {"type": "batchnorm"}], "shortcut": [CONV]},
+    "concat": {"type": "concat", "branches": [[], [CONV], [{"type": "maxpool2d", "kernel_size": 3, "stride": 1,
+                                                             "padding": 1}]]},
+    "gate": {"type": "gate", "branch": [{"type": "global_avgpool2d"}, {"type": "dense", "units": 3,
+                                                                       "activation": "sigmoid"}]},
+}
+
+
+def test_every_container_type_is_covered_and_its_rows_are_its_layers():
+    """Every registered container type (a spec holding layer lists) builds, and the builder's rows (what inspect,
+    parameter groups and init_from read) name layers of the model's tree, in its order, one for every layer that
+    the config wrote (every layer with parameters among them; the lists' own Sequentials have no row)."""
+    from cnnctl.nn.base import LayerSpec
+
+    containers = {tag for tag, spec in nn.SPECS.items() if spec.layer_lists is not LayerSpec.layer_lists}
+    assert containers == set(CONTAINERS), "add a use of the new container type to CONTAINERS"
+    for tag, use in CONTAINERS.items():
+        model, rows = build_model(spec_of([use]).model)
+        tree = dict(model.named_layers())
+        paths = [r.path for r in walk(rows)]
+        assert all(p in tree for p in paths) and paths == [n for n in tree if n in paths], tag
+        assert {p.name.rsplit(".", 1)[0] for p in model.parameters()} <= set(paths), tag
+        assert len(paths) == sum(1 for n, layer in tree.items() if n and type(layer) is not nn.Sequential) \
+            + (tag == "sequential"), tag
+    rows = build_model(spec_of([{"type": "basic", "filters": 3}], {"basic": BASIC}).model)[1]
+    assert [r.path for r in walk(rows)] == ["layers.0", "layers.0.body.0", "layers.0.body.1", "layers.0.body.2",
+                                            "layers.0.body.3"]
 
 
 @pytest.mark.parametrize("depth", [40, 400])

@@ -60,6 +60,23 @@ def test_layer_matches_torch(tag, case_id, factory, shape, training):
     compare(layer, g.standard_normal(shape).astype(np.float32), training)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("tag", "case_id", "factory", "shape"), list(all_cases()), ids=lambda v: str(v))
+def test_layer_through_the_plan_matches_torch(tag, case_id, factory, shape, training):
+    """The same cases as a model run through its execution plan (fusions, algorithms, threads), as training runs
+    them: output, input and parameter gradients and buffers against torch."""
+    from cnnctl.plan import Runner
+
+    g = np.random.default_rng(0)
+    layer = factory(g)
+    if tag in ("dropout", "dropout2d"):
+        pytest.skip("random masks cannot be shared with torch; see test_dropout_semantics")
+    randomize_params(layer, g, statistics=True)
+    model = nn.Model([layer])
+    model.set_input_grad(True)
+    compare(model, g.standard_normal(shape).astype(np.float32), training, runner=Runner(model))
+
+
 def random_conv(seed):
     g = np.random.default_rng(seed)
     k = tuple(g.integers(1, 6, 2))

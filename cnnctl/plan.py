@@ -29,6 +29,7 @@ lists the steps, as `cnnctl inspect --plan` and `cnnctl bench --plan` print them
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -131,9 +132,15 @@ class LayerStep(Step):
         return _held_bytes(self.layer) + (_held_bytes(act) if act is not None else 0)
 
 
+@functools.cache
+def _takes_context(cls: type) -> bool:
+    """Whether a layer class's forward takes `context=` (it says so, and a subclass's forward may not)."""
+    return cls.takes_context and "context" in inspect.signature(cls.forward).parameters
+
+
 def _forward(layer: Layer, x: np.ndarray, training: bool, context: Context | None) -> np.ndarray:
-    """layer.forward, with `context=` where the layer takes one (a subclass's forward may not)."""
-    if context is not None and layer.takes_context and "context" in inspect.signature(type(layer).forward).parameters:
+    """layer.forward, with `context=` where the layer takes one."""
+    if context is not None and _takes_context(type(layer)):
         return layer.forward(x, training, context=context)
     return layer.forward(x, training)
 

@@ -97,8 +97,9 @@ class Elementwise(Layer):
         owner = next(c for c in type(self).__mro__ if "elementwise" in vars(c))
         return "monotone" in vars(owner) and bool(self.monotone)
 
-    def forward(self, x, training=True, context: Context | None = None):
-        y, d = np.empty_like(x), self.derivative_like(x)
+    def forward(self, x, training=True, context: Context | None = None, out: np.ndarray | None = None):
+        """f(x) into a new array, or into `out` (which may be x itself)."""
+        y, d = np.empty_like(x) if out is None else out, self.derivative_like(x)
         self._cut = (context or Context()).per_channel
         self._cut(x, lambda lo, hi: self.elementwise(channels(x, lo, hi), channels(y, lo, hi), channels(d, lo, hi)))
         self._d = d

@@ -242,13 +242,18 @@ class Layer:
 
     # ------------------------------------------------------------ helpers for subclasses
 
-    def _activate(self, y: np.ndarray, training: bool, context: Context | None = None) -> np.ndarray:
-        """The layer's own activation on its output; `context` (the layer's runner's) passed on where it asks."""
-        if self.activation is None:
+    def _activate(self, y: np.ndarray, training: bool, context: Context | None = None,
+                  in_place: bool = False) -> np.ndarray:
+        """The layer's own activation on its output; `context` (the layer's runner's) passed on where it asks.
+        `in_place`: y is the layer's own new array, which its backward does not read: an element-wise activation
+        writes its output there (one array less to allocate and fill)."""
+        act = self.activation
+        if act is None:
             return y
-        if context is not None and self.activation.takes_context:
-            return self.activation.forward(y, training, context=context)
-        return self.activation.forward(y, training)
+        kw = {"context": context} if context is not None and act.takes_context else {}
+        if in_place and act.planned_as() == "elementwise":
+            kw["out"] = y
+        return act.forward(y, training, **kw)
 
     def _deactivate(self, dy: np.ndarray) -> np.ndarray:
         return dy if self.activation is None else self.activation.backward(dy)

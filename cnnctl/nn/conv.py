@@ -130,9 +130,9 @@ class Conv2D(Layer):
         w, b = self.params["weight"], self.params.get("bias")
         if self.groups > 1:
             y, self._saved = F.grouped_conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation, self.groups)
-            return self._activate(y, training, context)
+            return self._activate(y, training, context, in_place=True)
         y, self._saved = F.conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation)
-        return self._activate(y, training, context)
+        return self._activate(y, training, context, in_place=True)
 
     def backward(self, dy):
         dy = self._deactivate(dy)

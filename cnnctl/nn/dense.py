@@ -103,7 +103,7 @@ class Dense(Layer):
         y = x @ self.params["weight"].T
         if "bias" in self.params:
             y += self.params["bias"]
-        return self._activate(y, training)
+        return self._activate(y, training, in_place=True)
 
     def backward(self, dy):
         dy = self._deactivate(dy)

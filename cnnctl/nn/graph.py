@@ -134,7 +134,7 @@ class Residual(Layer):
 
     def forward(self, x, training=True):
         return self._activate(self.join([x if b is None else b(x, training) for _, b in self.join_inputs()]),
-                              training)
+                              training, in_place=True)
 
     def backward(self, dy):
         d_body, d_shortcut = self.join_backward(self._deactivate(dy), [])

@@ -185,10 +185,10 @@ class _BatchNorm(Layer):
         if training and g and x.shape[0] > g:  # ghost batchnorm: each virtual batch in turn, its own statistics
             parts = [self._normalise(x[lo : lo + g], True) for lo in range(0, x.shape[0], g)]
             self._saved = [state for _, state in parts]
-            return self._activate(np.concatenate([y for y, _ in parts]), training, context)
+            return self._activate(np.concatenate([y for y, _ in parts]), training, context, in_place=True)
         y, state = self._normalise(x, training)
         self._saved = [state]
-        return self._activate(y, training, context)
+        return self._activate(y, training, context, in_place=True)
 
     def _normalise(self, x, training):
         """(x - mean) / std * weight + bias with this batch's statistics (training: updating the running ones) or

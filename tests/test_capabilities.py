@@ -237,3 +237,26 @@ def test_an_optimizer_spec_is_made_from_its_constructor():
         optim.OPTIMIZERS.update(before[0])
         optim.OPTIMIZER_SPECS.clear()
         optim.OPTIMIZER_SPECS.update(before[1])
+
+
+def test_an_unknown_convolution_algorithm_is_refused_not_replaced():
+    """A name that no registered algorithm has is an error (never a silent lowering), from the registry, from a
+    plan's choices and from a checkpoint's recorded plan, whose validation needs no plan module."""
+    import sys
+
+    from cnnctl import checkpoint, convolution, plan
+    from cnnctl.errors import CnnctlError
+
+    with pytest.raises(CnnctlError, match="unknown convolution algorithm 'fft'"):
+        convolution.get("fft")
+    model = nn.Model([nn.Conv2D(1, 2, 3, rng=np.random.default_rng(0))])
+    with pytest.raises(CnnctlError, match="unknown convolution algorithm 'fft'"):
+        plan.Plan(model, (1, 5, 5), {"layers.0": "fft"})
+    with pytest.raises(ValueError):
+        checkpoint.RunState.model_validate({"algorithms": {"layers.0": "fft"}})
+    assert checkpoint.RunState.model_validate({"algorithms": {"layers.0": "winograd2"}}).algorithms
+    code = "import sys, cnnctl.checkpoint; print('cnnctl.plan' in sys.modules)"
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

@@ -317,3 +317,43 @@ def training_parts(spec: Spec, model: Model, rows: list[LayerRow], ds) -> Traini
     steps = -(-len(ds.train) // spec.data.batch_size)
     return TrainingParts(loss_fn, optimizer, WeightAverage(model, decay) if decay else None,
                          spec.schedule.build(optimizer.lr, steps, spec.train.epochs), steps)
+
+
+def dataset(spec: Spec, rows: list[LayerRow], rng: np.random.Generator, normalization: dict | None = None,
+            progress=None) -> data.Dataset:
+    """The dataset with the run's own validation split (the data stream depends on its generator alone); the
+    model (its layer rows) must end in one output per class."""
+    norm = (normalization["mean"], normalization["std"]) if normalization else None
+    ds = data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress)
+    check_outputs(spec, rows, len(ds.classes))
+    return ds
+
+
+@dataclass
+class Start:
+    """Everything a training run of a spec starts from, built in the order its checks need."""
+
+    model: Model
+    rows: list[LayerRow]
+    init_report: dict | None  # what model.init_from copied (None without one, or when resuming)
+    ds: data.Dataset
+    whitening: dict | None  # the patch-whitening record of a new run's first convolution
+    parts: TrainingParts
+
+
+def start(spec: Spec, init_rng: np.random.Generator, data_rng: np.random.Generator,
+          normalization: dict | None = None, resuming: bool = False, progress=None) -> Start:
+    """The model (every check that needs no data first), model.init_from's weights for a new run, the data, a new
+    run's patch whitening, then the loss, optimizer, average and schedule: what the trainer is built from, the
+    spec going down through this one function."""
+    from . import whitening
+    from .weights import init_from
+
+    model, rows = checked_model(spec, init_rng)
+    init = spec.model.init_from
+    # a new run starts from init_from's weights; a resumed one from its own checkpoint (the trainer's restore)
+    report = None if init is None or resuming else init_from(model, init.checkpoint, init.strict, init.rename)
+    ds = dataset(spec, rows, data_rng, normalization, progress)
+    # a new run's first convolution from the patch covariance (a resumed run has it, init_from brings its own)
+    white = None if resuming or init is not None else whitening.apply(model, ds)
+    return Start(model, rows, report, ds, white, training_parts(spec, model, rows, ds))

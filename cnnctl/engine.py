@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import checkpoint, data, distributed, nn, parallel, plan, runs, whitening
-from .builder import check_outputs, checked_model, training_parts, training_pflops
+from . import builder, checkpoint, data, distributed, nn, parallel, plan, runs
+from .builder import training_pflops
 from .callbacks import Callback, Callbacks
 from .checkpoint import Partial, RunState, Stopper
 from .config import Spec, TestTimeAugmentSpec, load_config, spec_to_dict, validate
 from .environment import environment
 from .errors import CheckpointError, CnnctlError, ConfigError, TrainingError
-from .loading import init_from, restore_weights
+from .loading import restore_weights
 from .memory import refuse_over
 from .nn import Loss, Model
 from .schedules import resolve_mode
@@ -121,10 +121,7 @@ def load_data(spec: Spec, rows: list, seeds: Seeds, normalization: dict | None =
               progress=None) -> data.Dataset:
     """The dataset with the run's own validation split (the data stream depends on the seed alone); the
     model (its layer rows) must end in one output per class."""
-    norm = (normalization["mean"], normalization["std"]) if normalization else None
-    ds = data.load_dataset(spec.data, spec.model.input_shape, seeds.data, norm, progress)
-    check_outputs(spec, rows, len(ds.classes))
-    return ds
+    return builder.dataset(spec, rows, seeds.data, normalization, progress)
 
 
 class _Fed(plan.Runner):
@@ -214,18 +211,13 @@ class Trainer:
         self.spec, self.cb = spec, callback or Callback()
         self.world = world or distributed.World()  # several MPI ranks: each trains on its share of every batch
         self.seeds = Seeds.from_seed(spec.seed)
-        self.model, self.rows = checked_model(spec, self.seeds.init)  # every check that needs no data, first
-        init = spec.model.init_from
-        # a new run starts from init_from's weights; a resumed one from its own checkpoint (restore)
-        self.init_report = None if init is None or resuming else init_from(self.model, init.checkpoint, init.strict,
-                                                                                init.rename)
-        self.ds = load_data(spec, self.rows, self.seeds, normalization, self.cb.on_download)
-        # a new run's first convolution from the patch covariance (a resumed run has it, init_from brings its own)
-        self.whitening = None if resuming or init is not None else whitening.apply(self.model, self.ds)
+        s = builder.start(spec, self.seeds.init, self.seeds.data, normalization, resuming, self.cb.on_download)
+        self.model, self.rows, self.init_report, self.ds, self.whitening = s.model, s.rows, s.init_report, s.ds, \
+            s.whitening
         self.num_classes = len(self.ds.classes)
         if self.world.size > 1:
             distributed.check_batches(spec.data.batch_size, len(self.ds.train), self.world.size)
-        parts = training_parts(spec, self.model, self.rows, self.ds)
+        parts = s.parts
         self.loss_fn, self.optimizer, self.schedule = parts.loss_fn, parts.optimizer, parts.schedule
         self.average, self.steps_per_epoch = parts.average, parts.steps_per_epoch  # the average: evaluated and saved
         # runs the model through its execution plan; batchnorm and dropout learn from it the share of the batch

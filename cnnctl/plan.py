@@ -167,25 +167,11 @@ def _held_bytes(layer: Layer) -> int:
     return sum(a.nbytes for _, arrays in _held(layer) for a in arrays if a.base is None)
 
 
-class ElementwiseStep(Step):
-    """An element-wise activation on slices of channels across threads; keeps its derivative for backward."""
+class ElementwiseStep(LayerStep):
+    """An element-wise activation standing alone: its own forward and backward, cut across threads by the runner's
+    context; a step of its own kind so that `_fuse` can absorb it into the epilogue of the pass before it."""
 
-    def forward(self, xs, training):
-        x, act = xs[0], self.layer
-        y, d = np.empty_like(x), act.derivative_like(x)
-        _in_channels(act.elementwise, x, y, d)
-        self._d = d
-        return y
-
-    def backward(self, dy):
-        dx = _chained(dy, self._d)
-        self._d = None
-        return [dx]
-
-    def release(self):
-        self._d = None
-
-    def saved_bytes(self, shapes, batch, itemsize):
+    def saved_bytes(self, shapes, batch, itemsize):  # its derivative, estimated before any forward
         return self._derivative_bytes(Epilogue(self.layer), batch, itemsize)
 
 
@@ -396,10 +382,9 @@ class Plan:
                             epilogue=Epilogue(act) if _fusable(act) else NONE,
                             activation=None if _fusable(act) else act,
                             fused=(["bias"] if "bias" in layer.params else []) + ([act.tag] if _fusable(act) else []))
-        elif kind == "elementwise":
-            step = ElementwiseStep(layer.tag, name, [value], out, out_shape, layer=layer)
         else:
-            step = LayerStep(layer.tag, name, [value], out, out_shape, layer=layer)
+            step = (ElementwiseStep if kind == "elementwise" else LayerStep)(layer.tag, name, [value], out, out_shape,
+                                                                           layer=layer)
             step.context = self.context
         self.steps.append(step)
         self.hooks.append((out, layer))

@@ -108,11 +108,11 @@ def upsample(maps: np.ndarray, size) -> np.ndarray:
     return top * (1 - wy)[:, None] + bottom * wy[:, None]
 
 
-def _probabilities(model: Model, x: np.ndarray, takes: str) -> np.ndarray:
+def _probabilities(run: Runner, x: np.ndarray, takes: str) -> np.ndarray:
     """Class probabilities from the model's outputs, by what its loss takes (logits, log-probabilities, scores)."""
     from .functional import probabilities
 
-    return probabilities(Runner(model).forward(x, training=False), takes)
+    return probabilities(run.forward(x, training=False), takes)
 
 
 def occlusion(model: Model, x: np.ndarray, k=None, patch: int = 8, stride: int = 4, batch: int = 64,
@@ -124,7 +124,8 @@ def occlusion(model: Model, x: np.ndarray, k=None, patch: int = 8, stride: int =
     if patch < 1 or stride < 1 or patch > min(h, w):
         raise CnnctlError(f"--patch {patch} --stride {stride}: the square must fit the {h}x{w} input",
                           "use a patch no larger than the input and a stride of at least 1")
-    base = _probabilities(model, x, takes)
+    run = Runner(model)  # one runner for every pass: its plans and buffers are made once per batch shape
+    base = _probabilities(run, x, takes)
     ks = _classes(base, k)
     rows = np.arange(n)
     tops = sorted(set(range(0, h - patch + 1, stride)) | {h - patch})
@@ -137,7 +138,7 @@ def occlusion(model: Model, x: np.ndarray, k=None, patch: int = 8, stride: int =
         copies = np.repeat(x[:, None], len(part), axis=1)  # (N, squares, C, H, W)
         for j, (t, left) in enumerate(part):
             copies[:, j, :, t : t + patch, left : left + patch] = 0
-        probs = _probabilities(model, copies.reshape(n * len(part), c, h, w), takes).reshape(n, len(part), -1)
+        probs = _probabilities(run, copies.reshape(n * len(part), c, h, w), takes).reshape(n, len(part), -1)
         drop = base[rows, ks][:, None] - probs[rows, :, ks]  # (N, squares)
         for j, (t, left) in enumerate(part):
             maps[:, t : t + patch, left : left + patch] += drop[:, j, None, None]

@@ -64,6 +64,14 @@ def _in_channels(work, *arrays: np.ndarray) -> None:
     parallel.per_channel(arrays[0], lambda lo, hi: work(*(parallel.channels(a, lo, hi) for a in arrays)))
 
 
+def _in_place(epilogue: Epilogue, y: np.ndarray) -> np.ndarray | None:
+    """The epilogue's function on y in place, a slice of channels per thread; its derivative (None without one)."""
+    d = epilogue.derivative(y)
+    if d is not None:
+        _in_channels(lambda y_, d_: epilogue(y_, None, d_), y, d)
+    return d
+
+
 def _chained(dy: np.ndarray, d: np.ndarray) -> np.ndarray:
     """dy * d laid out as d, a slice of channels per thread: the backward of an element-wise function."""
     dyl, out = F.in_layout_of(dy, d), np.empty_like(d, dtype=dy.dtype)
@@ -242,9 +250,7 @@ class JoinStep(Step):
                 _in_channels(part, y, d, a, *rest)
         else:
             y = join(xs)
-            d = ep.derivative(y)
-            if d is not None:
-                _in_channels(lambda y_, d_: ep(y_, None, d_), y, d)
+            d = _in_place(ep, y)
         self._d = d
         return y if self.activation is None else self.activation.forward(y, training)
 
@@ -277,8 +283,7 @@ class WindowMaxStep(Step):
 
     def forward(self, xs, training):
         y = _forward(self.layer, xs[0], training, self.context)
-        self._d = self.activation.derivative_like(y)
-        _in_channels(lambda y_, d_: self.activation.elementwise(y_, y_, d_), y, self._d)
+        self._d = _in_place(Epilogue(self.activation), y)
         return y
 
     def backward(self, dy):

@@ -24,10 +24,12 @@ import numpy as np
 from .errors import CnnctlError
 
 ENV = "CNNCTL_THREADS"
-# numbers (or multiply-adds) per slice at least: smaller slices cost more to hand out than to do (at 1 << 18, LeNet-5
-# at batch 32 ran slower on 2 threads than on 1, its only sliced operation too small to pay for the handover)
-GRAIN = 1 << 19
-MAC_PER_NUMBER = 16  # a multiply-add in a product costs about a sixteenth of a number copied or compared
+GRAIN = 1 << 18  # numbers per slice at least: smaller slices cost more to hand out than to do
+# a product's multiply-adds count this many to a number copied or compared: at 16, LeNet-5 at batch 32 ran slower on
+# 2 threads than on 1 (its only cut operation, a 10.8 million multiply-add product, did not pay for the handover);
+# at 16 with the grain doubled instead, the ResNets lost 3-5% (batchnorm, pooling and adds of 0.5-1 million numbers
+# ran on one thread)
+MAC_PER_NUMBER = 32
 MAX_SLICES = 16  # more slices than threads: a thread that stalls holds up one slice while the others go on
 
 _threads = 1

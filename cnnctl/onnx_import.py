@@ -28,15 +28,15 @@ MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one message
 
 # the data-carrying operators this importer maps onto cnnctl layers; constant-only ones fold away
 LAYER_OPS = {"Sub", "Div", "Conv", "BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Celu",
-             "Clip", "HardSigmoid", "HardSwish", "Mul", "Gelu",
+             "Clip", "HardSigmoid", "HardSwish", "Mul", "Gelu", "Mish",
              "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Gemm", "MatMul", "Add",
              "Concat", "Dropout", "Identity", "Pad", "Softmax", "LogSoftmax", "Unsqueeze"}
 FOLDED_OPS = {"Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast", "Concat", "Reshape", "Identity",
               "Mul", "Add", "Sub", "Div", "Slice", "ConstantOfShape", "Range", "ReduceProd"}
 # what a user meets most often among the rest, and what it would take
-LATER = {"Erf": "outside GELU's x * (1 + erf(x / sqrt 2)) / 2"}
+LATER = {"Erf": "outside GELU's x * (1 + erf(x / sqrt 2)) / 2", "Softplus": "outside Mish's x * tanh(softplus(x))"}
 # activations cnnctl layers may apply themselves (conv2d, dense, batchnorm, residual: `activation:`)
-FOLDABLE = {"relu", "sigmoid", "tanh", "relu6", "hardsigmoid", "hardswish", "silu", "gelu"}
+FOLDABLE = {"relu", "sigmoid", "tanh", "relu6", "hardsigmoid", "hardswish", "silu", "gelu", "mish"}
 
 
 class ImportError_(CnnctlError):
@@ -242,9 +242,10 @@ class _Importer:
 
     # ---------------------------------------------------------------- patterns
 
-    def _fuse_gelu(self) -> None:
-        """x * (1 + erf(x / sqrt 2)) / 2, as torch (Div, Erf, Add, Mul, Mul by 0.5) and cnnctl export (Div, Erf,
-        Add, Mul by 0.5, Mul) write GELU before opset 20's Gelu: one Gelu node in place of the five."""
+    def _fuse_activations(self) -> None:
+        """Activations written out in several nodes, one node each: x * (1 + erf(x / sqrt 2)) / 2, as torch (Div,
+        Erf, Add, Mul, Mul by 0.5) and cnnctl export (Div, Erf, Add, Mul by 0.5, Mul) write GELU before opset 20's
+        Gelu; x * tanh(softplus(x)), as both write Mish before opset 18's Mish."""
         producer = {o: n for n in self.nodes for o in n.output}
         users = collections.defaultdict(list)
         for n in self.nodes:
@@ -265,6 +266,13 @@ class _Importer:
         def only_user(t):
             return users[t][0] if len(users[t]) == 1 else None
 
+        for soft in [n for n in self.nodes if n.op_type == "Softplus"]:  # x * tanh(softplus(x)): opset 18's Mish
+            tanh = only_user(soft.output[0])
+            mul = tanh and only_user(tanh.output[0])
+            if tanh is None or tanh.op_type != "Tanh" or mul is None or mul.op_type != "Mul" or \
+                    sorted(mul.input) != sorted([soft.input[0], tanh.output[0]]):
+                continue
+            self._replace([soft, tanh, mul], "Mish", soft.input[0], mul.output[0])
         for erf in [n for n in self.nodes if n.op_type == "Erf"]:
             div = producer.get(erf.input[0])
             x = None
@@ -288,11 +296,15 @@ class _Importer:
                     continue
             else:
                 continue
-            gelu = self.onnx.helper.make_node("Gelu", [x], [m2.output[0]], name=erf.name or m2.name)
-            drop = {id(div), id(erf), id(add), id(m1), id(m2)}
-            at = min(k for k, n in enumerate(self.nodes) if id(n) in drop)
-            self.nodes = [n for n in self.nodes if id(n) not in drop]
-            self.nodes.insert(at, gelu)
+            self._replace([div, erf, add, m1, m2], "Gelu", x, m2.output[0])
+
+    def _replace(self, nodes: list, op: str, x: str, out: str) -> None:
+        """One `op` node from tensor x to `out` in place of `nodes` (an activation written out in several)."""
+        one = self.onnx.helper.make_node(op, [x], [out], name=nodes[0].name or nodes[-1].name)
+        drop = {id(n) for n in nodes}
+        at = min(k for k, n in enumerate(self.nodes) if id(n) in drop)
+        self.nodes = [n for n in self.nodes if id(n) not in drop]
+        self.nodes.insert(at, one)
 
     # ---------------------------------------------------------------- the walk
 
@@ -302,7 +314,7 @@ class _Importer:
         self.shapes = self._shapes(name, chw)
         self._fold(self.shapes)
         self.nodes = [n for n in self.graph.node if n.output[0] not in self.const]
-        self._fuse_gelu()
+        self._fuse_activations()
         self._check_operators()
         self.consumers = collections.defaultdict(list)
         for n in self.nodes:
@@ -457,9 +469,9 @@ class _Importer:
                 self.fail(f"Gelu {node.name!r}: the tanh approximation is not imported (cnnctl's gelu is exact)")
             self._activation(layers, "gelu")
             return
-        if op in ("Relu", "Sigmoid", "Tanh", "HardSwish"):
+        if op in ("Relu", "Sigmoid", "Tanh", "HardSwish", "Mish"):
             self._activation(layers, {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh",
-                                      "HardSwish": "hardswish"}[op])
+                                      "HardSwish": "hardswish", "Mish": "mish"}[op])
             return
         if op == "Clip":
             low, high = (a.get(k) for k in ("min", "max"))

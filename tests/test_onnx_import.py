@@ -221,6 +221,7 @@ NETWORKS = {  # name: (builder, input shape (C, H, W), whether to keep batchnorm
     "small-silu-hardswish": (lambda: small_cnn(act=nn.SiLU).append(nn.Hardswish()), (1, 20, 20), False),
     "small-hardsigmoid": (lambda: small_cnn(act=nn.Hardsigmoid), (1, 20, 20), False),
     "small-gelu": (lambda: small_cnn(act=nn.GELU), (1, 20, 20), False),
+    "small-mish": (lambda: small_cnn(act=nn.Mish), (1, 20, 20), False),
     "densenet": (densenet, (3, 16, 16), True),
     "squeezenet1_1": (squeezenet11, (3, 63, 63), False),
     "small-view-flatten": (small_cnn, (1, 20, 20), False),
@@ -280,6 +281,8 @@ def test_torch_networks_import_exactly(tmp_path, name):
         assert "gate" in kinds and "residual" in kinds
     if name == "small-gelu":
         assert imp.layers[0]["activation"] == "gelu"
+    if name == "small-mish":
+        assert imp.layers[0]["activation"] == "mish"
     if name == "small-silu-hardswish":
         assert imp.layers[0]["activation"] == "silu" and imp.layers[-1]["activation"] == "hardswish"
 
@@ -380,6 +383,7 @@ model:
                                 {type: dense, units: 8, activation: hardsigmoid}]}
     - {type: concat, branches: [[], [{type: conv2d, filters: 4, kernel_size: 1, activation: elu}]]}
     - {type: avgpool2d, kernel_size: 2}
+    - {type: mish}
     - {type: leaky_relu, negative_slope: 0.2}
     - {type: flatten}
     - {type: dense, units: 4, activation: tanh}
@@ -532,6 +536,30 @@ def test_the_rarer_operators_of_item_two_import_exactly(tmp_path):
     assert [s["type"] for s in imp.layers] == ["conv2d", "global_avgpool2d", "dropout", "dense", "log_softmax"]
     assert imp.layers[0]["padding"] == 1 and imp.layers[2]["rate"] == 0.3 and spec.loss.type == "nll"
     assert_equal_to_onnxruntime(path, model, (1, 8, 8))
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_mish_imports_as_opset_18s_node_or_written_out(tmp_path, opset):
+    """Mish as one node (opset 18) or as x * tanh(softplus(x)) (before it), folded into the convolution; a
+    Softplus anywhere else is named as such."""
+    from onnx import helper
+
+    g = np.random.default_rng(0)
+    conv = helper.make_node("Conv", ["input", "w", "b"], ["c"], kernel_shape=[3, 3], name="conv")
+    mish = ([helper.make_node("Mish", ["c"], ["m"], name="mish")] if opset == 18 else
+            [helper.make_node("Softplus", ["c"], ["s"], name="softplus"),
+             helper.make_node("Tanh", ["s"], ["t"], name="tanh"),
+             helper.make_node("Mul", ["c", "t"], ["m"], name="mul")])
+    nodes = [conv, *mish, helper.make_node("Flatten", ["m"], ["output"], axis=1, name="flat")]
+    inits = {"w": g.standard_normal((4, 1, 3, 3), np.float32), "b": g.standard_normal(4, np.float32)}
+    path = _graph(tmp_path, nodes, inits, opset=opset)
+    _, _, model, _, _, _, imp = onnx_import.build(path, "g", None, None, None)
+    assert imp.layers[0]["activation"] == "mish" and len(imp.layers) == 2
+    assert_equal_to_onnxruntime(path, model, (1, 8, 8))
+    lone = _graph(tmp_path, [helper.make_node("Softplus", ["input"], ["s"], name="lone"),
+                             helper.make_node("Flatten", ["s"], ["output"], axis=1)], {}, name="lone.onnx")
+    expect_error(["import", lone, "--out", tmp_path / "o"], "Softplus (outside Mish's x * tanh(softplus(x)))",
+                 "'lone'")
 
 
 @pytest.mark.parametrize("node, inits, words", [

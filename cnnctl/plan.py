@@ -29,8 +29,6 @@ lists the steps, as `cnnctl inspect --plan` and `cnnctl bench --plan` print them
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import os
 import re
@@ -47,7 +45,7 @@ from . import functional as F
 from .epilogue import NONE, Epilogue, chain
 from .errors import CnnctlError, CnnctlWarning
 from .fileio import Unreadable, atomic_write_bytes, read_regular
-from .nn.base import Context
+from .nn.base import Context, forward_with
 
 if TYPE_CHECKING:
     from .nn.base import Layer
@@ -124,7 +122,7 @@ class LayerStep(Step):
     context: Context | None = None
 
     def forward(self, xs, training):
-        return _forward(self.layer, xs[0], training, self.context)
+        return forward_with(self.layer, xs[0], training, self.context)
 
     def backward(self, dy):
         return [self.layer.backward(dy)]
@@ -138,19 +136,6 @@ class LayerStep(Step):
     def saved_bytes(self, shapes, batch, itemsize):  # measured from the arrays it holds after its last forward
         act = self.layer.activation
         return _held_bytes(self.layer) + (_held_bytes(act) if act is not None else 0)
-
-
-@functools.cache
-def _takes_context(cls: type) -> bool:
-    """Whether a layer class's forward takes `context=` (it says so, and a subclass's forward may not)."""
-    return cls.takes_context and "context" in inspect.signature(cls.forward).parameters
-
-
-def _forward(layer: Layer, x: np.ndarray, training: bool, context: Context | None) -> np.ndarray:
-    """layer.forward, with `context=` where the layer takes one."""
-    if context is not None and _takes_context(type(layer)):
-        return layer.forward(x, training, context=context)
-    return layer.forward(x, training)
 
 
 def _held(layer: Layer):
@@ -282,7 +267,7 @@ class WindowMaxStep(Step):
         self._d = None
 
     def forward(self, xs, training):
-        y = _forward(self.layer, xs[0], training, self.context)
+        y = forward_with(self.layer, xs[0], training, self.context)
         self._d = _in_place(Epilogue(self.activation), y)
         return y
 

@@ -349,6 +349,37 @@ def test_dropout_with_a_batch_part_uses_its_rows_of_the_whole_batch_mask():
     np.testing.assert_array_equal(part.forward(x[2:5], context=Context(part=(2, 5, 6))), whole[2:5])
 
 
+def test_every_layer_that_asks_is_told_the_runners_context_inside_any_container():
+    """Under MPI batchnorm's statistics are summed over the ranks and dropout keeps its rows of the whole batch's
+    mask: the runner's Context reaches them wherever they sit, a gate's branch (run as one step, by its own
+    forward) and a concatenation's branch included."""
+    from cnnctl.builder import build_model
+    from cnnctl.config import ModelSpec
+    from cnnctl.plan import Runner
+
+    spec = ModelSpec.model_validate({"input_shape": [2, 6, 6], "layers": [
+        {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1},
+        {"type": "gate", "branch": [{"type": "global_avgpool2d"}, {"type": "dense", "units": 3},
+                                    {"type": "batchnorm"}, {"type": "dropout", "rate": 0.5},
+                                    {"type": "dense", "units": 4, "activation": "sigmoid"}]},
+        {"type": "concat", "branches": [[], [{"type": "conv2d", "filters": 2, "kernel_size": 1},
+                                             {"type": "batchnorm", "activation": "relu"}]]},
+        {"type": "residual", "body": [{"type": "conv2d", "filters": 6, "kernel_size": 3, "padding": 1},
+                                      {"type": "batchnorm"}, {"type": "dropout", "rate": 0.2}]},
+        {"type": "flatten"}, {"type": "dense", "units": 3}]})
+    model, _ = build_model(spec)
+    context = Context(part=(0, 4, 4), sum=lambda a: a)
+    told = {}
+    for name, layer in model.named_layers():
+        if type(layer).__name__.startswith(("BatchNorm", "Dropout")):
+            def spy(x, training=True, context=None, _name=name, _forward=layer.forward):
+                told[_name] = context
+                return _forward(x, training, context=context)
+            layer.forward = spy
+    Runner(model, context=context).forward(np.ones((4, 2, 6, 6), np.float32), training=True)
+    assert len(told) == 5 and all(c is context for c in told.values()), told
+
+
 def test_batch_checks_name_the_key_and_the_fix():
     from cnnctl.errors import ConfigError
 

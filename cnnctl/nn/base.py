@@ -17,6 +17,8 @@ the config's layer union and its `type` tags are derived from this registry.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, NamedTuple, Union
@@ -110,10 +112,10 @@ class Layer:
 
     forward_hooks: tuple = ()  # called as hook(layer, output) after each forward through __call__
 
-    def __call__(self, x: np.ndarray, training: bool = True) -> np.ndarray:
-        """forward, then the forward hooks: how containers run their children (a Model runs through its plan,
-        which calls the hooks too)."""
-        y = self.forward(x, training)
+    def __call__(self, x: np.ndarray, training: bool = True, context: Context | None = None) -> np.ndarray:
+        """forward (told `context` where it asks), then the forward hooks: how containers run their children (a
+        Model runs through its plan, which calls the hooks too)."""
+        y = forward_with(self, x, training, context)
         for hook in self.forward_hooks:
             hook(self, y)
         return y
@@ -294,6 +296,19 @@ class Context:
     part: tuple[int, int, int] | None = None
     sum: Callable[[np.ndarray], object] | None = None
     per_channel: Callable[[np.ndarray, Callable[[int, int], object]], None] = whole
+
+
+@functools.cache
+def _takes_context(cls: type) -> bool:
+    """Whether a layer class's forward takes `context=` (it says so, and a subclass's forward may not)."""
+    return cls.takes_context and "context" in inspect.signature(cls.forward).parameters
+
+
+def forward_with(layer: Layer, x: np.ndarray, training: bool, context: Context | None) -> np.ndarray:
+    """layer.forward, with `context=` where the layer takes one."""
+    if context is not None and _takes_context(type(layer)):
+        return layer.forward(x, training, context=context)
+    return layer.forward(x, training)
 
 
 def make_activation(name: str | None) -> Layer | None:

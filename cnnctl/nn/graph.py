@@ -14,7 +14,7 @@ from pydantic import Field
 
 from .. import functional as F
 from ..errors import ShapeError
-from .base import Layer, LayerSpec, make_activation, register
+from .base import Context, Layer, LayerSpec, make_activation, register
 from .model import Sequential
 
 if TYPE_CHECKING:  # the layer union and the activation names, built in nn/__init__ once every layer type is registered
@@ -88,6 +88,7 @@ class Residual(Layer):
 
     capability = "join"
     join_by_values = True  # join(xs, out) is element-wise over its inputs: it may run on slices of channels
+    takes_context = True  # passed on to its branches and activation (when not run by a plan's steps)
 
     def __init__(self, body: Sequential, shortcut: Sequential | None = None, activation: str | None = None):
         super().__init__()
@@ -132,9 +133,9 @@ class Residual(Layer):
         return _max_rf([self.body.receptive_field(rf),
                         self.shortcut.receptive_field(rf) if self.shortcut is not None else rf])
 
-    def forward(self, x, training=True):
-        return self._activate(self.join([x if b is None else b(x, training) for _, b in self.join_inputs()]),
-                              training, in_place=True)
+    def forward(self, x, training=True, context: Context | None = None):
+        return self._activate(self.join([x if b is None else b(x, training, context) for _, b in self.join_inputs()]),
+                              training, context, in_place=True)
 
     def backward(self, dy):
         d_body, d_shortcut = self.join_backward(self._deactivate(dy), [])
@@ -195,6 +196,7 @@ class Concat(Layer):
 
     capability = "join"
     join_by_values = False
+    takes_context = True  # passed on to its branches (when not run by a plan's steps)
 
     def __init__(self, branches: list[Sequential]):
         super().__init__()
@@ -233,8 +235,8 @@ class Concat(Layer):
     def receptive_field(self, rf):
         return _max_rf(b.receptive_field(rf) for b in self.branches)
 
-    def forward(self, x, training=True):
-        outs = [b(x, training) for b in self.branches]
+    def forward(self, x, training=True, context: Context | None = None):
+        outs = [b(x, training, context) for b in self.branches]
         self._shapes = [o.shape[1:] for o in outs]
         return self.join(outs)
 
@@ -276,6 +278,8 @@ class Gate(Layer):
     """y = x * g(x), g(x) one value per sample and channel broadcast over height and width: squeeze-and-excitation
     gating (MobileNetV3, EfficientNet). Backward: dx = dy * g + g's input gradient of sum_hw(dy * x) (the fork)."""
 
+    takes_context = True  # passed on to its branch (the plan runs a gate as one step)
+
     def __init__(self, branch: Sequential):
         super().__init__()
         self.branch = branch
@@ -301,8 +305,8 @@ class Gate(Layer):
     def receptive_field(self, rf):
         return self.branch.receptive_field(rf)
 
-    def forward(self, x, training=True):
-        self._x, g = x, self.branch(x, training)
+    def forward(self, x, training=True, context: Context | None = None):
+        self._x, g = x, self.branch(x, training, context)
         self._g = g[:, :, None, None]
         return x * self._g
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import Field
 
-from .base import Layer, LayerSpec, register
+from .base import Context, Layer, LayerSpec, register
 
 if TYPE_CHECKING:  # the layer union, built in nn/__init__ once every layer type is registered
     from . import AnyLayer
@@ -33,6 +33,7 @@ class Sequential(Layer):
     Children are named 0, 1, ... like torch's."""
 
     capability = "sequence"
+    takes_context = True  # passed on to its layers
     child_prefix = ""
 
     def __init__(self, layers: list[Layer] | tuple = (), names: list[str] | None = None):
@@ -50,9 +51,9 @@ class Sequential(Layer):
             layer.set_input_grad(needed)
             needed = needed or layer.has_trainable()
 
-    def forward(self, x: np.ndarray, training: bool = True) -> np.ndarray:
+    def forward(self, x: np.ndarray, training: bool = True, context: Context | None = None) -> np.ndarray:
         for layer in self.layers:
-            x = layer(x, training)
+            x = layer(x, training, context)
         return x
 
     def backward(self, dy: np.ndarray) -> np.ndarray | None:

@@ -50,8 +50,7 @@ def bench(spec: Spec, batch_size: int | None = None, steps: int = 20, warmup: in
     runner = plans.Runner(model, context=distributed.context_of(world, spec.train.sync_batchnorm))
     if world.size > 1:
         x, y = distributed.take_share(world, x, y, runner.context)
-    if autotune or spec.train.autotune:
-        runner.algorithms = plans.autotune(model, tuple(x.shape[1:]), x.shape[0])
+    runner.fix_algorithms(tuple(x.shape[1:]), x.shape[0], autotune or spec.train.autotune)
     plan = runner.plan(tuple(x.shape[1:]), x.dtype)  # the plan every step of this batch runs
     step_times = np.zeros((len(plan.steps), 2))
     train_step = TrainingStep(runner, build_loss(spec), optimizer, world, spec.train.grad_clip_norm, average)

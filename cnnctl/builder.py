@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import data
+from . import data, distributed
 from .config import ModelSpec, Spec
 from .errors import ConfigError, DataError, ShapeError
 from .memory import refuse_over
 from .nn import ACTIVATIONS, LOSSES, Layer, Loss, Model, Sequential
 from .nn.init import SHAPES_ONLY
 from .optim import assign_groups
+from .plan import Runner
 
 
 @dataclass
@@ -339,13 +340,16 @@ class Start:
     ds: data.Dataset
     whitening: dict | None  # the patch-whitening record of a new run's first convolution
     parts: TrainingParts
+    runner: Runner  # runs the model through its plan, told the share of the batch (MPI)
+    algorithms: dict[str, str] | None  # a new run's convolution algorithms (a resumed run takes its checkpoint's)
 
 
 def start(spec: Spec, init_rng: np.random.Generator, data_rng: np.random.Generator,
-          normalization: dict | None = None, resuming: bool = False, progress=None) -> Start:
+          normalization: dict | None = None, resuming: bool = False, progress=None,
+          world: distributed.World | None = None) -> Start:
     """The model (every check that needs no data first), model.init_from's weights for a new run, the data, a new
-    run's patch whitening, then the loss, optimizer, average and schedule: what the trainer is built from, the
-    spec going down through this one function."""
+    run's patch whitening, then the loss, optimizer, average and schedule, and the runner with a new run's
+    convolution algorithms: what the trainer is built from, the spec going down through this one function."""
     from . import whitening
     from .weights import init_from
 
@@ -356,4 +360,11 @@ def start(spec: Spec, init_rng: np.random.Generator, data_rng: np.random.Generat
     ds = dataset(spec, rows, data_rng, normalization, progress)
     # a new run's first convolution from the patch covariance (a resumed run has it, init_from brings its own)
     white = None if resuming or init is not None else whitening.apply(model, ds)
-    return Start(model, rows, report, ds, white, training_parts(spec, model, rows, ds))
+    parts = training_parts(spec, model, rows, ds)
+    world = world or distributed.World()
+    if world.size > 1:  # several MPI ranks: each trains on its share of every batch
+        distributed.check_batches(spec.data.batch_size, len(ds.train), world.size)
+    runner = Runner(model, context=distributed.context_of(world, spec.train.sync_batchnorm))
+    algorithms = None if resuming else runner.fix_algorithms(
+        spec.model.input_shape, spec.data.batch_size // world.size, spec.train.autotune)
+    return Start(model, rows, report, ds, white, parts, runner, algorithms)

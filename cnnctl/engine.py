@@ -211,22 +211,21 @@ class Trainer:
         self.spec, self.cb = spec, callback or Callback()
         self.world = world or distributed.World()  # several MPI ranks: each trains on its share of every batch
         self.seeds = Seeds.from_seed(spec.seed)
-        s = builder.start(spec, self.seeds.init, self.seeds.data, normalization, resuming, self.cb.on_download)
+        s = builder.start(spec, self.seeds.init, self.seeds.data, normalization, resuming, self.cb.on_download,
+                          self.world)
         self.model, self.rows, self.init_report, self.ds, self.whitening = s.model, s.rows, s.init_report, s.ds, \
             s.whitening
+        # runs the model through its execution plan; batchnorm and dropout learn from it the share of the batch
+        self.runner = s.runner
         self.num_classes = len(self.ds.classes)
-        if self.world.size > 1:
-            distributed.check_batches(spec.data.batch_size, len(self.ds.train), self.world.size)
         parts = s.parts
         self.loss_fn, self.optimizer, self.schedule = parts.loss_fn, parts.optimizer, parts.schedule
         self.average, self.steps_per_epoch = parts.average, parts.steps_per_epoch  # the average: evaluated and saved
-        # runs the model through its execution plan; batchnorm and dropout learn from it the share of the batch
-        self.runner = plan.Runner(self.model, context=distributed.context_of(self.world, spec.train.sync_batchnorm))
         self.monitor, self.monitor_mode = spec.train.monitor, resolve_mode(spec.train.monitor, "auto")
         # where the run stands: read and written here, saved in every checkpoint (checkpoint.RunState)
-        self.state = RunState(classes=self.ds.classes, history=[], stopper=Stopper(), wall_seconds=0.0)
-        if not resuming:  # the execution plan's convolution algorithms (a resumed run keeps its own: restore)
-            self._plan_algorithms(autotune=spec.train.autotune)
+        # (the plan's convolution algorithms: a new run's from the builder, a resumed run's its own, see restore)
+        self.state = RunState(classes=self.ds.classes, history=[], stopper=Stopper(), wall_seconds=0.0,
+                              algorithms=s.algorithms)
         # what the training step runs and is fed: the model on the images, or with train.cache_frozen the layers
         # above the frozen prefix on the prefix's outputs, computed once (fit: after a resume's weights are in)
         self.net, self.feed = self.runner, self.ds
@@ -287,17 +286,6 @@ class Trainer:
         zero, one = np.zeros(shape[0], np.float32), np.ones(shape[0], np.float32)
         self.feed = data.Dataset(self.ds.name, self.ds.classes, *splits, zero, one)
 
-    def _plan_algorithms(self, autotune: bool, recorded: dict | None = None) -> None:
-        """Fix the convolution algorithms of the training batch's plan: those a checkpoint recorded, the fastest
-        on this machine (train.autotune), or the shape rule; and record them in the run state."""
-        shape = tuple(self.spec.model.input_shape)
-        batch = self.spec.data.batch_size // self.world.size
-        if recorded is not None:
-            self.runner.algorithms = recorded
-        elif autotune:
-            self.runner.algorithms = plan.autotune(self.model, shape, batch)
-        self.state = self.state.model_copy(update={"algorithms": self.runner.plan(shape).algorithms()})
-
     def _run_state(self) -> RunState:
         """The run state with the schedule's and the random streams' states and the wall time as of now."""
         return self.state.model_copy(update={"schedule": self.schedule.state_dict(), "seeds": self.seeds.state(),
@@ -356,8 +344,9 @@ class Trainer:
                                  f"{self.steps_per_epoch} batches")
             self.schedule.load_state_dict(t.schedule)
             self.seeds.restore(t.seeds)
-            self.state = t.model_copy(update={"classes": self.ds.classes})
-            self._plan_algorithms(autotune=False, recorded=t.algorithms or {})  # older runs: the shape rule
+            shape, batch = self.spec.model.input_shape, self.spec.data.batch_size // self.world.size
+            algorithms = self.runner.fix_algorithms(shape, batch, recorded=t.algorithms or {})  # older: shape rule
+            self.state = t.model_copy(update={"classes": self.ds.classes, "algorithms": algorithms})
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: {e})",
                                   "resume from another checkpoint, or start the run again") from None

@@ -518,6 +518,16 @@ class Runner:
         self._algorithms = dict(value)
         self._plans = {}
 
+    def fix_algorithms(self, input_shape: tuple, batch: int, tune: bool = False,
+                       recorded: dict[str, str] | None = None) -> dict[str, str]:
+        """Fix the convolution algorithms of the plan for this shape and batch: those a checkpoint recorded, the
+        fastest on this machine (tune), or the shape rule; the algorithm each convolution then runs, by name."""
+        if recorded is not None:
+            self.algorithms = recorded
+        elif tune:
+            self.algorithms = autotune(self.model, tuple(input_shape), batch)
+        return self.plan(tuple(input_shape)).algorithms()
+
     def plan(self, input_shape: tuple, dtype=np.float32) -> Plan:
         """The plan for inputs of this per-sample shape (built, or the one built before)."""
         state = tuple((id(layer), layer.frozen, layer.needs_input_grad, bool(layer.forward_hooks))

@@ -217,6 +217,7 @@ class JoinStep(Step):
         super().__init__(*args, **kw)
         self.gates, self.in_shapes, self.epilogue, self.activation = gates, in_shapes, epilogue, activation
         self._d = None
+        self._inputs: list[np.ndarray] | None = None  # the joined arrays, for a join whose backward reads them
 
     def forward(self, xs, training):
         join, ep = self.layer.join, self.epilogue
@@ -237,6 +238,7 @@ class JoinStep(Step):
             y = join(xs)
             d = _in_place(ep, y)
         self._d = d
+        self._inputs = list(xs) if self.layer.join_keeps_inputs else None
         return y if self.activation is None else self.activation.forward(y, training)
 
     def backward(self, dy):
@@ -244,17 +246,18 @@ class JoinStep(Step):
             dy = self.activation.backward(dy)
         if self._d is not None:
             dy = _chained(dy, self._d)
-        self._d = None
-        grads = self.layer.join_backward(dy, self.in_shapes)
+        inputs, self._d, self._inputs = self._inputs, None, None
+        grads = self.layer.join_backward(dy, self.in_shapes, inputs)
         return [g if gate else None for g, gate in zip(grads, self.gates)]
 
     def release(self):
-        self._d = None
+        self._d = self._inputs = None
         if self.activation is not None:
             _forget(self.activation)
 
     def saved_bytes(self, shapes, batch, itemsize):
-        return self._derivative_bytes(self.epilogue, batch, itemsize)
+        kept = sum(int(np.prod(s)) for s in self.in_shapes) * batch * itemsize if self.layer.join_keeps_inputs else 0
+        return kept + self._derivative_bytes(self.epilogue, batch, itemsize)
 
 
 class WindowMaxStep(Step):

@@ -74,6 +74,35 @@ def test_a_subclass_of_any_layer_computes_the_same_through_the_plan_as_alone(fac
     np.testing.assert_allclose(planned[0], 2 * plain[0], rtol=1e-12, atol=1e-12)
 
 
+def test_a_gate_is_a_join_whose_activation_after_it_is_fused():
+    """Squeeze-and-excitation through the plan: the branch as its own steps, x * g joined with the ReLU after it
+    fused (one step, which keeps x, g and the ReLU's mask), and the numbers of the layers run alone."""
+    from cnnctl.builder import build_model
+    from cnnctl.config import ModelSpec
+
+    spec = ModelSpec.model_validate({"input_shape": [4, 6, 6], "layers": [
+        {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1},
+        {"type": "gate", "branch": [{"type": "global_avgpool2d"}, {"type": "dense", "units": 2, "activation": "relu"},
+                                    {"type": "dense", "units": 4, "activation": "sigmoid"}]},
+        {"type": "relu"}, {"type": "flatten"}, {"type": "dense", "units": 3}]})
+    results = []
+    for planned in (False, True):
+        model, _ = build_model(spec, np.random.default_rng(0))
+        model = model.to(np.float64)
+        model.set_input_grad(True)
+        net = Runner(model) if planned else nn.Sequential(model.layers)
+        x = np.random.default_rng(1).standard_normal((8, 4, 6, 6))
+        y = net.forward(x, True)
+        dx = net.backward(np.random.default_rng(2).standard_normal(y.shape))
+        results.append([y, dx] + [p.grad.copy() for p in model.parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+    rows = Runner(model).plan((4, 6, 6)).describe(8)
+    join = next(r for r in rows if r["kind"] == "join")
+    assert join["fused"] == "relu layers.2" and join["saved_bytes"] == (4 * 6 * 6 + 4) * 8 * 4 + 4 * 6 * 6 * 8
+    assert [r["kind"] for r in rows].count("dense") == 3  # the branch's two dense layers are steps of their own
+
+
 class ReLU6ByHand(nn.ReLU):
     """A ReLU6 written as a ReLU subclass with its own forward and backward (the issue's example)."""
 

@@ -351,10 +351,11 @@ def test_dropout_with_a_batch_part_uses_its_rows_of_the_whole_batch_mask():
 
 def test_every_layer_that_asks_is_told_the_runners_context_inside_any_container():
     """Under MPI batchnorm's statistics are summed over the ranks and dropout keeps its rows of the whole batch's
-    mask: the runner's Context reaches them wherever they sit, a gate's branch (run as one step, by its own
-    forward) and a concatenation's branch included."""
+    mask: the runner's Context reaches them wherever they sit (a gate's branch, a concatenation's branch, a residual
+    body), and so does it when a container runs its children itself (Layer.__call__ passes it on)."""
     from cnnctl.builder import build_model
     from cnnctl.config import ModelSpec
+    from cnnctl.nn import Sequential
     from cnnctl.plan import Runner
 
     spec = ModelSpec.model_validate({"input_shape": [2, 6, 6], "layers": [
@@ -376,7 +377,11 @@ def test_every_layer_that_asks_is_told_the_runners_context_inside_any_container(
                 told[_name] = context
                 return _forward(x, training, context=context)
             layer.forward = spy
-    Runner(model, context=context).forward(np.ones((4, 2, 6, 6), np.float32), training=True)
+    x = np.ones((4, 2, 6, 6), np.float32)
+    Runner(model, context=context).forward(x, training=True)
+    assert len(told) == 5 and all(c is context for c in told.values()), told
+    told.clear()
+    Sequential(model.layers)(x, True, context)
     assert len(told) == 5 and all(c is context for c in told.values()), told
 
 

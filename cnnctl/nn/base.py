@@ -85,6 +85,7 @@ class Layer:
     tag: ClassVar[str] = "layer"
     is_norm: ClassVar[bool] = False  # normalisation parameters (exempt from weight decay on request)
     capability: ClassVar[str | None] = None  # what the layer is to the execution plan (see `planned_as`)
+    join_keeps_inputs: ClassVar[bool] = False  # a join whose join_backward reads the joined arrays
     takes_context: ClassVar[bool] = False  # its forward takes `context=` (a Context from the one running it)
     needs_input_grad: bool = True
     frozen: bool = False  # trainable: false: its parameters are not updated (a frozen batchnorm uses its running stats)

@@ -106,8 +106,9 @@ class Residual(Layer):
         """body(x) + shortcut(x), laid out as the body's output."""
         return np.add(xs[0], F.in_layout_of(xs[1], xs[0]), out=out)
 
-    def join_backward(self, dy: np.ndarray, shapes: list[tuple]) -> list[np.ndarray]:
-        """The gradient of each joined output (shapes: theirs, per sample): the sum's, to both."""
+    def join_backward(self, dy: np.ndarray, shapes: list[tuple], inputs: list[np.ndarray] | None) -> list[np.ndarray]:
+        """The gradient of each joined output (shapes: theirs, per sample; inputs: the joined arrays, kept by
+        forward when the class says `join_keeps_inputs`): the sum's, to both."""
         return [dy, dy]
 
     def set_input_grad(self, needed):
@@ -138,7 +139,7 @@ class Residual(Layer):
                               training, context, in_place=True)
 
     def backward(self, dy):
-        d_body, d_shortcut = self.join_backward(self._deactivate(dy), [])
+        d_body, d_shortcut = self.join_backward(self._deactivate(dy), [], None)
         dx = self.body.backward(d_body)
         ds = self.shortcut.backward(d_shortcut) if self.shortcut is not None else d_shortcut
         if not self.needs_input_grad:
@@ -211,7 +212,7 @@ class Concat(Layer):
     def join(self, xs: list[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
         return join_channels(xs)
 
-    def join_backward(self, dy: np.ndarray, shapes: list[tuple]) -> list[np.ndarray]:
+    def join_backward(self, dy: np.ndarray, shapes: list[tuple], inputs: list[np.ndarray] | None) -> list[np.ndarray]:
         """Each branch's channels of the gradient (shapes: the branches' outputs', per sample)."""
         bounds = channel_bounds(shapes)
         return [dy[:, a:b] for a, b in zip(bounds, bounds[1:])]
@@ -242,7 +243,7 @@ class Concat(Layer):
 
     def backward(self, dy):
         dx = None
-        for branch, d in zip(self.branches, self.join_backward(dy, self._shapes)):
+        for branch, d in zip(self.branches, self.join_backward(dy, self._shapes, None)):
             d = branch.backward(d)  # each branch gets its channels' share
             if self.needs_input_grad:
                 dx = d.copy() if dx is None else np.add(dx, F.in_layout_of(d, dx), out=dx)
@@ -276,9 +277,13 @@ class GateSpec(LayerSpec):
 @register("gate", GateSpec)
 class Gate(Layer):
     """y = x * g(x), g(x) one value per sample and channel broadcast over height and width: squeeze-and-excitation
-    gating (MobileNetV3, EfficientNet). Backward: dx = dy * g + g's input gradient of sum_hw(dy * x) (the fork)."""
+    gating (MobileNetV3, EfficientNet). Backward: dx = dy * g + g's input gradient of sum_hw(dy * x) (the fork).
+    A join of the input itself and the branch's output: the plan runs the branch as its own steps, then `join`."""
 
-    takes_context = True  # passed on to its branch (the plan runs a gate as one step)
+    capability = "join"
+    join_by_values = False
+    join_keeps_inputs = True  # join_backward reads x and g
+    takes_context = True  # passed on to its branch (when not run by a plan's steps)
 
     def __init__(self, branch: Sequential):
         super().__init__()
@@ -305,17 +310,29 @@ class Gate(Layer):
     def receptive_field(self, rf):
         return self.branch.receptive_field(rf)
 
+    def join_inputs(self) -> list[tuple[str, Sequential | None]]:
+        return [("input", None), ("branch", self.branch)]
+
+    def join(self, xs: list[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+        """x * g, g's (N, C) broadcast over height and width."""
+        x, g = xs
+        return np.multiply(x, g[:, :, None, None], out=out)
+
+    def join_backward(self, dy: np.ndarray, shapes: list[tuple], inputs: list[np.ndarray] | None) -> list[np.ndarray]:
+        """dy * g to the input; sum over height and width of dy * x to the branch's output."""
+        x, g = inputs
+        return [dy * g[:, :, None, None], np.einsum("nchw,nchw->nc", dy, x).astype(dy.dtype, copy=False)]
+
     def forward(self, x, training=True, context: Context | None = None):
-        self._x, g = x, self.branch(x, training, context)
-        self._g = g[:, :, None, None]
-        return x * self._g
+        self._joined = [x, self.branch(x, training, context)]
+        return self.join(self._joined)
 
     def backward(self, dy):
-        dg = np.einsum("nchw,nchw->nc", dy, self._x)
-        dx = self.branch.backward(dg.astype(dy.dtype, copy=False))
+        d_input, d_branch = self.join_backward(dy, [], self._joined)
+        dx = self.branch.backward(d_branch)
         if not self.needs_input_grad:
             return None
-        return np.add(dy * self._g, F.in_layout_of(dx, dy))
+        return np.add(d_input, F.in_layout_of(dx, dy))
 
     def onnx(self, g, x, input_shape, name):
         gate = self.branch.onnx(g, x, input_shape, name + ".branch")

@@ -19,6 +19,7 @@ import numpy as np
 from . import checkpoint, distributed, loading, runs
 from . import predict as predict_lib
 from .errors import CnnctlError, DataError
+from .weights import checkpoint_file
 
 
 class Run:
@@ -41,7 +42,7 @@ class Run:
     @property
     def best_checkpoint(self) -> Path:
         """checkpoints/best.safetensors (else last.safetensors)."""
-        return loading.checkpoint_file(self.dir)[0]
+        return checkpoint_file(self.dir)[0]
 
     def __repr__(self) -> str:
         return f"Run({str(self.dir)!r}, status={self.summary.get('status')!r})"
@@ -99,7 +100,7 @@ class Predictor:
     """A trained model ready to predict: `load(CHECKPOINT or RUN_DIR)`."""
 
     def __init__(self, path: str | Path):
-        self.checkpoint_path = loading.checkpoint_file(Path(path))[0]
+        self.checkpoint_path = checkpoint_file(Path(path))[0]
         ckpt = checkpoint.load(self.checkpoint_path)
         self.spec, self.model, rows = loading.load_model(ckpt, self.checkpoint_path)
         self.normalization = ckpt.normalization
@@ -145,7 +146,7 @@ def evaluate(path: str | Path, split: str | None = "test", overrides: list[str] 
 
     if split not in ("test", "val", "train", None):
         raise CnnctlError(f"split must be test, val or train, got {split!r}")
-    ckpt_path = loading.checkpoint_file(Path(path))[0]
+    ckpt_path = checkpoint_file(Path(path))[0]
     ckpt = loading.with_overrides(checkpoint.load(ckpt_path), list(overrides or []))
     spec, model, rows = loading.load_model(ckpt, ckpt_path)
     ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)

@@ -30,11 +30,11 @@ from .checkpoint import Partial, RunState, Stopper
 from .config import Spec, TestTimeAugmentSpec, load_config, spec_to_dict, validate
 from .environment import environment
 from .errors import CheckpointError, CnnctlError, ConfigError, TrainingError
-from .loading import restore_weights
 from .memory import refuse_over
 from .nn import Loss, Model
 from .schedules import resolve_mode
 from .step import TrainingStep
+from .weights import restore_weights
 
 
 class Interrupted(CnnctlError):

@@ -13,7 +13,7 @@ from . import checkpoint
 from .builder import build_model, describe
 from .config import Spec, apply_overrides, load_config, validate
 from .nn import Model
-from .weights import checkpoint_file, init_from, restore_weights  # noqa: F401  (loading's names for them)
+from .weights import restore_weights
 
 
 def offline(spec: Spec) -> Spec:

@@ -255,8 +255,8 @@ def _plan(summary: dict) -> str:
 def run_page(run_dir: Path) -> str:
     """The page of a run directory, whatever its status (running, failed and interrupted runs show what they
     have)."""
-    from . import loading
     from .config import validate
+    from .weights import checkpoint_file
 
     run_dir = Path(run_dir)
     info = runs.run_info(run_dir)
@@ -272,7 +272,7 @@ def run_page(run_dir: Path) -> str:
     sections.append(_model_table(spec))
     sections.append(_curves(runs.read_history(run_dir)))
     try:
-        ckpt_path, _ = loading.checkpoint_file(run_dir)
+        ckpt_path, _ = checkpoint_file(run_dir)
     except CnnctlError:
         ckpt_path = None
     if ckpt_path is None:

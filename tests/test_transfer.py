@@ -270,9 +270,9 @@ def _torchvision_models():
 def test_torchvision_state_dicts_load_into_the_shipped_configs_by_their_maps(tmp_path, name):
     from safetensors.torch import save_file
 
-    from cnnctl import loading
     from cnnctl.builder import build_model
     from cnnctl.config import load_config
+    from cnnctl.weights import init_from
 
     torch, models = _torchvision_models()
     torch.manual_seed(0)
@@ -285,7 +285,7 @@ def test_torchvision_state_dicts_load_into_the_shipped_configs_by_their_maps(tmp
     save_file(net.state_dict(), str(tmp_path / f"{name}.safetensors"))
     spec, _ = load_config(ROOT / "configs" / "torchvision" / f"{name}.yaml", ["model.input_shape=[3, 64, 64]"])
     model, _ = build_model(spec.model, np.random.default_rng(0))
-    report = loading.init_from(model, str(tmp_path / f"{name}.safetensors"), True, spec.model.init_from.rename)
+    report = init_from(model, str(tmp_path / f"{name}.safetensors"), True, spec.model.init_from.rename)
     assert not report["fresh"] and not report["unused"] and len(report["copied"]) == len(net.state_dict())
     x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
     with torch.no_grad():

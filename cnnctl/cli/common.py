@@ -22,6 +22,7 @@ from ..engine import Interrupted
 from ..errors import CnnctlError
 from ..fileio import NotWritable, json_text, output_target
 from ..version import __version__
+from ..weights import checkpoint_file
 
 # typer prints an argument's Python type after its metavar ("CHECKPOINT|RUN_DIR <path>", "FILES... <list[Path]>");
 # cnnctl's metavars say what to give, so arguments show those alone (options already do when given a metavar)
@@ -161,7 +162,7 @@ def check_writable(path: Path, option: str) -> None:
 
 def checkpoint_of(path: Path) -> Path:
     """A checkpoint file as given, or for a run directory its best checkpoint (else its last), said on stderr."""
-    found, which = loading.checkpoint_file(path)
+    found, which = checkpoint_file(path)
     if which is not None:
         err.print(f"using {found} ({which} checkpoint of the run)")
     return found

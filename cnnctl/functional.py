@@ -124,6 +124,15 @@ def in_layout_of(a: np.ndarray, like: np.ndarray) -> np.ndarray:
     return out
 
 
+def chained(dy: np.ndarray, d: np.ndarray, per_channel=parallel.per_channel) -> np.ndarray:
+    """dy * d laid out as d, a slice of channels at a time as `per_channel` cuts them (cnnctl's threads by
+    default, or a layer's runner's): the backward of an element-wise function whose derivative is d."""
+    dy, out = in_layout_of(dy, d), np.empty_like(d, dtype=dy.dtype)
+    c = parallel.channels
+    per_channel(d, lambda lo, hi: chain(c(dy, lo, hi), c(d, lo, hi), out=c(out, lo, hi)))
+    return out
+
+
 def batch_innermost(x: np.ndarray, cache: dict | Scratch | None, name: str) -> np.ndarray:
     """x (N, C, H, W) as a view of a (C, H, W, N) array: x itself when it already is one (what conv and
     pooling layers return), else a copy into a reused buffer (the network input, C-order)."""

@@ -42,7 +42,7 @@ import numpy as np
 
 from . import convolution, parallel
 from . import functional as F
-from .epilogue import NONE, Epilogue, chain
+from .epilogue import NONE, Epilogue
 from .errors import CnnctlError, CnnctlWarning
 from .fileio import Unreadable, atomic_write_bytes, read_regular
 from .nn.base import Context, forward_with
@@ -68,13 +68,6 @@ def _in_place(epilogue: Epilogue, y: np.ndarray) -> np.ndarray | None:
     if d is not None:
         _in_channels(lambda y_, d_: epilogue(y_, None, d_), y, d)
     return d
-
-
-def _chained(dy: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """dy * d laid out as d, a slice of channels per thread: the backward of an element-wise function."""
-    dyl, out = F.in_layout_of(dy, d), np.empty_like(d, dtype=dy.dtype)
-    _in_channels(lambda a, b, o: chain(a, b, out=o), dyl, d, out)
-    return out
 
 
 # ------------------------------------------------------------------ steps
@@ -245,7 +238,7 @@ class JoinStep(Step):
         if self.activation is not None:
             dy = self.activation.backward(dy)
         if self._d is not None:
-            dy = _chained(dy, self._d)
+            dy = F.chained(dy, self._d)
         inputs, self._d, self._inputs = self._inputs, None, None
         grads = self.layer.join_backward(dy, self.in_shapes, inputs)
         return [g if gate else None for g, gate in zip(grads, self.gates)]
@@ -275,7 +268,7 @@ class WindowMaxStep(Step):
         return y
 
     def backward(self, dy):
-        dy = _chained(dy, self._d)
+        dy = F.chained(dy, self._d)
         self._d = None
         return [self.layer.backward(dy)]
 

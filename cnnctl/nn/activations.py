@@ -106,10 +106,7 @@ class Elementwise(Layer):
         return y
 
     def backward(self, dy):
-        d = self._d
-        dy, dx = F.in_layout_of(dy, d), np.empty_like(d, dtype=dy.dtype)  # one layout: several times faster
-        self._cut(d, lambda lo, hi: np.multiply(channels(dy, lo, hi), channels(d, lo, hi), out=channels(dx, lo, hi)))
-        return dx
+        return F.chained(dy, self._d, self._cut)
 
 
 @register("relu", ReLUSpec, activation=True)

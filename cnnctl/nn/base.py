@@ -253,7 +253,7 @@ class Layer:
         act = self.activation
         if act is None:
             return y
-        kw = {"context": context} if context is not None and act.takes_context else {}
+        kw = {"context": context} if context is not None and _takes_context(type(act)) else {}
         if in_place and act.planned_as() == "elementwise":
             kw["out"] = y
         return act.forward(y, training, **kw)

@@ -35,6 +35,8 @@ FOLDED_OPS = {"Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast", "Co
               "Mul", "Add", "Sub", "Div", "Slice", "ConstantOfShape", "Range", "ReduceProd"}
 # what a user meets most often among the rest, and what it would take
 LATER = {"Erf": "outside GELU's x * (1 + erf(x / sqrt 2)) / 2", "Softplus": "outside Mish's x * tanh(softplus(x))"}
+# operators that are one cnnctl activation, whatever their attributes
+PLAIN_ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "HardSwish": "hardswish", "Mish": "mish"}
 # activations cnnctl layers may apply themselves (conv2d, dense, batchnorm, residual: `activation:`)
 FOLDABLE = {"relu", "sigmoid", "tanh", "relu6", "hardsigmoid", "hardswish", "silu", "gelu", "mish"}
 
@@ -469,9 +471,8 @@ class _Importer:
                 self.fail(f"Gelu {node.name!r}: the tanh approximation is not imported (cnnctl's gelu is exact)")
             self._activation(layers, "gelu")
             return
-        if op in ("Relu", "Sigmoid", "Tanh", "HardSwish", "Mish"):
-            self._activation(layers, {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh",
-                                      "HardSwish": "hardswish", "Mish": "mish"}[op])
+        if op in PLAIN_ACTIVATIONS:
+            self._activation(layers, PLAIN_ACTIVATIONS[op])
             return
         if op == "Clip":
             low, high = (a.get(k) for k in ("min", "max"))

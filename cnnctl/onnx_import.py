@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CnnctlError
-from .fileio import Unreadable, read_regular
 from .memory import refuse_over
+from .onnx_read import ModelError, onnx_modules, opset_of, read_model
 
 BATCH = 7919  # the batch size the shapes are computed with: a prime no real dimension is likely to equal
-MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one message
+MAX_NESTING = 100  # branches inside branches: deeper than any published network (a walk and a config nest as deep)
 
 # the data-carrying operators this importer maps onto cnnctl layers; constant-only ones fold away
 LAYER_OPS = {"Sub", "Div", "Conv", "BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Celu",
@@ -45,14 +45,7 @@ class ImportError_(CnnctlError):
     """A graph cnnctl cannot take (its message names the operators, a node of each and how many)."""
 
 
-def _onnx():
-    try:
-        import onnx
-        from onnx import numpy_helper, shape_inference
-    except ImportError:
-        raise CnnctlError("cnnctl import needs the onnx package, which is not installed",
-                          "pip install 'cnnctl[onnx]'") from None
-    return onnx, numpy_helper, shape_inference
+_onnx = onnx_modules
 
 
 @dataclass
@@ -67,23 +60,6 @@ class Imported:
     opset: int
     tensors_mapped: int = 0
     normalization: dict | None = None  # a leading Sub and Div (cnnctl export writes them): mean and std
-
-
-def read_model(path: Path):
-    """The ONNX model in a file: a regular file, parsed as protobuf (no code runs), shapes inferred."""
-    onnx, _, _ = _onnx()
-    try:
-        raw = read_regular(Path(path), MAX_ONNX_BYTES)
-    except Unreadable as e:
-        if e.missing:
-            raise CnnctlError(f"ONNX file not found: {path}", "check the path") from None
-        raise CnnctlError(f"cannot read {path}: {e.reason}", "give an .onnx file") from None
-    refuse_over(f"reading {path}", 3 * len(raw), 2, CnnctlError, "the model is too large for this machine")
-    try:
-        return onnx.load_model_from_string(raw)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise CnnctlError(f"{path}: not an ONNX model ({type(e).__name__}: {e})",
-                          "give a file written by torch.onnx.export, tf2onnx or cnnctl export") from None
 
 
 def import_model(model, source: str = "the graph") -> Imported:
@@ -111,14 +87,24 @@ class _Importer:
         self.onnx, self.numpy_helper, self.shape_inference = _onnx()
         self.model, self.source = model, source
         self.graph = model.graph
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        self.const: dict[str, np.ndarray] = {t.name: self.numpy_helper.to_array(t) for t in self.graph.initializer}
+        self.opset = opset_of(model)
+        self.const: dict[str, np.ndarray] = {t.name: self._array(t, f"tensor {t.name!r}")
+                                             for t in self.graph.initializer}
         self.weights: dict[str, np.ndarray] = {}
         self.used: set[str] = set()
         self.final: str | None = None
         self.normalization: dict | None = None
         self.visited: set[int] = set()
         self.pending: list[int] | None = None
+        self.depth = 0  # branches inside branches at the walk's point
+
+    def _array(self, t, what: str) -> np.ndarray:
+        """A tensor checked by onnx_read (type, dimensions, bytes) as a NumPy array."""
+        try:
+            return self.numpy_helper.to_array(t)
+        except Exception as e:  # what the checks before cannot see
+            raise ModelError(f"{self.source}: {what} cannot be read ({type(e).__name__}: {e})",
+                             "the file is damaged; export it again") from None
 
     # ---------------------------------------------------------------- checks and shapes
 
@@ -186,10 +172,10 @@ class _Importer:
         for node in self.graph.node:
             op = node.op_type
             if op == "Constant":
-                a = _attrs(node)
-                value = a.get("value")
-                self.const[node.output[0]] = (self.numpy_helper.to_array(value) if value is not None else
-                                              np.asarray(next(v for v in a.values())))
+                (attr,) = [x for x in node.attribute if x.name.startswith("value")]  # onnx_read: exactly one
+                value = self._array(attr.t, f"the value of node {node.name!r}") if attr.name == "value" else \
+                    np.asarray(self.onnx.helper.get_attribute_value(attr))
+                self.const[node.output[0]] = value
                 continue
             if op == "Shape" and node.input[0] in shapes:
                 a = _attrs(node)
@@ -199,7 +185,13 @@ class _Importer:
             inputs = [i for i in node.input if i]
             if op not in FOLDED_OPS or not inputs or not all(i in self.const for i in inputs):
                 continue
-            value = self._evaluate(node, [self.const[i] for i in inputs])
+            try:
+                value = self._evaluate(node, [self.const[i] for i in inputs])
+            except CnnctlError:
+                raise
+            except (ValueError, IndexError, TypeError, KeyError, OverflowError, ZeroDivisionError) as e:
+                self.fail(f"node {node.name or node.output[0]!r} ({op}) folds constants that do not fit together "
+                          f"({type(e).__name__}: {e})", "the file is damaged; export it again")
             if value is not None:
                 self.const[node.output[0]] = value
 
@@ -236,11 +228,28 @@ class _Importer:
             return xs[0][tuple(index)]
         if op == "ConstantOfShape":
             value = a.get("value")
-            fill = self.numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
-            return np.full(xs[0].astype(np.int64), fill.ravel()[0], fill.dtype)
+            fill = self._array(value, f"the value of node {node.name!r}") if value is not None else \
+                np.zeros(1, np.float32)
+            dims = [int(d) for d in np.ravel(xs[0])]
+            if any(d < 0 for d in dims) or fill.size != 1:
+                self.fail(f"node {node.name!r} (ConstantOfShape): shape {dims} has a negative dimension or its "
+                          f"value is not one number", "the file is damaged; export it again")
+            self._room(node, int(np.prod(dims, dtype=object)) * fill.itemsize)
+            return np.full(dims, fill.ravel()[0], fill.dtype)
+        if op == "Range":
+            start, limit, delta = (np.ravel(x)[0] for x in xs)
+            if delta == 0:
+                self.fail(f"node {node.name!r} (Range): a step of 0", "the file is damaged; export it again")
+            self._room(node, max(0, int(np.ceil((float(limit) - float(start)) / float(delta)))) * 8)
+            return np.arange(start, limit, delta, dtype=np.result_type(xs[0]))
         if op == "ReduceProd":
             return np.prod(xs[0], keepdims=bool(a.get("keepdims", 1)))
         return None
+
+    def _room(self, node, nbytes: int) -> None:
+        """A folded tensor's bytes, checked as training's allocations are, before it is made."""
+        refuse_over(f"{self.source}: folding node {node.name or node.output[0]!r} ({node.op_type})", nbytes, 4,
+                    ModelError, "the file asks for a constant larger than this machine can hold: it is damaged")
 
     # ---------------------------------------------------------------- patterns
 
@@ -312,7 +321,7 @@ class _Importer:
 
     def run(self) -> Imported:
         name, chw = self._input()
-        self.input = name
+        self.input, self.input_chw = name, chw
         self.shapes = self._shapes(name, chw)
         self._fold(self.shapes)
         self.nodes = [n for n in self.graph.node if n.output[0] not in self.const]
@@ -359,6 +368,16 @@ class _Importer:
             t = self._fork(t, cons, layers)
 
     def _fork(self, t: str, cons: list, layers: list[dict]) -> str:
+        if self.depth >= MAX_NESTING:
+            self.fail(f"branches nested more than {MAX_NESTING} deep at tensor {t!r} (a join inside a join's "
+                      "branch, and so on)", "no published classifier nests so deep; the file is damaged or hostile")
+        self.depth += 1
+        try:
+            return self._fork_at(t, cons, layers)
+        finally:
+            self.depth -= 1
+
+    def _fork_at(self, t: str, cons: list, layers: list[dict]) -> str:
         branches, ends, joins, flat, flats = [], [], {}, self.flat, []
         for c in cons:
             self.flat = flat  # every branch starts from the fork's tensor
@@ -407,12 +426,58 @@ class _Importer:
 
     # ---------------------------------------------------------------- single nodes
 
-    def _param(self, name: str) -> np.ndarray:
+    def _where(self) -> str:
+        return f"node {self.node.name or self.node.output[0]!r} ({self.node.op_type})"
+
+    def _param(self, name: str, role: str = "weight", ndim: int | None = None, shape: tuple | None = None) \
+            -> np.ndarray:
+        """The constant tensor `name` that the current node takes as its `role`, checked: a constant, of `ndim`
+        dimensions or of `shape`, every value finite."""
+        if name not in self.const:
+            self.fail(f"{self._where()}: its {role} {name!r} is not a constant tensor of the file",
+                      "cnnctl imports networks whose weights are stored in the file")
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = np.asarray(self.const[name], np.float32)
+        if ndim is not None and v.ndim != ndim:
+            self.fail(f"{self._where()}: its {role} {name!r} has shape {list(v.shape)}; {self.node.op_type} takes a "
+                      f"{role} of {ndim} dimensions", "the file is damaged; export it again")
+        if shape is not None and v.shape != tuple(shape):
+            self.fail(f"{self._where()}: its {role} {name!r} has shape {list(v.shape)}, where {list(shape)} is "
+                      "needed", "the file is damaged; export it again")
+        if not np.isfinite(v).all():
+            self.fail(f"tensor {name!r} (the {role} of {self._where()}) holds NaN or infinite values",
+                      "the weights are damaged; export the network again from a trained model")
         self.used.add(name)
-        return np.asarray(self.const[name], np.float32)
+        return v
+
+    def _scalar(self, name: str, role: str) -> float:
+        """A constant input that must be one number (a Clip bound, a Dropout ratio)."""
+        if name not in self.const:
+            self.fail(f"{self._where()}: its {role} {name!r} is not a constant", "cnnctl imports constant "
+                      f"{role}s")
+        v = np.asarray(self.const[name])
+        if v.size != 1:
+            self.fail(f"{self._where()}: its {role} {name!r} has shape {list(v.shape)}; it must be one number",
+                      "the file is damaged; export it again")
+        return float(v.ravel()[0])
+
+    def _ints(self, a: dict, key: str, n: int, default) -> list[int]:
+        """An attribute of n integers (strides, pads, kernel_shape of a 2-D operator)."""
+        v = a.get(key, default)
+        if v is None:
+            self.fail(f"{self._where()} lacks its attribute {key!r}")
+        v = list(v) if isinstance(v, (list, tuple)) else [v]
+        if len(v) != n or not all(isinstance(x, (int, np.integer)) for x in v):
+            self.fail(f"{self._where()}: attribute {key!r} is {v}; on images it takes {n} values (integers)",
+                      "the file is damaged; export it again")
+        if key != "pads" and any(int(x) < 1 for x in v) or key == "pads" and any(int(x) < 0 for x in v):
+            self.fail(f"{self._where()}: attribute {key!r} is {v}; each value must be "
+                      f"{'0 or more' if key == 'pads' else '1 or more'}", "the file is damaged; export it again")
+        return [int(x) for x in v]
 
     def _convert(self, node, layers: list[dict]) -> None:
         op, a = node.op_type, _attrs(node)
+        self.node = node
         ins = node.input
         shape_in = self.shapes.get(self._data_inputs(node)[0]) if self._data_inputs(node) else None
         if op in ("Sub", "Div"):
@@ -425,27 +490,38 @@ class _Importer:
             return
         if op in ("Identity", "Dropout"):
             if op == "Dropout" and not self._last(node):
-                ratio = a.get("ratio", float(self.const[ins[1]]) if len(ins) > 1 and ins[1] in self.const else 0.5)
+                ratio = a.get("ratio", self._scalar(ins[1], "ratio") if len(ins) > 1 and ins[1] else 0.5)
+                if not isinstance(ratio, float) or not 0 <= ratio < 1:
+                    self.fail(f"{self._where()}: ratio {ratio}; a dropout rate is one number in [0, 1)")
                 layers.append({"type": "dropout", "rate": round(float(ratio), 6)})
             return
         if op == "Conv" and self.flat:  # a 1x1 convolution on 1x1 maps after a global pooling: a dense layer
-            w = self._param(ins[1])
+            w = self._param(ins[1], ndim=4)
             if w.shape[2:] != (1, 1) or int(a.get("group", 1)) != 1 or any(a.get("pads", [])):
                 self.fail(f"Conv {node.name!r} after a global pooling: only a 1x1 convolution (a dense layer) is "
                           "imported there")
             self._weighted(layers, {"type": "dense", "units": int(w.shape[0])}, w[:, :, 0, 0], ins)
             return
         if op == "Conv":
-            w = self._param(ins[1])
-            pads = [int(p) for p in a.get("pads", [0, 0, 0, 0])]
-            pads = self._pending_pads(pads)
+            w = self._param(ins[1], ndim=4)
+            pads = self._pending_pads(self._ints(a, "pads", 4, [0, 0, 0, 0]))
+            kernel = self._ints(a, "kernel_shape", 2, list(w.shape[2:]))
+            strides, dilations = self._ints(a, "strides", 2, [1, 1]), self._ints(a, "dilations", 2, [1, 1])
+            group = a.get("group", 1)
+            if kernel != list(w.shape[2:]):
+                self.fail(f"{self._where()}: attribute 'kernel_shape' is {kernel} but the weight's kernel is "
+                          f"{list(w.shape[2:])}", "the file is damaged; export it again")
+            if not isinstance(group, int) or group < 1 or w.shape[0] % group or (
+                    shape_in is not None and w.shape[1] * group != shape_in[1]):
+                self.fail(f"{self._where()}: attribute 'group' {group} does not fit its weight {list(w.shape)} on "
+                          f"{shape_in[1] if shape_in else '?'} input channels (weight channels x group = input "
+                          "channels, filters divisible by group)", "the file is damaged; export it again")
             if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
                 self.fail(f"Conv {node.name!r}: auto_pad {a['auto_pad']!r} is not imported",
                           "export with explicit pads (torch does)")
             spec = {"type": "conv2d", "filters": int(w.shape[0]), "kernel_size": _pair(w.shape[2:])}
-            for key, onnx_key, default in (("stride", "strides", 1), ("dilation", "dilations", 1)):
-                v = _pair(a.get(onnx_key, [default, default]))
-                if v != default:
+            for key, v in (("stride", _pair(strides)), ("dilation", _pair(dilations))):
+                if v != 1:
                     spec[key] = v
             if pads[0] != pads[2] or pads[1] != pads[3]:  # ONNX: top, left, bottom, right; cnnctl: t, b, l, r
                 spec["padding"] = [pads[0], pads[2], pads[1], pads[3]]
@@ -463,8 +539,13 @@ class _Importer:
             momentum = 1.0 - float(a.get("momentum", 0.9))
             if abs(momentum - 0.1) > 1e-6:
                 spec["momentum"] = round(momentum, 6)
-            self._add(layers, spec, {"weight": self._param(ins[1]), "bias": self._param(ins[2]),
-                                     "running_mean": self._param(ins[3]), "running_var": self._param(ins[4])})
+            c = (int(shape_in[1]),) if shape_in is not None and len(shape_in) > 1 else None
+            c = c or self._param(ins[1], "scale", ndim=1).shape
+            self._add(layers, spec, {k: self._param(ins[i], role, shape=c) for i, k, role in (
+                (1, "weight", "scale"), (2, "bias", "bias"), (3, "running_mean", "mean"), (4, "running_var", "var"))})
+            if (self.weights[f"{spec['_path']}.running_var"] < 0).any():
+                self.fail(f"{self._where()}: its running variance has negative values",
+                          "the file is damaged; export it again")
             return
         if op == "Gelu":
             if a.get("approximate", b"none") not in (b"none", "none"):
@@ -476,10 +557,10 @@ class _Importer:
             return
         if op == "Clip":
             low, high = (a.get(k) for k in ("min", "max"))
-            if low is None and len(ins) > 1 and ins[1] in self.const:
-                low = float(self.const[ins[1]])
-            if high is None and len(ins) > 2 and ins[2] in self.const:
-                high = float(self.const[ins[2]])
+            if low is None and len(ins) > 1 and ins[1]:
+                low = self._scalar(ins[1], "lower bound")
+            if high is None and len(ins) > 2 and ins[2]:
+                high = self._scalar(ins[2], "upper bound")
             if low != 0 or high != 6:
                 self.fail(f"Clip {node.name!r} to [{low}, {high}]: only Clip to [0, 6] (ReLU6) is imported")
             self._activation(layers, "relu6")
@@ -524,13 +605,16 @@ class _Importer:
         if op == "Gemm":
             if float(a.get("alpha", 1.0)) != 1.0 or float(a.get("beta", 1.0)) != 1.0 or int(a.get("transA", 0)):
                 self.fail(f"Gemm {node.name!r}: alpha, beta other than 1 or transA are not imported")
-            w = self._param(ins[1])
+            w = self._param(ins[1], ndim=2)
             w = w if int(a.get("transB", 0)) else w.T
+            if shape_in is not None and len(shape_in) == 2 and w.shape[1] != shape_in[1]:
+                self.fail(f"{self._where()}: its weight takes {w.shape[1]} features but {shape_in[1]} arrive",
+                          "the file is damaged; export it again")
             self._flat_for_dense(layers)
             self._weighted(layers, {"type": "dense", "units": int(w.shape[0])}, w, ins)
             return
         if op == "MatMul":
-            w = self._param(ins[1])
+            w = self._param(ins[1], ndim=2)
             self._flat_for_dense(layers)
             self._add(layers, {"type": "dense", "units": int(w.shape[1]), "bias": False},
                       {"weight": np.ascontiguousarray(w.T)})
@@ -585,19 +669,51 @@ class _Importer:
         if layers or not const or node.input[0] in self.const or not first:
             self.fail(f"{node.op_type} {node.name!r}: only a normalisation at the input (Sub of a mean, then Div "
                       "by a std) is imported")
-        value = np.asarray(self.const[const[0]], np.float64).ravel()
+        value = self._per_channel_values(node, np.asarray(self.const[const[0]], np.float64))
         self.used.add(const[0])
         if node.op_type == "Sub":
-            self.normalization = {"mean": value.tolist()}
+            self.normalization = {"mean": value}
         else:
-            self.normalization["std"] = value.tolist()
+            self.normalization["std"] = value
+
+    def _per_channel_values(self, node, value: np.ndarray) -> list[float]:
+        """A normalisation constant as one value per channel (or one for all): a constant broadcast over height
+        and width (a per-channel mean written as an image) is reduced to its channels; one that varies across the
+        pixels is refused (cnnctl normalises per channel), never dropped."""
+        c, h, w = self.input_chw
+        if value.size == 1:
+            return [float(value.ravel()[0])]
+        while value.ndim > 3 and value.shape[0] == 1:
+            value = value[0]
+        if value.ndim == 1 and value.shape[0] == w and w != c:
+            value = value.reshape(1, 1, w)
+        if value.ndim > 3 or value.ndim == 0:
+            self.fail(f"{self._where()}: its constant has shape {list(value.shape)}; a normalisation is one value "
+                      "per channel")
+        value = value.reshape((1,) * (3 - value.ndim) + value.shape)
+        if value.shape[0] not in (1, c) or value.shape[1] not in (1, h) or value.shape[2] not in (1, w):
+            self.fail(f"{self._where()}: its constant of shape {list(value.shape)} does not fit the input "
+                      f"{[c, h, w]}")
+        if not np.isfinite(value).all() or (node.op_type == "Div" and (value <= 0).any()):
+            self.fail(f"{self._where()}: its constant holds values that are not finite"
+                      + (" or not positive" if node.op_type == "Div" else ""))
+        if (value != value[:, :1, :1]).any():
+            self.fail(f"{self._where()}: its constant varies per pixel (shape {list(value.shape)}); cnnctl "
+                      "normalises per channel and cannot take a per-pixel mean or std",
+                      "give the per-channel values with --mean and --std, or export the network without its "
+                      "normalisation")
+        return value[:, 0, 0].tolist()
 
     def _weighted(self, layers: list[dict], spec: dict, weight: np.ndarray, ins) -> None:
         """A layer with a weight and, when the node has a third input, a bias (as long as the outputs: Gemm's C
         may be a broadcast scalar), else `bias: false`."""
         tensors = {"weight": np.ascontiguousarray(weight)}
         if len(ins) > 2 and ins[2]:
-            tensors["bias"] = np.broadcast_to(self._param(ins[2]).ravel(), (weight.shape[0],)).copy()
+            b = self._param(ins[2], "bias").ravel()
+            if b.size not in (1, weight.shape[0]):
+                self.fail(f"{self._where()}: its bias {ins[2]!r} has {b.size} values, where {weight.shape[0]} (one "
+                          "per output) are needed", "the file is damaged; export it again")
+            tensors["bias"] = np.broadcast_to(b, (weight.shape[0],)).copy()
         else:
             spec["bias"] = False
         self._add(layers, spec, tensors)
@@ -625,12 +741,12 @@ class _Importer:
         return True
 
     def _pool(self, node, a, shape_in, layers) -> None:
-        k = [int(x) for x in a["kernel_shape"]]
-        s = [int(x) for x in a.get("strides", [1, 1])]
-        pads = self._pending_pads([int(p) for p in a.get("pads", [0, 0, 0, 0])])
+        k = self._ints(a, "kernel_shape", 2, None)
+        s = self._ints(a, "strides", 2, [1, 1])
+        pads = self._pending_pads(self._ints(a, "pads", 4, [0, 0, 0, 0]))
         if pads[0] != pads[2] or pads[1] != pads[3]:
             self.fail(f"{node.op_type} {node.name!r}: asymmetric padding {pads}", "cnnctl pads each side alike")
-        if any(int(d) != 1 for d in a.get("dilations", [1, 1])):
+        if any(d != 1 for d in self._ints(a, "dilations", 2, [1, 1])):
             self.fail(f"{node.op_type} {node.name!r}: dilated pooling is not imported")
         if any(2 * p > kk for p, kk in zip(pads[:2], k)):
             self.fail(f"{node.op_type} {node.name!r}: padding {pads[:2]} is more than half the kernel {k}")
@@ -648,11 +764,10 @@ class _Importer:
 
     def _pad(self, node, a) -> None:
         mode = a.get("mode", b"constant")
-        pads = a.get("pads")
-        if pads is None and len(node.input) > 1:
-            pads = self.const[node.input[1]].tolist()
-        value = float(self.const[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0.0
-        pads = [int(p) for p in pads]
+        if "pads" not in a and len(node.input) > 1 and node.input[1] in self.const:
+            a = {**a, "pads": [int(p) for p in np.ravel(self.const[node.input[1]])]}
+        pads = self._ints(a, "pads", 8, None)
+        value = self._scalar(node.input[2], "padding value") if len(node.input) > 2 and node.input[2] else 0.0
         if mode not in (b"constant", "constant") or value != 0 or any(pads[:2]) or any(pads[4:6]):
             self.fail(f"Pad {node.name!r}: only zero padding of height and width is imported")
         self.pending = [pads[2], pads[3], pads[6], pads[7]]  # top, left, bottom, right
@@ -740,6 +855,12 @@ def _flow(d: dict) -> str:
     return yaml.safe_dump(d, default_flow_style=True, width=10**9, sort_keys=False).strip()
 
 
+def _scalar_text(v) -> str:
+    """A value as YAML reads it back unchanged: a string YAML would take for a number, a boolean or null
+    (`2024`, `yes`, `null`, `0x1F`, `~`, `1e3`) or that holds YAML syntax is quoted."""
+    return _flow([v])[1:-1]
+
+
 def _layer_lines(layers: list[dict], indent: str) -> list[str]:
     lines = []
     for spec in layers:
@@ -793,7 +914,7 @@ def config_text(spec: dict, source: str) -> str:
         f"# Imported by `cnnctl import {source}`: the layers of the ONNX graph, with their weights in",
         "# model.safetensors beside this file. Fill in the data section, then fine-tune:",
         "#   cnnctl train config.yaml --init-from model.safetensors",
-        f"name: {spec['name']}",
+        f"name: {_scalar_text(spec['name'])}",
         f"seed: {spec['seed']}",
         "data:",
         "  dataset: folder            # your images: ROOT/train/<class>/*.png (and optionally ROOT/test/<class>/)",
@@ -842,8 +963,9 @@ def build(onnx_path: Path, name: str, mean: list[float] | None, std: list[float]
         if len(mean) != c or len(std) != c or min(std) <= 0:
             raise CnnctlError(f"--mean and --std need {c} values each (one per input channel), std positive")
         norm = {"mean": list(mean), "std": list(std)}
-    elif imp.normalization is not None and len(imp.normalization.get("std", [])) in (1, c):
-        norm = {k: (v * c if len(v) == 1 else v) for k, v in imp.normalization.items()}
+    elif imp.normalization is not None:  # values per channel or one for all (_per_channel_values)
+        found = {"std": [1.0], **imp.normalization}
+        norm = {k: (v * c if len(v) == 1 else v) for k, v in found.items()}
     else:
         norm = {"mean": [0.0] * c, "std": [1.0] * c}
     spec_dict = {
@@ -882,8 +1004,38 @@ def build(onnx_path: Path, name: str, mean: list[float] | None, std: list[float]
     return spec_dict, spec, model, rows, norm, classes or [f"class_{i}" for i in range(k)], imp
 
 
+IMPORTED = ("config.yaml", "model.safetensors")
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """--out may be a new or empty folder, or one that holds only an earlier import (its two files); a folder with
+    anything else (a run directory, other files) is refused unless `force`, which replaces the two files only."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists() or force:
+        return
+    if not out_dir.is_dir():
+        raise CnnctlError(f"--out {out_dir}: it is not a folder", "give a folder for config.yaml and model.safetensors")
+    present = sorted(p.name for p in out_dir.iterdir())
+    earlier = set(present) <= set(IMPORTED)
+    if earlier and "config.yaml" in present:
+        from .fileio import Unreadable, read_regular
+
+        try:
+            earlier = read_regular(out_dir / "config.yaml", 1 << 20).startswith(b"# Imported by `cnnctl import")
+        except Unreadable:
+            earlier = False
+    if present and not earlier:
+        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+        raise CnnctlError(f"--out {out_dir} already holds {shown}: not an earlier import's folder (a run, or files of "
+                          "your own), which an import would overwrite",
+                          "give a new folder, or add --force to replace its config.yaml and model.safetensors")
+
+
 def write(out_dir: Path, onnx_path: Path, spec_dict: dict, spec, model, norm: dict, classes: list[str]) -> None:
-    """DIR/config.yaml (readable, commented) and DIR/model.safetensors (a cnnctl checkpoint of the weights)."""
+    """DIR/config.yaml (readable, commented) and DIR/model.safetensors (a cnnctl checkpoint of the weights),
+    written as a pair: both new or, when a write fails, both as they were."""
+    import os
+
     from . import checkpoint
     from .checkpoint import RunState
     from .config import spec_to_dict
@@ -891,7 +1043,33 @@ def write(out_dir: Path, onnx_path: Path, spec_dict: dict, spec, model, norm: di
     from .fileio import atomic_write_bytes
 
     out_dir = Path(out_dir)
-    atomic_write_bytes(out_dir / "config.yaml", config_text(spec_dict, Path(onnx_path).name).encode())
-    checkpoint.save(out_dir / "model.safetensors", checkpoint.Checkpoint(
-        config=spec_to_dict(spec), model_state=model.state_dict(), normalization=norm,
-        run=RunState(classes=classes), environment={**environment(), "imported_from": str(onnx_path)}))
+    final = [out_dir / name for name in IMPORTED]
+    new = [out_dir / f".{name}.new" for name in IMPORTED]
+    old = [out_dir / f".{name}.old" for name in IMPORTED]
+    moved: list[int] = []  # old files set aside
+    placed: list[int] = []  # new files in place
+    try:
+        atomic_write_bytes(new[0], config_text(spec_dict, Path(onnx_path).name).encode(), follow_links=False)
+        checkpoint.save(new[1], checkpoint.Checkpoint(
+            config=spec_to_dict(spec), model_state=model.state_dict(), normalization=norm,
+            run=RunState(classes=classes), environment={**environment(), "imported_from": str(onnx_path)}))
+        for k in range(2):  # the old pair aside, then the new pair in: undone below if any step fails
+            if final[k].exists() or final[k].is_symlink():
+                os.replace(final[k], old[k])
+                moved.append(k)
+        for k in range(2):
+            os.replace(new[k], final[k])
+            placed.append(k)
+    except BaseException as e:
+        for k in range(2):
+            if k in placed:
+                final[k].unlink(missing_ok=True)
+            if k in moved:
+                os.replace(old[k], final[k])
+            new[k].unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CnnctlError(f"cannot write {out_dir}: {e.strerror or e}",
+                              "write to a writable folder with free space") from None
+        raise
+    for k in moved:
+        old[k].unlink(missing_ok=True)

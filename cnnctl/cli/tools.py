@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -294,6 +295,8 @@ def import_(
     std: Annotated[str | None, typer.Option("--std", metavar="S,...", help="Per-channel std, with --mean.")] = None,
     classes_file: Annotated[Path | None, typer.Option("--classes", metavar="FILE", help="Class names, one per "
                                                       "line (default: class_0, class_1, ...).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace config.yaml and model.safetensors in an --out "
+                                        "folder that holds other files (a run).")] = False,
 ):
     """Import an ONNX image classifier: a cnnctl config and a checkpoint of its weights, exact to onnxruntime."""
     from .. import onnx_import
@@ -310,8 +313,10 @@ def import_(
         classes = [line.strip() for line in text.splitlines() if line.strip()]
     for path in (out_dir / "config.yaml", out_dir / "model.safetensors"):
         check_writable(path, "--out")
+    onnx_import.check_out_dir(out_dir, force)
+    name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", model_file.stem) or "imported"  # a file name as a config name
     spec_dict, spec, model, rows, norm, classes, imp = onnx_import.build(
-        model_file, name or model_file.stem, _numbers(mean, "--mean"), _numbers(std, "--std"), classes)
+        model_file, name, _numbers(mean, "--mean"), _numbers(std, "--std"), classes)
     onnx_import.write(out_dir, model_file, spec_dict, spec, model, norm, classes)
     out.print(layer_table(spec, rows))
     n_weights = len(model.state_dict())

@@ -21,6 +21,10 @@ def pyplot(instead: str | None = None):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        # every string cnnctl draws comes from a run (class names, file names, config values): plain text, never
+        # mathtext, where `$` starts a formula ($\evil$ raised, invoice_$100_to_$200.png was set as maths)
+        matplotlib.rcParams["text.parse_math"] = False
     except ImportError:
         raise CnnctlError("drawing PNG files needs matplotlib, which is not installed",
                           "pip install 'cnnctl[plot]'" + (f" (or {instead})" if instead else "")) from None
@@ -49,7 +53,7 @@ def _save(fig, out: Path | None) -> bytes | None:
 def plot_curves(history: list[dict], out: Path | None, title: str = "") -> bytes | None:
     """Loss, accuracy (train and validation) and learning rate per epoch, three panels in one PNG."""
     plt = pyplot(TERMINAL)
-    epochs = [r["epoch"] for r in history]
+    epochs = [r.get("epoch", i + 1) for i, r in enumerate(history)]  # rows as runs.read_history cleans them
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
         for split, style in (("train", "-o"), ("val", "-s")):
@@ -60,7 +64,8 @@ def plot_curves(history: list[dict], out: Path | None, title: str = "") -> bytes
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[2].plot(epochs, [r["lr"] for r in history], "-o", ms=3, color="tab:green")
+    lrs = [r.get("lr") for r in history]
+    axes[2].plot(epochs, [math.nan if v is None else v for v in lrs], "-o", ms=3, color="tab:green")
     axes[2].set_title("learning rate")
     axes[2].set_xlabel("epoch")
     axes[2].grid(alpha=0.3)

@@ -22,6 +22,10 @@ from .version import __version__
 GALLERY = 8  # the most confidently wrong test images shown
 VIEWS = "; each image once, without the config's test-time views, which the test accuracy above averages"
 
+# the page needs no script, no font and nothing from elsewhere: a browser is told to run and fetch none (its own
+# style element and data: pictures only), so a string that escaped the escaping could still do nothing
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;
 color:#1a1a1a;line-height:1.45}
@@ -59,11 +63,22 @@ def _table(caption: str, header: list[str], rows: list[list], left: int = 1) -> 
 
 
 def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
+    return _num(v, 2, 100, "%")
 
 
-def _num(v, digits=4) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+def _num(v, digits=4, scale=1, unit="") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "n/a"  # a damaged value in a run file
+    return f"{scale * v:.{digits}f}{unit}"
+
+
+def _number(v) -> str:
+    """A value from a run file as a number, or n/a when it is none (missing, null, a string, not finite)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "n/a"
+    return f"{v:.4g}"
 
 
 def _metric(name, v) -> str:
@@ -71,7 +86,8 @@ def _metric(name, v) -> str:
 
 
 def _page(title: str, sections: list[str]) -> str:
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy" '
+            f'content="{CSP}"><meta name="viewport" '
             f'content="width=device-width, initial-scale=1"><title>{_e(title)}</title><style>{STYLE}</style></head>'
             f'<body>{"".join(sections)}<p class="note">Written by cnnctl {_e(__version__)} on '
             f'{_e(time.strftime("%Y-%m-%d %H:%M"))}. A self-contained page: no script, no link outside it.</p>'
@@ -114,7 +130,7 @@ def _curves(history: list[dict]) -> str:
         return "<section><h2>Learning curves</h2><p class=\"note\">No epoch has finished yet.</p></section>"
     png = plots.plot_curves(history, None, "")
     rows = [[r.get("epoch"), _num(r.get("train_loss")), _pct(r.get("train_acc")), _num(r.get("val_loss")),
-             _pct(r.get("val_acc")), f"{r.get('lr', 0):.4g}"] for r in history]
+             _pct(r.get("val_acc")), _number(r.get("lr"))] for r in history]
     return ("<section><h2>Learning curves</h2>" + _figure(png, "Loss, accuracy and learning rate per epoch, "
             "training and validation", "Loss and accuracy (training: circles, validation: squares) and the "
             "learning rate per epoch.") + "<details><summary>The numbers</summary>" +

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from .errors import CnnctlError
-from .fileio import atomic_write_bytes, json_text
+from .fileio import Unreadable, atomic_write_bytes, json_text, read_regular
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
@@ -144,28 +144,55 @@ def append_metrics(run_dir: Path, row: dict) -> None:
     _append_line(run_dir / "metrics.jsonl", _json_line(row))
 
 
+MAX_RUN_FILE = 64 << 20  # summary.json, metrics.jsonl: far more than a run of any length writes
+
+
+def read_run_file(path: Path) -> str | None:
+    """The text of a file a run wrote, by the bounded regular-file reader: None when it is missing, is not a
+    regular file (a FIFO is never waited on, a device never read), is larger than MAX_RUN_FILE or unreadable."""
+    try:
+        return read_regular(Path(path), MAX_RUN_FILE).decode("utf-8", errors="replace")
+    except Unreadable:
+        return None
+
+
 def read_json(path: Path) -> dict | None:
     """A JSON object from path, or None when it is missing, unreadable, malformed or not an object."""
+    text = read_run_file(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(text) if text is not None else None
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
 
+# the numbers an epoch row holds; anything else in their place (a string, null, NaN, a missing key) reads as None
+NUMERIC_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
+def clean_row(row: dict, position: int) -> dict:
+    """An epoch row whose fields have their types: `epoch` a positive whole number (the row's position when it is
+    missing or damaged), each numeric field that is there a finite float or None."""
+    out = dict(row)
+    epoch = row.get("epoch")
+    out["epoch"] = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch > 0 else position
+    for k in NUMERIC_KEYS:
+        if k in row:
+            out[k] = _of("number", row[k])
+    return out
+
+
 def read_history(run_dir: Path) -> list[dict]:
-    """The epoch rows of metrics.jsonl (empty before the first epoch ends)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
+    """The epoch rows of metrics.jsonl (empty before the first epoch ends), each through clean_row."""
+    text = read_run_file(Path(run_dir) / "metrics.jsonl")
     rows = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in (text or "").splitlines():
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # a line torn by a crash mid-write (or edited by hand): the others still count
         if isinstance(row, dict):
-            rows.append(row)
+            rows.append(clean_row(row, len(rows) + 1))
     return rows
 
 

@@ -41,6 +41,18 @@ def tiny_config(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """The run directory of one epoch of TINY, trained once per test module (copy it before changing it)."""
+    from tests.helpers import invoke
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(TINY.replace("epochs: 2", "epochs: 1"))
+    invoke("train", cfg, "--runs-dir", tmp / "runs")
+    return next((tmp / "runs").iterdir())
+
+
 @pytest.fixture
 def mnist_root() -> Path:
     if not (MNIST / "train-images-idx3-ubyte.gz").exists():

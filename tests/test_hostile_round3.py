@@ -20,15 +20,6 @@ from tests.helpers import invoke
 from tests.test_errors import expect_error
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("run3")
-    cfg = tmp / "tiny.yaml"
-    cfg.write_text(TINY.replace("epochs: 2", "epochs: 1"))
-    invoke("train", cfg, "--runs-dir", tmp / "runs")
-    return next((tmp / "runs").iterdir())
-
-
 def _config(tmp_path, change=None, name="c.yaml"):
     spec = yaml.safe_load(TINY)
     if change:

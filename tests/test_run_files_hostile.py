@@ -11,22 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import TINY
 from tests.helpers import invoke
 
 pytest.importorskip("matplotlib")
 from cnnctl import plots, report, runs  # noqa: E402
 
 EVIL = ["$\\evil$", "invoice_$100_to_$200.png", "$x^{", "a$b", "\\$", "$$"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("runfiles")
-    cfg = tmp / "tiny.yaml"
-    cfg.write_text(TINY.replace("epochs: 2", "epochs: 1"))
-    invoke("train", cfg, "--runs-dir", tmp / "runs")
-    return next((tmp / "runs").iterdir())
 
 
 def _copy(run, tmp_path):

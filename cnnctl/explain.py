@@ -161,3 +161,22 @@ def explain(model: Model, x: np.ndarray, method: str, layer: str | None = None, 
     if method == "gradcam":
         return gradcam(model, x, layer, k)
     return (*occlusion(model, x, k, patch, stride, batch, takes), None)
+
+
+def picture_stems(names: list[str]) -> list[str]:
+    """One file-name stem per input, no two alike (case aside, for case-insensitive file systems): the input's
+    name with anything but letters, digits, - _ . replaced; names equal after that (x.png from two folders, or
+    a:b and a_b) are numbered by their place among the inputs (2-x.png), so that no picture overwrites another."""
+    plain = ["".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "input" for name in names]
+    counts: dict[str, int] = {}
+    for stem in plain:
+        counts[stem.casefold()] = counts.get(stem.casefold(), 0) + 1
+    used: set[str] = set()
+    stems = []
+    for i, stem in enumerate(plain):
+        candidate = stem if counts[stem.casefold()] == 1 else f"{i + 1}-{stem}"
+        while candidate.casefold() in used:
+            candidate = f"{i + 1}-{candidate}"
+        used.add(candidate.casefold())
+        stems.append(candidate)
+    return stems

@@ -1,6 +1,8 @@
 """Saliency and Grad-CAM equal torch autograd on the converted model (tests/torch_models.py); occlusion equals a
 direct loop over inputs and squares."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -132,3 +134,35 @@ def test_the_explain_verb_writes_pictures_and_maps_for_every_method(tmp_path):
     expect_error(["explain", run, tmp_path / "x.npz", "--method", "gradcam", "--layer", "layers.4", "--out",
                   tmp_path / "e3"], "one of: layers.0, layers.1")
     expect_error(["explain", run, tmp_path / "x.npz", "--method", "lime"], "use one of saliency, gradcam, occlusion")
+
+
+def test_picture_stems_never_collide():
+    from cnnctl.explain import picture_stems
+
+    names = ["x.png", "x.png", "a:b.png", "a_b.png", "X.PNG", "2-x.png", "", "ok.png"]
+    stems = picture_stems(names)
+    assert len({s.casefold() for s in stems}) == len(names)
+    assert stems[-1] == "ok.png" and stems[0] != stems[1]
+
+
+def test_two_inputs_of_the_same_name_get_pictures_of_their_own(tmp_path, tiny_run):
+    import json
+
+    from tests.helpers import invoke
+
+    Image = pytest.importorskip("PIL.Image")
+    pytest.importorskip("matplotlib")
+    g = np.random.default_rng(0)
+    inputs = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(g.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / folder / "x.png")
+        inputs.append(tmp_path / folder / "x.png")
+    res = json.loads(invoke("explain", tiny_run, *inputs, "--npy", "--out", tmp_path / "ex", "--json").stdout)
+    files = [e["png"] for r in res for e in r["explained"]] + [e["npy"] for r in res for e in r["explained"]]
+    assert len(set(files)) == 4 and all(Path(f).is_file() for f in files)
+    maps = [np.load(e["npy"]) for r in res for e in r["explained"]]
+    direct = [json.loads(invoke("explain", tiny_run, p, "--npy", "--out", tmp_path / f"one{i}", "--json").stdout)
+              for i, p in enumerate(inputs)]
+    for m, d in zip(maps, direct):  # each input's files hold its own map
+        np.testing.assert_array_equal(m, np.load(d[0]["explained"][0]["npy"]))

@@ -383,11 +383,12 @@ def explain_(
     probs = predictor.predict(x01)
     x = predict_lib.normalize(x01, predictor.normalization)
     results = predict_lib.top_classes(names, probs, predictor.classes, 3)
+    stems = explain_lib.picture_stems([str(res["input"]) for res in results])
     for m in methods:
         maps, ks, used = explain_lib.explain(predictor.model, x, m, layer, klass, patch, stride,
                                              nn.LOSSES[spec.loss.type].takes, spec.data.evaluation_batch)
         for i, (res, heat) in enumerate(zip(results, maps)):
-            stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in res["input"])
+            stem = stems[i]
             picture = out_dir / f"{stem}.{m}.png"
             what = f"{m}{f' of {used}' if used else ''} for class {predictor.classes[ks[i]]}"
             plots.plot_explanation(x01[i], heat, picture, f"{res['input']}: {what}")

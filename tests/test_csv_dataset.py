@@ -69,3 +69,34 @@ def test_every_bad_row_is_named_in_one_message(tmp_path):
     (tmp_path / "labels.csv").write_text("file,class\na.png,x\n")
     expect_error(["data", cfg], "needs the columns path and label")
     expect_error(["inspect", cfg, "--set", "data.path=null"], "dataset: csv reads the CSV given as data.path")
+
+
+@pytest.mark.parametrize("line, words", [
+    ("pics/1.png,dark,train,extra", ["line 3: 4 fields, the header has 3"]),
+    ("pics/1.png," + "x" * 200_000 + ",train", ["line 3:", "field larger than field limit"]),
+    ("pics/1.png,\u00b2,train", ["line 3: label '\u00b2' is written with digits other than 0-9"]),
+    ("pics/1.png,\u0663,train", ["line 3: label '\u0663'"]),
+    ("pics/1.png," + "y" * 5000 + ",train", ["line 3: a label of 5,000 characters"]),
+    ("pics/1.png", ["line 3: 1 fields, the header has 3"]),
+], ids=["extra-field", "huge-field", "superscript-digit", "arabic-indic-digit", "long-label", "short-row"])
+def test_malformed_rows_are_named_by_line(tmp_path, line, words):
+    cfg = _pictures(tmp_path)
+    text = (tmp_path / "labels.csv").read_text().splitlines()
+    text[2] = line
+    (tmp_path / "labels.csv").write_text("\n".join(text) + "\n")
+    expect_error(["data", cfg], *words)
+
+
+def test_an_integer_label_beyond_the_data_is_refused_before_any_class_list(tmp_path, monkeypatch):
+    cfg = _pictures(tmp_path, with_splits=False, names=False)
+    text = (tmp_path / "labels.csv").read_text().splitlines()
+    text[4] = "pics/3.png,9999999999"
+    (tmp_path / "labels.csv").write_text("\n".join(text) + "\n")
+    expect_error(["data", cfg], "line 5: label 9999999999 is beyond the data", "40 rows")
+    text[4] = "pics/3.png,7"  # classes left out are fine: 0..7, six of them without pictures
+    (tmp_path / "labels.csv").write_text("\n".join(text) + "\n")
+    spec = yaml.safe_load(cfg.read_text())
+    spec["model"]["layers"][-1]["units"] = 8
+    cfg.write_text(yaml.safe_dump(spec))
+    info = json.loads(invoke("data", cfg, "--json").output)
+    assert info["classes"] == [str(i) for i in range(8)]

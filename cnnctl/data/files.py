@@ -225,6 +225,8 @@ def load_digits() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.n
 
 
 MAX_CSV_BYTES = 64 << 20  # a list of picture paths; a million rows is about 50 MB
+MAX_CLASS_NAME = 1000  # characters of one label
+MAX_NUMBERED_CLASSES = 100_000  # integer labels may leave classes out, up to this many (or one per row)
 CSV_SPLITS = ("train", "val", "test")
 
 
@@ -253,31 +255,57 @@ def load_csv(path: Path, input_shape, resize: int | None = None):
         raise DataError(f"{path}: its header is {', '.join(columns) or 'empty'}; it needs the columns path and label",
                         "first line: path,label (and ,split to choose each row's split)")
     rows, bad = [], []
-    for line, row in enumerate(reader, start=2):
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # a field over csv's limit, a NUL byte, an unclosed quote at the end
+            bad.append(f"line {reader.line_num + 1}: {e}")
+            break  # the reader cannot go on past it
+        line = reader.line_num
+        if None in row or None in row.values():  # more fields than the header (under None), or fewer (None values)
+            given = len(columns) + len(row.get(None) or []) if None in row else \
+                sum(v is not None for v in row.values())
+            bad.append(f"line {line}: {given} fields, the header has {len(columns)}")
+            continue
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         split = row.get("split") or "train"
         file = path.parent / row["path"]
-        if not row["path"] or not row["label"]:
+        label = row["label"]
+        if not row["path"] or not label:
             bad.append(f"line {line}: an empty path or label")
         elif split not in CSV_SPLITS:
             bad.append(f"line {line}: split {split!r} is not train, val or test")
+        elif label.isdigit() and not label.isascii():
+            bad.append(f"line {line}: label {label!r} is written with digits other than 0-9")
+        elif len(label) > MAX_CLASS_NAME:
+            bad.append(f"line {line}: a label of {len(label):,} characters (at most {MAX_CLASS_NAME})")
         elif not file.is_file():
             bad.append(f"line {line}: {file} does not exist")
         else:
-            rows.append((split, file, row["label"]))
+            rows.append((line, split, file, label))
+    numbered = rows and all(label.isascii() and label.isdigit() for *_, label in rows)
+    limit = max(len(rows), MAX_NUMBERED_CLASSES)
+    for line, _, _, label in rows if numbered else []:
+        if int(label) >= limit:  # the class list is 0..K-1: a label's value would size it
+            bad.append(f"line {line}: label {label} is beyond the data: integer labels number the classes "
+                       f"0..K-1, and this CSV has {len(rows):,} rows")
     if bad:
         shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise DataError(f"{path}: {len(bad)} rows cannot be used:\n  {shown}", "fix or remove those rows")
-    if not any(split == "train" for split, _, _ in rows):
+        raise DataError(f"{path}: {len(bad)} rows cannot be used:\n  {shown}", "fix or remove those rows "
+                        "(one picture per row: path,label[,split]; labels as class names or as 0..K-1)")
+    if not any(split == "train" for _, split, _, _ in rows):
         raise DataError(f"{path}: no training rows", "give rows with split train (or no split column)")
-    labels = [label for _, _, label in rows]
-    if all(label.isdigit() for label in labels):
+    labels = [label for *_, label in rows]
+    if numbered:
         classes = [str(i) for i in range(max(int(v) for v in labels) + 1)]
         index = {str(int(v)): int(v) for v in labels}
         labels = [str(int(v)) for v in labels]
     else:
         classes = sorted(set(labels))
         index = {name: i for i, name in enumerate(classes)}
+    rows = [(split, f, label) for _, split, f, label in rows]
     out = []
     for name in CSV_SPLITS:
         picked = [(f, index[label]) for (split, f, _), label in zip(rows, labels) if split == name]

@@ -48,6 +48,32 @@ class Run:
         return f"Run({str(self.dir)!r}, status={self.summary.get('status')!r})"
 
 
+def _path(value, what: str) -> Path:
+    """A path argument: a str or os.PathLike, else a CnnctlError naming the argument."""
+    import os
+
+    if isinstance(value, (str, os.PathLike)) and str(value):
+        return Path(value)
+    raise CnnctlError(f"{what} must be a path (a str or pathlib.Path), got {type(value).__name__} {value!r:.60}",
+                      f"pass {what} as a file or folder name")
+
+
+def _overrides(overrides) -> list[str]:
+    """--set style overrides: a list of "KEY=VALUE" strings, one such string, or a dict {"train.epochs": 2}."""
+    import json
+
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        return [overrides]
+    if isinstance(overrides, dict):  # values as YAML reads them back: JSON is YAML
+        return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    if isinstance(overrides, (list, tuple)) and all(isinstance(o, str) for o in overrides):
+        return list(overrides)
+    raise CnnctlError(f"overrides must be a list of \"KEY=VALUE\" strings or a dict, got {type(overrides).__name__}",
+                      'e.g. overrides=["train.epochs=2"] or overrides={"train.epochs": 2}')
+
+
 def _spec(config, overrides: list[str]):
     """A Spec from a config file's path, a dict (the YAML as Python) or a Spec, with --set style overrides."""
     from .config import Spec, absolute_data_paths, apply_overrides, load_config, spec_to_dict, validate
@@ -80,7 +106,7 @@ def train(config: Any = None, overrides: list[str] | None = None, runs_dir: str 
     if (config is None) == (resume is None):
         raise CnnctlError("give a config to start a run, or resume=RUN_DIR to continue one (not both)")
     world = distributed.world()
-    overrides = list(overrides or [])
+    overrides = _overrides(overrides)
     if config is not None and world.root:
         config = _spec(config, overrides)  # every form of config becomes a Spec here (rank 0 reads files)
         overrides = []
@@ -100,7 +126,7 @@ class Predictor:
     """A trained model ready to predict: `load(CHECKPOINT or RUN_DIR)`."""
 
     def __init__(self, path: str | Path):
-        self.checkpoint_path = checkpoint_file(Path(path))[0]
+        self.checkpoint_path = checkpoint_file(_path(path, "path"))[0]
         ckpt = checkpoint.load(self.checkpoint_path)
         self.spec, self.model, rows = loading.load_model(ckpt, self.checkpoint_path)
         self.normalization = ckpt.normalization
@@ -111,16 +137,32 @@ class Predictor:
     def predict(self, images) -> np.ndarray:
         """Class probabilities (N, classes) for an (N, C, H, W) array of pixels in [0, 1] (uint8 0..255 taken as
         pixels too), or for a list of picture files (decoded and resized as the folder dataset does)."""
+        import os
+
         from .builder import check_evaluation_memory
 
         shape = tuple(self.spec.model.input_shape)
+        fix = "give an (N, C, H, W) array of pixels in [0, 1], or a list of picture files"
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]  # one picture file
         if isinstance(images, np.ndarray):
-            x01 = images.astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)
-            if x01.ndim != 4 or x01.shape[1:] != shape:
+            if images.dtype.kind not in "fiub":
+                raise DataError(f"images of dtype {images.dtype}: pixels are numbers", fix)
+            if images.ndim != 4 or images.shape[1:] != shape:
                 raise DataError(f"images of shape {images.shape}: the model takes (N, {', '.join(map(str, shape))})",
-                                "give an (N, C, H, W) array of pixels in [0, 1], or a list of picture files")
+                                fix)
+            if not len(images):
+                raise DataError("no images given (an array of 0 images)", fix)
+            x01 = images.astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)
+            if not np.isfinite(x01).all():
+                raise DataError("images hold NaN or infinite values", fix)
+        elif isinstance(images, (list, tuple)):
+            if not images:
+                raise DataError("no images given (an empty list)", fix)
+            _, x01 = predict_lib.load_inputs([_path(p, "each picture") for p in images], shape,
+                                             self.spec.data.resize)
         else:
-            _, x01 = predict_lib.load_inputs([Path(p) for p in images], shape, self.spec.data.resize)
+            raise DataError(f"images must be an array or a list of picture files, got {type(images).__name__}", fix)
         check_evaluation_memory(self.spec.name, self._rows, min(self.spec.data.evaluation_batch, max(len(x01), 1)))
         logits = predict_lib.outputs(self.model, x01, self.normalization, self.spec.data.test_time_augment,
                                      self.spec.data.evaluation_batch)
@@ -146,8 +188,8 @@ def evaluate(path: str | Path, split: str | None = "test", overrides: list[str] 
 
     if split not in ("test", "val", "train", None):
         raise CnnctlError(f"split must be test, val or train, got {split!r}")
-    ckpt_path = checkpoint_file(Path(path))[0]
-    ckpt = loading.with_overrides(checkpoint.load(ckpt_path), list(overrides or []))
+    ckpt_path = checkpoint_file(_path(path, "path"))[0]
+    ckpt = loading.with_overrides(checkpoint.load(ckpt_path), _overrides(overrides))
     spec, model, rows = loading.load_model(ckpt, ckpt_path)
     ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)
     if split is None:

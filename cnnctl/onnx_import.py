@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CnnctlError
-from .memory import refuse_over
-from .onnx_read import ModelError, onnx_modules, opset_of, read_model
+from .onnx_read import ModelError, check_generated, onnx_modules, opset_of, read_model
 
 BATCH = 7919  # the batch size the shapes are computed with: a prime no real dimension is likely to equal
 MAX_NESTING = 100  # branches inside branches: deeper than any published network (a walk and a config nest as deep)
@@ -248,8 +247,7 @@ class _Importer:
 
     def _room(self, node, nbytes: int) -> None:
         """A folded tensor's bytes, checked as training's allocations are, before it is made."""
-        refuse_over(f"{self.source}: folding node {node.name or node.output[0]!r} ({node.op_type})", nbytes, 4,
-                    ModelError, "the file asks for a constant larger than this machine can hold: it is damaged")
+        check_generated(f"{self.source}: folding node {node.name or node.output[0]!r} ({node.op_type})", nbytes)
 
     # ---------------------------------------------------------------- patterns
 

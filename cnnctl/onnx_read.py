@@ -26,6 +26,9 @@ from .memory import refuse_over
 
 MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one message
 MAX_EXTERNAL_BYTES = 16 << 30  # one external data file
+# one tensor made from a few numbers in the file (ConstantOfShape, Range): the model zoo's files ship their weights
+# that way (VGG-19's largest, 25088 x 4096 floats, is 411 MB); a tiny file must not make a larger one
+MAX_GENERATED_BYTES = 1 << 30
 
 
 class ModelError(CnnctlError):
@@ -272,9 +275,17 @@ def _check_generated_sizes(graph, where: str) -> None:
                 count = int(np.prod([max(int(d), 0) for d in xs[0]], dtype=object))
         except (ValueError, IndexError, OverflowError, TypeError):
             continue  # named with the fold that cannot be made
-        refuse_over(f"{where}: node {node.name or node.output[0]!r} ({node.op_type}) makes {count:,} values, which",
-                    count * 8, 4, ModelError, "the file asks for a constant larger than this machine can hold: it is "
-                    "damaged")
+        check_generated(f"{where}: node {node.name or node.output[0]!r} ({node.op_type}) makes {count:,} values, "
+                        "which", count * 8)
+
+
+def check_generated(what: str, nbytes: int) -> None:
+    """A tensor the file makes from a few numbers: at most MAX_GENERATED_BYTES, and what the machine can spare."""
+    fix = "the file asks for a constant larger than any classifier's weight: it is damaged or hostile"
+    if nbytes > MAX_GENERATED_BYTES:
+        raise ModelError(f"{what} would take {nbytes / 1e9:,.1f} GB, more than the {MAX_GENERATED_BYTES / 1e9:.1f} GB "
+                         "a generated constant may take", fix)
+    refuse_over(what, nbytes, 4, ModelError, fix)
 
 
 def _check_order(graph, where: str) -> None:

@@ -21,7 +21,7 @@ def load_inputs(paths: list[Path], input_shape, resize: int | None = None) -> tu
     for path in map(Path, paths):
         if path.suffix == ".npz":
             if not path.is_file():
-                raise DataError(f"file not found: {path}")
+                raise DataError(f"file not found: {path}", "check the path")
             try:
                 with files.open_npz(path) as z:
                     key = next((k for k in ("x", "x_test", "images") if k in z.files), None)
@@ -37,7 +37,7 @@ def load_inputs(paths: list[Path], input_shape, resize: int | None = None) -> tu
             names.extend(f"{path.name}[{i}]" for i in range(len(x)))
             continue
         if not path.is_file():
-            raise DataError(f"image not found: {path}")
+            raise DataError(f"image not found: {path}", "check the path; pass picture files or .npz arrays")
         pictures.append((len(arrays), path))
         arrays.append(None)  # decoded below, all pictures at once
         names.append(path.name)

@@ -53,3 +53,34 @@ def test_api_mistakes_are_cnnctl_errors(tmp_path):
         cnnctl.load(run.dir).predict(np.zeros((2, 3, 16, 16), np.float32))
     with pytest.raises(CnnctlError, match="split must be test, val or train"):
         cnnctl.evaluate(run.dir, split="everything")
+
+
+@pytest.mark.parametrize("images, words", [
+    (np.zeros((0, 1, 16, 16), np.float32), "no images given"),
+    ([], "no images given"),
+    (np.array([["a"]]), "dtype <U1: pixels are numbers"),
+    (np.full((1, 1, 16, 16), np.nan, np.float32), "NaN or infinite"),
+    (42, "images must be an array or a list of picture files, got int"),
+    ([3.5], "each picture must be a path"),
+    ("missing.png", "image not found: missing.png"),
+], ids=["empty-array", "empty-list", "strings", "nan", "int", "list-of-floats", "one-path"])
+def test_predict_mistakes_are_cnnctl_errors_with_a_fix(tiny_run, images, words):
+    with pytest.raises(CnnctlError, match=re.escape(words)) as e:
+        cnnctl.load(tiny_run).predict(images)
+    assert e.value.hint
+
+
+def test_paths_and_overrides_of_the_wrong_type(tiny_run, tmp_path):
+    with pytest.raises(CnnctlError, match="path must be a path"):
+        cnnctl.load(42)
+    with pytest.raises(CnnctlError, match="path must be a path"):
+        cnnctl.evaluate(None)
+    with pytest.raises(CnnctlError, match="overrides must be a list"):
+        cnnctl.evaluate(tiny_run, overrides=[1, 2])
+    # a dict, as Python users write it, and one string
+    assert cnnctl.evaluate(tiny_run, split="val", overrides={"data.eval_batch_size": 7})["split"] == "val"
+    run = cnnctl.train(yaml.safe_load(TINY), overrides={"train.epochs": 1, "optimizer.lr": 0.01},
+                       runs_dir=tmp_path / "runs")
+    assert len(run.history) == 1
+    assert cnnctl.train(yaml.safe_load(TINY), overrides="train.epochs=1", runs_dir=tmp_path / "r2").summary[
+        "epochs"] == 1

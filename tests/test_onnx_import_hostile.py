@@ -292,3 +292,14 @@ def test_a_failed_write_leaves_neither_file(tmp_path, monkeypatch):
     res = invoke("import", path, "--out", tmp_path / "out", code=2)
     assert "No space left" in res.output
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_a_tiny_file_cannot_make_a_large_constant(tmp_path):
+    """A few hundred bytes that ask for gigabytes: refused before anything is allocated, whatever the machine."""
+    node = helper.make_node("ConstantOfShape", ["k"], ["folded"], name="fold")
+    use = helper.make_node("Add", ["r", "folded"], ["k2"], name="use")
+    nodes, inits = conv_net(extra_nodes=[node, use], head="k2",
+                            extra_inits={"k": np.array([1 << 15, 1 << 15], np.int64)})  # 4 GB of floats
+    path = write(tmp_path / "m.onnx", nodes, inits)
+    assert path.stat().st_size < 2000
+    expect_error(["import", path, "--out", tmp_path / "out"], "'fold'", "GB", "generated constant")

@@ -23,7 +23,7 @@ from .errors import CnnctlError
 from .onnx_read import ModelError, check_generated, onnx_modules, opset_of, read_model
 
 BATCH = 7919  # the batch size the shapes are computed with: a prime no real dimension is likely to equal
-MAX_NESTING = 100  # branches inside branches: deeper than any published network (a walk and a config nest as deep)
+MAX_NESTING = 24  # branches inside branches: a config nests at most 64 levels and each join nests its branch two deeper
 
 # the data-carrying operators this importer maps onto cnnctl layers; constant-only ones fold away
 LAYER_OPS = {"Sub", "Div", "Conv", "BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Celu",

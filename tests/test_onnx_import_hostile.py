@@ -138,13 +138,15 @@ def nested_residuals(depth):
     return nodes, inits
 
 
-def test_nested_residual_joins_import_and_hundreds_are_one_message(tmp_path):
+def test_nested_residual_joins_import_to_24_deep_and_more_are_one_message(tmp_path):
     nodes, inits = nested_residuals(3)
     _, _, _, _, _, _, imp = onnx_import.build(write(tmp_path / "m.onnx", nodes, inits), "m", None, None, None)
     assert imp.layers[1]["type"] == "residual" and imp.layers[1]["body"][1]["type"] == "residual"
+    nodes, inits = nested_residuals(24)  # as deep as a config may nest
+    invoke("import", write(tmp_path / "m24.onnx", nodes, inits), "--out", tmp_path / "o24")
     nodes, inits = nested_residuals(400)
     path = write(tmp_path / "deep.onnx", nodes, inits)
-    expect_error(["import", path, "--out", tmp_path / "out"], "nested more than 100 deep")
+    expect_error(["import", path, "--out", tmp_path / "out"], "nested more than 24 deep")
 
 
 @pytest.mark.parametrize("fold, inits, words", [

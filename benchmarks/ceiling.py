@@ -27,11 +27,11 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from vs_torch import CASES, bench_torch, machine_info, median_seconds, print_table, spec_for
 
-from cnnctl import parallel
-from cnnctl.bench import bench, blas_info
-from cnnctl.builder import build_model, walk
-from cnnctl.nn.conv import Conv2D
-from cnnctl.nn.dense import Dense
+from cnnctl.config.build import build_model, walk
+from cnnctl.core import parallel
+from cnnctl.core.nn.conv import Conv2D
+from cnnctl.core.nn.dense import Dense
+from cnnctl.tools.bench import bench, blas_info
 
 
 def products(layer, in_shape, out_shape, batch, first: bool, rng) -> list[tuple[str, float, float]]:

@@ -27,12 +27,13 @@ import time
 
 import numpy as np
 
-from cnnctl import distributed, parallel
-from cnnctl.bench import bench
-from cnnctl.builder import build_model
-from cnnctl.config import load_config
-from cnnctl.environment import blas_info
-from cnnctl.nn.regularization import _BatchNorm
+from cnnctl.config.build import build_model
+from cnnctl.config.spec import load_config
+from cnnctl.core import parallel
+from cnnctl.core.environment import blas_info
+from cnnctl.core.nn.regularization import _BatchNorm
+from cnnctl.run import distributed
+from cnnctl.tools.bench import bench
 
 
 def allreduce_seconds(world: distributed.World, n_floats: int, repeats: int = 20) -> float:

@@ -24,10 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.torch_models
 
-from cnnctl import data, parallel  # noqa: E402
-from cnnctl.builder import build_model  # noqa: E402
-from cnnctl.config import load_config  # noqa: E402
-from cnnctl.engine import Callback, Seeds, Trainer, evaluate, load_data  # noqa: E402
+from cnnctl import data  # noqa: E402
+from cnnctl.config.build import build_model  # noqa: E402
+from cnnctl.config.spec import load_config  # noqa: E402
+from cnnctl.core import parallel  # noqa: E402
+from cnnctl.run.engine import Callback, Seeds, Trainer, evaluate, load_data  # noqa: E402
 
 GOALS = (0.90, 0.92, 0.94)
 

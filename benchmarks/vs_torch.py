@@ -29,10 +29,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.torch_models
 
-from cnnctl import parallel  # noqa: E402
-from cnnctl.bench import bench, blas_info  # noqa: E402
-from cnnctl.builder import build_model  # noqa: E402
-from cnnctl.config import Spec, read_config  # noqa: E402
+from cnnctl.config.build import build_model  # noqa: E402
+from cnnctl.config.spec import Spec, read_config  # noqa: E402
+from cnnctl.core import parallel  # noqa: E402
+from cnnctl.tools.bench import bench, blas_info  # noqa: E402
 
 LENET = [
     {"type": "conv2d", "filters": 6, "kernel_size": 5, "padding": 2, "activation": "relu"},

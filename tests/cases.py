@@ -4,7 +4,7 @@ CASES has an entry for every registered layer tag (a test asserts it), so a new 
 Each case: (id, factory taking a Generator, input shape with batch axis).
 """
 
-from cnnctl import nn
+from cnnctl.core import nn
 
 
 def _seq(*layers):

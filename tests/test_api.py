@@ -84,3 +84,14 @@ def test_paths_and_overrides_of_the_wrong_type(tiny_run, tmp_path):
     assert len(run.history) == 1
     assert cnnctl.train(yaml.safe_load(TINY), overrides="train.epochs=1", runs_dir=tmp_path / "r2").summary[
         "epochs"] == 1
+
+
+def test_a_script_beside_the_clone_imports_the_installed_package(tmp_path):
+    """The usual layout: `git clone ... cnnctl`, then a script in the folder that holds the clone. With the src
+    layout the clone's own folder is no package, so `import cnnctl` is the installed one."""
+    (tmp_path / "cnnctl").symlink_to(ROOT, target_is_directory=True)
+    (tmp_path / "my_script.py").write_text("import cnnctl\nprint(cnnctl.train.__module__, cnnctl.__file__)\n")
+    res = subprocess.run([sys.executable, "my_script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    module, file = res.stdout.split()
+    assert module == "cnnctl.api" and file.endswith("src/cnnctl/__init__.py")

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import yaml
 
-from cnnctl import checkpoint
-from cnnctl.averaging import WeightAverage, decay_at
-from cnnctl.builder import build_model
-from cnnctl.config import validate
+from cnnctl.config.build import build_model
+from cnnctl.config.spec import validate
+from cnnctl.core.averaging import WeightAverage, decay_at
+from cnnctl.run import checkpoint
 from tests.helpers import invoke
 from tests.test_training_engine import CONFIG, assert_same_run, metric_rows, only_run, write_config
 
@@ -76,7 +76,7 @@ def test_resume_continues_the_average_exactly(tmp_path):
 
 
 def test_init_from_an_averaged_checkpoint_takes_the_average(tmp_path):
-    from cnnctl.engine import Trainer
+    from cnnctl.run.engine import Trainer
 
     cfg = write_config(tmp_path, train__epochs=1, train__ema_decay=0.9)
     invoke("train", cfg, "--runs-dir", tmp_path / "r")
@@ -89,7 +89,7 @@ def test_init_from_an_averaged_checkpoint_takes_the_average(tmp_path):
 
 
 def test_bench_times_the_averaging_as_part_of_a_step(monkeypatch):
-    from cnnctl.bench import bench
+    from cnnctl.tools.bench import bench
 
     calls = []
     monkeypatch.setattr(WeightAverage, "update", lambda self, step: calls.append(step))

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnnctl import nn, optim
-from cnnctl.gradcheck import check_layer
-from cnnctl.nn.activations import Elementwise
-from cnnctl.plan import Runner
+from cnnctl.core import nn, optim
+from cnnctl.core.nn.activations import Elementwise
+from cnnctl.core.plan import Runner
+from cnnctl.tools.gradcheck import check_layer
 from tests.cases import all_cases, basic_block, randomize_params
 from tests.helpers import invoke
 
@@ -77,8 +77,8 @@ def test_a_subclass_of_any_layer_computes_the_same_through_the_plan_as_alone(fac
 def test_a_gate_is_a_join_whose_activation_after_it_is_fused():
     """Squeeze-and-excitation through the plan: the branch as its own steps, x * g joined with the ReLU after it
     fused (one step, which keeps x, g and the ReLU's mask), and the numbers of the layers run alone."""
-    from cnnctl.builder import build_model
-    from cnnctl.config import ModelSpec
+    from cnnctl.config.build import build_model
+    from cnnctl.config.spec import ModelSpec
 
     spec = ModelSpec.model_validate({"input_shape": [4, 6, 6], "layers": [
         {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1},
@@ -203,7 +203,7 @@ def test_bench_plan_shows_gelu_and_silu_fused(tiny_config):
 
 def test_plan_py_names_no_layer_class():
     """plan.py decides by capability: no registered layer class (nor nn's modules' classes) appears in it."""
-    tree = ast.parse((ROOT / "cnnctl" / "plan.py").read_text())
+    tree = ast.parse((ROOT / "src" / "cnnctl" / "core" / "plan.py").read_text())
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
         {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | \
         {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
@@ -273,8 +273,9 @@ def test_an_unknown_convolution_algorithm_is_refused_not_replaced():
     plan's choices and from a checkpoint's recorded plan, whose validation needs no plan module."""
     import sys
 
-    from cnnctl import checkpoint, convolution, plan
+    from cnnctl.core import convolution, plan
     from cnnctl.errors import CnnctlError
+    from cnnctl.run import checkpoint
 
     with pytest.raises(CnnctlError, match="unknown convolution algorithm 'fft'"):
         convolution.get("fft")
@@ -284,7 +285,7 @@ def test_an_unknown_convolution_algorithm_is_refused_not_replaced():
     with pytest.raises(ValueError):
         checkpoint.RunState.model_validate({"algorithms": {"layers.0": "fft"}})
     assert checkpoint.RunState.model_validate({"algorithms": {"layers.0": "winograd2"}}).algorithms
-    code = "import sys, cnnctl.checkpoint; print('cnnctl.plan' in sys.modules)"
+    code = "import sys, cnnctl.run.checkpoint; print('cnnctl.core.plan' in sys.modules)"
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -144,7 +144,8 @@ def test_a_run_directory_stands_for_its_best_checkpoint(tmp_path, tiny_config):
 def test_summary_and_checkpoints_record_the_environment(tmp_path, tiny_config):
     import platform
 
-    from cnnctl import __version__, checkpoint
+    from cnnctl import __version__
+    from cnnctl.run import checkpoint
 
     assert run("train", tiny_config, "--runs-dir", tmp_path / "runs", "-q", "--threads", "1").exit_code == 0
     (run_dir,) = (tmp_path / "runs").iterdir()

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnnctl import nn
-from cnnctl.builder import Scope, build_model
-from cnnctl.config import LAYER_SPECS, Spec, apply_overrides, load_config, spec_to_dict
+from cnnctl.config.build import Scope, build_model
+from cnnctl.config.spec import LAYER_SPECS, Spec, apply_overrides, load_config, spec_to_dict
+from cnnctl.core import nn
 from cnnctl.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -104,8 +104,8 @@ def test_every_registered_type_is_documented_with_its_own_keys():
     """Each layer type, optimizer and schedule of the registries appears in docs/config.md as `tag`, and each of
     its own keys (those its spec adds) in a row or paragraph that names it: an optimizer added without a word of
     documentation fails here, whatever other optimizers' rows say."""
-    from cnnctl import optim, schedules
-    from cnnctl.nn.base import LayerSpec
+    from cnnctl.core import optim, schedules
+    from cnnctl.core.nn.base import LayerSpec
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
     undocumented = []
@@ -126,7 +126,7 @@ def test_every_registered_type_is_documented_with_its_own_keys():
 
 def test_every_config_key_is_in_the_config_reference():
     """docs/config.md documents every key of every spec (layers, optimizers and schedules from their registries)."""
-    from cnnctl import optim, schedules
+    from cnnctl.core import optim, schedules
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
     missing = []

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from cnnctl import nn
-from cnnctl.optim import SGD
-from cnnctl.plan import Runner
+from cnnctl.core import nn
+from cnnctl.core.optim import SGD
+from cnnctl.core.plan import Runner
 
 
 def make_problem(g, n=256):

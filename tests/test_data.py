@@ -6,7 +6,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from cnnctl.config import DataSpec
+from cnnctl.config.spec import DataSpec
 from cnnctl.data import batches, idx, load_dataset, shapes
 from cnnctl.errors import DataError
 

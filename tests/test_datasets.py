@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnnctl.cli import app
-from cnnctl.config import AugmentSpec, DataSpec
+from cnnctl.config.spec import AugmentSpec, DataSpec
 from cnnctl.data import augment, batches, download, files, load_dataset
 from cnnctl.errors import DataError
 from tests.conftest import ROOT, TINY
@@ -252,7 +252,7 @@ def test_shift_repeats_the_edges():
 
 
 def test_test_time_views_are_the_shifts_and_their_mirrors():
-    from cnnctl.config import TestTimeAugmentSpec
+    from cnnctl.config.spec import TestTimeAugmentSpec
 
     x = np.random.default_rng(0).random((3, 2, 6, 6), dtype=np.float32)
     spec = TestTimeAugmentSpec(horizontal_flip=True, shifts=[[1, 1], [-1, 0]])

@@ -9,8 +9,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnnctl import checkpoint
 from cnnctl.cli import app
+from cnnctl.run import checkpoint
 from tests.conftest import TINY
 from tests.helpers import runner
 
@@ -266,7 +266,7 @@ def test_checkpoint_weights_of_the_wrong_kind_are_refused(tmp_path, one_epoch_ru
 def test_a_run_directory_is_trained_by_one_process_at_a_time(one_epoch_run):
     import os
 
-    from cnnctl import runs
+    from cnnctl.run import runs
 
     with runs.locked(one_epoch_run):
         expect_error(["train", "--resume", one_epoch_run, "--set", "train.epochs=3", "-q"],
@@ -410,8 +410,8 @@ def set_key(node, parts, value):
 def test_fuzzed_configs_give_a_spec_or_a_clear_error(changes):
     """Random values at random keys: validation and shape checking either accept the config or raise a
     CnnctlError (exit code 2 in the CLI); never another exception."""
-    from cnnctl.builder import build_model
-    from cnnctl.config import validate
+    from cnnctl.config.build import build_model
+    from cnnctl.config.spec import validate
     from cnnctl.errors import CnnctlError
 
     data = yaml.safe_load(TINY)
@@ -447,7 +447,7 @@ def test_data_that_cannot_fit_is_refused_before_it_is_made(tmp_path):
 def test_a_full_disk_mid_run_is_a_clear_error_and_the_summary_says_failed(tmp_path, tiny_config, monkeypatch):
     """The OS cuts the metrics append short (as on a full disk): the partial line is undone, the run exits 2
     naming the file and how to continue, and summary.json says failed (never stays 'running')."""
-    from cnnctl import runs
+    from cnnctl.run import runs
 
     real_write = runs.os.write
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnnctl import explain
-from cnnctl.builder import build_model
-from cnnctl.config import load_config
+from cnnctl.config.build import build_model
+from cnnctl.config.spec import load_config
+from cnnctl.tools import explain
 from tests.cases import randomize_params
 from tests.conftest import ROOT
 
@@ -80,7 +80,7 @@ def test_gradcam_takes_another_layer_and_names_the_ones_it_can():
 
 
 def test_occlusion_equals_a_direct_loop():
-    from cnnctl.functional import softmax
+    from cnnctl.core.functional import softmax
 
     model, x = _model("lenet5-mnist.yaml")
     model.to(np.float64)  # in float64 the batches' compositions do not show in the sums
@@ -137,7 +137,7 @@ def test_the_explain_verb_writes_pictures_and_maps_for_every_method(tmp_path):
 
 
 def test_picture_stems_never_collide():
-    from cnnctl.explain import picture_stems
+    from cnnctl.tools.explain import picture_stems
 
     names = ["x.png", "x.png", "a:b.png", "a_b.png", "X.PNG", "2-x.png", "", "ok.png"]
     stems = picture_stems(names)

@@ -129,8 +129,8 @@ def test_sweep_set_constants_once_percent_and_the_sweeps_name_in_runs(tmp_path):
 
 
 def test_a_finished_trial_at_chance_accuracy_is_flagged_diverged(tmp_path):
-    from cnnctl import runs as runs_lib
-    from cnnctl.sweep import trial_result
+    from cnnctl.run import runs as runs_lib
+    from cnnctl.tools.sweep import trial_result
 
     run = tmp_path / "trial-000"
     run.mkdir()
@@ -162,7 +162,7 @@ def test_export_checks_its_file_against_onnxruntime_and_names_the_classes(tmp_pa
     assert "not checked against onnxruntime: it is not installed" in res.output
     monkeypatch.undo()
     invoke("import", tmp_path / "m.onnx", "--out", tmp_path / "back")  # and the names come back with import
-    from cnnctl import checkpoint
+    from cnnctl.run import checkpoint
 
     assert checkpoint.load(tmp_path / "back" / "model.safetensors").run.classes == json.loads(meta["classes"])
 
@@ -174,7 +174,7 @@ def test_lr_find_says_when_the_loss_never_beat_a_uniform_guess():
 
 
 def test_lr_find_verdicts_follow_the_curve():
-    from cnnctl.lr_find import verdict
+    from cnnctl.tools.lr_find import verdict
 
     lrs = [10 ** (-7 + i / 10) for i in range(71)]
     rising = [2.0 - i / 100 for i in range(40)] + [1.6 + i / 50 for i in range(31)]
@@ -187,7 +187,7 @@ def test_lr_find_verdicts_follow_the_curve():
 
 def test_curves_have_whole_epochs_on_their_axis(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from cnnctl import plots
+    from cnnctl.tools import plots
 
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig))

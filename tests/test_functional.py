@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from cnnctl import functional as F
-from cnnctl import nn
+from cnnctl.core import functional as F
+from cnnctl.core import nn
 
 
 def naive_conv(x, w, b, stride, pad4, dilation):
@@ -172,7 +172,7 @@ def test_reused_buffers_give_the_same_gradients(stride, method):
                                            ((2, 1), "scatter"), ((1, 2), "rows")])
 def test_fused_relu_equals_relu_after_conv(stride, method):
     """conv2d_forward with a ReLU epilogue and its backward equal max(conv, 0) with the mask applied by hand."""
-    from cnnctl.epilogue import Epilogue
+    from cnnctl.core.epilogue import Epilogue
 
     g = np.random.default_rng(6)
     x, w, b = g.standard_normal((3, 2, 9, 8)), g.standard_normal((3, 2, 3, 2)), g.standard_normal(3)
@@ -190,7 +190,7 @@ def test_fused_relu_equals_relu_after_conv(stride, method):
 def test_erf_matches_the_standard_library_everywhere():
     import math
 
-    from cnnctl import functional as F
+    from cnnctl.core import functional as F
 
     x = np.concatenate([np.linspace(-9, 9, 20001), [0.0, -0.0, 2.5, -2.5, 2.5000001, 40.0, -40.0]])
     np.testing.assert_allclose(F.erf(x), [math.erf(v) for v in x], rtol=0, atol=2e-14)

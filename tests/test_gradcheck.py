@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from cnnctl import nn
-from cnnctl.gradcheck import check_layer, check_loss
+from cnnctl.core import nn
+from cnnctl.tools.gradcheck import check_layer, check_loss
 from tests.cases import CASES, all_cases, randomize_params
 
 TOL = 1e-6
@@ -78,7 +78,7 @@ def test_negative_control_wrong_gradient_fails():
     """The checker must catch a wrong backward: a ReLU that lets negative deltas through by half, and a
     convolution that forgot the kernel's rotation; alone, and through the execution plan (which must run a
     subclass's own backward, never the fused one of its base class)."""
-    from cnnctl.plan import Runner
+    from cnnctl.core.plan import Runner
 
     class BrokenReLU(nn.ReLU):
         def backward(self, dy):
@@ -109,7 +109,7 @@ def _relu_net(g):
 def test_network_check_skips_kinks_and_says_so():
     """A hidden unit whose ReLU input is exactly 0 for every input: any perturbation of its weights crosses the
     kink, where the central difference is half a slope. Those entries are skipped and counted, the others pass."""
-    from cnnctl.gradcheck import check_network
+    from cnnctl.tools.gradcheck import check_network
 
     model = _relu_net(np.random.default_rng(0))
     model.layers[0].params["weight"][0] = 0.0
@@ -124,7 +124,7 @@ def test_network_check_skips_kinks_and_says_so():
 def test_network_check_still_fails_a_wrong_relu_backward(monkeypatch):
     """Negative control for a ReLU network: a backward that passes gradients where the unit was off is wrong at
     smooth points, which are no kinks, so it fails."""
-    from cnnctl.gradcheck import check_network
+    from cnnctl.tools.gradcheck import check_network
 
     monkeypatch.setattr(nn.ReLU, "backward", lambda self, dy: dy)  # ignores the mask
     rows = check_network(_relu_net(np.random.default_rng(1)), (3,), batch=8, samples=12)

@@ -10,11 +10,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnnctl import nn
-from cnnctl.builder import build_model, walk
-from cnnctl.config import Spec, load_config, spec_to_dict, validate
+from cnnctl.config.build import build_model, walk
+from cnnctl.config.spec import Spec, load_config, spec_to_dict, validate
+from cnnctl.core import nn
 from cnnctl.errors import ConfigError, ShapeError
-from cnnctl.gradcheck import check_network
+from cnnctl.tools.gradcheck import check_network
 from tests.conftest import ROOT
 from tests.helpers import invoke
 
@@ -235,7 +235,7 @@ def test_gradcheck_through_whole_graph_networks(config):
 def test_onnx_export_of_graph_models_matches_onnxruntime(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from cnnctl.export import export_onnx
+    from cnnctl.interop.export import export_onnx
 
     spec = spec_of([{"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1},
                     {"type": "basic", "filters": 8, "stride": 2},
@@ -343,7 +343,7 @@ def test_every_container_type_is_covered_and_its_rows_are_its_layers():
     """Every registered container type (a spec holding layer lists) builds, and the builder's rows (what inspect,
     parameter groups and init_from read) name layers of the model's tree, in its order, one for every layer that
     the config wrote (every layer with parameters among them; the lists' own Sequentials have no row)."""
-    from cnnctl.nn.base import LayerSpec
+    from cnnctl.core.nn.base import LayerSpec
 
     containers = {tag for tag, spec in nn.SPECS.items() if spec.layer_lists is not LayerSpec.layer_lists}
     assert containers == set(CONTAINERS), "add a use of the new container type to CONTAINERS"

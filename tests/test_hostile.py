@@ -50,8 +50,8 @@ def test_a_folder_given_as_the_output_file_is_refused(tiny_run, tmp_path):
 
 def test_picture_writers_turn_os_errors_into_one_message(tmp_path):
     pytest.importorskip("matplotlib")
-    from cnnctl import plots
     from cnnctl.errors import CnnctlError
+    from cnnctl.tools import plots
 
     (tmp_path / "file").write_text("")  # a file where the folder should be (root ignores permissions)
     with pytest.raises(CnnctlError, match="cannot write .*x.png: Not a directory"):
@@ -189,7 +189,7 @@ def test_predict_names_every_bad_picture_and_reads_16_bit(tiny_run, tmp_path):
     expect_error(["predict", tiny_run, tmp_path / "ok.png", tmp_path / "bad1.png", tmp_path / "bad2.png"],
                  "2 of 3 files in the inputs cannot be decoded", "bad1.png", "bad2.png")
     _png16(tmp_path / "wide.png", 65535)
-    from cnnctl.predict import load_inputs
+    from cnnctl.tools.predict import load_inputs
 
     _, x = load_inputs([tmp_path / "wide.png"], (1, 16, 16))
     assert x.min() == 1.0
@@ -252,8 +252,8 @@ def _start_sweep(path, runs_dir, *args):
 
 def _lock_free(run_dir) -> bool:
     """Whether no process holds the run directory's lock (every trial process holds its trial's)."""
-    from cnnctl import runs
     from cnnctl.errors import CnnctlError
+    from cnnctl.run import runs
 
     try:
         with runs.locked(run_dir):
@@ -422,7 +422,7 @@ def _strict(path):
 
 def _patched_evaluate(monkeypatch, when):
     """train.evaluate, with `when(split_name, epoch_rows, result)` able to change or raise."""
-    from cnnctl import engine as train
+    from cnnctl.run import engine as train
 
     real = train.evaluate
 
@@ -482,8 +482,8 @@ def test_a_non_finite_test_loss_fails_the_run(tmp_path, monkeypatch):
 
 
 def test_json_is_strict_everywhere(tmp_path):
-    from cnnctl import checkpoint, runs
-    from cnnctl.fileio import json_text
+    from cnnctl.core.fileio import json_text
+    from cnnctl.run import checkpoint, runs
 
     assert json_text({"a": [float("nan"), 1.0, float("-inf")], "b": (2, float("inf"))}) == \
         '{"a": [null, 1.0, null], "b": [2, null]}'
@@ -525,8 +525,8 @@ def test_summary_follows_every_epoch_and_a_kill_during_the_test_resumes_to_it(tm
 
 
 def test_a_failed_metrics_write_leaves_a_summary_that_claims_no_more(tmp_path, monkeypatch):
-    from cnnctl import runs
     from cnnctl.errors import CnnctlError
+    from cnnctl.run import runs
     from tests.helpers import invoke
 
     real = runs.append_metrics
@@ -547,8 +547,8 @@ def test_a_failed_metrics_write_leaves_a_summary_that_claims_no_more(tmp_path, m
 
 
 def test_rewriting_the_metrics_on_resume_never_loses_them(tmp_path, monkeypatch):
-    from cnnctl import runs
     from cnnctl.errors import CnnctlError
+    from cnnctl.run import runs
 
     runs.rewrite_metrics(tmp_path, [{"epoch": 1, "step": 1}])
     before = (tmp_path / "metrics.csv").read_text(), (tmp_path / "metrics.jsonl").read_text()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cnnctl import memory, plan
+from cnnctl.core import memory, plan
 from cnnctl.errors import CnnctlWarning
 from tests.conftest import TINY
 from tests.helpers import invoke
@@ -203,14 +203,14 @@ def test_patch_whitening_and_evaluation_batches_pass_the_memory_check(tmp_path, 
 
 def test_the_budget_honours_the_address_space_limit():
     code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY)); "
-            "from cnnctl import memory; print(*memory.budget(), sep='|')")
+            "from cnnctl.core import memory; print(*memory.budget(), sep='|')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     left, bound = res.stdout.strip().split("|")
     assert 0 < int(left) < 3 << 30 and "ulimit -v" in bound, res.stdout + res.stderr
 
 
 def test_an_allocation_that_fails_anyway_is_one_message(tmp_path, monkeypatch):
-    from cnnctl import engine as train
+    from cnnctl.run import engine as train
 
     def fail(*args, **kwargs):
         raise MemoryError("Unable to allocate 6.01 GiB for an array")
@@ -234,7 +234,7 @@ def test_numbers_float32_cannot_hold_are_refused_at_validation(tmp_path, overrid
 
 
 def test_numerical_warnings_are_counted_into_the_divergence_message(tmp_path, monkeypatch):
-    from cnnctl.nn import losses
+    from cnnctl.core.nn import losses
 
     real, calls = losses.CrossEntropyLoss.forward, []
 

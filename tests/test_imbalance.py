@@ -3,9 +3,9 @@
 import numpy as np
 import yaml
 
-from cnnctl.builder import build_loss
 from cnnctl.cli import app
-from cnnctl.config import validate
+from cnnctl.config.build import build_loss
+from cnnctl.config.spec import validate
 from cnnctl.data import epoch_order, load_dataset
 from tests.conftest import TINY
 from tests.helpers import runner

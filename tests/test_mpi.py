@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from cnnctl import distributed
-from cnnctl.nn.base import Context
-from cnnctl.nn.regularization import BatchNorm2D
+from cnnctl.core.nn.base import Context
+from cnnctl.core.nn.regularization import BatchNorm2D
+from cnnctl.run import distributed
 from tests.helpers import invoke
 
 MPIEXEC = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -341,7 +341,7 @@ def test_summed_batchnorm_equals_batchnorm_of_the_whole_batch():
 
 
 def test_dropout_with_a_batch_part_uses_its_rows_of_the_whole_batch_mask():
-    from cnnctl.nn.regularization import Dropout
+    from cnnctl.core.nn.regularization import Dropout
 
     x = np.ones((6, 4), np.float32)
     whole = Dropout(0.5, np.random.default_rng(1)).forward(x)
@@ -353,10 +353,10 @@ def test_every_layer_that_asks_is_told_the_runners_context_inside_any_container(
     """Under MPI batchnorm's statistics are summed over the ranks and dropout keeps its rows of the whole batch's
     mask: the runner's Context reaches them wherever they sit (a gate's branch, a concatenation's branch, a residual
     body), and so does it when a container runs its children itself (Layer.__call__ passes it on)."""
-    from cnnctl.builder import build_model
-    from cnnctl.config import ModelSpec
-    from cnnctl.nn import Sequential
-    from cnnctl.plan import Runner
+    from cnnctl.config.build import build_model
+    from cnnctl.config.spec import ModelSpec
+    from cnnctl.core.nn import Sequential
+    from cnnctl.core.plan import Runner
 
     spec = ModelSpec.model_validate({"input_shape": [2, 6, 6], "layers": [
         {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1},

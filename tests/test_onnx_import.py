@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
-from cnnctl import onnx_import
-from cnnctl.builder import build_model
-from cnnctl.config import load_config
-from cnnctl.export import to_onnx
+from cnnctl.config.build import build_model
+from cnnctl.config.spec import load_config
+from cnnctl.interop import onnx_import
+from cnnctl.interop.export import to_onnx
 from tests.conftest import ROOT
 from tests.helpers import invoke
 from tests.test_errors import expect_error
@@ -358,7 +358,8 @@ def test_a_folder_of_images_fine_tunes_an_imported_network(tmp_path):
     # and exported back to ONNX: onnxruntime gives what cnnctl's model gives
     invoke("export", straight, "--out", tmp_path / "back.onnx")
     x01 = np.random.default_rng(3).random((4, 1, 20, 20), dtype=np.float32)
-    from cnnctl import checkpoint, loading, predict
+    from cnnctl.run import checkpoint, loading
+    from cnnctl.tools import predict
 
     ckpt = checkpoint.load(straight / "checkpoints" / "best.safetensors")
     _, model, _ = loading.load_model(ckpt, straight)

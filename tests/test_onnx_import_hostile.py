@@ -12,7 +12,7 @@ import yaml
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from cnnctl import onnx_import  # noqa: E402
+from cnnctl.interop import onnx_import  # noqa: E402
 from tests.helpers import invoke  # noqa: E402
 from tests.test_errors import expect_error  # noqa: E402
 
@@ -278,7 +278,7 @@ def test_out_refuses_a_folder_with_other_files_unless_forced(tmp_path):
 
 
 def test_a_failed_write_leaves_neither_file(tmp_path, monkeypatch):
-    from cnnctl import checkpoint
+    from cnnctl.run import checkpoint
 
     nodes, inits = conv_net()
     path = write(tmp_path / "m.onnx", nodes, inits)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from cnnctl import nn
-from cnnctl.optim import OPTIMIZERS
+from cnnctl.core import nn
+from cnnctl.core.optim import OPTIMIZERS
 
 torch = pytest.importorskip("torch")
 
@@ -150,7 +150,7 @@ GROUPS = [{"match": {"param": "bias"}, "lr_scale": 4.0, "weight_decay": 0.0},
 def test_parameter_groups_match_torch_param_groups(tag):
     """The groups above against torch.optim with the same parameter groups, over 20 steps (with a changing lr, as a
     schedule sets it)."""
-    from cnnctl.optim import OPTIMIZER_SPECS
+    from cnnctl.core.optim import OPTIMIZER_SPECS
 
     g = np.random.default_rng(0)
     model = _grouped_model(g)
@@ -183,8 +183,8 @@ def test_parameter_groups_match_torch_param_groups(tag):
 
 
 def test_a_group_that_matches_nothing_is_an_error():
+    from cnnctl.core.optim import OPTIMIZER_SPECS
     from cnnctl.errors import ConfigError
-    from cnnctl.optim import OPTIMIZER_SPECS
 
     model = _grouped_model(np.random.default_rng(0))
     for groups, words in (([{"match": {"layer_type": "dense2d"}}], "matches no parameter"),
@@ -232,7 +232,7 @@ def test_groups_from_a_config_resume_exactly_and_sweep(tmp_path):
 def test_lookahead_matches_lookahead_around_torch_optim(tag):
     """Lookahead (k=3, alpha=0.6) around the optimizer equals the same rule written around torch.optim, with
     parameter groups inside it, over 20 steps."""
-    from cnnctl.optim import OPTIMIZER_SPECS
+    from cnnctl.core.optim import OPTIMIZER_SPECS
 
     g = np.random.default_rng(1)
     model = _grouped_model(g)

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from cnnctl import convolution, nn, parallel
 from cnnctl.cli import app
-from cnnctl.plan import Runner
+from cnnctl.core import convolution, nn, parallel
+from cnnctl.core.plan import Runner
 from tests.cases import all_cases, basic_block, randomize_params
 from tests.conftest import ROOT
 from tests.helpers import runner
@@ -166,8 +166,8 @@ def test_where_work_is_cut_small_steps_run_whole_and_large_passes_are_cut(thread
     """The default thread count must never be the slower: a training step of LeNet-5 at batch 32 cuts nothing
     (cut in two, its largest product ran slower on 2 threads than on 1), while a batchnorm, pooling or add over a
     ResNet stage's 128x128x7x7 numbers is cut (run whole, the ResNets lost 3-5% of a step)."""
-    from cnnctl.bench import bench
-    from cnnctl.config import load_config
+    from cnnctl.config.spec import load_config
+    from cnnctl.tools.bench import bench
 
     cuts = []
     slices = parallel.slices

@@ -4,9 +4,9 @@ PyTorch (float32); a planned model equals its layers run one by one, for every r
 import numpy as np
 import pytest
 
-from cnnctl import convolution, nn, plan, winograd
-from cnnctl.gradcheck import check_layer, rel_error
-from cnnctl.plan import Runner
+from cnnctl.core import convolution, nn, plan, winograd
+from cnnctl.core.plan import Runner
+from cnnctl.tools.gradcheck import check_layer, rel_error
 from tests.cases import all_cases, basic_block, randomize_params
 from tests.test_functional import naive_conv
 
@@ -36,7 +36,7 @@ def convs_of(run, input_shape, dtype):
 def test_winograd_equals_naive_convolution_and_its_gradients(m, pads, hw):
     """Forward against naive loops; weight and input gradients against the lowering's (itself checked
     against naive loops and central differences), float64, tiles that do and do not divide the output."""
-    from cnnctl import functional as F
+    from cnnctl.core import functional as F
 
     g = np.random.default_rng(0)
     x, w, b = g.standard_normal((3, 2, *hw)), g.standard_normal((4, 2, 3, 3)), g.standard_normal(4)
@@ -167,7 +167,7 @@ def test_autotuned_plan_is_cached_recorded_and_kept_on_resume(tmp_path, tiny_con
     (here to Winograd), while a new autotuned run takes the cache's."""
     import json
 
-    from cnnctl import checkpoint
+    from cnnctl.run import checkpoint
     from tests.helpers import invoke
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -241,7 +241,7 @@ def test_a_new_element_wise_layer_type_runs_through_the_plan_untouched(monkeypat
     """A SiLU defined in this test alone, as a layer of its own, as a convolution's activation and as a
     residual unit's: the planned model equals its layers run one by one and passes central differences
     (float64), and the plan still fuses what it knows around it."""
-    from cnnctl.nn import base
+    from cnnctl.core.nn import base
 
     monkeypatch.setitem(base.ACTIVATIONS, "silu", _SiLU)
     g = np.random.default_rng(7)

@@ -101,7 +101,7 @@ def test_eval_batch_size_changes_nothing_but_the_batching(tmp_path):
 
 
 def test_predict_runs_in_batches(tmp_path, monkeypatch):
-    from cnnctl import predict
+    from cnnctl.tools import predict
 
     cfg = config(tmp_path, lambda s: s["data"].update(eval_batch_size=4))
     invoke("train", cfg, "--runs-dir", tmp_path / "runs", "--set", "train.epochs=1")

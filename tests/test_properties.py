@@ -5,7 +5,7 @@ import numpy as np
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from cnnctl import nn
+from cnnctl.core import nn
 from cnnctl.errors import ShapeError
 
 conv_args = st.fixed_dictionaries({

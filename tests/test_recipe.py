@@ -50,7 +50,7 @@ def test_training_compute_is_reported_by_inspect_summary_and_the_last_line(tmp_p
 
 
 def test_alternating_flip_mirrors_each_image_every_other_epoch():
-    from cnnctl.config import AugmentSpec
+    from cnnctl.config.spec import AugmentSpec
     from cnnctl.data import augment
 
     odd, even = (augment.alternating_flips(1000, 7, e) for e in (1, 2))
@@ -75,7 +75,7 @@ def test_alternating_flip_trains_and_resumes_exactly(tmp_path):
                                                    (8, 8, 8, (3, 3)), (8, 4, 2, (3, 5)), (5, 7, 1, ())])
 def test_dirac_init_is_torch_dirac_where_the_channels_allow_it(out, inp, groups, kernel):
     torch = pytest.importorskip("torch")
-    from cnnctl import nn
+    from cnnctl.core import nn
 
     g = np.random.default_rng(0)
     layer = nn.Conv2D(inp, out, kernel, groups=groups, init="dirac", rng=g) if kernel else \
@@ -107,7 +107,7 @@ def test_ghost_batchnorm_from_a_config_trains_and_resumes_exactly(tmp_path):
 def test_frozen_batchnorm_scales_are_a_parameter_group(tmp_path):
     """Page's frozen batchnorm scales: the weights of every batchnorm in a group with lr_scale 0 and no decay
     stay at their initial value, whatever the optimizer's state does."""
-    from cnnctl import checkpoint
+    from cnnctl.run import checkpoint
 
     def change(s):
         s["model"]["layers"].insert(1, {"type": "batchnorm", "weight_init": 1.0})
@@ -120,7 +120,7 @@ def test_frozen_batchnorm_scales_are_a_parameter_group(tmp_path):
 
 
 def test_whitening_filters_decorrelate_the_patches():
-    from cnnctl import whitening
+    from cnnctl.run import whitening
 
     g = np.random.default_rng(0)
     mix = g.standard_normal((6, 6))
@@ -132,9 +132,9 @@ def test_whitening_filters_decorrelate_the_patches():
 
 
 def test_patch_whitening_initialises_the_first_convolution_from_the_data(tmp_path):
-    from cnnctl import whitening
-    from cnnctl.config import load_config
-    from cnnctl.engine import Trainer
+    from cnnctl.config.spec import load_config
+    from cnnctl.run import whitening
+    from cnnctl.run.engine import Trainer
 
     def change(s):
         s["model"]["layers"][0].update(filters=12, kernel_size=2, init="patch_whitening")  # d = 4: 4 + 4 + 4 random

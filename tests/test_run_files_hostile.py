@@ -14,7 +14,8 @@ import pytest
 from tests.helpers import invoke
 
 pytest.importorskip("matplotlib")
-from cnnctl import plots, report, runs  # noqa: E402
+from cnnctl.run import runs
+from cnnctl.tools import plots, report  # noqa: E402
 
 EVIL = ["$\\evil$", "invoice_$100_to_$200.png", "$x^{", "a$b", "\\$", "$$"]
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cnnctl.schedules import SCHEDULES
+from cnnctl.core.schedules import SCHEDULES
 
 torch = pytest.importorskip("torch")
 

@@ -6,9 +6,9 @@ import json
 import pytest
 import yaml
 
-from cnnctl import sweep as sweep_lib
-from cnnctl.config import Spec
+from cnnctl.config.spec import Spec
 from cnnctl.errors import CnnctlError
+from cnnctl.tools import sweep as sweep_lib
 from tests.conftest import ROOT
 from tests.helpers import invoke
 

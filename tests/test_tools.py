@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from cnnctl import checkpoint, nn
 from cnnctl.cli import app
-from cnnctl.config import config_schema, read_config
+from cnnctl.config.spec import config_schema, read_config
+from cnnctl.core import nn
+from cnnctl.run import checkpoint
 from tests.cases import all_cases, randomize_params
 from tests.conftest import ROOT
 from tests.helpers import invoke, runner
@@ -123,7 +124,7 @@ def test_onnx_export_of_every_layer_case_matches_onnxruntime(tag, case_id, facto
     the same outputs in onnxruntime, with non-trivial weights and BatchNorm statistics."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from cnnctl.export import export_onnx
+    from cnnctl.interop.export import export_onnx
 
     g = np.random.default_rng(0)
     layer = factory(g)
@@ -167,7 +168,7 @@ def test_checkpoint_loads_into_torch_via_safetensors(run_dir):
     # our layer indices count spec entries (activations are fused), torch's count modules
     mapping = {0: 0, 2: 3, 5: 7, 6: 9}
     net.load_state_dict({f"{mapping[int(k.split('.')[1])]}.{k.split('.')[2]}": v for k, v in weights.items()})
-    from cnnctl.loading import load_model
+    from cnnctl.run.loading import load_model
 
     ckpt = checkpoint.load(run_dir / "checkpoints" / "best.safetensors")
     _, model, _ = load_model(ckpt, "x")
@@ -193,7 +194,7 @@ def test_gradcheck_cli(tmp_path):
 
 
 def test_gradcheck_catches_a_broken_layer(monkeypatch):
-    from cnnctl import nn
+    from cnnctl.core import nn
 
     original = nn.Dense.backward
 

@@ -9,9 +9,9 @@ import itertools
 import numpy as np
 import pytest
 
-from cnnctl import functional as F
-from cnnctl import nn
-from cnnctl.gradcheck import rel_error
+from cnnctl.core import functional as F
+from cnnctl.core import nn
+from cnnctl.tools.gradcheck import rel_error
 from tests.cases import CASES, all_cases, randomize_params
 from tests.torch_models import TORCH, loaded
 
@@ -65,7 +65,7 @@ def test_layer_matches_torch(tag, case_id, factory, shape, training):
 def test_layer_through_the_plan_matches_torch(tag, case_id, factory, shape, training):
     """The same cases as a model run through its execution plan (fusions, algorithms, threads), as training runs
     them: output, input and parameter gradients and buffers against torch."""
-    from cnnctl.plan import Runner
+    from cnnctl.core.plan import Runner
 
     g = np.random.default_rng(0)
     layer = factory(g)

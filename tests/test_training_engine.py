@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cnnctl import checkpoint, loading
+from cnnctl.run import checkpoint, loading
 from tests.helpers import invoke
 
 CONFIG = {
@@ -160,9 +160,9 @@ def test_val_monitor_needs_validation_data(tmp_path):
 
 def test_grad_clip_matches_torch():
     torch = pytest.importorskip("torch")
-    from cnnctl.config import Spec
-    from cnnctl.engine import Trainer
-    from cnnctl.step import clip_gradients
+    from cnnctl.config.spec import Spec
+    from cnnctl.run.engine import Trainer
+    from cnnctl.run.step import clip_gradients
 
     spec = Spec.model_validate({**CONFIG, "train": {"epochs": 1, "grad_clip_norm": 0.5}})
     trainer = Trainer(spec)
@@ -261,9 +261,9 @@ def test_kill_9_at_random_moments_leaves_a_resumable_run(tmp_path):
 
 
 def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
-    from cnnctl import engine as train
-    from cnnctl.config import TestTimeAugmentSpec
+    from cnnctl.config.spec import TestTimeAugmentSpec
     from cnnctl.data import augment, batches
+    from cnnctl.run import engine as train
 
     cfg = write_config(tmp_path, data__test_time_augment={"horizontal_flip": True}, train__epochs=1,
                        train__test_at_end=True)
@@ -286,8 +286,8 @@ def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
                                rtol=1e-5, atol=1e-6)
 
     summary = json.loads((run / "summary.json").read_text())
-    from cnnctl.builder import build_loss
-    from cnnctl.plan import Runner
+    from cnnctl.config.build import build_loss
+    from cnnctl.core.plan import Runner
 
     loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
     with_flip = train.evaluate(Runner(model), loss_fn, ds, ds.test, 32, len(ds.classes), flip)
@@ -300,8 +300,8 @@ def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
     out = invoke("eval", path, "--json", "--set", "data.test_time_augment.horizontal_flip=false").stdout
     assert json.loads(out)["loss"] == pytest.approx(without["loss"], abs=1e-6)
 
-    from cnnctl import functional as F
-    from cnnctl import predict
+    from cnnctl.core import functional as F
+    from cnnctl.tools import predict
 
     images = np.random.default_rng(2).integers(0, 256, (5, 20, 20), dtype=np.uint8)
     np.savez(tmp_path / "x.npz", x=images)
@@ -335,7 +335,7 @@ def test_validate_every_skips_validation_between_and_validates_the_last_epoch(tm
 
 def test_epoch_checkpoints_are_ordered_by_number_past_epoch_9999(tmp_path):
     """keep_last deletes the oldest: epoch-10000 is newer than epoch-9999 although it sorts first by name."""
-    from cnnctl import runs
+    from cnnctl.run import runs
 
     (tmp_path / "checkpoints").mkdir()
     for n in (9998, 10000, 9999, 10001):

@@ -76,9 +76,9 @@ def test_a_folder_trains_with_resize_and_random_resized_crops_the_same_twice(tmp
 
 
 def test_frozen_layers_run_forward_only_and_keep_nothing_for_backward(monkeypatch):
-    from cnnctl.builder import build_model
-    from cnnctl.config import ModelSpec
-    from cnnctl.plan import Runner
+    from cnnctl.config.build import build_model
+    from cnnctl.config.spec import ModelSpec
+    from cnnctl.core.plan import Runner
 
     spec = ModelSpec.model_validate({"input_shape": [3, 12, 12], "layers": [
         {"type": "conv2d", "filters": 8, "kernel_size": 3, "padding": 1, "bias": False, "trainable": False},
@@ -103,7 +103,7 @@ def test_frozen_layers_run_forward_only_and_keep_nothing_for_backward(monkeypatc
             assert not any(isinstance(v, np.ndarray) for k, v in vars(layer).items() if k.startswith("_")), name
     assert model.layers[4].grads["weight"].any() and not model.layers[0].grads["weight"].any()
     # and the numbers are those of the same plan keeping everything (forward-only switched off)
-    from cnnctl import plan
+    from cnnctl.core import plan
 
     monkeypatch.setattr(plan.Plan, "_forward_only", lambda self, model: set())
     again, _ = build_model(spec, np.random.default_rng(0))
@@ -270,9 +270,9 @@ def _torchvision_models():
 def test_torchvision_state_dicts_load_into_the_shipped_configs_by_their_maps(tmp_path, name):
     from safetensors.torch import save_file
 
-    from cnnctl.builder import build_model
-    from cnnctl.config import load_config
-    from cnnctl.weights import init_from
+    from cnnctl.config.build import build_model
+    from cnnctl.config.spec import load_config
+    from cnnctl.run.weights import init_from
 
     torch, models = _torchvision_models()
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 import torch
 
-from cnnctl import nn
+from cnnctl.core import nn
 
 tnn, tf = torch.nn, torch.nn.functional
 

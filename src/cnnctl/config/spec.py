@@ -1,0 +1,688 @@
+"""The YAML spec as pydantic models, strict and self-explaining.
+
+Every model forbids unknown keys (with a did-you-mean), every layer spec carries a `type` tag and the
+layer union is discriminated on it; `LAYER_SPECS` maps those tags to spec classes, and each spec's `build`
+makes the matching `cnnctl.nn` layer for the shape that reaches it. `load_config` turns a file (with the
+chain of base configs it `extends:`) plus `--set` overrides into a validated `Spec`, raising ConfigError with
+key paths and YAML line numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from cnnctl.core import nn, optim, schedules
+from cnnctl.core.fileio import Unreadable, read_regular
+from cnnctl.errors import ConfigError
+from cnnctl.strict import Mode, Monitor, NonNegInt, PosInt, Strict
+
+from . import blocks
+from .messages import format_validation_error, line_of
+from .renames import RENAMES
+
+# ---------------------------------------------------------------- the model
+
+LAYER_SPECS = nn.SPECS  # every `type` a layer can have, derived from the layer registry
+AnyLayer = nn.AnyLayer
+
+
+class InitFromSpec(Strict):
+    checkpoint: str = Field(min_length=1, description="A cnnctl checkpoint or run directory, or any safetensors "
+                            "file of tensors (a PyTorch state_dict saved with safetensors); `path:` is the same key.")
+    rename: Literal[tuple(RENAMES)] | list[tuple[str, str]] | None = Field(
+        None, description="How the file's tensor names become the model's: [[REGEX, REPLACEMENT], ...] applied in "
+        "order to every name (re.sub), or a shipped map: " + ", ".join(RENAMES) + " (for configs/torchvision/).")
+    strict: bool = Field(False, description="true: every parameter and buffer must be copied and every tensor "
+                         "of the file used, else an error.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_is_checkpoint(cls, data):
+        """`path:` is accepted for `checkpoint:` (a state dict of another framework is no checkpoint)."""
+        if isinstance(data, dict) and "path" in data:
+            if "checkpoint" in data:
+                raise ValueError("give the file as checkpoint or as path, not both")
+            data = {("checkpoint" if k == "path" else k): v for k, v in data.items()}
+        return data
+
+    @field_validator("rename")
+    @classmethod
+    def _patterns_compile(cls, v):
+        for pattern, _ in v if isinstance(v, list) else []:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regular expression ({e})") from None
+        return v
+
+
+class ModelSpec(Strict):
+    init_from: InitFromSpec | None = Field(None, description="Start from another model's weights: every "
+                                           "parameter and buffer whose name and shape match is copied, the rest "
+                                           "start fresh (Caffe's -weights). For a new run only; --resume continues "
+                                           "from the run's own checkpoint.")
+    input_shape: tuple[PosInt, PosInt, PosInt] = Field(description="Input shape per sample: [channels, height, width].")
+    blocks: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Your own layer types: name -> {params: {name: default, ...}, and a layer "
+        "(type: residual | concat | sequential | ...) whose values may be $name}. Use as {type: name, param: value, "
+        "repeat: N}. A parameter whose default is null must be given.")
+    layers: list[AnyLayer] = Field(min_length=1, description="Layers in order; input sizes are inferred.")
+
+    @field_validator("blocks")
+    @classmethod
+    def _block_names(cls, v):
+        for name, body in v.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"block name {name!r}: use letters, digits and '_'")
+            if name in nn.SPECS:
+                raise ValueError(f"block name {name!r} is a built-in layer type; pick another name")
+            if not isinstance(body, dict) or "type" not in body:
+                raise ValueError(f"block {name!r} needs a 'type' (e.g. residual, concat or sequential)")
+        return v
+
+    def tree(self) -> list:
+        """The layers with every block use expanded into concrete layer specs (validate() has checked that
+        this succeeds, with line numbers in its errors)."""
+        return blocks.resolve(self)
+
+
+# ---------------------------------------------------------------- data, loss, optimizer, training
+
+
+class ShapesSpec(Strict):
+    train_size: PosInt = Field(6000, description="Images generated for training (before the validation split).")
+    test_size: PosInt = Field(1000, description="Images generated for the test split.")
+    kinds: list[Literal["circle", "square", "triangle", "cross", "ring", "bar"]] = Field(
+        default=["circle", "square", "triangle", "cross"], min_length=2, description="Shape classes, in label order."
+    )
+    noise: float = Field(0.15, ge=0.0, le=1.0, description="Std of Gaussian pixel noise on a 0..1 scale.")
+
+
+class ResizedCropSpec(Strict):
+    scale: tuple[float, float] = Field((0.08, 1.0), description="Fraction of the image's area the crop covers: "
+                                       "drawn uniformly between these.")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="Aspect ratio (width / height) of the crop: "
+                                       "drawn log-uniformly between these.")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        (s0, s1), (r0, r1) = self.scale, self.ratio
+        if not (0 < s0 <= s1 <= 1 and 0 < r0 <= r1):
+            raise ValueError("give scale as [min, max] within (0, 1] and ratio as [min, max] above 0, min <= max")
+        return self
+
+
+class AugmentSpec(Strict):
+    random_resized_crop: ResizedCropSpec | None = Field(
+        None, description="A random part of each image (its area and aspect ratio drawn from scale and ratio) "
+        "resized back to the image's size, bilinearly (torchvision's RandomResizedCrop, for fine-tuning); {} "
+        "takes torchvision's defaults.")
+    random_crop: NonNegInt = Field(0, description="Pad by this many pixels, then crop back at a random offset.")
+    random_shift: float = Field(0.0, ge=0.0, lt=0.5, description="Shift by up to this fraction of the size, "
+                                "repeating edge pixels.")
+    horizontal_flip: bool | Literal["alternating"] = Field(
+        False, description="true: mirror a random half of the images left to right; alternating: each image is "
+        "mirrored every other epoch (which half starts is fixed by the seed), so every epoch pair sees both "
+        "views (airbench's alternating flip, Jordan 2024).")
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="Probability of setting one random rectangle "
+                                  "(2-33% of the image, aspect 0.3-3.3) of an image to 0 (random erasing, cutout).")
+
+    @property
+    def active(self) -> bool:
+        """Whether any augmentation is asked for."""
+        return bool(self.random_crop or self.random_shift or self.horizontal_flip or self.random_erasing
+                    or self.random_resized_crop is not None)
+
+
+class TestTimeAugmentSpec(Strict):
+    """Views of every image whose outputs are averaged (validation, test, eval and predict; an exported model is
+    the plain network): the image, each shifted copy, and with horizontal_flip the mirror of every one."""
+
+    horizontal_flip: bool = Field(False, description="Average the network's outputs for each image and its mirror "
+                                  "image (validation, test, eval and predict; an exported model is the plain "
+                                  "network).")
+    shifts: list[tuple[int, int]] = Field(
+        default=[], max_length=64, description="Also average over copies shifted by [rows, columns] pixels each "
+        "(positive: down, right; the edge pixels repeat), e.g. [[1, 1], [-1, -1]]; with horizontal_flip each is "
+        "mirrored too.")
+
+    @field_validator("shifts")
+    @classmethod
+    def _real_shifts(cls, v):
+        if any(dy == 0 and dx == 0 for dy, dx in v):
+            raise ValueError("[0, 0] is the image itself, which is always one of the views: leave it out")
+        if len(set(v)) != len(v):
+            raise ValueError("a shift is listed twice: give each once")
+        return v
+
+    @property
+    def views(self) -> int:
+        """How many forward passes one image costs."""
+        return (1 + len(self.shifts)) * (2 if self.horizontal_flip else 1)
+
+
+class DataSpec(Strict):
+    dataset: Literal["shapes", "mnist", "fashion_mnist", "kmnist", "cifar10", "digits", "npz", "folder", "csv"] = \
+        Field(description="Built-in dataset name, or npz / folder / csv for your own data.")
+    path: str | None = Field(None, description="csv: the CSV of pictures, columns path,label and optionally split "
+                             "(train, val or test); paths relative to the CSV's folder.")
+    root: str | None = Field(None, description="Folder with the dataset files (default ~/.cache/cnnctl/<dataset>, "
+                             "or $CNNCTL_DATA/<dataset>); the .npz file for npz; the ImageFolder root for folder.")
+    download: bool = Field(False, description="Fetch missing files (mnist, fashion_mnist, kmnist, cifar10) into "
+                           "root, verified against SHA-256 checksums.")
+    mirror: str | None = Field(None, description="Base URL to download the files from instead of the official ones.")
+    classes: list[str] | None = Field(None, description="Class names for npz data (default: 0..max label).")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Training-batch augmentation.")
+    test_time_augment: TestTimeAugmentSpec = Field(default_factory=TestTimeAugmentSpec,
+                                                   description="Augmentation when evaluating and predicting.")
+    resize: PosInt | None = Field(None, description="folder data and predict's picture files: scale each picture so "
+                                  "that its shorter side has this many pixels (bilinear, aspect kept), then cut the "
+                                  "input's height x width from its centre (torchvision's evaluation transform: "
+                                  "Resize(256) + CenterCrop(224)); default: stretch the picture to the input size.")
+    batch_size: PosInt = 64
+    eval_batch_size: PosInt | None = Field(None, description="Batch size for validation, test, eval and predict "
+                                           "(default: batch_size). Evaluation keeps nothing for backward, so it can "
+                                           "be larger; the numbers do not depend on it.")
+    val_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the training data held out.")
+    stratify: bool = Field(False, description="Hold out val_split of every class (the validation split keeps the "
+                           "class proportions); off by default so that existing configs keep their exact split.")
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle", description="shuffle: every training image once per epoch; balanced: as many draws, with "
+        "replacement, each class equally likely (for imbalanced data).")
+    normalize: Literal["auto", "none"] | dict[Literal["mean", "std"], list[float]] = Field(
+        "auto", description="auto: per-channel mean/std of the training split; none: pixels in 0..1; or mean/std.")
+    shapes: ShapesSpec = Field(default_factory=ShapesSpec, description="Options of the `shapes` generator.")
+
+    @model_validator(mode="after")
+    def _csv_needs_its_path(self):
+        if (self.dataset == "csv") != (self.path is not None):
+            raise ValueError("dataset: csv reads the CSV given as data.path (columns path,label[,split]); other "
+                             "datasets take data.root" if self.dataset == "csv" else
+                             f"data.path is the CSV of dataset: csv; the {self.dataset} data is found through "
+                             "data.root")
+        return self
+
+    @field_validator("normalize")
+    @classmethod
+    def _mean_and_std(cls, v):
+        if isinstance(v, dict) and set(v) != {"mean", "std"}:
+            raise ValueError("give both mean and std lists (one value per channel)")
+        if isinstance(v, dict) and any(s <= 0 for s in v["std"]):
+            raise ValueError("std values must be positive")
+        return v
+
+    @property
+    def evaluation_batch(self) -> int:
+        """Images per forward pass when evaluating or predicting."""
+        return self.eval_batch_size or self.batch_size
+
+
+# other frameworks' names of cnnctl's losses: a config that uses one gets a did-you-mean naming the framework
+FOREIGN_LOSSES = {
+    "categorical_crossentropy": ("cross_entropy", "Keras"),
+    "sparse_categorical_crossentropy": ("cross_entropy", "Keras"),
+    "CategoricalCrossentropy": ("cross_entropy", "Keras"), "SparseCategoricalCrossentropy": ("cross_entropy", "Keras"),
+    "CrossEntropyLoss": ("cross_entropy", "PyTorch"), "cross_entropy_loss": ("cross_entropy", "PyTorch"),
+    "crossentropy": ("cross_entropy", None), "cross-entropy": ("cross_entropy", None), "ce": ("cross_entropy", None),
+    "softmax_cross_entropy": ("cross_entropy", "TensorFlow"), "SoftmaxWithLoss": ("cross_entropy", "Caffe"),
+    "NLLLoss": ("nll", "PyTorch"), "nll_loss": ("nll", "PyTorch"),
+    "MSELoss": ("mse", "PyTorch"), "mean_squared_error": ("mse", "Keras"), "MeanSquaredError": ("mse", "Keras"),
+    "EuclideanLoss": ("mse", "Caffe"), "l2": ("mse", None),
+    "binary_crossentropy": ("cross_entropy", "Keras"), "BinaryCrossentropy": ("cross_entropy", "Keras"),
+    "BCEWithLogitsLoss": ("cross_entropy", "PyTorch"), "BCELoss": ("cross_entropy", "PyTorch"),
+}
+
+
+class LossSpec(Strict):
+    type: Literal[tuple(nn.LOSSES)] = "cross_entropy"  # derived from the loss registry
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _foreign_names(cls, v):
+        if isinstance(v, str) and v in FOREIGN_LOSSES:
+            ours, where = FOREIGN_LOSSES[v]
+            binary = v.lower().startswith(("binary", "bce"))
+            note = (" cnnctl has no binary loss: give the last dense layer 2 units and use cross_entropy on its "
+                    "logits" if binary else " cnnctl's cross_entropy takes logits (no softmax before it) and "
+                    "integer labels, like PyTorch's" if ours == "cross_entropy" else "")
+            whose = f"{where}'s" if where else "another framework's"
+            raise PydanticCustomError("foreign_loss", "{msg}",
+                                      {"msg": f"{v} is {whose} name; did you mean '{ours}'?{note}"})
+        return v
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["auto"] | list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="cross_entropy only: a weight per class (PyTorch's weight=), or auto: inverse class "
+        "frequency of the training split, n / (classes * count), so that the average weight per image is 1.")
+
+    @model_validator(mode="after")
+    def _weights_need_cross_entropy(self):
+        if self.class_weights is not None and self.type != "cross_entropy":
+            raise ValueError("class_weights apply to cross_entropy only")
+        if self.label_smoothing and self.type != "cross_entropy":
+            raise ValueError("label_smoothing applies to cross_entropy only")
+        return self
+
+
+OptimizerSpec = Annotated[Union[tuple(dict.fromkeys(optim.OPTIMIZER_SPECS.values()))],  # noqa: UP007
+                          Field(discriminator="type")]  # derived from the optimizer registry
+
+
+
+
+ScheduleSpec = Annotated[Union[tuple(schedules.SCHEDULE_SPECS.values())],  # noqa: UP007
+                         Field(discriminator="type")]  # derived from the schedule registry
+
+
+class EarlyStoppingSpec(Strict):
+    monitor: Monitor = "val_loss"
+    mode: Mode = Field("auto", description="auto: max for accuracies, min for losses.")
+    patience: PosInt = Field(5, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
+
+
+class TrainSpec(Strict):
+    epochs: PosInt = 10
+    test_at_end: bool = Field(False, description="Evaluate the test split after the last epoch.")
+    monitor: Monitor = Field("val_acc", description="Metric that picks checkpoints/best.safetensors.")
+    grad_clip_norm: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this.")
+    early_stopping: EarlyStoppingSpec | None = None
+    checkpoint_every: PosInt | None = Field(None, description="Also keep checkpoints/epoch-NNNN.safetensors "
+                                            "every this many epochs.")
+    keep_last: PosInt | None = Field(None, description="How many epoch checkpoints to keep (default: all).")
+    checkpoint_every_steps: PosInt | None = Field(None, description="Also update last.safetensors every this "
+                                                  "many optimizer steps (for long epochs).")
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="Also log to: tensorboard (RUN/tensorboard/, the tensorboard extra), "
+        "mlflow (MLFLOW_TRACKING_URI, else RUNS_DIR/mlflow.db; the mlflow extra).")
+    cache_frozen: bool = Field(False, description="Compute the frozen layers at the start of the model (those below "
+                               "the first that trains) once per image, and train the rest on their outputs: the "
+                               "same numbers, without running the frozen part every epoch. Needs no augmentation "
+                               "of the input, no test-time views and no unfreeze_at_epoch.")
+    unfreeze_at_epoch: PosInt | None = Field(None, description="Make every layer trainable from this epoch on "
+                                             "(1-based; layers frozen with trainable: false train from then).")
+    validate_every: PosInt = Field(1, description="Validate after every this many epochs and after the last "
+                                   "(Lightning's check_val_every_n_epoch); the epochs between have no val_ metrics, "
+                                   "and checkpoints/best and val_ monitors only consider validated epochs.")
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="Keep an exponential moving average of the "
+                                    "weights (and running statistics), 0.999 for example; validation, the test, "
+                                    "the checkpoints' model and so eval, predict and export use the average.")
+    sync_batchnorm: bool = Field(True, description="With several MPI ranks (mpiexec -n N cnnctl train): batchnorm "
+                                 "statistics over the whole global batch, summed across the ranks (SyncBatchNorm: the "
+                                 "model one process would train); false: each rank normalises its own share (ghost "
+                                 "batchnorm over data.batch_size / N images: fewer messages, another model). No effect "
+                                 "in one process.")
+    autotune: bool = Field(False, description="Time every convolution algorithm each layer can run by (lowering, "
+                           "pointwise, Winograd F(2x2,3x3) and F(4x4,3x3)) once on this machine and train with the "
+                           "fastest (cached in ~/.cache/cnnctl/plans/); false: the shape rule, the same plan on every "
+                           "machine. The plan used is recorded in summary.json and the checkpoints; a resumed run "
+                           "keeps it.")
+
+
+class Spec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100,
+                      description="Run name; letters, digits, '_', '.', '-' (at most 100).")
+    seed: NonNegInt = 0
+    data: DataSpec
+    model: ModelSpec
+    loss: LossSpec = Field(default_factory=LossSpec)
+    optimizer: OptimizerSpec = Field(default_factory=lambda: optim.OPTIMIZER_SPECS["sgd"](type="sgd"))
+    schedule: ScheduleSpec = Field(default_factory=lambda: schedules.SCHEDULE_SPECS["constant"](type="constant"))
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    @model_validator(mode="after")
+    def _crop_fits_the_image(self):
+        crop, side = self.data.augment.random_crop, max(self.model.input_shape[1:])
+        if crop > side:
+            raise PydanticCustomError(
+                "crop_too_large", "data.augment.random_crop is {crop}, more than the image ({side} pixels); pad by "
+                "at most the image size (4 is usual for 32 pixels)", {"crop": crop, "side": side})
+        return self
+
+    @model_validator(mode="after")
+    def _cache_frozen_needs_fixed_inputs(self):
+        t, d = self.train, self.data
+        why = ("data.augment changes the images every epoch" if d.augment.active else
+               "data.test_time_augment runs the model on several views of each image" if d.test_time_augment.views > 1
+               else "train.unfreeze_at_epoch makes the frozen layers train" if t.unfreeze_at_epoch else None)
+        if t.cache_frozen and why:
+            raise PydanticCustomError("cache_frozen", "train.cache_frozen computes the frozen layers once per image, "
+                                      "but {why}; leave one of them out", {"why": why})
+        return self
+
+    @model_validator(mode="after")
+    def _resize_fits_the_input(self):
+        r, (h, w) = self.data.resize, self.model.input_shape[1:]
+        if r is not None and self.data.dataset not in ("folder", "csv"):
+            raise PydanticCustomError("resize_needs_pictures", "data.resize applies to picture files (dataset: "
+                                      "folder, and predict); the {dataset} data has its own size", {
+                                          "dataset": self.data.dataset})
+        if r is not None and r < max(h, w):
+            raise PydanticCustomError(
+                "resize_too_small", "data.resize is {r}: the shorter side must have at least {side} pixels to cut "
+                "the {h}x{w} input from it (256 for 224 is usual)", {"r": r, "side": max(h, w), "h": h, "w": w})
+        return self
+
+    @model_validator(mode="after")
+    def _shifts_fit_the_image(self):
+        h, w = self.model.input_shape[1:]
+        for dy, dx in self.data.test_time_augment.shifts:
+            if abs(dy) >= h or abs(dx) >= w:
+                raise PydanticCustomError(
+                    "shift_too_large", "data.test_time_augment.shifts has [{dy}, {dx}], as far as or beyond the "
+                    "{h}x{w} image; shift by less than its size (1 or 2 pixels is usual)",
+                    {"dy": dy, "dx": dx, "h": h, "w": w})
+        return self
+
+    @model_validator(mode="after")
+    def _monitors_need_validation_data(self):
+        t = self.train
+        used = [("train.monitor", t.monitor)]
+        if t.early_stopping:
+            used.append(("train.early_stopping.monitor", t.early_stopping.monitor))
+        if self.schedule.type == "reduce_on_plateau":
+            used.append(("schedule.monitor", self.schedule.monitor))
+        for key, monitor in used:
+            if monitor.startswith("val_") and self.data.val_split == 0:
+                raise PydanticCustomError(
+                    "needs_val", "{key} is {monitor} but data.val_split is 0; set data.val_split > 0 or monitor "
+                    "a train_ metric", {"key": key, "monitor": monitor})
+        return self
+
+    @field_validator("loss", "optimizer", "schedule", mode="before")
+    @classmethod
+    def _shorthand(cls, v, info):
+        """`loss: mse` means {type: mse} (likewise optimizer and schedule); an optimizer without a type is sgd."""
+        if isinstance(v, str):
+            return {"type": v}
+        if info.field_name == "optimizer" and isinstance(v, dict) and "type" not in v:
+            return {"type": "sgd", **v}
+        return v
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _is_int(text: str) -> bool:
+    """Whether a --set path part is a list index as int() reads it: ASCII digits, maybe a leading '-'."""
+    digits = text[1:] if text.startswith("-") else text
+    return digits.isascii() and digits.isdigit()
+
+
+def _set_path(data: dict, dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        key: Any = int(part) if isinstance(node, list) and _is_int(part) else part
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            if isinstance(node, dict):
+                node[key] = {}
+                node = node[key]
+            else:
+                raise ConfigError(f"{origin}: cannot set '{dotted}': '{'.'.join(parts[: i + 1])}' does not exist",
+                                  "use a dotted path of existing keys, e.g. optimizer.lr=0.01 or "
+                                  "model.layers.0.filters=8") from None
+    last: Any = parts[-1]
+    if isinstance(node, list):
+        if not _is_int(last) or not -len(node) <= int(last) < len(node):
+            raise ConfigError(f"{origin}: cannot set '{dotted}': no list item {last}")
+        last = int(last)
+    elif not isinstance(node, dict):
+        raise ConfigError(f"{origin}: cannot set '{dotted}': its parent is not a mapping")
+    node[last] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `KEY=VALUE` strings (dotted paths, values parsed as YAML) to a copy of the raw config."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE", "e.g. --set optimizer.lr=0.01")
+        if key.strip() == "extends":
+            raise ConfigError(f"--set {item!r}: `extends` is read from the config file, before any --set",
+                              "write `extends: BASE.yaml` in the config, or run the base config with --set")
+        value = load_yaml(raw, f"--set {item!r}")[0] if raw.strip() else None
+        _set_path(data, key.strip(), value, "--set")
+    return data
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key_node.value}' (first given at line {seen[key_node.value]}; "
+                        "YAML would silently keep only the last)", key_node.start_mark)
+                seen[key_node.value] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+MAX_YAML_NODES = 200_000  # after expanding aliases; a config has a few hundred, an alias bomb billions
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes in the document with every alias expanded, computed without expanding (memoised per node)."""
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = ([n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode)
+                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), 10 * MAX_YAML_NODES)
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def load_yaml(text: str, source: str, mark_name: str | None = None) -> tuple[Any, yaml.Node | None]:
+    """The one YAML reader for configs and what cnnctl wrote from them: safe (no code), keys unique, aliases
+    bounded; returns the data and its node tree (for line numbers; `mark_name` names the file in the nodes'
+    marks). Errors are ConfigErrors naming source."""
+    try:
+        loader = _Loader(text)
+        if mark_name is not None:
+            loader.name = mark_name
+        try:
+            root = loader.get_single_node()
+            if root is not None and _expanded_size(root) > MAX_YAML_NODES:
+                raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} values through its "
+                                  "aliases (&anchor / *alias)", "write the values out, or use model.blocks")
+            return (loader.construct_document(root) if root is not None else None), root
+        finally:
+            loader.dispose()
+    except RecursionError:  # the YAML parser recurses once per nesting level
+        raise ConfigError(f"{source}: the config nests too deeply to read (more than {MAX_NESTING} levels are "
+                          "never needed)", "flatten it: define repeated structure once under model.blocks and "
+                          "use repeat: N") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{at}: {getattr(e, 'problem', e)}",
+                          "check indentation and that every key is followed by ': ', once") from None
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file; the largest shipped one is a few kB
+
+
+def read_yaml(path: Path, mark_name: str | None = None, where: str = "") -> tuple[Any, yaml.Node | None]:
+    """The parsed YAML file and its node tree (for line numbers). The file must be a regular file of at most
+    MAX_CONFIG_BYTES; `where` (the `extends:` that names it) goes before the message of a file that is not."""
+    try:
+        raw = read_regular(path, MAX_CONFIG_BYTES)
+    except Unreadable as e:
+        if e.missing:
+            raise ConfigError(f"{where}config file not found: {path}", "check the path" + (
+                " (relative to the directory of the file that extends it)" if where else "")) from None
+        raise ConfigError(f"{where}cannot read config {path}: {e.reason}",
+                          f"give a YAML config file (at most {MAX_CONFIG_BYTES // (1 << 20)} MB)") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}cannot read config {path}: not UTF-8 text ({e.reason} at byte {e.start})",
+                          "give a YAML config file saved as UTF-8") from None
+    return load_yaml(text, str(path), mark_name)
+
+
+MAX_EXTENDS = 8  # configs in one `extends:` chain; real ones have two or three
+
+
+def read_config(path: str | Path) -> tuple[Any, yaml.Node | None]:
+    """A config file with its `extends:` resolved: the base config it names (a path relative to this file; the
+    base may extend another) with this file's keys merged over it, mappings key by key and every other value
+    (lists included, as OmegaConf and Hydra merge) replaced whole. Returns the merged data and a node tree of
+    the same shape, so errors give the line of whichever file a value came from."""
+    return _read_config(Path(path), [])
+
+
+DATA_PATHS = ("root", "path")  # data keys that name files: relative to the config file that writes them
+
+
+def absolute_data_paths(data: Any, folder: Path) -> Any:
+    """data.root and data.path made absolute against `folder` where they are relative (a config's own values are
+    relative to the config's folder, --set values to the working directory), so that a run's config.yaml and its
+    checkpoints work from any folder."""
+    section = data.get("data") if isinstance(data, dict) else None
+    if isinstance(section, dict):
+        for key in DATA_PATHS:
+            value = section.get(key)
+            if isinstance(value, str) and value and "\0" not in value and not Path(value).expanduser().is_absolute():
+                section[key] = os.path.normpath(os.path.join(os.path.abspath(folder), value))
+    return data
+
+
+def _read_config(path: Path, chain: list[Path], referrer: str = "") -> tuple[Any, yaml.Node | None]:
+    data, root = read_yaml(path, str(path) if chain else None, referrer)  # a base's lines name its file
+    data = absolute_data_paths(data, path.parent)
+    if not isinstance(data, dict) or "extends" not in data:
+        return data, root
+    where = f"{path}: extends (line {line_of(root, ('extends',))})"
+    target = data["extends"]
+    if not isinstance(target, str) or not target.strip():
+        raise ConfigError(f"{where}: expected the path of a config file, got {target!r}",
+                          "e.g. extends: resnet-fashion.yaml (relative to this file)")
+    if "\0" in target:
+        raise ConfigError(f"{where}: the path has a NUL character", "give the path of a config file")
+    base_path = path.parent / target
+    chain = [*chain, Path(os.path.realpath(path))]
+    if Path(os.path.realpath(base_path)) in chain:
+        loop = " -> ".join(str(p.name) for p in [*chain, Path(os.path.realpath(base_path))])
+        raise ConfigError(f"{where}: the configs extend each other in a loop ({loop})",
+                          "remove one of the `extends:` keys")
+    if len(chain) >= MAX_EXTENDS:
+        raise ConfigError(f"{where}: more than {MAX_EXTENDS} configs extend one another",
+                          "extend the base config directly")
+    base, base_root = _read_config(base_path, chain, f"{where}: ")
+    if not isinstance(base, dict):
+        raise ConfigError(f"{base_path}: the config must be a YAML mapping (key: value lines); {path} extends it",
+                          "point `extends:` at a cnnctl config")
+    own = {k: v for k, v in data.items() if k != "extends"}
+    own_root = yaml.MappingNode(root.tag, [(k, v) for k, v in root.value if k.value != "extends"],
+                                root.start_mark, root.end_mark)
+    return _merged(base, own), _merged_nodes(base_root, own_root)
+
+
+def _merged(base: Any, over: Any) -> Any:
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return copy.deepcopy(over)
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merged(base[key], value) if key in base else copy.deepcopy(value)
+    return out
+
+
+def _merged_nodes(base: yaml.Node, over: yaml.Node) -> yaml.Node:
+    """The node tree of `_merged(base, over)`: over's nodes where it gives a value, base's elsewhere."""
+    if not (isinstance(base, yaml.MappingNode) and isinstance(over, yaml.MappingNode)):
+        return over
+    own = {k.value: (k, v) for k, v in over.value if isinstance(k, yaml.ScalarNode)}
+    pairs = [(own[k.value][0], _merged_nodes(v, own.pop(k.value)[1])) if k.value in own else (k, v)
+             for k, v in base.value]
+    return yaml.MappingNode(over.tag, pairs + list(own.values()), over.start_mark, over.end_mark)
+
+
+MAX_NESTING = 64  # mappings and lists inside each other; real configs (ResNets, nested blocks) stay far below
+
+
+def nesting(data: Any, limit: int = MAX_NESTING) -> int:
+    """How deeply mappings and lists nest in data (counting stops past limit), without recursion."""
+    deepest, stack = 0, [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth + 1)
+            if deepest > limit:
+                break
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def validate(data: Any, source: str = "config", root: yaml.Node | None = None, overrides: list[str] = ()) -> Spec:
+    if nesting(data) > MAX_NESTING:
+        raise ConfigError(f"{source}: the config nests more than {MAX_NESTING} levels deep",
+                          "flatten it: define repeated structure once under model.blocks and use repeat: N")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping (key: value lines), "
+                          f"got {type(data).__name__}")
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as e:
+        raise format_validation_error(e, data, source, root, overrides) from None
+    blocks.resolve(spec.model, data, root, source, overrides)  # block errors now, with the file's line numbers
+    return spec
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[Spec, dict]:
+    """Read, override and validate a YAML config. Returns the spec and the raw (overridden) mapping."""
+    path = Path(path)
+    data, root = read_config(path)
+    if isinstance(data, dict):
+        data = absolute_data_paths(apply_overrides(data, list(overrides)), Path.cwd())
+    return validate(data, str(path), root, list(overrides)), data
+
+
+def spec_to_dict(spec: Spec) -> dict:
+    """The fully resolved spec (defaults filled in) as plain data for config.yaml and checkpoints."""
+    return spec.model_dump(mode="json")
+
+
+def config_schema() -> dict:
+    """The JSON Schema of a config file (for editors: yaml-language-server and friends)."""
+    schema = Spec.model_json_schema()
+    shorthands = {"loss": sorted(nn.LOSSES), "optimizer": sorted(optim.OPTIMIZERS),
+                  "schedule": sorted(schedules.SCHEDULES)}
+    for key, names in shorthands.items():  # `loss: mse` means {type: mse}: say so in the schema too
+        prop = schema["properties"][key]
+        default = prop.pop("default", None)
+        schema["properties"][key] = {"anyOf": [{k: v for k, v in prop.items() if k != "description"},
+                                               {"type": "string", "enum": names}]}
+        if default is not None:
+            schema["properties"][key]["default"] = default
+    # a block use names a block, never a built-in type (which would make it match two members of the union)
+    use = schema["$defs"]["BlockUse"]
+    use["properties"]["type"]["not"] = {"enum": sorted(nn.SPECS)}
+    use["description"] = "A block defined under model.blocks, used as a layer: {type: NAME, PARAM: VALUE, repeat: N}."
+    # a file that `extends:` another holds only what it changes; it is checked once merged (cnnctl inspect)
+    full = {k: v for k, v in schema.items() if k not in ("$defs", "title")}
+    extends = {"type": "string", "minLength": 1, "description": "A base config (a path relative to this file) "
+               "that this file's keys are merged over: mappings key by key, other values replaced whole."}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "cnnctl config",
+            "$defs": schema["$defs"], "if": {"type": "object", "required": ["extends"]},
+            "then": {"type": "object", "properties": {"extends": extends}}, "else": full}

@@ -1,0 +1,239 @@
+"""Datasets: load a split into memory as stored (uint8 stays uint8), carve the validation split from the seed,
+and normalise (and, for training, augment) batches as they are drawn."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnctl.config.spec import DataSpec
+from cnnctl.core.memory import refuse_over
+from cnnctl.errors import DataError
+
+from . import augment, cifar, download, files, idx, shapes
+
+IDX_CLASSES = {
+    "mnist": [str(d) for d in range(10)],
+    "fashion_mnist": ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                      "ankle-boot"],
+    "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+}
+KNOWN = {**{k: (v, (1, 28, 28)) for k, v in IDX_CLASSES.items()}, "cifar10": (cifar.CLASSES, (3, 32, 32)),
+         "digits": ([str(d) for d in range(10)], (1, 8, 8))}
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # (N, C, H, W), uint8 (or float32 for float npz data)
+    y: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+    mean: np.ndarray  # per channel, on the 0..1 scale of pixels / pixel_scale
+    std: np.ndarray
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def pixel_scale(self) -> float:
+        return 255.0 if self.train.x.dtype == np.uint8 else 1.0
+
+    def split(self, name: str) -> Split:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "train": len(self.train), "val": len(self.val), "test": len(self.test),
+                "image_shape": list(self.image_shape), "classes": self.classes}
+
+
+def default_root(dataset: str) -> Path:
+    """$CNNCTL_DATA/<dataset> (else ~/.cache/cnnctl/<dataset>); a folder named with hyphens (fashion-mnist, as the
+    data is often kept) is taken where the underscore one (fashion_mnist) does not exist."""
+    base = Path(os.environ["CNNCTL_DATA"]) if os.environ.get("CNNCTL_DATA") else Path.home() / ".cache" / "cnnctl"
+    if not (base / dataset).exists() and (base / dataset.replace("_", "-")).is_dir():
+        return base / dataset.replace("_", "-")
+    return base / dataset
+
+
+def dataset_info(spec: DataSpec) -> tuple[list[str] | None, tuple[int, int, int] | None]:
+    """Class names and image shape when known without reading any file (None where the data decides)."""
+    if spec.dataset == "shapes":
+        return list(spec.shapes.kinds), None
+    if spec.dataset in KNOWN:
+        classes, shape = KNOWN[spec.dataset]
+        return list(classes), shape
+    return (list(spec.classes) if spec.classes else None), None
+
+
+def root_of(spec: DataSpec) -> Path:
+    return Path(spec.root).expanduser() if spec.root else default_root(spec.dataset)
+
+
+def _load_raw(spec: DataSpec, input_shape, rng, progress) -> tuple[list[str], Split, Split, Split | None]:
+    """(classes, training data, test split, and the validation split when the data itself gives one)."""
+    classes, _ = dataset_info(spec)
+    if spec.dataset == "csv":
+        names, train, val, test = files.load_csv(Path(spec.path).expanduser(), input_shape, spec.resize)
+        return names, Split(*train), Split(*test), None if val is None else Split(*val)
+    return (*_load_plain(spec, input_shape, rng, progress, classes), None)
+
+
+def _load_plain(spec: DataSpec, input_shape, rng, progress, classes) -> tuple[list[str], Split, Split]:
+    if spec.dataset == "shapes":
+        o = spec.shapes
+        refuse_over(f"the shapes data at input_shape {list(input_shape)}",  # at most half the memory
+                    shapes.bytes_needed(max(o.train_size, o.test_size), len(o.kinds), tuple(input_shape)), 2,
+                    DataError, "use a smaller model.input_shape or data.shapes.train_size / test_size")
+        train = shapes.generate(o.train_size, list(o.kinds), tuple(input_shape), o.noise, rng)
+        test = shapes.generate(o.test_size, list(o.kinds), tuple(input_shape), o.noise, rng)
+        return classes, Split(*train), Split(*test)
+    if spec.dataset == "digits":
+        train, test = files.load_digits()
+        return classes, Split(*train), Split(*test)
+    root = root_of(spec)
+    if spec.dataset == "npz":
+        train, test = files.load_npz(root)
+        n = int(max(train[1].max(initial=-1), test[1].max(initial=-1))) + 1
+        if classes is not None and n > len(classes):
+            raise DataError(f"{root}: label {n - 1} is outside the {len(classes)} classes of data.classes",
+                            "list every class in data.classes, or fix the labels")
+        return classes or [str(i) for i in range(n)], Split(*train), Split(*test)
+    if spec.dataset == "folder":
+        names, train, test = files.load_folder(root, input_shape, spec.resize)
+        return names, Split(*train), Split(*test)
+    if spec.download:
+        download.ensure(spec.dataset, root, progress, spec.mirror)
+    elif not root.is_dir():
+        raise DataError(f"{spec.dataset}: data folder {root} does not exist",
+                        "set data.root (or --set data.root=PATH) to the folder holding the files, or set "
+                        "data.download: true to fetch them")
+    if spec.dataset == "cifar10":
+        return classes, Split(*cifar.load_split(root, "train")), Split(*cifar.load_split(root, "test"))
+    return classes, Split(*idx.load_split(root, "train", spec.dataset)), \
+        Split(*idx.load_split(root, "test", spec.dataset))
+
+
+def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
+                 normalization: tuple[list[float], list[float]] | None = None,
+                 progress: download.Progress | None = None) -> Dataset:
+    """Load the dataset, split off validation data (deterministic from rng) and fix the normalisation.
+
+    `normalization` (mean, std), when given (from a checkpoint), overrides what the spec would compute.
+    """
+    classes, full, test, given_val = _load_raw(spec, input_shape, rng, progress)
+    if tuple(full.x.shape[1:]) != tuple(input_shape):
+        raise DataError(f"dataset '{spec.dataset}' has images of shape {tuple(full.x.shape[1:])} but "
+                        f"model.input_shape is {list(input_shape)}",
+                        f"set model.input_shape: {list(full.x.shape[1:])}")
+    order = rng.permutation(len(full))
+    if spec.stratify:  # val_split of each class: the same shuffled order, taken class by class
+        val_idx = np.concatenate([members[: int(round(len(members) * spec.val_split))]
+                                  for members in (order[full.y[order] == c] for c in np.unique(full.y))])
+        val_idx = np.sort(val_idx)
+        train_idx = np.setdiff1d(np.arange(len(full)), val_idx)
+    else:
+        n_val = int(round(len(full) * spec.val_split))
+        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    train, val = Split(full.x[train_idx], full.y[train_idx]), Split(full.x[val_idx], full.y[val_idx])
+    if given_val is not None:  # the data names its validation images (a CSV's split column): val_split is not used
+        train, val = full, given_val
+    if len(train) == 0:
+        raise DataError(f"dataset '{spec.dataset}': no training images left after val_split={spec.val_split}")
+    channels = full.x.shape[1]
+    scale = 255.0 if full.x.dtype == np.uint8 else 1.0
+    if normalization is not None:
+        mean, std = normalization
+    elif spec.normalize == "none":
+        mean, std = [0.0] * channels, [1.0] * channels
+    elif spec.normalize == "auto":
+        mean, std = channel_statistics(train.x)
+        mean, std = (mean / scale).tolist(), np.maximum(std / scale, 1e-3).tolist()
+    else:
+        mean, std = spec.normalize["mean"], spec.normalize["std"]
+        if len(mean) != channels or len(std) != channels:
+            raise DataError(f"data.normalize: give {channels} mean and std values (one per channel), got "
+                            f"{len(mean)} and {len(std)}")
+    return Dataset(spec.dataset, classes, train, val, test, np.asarray(mean, np.float32),
+                   np.asarray(std, np.float32))
+
+
+def channel_statistics(x: np.ndarray, chunk_values: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation (float64, two passes) of an (N, C, H, W) array, a channel at a
+    time over groups of images of about `chunk_values` values: the float64 copies never hold more than one
+    group, whatever the size of the data."""
+    n, c, h, w = x.shape
+    step = max(1, chunk_values // max(1, h * w))
+    groups = [(ch, slice(i, i + step)) for ch in range(c) for i in range(0, n, step)]
+    mean = np.zeros(c)
+    for ch, part in groups:
+        mean[ch] += x[part, ch].sum(dtype=np.float64)
+    mean /= n * h * w
+    var = np.zeros(c)
+    for ch, part in groups:
+        var[ch] += np.square(x[part, ch] - mean[ch]).sum()
+    return mean, np.sqrt(var / (n * h * w))
+
+
+def class_counts(ds: Dataset) -> dict:
+    """Images per class in each split, and the totals (what `cnnctl data` reports)."""
+    k = len(ds.classes)
+    return {name: {"total": len(split), "per_class": np.bincount(split.y, minlength=k)[:k].tolist()}
+            for name, split in (("train", ds.train), ("val", ds.val), ("test", ds.test))}
+
+
+def samples(ds: Dataset, split: Split, count: int, rng: np.random.Generator, augment_spec=None) -> tuple:
+    """`count` images of a split drawn without replacement (in the stored pixel scale, augmented as in training
+    when augment_spec is given) and their labels, in the order drawn."""
+    idx = np.sort(rng.choice(len(split), size=min(count, len(split)), replace=False))
+    x = split.x[idx]
+    if augment_spec is not None:
+        x = augment.apply(x, augment_spec, rng)
+    return x, split.y[idx]
+
+
+def epoch_order(split: Split, sampler: str, rng: np.random.Generator) -> np.ndarray:
+    """The training images of one epoch, in order: a permutation (shuffle), or as many draws with
+    replacement with every class equally likely (balanced: each image's chance 1 / (classes * its count))."""
+    n = len(split)
+    if sampler == "balanced":
+        counts = np.bincount(split.y)
+        p = 1.0 / (np.count_nonzero(counts) * counts[split.y])
+        return rng.choice(n, size=n, replace=True, p=p / p.sum())
+    return rng.permutation(n)
+
+
+def batches(ds: Dataset, split: Split, batch_size: int, order: np.ndarray | None = None, start: int = 0,
+            augment_spec=None, rng: np.random.Generator | None = None,
+            flips: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Float32, normalised batches of split in the given order (default: as stored), from batch `start` on;
+    augmented with augment_spec and rng when given (training batches only); `flips` (per image of the split)
+    says which are mirrored under alternating flip."""
+    n = len(split)
+    order = np.arange(n) if order is None else order
+    per_channel = (1, -1) + (1,) * (split.x.ndim - 2)  # images (N, C, H, W), or features (N, C)
+    scale = (1.0 / (ds.pixel_scale * ds.std)).astype(np.float32).reshape(per_channel)
+    shift = (ds.mean / ds.std).astype(np.float32).reshape(per_channel)
+    for b in range(start, -(-n // batch_size)):
+        idx_ = order[b * batch_size : (b + 1) * batch_size]
+        x = split.x[idx_]
+        if augment_spec is not None:
+            x = augment.apply(x, augment_spec, rng, None if flips is None else flips[idx_])
+        x = x.astype(np.float32)
+        x *= scale
+        x -= shift
+        yield x, split.y[idx_]

@@ -1,0 +1,128 @@
+"""A training run's start: the checks that need the data's kind, the dataset, model.init_from, patch whitening,
+the loss, optimizer, weight average and schedule, and the runner with the run's convolution algorithms, built in
+the order their checks need (`start`, the trainer's one entry into the spec)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnctl import data
+from cnnctl.config.build import (
+    LayerRow,
+    build_loss,
+    build_model,
+    check_evaluation_memory,
+    check_loss_fits,
+    check_outputs,
+    check_training_memory,
+    describe,
+    parameter_groups,
+)
+from cnnctl.config.spec import Spec
+from cnnctl.core.nn import Loss, Model
+from cnnctl.core.plan import Runner
+from cnnctl.errors import DataError
+
+from . import distributed
+
+
+def check_known_data(spec: Spec, rows: list[LayerRow]) -> None:
+    """What can be checked without reading the data: the loss against the model's outputs, and the dataset's
+    class count and image shape."""
+    check_loss_fits(spec)
+    parameter_groups(spec, rows)  # every group takes some parameter
+    classes, image_shape = data.dataset_info(spec.data)
+    if classes is not None:
+        check_outputs(spec, rows, len(classes))
+    if image_shape is not None and tuple(image_shape) != tuple(spec.model.input_shape):
+        raise DataError(f"dataset '{spec.data.dataset}' has images of shape {tuple(image_shape)} but "
+                        f"model.input_shape is {list(spec.model.input_shape)}",
+                        f"set model.input_shape: {list(image_shape)}")
+
+
+def checked_model(spec: Spec, rng: np.random.Generator) -> tuple[Model, list[LayerRow]]:
+    """The model a training run of spec starts with and its layer rows: its training memory checked before any
+    weight is drawn, and its outputs and loss checked against the data's kind before any data is read."""
+    check_training_memory(spec.name, describe(spec.model), spec.data.batch_size,
+                          averaged=spec.train.ema_decay is not None)
+    model, rows = build_model(spec.model, rng)
+    check_known_data(spec, rows)
+    return model, rows
+
+
+@dataclass
+class TrainingParts:
+    """What trains a model on a dataset: the loss, the optimizer, the weight average (train.ema_decay) and the
+    learning-rate schedule, with the number of steps in an epoch."""
+
+    loss_fn: Loss
+    optimizer: object
+    average: object | None
+    schedule: object
+    steps_per_epoch: int
+
+
+def training_parts(spec: Spec, model: Model, rows: list[LayerRow], ds) -> TrainingParts:
+    """The loss (class weights from ds's training labels), optimizer, average and schedule a spec asks for, once
+    the evaluation batch is known to fit."""
+    from cnnctl.core.averaging import WeightAverage
+
+    check_evaluation_memory(spec.name, rows, min(spec.data.evaluation_batch, max(len(ds.val), len(ds.test), 1)))
+    loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
+    optimizer = spec.optimizer.build(model, rows)
+    decay = spec.train.ema_decay
+    steps = -(-len(ds.train) // spec.data.batch_size)
+    return TrainingParts(loss_fn, optimizer, WeightAverage(model, decay) if decay else None,
+                         spec.schedule.build(optimizer.lr, steps, spec.train.epochs), steps)
+
+
+def dataset(spec: Spec, rows: list[LayerRow], rng: np.random.Generator, normalization: dict | None = None,
+            progress=None) -> data.Dataset:
+    """The dataset with the run's own validation split (the data stream depends on its generator alone); the
+    model (its layer rows) must end in one output per class."""
+    norm = (normalization["mean"], normalization["std"]) if normalization else None
+    ds = data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress)
+    check_outputs(spec, rows, len(ds.classes))
+    return ds
+
+
+@dataclass
+class Start:
+    """Everything a training run of a spec starts from, built in the order its checks need."""
+
+    model: Model
+    rows: list[LayerRow]
+    init_report: dict | None  # what model.init_from copied (None without one, or when resuming)
+    ds: data.Dataset
+    whitening: dict | None  # the patch-whitening record of a new run's first convolution
+    parts: TrainingParts
+    runner: Runner  # runs the model through its plan, told the share of the batch (MPI)
+    algorithms: dict[str, str] | None  # a new run's convolution algorithms (a resumed run takes its checkpoint's)
+
+
+def start(spec: Spec, init_rng: np.random.Generator, data_rng: np.random.Generator,
+          normalization: dict | None = None, resuming: bool = False, progress=None,
+          world: distributed.World | None = None) -> Start:
+    """The model (every check that needs no data first), model.init_from's weights for a new run, the data, a new
+    run's patch whitening, then the loss, optimizer, average and schedule, and the runner with a new run's
+    convolution algorithms: what the trainer is built from, the spec going down through this one function."""
+    from . import whitening
+    from .weights import init_from
+
+    model, rows = checked_model(spec, init_rng)
+    init = spec.model.init_from
+    # a new run starts from init_from's weights; a resumed one from its own checkpoint (the trainer's restore)
+    report = None if init is None or resuming else init_from(model, init.checkpoint, init.strict, init.rename)
+    ds = dataset(spec, rows, data_rng, normalization, progress)
+    # a new run's first convolution from the patch covariance (a resumed run has it, init_from brings its own)
+    white = None if resuming or init is not None else whitening.apply(model, ds)
+    parts = training_parts(spec, model, rows, ds)
+    world = world or distributed.World()
+    if world.size > 1:  # several MPI ranks: each trains on its share of every batch
+        distributed.check_batches(spec.data.batch_size, len(ds.train), world.size)
+    runner = Runner(model, context=distributed.context_of(world, spec.train.sync_batchnorm))
+    algorithms = None if resuming else runner.fix_algorithms(
+        spec.model.input_shape, spec.data.batch_size // world.size, spec.train.autotune)
+    return Start(model, rows, report, ds, white, parts, runner, algorithms)

@@ -1,0 +1,103 @@
+"""The learning-rate range test (Smith 2015; fastai's lr_find): train from the config's initial weights while
+the rate grows exponentially from min_lr to max_lr, one batch per rate, and watch the loss.
+
+The suggested rate is where the smoothed loss falls fastest (its steepest descent against log lr, before its
+minimum): large enough to learn quickly, well below where training diverges. Nothing is written: the
+weights are thrown away.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cnnctl.config.spec import Spec
+from cnnctl.errors import CnnctlError
+from cnnctl.run.engine import Seeds, Trainer
+from cnnctl.run.step import TrainingStep
+
+SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected (as fastai)
+DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
+
+
+def lr_find(spec: Spec, min_lr: float = 1e-7, max_lr: float = 1.0, steps: int = 100) -> dict:
+    """{"suggested_lr", "lrs", "losses" (smoothed), "stopped_early"} of the range test on spec's training data."""
+    if not 0 < min_lr < max_lr or not math.isfinite(max_lr):
+        raise CnnctlError(f"--min-lr {min_lr:g} and --max-lr {max_lr:g}: need 0 < min-lr < max-lr",
+                          "e.g. --min-lr 1e-7 --max-lr 1")
+    if steps < 5:
+        raise CnnctlError(f"--steps {steps}: the test needs at least 5 steps", "e.g. --steps 100")
+    trainer = Trainer(spec)  # the model, data, loss and optimizer a run would start with; nothing is written
+    step = TrainingStep(trainer.runner, trainer.loss_fn, trainer.optimizer, grad_clip_norm=spec.train.grad_clip_norm)
+    lrs, losses, avg, best = [], [], 0.0, math.inf
+    batches = _endless(trainer.ds, spec, trainer.seeds)
+    for i in range(steps):
+        lr = min_lr * (max_lr / min_lr) ** (i / (steps - 1))
+        x, y = next(batches)
+        trainer.optimizer.lr = lr
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss, _ = step(x, y)
+        if not math.isfinite(loss):
+            break
+        avg = SMOOTHING * avg + (1 - SMOOTHING) * loss
+        smoothed = avg / (1 - SMOOTHING ** (i + 1))
+        lrs.append(lr)
+        losses.append(smoothed)
+        best = min(best, smoothed)
+        if smoothed > DIVERGED * best and i > 0:
+            break
+    k = len(trainer.ds.classes)
+    chance = math.log(k) if spec.loss.type in ("cross_entropy", "nll") and k > 1 else None
+    return {"suggested_lr": suggest(lrs, losses), "lrs": lrs, "losses": losses,
+            "stopped_early": len(lrs) < steps, "classes": k, "chance_loss": chance}
+
+
+def verdict(res: dict, max_lr: float) -> list[str]:
+    """What the test showed, in words that hold for this curve: whether the loss ever fell below a uniform
+    guess's (ln K for K classes: below it, the network has learned something), and whether it was still falling,
+    rising or diverging at the end of the range."""
+    losses, lrs = res["losses"], res["lrs"]
+    if not losses:
+        return ["the loss was not finite from the first step: lower --min-lr"]
+    low = min(losses)
+    at = lrs[losses.index(low)]
+    notes = []
+    chance = res.get("chance_loss")
+    if chance is not None and low > chance:
+        notes.append(f"the smoothed loss went from {losses[0]:.3g} down to {low:.3g} but stayed above {chance:.3g} "
+                     f"(ln {res['classes']}: a uniform guess over {res['classes']} classes): the test ended before "
+                     f"the network learned anything, so the suggestion is a rough guess; try more --steps (e.g. "
+                     f"{2 * len(lrs)}) or --max-lr {10 * max_lr:g}")
+    if res["stopped_early"]:
+        notes.append(f"stopped at {lrs[-1]:.2g}: the loss diverged (past {DIVERGED:g}x its minimum, reached at "
+                     f"{at:.2g})")
+    elif losses[-1] <= 1.1 * low:
+        notes.append(f"the loss was still at its lowest at {lrs[-1]:.2g}, the end of the range: higher rates may "
+                     f"help too (try --max-lr {10 * max_lr:g})")
+    else:
+        notes.append(f"the loss rose from its minimum {low:.3g} at {at:.2g} to {losses[-1]:.3g} at {lrs[-1]:.2g} "
+                     f"without diverging: rates past about {at:.2g} do not help")
+    return notes
+
+
+def suggest(lrs: list[float], losses: list[float]) -> float | None:
+    """The rate of steepest descent of the loss against log(lr), between the first tenth of the steps (where
+    the average still settles) and the loss's minimum; None when the loss never falls there."""
+    start = max(3, len(losses) // 10)
+    end = int(np.argmin(losses)) + 1 if losses else 0
+    if end - start < 3:
+        return None
+    slope = np.gradient(np.asarray(losses[start:end]), np.log(np.asarray(lrs[start:end])))
+    i = int(np.argmin(slope))
+    return float(lrs[start + i]) if slope[i] < 0 else None
+
+
+def _endless(ds, spec: Spec, seeds: Seeds):
+    """Shuffled, augmented training batches, epoch after epoch, as training draws them."""
+    from cnnctl import data
+
+    aug = spec.data.augment if spec.data.augment.active else None
+    while True:
+        order = data.epoch_order(ds.train, spec.data.sampler, seeds.shuffle)
+        yield from data.batches(ds, ds.train, spec.data.batch_size, order, 0, aug, seeds.augment)

@@ -1,0 +1,340 @@
+"""`cnnctl report`: one self-contained HTML page about a run (or a sweep). Everything is inline: styles in a
+<style> element, pictures as PNG data URIs from plots.py, no script, no font, no link outside the file, so the page
+opens from a disk, an archive or a mail. The data comes from the library (runs, engine, explain); this module
+only lays it out.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cnnctl.errors import CnnctlError
+from cnnctl.run import runs
+from cnnctl.version import __version__
+
+from . import plots
+
+GALLERY = 8  # the most confidently wrong test images shown
+VIEWS = "; each image once, without the config's test-time views, which the test accuracy above averages"
+
+# the page needs no script, no font and nothing from elsewhere: a browser is told to run and fetch none (its own
+# style element and data: pictures only), so a string that escaped the escaping could still do nothing
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;
+color:#1a1a1a;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #bbb;padding-bottom:.15em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .55em;
+text-align:right}th{background:#f1f1f1}td.l,th.l{text-align:left}caption{text-align:left;font-weight:600;
+padding:.3em 0}dl{display:grid;grid-template-columns:max-content auto;gap:.15em 1em}dt{font-weight:600}dd{margin:0}
+img{max-width:100%;height:auto}figure{margin:.6em 0}figcaption{font-size:.85em;color:#444}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:1em}
+.card{border:1px solid #ccc;padding:.5em}pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:.8em}
+.note{color:#555;font-style:italic}.status{font-weight:700}
+"""
+
+
+def _e(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="{_e(alt)}">'
+
+
+def _figure(png: bytes | None, alt: str, caption: str) -> str:
+    if png is None:
+        return ""
+    return f"<figure>{_img(png, alt)}<figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def _table(caption: str, header: list[str], rows: list[list], left: int = 1) -> str:
+    """A table; the first `left` columns are text (left-aligned), the rest numbers."""
+    head = "".join(f'<th scope="col" class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{_e(c)}</td>' for i, c in enumerate(r))
+                   + "</tr>" for r in rows)
+    return f"<table><caption>{_e(caption)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _pct(v) -> str:
+    return _num(v, 2, 100, "%")
+
+
+def _num(v, digits=4, scale=1, unit="") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "n/a"  # a damaged value in a run file
+    return f"{scale * v:.{digits}f}{unit}"
+
+
+def _number(v) -> str:
+    """A value from a run file as a number, or n/a when it is none (missing, null, a string, not finite)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "n/a"
+    return f"{v:.4g}"
+
+
+def _metric(name, v) -> str:
+    return _pct(v) if "acc" in str(name) else _num(v)
+
+
+def _page(title: str, sections: list[str]) -> str:
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy" '
+            f'content="{CSP}"><meta name="viewport" '
+            f'content="width=device-width, initial-scale=1"><title>{_e(title)}</title><style>{STYLE}</style></head>'
+            f'<body>{"".join(sections)}<p class="note">Written by cnnctl {_e(__version__)} on '
+            f'{_e(time.strftime("%Y-%m-%d %H:%M"))}. A self-contained page: no script, no link outside it.</p>'
+            "</body></html>")
+
+
+# ---------------------------------------------------------------- a run
+
+
+def _header(run_dir: Path, summary: dict, info: dict) -> str:
+    env = summary.get("environment") if isinstance(summary.get("environment"), dict) else {}
+    best, monitor = summary.get("best") if isinstance(summary.get("best"), dict) else {}, summary.get("monitor")
+    test = summary.get("test") if isinstance(summary.get("test"), dict) else {}
+    blas = env.get("blas") if isinstance(env.get("blas"), dict) else {}
+    items = [
+        ("status", info.get("status")), ("started", summary.get("started")),
+        ("last recorded", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime((run_dir / "summary.json").stat().st_mtime))
+         if (run_dir / "summary.json").is_file() else "-"),
+        ("epochs", f"{info.get('epochs_done') or 0} of {info.get('epochs') or '?'}"),
+        ("wall time", f"{summary['wall_seconds']:.1f} s" if isinstance(summary.get("wall_seconds"), (int, float))
+         else "-"),
+        ("training compute", f"{summary['training_pflops']:.4g} PFLOPs"
+         if isinstance(summary.get("training_pflops"), (int, float)) else "-"),
+        ("best epoch", f"{best.get('epoch')} ({monitor} {_metric(monitor, best.get(monitor))})" if best else "-"),
+        ("test accuracy", f"{_pct(test.get('accuracy'))} on {test.get('n', 0):,} images" if test else "-"),
+        ("machine", f"{env.get('cpu') or env.get('platform') or '-'}; BLAS {blas.get('library', '-')} "
+         f"{blas.get('kernel', '')}".strip()),
+        ("threads", summary.get("threads", "-")), ("cnnctl", env.get("cnnctl", __version__)),
+        ("parameters", f"{summary['params']:,}" if isinstance(summary.get("params"), int) else "-"),
+    ]
+    if summary.get("error"):
+        items.insert(1, ("error", summary["error"]))
+    dl = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items)
+    return (f"<header><h1>Run {_e(run_dir.name)}</h1><p class=\"status\">Status: {_e(info.get('status'))}</p>"
+            f"<dl>{dl}</dl></header>")
+
+
+def _curves(history: list[dict]) -> str:
+    if not history:
+        return "<section><h2>Learning curves</h2><p class=\"note\">No epoch has finished yet.</p></section>"
+    png = plots.plot_curves(history, None, "")
+    rows = [[r.get("epoch"), _num(r.get("train_loss")), _pct(r.get("train_acc")), _num(r.get("val_loss")),
+             _pct(r.get("val_acc")), _number(r.get("lr"))] for r in history]
+    return ("<section><h2>Learning curves</h2>" + _figure(png, "Loss, accuracy and learning rate per epoch, "
+            "training and validation", "Loss and accuracy (training: circles, validation: squares) and the "
+            "learning rate per epoch.") + "<details><summary>The numbers</summary>" +
+            _table("Every epoch", ["epoch", "train loss", "train acc", "val loss", "val acc", "lr"], rows, left=0)
+            + "</details></section>")
+
+
+def _model_table(spec) -> str:
+    from cnnctl.config.build import describe, inspect_report, receptive_field_text, shape_text, walk
+
+    rows = describe(spec.model)
+    report = inspect_report(spec, rows)
+    body = [["\u00a0\u00a0" * r.depth + r.path.split(".", 1)[1], r.type + (f" {r.name!r}" if r.named else ""),
+             shape_text(r.output_shape), f"{r.params:,}", f"{r.macs:,}", receptive_field_text(r.receptive_field)]
+            for r in walk(rows)]
+    return ("<section><h2>Model</h2>" + _table(
+        f"{spec.name}: input {tuple(spec.model.input_shape)}; {report['total_params']:,} parameters, "
+        f"{report['total_macs']:,} multiply-adds per image", ["#", "type", "output shape", "params", "MACs",
+                                                              "receptive field"], body, left=3) + "</section>")
+
+
+def _evaluation(ckpt_path: Path) -> str:
+    """Confusion matrix, per-class metrics, confused pairs, calibration, the most confidently wrong images with
+    their saliency and Grad-CAM, the first layer's filters: one pass over the test split (else validation)."""
+    from cnnctl import data as data_lib
+    from cnnctl.config.build import build_loss
+    from cnnctl.core.functional import normalize
+    from cnnctl.core.nn import LOSSES, Conv2D
+    from cnnctl.core.plan import Runner
+    from cnnctl.run import checkpoint, loading
+    from cnnctl.run.engine import Seeds, infer, load_data, per_class
+
+    from . import explain
+
+    ckpt = checkpoint.load(ckpt_path)
+    spec, model, rows = loading.load_model(ckpt, ckpt_path)
+    try:
+        ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)
+    except CnnctlError as e:
+        return f"<section><h2>Evaluation</h2><p class=\"note\">The data is not at hand: {_e(e.message)}</p></section>"
+    name = "test" if len(ds.test) else "val"
+    split = ds.split(name)
+    if not len(split):
+        return "<section><h2>Evaluation</h2><p class=\"note\">No test or validation images.</p></section>"
+    takes = LOSSES[spec.loss.type].takes
+    loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
+    logits, total, run = [], 0.0, Runner(model)
+    for x, y in data_lib.batches(ds, split, spec.data.evaluation_batch):
+        out = np.array(infer(run, x), copy=True)  # one view per image: the page stays quick to write
+        total += loss_fn.forward(out, y) * len(y)
+        logits.append(out)
+    logits = np.concatenate(logits)
+    from cnnctl.core.functional import probabilities
+
+    probs = probabilities(logits, takes)
+    pred, y = probs.argmax(axis=1), split.y
+    k, classes = len(ds.classes), ds.classes
+    cm = np.zeros((k, k), np.int64)
+    np.add.at(cm, (y, pred), 1)
+    pc = per_class(cm)
+    p, r = pc["precision"], pc["recall"]
+    f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
+    acc = float(np.trace(cm) / len(y))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    parts = [f"<section><h2>Evaluation on the {name} split</h2><p>{len(y):,} images: accuracy {_pct(acc)}, loss "
+             f"{_num(total / len(y))} (checkpoint {_e(ckpt_path.name)}, epoch {ckpt.epoch}"
+             f"{VIEWS if spec.data.test_time_augment.views > 1 else ''}).</p>"]
+    parts.append(_figure(plots.plot_confusion(cm, classes, None, f"{name} split: counts"),
+                         "Confusion matrix of counts, true class in rows", "Confusion matrix (rows: true class, "
+                         "columns: predicted); the tables below give the same numbers."))
+    parts.append(_table("Confusion matrix, counts (rows: true class, columns: predicted)", ["true \\ predicted",
+                        *classes], [[c, *map(str, cm[i])] for i, c in enumerate(classes)]))
+    parts.append(_table("Confusion matrix, each row as a share of its true class", ["true \\ predicted", *classes],
+                        [[c, *(f"{100 * v:.1f}%" for v in norm[i])] for i, c in enumerate(classes)]))
+    parts.append(_table("Per class", ["class", "precision", "recall", "F1", "support"],
+                        [[c, _pct(p[i]), _pct(r[i]), _pct(f1[i]), f"{int(pc['support'][i]):,}"]
+                         for i, c in enumerate(classes)]))
+    off = [(cm[i, j], i, j) for i in range(k) for j in range(k) if i != j and cm[i, j]]
+    off.sort(reverse=True)
+    parts.append(_table("The most confused pairs", ["true class", "predicted as", "images", "share of the class"],
+                        [[classes[i], classes[j], f"{n:,}", f"{100 * n / max(cm[i].sum(), 1):.1f}%"]
+                         for n, i, j in off[:8]], left=2) if off else "<p>No image was misclassified.</p>")
+    conf, correct = probs.max(axis=1), (pred == y).astype(np.float64)
+    edges = np.linspace(0, 1, 11)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, 9)
+    ece = sum(abs(correct[which == b].mean() - conf[which == b].mean()) * (which == b).mean()
+              for b in range(10) if (which == b).any())
+    parts.append("<h3>Calibration</h3>" + _figure(plots.plot_reliability(conf, correct, None, f"{name} split"),
+                 "Reliability diagram: accuracy per confidence bin against the diagonal",
+                 "Accuracy in each bin of confidence (the largest probability), with the number of images; the "
+                 "dashed diagonal is perfect calibration.") +
+                 f"<p>Expected calibration error (10 bins): {100 * ece:.2f}% (the mean gap between confidence and "
+                 "accuracy, weighted by the images in each bin).</p>")
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:GALLERY]
+    if len(wrong):
+        x01 = split.x[wrong].astype(np.float32) / (255.0 if split.x.dtype == np.uint8 else 1.0)
+        xn = normalize(x01, ckpt.normalization)
+        sal, _ = explain.saliency(model, xn, pred[wrong])
+        try:
+            cam, _, layer = explain.gradcam(model, xn, None, pred[wrong])
+        except CnnctlError:
+            cam, layer = None, None
+        cards = []
+        for j, idx in enumerate(wrong):
+            top = np.argsort(-probs[idx])[:3]
+            label = f"true {classes[y[idx]]}, predicted {classes[pred[idx]]}"
+            pics = _img(plots.plot_explanation(x01[j], sal[j], None, f"saliency for {classes[pred[idx]]}"),
+                        f"{label}: the image and its saliency map")
+            if cam is not None:
+                pics += _img(plots.plot_explanation(x01[j], cam[j], None, f"Grad-CAM ({layer}) for "
+                                                    f"{classes[pred[idx]]}"), f"{label}: Grad-CAM map")
+            tops = ", ".join(f"{classes[t]} {100 * probs[idx, t]:.1f}%" for t in top)
+            cards.append(f'<div class="card"><p><strong>{_e(name)} image {idx}</strong>: {_e(label)}.<br>Top 3: '
+                         f"{_e(tops)}</p>{pics}</div>")
+        parts.append(f"<h3>The {len(wrong)} most confidently wrong images</h3><p>Each with its saliency (max over "
+                     "channels of |d logit / d input|) and Grad-CAM map for the predicted class (cnnctl explain)."
+                     f'</p><div class="gallery">{"".join(cards)}</div>')
+    first = next((layer for _, layer in model.named_layers() if isinstance(layer, Conv2D)), None)
+    if first is not None:
+        parts.append("<h3>The first layer's filters</h3>" + _figure(
+            plots.plot_filters(first.params["weight"], None, "first convolution"), "The first convolution's "
+            "filters as a grid of small images", "Each filter of the first convolution (RGB for colour inputs)."))
+    return "".join(parts) + "</section>"
+
+
+def _plan(summary: dict) -> str:
+    plan = summary.get("plan")
+    if not isinstance(plan, dict) or not plan:
+        return ""
+    counts: dict[str, int] = {}
+    for v in plan.values():
+        counts[str(v)] = counts.get(str(v), 0) + 1
+    return ("<section><h2>Execution plan</h2><p>Convolution algorithms: " + _e(", ".join(
+        f"{n} by {a}" for a, n in sorted(counts.items()))) + "</p><details><summary>Per layer</summary>" +
+        _table("Convolution algorithm per layer", ["layer", "algorithm"], [[k, v] for k, v in plan.items()], left=2)
+        + "</details></section>")
+
+
+def run_page(run_dir: Path) -> str:
+    """The page of a run directory, whatever its status (running, failed and interrupted runs show what they
+    have)."""
+    from cnnctl.config.spec import validate
+    from cnnctl.run.weights import checkpoint_file
+
+    run_dir = Path(run_dir)
+    info = runs.run_info(run_dir)
+    if info is None:
+        raise CnnctlError(f"{run_dir} is not a run directory (no config.yaml)",
+                          "pass a directory that cnnctl train or cnnctl sweep wrote")
+    summary = runs.read_json(run_dir / "summary.json") or {}
+    config = runs.config_of(run_dir)
+    spec = validate(config, str(run_dir / "config.yaml"))
+    sections = [_header(run_dir, summary, info)]
+    sections.append("<section><h2>Config</h2><details><summary>The resolved config (every key, defaults filled "
+                    f"in)</summary><pre>{_e(json.dumps(config, indent=1))}</pre></details></section>")
+    sections.append(_model_table(spec))
+    sections.append(_curves(runs.read_history(run_dir)))
+    try:
+        ckpt_path, _ = checkpoint_file(run_dir)
+    except CnnctlError:
+        ckpt_path = None
+    if ckpt_path is None:
+        sections.append("<section><h2>Evaluation</h2><p class=\"note\">No checkpoint yet: the run has not finished "
+                        "an epoch.</p></section>")
+    else:
+        sections.append(_evaluation(ckpt_path))
+    sections.append(_plan(summary))
+    return _page(f"cnnctl run {run_dir.name}", sections)
+
+
+# ---------------------------------------------------------------- a sweep
+
+
+def sweep_page(sweep_dir: Path) -> str:
+    from . import sweep as sweep_lib
+
+    sweep_dir = Path(sweep_dir)
+    metric, mode, rows = sweep_lib.read_report(sweep_dir)
+    ranked, others = sweep_lib.ranked(rows, mode)
+    shown = (lambda v: _pct(v)) if metric.endswith("_acc") else (lambda v: _num(v))
+    table = _table(f"Trials ranked by {metric} ({mode})", ["rank", "trial", "values", metric, "epochs", "status"],
+                   [[str(i) if i <= len(ranked) else "-", r["trial"], r["drawn"], shown(r["best"]),
+                     r["epochs"] or "-", r["status"] + (f": {r['error']}" if r["error"] else "")]
+                    for i, r in enumerate(ranked + others, start=1)], left=3)
+    try:
+        png = plots.plot_sweep(rows, metric, None, f"{sweep_dir.name}: {metric} against each searched key")
+    except CnnctlError:
+        png = None
+    sections = [f"<header><h1>Sweep {_e(sweep_dir.name)}</h1><p>{len(rows)} trials, {len(ranked)} with a "
+                f"result; metric {_e(metric)} ({_e(mode)}).</p></header>",
+                f"<section><h2>Trials</h2>{table}</section>",
+                "<section><h2>The metric against each searched key</h2>" +
+                (_figure(png, f"{metric} of each trial against the value of each searched key",
+                         "Each point is a trial.") if png else '<p class="note">No trial has a result yet.</p>') +
+                "</section>"]
+    return _page(f"cnnctl sweep {sweep_dir.name}", sections)
+
+
+def page(target: Path) -> str:
+    """The page of a run directory or of a sweep directory."""
+    target = Path(target)
+    if (target / "sweep.yaml").is_file():
+        return sweep_page(target)
+    return run_page(target)

@@ -1,0 +1,330 @@
+"""One converter per ONNX operator: `@converts("Op")` registers a function (importer, node, attributes, layers)
+that appends the node's cnnctl layer (or folds it into the previous layer's `activation:`), checking its
+weights and attributes through the importer (param, scalar, ints name the node in every message). The operators
+taken are exactly CONVERTERS' keys and JOINS (Add, Concat and Mul join branches: the walk's containers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .graph import BATCH, pair
+
+CONVERTERS: dict[str, Callable] = {}
+JOINS = {"Add", "Concat", "Mul", "Sum"}  # nodes that may join branches (walk.py); a constant operand is a converter's
+# what a user meets most often among the rest, and what it would take
+LATER = {"Erf": "outside GELU's x * (1 + erf(x / sqrt 2)) / 2", "Softplus": "outside Mish's x * tanh(softplus(x))"}
+# operators that are one cnnctl activation, whatever their attributes
+PLAIN_ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "HardSwish": "hardswish", "Mish": "mish"}
+
+
+def converts(*ops: str):
+    """Register a converter for the ONNX operators `ops` (its meaning at every opset this importer reads)."""
+    def register(fn: Callable) -> Callable:
+        for op in ops:
+            if op in CONVERTERS:
+                raise ValueError(f"ONNX operator {op} has two converters")
+            CONVERTERS[op] = fn
+        return fn
+    return register
+
+
+@converts("Sub", "Div")
+def normalization(imp, node, a, layers) -> None:
+    """Sub of a mean, then Div by a std, first of all (as cnnctl export writes them): the data's normalisation."""
+    _normalization(imp, node, layers)
+
+
+@converts("Softmax", "LogSoftmax")
+def final_softmax(imp, node, a, layers) -> None:
+    """A final Softmax is left to the loss (cross_entropy); a final LogSoftmax stays, for nll."""
+    if not imp.last(node) or int(a.get("axis", -1)) not in (1, -1):
+        imp.fail(f"{node.op_type} {node.name!r} inside the network: only a final one is imported")
+    imp.final = "softmax" if node.op_type == "Softmax" else "log_softmax"
+    if node.op_type == "LogSoftmax":
+        layers.append({"type": "log_softmax"})
+
+
+@converts("Identity", "Dropout")
+def dropout(imp, node, a, layers) -> None:
+    ins = node.input
+    if node.op_type == "Dropout" and not imp.last(node):
+        ratio = a.get("ratio", imp.scalar(ins[1], "ratio") if len(ins) > 1 and ins[1] else 0.5)
+        if not isinstance(ratio, float) or not 0 <= ratio < 1:
+            imp.fail(f"{imp.where()}: ratio {ratio}; a dropout rate is one number in [0, 1)")
+        layers.append({"type": "dropout", "rate": round(float(ratio), 6)})
+
+
+@converts("Conv")
+def conv(imp, node, a, layers) -> None:
+    ins, shape_in = node.input, imp.shape_in(node)
+    w = imp.param(ins[1], ndim=4)
+    if imp.flat:  # a 1x1 convolution on 1x1 maps after a global pooling: a dense layer
+        if w.shape[2:] != (1, 1) or int(a.get("group", 1)) != 1 or any(a.get("pads", [])):
+            imp.fail(f"Conv {node.name!r} after a global pooling: only a 1x1 convolution (a dense layer) is "
+                     "imported there")
+        imp.weighted(layers, {"type": "dense", "units": int(w.shape[0])}, w[:, :, 0, 0], ins)
+        return
+    pads = imp.pending_pads(imp.ints(a, "pads", 4, [0, 0, 0, 0]))
+    kernel = imp.ints(a, "kernel_shape", 2, list(w.shape[2:]))
+    strides, dilations = imp.ints(a, "strides", 2, [1, 1]), imp.ints(a, "dilations", 2, [1, 1])
+    group = a.get("group", 1)
+    if kernel != list(w.shape[2:]):
+        imp.fail(f"{imp.where()}: attribute 'kernel_shape' is {kernel} but the weight's kernel is "
+                 f"{list(w.shape[2:])}", "the file is damaged; export it again")
+    if not isinstance(group, int) or group < 1 or w.shape[0] % group or (
+            shape_in is not None and w.shape[1] * group != shape_in[1]):
+        imp.fail(f"{imp.where()}: attribute 'group' {group} does not fit its weight {list(w.shape)} on "
+                 f"{shape_in[1] if shape_in else '?'} input channels (weight channels x group = input "
+                 "channels, filters divisible by group)", "the file is damaged; export it again")
+    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        imp.fail(f"Conv {node.name!r}: auto_pad {a['auto_pad']!r} is not imported",
+                 "export with explicit pads (torch does)")
+    spec = {"type": "conv2d", "filters": int(w.shape[0]), "kernel_size": pair(w.shape[2:])}
+    for key, v in (("stride", pair(strides)), ("dilation", pair(dilations))):
+        if v != 1:
+            spec[key] = v
+    if pads[0] != pads[2] or pads[1] != pads[3]:  # ONNX: top, left, bottom, right; cnnctl: t, b, l, r
+        spec["padding"] = [pads[0], pads[2], pads[1], pads[3]]
+    elif pads[0] or pads[1]:
+        spec["padding"] = pair(pads[:2])
+    if group != 1:
+        spec["groups"] = group
+    imp.weighted(layers, spec, w, ins)
+
+
+@converts("BatchNormalization")
+def batchnorm(imp, node, a, layers) -> None:
+    """The inference form (opset 7-9's `spatial` and `is_test` are that form too)."""
+    ins, shape_in = node.input, imp.shape_in(node)
+    spec = {"type": "batchnorm"}
+    eps = float(a.get("epsilon", 1e-5))
+    if abs(eps - 1e-5) > 1e-12:
+        spec["eps"] = float(np.float32(eps))
+    momentum = 1.0 - float(a.get("momentum", 0.9))
+    if abs(momentum - 0.1) > 1e-6:
+        spec["momentum"] = round(momentum, 6)
+    c = (int(shape_in[1]),) if shape_in is not None and len(shape_in) > 1 else None
+    c = c or imp.param(ins[1], "scale", ndim=1).shape
+    imp.add_layer(layers, spec, {k: imp.param(ins[i], role, shape=c) for i, k, role in (
+        (1, "weight", "scale"), (2, "bias", "bias"), (3, "running_mean", "mean"), (4, "running_var", "var"))})
+    if (imp.weights[f"{spec['_path']}.running_var"] < 0).any():
+        imp.fail(f"{imp.where()}: its running variance has negative values", "the file is damaged; export it again")
+
+
+@converts("Gelu")
+def gelu(imp, node, a, layers) -> None:
+    if a.get("approximate", b"none") not in (b"none", "none"):
+        imp.fail(f"Gelu {node.name!r}: the tanh approximation is not imported (cnnctl's gelu is exact)")
+    imp.activation(layers, "gelu")
+
+
+@converts(*PLAIN_ACTIVATIONS)
+def plain_activation(imp, node, a, layers) -> None:
+    imp.activation(layers, PLAIN_ACTIVATIONS[node.op_type])
+
+
+@converts("Clip")
+def clip(imp, node, a, layers) -> None:
+    ins = node.input
+    low, high = (a.get(k) for k in ("min", "max"))
+    if low is None and len(ins) > 1 and ins[1]:
+        low = imp.scalar(ins[1], "lower bound")
+    if high is None and len(ins) > 2 and ins[2]:
+        high = imp.scalar(ins[2], "upper bound")
+    if low != 0 or high != 6:
+        imp.fail(f"Clip {node.name!r} to [{low}, {high}]: only Clip to [0, 6] (ReLU6) is imported")
+    imp.activation(layers, "relu6")
+
+
+@converts("HardSigmoid")
+def hardsigmoid(imp, node, a, layers) -> None:
+    if abs(float(a.get("alpha", 0.2)) - 1 / 6) > 1e-6 or abs(float(a.get("beta", 0.5)) - 0.5) > 1e-6:
+        imp.fail(f"HardSigmoid {node.name!r} with alpha {a.get('alpha', 0.2)}, beta {a.get('beta', 0.5)}: "
+                 "only PyTorch's (alpha 1/6, beta 1/2) is imported")
+    imp.activation(layers, "hardsigmoid")
+
+
+@converts("LeakyRelu")
+def leaky_relu(imp, node, a, layers) -> None:
+    layers.append({"type": "leaky_relu", "negative_slope": float(np.float32(a.get("alpha", 0.01)))})
+
+
+@converts("Elu", "Celu")
+def elu(imp, node, a, layers) -> None:
+    layers.append({"type": node.op_type.lower(), "alpha": float(np.float32(a.get("alpha", 1.0)))})
+
+
+@converts("MaxPool", "AveragePool")
+def pool(imp, node, a, layers) -> None:
+    _pool(imp, node, a, layers)
+
+
+@converts("GlobalAveragePool", "ReduceMean")
+def global_pool(imp, node, a, layers) -> None:
+    if node.op_type == "ReduceMean":
+        _reduces_hw(imp, node, a)
+    layers.append({"type": "global_avgpool2d"})
+    imp.flat = True
+
+
+@converts("Flatten")
+def flatten(imp, node, a, layers) -> None:
+    if int(a.get("axis", 1)) != 1:
+        imp.fail(f"Flatten {node.name!r} with axis {a.get('axis')}: only axis 1 is an image classifier's")
+    imp.flat_for_dense(layers)
+
+
+@converts("Unsqueeze")
+def unsqueeze(imp, node, a, layers) -> None:
+    if not (imp.flat and imp.per_channel(node)):
+        imp.fail(f"node {node.name!r}: Unsqueeze of feature maps is not imported by cnnctl yet",
+                 "export the network without it")
+    # (N, C) -> (N, C, 1, 1) before a gate's Mul: cnnctl's gate broadcasts (N, C) itself
+
+
+@converts("Reshape")
+def reshape(imp, node, a, layers) -> None:
+    if imp.flat and imp.per_channel(node):
+        return  # (N, C) -> (N, C, 1, 1) before a gate's Mul: cnnctl's gate broadcasts (N, C) itself
+    target = imp.shapes.get(node.output[0])
+    if target is None or len(target) != 2 or target[0] != BATCH:
+        imp.fail(f"Reshape {node.name!r} to {target}: only a flatten to (N, features) is imported "
+                 "(a reshape that depends on the batch or keeps feature maps cannot be)")
+    imp.flat_for_dense(layers)
+
+
+@converts("Gemm")
+def gemm(imp, node, a, layers) -> None:
+    ins, shape_in = node.input, imp.shape_in(node)
+    if float(a.get("alpha", 1.0)) != 1.0 or float(a.get("beta", 1.0)) != 1.0 or int(a.get("transA", 0)):
+        imp.fail(f"Gemm {node.name!r}: alpha, beta other than 1 or transA are not imported")
+    w = imp.param(ins[1], ndim=2)
+    w = w if int(a.get("transB", 0)) else w.T
+    if shape_in is not None and len(shape_in) == 2 and w.shape[1] != shape_in[1]:
+        imp.fail(f"{imp.where()}: its weight takes {w.shape[1]} features but {shape_in[1]} arrive",
+                 "the file is damaged; export it again")
+    imp.flat_for_dense(layers)
+    imp.weighted(layers, {"type": "dense", "units": int(w.shape[0])}, w, ins)
+
+
+@converts("MatMul")
+def matmul(imp, node, a, layers) -> None:
+    w = imp.param(node.input[1], ndim=2)
+    imp.flat_for_dense(layers)
+    imp.add_layer(layers, {"type": "dense", "units": int(w.shape[1]), "bias": False},
+                  {"weight": np.ascontiguousarray(w.T)})
+
+
+def constant_add(imp, node, a, layers) -> None:
+    """A constant added (one data input: joins of branches are the walk's): the bias of the MatMul before it."""
+    const = [i for i in node.input if i in imp.const]
+    last = layers[-1] if layers else None
+    if last is not None and last["type"] == "dense" and last.get("bias") is False and const:
+        b = imp.param(const[0], "bias").ravel()
+        if b.shape == (last["units"],):
+            del last["bias"]
+            imp.weights[last["_path"] + ".bias"] = b
+            return
+    imp.fail(f"Add {node.name!r}: a constant added anywhere but as a MatMul's bias is not imported")
+
+
+CONVERTERS["Add"] = constant_add  # Add also joins branches: JOINS
+
+
+@converts("Pad")
+def pad(imp, node, a, layers) -> None:
+    _pad(imp, node, a, layers)
+
+
+# ---------------------------------------------------------------- the converters' helpers
+
+
+def _normalization(imp, node, layers) -> None:
+    """Sub(input, mean) then Div(., std), first of all (as cnnctl export writes them): the normalisation."""
+    const = [i for i in node.input if i in imp.const]
+    first = imp.data_inputs(node) == [imp.input] if node.op_type == "Sub" else \
+        imp.normalization is not None and "std" not in imp.normalization and not layers
+    if layers or not const or node.input[0] in imp.const or not first:
+        imp.fail(f"{node.op_type} {node.name!r}: only a normalisation at the input (Sub of a mean, then Div "
+                  "by a std) is imported")
+    value = _per_channel_values(imp, node, np.asarray(imp.const[const[0]], np.float64))
+    imp.used.add(const[0])
+    if node.op_type == "Sub":
+        imp.normalization = {"mean": value}
+    else:
+        imp.normalization["std"] = value
+
+def _per_channel_values(imp, node, value: np.ndarray) -> list[float]:
+    """A normalisation constant as one value per channel (or one for all): a constant broadcast over height
+    and width (a per-channel mean written as an image) is reduced to its channels; one that varies across the
+    pixels is refused (cnnctl normalises per channel), never dropped."""
+    c, h, w = imp.input_chw
+    if value.size == 1:
+        return [float(value.ravel()[0])]
+    while value.ndim > 3 and value.shape[0] == 1:
+        value = value[0]
+    if value.ndim == 1 and value.shape[0] == w and w != c:
+        value = value.reshape(1, 1, w)
+    if value.ndim > 3 or value.ndim == 0:
+        imp.fail(f"{imp.where()}: its constant has shape {list(value.shape)}; a normalisation is one value "
+                  "per channel")
+    value = value.reshape((1,) * (3 - value.ndim) + value.shape)
+    if value.shape[0] not in (1, c) or value.shape[1] not in (1, h) or value.shape[2] not in (1, w):
+        imp.fail(f"{imp.where()}: its constant of shape {list(value.shape)} does not fit the input "
+                  f"{[c, h, w]}")
+    if not np.isfinite(value).all() or (node.op_type == "Div" and (value <= 0).any()):
+        imp.fail(f"{imp.where()}: its constant holds values that are not finite"
+                  + (" or not positive" if node.op_type == "Div" else ""))
+    if (value != value[:, :1, :1]).any():
+        imp.fail(f"{imp.where()}: its constant varies per pixel (shape {list(value.shape)}); cnnctl "
+                  "normalises per channel and cannot take a per-pixel mean or std",
+                  "give the per-channel values with --mean and --std, or export the network without its "
+                  "normalisation")
+    return value[:, 0, 0].tolist()
+
+def _reduces_hw(imp, node, a) -> bool:
+    axes = a.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1] in imp.const:
+        axes = imp.const[node.input[1]].tolist()
+    if sorted(int(x) % 4 for x in (axes or [])) != [2, 3]:
+        imp.fail(f"ReduceMean {node.name!r} over axes {axes}: only the mean over height and width is imported")
+    return True
+
+def _pool(imp, node, a, layers) -> None:
+    shape_in = imp.shape_in(node)
+    k = imp.ints(a, "kernel_shape", 2, None)
+    s = imp.ints(a, "strides", 2, [1, 1])
+    pads = imp.pending_pads(imp.ints(a, "pads", 4, [0, 0, 0, 0]))
+    if pads[0] != pads[2] or pads[1] != pads[3]:
+        imp.fail(f"{node.op_type} {node.name!r}: asymmetric padding {pads}", "cnnctl pads each side alike")
+    if any(d != 1 for d in imp.ints(a, "dilations", 2, [1, 1])):
+        imp.fail(f"{node.op_type} {node.name!r}: dilated pooling is not imported")
+    if any(2 * p > kk for p, kk in zip(pads[:2], k)):
+        imp.fail(f"{node.op_type} {node.name!r}: padding {pads[:2]} is more than half the kernel {k}")
+    spec = {"type": "maxpool2d" if node.op_type == "MaxPool" else "avgpool2d", "kernel_size": pair(k)}
+    if s != k:
+        spec["stride"] = pair(s)
+    if pads[0] or pads[1]:
+        spec["padding"] = pair(pads[:2])
+    if int(a.get("ceil_mode", 0)) and shape_in is not None and any(
+            (size + 2 * p - kk) % ss for size, kk, ss, p in zip(shape_in[2:], k, s, pads[:2])):
+        spec["ceil_mode"] = True  # only where it changes the size: the config stays as plain as it can
+    if node.op_type == "AveragePool" and any(pads[:2]) and not int(a.get("count_include_pad", 0)):
+        spec["count_include_pad"] = False  # ONNX's default, where padding makes it matter
+    layers.append(spec)
+
+def _pad(imp, node, a, layers) -> None:
+    mode = a.get("mode", b"constant")
+    if "pads" not in a and len(node.input) > 1 and node.input[1] in imp.const:
+        a = {**a, "pads": [int(p) for p in np.ravel(imp.const[node.input[1]])]}
+    pads = imp.ints(a, "pads", 8, None)
+    value = imp.scalar(node.input[2], "padding value") if len(node.input) > 2 and node.input[2] else 0.0
+    if mode not in (b"constant", "constant") or value != 0 or any(pads[:2]) or any(pads[4:6]):
+        imp.fail(f"Pad {node.name!r}: only zero padding of height and width is imported")
+    imp.pending = [pads[2], pads[3], pads[6], pads[7]]  # top, left, bottom, right
+    consumers = imp.consumers.get(node.output[0], [])
+    if len(consumers) != 1 or consumers[0].op_type not in ("Conv", "MaxPool", "AveragePool"):
+        imp.fail(f"Pad {node.name!r}: only a Pad before a Conv or pooling is imported (it becomes its padding)")
+

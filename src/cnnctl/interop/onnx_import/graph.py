@@ -1,0 +1,189 @@
+"""The graph as read (read.py checked the file): constants from the initializers and Constant nodes, every
+node whose inputs are all constants folded into one (shape chains, a flatten's target, the model zoo's
+ConstantOfShape weights), and every tensor's shape, the batch being a marker value."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cnnctl.errors import CnnctlError
+
+from .read import ModelError, check_generated, onnx_modules, opset_of
+
+BATCH = 7919  # the batch size the shapes are computed with: a prime no real dimension is likely to equal
+FOLDED_OPS = {"Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast", "Concat", "Reshape", "Identity",
+              "Mul", "Add", "Sub", "Div", "Slice", "ConstantOfShape", "Range", "ReduceProd"}
+
+
+class ImportError_(CnnctlError):
+    """A graph cnnctl cannot take (its message names the operators, a node of each and how many)."""
+
+
+def attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def layer_types(layers: list[dict]) -> list[str]:
+    return [spec["type"] for spec in layers]
+
+
+def pair(v) -> int | list[int]:
+    v = [int(x) for x in v]
+    return v[0] if len(set(v)) == 1 else v
+
+
+class Graph:
+    """The graph as read: its constants (initializers, Constant nodes, and every node that folds into one),
+    every tensor's shape with the batch as BATCH, its input and opset."""
+
+    def __init__(self, model, source: str):
+        self.onnx, self.numpy_helper, self.shape_inference = onnx_modules()
+        self.model, self.source = model, source
+        self.graph = model.graph
+        self.opset = opset_of(model)
+        self.const: dict[str, np.ndarray] = {t.name: self._array(t, f"tensor {t.name!r}")
+                                             for t in self.graph.initializer}
+
+    def _array(self, t, what: str) -> np.ndarray:
+        """A tensor checked by onnx_read (type, dimensions, bytes) as a NumPy array."""
+        try:
+            return self.numpy_helper.to_array(t)
+        except Exception as e:  # what the checks before cannot see
+            raise ModelError(f"{self.source}: {what} cannot be read ({type(e).__name__}: {e})",
+                             "the file is damaged; export it again") from None
+
+    # ---------------------------------------------------------------- checks and shapes
+
+    def fail(self, message: str, hint: str | None = None):
+        raise ImportError_(f"{self.source}: {message}", hint)
+
+    def _input(self):
+        inits = set(self.const)
+        inputs = [v for v in self.graph.input if v.name not in inits]
+        if len(inputs) != 1:
+            self.fail(f"the graph has {len(inputs)} inputs ({', '.join(v.name for v in inputs)}); an image "
+                      "classifier has one", "export the network with one image input")
+        if len(self.graph.output) != 1:
+            names = ", ".join(v.name for v in self.graph.output)
+            self.fail(f"the graph has {len(self.graph.output)} outputs ({names}); an image classifier has one",
+                      "export the network with its class scores as the only output")
+        v = inputs[0]
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) != 4 or any(not d.HasField("dim_value") for d in dims[1:]):
+            shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            self.fail(f"input {v.name!r} has shape {shown}; cnnctl imports N x C x H x W images with C, H and W "
+                      "fixed (dynamic spatial sizes cannot be imported)",
+                      "export with a fixed image size, e.g. torch.onnx.export(model, torch.zeros(1, 3, 224, 224), "
+                      "..., dynamic_axes={'input': {0: 'N'}})")
+        return v.name, tuple(int(d.dim_value) for d in dims[1:])
+
+    def _shapes(self, input_name: str, chw: tuple) -> dict[str, tuple]:
+        """Every tensor's shape, the batch being BATCH."""
+        m = self.onnx.ModelProto()
+        m.CopyFrom(self.model)
+        for v in m.graph.input:
+            if v.name == input_name:
+                v.type.tensor_type.shape.dim[0].Clear()
+                v.type.tensor_type.shape.dim[0].dim_value = BATCH
+        del m.graph.value_info[:]
+        try:
+            m = self.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+        except Exception as e:
+            self.fail(f"its shapes cannot be inferred ({type(e).__name__}: {e})")
+        shapes = {}
+        for v in [*m.graph.input, *m.graph.value_info, *m.graph.output]:
+            dims = v.type.tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims) and v.type.tensor_type.HasField("shape"):
+                shapes[v.name] = tuple(int(d.dim_value) for d in dims)
+        shapes[input_name] = (BATCH, *chw)
+        return shapes
+
+    # ---------------------------------------------------------------- constant folding
+
+    def _fold(self, shapes: dict) -> None:
+        """Evaluate every node whose inputs are all constants (Shape: of a tensor whose shape is known)."""
+        for node in self.graph.node:
+            op = node.op_type
+            if op == "Constant":
+                (attr,) = [x for x in node.attribute if x.name.startswith("value")]  # onnx_read: exactly one
+                value = self._array(attr.t, f"the value of node {node.name!r}") if attr.name == "value" else \
+                    np.asarray(self.onnx.helper.get_attribute_value(attr))
+                self.const[node.output[0]] = value
+                continue
+            if op == "Shape" and node.input[0] in shapes:
+                a = attrs(node)
+                s = np.array(shapes[node.input[0]], np.int64)
+                self.const[node.output[0]] = s[a.get("start", 0): a.get("end", len(s))]
+                continue
+            inputs = [i for i in node.input if i]
+            if op not in FOLDED_OPS or not inputs or not all(i in self.const for i in inputs):
+                continue
+            try:
+                value = self._evaluate(node, [self.const[i] for i in inputs])
+            except CnnctlError:
+                raise
+            except (ValueError, IndexError, TypeError, KeyError, OverflowError, ZeroDivisionError) as e:
+                self.fail(f"node {node.name or node.output[0]!r} ({op}) folds constants that do not fit together "
+                          f"({type(e).__name__}: {e})", "the file is damaged; export it again")
+            if value is not None:
+                self.const[node.output[0]] = value
+
+    def _evaluate(self, node, xs: list[np.ndarray]):
+        op, a = node.op_type, attrs(node)
+        if op == "Gather":
+            return np.take(xs[0], xs[1], axis=a.get("axis", 0))
+        if op in ("Unsqueeze", "Squeeze"):
+            axes = a.get("axes", xs[1].tolist() if len(xs) > 1 else None)
+            if op == "Squeeze":
+                return np.squeeze(xs[0], axis=None if axes is None else tuple(axes))
+            out = xs[0]
+            for ax in sorted(int(x) % (out.ndim + len(axes)) for x in axes):
+                out = np.expand_dims(out, ax)
+            return out
+        if op == "Concat":
+            return np.concatenate([np.atleast_1d(x) for x in xs], axis=a.get("axis", 0))
+        if op == "Cast":
+            return xs[0].astype(self.onnx.helper.tensor_dtype_to_np_dtype(a["to"]))
+        if op == "Identity":
+            return xs[0]
+        if op == "Reshape":
+            return xs[0].reshape([int(d) if d != 0 else xs[0].shape[i] for i, d in enumerate(xs[1])])
+        if op in ("Mul", "Add", "Sub", "Div"):
+            f = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide}[op]
+            out = f(xs[0], xs[1])
+            return out // 1 if op == "Div" and xs[0].dtype.kind == "i" else out.astype(xs[0].dtype)
+        if op == "Slice" and len(xs) >= 3:
+            axes = xs[3].tolist() if len(xs) > 3 else list(range(len(xs[1])))
+            steps = xs[4].tolist() if len(xs) > 4 else [1] * len(axes)
+            index = [slice(None)] * xs[0].ndim
+            for s, e, ax, st in zip(xs[1].tolist(), xs[2].tolist(), axes, steps):
+                index[ax] = slice(s, e, st)
+            return xs[0][tuple(index)]
+        if op == "ConstantOfShape":
+            value = a.get("value")
+            fill = self._array(value, f"the value of node {node.name!r}") if value is not None else \
+                np.zeros(1, np.float32)
+            dims = [int(d) for d in np.ravel(xs[0])]
+            if any(d < 0 for d in dims) or fill.size != 1:
+                self.fail(f"node {node.name!r} (ConstantOfShape): shape {dims} has a negative dimension or its "
+                          f"value is not one number", "the file is damaged; export it again")
+            self._room(node, int(np.prod(dims, dtype=object)) * fill.itemsize)
+            return np.full(dims, fill.ravel()[0], fill.dtype)
+        if op == "Range":
+            start, limit, delta = (np.ravel(x)[0] for x in xs)
+            if delta == 0:
+                self.fail(f"node {node.name!r} (Range): a step of 0", "the file is damaged; export it again")
+            self._room(node, max(0, int(np.ceil((float(limit) - float(start)) / float(delta)))) * 8)
+            return np.arange(start, limit, delta, dtype=np.result_type(xs[0]))
+        if op == "ReduceProd":
+            return np.prod(xs[0], keepdims=bool(a.get("keepdims", 1)))
+        return None
+
+    def _room(self, node, nbytes: int) -> None:
+        """A folded tensor's bytes, checked as training's allocations are, before it is made."""
+        check_generated(f"{self.source}: folding node {node.name or node.output[0]!r} ({node.op_type})", nbytes)
+
+    # ---------------------------------------------------------------- patterns
+

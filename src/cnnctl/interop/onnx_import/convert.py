@@ -189,6 +189,10 @@ def reshape(imp, node, a, layers) -> None:
     if imp.flat and imp.per_channel(node):
         return  # (N, C) -> (N, C, 1, 1) before a gate's Mul: cnnctl's gate broadcasts (N, C) itself
     target = imp.shapes.get(node.output[0])
+    shape_in, given = imp.shape_in(node), imp.const.get(node.input[1]) if len(node.input) > 1 else None
+    if imp.batch_one and shape_in is not None and given is not None and np.size(given) == 2 and \
+            int(np.ravel(given)[0]) == 1 and int(np.ravel(given)[1]) in (-1, int(np.prod(shape_in[1:]))):
+        target = (BATCH, int(np.prod(shape_in[1:])))  # (1, features) in a graph whose batch is fixed at 1: a flatten
     if target is None or len(target) != 2 or target[0] != BATCH:
         imp.fail(f"Reshape {node.name!r} to {target}: only a flatten to (N, features) is imported "
                  "(a reshape that depends on the batch or keeps feature maps cannot be)")

@@ -77,6 +77,7 @@ class Graph:
                       "fixed (dynamic spatial sizes cannot be imported)",
                       "export with a fixed image size, e.g. torch.onnx.export(model, torch.zeros(1, 3, 224, 224), "
                       "..., dynamic_axes={'input': {0: 'N'}})")
+        self.batch_one = dims[0].HasField("dim_value") and dims[0].dim_value == 1  # fixed at 1, as zoo files are
         return v.name, tuple(int(d.dim_value) for d in dims[1:])
 
     def _shapes(self, input_name: str, chw: tuple) -> dict[str, tuple]:
@@ -88,6 +89,7 @@ class Graph:
                 v.type.tensor_type.shape.dim[0].Clear()
                 v.type.tensor_type.shape.dim[0].dim_value = BATCH
         del m.graph.value_info[:]
+        m.ir_version = max(m.ir_version, 4)  # IR 3 counts only initializers listed as inputs; shapes need all
         try:
             m = self.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
         except Exception as e:

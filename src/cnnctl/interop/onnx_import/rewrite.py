@@ -74,3 +74,82 @@ def replace(g, nodes: list, op: str, x: str, out: str) -> None:
 
 # ---------------------------------------------------------------- the walk
 
+
+
+def sum_to_add(g) -> None:
+    """Sum, the n-ary add older exporters (Caffe2's model zoo) write for a residual join: Identity for one input,
+    Add for two, a chain of Adds for more."""
+    for node in [n for n in g.nodes if n.op_type == "Sum"]:
+        ins = [i for i in node.input if i]
+        if len(ins) <= 2:
+            node.op_type = "Identity" if len(ins) == 1 else "Add"
+            continue
+        chain, last = [], ins[0]
+        for k, x in enumerate(ins[1:]):
+            out = node.output[0] if k == len(ins) - 2 else f"{node.output[0]}/sum{k}"
+            chain.append(g.onnx.helper.make_node("Add", [last, x], [out], name=f"{node.name}/sum{k}"))
+            last = out
+        at = next(k for k, n in enumerate(g.nodes) if n is node)
+        g.nodes[at:at + 1] = chain
+
+
+def one_input_concat(g) -> None:
+    """A Concat of one tensor (torch's DenseNet concatenates a one-element list first) is that tensor."""
+    for node in g.nodes:
+        if node.op_type == "Concat" and len([i for i in node.input if i]) == 1:
+            node.op_type = "Identity"
+            del node.attribute[:]
+
+
+def _per_channel(value, channels: int) -> np.ndarray | None:
+    """A constant as one value per channel of an (N, C, H, W) tensor it broadcasts onto, or None."""
+    v = np.asarray(value, np.float64)
+    if v.size == 1:
+        return np.full(channels, float(v.ravel()[0]))
+    while v.ndim > 3 and v.shape[0] == 1:
+        v = v[0]
+    if v.ndim == 3 and v.shape == (channels, 1, 1):
+        return v.ravel()
+    return None
+
+
+def affine_into_batchnorm(g) -> None:
+    """Caffe's Scale layer after a BatchNormalization, as Caffe2's zoo and other converters write it: a Mul by a
+    per-channel constant, then an Add of one (each through Unsqueeze or broadcast shapes, folded to constants
+    before this pass), folded into the batchnorm's scale and bias: s * (gamma x^ + beta) + t. The Mul and the Add
+    become Identity nodes."""
+    producer = {o: n for n in g.nodes for o in n.output}
+    users = collections.defaultdict(list)
+    for n in g.nodes:
+        for i in n.input:
+            users[i].append(n)
+    for node in [n for n in g.nodes if n.op_type in ("Mul", "Add")]:
+        data = [i for i in node.input if i not in g.const]
+        const = [i for i in node.input if i in g.const]
+        if len(data) != 1 or len(const) != 1:
+            continue
+        source = producer.get(data[0])
+        while source is not None and source.op_type == "Identity" and len(users[source.output[0]]) == 1:
+            source = producer.get(source.input[0])  # an earlier Mul folded already
+        if source is None or source.op_type != "BatchNormalization" or len(users[data[0]]) != 1 or \
+                not all(i in g.const for i in source.input[1:3]):
+            continue
+        gamma, beta = (np.asarray(g.const[i], np.float64) for i in source.input[1:3])
+        c = np.asarray(g.const[const[0]], np.float64)
+        v = _per_channel(c, gamma.size)
+        if v is None:
+            continue
+        if node.op_type == "Mul":
+            gamma, beta = gamma * v, beta * v
+        else:
+            beta = beta + v
+        for k, value in ((1, gamma), (2, beta)):
+            name = f"{source.name or source.output[0]}/folded{k}"
+            g.const[name] = value.astype(np.float32)
+            source.input[k] = name
+        node.op_type = "Identity"
+        node.input[:] = [data[0]]
+        del node.attribute[:]
+
+
+PASSES = [sum_to_add, one_input_concat, affine_into_batchnorm, fuse_activations]  # in this order, before the walk

@@ -12,7 +12,7 @@ import numpy as np
 
 from .convert import CONVERTERS, JOINS, LATER
 from .graph import Graph, attrs, layer_types
-from .rewrite import fuse_activations
+from .rewrite import PASSES
 
 MAX_NESTING = 24  # branches inside branches: a config nests at most 64 levels and each join nests its branch two deeper
 # activations cnnctl layers may apply themselves (conv2d, dense, batchnorm, residual: `activation:`)
@@ -74,7 +74,8 @@ class _Importer(Graph):
         self.shapes = self._shapes(name, chw)
         self._fold(self.shapes)
         self.nodes = [n for n in self.graph.node if n.output[0] not in self.const]
-        fuse_activations(self)
+        for rewrite in PASSES:
+            rewrite(self)
         self._check_operators()
         self.consumers = collections.defaultdict(list)
         for n in self.nodes:

@@ -1,0 +1,70 @@
+"""The import's rewrite passes, each on a small hand-written graph in the spelling of the exporter it is for,
+checked against onnxruntime."""
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import helper  # noqa: E402
+
+from cnnctl.interop import onnx_import  # noqa: E402
+from tests.test_errors import expect_error  # noqa: E402
+from tests.test_onnx_import_hostile import G, conv_net, write  # noqa: E402
+
+
+def equal_to_onnxruntime(path, model, shape=(1, 8, 8)):
+    x = np.random.default_rng(1).random((2, *shape), dtype=np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"input": x})[0]
+    got = model.forward(x, training=False)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_sum_of_two_branches_is_a_residual_join_and_of_one_an_identity(tmp_path):
+    extra = [helper.make_node("Conv", ["r", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("Sum", ["r", "c2"], ["s"], name="join"),
+             helper.make_node("Sum", ["s"], ["s1"], name="alone")]
+    nodes, inits = conv_net(extra_nodes=extra, head="s1",
+                            extra_inits={"w2": G.standard_normal((4, 4, 3, 3)).astype(np.float32)})
+    path = write(tmp_path / "m.onnx", nodes, inits, opset=9)
+    _, _, model, _, _, _, imp = onnx_import.build(path, "m", None, None, None)
+    assert [s["type"] for s in imp.layers] == ["conv2d", "residual", "global_avgpool2d", "dense"]
+    equal_to_onnxruntime(path, model)
+
+
+def test_a_one_input_concat_is_the_tensor(tmp_path):
+    nodes, inits = conv_net(extra_nodes=[helper.make_node("Concat", ["r"], ["k"], axis=1, name="one")], head="k")
+    path = write(tmp_path / "m.onnx", nodes, inits)
+    _, _, model, _, _, _, imp = onnx_import.build(path, "m", None, None, None)
+    assert [s["type"] for s in imp.layers] == ["conv2d", "global_avgpool2d", "dense"]
+    equal_to_onnxruntime(path, model)
+
+
+def _scaled_batchnorm(tmp_path, after="bn"):
+    """Conv, BatchNormalization, then Caffe's Scale as Unsqueeze + Mul + Add of per-channel constants."""
+    nodes, inits = conv_net()
+    bn = helper.make_node("BatchNormalization", ["c", "gm", "be", "mu", "var"], ["y"], name="bn")
+    unsq = [helper.make_node("Unsqueeze", [k], [f"{k}u"], axes=[1, 2], name=f"u{k}") for k in ("s", "t")]
+    source = "y" if after == "bn" else "y2"
+    mul = helper.make_node("Mul", [source, "su"], ["m"], name="scale")
+    add = helper.make_node("Add", ["m", "tu"], ["a"], name="shift")
+    relu = helper.make_node("Relu", ["a"], ["r"], name="relu")
+    middle = [bn, *unsq] + ([helper.make_node("Relu", ["y"], ["y2"], name="first")] if after != "bn" else [])
+    nodes = [nodes[0], *middle, mul, add, relu, *nodes[2:]]
+    inits.update(gm=G.uniform(0.5, 1.5, 4).astype(np.float32), be=G.standard_normal(4).astype(np.float32),
+                 mu=G.standard_normal(4).astype(np.float32), var=G.uniform(0.5, 1.5, 4).astype(np.float32),
+                 s=G.uniform(0.5, 1.5, 4).astype(np.float32), t=G.standard_normal(4).astype(np.float32))
+    return write(tmp_path / "m.onnx", nodes, inits, opset=9)
+
+
+def test_a_per_channel_scale_and_shift_after_batchnorm_fold_into_it(tmp_path):
+    path = _scaled_batchnorm(tmp_path)
+    _, _, model, _, _, _, imp = onnx_import.build(path, "m", None, None, None)
+    assert [s["type"] for s in imp.layers] == ["conv2d", "batchnorm", "global_avgpool2d", "dense"]
+    assert imp.layers[1]["activation"] == "relu"
+    equal_to_onnxruntime(path, model)
+
+
+def test_a_per_channel_scale_elsewhere_is_named(tmp_path):
+    path = _scaled_batchnorm(tmp_path, after="relu")
+    expect_error(["import", path, "--out", tmp_path / "out"], "'scale'", "Mul")

@@ -301,8 +301,11 @@ def _pool(imp, node, a, layers) -> None:
     k = imp.ints(a, "kernel_shape", 2, None)
     s = imp.ints(a, "strides", 2, [1, 1])
     pads = imp.pending_pads(imp.ints(a, "pads", 4, [0, 0, 0, 0]))
+    emulated = False
     if pads[0] != pads[2] or pads[1] != pads[3]:
-        imp.fail(f"{node.op_type} {node.name!r}: asymmetric padding {pads}", "cnnctl pads each side alike")
+        if not _ceil_by_padding(node, a, shape_in, k, s, pads):
+            imp.fail(f"{node.op_type} {node.name!r}: asymmetric padding {pads}", "cnnctl pads each side alike")
+        pads, emulated = [pads[0], pads[1], pads[0], pads[1]], True  # Caffe's ceil mode, as Caffe2 writes it
     if any(d != 1 for d in imp.ints(a, "dilations", 2, [1, 1])):
         imp.fail(f"{node.op_type} {node.name!r}: dilated pooling is not imported")
     if any(2 * p > kk for p, kk in zip(pads[:2], k)):
@@ -312,12 +315,32 @@ def _pool(imp, node, a, layers) -> None:
         spec["stride"] = pair(s)
     if pads[0] or pads[1]:
         spec["padding"] = pair(pads[:2])
-    if int(a.get("ceil_mode", 0)) and shape_in is not None and any(
+    if (emulated or int(a.get("ceil_mode", 0))) and shape_in is not None and any(
             (size + 2 * p - kk) % ss for size, kk, ss, p in zip(shape_in[2:], k, s, pads[:2])):
         spec["ceil_mode"] = True  # only where it changes the size: the config stays as plain as it can
     if node.op_type == "AveragePool" and any(pads[:2]) and not int(a.get("count_include_pad", 0)):
         spec["count_include_pad"] = False  # ONNX's default, where padding makes it matter
     layers.append(spec)
+
+def _ceil_by_padding(node, a, shape_in, k, s, pads) -> bool:
+    """Whether pooling padded more at the bottom and right (less than a stride more) gives what the same pooling,
+    padded alike on each side, gives in ceil mode: Caffe's pooling rounds up, and converters from Caffe write that
+    as extra padding. For averages only where padding is left out of the mean (ONNX's default), as ceil mode's
+    windows past the edge are."""
+    if shape_in is None or int(a.get("ceil_mode", 0)) or (node.op_type == "AveragePool" and
+                                                          int(a.get("count_include_pad", 0))):
+        return False
+    for size, kk, ss, lo, hi in zip(shape_in[2:], k, s, pads[:2], pads[2:]):
+        if not 0 <= hi - lo < ss:
+            return False
+        given = (size + lo + hi - kk) // ss + 1
+        ceil = -(-(size + 2 * lo - kk) // ss) + 1
+        if (ceil - 1) * ss >= size + lo:  # the last window would start in the padding: ceil mode drops it
+            ceil -= 1
+        if given != ceil:
+            return False
+    return True
+
 
 def _pad(imp, node, a, layers) -> None:
     mode = a.get("mode", b"constant")

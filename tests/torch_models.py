@@ -113,6 +113,7 @@ TORCH = {
     "hardswish": lambda layer: tnn.Hardswish(),
     "silu": lambda layer: tnn.SiLU(),
     "mish": lambda layer: tnn.Mish(),
+    "lrn": lambda layer: tnn.LocalResponseNorm(layer.size, layer.alpha, layer.beta, layer.k),
     "tanh": lambda layer: tnn.Tanh(),
     "softmax": lambda layer: tnn.Softmax(dim=1),
     "log_softmax": lambda layer: tnn.LogSoftmax(dim=1),

@@ -156,6 +156,17 @@ def elu(imp, node, a, layers) -> None:
     layers.append({"type": node.op_type.lower(), "alpha": float(np.float32(a.get("alpha", 1.0)))})
 
 
+@converts("LRN")
+def lrn(imp, node, a, layers) -> None:
+    """Local response normalisation across channels (AlexNet, GoogLeNet): ONNX's window, size channels."""
+    size = a["size"]  # a required attribute (read.py)
+    values = {"alpha": a.get("alpha", 1e-4), "beta": a.get("beta", 0.75), "k": a.get("bias", 1.0)}
+    if size < 1 or any(not np.isfinite(v) or v <= 0 for v in values.values()):
+        imp.fail(f"{imp.where()}: size {size}, alpha, beta and bias {list(values.values())}: each must be positive",
+                 "the file is damaged; export it again")
+    layers.append({"type": "lrn", "size": int(size), **{k: float(np.float32(v)) for k, v in values.items()}})
+
+
 @converts("MaxPool", "AveragePool")
 def pool(imp, node, a, layers) -> None:
     _pool(imp, node, a, layers)
@@ -301,6 +312,14 @@ def _pool(imp, node, a, layers) -> None:
     k = imp.ints(a, "kernel_shape", 2, None)
     s = imp.ints(a, "strides", 2, [1, 1])
     pads = imp.pending_pads(imp.ints(a, "pads", 4, [0, 0, 0, 0]))
+    if node.op_type == "AveragePool" and not int(a.get("count_include_pad", 0)) and shape_in is not None and all(
+            kk - lo >= size and (size + lo + hi - kk) // ss + 1 == 1
+            for size, kk, ss, lo, hi in zip(shape_in[2:], k, s, pads[:2], pads[2:])):
+        # one window over all of a smaller input, its padding left out of the mean (GoogLeNet's last pooling, as
+        # Caffe2 wrote it): the mean of every position
+        layers.append({"type": "global_avgpool2d"})
+        imp.flat = True
+        return
     emulated = False
     if pads[0] != pads[2] or pads[1] != pads[3]:
         if not _ceil_by_padding(node, a, shape_in, k, s, pads):

@@ -68,3 +68,29 @@ def test_a_per_channel_scale_and_shift_after_batchnorm_fold_into_it(tmp_path):
 def test_a_per_channel_scale_elsewhere_is_named(tmp_path):
     path = _scaled_batchnorm(tmp_path, after="relu")
     expect_error(["import", path, "--out", tmp_path / "out"], "'scale'", "Mul")
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 5])
+def test_lrn_of_any_size_exports_and_imports_equal_to_onnxruntime(tmp_path, size):
+    """ONNX's window for even sizes (one more channel after the centre than before), through export and import;
+    against onnx's reference evaluator, as onnxruntime takes odd sizes only."""
+    from onnx.reference import ReferenceEvaluator
+
+    from cnnctl.core import nn
+    from cnnctl.interop.export import to_onnx
+
+    g = np.random.default_rng(size)
+    model = nn.Model([nn.Conv2D(2, 6, 3, padding=1, rng=g), nn.LRN(size, 0.7, 0.75, 1.5), nn.GlobalAvgPool2D(),
+                      nn.Dense(6, 3, rng=g)])
+    proto = to_onnx(model, (2, 5, 5), {"mean": [0.0, 0.0], "std": [1.0, 1.0]}, "lrn")
+    path = tmp_path / "lrn.onnx"
+    path.write_bytes(proto.SerializeToString())
+    x = g.random((6, 2, 5, 5), dtype=np.float32)  # as many images as channels: onnx 1.23's reference LRN loops over
+    ref = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x})[0]  # the batch for the channels
+    if size % 2:
+        session = ort.InferenceSession(str(path))
+        np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0], ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.forward(x, training=False), ref, rtol=1e-5, atol=1e-5)
+    _, _, imported, _, _, _, imp = onnx_import.build(path, "lrn", None, None, None)
+    assert imp.layers[1] == {"type": "lrn", "size": size, "alpha": 0.7, "beta": 0.75, "k": 1.5}
+    np.testing.assert_allclose(imported.forward(x, training=False), ref, rtol=1e-5, atol=1e-5)

@@ -164,7 +164,8 @@ def lrn(imp, node, a, layers) -> None:
     if size < 1 or any(not np.isfinite(v) or v <= 0 for v in values.values()):
         imp.fail(f"{imp.where()}: size {size}, alpha, beta and bias {list(values.values())}: each must be positive",
                  "the file is damaged; export it again")
-    layers.append({"type": "lrn", "size": int(size), **{k: float(np.float32(v)) for k, v in values.items()}})
+    # attributes are float32: each as the shortest decimal that is that float32 (0.7, not 0.699999988)
+    layers.append({"type": "lrn", "size": int(size), **{k: float(str(np.float32(v))) for k, v in values.items()}})
 
 
 @converts("MaxPool", "AveragePool")

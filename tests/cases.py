@@ -118,6 +118,8 @@ CASES = {
                   ("hardswish_wide", lambda g: nn.HardSwish(), (2, 3, 4, 5))],
     "silu": [("silu", lambda g: nn.SiLU(), (3, 4, 5)), ("silu_wide", lambda g: nn.SiLU(), (2, 3, 4, 5))],
     "mish": [("mish", lambda g: nn.Mish(), (3, 4, 5)), ("mish_wide", lambda g: nn.Mish(), (2, 3, 4, 5))],
+    "channel_shuffle": [("shuffle3", lambda g: nn.ChannelShuffle(3), (2, 6, 3, 4)),
+                        ("shuffle2_of_8", lambda g: nn.ChannelShuffle(2), (2, 8, 2, 3))],
     # odd sizes only: torch's window for an even size reaches the other way (ONNX's is tested against onnxruntime)
     "lrn": [("lrn5", lambda g: nn.LRN(5, 0.5, 0.75, 2.0), (2, 7, 3, 4)),
             ("lrn3_wider_than_channels", lambda g: nn.LRN(3, 1.0, 0.5, 1.0), (2, 2, 3, 3)),

@@ -15,9 +15,8 @@ from onnx import helper, numpy_helper  # noqa: E402
 from cnnctl.interop import onnx_import  # noqa: E402
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
-# the files that import today; ShuffleNet (its channel shuffle: Reshape, Transpose, Reshape) does not yet
 IMPORTED = ["squeezenet", "vgg19", "resnet50", "densenet121", "inception_v2", "bvlc_alexnet", "zfnet512",
-            "inception_v1"]
+            "inception_v1", "shufflenet"]
 
 
 def materialize(name: str, path, seed: int = 0):

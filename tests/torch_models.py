@@ -113,6 +113,7 @@ TORCH = {
     "hardswish": lambda layer: tnn.Hardswish(),
     "silu": lambda layer: tnn.SiLU(),
     "mish": lambda layer: tnn.Mish(),
+    "channel_shuffle": lambda layer: tnn.ChannelShuffle(layer.groups),
     "lrn": lambda layer: tnn.LocalResponseNorm(layer.size, layer.alpha, layer.beta, layer.k),
     "tanh": lambda layer: tnn.Tanh(),
     "softmax": lambda layer: tnn.Softmax(dim=1),

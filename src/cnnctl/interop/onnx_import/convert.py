@@ -156,6 +156,14 @@ def elu(imp, node, a, layers) -> None:
     layers.append({"type": node.op_type.lower(), "alpha": float(np.float32(a.get("alpha", 1.0)))})
 
 
+@converts("ChannelShuffle")
+def channel_shuffle(imp, node, a, layers) -> None:
+    """ShuffleNet's Reshape, Transpose, Reshape (rewrite.channel_shuffle makes them this one node)."""
+    if node.domain != "cnnctl":
+        imp.fail(f"node {node.name!r}: ChannelShuffle is not an ONNX operator", "export the network with ONNX's")
+    layers.append({"type": "channel_shuffle", "groups": int(a["groups"])})
+
+
 @converts("LRN")
 def lrn(imp, node, a, layers) -> None:
     """Local response normalisation across channels (AlexNet, GoogLeNet): ONNX's window, size channels."""

@@ -80,6 +80,24 @@ class Graph:
         self.batch_one = dims[0].HasField("dim_value") and dims[0].dim_value == 1  # fixed at 1, as zoo files are
         return v.name, tuple(int(d.dim_value) for d in dims[1:])
 
+    def batch_free_reshapes(self) -> None:
+        """In a graph whose batch is fixed at 1 (the model zoo's, a torch export with a batch-1 dummy input), a
+        Reshape to a constant shape that starts with 1 keeps the batch: it is made to start with 0 (ONNX: copy
+        that dimension), which is the same at batch 1 and lets the import take any batch."""
+        if not self.batch_one:
+            return
+        for node in self.graph.node:
+            if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in self.const:
+                continue
+            target = np.asarray(self.const[node.input[1]])
+            if target.ndim == 1 and target.size >= 2 and int(target[0]) == 1:
+                name = f"{node.input[1]}/batch"
+                value = target.astype(np.int64).copy()
+                value[0] = 0
+                self.const[name] = value
+                self.graph.initializer.append(self.numpy_helper.from_array(value, name))
+                node.input[1] = name
+
     def _shapes(self, input_name: str, chw: tuple) -> dict[str, tuple]:
         """Every tensor's shape, the batch being BATCH."""
         m = self.onnx.ModelProto()

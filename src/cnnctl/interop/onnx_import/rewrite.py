@@ -152,4 +152,50 @@ def affine_into_batchnorm(g) -> None:
         del node.attribute[:]
 
 
-PASSES = [sum_to_add, one_input_concat, affine_into_batchnorm, fuse_activations]  # in this order, before the walk
+def _batch_marks(g) -> set[int]:
+    """What a reshape's target may hold for the batch: 0 (copy), -1 (infer), the marker the shapes were computed
+    with (a torch export's folded Shape chain), and 1 in a graph whose batch is fixed at 1."""
+    from .graph import BATCH
+
+    return {0, -1, BATCH} | ({1} if g.batch_one else set())
+
+
+def channel_shuffle(g) -> None:
+    """Reshape to (N, groups, C / groups, H, W), Transpose (0, 2, 1, 3, 4), Reshape back to (N, C, H, W), as
+    ShuffleNet's exporters write the channel shuffle: one `channel_shuffle` node (domain cnnctl)."""
+    producer = {o: n for n in g.nodes for o in n.output}
+    users = collections.defaultdict(list)
+    for n in g.nodes:
+        for i in n.input:
+            users[i].append(n)
+    marks = _batch_marks(g)
+    for t in [n for n in g.nodes if n.op_type == "Transpose"]:
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        first, after = producer.get(t.input[0]), users.get(t.output[0], [])
+        if perm != [0, 2, 1, 3, 4] or first is None or first.op_type != "Reshape" or len(after) != 1 or \
+                after[0].op_type != "Reshape" or len(users[first.output[0]]) != 1:
+            continue
+        last, shape = after[0], g.shapes.get(first.input[0])
+        grid, back = (g.const.get(n.input[1]) if len(n.input) > 1 else None for n in (first, last))
+        if shape is None or len(shape) != 4 or grid is None or back is None:
+            continue
+        grid, back = np.ravel(grid).astype(np.int64).tolist(), np.ravel(back).astype(np.int64).tolist()
+        c, h, w = shape[1:]
+        if len(grid) != 5 or grid[0] not in marks or grid[1] * grid[2] != c or grid[3:] != [h, w] or \
+                len(back) != 4 or back[0] not in marks or back[1:] != [c, h, w]:
+            continue
+        node = g.onnx.helper.make_node("ChannelShuffle", [first.input[0]], [last.output[0]], domain="cnnctl",
+                                       name=t.name or last.name, groups=int(grid[1]))
+        replace_nodes(g, [first, t, last], node)
+
+
+def replace_nodes(g, nodes: list, node) -> None:
+    """`node` in place of `nodes` (at the first one's place)."""
+    drop = {id(n) for n in nodes}
+    at = min(k for k, n in enumerate(g.nodes) if id(n) in drop)
+    g.nodes = [n for n in g.nodes if id(n) not in drop]
+    g.nodes.insert(at, node)
+
+
+# in this order, before the walk
+PASSES = [sum_to_add, one_input_concat, affine_into_batchnorm, channel_shuffle, fuse_activations]

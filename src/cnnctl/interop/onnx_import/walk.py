@@ -59,7 +59,8 @@ class _Importer(Graph):
         """Every node that carries data (after folding) must be one cnnctl maps: all others in one message."""
         unknown = collections.defaultdict(list)
         for node in self.nodes:
-            if node.domain not in ("", "ai.onnx") or node.op_type not in CONVERTERS and node.op_type not in JOINS:
+            if node.domain not in ("", "ai.onnx", "cnnctl") or node.op_type not in CONVERTERS and \
+                    node.op_type not in JOINS:
                 op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
                 unknown[op].append(node.name or node.output[0])
         if unknown:
@@ -71,6 +72,7 @@ class _Importer(Graph):
     def run(self) -> Imported:
         name, chw = self._input()
         self.input, self.input_chw = name, chw
+        self.batch_free_reshapes()
         self.shapes = self._shapes(name, chw)
         self._fold(self.shapes)
         self.nodes = [n for n in self.graph.node if n.output[0] not in self.const]

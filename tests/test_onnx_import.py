@@ -452,7 +452,8 @@ def test_graphs_that_are_not_image_classifiers_are_refused(tmp_path):
     torch.onnx.export(nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval(),
                       torch.zeros(1, 1, 8, 8), str(tmp_path / "dyn.onnx"), dynamo=False, input_names=["input"],
                       output_names=["o"], dynamic_axes={"input": {0: "N", 2: "H", 3: "W"}})
-    expect_error(["import", tmp_path / "dyn.onnx", "--out", tmp_path / "o"], "dynamic spatial sizes")
+    expect_error(["import", tmp_path / "dyn.onnx", "--out", tmp_path / "o"], "height and width are not fixed",
+                 "--input-size H,W")
 
     class BatchReshape(nn.Module):
         def forward(self, x):

@@ -94,3 +94,26 @@ def test_lrn_of_any_size_exports_and_imports_equal_to_onnxruntime(tmp_path, size
     _, _, imported, _, _, _, imp = onnx_import.build(path, "lrn", None, None, None)
     assert imp.layers[1] == {"type": "lrn", "size": size, "alpha": 0.7, "beta": 0.75, "k": 1.5}
     np.testing.assert_allclose(imported.forward(x, training=False), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dynamic_height_and_width_import_at_the_size_given(tmp_path):
+    """A torch export with dynamic height and width (paddle2onnx's files have them too): without --input-size one
+    message that names the flag; with it, the network at that size, equal to onnxruntime."""
+    torch = pytest.importorskip("torch")
+    from tests.helpers import invoke
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 5)).eval()
+    path = tmp_path / "dyn.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 16, 16), str(path), dynamo=False, input_names=["input"],
+                      output_names=["output"], dynamic_axes={"input": {0: "N", 2: "H", 3: "W"}}, opset_version=17)
+    expect_error(["import", path, "--out", tmp_path / "o"], "height and width are not fixed", "--input-size H,W")
+    expect_error(["import", path, "--out", tmp_path / "o", "--input-size", "nan,3"], "two whole numbers")
+    invoke("import", path, "--out", tmp_path / "o", "--input-size", "20,24")
+    _, spec, model, _, _, _, _ = onnx_import.build(path, "dyn", None, None, None, (20, 24))
+    assert list(spec.model.input_shape) == [3, 20, 24]
+    equal_to_onnxruntime(path, model, (3, 20, 24))
+    fixed = tmp_path / "fixed.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 16, 16), str(fixed), dynamo=False, input_names=["input"],
+                      output_names=["output"], opset_version=17)
+    expect_error(["import", fixed, "--out", tmp_path / "o2", "--input-size", "20,24"], "fixed at [1, 3, 16, 16]")

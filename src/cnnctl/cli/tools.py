@@ -300,6 +300,8 @@ def import_(
                                                       "line (default: class_0, class_1, ...).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace config.yaml and model.safetensors in an --out "
                                         "folder that holds other files (a run).")] = False,
+    input_size: Annotated[str | None, typer.Option("--input-size", metavar="H,W", help="The image size to import "
+                                                   "a graph with a dynamic height and width at.")] = None,
 ):
     """Import an ONNX image classifier: a cnnctl config and a checkpoint of its weights, exact to onnxruntime."""
     from cnnctl.core.fileio import Unreadable, read_regular
@@ -319,8 +321,15 @@ def import_(
         check_writable(path, "--out")
     onnx_import.check_out_dir(out_dir, force)
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", model_file.stem) or "imported"  # a file name as a config name
+    size = None
+    if input_size is not None:
+        size = _numbers(input_size, "--input-size")
+        if len(size) != 2 or any(not 1 <= v <= 1 << 16 or v != int(v) for v in size):  # NaN fails the first
+            raise CnnctlError(f"--input-size {input_size}: give the height and width, two whole numbers",
+                              "e.g. --input-size 224,224")
+        size = (int(size[0]), int(size[1]))
     spec_dict, spec, model, rows, norm, classes, imp = onnx_import.build(
-        model_file, name, _numbers(mean, "--mean"), _numbers(std, "--std"), classes)
+        model_file, name, _numbers(mean, "--mean"), _numbers(std, "--std"), classes, size)
     onnx_import.write(out_dir, model_file, spec_dict, spec, model, norm, classes)
     out.print(layer_table(spec, rows))
     n_weights = len(model.state_dict())

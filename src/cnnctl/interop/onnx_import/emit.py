@@ -170,14 +170,14 @@ def config_text(spec: dict, source: str) -> str:
 
 
 def build(onnx_path: Path, name: str, mean: list[float] | None, std: list[float] | None,
-          classes: list[str] | None):
+          classes: list[str] | None, input_size: tuple[int, int] | None = None):
     """Import the graph: (spec dict, Spec, model with the weights loaded, layer rows, normalisation, class names,
     Imported)."""
     from cnnctl.config.build import build_model
     from cnnctl.config.spec import validate
 
     proto = read_model(onnx_path)
-    imp = import_model(proto, str(onnx_path))
+    imp = import_model(proto, str(onnx_path), input_size)
     if classes is None:  # cnnctl export writes them into metadata_props
         import json
 

@@ -38,7 +38,8 @@ class Graph:
     """The graph as read: its constants (initializers, Constant nodes, and every node that folds into one),
     every tensor's shape with the batch as BATCH, its input and opset."""
 
-    def __init__(self, model, source: str):
+    def __init__(self, model, source: str, input_size: tuple[int, int] | None = None):
+        self.input_size = input_size  # H, W for a graph whose height and width are dynamic (--input-size)
         self.onnx, self.numpy_helper, self.shape_inference = onnx_modules()
         self.model, self.source = model, source
         self.graph = model.graph
@@ -71,12 +72,22 @@ class Graph:
                       "export the network with its class scores as the only output")
         v = inputs[0]
         dims = v.type.tensor_type.shape.dim
-        if len(dims) != 4 or any(not d.HasField("dim_value") for d in dims[1:]):
-            shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-            self.fail(f"input {v.name!r} has shape {shown}; cnnctl imports N x C x H x W images with C, H and W "
-                      "fixed (dynamic spatial sizes cannot be imported)",
-                      "export with a fixed image size, e.g. torch.onnx.export(model, torch.zeros(1, 3, 224, 224), "
-                      "..., dynamic_axes={'input': {0: 'N'}})")
+        shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+        if len(dims) != 4 or not dims[1].HasField("dim_value"):
+            self.fail(f"input {v.name!r} has shape {shown}; cnnctl imports N x C x H x W images, C fixed",
+                      "export the image classifier with its N x C x H x W input")
+        fixed = [dims[k].dim_value if dims[k].HasField("dim_value") and dims[k].dim_value > 0 else None
+                 for k in (2, 3)]
+        if self.input_size is not None:
+            if any(f is not None and f != want for f, want in zip(fixed, self.input_size)):
+                self.fail(f"--input-size {self.input_size[0]},{self.input_size[1]}: the graph's input {v.name!r} is "
+                          f"fixed at {shown}", "leave out --input-size, or give the size the graph has")
+            for k, want in zip((2, 3), self.input_size):  # the graph is then checked at that size (shapes)
+                dims[k].Clear()
+                dims[k].dim_value = int(want)
+        elif None in fixed:
+            self.fail(f"input {v.name!r} has shape {shown}: its height and width are not fixed in the graph",
+                      "give the image size to import it at: --input-size H,W (e.g. --input-size 224,224)")
         self.batch_one = dims[0].HasField("dim_value") and dims[0].dim_value == 1  # fixed at 1, as zoo files are
         return v.name, tuple(int(d.dim_value) for d in dims[1:])
 

@@ -33,9 +33,10 @@ class Imported:
     normalization: dict | None = None  # a leading Sub and Div (cnnctl export writes them): mean and std
 
 
-def import_model(model, source: str = "the graph") -> Imported:
-    """Map an ONNX ModelProto onto cnnctl layer specs and weights (see the package's docstring)."""
-    return _Importer(model, source).run()
+def import_model(model, source: str = "the graph", input_size: tuple[int, int] | None = None) -> Imported:
+    """Map an ONNX ModelProto onto cnnctl layer specs and weights (see the package's docstring); `input_size`
+    (H, W) pins a graph's dynamic height and width."""
+    return _Importer(model, source, input_size).run()
 
 
 class _Importer(Graph):
@@ -43,8 +44,8 @@ class _Importer(Graph):
     the nodes visited, a Pad waiting for the Conv or pooling after it, the nesting depth, whether the tensor at
     hand is flat (cnnctl's (N, C) where the graph's is (N, C, 1, 1) after a global pooling)."""
 
-    def __init__(self, model, source: str):
-        super().__init__(model, source)
+    def __init__(self, model, source: str, input_size: tuple[int, int] | None = None):
+        super().__init__(model, source, input_size)
         self.weights: dict[str, np.ndarray] = {}
         self.used: set[str] = set()
         self.final: str | None = None

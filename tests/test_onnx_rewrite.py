@@ -117,3 +117,66 @@ def test_a_dynamic_height_and_width_import_at_the_size_given(tmp_path):
     torch.onnx.export(net, torch.zeros(1, 3, 16, 16), str(fixed), dynamo=False, input_names=["input"],
                       output_names=["output"], opset_version=17)
     expect_error(["import", fixed, "--out", tmp_path / "o2", "--input-size", "20,24"], "fixed at [1, 3, 16, 16]")
+
+
+def _constant(name, value):
+    return helper.make_node("Constant", [], [name], name=f"const-{name}",
+                            value=onnx.numpy_helper.from_array(np.asarray(value), name))
+
+
+def _paddle_style(tmp_path, with_hardsigmoid=True):
+    """paddle2onnx's idiom: weights in Constant nodes, hardswish and hardsigmoid written out (Clip's bounds as
+    inputs), the flatten as Shape, Slice, Concat, Reshape, a MatMul and an Add for the classifier, and a dynamic
+    height and width."""
+    from onnx import TensorProto
+
+    g = np.random.default_rng(3)
+    consts = [_constant("w1", g.standard_normal((6, 3, 3, 3)).astype(np.float32) * 0.5),
+              _constant("b1", g.standard_normal(6).astype(np.float32)),
+              _constant("w2", g.standard_normal((6, 6, 1, 1)).astype(np.float32) * 0.5),
+              _constant("three", np.float32(3)), _constant("zero", np.float32(0)), _constant("six", np.float32(6)),
+              _constant("sixth", np.float32(1 / 6)), _constant("fc", g.standard_normal((6, 4)).astype(np.float32)),
+              _constant("fcb", g.standard_normal(4).astype(np.float32)),
+              _constant("starts", np.array([0], np.int64)), _constant("ends", np.array([1], np.int64)),
+              _constant("rest", np.array([-1], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c1", "three"], ["p1"]), helper.make_node("Clip", ["p1", "zero", "six"], ["k1"]),
+             helper.make_node("Mul", ["c1", "k1"], ["m1"]), helper.make_node("Div", ["m1", "six"], ["hswish"]),
+             helper.make_node("Conv", ["hswish", "w2"], ["c2"], kernel_shape=[1, 1])]
+    last = "c2"
+    if with_hardsigmoid:
+        nodes += [helper.make_node("Add", ["c2", "three"], ["p2"]), helper.make_node("Clip", ["p2", "zero", "six"],
+                                                                                     ["k2"]),
+                  helper.make_node("Mul", ["k2", "sixth"], ["hsig"])]
+        last = "hsig"
+    nodes += [helper.make_node("GlobalAveragePool", [last], ["gap"]), helper.make_node("Shape", ["gap"], ["shape"]),
+              helper.make_node("Slice", ["shape", "starts", "ends"], ["batch"]),
+              helper.make_node("Concat", ["batch", "rest"], ["target"], axis=0),
+              helper.make_node("Reshape", ["gap", "target"], ["flat"]),
+              helper.make_node("MatMul", ["flat", "fc"], ["mm"]), helper.make_node("Add", ["mm", "fcb"], ["output"])]
+    graph = helper.make_graph(consts + nodes, "paddle", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                       ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)])
+    path = tmp_path / "paddle.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString())
+    return path
+
+
+def test_a_paddle2onnx_style_graph_imports_at_the_size_given(tmp_path):
+    path = _paddle_style(tmp_path)
+    _, spec, model, _, _, _, imp = onnx_import.build(path, "p", None, None, None, (12, 10))
+    assert [s["type"] for s in imp.layers] == ["conv2d", "conv2d", "global_avgpool2d", "dense"]
+    assert [imp.layers[0].get("activation"), imp.layers[1].get("activation")] == ["hardswish", "hardsigmoid"]
+    x = np.random.default_rng(1).random((2, 3, 12, 10), dtype=np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    got = model.forward(x, training=False)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_x_times_hardsigmoid_of_x_is_hardswish(tmp_path):
+    nodes, inits = conv_net(extra_nodes=[helper.make_node("HardSigmoid", ["r"], ["h"], alpha=1 / 6, beta=0.5),
+                                         helper.make_node("Mul", ["r", "h"], ["hs"])], head="hs")
+    path = write(tmp_path / "m.onnx", nodes, inits)
+    _, _, model, _, _, _, imp = onnx_import.build(path, "m", None, None, None)
+    assert [s["type"] for s in imp.layers][:2] == ["conv2d", "hardswish"]
+    equal_to_onnxruntime(path, model)

@@ -64,16 +64,9 @@ def fuse_activations(g) -> None:
             continue
         replace(g, [div, erf, add, m1, m2], "Gelu", x, m2.output[0])
 
-def replace(g, nodes: list, op: str, x: str, out: str) -> None:
+def replace(g, nodes: list, op: str, x: str, out: str, **attrs) -> None:
     """One `op` node from tensor x to `out` in place of `nodes` (an activation written out in several)."""
-    one = g.onnx.helper.make_node(op, [x], [out], name=nodes[0].name or nodes[-1].name)
-    drop = {id(n) for n in nodes}
-    at = min(k for k, n in enumerate(g.nodes) if id(n) in drop)
-    g.nodes = [n for n in g.nodes if id(n) not in drop]
-    g.nodes.insert(at, one)
-
-# ---------------------------------------------------------------- the walk
-
+    replace_nodes(g, nodes, g.onnx.helper.make_node(op, [x], [out], name=nodes[0].name or nodes[-1].name, **attrs))
 
 
 def sum_to_add(g) -> None:
@@ -197,5 +190,79 @@ def replace_nodes(g, nodes: list, node) -> None:
     g.nodes.insert(at, node)
 
 
+def _graph_maps(g):
+    producer = {o: n for n in g.nodes for o in n.output}
+    users = collections.defaultdict(list)
+    for n in g.nodes:
+        for i in n.input:
+            users[i].append(n)
+    return producer, users
+
+
+def _operand(g, node, value: float) -> str | None:
+    """The data input of a binary node whose other input is the constant `value` (to 1e-4)."""
+    if node is None or len(node.input) != 2:
+        return None
+    a, b = node.input
+    for data_in, c in ((a, b), (b, a)):
+        if c in g.const and data_in not in g.const and np.size(g.const[c]) == 1 and \
+                abs(float(np.ravel(g.const[c])[0]) - value) < 1e-4:
+            return data_in
+    return None
+
+
+def _divided_by_six(g, node) -> str | None:
+    """The data input of a Div by 6 or a Mul by 1/6."""
+    if node is None:
+        return None
+    if node.op_type == "Div" and node.input[1] in g.const and np.size(g.const[node.input[1]]) == 1 and \
+            abs(float(np.ravel(g.const[node.input[1]])[0]) - 6) < 1e-4:
+        return node.input[0]
+    return _operand(g, node, 1 / 6) if node.op_type == "Mul" else None
+
+
+def _clip_bounds(g, node) -> tuple:
+    bounds = {a.name: a.f for a in node.attribute if a.name in ("min", "max")}
+    for k, key in ((1, "min"), (2, "max")):
+        if len(node.input) > k and node.input[k] in g.const and np.size(g.const[node.input[k]]) == 1:
+            bounds[key] = float(np.ravel(g.const[node.input[k]])[0])
+    return bounds.get("min"), bounds.get("max")
+
+
+def hard_activations(g) -> None:
+    """Hardsigmoid and hardswish written out, as paddle2onnx writes them: Clip(x + 3, 0, 6) / 6 (or * 1/6) is
+    hardsigmoid, x times it (the product taken before or after the division) hardswish; x * HardSigmoid(x)
+    (alpha 1/6, beta 1/2) is hardswish too."""
+    producer, users = _graph_maps(g)
+
+    def only_user(t):
+        return users[t][0] if len(users[t]) == 1 else None
+
+    for clip in [n for n in g.nodes if n.op_type == "Clip"]:
+        add = producer.get(clip.input[0])
+        x = _operand(g, add, 3.0) if add is not None and add.op_type == "Add" else None
+        if x is None or _clip_bounds(g, clip) != (0.0, 6.0) or only_user(add.output[0]) is not clip:
+            continue
+        after = only_user(clip.output[0])
+        if _divided_by_six(g, after) == clip.output[0]:  # hardsigmoid, then perhaps x times it
+            mul = only_user(after.output[0])
+            if mul is not None and mul.op_type == "Mul" and sorted(mul.input) == sorted([x, after.output[0]]):
+                replace(g, [add, clip, after, mul], "HardSwish", x, mul.output[0])
+            else:
+                replace(g, [add, clip, after], "HardSigmoid", x, after.output[0], alpha=1 / 6, beta=0.5)
+        elif after is not None and after.op_type == "Mul" and sorted(after.input) == sorted([x, clip.output[0]]):
+            div = only_user(after.output[0])
+            if _divided_by_six(g, div) == after.output[0]:
+                replace(g, [add, clip, after, div], "HardSwish", x, div.output[0])
+    producer, users = _graph_maps(g)
+    for hs in [n for n in g.nodes if n.op_type == "HardSigmoid"]:
+        alpha = next((a.f for a in hs.attribute if a.name == "alpha"), 0.2)
+        beta = next((a.f for a in hs.attribute if a.name == "beta"), 0.5)
+        mul = users[hs.output[0]][0] if len(users[hs.output[0]]) == 1 else None
+        if abs(alpha - 1 / 6) < 1e-6 and abs(beta - 0.5) < 1e-6 and mul is not None and mul.op_type == "Mul" and \
+                sorted(mul.input) == sorted([hs.input[0], hs.output[0]]):
+            replace(g, [hs, mul], "HardSwish", hs.input[0], mul.output[0])
+
+
 # in this order, before the walk
-PASSES = [sum_to_add, one_input_concat, affine_into_batchnorm, channel_shuffle, fuse_activations]
+PASSES = [sum_to_add, one_input_concat, affine_into_batchnorm, channel_shuffle, hard_activations, fuse_activations]

@@ -180,3 +180,34 @@ def test_x_times_hardsigmoid_of_x_is_hardswish(tmp_path):
     _, _, model, _, _, _, imp = onnx_import.build(path, "m", None, None, None)
     assert [s["type"] for s in imp.layers][:2] == ["conv2d", "hardswish"]
     equal_to_onnxruntime(path, model)
+
+
+def test_a_tf2onnx_style_graph_with_nhwc_input_imports(tmp_path):
+    """tf2onnx's Keras idiom: an N x H x W x C input transposed into NCHW first, the maps transposed back into NHWC
+    before the classifier's flatten, MatMul + Add. The import takes N x C x H x W images (the input transpose
+    absorbed) and reorders the dense weight's columns."""
+    from onnx import TensorProto
+
+    g = np.random.default_rng(5)
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2], name="to_nchw"),
+             helper.make_node("Conv", ["xt", "w", "b"], ["c"], kernel_shape=[3, 3], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Transpose", ["p"], ["pt"], perm=[0, 2, 3, 1], name="to_nhwc"),
+             helper.make_node("Reshape", ["pt", "shape"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["mm"]), helper.make_node("Add", ["mm", "fcb"], ["output"])]
+    inits = {"w": g.standard_normal((4, 3, 3, 3)).astype(np.float32), "b": g.standard_normal(4).astype(np.float32),
+             "shape": np.array([-1, 36], np.int64), "fc": g.standard_normal((36, 5)).astype(np.float32),
+             "fcb": g.standard_normal(5).astype(np.float32)}
+    graph = helper.make_graph(nodes, "tf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 3])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    path = tmp_path / "tf.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString())
+    _, spec, model, _, _, _, imp = onnx_import.build(path, "tf", None, None, None)
+    assert list(spec.model.input_shape) == [3, 8, 8]
+    assert [s["type"] for s in imp.layers] == ["conv2d", "maxpool2d", "flatten", "dense"]
+    x = g.random((2, 8, 8, 3), dtype=np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    got = model.forward(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), training=False)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

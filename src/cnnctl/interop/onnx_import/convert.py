@@ -164,6 +164,34 @@ def channel_shuffle(imp, node, a, layers) -> None:
     layers.append({"type": "channel_shuffle", "groups": int(a["groups"])})
 
 
+@converts("Transpose")
+def transpose(imp, node, a, layers) -> None:
+    """The Transposes tf2onnx writes around a Keras network: NHWC into NCHW at the input (absorbed: the imported
+    network takes N x C x H x W images, as every cnnctl network does), and NCHW back into NHWC before the flatten
+    of the classifier (the dense layer's weight columns are reordered from H, W, C to C, H, W)."""
+    perm = list(a.get("perm", []))
+    if node.input[0] == imp.input and perm == [0, 3, 1, 2] and not layers:
+        return
+    shape_in = imp.shape_in(node)
+    if perm == [0, 2, 3, 1] and shape_in is not None and len(shape_in) == 4:
+        if imp.flat or shape_in[2:] == (1, 1):
+            return  # one value per channel: the order is the same
+        imp.hwc = tuple(shape_in[1:])  # C, H, W, for the dense layer after the flatten
+        return
+    imp.fail(f"{imp.where()}: a Transpose with perm {perm} is not imported (only tf2onnx's NHWC to NCHW at the "
+             "input and NCHW to NHWC before the classifier's flatten, and ShuffleNet's channel shuffle)",
+             "export the network without it")
+
+
+def _columns_from_hwc(imp, w: np.ndarray) -> np.ndarray:
+    """A dense weight (units, features) whose features come in H, W, C order, reordered to cnnctl's C, H, W."""
+    c, h, wd = imp.hwc
+    imp.hwc = None
+    if w.shape[1] != c * h * wd:
+        imp.fail(f"{imp.where()}: its weight takes {w.shape[1]} features after a transpose of {c}x{h}x{wd} maps")
+    return np.ascontiguousarray(w.reshape(w.shape[0], h, wd, c).transpose(0, 3, 1, 2).reshape(w.shape))
+
+
 @converts("LRN")
 def lrn(imp, node, a, layers) -> None:
     """Local response normalisation across channels (AlexNet, GoogLeNet): ONNX's window, size channels."""
@@ -232,15 +260,18 @@ def gemm(imp, node, a, layers) -> None:
         imp.fail(f"{imp.where()}: its weight takes {w.shape[1]} features but {shape_in[1]} arrive",
                  "the file is damaged; export it again")
     imp.flat_for_dense(layers)
+    if imp.hwc is not None:
+        w = _columns_from_hwc(imp, w)
     imp.weighted(layers, {"type": "dense", "units": int(w.shape[0])}, w, ins)
 
 
 @converts("MatMul")
 def matmul(imp, node, a, layers) -> None:
-    w = imp.param(node.input[1], ndim=2)
+    w = np.ascontiguousarray(imp.param(node.input[1], ndim=2).T)
     imp.flat_for_dense(layers)
-    imp.add_layer(layers, {"type": "dense", "units": int(w.shape[1]), "bias": False},
-                  {"weight": np.ascontiguousarray(w.T)})
+    if imp.hwc is not None:
+        w = _columns_from_hwc(imp, w)
+    imp.add_layer(layers, {"type": "dense", "units": int(w.shape[0]), "bias": False}, {"weight": w})
 
 
 def constant_add(imp, node, a, layers) -> None:

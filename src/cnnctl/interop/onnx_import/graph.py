@@ -73,23 +73,28 @@ class Graph:
         v = inputs[0]
         dims = v.type.tensor_type.shape.dim
         shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-        if len(dims) != 4 or not dims[1].HasField("dim_value"):
+        users = [n for n in self.graph.node if v.name in n.input]
+        # tf2onnx's NHWC input: its one user a Transpose into N x C x H x W, which the import absorbs
+        self.nhwc = len(dims) == 4 and len(users) == 1 and users[0].op_type == "Transpose" and \
+            [list(a.ints) for a in users[0].attribute if a.name == "perm"] == [[0, 3, 1, 2]]
+        c_at, hw_at = (3, (1, 2)) if self.nhwc else (1, (2, 3))
+        if len(dims) != 4 or not dims[c_at].HasField("dim_value"):
             self.fail(f"input {v.name!r} has shape {shown}; cnnctl imports N x C x H x W images, C fixed",
                       "export the image classifier with its N x C x H x W input")
         fixed = [dims[k].dim_value if dims[k].HasField("dim_value") and dims[k].dim_value > 0 else None
-                 for k in (2, 3)]
+                 for k in hw_at]
         if self.input_size is not None:
             if any(f is not None and f != want for f, want in zip(fixed, self.input_size)):
                 self.fail(f"--input-size {self.input_size[0]},{self.input_size[1]}: the graph's input {v.name!r} is "
                           f"fixed at {shown}", "leave out --input-size, or give the size the graph has")
-            for k, want in zip((2, 3), self.input_size):  # the graph is then checked at that size (shapes)
+            for k, want in zip(hw_at, self.input_size):  # the graph is then checked at that size (shapes)
                 dims[k].Clear()
                 dims[k].dim_value = int(want)
         elif None in fixed:
             self.fail(f"input {v.name!r} has shape {shown}: its height and width are not fixed in the graph",
                       "give the image size to import it at: --input-size H,W (e.g. --input-size 224,224)")
         self.batch_one = dims[0].HasField("dim_value") and dims[0].dim_value == 1  # fixed at 1, as zoo files are
-        return v.name, tuple(int(d.dim_value) for d in dims[1:])
+        return v.name, tuple(int(dims[k].dim_value) for k in (c_at, *hw_at))
 
     def batch_free_reshapes(self) -> None:
         """In a graph whose batch is fixed at 1 (the model zoo's, a torch export with a batch-1 dummy input), a
@@ -128,7 +133,8 @@ class Graph:
             dims = v.type.tensor_type.shape.dim
             if all(d.HasField("dim_value") for d in dims) and v.type.tensor_type.HasField("shape"):
                 shapes[v.name] = tuple(int(d.dim_value) for d in dims)
-        shapes[input_name] = (BATCH, *chw)
+        c, h, w = chw
+        shapes[input_name] = (BATCH, h, w, c) if self.nhwc else (BATCH, c, h, w)
         return shapes
 
     # ---------------------------------------------------------------- constant folding

@@ -55,6 +55,7 @@ class _Importer(Graph):
         self.depth = 0
         self.flat = False
         self.node = None
+        self.hwc: tuple | None = None  # (C, H, W) of maps transposed to NHWC before the flatten (tf2onnx)
 
     def _check_operators(self) -> None:
         """Every node that carries data (after folding) must be one cnnctl maps: all others in one message."""

@@ -593,3 +593,21 @@ def test_a_graph_with_two_inputs_is_refused(tmp_path):
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)])
     (tmp_path / "two.onnx").write_bytes(helper.make_model(graph).SerializeToString())
     expect_error(["import", tmp_path / "two.onnx", "--out", tmp_path / "o"], "2 inputs (a, b)")
+
+
+@pytest.mark.parametrize("name", [n for n in NETWORKS if "softmax" not in n])
+def test_torch_networks_exported_with_a_batch_of_one_import_for_any_batch(tmp_path, name):
+    """torch.onnx.export with a batch-1 dummy input and no dynamic axes fixes the batch at 1 in every shape and
+    flatten: the import still takes any batch."""
+    make, shape, keep_bn = NETWORKS[name]
+    torch.manual_seed(0)
+    net = make().eval()
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(net, torch.zeros(1, *shape), str(path), dynamo=False, input_names=["input"],
+                      output_names=["output"], opset_version=17, do_constant_folding=not keep_bn)
+    _, _, model, _, _, _, _ = onnx_import.build(path, name, None, None, None)
+    x = np.random.default_rng(1).random((2, *shape), dtype=np.float32)
+    session = ort.InferenceSession(str(path))
+    ref = np.concatenate([session.run(None, {"input": x[i:i + 1]})[0] for i in range(2)])
+    got = model.forward(x, training=False)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -102,10 +102,15 @@ class Graph:
         that dimension), which is the same at batch 1 and lets the import take any batch."""
         if not self.batch_one:
             return
+        known = dict(self.const)  # initializers, and Constant nodes' values (torch writes shapes as those)
         for node in self.graph.node:
-            if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in self.const:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if node.op_type == "Constant" and value is not None and node.output:
+                known[node.output[0]] = self._array(value, f"the value of node {node.name!r}")
+        for node in self.graph.node:
+            if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in known:
                 continue
-            target = np.asarray(self.const[node.input[1]])
+            target = np.asarray(known[node.input[1]])
             if target.ndim == 1 and target.size >= 2 and int(target[0]) == 1:
                 name = f"{node.input[1]}/batch"
                 value = target.astype(np.int64).copy()

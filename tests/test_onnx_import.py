@@ -3,6 +3,7 @@ by cnnctl: outputs equal onnxruntime's to 1e-4 of the largest; every shipped con
 graphs cnnctl cannot take are one message naming what is in the way."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -327,12 +328,64 @@ def test_the_cli_writes_a_config_and_checkpoint_every_verb_takes(tmp_path):
     assert np.abs(again - first).max() <= 1e-4 * np.abs(first).max()
 
 
-def test_a_folder_of_images_fine_tunes_an_imported_network(tmp_path):
+class _Shuffle(nn.Module):
+    """torchvision's ShuffleNet channel_shuffle: view, transpose, view."""
+
+    def __init__(self, groups):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        return x.view(b, self.groups, c // self.groups, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+
+
+def alexnet_style(path):
+    """An AlexNet-style graph as Caffe's converters write it: LRN after the first two convolutions (torch's own
+    export writes LocalResponseNorm out in a dozen nodes with an If)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = np.random.default_rng(7)
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("LRN", ["r1"], ["n1"], size=5, alpha=1e-2, beta=0.75, bias=2.0),
+             helper.make_node("MaxPool", ["n1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("LRN", ["r2"], ["n2"], size=3),
+             helper.make_node("MaxPool", ["n2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p2"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["output"], transB=1)]
+    inits = {"w1": g.standard_normal((8, 1, 3, 3)) * 0.5, "b1": g.standard_normal(8) * 0.1,
+             "w2": g.standard_normal((8, 8, 3, 3)) * 0.2, "b2": g.standard_normal(8) * 0.1,
+             "fw": g.standard_normal((4, 8 * 5 * 5)) * 0.1, "fb": np.zeros(4)}
+    graph = helper.make_graph(nodes, "alexnet-style", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                     ["N", 1, 20, 20])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString())
+    return path
+
+
+def shufflenet_style():  # a grouped convolution, the channel shuffle, another grouped convolution
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 1, groups=2), _Shuffle(2), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                         nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1, groups=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("make, layer", [(small_cnn, None), (alexnet_style, "lrn"),
+                                         (shufflenet_style, "channel_shuffle")], ids=["small", "lrn", "shuffle"])
+def test_a_folder_of_images_fine_tunes_an_imported_network(tmp_path, make, layer):
+    """Fine-tuned from the import (backward through every layer, the new ones too), resumed bit for bit, exported
+    back and equal to onnxruntime."""
     pytest.importorskip("PIL")
     from PIL import Image
 
-    path = export(small_cnn(), (1, 20, 20), tmp_path / "s.onnx")
+    path = make(tmp_path / "s.onnx") if make is alexnet_style else \
+        export(make(), (1, 20, 20), tmp_path / "s.onnx", keep_batchnorm=True)
     invoke("import", path, "--out", tmp_path / "imp")
+    if layer is not None:
+        assert f"type: {layer}" in (tmp_path / "imp" / "config.yaml").read_text()
     g = np.random.default_rng(0)
     for split, n in (("train", 12), ("test", 4)):
         for k in range(4):
@@ -346,7 +399,8 @@ def test_a_folder_of_images_fine_tunes_an_imported_network(tmp_path):
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(cfg))
     res = invoke("train", tmp_path / "ft.yaml", "--init-from", tmp_path / "imp" / "model.safetensors",
                  "--runs-dir", tmp_path / "runs")
-    assert "copied 8 of 8 parameters and buffers" in res.output
+    copied = re.search(r"copied (\d+) of (\d+) parameters and buffers", res.output)
+    assert copied and copied[1] == copied[2], res.output
     # resumed: 1 epoch, then on to 2, equals the 2 epochs straight, bit for bit
     invoke("train", tmp_path / "ft.yaml", "--init-from", tmp_path / "imp" / "model.safetensors", "--set",
            "train.epochs=1", "--runs-dir", tmp_path / "part")

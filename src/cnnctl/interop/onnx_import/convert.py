@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .graph import BATCH, pair
+from .graph import BATCH, pair, reshaped
 
 CONVERTERS: dict[str, Callable] = {}
 JOINS = {"Add", "Concat", "Mul", "Sum"}  # nodes that may join branches (walk.py); a constant operand is a converter's
@@ -242,7 +242,7 @@ def reshape(imp, node, a, layers) -> None:
             int(np.ravel(given)[0]) == 1 and int(np.ravel(given)[1]) in (-1, int(np.prod(shape_in[1:]))):
         target = (BATCH, int(np.prod(shape_in[1:])))  # (1, features) in a graph whose batch is fixed at 1: a flatten
     if target is None and given is not None and shape_in is not None:  # shape inference left it: from the constant
-        target = _reshaped(np.ravel(given).astype(np.int64).tolist(), shape_in)
+        target = reshaped(np.ravel(given).astype(np.int64).tolist(), shape_in)
     if target is None or len(target) != 2 or target[0] != BATCH:
         imp.fail(f"Reshape {node.name!r} to {target}: only a flatten to (N, features) is imported "
                  "(a reshape that depends on the batch or keeps feature maps cannot be)")
@@ -382,15 +382,6 @@ def _pool(imp, node, a, layers) -> None:
     if node.op_type == "AveragePool" and any(pads[:2]) and not int(a.get("count_include_pad", 0)):
         spec["count_include_pad"] = False  # ONNX's default, where padding makes it matter
     layers.append(spec)
-
-def _reshaped(given: list[int], shape_in: tuple) -> tuple | None:
-    """The shape ONNX's Reshape makes of shape_in with `given` (0: that dimension copied, -1: what is left)."""
-    dims = [shape_in[k] if d == 0 and k < len(shape_in) else d for k, d in enumerate(given)]
-    total, known = int(np.prod(shape_in)), int(np.prod([d for d in dims if d != -1]))
-    if dims.count(-1) > 1 or known <= 0 or total % known:
-        return None
-    return tuple(total // known if d == -1 else d for d in dims)
-
 
 def _ceil_by_padding(node, a, shape_in, k, s, pads) -> bool:
     """Whether pooling padded more at the bottom and right (less than a stride more) gives what the same pooling,

@@ -34,6 +34,15 @@ def pair(v) -> int | list[int]:
     return v[0] if len(set(v)) == 1 else v
 
 
+def reshaped(given: list[int], shape_in: tuple) -> tuple | None:
+    """The shape ONNX's Reshape makes of shape_in with `given` (0: that dimension copied, -1: what is left)."""
+    dims = [shape_in[k] if d == 0 and k < len(shape_in) else d for k, d in enumerate(given)]
+    total, known = int(np.prod(shape_in)), int(np.prod([d for d in dims if d != -1]))
+    if dims.count(-1) > 1 or known <= 0 or total % known:
+        return None
+    return tuple(total // known if d == -1 else d for d in dims)
+
+
 class Graph:
     """The graph as read: its constants (initializers, Constant nodes, and every node that folds into one),
     every tensor's shape with the batch as BATCH, its input and opset."""
@@ -118,6 +127,15 @@ class Graph:
                 self.const[name] = value
                 self.graph.initializer.append(self.numpy_helper.from_array(value, name))
                 node.input[1] = name
+
+    def out_shape(self, node) -> tuple | None:
+        """The shape of a node's output as shape inference gave it, or for a Reshape whose target folded to a
+        constant, as that target makes it of the input's."""
+        known = self.shapes.get(node.output[0])
+        if known is None and node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in self.const and \
+                self.shapes.get(node.input[0]) is not None:
+            known = reshaped(np.ravel(self.const[node.input[1]]).astype(np.int64).tolist(), self.shapes[node.input[0]])
+        return known
 
     def _shapes(self, input_name: str, chw: tuple) -> dict[str, tuple]:
         """Every tensor's shape, the batch being BATCH."""

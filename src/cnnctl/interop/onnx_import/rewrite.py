@@ -7,6 +7,8 @@ import collections
 
 import numpy as np
 
+from .graph import reshaped
+
 
 def fuse_activations(g) -> None:
     """Activations written out in several nodes, one node each: x * (1 + erf(x / sqrt 2)) / 2, as torch (Div,
@@ -145,14 +147,6 @@ def affine_into_batchnorm(g) -> None:
         del node.attribute[:]
 
 
-def _batch_marks(g) -> set[int]:
-    """What a reshape's target may hold for the batch: 0 (copy), -1 (infer), the marker the shapes were computed
-    with (a torch export's folded Shape chain), and 1 in a graph whose batch is fixed at 1."""
-    from .graph import BATCH
-
-    return {0, -1, BATCH} | ({1} if g.batch_one else set())
-
-
 def channel_shuffle(g) -> None:
     """Reshape to (N, groups, C / groups, H, W), Transpose (0, 2, 1, 3, 4), Reshape back to (N, C, H, W), as
     ShuffleNet's exporters write the channel shuffle: one `channel_shuffle` node (domain cnnctl)."""
@@ -161,7 +155,6 @@ def channel_shuffle(g) -> None:
     for n in g.nodes:
         for i in n.input:
             users[i].append(n)
-    marks = _batch_marks(g)
     for t in [n for n in g.nodes if n.op_type == "Transpose"]:
         perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
         first, after = producer.get(t.input[0]), users.get(t.output[0], [])
@@ -169,13 +162,18 @@ def channel_shuffle(g) -> None:
                 after[0].op_type != "Reshape" or len(users[first.output[0]]) != 1:
             continue
         last, shape = after[0], g.shapes.get(first.input[0])
-        grid, back = (g.const.get(n.input[1]) if len(n.input) > 1 else None for n in (first, last))
-        if shape is None or len(shape) != 4 or grid is None or back is None:
+        grid = g.out_shape(first)
+        if shape is None or len(shape) != 4 or grid is None or len(grid) != 5:
             continue
-        grid, back = np.ravel(grid).astype(np.int64).tolist(), np.ravel(back).astype(np.int64).tolist()
-        c, h, w = shape[1:]
-        if len(grid) != 5 or grid[0] not in marks or grid[1] * grid[2] != c or grid[3:] != [h, w] or \
-                len(back) != 4 or back[0] not in marks or back[1:] != [c, h, w]:
+        back = g.shapes.get(last.output[0])
+        if back is None and len(last.input) > 1 and last.input[1] in g.const:  # from the folded target
+            back = reshaped(np.ravel(g.const[last.input[1]]).astype(np.int64).tolist(),
+                            (grid[0], grid[2], grid[1], *grid[3:]))
+        if back is None:
+            continue
+        n, c, h, w = shape
+        if len(grid) != 5 or grid[0] != n or grid[1] * grid[2] != c or tuple(grid[3:]) != (h, w) or \
+                tuple(back) != tuple(shape):
             continue
         node = g.onnx.helper.make_node("ChannelShuffle", [first.input[0]], [last.output[0]], domain="cnnctl",
                                        name=t.name or last.name, groups=int(grid[1]))

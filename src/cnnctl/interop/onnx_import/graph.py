@@ -139,14 +139,22 @@ class Graph:
 
     def _shapes(self, input_name: str, chw: tuple) -> dict[str, tuple]:
         """Every tensor's shape, the batch being BATCH."""
-        m = self.onnx.ModelProto()
-        m.CopyFrom(self.model)
+        helper = self.onnx.helper
+        # the weights' values are not needed for shapes, only their shapes: a large initializer goes in as an input
+        # of its shape (serialising VGG-19's 550 MB for inference took most of its import); small ones (reshape
+        # targets, axes) keep their values for the inference's data propagation
+        declared = {v.name for v in self.graph.input}
+        small = [t for t in self.graph.initializer if int(np.prod(t.dims, dtype=object)) <= 4096]
+        large = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in self.graph.initializer
+                 if int(np.prod(t.dims, dtype=object)) > 4096 and t.name not in declared]
+        graph = helper.make_graph(list(self.graph.node), self.graph.name or "g", [*self.graph.input, *large],
+                                  list(self.graph.output), small)
+        m = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+        m.ir_version = max(self.model.ir_version, 4)  # IR 3 counts only initializers listed as inputs
         for v in m.graph.input:
             if v.name == input_name:
                 v.type.tensor_type.shape.dim[0].Clear()
                 v.type.tensor_type.shape.dim[0].dim_value = BATCH
-        del m.graph.value_info[:]
-        m.ir_version = max(m.ir_version, 4)  # IR 3 counts only initializers listed as inputs; shapes need all
         try:
             m = self.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
         except Exception as e:

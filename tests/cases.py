@@ -118,6 +118,8 @@ CASES = {
                   ("hardswish_wide", lambda g: nn.HardSwish(), (2, 3, 4, 5))],
     "silu": [("silu", lambda g: nn.SiLU(), (3, 4, 5)), ("silu_wide", lambda g: nn.SiLU(), (2, 3, 4, 5))],
     "mish": [("mish", lambda g: nn.Mish(), (3, 4, 5)), ("mish_wide", lambda g: nn.Mish(), (2, 3, 4, 5))],
+    "scale": [("scale_maps", lambda g: nn.Scale(3), (2, 3, 4, 5)),
+              ("scale_flat_nobias", lambda g: nn.Scale(4, bias=False), (3, 4))],
     "channel_shuffle": [("shuffle3", lambda g: nn.ChannelShuffle(3), (2, 6, 3, 4)),
                         ("shuffle2_of_8", lambda g: nn.ChannelShuffle(2), (2, 8, 2, 3))],
     # odd sizes only: torch's window for an even size reaches the other way (ONNX's is tested against onnxruntime)

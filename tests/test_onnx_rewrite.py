@@ -65,9 +65,14 @@ def test_a_per_channel_scale_and_shift_after_batchnorm_fold_into_it(tmp_path):
     equal_to_onnxruntime(path, model)
 
 
-def test_a_per_channel_scale_elsewhere_is_named(tmp_path):
+def test_a_per_channel_scale_elsewhere_is_a_scale_layer(tmp_path):
+    """Where the Mul and Add of per-channel constants follow something else than a batchnorm (here a ReLU): a
+    `scale` layer, its bias from the Add."""
     path = _scaled_batchnorm(tmp_path, after="relu")
-    expect_error(["import", path, "--out", tmp_path / "out"], "'scale'", "Mul")
+    _, _, model, _, _, _, imp = onnx_import.build(path, "m", None, None, None)
+    assert [s["type"] for s in imp.layers] == ["conv2d", "batchnorm", "scale", "relu", "global_avgpool2d", "dense"]
+    assert "bias" not in imp.layers[2]
+    equal_to_onnxruntime(path, model)
 
 
 @pytest.mark.parametrize("size", [1, 2, 4, 5])

@@ -88,6 +88,20 @@ class Root(tnn.Module):
 
 
 # the torch reference of every registered layer type, by its tag (a test asserts every tag has one)
+class TorchScale(tnn.Module):
+    """cnnctl's scale layer in torch: a per-channel weight and bias."""
+
+    def __init__(self, channels, bias):
+        super().__init__()
+        self.weight = tnn.Parameter(torch.ones(channels))
+        self.bias = tnn.Parameter(torch.zeros(channels)) if bias else None
+
+    def forward(self, x):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = x * self.weight.view(shape)
+        return y + self.bias.view(shape) if self.bias is not None else y
+
+
 TORCH = {
     "sequential": lambda layer: tnn.Sequential(*[to_torch(child) for child in layer.layers]),
     "residual": Residual,
@@ -113,6 +127,7 @@ TORCH = {
     "hardswish": lambda layer: tnn.Hardswish(),
     "silu": lambda layer: tnn.SiLU(),
     "mish": lambda layer: tnn.Mish(),
+    "scale": lambda layer: TorchScale(layer.channels, "bias" in layer.params),
     "channel_shuffle": lambda layer: tnn.ChannelShuffle(layer.groups),
     "lrn": lambda layer: tnn.LocalResponseNorm(layer.size, layer.alpha, layer.beta, layer.k),
     "tanh": lambda layer: tnn.Tanh(),

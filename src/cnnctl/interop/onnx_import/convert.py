@@ -274,8 +274,35 @@ def matmul(imp, node, a, layers) -> None:
     imp.add_layer(layers, {"type": "dense", "units": int(w.shape[0]), "bias": False}, {"weight": w})
 
 
+def _channel_values(imp, name: str, role: str) -> np.ndarray:
+    """A constant operand as one value per channel of the node's data input (N, C, ...): of shape (C, 1, 1),
+    (1, C, 1, 1), (C,) on (N, C), or one number for every channel."""
+    shape_in = imp.shape_in(imp.node)
+    value = imp.param(name, role)
+    c = shape_in[1] if shape_in is not None and len(shape_in) >= 2 else None
+    v = value
+    while v.ndim > (len(shape_in) - 1 if shape_in else 1) and v.shape[0] == 1:
+        v = v[0]
+    if c is not None and v.size == 1:
+        return np.full(c, float(v.ravel()[0]), np.float32)
+    if c is not None and v.shape[:1] == (c,) and all(d == 1 for d in v.shape[1:]):
+        return np.ascontiguousarray(v.reshape(c))
+    imp.fail(f"{imp.where()}: its constant {name!r} of shape {list(value.shape)} is not one value per channel of "
+             f"its input {list(shape_in) if shape_in else '?'}", "cnnctl imports per-channel products and sums")
+
+
+@converts("Mul")
+def constant_mul(imp, node, a, layers) -> None:
+    """A product with a per-channel constant (one data input: products of branches are the walk's joins):
+    a `scale` layer, whose bias an Add right after it gives (a batchnorm before it takes both, rewrite.py)."""
+    const = [i for i in node.input if i in imp.const]
+    weight = _channel_values(imp, const[0], "factor")
+    imp.add_layer(layers, {"type": "scale", "bias": False}, {"weight": weight})
+
+
 def constant_add(imp, node, a, layers) -> None:
-    """A constant added (one data input: joins of branches are the walk's): the bias of the MatMul before it."""
+    """A constant added (one data input: joins of branches are the walk's): the bias of the MatMul or the scale
+    before it, else a `scale` layer with factors of 1."""
     const = [i for i in node.input if i in imp.const]
     last = layers[-1] if layers else None
     if last is not None and last["type"] == "dense" and last.get("bias") is False and const:
@@ -284,7 +311,12 @@ def constant_add(imp, node, a, layers) -> None:
             del last["bias"]
             imp.weights[last["_path"] + ".bias"] = b
             return
-    imp.fail(f"Add {node.name!r}: a constant added anywhere but as a MatMul's bias is not imported")
+    bias = _channel_values(imp, const[0], "bias")
+    if last is not None and last["type"] == "scale" and last.get("bias") is False:
+        del last["bias"]
+        imp.weights[last["_path"] + ".bias"] = bias
+        return
+    imp.add_layer(layers, {"type": "scale"}, {"weight": np.ones_like(bias), "bias": bias})
 
 
 CONVERTERS["Add"] = constant_add  # Add also joins branches: JOINS

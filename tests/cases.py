@@ -120,6 +120,8 @@ CASES = {
     "mish": [("mish", lambda g: nn.Mish(), (3, 4, 5)), ("mish_wide", lambda g: nn.Mish(), (2, 3, 4, 5))],
     "scale": [("scale_maps", lambda g: nn.Scale(3), (2, 3, 4, 5)),
               ("scale_flat_nobias", lambda g: nn.Scale(4, bias=False), (3, 4))],
+    "layernorm2d": [("layernorm2d", lambda g: nn.LayerNorm2D(5, 1e-6), (2, 5, 3, 4)),
+                    ("layernorm2d_eps", lambda g: nn.LayerNorm2D(3, 1e-2), (2, 3, 2, 2))],
     "channel_shuffle": [("shuffle3", lambda g: nn.ChannelShuffle(3), (2, 6, 3, 4)),
                         ("shuffle2_of_8", lambda g: nn.ChannelShuffle(2), (2, 8, 2, 3))],
     # odd sizes only: torch's window for an even size reaches the other way (ONNX's is tested against onnxruntime)

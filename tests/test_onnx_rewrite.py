@@ -216,3 +216,26 @@ def test_a_tf2onnx_style_graph_with_nhwc_input_imports(tmp_path):
     ref = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
     got = model.forward(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), training=False)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_convnext_style_layernorm_over_channels_imports(tmp_path):
+    """ConvNeXt's LayerNorm as torch exports it (permute, LayerNormalization over the last axis, permute back)
+    becomes `layernorm2d`; exported again, cnnctl writes the same three nodes."""
+    torch = pytest.importorskip("torch")
+    from tests.torch_models import TorchLayerNorm2d
+
+    torch.manual_seed(0)
+    ln = TorchLayerNorm2d(6, eps=1e-6)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_()
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), ln, torch.nn.GELU(),
+                              torch.nn.Conv2d(6, 6, 7, padding=3, groups=6), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(6, 4)).eval()
+    path = tmp_path / "convnext.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 12, 12), str(path), dynamo=False, input_names=["input"],
+                      output_names=["output"], dynamic_axes={"input": {0: "N"}}, opset_version=17)
+    _, _, model, _, _, _, imp = onnx_import.build(path, "c", None, None, None)
+    assert [s["type"] for s in imp.layers][:3] == ["conv2d", "layernorm2d", "gelu"]
+    assert imp.layers[1]["eps"] == 1e-6
+    equal_to_onnxruntime(path, model, (3, 12, 12))

@@ -88,6 +88,13 @@ class Root(tnn.Module):
 
 
 # the torch reference of every registered layer type, by its tag (a test asserts every tag has one)
+class TorchLayerNorm2d(tnn.LayerNorm):
+    """ConvNeXt's channels-first LayerNorm: LayerNorm(C) over channels-last maps, permuted there and back."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class TorchScale(tnn.Module):
     """cnnctl's scale layer in torch: a per-channel weight and bias."""
 
@@ -127,6 +134,7 @@ TORCH = {
     "hardswish": lambda layer: tnn.Hardswish(),
     "silu": lambda layer: tnn.SiLU(),
     "mish": lambda layer: tnn.Mish(),
+    "layernorm2d": lambda layer: TorchLayerNorm2d(layer.channels, layer.eps),
     "scale": lambda layer: TorchScale(layer.channels, "bias" in layer.params),
     "channel_shuffle": lambda layer: tnn.ChannelShuffle(layer.groups),
     "lrn": lambda layer: tnn.LocalResponseNorm(layer.size, layer.alpha, layer.beta, layer.k),

@@ -192,6 +192,21 @@ def _columns_from_hwc(imp, w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(w.shape[0], h, wd, c).transpose(0, 3, 1, 2).reshape(w.shape))
 
 
+@converts("LayerNorm2d")
+def layernorm2d(imp, node, a, layers) -> None:
+    """ConvNeXt's LayerNorm over the channels (rewrite.channels_layernorm makes the Transposes and the
+    LayerNormalization between them this one node)."""
+    if node.domain != "cnnctl":
+        imp.fail(f"node {node.name!r}: LayerNorm2d is not an ONNX operator", "export the network with ONNX's")
+    shape_in = imp.shape_in(node)
+    c = (shape_in[1],) if shape_in is not None and len(shape_in) == 4 else None
+    weight = imp.param(node.input[1], "scale", shape=c)
+    bias = imp.param(node.input[2], "bias", shape=weight.shape) if len(node.input) > 2 and node.input[2] else \
+        np.zeros_like(weight)
+    eps = float(str(np.float32(a.get("epsilon", 1e-5))))
+    imp.add_layer(layers, {"type": "layernorm2d", "eps": eps}, {"weight": weight, "bias": bias})
+
+
 @converts("LRN")
 def lrn(imp, node, a, layers) -> None:
     """Local response normalisation across channels (AlexNet, GoogLeNet): ONNX's window, size channels."""

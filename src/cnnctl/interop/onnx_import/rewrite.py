@@ -188,6 +188,24 @@ def replace_nodes(g, nodes: list, node) -> None:
     g.nodes.insert(at, node)
 
 
+def channels_layernorm(g) -> None:
+    """Transpose to channels last, LayerNormalization over the last axis, Transpose back (ConvNeXt's LayerNorm as
+    torch exports it): one `layernorm2d` node (domain cnnctl) with the scale and bias."""
+    producer, users = _graph_maps(g)
+    for ln in [n for n in g.nodes if n.op_type == "LayerNormalization"]:
+        before, after = producer.get(ln.input[0]), users.get(ln.output[0], [])
+        axis = next((a.i for a in ln.attribute if a.name == "axis"), -1)
+        perms = [[list(a.ints) for a in n.attribute if a.name == "perm"] for n in (before, *after[:1]) if n]
+        if before is None or before.op_type != "Transpose" or len(after) != 1 or after[0].op_type != "Transpose" or \
+                perms != [[[0, 2, 3, 1]], [[0, 3, 1, 2]]] or axis not in (-1, 3) or len(users[before.output[0]]) != 1 \
+                or len(ln.output) > 1 and any(ln.output[1:]):
+            continue
+        eps = next((a.f for a in ln.attribute if a.name == "epsilon"), 1e-5)
+        node = g.onnx.helper.make_node("LayerNorm2d", [before.input[0], *ln.input[1:3]], [after[0].output[0]],
+                                       domain="cnnctl", name=ln.name or after[0].name, epsilon=eps)
+        replace_nodes(g, [before, ln, after[0]], node)
+
+
 def _graph_maps(g):
     producer = {o: n for n in g.nodes for o in n.output}
     users = collections.defaultdict(list)
@@ -263,4 +281,5 @@ def hard_activations(g) -> None:
 
 
 # in this order, before the walk
-PASSES = [sum_to_add, one_input_concat, affine_into_batchnorm, channel_shuffle, hard_activations, fuse_activations]
+PASSES = [sum_to_add, one_input_concat, affine_into_batchnorm, channel_shuffle, channels_layernorm,
+          hard_activations, fuse_activations]

@@ -149,6 +149,31 @@ def test_nested_residual_joins_import_to_24_deep_and_more_are_one_message(tmp_pa
     expect_error(["import", path, "--out", tmp_path / "out"], "nested more than 24 deep")
 
 
+def test_the_walk_takes_no_python_stack_per_level(tmp_path, monkeypatch):
+    """The walk runs on an explicit stack: 24 nested joins import with Python's recursion limit at 80 frames more
+    than the walk's start needs (a recursive walk took about three frames a level)."""
+    import inspect
+    import sys
+
+    from cnnctl.interop.onnx_import.read import read_model
+    from cnnctl.interop.onnx_import.walk import import_model
+
+    nodes, inits = nested_residuals(24)
+    proto = read_model(write(tmp_path / "m24.onnx", nodes, inits))
+    monkeypatch.setattr(sys, "getrecursionlimit", sys.getrecursionlimit)  # restored after the test
+    limit = sys.getrecursionlimit()
+    try:
+        sys.setrecursionlimit(len(inspect.stack()) + 80)
+        imp = import_model(proto, "m24")
+    finally:
+        sys.setrecursionlimit(limit)
+    depth, layers = 0, imp.layers
+    while any(s["type"] == "residual" for s in layers):
+        layers = next(s for s in layers if s["type"] == "residual")["body"]
+        depth += 1
+    assert depth == 24
+
+
 @pytest.mark.parametrize("fold, inits, words", [
     (("Reshape", ["k", "shape"]), {"k": np.zeros(6, np.float32), "shape": np.array([4, 4], np.int64)}, "'fold'"),
     (("Gather", ["k", "idx"]), {"k": np.zeros(3, np.int64), "idx": np.array([7], np.int64)}, "'fold'"),

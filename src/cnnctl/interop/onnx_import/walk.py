@@ -88,7 +88,7 @@ class _Importer(Graph):
         self.output = self.graph.output[0].name
         self.flat = False  # cnnctl's tensor is (C,) where the graph's is (N, C, 1, 1) after a global pooling
         layers: list[dict] = []
-        end = self._walk(name, layers)
+        end = self._drive(self._walk(name, layers))
         if end != self.output:
             self.fail(f"the walk from the input stopped at tensor {end!r}, not at the output {self.output!r}")
         unused = [n for n in self.nodes if id(n) not in self.visited]
@@ -103,8 +103,32 @@ class _Importer(Graph):
     def _is_join(self, node) -> bool:
         return len(self.data_inputs(node)) > 1
 
-    def _walk(self, t: str, layers: list[dict]) -> str:
-        """Convert from tensor t on, appending to layers, up to a tensor that feeds a join (or the output)."""
+    @staticmethod
+    def _drive(walk):
+        """Run the walk without recursion: _walk, _fork and _fork_at are generators that hand a call they need
+        (a branch's walk, a fork in it) up as (function, arguments) and are sent its result; the calls wait on an
+        explicit stack, so a graph of any depth costs no Python stack (nesting is bounded by MAX_NESTING, the
+        depth a config may have, and said so)."""
+        stack, value = [walk], None
+        try:
+            while stack:
+                try:
+                    call = stack[-1].send(value)
+                except StopIteration as done:
+                    stack.pop()
+                    value = done.value
+                    continue
+                function, args = call
+                stack.append(function(*args))
+                value = None
+        finally:
+            for pending in reversed(stack):  # an error: the waiting calls closed (their finally blocks run)
+                pending.close()
+        return value
+
+    def _walk(self, t: str, layers: list[dict]):
+        """Convert from tensor t on, appending to layers, up to a tensor that feeds a join (or the output); a
+        generator run by _drive, its value the tensor where it stopped."""
         while True:
             cons = self.consumers.get(t, [])
             if t == self.output and not cons:
@@ -119,19 +143,19 @@ class _Importer(Graph):
                 self._convert(node, layers)
                 t = node.output[0]
                 continue
-            t = self._fork(t, cons, layers)
+            t = yield self._fork, (t, cons, layers)
 
-    def _fork(self, t: str, cons: list, layers: list[dict]) -> str:
+    def _fork(self, t: str, cons: list, layers: list[dict]):
         if self.depth >= MAX_NESTING:
             self.fail(f"branches nested more than {MAX_NESTING} deep at tensor {t!r} (a join inside a join's "
                       "branch, and so on)", "no published classifier nests so deep; the file is damaged or hostile")
         self.depth += 1
         try:
-            return self._fork_at(t, cons, layers)
+            return (yield self._fork_at, (t, cons, layers))
         finally:
             self.depth -= 1
 
-    def _fork_at(self, t: str, cons: list, layers: list[dict]) -> str:
+    def _fork_at(self, t: str, cons: list, layers: list[dict]):
         branches, ends, joins, flat, flats = [], [], {}, self.flat, []
         for c in cons:
             self.flat = flat  # every branch starts from the fork's tensor
@@ -144,7 +168,7 @@ class _Importer(Graph):
             own: list[dict] = []
             self.visited.add(id(c))
             self._convert(c, own)
-            end = self._walk(c.output[0], own)
+            end = yield self._walk, (c.output[0], own)
             ends.append(end)
             branches.append(own)
             flats.append(self.flat)  # whether the branch ended in one value per channel

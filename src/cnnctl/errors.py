@@ -6,6 +6,9 @@ a fix. Any other exception is a bug in cnnctl and keeps its traceback.
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 
 class CnnctlError(Exception):
     """A user-facing error: a message, an optional fix, and the process exit code."""
@@ -44,6 +47,17 @@ class TrainingError(CnnctlError):
 
     exit_code = 1
     collective = True  # the loss is reduced over the ranks before it is checked
+
+
+class Interrupted(CnnctlError):
+    """SIGINT or SIGTERM stopped training at a batch boundary, after last.safetensors was written."""
+
+    def __init__(self, signum: int, run_dir: Path, epoch: int, step: int):
+        last = Path(run_dir) / "checkpoints" / "last.safetensors"
+        super().__init__(f"{signal.Signals(signum).name}: stopped at epoch {epoch}, step {step}; saved {last}",
+                         f"resume with: cnnctl train --resume {run_dir}")
+        self.exit_code = 128 + signum
+        self.run_dir = run_dir
 
 
 class CnnctlWarning(UserWarning):

@@ -3,7 +3,7 @@
 
 # isort: off
 from . import train  # noqa: F401  train, eval, bench, inspect
-from . import tools  # noqa: F401  runs, plot, viz, schema, export, predict, gradcheck
+from . import tools  # noqa: F401  runs, plot, viz, data, schema, export, import, report, explain, predict, ...
 from . import sweep  # noqa: F401  sweep
 # isort: on
 from .common import app

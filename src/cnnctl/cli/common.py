@@ -18,7 +18,7 @@ from typer.core import TyperArgument
 
 from cnnctl.core import parallel
 from cnnctl.core.fileio import NotWritable, json_text, output_target
-from cnnctl.errors import CnnctlError
+from cnnctl.errors import CnnctlError, Interrupted
 from cnnctl.run import checkpoint, distributed, loading
 from cnnctl.run.console import (  # noqa: F401  (the verbs' names for them)
     _show_warning,
@@ -28,7 +28,6 @@ from cnnctl.run.console import (  # noqa: F401  (the verbs' names for them)
     printable,
     stdout,
 )
-from cnnctl.run.engine import Interrupted
 from cnnctl.run.weights import checkpoint_file
 from cnnctl.version import __version__
 

@@ -1,4 +1,5 @@
-"""Around training: runs, runs diff, plot, viz, data, schema, export, predict, gradcheck."""
+"""Around training: runs, runs diff, plot, viz, data, schema, export, import, report, explain, predict, gradcheck and
+lr-find."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from cnnctl.core.environment import environment
 from cnnctl.core.memory import refuse_over
 from cnnctl.core.nn import Loss, Model
 from cnnctl.core.schedules import resolve_mode
-from cnnctl.errors import CheckpointError, CnnctlError, ConfigError, TrainingError
+from cnnctl.errors import CheckpointError, CnnctlError, ConfigError, Interrupted, TrainingError
 
 from . import checkpoint, distributed, runs
 from .callbacks import Callback, Callbacks
@@ -40,17 +40,6 @@ from .start import dataset as run_dataset
 from .start import start as start_run
 from .step import TrainingStep
 from .weights import restore_weights
-
-
-class Interrupted(CnnctlError):
-    """SIGINT or SIGTERM stopped training at a batch boundary, after last.safetensors was written."""
-
-    def __init__(self, signum: int, run_dir: Path, epoch: int, step: int):
-        last = run_dir / "checkpoints" / "last.safetensors"
-        super().__init__(f"{signal.Signals(signum).name}: stopped at epoch {epoch}, step {step}; saved {last}",
-                         f"resume with: cnnctl train --resume {run_dir}")
-        self.exit_code = 128 + signum
-        self.run_dir = run_dir
 
 
 @dataclass

@@ -81,7 +81,8 @@ class Param(NamedTuple):
 
 
 class Layer:
-    """Base class: an identity with no parameters. Subclasses override what they change."""
+    """Base class of every layer: no parameters, the output shape of its input; a subclass gives forward and
+    backward (the base ones raise) and overrides what else it changes."""
 
     tag: ClassVar[str] = "layer"
     is_norm: ClassVar[bool] = False  # normalisation parameters (exempt from weight decay on request)

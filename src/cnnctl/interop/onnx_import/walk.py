@@ -307,7 +307,7 @@ class _Importer(Graph):
 
     def add_layer(self, layers: list[dict], spec: dict, tensors: dict) -> None:
         """A layer with weights: its tensors are kept under a provisional key, renamed to the state-dict path
-        once the whole tree is laid out (paths()). """
+        once the whole tree is laid out (emit.lay_out)."""
         key = f"#{len(self.weights)}"
         spec["_path"] = key
         for k, v in tensors.items():

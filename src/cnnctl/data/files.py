@@ -11,6 +11,7 @@ import numpy as np
 from cnnctl.core.fileio import Unreadable, read_regular
 from cnnctl.core.memory import refuse_over
 from cnnctl.errors import DataError
+from cnnctl.extras import require
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -106,11 +107,9 @@ def load_npz(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarra
 
 
 def _pillow():
-    try:
-        from PIL import Image
-    except ImportError:
-        raise DataError("decoding picture files (PNG, JPEG, ...) needs Pillow, which is not installed",
-                        "pip install 'cnnctl[images]'") from None
+    require("PIL.Image", "images", "decoding picture files (PNG, JPEG, ...) needs Pillow, which is not installed",
+            DataError)
+    from PIL import Image
     return Image
 
 
@@ -210,11 +209,8 @@ def load_folder(root: Path, input_shape, resize: int | None = None) -> tuple[lis
 def load_digits() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """scikit-learn's 8x8 digits (values 0..16, scaled to 0..255), with a fixed 20% test split
     (drawn once with seed 0, the same for every run, since the set has no test split of its own)."""
-    try:
-        from sklearn.datasets import load_digits as sk_digits
-    except ImportError:
-        raise DataError("dataset: digits needs scikit-learn, which is not installed",
-                        "pip install 'cnnctl[digits]'") from None
+    sk_digits = require("sklearn.datasets", "digits", "dataset: digits needs scikit-learn, which is not installed",
+                        DataError).load_digits
     d = sk_digits()
     x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
     y = d.target.astype(np.int64)

@@ -15,17 +15,14 @@ import numpy as np
 from cnnctl.core import nn
 from cnnctl.core.fileio import atomic_write_bytes
 from cnnctl.errors import CnnctlError
+from cnnctl.extras import require
 
 OPSET = 17
 
 
 def _onnx():
-    try:
-        import onnx
-        from onnx import helper, numpy_helper
-    except ImportError:
-        raise CnnctlError("ONNX export needs the onnx package, which is not installed",
-                          "pip install 'cnnctl[onnx]'") from None
+    onnx = require("onnx", "onnx", "ONNX export needs the onnx package, which is not installed")
+    from onnx import helper, numpy_helper
     return onnx, helper, numpy_helper
 
 

@@ -26,7 +26,8 @@ import time
 
 import numpy as np
 
-from cnnctl.errors import CnnctlError, ConfigError
+from cnnctl.errors import ConfigError
+from cnnctl.extras import require
 
 # Variables the launchers set in each rank's environment: MPICH's hydra and Intel MPI (PMI), Open MPI,
 # Slurm's srun (set for a job step only, not in the batch script around it)
@@ -156,11 +157,8 @@ def world() -> World:
         if n <= 1:
             _world = World()
         else:
-            try:
-                from mpi4py import MPI
-            except ImportError:
-                raise CnnctlError(f"started as one of {n} MPI ranks, but mpi4py is not installed",
-                                  "pip install 'cnnctl[mpi]' (mpi4py and MPICH), or run without mpiexec") from None
+            MPI = require("mpi4py.MPI", "mpi", f"started as one of {n} MPI ranks, but mpi4py is not installed "
+                          "(the mpi extra: mpi4py and MPICH)", instead="or run without mpiexec")
             _world = MPIWorld(MPI.COMM_WORLD, MPI)
     return _world
 

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from cnnctl.errors import CnnctlError
+from cnnctl.extras import require
 
 from .callbacks import Callback
 
@@ -46,11 +47,8 @@ def final_metrics(summary: dict) -> dict:
 
 class TensorBoardLogger(Callback):
     def __init__(self, run_dir: Path, config: dict):
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            raise CnnctlError("train.loggers: tensorboard needs the tensorboard extra, which is not installed",
-                              "pip install 'cnnctl[tensorboard]'") from None
+        SummaryWriter = require("tensorboardX", "tensorboard", "train.loggers: tensorboard needs the tensorboard "
+                                "extra, which is not installed").SummaryWriter
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         self.config = config
 
@@ -79,11 +77,7 @@ class MLflowLogger(Callback):
     MAX_PARAM = 500  # characters of a param value (MLflow refuses longer ones)
 
     def __init__(self, run_dir: Path, config: dict):
-        try:
-            import mlflow
-        except ImportError:
-            raise CnnctlError("train.loggers: mlflow needs the mlflow extra, which is not installed",
-                              "pip install 'cnnctl[mlflow]'") from None
+        mlflow = require("mlflow", "mlflow", "train.loggers: mlflow needs the mlflow extra, which is not installed")
         self.mlflow, self.run_dir = mlflow, Path(run_dir)
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines would interleave with progress
         try:

@@ -11,23 +11,20 @@ import numpy as np
 
 from cnnctl.core.fileio import atomic_write_bytes
 from cnnctl.errors import CnnctlError
+from cnnctl.extras import require
 
 
 def pyplot(instead: str | None = None):
     """matplotlib.pyplot on the non-interactive Agg backend, or a clear message naming the extra (and, when the
     verb has one, `instead`: what works without it)."""
-    try:
-        import matplotlib
+    matplotlib = require("matplotlib", "plot", "drawing PNG files needs matplotlib, which is not installed",
+                         instead=f"or {instead}" if instead else None)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        # every string cnnctl draws comes from a run (class names, file names, config values): plain text, never
-        # mathtext, where `$` starts a formula ($\evil$ raised, invoice_$100_to_$200.png was set as maths)
-        matplotlib.rcParams["text.parse_math"] = False
-    except ImportError:
-        raise CnnctlError("drawing PNG files needs matplotlib, which is not installed",
-                          "pip install 'cnnctl[plot]'" + (f" (or {instead})" if instead else "")) from None
+    # every string cnnctl draws comes from a run (class names, file names, config values): plain text, never
+    # mathtext, where `$` starts a formula ($\evil$ raised, invoice_$100_to_$200.png was set as maths)
+    matplotlib.rcParams["text.parse_math"] = False
     return plt
 
 

@@ -42,6 +42,7 @@ from cnnctl.core import parallel
 from cnnctl.core.fileio import atomic_write_bytes
 from cnnctl.core.schedules import resolve_mode
 from cnnctl.errors import CnnctlError, ConfigError
+from cnnctl.extras import require
 from cnnctl.run import runs
 from cnnctl.run.start import check_known_data
 
@@ -544,13 +545,11 @@ def run_ray(sweep: SweepSpec, trials: list[Trial], specs: dict, sweep_dir: Path,
     """Trials as Ray Tune trials (ASHA from Ray when asked), on a cluster or a local Ray instance."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter, which verbose=0 silences
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    try:
-        import ray
-        from ray import tune
-        from ray.tune.schedulers import ASHAScheduler
-    except ImportError:
-        raise CnnctlError("executor ray needs Ray Tune, which is not installed",
-                          "pip install 'cnnctl[ray]', or use executor: {type: local}") from None
+    ray = require("ray", "ray", "executor ray needs Ray Tune, which is not installed",
+                  instead="or use executor: {type: local}")
+    tune = require("ray.tune", "ray", "executor ray needs Ray Tune, which is not installed",
+                   instead="or use executor: {type: local}")
+    ASHAScheduler = tune.schedulers.ASHAScheduler
     ex = sweep.executor
     mode = resolve_mode(sweep.metric, sweep.mode)
     pending = [t.id for t in trials if t.id not in results]

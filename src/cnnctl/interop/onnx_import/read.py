@@ -23,6 +23,7 @@ import numpy as np
 from cnnctl.core.fileio import Unreadable, read_regular
 from cnnctl.core.memory import refuse_over
 from cnnctl.errors import CnnctlError
+from cnnctl.extras import require
 
 MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one message
 MAX_EXTERNAL_BYTES = 16 << 30  # one external data file
@@ -36,12 +37,8 @@ class ModelError(CnnctlError):
 
 
 def onnx_modules():
-    try:
-        import onnx
-        from onnx import numpy_helper, shape_inference
-    except ImportError:
-        raise CnnctlError("cnnctl import needs the onnx package, which is not installed",
-                          "pip install 'cnnctl[onnx]'") from None
+    onnx = require("onnx", "onnx", "cnnctl import needs the onnx package, which is not installed")
+    from onnx import numpy_helper, shape_inference
     return onnx, numpy_helper, shape_inference
 
 

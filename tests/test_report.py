@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from cnnctl.tools import report
 from tests.conftest import TINY
 from tests.helpers import invoke
 
@@ -124,15 +125,24 @@ def _browser():
 def test_a_real_browser_renders_every_picture_without_console_errors(finished, tmp_path):
     _, run = finished
     invoke("report", run, "--out", tmp_path / "page.html")
-    # a copy with a check appended: after load, every picture's natural width goes into the title
-    probe = (tmp_path / "page.html").read_text().replace(
-        "</body>", "<script>addEventListener('load', () => { document.title = 'widths:' + "
-                   "[...document.images].map(i => i.naturalWidth).join(','); });</script></body>")
-    (tmp_path / "probe.html").write_text(probe)
-    res = subprocess.run([_browser(), "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
-                          "--enable-logging=stderr", "--v=0", "--dump-dom", (tmp_path / "probe.html").as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    title = res.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
+    page = (tmp_path / "page.html").read_text()
+    script = ("<script>addEventListener('load', () => { document.title = 'widths:' + "
+              "[...document.images].map(i => i.naturalWidth).join(','); });</script></body>")
+
+    def dump(name, html):
+        (tmp_path / name).write_text(html)
+        res = subprocess.run([_browser(), "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                              "--enable-logging=stderr", "--v=0", "--dump-dom", (tmp_path / name).as_uri()],
+                             capture_output=True, text=True, timeout=120)
+        return res, res.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
+
+    # the page's Content-Security-Policy allows no script: a script that found its way in does not run
+    csp = f'<meta http-equiv="Content-Security-Policy" content="{report.CSP}">'
+    assert csp in page
+    _, title = dump("injected.html", page.replace("</body>", script))
+    assert not title.startswith("widths:"), title
+    # a copy without it, with the check appended: after load, every picture's natural width goes into the title
+    res, title = dump("probe.html", page.replace(csp, "").replace("</body>", script))
     widths = [int(w) for w in title.removeprefix("widths:").split(",")]
     assert widths and all(w > 0 for w in widths), title
     assert "Uncaught" not in res.stderr and "CONSOLE" not in res.stderr, res.stderr[-2000:]

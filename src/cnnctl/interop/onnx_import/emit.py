@@ -175,6 +175,7 @@ def build(onnx_path: Path, name: str, mean: list[float] | None, std: list[float]
     Imported)."""
     from cnnctl.config.build import build_model
     from cnnctl.config.spec import validate
+    from cnnctl.core.nn.init import SHAPES_ONLY
 
     proto = read_model(onnx_path)
     imp = import_model(proto, str(onnx_path), input_size)
@@ -213,7 +214,7 @@ def build(onnx_path: Path, name: str, mean: list[float] | None, std: list[float]
         "train": {"epochs": 10},
     }
     spec = validate(spec_dict, f"the config imported from {onnx_path}")
-    model, rows = build_model(spec.model)
+    model, rows = build_model(spec.model, SHAPES_ONLY)  # no first weights: the file's are loaded below
     own = model.state_dict()
     for key in own:  # a counter ONNX does not carry: it starts at 0, as in a fresh PyTorch model
         if key.endswith(".num_batches_tracked") and key not in named:

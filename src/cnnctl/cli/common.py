@@ -77,9 +77,9 @@ def guarded(fn):
             many = world is not None and world.size > 1
             if not many or world.root or not e.collective:
                 where = f"error ({world.label()}): " if many and not e.collective else "error: "
-                err.print(Text.assemble((where, "bold red"), e.message))
-                if e.hint:
-                    err.print(Text.assemble(("  fix: ", "bold"), e.hint))
+                # one write: under MPI another rank's abort may end this process at any moment
+                fix = (("\n  fix: ", "bold"), e.hint) if e.hint else ()
+                err.print(Text.assemble((where, "bold red"), e.message, *fix))
             if many and not e.collective:
                 world.abort(e.exit_code)
             raise typer.Exit(e.exit_code) from None

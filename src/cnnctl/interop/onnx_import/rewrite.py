@@ -14,22 +14,7 @@ def fuse_activations(g) -> None:
     """Activations written out in several nodes, one node each: x * (1 + erf(x / sqrt 2)) / 2, as torch (Div,
     Erf, Add, Mul, Mul by 0.5) and cnnctl export (Div, Erf, Add, Mul by 0.5, Mul) write GELU before opset 20's
     Gelu; x * tanh(softplus(x)), as both write Mish before opset 18's Mish."""
-    producer = {o: n for n in g.nodes for o in n.output}
-    users = collections.defaultdict(list)
-    for n in g.nodes:
-        for i in n.input:
-            users[i].append(n)
-
-    def const_of(node, value) -> str | None:
-        """The data input of a binary node whose other input is the constant `value`."""
-        if node is None or len(node.input) != 2:
-            return None
-        a, b = node.input
-        for data_in, c in ((a, b), (b, a)):
-            if c in g.const and data_in not in g.const and np.size(g.const[c]) == 1 and \
-                    abs(float(np.ravel(g.const[c])[0]) - value) < 1e-4:
-                return data_in
-        return None
+    producer, users = _graph_maps(g)
 
     def only_user(t):
         return users[t][0] if len(users[t]) == 1 else None
@@ -47,20 +32,20 @@ def fuse_activations(g) -> None:
         if div is not None and div.op_type == "Div" and div.input[1] in g.const:
             x = div.input[0] if abs(float(np.ravel(g.const[div.input[1]])[0]) - 2 ** 0.5) < 1e-4 else None
         elif div is not None and div.op_type == "Mul":
-            x = const_of(div, 2 ** -0.5)
+            x = _operand(g, div, 2 ** -0.5)
         add = only_user(erf.output[0])
-        if x is None or add is None or add.op_type != "Add" or const_of(add, 1.0) != erf.output[0]:
+        if x is None or add is None or add.op_type != "Add" or _operand(g, add, 1.0) != erf.output[0]:
             continue
         m1 = only_user(add.output[0])
         if m1 is None or m1.op_type != "Mul":
             continue
-        if const_of(m1, 0.5) == add.output[0]:  # (1 + erf) / 2, then x * that
+        if _operand(g, m1, 0.5) == add.output[0]:  # (1 + erf) / 2, then x * that
             m2 = only_user(m1.output[0])
             if m2 is None or m2.op_type != "Mul" or sorted(m2.input) != sorted([x, m1.output[0]]):
                 continue
         elif sorted(m1.input) == sorted([x, add.output[0]]):  # x * (1 + erf), then / 2
             m2 = only_user(m1.output[0])
-            if m2 is None or m2.op_type != "Mul" or const_of(m2, 0.5) != m1.output[0]:
+            if m2 is None or m2.op_type != "Mul" or _operand(g, m2, 0.5) != m1.output[0]:
                 continue
         else:
             continue
@@ -113,11 +98,7 @@ def affine_into_batchnorm(g) -> None:
     per-channel constant, then an Add of one (each through Unsqueeze or broadcast shapes, folded to constants
     before this pass), folded into the batchnorm's scale and bias: s * (gamma x^ + beta) + t. The Mul and the Add
     become Identity nodes."""
-    producer = {o: n for n in g.nodes for o in n.output}
-    users = collections.defaultdict(list)
-    for n in g.nodes:
-        for i in n.input:
-            users[i].append(n)
+    producer, users = _graph_maps(g)
     for node in [n for n in g.nodes if n.op_type in ("Mul", "Add")]:
         data = [i for i in node.input if i not in g.const]
         const = [i for i in node.input if i in g.const]
@@ -150,11 +131,7 @@ def affine_into_batchnorm(g) -> None:
 def channel_shuffle(g) -> None:
     """Reshape to (N, groups, C / groups, H, W), Transpose (0, 2, 1, 3, 4), Reshape back to (N, C, H, W), as
     ShuffleNet's exporters write the channel shuffle: one `channel_shuffle` node (domain cnnctl)."""
-    producer = {o: n for n in g.nodes for o in n.output}
-    users = collections.defaultdict(list)
-    for n in g.nodes:
-        for i in n.input:
-            users[i].append(n)
+    producer, users = _graph_maps(g)
     for t in [n for n in g.nodes if n.op_type == "Transpose"]:
         perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
         first, after = producer.get(t.input[0]), users.get(t.output[0], [])

@@ -28,7 +28,10 @@ from cnnctl import data  # noqa: E402
 from cnnctl.config.build import build_model  # noqa: E402
 from cnnctl.config.spec import load_config  # noqa: E402
 from cnnctl.core import parallel  # noqa: E402
-from cnnctl.run.engine import Callback, Seeds, Trainer, evaluate, load_data  # noqa: E402
+from cnnctl.run.callbacks import Callback  # noqa: E402
+from cnnctl.run.evaluation import evaluate  # noqa: E402
+from cnnctl.run.start import Seeds, dataset  # noqa: E402
+from cnnctl.run.trainer import Trainer  # noqa: E402
 
 GOALS = (0.90, 0.92, 0.94)
 
@@ -59,7 +62,7 @@ def run_torch(spec, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     seeds = Seeds.from_seed(spec.seed)
     model, rows_ = build_model(spec.model, seeds.init)
-    ds = load_data(spec, rows_, seeds)
+    ds = dataset(spec, rows_, seeds.data)
     net = loaded(model).train()
     o, s = spec.optimizer, spec.schedule
     decay = [p for n, p in net.named_parameters() if p.ndim > 1 or o.decay_bias_and_norm]

@@ -76,7 +76,7 @@ def test_resume_continues_the_average_exactly(tmp_path):
 
 
 def test_init_from_an_averaged_checkpoint_takes_the_average(tmp_path):
-    from cnnctl.run.engine import Trainer
+    from cnnctl.run.trainer import Trainer
 
     cfg = write_config(tmp_path, train__epochs=1, train__ema_decay=0.9)
     invoke("train", cfg, "--runs-dir", tmp_path / "r")

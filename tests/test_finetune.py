@@ -51,7 +51,7 @@ def weights(run):
 
 def initial(text):
     spec = validate(yaml.safe_load(text))
-    from cnnctl.run.engine import Seeds
+    from cnnctl.run.start import Seeds
 
     return build_model(spec.model, Seeds.from_seed(spec.seed).init)[0].state_dict()
 
@@ -115,7 +115,7 @@ def test_trainable_false_on_a_single_layer_and_block_argument_errors(tmp_path):
 
 def test_init_from_copies_what_matches_and_says_what_starts_fresh(tmp_path):
     from cnnctl.run import checkpoint
-    from cnnctl.run.engine import Trainer
+    from cnnctl.run.trainer import Trainer
 
     source = train(tmp_path / "a", TINY)
     best = source / "checkpoints" / "best.safetensors"
@@ -150,7 +150,7 @@ def test_init_from_a_pytorch_state_dict_saved_with_safetensors(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from cnnctl.run.engine import Trainer
+    from cnnctl.run.trainer import Trainer
     from tests.torch_models import to_torch
 
     data = yaml.safe_load(BN_NET)

@@ -422,7 +422,7 @@ def _strict(path):
 
 def _patched_evaluate(monkeypatch, when):
     """train.evaluate, with `when(split_name, epoch_rows, result)` able to change or raise."""
-    from cnnctl.run import engine as train
+    from cnnctl.run import trainer as train
 
     real = train.evaluate
 

@@ -210,7 +210,7 @@ def test_the_budget_honours_the_address_space_limit():
 
 
 def test_an_allocation_that_fails_anyway_is_one_message(tmp_path, monkeypatch):
-    from cnnctl.run import engine as train
+    from cnnctl.run import trainer as train
 
     def fail(*args, **kwargs):
         raise MemoryError("Unable to allocate 6.01 GiB for an array")

@@ -134,7 +134,7 @@ def test_whitening_filters_decorrelate_the_patches():
 def test_patch_whitening_initialises_the_first_convolution_from_the_data(tmp_path):
     from cnnctl.config.spec import load_config
     from cnnctl.run import whitening
-    from cnnctl.run.engine import Trainer
+    from cnnctl.run.trainer import Trainer
 
     def change(s):
         s["model"]["layers"][0].update(filters=12, kernel_size=2, init="patch_whitening")  # d = 4: 4 + 4 + 4 random

@@ -161,8 +161,8 @@ def test_val_monitor_needs_validation_data(tmp_path):
 def test_grad_clip_matches_torch():
     torch = pytest.importorskip("torch")
     from cnnctl.config.spec import Spec
-    from cnnctl.run.engine import Trainer
     from cnnctl.run.step import clip_gradients
+    from cnnctl.run.trainer import Trainer
 
     spec = Spec.model_validate({**CONFIG, "train": {"epochs": 1, "grad_clip_norm": 0.5}})
     trainer = Trainer(spec)
@@ -263,7 +263,8 @@ def test_kill_9_at_random_moments_leaves_a_resumable_run(tmp_path):
 def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
     from cnnctl.config.spec import TestTimeAugmentSpec
     from cnnctl.data import augment, batches
-    from cnnctl.run import engine as train
+    from cnnctl.run.evaluation import evaluate, infer
+    from cnnctl.run.start import run_data
 
     cfg = write_config(tmp_path, data__test_time_augment={"horizontal_flip": True}, train__epochs=1,
                        train__test_at_end=True)
@@ -272,17 +273,17 @@ def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
     path = run / "checkpoints" / "last.safetensors"
     ckpt = checkpoint.load(path)
     spec, model, rows = loading.load_model(ckpt, path)
-    ds = train.load_data(spec, rows, train.Seeds.from_seed(spec.seed), ckpt.normalization)
+    ds = run_data(spec, rows, ckpt.normalization)
     flip = TestTimeAugmentSpec(horizontal_flip=True)
     x, y = next(batches(ds, ds.test, 50))
     plain = model.forward(x, training=False).copy()
     mirrored = model.forward(np.ascontiguousarray(x[..., ::-1]), training=False).copy()
-    np.testing.assert_allclose(train.infer(model, x, flip), (plain + mirrored) / 2, rtol=1e-6, atol=1e-6)
-    assert np.array_equal(train.infer(model, x), plain)
+    np.testing.assert_allclose(infer(model, x, flip), (plain + mirrored) / 2, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(infer(model, x), plain)
     shifted = model.forward(augment.shift(x, 1, -1), training=False).copy()
     shifted_mirrored = model.forward(np.ascontiguousarray(augment.shift(x, 1, -1)[..., ::-1]), training=False).copy()
     four = TestTimeAugmentSpec(horizontal_flip=True, shifts=[[1, -1]])
-    np.testing.assert_allclose(train.infer(model, x, four), (plain + mirrored + shifted + shifted_mirrored) / 4,
+    np.testing.assert_allclose(infer(model, x, four), (plain + mirrored + shifted + shifted_mirrored) / 4,
                                rtol=1e-5, atol=1e-6)
 
     summary = json.loads((run / "summary.json").read_text())
@@ -290,8 +291,8 @@ def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
     from cnnctl.core.plan import Runner
 
     loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
-    with_flip = train.evaluate(Runner(model), loss_fn, ds, ds.test, 32, len(ds.classes), flip)
-    without = train.evaluate(Runner(model), loss_fn, ds, ds.test, 32, len(ds.classes))
+    with_flip = evaluate(Runner(model), loss_fn, ds, ds.test, 32, len(ds.classes), flip)
+    without = evaluate(Runner(model), loss_fn, ds, ds.test, 32, len(ds.classes))
     assert summary["test"]["accuracy"] == with_flip["accuracy"]
     assert abs(summary["test"]["loss"] - with_flip["loss"]) < 1e-6
     assert with_flip["loss"] != without["loss"]
@@ -308,7 +309,7 @@ def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
     res = json.loads(invoke("predict", path, tmp_path / "x.npz", "--top-k", "4", "--json").stdout)
     _, x01 = predict.load_inputs([tmp_path / "x.npz"], spec.model.input_shape)
     xn = predict.normalize(x01, ckpt.normalization)
-    probs = F.softmax(train.infer(model, xn, flip), axis=1)
+    probs = F.softmax(infer(model, xn, flip), axis=1)
     for r, p in zip(res, probs):
         got = {t["class"]: t["probability"] for t in r["top"]}
         assert got == pytest.approx(dict(zip(ds.classes, p.tolist())), abs=1e-5)

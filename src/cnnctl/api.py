@@ -102,7 +102,8 @@ def train(config: Any = None, overrides: list[str] | None = None, runs_dir: str 
     run directory under `runs_dir`, or continue the run directory `resume`. Progress is shown unless `quiet`;
     `callback` (a cnnctl.train.Callback) replaces it. Under mpiexec every rank calls this; rank 0 writes the run.
     Errors are CnnctlError with a message and a fix."""
-    from cnnctl.run.engine import Callback, session
+    from cnnctl.run.callbacks import Callback
+    from cnnctl.run.session import session
 
     if (config is None) == (resume is None):
         raise CnnctlError("give a config to start a run, or resume=RUN_DIR to continue one (not both)")
@@ -182,28 +183,7 @@ def evaluate(path: str | Path, split: str | None = "test", overrides: list[str] 
     """Loss, accuracy, per-class precision, recall, F1 and support, and the confusion matrix (rows: true class)
     of a checkpoint or run directory on a split of its data: test, val or train (None: test, or val for data
     without a test split). `overrides` apply to the checkpoint's config (--set)."""
-    from cnnctl.config.build import build_loss, check_evaluation_memory
-    from cnnctl.core.plan import Runner
-    from cnnctl.run.engine import Seeds, load_data
-    from cnnctl.run.engine import evaluate as evaluate_split
+    from cnnctl.run.evaluation import evaluate_checkpoint
 
-    if split not in ("test", "val", "train", None):
-        raise CnnctlError(f"split must be test, val or train, got {split!r}")
-    ckpt_path = checkpoint_file(_path(path, "path"))[0]
-    ckpt = loading.with_overrides(checkpoint.load(ckpt_path), _overrides(overrides))
-    spec, model, rows = loading.load_model(ckpt, ckpt_path)
-    ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)
-    if split is None:
-        split = "test" if len(ds.test) else "val"
-    if not len(ds.split(split)):
-        raise DataError(f"the {split} split of the {spec.data.dataset} data holds no images",
-                        "choose another split" + (" (val_split is 0: no validation split)" if split == "val" else ""))
-    check_evaluation_memory(spec.name, rows, min(spec.data.evaluation_batch, len(ds.split(split))))
-    res = evaluate_split(Runner(model), build_loss(spec, ds.train.y, len(ds.classes)), ds, ds.split(split),
-                         spec.data.evaluation_batch, len(ds.classes), spec.data.test_time_augment)
-    p, r = res["precision"], res["recall"]
-    f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
-    return {"checkpoint": str(ckpt_path), "epoch": ckpt.epoch, "dataset": spec.data.dataset, "split": split,
-            "n": res["n"], "loss": res["loss"], "accuracy": res["accuracy"], "classes": list(ds.classes),
-            "precision": p.tolist(), "recall": r.tolist(), "f1": f1.tolist(),
-            "support": [int(v) for v in res["support"]], "confusion_matrix": res["confusion_matrix"].tolist()}
+    path = _path(path, "path")
+    return evaluate_checkpoint(path, split, _overrides(overrides))

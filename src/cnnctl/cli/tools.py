@@ -26,8 +26,8 @@ from cnnctl.core.plan import Runner
 from cnnctl.errors import CnnctlError
 from cnnctl.interop.export import export_onnx, verify
 from cnnctl.run import runs as runs_lib
-from cnnctl.run.engine import Seeds, load_data
 from cnnctl.run.loading import load_model, offline
+from cnnctl.run.start import run_data
 from cnnctl.tools import plots
 from cnnctl.tools import predict as predict_lib
 from cnnctl.tools import sweep as sweep_lib
@@ -199,7 +199,7 @@ def data_(
     else:
         spec, rows, _ = load_target(found, list(set_ or []))
         normalization = None
-    ds = load_data(spec, rows, Seeds.from_seed(spec.seed), normalization)
+    ds = run_data(spec, rows, normalization)
     counts = data_lib.class_counts(ds)
     if out_file is not None:
         chosen = ds.split(split)

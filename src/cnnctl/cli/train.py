@@ -17,9 +17,9 @@ from cnnctl.config.build import inspect_report, receptive_field_text, shape_text
 from cnnctl.errors import CnnctlError, DataError
 from cnnctl.run import distributed
 from cnnctl.run.console import PlainProgress, RichProgress, Silent
-from cnnctl.run.engine import Seeds, Trainer, load_data
 from cnnctl.run.loading import offline
-from cnnctl.run.start import check_known_data
+from cnnctl.run.start import check_known_data, run_data
+from cnnctl.run.trainer import Trainer
 from cnnctl.tools import plots
 from cnnctl.tools.bench import bench as run_bench
 from cnnctl.tools.bench import planned
@@ -235,7 +235,7 @@ def inspect(
     check_known_data(spec, rows)
     report = inspect_report(spec, rows)
     try:  # the data too, when it is at hand (inspect never downloads)
-        report["dataset"] = load_data(offline(spec), rows, Seeds.from_seed(spec.seed)).describe()
+        report["dataset"] = run_data(offline(spec), rows).describe()
         report["training_pflops_per_epoch"] = training_pflops(rows, report["dataset"]["train"])
     except DataError as e:
         report["dataset"] = {"name": spec.data.dataset, "unavailable": e.message}

@@ -250,3 +250,20 @@ def check_batches(batch_size: int, n_train: int, size: int) -> None:
         raise ConfigError(f"the last batch of an epoch holds {last} of the {n_train:,} training images, fewer than "
                           f"the {size} MPI ranks, so some rank would have none",
                           "change data.batch_size or data.val_split a little, or run fewer ranks")
+
+
+def synchronise(world: World, model, optimizer, average=None) -> None:
+    """After an epoch, every rank takes rank 0's weights, buffers and optimizer state (one broadcast): they are
+    equal already when the reductions give every rank the same sums; with train.sync_batchnorm false this makes
+    the running statistics rank 0's on every rank."""
+    if world.size == 1:
+        return
+    state = {name: np.array(value) for name, value in model.state_dict().items()}
+    # by name, never by the order a dict was filled in (a checkpoint's tensors come back in another order on each
+    # rank): the broadcast copies arrays by position
+    optim = optimizer.state
+    arrays = [*state.values(), *(optim[name][k] for name in sorted(optim) for k in sorted(optim[name]))]
+    if average:
+        arrays += [average.average[name] for name in sorted(average.average)]
+    broadcast_state(world, arrays)
+    model.load_state_dict(state)

@@ -39,6 +39,16 @@ def create_run_dir(runs_dir: str | Path, name: str) -> Path:
                               "pass --runs-dir a writable folder (and a shorter --name)") from None
 
 
+def own_dir(path: Path) -> Path:
+    """A given run directory (a sweep's trial) made with its checkpoints folder, if it is not there yet."""
+    try:
+        (Path(path) / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CnnctlError(f"cannot create the run directory {path}: {e.strerror or e}",
+                          "give the sweep a writable folder") from None
+    return Path(path)
+
+
 @contextlib.contextmanager
 def locked(run_dir: Path):
     """Hold an exclusive lock on a run directory while training writes to it; a second process is refused with

@@ -4,6 +4,7 @@ the order their checks need (`start`, the trainer's one entry into the spec)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,30 @@ from cnnctl.core.nn import Loss, Model
 from cnnctl.core.plan import Runner
 from cnnctl.errors import DataError
 
-from . import distributed
+from . import checkpoint, distributed
+
+
+@dataclass
+class Seeds:
+    """Independent streams from one seed: weights and dropout, data generation and splits, shuffling,
+    augmentation. (Spawned children do not depend on how many are spawned, so streams can be added.)"""
+
+    init: np.random.Generator
+    data: np.random.Generator
+    shuffle: np.random.Generator
+    augment: np.random.Generator
+
+    @classmethod
+    def from_seed(cls, seed: int) -> Seeds:
+        return cls(*np.random.default_rng(seed).spawn(len(checkpoint.STREAMS)))
+
+    def state(self) -> dict:
+        return {k: copy.deepcopy(getattr(self, k).bit_generator.state)
+                for k in checkpoint.STREAMS}
+
+    def restore(self, state: dict) -> None:
+        for k, v in state.items():
+            getattr(self, k).bit_generator.state = v  # in place: layers holding the generator see it too
 
 
 def check_known_data(spec: Spec, rows: list[LayerRow]) -> None:
@@ -86,6 +110,12 @@ def dataset(spec: Spec, rows: list[LayerRow], rng: np.random.Generator, normaliz
     ds = data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress)
     check_outputs(spec, rows, len(ds.classes))
     return ds
+
+
+def run_data(spec: Spec, rows: list[LayerRow], normalization: dict | None = None, progress=None) -> data.Dataset:
+    """The dataset exactly as a run of spec saw it (the data stream of its seed), for eval, report, inspect and
+    data: with the checkpoint's normalization when given."""
+    return dataset(spec, rows, Seeds.from_seed(spec.seed).data, normalization, progress)
 
 
 @dataclass

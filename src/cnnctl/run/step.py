@@ -5,7 +5,9 @@ over the ranks, clipped (train.grad_clip_norm), the optimizer's update and the w
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,37 +25,50 @@ def clip_gradients(params, max_norm: float) -> None:
             p.layer.grads[p.key] = p.grad * p.grad.dtype.type(coef)
 
 
+class StepResult(NamedTuple):
+    """What one step gives: the global batch's loss, this rank's outputs, the global batch's correct answers, and
+    the stop requests (SIGINT, SIGTERM) of all ranks (one small reduction carries all of it)."""
+
+    loss: float
+    out: np.ndarray
+    correct: int
+    stop: int | None
+
+
 class TrainingStep:
-    """`step(x, y)` trains on one batch (this rank's share of it under MPI) and returns (loss, outputs): the loss
-    of the global batch. `reduce(loss, outputs, y) -> (loss, share)`, when given, replaces the reduction of the
-    loss over the ranks (the trainer's also counts the correct answers and the ranks' stop requests); a loss
-    that is not finite is handed to `on_nonfinite` (which may raise) and nothing is updated."""
+    """`step(x, y)` trains on one batch (this rank's share of it under MPI) and returns a StepResult. `stop_request`
+    (a callable giving this rank's pending signal or None) is reduced with the loss, so that every rank learns of a
+    stop after the same step. A loss that is not finite updates nothing: the caller sees it in the result."""
 
     def __init__(self, runner, loss_fn, optimizer, world: distributed.World | None = None,
                  grad_clip_norm: float | None = None, average=None,
-                 reduce: Callable[[float, np.ndarray, np.ndarray], tuple[float, float]] | None = None):
+                 stop_request: Callable[[], int | None] | None = None):
         self.runner, self.loss_fn, self.optimizer = runner, loss_fn, optimizer
         self.world = world or distributed.World()
         self.grad_clip_norm, self.average = grad_clip_norm, average
-        self.reduce = reduce or self._reduce_loss
+        self.stop_request = stop_request or (lambda: None)
         self.reduce_gradients = distributed.GradientReducer(self.world)
 
-    def _reduce_loss(self, loss: float, out, y) -> tuple[float, float]:
+    def _reduce(self, loss: float, out: np.ndarray, y: np.ndarray) -> tuple[float, float, int, int | None]:
+        """The global batch's loss, this share's factor for its loss gradient, the correct count and the stop
+        request of any rank (SIGTERM before SIGINT)."""
+        correct, stop = int((out.argmax(axis=1) == y).sum()), self.stop_request()
         if self.world.size == 1:
-            return loss, 1.0
-        return distributed.reduce_loss(self.world, loss, self.loss_fn.normalizer)[:2]
+            return loss, 1.0, correct, stop
+        loss, share, (correct, interrupts, terms) = distributed.reduce_loss(
+            self.world, loss, self.loss_fn.normalizer, correct, stop == signal.SIGINT, stop == signal.SIGTERM)
+        stop = stop if stop is not None else signal.SIGTERM if terms else signal.SIGINT if interrupts else None
+        return loss, share, int(correct), stop
 
     def __call__(self, x: np.ndarray, y: np.ndarray, clock: np.ndarray | None = None,
-                 on_nonfinite: Callable[[float], object] | None = None, step_number: int | None = None):
+                 step_number: int | None = None) -> StepResult:
         model = self.runner.model
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging loss is caught just below
             out = self.runner.forward(x, training=True, clock=clock)
             loss = float(self.loss_fn.forward(out, y))
-        loss, share = self.reduce(loss, out, y)
+        loss, share, correct, stop = self._reduce(loss, out, y)
         if not math.isfinite(loss):
-            if on_nonfinite is not None:
-                on_nonfinite(loss)
-            return loss, out
+            return StepResult(loss, out, correct, stop)
         grad = self.loss_fn.backward()
         if self.world.size > 1:  # this share's gradient, normalised as the whole batch's
             grad *= grad.dtype.type(share)
@@ -65,4 +80,4 @@ class TrainingStep:
         self.optimizer.step()
         if self.average is not None:
             self.average.update(self.optimizer.steps if step_number is None else step_number)
-        return loss, out
+        return StepResult(loss, out, correct, stop)

@@ -14,8 +14,9 @@ import numpy as np
 
 from cnnctl.config.spec import Spec
 from cnnctl.errors import CnnctlError
-from cnnctl.run.engine import Seeds, Trainer
+from cnnctl.run.start import Seeds
 from cnnctl.run.step import TrainingStep
+from cnnctl.run.trainer import Trainer
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected (as fastai)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
@@ -37,7 +38,7 @@ def lr_find(spec: Spec, min_lr: float = 1e-7, max_lr: float = 1.0, steps: int = 
         x, y = next(batches)
         trainer.optimizer.lr = lr
         with np.errstate(over="ignore", invalid="ignore"):
-            loss, _ = step(x, y)
+            loss = step(x, y).loss
         if not math.isfinite(loss):
             break
         avg = SMOOTHING * avg + (1 - SMOOTHING) * loss

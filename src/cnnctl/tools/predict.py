@@ -55,7 +55,7 @@ def outputs(model, x01: np.ndarray, normalization: dict, tta, batch_size: int) -
     """The model's outputs for inputs on the 0..1 scale, batch_size at a time: memory stays that of one batch
     however many inputs there are."""
     from cnnctl.core.plan import Runner
-    from cnnctl.run.engine import infer  # the trainer's own inference (test-time views included)
+    from cnnctl.run.evaluation import infer  # the trainer's own inference (test-time views included)
 
     model = Runner(model)
 

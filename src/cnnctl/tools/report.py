@@ -1,6 +1,6 @@
 """`cnnctl report`: one self-contained HTML page about a run (or a sweep). Everything is inline: styles in a
 <style> element, pictures as PNG data URIs from plots.py, no script, no font, no link outside the file, so the page
-opens from a disk, an archive or a mail. The data comes from the library (runs, engine, explain); this module
+opens from a disk, an archive or a mail. The data comes from the library (runs, evaluation, explain); this module
 only lays it out.
 """
 
@@ -163,14 +163,15 @@ def _evaluation(ckpt_path: Path) -> str:
     from cnnctl.core.nn import LOSSES, Conv2D
     from cnnctl.core.plan import Runner
     from cnnctl.run import checkpoint, loading
-    from cnnctl.run.engine import Seeds, infer, load_data, per_class
+    from cnnctl.run.evaluation import infer, per_class
+    from cnnctl.run.start import run_data
 
     from . import explain
 
     ckpt = checkpoint.load(ckpt_path)
     spec, model, rows = loading.load_model(ckpt, ckpt_path)
     try:
-        ds = load_data(spec, rows, Seeds.from_seed(spec.seed), ckpt.normalization or None)
+        ds = run_data(spec, rows, ckpt.normalization or None)
     except CnnctlError as e:
         return f"<section><h2>Evaluation</h2><p class=\"note\">The data is not at hand: {_e(e.message)}</p></section>"
     name = "test" if len(ds.test) else "val"

@@ -248,7 +248,9 @@ def run_trial(spec_dict: dict, run_dir: str, metric: str, stop_rule=None, report
     returns its result row. With `parent` (the sweep's pid), the trial stops at the next batch once that
     process is gone (killed with SIGKILL, say): no orphan trains on."""
     from cnnctl.config.spec import Spec
-    from cnnctl.run.engine import Callback, Trainer
+    from cnnctl.run.callbacks import Callback
+    from cnnctl.run.distributed import World
+    from cnnctl.run.session import session
 
     spec = Spec.model_validate(spec_dict)
     run_dir = Path(run_dir)
@@ -266,23 +268,21 @@ def run_trial(spec_dict: dict, run_dir: str, metric: str, stop_rule=None, report
             return stop_rule is not None and row.get(metric) is not None and not stop_rule(row["epoch"], row[metric])
 
     t0 = time.time()
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        with runs.locked(run_dir):  # one process at a time trains a trial (a sweep, train --resume, ...)
-            trainer = Trainer(spec, Hooks())
-            last = run_dir / "checkpoints" / "last.safetensors"
-            if last.is_file():
-                from cnnctl.run import checkpoint
-
-                ckpt = checkpoint.load(last)
-                trainer.restore(ckpt, last)
-            summary = trainer.fit(run_dir, resumed=last.is_file())
+    try:  # the same session as cnnctl train: a trial with a checkpoint resumes, its config checked against it
+        resume = run_dir if (run_dir / "checkpoints" / "last.safetensors").is_file() else None
+        done = runs.read_json(run_dir / "summary.json") or {} if resume is not None else {}
+        if done.get("status") == "finished":  # killed after its end, before the sweep recorded it
+            summary = done
+        else:
+            with session(None if resume else spec, [], run_dir.parent, resume, False, Hooks(), World(),
+                         into=run_dir) as (trainer, _):
+                summary = trainer.fit(run_dir, resumed=resume is not None)
     except CnnctlError as e:
         return {"status": "failed", "error": e.message, "seconds": round(time.time() - t0, 2)}
     except Exception as e:  # a crash in one trial must not end the sweep
         return {"status": "failed", "error": f"{type(e).__name__}: {e}", "seconds": round(time.time() - t0, 2)}
     best = summary["best"] or {}
-    return {"status": "stopped" if summary["stopped_early"] else "finished", "best": best.get(metric),
+    return {"status": "stopped" if summary.get("stopped_early") else "finished", "best": best.get(metric),
             "best_epoch": best.get("epoch"), "epochs": summary["final"]["epoch"],
             "seconds": round(time.time() - t0, 2), "error": None}
 

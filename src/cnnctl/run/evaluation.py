@@ -1,0 +1,92 @@
+"""Evaluation: a model's outputs for a batch (test-time views included), a split's loss, accuracy, confusion matrix
+and per-class precision and recall (its share on each MPI rank), and a checkpoint evaluated on its own data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cnnctl import data
+from cnnctl.config.build import build_loss, check_evaluation_memory
+from cnnctl.config.spec import TestTimeAugmentSpec
+from cnnctl.core import plan
+from cnnctl.core.nn import Loss
+from cnnctl.errors import CnnctlError, DataError
+
+from . import checkpoint, distributed, loading
+from .start import run_data
+from .weights import checkpoint_file
+
+SPLITS = ("test", "val", "train")
+
+
+def infer(net: plan.Runner, x: np.ndarray, tta: TestTimeAugmentSpec | None = None) -> np.ndarray:
+    """The outputs of the model a runner runs for a batch (inference mode); with test-time augmentation the mean
+    of the outputs for the views of each image it asks for (mirror, shifted copies)."""
+    if tta is None or tta.views == 1:
+        return net.forward(x, training=False)
+    views = data.augment.test_time_views(x, tta)
+    out = np.array(net.forward(next(views), training=False), copy=True)  # the next forward may reuse its buffer
+    for view in views:
+        out += net.forward(view, training=False)
+    out *= out.dtype.type(1 / tta.views)
+    return out
+
+
+def evaluate(net: plan.Runner, loss_fn: Loss, ds: data.Dataset, split: data.Split, batch_size: int,
+             num_classes: int, tta: TestTimeAugmentSpec | None = None,
+             world: distributed.World | None = None) -> dict:
+    """Mean loss, accuracy and the confusion matrix (rows: true class, columns: predicted) of one split.
+    With several ranks each evaluates its share of every batch and the sums are reduced."""
+    world = world or distributed.World()
+    total_loss, confusion = 0.0, np.zeros((num_classes, num_classes), np.int64)
+    for x, y in data.batches(ds, split, batch_size):
+        if world.size > 1:
+            lo, hi = world.shard(len(y))
+            x, y = x[lo:hi], y[lo:hi]
+            if not len(y):
+                continue
+        out = infer(net, x, tta)
+        total_loss += loss_fn.forward(out, y) * len(y)
+        np.add.at(confusion, (y, out.argmax(axis=1)), 1)
+    if world.size > 1:
+        sums = world.sum(np.concatenate([[total_loss], confusion.ravel()]).astype(np.float64))
+        total_loss, confusion = float(sums[0]), np.rint(sums[1:]).astype(np.int64).reshape(confusion.shape)
+    n = len(split)
+    return {"loss": total_loss / max(n, 1), "accuracy": float(np.trace(confusion) / max(n, 1)), "n": n,
+            "confusion_matrix": confusion, **per_class(confusion)}
+
+
+def per_class(confusion: np.ndarray) -> dict:
+    """Support, precision and recall of each class from a confusion matrix (rows: true class); 0 where a class
+    was never predicted or never present."""
+    hits = np.diag(confusion).astype(np.float64)
+    predicted, present = confusion.sum(axis=0), confusion.sum(axis=1)
+    return {"support": present, "precision": np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0),
+            "recall": np.divide(hits, present, out=np.zeros_like(hits), where=present > 0)}
+
+
+def evaluate_checkpoint(path: Path, split: str | None, overrides: list[str]) -> dict:
+    """A checkpoint (or a run directory's best) on a split of the data its run saw: loss, accuracy, per-class
+    precision, recall, F1 and support, and the confusion matrix. split None: test, or val without a test split."""
+    if split not in (*SPLITS, None):
+        raise CnnctlError(f"split must be test, val or train, got {split!r}")
+    ckpt_path = checkpoint_file(path)[0]
+    ckpt = loading.with_overrides(checkpoint.load(ckpt_path), overrides)
+    spec, model, rows = loading.load_model(ckpt, ckpt_path)
+    ds = run_data(spec, rows, ckpt.normalization or None)
+    if split is None:
+        split = "test" if len(ds.test) else "val"
+    if not len(ds.split(split)):
+        raise DataError(f"the {split} split of the {spec.data.dataset} data holds no images",
+                        "choose another split" + (" (val_split is 0: no validation split)" if split == "val" else ""))
+    check_evaluation_memory(spec.name, rows, min(spec.data.evaluation_batch, len(ds.split(split))))
+    res = evaluate(plan.Runner(model), build_loss(spec, ds.train.y, len(ds.classes)), ds, ds.split(split),
+                   spec.data.evaluation_batch, len(ds.classes), spec.data.test_time_augment)
+    p, r = res["precision"], res["recall"]
+    f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
+    return {"checkpoint": str(ckpt_path), "epoch": ckpt.epoch, "dataset": spec.data.dataset, "split": split,
+            "n": res["n"], "loss": res["loss"], "accuracy": res["accuracy"], "classes": list(ds.classes),
+            "precision": p.tolist(), "recall": r.tolist(), "f1": f1.tolist(),
+            "support": [int(v) for v in res["support"]], "confusion_matrix": res["confusion_matrix"].tolist()}

@@ -1,0 +1,54 @@
+"""numpy's floating-point warnings while a run trains, counted and named when it diverges, and the check that ends
+a run whose metric is NaN or infinite."""
+
+from __future__ import annotations
+
+import collections
+import math
+import warnings
+from pathlib import Path
+
+from cnnctl.errors import CnnctlError, TrainingError
+
+
+class NumericWarnings:
+    """numpy's floating-point RuntimeWarnings (overflow, invalid value, division by zero) while a run trains, from
+    every thread: counted, never printed raw. A run that then diverges names them in its error, as the first
+    sign of where the numbers left float32's range."""
+
+    def __init__(self):
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __enter__(self) -> NumericWarnings:
+        self._saved = warnings.catch_warnings()
+        self._saved.__enter__()
+        warnings.simplefilter("always", RuntimeWarning)
+        shown = warnings.showwarning
+
+        def count(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, RuntimeWarning):
+                self.counts[f"{message} ({Path(filename).name}:{lineno})"] += 1
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = count
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._saved.__exit__(*exc)
+
+    def explain(self, error: CnnctlError) -> None:
+        """Add what numpy warned of to a divergence's message."""
+        if self.counts:
+            seen = "; ".join(f"{what} x{n}" for what, n in self.counts.most_common(3))
+            error.message = f"{error.message}; before it numpy warned of: {seen}"
+            error.args = (error.message,)
+
+
+def check_finite(what: str, value: float, when: str, lr: float) -> None:
+    """A metric that is NaN or infinite ends the run with a TrainingError before anything records it."""
+    if not math.isfinite(value):
+        raise TrainingError(f"the {what} became {value} {when}; training stopped, the checkpoints already written "
+                            "are untouched",
+                            f"lower optimizer.lr (now {lr:g}), or look for extreme values in the data "
+                            "(cnnctl data CONFIG shows each split)")

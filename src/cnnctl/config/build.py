@@ -17,7 +17,7 @@ from cnnctl.core.memory import refuse_over
 from cnnctl.core.nn import ACTIVATIONS, LOSSES, Layer, Loss, Model, Sequential
 from cnnctl.core.nn.init import SHAPES_ONLY
 from cnnctl.core.optim import assign_groups
-from cnnctl.errors import ConfigError, ShapeError
+from cnnctl.errors import CheckpointError, ConfigError, ShapeError
 
 from .spec import ModelSpec, Spec
 
@@ -105,13 +105,27 @@ class Scope:
         return layers
 
 
-def build_model(spec: ModelSpec, rng: np.random.Generator | None = None) -> tuple[Model, list[LayerRow]]:
-    """The Model for a model spec, and one row per top-level layer (each with its children's rows)."""
+def build_model(spec: ModelSpec, rng: np.random.Generator | None = None, weights: dict | None = None,
+                source="") -> tuple[Model, list[LayerRow]]:
+    """The Model for a model spec, and one row per top-level layer (each with its children's rows); with `weights`
+    (a state dict read from the file `source`) holding those weights."""
     rng = rng if rng is not None else np.random.default_rng(0)
     rows: list[LayerRow] = []
     root = Scope(rng, "", "model", -1, (1, 1, 1, 1), rows)
     layers = root.build_list(spec.tree(), tuple(spec.input_shape), "layers", "layers")
-    return Model(layers, [r.name for r in rows]), rows
+    model = Model(layers, [r.name for r in rows])
+    if weights is not None:
+        load_weights(model, weights, source)
+    return model, rows
+
+
+def load_weights(model: Model, state: dict[str, np.ndarray], source) -> None:
+    """A state dict read from the file `source` into a model: every tensor by name and shape, else one error."""
+    try:
+        model.load_state_dict(state)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{source}: weights do not fit the architecture in its config: {e}",
+                              "the file was edited or belongs to another model") from None
 
 
 def describe(spec: ModelSpec) -> list[LayerRow]:
@@ -208,6 +222,14 @@ def class_weights(spec: Spec, train_labels: np.ndarray | None, num_classes: int 
         raise ConfigError(f"loss.class_weights has {len(w)} values but the dataset has {num_classes} classes",
                           f"give {num_classes} weights, or class_weights: auto")
     return np.asarray(w, np.float64)
+
+
+def evaluation_loss(spec: Spec, rows: list[LayerRow], train_labels: np.ndarray, classes: int, batch: int) -> Loss:
+    """What evaluating a model of spec on its data needs from the spec, checked: one output per class, an
+    evaluation batch that fits in memory, and the loss (class weights from the training labels)."""
+    check_outputs(spec, rows, classes)
+    check_evaluation_memory(spec.name, rows, batch)
+    return build_loss(spec, train_labels, classes)
 
 
 def build_loss(spec: Spec, train_labels: np.ndarray | None = None, num_classes: int | None = None) -> Loss:

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from cnnctl import data
-from cnnctl.config.build import build_loss, check_evaluation_memory
+from cnnctl.config.build import evaluation_loss
 from cnnctl.config.spec import TestTimeAugmentSpec
 from cnnctl.core import plan
 from cnnctl.core.nn import Loss
 from cnnctl.errors import CnnctlError, DataError
 
 from . import checkpoint, distributed, loading
-from .start import run_data
+from .start import data_as_run
 from .weights import checkpoint_file
 
 SPLITS = ("test", "val", "train")
@@ -75,15 +75,15 @@ def evaluate_checkpoint(path: Path, split: str | None, overrides: list[str]) -> 
     ckpt_path = checkpoint_file(path)[0]
     ckpt = loading.with_overrides(checkpoint.load(ckpt_path), overrides)
     spec, model, rows = loading.load_model(ckpt, ckpt_path)
-    ds = run_data(spec, rows, ckpt.normalization or None)
+    ds = data_as_run(spec, ckpt.normalization or None)
     if split is None:
         split = "test" if len(ds.test) else "val"
     if not len(ds.split(split)):
         raise DataError(f"the {split} split of the {spec.data.dataset} data holds no images",
                         "choose another split" + (" (val_split is 0: no validation split)" if split == "val" else ""))
-    check_evaluation_memory(spec.name, rows, min(spec.data.evaluation_batch, len(ds.split(split))))
-    res = evaluate(plan.Runner(model), build_loss(spec, ds.train.y, len(ds.classes)), ds, ds.split(split),
-                   spec.data.evaluation_batch, len(ds.classes), spec.data.test_time_augment)
+    batch = min(spec.data.evaluation_batch, len(ds.split(split)))
+    res = evaluate(plan.Runner(model), evaluation_loss(spec, rows, ds.train.y, len(ds.classes), batch), ds,
+                   ds.split(split), spec.data.evaluation_batch, len(ds.classes), spec.data.test_time_augment)
     p, r = res["precision"], res["recall"]
     f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
     return {"checkpoint": str(ckpt_path), "epoch": ckpt.epoch, "dataset": spec.data.dataset, "split": split,

@@ -14,7 +14,6 @@ from cnnctl.config.spec import Spec, apply_overrides, load_config, validate
 from cnnctl.core.nn import Model
 
 from . import checkpoint
-from .weights import restore_weights
 
 
 def offline(spec: Spec) -> Spec:
@@ -33,8 +32,7 @@ def load_model(ckpt: checkpoint.Checkpoint, path) -> tuple[Spec, Model, list]:
     """Rebuild the model a checkpoint describes and load its weights; refuse another architecture."""
     spec = validate(ckpt.config, f"{path} (embedded config)")
     spec = offline(spec)  # a checkpoint is data: its embedded config never makes cnnctl download anything
-    model, rows = build_model(spec.model)
-    restore_weights(model, ckpt.model_state, path)
+    model, rows = build_model(spec.model, weights=ckpt.model_state, source=path)
     return spec, model, rows
 
 

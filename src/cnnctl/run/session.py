@@ -12,23 +12,23 @@ from pathlib import Path
 
 import yaml
 
+from cnnctl.config.build import load_weights
 from cnnctl.config.spec import Spec, load_config, spec_to_dict, validate
 from cnnctl.errors import CheckpointError, CnnctlError, ConfigError
 
 from . import checkpoint, distributed, runs
 from .callbacks import Callback
 from .trainer import Trainer
-from .weights import restore_weights
 
 
 def restore(trainer, ckpt: checkpoint.Checkpoint, path) -> None:
     """A trainer continued from a checkpoint: weights (and their average), optimizer, schedule, counters, generators,
     position."""
-    restore_weights(trainer.model, ckpt.model_state, path)  # the weights, or their average with train.ema_decay
+    load_weights(trainer.model, ckpt.model_state, path)  # the weights, or their average with train.ema_decay
     if trainer.average:  # the average goes on from model_state (from the weights, if the run had none)
         trainer.average.reset()
     if ckpt.training_state:  # model_state was an average: training goes on from the weights beside it
-        restore_weights(trainer.model, ckpt.training_state, path)
+        load_weights(trainer.model, ckpt.training_state, path)
     t = ckpt.run
     if t is None:
         raise CheckpointError(f"{path}: holds no training state (written by an older cnnctl)")

@@ -106,16 +106,27 @@ def dataset(spec: Spec, rows: list[LayerRow], rng: np.random.Generator, normaliz
             progress=None) -> data.Dataset:
     """The dataset with the run's own validation split (the data stream depends on its generator alone); the
     model (its layer rows) must end in one output per class."""
-    norm = (normalization["mean"], normalization["std"]) if normalization else None
-    ds = data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress)
+    ds = _load(spec, rng, normalization, progress)
     check_outputs(spec, rows, len(ds.classes))
     return ds
 
 
+def _load(spec: Spec, rng: np.random.Generator, normalization: dict | None, progress=None) -> data.Dataset:
+    norm = (normalization["mean"], normalization["std"]) if normalization else None
+    return data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress)
+
+
+def data_as_run(spec: Spec, normalization: dict | None = None, progress=None) -> data.Dataset:
+    """The dataset exactly as a run of spec saw it (the data stream of its seed), with the checkpoint's
+    normalization when given; the model's outputs are not checked against it (`run_data` does)."""
+    return _load(spec, Seeds.from_seed(spec.seed).data, normalization, progress)
+
+
 def run_data(spec: Spec, rows: list[LayerRow], normalization: dict | None = None, progress=None) -> data.Dataset:
-    """The dataset exactly as a run of spec saw it (the data stream of its seed), for eval, report, inspect and
-    data: with the checkpoint's normalization when given."""
-    return dataset(spec, rows, Seeds.from_seed(spec.seed).data, normalization, progress)
+    """data_as_run, for a model (its layer rows) that must end in one output per class."""
+    ds = data_as_run(spec, normalization, progress)
+    check_outputs(spec, rows, len(ds.classes))
+    return ds
 
 
 @dataclass

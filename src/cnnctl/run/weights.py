@@ -87,11 +87,3 @@ def _renamed(tensors: dict, rename, path) -> tuple[dict, dict]:
                                   "make the rules map each tensor of the file to a name of its own")
         out[new], names[new] = value, name
     return out, names
-
-
-def restore_weights(model: Model, state: dict[str, np.ndarray], path) -> None:
-    try:
-        model.load_state_dict(state)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: weights do not fit the architecture in its config: {e}",
-                              "the file was edited or belongs to another model") from None

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from cnnctl.config.build import build_model
-from cnnctl.config.spec import load_config
+from cnnctl.config.reading import load_config
 from cnnctl.core import parallel
 from cnnctl.core.environment import blas_info
 from cnnctl.core.nn.regularization import _BatchNorm

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # tests.torch_models
 
 from cnnctl import data  # noqa: E402
 from cnnctl.config.build import build_model  # noqa: E402
-from cnnctl.config.spec import load_config  # noqa: E402
+from cnnctl.config.reading import load_config  # noqa: E402
 from cnnctl.core import parallel  # noqa: E402
 from cnnctl.run.callbacks import Callback  # noqa: E402
 from cnnctl.run.evaluation import evaluate  # noqa: E402

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.torch_models
 
 from cnnctl.config.build import build_model  # noqa: E402
-from cnnctl.config.spec import Spec, read_config  # noqa: E402
+from cnnctl.config.reading import read_config  # noqa: E402
+from cnnctl.config.spec import Spec  # noqa: E402
 from cnnctl.core import parallel  # noqa: E402
 from cnnctl.tools.bench import bench, blas_info  # noqa: E402
 

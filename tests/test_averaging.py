@@ -7,7 +7,7 @@ import numpy as np
 import yaml
 
 from cnnctl.config.build import build_model
-from cnnctl.config.spec import validate
+from cnnctl.config.reading import validate
 from cnnctl.core.averaging import WeightAverage, decay_at
 from cnnctl.run import checkpoint
 from tests.helpers import invoke

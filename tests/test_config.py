@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from cnnctl.config.build import Scope, build_model
-from cnnctl.config.spec import LAYER_SPECS, Spec, apply_overrides, load_config, spec_to_dict
+from cnnctl.config.reading import apply_overrides, load_config, spec_to_dict
+from cnnctl.config.spec import LAYER_SPECS, Spec
 from cnnctl.core import nn
 from cnnctl.errors import ConfigError
 from tests.conftest import ROOT

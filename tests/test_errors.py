@@ -411,7 +411,7 @@ def test_fuzzed_configs_give_a_spec_or_a_clear_error(changes):
     """Random values at random keys: validation and shape checking either accept the config or raise a
     CnnctlError (exit code 2 in the CLI); never another exception."""
     from cnnctl.config.build import build_model
-    from cnnctl.config.spec import validate
+    from cnnctl.config.reading import validate
     from cnnctl.errors import CnnctlError
 
     data = yaml.safe_load(TINY)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cnnctl.config.build import build_model
-from cnnctl.config.spec import load_config
+from cnnctl.config.reading import load_config
 from cnnctl.tools import explain
 from tests.cases import randomize_params
 from tests.conftest import ROOT

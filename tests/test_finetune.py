@@ -8,7 +8,7 @@ from safetensors.numpy import load_file
 
 from cnnctl.cli import app
 from cnnctl.config.build import build_model
-from cnnctl.config.spec import validate
+from cnnctl.config.reading import validate
 from tests.conftest import TINY
 from tests.helpers import runner
 

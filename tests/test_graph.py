@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnnctl.config.build import build_model, walk
-from cnnctl.config.spec import Spec, load_config, spec_to_dict, validate
+from cnnctl.config.reading import load_config, spec_to_dict, validate
+from cnnctl.config.spec import Spec
 from cnnctl.core import nn
 from cnnctl.errors import ConfigError, ShapeError
 from cnnctl.tools.gradcheck import check_network

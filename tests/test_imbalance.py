@@ -5,7 +5,7 @@ import yaml
 
 from cnnctl.cli import app
 from cnnctl.config.build import build_loss
-from cnnctl.config.spec import validate
+from cnnctl.config.reading import validate
 from cnnctl.data import epoch_order, load_dataset
 from tests.conftest import TINY
 from tests.helpers import runner

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cnnctl.config.build import build_model
-from cnnctl.config.spec import load_config
+from cnnctl.config.reading import load_config
 from cnnctl.interop import onnx_import
 from cnnctl.interop.export import to_onnx
 from tests.conftest import ROOT

@@ -166,7 +166,7 @@ def test_where_work_is_cut_small_steps_run_whole_and_large_passes_are_cut(thread
     """The default thread count must never be the slower: a training step of LeNet-5 at batch 32 cuts nothing
     (cut in two, its largest product ran slower on 2 threads than on 1), while a batchnorm, pooling or add over a
     ResNet stage's 128x128x7x7 numbers is cut (run whole, the ResNets lost 3-5% of a step)."""
-    from cnnctl.config.spec import load_config
+    from cnnctl.config.reading import load_config
     from cnnctl.tools.bench import bench
 
     cuts = []

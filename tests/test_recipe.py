@@ -132,7 +132,7 @@ def test_whitening_filters_decorrelate_the_patches():
 
 
 def test_patch_whitening_initialises_the_first_convolution_from_the_data(tmp_path):
-    from cnnctl.config.spec import load_config
+    from cnnctl.config.reading import load_config
     from cnnctl.run import whitening
     from cnnctl.run.trainer import Trainer
 

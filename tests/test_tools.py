@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from cnnctl.cli import app
-from cnnctl.config.spec import config_schema, read_config
+from cnnctl.config.reading import read_config
+from cnnctl.config.schema import config_schema
 from cnnctl.core import nn
 from cnnctl.run import checkpoint
 from tests.cases import all_cases, randomize_params

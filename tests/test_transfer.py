@@ -271,7 +271,7 @@ def test_torchvision_state_dicts_load_into_the_shipped_configs_by_their_maps(tmp
     from safetensors.torch import save_file
 
     from cnnctl.config.build import build_model
-    from cnnctl.config.spec import load_config
+    from cnnctl.config.reading import load_config
     from cnnctl.run.weights import init_from
 
     torch, models = _torchvision_models()

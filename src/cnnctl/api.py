@@ -77,7 +77,8 @@ def _overrides(overrides) -> list[str]:
 
 def _spec(config, overrides: list[str]):
     """A Spec from a config file's path, a dict (the YAML as Python) or a Spec, with --set style overrides."""
-    from cnnctl.config.spec import Spec, absolute_data_paths, apply_overrides, load_config, spec_to_dict, validate
+    from cnnctl.config.reading import absolute_data_paths, apply_overrides, load_config, spec_to_dict, validate
+    from cnnctl.config.spec import Spec
 
     if isinstance(config, Spec):
         return validate(apply_overrides(spec_to_dict(config), overrides), "the Spec given", overrides=overrides)

@@ -18,7 +18,8 @@ from rich.text import Text
 from cnnctl import api
 from cnnctl import data as data_lib
 from cnnctl.config.build import activation_values, build_model
-from cnnctl.config.spec import config_schema, load_config
+from cnnctl.config.reading import load_config
+from cnnctl.config.schema import config_schema
 from cnnctl.core import nn
 from cnnctl.core.fileio import atomic_write_bytes, output_target
 from cnnctl.core.memory import refuse_over

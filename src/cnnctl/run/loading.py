@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cnnctl.config.build import build_model, describe
-from cnnctl.config.spec import Spec, apply_overrides, load_config, validate
+from cnnctl.config.reading import apply_overrides, load_config, validate
+from cnnctl.config.spec import Spec
 from cnnctl.core.nn import Model
 
 from . import checkpoint

@@ -295,7 +295,7 @@ def remove_run(run_dir: Path) -> None:
 
 def config_of(run_dir: Path) -> dict:
     """A run directory's resolved config (config.yaml)."""
-    from cnnctl.config.spec import read_yaml
+    from cnnctl.config.reading import read_yaml
 
     if run_info(run_dir) is None:
         raise CnnctlError(f"{run_dir} is not a run directory (no config.yaml)")

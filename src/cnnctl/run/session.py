@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from cnnctl.config.build import load_weights
-from cnnctl.config.spec import Spec, load_config, spec_to_dict, validate
+from cnnctl.config.reading import load_config, spec_to_dict, validate
+from cnnctl.config.spec import Spec
 from cnnctl.errors import CheckpointError, CnnctlError, ConfigError
 
 from . import checkpoint, distributed, runs

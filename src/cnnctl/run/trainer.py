@@ -17,7 +17,8 @@ from pathlib import Path
 
 from cnnctl import data
 from cnnctl.config.build import training_pflops
-from cnnctl.config.spec import Spec, spec_to_dict
+from cnnctl.config.reading import spec_to_dict
+from cnnctl.config.spec import Spec
 from cnnctl.core import parallel
 from cnnctl.core.environment import environment
 from cnnctl.core.schedules import resolve_mode

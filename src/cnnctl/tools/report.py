@@ -276,7 +276,7 @@ def _plan(summary: dict) -> str:
 def run_page(run_dir: Path) -> str:
     """The page of a run directory, whatever its status (running, failed and interrupted runs show what they
     have)."""
-    from cnnctl.config.spec import validate
+    from cnnctl.config.reading import validate
     from cnnctl.run.weights import checkpoint_file
 
     run_dir = Path(run_dir)

@@ -28,16 +28,9 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from cnnctl.config.build import describe
-from cnnctl.config.spec import (
-    Monitor,
-    Strict,
-    apply_overrides,
-    format_validation_error,
-    read_config,
-    read_yaml,
-    spec_to_dict,
-    validate,
-)
+from cnnctl.config.messages import format_validation_error
+from cnnctl.config.reading import apply_overrides, read_config, read_yaml, spec_to_dict, validate
+from cnnctl.config.spec import Monitor, Strict
 from cnnctl.core import parallel
 from cnnctl.core.fileio import atomic_write_bytes
 from cnnctl.core.schedules import resolve_mode

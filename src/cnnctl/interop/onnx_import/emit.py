@@ -174,7 +174,7 @@ def build(onnx_path: Path, name: str, mean: list[float] | None, std: list[float]
     """Import the graph: (spec dict, Spec, model with the weights loaded, layer rows, normalisation, class names,
     Imported)."""
     from cnnctl.config.build import build_model
-    from cnnctl.config.spec import validate
+    from cnnctl.config.reading import validate
     from cnnctl.core.nn.init import SHAPES_ONLY
 
     proto = read_model(onnx_path)
@@ -271,7 +271,7 @@ def write(out_dir: Path, onnx_path: Path, spec_dict: dict, spec, model, norm: di
     written as a pair: both new or, when a write fails, both as they were."""
     import os
 
-    from cnnctl.config.spec import spec_to_dict
+    from cnnctl.config.reading import spec_to_dict
     from cnnctl.core.environment import environment
     from cnnctl.core.fileio import atomic_write_bytes
     from cnnctl.run import checkpoint

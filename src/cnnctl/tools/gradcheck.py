@@ -11,9 +11,25 @@ from collections.abc import Callable
 
 import numpy as np
 
+from cnnctl.config.build import LayerRow, activation_values, build_model
+from cnnctl.config.spec import Spec
+from cnnctl.core.memory import refuse_over
 from cnnctl.core.nn.base import Layer
 from cnnctl.core.nn.losses import Loss
 from cnnctl.core.plan import Runner
+from cnnctl.errors import CnnctlError
+
+
+def nudged(f: Callable[[], float], flat: np.ndarray, i: int, eps: float) -> tuple[float, float]:
+    """f with flat[i] raised and lowered by eps (in place, restored after): the two values of a central
+    difference."""
+    orig = flat[i]
+    flat[i] = orig + eps
+    fp = f()
+    flat[i] = orig - eps
+    fm = f()
+    flat[i] = orig
+    return fp, fm
 
 
 def numerical_grad(f: Callable[[], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -21,12 +37,7 @@ def numerical_grad(f: Callable[[], float], x: np.ndarray, eps: float = 1e-6) -> 
     grad = np.zeros_like(x)
     flat, gflat = x.reshape(-1), grad.reshape(-1)
     for i in range(flat.size):
-        orig = flat[i]
-        flat[i] = orig + eps
-        fp = f()
-        flat[i] = orig - eps
-        fm = f()
-        flat[i] = orig
+        fp, fm = nudged(f, flat, i, eps)
         gflat[i] = (fp - fm) / (2 * eps)
     return grad
 
@@ -132,12 +143,7 @@ def check_network(model, input_shape, batch: int = 2, samples: int = 16, seed: i
         for i in g.permutation(arr.size)[: 4 * wanted]:
             if len(errors) == wanted:
                 break
-            orig = flat[i]
-            flat[i] = orig + EPS
-            fp = loss()
-            flat[i] = orig - EPS
-            fm = loss()
-            flat[i] = orig
+            fp, fm = nudged(loss, flat, i, EPS)
             err = rel_error(gflat[i], (fp - fm) / (2 * EPS))
             forward, backward = (fp - base) / EPS, (base - fm) / EPS
             apart = rel_error(forward, backward)
@@ -163,3 +169,35 @@ def check_network(model, input_shape, batch: int = 2, samples: int = 16, seed: i
         if progress:
             progress(k + 1, len(arrays))
     return rows
+
+
+def chosen_layers(rows: list[LayerRow], layers: list[str]) -> set[int] | None:
+    """Top-level layer indices from --layers items: an index, a state-dict prefix (layers.6) or a name (dense_6);
+    None (all) for no items."""
+    if not layers:
+        return None
+    by_name = {**{r.path: r.index for r in rows}, **{r.name: r.index for r in rows}}
+    only = set()
+    for item in layers:
+        if item.isascii() and item.isdigit() and int(item) < len(rows):
+            only.add(int(item))
+        elif item in by_name:
+            only.add(by_name[item])
+        else:
+            raise CnnctlError(f"--layers {item!r}: no such layer", f"use an index 0..{len(rows) - 1} or one "
+                              f"of: {', '.join(by_name)}")
+    return only
+
+
+def gradcheck(spec: Spec, rows: list[LayerRow], layers: list[str], samples: int = 16, batch: int = 2,
+              tol: float = 1e-6, seed: int = 0, progress=None) -> list[dict]:
+    """`cnnctl gradcheck`: the network of spec, freshly drawn from seed, checked by check_network on the layers
+    named (all by default), once its float64 batch is known to fit in memory."""
+    # float64 activations, their gradients and what backward keeps, for every input of the batch
+    refuse_over(f"gradcheck of {spec.name} at --batch {batch}", 8 * 4 * batch * activation_values(rows), 2,
+                CnnctlError, "use a smaller --batch (the default 2 is enough to check the backprop)")
+    model, rows = build_model(spec.model, np.random.default_rng(seed))
+    only = chosen_layers(rows, layers)
+    if not tol > 0:  # NaN or <= 0 would make every row fail, or none
+        raise CnnctlError(f"--tol {tol}: give a positive number", "e.g. --tol 1e-6")
+    return check_network(model, spec.model.input_shape, batch, samples, seed, only, tol, progress)

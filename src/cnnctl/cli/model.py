@@ -1,0 +1,143 @@
+"""A trained model at work: viz (filters, feature maps), explain and predict."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from cnnctl import api
+from cnnctl.core import nn
+from cnnctl.core.fileio import atomic_write_bytes
+from cnnctl.core.plan import Runner
+from cnnctl.errors import CnnctlError
+from cnnctl.run.loading import load_model
+from cnnctl.tools import plots
+from cnnctl.tools import predict as predict_lib
+
+from .common import (
+    ThreadsOption,
+    app,
+    check_writable,
+    checkpoint_of,
+    guarded,
+    load_checkpoint,
+    out,
+    print_json,
+    table,
+    use_threads,
+)
+
+
+@app.command()
+@guarded
+def viz(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT|RUN_DIR")],
+    out_file: Annotated[Path, typer.Option("--out", metavar="FILE", help="PNG file to write.")],
+    image: Annotated[Path | None, typer.Option("--image", metavar="FILE",
+                                               help="Also show each conv layer's feature maps for "
+                                               "this image (a picture file or an .npz).")] = None,
+):
+    """The first conv layer's filters as a grid; with --image, every conv layer's feature maps."""
+    check_writable(out_file, "--out")
+    checkpoint_path, ckpt = load_checkpoint(checkpoint_path)
+    spec, model, rows = load_model(ckpt, checkpoint_path)
+    convs = {name: layer for name, layer in model.named_layers() if isinstance(layer, nn.Conv2D)}
+    if not convs:
+        raise CnnctlError(f"{checkpoint_path}: the model has no conv2d layer to show")
+    if image is None:
+        name, first = next(iter(convs.items()))
+        plots.plot_filters(first.params["weight"], out_file, f"{name} filters {tuple(first.params['weight'].shape)}")
+    else:
+        names, x01 = predict_lib.load_inputs([image], spec.model.input_shape, spec.data.resize)
+        with nn.recording(convs) as outputs:  # every convolution's output, nested ones included
+            Runner(model).forward(predict_lib.normalize(x01[:1], ckpt.normalization), training=False)
+        maps = [(name, np.asarray(outputs[name][0])) for name in convs]
+        plots.plot_feature_maps(maps, x01[0, 0] if x01.shape[1] == 1 else x01[0].transpose(1, 2, 0), out_file)
+    out.print(f"wrote {out_file}")
+
+
+@app.command("explain")
+@guarded
+def explain_(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT|RUN_DIR")],
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUTS...", help="Image files or .npz files.")],
+    methods: Annotated[list[str] | None, typer.Option(
+        "--method", metavar="METHOD", help="saliency (default), gradcam or occlusion; repeatable.")] = None,
+    layer: Annotated[str | None, typer.Option("--layer", metavar="NAME", help="Grad-CAM's layer, a top-level "
+                                              "state-dict prefix such as layers.3 (default: the last spatial one)."
+                                              )] = None,
+    klass: Annotated[int | None, typer.Option("--class", metavar="K", help="The class to explain (default: the "
+                                              "predicted one).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Where the pictures go.")] = Path("explain"),
+    npy: Annotated[bool, typer.Option("--npy", help="Also each map as a .npy of the input's height x width.")] = False,
+    patch: Annotated[int, typer.Option("--patch", metavar="P", min=1, help="Occlusion's square.")] = 8,
+    stride: Annotated[int, typer.Option("--stride", metavar="S", min=1, help="Occlusion's step.")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    threads: ThreadsOption = None,
+):
+    """What a prediction looked at: saliency, Grad-CAM or occlusion maps of each input, as pictures laid over it
+    (and with --npy as arrays), with the top classes."""
+    from cnnctl.tools import explain as explain_lib
+
+    use_threads(threads)
+    methods = list(dict.fromkeys(methods or ["saliency"]))
+    for m in methods:
+        explain_lib.check_method(m)
+    predictor = api.load(checkpoint_of(checkpoint_path))
+    spec = predictor.spec
+    names, x01 = predict_lib.load_inputs(inputs, spec.model.input_shape, spec.data.resize)
+    probs = predictor.predict(x01)
+    x = predict_lib.normalize(x01, predictor.normalization)
+    results = predict_lib.top_classes(names, probs, predictor.classes, 3)
+    stems = explain_lib.picture_stems([str(res["input"]) for res in results])
+    for m in methods:
+        maps, ks, used = explain_lib.explain(predictor.model, x, m, layer, klass, patch, stride,
+                                             nn.LOSSES[spec.loss.type].takes, spec.data.evaluation_batch)
+        for i, (res, heat) in enumerate(zip(results, maps)):
+            stem = stems[i]
+            picture = out_dir / f"{stem}.{m}.png"
+            what = f"{m}{f' of {used}' if used else ''} for class {predictor.classes[ks[i]]}"
+            plots.plot_explanation(x01[i], heat, picture, f"{res['input']}: {what}")
+            files = {"png": str(picture)}
+            if npy:
+                buf = io.BytesIO()
+                np.save(buf, heat, allow_pickle=False)
+                atomic_write_bytes(out_dir / f"{stem}.{m}.npy", buf.getvalue())
+                files["npy"] = str(out_dir / f"{stem}.{m}.npy")
+            res.setdefault("explained", []).append({"method": m, "class": predictor.classes[ks[i]],
+                                                    "layer": used, **files})
+    if as_json:
+        print_json(results)
+        return
+    k = len(results[0]["top"]) if results else 0
+    out.print(table(f"explanations ({', '.join(methods)}) in {out_dir}", ["input", *(f"#{r + 1}" for r in range(k)),
+                                                                         "pictures"], rows=(
+        (res["input"], *(f"{t['class']} {100 * t['probability']:.1f}%" for t in res["top"]),
+         ", ".join(Path(e["png"]).name for e in res["explained"])) for res in results)))
+
+
+@app.command("predict")
+@guarded
+def predict_(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT|RUN_DIR")],
+    inputs: Annotated[list[Path], typer.Argument(metavar="FILES...", help="Image files or .npz files.")],
+    top_k: Annotated[int, typer.Option("--top-k", metavar="K", min=1, help="Classes to show per input.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Class probabilities for images (Pillow; resized as in training: stretched to the input size, or with
+    data.resize its shorter side scaled and the centre cut) or an .npz, normalised as in training."""
+    predictor = api.load(checkpoint_of(checkpoint_path))
+    checkpoint_path = predictor.checkpoint_path
+    names, x01 = predict_lib.load_inputs(inputs, predictor.spec.model.input_shape, predictor.spec.data.resize)
+    results = predict_lib.top_classes(names, predictor.predict(x01), predictor.classes, top_k)
+    k = len(results[0]["top"]) if results else 0
+    if as_json:
+        print_json(results)
+        return
+    out.print(table(f"predictions of {checkpoint_path}", ["input", *(f"#{r + 1}" for r in range(k))], rows=(
+        (res["input"], *(f"{t['class']} {100 * t['probability']:.1f}%" for t in res["top"]))
+        for res in results)))

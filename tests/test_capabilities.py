@@ -251,8 +251,8 @@ def test_an_optimizer_spec_is_made_from_its_constructor():
                          decay_bias_and_norm: bool = True):
                 super().__init__(model, lr, weight_decay, decay_bias_and_norm)
 
-            def update(self, p, g, st, wd, lr):
-                return p - lr * np.sign(g + wd * p)
+            def update(self, p, g, st, lr):  # weight decay is already in g (Optimizer.step)
+                return p - lr * np.sign(g)
 
         spec = optim.OPTIMIZER_SPECS["signsgd"].model_validate({"type": "signsgd", "lr": 0.5})
         model = nn.Model([nn.Dense(2, 2, rng=np.random.default_rng(0))])

@@ -133,7 +133,12 @@ class _OptimizerSpec(Strict):
 
 
 class Optimizer:
+    """The update loop shared by every optimizer: per-parameter state, groups (lr scale, weight decay), weight
+    decay applied here once (added to the gradient, or with `decoupled` shrinking the weights first, AdamW), and
+    lookahead; a subclass writes only its `update(p, g, state, lr)`."""
+
     tag = "optimizer"
+    decoupled = False  # weight decay as p *= 1 - lr*wd before the update (AdamW), else g += wd*p (L2)
 
     def __init__(self, model: Layer, lr: float, weight_decay: float = 0.0, decay_bias_and_norm: bool = True):
         self.model, self.lr, self.weight_decay = model, float(lr), float(weight_decay)
@@ -158,14 +163,21 @@ class Optimizer:
                 st["lookahead_slow"] = p.value.copy()
             group = self.groups.get(p.name)
             lr = self.lr * group.lr_scale if group is not None else self.lr
-            p.value[...] = self.update(p.value, p.grad, st, self._decay(p), lr)  # in place: the model's own array
+            value, grad, wd = p.value, p.grad, self._decay(p)
+            if wd and self.decoupled:
+                value = value * (1 - lr * wd)
+            elif wd:
+                grad = grad + wd * value
+            p.value[...] = self.update(value, grad, st, lr)  # in place: the model's own array
         if la is not None and self.steps % la.k == 0:  # lookahead: the slow weights step, the fast restart there
             for p in self.model.trainable_parameters():
                 slow = self.state[p.name]["lookahead_slow"]
                 slow += p.value.dtype.type(la.alpha) * (p.value - slow)
                 p.value[...] = slow
 
-    def update(self, p: np.ndarray, g: np.ndarray, st: dict, wd: float, lr: float) -> np.ndarray:
+    def update(self, p: np.ndarray, g: np.ndarray, st: dict, lr: float) -> np.ndarray:
+        """The new value of a parameter p from its gradient g (weight decay already applied), its state st (updated
+        in place) and its learning rate."""
         raise NotImplementedError
 
     @property
@@ -212,9 +224,7 @@ class SGD(Optimizer):
     def keeps_state(self) -> bool:
         return self.momentum != 0
 
-    def update(self, p, g, st, wd, lr):
-        if wd:
-            g = g + wd * p
+    def update(self, p, g, st, lr):
         if self.momentum:
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = g.copy()
@@ -236,12 +246,8 @@ class Adam(Optimizer):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.betas, self.eps, self.amsgrad = (float(betas[0]), float(betas[1])), float(eps), bool(amsgrad)
 
-    def update(self, p, g, st, wd, lr):
+    def update(self, p, g, st, lr):
         b1, b2 = self.betas
-        if wd and self.decoupled:
-            p = p * (1 - lr * wd)
-        elif wd:
-            g = g + wd * p
         m = st["exp_avg"] = b1 * st.get("exp_avg", np.zeros_like(p)) + (1 - b1) * g
         v = st["exp_avg_sq"] = b2 * st.get("exp_avg_sq", np.zeros_like(p)) + (1 - b2) * g * g
         if self.amsgrad:
@@ -271,10 +277,8 @@ class RMSprop(Optimizer):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.alpha, self.eps, self.momentum, self.centered = float(alpha), float(eps), float(momentum), centered
 
-    def update(self, p, g, st, wd, lr):
+    def update(self, p, g, st, lr):
         a = self.alpha
-        if wd:
-            g = g + wd * p
         v = st["square_avg"] = a * st.get("square_avg", np.zeros_like(p)) + (1 - a) * g * g
         if self.centered:
             ga = st["grad_avg"] = a * st.get("grad_avg", np.zeros_like(p)) + (1 - a) * g
@@ -299,9 +303,7 @@ class Adagrad(Optimizer):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.lr_decay, self.initial, self.eps = float(lr_decay), float(initial_accumulator_value), float(eps)
 
-    def update(self, p, g, st, wd, lr):
-        if wd:
-            g = g + wd * p
+    def update(self, p, g, st, lr):
         if "sum" not in st:
             st["sum"] = np.full_like(p, self.initial)
         s = st["sum"] = st["sum"] + g * g
@@ -320,10 +322,8 @@ class Adadelta(Optimizer):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.rho, self.eps = float(rho), float(eps)
 
-    def update(self, p, g, st, wd, lr):
+    def update(self, p, g, st, lr):
         r = self.rho
-        if wd:
-            g = g + wd * p
         v = st["square_avg"] = r * st.get("square_avg", np.zeros_like(p)) + (1 - r) * g * g
         d = np.sqrt(st.get("acc_delta", np.zeros_like(p)) + self.eps) / np.sqrt(v + self.eps) * g
         st["acc_delta"] = r * st.get("acc_delta", np.zeros_like(p)) + (1 - r) * d * d
@@ -341,10 +341,8 @@ class RAdam(Optimizer):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
 
-    def update(self, p, g, st, wd, lr):
+    def update(self, p, g, st, lr):
         b1, b2 = self.betas
-        if wd:
-            g = g + wd * p
         m = st["exp_avg"] = b1 * st.get("exp_avg", np.zeros_like(p)) + (1 - b1) * g
         v = st["exp_avg_sq"] = b2 * st.get("exp_avg_sq", np.zeros_like(p)) + (1 - b2) * g * g
         t = self.steps

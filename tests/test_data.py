@@ -6,8 +6,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from cnnctl.config.spec import DataSpec
 from cnnctl.data import batches, idx, load_dataset, shapes
+from cnnctl.data.spec import DataSpec
 from cnnctl.errors import DataError
 
 
@@ -187,7 +187,7 @@ def test_hostile_user_files_are_data_errors(tmp_path):
     import struct
     import zlib
 
-    from cnnctl.data import cifar, files
+    from cnnctl.data import cifar, folder, npz
 
     (tmp_path / "cifar" / "cifar-10-batches-bin" / "data_batch_1.bin").mkdir(parents=True)
     with pytest.raises(DataError, match="cannot read"):
@@ -201,7 +201,7 @@ def test_hostile_user_files_are_data_errors(tmp_path):
     np.savez(tmp_path / "wrap.npz", x_train=x, y_train=np.array([0, 2**64 - 1], np.uint64), x_test=x, y_test=y)
     for name, words in [("torn.npz", "cannot read"), ("renamed.npz", "single .npy array"), ("wrap.npz", "label")]:
         with pytest.raises(DataError, match=words):
-            files.load_npz(tmp_path / name)
+            npz.load_npz(tmp_path / name)
     pytest.importorskip("PIL")
     root = tmp_path / "folder"
     for split in ("train", "test"):
@@ -215,5 +215,5 @@ def test_hostile_user_files_are_data_errors(tmp_path):
         chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
     (root / "test" / "a" / "bomb.png").write_bytes(png)
     with pytest.raises(DataError) as e:
-        files.load_folder(root, (1, 8, 8))
+        folder.load_folder(root, (1, 8, 8))
     assert "bomb.png" in str(e.value) or "holds no images" in str(e.value)

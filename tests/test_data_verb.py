@@ -90,7 +90,7 @@ def test_the_counts_are_the_runs_own_split(tmp_path, tiny_config):
 
 
 def test_samples_are_drawn_from_the_seed_and_augmented_as_in_training():
-    from cnnctl.config.spec import AugmentSpec, DataSpec
+    from cnnctl.data.spec import AugmentSpec, DataSpec
 
     ds = data.load_dataset(DataSpec(dataset="shapes", shapes={"train_size": 50, "test_size": 10}), (1, 12, 12),
                            np.random.default_rng(0))

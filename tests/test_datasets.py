@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cnnctl.cli import app
-from cnnctl.config.spec import AugmentSpec, DataSpec
-from cnnctl.data import augment, batches, download, files, load_dataset
+from cnnctl.data import augment, batches, digits, download, folder, load_dataset, npz
+from cnnctl.data.spec import AugmentSpec, DataSpec
 from cnnctl.errors import DataError
 from tests.conftest import ROOT, TINY
 from tests.helpers import runner
@@ -25,7 +25,7 @@ def test_npz_layouts(tmp_path):
     nhwc = g.integers(0, 256, (30, 12, 10, 3), dtype=np.uint8)
     path = tmp_path / "d.npz"
     np.savez(path, x_train=nhwc, y_train=g.integers(0, 4, 30), x_test=nhwc[:5], y_test=np.arange(5) % 4)
-    (x, y), (xt, yt) = files.load_npz(path)
+    (x, y), (xt, yt) = npz.load_npz(path)
     assert x.shape == (30, 3, 12, 10) and x.dtype == np.uint8
     np.testing.assert_array_equal(x[3, 1], nhwc[3, :, :, 1])
     floats = g.random((20, 9, 9)).astype(np.float64)
@@ -49,7 +49,7 @@ def test_npz_errors(tmp_path, arrays, words):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
     with pytest.raises(DataError) as e:
-        files.load_npz(path)
+        npz.load_npz(path)
     for w in words:
         assert w in str(e.value), str(e.value)
 
@@ -84,24 +84,24 @@ def make_folder(root, sizes=((20, 14), (9, 9))):
 def test_folder_loads_resizes_and_labels(tmp_path):
     pytest.importorskip("PIL")
     make_folder(tmp_path)
-    classes, (x, y), (xt, yt) = files.load_folder(tmp_path, (3, 8, 8))
+    classes, (x, y), (xt, yt) = folder.load_folder(tmp_path, (3, 8, 8))
     assert classes == ["cat", "dog"] and x.shape == (8, 3, 8, 8) and xt.shape == (4, 3, 8, 8)
     assert y.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert x[y == 1].mean() > x[y == 0].mean() + 100
-    _, (xg, _), _ = files.load_folder(tmp_path, (1, 5, 6))
+    _, (xg, _), _ = folder.load_folder(tmp_path, (1, 5, 6))
     assert xg.shape == (8, 1, 5, 6)
 
 
 def test_folder_errors(tmp_path):
     pytest.importorskip("PIL")
     with pytest.raises(DataError, match="train does not exist"):
-        files.load_folder(tmp_path, (1, 8, 8))
+        folder.load_folder(tmp_path, (1, 8, 8))
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="holds no images"):
-        files.load_folder(tmp_path, (1, 8, 8))
+        folder.load_folder(tmp_path, (1, 8, 8))
     (tmp_path / "train" / "a" / "x.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="cannot be decoded"):
-        files.load_folder(tmp_path, (1, 8, 8))
+        folder.load_folder(tmp_path, (1, 8, 8))
 
 
 def test_missing_optional_packages_name_the_extra(tmp_path, monkeypatch):
@@ -109,14 +109,14 @@ def test_missing_optional_packages_name_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(DataError, match=r"cnnctl\[images\]"):
-        files.load_folder(tmp_path, (1, 8, 8))
+        folder.load_folder(tmp_path, (1, 8, 8))
     with pytest.raises(DataError, match=r"cnnctl\[digits\]"):
-        files.load_digits()
+        digits.load_digits()
 
 
 def test_digits(tmp_path):
     pytest.importorskip("sklearn")
-    (x, y), (xt, yt) = files.load_digits()
+    (x, y), (xt, yt) = digits.load_digits()
     assert x.shape[1:] == (1, 8, 8) and x.dtype == np.uint8 and x.max() == 255
     assert len(x) + len(xt) == 1797 and len(xt) == 359
     ds = load_dataset(DataSpec(dataset="digits"), (1, 8, 8), np.random.default_rng(0))
@@ -252,7 +252,7 @@ def test_shift_repeats_the_edges():
 
 
 def test_test_time_views_are_the_shifts_and_their_mirrors():
-    from cnnctl.config.spec import TestTimeAugmentSpec
+    from cnnctl.data.spec import TestTimeAugmentSpec
 
     x = np.random.default_rng(0).random((3, 2, 6, 6), dtype=np.float32)
     spec = TestTimeAugmentSpec(horizontal_flip=True, shifts=[[1, 1], [-1, 0]])

@@ -104,24 +104,24 @@ def _png16(path, value):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_16_bit_pngs_keep_their_brightness(tmp_path, channels):
     pytest.importorskip("PIL")
-    from cnnctl.data import files
+    from cnnctl.data import pictures
 
     for value, expected in ((0, 0), (16448, 64), (32896, 128), (65535, 255)):
         _png16(tmp_path / "x.png", value)
-        np.testing.assert_array_equal(files.decode_image(tmp_path / "x.png", (channels, 4, 4)),
+        np.testing.assert_array_equal(pictures.decode_image(tmp_path / "x.png", (channels, 4, 4)),
                                       np.full((channels, 4, 4), expected, np.uint8))
 
 
 def test_two_brightness_classes_of_16_bit_pngs_stay_apart_in_a_folder(tmp_path):
     pytest.importorskip("PIL")
-    from cnnctl.data import files
+    from cnnctl.data import folder
 
     for split in ("train", "test"):
         for cls, value in (("dark", 12000), ("bright", 50000)):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(3):
                 _png16(tmp_path / split / cls / f"{i}.png", value + i)
-    classes, (x, y), _ = files.load_folder(tmp_path, (1, 6, 6))
+    classes, (x, y), _ = folder.load_folder(tmp_path, (1, 6, 6))
     means = {classes[k]: x[y == k].mean() for k in range(2)}
     assert abs(means["dark"] - 12000 / 257) < 1 and abs(means["bright"] - 50000 / 257) < 1
 
@@ -131,14 +131,14 @@ def test_only_documented_formats_are_decoded_whatever_the_name(tmp_path, monkeyp
     PIL = pytest.importorskip("PIL")
     from PIL import EpsImagePlugin
 
-    from cnnctl.data import files
+    from cnnctl.data import pictures
 
     called = []
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: called.append(a))
     monkeypatch.setattr(EpsImagePlugin, "gs_windows_binary", "/bin/false", raising=False)
     (tmp_path / "x.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n")
     with pytest.raises(ValueError, match="not a picture in one of the formats"):
-        files.decode_image(tmp_path / "x.png", (1, 8, 8))
+        pictures.decode_image(tmp_path / "x.png", (1, 8, 8))
     assert not called and PIL
 
 
@@ -161,7 +161,7 @@ def test_every_bad_file_of_a_folder_is_named_in_one_message(tmp_path):
     pytest.importorskip("PIL")
     from PIL import Image
 
-    from cnnctl.data import files
+    from cnnctl.data import folder
     from cnnctl.errors import DataError
 
     d = tmp_path / "train" / "a"
@@ -172,7 +172,7 @@ def test_every_bad_file_of_a_folder_is_named_in_one_message(tmp_path):
     _damaged_png(d / "header.png", 5)
     (d / "trunc.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
     with pytest.raises(DataError) as e:
-        files.load_folder(tmp_path, (1, 8, 8))
+        folder.load_folder(tmp_path, (1, 8, 8))
     text = str(e.value)
     assert "4 of 5 files" in text and all(n in text for n in ("text.png", "chunk.png", "header.png", "trunc.jpg"))
     assert "SyntaxError" in text and "ValueError" in text
@@ -208,7 +208,7 @@ def test_pictures_without_pillow_name_the_images_extra(tiny_run, tmp_path, monke
 
 
 def test_an_npz_header_claiming_a_terabyte_is_refused_before_reading(tmp_path):
-    from cnnctl.data import files
+    from cnnctl.data import npz
     from cnnctl.errors import DataError
 
     path = tmp_path / "huge.npz"
@@ -224,7 +224,7 @@ def test_an_npz_header_claiming_a_terabyte_is_refused_before_reading(tmp_path):
         for n, b in members.items():
             z.writestr(n, b)
     with pytest.raises(DataError, match="more than can be spared"):
-        files.load_npz(path)
+        npz.load_npz(path)
 
 
 # ---------------------------------------------------------------- sweeps
@@ -463,14 +463,14 @@ def test_a_non_finite_validation_loss_fails_the_run_and_its_records_stay_readabl
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, 1e300])
 def test_float_images_that_are_not_finite_float32_are_refused_at_load(tmp_path, value):
-    from cnnctl.data import files
+    from cnnctl.data import npz
     from cnnctl.errors import DataError
 
     x = np.random.default_rng(0).random((20, 4, 4))
     x[7, 1, 2] = value
     np.savez(tmp_path / "d.npz", x_train=x, y_train=np.arange(20) % 2, x_test=x[:4], y_test=np.arange(4) % 2)
     with pytest.raises(DataError, match="x_train holds 1 values that are not finite"):
-        files.load_npz(tmp_path / "d.npz")
+        npz.load_npz(tmp_path / "d.npz")
 
 
 def test_a_non_finite_test_loss_fails_the_run(tmp_path, monkeypatch):
@@ -725,7 +725,7 @@ PICTURES = st.one_of(
 @given(st.lists(PICTURES, min_size=1, max_size=4), st.sampled_from([(1, 8, 8), (3, 5, 7)]))
 def test_fuzzed_folder_images_give_data_or_one_clear_error(tmp_path_factory, pictures, shape):
     pytest.importorskip("PIL")
-    from cnnctl.data import files
+    from cnnctl.data import folder
     from cnnctl.errors import DataError
 
     root = tmp_path_factory.mktemp("folder")
@@ -735,7 +735,7 @@ def test_fuzzed_folder_images_give_data_or_one_clear_error(tmp_path_factory, pic
     for i, raw in enumerate(pictures):
         (root / "train" / "a" / f"f{i}.{'png' if i % 2 else 'jpg'}").write_bytes(raw)
     try:
-        classes, (x, y), _ = files.load_folder(root, shape)
+        classes, (x, y), _ = folder.load_folder(root, shape)
     except DataError as e:
         assert "cannot be decoded" in e.message
     else:
@@ -756,7 +756,7 @@ ARRAYS = st.one_of(
 @given(st.dictionaries(st.sampled_from(["x_train", "y_train", "x_test", "y_test", "other"]), ARRAYS, max_size=5),
        st.integers(0, 64))
 def test_fuzzed_npz_contents_give_data_or_one_clear_error(tmp_path_factory, arrays, cut):
-    from cnnctl.data import files
+    from cnnctl.data import npz
     from cnnctl.errors import DataError
 
     path = tmp_path_factory.mktemp("npz") / "d.npz"
@@ -764,7 +764,7 @@ def test_fuzzed_npz_contents_give_data_or_one_clear_error(tmp_path_factory, arra
     if cut:  # also a file cut short
         path.write_bytes(path.read_bytes()[:-cut])
     try:
-        (x, y), (xt, yt) = files.load_npz(path)
+        (x, y), (xt, yt) = npz.load_npz(path)
     except DataError:
         return
     assert x.ndim == 4 and y.dtype == np.int64 and len(x) == len(y) and x.shape[1:] == xt.shape[1:]

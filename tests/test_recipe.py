@@ -50,8 +50,8 @@ def test_training_compute_is_reported_by_inspect_summary_and_the_last_line(tmp_p
 
 
 def test_alternating_flip_mirrors_each_image_every_other_epoch():
-    from cnnctl.config.spec import AugmentSpec
     from cnnctl.data import augment
+    from cnnctl.data.spec import AugmentSpec
 
     odd, even = (augment.alternating_flips(1000, 7, e) for e in (1, 2))
     assert np.array_equal(odd, ~even) and 0.45 < odd.mean() < 0.55

@@ -261,8 +261,8 @@ def test_kill_9_at_random_moments_leaves_a_resumable_run(tmp_path):
 
 
 def test_test_time_flip_averages_the_image_and_its_mirror(tmp_path):
-    from cnnctl.config.spec import TestTimeAugmentSpec
     from cnnctl.data import augment, batches
+    from cnnctl.data.spec import TestTimeAugmentSpec
     from cnnctl.run.evaluation import evaluate, infer
     from cnnctl.run.start import run_data
 

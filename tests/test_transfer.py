@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cnnctl.data import augment, files
+from cnnctl.data import augment, pictures
 from tests.conftest import ROOT, TINY
 from tests.helpers import invoke
 from tests.test_errors import expect_error
@@ -17,7 +17,7 @@ Image = pytest.importorskip("PIL.Image")
 def test_resize_scales_the_shorter_side_then_cuts_the_centre(tmp_path, size):
     pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "p.png")
-    got = files.decode_image(tmp_path / "p.png", (3, 28, 24), resize=32)
+    got = pictures.decode_image(tmp_path / "p.png", (3, 28, 24), resize=32)
     w, h = size
     scaled = (32, round(32 * h / w) if h > w else 32) if w <= h else (int(32 * w / h), 32)
     im = Image.fromarray(pixels).resize(scaled, Image.BILINEAR)

@@ -15,6 +15,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from cnnctl.core import nn, optim, schedules
+from cnnctl.data.formats import FORMATS
+from cnnctl.data.spec import DataSpec
 from cnnctl.strict import Mode, Monitor, NonNegInt, PosInt, Strict
 
 from . import blocks
@@ -87,134 +89,6 @@ class ModelSpec(Strict):
 
 
 # ---------------------------------------------------------------- data, loss, optimizer, training
-
-
-class ShapesSpec(Strict):
-    train_size: PosInt = Field(6000, description="Images generated for training (before the validation split).")
-    test_size: PosInt = Field(1000, description="Images generated for the test split.")
-    kinds: list[Literal["circle", "square", "triangle", "cross", "ring", "bar"]] = Field(
-        default=["circle", "square", "triangle", "cross"], min_length=2, description="Shape classes, in label order."
-    )
-    noise: float = Field(0.15, ge=0.0, le=1.0, description="Std of Gaussian pixel noise on a 0..1 scale.")
-
-
-class ResizedCropSpec(Strict):
-    scale: tuple[float, float] = Field((0.08, 1.0), description="Fraction of the image's area the crop covers: "
-                                       "drawn uniformly between these.")
-    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="Aspect ratio (width / height) of the crop: "
-                                       "drawn log-uniformly between these.")
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        (s0, s1), (r0, r1) = self.scale, self.ratio
-        if not (0 < s0 <= s1 <= 1 and 0 < r0 <= r1):
-            raise ValueError("give scale as [min, max] within (0, 1] and ratio as [min, max] above 0, min <= max")
-        return self
-
-
-class AugmentSpec(Strict):
-    random_resized_crop: ResizedCropSpec | None = Field(
-        None, description="A random part of each image (its area and aspect ratio drawn from scale and ratio) "
-        "resized back to the image's size, bilinearly (torchvision's RandomResizedCrop, for fine-tuning); {} "
-        "takes torchvision's defaults.")
-    random_crop: NonNegInt = Field(0, description="Pad by this many pixels, then crop back at a random offset.")
-    random_shift: float = Field(0.0, ge=0.0, lt=0.5, description="Shift by up to this fraction of the size, "
-                                "repeating edge pixels.")
-    horizontal_flip: bool | Literal["alternating"] = Field(
-        False, description="true: mirror a random half of the images left to right; alternating: each image is "
-        "mirrored every other epoch (which half starts is fixed by the seed), so every epoch pair sees both "
-        "views (airbench's alternating flip, Jordan 2024).")
-    random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="Probability of setting one random rectangle "
-                                  "(2-33% of the image, aspect 0.3-3.3) of an image to 0 (random erasing, cutout).")
-
-    @property
-    def active(self) -> bool:
-        """Whether any augmentation is asked for."""
-        return bool(self.random_crop or self.random_shift or self.horizontal_flip or self.random_erasing
-                    or self.random_resized_crop is not None)
-
-
-class TestTimeAugmentSpec(Strict):
-    """Views of every image whose outputs are averaged (validation, test, eval and predict; an exported model is
-    the plain network): the image, each shifted copy, and with horizontal_flip the mirror of every one."""
-
-    horizontal_flip: bool = Field(False, description="Average the network's outputs for each image and its mirror "
-                                  "image (validation, test, eval and predict; an exported model is the plain "
-                                  "network).")
-    shifts: list[tuple[int, int]] = Field(
-        default=[], max_length=64, description="Also average over copies shifted by [rows, columns] pixels each "
-        "(positive: down, right; the edge pixels repeat), e.g. [[1, 1], [-1, -1]]; with horizontal_flip each is "
-        "mirrored too.")
-
-    @field_validator("shifts")
-    @classmethod
-    def _real_shifts(cls, v):
-        if any(dy == 0 and dx == 0 for dy, dx in v):
-            raise ValueError("[0, 0] is the image itself, which is always one of the views: leave it out")
-        if len(set(v)) != len(v):
-            raise ValueError("a shift is listed twice: give each once")
-        return v
-
-    @property
-    def views(self) -> int:
-        """How many forward passes one image costs."""
-        return (1 + len(self.shifts)) * (2 if self.horizontal_flip else 1)
-
-
-class DataSpec(Strict):
-    dataset: Literal["shapes", "mnist", "fashion_mnist", "kmnist", "cifar10", "digits", "npz", "folder", "csv"] = \
-        Field(description="Built-in dataset name, or npz / folder / csv for your own data.")
-    path: str | None = Field(None, description="csv: the CSV of pictures, columns path,label and optionally split "
-                             "(train, val or test); paths relative to the CSV's folder.")
-    root: str | None = Field(None, description="Folder with the dataset files (default ~/.cache/cnnctl/<dataset>, "
-                             "or $CNNCTL_DATA/<dataset>); the .npz file for npz; the ImageFolder root for folder.")
-    download: bool = Field(False, description="Fetch missing files (mnist, fashion_mnist, kmnist, cifar10) into "
-                           "root, verified against SHA-256 checksums.")
-    mirror: str | None = Field(None, description="Base URL to download the files from instead of the official ones.")
-    classes: list[str] | None = Field(None, description="Class names for npz data (default: 0..max label).")
-    augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Training-batch augmentation.")
-    test_time_augment: TestTimeAugmentSpec = Field(default_factory=TestTimeAugmentSpec,
-                                                   description="Augmentation when evaluating and predicting.")
-    resize: PosInt | None = Field(None, description="folder data and predict's picture files: scale each picture so "
-                                  "that its shorter side has this many pixels (bilinear, aspect kept), then cut the "
-                                  "input's height x width from its centre (torchvision's evaluation transform: "
-                                  "Resize(256) + CenterCrop(224)); default: stretch the picture to the input size.")
-    batch_size: PosInt = 64
-    eval_batch_size: PosInt | None = Field(None, description="Batch size for validation, test, eval and predict "
-                                           "(default: batch_size). Evaluation keeps nothing for backward, so it can "
-                                           "be larger; the numbers do not depend on it.")
-    val_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the training data held out.")
-    stratify: bool = Field(False, description="Hold out val_split of every class (the validation split keeps the "
-                           "class proportions); off by default so that existing configs keep their exact split.")
-    sampler: Literal["shuffle", "balanced"] = Field(
-        "shuffle", description="shuffle: every training image once per epoch; balanced: as many draws, with "
-        "replacement, each class equally likely (for imbalanced data).")
-    normalize: Literal["auto", "none"] | dict[Literal["mean", "std"], list[float]] = Field(
-        "auto", description="auto: per-channel mean/std of the training split; none: pixels in 0..1; or mean/std.")
-    shapes: ShapesSpec = Field(default_factory=ShapesSpec, description="Options of the `shapes` generator.")
-
-    @model_validator(mode="after")
-    def _csv_needs_its_path(self):
-        if (self.dataset == "csv") != (self.path is not None):
-            raise ValueError("dataset: csv reads the CSV given as data.path (columns path,label[,split]); other "
-                             "datasets take data.root" if self.dataset == "csv" else
-                             f"data.path is the CSV of dataset: csv; the {self.dataset} data is found through "
-                             "data.root")
-        return self
-
-    @field_validator("normalize")
-    @classmethod
-    def _mean_and_std(cls, v):
-        if isinstance(v, dict) and set(v) != {"mean", "std"}:
-            raise ValueError("give both mean and std lists (one value per channel)")
-        if isinstance(v, dict) and any(s <= 0 for s in v["std"]):
-            raise ValueError("std values must be positive")
-        return v
-
-    @property
-    def evaluation_batch(self) -> int:
-        """Images per forward pass when evaluating or predicting."""
-        return self.eval_batch_size or self.batch_size
 
 
 # other frameworks' names of cnnctl's losses: a config that uses one gets a did-you-mean naming the framework
@@ -352,10 +226,11 @@ class Spec(Strict):
     @model_validator(mode="after")
     def _resize_fits_the_input(self):
         r, (h, w) = self.data.resize, self.model.input_shape[1:]
-        if r is not None and self.data.dataset not in ("folder", "csv"):
+        if r is not None and not FORMATS[self.data.dataset].pictures:
+            pictures = ", ".join(name for name, f in FORMATS.items() if f.pictures)
             raise PydanticCustomError("resize_needs_pictures", "data.resize applies to picture files (dataset: "
-                                      "folder, and predict); the {dataset} data has its own size", {
-                                          "dataset": self.data.dataset})
+                                      "{pictures}, and predict); the {dataset} data has its own size", {
+                                          "dataset": self.data.dataset, "pictures": pictures})
         if r is not None and r < max(h, w):
             raise PydanticCustomError(
                 "resize_too_small", "data.resize is {r}: the shorter side must have at least {side} pixels to cut "

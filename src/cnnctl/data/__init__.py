@@ -1,29 +1,19 @@
-"""Datasets: load a split into memory as stored (uint8 stays uint8), carve the validation split from the seed,
-and normalise (and, for training, augment) batches as they are drawn."""
+"""Datasets: a registered format (one module each, `formats.FORMATS`) loads a split into memory as stored (uint8
+stays uint8); here the validation split is carved from the seed, and batches are normalised (and, for training,
+augmented) as they are drawn."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from cnnctl.config.spec import DataSpec
-from cnnctl.core.memory import refuse_over
 from cnnctl.errors import DataError
 
-from . import augment, cifar, download, files, idx, shapes
-
-IDX_CLASSES = {
-    "mnist": [str(d) for d in range(10)],
-    "fashion_mnist": ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                      "ankle-boot"],
-    "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
-}
-KNOWN = {**{k: (v, (1, 28, 28)) for k, v in IDX_CLASSES.items()}, "cifar10": (cifar.CLASSES, (3, 32, 32)),
-         "digits": ([str(d) for d in range(10)], (1, 8, 8))}
+from . import augment, download
+from .formats import FORMATS, default_root, root_of  # noqa: F401  (cnnctl.data.default_root, root_of)
+from .spec import DataSpec
 
 
 @dataclass
@@ -61,71 +51,16 @@ class Dataset:
                 "image_shape": list(self.image_shape), "classes": self.classes}
 
 
-def default_root(dataset: str) -> Path:
-    """$CNNCTL_DATA/<dataset> (else ~/.cache/cnnctl/<dataset>); a folder named with hyphens (fashion-mnist, as the
-    data is often kept) is taken where the underscore one (fashion_mnist) does not exist."""
-    base = Path(os.environ["CNNCTL_DATA"]) if os.environ.get("CNNCTL_DATA") else Path.home() / ".cache" / "cnnctl"
-    if not (base / dataset).exists() and (base / dataset.replace("_", "-")).is_dir():
-        return base / dataset.replace("_", "-")
-    return base / dataset
-
-
 def dataset_info(spec: DataSpec) -> tuple[list[str] | None, tuple[int, int, int] | None]:
     """Class names and image shape when known without reading any file (None where the data decides)."""
-    if spec.dataset == "shapes":
-        return list(spec.shapes.kinds), None
-    if spec.dataset in KNOWN:
-        classes, shape = KNOWN[spec.dataset]
-        return list(classes), shape
-    return (list(spec.classes) if spec.classes else None), None
-
-
-def root_of(spec: DataSpec) -> Path:
-    return Path(spec.root).expanduser() if spec.root else default_root(spec.dataset)
+    fmt = FORMATS[spec.dataset]
+    return (fmt.classes(spec) if fmt.classes else None), fmt.image_shape
 
 
 def _load_raw(spec: DataSpec, input_shape, rng, progress) -> tuple[list[str], Split, Split, Split | None]:
     """(classes, training data, test split, and the validation split when the data itself gives one)."""
-    classes, _ = dataset_info(spec)
-    if spec.dataset == "csv":
-        names, train, val, test = files.load_csv(Path(spec.path).expanduser(), input_shape, spec.resize)
-        return names, Split(*train), Split(*test), None if val is None else Split(*val)
-    return (*_load_plain(spec, input_shape, rng, progress, classes), None)
-
-
-def _load_plain(spec: DataSpec, input_shape, rng, progress, classes) -> tuple[list[str], Split, Split]:
-    if spec.dataset == "shapes":
-        o = spec.shapes
-        refuse_over(f"the shapes data at input_shape {list(input_shape)}",  # at most half the memory
-                    shapes.bytes_needed(max(o.train_size, o.test_size), len(o.kinds), tuple(input_shape)), 2,
-                    DataError, "use a smaller model.input_shape or data.shapes.train_size / test_size")
-        train = shapes.generate(o.train_size, list(o.kinds), tuple(input_shape), o.noise, rng)
-        test = shapes.generate(o.test_size, list(o.kinds), tuple(input_shape), o.noise, rng)
-        return classes, Split(*train), Split(*test)
-    if spec.dataset == "digits":
-        train, test = files.load_digits()
-        return classes, Split(*train), Split(*test)
-    root = root_of(spec)
-    if spec.dataset == "npz":
-        train, test = files.load_npz(root)
-        n = int(max(train[1].max(initial=-1), test[1].max(initial=-1))) + 1
-        if classes is not None and n > len(classes):
-            raise DataError(f"{root}: label {n - 1} is outside the {len(classes)} classes of data.classes",
-                            "list every class in data.classes, or fix the labels")
-        return classes or [str(i) for i in range(n)], Split(*train), Split(*test)
-    if spec.dataset == "folder":
-        names, train, test = files.load_folder(root, input_shape, spec.resize)
-        return names, Split(*train), Split(*test)
-    if spec.download:
-        download.ensure(spec.dataset, root, progress, spec.mirror)
-    elif not root.is_dir():
-        raise DataError(f"{spec.dataset}: data folder {root} does not exist",
-                        "set data.root (or --set data.root=PATH) to the folder holding the files, or set "
-                        "data.download: true to fetch them")
-    if spec.dataset == "cifar10":
-        return classes, Split(*cifar.load_split(root, "train")), Split(*cifar.load_split(root, "test"))
-    return classes, Split(*idx.load_split(root, "train", spec.dataset)), \
-        Split(*idx.load_split(root, "test", spec.dataset))
+    raw = FORMATS[spec.dataset].load(spec, input_shape, rng, progress)
+    return raw.classes, Split(*raw.train), Split(*raw.test), None if raw.val is None else Split(*raw.val)
 
 
 def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,

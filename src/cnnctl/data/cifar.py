@@ -9,6 +9,8 @@ import numpy as np
 
 from cnnctl.errors import DataError
 
+from .formats import Raw, fetched_root, register_format
+
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 RECORD = 1 + 3 * 32 * 32
 FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
@@ -43,3 +45,10 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     parts = [read_batch(folder(root) / name) for name in FILES[split]]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+@register_format("cifar10", "CIFAR-10, 32x32 colour, 50,000 + 10,000 (binary version; data.download fetches it)",
+                 downloads=True, classes=lambda spec: list(CLASSES), image_shape=(3, 32, 32))
+def load(spec, input_shape, rng, progress) -> Raw:
+    root = fetched_root(spec, progress)
+    return Raw(list(CLASSES), load_split(root, "train"), load_split(root, "test"))

@@ -11,6 +11,15 @@ import numpy as np
 
 from cnnctl.errors import DataError
 
+from .formats import Raw, fetched_root, register_format
+
+CLASSES = {
+    "mnist": [str(d) for d in range(10)],
+    "fashion_mnist": ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                      "ankle-boot"],
+    "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+}
+
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -73,3 +82,15 @@ def load_split(root: Path, split: str, dataset: str) -> tuple[np.ndarray, np.nda
         raise DataError(f"{lab_path}: label {int(labels.max())} is outside the 10 classes 0..9",
                         "the file is corrupt; download it again")
     return images[:, None], labels.astype(np.int64)
+
+
+def _load(spec, input_shape, rng, progress) -> Raw:
+    root = fetched_root(spec, progress)
+    return Raw(list(CLASSES[spec.dataset]), load_split(root, "train", spec.dataset),
+               load_split(root, "test", spec.dataset))
+
+
+for _name, _what in (("mnist", "MNIST handwritten digits"), ("fashion_mnist", "Fashion-MNIST clothing"),
+                     ("kmnist", "Kuzushiji-MNIST cursive Japanese")):
+    register_format(_name, f"{_what}, 28x28 grayscale, 60,000 + 10,000 IDX files (data.download fetches them)",
+                    downloads=True, classes=lambda spec: list(CLASSES[spec.dataset]), image_shape=(1, 28, 28))(_load)

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from cnnctl.core.memory import refuse_over
+from cnnctl.errors import DataError
+
+from .formats import Raw, register_format
+
 
 def _inside(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Mask of points (u, v), in units of the shape's radius, that lie inside the shape."""
@@ -59,3 +64,15 @@ def generate(n: int, kinds: list[str], shape: tuple[int, int, int], noise: float
         img += rng.normal(0.0, noise, img.shape).astype(np.float32)
         images[idx] = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
     return images, labels.astype(np.int64)
+
+
+@register_format("shapes", "generated shapes (circle, square, ...) on noise, any input size, no download",
+                 located_by="nothing", classes=lambda spec: list(spec.shapes.kinds))
+def load(spec, input_shape, rng, progress) -> Raw:
+    o = spec.shapes
+    refuse_over(f"the shapes data at input_shape {list(input_shape)}",  # at most half the memory
+                bytes_needed(max(o.train_size, o.test_size), len(o.kinds), tuple(input_shape)), 2,
+                DataError, "use a smaller model.input_shape or data.shapes.train_size / test_size")
+    train = generate(o.train_size, list(o.kinds), tuple(input_shape), o.noise, rng)
+    test = generate(o.test_size, list(o.kinds), tuple(input_shape), o.noise, rng)
+    return Raw(list(o.kinds), train, test)

@@ -9,9 +9,9 @@ import numpy as np
 
 from cnnctl import data
 from cnnctl.config.build import evaluation_loss
-from cnnctl.config.spec import TestTimeAugmentSpec
 from cnnctl.core import plan
 from cnnctl.core.nn import Loss
+from cnnctl.data.spec import TestTimeAugmentSpec
 from cnnctl.errors import CnnctlError, DataError
 
 from . import checkpoint, distributed, loading

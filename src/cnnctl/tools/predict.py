@@ -10,7 +10,8 @@ import numpy as np
 from cnnctl.core import functional as F
 from cnnctl.core.functional import normalize
 from cnnctl.core.nn import LOSSES
-from cnnctl.data import dataset_info, files
+from cnnctl.data import dataset_info, npz
+from cnnctl.data.pictures import decode_images
 from cnnctl.errors import DataError
 
 
@@ -24,12 +25,12 @@ def load_inputs(paths: list[Path], input_shape, resize: int | None = None) -> tu
             if not path.is_file():
                 raise DataError(f"file not found: {path}", "check the path")
             try:
-                with files.open_npz(path) as z:
+                with npz.open_npz(path) as z:
                     key = next((k for k in ("x", "x_test", "images") if k in z.files), None)
                     if key is None:
                         raise DataError(f"{path}: no array named x, x_test or images (found {', '.join(z.files)})")
-                    x = files._nchw(files.read_array(z, key, path), path, key)
-            except files.NPZ_ERRORS as e:
+                    x = npz.nchw(npz.read_array(z, key, path), path, key)
+            except npz.NPZ_ERRORS as e:
                 raise DataError(f"{path}: cannot read as a plain .npz ({e})", "store numeric arrays with np.savez") \
                     from None
             if x.shape[1:] != (c, h, w):
@@ -45,7 +46,7 @@ def load_inputs(paths: list[Path], input_shape, resize: int | None = None) -> tu
     if not arrays:
         raise DataError("no inputs given", "pass image files or an .npz")
     if pictures:
-        decoded = files.decode_images([p for _, p in pictures], (c, h, w), "the inputs", resize)
+        decoded = decode_images([p for _, p in pictures], (c, h, w), "the inputs", resize)
         for (i, _), image in zip(pictures, decoded):
             arrays[i] = image.astype(np.float32) / 255.0
     return names, np.stack(arrays).astype(np.float32)

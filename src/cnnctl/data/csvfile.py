@@ -1,0 +1,114 @@
+"""dataset: csv: a CSV of picture files (columns path, label and optionally split), given as data.path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cnnctl.core.fileio import Unreadable, read_regular
+from cnnctl.errors import DataError
+
+from .formats import Raw, register_format
+from .pictures import decode_images, pillow
+
+MAX_CSV_BYTES = 64 << 20  # a list of picture paths; a million rows is about 50 MB
+MAX_CLASS_NAME = 1000  # characters of one label
+MAX_NUMBERED_CLASSES = 100_000  # integer labels may leave classes out, up to this many (or one per row)
+CSV_SPLITS = ("train", "val", "test")
+
+
+def load_csv(path: Path, input_shape, resize: int | None = None):
+    """A CSV of pictures: columns `path` and `label` (and optionally `split`: train, val or test; default train),
+    paths relative to the CSV's folder, labels as class names (sorted) or as integers 0..K-1. Decoded as the folder
+    dataset decodes. Returns (classes, train, val or None, test); every missing file, unknown split and picture
+    that cannot be decoded is named in one message."""
+    import csv
+    import io
+
+    pillow()
+    c = input_shape[0]
+    if c not in (1, 3):
+        raise DataError(f"dataset: csv decodes grayscale (1 channel) or RGB (3), but input_shape has {c} channels")
+    try:
+        text = read_regular(path, MAX_CSV_BYTES).decode("utf-8-sig")
+    except Unreadable as e:
+        raise DataError(f"data.path {path}: " + ("no such file" if e.missing else f"cannot read it ({e.reason})"),
+                        "give the CSV of pictures: columns path,label (and optionally split)") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.path {path}: not UTF-8 text ({e.reason})", "save the CSV as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text))
+    columns = [f.strip() for f in reader.fieldnames or []]
+    if "path" not in columns or "label" not in columns:
+        raise DataError(f"{path}: its header is {', '.join(columns) or 'empty'}; it needs the columns path and label",
+                        "first line: path,label (and ,split to choose each row's split)")
+    rows, bad = [], []
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # a field over csv's limit, a NUL byte, an unclosed quote at the end
+            bad.append(f"line {reader.line_num + 1}: {e}")
+            break  # the reader cannot go on past it
+        line = reader.line_num
+        if None in row or None in row.values():  # more fields than the header (under None), or fewer (None values)
+            given = len(columns) + len(row.get(None) or []) if None in row else \
+                sum(v is not None for v in row.values())
+            bad.append(f"line {line}: {given} fields, the header has {len(columns)}")
+            continue
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        split = row.get("split") or "train"
+        file = path.parent / row["path"]
+        label = row["label"]
+        if not row["path"] or not label:
+            bad.append(f"line {line}: an empty path or label")
+        elif split not in CSV_SPLITS:
+            bad.append(f"line {line}: split {split!r} is not train, val or test")
+        elif label.isdigit() and not label.isascii():
+            bad.append(f"line {line}: label {label!r} is written with digits other than 0-9")
+        elif len(label) > MAX_CLASS_NAME:
+            bad.append(f"line {line}: a label of {len(label):,} characters (at most {MAX_CLASS_NAME})")
+        elif not file.is_file():
+            bad.append(f"line {line}: {file} does not exist")
+        else:
+            rows.append((line, split, file, label))
+    numbered = rows and all(label.isascii() and label.isdigit() for *_, label in rows)
+    limit = max(len(rows), MAX_NUMBERED_CLASSES)
+    for line, _, _, label in rows if numbered else []:
+        if int(label) >= limit:  # the class list is 0..K-1: a label's value would size it
+            bad.append(f"line {line}: label {label} is beyond the data: integer labels number the classes "
+                       f"0..K-1, and this CSV has {len(rows):,} rows")
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DataError(f"{path}: {len(bad)} rows cannot be used:\n  {shown}", "fix or remove those rows "
+                        "(one picture per row: path,label[,split]; labels as class names or as 0..K-1)")
+    if not any(split == "train" for _, split, _, _ in rows):
+        raise DataError(f"{path}: no training rows", "give rows with split train (or no split column)")
+    labels = [label for *_, label in rows]
+    if numbered:
+        classes = [str(i) for i in range(max(int(v) for v in labels) + 1)]
+        index = {str(int(v)): int(v) for v in labels}
+        labels = [str(int(v)) for v in labels]
+    else:
+        classes = sorted(set(labels))
+        index = {name: i for i, name in enumerate(classes)}
+    rows = [(split, f, label) for _, split, f, label in rows]
+    out = []
+    for name in CSV_SPLITS:
+        picked = [(f, index[label]) for (split, f, _), label in zip(rows, labels) if split == name]
+        if not picked:
+            out.append(None)
+            continue
+        images = decode_images([f for f, _ in picked], tuple(input_shape), f"{path} ({name} rows)", resize)
+        out.append((images, np.asarray([y for _, y in picked], np.int64)))
+    train, val, test = out
+    empty = (np.empty((0, *input_shape), np.uint8), np.empty(0, np.int64))
+    return classes, train, val, test if test is not None else empty
+
+
+@register_format("csv", "a CSV of picture files given as data.path: columns path,label[,split]", located_by="path",
+                 path_is="the CSV given as data.path (columns path,label[,split])", pictures=True)
+def load(spec, input_shape, rng, progress) -> Raw:
+    classes, train, val, test = load_csv(Path(spec.path).expanduser(), input_shape, spec.resize)
+    return Raw(classes, train, test, val)

@@ -1,0 +1,54 @@
+"""dataset: folder: an ImageFolder tree of picture files, ROOT/train/<class>/*.png (and ROOT/test/<class>/...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cnnctl.errors import DataError
+
+from .formats import Raw, register_format, root_of
+from .pictures import IMAGE_SUFFIXES, decode_images, pillow
+
+
+def load_folder(root: Path, input_shape, resize: int | None = None) -> tuple[list[str], tuple, tuple]:
+    """ImageFolder: root/train/<class>/*.png|jpg and, when present, root/test/<class>/... (else an empty test
+    split), resized to the input shape."""
+    pillow()
+    c, h, w = input_shape
+    if c not in (1, 3):
+        raise DataError(f"dataset: folder decodes grayscale (1 channel) or RGB (3), but input_shape has {c} channels")
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"{train_dir} does not exist", "lay the images out as ROOT/train/<class>/*.png (and "
+                        "optionally ROOT/test/<class>/*.png), and set data.root to ROOT")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{train_dir} has no class folders", "put each class's images in train/<class name>/")
+    test_dir = root / "test"
+    if test_dir.is_dir():
+        extra = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
+        if extra:
+            raise DataError(f"{test_dir} has classes {extra} that train/ does not have")
+    splits = []
+    for split in ("train", "test"):
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            found = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) \
+                if folder.is_dir() else []  # regular files only: a named pipe would block the read forever
+            paths += found
+            labels += [label] * len(found)
+        if not paths and (split == "train" or test_dir.is_dir()):
+            raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
+                            f"put images in {root / split}/<class>/")
+        images = decode_images(paths, (c, h, w), str(root / split), resize)
+        splits.append((images, np.asarray(labels, np.int64)))
+    return classes, splits[0], splits[1]
+
+
+@register_format("folder", "picture files in ROOT/train/<class>/ (and ROOT/test/<class>/), data.root ROOT",
+                 pictures=True)
+def load(spec, input_shape, rng, progress) -> Raw:
+    return Raw(*load_folder(root_of(spec), input_shape, spec.resize))

@@ -58,3 +58,72 @@ def test_an_unregistered_dataset_is_refused_with_the_registered_names():
     out = invoke("inspect", "configs/quickstart.yaml", "--set", "data.dataset=stripes", code=2).output
     names = out.split("the registered datasets are", 1)[1].split("(got")[0]
     assert [n.strip() for n in names.split(",")] == list(formats.FORMATS)
+
+
+# ---------------------------------------------------------------- the registries are the only source of names
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _readme_row(kind: str) -> set[str]:
+    import re
+
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if x.startswith(f"| {kind} |"))
+    return set(re.findall(r"`([a-z0-9_]+)`", line))
+
+
+def test_the_readme_tables_list_exactly_what_the_registries_hold():
+    from cnnctl.core import nn, optim, schedules
+
+    assert _readme_row("layers") - {"repeat"} == set(nn.SPECS)
+    assert _readme_row("optimizers") == set(optim.OPTIMIZERS)
+    assert _readme_row("schedules") - {"warmup_epochs"} == set(schedules.SCHEDULES)
+    assert _readme_row("losses") - {"log_softmax"} == set(nn.LOSSES)  # log_softmax: the layer nll follows
+    assert _readme_row("datasets") == set(formats.FORMATS)
+
+
+def _verbs() -> set[str]:
+    from cnnctl.cli import app
+
+    return {c.name or c.callback.__name__ for c in app.registered_commands}
+
+
+def test_the_readme_and_docs_verbs_list_exactly_the_cli_verbs():
+    import re
+
+    readme = set(re.findall(r"^\| `cnnctl ([a-z-]+)", (ROOT / "README.md").read_text(), re.M))
+    documented = set(re.findall(r"(?:\*\*|^\| )`cnnctl ([a-z-]+)", (ROOT / "docs" / "verbs.md").read_text(), re.M))
+    assert readme == _verbs() and documented == _verbs()
+    listed = invoke("--help").output
+    assert all(re.search(rf"^\s+{verb}\s", listed, re.M) for verb in _verbs())
+
+
+def test_a_verb_is_one_module_registered_by_its_import(tmp_path, monkeypatch):
+    """A module that declares a verb on the app (as cli/runs.py does) is a verb once imported: in --help, run with
+    its arguments, its errors printed by the one error printer with exit code 2."""
+    from cnnctl.cli.common import app
+
+    (tmp_path / "hello_verb.py").write_text(
+        "from pathlib import Path\n"
+        "from typing import Annotated\n\n"
+        "import typer\n\n"
+        "from cnnctl.cli.common import app, guarded, out\n"
+        "from cnnctl.errors import CnnctlError\n\n\n"
+        "@app.command('hello')\n"
+        "@guarded\n"
+        "def hello(name: Annotated[str, typer.Argument(metavar='NAME')]):\n"
+        "    \"\"\"Greet NAME (a toy verb).\"\"\"\n"
+        "    if not name.isidentifier():\n"
+        "        raise CnnctlError(f'{name!r} is not a name', 'give letters')\n"
+        "    out.print(f'hello {name}')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = list(app.registered_commands)
+    try:
+        __import__("hello_verb")
+        assert "hello" in _verbs() and "Greet NAME" in invoke("--help").output
+        assert invoke("hello", "world").output.strip() == "hello world"
+        bad = invoke("hello", "9 lives", code=2).output
+        assert "'9 lives' is not a name" in bad and "give letters" in bad and "Traceback" not in bad
+    finally:
+        app.registered_commands[:] = before
+        __import__("sys").modules.pop("hello_verb", None)

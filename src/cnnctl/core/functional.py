@@ -76,7 +76,7 @@ def unpad(xp: np.ndarray, p: Padding4) -> np.ndarray:
     return xp[:, :, p[0] : xp.shape[2] - p[1], p[2] : xp.shape[3] - p[3]]
 
 
-def _window(i: int, j: int, out_hw: Pair, stride: Pair, dilation: Pair, origin: Pair = (0, 0)):
+def kernel_window(i: int, j: int, out_hw: Pair, stride: Pair, dilation: Pair, origin: Pair = (0, 0)):
     """The strided (rows, columns) slices of a padded input that kernel offset (i, j) sees at every output
     position, for outputs whose first one reads from `origin`."""
     (oh, ow), (sh, sw), (dh, dw), (y0, x0) = out_hw, stride, dilation, origin
@@ -358,7 +358,7 @@ def conv2d_dx_scatter(dY, weight, x_shape, stride: Pair, padding: Padding4, dila
                             buffer(scratch, "parts", (oh, kh * c * kw, ow * n), dY.dtype))
     parts = parts.reshape(oh, kh, c, kw, ow, n)
     dxp = np.empty((c, hp, wp, n), dY.dtype)
-    windows = [(i, j, _window(i, j, (oh, ow), stride, dilation)) for i in range(kh) for j in range(kw)]
+    windows = [(i, j, kernel_window(i, j, (oh, ow), stride, dilation)) for i in range(kh) for j in range(kw)]
 
     def channels(lo, hi):
         dxp[lo:hi] = 0
@@ -372,67 +372,11 @@ def conv2d_dx_scatter(dY, weight, x_shape, stride: Pair, padding: Padding4, dila
 DX_METHODS = {"full": conv2d_dx_full, "rows": conv2d_dx_rows, "scatter": conv2d_dx_scatter}
 
 
-def grouped_conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: Pair, groups: int):
-    """A grouped convolution, block-diagonal over `groups` channel groups: output channels of group g see
-    only input channels of group g; weight (O, C/G, KH, KW) as PyTorch's. One batched product per kernel
-    offset over the groups (a broadcast multiply-add when each group has one input channel: depthwise).
-    Returns y (N, O, OH, OW) (a view of an (O, OH, OW, N) array) and the padded input (C, Hp, Wp, N)."""
-    n, c, h, w = x.shape
-    o, cg, kh, kw = weight.shape
-    g, og = groups, o // groups
-    xp = np.zeros((c, h + padding[0] + padding[1], w + padding[2] + padding[3], n), x.dtype)
-    xp[:, padding[0] : padding[0] + h, padding[2] : padding[2] + w] = x.transpose(1, 2, 3, 0)
-    oh, ow = out_size(xp.shape[1], kh, stride[0], 0, dilation[0]), out_size(xp.shape[2], kw, stride[1], 0, dilation[1])
-    y = np.zeros((g, og, oh, ow, n), x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            xs = xp[(slice(None), *_window(i, j, (oh, ow), stride, dilation))]  # (C, OH, OW, N)
-            wij = weight[:, :, i, j].reshape(g, og, cg)
-            if cg == 1:
-                y += wij[..., None, None] * xs.reshape(g, 1, oh, ow, n)
-            else:
-                y += np.matmul(wij, xs.reshape(g, cg, oh * ow * n)).reshape(g, og, oh, ow, n)
-    y = y.reshape(o, oh, ow, n)
-    if bias is not None:
-        y += bias[:, None, None, None]
-    return y.transpose(3, 0, 1, 2), xp
-
-
-def grouped_conv2d_backward(dy, xp, weight, x_shape, stride: Pair, padding: Padding4, dilation: Pair, groups: int,
-                            need_dx=True):
-    """Gradients of grouped_conv2d_forward: per kernel offset, dweight[:, :, i, j] is each group's deltas
-    times its shifted input, and the input gradient scatter-adds each group's W^T dY where forward read."""
-    n, o, oh, ow = dy.shape
-    _, cg, kh, kw = weight.shape
-    g, og, m = groups, o // groups, oh * ow * n
-    dY = np.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(g, og, m)
-    dweight = np.empty_like(weight)
-    dxp = np.zeros_like(xp) if need_dx else None
-    for i in range(kh):
-        for j in range(kw):
-            window = (slice(None), *_window(i, j, (oh, ow), stride, dilation))
-            xs = xp[window].reshape(g, cg, m)  # a copy unless the window is contiguous
-            wij = weight[:, :, i, j].reshape(g, og, cg)
-            if cg == 1:
-                dweight[:, 0, i, j] = np.einsum("gom,gm->go", dY, xs[:, 0]).reshape(o)
-            else:
-                dweight[:, :, i, j] = np.matmul(dY, xs.transpose(0, 2, 1)).reshape(o, cg)
-            if need_dx:
-                part = (wij * dY).sum(axis=1) if cg == 1 else np.matmul(wij.transpose(0, 2, 1), dY)
-                dxp[window] += part.reshape(-1, oh, ow, n)
-    dbias = dY.reshape(o, m).sum(axis=1)
-    dx = None
-    if need_dx:
-        h, w = x_shape[2], x_shape[3]
-        dx = dxp[:, padding[0] : padding[0] + h, padding[2] : padding[2] + w].transpose(3, 0, 1, 2)
-    return dx, dweight, dbias
-
-
 def pool_slices(xp: np.ndarray, kernel: Pair, stride: Pair, out_hw: Pair):
     """The strided view of a padded (N, C, Hp, Wp) input that each kernel offset sees, in row-major order."""
     for i in range(kernel[0]):
         for j in range(kernel[1]):
-            yield xp[(..., *_window(i, j, out_hw, stride, (1, 1)))]
+            yield xp[(..., *kernel_window(i, j, out_hw, stride, (1, 1)))]
 
 
 ERF_32 = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)  # Abramowitz and Stegun 7.1.26

@@ -8,16 +8,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from cnnctl.errors import DataError
 
-if TYPE_CHECKING:
-    from .spec import DataSpec
-
 Arrays = tuple[np.ndarray, np.ndarray]  # images (N, C, H, W) and labels (N,)
+DataSpec = Any  # the `data:` section (data/spec.py, which is made from this registry)
 
 
 class Raw(NamedTuple):

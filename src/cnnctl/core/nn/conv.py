@@ -8,6 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from cnnctl.core import functional as F
+from cnnctl.core import grouped
 from cnnctl.errors import ShapeError
 from cnnctl.strict import NonNegInt, PosInt, PosPair
 
@@ -130,7 +131,8 @@ class Conv2D(Layer):
         self._pad4 = self.pads(x.shape[2:])
         w, b = self.params["weight"], self.params.get("bias")
         if self.groups > 1:
-            y, self._saved = F.grouped_conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation, self.groups)
+            y, self._saved = grouped.grouped_conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation,
+                                                            self.groups)
             return self._activate(y, training, context, in_place=True)
         y, self._saved = F.conv2d_forward(x, w, b, self.stride, self._pad4, self.dilation)
         return self._activate(y, training, context, in_place=True)
@@ -139,7 +141,7 @@ class Conv2D(Layer):
         dy = self._deactivate(dy)
         args = (self.params["weight"], self._x_shape, self.stride, self._pad4, self.dilation)
         if self.groups > 1:
-            dx, dw, db = F.grouped_conv2d_backward(dy, self._saved, *args, self.groups, self.needs_input_grad)
+            dx, dw, db = grouped.grouped_conv2d_backward(dy, self._saved, *args, self.groups, self.needs_input_grad)
         else:
             dx, dw, db = F.conv2d_backward(dy, self._saved, *args, need_dx=self.needs_input_grad)
         self.grads["weight"] = dw

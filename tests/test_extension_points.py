@@ -127,3 +127,38 @@ def test_a_verb_is_one_module_registered_by_its_import(tmp_path, monkeypatch):
     finally:
         app.registered_commands[:] = before
         __import__("sys").modules.pop("hello_verb", None)
+
+
+def test_an_onnx_operator_is_one_registered_converter(tmp_path):
+    """ThresholdedRelu (ONNX's x > alpha ? x : 0), which cnnctl does not import: a converter registered with
+    @converts (as convert.py's are) makes it import, folded into the convolution, equal to onnxruntime."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import helper
+
+    from cnnctl.interop import onnx_import
+    from cnnctl.interop.onnx_import.operators import CONVERTERS, converts
+    from tests.test_onnx_import_hostile import conv_net, write
+
+    nodes, inits = conv_net()
+    nodes[1] = helper.make_node("ThresholdedRelu", ["c"], ["r"], alpha=0.0, name="thresholded")
+    path = write(tmp_path / "m.onnx", nodes, inits)
+    out = invoke("import", path, "--out", tmp_path / "refused", code=2).output
+    assert "operators cnnctl cannot import: ThresholdedRelu" in " ".join(out.split())
+
+    @converts("ThresholdedRelu")
+    def thresholded_relu(imp, node, a, layers):
+        alpha = a.get("alpha", 1.0)
+        if not isinstance(alpha, float) or alpha != 0.0:
+            imp.fail(f"{imp.where()}: alpha {alpha}; only alpha 0 (a ReLU) is imported")
+        imp.activation(layers, "relu")
+
+    try:
+        _, _, model, _, _, _, imp = onnx_import.build(path, "m", None, None, None)
+    finally:
+        CONVERTERS.pop("ThresholdedRelu")
+    assert [s["type"] for s in imp.layers] == ["conv2d", "global_avgpool2d", "dense"]
+    assert imp.layers[0]["activation"] == "relu"
+    x = np.random.default_rng(1).random((2, 1, 8, 8), dtype=np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"input": x})[0]
+    np.testing.assert_allclose(model.forward(x, training=False), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

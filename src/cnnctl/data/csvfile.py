@@ -23,9 +23,6 @@ def load_csv(path: Path, input_shape, resize: int | None = None):
     paths relative to the CSV's folder, labels as class names (sorted) or as integers 0..K-1. Decoded as the folder
     dataset decodes. Returns (classes, train, val or None, test); every missing file, unknown split and picture
     that cannot be decoded is named in one message."""
-    import csv
-    import io
-
     pillow()
     c = input_shape[0]
     if c not in (1, 3):
@@ -37,6 +34,46 @@ def load_csv(path: Path, input_shape, resize: int | None = None):
                         "give the CSV of pictures: columns path,label (and optionally split)") from None
     except UnicodeDecodeError as e:
         raise DataError(f"data.path {path}: not UTF-8 text ({e.reason})", "save the CSV as UTF-8") from None
+    rows, bad = _rows(path, text)
+    numbered = rows and all(label.isascii() and label.isdigit() for *_, label in rows)
+    limit = max(len(rows), MAX_NUMBERED_CLASSES)
+    for line, _, _, label in rows if numbered else []:
+        if int(label) >= limit:  # the class list is 0..K-1: a label's value would size it
+            bad.append(f"line {line}: label {label} is beyond the data: integer labels number the classes "
+                       f"0..K-1, and this CSV has {len(rows):,} rows")
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DataError(f"{path}: {len(bad)} rows cannot be used:\n  {shown}", "fix or remove those rows "
+                        "(one picture per row: path,label[,split]; labels as class names or as 0..K-1)")
+    if not any(split == "train" for _, split, _, _ in rows):
+        raise DataError(f"{path}: no training rows", "give rows with split train (or no split column)")
+    labels = [label for *_, label in rows]
+    if numbered:
+        classes = [str(i) for i in range(max(int(v) for v in labels) + 1)]
+        index = {str(int(v)): int(v) for v in labels}
+        labels = [str(int(v)) for v in labels]
+    else:
+        classes = sorted(set(labels))
+        index = {name: i for i, name in enumerate(classes)}
+    rows = [(split, f, label) for _, split, f, label in rows]
+    out = []
+    for name in CSV_SPLITS:
+        picked = [(f, index[label]) for (split, f, _), label in zip(rows, labels) if split == name]
+        if not picked:
+            out.append(None)
+            continue
+        images = decode_images([f for f, _ in picked], tuple(input_shape), f"{path} ({name} rows)", resize)
+        out.append((images, np.asarray([y for _, y in picked], np.int64)))
+    train, val, test = out
+    empty = (np.empty((0, *input_shape), np.uint8), np.empty(0, np.int64))
+    return classes, train, val, test if test is not None else empty
+
+
+def _rows(path: Path, text: str) -> tuple[list[tuple[int, str, Path, str]], list[str]]:
+    """The usable rows of the CSV's text as (line, split, file, label), and what is wrong with the others."""
+    import csv
+    import io
+
     reader = csv.DictReader(io.StringIO(text))
     columns = [f.strip() for f in reader.fieldnames or []]
     if "path" not in columns or "label" not in columns:
@@ -73,38 +110,7 @@ def load_csv(path: Path, input_shape, resize: int | None = None):
             bad.append(f"line {line}: {file} does not exist")
         else:
             rows.append((line, split, file, label))
-    numbered = rows and all(label.isascii() and label.isdigit() for *_, label in rows)
-    limit = max(len(rows), MAX_NUMBERED_CLASSES)
-    for line, _, _, label in rows if numbered else []:
-        if int(label) >= limit:  # the class list is 0..K-1: a label's value would size it
-            bad.append(f"line {line}: label {label} is beyond the data: integer labels number the classes "
-                       f"0..K-1, and this CSV has {len(rows):,} rows")
-    if bad:
-        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise DataError(f"{path}: {len(bad)} rows cannot be used:\n  {shown}", "fix or remove those rows "
-                        "(one picture per row: path,label[,split]; labels as class names or as 0..K-1)")
-    if not any(split == "train" for _, split, _, _ in rows):
-        raise DataError(f"{path}: no training rows", "give rows with split train (or no split column)")
-    labels = [label for *_, label in rows]
-    if numbered:
-        classes = [str(i) for i in range(max(int(v) for v in labels) + 1)]
-        index = {str(int(v)): int(v) for v in labels}
-        labels = [str(int(v)) for v in labels]
-    else:
-        classes = sorted(set(labels))
-        index = {name: i for i, name in enumerate(classes)}
-    rows = [(split, f, label) for _, split, f, label in rows]
-    out = []
-    for name in CSV_SPLITS:
-        picked = [(f, index[label]) for (split, f, _), label in zip(rows, labels) if split == name]
-        if not picked:
-            out.append(None)
-            continue
-        images = decode_images([f for f, _ in picked], tuple(input_shape), f"{path} ({name} rows)", resize)
-        out.append((images, np.asarray([y for _, y in picked], np.int64)))
-    train, val, test = out
-    empty = (np.empty((0, *input_shape), np.uint8), np.empty(0, np.int64))
-    return classes, train, val, test if test is not None else empty
+    return rows, bad
 
 
 @register_format("csv", "a CSV of picture files given as data.path: columns path,label[,split]", located_by="path",

@@ -159,14 +159,12 @@ def _evaluation(ckpt_path: Path) -> str:
     their saliency and Grad-CAM, the first layer's filters: one pass over the test split (else validation)."""
     from cnnctl import data as data_lib
     from cnnctl.config.build import build_loss
-    from cnnctl.core.functional import normalize
-    from cnnctl.core.nn import LOSSES, Conv2D
+    from cnnctl.core.functional import probabilities
+    from cnnctl.core.nn import LOSSES
     from cnnctl.core.plan import Runner
     from cnnctl.run import checkpoint, loading
     from cnnctl.run.evaluation import infer, per_class
     from cnnctl.run.start import run_data
-
-    from . import explain
 
     ckpt = checkpoint.load(ckpt_path)
     spec, model, rows = loading.load_model(ckpt, ckpt_path)
@@ -185,10 +183,7 @@ def _evaluation(ckpt_path: Path) -> str:
         out = np.array(infer(run, x), copy=True)  # one view per image: the page stays quick to write
         total += loss_fn.forward(out, y) * len(y)
         logits.append(out)
-    logits = np.concatenate(logits)
-    from cnnctl.core.functional import probabilities
-
-    probs = probabilities(logits, takes)
+    probs = probabilities(np.concatenate(logits), takes)
     pred, y = probs.argmax(axis=1), split.y
     k, classes = len(ds.classes), ds.classes
     cm = np.zeros((k, k), np.int64)
@@ -197,66 +192,13 @@ def _evaluation(ckpt_path: Path) -> str:
     p, r = pc["precision"], pc["recall"]
     f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
     acc = float(np.trace(cm) / len(y))
-    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     parts = [f"<section><h2>Evaluation on the {name} split</h2><p>{len(y):,} images: accuracy {_pct(acc)}, loss "
              f"{_num(total / len(y))} (checkpoint {_e(ckpt_path.name)}, epoch {ckpt.epoch}"
              f"{VIEWS if spec.data.test_time_augment.views > 1 else ''}).</p>"]
-    parts.append(_figure(plots.plot_confusion(cm, classes, None, f"{name} split: counts"),
-                         "Confusion matrix of counts, true class in rows", "Confusion matrix (rows: true class, "
-                         "columns: predicted); the tables below give the same numbers."))
-    parts.append(_table("Confusion matrix, counts (rows: true class, columns: predicted)", ["true \\ predicted",
-                        *classes], [[c, *map(str, cm[i])] for i, c in enumerate(classes)]))
-    parts.append(_table("Confusion matrix, each row as a share of its true class", ["true \\ predicted", *classes],
-                        [[c, *(f"{100 * v:.1f}%" for v in norm[i])] for i, c in enumerate(classes)]))
-    parts.append(_table("Per class", ["class", "precision", "recall", "F1", "support"],
-                        [[c, _pct(p[i]), _pct(r[i]), _pct(f1[i]), f"{int(pc['support'][i]):,}"]
-                         for i, c in enumerate(classes)]))
-    off = [(cm[i, j], i, j) for i in range(k) for j in range(k) if i != j and cm[i, j]]
-    off.sort(reverse=True)
-    parts.append(_table("The most confused pairs", ["true class", "predicted as", "images", "share of the class"],
-                        [[classes[i], classes[j], f"{n:,}", f"{100 * n / max(cm[i].sum(), 1):.1f}%"]
-                         for n, i, j in off[:8]], left=2) if off else "<p>No image was misclassified.</p>")
-    conf, correct = probs.max(axis=1), (pred == y).astype(np.float64)
-    edges = np.linspace(0, 1, 11)
-    which = np.clip(np.digitize(conf, edges[1:-1]), 0, 9)
-    ece = sum(abs(correct[which == b].mean() - conf[which == b].mean()) * (which == b).mean()
-              for b in range(10) if (which == b).any())
-    parts.append("<h3>Calibration</h3>" + _figure(plots.plot_reliability(conf, correct, None, f"{name} split"),
-                 "Reliability diagram: accuracy per confidence bin against the diagonal",
-                 "Accuracy in each bin of confidence (the largest probability), with the number of images; the "
-                 "dashed diagonal is perfect calibration.") +
-                 f"<p>Expected calibration error (10 bins): {100 * ece:.2f}% (the mean gap between confidence and "
-                 "accuracy, weighted by the images in each bin).</p>")
-    wrong = np.flatnonzero(pred != y)
-    wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:GALLERY]
-    if len(wrong):
-        x01 = split.x[wrong].astype(np.float32) / (255.0 if split.x.dtype == np.uint8 else 1.0)
-        xn = normalize(x01, ckpt.normalization)
-        sal, _ = explain.saliency(model, xn, pred[wrong])
-        try:
-            cam, _, layer = explain.gradcam(model, xn, None, pred[wrong])
-        except CnnctlError:
-            cam, layer = None, None
-        cards = []
-        for j, idx in enumerate(wrong):
-            top = np.argsort(-probs[idx])[:3]
-            label = f"true {classes[y[idx]]}, predicted {classes[pred[idx]]}"
-            pics = _img(plots.plot_explanation(x01[j], sal[j], None, f"saliency for {classes[pred[idx]]}"),
-                        f"{label}: the image and its saliency map")
-            if cam is not None:
-                pics += _img(plots.plot_explanation(x01[j], cam[j], None, f"Grad-CAM ({layer}) for "
-                                                    f"{classes[pred[idx]]}"), f"{label}: Grad-CAM map")
-            tops = ", ".join(f"{classes[t]} {100 * probs[idx, t]:.1f}%" for t in top)
-            cards.append(f'<div class="card"><p><strong>{_e(name)} image {idx}</strong>: {_e(label)}.<br>Top 3: '
-                         f"{_e(tops)}</p>{pics}</div>")
-        parts.append(f"<h3>The {len(wrong)} most confidently wrong images</h3><p>Each with its saliency (max over "
-                     "channels of |d logit / d input|) and Grad-CAM map for the predicted class (cnnctl explain)."
-                     f'</p><div class="gallery">{"".join(cards)}</div>')
-    first = next((layer for _, layer in model.named_layers() if isinstance(layer, Conv2D)), None)
-    if first is not None:
-        parts.append("<h3>The first layer's filters</h3>" + _figure(
-            plots.plot_filters(first.params["weight"], None, "first convolution"), "The first convolution's "
-            "filters as a grid of small images", "Each filter of the first convolution (RGB for colour inputs)."))
+    parts += _matrices(cm, classes, name, pc, f1)
+    parts += _calibration(probs, pred, y, name)
+    parts += _gallery(model, split, probs, pred, y, classes, name, ckpt.normalization)
+    parts += _filters(model)
     return "".join(parts) + "</section>"
 
 
@@ -339,3 +281,92 @@ def page(target: Path) -> str:
     if (target / "sweep.yaml").is_file():
         return sweep_page(target)
     return run_page(target)
+
+
+def _matrices(cm: np.ndarray, classes: list[str], name: str, pc: dict, f1: np.ndarray) -> list[str]:
+    """The confusion matrix as a picture and as tables of counts and of row shares, per-class metrics, and the most
+    confused pairs."""
+    parts, k, (p, r) = [], len(classes), (pc["precision"], pc["recall"])
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    parts.append(_figure(plots.plot_confusion(cm, classes, None, f"{name} split: counts"),
+                         "Confusion matrix of counts, true class in rows", "Confusion matrix (rows: true class, "
+                         "columns: predicted); the tables below give the same numbers."))
+    parts.append(_table("Confusion matrix, counts (rows: true class, columns: predicted)", ["true \\ predicted",
+                        *classes], [[c, *map(str, cm[i])] for i, c in enumerate(classes)]))
+    parts.append(_table("Confusion matrix, each row as a share of its true class", ["true \\ predicted", *classes],
+                        [[c, *(f"{100 * v:.1f}%" for v in norm[i])] for i, c in enumerate(classes)]))
+    parts.append(_table("Per class", ["class", "precision", "recall", "F1", "support"],
+                        [[c, _pct(p[i]), _pct(r[i]), _pct(f1[i]), f"{int(pc['support'][i]):,}"]
+                         for i, c in enumerate(classes)]))
+    off = [(cm[i, j], i, j) for i in range(k) for j in range(k) if i != j and cm[i, j]]
+    off.sort(reverse=True)
+    parts.append(_table("The most confused pairs", ["true class", "predicted as", "images", "share of the class"],
+                        [[classes[i], classes[j], f"{n:,}", f"{100 * n / max(cm[i].sum(), 1):.1f}%"]
+                         for n, i, j in off[:8]], left=2) if off else "<p>No image was misclassified.</p>")
+    return parts
+
+
+def _calibration(probs: np.ndarray, pred: np.ndarray, y: np.ndarray, name: str) -> list[str]:
+    """The reliability diagram and the expected calibration error (10 bins)."""
+    parts = []
+    conf, correct = probs.max(axis=1), (pred == y).astype(np.float64)
+    edges = np.linspace(0, 1, 11)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, 9)
+    ece = sum(abs(correct[which == b].mean() - conf[which == b].mean()) * (which == b).mean()
+              for b in range(10) if (which == b).any())
+    parts.append("<h3>Calibration</h3>" + _figure(plots.plot_reliability(conf, correct, None, f"{name} split"),
+                 "Reliability diagram: accuracy per confidence bin against the diagonal",
+                 "Accuracy in each bin of confidence (the largest probability), with the number of images; the "
+                 "dashed diagonal is perfect calibration.") +
+                 f"<p>Expected calibration error (10 bins): {100 * ece:.2f}% (the mean gap between confidence and "
+                 "accuracy, weighted by the images in each bin).</p>")
+    return parts
+
+
+def _gallery(model, split, probs: np.ndarray, pred: np.ndarray, y: np.ndarray, classes: list[str], name: str,
+             normalization: dict) -> list[str]:
+    """The most confidently wrong images with their top-3 probabilities, saliency and Grad-CAM."""
+    from cnnctl.core.functional import normalize
+
+    from . import explain
+
+    parts, conf = [], probs.max(axis=1)
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:GALLERY]
+    if len(wrong):
+        x01 = split.x[wrong].astype(np.float32) / (255.0 if split.x.dtype == np.uint8 else 1.0)
+        xn = normalize(x01, normalization)
+        sal, _ = explain.saliency(model, xn, pred[wrong])
+        try:
+            cam, _, layer = explain.gradcam(model, xn, None, pred[wrong])
+        except CnnctlError:
+            cam, layer = None, None
+        cards = []
+        for j, idx in enumerate(wrong):
+            top = np.argsort(-probs[idx])[:3]
+            label = f"true {classes[y[idx]]}, predicted {classes[pred[idx]]}"
+            pics = _img(plots.plot_explanation(x01[j], sal[j], None, f"saliency for {classes[pred[idx]]}"),
+                        f"{label}: the image and its saliency map")
+            if cam is not None:
+                pics += _img(plots.plot_explanation(x01[j], cam[j], None, f"Grad-CAM ({layer}) for "
+                                                    f"{classes[pred[idx]]}"), f"{label}: Grad-CAM map")
+            tops = ", ".join(f"{classes[t]} {100 * probs[idx, t]:.1f}%" for t in top)
+            cards.append(f'<div class="card"><p><strong>{_e(name)} image {idx}</strong>: {_e(label)}.<br>Top 3: '
+                         f"{_e(tops)}</p>{pics}</div>")
+        parts.append(f"<h3>The {len(wrong)} most confidently wrong images</h3><p>Each with its saliency (max over "
+                     "channels of |d logit / d input|) and Grad-CAM map for the predicted class (cnnctl explain)."
+                     f'</p><div class="gallery">{"".join(cards)}</div>')
+    return parts
+
+
+def _filters(model) -> list[str]:
+    """The first convolution's filters as a grid."""
+    from cnnctl.core.nn import Conv2D
+
+    parts = []
+    first = next((layer for _, layer in model.named_layers() if isinstance(layer, Conv2D)), None)
+    if first is not None:
+        parts.append("<h3>The first layer's filters</h3>" + _figure(
+            plots.plot_filters(first.params["weight"], None, "first convolution"), "The first convolution's "
+            "filters as a grid of small images", "Each filter of the first convolution (RGB for colour inputs)."))
+    return parts

@@ -44,6 +44,9 @@ warnings.showwarning = _show_warning
 SetOption = Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE",
                                               help="Override a config key: --set optimizer.lr=0.01 "
                                               "(dotted path, value parsed as YAML); repeatable.")]
+TargetArgument = Annotated[Path, typer.Argument(metavar="CONFIG|CHECKPOINT|RUN_DIR")]
+CheckpointArgument = Annotated[Path, typer.Argument(metavar="CHECKPOINT|RUN_DIR")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 ThreadsOption = Annotated[int | None, typer.Option(
     "--threads", metavar="N", show_default=False,
     help="Threads for the array work (default: $CNNCTL_THREADS, else the cores this process may use); BLAS itself "

@@ -19,6 +19,7 @@ from cnnctl.tools import plots
 
 from .common import (
     SetOption,
+    TargetArgument,
     app,
     check_writable,
     checkpoint_of,
@@ -35,7 +36,7 @@ from .common import (
 @app.command("data")
 @guarded
 def data_(
-    target: Annotated[Path, typer.Argument(metavar="CONFIG|CHECKPOINT|RUN_DIR")],
+    target: TargetArgument,
     set_: SetOption = None,
     split: Annotated[str, typer.Option("--split", metavar="SPLIT", help="train, val or test: the split "
                                        "--out draws from.")] = "train",

@@ -16,7 +16,9 @@ from cnnctl.tools.lr_find import lr_find as lr_find_lib
 from cnnctl.tools.lr_find import verdict
 
 from .common import (
+    JsonOption,
     SetOption,
+    TargetArgument,
     ThreadsOption,
     app,
     check_writable,
@@ -33,7 +35,7 @@ from .common import (
 @app.command()
 @guarded
 def gradcheck(
-    target: Annotated[Path, typer.Argument(metavar="CONFIG|CHECKPOINT|RUN_DIR")],
+    target: TargetArgument,
     set_: SetOption = None,
     layers: Annotated[list[str] | None, typer.Option("--layers", metavar="LAYER",
                                                      help="Layers to check: an index, a state-dict prefix "
@@ -43,7 +45,7 @@ def gradcheck(
     batch: Annotated[int, typer.Option("--batch", metavar="N", min=1, help="Random inputs in the batch.")] = 2,
     tol: Annotated[float, typer.Option("--tol", metavar="TOL", help="Largest relative error that passes.")] = 1e-6,
     seed: Annotated[int, typer.Option("--seed", metavar="SEED")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ):
     """Compare every layer's backprop gradients with central differences (float64) in the configured net."""
     spec, rows, _ = load_target(target, list(set_ or []))

@@ -15,6 +15,7 @@ from cnnctl.errors import CnnctlError
 from cnnctl.interop.export import export_onnx, verify
 
 from .common import (
+    CheckpointArgument,
     app,
     check_writable,
     checkpoint_of,
@@ -26,7 +27,7 @@ from .common import (
 @app.command()
 @guarded
 def export(
-    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT|RUN_DIR")],
+    checkpoint_path: CheckpointArgument,
     out_file: Annotated[Path, typer.Option("--out", metavar="FILE", help="File to write, e.g. model.onnx.")],
     fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="Only onnx for now.")] = "onnx",
     softmax: Annotated[bool, typer.Option("--softmax", help="End the graph with Softmax (probabilities).")] = False,

@@ -19,6 +19,8 @@ from cnnctl.tools import plots
 from cnnctl.tools import predict as predict_lib
 
 from .common import (
+    CheckpointArgument,
+    JsonOption,
     ThreadsOption,
     app,
     check_writable,
@@ -35,7 +37,7 @@ from .common import (
 @app.command()
 @guarded
 def viz(
-    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT|RUN_DIR")],
+    checkpoint_path: CheckpointArgument,
     out_file: Annotated[Path, typer.Option("--out", metavar="FILE", help="PNG file to write.")],
     image: Annotated[Path | None, typer.Option("--image", metavar="FILE",
                                                help="Also show each conv layer's feature maps for "
@@ -63,7 +65,7 @@ def viz(
 @app.command("explain")
 @guarded
 def explain_(
-    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT|RUN_DIR")],
+    checkpoint_path: CheckpointArgument,
     inputs: Annotated[list[Path], typer.Argument(metavar="INPUTS...", help="Image files or .npz files.")],
     methods: Annotated[list[str] | None, typer.Option(
         "--method", metavar="METHOD", help="saliency (default), gradcam or occlusion; repeatable.")] = None,
@@ -76,7 +78,7 @@ def explain_(
     npy: Annotated[bool, typer.Option("--npy", help="Also each map as a .npy of the input's height x width.")] = False,
     patch: Annotated[int, typer.Option("--patch", metavar="P", min=1, help="Occlusion's square.")] = 8,
     stride: Annotated[int, typer.Option("--stride", metavar="S", min=1, help="Occlusion's step.")] = 4,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
     threads: ThreadsOption = None,
 ):
     """What a prediction looked at: saliency, Grad-CAM or occlusion maps of each input, as pictures laid over it
@@ -123,10 +125,10 @@ def explain_(
 @app.command("predict")
 @guarded
 def predict_(
-    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT|RUN_DIR")],
+    checkpoint_path: CheckpointArgument,
     inputs: Annotated[list[Path], typer.Argument(metavar="FILES...", help="Image files or .npz files.")],
     top_k: Annotated[int, typer.Option("--top-k", metavar="K", min=1, help="Classes to show per input.")] = 3,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ):
     """Class probabilities for images (Pillow; resized as in training: stretched to the input size, or with
     data.resize its shorter side scaled and the centre cut) or an .npz, normalised as in training."""

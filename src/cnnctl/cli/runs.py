@@ -16,6 +16,7 @@ from cnnctl.tools import plots
 from cnnctl.tools import sweep as sweep_lib
 
 from .common import (
+    JsonOption,
     ThreadsOption,
     app,
     check_writable,
@@ -34,7 +35,7 @@ from .sweep import sweep_report
 def runs_(
     args: Annotated[list[str] | None, typer.Argument(metavar="[RUNS_DIR] | diff RUN_A RUN_B",
                                                      help="A runs folder (default: runs), or diff A B")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ):
     """A table of runs (status, epochs, best validation and test accuracy), or the difference of two runs."""
     args = list(args or [])

@@ -26,6 +26,7 @@ from cnnctl.tools.bench import planned
 
 from .common import (
     SetOption,
+    TargetArgument,
     ThreadsOption,
     app,
     check_writable,
@@ -168,7 +169,7 @@ def eval_(
 @app.command()
 @guarded
 def bench(
-    target: Annotated[Path, typer.Argument(metavar="CONFIG|CHECKPOINT|RUN_DIR")],
+    target: TargetArgument,
     set_: SetOption = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", metavar="B", min=1,
                                                    help="Default: data.batch_size.")] = None,
@@ -219,7 +220,7 @@ def bench(
 @app.command()
 @guarded
 def inspect(
-    target: Annotated[Path, typer.Argument(metavar="CONFIG|CHECKPOINT|RUN_DIR")],
+    target: TargetArgument,
     set_: SetOption = None,
     depth: Annotated[int | None, typer.Option("--depth", metavar="N", min=0,
                                               help="Show nested layers down to this depth "

@@ -1,6 +1,8 @@
 """Datasets: a registered format (one module each, `formats.FORMATS`) loads a split into memory as stored (uint8
 stays uint8); here the validation split is carved from the seed, and batches are normalised (and, for training,
-augmented) as they are drawn."""
+augmented) as they are drawn. `spec` holds the `data:` section's models. It imports `core` and the base modules,
+never config, runs or tools.
+"""
 
 from __future__ import annotations
 

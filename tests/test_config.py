@@ -1,17 +1,22 @@
 """The spec: example configs validate and round-trip; spec tags and the layer registry cannot drift apart."""
 
+import json
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from cnnctl.config.build import Scope, build_model
 from cnnctl.config.reading import apply_overrides, load_config, spec_to_dict
 from cnnctl.config.spec import LAYER_SPECS, Spec
 from cnnctl.core import nn
 from cnnctl.errors import ConfigError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY
+from tests.helpers import invoke, write_tiny
+from tests.test_errors import expect_error
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "docs" / "porting").glob("*.yaml"))
 
@@ -214,3 +219,149 @@ def test_a_shipped_config_that_extends_equals_its_base_with_the_changes(tmp_path
         "name=resnet-fashion-fast", "train.epochs=23", "train.validate_every=23", "model.layers.0.filters=16",
         "model.layers.2.filters=32", "model.layers.3.filters=64", "model.layers.4.filters=128"])
     assert fast == base
+
+
+def _extends(tmp_path, target):
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump({"extends": target, "name": "e"}))
+    return path
+
+
+def _loop(tmp_path):
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    return True
+
+
+def _sparse(path, size):
+    with path.open("wb") as f:
+        f.truncate(size)
+    return True
+
+
+def test_data_paths_are_the_configs_folders_and_recorded_absolute(tmp_path, monkeypatch):
+    import numpy as np
+
+    (tmp_path / "project" / "data").mkdir(parents=True)
+    x = np.random.default_rng(0).integers(0, 256, (40, 16, 16), dtype=np.uint8)
+    np.savez(tmp_path / "project" / "data" / "d.npz", x_train=x, y_train=np.arange(40) % 4, x_test=x[:8],
+             y_test=np.arange(8) % 4)
+    spec = yaml.safe_load(TINY)
+    spec["data"] = {"dataset": "npz", "root": "data/d.npz", "batch_size": 8}
+    spec["train"]["epochs"] = 1
+    (tmp_path / "project" / "c.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)  # the config is in project/, the shell elsewhere
+    invoke("train", "project/c.yaml", "--runs-dir", "runs")
+    (run,) = (tmp_path / "runs").iterdir()
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]
+    assert recorded == str(tmp_path / "project" / "data" / "d.npz")
+    monkeypatch.chdir(tmp_path / "project")
+    invoke("eval", run)  # from another folder
+    # --set is the shell's: relative to the working directory
+    res = invoke("inspect", "c.yaml", "--set", "data.root=data/d.npz", "--json")
+    assert json.loads(res.stdout)["dataset"]["train"] == 36
+
+
+@pytest.mark.parametrize("name, ours, who", [
+    ("categorical_crossentropy", "cross_entropy", "Keras's"),
+    ("sparse_categorical_crossentropy", "cross_entropy", "Keras's"),
+    ("CrossEntropyLoss", "cross_entropy", "PyTorch's"),
+    ("NLLLoss", "nll", "PyTorch's"),
+    ("mean_squared_error", "mse", "Keras's"),
+    ("BCEWithLogitsLoss", "cross_entropy", "no binary loss"),
+])
+def test_keras_and_pytorch_loss_names_get_a_did_you_mean(tmp_path, name, ours, who):
+    (tmp_path / "c.yaml").write_text(TINY)
+    expect_error(["inspect", tmp_path / "c.yaml", "--set", f"loss={name}"], f"did you mean '{ours}'", who)
+
+
+def test_the_softmax_message_names_the_key(tmp_path):
+    spec = yaml.safe_load(TINY)
+    spec["model"]["layers"][-1]["activation"] = "softmax"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    expect_error(["inspect", tmp_path / "c.yaml"], "(model.layers[4].activation: softmax)",
+                 "remove activation: softmax from model.layers[4]")
+    spec["model"]["layers"][-1].pop("activation")
+    spec["model"]["layers"].append({"type": "softmax"})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    expect_error(["inspect", tmp_path / "c.yaml"], "remove the layer model.layers[5] (softmax)")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda t: _loop(t) and "loop1", ["extends (line 1)", "Too many levels of symbolic links"]),
+    (lambda t: "a\0b", ["extends (line 1)", "NUL character"]),
+    (lambda t: "x" * 6000, ["extends (line 1)", "File name too long"]),
+    (lambda t: (t / "d").mkdir() or "d", ["extends (line 1)", "it is a folder, not a regular file"]),
+    (lambda t: os.mkfifo(t / "f") or "f", ["extends (line 1)", "it is a FIFO, not a regular file"]),
+    (lambda t: "/dev/zero", ["extends (line 1)", "it is a device, not a regular file"]),
+    (lambda t: _sparse(t / "big.yaml", 3 << 30) and "big.yaml", ["3,221,225,472 bytes", "1,048,576 allowed"]),
+    (lambda t: "missing.yaml", ["extends (line 1)", "config file not found"]),
+])
+def test_every_bad_extends_path_is_one_message(tmp_path, make, words):
+    expect_error(["inspect", _extends(tmp_path, make(tmp_path))], *words, "fix:")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda t: _loop(t) and t / "loop1", ["Too many levels of symbolic links"]),
+    (lambda t: "/dev/zero", ["it is a device, not a regular file"]),
+    (lambda t: os.mkfifo(t / "f") or t / "f", ["it is a FIFO, not a regular file"]),
+    (lambda t: _sparse(t / "big.yaml", 3 << 30) and t / "big.yaml", ["more than the 1,048,576 allowed", "1 MB"]),
+])
+@pytest.mark.parametrize("verb", ["inspect", "train"])
+def test_a_config_that_is_not_a_small_regular_file_is_one_message(tmp_path, make, words, verb):
+    expect_error([verb, make(tmp_path)], "cannot read config", *words)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.layers.1={type: celu, alpha: 1e39}", ["model.layers[1].alpha", "not representable in float32"]),
+    ("model.layers.1={type: celu, alpha: 1e-300}", ["model.layers[1].alpha", "1.2e-38 and 3.4e38"]),
+    ("optimizer={type: adadelta, eps: 5e-324}", ["optimizer.eps", "not representable in float32"]),
+    ("optimizer.lr=1e39", ["optimizer.lr", "not representable in float32"]),
+    ("model.layers.1={type: batchnorm, ghost_batch: 1}", ["model.layers[1].ghost_batch", "greater than or equal to 2"]),
+])
+def test_numbers_float32_cannot_hold_are_refused_at_validation(tmp_path, override, words):
+    expect_error(["inspect", write_tiny(tmp_path), "--set", override], *words)
+
+
+def test_a_test_time_shift_as_large_as_the_image_is_a_config_error(tmp_path):
+    spec = yaml.safe_load(TINY)
+    spec["data"]["test_time_augment"] = {"shifts": [[1, 1], [0, 16]]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    expect_error(["train", path, "--runs-dir", tmp_path / "runs"], "[0, 16]", "16x16 image")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_nested_repeats_are_refused_before_they_expand(tmp_path):
+    import time
+
+    spec = yaml.safe_load(TINY)
+    spec["model"]["blocks"] = {"a": {"type": "relu"},
+                               "b": {"type": "sequential", "layers": [{"type": "a", "repeat": 1000}]},
+                               "c": {"type": "sequential", "layers": [{"type": "b", "repeat": 1000}]}}
+    spec["model"]["layers"].insert(0, {"type": "c", "repeat": 1000})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    t0 = time.perf_counter()
+    expect_error(["inspect", path], "more than 100,000 layers", "model.blocks.c.layers[0].repeat",
+                 "nested repeats multiply")
+    assert time.perf_counter() - t0 < 30  # refused, not expanded (10^9 copies would take hours)
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("model.layers.0.padding", 2147483647, ["model.layers[4] (dense)", "more than any machine can"]),
+    ("model.layers.0.filters", 2147483647, []),
+])
+def test_inspect_of_huge_layers_allocates_nothing(tmp_path, key, value, words):
+    import resource
+
+    from tests.helpers import invoke
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TINY)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if words:
+        expect_error(["inspect", cfg, "--set", f"{key}={value}"], *words)
+    else:
+        assert "total parameters" in invoke("inspect", cfg, "--set", f"{key}={value}").stdout
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # kB: under 0.5 GB

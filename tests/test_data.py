@@ -2,13 +2,17 @@
 
 import gzip
 import hashlib
+import json
 
 import numpy as np
 import pytest
+import yaml
 
 from cnnctl.data import batches, idx, load_dataset, shapes
 from cnnctl.data.spec import DataSpec
 from cnnctl.errors import DataError
+from tests.conftest import ROOT
+from tests.helpers import invoke
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:
@@ -217,3 +221,26 @@ def test_hostile_user_files_are_data_errors(tmp_path):
     with pytest.raises(DataError) as e:
         folder.load_folder(root, (1, 8, 8))
     assert "bomb.png" in str(e.value) or "holds no images" in str(e.value)
+
+
+
+
+def test_a_hyphenated_dataset_folder_under_cnnctl_data_is_found(tmp_path, monkeypatch, fashion_root):
+    (tmp_path / "fashion-mnist").symlink_to(fashion_root)
+    monkeypatch.setenv("CNNCTL_DATA", str(tmp_path))
+    spec = yaml.safe_load((ROOT / "configs" / "lenet5-mnist.yaml").read_text())
+    spec["data"]["dataset"] = "fashion_mnist"
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump(spec))
+    info = json.loads(invoke("data", tmp_path / "f.yaml", "--json").stdout)
+    assert info["splits"]["test"]["total"] == 10_000
+
+
+def test_the_default_dataset_folder_takes_the_hyphenated_name(tmp_path, monkeypatch):
+    from cnnctl.data import default_root
+
+    monkeypatch.setenv("CNNCTL_DATA", str(tmp_path))
+    assert default_root("fashion_mnist") == tmp_path / "fashion_mnist"
+    (tmp_path / "fashion-mnist").mkdir()
+    assert default_root("fashion_mnist") == tmp_path / "fashion-mnist"
+    (tmp_path / "fashion_mnist").mkdir()
+    assert default_root("fashion_mnist") == tmp_path / "fashion_mnist"

@@ -8,6 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from cnnctl.cli import app
 from cnnctl.data import augment, batches, digits, download, folder, load_dataset, npz
@@ -16,6 +19,7 @@ from cnnctl.errors import DataError
 from tests.conftest import ROOT, TINY
 from tests.helpers import runner
 from tests.http_fixture import FileServer
+from tests.test_errors import expect_error
 
 # ---------------------------------------------------------------- npz
 
@@ -319,3 +323,91 @@ def test_offline_download_lists_every_missing_file(tmp_path):
         download.ensure("mnist", tmp_path / "cache", mirror=url, backoff=0)
     for remote in download.REMOTES["mnist"]:
         assert str(tmp_path / "cache" / remote.name) in e.value.hint and remote.urls[0] in e.value.hint
+
+
+def _json_split(text):
+    return json.loads(text)["split"]
+
+
+ARRAYS = st.one_of(
+    st.builds(lambda n, h, w, dt: np.zeros((n, h, w), dt), st.integers(0, 4), st.integers(1, 5), st.integers(1, 5),
+              st.sampled_from([np.uint8, np.float32, np.float64, np.int16, np.bool_, np.complex64])),
+    st.builds(lambda shape: np.ones(shape, np.uint8), st.lists(st.integers(0, 3), max_size=5).map(tuple)),
+    st.builds(lambda v: np.array(v), st.lists(st.integers(-5, 2**40), max_size=5)),
+    st.just(np.array(["a", "b"])),
+    st.just(np.array([np.nan, np.inf])),
+)
+
+
+def test_an_npz_header_claiming_a_terabyte_is_refused_before_reading(tmp_path):
+    from cnnctl.data import npz
+    from cnnctl.errors import DataError
+
+    path = tmp_path / "huge.npz"
+    np.savez(path, x_train=np.zeros((2, 4, 4), np.uint8), y_train=np.zeros(2, int),
+             x_test=np.zeros((1, 4, 4), np.uint8), y_test=np.zeros(1, int))
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    raw = members["x_train.npy"]
+    members["x_train.npy"] = raw.replace(b"'shape': (2, 4, 4), ", b"'shape': (1000000000000,), ")
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    with pytest.raises(DataError, match="more than can be spared"):
+        npz.load_npz(path)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1e300])
+def test_float_images_that_are_not_finite_float32_are_refused_at_load(tmp_path, value):
+    from cnnctl.data import npz
+    from cnnctl.errors import DataError
+
+    x = np.random.default_rng(0).random((20, 4, 4))
+    x[7, 1, 2] = value
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.arange(20) % 2, x_test=x[:4], y_test=np.arange(4) % 2)
+    with pytest.raises(DataError, match="x_train holds 1 values that are not finite"):
+        npz.load_npz(tmp_path / "d.npz")
+
+
+def test_a_folder_without_a_test_split_trains_and_says_where_it_is_measured(tmp_path):
+    pytest.importorskip("PIL")
+    from tests.helpers import invoke
+    from tests.test_datasets import make_folder
+
+    make_folder(tmp_path / "imgs")
+    import shutil
+
+    shutil.rmtree(tmp_path / "imgs" / "test")
+    spec = yaml.safe_load(TINY)
+    spec["data"] = {"dataset": "folder", "root": str(tmp_path / "imgs"), "val_split": 0.25, "batch_size": 4}
+    spec["model"]["input_shape"] = [3, 16, 16]
+    spec["model"]["layers"][-1]["units"] = 2
+    spec["train"] = {"epochs": 1, "test_at_end": True}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    res = invoke("train", cfg, "--runs-dir", tmp_path / "runs")
+    assert "no test accuracy: the folder data has no test split" in res.output
+    run = next((tmp_path / "runs").iterdir())
+    ev = invoke("eval", run, "--json")
+    assert _json_split(ev.stdout) == "val" and "evaluating the validation split" in ev.stderr
+    expect_error(["eval", run, "--data-split", "test"], "the test split of the folder data holds no images")
+
+
+@settings(max_examples=120, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["x_train", "y_train", "x_test", "y_test", "other"]), ARRAYS, max_size=5),
+       st.integers(0, 64))
+def test_fuzzed_npz_contents_give_data_or_one_clear_error(tmp_path_factory, arrays, cut):
+    from cnnctl.data import npz
+    from cnnctl.errors import DataError
+
+    path = tmp_path_factory.mktemp("npz") / "d.npz"
+    np.savez(path, **arrays)
+    if cut:  # also a file cut short
+        path.write_bytes(path.read_bytes()[:-cut])
+    try:
+        (x, y), (xt, yt) = npz.load_npz(path)
+    except DataError:
+        return
+    assert x.ndim == 4 and y.dtype == np.int64 and len(x) == len(y) and x.shape[1:] == xt.shape[1:]

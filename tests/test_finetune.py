@@ -10,7 +10,7 @@ from cnnctl.cli import app
 from cnnctl.config.build import build_model
 from cnnctl.config.reading import validate
 from tests.conftest import TINY
-from tests.helpers import runner
+from tests.helpers import invoke, runner, trained_run
 
 BN_NET = """\
 name: ft
@@ -179,3 +179,15 @@ def test_resume_is_exact_with_init_from(tmp_path):
     resumed = weights(part)
     for name, value in whole.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
+
+
+def test_a_run_directory_works_for_init_from(tmp_path):
+    run = trained_run(tmp_path)
+    res = invoke("train", tmp_path / "r.yaml", "--init-from", run, "--runs-dir", tmp_path / "again")
+    assert "checkpoints/best.safetensors: copied 4 of 4 parameters and buffers" in res.output
+    spec = yaml.safe_load(TINY)
+    spec["model"]["init_from"] = {"checkpoint": str(run)}
+    (tmp_path / "i.yaml").write_text(yaml.safe_dump(spec))
+    invoke("train", tmp_path / "i.yaml", "--set", "train.epochs=1", "--runs-dir", tmp_path / "third")

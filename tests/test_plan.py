@@ -1,13 +1,21 @@
 """The execution plan: every convolution algorithm against naive loops, central differences (float64) and
 PyTorch (float32); a planned model equals its layers run one by one, for every registered layer case."""
 
+import json
+import os
+import stat
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from cnnctl.core import convolution, nn, plan, winograd
 from cnnctl.core.plan import Runner
+from cnnctl.errors import CnnctlWarning
 from cnnctl.tools.gradcheck import check_layer, rel_error
 from tests.cases import all_cases, basic_block, randomize_params
+from tests.helpers import invoke, write_tiny
 from tests.test_functional import naive_conv
 
 CASES = list(all_cases())
@@ -272,3 +280,44 @@ def test_a_new_element_wise_layer_type_runs_through_the_plan_untouched(monkeypat
         np.testing.assert_allclose(p.grad, own[p.name], rtol=1e-11, atol=1e-11)
     errors = check_layer(model, x, training=True, runner=run)
     assert max(errors.values()) < 1e-6, errors
+
+
+def _make_cache(path, kind):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "deeply nested":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif kind == "link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "a folder":
+        path.mkdir()
+    elif kind == "too large":
+        with path.open("wb") as f:
+            f.truncate(plan.MAX_CACHE_BYTES + 1)
+    elif kind == "not an object":
+        path.write_text("[1, 2]")
+
+
+@pytest.mark.parametrize("kind", ["deeply nested", "link to /dev/zero", "fifo", "a folder", "too large",
+                                  "not an object"])
+def test_a_bad_autotune_cache_costs_a_warning_and_training_goes_on(tmp_path, monkeypatch, kind):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = plan.cache_path()
+    _make_cache(path, kind)
+    with pytest.warns(CnnctlWarning, match="autotune cache"):
+        invoke("train", write_tiny(tmp_path), "--runs-dir", tmp_path / "runs", "--autotune")
+    assert stat.S_ISCHR(os.stat("/dev/zero").st_mode)  # a link in the cache is replaced, never written through
+    if kind != "a folder":
+        assert path.is_file() and not path.is_symlink() and isinstance(json.loads(path.read_text()), dict)
+
+
+def test_an_unwritable_cache_costs_one_warning_line_and_training_goes_on(tmp_path):
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-m", "cnnctl", "train", write_tiny(tmp_path), "--runs-dir", tmp_path / "r",
+                          "--autotune", "-q"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.splitlines()
+    assert [line.startswith("warning: autotune cache") for line in lines] == [True, True], lines  # read, write
+    assert "Traceback" not in res.stderr and "best val_acc" in res.stdout

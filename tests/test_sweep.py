@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import pytest
 import yaml
@@ -11,6 +12,7 @@ from cnnctl.errors import CnnctlError
 from cnnctl.tools import sweep as sweep_lib
 from tests.conftest import ROOT
 from tests.helpers import invoke
+from tests.test_errors import expect_error
 
 BASE = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
 BASE["data"]["shapes"] = {"train_size": 500, "test_size": 50}
@@ -225,3 +227,173 @@ def test_a_sweep_base_may_extend_another_config(tmp_path):
     _, base, _ = sweep_lib.load_sweep(path, tmp_path / "child.yaml")
     assert "extends" not in base and base["name"] == "child" and base["train"]["epochs"] == 5
     assert base["model"] == BASE["model"]
+
+
+def _grid_sweep(tmp_path, space_extra=None):
+    base = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    base["data"]["shapes"] = {"train_size": 400, "test_size": 50}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = {"name": "grid", "base": "base.yaml", "metric": "val_acc", "mode": "max",
+             "space": {"optimizer.lr": {"choice": [0.001, 0.003]}, "train.epochs": 1, **(space_extra or {})},
+             "search": {"type": "grid"}, "executor": {"type": "local", "max_concurrent": 2}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    return tmp_path / "sweep.yaml"
+
+
+def _lr_sweep(tmp_path, epochs=40, **space):
+    return write_sweep(tmp_path, space={"optimizer.lr": {"choice": [0.001, 0.003]}, "train.epochs": epochs,
+                                        **space})
+
+
+def _start_sweep(path, runs_dir, *args):
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "cnnctl", "sweep", str(path), "--runs-dir", str(runs_dir), "-q",
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(list(runs_dir.glob("*/trials/*/metrics.csv"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert time.time() < deadline, "the trials never started"
+    return proc
+
+
+def _lock_free(run_dir) -> bool:
+    """Whether no process holds the run directory's lock (every trial process holds its trial's)."""
+    from cnnctl.errors import CnnctlError
+    from cnnctl.run import runs
+
+    try:
+        with runs.locked(run_dir):
+            return True
+    except CnnctlError:
+        return False
+
+
+def test_sweep_set_constants_once_percent_and_the_sweeps_name_in_runs(tmp_path):
+    res = invoke("sweep", _grid_sweep(tmp_path), "--set", "model.layers.0.filters=4", "--runs-dir", tmp_path / "runs",
+                 "-q")
+    out = res.output
+    assert out.count("every trial: train.epochs=1 model.layers.0.filters=4") == 1
+    assert re.search(r"trial-000: finished, best val_acc \d+\.\d\d%", out)  # percent, as `runs` shows it
+    table = out[out.index("┏"):]
+    assert "train.epochs" not in table and "filters" not in table and "optimizer.lr=0.001" in table
+    assert "best: trial-" in out and "% (epoch 1) with optimizer.lr=" in out
+    (sweep_dir,) = (tmp_path / "runs").iterdir()
+    base = yaml.safe_load((sweep_dir / "base.yaml").read_text())
+    assert base["model"]["layers"][0]["filters"] == 4  # every trial had it
+    runs = json.loads(invoke("runs", tmp_path / "runs", "--json").output)
+    assert sorted(r["run"] for r in runs) == [f"{sweep_dir.name}/trial-000", f"{sweep_dir.name}/trial-001"]
+    report = invoke("sweep", "--report", sweep_dir).output
+    assert "train.epochs" not in report and "%" in report
+    expect_error(["sweep", "--resume", sweep_dir, "--set", "train.epochs=2"], "--set applies to a new sweep")
+
+
+def test_a_finished_trial_at_chance_accuracy_is_flagged_diverged(tmp_path):
+    from cnnctl.run import runs as runs_lib
+    from cnnctl.tools.sweep import trial_result
+
+    run = tmp_path / "trial-000"
+    run.mkdir()
+    runs_lib.write_json(run / "summary.json", {"status": "finished", "stopped_early": False,
+                                                "dataset": {"classes": [str(i) for i in range(10)]}})
+    rows = [{"epoch": e, "step": e, "train_loss": 2.31, "train_acc": 0.1, "val_loss": 2.31, "val_acc": acc,
+             "lr": 0.1, "seconds": 1.0} for e, acc in ((1, 0.098), (2, 0.1025))]
+    runs_lib.rewrite_metrics(run, rows)
+    res = trial_result(run, "val_acc", "max")
+    assert res["status"] == "diverged" and "chance for 10 classes" in res["error"]
+    rows[1]["val_acc"] = 0.45
+    runs_lib.rewrite_metrics(run, rows)
+    assert trial_result(run, "val_acc", "max")["status"] == "finished"
+
+
+def test_sigterm_stops_the_sweep_and_every_trial_and_a_second_sweep_is_refused(tmp_path):
+    import signal
+    import time
+
+    path = _lr_sweep(tmp_path)
+    proc = _start_sweep(path, tmp_path / "runs")
+    sweep_dir = next((tmp_path / "runs").iterdir())
+    trials = sorted((sweep_dir / "trials").iterdir())
+    assert not any(_lock_free(t) for t in trials)  # trials hold their run directories' locks
+    # beside it: a second sweep on the same directory, and a train --resume of one of its trials
+    expect_error(["sweep", "--resume", sweep_dir, "-q"], "being trained by another process", f"pid {proc.pid}")
+    expect_error(["train", "--resume", trials[0]], "being trained by another process")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "interrupted" in err and f"cnnctl sweep --resume {sweep_dir}" in err and "Traceback" not in err
+    time.sleep(0.5)
+    assert all(_lock_free(t) for t in trials), "a trial process outlived the sweep"
+    epochs = [len((t / "metrics.csv").read_text().splitlines()) - 1 for t in trials]
+    time.sleep(2)
+    assert epochs == [len((t / "metrics.csv").read_text().splitlines()) - 1 for t in trials]
+
+
+def test_trials_stop_when_the_sweep_process_is_killed(tmp_path):
+    import signal
+    import time
+
+    proc = _start_sweep(_lr_sweep(tmp_path), tmp_path / "runs")
+    trials = sorted(next((tmp_path / "runs").iterdir()).joinpath("trials").iterdir())
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    deadline = time.time() + 60
+    while not all(_lock_free(t) for t in trials) and time.time() < deadline:
+        time.sleep(0.2)
+    assert all(_lock_free(t) for t in trials), "orphaned trials kept training"
+
+
+def test_a_killed_trial_process_fails_alone_and_is_never_named_best(tmp_path):
+    import os
+    import signal
+
+    path = _lr_sweep(tmp_path, epochs=25)
+    proc = _start_sweep(path, tmp_path / "runs")
+    sweep_dir = next((tmp_path / "runs").iterdir())
+    victim = sweep_dir / "trials" / "trial-001"
+    pid = int((victim / ".lock").read_text())
+    os.kill(pid, signal.SIGKILL)  # what the out-of-memory killer does
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err
+    rows = {r["trial"]: r for r in __import__("csv").DictReader((sweep_dir / "results.csv").open())}
+    assert rows["trial-000"]["status"] == "finished" and rows["trial-000"]["epochs"] == "25"
+    assert rows["trial-001"]["status"] == "failed" and "SIGKILL" in rows["trial-001"]["error"]
+    assert "best: trial-000" in out and "1 of 2 trials failed: trial-001" in err
+    assert yaml.safe_load((sweep_dir / "best.yaml").read_text())["name"].endswith("trial-000")
+
+
+def test_hand_edited_results_and_list_valued_keys(tmp_path):
+    import csv
+
+    path = write_sweep(tmp_path, space={"optimizer.lr": {"choice": [0.001, 0.003]}, "train.epochs": 1,
+                                        "data.test_time_augment.shifts": {"choice": [[], [[1, 1], [-1, -1]]]}})
+    from tests.helpers import invoke
+
+    invoke("sweep", path, "--runs-dir", tmp_path / "runs", "-q")
+    sweep_dir = next((tmp_path / "runs").iterdir())
+    text = invoke("plot", sweep_dir).stdout  # in the terminal, values whole
+    assert "[[1, 1], [-1, -1]]" in text and "val_acc against data.test_time_augment.shifts" in text
+    pytest.importorskip("matplotlib")
+    invoke("plot", sweep_dir, "--out", tmp_path / "s.png")
+    rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
+    rows[0].update(best="n/a", epochs="n/a", seconds="inf")
+    with (sweep_dir / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    for args in (["runs", sweep_dir], ["sweep", "--report", sweep_dir], ["plot", sweep_dir]):
+        res = invoke(*args)
+        assert "Traceback" not in res.output
+    invoke("sweep", "--resume", sweep_dir, "-q")  # the n/a trial counts as not done: it runs again
+    rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
+    assert rows[0]["best"] not in ("", "n/a")
+
+
+def test_randint_bounds_beyond_64_bits_are_refused(tmp_path):
+    path = _lr_sweep(tmp_path, **{"seed": {"randint": [0, 10**23]}})
+    text = yaml.safe_load(path.read_text())
+    text["search"] = {"type": "random", "samples": 2}
+    path.write_text(yaml.safe_dump(text))
+    expect_error(["sweep", path, "--runs-dir", tmp_path / "runs"], "64-bit integers")

@@ -2,6 +2,7 @@
 and 200 columns. Each must end within a bound, show the cursor again and put its final lines on the screen.
 (Rich's live display replaces sys.stdout while it runs: output written back through it once looped for ever.)"""
 
+import json
 from importlib.metadata import version
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 import yaml
 from packaging.version import Version
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY
+from tests.helpers import runner
 from tests.terminal import run_in_terminal
 
 COLUMNS = [80, 200]
@@ -99,3 +101,37 @@ def _in_terminal_python(script, cwd):
     import sys
 
     return run_in_terminal([], cwd=cwd, argv=[sys.executable, str(script)])
+
+
+ESCAPES = ["\x1b]0;pwned\x07", "\x1b[2J\x1b[Hwiped", "c\x9b31m"]
+
+
+def test_class_names_with_escape_sequences_never_reach_the_terminal(tmp_path):
+    g = np.random.default_rng(0)
+    x = g.integers(0, 256, (60, 16, 16), dtype=np.uint8)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=x, y_train=np.arange(60) % 3, x_test=x[:12], y_test=np.arange(12) % 3)
+    spec = yaml.safe_load(TINY)
+    spec["data"] = {"dataset": "npz", "root": str(npz), "classes": ESCAPES, "batch_size": 16}
+    spec["model"]["layers"][-1]["units"] = 3
+    spec["train"] = {"epochs": 1, "test_at_end": True}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    from cnnctl.cli import app
+
+    outputs = []
+    for args in (["train", cfg, "--runs-dir", tmp_path / "runs"], ["inspect", cfg], ["data", cfg]):
+        res = runner.invoke(app, [str(a) for a in args])
+        assert res.exit_code == 0, res.output
+        outputs.append(res.output)
+    run = next((tmp_path / "runs").iterdir())
+    np.savez(tmp_path / "x.npz", x=x[:2])
+    for args in (["eval", run], ["predict", run, tmp_path / "x.npz"]):
+        res = runner.invoke(app, [str(a) for a in args])
+        assert res.exit_code == 0, res.output
+        outputs.append(res.output)
+    for text in outputs:
+        assert "\x1b" not in text and "\x9b" not in text and "\x07" not in text, repr(text)
+    assert "\ufffd]0;pwned" in outputs[-2]  # shown, made harmless
+    res = runner.invoke(app, ["predict", str(run), str(tmp_path / "x.npz"), "--json"])
+    assert json.loads(res.stdout)[0]["top"][0]["class"] in ESCAPES  # JSON keeps the names (escaped by JSON)

@@ -2,6 +2,7 @@
 export (checked in onnxruntime), predict, gradcheck."""
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from cnnctl.core import nn
 from cnnctl.run import checkpoint
 from tests.cases import all_cases, randomize_params
 from tests.conftest import ROOT
-from tests.helpers import invoke, runner
+from tests.helpers import invoke, runner, trained_run
 
 QUICK = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
 QUICK["data"]["shapes"] = {"train_size": 600, "test_size": 100}
@@ -223,3 +224,41 @@ def test_lr_find_suggests_a_rate_and_leaves_nothing_behind(tmp_path, tiny_config
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lr.png", "tiny.yaml"]  # no run directory
     res = runner.invoke(app, ["lr-find", str(tiny_config), "--min-lr", "1", "--max-lr", "0.1"])
     assert res.exit_code == 2 and "min-lr" in res.output
+
+
+
+
+def test_export_checks_its_file_against_onnxruntime_and_names_the_classes(tmp_path, monkeypatch):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    run = trained_run(tmp_path)
+    res = invoke("export", run, "--out", tmp_path / "m.onnx")
+    assert re.search(r"checked against onnxruntime [\d.]+: its outputs equal cnnctl's to [\d.e+-]+ of the largest",
+                     res.output)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta["classes"]) == ["circle", "square", "triangle", "cross"]
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as where it is not installed
+    res = invoke("export", run, "--out", tmp_path / "n.onnx")
+    assert "not checked against onnxruntime: it is not installed" in res.output
+    monkeypatch.undo()
+    invoke("import", tmp_path / "m.onnx", "--out", tmp_path / "back")  # and the names come back with import
+    from cnnctl.run import checkpoint
+
+    assert checkpoint.load(tmp_path / "back" / "model.safetensors").run.classes == json.loads(meta["classes"])
+
+
+def test_curves_have_whole_epochs_on_their_axis(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from cnnctl.tools import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig))
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_acc": 0.5, "val_acc": 0.4, "lr": 0.1}
+               for e in (1, 2, 3)]
+    plots.plot_curves(history, tmp_path / "c.png")
+    for ax in figures[0].axes:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks

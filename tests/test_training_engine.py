@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from cnnctl.run import checkpoint, loading
-from tests.helpers import invoke
+from tests.helpers import invoke, runner, strict_json, write_tiny
+from tests.test_errors import expect_error
 
 CONFIG = {
     "name": "eng", "seed": 1,
@@ -343,3 +344,156 @@ def test_epoch_checkpoints_are_ordered_by_number_past_epoch_9999(tmp_path):
         (tmp_path / "checkpoints" / f"epoch-{n:04d}.safetensors").write_bytes(b"")
     assert [p.name for p in runs.epoch_checkpoints(tmp_path)] == [
         "epoch-9998.safetensors", "epoch-9999.safetensors", "epoch-10000.safetensors", "epoch-10001.safetensors"]
+
+
+def _patched_evaluate(monkeypatch, when):
+    """train.evaluate, with `when(split_name, epoch_rows, result)` able to change or raise."""
+    from cnnctl.run import trainer as train
+
+    real = train.evaluate
+
+    def evaluate(model, loss_fn, ds, split, *args, **kwargs):
+        res = real(model, loss_fn, ds, split, *args, **kwargs)
+        return when("test" if split is ds.test else "val", res) or res
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+
+
+def test_numerical_warnings_are_counted_into_the_divergence_message(tmp_path, monkeypatch):
+    from cnnctl.core.nn import losses
+
+    real, calls = losses.CrossEntropyLoss.forward, []
+
+    def forward(self, outputs, targets):
+        calls.append(1)
+        if len(calls) < 3:
+            return real(self, outputs, targets)
+        np.log(np.zeros(4, np.float32))  # numpy: "divide by zero encountered in log"
+        return float("nan")
+
+    monkeypatch.setattr(losses.CrossEntropyLoss, "forward", forward)
+    text = expect_error(["train", write_tiny(tmp_path), "--runs-dir", tmp_path / "runs"], "the loss became nan",
+                        "before it numpy warned of: divide by zero encountered in log", code=1)
+    assert "RuntimeWarning" not in text
+
+
+def test_a_non_finite_validation_loss_fails_the_run_and_its_records_stay_readable(tmp_path, monkeypatch):
+    from tests.helpers import invoke
+
+    calls = []
+    _patched_evaluate(monkeypatch, lambda split, res: calls.append(split) or (
+        {**res, "loss": float("nan")} if len(calls) == 2 else None))
+    text = expect_error(["train", write_tiny(tmp_path, epochs=3), "--runs-dir", tmp_path / "runs"],
+                        "validation loss became nan after epoch 2", code=1)
+    assert "lower optimizer.lr" in text
+    run = next((tmp_path / "runs").iterdir())
+    summary = strict_json(run / "summary.json")
+    assert summary["status"] == "failed" and summary["epochs_done"] == 1
+    # epoch 2 was trained: its row is kept, the loss as null (strict JSON); its checkpoint was not written
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["val_loss"] is None and rows[1]["train_loss"] > 0
+    monkeypatch.undo()
+    invoke("eval", run)  # every checkpoint it wrote loads
+    invoke("train", "--resume", run)
+
+
+def test_a_non_finite_test_loss_fails_the_run(tmp_path, monkeypatch):
+    _patched_evaluate(monkeypatch, lambda split, res: {**res, "loss": float("inf")} if split == "test" else None)
+    expect_error(["train", write_tiny(tmp_path, test_at_end=True), "--runs-dir", tmp_path / "runs"],
+                 "test loss became inf at the end", code=1)
+    summary = strict_json(next((tmp_path / "runs").iterdir()) / "summary.json")
+    assert summary["status"] == "failed" and summary["epochs_done"] == 2
+
+
+def test_summary_follows_every_epoch_and_a_kill_during_the_test_resumes_to_it(tmp_path, monkeypatch):
+    from tests.helpers import invoke
+
+    seen = []
+
+    def when(split, res):
+        run = next((tmp_path / "runs").iterdir())
+        seen.append(json.loads((run / "summary.json").read_text()))
+        if split == "test":
+            raise KeyboardInterrupt  # the process is killed while it evaluates the test split
+
+    _patched_evaluate(monkeypatch, when)
+    res = invoke("train", write_tiny(tmp_path, epochs=3, test_at_end=True), "--runs-dir", tmp_path / "runs", code=130)
+    assert "Traceback" not in res.output
+    assert [(s["status"], s["epochs_done"]) for s in seen] == [("running", 0), ("running", 1), ("running", 2),
+                                                              ("testing", 3)]
+    run = next((tmp_path / "runs").iterdir())
+    row = json.loads(invoke("runs", tmp_path / "runs", "--json").stdout)[0]
+    assert row["epochs_done"] == 3 and row["status"] != "finished"
+    monkeypatch.undo()
+    invoke("train", "--resume", run)  # all epochs are done: only the test evaluation is left
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["test"]["n"] == 100
+    assert len((run / "metrics.csv").read_text().splitlines()) == 4
+    expect_error(["train", "--resume", run], "nothing to resume")
+
+
+def test_a_failed_metrics_write_leaves_a_summary_that_claims_no_more(tmp_path, monkeypatch):
+    from cnnctl.errors import CnnctlError
+    from cnnctl.run import runs
+    from tests.helpers import invoke
+
+    real = runs.append_metrics
+
+    def append(run_dir, row):
+        if row["epoch"] == 2:
+            raise CnnctlError(f"cannot append to {run_dir / 'metrics.csv'}: No space left on device")
+        real(run_dir, row)
+
+    monkeypatch.setattr(runs, "append_metrics", append)
+    expect_error(["train", write_tiny(tmp_path, epochs=3), "--runs-dir", tmp_path / "runs"], "No space left")
+    run = next((tmp_path / "runs").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["epochs_done"] == 1 and summary["final"]["epoch"] == 1
+    monkeypatch.undo()
+    invoke("train", "--resume", run)
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_rewriting_the_metrics_on_resume_never_loses_them(tmp_path, monkeypatch):
+    from cnnctl.errors import CnnctlError
+    from cnnctl.run import runs
+
+    runs.rewrite_metrics(tmp_path, [{"epoch": 1, "step": 1}])
+    before = (tmp_path / "metrics.csv").read_text(), (tmp_path / "metrics.jsonl").read_text()
+
+    def full(path, data):
+        raise CnnctlError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(runs, "atomic_write_bytes", full)
+    with pytest.raises(CnnctlError):
+        runs.rewrite_metrics(tmp_path, [{"epoch": 1, "step": 1}, {"epoch": 2, "step": 2}])
+    assert ((tmp_path / "metrics.csv").read_text(), (tmp_path / "metrics.jsonl").read_text()) == before
+
+
+def test_a_crash_in_the_first_epoch_keeps_the_run_and_says_why(tmp_path, monkeypatch):
+    def crash(split, res):
+        raise IndexError("a bug")
+
+    _patched_evaluate(monkeypatch, crash)
+    from cnnctl.cli import app
+
+    res = runner.invoke(app, ["train", str(write_tiny(tmp_path)), "--runs-dir", str(tmp_path / "runs")])
+    assert isinstance(res.exception, IndexError)
+    run = next((tmp_path / "runs").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "IndexError: a bug" in summary["error"]
+
+
+def test_a_closed_pipe_does_not_stop_training(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = write_tiny(tmp_path, epochs=4, test_at_end=True)
+    done = subprocess.run(f"{sys.executable} -m cnnctl train {cfg} --runs-dir {tmp_path / 'runs'} | head -1",
+                          shell=True, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    summary = json.loads(next((tmp_path / "runs").iterdir()).joinpath("summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_done"] == 4 and "test" in summary
+    done = subprocess.run(f"{sys.executable} -m cnnctl runs {tmp_path / 'runs'} --json | head -c 3",
+                          shell=True, capture_output=True, text=True, timeout=60)
+    assert done.stderr == "", done.stderr

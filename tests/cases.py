@@ -122,6 +122,9 @@ CASES = {
               ("scale_flat_nobias", lambda g: nn.Scale(4, bias=False), (3, 4))],
     "layernorm2d": [("layernorm2d", lambda g: nn.LayerNorm2D(5, 1e-6), (2, 5, 3, 4)),
                     ("layernorm2d_eps", lambda g: nn.LayerNorm2D(3, 1e-2), (2, 3, 2, 2))],
+    "split": [("split_half0", lambda g: nn.Split(2, 0), (2, 6, 3, 4)),
+              ("split_third2", lambda g: nn.Split(3, 2), (2, 6, 2, 3)),
+              ("split_flat1", lambda g: nn.Split(2, 1), (3, 4))],
     "channel_shuffle": [("shuffle3", lambda g: nn.ChannelShuffle(3), (2, 6, 3, 4)),
                         ("shuffle2_of_8", lambda g: nn.ChannelShuffle(2), (2, 8, 2, 3))],
     # odd sizes only: torch's window for an even size reaches the other way (ONNX's is tested against onnxruntime)

@@ -366,16 +366,34 @@ def alexnet_style(path):
     return path
 
 
-def shufflenet_style():  # a grouped convolution, the channel shuffle, another grouped convolution
+class _V2Unit(nn.Module):
+    """torchvision's ShuffleNetV2 unit at stride 1: half the channels pass, the other half go through a 1x1, a 3x3
+    depthwise and a 1x1 convolution; concatenated, then shuffled."""
+
+    def __init__(self, c):
+        super().__init__()
+        h = c // 2
+        self.branch = nn.Sequential(nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+                                    nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h),
+                                    nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU())
+        self.shuffle = _Shuffle(2)
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        return self.shuffle(torch.cat((x1, self.branch(x2)), dim=1))
+
+
+def shufflenet_style():  # ShuffleNet's grouped convolutions and shuffle, then a ShuffleNetV2 unit (its split)
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.Conv2d(8, 8, 1, groups=2), _Shuffle(2), nn.Conv2d(8, 8, 3, padding=1, groups=8),
-                         nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1, groups=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(8, 4))
+                         nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1, groups=2), nn.ReLU(), _V2Unit(8),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
 
-@pytest.mark.parametrize("make, layer", [(small_cnn, None), (alexnet_style, "lrn"),
-                                         (shufflenet_style, "channel_shuffle")], ids=["small", "lrn", "shuffle"])
-def test_a_folder_of_images_fine_tunes_an_imported_network(tmp_path, make, layer):
+@pytest.mark.parametrize("make, layers", [(small_cnn, []), (alexnet_style, ["lrn"]),
+                                          (shufflenet_style, ["channel_shuffle", "split"])],
+                         ids=["small", "lrn", "shuffle"])
+def test_a_folder_of_images_fine_tunes_an_imported_network(tmp_path, make, layers):
     """Fine-tuned from the import (backward through every layer, the new ones too), resumed bit for bit, exported
     back and equal to onnxruntime."""
     pytest.importorskip("PIL")
@@ -384,7 +402,7 @@ def test_a_folder_of_images_fine_tunes_an_imported_network(tmp_path, make, layer
     path = make(tmp_path / "s.onnx") if make is alexnet_style else \
         export(make(), (1, 20, 20), tmp_path / "s.onnx", keep_batchnorm=True)
     invoke("import", path, "--out", tmp_path / "imp")
-    if layer is not None:
+    for layer in layers:
         assert f"type: {layer}" in (tmp_path / "imp" / "config.yaml").read_text()
     g = np.random.default_rng(0)
     for split, n in (("train", 12), ("test", 4)):

@@ -109,6 +109,17 @@ class TorchScale(tnn.Module):
         return y + self.bias.view(shape) if self.bias is not None else y
 
 
+class TorchSplit(tnn.Module):
+    """cnnctl's split layer in torch: part `take` of x.chunk(parts, dim=1)."""
+
+    def __init__(self, parts, take):
+        super().__init__()
+        self.parts, self.take = parts, take
+
+    def forward(self, x):
+        return x.chunk(self.parts, dim=1)[self.take]
+
+
 TORCH = {
     "sequential": lambda layer: tnn.Sequential(*[to_torch(child) for child in layer.layers]),
     "residual": Residual,
@@ -137,6 +148,7 @@ TORCH = {
     "layernorm2d": lambda layer: TorchLayerNorm2d(layer.channels, layer.eps),
     "scale": lambda layer: TorchScale(layer.channels, "bias" in layer.params),
     "channel_shuffle": lambda layer: tnn.ChannelShuffle(layer.groups),
+    "split": lambda layer: TorchSplit(layer.parts, layer.take),
     "lrn": lambda layer: tnn.LocalResponseNorm(layer.size, layer.alpha, layer.beta, layer.k),
     "tanh": lambda layer: tnn.Tanh(),
     "softmax": lambda layer: tnn.Softmax(dim=1),

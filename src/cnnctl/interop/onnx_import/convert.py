@@ -147,6 +147,34 @@ def channel_shuffle(imp, node, a, layers) -> None:
     layers.append({"type": "channel_shuffle", "groups": int(a["groups"])})
 
 
+@converts("ChannelSplit")
+def channel_split(imp, node, a, layers) -> None:
+    """A part of the channels (rewrite.channel_split: ShuffleNetV2's halves)."""
+    layers.append({"type": "split", "parts": int(a["parts"]), "take": int(a["take"])})
+
+
+@converts("Slice")
+def channel_slice(imp, node, a, layers) -> None:
+    """A Slice of the channels that is one of equal parts of them (cnnctl export writes `split` so): a split."""
+    ins, shape_in = node.input, imp.shape_in(node)
+    if len(ins) > 1:  # opset 10 and later: starts, ends, axes, steps as inputs
+        starts, ends = (int(imp.scalar(ins[k], role)) for k, role in ((1, "starts"), (2, "ends")))
+        axes = [int(imp.scalar(ins[3], "axes"))] if len(ins) > 3 and ins[3] else [0]
+        steps = int(imp.scalar(ins[4], "steps")) if len(ins) > 4 and ins[4] else 1
+    else:  # opset 1-9: attributes
+        starts, ends = (int(v[0]) if len(v) == 1 else None for v in (a.get("starts", []), a.get("ends", [])))
+        axes, steps = list(a.get("axes", [0])), 1
+    c = shape_in[1] if shape_in is not None and len(shape_in) > 1 else None
+    if starts is None or ends is None or c is None or steps != 1 or axes not in ([1], [1 - len(shape_in)]):
+        imp.fail(f"{imp.where()}: only a Slice of the channels (axis 1, step 1) is imported, as a split")
+    lo, hi = min(max(starts + c if starts < 0 else starts, 0), c), min(max(ends + c if ends < 0 else ends, 0), c)
+    width = hi - lo
+    if width <= 0 or c % width or lo % width:
+        imp.fail(f"{imp.where()}: channels {lo}..{hi - 1} of {c} are not one of equal parts of them",
+                 "cnnctl's split takes one of equal parts of the channels")
+    layers.append({"type": "split", "parts": c // width, "take": lo // width})
+
+
 @converts("Transpose")
 def transpose(imp, node, a, layers) -> None:
     """The Transposes tf2onnx writes around a Keras network: NHWC into NCHW at the input (absorbed: the imported

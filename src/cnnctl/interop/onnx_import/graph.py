@@ -144,10 +144,17 @@ class Graph:
         # of its shape (serialising VGG-19's 550 MB for inference took most of its import); small ones (reshape
         # targets, axes) keep their values for the inference's data propagation
         declared = {v.name for v in self.graph.input}
-        small = [t for t in self.graph.initializer if int(np.prod(t.dims, dtype=object)) <= 4096]
+        # what earlier folding made constant (a Slice's bounds from a Shape, say) goes in as a small initializer in
+        # place of the nodes that made it, so that inference sees the values
+        folded = {o for n in self.graph.node for o in n.output if o in self.const}
+        nodes = [n for n in self.graph.node if not (n.output and all(o in folded for o in n.output))]
+        made = [self.numpy_helper.from_array(np.asarray(self.const[o]), o) for o in sorted(folded)
+                if np.size(self.const[o]) <= 4096 and np.asarray(self.const[o]).dtype.kind in "iufb"]
+        nodes = [n for n in nodes if not any(o in {t.name for t in made} for o in n.output)]
+        small = [t for t in self.graph.initializer if int(np.prod(t.dims, dtype=object)) <= 4096] + made
         large = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in self.graph.initializer
                  if int(np.prod(t.dims, dtype=object)) > 4096 and t.name not in declared]
-        graph = helper.make_graph(list(self.graph.node), self.graph.name or "g", [*self.graph.input, *large],
+        graph = helper.make_graph(nodes, self.graph.name or "g", [*self.graph.input, *large],
                                   list(self.graph.output), small)
         m = helper.make_model(graph, opset_imports=list(self.model.opset_import))
         m.ir_version = max(self.model.ir_version, 4)  # IR 3 counts only initializers listed as inputs
@@ -221,7 +228,9 @@ class Graph:
         if op in ("Mul", "Add", "Sub", "Div"):
             f = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide}[op]
             out = f(xs[0], xs[1])
-            return out // 1 if op == "Div" and xs[0].dtype.kind == "i" else out.astype(xs[0].dtype)
+            if op == "Div" and xs[0].dtype.kind in "iu":  # ONNX's integer division truncates
+                out = np.trunc(out)
+            return out.astype(xs[0].dtype)
         if op == "Slice" and len(xs) >= 3:
             axes = xs[3].tolist() if len(xs) > 3 else list(range(len(xs[1])))
             steps = xs[4].tolist() if len(xs) > 4 else [1] * len(axes)

@@ -157,6 +157,31 @@ def channel_shuffle(g) -> None:
         replace_nodes(g, [first, t, last], node)
 
 
+def channel_split(g) -> None:
+    """A Split on the channels into equal parts (torch's x.chunk(2, dim=1), ShuffleNetV2's halves): one
+    `ChannelSplit` node (domain cnnctl) per part, each taking the whole input, so that the walk sees a fork whose
+    branches each take their part."""
+    for node in [n for n in g.nodes if n.op_type == "Split"]:
+        a = {x.name: g.onnx.helper.get_attribute_value(x) for x in node.attribute}
+        rank = len(g.shapes.get(node.input[0]) or ())
+        axis = int(a.get("axis", 0))
+        if axis != 1 and not (rank and axis == 1 - rank):
+            continue
+        parts = len(node.output)
+        if len(node.input) > 1 and node.input[1]:
+            sizes = np.ravel(g.const.get(node.input[1], [])).astype(np.int64).tolist() if node.input[1] in g.const \
+                else None
+        else:
+            sizes = list(a["split"]) if "split" in a else [None] * parts
+        if sizes is None or len(sizes) != parts or len(set(sizes)) != 1:
+            continue  # unequal parts: not a split layer (the converter check names the Split)
+        nodes = [g.onnx.helper.make_node("ChannelSplit", [node.input[0]], [out], domain="cnnctl",
+                                         name=f"{node.name or out}/{k}", parts=parts, take=k)
+                 for k, out in enumerate(node.output)]
+        at = next(k for k, n in enumerate(g.nodes) if n is node)
+        g.nodes[at:at + 1] = nodes
+
+
 def replace_nodes(g, nodes: list, node) -> None:
     """`node` in place of `nodes` (at the first one's place)."""
     drop = {id(n) for n in nodes}
@@ -258,5 +283,5 @@ def hard_activations(g) -> None:
 
 
 # in this order, before the walk
-PASSES = [sum_to_add, one_input_concat, affine_into_batchnorm, channel_shuffle, channels_layernorm,
+PASSES = [sum_to_add, one_input_concat, channel_split, affine_into_batchnorm, channel_shuffle, channels_layernorm,
           hard_activations, fuse_activations]

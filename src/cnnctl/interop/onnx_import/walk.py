@@ -16,6 +16,7 @@ from .graph import attrs, layer_types
 from .operators import CONVERTERS, JOINS, LATER
 from .rewrite import PASSES
 
+MAX_FOLD_ROUNDS = 8  # shape inference again with what folded; torch's exports need one or two
 MAX_NESTING = 24  # branches inside branches: a config nests at most 64 levels and each join nests its branch two deeper
 
 
@@ -67,6 +68,15 @@ class _Importer(Converting):
         self.batch_free_reshapes()
         self.shapes = self._shapes(name, chw)
         self._fold(self.shapes)
+        for _ in range(MAX_FOLD_ROUNDS):  # a folded bound can fix a shape that lets more fold (torch's x.chunk)
+            if not any(n.output and n.output[0] not in self.shapes and n.output[0] not in self.const and
+                       any(i in self.const for i in n.input[1:]) for n in self.graph.node):
+                break  # no node of unknown shape takes a folded operand: inference would learn nothing new
+            shapes = self._shapes(name, chw)
+            if shapes == self.shapes:
+                break
+            self.shapes = shapes
+            self._fold(shapes)
         self.nodes = [n for n in self.graph.node if n.output[0] not in self.const]
         for rewrite in PASSES:
             rewrite(self)

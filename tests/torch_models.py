@@ -92,6 +92,8 @@ class TorchLayerNorm2d(tnn.LayerNorm):
     """ConvNeXt's channels-first LayerNorm: LayerNorm(C) over channels-last maps, permuted there and back."""
 
     def forward(self, x):
+        if x.dim() == 2:  # pooled (N, C) features: the channels are the last axis
+            return super().forward(x)
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 

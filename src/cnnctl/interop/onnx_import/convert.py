@@ -210,7 +210,7 @@ def layernorm2d(imp, node, a, layers) -> None:
     if node.domain != "cnnctl":
         imp.fail(f"node {node.name!r}: LayerNorm2d is not an ONNX operator", "export the network with ONNX's")
     shape_in = imp.shape_in(node)
-    c = (shape_in[1],) if shape_in is not None and len(shape_in) == 4 else None
+    c = (shape_in[1],) if shape_in is not None and len(shape_in) in (2, 4) else None
     weight = imp.param(node.input[1], "scale", shape=c)
     bias = imp.param(node.input[2], "bias", shape=weight.shape) if len(node.input) > 2 and node.input[2] else \
         np.zeros_like(weight)

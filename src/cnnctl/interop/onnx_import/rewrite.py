@@ -157,6 +157,24 @@ def channel_shuffle(g) -> None:
         replace_nodes(g, [first, t, last], node)
 
 
+def concat_chains(g) -> None:
+    """Concats of every feature so far (torchvision's DenseNet: each layer concatenates the block's input and every
+    earlier layer's output): each becomes the Concat of the longest earlier one its inputs begin with, and what
+    follows, so that the walk sees each layer as a branch beside the features that are passed on."""
+    def axis(n):
+        return next((a.i for a in n.attribute if a.name == "axis"), None)
+
+    seen: list[tuple[tuple, str]] = []  # the original inputs of each channel Concat, and its output
+    for node in [n for n in g.nodes if n.op_type == "Concat" and axis(n) in (1, -3)]:
+        ins = tuple(i for i in node.input if i)
+        prefix = max(((p, out) for p, out in seen if 1 < len(p) < len(ins) and ins[:len(p)] == p),
+                     key=lambda po: len(po[0]), default=None)
+        seen.append((ins, node.output[0]))
+        if prefix is not None:
+            del node.input[:]
+            node.input.extend([prefix[1], *ins[len(prefix[0]):]])
+
+
 def channel_split(g) -> None:
     """A Split on the channels into equal parts (torch's x.chunk(2, dim=1), ShuffleNetV2's halves): one
     `ChannelSplit` node (domain cnnctl) per part, each taking the whole input, so that the walk sees a fork whose
@@ -206,6 +224,105 @@ def channels_layernorm(g) -> None:
         node = g.onnx.helper.make_node("LayerNorm2d", [before.input[0], *ln.input[1:3]], [after[0].output[0]],
                                        domain="cnnctl", name=ln.name or after[0].name, epsilon=eps)
         replace_nodes(g, [before, ln, after[0]], node)
+
+
+# single-input element-wise operators that a channels-last chain may hold as they are
+ELEMENTWISE = {"Gelu", "Relu", "Sigmoid", "Tanh", "Identity", "Mish", "HardSwish", "HardSigmoid", "Elu", "Celu",
+               "LeakyRelu"}
+
+
+def _perm(node) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def _vector(g, node, t: str) -> tuple[str, np.ndarray] | None:
+    """The constant operand of a binary node whose data input is t, as one value per channel (or one number)."""
+    if len(node.input) != 2 or t not in node.input:
+        return None
+    other = node.input[1] if node.input[0] == t else node.input[0]
+    if other not in g.const or other == t:
+        return None
+    v = np.asarray(g.const[other])
+    while v.ndim > 1 and v.shape[0] == 1:
+        v = v[0]
+    return (other, v) if v.ndim <= 1 else None
+
+
+def _channels_last_link(g, n, t: str) -> bool:
+    """Whether node n, taking t, computes along the last axis of a channels-last tensor alone."""
+    if n.op_type == "LayerNormalization":
+        axis = next((a.i for a in n.attribute if a.name == "axis"), -1)
+        return n.input[0] == t and axis in (-1, 3) and not any(n.output[1:])
+    if n.op_type == "MatMul":
+        return n.input[0] == t and n.input[1] in g.const and np.ndim(g.const[n.input[1]]) == 2
+    if n.op_type in ("Add", "Mul"):
+        return _vector(g, n, t) is not None
+    return n.op_type in ELEMENTWISE and n.input[0] == t and all(i in g.const for i in n.input[1:] if i)
+
+
+def channels_last(g) -> None:
+    """Transpose to channels last, then layer norms, linear layers (MatMul and Add), per-channel products and sums
+    and element-wise activations over the last axis, then a Transpose back (ConvNeXt's block as torch exports
+    it): the same math on NCHW, with no Transpose: a `LayerNorm2d` node, 1x1 convolutions (the linear layers'
+    weights transposed, their Add as bias), per-channel constants of shape (C, 1, 1)."""
+    producer, users = _graph_maps(g)
+    for first in [n for n in g.nodes if n.op_type == "Transpose" and _perm(n) == [0, 2, 3, 1]]:
+        chain, t, last = [], first.output[0], None
+        while len(users.get(t, [])) == 1:
+            n = users[t][0]
+            if n.op_type == "Transpose":
+                last = n if _perm(n) == [0, 3, 1, 2] else None
+                break
+            if not _channels_last_link(g, n, t):
+                break
+            chain.append(n)
+            t = n.output[0]
+        if last is None or not chain or len(g.shapes.get(first.input[0]) or ()) != 4:
+            continue
+        _to_channels_first(g, first, chain, last)
+        producer, users = _graph_maps(g)
+
+
+def _to_channels_first(g, first, chain: list, last) -> None:
+    helper = g.onnx.helper
+    made, t, skip = [], first.input[0], set()
+    for k, node in enumerate(chain):
+        if id(node) in skip:
+            continue
+        out = last.output[0] if node is chain[-1] else node.output[0]
+        if node.op_type == "LayerNormalization":
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            made.append(helper.make_node("LayerNorm2d", [t, *node.input[1:3]], [out], domain="cnnctl",
+                                         name=node.name, epsilon=eps))
+        elif node.op_type == "MatMul":
+            w = np.asarray(g.const[node.input[1]])
+            name = f"{node.input[1]}/1x1"
+            g.const[name] = np.ascontiguousarray(w.T.reshape(w.shape[1], w.shape[0], 1, 1))
+            ins = [t, name]
+            after = chain[k + 1] if k + 1 < len(chain) else None
+            if after is not None and after.op_type == "Add" and _vector(g, after, node.output[0]) is not None and \
+                    _vector(g, after, node.output[0])[1].shape == (w.shape[1],):
+                ins.append(_vector(g, after, node.output[0])[0])  # the linear layer's bias
+                skip.add(id(after))
+                out = last.output[0] if after is chain[-1] else after.output[0]
+            made.append(helper.make_node("Conv", ins, [out], name=node.name, kernel_shape=[1, 1]))
+        elif node.op_type in ("Add", "Mul"):
+            const, v = _vector(g, node, next(i for i in node.input if i not in g.const))
+            name = f"{const}/chw"
+            g.const[name] = np.ascontiguousarray(v.reshape(-1, 1, 1) if v.ndim else v)
+            made.append(helper.make_node(node.op_type, [t, name], [out], name=node.name))
+        else:
+            made.append(helper.make_node(node.op_type, [t, *node.input[1:]], [out], name=node.name,
+                                         domain=node.domain))
+            made[-1].attribute.extend(node.attribute)
+        t = out
+    for node in chain:  # the tensors in between, now NCHW
+        if node.output[0] in g.shapes and len(g.shapes[node.output[0]]) == 4:
+            b, hh, ww, cc = g.shapes[node.output[0]]
+            g.shapes[node.output[0]] = (b, cc, hh, ww)
+    replace_nodes(g, [first, *chain, last], made[0])
+    at = next(k for k, x in enumerate(g.nodes) if x is made[0])
+    g.nodes[at + 1:at + 1] = made[1:]
 
 
 def _graph_maps(g):
@@ -283,5 +400,5 @@ def hard_activations(g) -> None:
 
 
 # in this order, before the walk
-PASSES = [sum_to_add, one_input_concat, channel_split, affine_into_batchnorm, channel_shuffle, channels_layernorm,
-          hard_activations, fuse_activations]
+PASSES = [sum_to_add, one_input_concat, concat_chains, channel_split, affine_into_batchnorm, channel_shuffle,
+          channels_layernorm, hard_activations, fuse_activations, channels_last]

@@ -16,7 +16,7 @@ from .graph import attrs, layer_types
 from .operators import CONVERTERS, JOINS, LATER
 from .rewrite import PASSES
 
-MAX_FOLD_ROUNDS = 8  # shape inference again with what folded; torch's exports need one or two
+MAX_FOLD_ROUNDS = 64  # shape inference again with what folded: torch's x.chunk needs a round for each unit
 MAX_NESTING = 24  # branches inside branches: a config nests at most 64 levels and each join nests its branch two deeper
 
 

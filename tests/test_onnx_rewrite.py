@@ -239,3 +239,24 @@ def test_convnext_style_layernorm_over_channels_imports(tmp_path):
     assert [s["type"] for s in imp.layers][:3] == ["conv2d", "layernorm2d", "gelu"]
     assert imp.layers[1]["eps"] == 1e-6
     equal_to_onnxruntime(path, model, (3, 12, 12))
+
+
+@pytest.mark.parametrize("opset", [7, 9, 10])
+def test_opset_7_to_10_attribute_forms_import(tmp_path, opset):
+    """Older exporters' attribute forms: Pad's pads and value as attributes, BatchNormalization's spatial,
+    Dropout's ratio as an attribute; each imports and equals onnxruntime."""
+    nodes, inits = conv_net()
+    pad = helper.make_node("Pad", ["input"], ["p"], pads=[0, 0, 1, 1, 0, 0, 1, 1], value=0.0, name="pad")
+    conv = helper.make_node("Conv", ["p", "w", "b"], ["c"], kernel_shape=[3, 3], name="conv")
+    bn = helper.make_node("BatchNormalization", ["c", "gm", "be", "mu", "var"], ["y"], spatial=1, name="bn") \
+        if opset < 9 else helper.make_node("BatchNormalization", ["c", "gm", "be", "mu", "var"], ["y"], name="bn")
+    relu = helper.make_node("Relu", ["y"], ["r0"], name="relu")
+    drop = helper.make_node("Dropout", ["r0"], ["r"], ratio=0.3, name="drop")
+    nodes = [pad, conv, bn, relu, drop, *nodes[2:]]
+    inits.update(gm=G.uniform(0.5, 1.5, 4).astype(np.float32), be=G.standard_normal(4).astype(np.float32),
+                 mu=G.standard_normal(4).astype(np.float32), var=G.uniform(0.5, 1.5, 4).astype(np.float32))
+    path = write(tmp_path / "m.onnx", nodes, inits, opset=opset)
+    _, _, model, _, _, _, imp = onnx_import.build(path, "m", None, None, None)
+    assert [s["type"] for s in imp.layers] == ["conv2d", "batchnorm", "dropout", "global_avgpool2d", "dense"]
+    assert imp.layers[0]["padding"] in (1, [1, 1]) and imp.layers[2]["rate"] == 0.3 and imp.opset == opset
+    equal_to_onnxruntime(path, model)

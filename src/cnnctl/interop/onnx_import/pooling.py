@@ -94,7 +94,8 @@ def _pad(imp, node, a, layers) -> None:
     if "pads" not in a and len(node.input) > 1 and node.input[1] in imp.const:
         a = {**a, "pads": [int(p) for p in np.ravel(imp.const[node.input[1]])]}
     pads = imp.ints(a, "pads", 8, None)
-    value = imp.scalar(node.input[2], "padding value") if len(node.input) > 2 and node.input[2] else 0.0
+    value = imp.scalar(node.input[2], "padding value") if len(node.input) > 2 and node.input[2] else \
+        float(a.get("value", 0.0))  # opset 2-10: an attribute
     if mode not in (b"constant", "constant") or value != 0 or any(pads[:2]) or any(pads[4:6]):
         imp.fail(f"Pad {node.name!r}: only zero padding of height and width is imported")
     imp.pending = [pads[2], pads[3], pads[6], pads[7]]  # top, left, bottom, right

@@ -162,3 +162,20 @@ def test_an_onnx_operator_is_one_registered_converter(tmp_path):
     x = np.random.default_rng(1).random((2, 1, 8, 8), dtype=np.float32)
     ref = ort.InferenceSession(str(path)).run(None, {"input": x})[0]
     np.testing.assert_allclose(model.forward(x, training=False), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_each_layers_onnx_operator_is_written_once_for_export_and_import():
+    """A layer type's ONNX operator stands in its class (`onnx_op`, gathered in nn.ONNX_OPS): its export writes
+    self.onnx_op, and the importer's converters, joins and rewrite passes read the table, never the name."""
+    import inspect
+
+    from cnnctl.core import nn
+
+    importer = ROOT / "src" / "cnnctl" / "interop" / "onnx_import"
+    texts = {p.name: p.read_text() for p in importer.glob("*.py") if p.name != "graph.py"}  # graph.py: folding
+    for tag, op in nn.ONNX_OPS.items():
+        cls = nn.REGISTRY[tag]
+        assert f'"{op}"' not in inspect.getsource(cls.onnx), f"{cls.__name__}.onnx writes {op!r} by name"
+        for name, text in texts.items():
+            assert f'"{op}"' not in text, f"onnx_import/{name} writes {op!r}, {tag}'s operator, by name"
+    assert nn.ONNX_OPS["lrn"] == "LRN" and nn.ONNX_OPS["conv2d"] == "Conv"

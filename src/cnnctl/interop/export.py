@@ -19,6 +19,8 @@ from cnnctl.extras import require
 
 OPSET = 17
 
+NORMALIZATION_OPS = ("Sub", "Div")  # the data's normalisation at the graph's start: (x - mean) / std
+
 
 def _onnx():
     onnx = require("onnx", "onnx", "ONNX export needs the onnx package, which is not installed")
@@ -64,13 +66,14 @@ def to_onnx(model: nn.Layer, input_shape, normalization: dict, name: str, softma
     c = input_shape[0]
     mean = g.const("norm.mean", np.asarray(normalization.get("mean", [0.0] * c)).reshape(1, c, 1, 1))
     std = g.const("norm.std", np.asarray(normalization.get("std", [1.0] * c)).reshape(1, c, 1, 1))
-    x = g.node("Div", [g.node("Sub", ["input", mean], "norm.centre"), std], "norm.scale")
+    centre, scale = NORMALIZATION_OPS
+    x = g.node(scale, [g.node(centre, ["input", mean], "norm.centre"), std], "norm.scale")
     x = model.onnx(g, x, tuple(input_shape), "")
     shape = model.output_shape(tuple(input_shape))
     if softmax and outputs == "log_probabilities":
         x = g.node("Exp", [x], "probabilities")
     elif softmax:
-        x = g.node("Softmax", [x], "probabilities", axis=1)
+        x = g.node(nn.ONNX_OPS["softmax"], [x], "probabilities", axis=1)
     g.nodes.append(helper.make_node("Identity", [x], ["output"], name="output"))
     graph = helper.make_graph(
         g.nodes, name,

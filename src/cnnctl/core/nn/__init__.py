@@ -38,13 +38,17 @@ from .model import Model, SequentialSpec  # noqa: E402
 LAYER_CLASSES = {cls.__name__: cls for cls in REGISTRY.values()}
 globals().update(LAYER_CLASSES)
 
+# the ONNX operator of each layer type that is one (its class's onnx_op): export and import read this one table
+ONNX_OPS = {tag: cls.onnx_op for tag, cls in REGISTRY.items() if cls.onnx_op}
+
 Activation = Literal[(*ACTIVATIONS, "linear")]  # "linear": none
 AnyLayer = layer_union(BlockUse)
 for _spec in SPECS.values():  # specs name these two before they exist: resolve them now
     _spec.model_rebuild(_types_namespace={"AnyLayer": AnyLayer, "Activation": Activation})
 
 __all__ = [
-    "REGISTRY", "SPECS", "ACTIVATIONS", "LOSSES", "INITS", "Activation", "Init", "AnyLayer", "BlockUse", "Context",
+    "REGISTRY", "SPECS", "ONNX_OPS", "ACTIVATIONS", "LOSSES", "INITS", "Activation", "Init", "AnyLayer", "BlockUse",
+    "Context",
     "Layer", "LayerSpec", "Param", "Loss", "Model", "Elementwise", "register", "make_activation", "initialize",
     "CrossEntropyLoss", "MSELoss", "NLLLoss", "SequentialSpec", "ResidualSpec", "ConcatSpec", "GateSpec",
     "recording", *LAYER_CLASSES,

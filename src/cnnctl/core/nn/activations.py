@@ -114,11 +114,13 @@ class Elementwise(Layer):
 class ReLU(Elementwise):
     """max(x, 0); the derivative at 0 is taken as 0, like PyTorch."""
 
+    onnx_op = "Relu"
+
     derivative_dtype = np.bool_
     monotone = True
 
     def onnx(self, g, x, input_shape, name):
-        return g.node("Relu", [x], name)
+        return g.node(self.onnx_op, [x], name)
 
     def elementwise(self, x, y, d):
         np.greater(x, 0, out=d)
@@ -129,6 +131,8 @@ class ReLU(Elementwise):
 class LeakyReLU(Elementwise):
     """x if x > 0 else negative_slope * x."""
 
+    onnx_op = "LeakyRelu"
+
     def __init__(self, negative_slope: float = 0.01):
         super().__init__()
         self.negative_slope = negative_slope
@@ -138,7 +142,7 @@ class LeakyReLU(Elementwise):
         return self.negative_slope >= 0
 
     def onnx(self, g, x, input_shape, name):
-        return g.node("LeakyRelu", [x], name, alpha=self.negative_slope)
+        return g.node(self.onnx_op, [x], name, alpha=self.negative_slope)
 
     def elementwise(self, x, y, d):
         d[...] = np.where(x > 0, x.dtype.type(1), x.dtype.type(self.negative_slope))
@@ -152,6 +156,8 @@ class LeakyReLU(Elementwise):
 class ELU(Elementwise):
     """x if x > 0 else alpha * (exp(x) - 1)."""
 
+    onnx_op = "Elu"
+
     def __init__(self, alpha: float = 1.0):
         super().__init__()
         self.alpha = alpha
@@ -161,7 +167,7 @@ class ELU(Elementwise):
         return self.alpha >= 0
 
     def onnx(self, g, x, input_shape, name):
-        return g.node("Elu", [x], name, alpha=self.alpha)
+        return g.node(self.onnx_op, [x], name, alpha=self.alpha)
 
     def elementwise(self, x, y, d):
         mask = x > 0
@@ -177,10 +183,12 @@ class ELU(Elementwise):
 class Sigmoid(Elementwise):
     """1 / (1 + exp(-x)), computed without overflow."""
 
+    onnx_op = "Sigmoid"
+
     monotone = True
 
     def onnx(self, g, x, input_shape, name):
-        return g.node("Sigmoid", [x], name)
+        return g.node(self.onnx_op, [x], name)
 
     def elementwise(self, x, y, d):
         s = _sigmoid(x)
@@ -190,10 +198,12 @@ class Sigmoid(Elementwise):
 
 @register("tanh", TanhSpec, activation=True)
 class Tanh(Elementwise):
+
+    onnx_op = "Tanh"
     monotone = True
 
     def onnx(self, g, x, input_shape, name):
-        return g.node("Tanh", [x], name)
+        return g.node(self.onnx_op, [x], name)
 
     def elementwise(self, x, y, d):
         t = np.tanh(x)
@@ -205,8 +215,10 @@ class Tanh(Elementwise):
 class Softmax(Layer):
     """Softmax over the feature axis (axis 1). For training, prefer cross_entropy on logits."""
 
+    onnx_op = "Softmax"
+
     def onnx(self, g, x, input_shape, name):
-        return g.node("Softmax", [x], name, axis=1)
+        return g.node(self.onnx_op, [x], name, axis=1)
 
     def forward(self, x, training=True):
         self._y = F.softmax(x, axis=1)
@@ -222,8 +234,10 @@ class LogSoftmax(Layer):
     """log(softmax(x)) over the feature axis (axis 1), computed stably: the output the nll loss takes (PyTorch's
     log_softmax + nll_loss, which together are cross_entropy)."""
 
+    onnx_op = "LogSoftmax"
+
     def onnx(self, g, x, input_shape, name):
-        return g.node("LogSoftmax", [x], name, axis=1)
+        return g.node(self.onnx_op, [x], name, axis=1)
 
     def forward(self, x, training=True):
         y = F.log_softmax(x, axis=1)
@@ -238,6 +252,8 @@ class LogSoftmax(Layer):
 class GELU(Elementwise):
     """x * Phi(x), Phi the standard normal distribution function (Hendrycks and Gimpel 2016): PyTorch's exact
     GELU, not its tanh approximation."""
+
+    onnx_op = "Gelu"
 
     def onnx(self, g, x, input_shape, name):  # opset 17 has no Gelu: x * 0.5 * (1 + erf(x / sqrt 2))
         consts = {k: g.const(f"{name}.{k}", np.array(v, np.float32)) for k, v in
@@ -265,6 +281,8 @@ class CELU(Elementwise):
     """max(0, x) + min(0, alpha * (exp(x / alpha) - 1)) (Barron 2017; PyTorch's CELU): continuously
     differentiable for every alpha."""
 
+    onnx_op = "Celu"
+
     monotone = True
 
     def __init__(self, alpha: float = 1.0):
@@ -272,7 +290,7 @@ class CELU(Elementwise):
         self.alpha = alpha
 
     def onnx(self, g, x, input_shape, name):
-        return g.node("Celu", [x], name, alpha=self.alpha)
+        return g.node(self.onnx_op, [x], name, alpha=self.alpha)
 
     def elementwise(self, x, y, d):
         mask = x > 0
@@ -304,11 +322,14 @@ class SiLUSpec(LayerSpec):
 class ReLU6(Elementwise):
     """min(max(x, 0), 6) (MobileNetV2); the derivative is 1 strictly between 0 and 6, else 0, like PyTorch."""
 
+    onnx_op = "Clip"
+
     derivative_dtype = np.bool_
     monotone = True
 
     def onnx(self, g, x, input_shape, name):
-        return g.node("Clip", [x, g.const(f"{name}.min", np.array(0.0)), g.const(f"{name}.max", np.array(6.0))], name)
+        return g.node(self.onnx_op, [x, g.const(f"{name}.min", np.array(0.0)), g.const(f"{name}.max", np.array(6.0))],
+                      name)
 
     def elementwise(self, x, y, d):
         np.logical_and(x > 0, x < 6, out=d)
@@ -319,10 +340,12 @@ class ReLU6(Elementwise):
 class HardSigmoid(Elementwise):
     """relu6(x + 3) / 6 (MobileNetV3; PyTorch's Hardsigmoid): 0 below -3, 1 above 3, x / 6 + 1/2 between."""
 
+    onnx_op = "HardSigmoid"
+
     monotone = True
 
     def onnx(self, g, x, input_shape, name):
-        return g.node("HardSigmoid", [x], name, alpha=1 / 6, beta=0.5)
+        return g.node(self.onnx_op, [x], name, alpha=1 / 6, beta=0.5)
 
     def elementwise(self, x, y, d):
         np.multiply((x > -3) & (x < 3), x.dtype.type(1 / 6), out=d)
@@ -334,8 +357,10 @@ class HardSwish(Elementwise):
     """x * relu6(x + 3) / 6 (Howard et al. 2019, MobileNetV3): 0 below -3, x above 3; its derivative is
     (2x + 3) / 6 on [-3, 3], as PyTorch takes it."""
 
+    onnx_op = "HardSwish"
+
     def onnx(self, g, x, input_shape, name):
-        return g.node("HardSwish", [x], name)
+        return g.node(self.onnx_op, [x], name)
 
     def elementwise(self, x, y, d):
         d[...] = np.where(x < -3, 0, np.where(x <= 3, x * x.dtype.type(1 / 3) + x.dtype.type(0.5), 1))
@@ -347,7 +372,7 @@ class SiLU(Elementwise):
     """x * sigmoid(x) (Elfwing et al. 2017; swish, EfficientNet's activation); derivative s (1 + x (1 - s))."""
 
     def onnx(self, g, x, input_shape, name):
-        return g.node("Mul", [x, g.node("Sigmoid", [x], f"{name}.sigmoid")], name)
+        return g.node("Mul", [x, g.node(Sigmoid.onnx_op, [x], f"{name}.sigmoid")], name)
 
     def elementwise(self, x, y, d):
         s = _sigmoid(x)

@@ -89,6 +89,9 @@ class Layer:
     capability: ClassVar[str | None] = None  # what the layer is to the execution plan (see `planned_as`)
     join_keeps_inputs: ClassVar[bool] = False  # a join whose join_backward reads the joined arrays
     takes_context: ClassVar[bool] = False  # its forward takes `context=` (a Context from the one running it)
+    # the ONNX operator the layer is: export writes it (an operator of a newer opset than the export's, GELU's and
+    # Mish's, written out in older ones) and import converts it back (nn.ONNX_OPS: the one place its name stands)
+    onnx_op: ClassVar[str | None] = None
     needs_input_grad: bool = True
     frozen: bool = False  # trainable: false: its parameters are not updated (a frozen batchnorm uses its running stats)
     activation: Layer | None = None

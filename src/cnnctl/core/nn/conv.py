@@ -58,6 +58,8 @@ class Conv2D(Layer):
     execution plan runs an ungrouped one by one of the registered convolution algorithms (cnnctl.convolution),
     its bias and element-wise activation fused on the output."""
 
+    onnx_op = "Conv"
+
     capability = "convolution"
     takes_context = True  # for its activation, when the plan runs it as it is (a grouped convolution)
 
@@ -152,7 +154,7 @@ class Conv2D(Layer):
     def onnx(self, g, x, input_shape, name):
         t, b, l, r = self.pads(input_shape[1:])
         inputs = [x, *g.arrays(name, self, ("weight", "bias"))]
-        out = g.node("Conv", inputs, name, kernel_shape=list(self.kernel_size), strides=list(self.stride),
+        out = g.node(self.onnx_op, inputs, name, kernel_shape=list(self.kernel_size), strides=list(self.stride),
                      dilations=list(self.dilation), pads=[t, l, b, r], group=self.groups)
         return self._onnx_activation(g, out, name)
 

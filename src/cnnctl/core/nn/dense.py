@@ -37,6 +37,8 @@ class DenseSpec(LayerSpec):
 class Flatten(Layer):
     """(N, C, H, W) -> (N, C*H*W), in C, H, W order like PyTorch's."""
 
+    onnx_op = "Flatten"
+
     def output_shape(self, input_shape):
         return (math.prod(input_shape),)
 
@@ -44,7 +46,7 @@ class Flatten(Layer):
         return None
 
     def onnx(self, g, x, input_shape, name):
-        return g.node("Flatten", [x], name, axis=1)
+        return g.node(self.onnx_op, [x], name, axis=1)
 
     def forward(self, x, training=True):
         self._shape = x.shape
@@ -57,6 +59,8 @@ class Flatten(Layer):
 @register("dense", DenseSpec)
 class Dense(Layer):
     """y = act(x @ weight.T + bias); (N, in) -> (N, out); weight (out, in), bias (out,)."""
+
+    onnx_op = "Gemm"
 
     def __init__(
         self,
@@ -97,7 +101,7 @@ class Dense(Layer):
 
     def onnx(self, g, x, input_shape, name):
         inputs = [x, *g.arrays(name, self, ("weight", "bias"))]
-        return self._onnx_activation(g, g.node("Gemm", inputs, name, transB=1), name)
+        return self._onnx_activation(g, g.node(self.onnx_op, inputs, name, transB=1), name)
 
     def forward(self, x, training=True):
         self._x = x

@@ -87,6 +87,8 @@ class Residual(Layer):
     """y = act(body(x) + shortcut(x)); the shortcut is the identity when None. A join: the plan runs the branches
     as its own steps, then `join` (value by value, so on slices of channels) with the activation fused."""
 
+    onnx_op = "Add"
+
     capability = "join"
     join_by_values = True  # join(xs, out) is element-wise over its inputs: it may run on slices of channels
     takes_context = True  # passed on to its branches and activation (when not run by a plan's steps)
@@ -150,7 +152,7 @@ class Residual(Layer):
     def onnx(self, g, x, input_shape, name):
         a = self.body.onnx(g, x, input_shape, name + ".body")
         b = self.shortcut.onnx(g, x, input_shape, name + ".shortcut") if self.shortcut is not None else x
-        return self._onnx_activation(g, g.node("Add", [a, b], name + ".add"), name)
+        return self._onnx_activation(g, g.node(self.onnx_op, [a, b], name + ".add"), name)
 
     def __repr__(self):
         sc = repr(self.shortcut) if self.shortcut is not None else "identity"
@@ -195,6 +197,8 @@ def join_channels(outs: list[np.ndarray]) -> np.ndarray:
 class Concat(Layer):
     """Branches on the same input, outputs concatenated on axis 1 (channels, or features). A join: the plan runs
     the branches as its own steps, then `join`."""
+
+    onnx_op = "Concat"
 
     capability = "join"
     join_by_values = False
@@ -252,7 +256,7 @@ class Concat(Layer):
 
     def onnx(self, g, x, input_shape, name):
         outs = [b.onnx(g, x, input_shape, f"{name}.branches.{k}") for k, b in enumerate(self.branches)]
-        return g.node("Concat", outs, name, axis=1)
+        return g.node(self.onnx_op, outs, name, axis=1)
 
     def __repr__(self):
         return f"Concat({', '.join(repr(b) for b in self.branches)})"
@@ -280,6 +284,8 @@ class Gate(Layer):
     """y = x * g(x), g(x) one value per sample and channel broadcast over height and width: squeeze-and-excitation
     gating (MobileNetV3, EfficientNet). Backward: dx = dy * g + g's input gradient of sum_hw(dy * x) (the fork).
     A join of the input itself and the branch's output: the plan runs the branch as its own steps, then `join`."""
+
+    onnx_op = "Mul"
 
     capability = "join"
     join_by_values = False
@@ -338,7 +344,7 @@ class Gate(Layer):
     def onnx(self, g, x, input_shape, name):
         gate = self.branch.onnx(g, x, input_shape, name + ".branch")
         shape = g.ints(f"{name}.shape", [0, -1, 1, 1])
-        return g.node("Mul", [x, g.node("Reshape", [gate, shape], name + ".per_channel")], name)
+        return g.node(self.onnx_op, [x, g.node("Reshape", [gate, shape], name + ".per_channel")], name)
 
     def __repr__(self):
         return f"Gate({self.branch!r})"

@@ -36,6 +36,8 @@ class LayerNorm2DSpec(LayerSpec):
 class LayerNorm2D(Layer):
     """Layer normalisation over the channels at each position (see the module's docstring)."""
 
+    onnx_op = "LayerNormalization"
+
     def __init__(self, channels: int, eps: float = 1e-6, rng=None, dtype=np.float32):
         super().__init__()
         self.channels, self.eps = int(channels), float(eps)
@@ -68,10 +70,10 @@ class LayerNorm2D(Layer):
 
     def onnx(self, g, x, input_shape, name):  # channels last, LayerNormalization over the last axis, and back
         if len(input_shape) == 1:  # (N, C): the channels are the last axis already
-            return g.node("LayerNormalization", [x, *g.arrays(name, self, ("weight", "bias"))], name, axis=-1,
+            return g.node(self.onnx_op, [x, *g.arrays(name, self, ("weight", "bias"))], name, axis=-1,
                           epsilon=self.eps)
         last = g.node("Transpose", [x], f"{name}.to_nhwc", perm=[0, 2, 3, 1])
-        norm = g.node("LayerNormalization", [last, *g.arrays(name, self, ("weight", "bias"))], f"{name}.norm",
+        norm = g.node(self.onnx_op, [last, *g.arrays(name, self, ("weight", "bias"))], f"{name}.norm",
                       axis=-1, epsilon=self.eps)
         return g.node("Transpose", [norm], name, perm=[0, 3, 1, 2])
 

@@ -59,6 +59,8 @@ def window_sum(a: np.ndarray, before: int, after: int) -> np.ndarray:
 class LRN(Layer):
     """Local response normalisation across channels (see the module's docstring)."""
 
+    onnx_op = "LRN"
+
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
         super().__init__()
         self.size, self.alpha, self.beta, self.k = int(size), float(alpha), float(beta), float(k)
@@ -87,7 +89,7 @@ class LRN(Layer):
         return int(np.prod(input_shape)) * (self.size + 3)
 
     def onnx(self, g, x, input_shape, name):
-        return g.node("LRN", [x], name, size=self.size, alpha=self.alpha, beta=self.beta, bias=self.k)
+        return g.node(self.onnx_op, [x], name, size=self.size, alpha=self.alpha, beta=self.beta, bias=self.k)
 
     def __repr__(self):
         return f"LRN(size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k})"

@@ -19,6 +19,8 @@ class Mish(Elementwise):
     """x * tanh(softplus(x)), softplus(x) = log(1 + e^x) computed without overflow; the derivative
     tanh(sp) + x * sigmoid(x) * (1 - tanh(sp)^2) (PyTorch's Mish)."""
 
+    onnx_op = "Mish"
+
     def onnx(self, g, x, input_shape, name):  # opset 17 has no Mish: x * tanh(softplus(x))
         soft = g.node("Softplus", [x], f"{name}.softplus")
         return g.node("Mul", [x, g.node("Tanh", [soft], f"{name}.tanh")], name)

@@ -12,6 +12,7 @@ from cnnctl.errors import ShapeError
 from cnnctl.strict import NonNegInt, PosPair
 
 from .base import Context, Layer, LayerSpec, register
+from .dense import Flatten
 
 
 class _PoolSpec(LayerSpec):
@@ -92,7 +93,7 @@ class _Pool2D(Layer):
     def onnx(self, g, x, input_shape, name):
         ph, pw = self.padding
         extra = {} if isinstance(self, MaxPool2D) else {"count_include_pad": int(self.count_include_pad)}
-        return g.node("MaxPool" if isinstance(self, MaxPool2D) else "AveragePool", [x], name,
+        return g.node(self.onnx_op, [x], name,
                       kernel_shape=list(self.kernel_size), strides=list(self.stride), pads=[ph, pw, ph, pw],
                       ceil_mode=int(self.ceil_mode), **extra)
 
@@ -120,6 +121,8 @@ class MaxPool2D(_Pool2D):
     """Max over each window, a running maximum over the kernel offsets. Forward also records which offset
     won (the first in row-major order on ties, like PyTorch), so backward routes each delta there with one
     comparison per offset instead of re-deriving the winner from the input."""
+
+    onnx_op = "MaxPool"
 
     capability = "window_max"  # a maximum over windows: pool(f(x)) = f(pool(x)) for a non-decreasing f
 
@@ -178,6 +181,8 @@ class AvgPool2D(_Pool2D):
     positions it covers (false). A ceil_mode window's part past the padded input is never counted, as in
     PyTorch."""
 
+    onnx_op = "AveragePool"
+
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False, count_include_pad: bool = True):
         super().__init__(kernel_size, stride, padding, ceil_mode)
         self.count_include_pad = bool(count_include_pad)
@@ -216,6 +221,8 @@ class AvgPool2D(_Pool2D):
 class GlobalAvgPool2D(Layer):
     """Mean over all positions of each map: (N, C, H, W) -> (N, C)."""
 
+    onnx_op = "GlobalAveragePool"
+
     def output_shape(self, input_shape):
         self._expect_rank(input_shape, 3, "global_avgpool2d needs feature maps; put it before flatten/dense")
         return (input_shape[0],)
@@ -224,7 +231,7 @@ class GlobalAvgPool2D(Layer):
         return None
 
     def onnx(self, g, x, input_shape, name):
-        return g.node("Flatten", [g.node("GlobalAveragePool", [x], name + ".gap")], name, axis=1)
+        return g.node(Flatten.onnx_op, [g.node(self.onnx_op, [x], name + ".gap")], name, axis=1)
 
     def forward(self, x, training=True):
         self._hw = x.shape[2:]

@@ -81,6 +81,8 @@ class Dropout(Layer):
     the whole batch and rows lo:hi of it are used, so every process draws the same numbers as one process
     training the whole batch."""
 
+    onnx_op = "Dropout"
+
     takes_context = True
 
     def __init__(self, rate: float = 0.5, rng: np.random.Generator | None = None):
@@ -113,7 +115,7 @@ class Dropout(Layer):
         return dy if self._scale is None else dy * self._scale
 
     def onnx(self, g, x, input_shape, name):
-        return g.node("Identity", [x], name)
+        return g.node(self.onnx_op, [x], name)
 
     def __repr__(self):
         return f"Dropout(rate={self.rate})"
@@ -137,6 +139,8 @@ class _BatchNorm(Layer):
     """y = weight * (x - mean) / sqrt(var + eps) + bias per channel, with PyTorch's conventions:
     batch statistics (biased variance) when training, running statistics otherwise; the running
     variance is updated with the unbiased batch variance, running = (1 - momentum) * running + momentum * batch."""
+
+    onnx_op = "BatchNormalization"
 
     rank = 0  # per-sample rank of the input
     is_norm = True
@@ -301,7 +305,7 @@ class _BatchNorm(Layer):
 
     def onnx(self, g, x, input_shape, name):
         inputs = [x, *g.arrays(name, self, ("weight", "bias", "running_mean", "running_var"))]
-        out = g.node("BatchNormalization", inputs, name, epsilon=self.eps, momentum=1 - self.momentum)
+        out = g.node(self.onnx_op, inputs, name, epsilon=self.eps, momentum=1 - self.momentum)
         return self._onnx_activation(g, out, name)
 
     def __repr__(self):

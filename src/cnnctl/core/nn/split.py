@@ -36,6 +36,8 @@ class SplitSpec(LayerSpec):
 class Split(Layer):
     """Part `take` of the channels cut into `parts` equal parts (see the module's docstring)."""
 
+    onnx_op = "Slice"
+
     def __init__(self, parts: int, take: int):
         super().__init__()
         self.parts, self.take = int(parts), int(take)
@@ -58,7 +60,7 @@ class Split(Layer):
 
     def onnx(self, g, x, input_shape, name):
         part = self._channels(input_shape[0])
-        return g.node("Slice", [x, g.ints(f"{name}.starts", [part.start]), g.ints(f"{name}.ends", [part.stop]),
+        return g.node(self.onnx_op, [x, g.ints(f"{name}.starts", [part.start]), g.ints(f"{name}.ends", [part.stop]),
                                 g.ints(f"{name}.axes", [1])], name)
 
     def __repr__(self):

@@ -6,40 +6,43 @@ from __future__ import annotations
 
 import numpy as np
 
+from cnnctl.core.nn import ONNX_OPS as OP
+from cnnctl.interop.export import NORMALIZATION_OPS
+
 from .graph import BATCH, pair, reshaped
-from .operators import CONVERTERS, converts
+from .operators import ADD, CHANNEL_SHUFFLE, CHANNEL_SPLIT, CONVERTERS, LAYERNORM2D, MUL, converts
 
 # operators that are one cnnctl activation, whatever their attributes
-PLAIN_ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "HardSwish": "hardswish", "Mish": "mish"}
+PLAIN_ACTIVATIONS = {OP[tag]: tag for tag in ("relu", "sigmoid", "tanh", "hardswish", "mish")}
 
 
-@converts("Sub", "Div")
+@converts(*NORMALIZATION_OPS)
 def normalization(imp, node, a, layers) -> None:
     """Sub of a mean, then Div by a std, first of all (as cnnctl export writes them): the data's normalisation."""
     _normalization(imp, node, layers)
 
 
-@converts("Softmax", "LogSoftmax")
+@converts(OP["softmax"], OP["log_softmax"])
 def final_softmax(imp, node, a, layers) -> None:
     """A final Softmax is left to the loss (cross_entropy); a final LogSoftmax stays, for nll."""
     if not imp.last(node) or int(a.get("axis", -1)) not in (1, -1):
         imp.fail(f"{node.op_type} {node.name!r} inside the network: only a final one is imported")
-    imp.final = "softmax" if node.op_type == "Softmax" else "log_softmax"
-    if node.op_type == "LogSoftmax":
+    imp.final = "softmax" if node.op_type == OP["softmax"] else "log_softmax"
+    if node.op_type == OP["log_softmax"]:
         layers.append({"type": "log_softmax"})
 
 
-@converts("Identity", "Dropout")
+@converts("Identity", OP["dropout"])
 def dropout(imp, node, a, layers) -> None:
     ins = node.input
-    if node.op_type == "Dropout" and not imp.last(node):
+    if node.op_type == OP["dropout"] and not imp.last(node):
         ratio = a.get("ratio", imp.scalar(ins[1], "ratio") if len(ins) > 1 and ins[1] else 0.5)
         if not isinstance(ratio, float) or not 0 <= ratio < 1:
             imp.fail(f"{imp.where()}: ratio {ratio}; a dropout rate is one number in [0, 1)")
         layers.append({"type": "dropout", "rate": round(float(ratio), 6)})
 
 
-@converts("Conv")
+@converts(OP["conv2d"])
 def conv(imp, node, a, layers) -> None:
     ins, shape_in = node.input, imp.shape_in(node)
     w = imp.param(ins[1], ndim=4)
@@ -77,7 +80,7 @@ def conv(imp, node, a, layers) -> None:
     imp.weighted(layers, spec, w, ins)
 
 
-@converts("BatchNormalization")
+@converts(OP["batchnorm2d"])
 def batchnorm(imp, node, a, layers) -> None:
     """The inference form (opset 7-9's `spatial` and `is_test` are that form too)."""
     ins, shape_in = node.input, imp.shape_in(node)
@@ -96,7 +99,7 @@ def batchnorm(imp, node, a, layers) -> None:
         imp.fail(f"{imp.where()}: its running variance has negative values", "the file is damaged; export it again")
 
 
-@converts("Gelu")
+@converts(OP["gelu"])
 def gelu(imp, node, a, layers) -> None:
     if a.get("approximate", b"none") not in (b"none", "none"):
         imp.fail(f"Gelu {node.name!r}: the tanh approximation is not imported (cnnctl's gelu is exact)")
@@ -108,7 +111,7 @@ def plain_activation(imp, node, a, layers) -> None:
     imp.activation(layers, PLAIN_ACTIVATIONS[node.op_type])
 
 
-@converts("Clip")
+@converts(OP["relu6"])
 def clip(imp, node, a, layers) -> None:
     ins = node.input
     low, high = (a.get(k) for k in ("min", "max"))
@@ -121,7 +124,7 @@ def clip(imp, node, a, layers) -> None:
     imp.activation(layers, "relu6")
 
 
-@converts("HardSigmoid")
+@converts(OP["hardsigmoid"])
 def hardsigmoid(imp, node, a, layers) -> None:
     if abs(float(a.get("alpha", 0.2)) - 1 / 6) > 1e-6 or abs(float(a.get("beta", 0.5)) - 0.5) > 1e-6:
         imp.fail(f"HardSigmoid {node.name!r} with alpha {a.get('alpha', 0.2)}, beta {a.get('beta', 0.5)}: "
@@ -129,17 +132,17 @@ def hardsigmoid(imp, node, a, layers) -> None:
     imp.activation(layers, "hardsigmoid")
 
 
-@converts("LeakyRelu")
+@converts(OP["leaky_relu"])
 def leaky_relu(imp, node, a, layers) -> None:
     layers.append({"type": "leaky_relu", "negative_slope": float(np.float32(a.get("alpha", 0.01)))})
 
 
-@converts("Elu", "Celu")
+@converts(OP["elu"], OP["celu"])
 def elu(imp, node, a, layers) -> None:
     layers.append({"type": node.op_type.lower(), "alpha": float(np.float32(a.get("alpha", 1.0)))})
 
 
-@converts("ChannelShuffle")
+@converts(CHANNEL_SHUFFLE)
 def channel_shuffle(imp, node, a, layers) -> None:
     """ShuffleNet's Reshape, Transpose, Reshape (rewrite.channel_shuffle makes them this one node)."""
     if node.domain != "cnnctl":
@@ -147,13 +150,13 @@ def channel_shuffle(imp, node, a, layers) -> None:
     layers.append({"type": "channel_shuffle", "groups": int(a["groups"])})
 
 
-@converts("ChannelSplit")
+@converts(CHANNEL_SPLIT)
 def channel_split(imp, node, a, layers) -> None:
     """A part of the channels (rewrite.channel_split: ShuffleNetV2's halves)."""
     layers.append({"type": "split", "parts": int(a["parts"]), "take": int(a["take"])})
 
 
-@converts("Slice")
+@converts(OP["split"])
 def channel_slice(imp, node, a, layers) -> None:
     """A Slice of the channels that is one of equal parts of them (cnnctl export writes `split` so): a split."""
     ins, shape_in = node.input, imp.shape_in(node)
@@ -203,7 +206,7 @@ def _columns_from_hwc(imp, w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(w.shape[0], h, wd, c).transpose(0, 3, 1, 2).reshape(w.shape))
 
 
-@converts("LayerNorm2d")
+@converts(LAYERNORM2D)
 def layernorm2d(imp, node, a, layers) -> None:
     """ConvNeXt's LayerNorm over the channels (rewrite.channels_layernorm makes the Transposes and the
     LayerNormalization between them this one node)."""
@@ -218,7 +221,7 @@ def layernorm2d(imp, node, a, layers) -> None:
     imp.add_layer(layers, {"type": "layernorm2d", "eps": eps}, {"weight": weight, "bias": bias})
 
 
-@converts("LRN")
+@converts(OP["lrn"])
 def lrn(imp, node, a, layers) -> None:
     """Local response normalisation across channels (AlexNet, GoogLeNet): ONNX's window, size channels."""
     size = a["size"]  # a required attribute (read.py)
@@ -230,7 +233,7 @@ def lrn(imp, node, a, layers) -> None:
     layers.append({"type": "lrn", "size": int(size), **{k: float(str(np.float32(v))) for k, v in values.items()}})
 
 
-@converts("Flatten")
+@converts(OP["flatten"])
 def flatten(imp, node, a, layers) -> None:
     if int(a.get("axis", 1)) != 1:
         imp.fail(f"Flatten {node.name!r} with axis {a.get('axis')}: only axis 1 is an image classifier's")
@@ -262,7 +265,7 @@ def reshape(imp, node, a, layers) -> None:
     imp.flat_for_dense(layers)
 
 
-@converts("Gemm")
+@converts(OP["dense"])
 def gemm(imp, node, a, layers) -> None:
     ins, shape_in = node.input, imp.shape_in(node)
     if float(a.get("alpha", 1.0)) != 1.0 or float(a.get("beta", 1.0)) != 1.0 or int(a.get("transA", 0)):
@@ -304,7 +307,7 @@ def _channel_values(imp, name: str, role: str) -> np.ndarray:
              f"its input {list(shape_in) if shape_in else '?'}", "cnnctl imports per-channel products and sums")
 
 
-@converts("Mul")
+@converts(MUL)
 def constant_mul(imp, node, a, layers) -> None:
     """A product with a per-channel constant (one data input: products of branches are the walk's joins):
     a `scale` layer, whose bias an Add right after it gives (a batchnorm before it takes both, rewrite.py)."""
@@ -332,7 +335,7 @@ def constant_add(imp, node, a, layers) -> None:
     imp.add_layer(layers, {"type": "scale"}, {"weight": np.ones_like(bias), "bias": bias})
 
 
-CONVERTERS["Add"] = constant_add  # Add also joins branches: JOINS
+CONVERTERS[ADD] = constant_add  # Add also joins branches: JOINS
 
 
 # ---------------------------------------------------------------- the converters' helpers
@@ -341,14 +344,14 @@ CONVERTERS["Add"] = constant_add  # Add also joins branches: JOINS
 def _normalization(imp, node, layers) -> None:
     """Sub(input, mean) then Div(., std), first of all (as cnnctl export writes them): the normalisation."""
     const = [i for i in node.input if i in imp.const]
-    first = imp.data_inputs(node) == [imp.input] if node.op_type == "Sub" else \
+    first = imp.data_inputs(node) == [imp.input] if node.op_type == NORMALIZATION_OPS[0] else \
         imp.normalization is not None and "std" not in imp.normalization and not layers
     if layers or not const or node.input[0] in imp.const or not first:
         imp.fail(f"{node.op_type} {node.name!r}: only a normalisation at the input (Sub of a mean, then Div "
                   "by a std) is imported")
     value = _per_channel_values(imp, node, np.asarray(imp.const[const[0]], np.float64))
     imp.used.add(const[0])
-    if node.op_type == "Sub":
+    if node.op_type == NORMALIZATION_OPS[0]:
         imp.normalization = {"mean": value}
     else:
         imp.normalization["std"] = value
@@ -371,9 +374,9 @@ def _per_channel_values(imp, node, value: np.ndarray) -> list[float]:
     if value.shape[0] not in (1, c) or value.shape[1] not in (1, h) or value.shape[2] not in (1, w):
         imp.fail(f"{imp.where()}: its constant of shape {list(value.shape)} does not fit the input "
                   f"{[c, h, w]}")
-    if not np.isfinite(value).all() or (node.op_type == "Div" and (value <= 0).any()):
+    if not np.isfinite(value).all() or (node.op_type == NORMALIZATION_OPS[1] and (value <= 0).any()):
         imp.fail(f"{imp.where()}: its constant holds values that are not finite"
-                  + (" or not positive" if node.op_type == "Div" else ""))
+                  + (" or not positive" if node.op_type == NORMALIZATION_OPS[1] else ""))
     if (value != value[:, :1, :1]).any():
         imp.fail(f"{imp.where()}: its constant varies per pixel (shape {list(value.shape)}); cnnctl "
                   "normalises per channel and cannot take a per-pixel mean or std",

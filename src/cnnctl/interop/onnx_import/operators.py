@@ -7,8 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from cnnctl.core.nn import ONNX_OPS
+
 CONVERTERS: dict[str, Callable] = {}
-JOINS = {"Add", "Concat", "Mul", "Sum"}  # nodes that may join branches (walk.py); a constant operand is a converter's
+ADD, CONCAT, MUL = ONNX_OPS["residual"], ONNX_OPS["concat"], ONNX_OPS["gate"]  # the containers' joins
+# nodes that may join branches (walk.py); a constant operand is a converter's
+JOINS = {ADD, CONCAT, MUL, "Sum"}
+# operators of cnnctl's own domain that rewrite passes make from several nodes, for a converter each
+LAYERNORM2D, CHANNEL_SHUFFLE, CHANNEL_SPLIT = "LayerNorm2d", "ChannelShuffle", "ChannelSplit"
 # what a user meets most often among the rest, and what it would take
 LATER = {"Erf": "outside GELU's x * (1 + erf(x / sqrt 2)) / 2", "Softplus": "outside Mish's x * tanh(softplus(x))"}
 

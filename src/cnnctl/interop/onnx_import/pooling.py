@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from cnnctl.core.nn import ONNX_OPS as OP
+
 from .graph import pair
 from .operators import converts
 
 
-@converts("MaxPool", "AveragePool")
+@converts(OP["maxpool2d"], OP["avgpool2d"])
 def pool(imp, node, a, layers) -> None:
     _pool(imp, node, a, layers)
 
 
-@converts("GlobalAveragePool", "ReduceMean")
+@converts(OP["global_avgpool2d"], "ReduceMean")
 def global_pool(imp, node, a, layers) -> None:
     if node.op_type == "ReduceMean":
         _reduces_hw(imp, node, a)
@@ -40,7 +42,7 @@ def _pool(imp, node, a, layers) -> None:
     k = imp.ints(a, "kernel_shape", 2, None)
     s = imp.ints(a, "strides", 2, [1, 1])
     pads = imp.pending_pads(imp.ints(a, "pads", 4, [0, 0, 0, 0]))
-    if node.op_type == "AveragePool" and not int(a.get("count_include_pad", 0)) and shape_in is not None and all(
+    if node.op_type == OP["avgpool2d"] and not int(a.get("count_include_pad", 0)) and shape_in is not None and all(
             kk - lo >= size and (size + lo + hi - kk) // ss + 1 == 1
             for size, kk, ss, lo, hi in zip(shape_in[2:], k, s, pads[:2], pads[2:])):
         # one window over all of a smaller input, its padding left out of the mean (GoogLeNet's last pooling, as
@@ -57,7 +59,7 @@ def _pool(imp, node, a, layers) -> None:
         imp.fail(f"{node.op_type} {node.name!r}: dilated pooling is not imported")
     if any(2 * p > kk for p, kk in zip(pads[:2], k)):
         imp.fail(f"{node.op_type} {node.name!r}: padding {pads[:2]} is more than half the kernel {k}")
-    spec = {"type": "maxpool2d" if node.op_type == "MaxPool" else "avgpool2d", "kernel_size": pair(k)}
+    spec = {"type": "maxpool2d" if node.op_type == OP["maxpool2d"] else "avgpool2d", "kernel_size": pair(k)}
     if s != k:
         spec["stride"] = pair(s)
     if pads[0] or pads[1]:
@@ -65,7 +67,7 @@ def _pool(imp, node, a, layers) -> None:
     if (emulated or int(a.get("ceil_mode", 0))) and shape_in is not None and any(
             (size + 2 * p - kk) % ss for size, kk, ss, p in zip(shape_in[2:], k, s, pads[:2])):
         spec["ceil_mode"] = True  # only where it changes the size: the config stays as plain as it can
-    if node.op_type == "AveragePool" and any(pads[:2]) and not int(a.get("count_include_pad", 0)):
+    if node.op_type == OP["avgpool2d"] and any(pads[:2]) and not int(a.get("count_include_pad", 0)):
         spec["count_include_pad"] = False  # ONNX's default, where padding makes it matter
     layers.append(spec)
 
@@ -74,7 +76,7 @@ def _ceil_by_padding(node, a, shape_in, k, s, pads) -> bool:
     padded alike on each side, gives in ceil mode: Caffe's pooling rounds up, and converters from Caffe write that
     as extra padding. For averages only where padding is left out of the mean (ONNX's default), as ceil mode's
     windows past the edge are."""
-    if shape_in is None or int(a.get("ceil_mode", 0)) or (node.op_type == "AveragePool" and
+    if shape_in is None or int(a.get("ceil_mode", 0)) or (node.op_type == OP["avgpool2d"] and
                                                           int(a.get("count_include_pad", 0))):
         return False
     for size, kk, ss, lo, hi in zip(shape_in[2:], k, s, pads[:2], pads[2:]):
@@ -100,5 +102,5 @@ def _pad(imp, node, a, layers) -> None:
         imp.fail(f"Pad {node.name!r}: only zero padding of height and width is imported")
     imp.pending = [pads[2], pads[3], pads[6], pads[7]]  # top, left, bottom, right
     consumers = imp.consumers.get(node.output[0], [])
-    if len(consumers) != 1 or consumers[0].op_type not in ("Conv", "MaxPool", "AveragePool"):
+    if len(consumers) != 1 or consumers[0].op_type not in (OP["conv2d"], OP["maxpool2d"], OP["avgpool2d"]):
         imp.fail(f"Pad {node.name!r}: only a Pad before a Conv or pooling is imported (it becomes its padding)")

@@ -7,7 +7,10 @@ import collections
 
 import numpy as np
 
+from cnnctl.core.nn import ONNX_OPS as OP
+
 from .graph import reshaped
+from .operators import ADD, CHANNEL_SHUFFLE, CHANNEL_SPLIT, CONCAT, LAYERNORM2D, MUL
 
 
 def fuse_activations(g) -> None:
@@ -22,34 +25,34 @@ def fuse_activations(g) -> None:
     for soft in [n for n in g.nodes if n.op_type == "Softplus"]:  # x * tanh(softplus(x)): opset 18's Mish
         tanh = only_user(soft.output[0])
         mul = tanh and only_user(tanh.output[0])
-        if tanh is None or tanh.op_type != "Tanh" or mul is None or mul.op_type != "Mul" or \
+        if tanh is None or tanh.op_type != OP["tanh"] or mul is None or mul.op_type != MUL or \
                 sorted(mul.input) != sorted([soft.input[0], tanh.output[0]]):
             continue
-        replace(g, [soft, tanh, mul], "Mish", soft.input[0], mul.output[0])
+        replace(g, [soft, tanh, mul], OP["mish"], soft.input[0], mul.output[0])
     for erf in [n for n in g.nodes if n.op_type == "Erf"]:
         div = producer.get(erf.input[0])
         x = None
         if div is not None and div.op_type == "Div" and div.input[1] in g.const:
             x = div.input[0] if abs(float(np.ravel(g.const[div.input[1]])[0]) - 2 ** 0.5) < 1e-4 else None
-        elif div is not None and div.op_type == "Mul":
+        elif div is not None and div.op_type == MUL:
             x = _operand(g, div, 2 ** -0.5)
         add = only_user(erf.output[0])
-        if x is None or add is None or add.op_type != "Add" or _operand(g, add, 1.0) != erf.output[0]:
+        if x is None or add is None or add.op_type != ADD or _operand(g, add, 1.0) != erf.output[0]:
             continue
         m1 = only_user(add.output[0])
-        if m1 is None or m1.op_type != "Mul":
+        if m1 is None or m1.op_type != MUL:
             continue
         if _operand(g, m1, 0.5) == add.output[0]:  # (1 + erf) / 2, then x * that
             m2 = only_user(m1.output[0])
-            if m2 is None or m2.op_type != "Mul" or sorted(m2.input) != sorted([x, m1.output[0]]):
+            if m2 is None or m2.op_type != MUL or sorted(m2.input) != sorted([x, m1.output[0]]):
                 continue
         elif sorted(m1.input) == sorted([x, add.output[0]]):  # x * (1 + erf), then / 2
             m2 = only_user(m1.output[0])
-            if m2 is None or m2.op_type != "Mul" or _operand(g, m2, 0.5) != m1.output[0]:
+            if m2 is None or m2.op_type != MUL or _operand(g, m2, 0.5) != m1.output[0]:
                 continue
         else:
             continue
-        replace(g, [div, erf, add, m1, m2], "Gelu", x, m2.output[0])
+        replace(g, [div, erf, add, m1, m2], OP["gelu"], x, m2.output[0])
 
 def replace(g, nodes: list, op: str, x: str, out: str, **attrs) -> None:
     """One `op` node from tensor x to `out` in place of `nodes` (an activation written out in several)."""
@@ -62,12 +65,12 @@ def sum_to_add(g) -> None:
     for node in [n for n in g.nodes if n.op_type == "Sum"]:
         ins = [i for i in node.input if i]
         if len(ins) <= 2:
-            node.op_type = "Identity" if len(ins) == 1 else "Add"
+            node.op_type = "Identity" if len(ins) == 1 else ADD
             continue
         chain, last = [], ins[0]
         for k, x in enumerate(ins[1:]):
             out = node.output[0] if k == len(ins) - 2 else f"{node.output[0]}/sum{k}"
-            chain.append(g.onnx.helper.make_node("Add", [last, x], [out], name=f"{node.name}/sum{k}"))
+            chain.append(g.onnx.helper.make_node(ADD, [last, x], [out], name=f"{node.name}/sum{k}"))
             last = out
         at = next(k for k, n in enumerate(g.nodes) if n is node)
         g.nodes[at:at + 1] = chain
@@ -76,7 +79,7 @@ def sum_to_add(g) -> None:
 def one_input_concat(g) -> None:
     """A Concat of one tensor (torch's DenseNet concatenates a one-element list first) is that tensor."""
     for node in g.nodes:
-        if node.op_type == "Concat" and len([i for i in node.input if i]) == 1:
+        if node.op_type == CONCAT and len([i for i in node.input if i]) == 1:
             node.op_type = "Identity"
             del node.attribute[:]
 
@@ -99,7 +102,7 @@ def affine_into_batchnorm(g) -> None:
     before this pass), folded into the batchnorm's scale and bias: s * (gamma x^ + beta) + t. The Mul and the Add
     become Identity nodes."""
     producer, users = _graph_maps(g)
-    for node in [n for n in g.nodes if n.op_type in ("Mul", "Add")]:
+    for node in [n for n in g.nodes if n.op_type in (MUL, ADD)]:
         data = [i for i in node.input if i not in g.const]
         const = [i for i in node.input if i in g.const]
         if len(data) != 1 or len(const) != 1:
@@ -107,7 +110,7 @@ def affine_into_batchnorm(g) -> None:
         source = producer.get(data[0])
         while source is not None and source.op_type == "Identity" and len(users[source.output[0]]) == 1:
             source = producer.get(source.input[0])  # an earlier Mul folded already
-        if source is None or source.op_type != "BatchNormalization" or len(users[data[0]]) != 1 or \
+        if source is None or source.op_type != OP["batchnorm2d"] or len(users[data[0]]) != 1 or \
                 not all(i in g.const for i in source.input[1:3]):
             continue
         gamma, beta = (np.asarray(g.const[i], np.float64) for i in source.input[1:3])
@@ -115,7 +118,7 @@ def affine_into_batchnorm(g) -> None:
         v = _per_channel(c, gamma.size)
         if v is None:
             continue
-        if node.op_type == "Mul":
+        if node.op_type == MUL:
             gamma, beta = gamma * v, beta * v
         else:
             beta = beta + v
@@ -152,7 +155,7 @@ def channel_shuffle(g) -> None:
         if len(grid) != 5 or grid[0] != n or grid[1] * grid[2] != c or tuple(grid[3:]) != (h, w) or \
                 tuple(back) != tuple(shape):
             continue
-        node = g.onnx.helper.make_node("ChannelShuffle", [first.input[0]], [last.output[0]], domain="cnnctl",
+        node = g.onnx.helper.make_node(CHANNEL_SHUFFLE, [first.input[0]], [last.output[0]], domain="cnnctl",
                                        name=t.name or last.name, groups=int(grid[1]))
         replace_nodes(g, [first, t, last], node)
 
@@ -165,7 +168,7 @@ def concat_chains(g) -> None:
         return next((a.i for a in n.attribute if a.name == "axis"), None)
 
     seen: list[tuple[tuple, str]] = []  # the original inputs of each channel Concat, and its output
-    for node in [n for n in g.nodes if n.op_type == "Concat" and axis(n) in (1, -3)]:
+    for node in [n for n in g.nodes if n.op_type == CONCAT and axis(n) in (1, -3)]:
         ins = tuple(i for i in node.input if i)
         prefix = max(((p, out) for p, out in seen if 1 < len(p) < len(ins) and ins[:len(p)] == p),
                      key=lambda po: len(po[0]), default=None)
@@ -193,7 +196,7 @@ def channel_split(g) -> None:
             sizes = list(a["split"]) if "split" in a else [None] * parts
         if sizes is None or len(sizes) != parts or len(set(sizes)) != 1:
             continue  # unequal parts: not a split layer (the converter check names the Split)
-        nodes = [g.onnx.helper.make_node("ChannelSplit", [node.input[0]], [out], domain="cnnctl",
+        nodes = [g.onnx.helper.make_node(CHANNEL_SPLIT, [node.input[0]], [out], domain="cnnctl",
                                          name=f"{node.name or out}/{k}", parts=parts, take=k)
                  for k, out in enumerate(node.output)]
         at = next(k for k, n in enumerate(g.nodes) if n is node)
@@ -212,7 +215,7 @@ def channels_layernorm(g) -> None:
     """Transpose to channels last, LayerNormalization over the last axis, Transpose back (ConvNeXt's LayerNorm as
     torch exports it): one `layernorm2d` node (domain cnnctl) with the scale and bias."""
     producer, users = _graph_maps(g)
-    for ln in [n for n in g.nodes if n.op_type == "LayerNormalization"]:
+    for ln in [n for n in g.nodes if n.op_type == OP["layernorm2d"]]:
         before, after = producer.get(ln.input[0]), users.get(ln.output[0], [])
         axis = next((a.i for a in ln.attribute if a.name == "axis"), -1)
         perms = [[list(a.ints) for a in n.attribute if a.name == "perm"] for n in (before, *after[:1]) if n]
@@ -221,14 +224,14 @@ def channels_layernorm(g) -> None:
                 or len(ln.output) > 1 and any(ln.output[1:]):
             continue
         eps = next((a.f for a in ln.attribute if a.name == "epsilon"), 1e-5)
-        node = g.onnx.helper.make_node("LayerNorm2d", [before.input[0], *ln.input[1:3]], [after[0].output[0]],
+        node = g.onnx.helper.make_node(LAYERNORM2D, [before.input[0], *ln.input[1:3]], [after[0].output[0]],
                                        domain="cnnctl", name=ln.name or after[0].name, epsilon=eps)
         replace_nodes(g, [before, ln, after[0]], node)
 
 
 # single-input element-wise operators that a channels-last chain may hold as they are
-ELEMENTWISE = {"Gelu", "Relu", "Sigmoid", "Tanh", "Identity", "Mish", "HardSwish", "HardSigmoid", "Elu", "Celu",
-               "LeakyRelu"}
+ELEMENTWISE = {"Identity", *(OP[tag] for tag in ("gelu", "relu", "sigmoid", "tanh", "mish", "hardswish", "hardsigmoid",
+                                                  "elu", "celu", "leaky_relu"))}
 
 
 def _perm(node) -> list[int] | None:
@@ -250,12 +253,12 @@ def _vector(g, node, t: str) -> tuple[str, np.ndarray] | None:
 
 def _channels_last_link(g, n, t: str) -> bool:
     """Whether node n, taking t, computes along the last axis of a channels-last tensor alone."""
-    if n.op_type == "LayerNormalization":
+    if n.op_type == OP["layernorm2d"]:
         axis = next((a.i for a in n.attribute if a.name == "axis"), -1)
         return n.input[0] == t and axis in (-1, 3) and not any(n.output[1:])
     if n.op_type == "MatMul":
         return n.input[0] == t and n.input[1] in g.const and np.ndim(g.const[n.input[1]]) == 2
-    if n.op_type in ("Add", "Mul"):
+    if n.op_type in (ADD, MUL):
         return _vector(g, n, t) is not None
     return n.op_type in ELEMENTWISE and n.input[0] == t and all(i in g.const for i in n.input[1:] if i)
 
@@ -290,9 +293,9 @@ def _to_channels_first(g, first, chain: list, last) -> None:
         if id(node) in skip:
             continue
         out = last.output[0] if node is chain[-1] else node.output[0]
-        if node.op_type == "LayerNormalization":
+        if node.op_type == OP["layernorm2d"]:
             eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-            made.append(helper.make_node("LayerNorm2d", [t, *node.input[1:3]], [out], domain="cnnctl",
+            made.append(helper.make_node(LAYERNORM2D, [t, *node.input[1:3]], [out], domain="cnnctl",
                                          name=node.name, epsilon=eps))
         elif node.op_type == "MatMul":
             w = np.asarray(g.const[node.input[1]])
@@ -300,13 +303,13 @@ def _to_channels_first(g, first, chain: list, last) -> None:
             g.const[name] = np.ascontiguousarray(w.T.reshape(w.shape[1], w.shape[0], 1, 1))
             ins = [t, name]
             after = chain[k + 1] if k + 1 < len(chain) else None
-            if after is not None and after.op_type == "Add" and _vector(g, after, node.output[0]) is not None and \
+            if after is not None and after.op_type == ADD and _vector(g, after, node.output[0]) is not None and \
                     _vector(g, after, node.output[0])[1].shape == (w.shape[1],):
                 ins.append(_vector(g, after, node.output[0])[0])  # the linear layer's bias
                 skip.add(id(after))
                 out = last.output[0] if after is chain[-1] else after.output[0]
-            made.append(helper.make_node("Conv", ins, [out], name=node.name, kernel_shape=[1, 1]))
-        elif node.op_type in ("Add", "Mul"):
+            made.append(helper.make_node(OP["conv2d"], ins, [out], name=node.name, kernel_shape=[1, 1]))
+        elif node.op_type in (ADD, MUL):
             const, v = _vector(g, node, next(i for i in node.input if i not in g.const))
             name = f"{const}/chw"
             g.const[name] = np.ascontiguousarray(v.reshape(-1, 1, 1) if v.ndim else v)
@@ -353,7 +356,7 @@ def _divided_by_six(g, node) -> str | None:
     if node.op_type == "Div" and node.input[1] in g.const and np.size(g.const[node.input[1]]) == 1 and \
             abs(float(np.ravel(g.const[node.input[1]])[0]) - 6) < 1e-4:
         return node.input[0]
-    return _operand(g, node, 1 / 6) if node.op_type == "Mul" else None
+    return _operand(g, node, 1 / 6) if node.op_type == MUL else None
 
 
 def _clip_bounds(g, node) -> tuple:
@@ -373,30 +376,30 @@ def hard_activations(g) -> None:
     def only_user(t):
         return users[t][0] if len(users[t]) == 1 else None
 
-    for clip in [n for n in g.nodes if n.op_type == "Clip"]:
+    for clip in [n for n in g.nodes if n.op_type == OP["relu6"]]:
         add = producer.get(clip.input[0])
-        x = _operand(g, add, 3.0) if add is not None and add.op_type == "Add" else None
+        x = _operand(g, add, 3.0) if add is not None and add.op_type == ADD else None
         if x is None or _clip_bounds(g, clip) != (0.0, 6.0) or only_user(add.output[0]) is not clip:
             continue
         after = only_user(clip.output[0])
         if _divided_by_six(g, after) == clip.output[0]:  # hardsigmoid, then perhaps x times it
             mul = only_user(after.output[0])
-            if mul is not None and mul.op_type == "Mul" and sorted(mul.input) == sorted([x, after.output[0]]):
-                replace(g, [add, clip, after, mul], "HardSwish", x, mul.output[0])
+            if mul is not None and mul.op_type == MUL and sorted(mul.input) == sorted([x, after.output[0]]):
+                replace(g, [add, clip, after, mul], OP["hardswish"], x, mul.output[0])
             else:
-                replace(g, [add, clip, after], "HardSigmoid", x, after.output[0], alpha=1 / 6, beta=0.5)
-        elif after is not None and after.op_type == "Mul" and sorted(after.input) == sorted([x, clip.output[0]]):
+                replace(g, [add, clip, after], OP["hardsigmoid"], x, after.output[0], alpha=1 / 6, beta=0.5)
+        elif after is not None and after.op_type == MUL and sorted(after.input) == sorted([x, clip.output[0]]):
             div = only_user(after.output[0])
             if _divided_by_six(g, div) == after.output[0]:
-                replace(g, [add, clip, after, div], "HardSwish", x, div.output[0])
+                replace(g, [add, clip, after, div], OP["hardswish"], x, div.output[0])
     producer, users = _graph_maps(g)
-    for hs in [n for n in g.nodes if n.op_type == "HardSigmoid"]:
+    for hs in [n for n in g.nodes if n.op_type == OP["hardsigmoid"]]:
         alpha = next((a.f for a in hs.attribute if a.name == "alpha"), 0.2)
         beta = next((a.f for a in hs.attribute if a.name == "beta"), 0.5)
         mul = users[hs.output[0]][0] if len(users[hs.output[0]]) == 1 else None
-        if abs(alpha - 1 / 6) < 1e-6 and abs(beta - 0.5) < 1e-6 and mul is not None and mul.op_type == "Mul" and \
+        if abs(alpha - 1 / 6) < 1e-6 and abs(beta - 0.5) < 1e-6 and mul is not None and mul.op_type == MUL and \
                 sorted(mul.input) == sorted([hs.input[0], hs.output[0]]):
-            replace(g, [hs, mul], "HardSwish", hs.input[0], mul.output[0])
+            replace(g, [hs, mul], OP["hardswish"], hs.input[0], mul.output[0])
 
 
 # in this order, before the walk

@@ -13,7 +13,7 @@ import numpy as np
 from . import convert, pooling  # noqa: F401  the converters register themselves
 from .converting import Converting
 from .graph import attrs, layer_types
-from .operators import CONVERTERS, JOINS, LATER
+from .operators import ADD, CONCAT, CONVERTERS, JOINS, LATER, MUL
 from .rewrite import PASSES
 
 MAX_FOLD_ROUNDS = 64  # shape inference again with what folded: torch's x.chunk needs a round for each unit
@@ -180,17 +180,17 @@ class _Importer(Converting):
         if sorted(ends) != sorted(inputs):
             self.fail(f"node {join.name!r} ({join.op_type}) joins tensors from outside the branches of {t!r}")
         by_input = [branches[ends.index(i)] for i in inputs]
-        if join.op_type == "Add" and len(by_input) == 2:
+        if join.op_type == ADD and len(by_input) == 2:
             a, b = by_input
             body, shortcut = (a, b) if len(a) >= len(b) else (b, a)  # the longer branch is the body
             layers.append({"type": "residual", "body": body, "shortcut": shortcut or "identity"})
-        elif join.op_type == "Mul" and sorted(map(layer_types, by_input)) == [[], ["sigmoid"]]:  # x * sigmoid(x)
+        elif join.op_type == MUL and sorted(map(layer_types, by_input)) == [[], ["sigmoid"]]:  # x * sigmoid(x)
             self.flat = flat
             self.activation(layers, "silu")
-        elif join.op_type == "Mul" and len(by_input) == 2 and [] in by_input and not flat \
+        elif join.op_type == MUL and len(by_input) == 2 and [] in by_input and not flat \
                 and all(f for f, b in zip(flats, branches) if b):
             layers.append({"type": "gate", "branch": by_input[0] or by_input[1]})  # x * g(x), g per channel
-        elif join.op_type == "Concat" and int(attrs(join).get("axis", 1)) in (1, -3) and not self.flat:
+        elif join.op_type == CONCAT and int(attrs(join).get("axis", 1)) in (1, -3) and not self.flat:
             layers.append({"type": "concat", "branches": by_input})
         else:
             self.fail(f"node {join.name!r} joins {len(inputs)} branches with {join.op_type}, which cnnctl cannot "

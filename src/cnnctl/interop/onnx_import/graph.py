@@ -1,6 +1,8 @@
 """The graph as read (read.py checked the file): constants from the initializers and Constant nodes, every
-node whose inputs are all constants folded into one (shape chains, a flatten's target, the model zoo's
-ConstantOfShape weights), and every tensor's shape, the batch being a marker value."""
+node whose inputs are all constants folded into one by onnx's own reference evaluator at the file's opset (shape
+chains, a flatten's target, torch's chunk bounds; ConstantOfShape and Range here, their size checked before they
+are made: the model zoo's weights), and every tensor's shape by onnx's shape inference, run again while folding
+fixes more, the batch being a marker value."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from .read import ModelError, check_generated, onnx_modules, opset_of
 
 BATCH = 7919  # the batch size the shapes are computed with: a prime no real dimension is likely to equal
 FOLDED_OPS = {"Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast", "Concat", "Reshape", "Identity",
-              "Mul", "Add", "Sub", "Div", "Slice", "ConstantOfShape", "Range", "ReduceProd"}
+              "Mul", "Add", "Sub", "Div", "Slice", "ConstantOfShape", "Range", "ReduceProd", "Equal", "Where", "Not",
+              "Less", "Greater", "Max", "Min", "Floor", "Ceil", "Sqrt", "Neg", "Abs"}
 
 
 class ImportError_(CnnctlError):
@@ -193,51 +196,25 @@ class Graph:
                 self.const[node.output[0]] = s[a.get("start", 0): a.get("end", len(s))]
                 continue
             inputs = [i for i in node.input if i]
-            if op not in FOLDED_OPS or not inputs or not all(i in self.const for i in inputs):
+            if op not in FOLDED_OPS or not inputs or not all(i in self.const for i in inputs) or \
+                    node.output[0] in self.const:  # folded in an earlier round
                 continue
             try:
                 value = self._evaluate(node, [self.const[i] for i in inputs])
-            except CnnctlError:
+            except (CnnctlError, MemoryError):
                 raise
-            except (ValueError, IndexError, TypeError, KeyError, OverflowError, ZeroDivisionError) as e:
+            except Exception as e:  # the reference evaluator's own errors for operands that do not fit
                 self.fail(f"node {node.name or node.output[0]!r} ({op}) folds constants that do not fit together "
                           f"({type(e).__name__}: {e})", "the file is damaged; export it again")
             if value is not None:
                 self.const[node.output[0]] = value
 
     def _evaluate(self, node, xs: list[np.ndarray]):
+        """A node of constants evaluated by onnx's own reference evaluator at the file's opset; ConstantOfShape and
+        Range here, since their size (from a few numbers) is checked before anything is allocated."""
         op, a = node.op_type, attrs(node)
-        if op == "Gather":
-            return np.take(xs[0], xs[1], axis=a.get("axis", 0))
-        if op in ("Unsqueeze", "Squeeze"):
-            axes = a.get("axes", xs[1].tolist() if len(xs) > 1 else None)
-            if op == "Squeeze":
-                return np.squeeze(xs[0], axis=None if axes is None else tuple(axes))
-            out = xs[0]
-            for ax in sorted(int(x) % (out.ndim + len(axes)) for x in axes):
-                out = np.expand_dims(out, ax)
-            return out
-        if op == "Concat":
-            return np.concatenate([np.atleast_1d(x) for x in xs], axis=a.get("axis", 0))
-        if op == "Cast":
-            return xs[0].astype(self.onnx.helper.tensor_dtype_to_np_dtype(a["to"]))
-        if op == "Identity":
-            return xs[0]
-        if op == "Reshape":
-            return xs[0].reshape([int(d) if d != 0 else xs[0].shape[i] for i, d in enumerate(xs[1])])
-        if op in ("Mul", "Add", "Sub", "Div"):
-            f = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide}[op]
-            out = f(xs[0], xs[1])
-            if op == "Div" and xs[0].dtype.kind in "iu":  # ONNX's integer division truncates
-                out = np.trunc(out)
-            return out.astype(xs[0].dtype)
-        if op == "Slice" and len(xs) >= 3:
-            axes = xs[3].tolist() if len(xs) > 3 else list(range(len(xs[1])))
-            steps = xs[4].tolist() if len(xs) > 4 else [1] * len(axes)
-            index = [slice(None)] * xs[0].ndim
-            for s, e, ax, st in zip(xs[1].tolist(), xs[2].tolist(), axes, steps):
-                index[ax] = slice(s, e, st)
-            return xs[0][tuple(index)]
+        if op not in ("ConstantOfShape", "Range"):
+            return self._reference(node, xs)
         if op == "ConstantOfShape":
             value = a.get("value")
             fill = self._array(value, f"the value of node {node.name!r}") if value is not None else \
@@ -248,15 +225,27 @@ class Graph:
                           f"value is not one number", "the file is damaged; export it again")
             self._room(node, int(np.prod(dims, dtype=object)) * fill.itemsize)
             return np.full(dims, fill.ravel()[0], fill.dtype)
-        if op == "Range":
-            start, limit, delta = (np.ravel(x)[0] for x in xs)
-            if delta == 0:
-                self.fail(f"node {node.name!r} (Range): a step of 0", "the file is damaged; export it again")
-            self._room(node, max(0, int(np.ceil((float(limit) - float(start)) / float(delta)))) * 8)
-            return np.arange(start, limit, delta, dtype=np.result_type(xs[0]))
-        if op == "ReduceProd":
-            return np.prod(xs[0], keepdims=bool(a.get("keepdims", 1)))
-        return None
+        start, limit, delta = (np.ravel(x)[0] for x in xs)
+        if delta == 0:
+            self.fail(f"node {node.name!r} (Range): a step of 0", "the file is damaged; export it again")
+        self._room(node, max(0, int(np.ceil((float(limit) - float(start)) / float(delta)))) * 8)
+        return np.arange(start, limit, delta, dtype=np.result_type(xs[0]))
+
+    def _reference(self, node, xs: list[np.ndarray]) -> np.ndarray:
+        from onnx.reference import ReferenceEvaluator
+
+        helper = self.onnx.helper
+        try:  # what a broadcast of the operands would make, checked before it is made
+            size = int(np.prod(np.broadcast_shapes(*(np.shape(x) for x in xs)), dtype=object))
+        except ValueError:
+            size = sum(int(np.size(x)) for x in xs)
+        self._room(node, size * max(np.asarray(x).itemsize for x in xs))
+        names = [i for i in node.input if i]
+        inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.asarray(x).dtype),
+                                                list(np.shape(x))) for n, x in zip(names, xs)]
+        graph = helper.make_graph([node], "fold", inputs, [helper.make_tensor_value_info(node.output[0], 0, None)])
+        out = ReferenceEvaluator(graph, opsets={"": self.opset}).run(None, dict(zip(names, map(np.asarray, xs))))
+        return np.asarray(out[0])
 
     def _room(self, node, nbytes: int) -> None:
         """A folded tensor's bytes, checked as training's allocations are, before it is made."""

@@ -260,3 +260,23 @@ def test_opset_7_to_10_attribute_forms_import(tmp_path, opset):
     assert [s["type"] for s in imp.layers] == ["conv2d", "batchnorm", "dropout", "global_avgpool2d", "dense"]
     assert imp.layers[0]["padding"] in (1, [1, 1]) and imp.layers[2]["rate"] == 0.3 and imp.opset == opset
     equal_to_onnxruntime(path, model)
+
+
+def test_a_per_channel_scale_and_shift_after_a_convolution_fold_into_it(tmp_path):
+    """Mul and Add of per-channel constants right after a Conv (with a bias, and without): its weights and bias
+    take them; no scale layer is left."""
+    for bias in (True, False):
+        nodes, inits = conv_net()
+        if not bias:
+            nodes[0] = helper.make_node("Conv", ["input", "w"], ["c"], kernel_shape=[3, 3], name="conv")
+        unsq = [helper.make_node("Unsqueeze", [k], [f"{k}u"], axes=[1, 2], name=f"u{k}") for k in ("s", "t")]
+        mul = helper.make_node("Mul", ["c", "su"], ["m"], name="scale")
+        add = helper.make_node("Add", ["tu", "m"], ["a"], name="shift")  # the constant first
+        relu = helper.make_node("Relu", ["a"], ["r"], name="relu")
+        nodes = [nodes[0], *unsq, mul, add, relu, *nodes[2:]]
+        inits.update(s=G.uniform(0.5, 1.5, 4).astype(np.float32), t=G.standard_normal(4).astype(np.float32))
+        path = write(tmp_path / f"m{bias}.onnx", nodes, inits, opset=9)
+        _, _, model, _, _, _, imp = onnx_import.build(path, "m", None, None, None)
+        assert [s["type"] for s in imp.layers] == ["conv2d", "global_avgpool2d", "dense"]
+        assert imp.layers[0]["activation"] == "relu" and imp.layers[0].get("bias", True) is True
+        equal_to_onnxruntime(path, model)

@@ -96,11 +96,11 @@ def _per_channel(value, channels: int) -> np.ndarray | None:
     return None
 
 
-def affine_into_batchnorm(g) -> None:
-    """Caffe's Scale layer after a BatchNormalization, as Caffe2's zoo and other converters write it: a Mul by a
-    per-channel constant, then an Add of one (each through Unsqueeze or broadcast shapes, folded to constants
-    before this pass), folded into the batchnorm's scale and bias: s * (gamma x^ + beta) + t. The Mul and the Add
-    become Identity nodes."""
+def affine_into_layer(g) -> None:
+    """A Mul by a per-channel constant, or an Add of one (each through Unsqueeze or broadcast shapes, folded to
+    constants before this pass), right after a BatchNormalization (Caffe's Scale layer, as Caffe2's zoo and other
+    converters write it: s * (gamma x^ + beta) + t) or a convolution (s * (w * x + b) + t): folded into its scale
+    and bias, or its weights and bias. The Mul and the Add become Identity nodes."""
     producer, users = _graph_maps(g)
     for node in [n for n in g.nodes if n.op_type in (MUL, ADD)]:
         data = [i for i in node.input if i not in g.const]
@@ -110,25 +110,37 @@ def affine_into_batchnorm(g) -> None:
         source = producer.get(data[0])
         while source is not None and source.op_type == "Identity" and len(users[source.output[0]]) == 1:
             source = producer.get(source.input[0])  # an earlier Mul folded already
-        if source is None or source.op_type != OP["batchnorm2d"] or len(users[data[0]]) != 1 or \
-                not all(i in g.const for i in source.input[1:3]):
+        if source is None or len(users[data[0]]) != 1:
             continue
-        gamma, beta = (np.asarray(g.const[i], np.float64) for i in source.input[1:3])
-        c = np.asarray(g.const[const[0]], np.float64)
-        v = _per_channel(c, gamma.size)
-        if v is None:
-            continue
-        if node.op_type == MUL:
-            gamma, beta = gamma * v, beta * v
-        else:
-            beta = beta + v
-        for k, value in ((1, gamma), (2, beta)):
-            name = f"{source.name or source.output[0]}/folded{k}"
-            g.const[name] = value.astype(np.float32)
-            source.input[k] = name
-        node.op_type = "Identity"
-        node.input[:] = [data[0]]
-        del node.attribute[:]
+        if source.op_type == OP["batchnorm2d"] and all(i in g.const for i in source.input[1:3]):
+            _fold_into(g, node, source, const[0], scale_at=1, bias_at=2)
+        elif source.op_type == OP["conv2d"] and source.input[1] in g.const and \
+                (len(source.input) < 3 or not source.input[2] or source.input[2] in g.const):
+            _fold_into(g, node, source, const[0], scale_at=1, bias_at=2)
+
+
+def _fold_into(g, node, source, const: str, scale_at: int, bias_at: int) -> None:
+    """The per-channel product or sum `node` folded into `source`'s scale (or weights: channels first) and bias."""
+    scale = np.asarray(g.const[source.input[scale_at]], np.float64)
+    channels = scale.shape[0]
+    has_bias = len(source.input) > bias_at and bool(source.input[bias_at])
+    bias = np.asarray(g.const[source.input[bias_at]], np.float64) if has_bias else np.zeros(channels)
+    v = _per_channel(np.asarray(g.const[const], np.float64), channels)
+    if v is None:
+        return
+    if node.op_type == MUL:
+        scale, bias = scale * v.reshape((-1,) + (1,) * (scale.ndim - 1)), bias * v
+    else:
+        bias = bias + v
+    while len(source.input) <= bias_at:
+        source.input.append("")
+    for k, value in ((scale_at, scale), (bias_at, bias)):
+        name = f"{source.name or source.output[0]}/folded{k}"  # a second fold into it replaces the first's
+        g.const[name] = value.astype(np.float32)
+        source.input[k] = name
+    node.op_type = "Identity"
+    node.input[:] = [node.input[0] if node.input[0] not in g.const else node.input[1]]
+    del node.attribute[:]
 
 
 def channel_shuffle(g) -> None:
@@ -403,5 +415,7 @@ def hard_activations(g) -> None:
 
 
 # in this order, before the walk
-PASSES = [sum_to_add, one_input_concat, concat_chains, channel_split, affine_into_batchnorm, channel_shuffle,
-          channels_layernorm, hard_activations, fuse_activations, channels_last]
+# in order: the one-node forms first; the activations written out in several nodes before a per-channel Mul or Add
+# is folded into the layer before it (hardsigmoid's Add of 3 is no bias)
+PASSES = [sum_to_add, one_input_concat, concat_chains, channel_split, channel_shuffle, channels_layernorm,
+          hard_activations, fuse_activations, affine_into_layer, channels_last]

@@ -137,7 +137,7 @@ def test_an_onnx_operator_is_one_registered_converter(tmp_path):
     from onnx import helper
 
     from cnnctl.interop import onnx_import
-    from cnnctl.interop.onnx_import.operators import CONVERTERS, converts
+    from cnnctl.interop.onnx_import.operators import CONVERTERS, converter_for, converts
     from tests.test_onnx_import_hostile import conv_net, write
 
     nodes, inits = conv_net()
@@ -154,6 +154,7 @@ def test_an_onnx_operator_is_one_registered_converter(tmp_path):
         imp.activation(layers, "relu")
 
     try:
+        assert converter_for("ThresholdedRelu", 17) is thresholded_relu
         _, _, model, _, _, _, imp = onnx_import.build(path, "m", None, None, None)
     finally:
         CONVERTERS.pop("ThresholdedRelu")

@@ -10,7 +10,7 @@ from cnnctl.core.nn import ONNX_OPS as OP
 from cnnctl.interop.export import NORMALIZATION_OPS
 
 from .graph import BATCH, pair, reshaped
-from .operators import ADD, CHANNEL_SHUFFLE, CHANNEL_SPLIT, CONVERTERS, LAYERNORM2D, MUL, converts
+from .operators import ADD, CHANNEL_SHUFFLE, CHANNEL_SPLIT, LAYERNORM2D, MUL, converts
 
 # operators that are one cnnctl activation, whatever their attributes
 PLAIN_ACTIVATIONS = {OP[tag]: tag for tag in ("relu", "sigmoid", "tanh", "hardswish", "mish")}
@@ -32,14 +32,31 @@ def final_softmax(imp, node, a, layers) -> None:
         layers.append({"type": "log_softmax"})
 
 
-@converts("Identity", OP["dropout"])
+@converts("Identity")
+def identity(imp, node, a, layers) -> None:
+    """Nothing to compute."""
+
+
+@converts(OP["dropout"], until=11)
+def dropout_attribute(imp, node, a, layers) -> None:
+    """Dropout with its ratio as an attribute (opset 1-11)."""
+    _dropout(imp, node, a.get("ratio", 0.5), layers)
+
+
+@converts(OP["dropout"], since=12)
 def dropout(imp, node, a, layers) -> None:
+    """Dropout with its ratio as an input (opset 12 on)."""
     ins = node.input
-    if node.op_type == OP["dropout"] and not imp.last(node):
-        ratio = a.get("ratio", imp.scalar(ins[1], "ratio") if len(ins) > 1 and ins[1] else 0.5)
-        if not isinstance(ratio, float) or not 0 <= ratio < 1:
-            imp.fail(f"{imp.where()}: ratio {ratio}; a dropout rate is one number in [0, 1)")
-        layers.append({"type": "dropout", "rate": round(float(ratio), 6)})
+    _dropout(imp, node, imp.scalar(ins[1], "ratio") if len(ins) > 1 and ins[1] else 0.5, layers)
+
+
+def _dropout(imp, node, ratio, layers) -> None:
+    """A dropout layer where training could use one (the last node's dropout is dropped)."""
+    if imp.last(node):
+        return
+    if not isinstance(ratio, float) or not 0 <= ratio < 1:
+        imp.fail(f"{imp.where()}: ratio {ratio}; a dropout rate is one number in [0, 1)")
+    layers.append({"type": "dropout", "rate": round(float(ratio), 6)})
 
 
 @converts(OP["conv2d"])
@@ -111,14 +128,22 @@ def plain_activation(imp, node, a, layers) -> None:
     imp.activation(layers, PLAIN_ACTIVATIONS[node.op_type])
 
 
-@converts(OP["relu6"])
+@converts(OP["relu6"], until=10)
+def clip_attributes(imp, node, a, layers) -> None:
+    """Clip with its bounds as attributes (opset 1-10)."""
+    _relu6(imp, node, a.get("min"), a.get("max"), layers)
+
+
+@converts(OP["relu6"], since=11)
 def clip(imp, node, a, layers) -> None:
+    """Clip with its bounds as inputs (opset 11 on)."""
     ins = node.input
-    low, high = (a.get(k) for k in ("min", "max"))
-    if low is None and len(ins) > 1 and ins[1]:
-        low = imp.scalar(ins[1], "lower bound")
-    if high is None and len(ins) > 2 and ins[2]:
-        high = imp.scalar(ins[2], "upper bound")
+    low = imp.scalar(ins[1], "lower bound") if len(ins) > 1 and ins[1] else None
+    high = imp.scalar(ins[2], "upper bound") if len(ins) > 2 and ins[2] else None
+    _relu6(imp, node, low, high, layers)
+
+
+def _relu6(imp, node, low, high, layers) -> None:
     if low != 0 or high != 6:
         imp.fail(f"Clip {node.name!r} to [{low}, {high}]: only Clip to [0, 6] (ReLU6) is imported")
     imp.activation(layers, "relu6")
@@ -156,17 +181,26 @@ def channel_split(imp, node, a, layers) -> None:
     layers.append({"type": "split", "parts": int(a["parts"]), "take": int(a["take"])})
 
 
-@converts(OP["split"])
+@converts(OP["split"], until=9)
+def channel_slice_attributes(imp, node, a, layers) -> None:
+    """A Slice of the channels, its bounds as attributes (opset 1-9)."""
+    starts, ends = (int(v[0]) if len(v) == 1 else None for v in (a.get("starts", []), a.get("ends", [])))
+    _channel_slice(imp, starts, ends, list(a.get("axes", [0])), 1, layers)
+
+
+@converts(OP["split"], since=10)
 def channel_slice(imp, node, a, layers) -> None:
-    """A Slice of the channels that is one of equal parts of them (cnnctl export writes `split` so): a split."""
-    ins, shape_in = node.input, imp.shape_in(node)
-    if len(ins) > 1:  # opset 10 and later: starts, ends, axes, steps as inputs
-        starts, ends = (int(imp.scalar(ins[k], role)) for k, role in ((1, "starts"), (2, "ends")))
-        axes = [int(imp.scalar(ins[3], "axes"))] if len(ins) > 3 and ins[3] else [0]
-        steps = int(imp.scalar(ins[4], "steps")) if len(ins) > 4 and ins[4] else 1
-    else:  # opset 1-9: attributes
-        starts, ends = (int(v[0]) if len(v) == 1 else None for v in (a.get("starts", []), a.get("ends", [])))
-        axes, steps = list(a.get("axes", [0])), 1
+    """A Slice of the channels, its bounds as inputs (opset 10 on): one of equal parts of them, as cnnctl export
+    writes `split`."""
+    ins = node.input
+    starts, ends = (int(imp.scalar(ins[k], role)) for k, role in ((1, "starts"), (2, "ends")))
+    axes = [int(imp.scalar(ins[3], "axes"))] if len(ins) > 3 and ins[3] else [0]
+    steps = int(imp.scalar(ins[4], "steps")) if len(ins) > 4 and ins[4] else 1
+    _channel_slice(imp, starts, ends, axes, steps, layers)
+
+
+def _channel_slice(imp, starts, ends, axes: list, steps: int, layers) -> None:
+    shape_in = imp.shape_in(imp.node)
     c = shape_in[1] if shape_in is not None and len(shape_in) > 1 else None
     if starts is None or ends is None or c is None or steps != 1 or axes not in ([1], [1 - len(shape_in)]):
         imp.fail(f"{imp.where()}: only a Slice of the channels (axis 1, step 1) is imported, as a split")
@@ -335,7 +369,7 @@ def constant_add(imp, node, a, layers) -> None:
     imp.add_layer(layers, {"type": "scale"}, {"weight": np.ones_like(bias), "bias": bias})
 
 
-CONVERTERS[ADD] = constant_add  # Add also joins branches: JOINS
+converts(ADD)(constant_add)  # Add also joins branches: JOINS
 
 
 # ---------------------------------------------------------------- the converters' helpers

@@ -24,9 +24,20 @@ def global_pool(imp, node, a, layers) -> None:
     imp.flat = True
 
 
-@converts("Pad")
+@converts("Pad", until=10)
+def pad_attributes(imp, node, a, layers) -> None:
+    """Pad with its pads and value as attributes (opset 2-10; opset 1's `paddings` too)."""
+    pads = a.get("pads", a.get("paddings"))
+    _pad(imp, node, a.get("mode", b"constant"), None if pads is None else list(pads), float(a.get("value", 0.0)))
+
+
+@converts("Pad", since=11)
 def pad(imp, node, a, layers) -> None:
-    _pad(imp, node, a, layers)
+    """Pad with its pads and value as inputs (opset 11 on)."""
+    ins = node.input
+    pads = [int(p) for p in np.ravel(imp.const[ins[1]])] if len(ins) > 1 and ins[1] in imp.const else None
+    value = imp.scalar(ins[2], "padding value") if len(ins) > 2 and ins[2] else 0.0
+    _pad(imp, node, a.get("mode", b"constant"), pads, value)
 
 
 def _reduces_hw(imp, node, a) -> bool:
@@ -91,13 +102,9 @@ def _ceil_by_padding(node, a, shape_in, k, s, pads) -> bool:
     return True
 
 
-def _pad(imp, node, a, layers) -> None:
-    mode = a.get("mode", b"constant")
-    if "pads" not in a and len(node.input) > 1 and node.input[1] in imp.const:
-        a = {**a, "pads": [int(p) for p in np.ravel(imp.const[node.input[1]])]}
-    pads = imp.ints(a, "pads", 8, None)
-    value = imp.scalar(node.input[2], "padding value") if len(node.input) > 2 and node.input[2] else \
-        float(a.get("value", 0.0))  # opset 2-10: an attribute
+def _pad(imp, node, mode, pads, value: float) -> None:
+    """Zero padding of height and width before a Conv or pooling: its padding (pending until it comes)."""
+    pads = imp.ints({"pads": pads}, "pads", 8, None)
     if mode not in (b"constant", "constant") or value != 0 or any(pads[:2]) or any(pads[4:6]):
         imp.fail(f"Pad {node.name!r}: only zero padding of height and width is imported")
     imp.pending = [pads[2], pads[3], pads[6], pads[7]]  # top, left, bottom, right

@@ -414,7 +414,7 @@ def hard_activations(g) -> None:
             replace(g, [hs, mul], OP["hardswish"], hs.input[0], mul.output[0])
 
 
-# in this order, before the walk: the one-node forms first; the activations written out in several nodes before a per-channel Mul or Add
-# is folded into the layer before it (hardsigmoid's Add of 3 is no bias)
+# in this order, before the walk: the one-node forms first; the activations written out in several nodes
+# before a per-channel Mul or Add is folded into the layer before it (hardsigmoid's Add of 3 is no bias)
 PASSES = [sum_to_add, one_input_concat, concat_chains, channel_split, channel_shuffle, channels_layernorm,
           hard_activations, fuse_activations, affine_into_layer, channels_last]

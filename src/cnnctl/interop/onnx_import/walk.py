@@ -13,7 +13,7 @@ import numpy as np
 from . import convert, pooling  # noqa: F401  the converters register themselves
 from .converting import Converting
 from .graph import attrs, layer_types
-from .operators import ADD, CONCAT, CONVERTERS, JOINS, LATER, MUL
+from .operators import ADD, CONCAT, JOINS, LATER, MUL, converter_for
 from .rewrite import PASSES
 
 MAX_FOLD_ROUNDS = 64  # shape inference again with what folded: torch's x.chunk needs a round for each unit
@@ -52,7 +52,7 @@ class _Importer(Converting):
         """Every node that carries data (after folding) must be one cnnctl maps: all others in one message."""
         unknown = collections.defaultdict(list)
         for node in self.nodes:
-            if node.domain not in ("", "ai.onnx", "cnnctl") or node.op_type not in CONVERTERS and \
+            if node.domain not in ("", "ai.onnx", "cnnctl") or converter_for(node.op_type, self.opset) is None and \
                     node.op_type not in JOINS:
                 op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
                 unknown[op].append(node.name or node.output[0])
@@ -204,7 +204,7 @@ class _Importer(Converting):
     def _convert(self, node, layers: list[dict]) -> None:
         """One node by its operator's converter (operators.CONVERTERS)."""
         self.node = node
-        converter = CONVERTERS.get(node.op_type)
+        converter = converter_for(node.op_type, self.opset)
         if converter is None:
             what = LATER.get(node.op_type)
             self.fail(f"node {node.name!r}: {node.op_type}" + (f" ({what})" if what else "") +

@@ -54,7 +54,7 @@ def test_every_layer_spec_builds_its_registered_layer():
                 "avgpool2d": {"kernel_size": 2}, "dense": {"units": 3}, "sequential": {"layers": relu},
                 "residual": {"body": relu}, "concat": {"branches": [relu, []]},
                 "gate": {"branch": [{"type": "global_avgpool2d"}, {"type": "dense", "units": 2}]},
-                "channel_shuffle": {"groups": 2}}
+                "channel_shuffle": {"groups": 2}, "split": {"take": 1}}
     for tag, cls in LAYER_SPECS.items():
         spec = cls.model_validate({"type": tag, **examples.get(tag, {})})
         in_shape = shapes[1] if tag in ("dense", "batchnorm1d") else shapes[3]

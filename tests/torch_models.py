@@ -150,7 +150,7 @@ TORCH = {
     "layernorm2d": lambda layer: TorchLayerNorm2d(layer.channels, layer.eps),
     "scale": lambda layer: TorchScale(layer.channels, "bias" in layer.params),
     "channel_shuffle": lambda layer: tnn.ChannelShuffle(layer.groups),
-    "split": lambda layer: TorchSplit(layer.parts, layer.take),
+    "split": lambda layer: TorchSplit(layer.splits, layer.take),
     "lrn": lambda layer: tnn.LocalResponseNorm(layer.size, layer.alpha, layer.beta, layer.k),
     "tanh": lambda layer: tnn.Tanh(),
     "softmax": lambda layer: tnn.Softmax(dim=1),

@@ -40,14 +40,14 @@ class Split(Layer):
 
     def __init__(self, parts: int, take: int):
         super().__init__()
-        self.parts, self.take = int(parts), int(take)
+        self.splits, self.take = int(parts), int(take)  # (a layer holds no attribute named like process shares)
 
     def _channels(self, c: int) -> slice:
-        width = c // self.parts
+        width = c // self.splits
         return slice(self.take * width, (self.take + 1) * width)
 
     def output_shape(self, input_shape):
-        return (input_shape[0] // self.parts, *input_shape[1:])
+        return (input_shape[0] // self.splits, *input_shape[1:])
 
     def forward(self, x, training=True):
         self._x_shape = x.shape
@@ -64,4 +64,4 @@ class Split(Layer):
                                 g.ints(f"{name}.axes", [1])], name)
 
     def __repr__(self):
-        return f"Split(parts={self.parts}, take={self.take})"
+        return f"Split(parts={self.splits}, take={self.take})"

@@ -383,15 +383,29 @@ class _V2Unit(nn.Module):
         return self.shuffle(torch.cat((x1, self.branch(x2)), dim=1))
 
 
-def shufflenet_style():  # ShuffleNet's grouped convolutions and shuffle, then a ShuffleNetV2 unit (its split)
+class _NormScale(nn.Module):
+    """ConvNeXt's LayerNorm over the channels (permuted to channels last and back) and a per-channel layer scale."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, c).view(c, 1, 1))
+
+    def forward(self, x):
+        return self.gamma * self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def shufflenet_style():  # ShuffleNet's grouped convolutions and shuffle, a ShuffleNetV2 unit (its split), then
+    # ConvNeXt's channel LayerNorm and layer scale: every layer import adds, so fine-tuning goes back through each
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.Conv2d(8, 8, 1, groups=2), _Shuffle(2), nn.Conv2d(8, 8, 3, padding=1, groups=8),
-                         nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1, groups=2), nn.ReLU(), _V2Unit(8),
+                         nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1, groups=2), nn.ReLU(), _V2Unit(8), _NormScale(8),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
 
 @pytest.mark.parametrize("make, layers", [(small_cnn, []), (alexnet_style, ["lrn"]),
-                                          (shufflenet_style, ["channel_shuffle", "split"])],
+                                          (shufflenet_style, ["channel_shuffle", "split", "layernorm2d",
+                                                              "scale"])],
                          ids=["small", "lrn", "shuffle"])
 def test_a_folder_of_images_fine_tunes_an_imported_network(tmp_path, make, layers):
     """Fine-tuned from the import (backward through every layer, the new ones too), resumed bit for bit, exported

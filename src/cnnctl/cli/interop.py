@@ -31,11 +31,22 @@ def export(
     out_file: Annotated[Path, typer.Option("--out", metavar="FILE", help="File to write, e.g. model.onnx.")],
     fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="Only onnx for now.")] = "onnx",
     softmax: Annotated[bool, typer.Option("--softmax", help="End the graph with Softmax (probabilities).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write an int8 model (OUT-int8.onnx), quantized by "
+                                       "onnxruntime and kept only if its accuracy passes --max-drop.")] = False,
+    calibrate: Annotated[int, typer.Option("--calibrate", metavar="N", help="--int8: training images the "
+                                           "activations' ranges are calibrated on.")] = 256,
+    max_drop: Annotated[float, typer.Option("--max-drop", metavar="POINTS", help="--int8: the most accuracy "
+                                            "(percentage points, on the test split) the int8 model may lose.")] = 1.0,
 ):
     """Export a checkpoint as an ONNX graph (input: pixels on the 0..1 scale; normalisation baked in)."""
     if fmt != "onnx":
         raise CnnctlError(f"unknown --format {fmt!r}", "use --format onnx")
     check_writable(out_file, "--out")
+    if int8:
+        from cnnctl.interop.quantize import check_options, int8_path
+
+        check_options(calibrate, max_drop)
+        check_writable(int8_path(out_file), "--out (its -int8 file)")
     predictor = api.load(checkpoint_of(checkpoint_path))
     spec, model, norm = predictor.spec, predictor.model, predictor.normalization
     takes = nn.LOSSES[spec.loss.type].takes
@@ -51,6 +62,16 @@ def export(
     else:
         out.print(f"checked against onnxruntime {checked[0]}: its outputs equal cnnctl's to {checked[1]:.1e} of the "
                   "largest")
+    if int8:
+        from cnnctl.interop.quantize import quantize_run
+
+        target = int8_path(out_file)
+        before, after, split, n, used = quantize_run(spec, predictor._rows, norm, out_file, target, calibrate,
+                                                     max_drop)
+        out.print(f"wrote {target}: int8, calibrated on {used:,} training images; "
+                  f"on the {split} split ({n:,} images, onnxruntime): accuracy {100 * before.accuracy:.2f}% float, "
+                  f"{100 * after.accuracy:.2f}% int8; {before.images_per_second:,.0f} and "
+                  f"{after.images_per_second:,.0f} images/s")
 
 
 def _numbers(text: str | None, option: str) -> list[float] | None:

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from cnnctl.core.nn import ACTIVATIONS, SPECS, Elementwise
+
 from .graph import Graph
 
-# activations cnnctl layers may apply themselves (conv2d, dense, batchnorm, residual: `activation:`)
-FOLDABLE = {"relu", "sigmoid", "tanh", "relu6", "hardsigmoid", "hardswish", "silu", "gelu", "mish"}
+# activations cnnctl layers may apply themselves (conv2d, dense, batchnorm, residual: `activation:`): the registry's
+# element-wise ones with no parameter of their own (a LeakyRelu's slope needs a layer)
+FOLDABLE = {tag for tag, cls in ACTIVATIONS.items()
+            if issubclass(cls, Elementwise) and set(SPECS[tag].model_fields) <= {"type", "name", "trainable"}}
 
 
 class Converting(Graph):

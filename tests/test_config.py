@@ -365,3 +365,19 @@ def test_inspect_of_huge_layers_allocates_nothing(tmp_path, key, value, words):
     else:
         assert "total parameters" in invoke("inspect", cfg, "--set", f"{key}={value}").stdout
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # kB: under 0.5 GB
+
+
+def test_set_into_a_section_written_as_a_name_expands_it(tmp_path):
+    """`loss: cross_entropy` is {type: cross_entropy}: --set loss.class_weights=auto sets into that (it used to
+    fail with "its parent is not a mapping"); the same for optimizer and schedule."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text((ROOT / "configs" / "quickstart.yaml").read_text())
+    spec, _ = load_config(cfg, ["loss.class_weights=auto"])
+    assert spec.loss.type == "cross_entropy" and spec.loss.class_weights == "auto"
+    text = cfg.read_text().replace("optimizer: {type: adam, lr: 0.003}", "optimizer: adam")
+    assert "optimizer: adam\n" in text
+    cfg.write_text(text)
+    spec, _ = load_config(cfg, ["optimizer.lr=0.01"])
+    assert spec.optimizer.type == "adam" and spec.optimizer.lr == 0.01
+    out = invoke("inspect", cfg, "--set", "name.first=x", code=2).output
+    assert "'name' is 'quickstart', not a mapping" in " ".join(out.split()) and "name={...}" in out

@@ -697,3 +697,21 @@ def test_torch_networks_exported_with_a_batch_of_one_import_for_any_batch(tmp_pa
     ref = np.concatenate([session.run(None, {"input": x[i:i + 1]})[0] for i in range(2)])
     got = model.forward(x, training=False)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_the_folder_import_wrote_is_a_model_for_predict_export_and_inspect(tmp_path):
+    """`cnnctl predict imp_dir picture.png` (and export, inspect) take the folder cnnctl import wrote, as they take a
+    run directory: its model.safetensors."""
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    from tests.test_onnx_import_hostile import conv_net, write
+
+    nodes, inits = conv_net()
+    invoke("import", write(tmp_path / "m.onnx", nodes, inits), "--out", tmp_path / "imp")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "p.png")
+    by_folder = invoke("predict", tmp_path / "imp", tmp_path / "p.png", "--json").output
+    by_file = invoke("predict", tmp_path / "imp" / "model.safetensors", tmp_path / "p.png", "--json").output
+    assert json.loads(by_folder[by_folder.index("["):]) == json.loads(by_file[by_file.index("["):])
+    invoke("export", tmp_path / "imp", "--out", tmp_path / "back.onnx")
+    invoke("inspect", tmp_path / "imp" / "model.safetensors")

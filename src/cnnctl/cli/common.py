@@ -171,9 +171,12 @@ def check_writable(path: Path, option: str) -> None:
 
 
 def checkpoint_of(path: Path) -> Path:
-    """A checkpoint file as given, or for a run directory its best checkpoint (else its last), said on stderr."""
+    """A checkpoint file as given, or for a run directory its best checkpoint (else its last), or for a folder
+    cnnctl import wrote its model, said on stderr."""
     found, which = checkpoint_file(path)
-    if which is not None:
+    if which == "imported":
+        err.print(f"using {found} (the model cnnctl import wrote)")
+    elif which is not None:
         err.print(f"using {found} ({which} checkpoint of the run)")
     return found
 

@@ -26,12 +26,17 @@ def _is_int(text: str) -> bool:
     return digits.isascii() and digits.isdigit()
 
 
+SHORTHANDS = ("loss", "optimizer", "schedule")  # sections a name alone may stand for: `loss: mse` is {type: mse}
+
+
 def _set_path(data: dict, dotted: str, value: Any, origin: str) -> None:
     parts = dotted.split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         key: Any = int(part) if isinstance(node, list) and _is_int(part) else part
         try:
+            if i == 0 and key in SHORTHANDS and isinstance(node.get(key), str):
+                node[key] = {"type": node[key]}  # `loss: cross_entropy` is {type: cross_entropy}: set into that
             node = node[key]
         except (KeyError, IndexError, TypeError):
             if isinstance(node, dict):
@@ -47,7 +52,8 @@ def _set_path(data: dict, dotted: str, value: Any, origin: str) -> None:
             raise ConfigError(f"{origin}: cannot set '{dotted}': no list item {last}")
         last = int(last)
     elif not isinstance(node, dict):
-        raise ConfigError(f"{origin}: cannot set '{dotted}': its parent is not a mapping")
+        raise ConfigError(f"{origin}: cannot set '{dotted}': '{'.'.join(parts[:-1])}' is {node!r}, not a mapping",
+                          f"set '{'.'.join(parts[:-1])}' whole instead, e.g. {'.'.join(parts[:-1])}={{...}}")
     node[last] = value
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from cnnctl.core import nn, optim, schedules
 
+from .reading import SHORTHANDS
 from .spec import Spec
 
 
 def config_schema() -> dict:
     """The JSON Schema of a config file (for editors: yaml-language-server and friends)."""
     schema = Spec.model_json_schema()
-    shorthands = {"loss": sorted(nn.LOSSES), "optimizer": sorted(optim.OPTIMIZERS),
-                  "schedule": sorted(schedules.SCHEDULES)}
+    names = {"loss": sorted(nn.LOSSES), "optimizer": sorted(optim.OPTIMIZERS), "schedule": sorted(schedules.SCHEDULES)}
+    shorthands = {key: names[key] for key in SHORTHANDS}
     for key, names in shorthands.items():  # `loss: mse` means {type: mse}: say so in the schema too
         prop = schema["properties"][key]
         default = prop.pop("default", None)

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 
 def checkpoint_file(path: Path) -> tuple[Path, str | None]:
-    """A checkpoint file as given, or for a run directory its best checkpoint (else its last), with which of
-    the two it is (None for a file)."""
+    """A checkpoint file as given; for a run directory its best checkpoint (else its last), and for the folder
+    `cnnctl import` wrote its model.safetensors; with which of them it is (None for a file)."""
     path = Path(path)
     if not path.is_dir():
         return path, None
@@ -28,8 +28,11 @@ def checkpoint_file(path: Path) -> tuple[Path, str | None]:
         found = path / "checkpoints" / f"{name}.safetensors"
         if found.is_file():
             return found, name
-    raise CnnctlError(f"{path} is a folder without checkpoints/best.safetensors or checkpoints/last.safetensors",
-                      "pass a run directory that finished an epoch, or a .safetensors file")
+    if (path / "model.safetensors").is_file():
+        return path / "model.safetensors", "imported"
+    raise CnnctlError(f"{path} is a folder without checkpoints/best.safetensors, checkpoints/last.safetensors or "
+                      "model.safetensors", "pass a run directory that finished an epoch, a folder cnnctl import "
+                      "wrote, or a .safetensors file")
 
 
 def init_from(model: Model, path: str, strict: bool, rename=None) -> dict:

@@ -10,9 +10,9 @@ import pytest
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import numpy_helper  # noqa: E402
 
 from cnnctl.interop import onnx_import  # noqa: E402
+from tests.test_onnx_zoo import fill_weights  # noqa: E402
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "torchvision")
 NETWORKS = {"shufflenet_v2_x0_5": ["split", "channel_shuffle", "concat"],
@@ -20,37 +20,33 @@ NETWORKS = {"shufflenet_v2_x0_5": ["split", "channel_shuffle", "concat"],
             "densenet121": ["concat", "batchnorm2d", "avgpool2d"]}
 
 
-def _is_scale(model, name: str) -> bool:
-    """Whether a tensor is a batchnorm's scale or variance, a layer norm's scale or a layer scale (ConvNeXt's)."""
+def _scales(model) -> set[str]:
+    """The batchnorms' scales and variances, the layer norms' scales and the layer scales (ConvNeXt's Mul)."""
+    names = set()
     for node in model.graph.node:
-        if node.op_type == "BatchNormalization" and name in (node.input[1], node.input[4]):
-            return True
-        if node.op_type == "LayerNormalization" and name == node.input[1]:
-            return True
-        if node.op_type == "Mul" and name in node.input:
-            return True
-    return False
+        if node.op_type == "BatchNormalization":
+            names |= {node.input[1], node.input[4]}
+        elif node.op_type == "LayerNormalization":
+            names.add(node.input[1])
+        elif node.op_type == "Mul":
+            names |= set(node.input)
+    return names
 
 
 def materialize(name: str, path, seed: int = 0):
     """The light file with each ConstantOfShape weight made a seeded random initializer (He-scaled)."""
     model = onnx.load(os.path.join(HERE, f"light_{name}.onnx"))
     g = np.random.default_rng(seed)
-    inits = {t.name: t for t in model.graph.initializer}
-    kept = []
-    for node in model.graph.node:
-        if node.op_type == "ConstantOfShape" and node.input[0] in inits:
-            shape = numpy_helper.to_array(inits[node.input[0]]).astype(int).tolist()
-            out = node.output[0]
-            if _is_scale(model, out):
-                value = g.uniform(0.5, 1.5, shape)
-            elif len(shape) > 1:
-                value = g.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
-            else:
-                value = g.standard_normal(shape) * 0.1
-            model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), out))
-        else:
-            kept.append(node)
+    scales = _scales(model)
+
+    def draw(out, shape):
+        if out in scales:
+            return g.uniform(0.5, 1.5, shape)
+        if len(shape) > 1:
+            return g.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
+        return g.standard_normal(shape) * 0.1
+
+    kept = fill_weights(model, draw)
     del model.graph.node[:]
     model.graph.node.extend(kept)
     onnx.save(model, str(path))

@@ -19,28 +19,37 @@ IMPORTED = ["squeezenet", "vgg19", "resnet50", "densenet121", "inception_v2", "b
             "inception_v1", "shufflenet"]
 
 
-def materialize(name: str, path, seed: int = 0):
-    """The zoo file with each ConstantOfShape weight made a random initializer (He-scaled; batchnorm scales and
-    variances in [0.5, 1.5], so that no output is near zero) and the final Softmax taken off."""
-    model = onnx.load(os.path.join(LIGHT, f"light_{name}.onnx"))
-    g = np.random.default_rng(seed)
+def fill_weights(model, draw, declare: bool = False) -> list:
+    """Each ConstantOfShape weight of a light file made an initializer of the values draw(name, shape) gives (and,
+    with declare, a graph input too, as IR 3 wants); the nodes that are left."""
     inits = {t.name: t for t in model.graph.initializer}
     kept = []
     for node in model.graph.node:
         if node.op_type == "ConstantOfShape" and node.input[0] in inits:
             shape = numpy_helper.to_array(inits[node.input[0]]).astype(int).tolist()
             out = node.output[0]
-            if len(shape) > 1:
-                value = g.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
-            elif any(k in out for k in ("_s_", "scale", "riv", "var")):
-                value = g.uniform(0.5, 1.5, shape)
-            else:
-                value = g.standard_normal(shape) * 0.1
-            tensor = numpy_helper.from_array(value.astype(np.float32), out)
-            model.graph.initializer.append(tensor)
-            model.graph.input.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, shape))  # IR 3
+            model.graph.initializer.append(numpy_helper.from_array(draw(out, shape).astype(np.float32), out))
+            if declare:
+                model.graph.input.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, shape))
         else:
             kept.append(node)
+    return kept
+
+
+def materialize(name: str, path, seed: int = 0):
+    """The zoo file with each ConstantOfShape weight made a random initializer (He-scaled; batchnorm scales and
+    variances in [0.5, 1.5], so that no output is near zero) and the final Softmax taken off."""
+    model = onnx.load(os.path.join(LIGHT, f"light_{name}.onnx"))
+    g = np.random.default_rng(seed)
+
+    def draw(out, shape):
+        if len(shape) > 1:
+            return g.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
+        if any(k in out for k in ("_s_", "scale", "riv", "var")):
+            return g.uniform(0.5, 1.5, shape)
+        return g.standard_normal(shape) * 0.1
+
+    kept = fill_weights(model, draw, declare=True)  # IR 3
     last = next(n for n in kept if n.output[0] == model.graph.output[0].name)
     if last.op_type == "Softmax":  # compared as class scores, which the import keeps (the loss takes the softmax)
         kept.remove(last)

@@ -242,7 +242,7 @@ def _columns_from_hwc(imp, w: np.ndarray) -> np.ndarray:
 
 @converts(LAYERNORM2D)
 def layernorm2d(imp, node, a, layers) -> None:
-    """ConvNeXt's LayerNorm over the channels (rewrite.channels_layernorm makes the Transposes and the
+    """ConvNeXt's LayerNorm over the channels (rewrite.channels_last makes the Transposes and the
     LayerNormalization between them this one node)."""
     if node.domain != "cnnctl":
         imp.fail(f"node {node.name!r}: LayerNorm2d is not an ONNX operator", "export the network with ONNX's")

@@ -223,24 +223,6 @@ def replace_nodes(g, nodes: list, node) -> None:
     g.nodes.insert(at, node)
 
 
-def channels_layernorm(g) -> None:
-    """Transpose to channels last, LayerNormalization over the last axis, Transpose back (ConvNeXt's LayerNorm as
-    torch exports it): one `layernorm2d` node (domain cnnctl) with the scale and bias."""
-    producer, users = _graph_maps(g)
-    for ln in [n for n in g.nodes if n.op_type == OP["layernorm2d"]]:
-        before, after = producer.get(ln.input[0]), users.get(ln.output[0], [])
-        axis = next((a.i for a in ln.attribute if a.name == "axis"), -1)
-        perms = [[list(a.ints) for a in n.attribute if a.name == "perm"] for n in (before, *after[:1]) if n]
-        if before is None or before.op_type != "Transpose" or len(after) != 1 or after[0].op_type != "Transpose" or \
-                perms != [[[0, 2, 3, 1]], [[0, 3, 1, 2]]] or axis not in (-1, 3) or len(users[before.output[0]]) != 1 \
-                or len(ln.output) > 1 and any(ln.output[1:]):
-            continue
-        eps = next((a.f for a in ln.attribute if a.name == "epsilon"), 1e-5)
-        node = g.onnx.helper.make_node(LAYERNORM2D, [before.input[0], *ln.input[1:3]], [after[0].output[0]],
-                                       domain="cnnctl", name=ln.name or after[0].name, epsilon=eps)
-        replace_nodes(g, [before, ln, after[0]], node)
-
-
 # single-input element-wise operators that a channels-last chain may hold as they are
 ELEMENTWISE = {"Identity", *(OP[tag] for tag in ("gelu", "relu", "sigmoid", "tanh", "mish", "hardswish", "hardsigmoid",
                                                   "elu", "celu", "leaky_relu"))}
@@ -278,9 +260,10 @@ def _channels_last_link(g, n, t: str) -> bool:
 def channels_last(g) -> None:
     """Transpose to channels last, then layer norms, linear layers (MatMul and Add), per-channel products and sums
     and element-wise activations over the last axis, then a Transpose back (ConvNeXt's block as torch exports
-    it): the same math on NCHW, with no Transpose: a `LayerNorm2d` node, 1x1 convolutions (the linear layers'
-    weights transposed, their Add as bias), per-channel constants of shape (C, 1, 1)."""
-    producer, users = _graph_maps(g)
+    it; its LayerNorm2d, a LayerNormalization alone between the Transposes): the same math on NCHW, with no
+    Transpose: a `LayerNorm2d` node, 1x1 convolutions (the linear layers' weights transposed, their Add as bias),
+    per-channel constants of shape (C, 1, 1)."""
+    _, users = _graph_maps(g)
     for first in [n for n in g.nodes if n.op_type == "Transpose" and _perm(n) == [0, 2, 3, 1]]:
         chain, t, last = [], first.output[0], None
         while len(users.get(t, [])) == 1:
@@ -295,7 +278,7 @@ def channels_last(g) -> None:
         if last is None or not chain or len(g.shapes.get(first.input[0]) or ()) != 4:
             continue
         _to_channels_first(g, first, chain, last)
-        producer, users = _graph_maps(g)
+        _, users = _graph_maps(g)
 
 
 def _to_channels_first(g, first, chain: list, last) -> None:
@@ -315,9 +298,9 @@ def _to_channels_first(g, first, chain: list, last) -> None:
             g.const[name] = np.ascontiguousarray(w.T.reshape(w.shape[1], w.shape[0], 1, 1))
             ins = [t, name]
             after = chain[k + 1] if k + 1 < len(chain) else None
-            if after is not None and after.op_type == ADD and _vector(g, after, node.output[0]) is not None and \
-                    _vector(g, after, node.output[0])[1].shape == (w.shape[1],):
-                ins.append(_vector(g, after, node.output[0])[0])  # the linear layer's bias
+            bias = _vector(g, after, node.output[0]) if after is not None and after.op_type == ADD else None
+            if bias is not None and bias[1].shape == (w.shape[1],):
+                ins.append(bias[0])  # the linear layer's bias
                 skip.add(id(after))
                 out = last.output[0] if after is chain[-1] else after.output[0]
             made.append(helper.make_node(OP["conv2d"], ins, [out], name=node.name, kernel_shape=[1, 1]))
@@ -416,5 +399,5 @@ def hard_activations(g) -> None:
 
 # in this order, before the walk: the one-node forms first; the activations written out in several nodes
 # before a per-channel Mul or Add is folded into the layer before it (hardsigmoid's Add of 3 is no bias)
-PASSES = [sum_to_add, one_input_concat, concat_chains, channel_split, channel_shuffle, channels_layernorm,
-          hard_activations, fuse_activations, affine_into_layer, channels_last]
+PASSES = [sum_to_add, one_input_concat, concat_chains, channel_split, channel_shuffle, hard_activations,
+          fuse_activations, affine_into_layer, channels_last]

@@ -6,6 +6,7 @@ import pytest
 
 import cnnctl
 from cnnctl.data import formats
+from tests.conftest import ROOT
 from tests.helpers import invoke
 
 
@@ -61,9 +62,6 @@ def test_an_unregistered_dataset_is_refused_with_the_registered_names():
 
 
 # ---------------------------------------------------------------- the registries are the only source of names
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
 
 def _readme_row(kind: str) -> set[str]:
     import re

@@ -5,6 +5,7 @@ branches: the walk's containers). The converters live in convert.py and pooling.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from cnnctl.core.nn import ONNX_OPS
@@ -25,10 +26,10 @@ def converts(*ops: str, since: int = 1, until: int | None = None):
     form changed with an opset (Slice's bounds and Pad's pads became inputs, Clip's bounds too), each form has a
     converter of its own."""
     def register(fn: Callable) -> Callable:
+        last = math.inf if until is None else until
         for op in ops:
             ranges = CONVERTERS.setdefault(op, [])
-            if any(since <= (u if u is not None else 10**9) and s <= (until if until is not None else 10**9)
-                   for s, u, _ in ranges):
+            if any(since <= (math.inf if u is None else u) and s <= last for s, u, _ in ranges):
                 raise ValueError(f"ONNX operator {op} has two converters at one opset")
             ranges.append((since, until, fn))
         return fn

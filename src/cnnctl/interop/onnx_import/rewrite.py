@@ -202,8 +202,7 @@ def channel_split(g) -> None:
             continue
         parts = len(node.output)
         if len(node.input) > 1 and node.input[1]:
-            sizes = np.ravel(g.const.get(node.input[1], [])).astype(np.int64).tolist() if node.input[1] in g.const \
-                else None
+            sizes = np.ravel(g.const[node.input[1]]).astype(np.int64).tolist() if node.input[1] in g.const else None
         else:
             sizes = list(a["split"]) if "split" in a else [None] * parts
         if sizes is None or len(sizes) != parts or len(set(sizes)) != 1:

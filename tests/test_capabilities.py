@@ -103,6 +103,75 @@ def test_a_gate_is_a_join_whose_activation_after_it_is_fused():
     assert [r["kind"] for r in rows].count("dense") == 3  # the branch's two dense layers are steps of their own
 
 
+@pytest.mark.parametrize("algorithm,kernel", [("lowering", 3), ("pointwise", 1), ("winograd2", 3), ("winograd4", 3)])
+@pytest.mark.parametrize("conv_bias,scale_bias", [(True, True), (False, True), (True, False), (False, False)])
+def test_a_scale_after_a_convolution_runs_as_one_product_with_the_numbers_of_both(algorithm, kernel, conv_bias,
+                                                                                    scale_bias):
+    """conv2d then scale (then ReLU) through the plan: one step, the scale folded into the convolution's weight and
+    bias, the ReLU its epilogue; output, input gradient and every parameter's gradient (the scale's too) those of
+    the layers run alone, float64, by every convolution algorithm."""
+    from cnnctl.config.build import build_model
+    from cnnctl.config.spec import ModelSpec
+
+    spec = ModelSpec.model_validate({"input_shape": [3, 8, 8], "layers": [
+        {"type": "conv2d", "filters": 5, "kernel_size": kernel, "padding": kernel // 2, "bias": conv_bias},
+        {"type": "scale", "bias": scale_bias}, {"type": "relu"}, {"type": "flatten"}, {"type": "dense", "units": 3}]})
+    results = []
+    for planned in (False, True):
+        model, _ = build_model(spec, np.random.default_rng(0))
+        model = model.to(np.float64)
+        randomize_params(model, np.random.default_rng(4))
+        model.set_input_grad(True)
+        net = Runner(model, algorithms={"layers.0": algorithm}) if planned else nn.Sequential(model.layers)
+        x = np.random.default_rng(1).standard_normal((6, 3, 8, 8))
+        y = net.forward(x, True)
+        dx = net.backward(np.random.default_rng(2).standard_normal(y.shape))
+        results.append([y, dx] + [p.grad.copy() for p in model.parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-10)
+    rows = Runner(model, algorithms={"layers.0": algorithm}).plan((3, 8, 8)).describe(6)
+    assert [r["kind"] for r in rows] == ["conv", "flatten", "dense"]
+    assert rows[0]["algorithm"] == algorithm
+    assert rows[0]["fused"] == ", ".join([*(["bias"] if conv_bias else []), "scale layers.1", "relu layers.2"])
+
+
+def test_a_scale_is_not_folded_across_an_activation_a_hook_or_a_second_reader():
+    """Folding is exact only for the convolution's own output: a scale after the convolution's activation, a
+    convolution whose output a hook watches, stay steps of their own."""
+    from cnnctl.config.build import build_model
+    from cnnctl.config.spec import ModelSpec
+
+    spec = ModelSpec.model_validate({"input_shape": [3, 6, 6], "layers": [
+        {"type": "conv2d", "filters": 4, "kernel_size": 3, "activation": "relu"}, {"type": "scale"},
+        {"type": "conv2d", "filters": 4, "kernel_size": 3}, {"type": "scale"}]})
+    model, _ = build_model(spec, np.random.default_rng(0))
+    kinds = [r["kind"] for r in Runner(model).plan((3, 6, 6)).describe(2)]
+    assert kinds == ["conv", "scale", "conv"]
+    model.layers[2].add_forward_hook(lambda layer, y: None)
+    kinds = [r["kind"] for r in Runner(model).plan((3, 6, 6)).describe(2)]
+    assert kinds == ["conv", "scale", "conv", "scale"]
+
+
+def test_a_frozen_convolution_keeps_the_scale_that_trains_after_it_a_step_of_its_own():
+    """Fine-tuning a scale after a frozen convolution: the convolution runs forward only, the scale gets its
+    gradient (folded into the frozen step it would get none)."""
+    from cnnctl.config.build import build_model
+    from cnnctl.config.spec import ModelSpec
+
+    spec = ModelSpec.model_validate({"input_shape": [3, 6, 6], "layers": [
+        {"type": "conv2d", "filters": 4, "kernel_size": 3}, {"type": "scale"}, {"type": "flatten"},
+        {"type": "dense", "units": 2}]})
+    model, _ = build_model(spec, np.random.default_rng(0))
+    model.layers[0].freeze()
+    model.set_input_grad(False)
+    net = Runner(model)
+    y = net.forward(np.random.default_rng(1).standard_normal((2, 3, 6, 6)).astype(np.float32), True)
+    net.backward(np.ones_like(y))
+    rows = net.plan((3, 6, 6)).describe(2)
+    assert [(r["kind"], r["forward_only"]) for r in rows][:2] == [("conv", True), ("scale", False)]
+    assert np.abs(model.layers[1].grads["weight"]).sum() > 0
+
+
 class ReLU6ByHand(nn.ReLU):
     """A ReLU6 written as a ReLU subclass with its own forward and backward (the issue's example)."""
 

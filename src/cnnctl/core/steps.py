@@ -129,13 +129,49 @@ class ElementwiseStep(LayerStep):
         return self._derivative_bytes(Epilogue(self.layer), batch, itemsize)
 
 
+class _Folded:
+    """A convolution with a per-channel affine after it (a "channel_affine" layer: s, b) as one convolution:
+    s * (W x + c) + b = (s W) x + (s c + b). The algorithms see this in place of the layer (its geometry is the
+    layer's, its parameters the folded ones); `gradients` maps the folded product's gradients back:
+    dW = s dW', dc = s db', ds = sum(W * dW') + c db', db = db' (as z = W x + c, sum(dy z) = W . dW' + c db')."""
+
+    def __init__(self, conv: Layer, affine: Layer):
+        self._conv, self._affine = conv, affine
+        s = affine.params["weight"]
+        c, b = conv.params.get("bias"), affine.params.get("bias")
+        bias = None if c is None else c * s
+        if b is not None:
+            bias = b.copy() if bias is None else bias + b
+        self.params = {"weight": conv.params["weight"] * s.reshape(-1, *(conv.params["weight"].ndim - 1) * [1])}
+        if bias is not None:
+            self.params["bias"] = bias
+
+    def __getattr__(self, name):  # stride, pads, dilation, kernel_size, groups, needs_input_grad: the layer's
+        return getattr(self._conv, name)
+
+    def gradients(self, dw: np.ndarray, db: np.ndarray | None) -> None:
+        conv, affine = self._conv, self._affine
+        s, w, c = affine.params["weight"], conv.params["weight"], conv.params.get("bias")
+        conv.grads["weight"] = dw * s.reshape(-1, *(w.ndim - 1) * [1])
+        ds = (w * dw).reshape(len(s), -1).sum(axis=1)
+        if c is not None:
+            conv.grads["bias"] = db * s
+            ds += c * db
+        affine.grads["weight"] = ds.astype(s.dtype, copy=False)
+        if "bias" in affine.params:
+            affine.grads["bias"] = db
+
+
 class ConvStep(Step):
     """A convolution by a registered algorithm, its bias and element-wise activation as the epilogue on its
-    output (an activation that is not element-wise runs after it, as its own layer)."""
+    output (an activation that is not element-wise runs after it, as its own layer). With `affine` (a
+    "channel_affine" layer that alone reads the convolution's output) the two run as one product (`_Folded`)."""
 
-    def __init__(self, *args, keep: dict, scratch: F.Scratch, epilogue: Epilogue, activation: Layer | None, **kw):
+    def __init__(self, *args, keep: dict, scratch: F.Scratch, epilogue: Epilogue, activation: Layer | None,
+                 affine: Layer | None = None, **kw):
         super().__init__(*args, **kw)
         self.keep, self.scratch, self.epilogue, self.activation = keep, scratch, epilogue, activation
+        self.affine = affine
         self.method = convolution.get(self.algorithm)
         self._saved = None
 
@@ -143,7 +179,8 @@ class ConvStep(Step):
         x = xs[0]
         self._x_shape = x.shape
         keep = self.scratch if self.forward_only else self.keep  # nothing to keep below the trainable layers
-        y, self._saved = self.method.forward(self.layer, x, self.epilogue, keep, self.scratch)
+        self._conv = self.layer if self.affine is None else _Folded(self.layer, self.affine)
+        y, self._saved = self.method.forward(self._conv, x, self.epilogue, keep, self.scratch)
         # saved also after an evaluation forward: a backward may follow (gradient checks)
         return y if self.activation is None else self.activation.forward(y, training)
 
@@ -151,11 +188,14 @@ class ConvStep(Step):
         conv = self.layer
         if self.activation is not None:
             dy = self.activation.backward(dy)
-        dx, dw, db = self.method.backward(conv, dy, self._saved, self._x_shape, self.scratch)
-        conv.grads["weight"] = dw
-        if "bias" in conv.params:
-            conv.grads["bias"] = db
-        self._saved = None
+        dx, dw, db = self.method.backward(self._conv, dy, self._saved, self._x_shape, self.scratch)
+        if self.affine is not None:
+            self._conv.gradients(dw, db)
+        else:
+            conv.grads["weight"] = dw
+            if "bias" in conv.params:
+                conv.grads["bias"] = db
+        self._saved = self._conv = None
         return [dx]
 
     def release(self):

@@ -107,7 +107,8 @@ class Layer:
         """What this layer declares itself to the execution plan, or None (run it as it is, by its own forward and
         backward). The capabilities: "elementwise" (activations.Elementwise: one function with its derivative),
         "convolution" (the convolution algorithms may run it), "sequence" (children in order), "join" (branches
-        on one input, then `join`), "window_max" (max over windows: an increasing function commutes with it).
+        on one input, then `join`), "window_max" (max over windows: an increasing function commutes with it),
+        "channel_affine" (weight[c] * x + bias[c] per channel, its `weight` and optional `bias` the whole math).
         A capability holds only while forward and backward are those of the class that declared it: a subclass
         that rewrites either runs as itself."""
         owner = next(c for c in type(self).__mro__ if "capability" in vars(c))

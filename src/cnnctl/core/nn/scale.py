@@ -5,7 +5,8 @@ without its statistics; ConvNeXt's layer scale, without the add).
     dx = dy * weight,  d weight[c] = sum of dy[:, c] * x[:, c],  d bias[c] = sum of dy[:, c]
 
 the sums over the batch and every position. It is what an imported graph's Mul and Add of per-channel
-constants become where they do not follow a batchnorm (which takes them into its own scale and bias)."""
+constants become where they do not follow a batchnorm (which takes them into its own scale and bias). After an
+ungrouped convolution the execution plan runs both as one product (cnnctl.core.steps.ConvStep)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class ScaleSpec(LayerSpec):
 @register("scale", ScaleSpec)
 class Scale(Layer):
     """Per-channel weight * x + bias over (C, ...) inputs (see the module's docstring)."""
+
+    capability = "channel_affine"  # after a convolution the plan folds it into the convolution's weight and bias
 
     def __init__(self, channels: int, bias: bool = True, weight_init: float = 1.0, rng=None, dtype=np.float32):
         super().__init__()

@@ -74,10 +74,31 @@ def test_a_subclass_of_any_layer_computes_the_same_through_the_plan_as_alone(fac
     np.testing.assert_allclose(planned[0], 2 * plain[0], rtol=1e-12, atol=1e-12)
 
 
+def _alone_equals_planned(spec, batch: int, tol: float, algorithms=None, randomized=False):
+    """The model of `spec`, float64, run through the plan and as its layers alone in a plain sequence: output,
+    input gradient and every parameter's gradient equal within tol. Returns the model."""
+    from cnnctl.config.build import build_model
+
+    results = []
+    for planned in (False, True):
+        model, _ = build_model(spec, np.random.default_rng(0))
+        model = model.to(np.float64)
+        if randomized:
+            randomize_params(model, np.random.default_rng(4))
+        model.set_input_grad(True)
+        net = Runner(model, algorithms=algorithms) if planned else nn.Sequential(model.layers)
+        x = np.random.default_rng(1).standard_normal((batch, *spec.input_shape))
+        y = net.forward(x, True)
+        dx = net.backward(np.random.default_rng(2).standard_normal(y.shape))
+        results.append([y, dx] + [p.grad.copy() for p in model.parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
+    return model
+
+
 def test_a_gate_is_a_join_whose_activation_after_it_is_fused():
     """Squeeze-and-excitation through the plan: the branch as its own steps, x * g joined with the ReLU after it
     fused (one step, which keeps x, g and the ReLU's mask), and the numbers of the layers run alone."""
-    from cnnctl.config.build import build_model
     from cnnctl.config.spec import ModelSpec
 
     spec = ModelSpec.model_validate({"input_shape": [4, 6, 6], "layers": [
@@ -85,18 +106,7 @@ def test_a_gate_is_a_join_whose_activation_after_it_is_fused():
         {"type": "gate", "branch": [{"type": "global_avgpool2d"}, {"type": "dense", "units": 2, "activation": "relu"},
                                     {"type": "dense", "units": 4, "activation": "sigmoid"}]},
         {"type": "relu"}, {"type": "flatten"}, {"type": "dense", "units": 3}]})
-    results = []
-    for planned in (False, True):
-        model, _ = build_model(spec, np.random.default_rng(0))
-        model = model.to(np.float64)
-        model.set_input_grad(True)
-        net = Runner(model) if planned else nn.Sequential(model.layers)
-        x = np.random.default_rng(1).standard_normal((8, 4, 6, 6))
-        y = net.forward(x, True)
-        dx = net.backward(np.random.default_rng(2).standard_normal(y.shape))
-        results.append([y, dx] + [p.grad.copy() for p in model.parameters()])
-    for a, b in zip(*results):
-        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+    model = _alone_equals_planned(spec, 8, tol=1e-12)
     rows = Runner(model).plan((4, 6, 6)).describe(8)
     join = next(r for r in rows if r["kind"] == "join")
     assert join["fused"] == "relu layers.2" and join["saved_bytes"] == (4 * 6 * 6 + 4) * 8 * 4 + 4 * 6 * 6 * 8
@@ -110,25 +120,12 @@ def test_a_scale_after_a_convolution_runs_as_one_product_with_the_numbers_of_bot
     """conv2d then scale (then ReLU) through the plan: one step, the scale folded into the convolution's weight and
     bias, the ReLU its epilogue; output, input gradient and every parameter's gradient (the scale's too) those of
     the layers run alone, float64, by every convolution algorithm."""
-    from cnnctl.config.build import build_model
     from cnnctl.config.spec import ModelSpec
 
     spec = ModelSpec.model_validate({"input_shape": [3, 8, 8], "layers": [
         {"type": "conv2d", "filters": 5, "kernel_size": kernel, "padding": kernel // 2, "bias": conv_bias},
         {"type": "scale", "bias": scale_bias}, {"type": "relu"}, {"type": "flatten"}, {"type": "dense", "units": 3}]})
-    results = []
-    for planned in (False, True):
-        model, _ = build_model(spec, np.random.default_rng(0))
-        model = model.to(np.float64)
-        randomize_params(model, np.random.default_rng(4))
-        model.set_input_grad(True)
-        net = Runner(model, algorithms={"layers.0": algorithm}) if planned else nn.Sequential(model.layers)
-        x = np.random.default_rng(1).standard_normal((6, 3, 8, 8))
-        y = net.forward(x, True)
-        dx = net.backward(np.random.default_rng(2).standard_normal(y.shape))
-        results.append([y, dx] + [p.grad.copy() for p in model.parameters()])
-    for a, b in zip(*results):
-        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-10)
+    model = _alone_equals_planned(spec, 6, tol=1e-10, algorithms={"layers.0": algorithm}, randomized=True)
     rows = Runner(model, algorithms={"layers.0": algorithm}).plan((3, 8, 8)).describe(6)
     assert [r["kind"] for r in rows] == ["conv", "flatten", "dense"]
     assert rows[0]["algorithm"] == algorithm

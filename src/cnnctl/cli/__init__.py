@@ -10,6 +10,7 @@ from . import model  # noqa: F401  viz, explain, predict
 from . import interop  # noqa: F401  export, import
 from . import diagnose  # noqa: F401  gradcheck, lr-find
 from . import sweep  # noqa: F401  sweep
+from . import serve  # noqa: F401  serve
 # isort: on
 from .common import app
 

@@ -55,4 +55,3 @@ def serve(
     if not server.started:
         raise CnnctlError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)",
                           "choose another --port or --host")
-    out.print("stopped")

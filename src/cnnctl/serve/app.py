@@ -15,13 +15,24 @@ import numpy as np
 
 from cnnctl.errors import CnnctlError
 from cnnctl.extras import require
-from cnnctl.version import __version__
 
-from . import bodies
-from .backends import Served
-from .batching import Batcher
-from .metrics import Metrics
-from .page import CSP, SCRIPT, page
+require("fastapi", "serve", "cnnctl serve needs FastAPI and uvicorn, which are not installed")
+require("multipart", "serve", "cnnctl serve needs python-multipart, which is not installed")
+
+from fastapi import FastAPI, Query, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response  # noqa: E402
+from starlette.datastructures import UploadFile  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
+
+from cnnctl.tools.predict import top_classes  # noqa: E402
+from cnnctl.version import __version__  # noqa: E402
+
+from . import bodies  # noqa: E402
+from .backends import Served  # noqa: E402
+from .batching import Batcher  # noqa: E402
+from .metrics import Metrics  # noqa: E402
+from .page import CSP, SCRIPT, page  # noqa: E402
 
 log = logging.getLogger("cnnctl.serve")
 
@@ -100,41 +111,95 @@ async def _send_json(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": raw})
 
 
-def create_app(served: Served, max_batch: int = 32, max_wait_ms: float = 5.0, max_body: int = 16 * 2**20):
-    """The application serving `served`: warmed up (one batch) before it says ready."""
-    require("fastapi", "serve", "cnnctl serve needs FastAPI and uvicorn, which are not installed")
-    require("multipart", "serve", "cnnctl serve needs python-multipart, which is not installed")
-    from fastapi import FastAPI, Query, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-    from starlette.datastructures import UploadFile
-    from starlette.exceptions import HTTPException
+class Service:
+    """The served model behind the routes: its batcher on one model thread, its metrics, and whether it is ready
+    (loaded, one warm-up batch run, its batcher alive)."""
 
-    metrics = Metrics(max_batch)
-    executor = ThreadPoolExecutor(1, thread_name_prefix="cnnctl-model")
-    batcher = Batcher(served.probabilities, max_batch, max_wait_ms / 1000, executor, metrics.batched)
-    state = {"warm": False}
+    def __init__(self, served: Served, max_batch: int, max_wait_ms: float):
+        self.served, self.max_batch = served, max_batch
+        self.metrics = Metrics(max_batch)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="cnnctl-model")
+        self.batcher = Batcher(served.probabilities, max_batch, max_wait_ms / 1000, self.executor,
+                               lambda n: self.warm and self.metrics.batched(n))  # the warm-up batch serves no one
+        self.warm = False
 
-    def ready() -> bool:
-        return state["warm"] and batcher.alive
+    def ready(self) -> bool:
+        return self.warm and self.batcher.alive
 
-    async def warm_up():
-        await batcher.submit(np.zeros((min(max_batch, 8), *served.input_shape), np.float32))
-        state["warm"] = True
-        log.info("ready: %s", served.name)
+    async def _warm_up(self) -> None:
+        await self.batcher.submit(np.zeros((min(self.max_batch, 8), *self.served.input_shape), np.float32))
+        self.warm = True
+        log.info("ready: %s", self.served.name)
 
     @asynccontextmanager
-    async def lifespan(_):
-        batcher.start()
-        warming = asyncio.get_running_loop().create_task(warm_up())
+    async def lifespan(self, _):
+        self.batcher.start()
+        warming = asyncio.get_running_loop().create_task(self._warm_up())
         yield
         warming.cancel()
-        await batcher.stop()
-        executor.shutdown(wait=True)
+        await self.batcher.stop()
+        self.executor.shutdown(wait=True)
 
-    app = FastAPI(title=f"cnnctl serve: {served.name}", version=__version__, lifespan=lifespan,
+    def check_ready(self) -> None:
+        if not self.ready():
+            raise bodies.RequestError(503, "the model is not ready (warming up, or its worker stopped)",
+                                      "wait for GET /v2/health/ready to answer 200")
+
+    def check_name(self, name: str) -> None:
+        if name != self.served.name:
+            raise bodies.RequestError(404, f"no model named {name!r}; this server serves {self.served.name!r}")
+
+    async def images(self, request: Request) -> tuple[list[str], np.ndarray]:
+        """(names, pixels) of a /predict body: multipart picture files, a raw picture, or JSON pixels."""
+        served = self.served
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "multipart/form-data":
+            form = await request.form(max_files=bodies.MAX_IMAGES + 1, max_fields=bodies.MAX_IMAGES + 1)
+            files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
+            return [n for n, _ in files], bodies.pictures(files, served.input_shape, served.resize)
+        if kind.startswith("image/") or kind == "application/octet-stream":
+            return ["body"], bodies.pictures([("the body", await request.body())], served.input_shape, served.resize)
+        if kind == "application/json":
+            x = bodies.pixels(_json(await request.body()), served.input_shape)
+            return [f"pixels[{i}]" for i in range(len(x))], x
+        raise bodies.RequestError(415, f"content type {kind or '(none)'!r} is not one /predict takes",
+                                  "send multipart/form-data picture files, a raw image/* body, or application/json "
+                                  "pixels")
+
+    def check_explains(self) -> None:
+        if self.served.explain is None:
+            raise bodies.RequestError(404, "Grad-CAM needs the model's gradients: it is not served for an .onnx file",
+                                      "serve the checkpoint or run directory instead")
+
+    async def explain(self, x: np.ndarray, names: list[str]) -> bytes:
+        """The Grad-CAM picture (PNG) of the first image, drawn on the model's thread."""
+        self.check_explains()
+        loop = asyncio.get_running_loop()
+        return (await loop.run_in_executor(self.executor, self.served.explain, x[:1], names[:1]))[0][0]
+
+    def metadata(self) -> dict:
+        served = self.served
+        return {"name": served.name, "versions": [], "platform": served.platform,
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *served.input_shape]}],
+                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(served.classes)]}],
+                "parameters": {"classes": served.classes, "pixels": "0..1 (UINT8: 0..255)"}}
+
+
+def create_app(served: Served, max_batch: int = 32, max_wait_ms: float = 5.0, max_body: int = 16 * 2**20) -> FastAPI:
+    """The application serving `served`: warmed up (one batch) before it says ready."""
+    service = Service(served, max_batch, max_wait_ms)
+    app = FastAPI(title=f"cnnctl serve: {served.name}", version=__version__, lifespan=service.lifespan,
                   description=f"{served.name} ({served.platform}, {len(served.classes)} classes, input "
                               f"{' x '.join(map(str, served.input_shape))}).")
+    _errors(app)
+    _prediction_routes(app, service)
+    _protocol_routes(app, service)
+    app.add_middleware(Bounded, limit=max_body, metrics=service.metrics, routes=app.router.routes)
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    """Every refusal a JSON body {"error", "fix"}; an error of cnnctl's own a 500 without its traceback."""
 
     @app.exception_handler(bodies.RequestError)
     async def refused(_, e: bodies.RequestError):
@@ -160,29 +225,9 @@ def create_app(served: Served, max_batch: int = 32, max_wait_ms: float = 5.0, ma
         return JSONResponse({"error": f"internal error ({type(e).__name__}); the server's log has the details"},
                             500)
 
-    def _ready_or_503():
-        if not ready():
-            raise bodies.RequestError(503, "the model is not ready (warming up, or its worker stopped)",
-                                      "wait for GET /v2/health/ready to answer 200")
 
-    async def _images(request: Request) -> tuple[list[str], np.ndarray]:
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind == "multipart/form-data":
-            form = await request.form(max_files=bodies.MAX_IMAGES + 1, max_fields=bodies.MAX_IMAGES + 1)
-            files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
-            return [n for n, _ in files], bodies.pictures(files, served.input_shape, served.resize)
-        if kind.startswith("image/") or kind == "application/octet-stream":
-            return ["body"], bodies.pictures([("the body", await request.body())], served.input_shape, served.resize)
-        if kind == "application/json":
-            x = bodies.pixels(_json(await request.body()), served.input_shape)
-            return [f"pixels[{i}]" for i in range(len(x))], x
-        raise bodies.RequestError(415, f"content type {kind or '(none)'!r} is not one /predict takes",
-                                  "send multipart/form-data picture files, a raw image/* body, or application/json "
-                                  "pixels")
-
-    def _model(name: str) -> None:
-        if name != served.name:
-            raise bodies.RequestError(404, f"no model named {name!r}; this server serves {served.name!r}")
+def _prediction_routes(app: FastAPI, service: Service) -> None:
+    served = service.served
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def home():
@@ -198,25 +243,27 @@ def create_app(served: Served, max_batch: int = 32, max_wait_ms: float = 5.0, ma
     async def predict(request: Request, top_k: int = Query(3, ge=1, description="Classes per input.")):
         """The top-k classes of each picture (multipart files, or a raw image body) or of JSON pixels in 0..1,
         with their probabilities: what `cnnctl predict --json` prints for the same input."""
-        from cnnctl.tools.predict import top_classes
-
-        _ready_or_503()
-        names, x = await _images(request)
-        probs = await batcher.submit(x)
-        return top_classes(names, probs, served.classes, top_k)
+        service.check_ready()
+        names, x = await service.images(request)
+        return top_classes(names, await service.batcher.submit(x), served.classes, top_k)
 
     @app.post("/explain", openapi_extra=PREDICT_BODY, summary="Grad-CAM of a picture, as a PNG",
               responses={200: {"content": {"image/png": {}}}})
     async def explain(request: Request):
         """The Grad-CAM picture `cnnctl explain --method gradcam` draws for the first picture of the request
         (a checkpoint or run served through NumPy; not an .onnx file)."""
-        _ready_or_503()
-        if served.explain is None:
-            raise bodies.RequestError(404, "Grad-CAM needs the model's gradients: it is not served for an .onnx file",
-                                      "serve the checkpoint or run directory instead")
-        names, x = await _images(request)
-        png, _ = (await asyncio.get_running_loop().run_in_executor(executor, served.explain, x[:1], names[:1]))[0]
-        return Response(png, media_type="image/png")
+        service.check_ready()
+        service.check_explains()  # before the body is read
+        names, x = await service.images(request)
+        return Response(await service.explain(x, names), media_type="image/png")
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def prometheus():
+        return PlainTextResponse(service.metrics.text(service.ready()), media_type="text/plain; version=0.0.4")
+
+
+def _protocol_routes(app: FastAPI, service: Service) -> None:
+    """The Open Inference Protocol (KServe v2): health, server and model metadata, infer."""
 
     @app.get("/v2", summary="Server metadata (Open Inference Protocol v2)")
     async def server_metadata():
@@ -228,39 +275,29 @@ def create_app(served: Served, max_batch: int = 32, max_wait_ms: float = 5.0, ma
 
     @app.get("/v2/health/ready", summary="Ready: model loaded, one batch run, its worker alive")
     async def health_ready():
-        return JSONResponse({"ready": ready()}, 200 if ready() else 503)
+        return JSONResponse({"ready": service.ready()}, 200 if service.ready() else 503)
 
     @app.get("/v2/models/{name}", summary="Model metadata: inputs, outputs, classes")
     async def model_metadata(name: str):
-        _model(name)
-        return {"name": served.name, "versions": [], "platform": served.platform,
-                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *served.input_shape]}],
-                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(served.classes)]}],
-                "parameters": {"classes": served.classes, "pixels": "0..1 (UINT8: 0..255)"}}
+        service.check_name(name)
+        return service.metadata()
 
     @app.get("/v2/models/{name}/ready", summary="Whether this model is ready")
     async def model_ready(name: str):
-        _model(name)
-        return JSONResponse({"name": name, "ready": ready()}, 200 if ready() else 503)
+        service.check_name(name)
+        return JSONResponse({"name": name, "ready": service.ready()}, 200 if service.ready() else 503)
 
     @app.post("/v2/models/{name}/infer", summary="Class probabilities of a tensor of pixels (Open Inference Protocol)")
     async def infer(name: str, request: Request):
         """{"inputs": [{"name": "input", "shape": [N, C, H, W], "datatype": "FP32", "data": [...]}]} with pixels
         in 0..1 (UINT8: 0..255); answers the probabilities of every class, N x classes."""
-        _model(name)
-        _ready_or_503()
-        rid, x = bodies.tensor(_json(await request.body()), served.input_shape)
-        probs = await batcher.submit(x)
-        return {"model_name": served.name, "id": rid, "parameters": {"classes": served.classes},
+        service.check_name(name)
+        service.check_ready()
+        rid, x = bodies.tensor(_json(await request.body()), service.served.input_shape)
+        probs = await service.batcher.submit(x)
+        return {"model_name": service.served.name, "id": rid, "parameters": {"classes": service.served.classes},
                 "outputs": [{"name": "probabilities", "shape": list(probs.shape), "datatype": "FP32",
                              "data": probs.ravel().tolist()}]}
-
-    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.text(ready()), media_type="text/plain; version=0.0.4")
-
-    app.add_middleware(Bounded, limit=max_body, metrics=metrics, routes=app.router.routes)
-    return app
 
 
 def _json(raw: bytes):

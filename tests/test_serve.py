@@ -333,3 +333,12 @@ def test_the_page_in_a_real_browser_shows_the_top_five_and_the_overlay_for_a_dro
     finally:
         chrome.terminate()
         chrome.wait(30)
+
+
+def test_without_the_serve_extra_the_verb_names_the_install_line(monkeypatch, digits_run):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if FastAPI were not installed
+    monkeypatch.delitem(sys.modules, "cnnctl.serve.app", raising=False)
+    res = invoke("serve", digits_run[0], code=2)
+    assert "needs FastAPI and uvicorn" in res.output and "pip install 'cnnctl[serve]'" in res.output

@@ -17,7 +17,7 @@ from cnnctl.errors import CnnctlError
 from cnnctl.extras import require
 
 require("fastapi", "serve", "cnnctl serve needs FastAPI and uvicorn, which are not installed")
-require("multipart", "serve", "cnnctl serve needs python-multipart, which is not installed")
+require("python_multipart", "serve", "cnnctl serve needs python-multipart, which is not installed")
 
 from fastapi import FastAPI, Query, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402

@@ -244,8 +244,10 @@ def _prediction_routes(app: FastAPI, service: Service) -> None:
         """The top-k classes of each picture (multipart files, or a raw image body) or of JSON pixels in 0..1,
         with their probabilities: what `cnnctl predict --json` prints for the same input."""
         service.check_ready()
-        names, x = await service.images(request)
-        return top_classes(names, await service.batcher.submit(x), served.classes, top_k)
+        with service.batcher.expecting():
+            names, x = await service.images(request)
+            probs = await service.batcher.submit(x)
+        return top_classes(names, probs, served.classes, top_k)
 
     @app.post("/explain", openapi_extra=PREDICT_BODY, summary="Grad-CAM of a picture, as a PNG",
               responses={200: {"content": {"image/png": {}}}})
@@ -293,8 +295,9 @@ def _protocol_routes(app: FastAPI, service: Service) -> None:
         in 0..1 (UINT8: 0..255); answers the probabilities of every class, N x classes."""
         service.check_name(name)
         service.check_ready()
-        rid, x = bodies.tensor(_json(await request.body()), service.served.input_shape)
-        probs = await service.batcher.submit(x)
+        with service.batcher.expecting():
+            rid, x = bodies.tensor(_json(await request.body()), service.served.input_shape)
+            probs = await service.batcher.submit(x)
         return {"model_name": service.served.name, "id": rid, "parameters": {"classes": service.served.classes},
                 "outputs": [{"name": "probabilities", "shape": list(probs.shape), "datatype": "FP32",
                              "data": probs.ravel().tolist()}]}

@@ -1,15 +1,18 @@
 """Dynamic batching: concurrent requests gathered into one forward pass.
 
 The first request to arrive opens a batch; requests that arrive within `max_wait` seconds join it while it holds
-at most `max_batch` images (a request is never split: one that would overflow the batch opens the next, and one
-larger than `max_batch` runs alone). Each batch runs on the model's one worker thread, so the event loop keeps
-taking requests while it computes, and the model is never run by two threads at once."""
+at most `max_batch` images, and the batch waits only while another request is on its way (`expecting`: a request
+the server is still reading counts), so a lone client is answered at once. A request is never split: one that
+would overflow the batch opens the next, and one larger than `max_batch` runs alone. Each batch runs on the
+model's one worker thread, so the event loop keeps taking requests while it computes, and the model is never run
+by two threads at once."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -22,6 +25,7 @@ class Batcher:
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
         self._held = None  # a request that did not fit the batch before: it opens the next
+        self.expected = 0  # requests being read or computed (`expecting`)
 
     def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -35,6 +39,15 @@ class Batcher:
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
+
+    @contextmanager
+    def expecting(self):
+        """Around reading a request and submitting it: while it is read, an open batch waits for it."""
+        self.expected += 1
+        try:
+            yield
+        finally:
+            self.expected -= 1
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
         """The model's output for the images x (N, C, H, W), computed in a batch with other requests."""
@@ -62,6 +75,8 @@ class Batcher:
             batch, n = [first], len(first[0])
             deadline = loop.time() + self.max_wait
             while n < self.max_batch:
+                if self.queue.empty() and self._held is None and self.expected <= len(batch):
+                    break  # no other request is on its way
                 try:
                     item = await self._next(max(deadline - loop.time(), 0))
                 except TimeoutError:

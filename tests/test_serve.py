@@ -257,6 +257,30 @@ def test_an_exported_onnx_model_is_served_through_onnxruntime(digits_run, server
         s.stop()
 
 
+def test_the_int8_model_is_served_and_agrees_with_the_float_one(digits_run, server, tmp_path):
+    """export --int8's file through onnxruntime: its probabilities near the float model's on the run's own test
+    pictures (pixels sent as an infer tensor)."""
+    pytest.importorskip("onnxruntime")
+    from cnnctl import api
+    from cnnctl.run.start import data_as_run
+
+    run, _ = digits_run
+    invoke("export", run, "--out", tmp_path / "m.onnx", "--int8", "--calibrate", "128", "--max-drop", "100")
+    ds = data_as_run(api.load(run).spec)
+    x = ds.test.x[:64]
+    s = Server(tmp_path / "m-int8.onnx", "--name", "int8")
+    try:
+        body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "UINT8", "data": x.ravel().tolist()}]}
+
+        def probabilities(url, name):
+            out = httpx.post(f"{url}/v2/models/{name}/infer", json=body).json()["outputs"][0]
+            return np.asarray(out["data"]).reshape(out["shape"])
+        int8, ours = probabilities(s.url, "int8"), probabilities(server.url, DIGITS["name"])
+        assert (int8.argmax(1) == ours.argmax(1)).mean() > 0.9 and np.abs(int8 - ours).max() < 0.5
+    finally:
+        s.stop()
+
+
 def test_what_cannot_be_served_is_refused_before_listening(tmp_path, digits_run):
     (tmp_path / "x.onnx").write_bytes(b"not onnx")
     res = invoke("serve", tmp_path / "x.onnx", code=2)

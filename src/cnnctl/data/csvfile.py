@@ -9,8 +9,8 @@ import numpy as np
 from cnnctl.core.fileio import Unreadable, read_regular
 from cnnctl.errors import DataError
 
-from .formats import Raw, register_format
-from .pictures import decode_images, pillow
+from .formats import Listing, Raw, decoded, register_format
+from .pictures import pillow
 
 MAX_CSV_BYTES = 64 << 20  # a list of picture paths; a million rows is about 50 MB
 MAX_CLASS_NAME = 1000  # characters of one label
@@ -18,11 +18,10 @@ MAX_NUMBERED_CLASSES = 100_000  # integer labels may leave classes out, up to th
 CSV_SPLITS = ("train", "val", "test")
 
 
-def load_csv(path: Path, input_shape, resize: int | None = None):
+def list_csv(path: Path, input_shape) -> Listing:
     """A CSV of pictures: columns `path` and `label` (and optionally `split`: train, val or test; default train),
-    paths relative to the CSV's folder, labels as class names (sorted) or as integers 0..K-1. Decoded as the folder
-    dataset decodes. Returns (classes, train, val or None, test); every missing file, unknown split and picture
-    that cannot be decoded is named in one message."""
+    paths relative to the CSV's folder, labels as class names (sorted) or as integers 0..K-1. Every missing file,
+    unknown split and bad row is named in one message."""
     pillow()
     c = input_shape[0]
     if c not in (1, 3):
@@ -56,17 +55,18 @@ def load_csv(path: Path, input_shape, resize: int | None = None):
         classes = sorted(set(labels))
         index = {name: i for i, name in enumerate(classes)}
     rows = [(split, f, label) for _, split, f, label in rows]
-    out = []
+    splits = {}
     for name in CSV_SPLITS:
         picked = [(f, index[label]) for (split, f, _), label in zip(rows, labels) if split == name]
-        if not picked:
-            out.append(None)
-            continue
-        images = decode_images([f for f, _ in picked], tuple(input_shape), f"{path} ({name} rows)", resize)
-        out.append((images, np.asarray([y for _, y in picked], np.int64)))
-    train, val, test = out
-    empty = (np.empty((0, *input_shape), np.uint8), np.empty(0, np.int64))
-    return classes, train, val, test if test is not None else empty
+        if picked:
+            splits[name] = ([f for f, _ in picked], np.asarray([y for _, y in picked], np.int64))
+    return Listing(classes, splits, {name: f"{path} ({name} rows)" for name in splits})
+
+
+def load_csv(path: Path, input_shape, resize: int | None = None):
+    """The CSV's pictures decoded as the folder dataset decodes them: (classes, train, val or None, test)."""
+    raw = decoded(list_csv(path, input_shape), input_shape, resize)
+    return raw.classes, raw.train, raw.val, raw.test
 
 
 def _rows(path: Path, text: str) -> tuple[list[tuple[int, str, Path, str]], list[str]]:
@@ -113,8 +113,11 @@ def _rows(path: Path, text: str) -> tuple[list[tuple[int, str, Path, str]], list
     return rows, bad
 
 
+def _listing(spec, input_shape) -> Listing:
+    return list_csv(Path(spec.path).expanduser(), input_shape)
+
+
 @register_format("csv", "a CSV of picture files given as data.path: columns path,label[,split]", located_by="path",
-                 path_is="the CSV given as data.path (columns path,label[,split])", pictures=True)
+                 path_is="the CSV given as data.path (columns path,label[,split])", pictures=True, listing=_listing)
 def load(spec, input_shape, rng, progress) -> Raw:
-    classes, train, val, test = load_csv(Path(spec.path).expanduser(), input_shape, spec.resize)
-    return Raw(classes, train, test, val)
+    return decoded(_listing(spec, input_shape), input_shape, spec.resize)

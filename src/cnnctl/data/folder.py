@@ -8,15 +8,14 @@ import numpy as np
 
 from cnnctl.errors import DataError
 
-from .formats import Raw, register_format, root_of
-from .pictures import IMAGE_SUFFIXES, decode_images, pillow
+from .formats import Listing, Raw, decoded, register_format, root_of
+from .pictures import IMAGE_SUFFIXES, pillow
 
 
-def load_folder(root: Path, input_shape, resize: int | None = None) -> tuple[list[str], tuple, tuple]:
-    """ImageFolder: root/train/<class>/*.png|jpg and, when present, root/test/<class>/... (else an empty test
-    split), resized to the input shape."""
+def list_folder(root: Path, input_shape) -> Listing:
+    """ImageFolder: root/train/<class>/*.png|jpg and, when present, root/test/<class>/... (else no test split)."""
     pillow()
-    c, h, w = input_shape
+    c = input_shape[0]
     if c not in (1, 3):
         raise DataError(f"dataset: folder decodes grayscale (1 channel) or RGB (3), but input_shape has {c} channels")
     train_dir = root / "train"
@@ -31,7 +30,7 @@ def load_folder(root: Path, input_shape, resize: int | None = None) -> tuple[lis
         extra = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
         if extra:
             raise DataError(f"{test_dir} has classes {extra} that train/ does not have")
-    splits = []
+    splits = {}
     for split in ("train", "test"):
         paths, labels = [], []
         for label, name in enumerate(classes):
@@ -43,12 +42,23 @@ def load_folder(root: Path, input_shape, resize: int | None = None) -> tuple[lis
         if not paths and (split == "train" or test_dir.is_dir()):
             raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
                             f"put images in {root / split}/<class>/")
-        images = decode_images(paths, (c, h, w), str(root / split), resize)
-        splits.append((images, np.asarray(labels, np.int64)))
-    return classes, splits[0], splits[1]
+        if paths:
+            splits[split] = (paths, np.asarray(labels, np.int64))
+    return Listing(classes, splits, {name: str(root / name) for name in splits})
+
+
+def load_folder(root: Path, input_shape, resize: int | None = None) -> tuple[list[str], tuple, tuple]:
+    """(classes, train, test) of an ImageFolder tree, decoded and resized to the input shape (test empty without
+    root/test)."""
+    raw = decoded(list_folder(root, input_shape), input_shape, resize)
+    return raw.classes, raw.train, raw.test
+
+
+def _listing(spec, input_shape) -> Listing:
+    return list_folder(root_of(spec), input_shape)
 
 
 @register_format("folder", "picture files in ROOT/train/<class>/ (and ROOT/test/<class>/), data.root ROOT",
-                 pictures=True)
+                 pictures=True, listing=_listing)
 def load(spec, input_shape, rng, progress) -> Raw:
-    return Raw(*load_folder(root_of(spec), input_shape, spec.resize))
+    return decoded(_listing(spec, input_shape), input_shape, spec.resize)

@@ -28,6 +28,26 @@ class Raw(NamedTuple):
     val: Arrays | None = None
 
 
+class Listing(NamedTuple):
+    """A picture format's files before any is decoded: the class names and, per split ("train", "test" and
+    optionally "val"), the picture files with their labels. `cnnctl pack` decodes it in parallel, a shard at a
+    time; a run decodes it whole (`decoded`)."""
+
+    classes: list[str]
+    splits: dict[str, tuple[list[Path], np.ndarray]]
+    where: dict[str, str]  # each split's source, for messages
+
+
+def decoded(listing: Listing, input_shape, resize: int | None) -> Raw:
+    """Every picture of a listing decoded (cnnctl.data.pictures): the Raw a run reads."""
+    from .pictures import decode_images
+
+    arrays = {name: (decode_images(paths, tuple(input_shape), listing.where[name], resize), labels)
+              for name, (paths, labels) in listing.splits.items()}
+    empty = (np.empty((0, *input_shape), np.uint8), np.empty(0, np.int64))
+    return Raw(listing.classes, arrays["train"], arrays.get("test", empty), arrays.get("val"))
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
@@ -39,6 +59,7 @@ class Format:
     downloads: bool = False  # data.download fetches its files
     classes: Callable[[DataSpec], list[str] | None] | None = None  # known without reading any file
     image_shape: tuple[int, int, int] | None = None  # fixed by the format
+    listing: Callable[[DataSpec, Any], Listing] | None = None  # picture formats: (spec, input_shape) -> Listing
 
 
 FORMATS: dict[str, Format] = {}

@@ -111,3 +111,35 @@ def schema(
     else:
         atomic_write_bytes(out_file, text.encode())
         out.print(f"wrote {out_file}")
+
+
+@app.command("pack")
+@guarded
+def pack_(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG")],
+    out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="The folder to write (new or empty, or a "
+                                          "pack of the same data to continue).")],
+    set_: SetOption = None,
+    workers: Annotated[int | None, typer.Option("--workers", metavar="N", min=1, show_default=False,
+                                                help="Processes decoding picture files (default: the usable "
+                                                "cores).")] = None,
+):
+    """Decode a config's dataset once into memory-mapped shards (uint8 .npy files and a manifest) that
+    `dataset: packed` with `data.path: DIR` reads without loading them: the same numbers as the data it was
+    packed from, memory that does not grow with the dataset. A killed pack continues where it stopped."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from cnnctl.config.reading import load_config
+    from cnnctl.data.packed import pack
+    from cnnctl.run.start import Seeds
+
+    spec, _ = load_config(config, set_ or [])
+    columns = (TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=out, transient=True, disable=not out.is_terminal) as bar:
+        task = bar.add_task("pack", total=None)
+        manifest = pack(spec.data, spec.model.input_shape, Seeds.from_seed(spec.seed).data, out_dir, workers,
+                        lambda done, total: bar.update(task, completed=done, total=total))
+    counts = ", ".join(f"{name} {split['count']:,}" for name, split in manifest["splits"].items())
+    shards = sum(len(split["shards"]) for split in manifest["splits"].values())
+    out.print(f"packed {counts} images of shape {tuple(manifest['image_shape'])} into {shards} shards in {out_dir}; "
+              f"train on it with data: {{dataset: packed, path: {out_dir}}}")

@@ -15,12 +15,13 @@ from cnnctl.errors import DataError
 
 from . import augment, download
 from .formats import FORMATS, default_root, root_of  # noqa: F401  (cnnctl.data.default_root, root_of)
+from .packed import rows_of
 from .spec import DataSpec
 
 
 @dataclass
 class Split:
-    x: np.ndarray  # (N, C, H, W), uint8 (or float32 for float npz data)
+    x: np.ndarray  # (N, C, H, W), uint8 (or float32 for float npz data); packed data: memory-mapped `Rows`
     y: np.ndarray  # (N,) int64
 
     def __len__(self) -> int:
@@ -86,7 +87,8 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
     else:
         n_val = int(round(len(full) * spec.val_split))
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-    train, val = Split(full.x[train_idx], full.y[train_idx]), Split(full.x[val_idx], full.y[val_idx])
+    train = Split(rows_of(full.x, train_idx), full.y[train_idx])  # packed data: views, nothing read
+    val = Split(rows_of(full.x, val_idx), full.y[val_idx])
     if given_val is not None:  # the data names its validation images (a CSV's split column): val_split is not used
         train, val = full, given_val
     if len(train) == 0:

@@ -12,7 +12,7 @@ from pydantic_core import PydanticCustomError
 from cnnctl.strict import NonNegInt, PosInt, Strict
 
 # isort: off
-from . import shapes, idx, cifar, digits, npz, folder, csvfile  # noqa: F401  each registers its format(s), in this order
+from . import shapes, idx, cifar, digits, npz, folder, csvfile, packed  # noqa: F401  each registers its format(s), in order
 from .formats import FORMATS
 # isort: on
 
@@ -94,7 +94,11 @@ class DataSpec(Strict):
                          "schema's enum is the registry's names).",
                          json_schema_extra=lambda schema: schema.update(enum=sorted(FORMATS)))
     path: str | None = Field(None, description="csv: the CSV of pictures, columns path,label and optionally split "
-                             "(train, val or test); paths relative to the CSV's folder.")
+                             "(train, val or test); paths relative to the CSV's folder. packed: the folder "
+                             "cnnctl pack wrote.")
+    verify: bool = Field(True, description="packed: check every shard's sha256 against the manifest when a run "
+                         "opens it (false skips the hashing for very large packs; sizes and headers are still "
+                         "checked).")
     root: str | None = Field(None, description="Folder with the dataset files (default ~/.cache/cnnctl/<dataset>, "
                              "or $CNNCTL_DATA/<dataset>); the .npz file for npz; the ImageFolder root for folder.")
     download: bool = Field(False, description="Fetch missing files (mnist, fashion_mnist, kmnist, cifar10) into "

@@ -1,0 +1,296 @@
+"""dataset: packed: a dataset decoded once by `cnnctl pack` into uint8 N x C x H x W shards (.npy files of a few
+hundred MB) and a manifest, read memory-mapped: a batch reads its own rows, so a run's memory does not grow with
+the dataset.
+
+    DIR/manifest.json      classes, image shape, the source and resize that made it, per split its count, its
+                           shards (file, rows, sha256) and its labels file (int64, sha256)
+    DIR/train-00000.npy    rows 0.. of the training data as stored (the validation split is carved from the run's
+    DIR/train-labels.npy   seed, as for the source), likewise test- (and val- where the source names one)
+
+`pack` writes each shard atomically as it is made and the manifest last; a killed pack continues with the shards
+it has (each checked against its planned rows). It refuses a folder holding anything else, or another pack.
+A run checks every file's size and header, and its sha256 unless `data.verify: false`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from cnnctl.core.fileio import Unreadable, atomic_write_bytes, read_regular
+from cnnctl.errors import CnnctlWarning, DataError
+
+from .formats import FORMATS, Raw, register_format
+
+MANIFEST = "manifest.json"
+PLAN = "pack-plan.json"  # what a pack in progress is made from: a resumed pack must be the same one
+SHARD_BYTES = 256 << 20
+KIND = "cnnctl pack 1"
+
+
+class Rows:
+    """Rows of images held in shard files (memory-mapped) as one read-only array: `x[i]`, `x[a:b]`, `x[idx]`
+    and `x[idx, c]` read those rows only and give an ndarray; `take(idx)` is a view of some rows, copying
+    nothing (a split carved from a split)."""
+
+    def __init__(self, parts: list[np.ndarray], index: np.ndarray | None = None):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.index = np.arange(self.starts[-1]) if index is None else np.asarray(index, np.int64)
+        self.dtype = parts[0].dtype if parts else np.dtype(np.uint8)
+        self.row_shape = tuple(parts[0].shape[1:]) if parts else ()
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.index), *self.row_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.row_shape)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, idx) -> Rows:
+        return Rows(self.parts, self.index[idx])
+
+    def __getitem__(self, key):
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(rows, (int, np.integer)):
+            return self[(np.asarray([rows]), *rest)][0]
+        wanted = self.index[rows]
+        out = np.empty((len(wanted), *self.row_shape), self.dtype)
+        shard = np.searchsorted(self.starts, wanted, side="right") - 1
+        for s in np.unique(shard):
+            here = shard == s
+            local = wanted[here] - self.starts[s]
+            order = np.argsort(local, kind="stable")  # read each shard front to back
+            out[np.flatnonzero(here)[order]] = self.parts[s][local[order]]
+        return out[(slice(None), *rest)] if rest else out
+
+    def astype(self, dtype) -> np.ndarray:
+        return self[:].astype(dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+
+def rows_of(x, idx):
+    """x[idx] for an array (a copy), a view of the rows for `Rows` (nothing read)."""
+    return x.take(idx) if isinstance(x, Rows) else x[idx]
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    fix = f"pack the data again: cnnctl pack CONFIG --out {folder}"
+    try:
+        m = json.loads(read_regular(path, 64 << 20))
+    except Unreadable as e:
+        what = "no such file" if e.missing else f"cannot read it ({e.reason})"
+        raise DataError(f"{path}: {what}" + (" (a pack not finished, or not a pack)" if e.missing else ""),
+                        "give data.path a folder that cnnctl pack wrote; " + fix) from None
+    except ValueError as e:
+        raise DataError(f"{path}: not a complete JSON manifest ({e})", fix) from None
+    if not isinstance(m, dict) or m.get("kind") != KIND or not isinstance(m.get("splits"), dict) \
+            or not isinstance(m.get("classes"), list):
+        raise DataError(f"{path}: not a manifest of cnnctl pack", fix)
+    return m
+
+
+def _open_array(folder: Path, entry: dict, shape: tuple, dtype, verify: bool) -> np.ndarray:
+    path = folder / entry["file"]
+    fix = f"pack the data again: cnnctl pack CONFIG --out {folder}"
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot be read as the shard the manifest lists ({type(e).__name__}: {e})",
+                        fix) from None
+    if a.shape != shape or a.dtype != dtype:
+        raise DataError(f"{path}: holds {a.dtype} {a.shape}, the manifest says {np.dtype(dtype)} {shape}", fix)
+    if verify and _sha256(path) != entry["sha256"]:
+        raise DataError(f"{path}: its sha256 differs from the manifest's: the file changed or is damaged", fix)
+    return a
+
+
+def open_pack(folder: Path, verify: bool = True) -> tuple[dict, dict[str, tuple[Rows, np.ndarray]]]:
+    """The manifest and, per split, its images (memory-mapped `Rows`) and labels; every file checked."""
+    m = read_manifest(folder)
+    splits = {}
+    try:
+        shape = tuple(int(d) for d in m["image_shape"])
+        for name, split in m["splits"].items():
+            parts = [_open_array(folder, e, (e["rows"][1] - e["rows"][0], *shape), np.uint8, verify)
+                     for e in split["shards"]]
+            labels = np.array(_open_array(folder, split["labels"], (split["count"],), np.int64, verify))
+            x = Rows(parts) if parts else Rows([np.empty((0, *shape), np.uint8)])
+            if len(x) != split["count"]:
+                raise DataError(f"{folder / MANIFEST}: split {name} lists {len(x)} rows in its shards and "
+                                f"{split['count']} as its count")
+            splits[name] = (x, labels)
+    except (KeyError, TypeError, IndexError) as e:
+        raise DataError(f"{folder / MANIFEST}: an entry is missing or malformed ({type(e).__name__}: {e})",
+                        f"pack the data again: cnnctl pack CONFIG --out {folder}") from None
+    return m, splits
+
+
+@register_format("packed", "a folder written by cnnctl pack given as data.path: memory-mapped shards",
+                 located_by="path", path_is="the folder cnnctl pack wrote, given as data.path")
+def load(spec, input_shape, rng, progress) -> Raw:
+    folder = Path(spec.path).expanduser()
+    if not spec.verify:
+        warnings.warn(f"data.verify is false: the sha256 of {folder}'s shards are not checked (their sizes and "
+                      "headers are)", CnnctlWarning, stacklevel=2)
+    m, splits = open_pack(folder, spec.verify)
+    if tuple(m["image_shape"]) != tuple(input_shape):
+        raise DataError(f"{folder} holds images of shape {tuple(m['image_shape'])}, model.input_shape is "
+                        f"{list(input_shape)}", f"set model.input_shape: {list(m['image_shape'])}, or pack again")
+    empty = (Rows([np.empty((0, *input_shape), np.uint8)]), np.empty(0, np.int64))
+    return Raw(list(m["classes"]), splits["train"], splits.get("test", empty), splits.get("val"))
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _source(spec, input_shape) -> dict:
+    """What a pack is made from: the data section's keys that decide the pixels, and the input shape."""
+    keys = ("dataset", "root", "path", "resize", "classes", "shapes")
+    data = spec.model_dump(mode="json")
+    return {"data": {k: data[k] for k in keys if k in data}, "input_shape": list(input_shape)}
+
+
+def _decode(paths, shape, where, resize):
+    from .pictures import decode_images
+
+    return decode_images(paths, shape, where, resize)
+
+
+def _plan(spec, input_shape, rng) -> tuple[list[str], dict]:
+    """(classes, per split a function giving rows lo:hi as uint8 and its labels): pictures are decoded a
+    shard at a time, other formats are read whole (they are bounded by their files)."""
+    fmt = FORMATS[spec.dataset]
+    if fmt.name == "packed":
+        raise DataError("the data is packed already", "give the config the pack was made from")
+    if fmt.listing is not None:
+        listing = fmt.listing(spec, input_shape)
+        return listing.classes, {name: (len(paths), labels, (paths, listing.where[name]))
+                                 for name, (paths, labels) in listing.splits.items()}
+    raw = fmt.load(spec, input_shape, rng, None)
+    out = {"train": raw.train, "test": raw.test, **({"val": raw.val} if raw.val is not None else {})}
+    for x, _ in out.values():
+        if x.dtype != np.uint8:
+            raise DataError(f"dataset '{spec.dataset}' stores {x.dtype} pixels: cnnctl pack stores uint8 images")
+    return raw.classes, {name: (len(y), np.asarray(y, np.int64), x) for name, (x, y) in out.items() if len(y)}
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _existing(path: Path, rows: int, shape: tuple) -> str | None:
+    """The sha256 of a shard a killed pack left, when it holds exactly the planned rows; else None."""
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    return _sha256(path) if a.shape == (rows, *shape) and a.dtype == np.uint8 else None
+
+
+def pack(spec, input_shape, rng, out: Path, workers: int | None = None,
+         progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
+    """Decode the dataset of a config's data section once into DIR (see the module's docstring); returns the
+    manifest. Picture files are decoded in `workers` processes (default: the usable cores), a shard at a time."""
+    out = Path(out)
+    source = _source(spec, input_shape)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} exists and is not a folder", "give --out a new or empty folder")
+    plan_path = out / PLAN
+    if (out / MANIFEST).is_file() or plan_path.is_file():
+        made_from = json.loads((plan_path if plan_path.is_file() else out / MANIFEST).read_text()).get("source")
+        if made_from != source:
+            raise DataError(f"{out} holds a pack of other data ({json.dumps(made_from)[:200]})",
+                            "give --out a new folder, or delete that pack first")
+        if (out / MANIFEST).is_file():
+            return read_manifest(out)  # packed already
+    elif out.is_dir() and any(out.iterdir()):
+        raise DataError(f"{out} is not empty and holds no pack", "give --out a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(plan_path, json.dumps({"source": source}).encode())
+    classes, splits = _plan(spec, input_shape, rng)
+    shape = tuple(input_shape)
+    per_shard = max(1, SHARD_BYTES // int(np.prod(shape)))
+    total = sum(n for n, _, _ in splits.values())
+    manifest = {"kind": KIND, "classes": list(classes), "image_shape": list(shape), "dtype": "uint8",
+                "source": source, "splits": {}}
+    done = 0
+    workers = workers or len(os.sched_getaffinity(0))
+    with ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
+        for name, (n, labels, images) in splits.items():
+            shards = []
+            ranges = [(lo, min(lo + per_shard, n)) for lo in range(0, n, per_shard)]
+            todo = []
+            for k, (lo, hi) in enumerate(ranges):
+                entry = {"file": f"{name}-{k:05d}.npy", "rows": [lo, hi]}
+                entry["sha256"] = _existing(out / entry["file"], hi - lo, shape)
+                shards.append(entry)
+                if entry["sha256"] is None:
+                    todo.append(entry)
+                else:
+                    done += hi - lo
+                    progress(done, total)
+            for entry in todo:
+                lo, hi = entry["rows"]
+                if isinstance(images, tuple):  # picture files: decoded in the workers, a slice each
+                    paths, where = images
+                    step = -(-(hi - lo) // workers)
+                    chunks = list(pool.map(_decode, [paths[a:min(a + step, hi)] for a in range(lo, hi, step)],
+                                           [shape] * workers, [where] * workers, [spec.resize] * workers))
+                    x = np.concatenate(chunks)
+                else:
+                    x = np.ascontiguousarray(images[lo:hi])
+                blob = _npy_bytes(x)
+                atomic_write_bytes(out / entry["file"], blob)
+                entry["sha256"] = hashlib.sha256(blob).hexdigest()
+                done += hi - lo
+                progress(done, total)
+            label_bytes = _npy_bytes(np.ascontiguousarray(labels, np.int64))
+            atomic_write_bytes(out / f"{name}-labels.npy", label_bytes)
+            manifest["splits"][name] = {"count": n, "shards": shards, "labels": {
+                "file": f"{name}-labels.npy", "sha256": hashlib.sha256(label_bytes).hexdigest()}}
+    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    plan_path.unlink()
+    return manifest
+
+
+class _Inline:
+    """A pool of no processes: map in this one."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, *iterables):
+        return map(fn, *iterables)

@@ -1,0 +1,182 @@
+"""cnnctl pack and dataset: packed: the numbers of the data it was packed from, to the last digit (train, resume,
+eval, `cnnctl data`), picture folders decoded in worker processes, memory-mapped rows, and what goes wrong with a
+pack: a damaged shard, a truncated manifest, a pack killed and resumed, a folder holding other data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cnnctl.config.reading import load_config
+from cnnctl.data import load_dataset, packed
+from cnnctl.errors import DataError
+from cnnctl.run.start import Seeds
+from tests.helpers import invoke, metric_rows
+
+
+def _configs(tmp_path, **data):
+    """(a config reading an .npz, the same config reading its pack at tmp_path/pack)."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (600, 1, 12, 12), dtype=np.uint8),
+             y_train=rng.integers(0, 3, 600), x_test=rng.integers(0, 256, (100, 1, 12, 12), dtype=np.uint8),
+             y_test=rng.integers(0, 3, 100))
+    cfg = {"name": "n", "seed": 1, "data": {"dataset": "npz", "root": str(tmp_path / "d.npz"), "batch_size": 32,
+                                            "val_split": 0.2, "augment": {"horizontal_flip": True,
+                                                                          "random_shift": 0.1}, **data},
+           "model": {"input_shape": [1, 12, 12], "layers": [
+               {"type": "conv2d", "filters": 4, "kernel_size": 3, "activation": "relu"},
+               {"type": "batchnorm"}, {"type": "flatten"}, {"type": "dense", "units": 3}]},
+           "optimizer": {"type": "adam", "lr": 0.01}, "train": {"epochs": 2, "test_at_end": True}}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(cfg))
+    cfg["data"] = {**{k: v for k, v in cfg["data"].items() if k != "root"}, "dataset": "packed",
+                   "path": str(tmp_path / "pack")}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "a.yaml", tmp_path / "b.yaml"
+
+
+def _run(runs: Path) -> Path:
+    (run,) = runs.iterdir()
+    return run
+
+
+@pytest.mark.parametrize("data", [{}, {"stratify": True, "sampler": "balanced"}], ids=["shuffle", "balanced"])
+def test_a_packed_dataset_trains_to_the_numbers_of_its_source(tmp_path, data):
+    a, b = _configs(tmp_path, **data)
+    invoke("pack", a, "--out", tmp_path / "pack")
+    invoke("train", a, "-q", "--runs-dir", tmp_path / "ra")
+    invoke("train", b, "-q", "--runs-dir", tmp_path / "rb")
+    ra, rb = _run(tmp_path / "ra"), _run(tmp_path / "rb")
+    assert metric_rows(ra) == metric_rows(rb)
+    test_a = json.loads((ra / "summary.json").read_text())["test"]
+    assert test_a == json.loads((rb / "summary.json").read_text())["test"]
+    ev_a, ev_b = (json.loads(invoke("eval", r, "--json").stdout) for r in (ra, rb))
+    assert {k: v for k, v in ev_a.items() if k not in ("checkpoint", "dataset")} == \
+        {k: v for k, v in ev_b.items() if k not in ("checkpoint", "dataset")}
+    da = json.loads(invoke("data", a, "--json").stdout)
+    db = json.loads(invoke("data", b, "--json").stdout)
+    assert {k: v for k, v in da.items() if k != "dataset"} == {k: v for k, v in db.items() if k != "dataset"}
+
+
+def test_resuming_a_run_on_packed_data_is_bit_exact(tmp_path):
+    a, b = _configs(tmp_path)
+    invoke("pack", a, "--out", tmp_path / "pack")
+    invoke("train", b, "-q", "--runs-dir", tmp_path / "whole")
+    invoke("train", b, "-q", "--runs-dir", tmp_path / "halves", "--set", "train.epochs=1")
+    run = _run(tmp_path / "halves")
+    invoke("train", "--resume", run, "-q", "--set", "train.epochs=2")
+    assert metric_rows(run) == metric_rows(_run(tmp_path / "whole"))
+
+
+def test_the_splits_are_memory_mapped_rows_and_batches_read_only_theirs(tmp_path):
+    a, b = _configs(tmp_path)
+    invoke("pack", a, "--out", tmp_path / "pack")
+    spec, _ = load_config(b)
+    ds = load_dataset(spec.data, spec.model.input_shape, Seeds.from_seed(spec.seed).data)
+    assert isinstance(ds.train.x, packed.Rows) and isinstance(ds.val.x, packed.Rows)
+    assert all(isinstance(p, np.memmap) for p in ds.train.x.parts)
+    source, _ = load_config(a)
+    ref = load_dataset(source.data, source.model.input_shape, Seeds.from_seed(source.seed).data)
+    idx = np.array([5, 0, 470, 3, 3])
+    np.testing.assert_array_equal(ds.train.x[idx], ref.train.x[idx])
+    np.testing.assert_array_equal(ds.val.x[2:9, 0], ref.val.x[2:9, 0])
+    np.testing.assert_array_equal(ds.train.x[7], ref.train.x[7])
+    np.testing.assert_allclose(ds.mean, ref.mean, rtol=0) and np.testing.assert_allclose(ds.std, ref.std, rtol=0)
+
+
+def test_a_folder_is_decoded_by_worker_processes_a_shard_at_a_time_as_a_run_decodes_it(tmp_path, monkeypatch):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 14), ("test", 5)):
+        for k in ("cat", "dog"):
+            (tmp_path / "f" / split / k).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (9 + i % 3, 11, 3), dtype=np.uint8)).save(
+                    tmp_path / "f" / split / k / f"{i}.png")
+    cfg = {"name": "f", "data": {"dataset": "folder", "root": str(tmp_path / "f"), "resize": 8},
+           "model": {"input_shape": [3, 6, 6], "layers": [{"type": "flatten"}, {"type": "dense", "units": 2}]}}
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(packed, "SHARD_BYTES", 3 * 6 * 6 * 5)  # 5 pictures a shard
+    spec, _ = load_config(tmp_path / "f.yaml")
+    manifest = packed.pack(spec.data, (3, 6, 6), None, tmp_path / "pack", workers=2)
+    assert [len(s["shards"]) for s in manifest["splits"].values()] == [6, 2]
+    _, splits = packed.open_pack(tmp_path / "pack")
+    from cnnctl.data.folder import load_folder
+
+    classes, (x, y), (xt, yt) = load_folder(tmp_path / "f", (3, 6, 6), 8)
+    assert manifest["classes"] == classes
+    np.testing.assert_array_equal(splits["train"][0][:], x) and np.testing.assert_array_equal(splits["train"][1], y)
+    np.testing.assert_array_equal(splits["test"][0][:], xt)
+
+
+def _packed(tmp_path):
+    a, b = _configs(tmp_path)
+    invoke("pack", a, "--out", tmp_path / "pack")
+    return a, b
+
+
+def test_a_damaged_shard_is_one_error_naming_the_file(tmp_path):
+    _, b = _packed(tmp_path)
+    shard = tmp_path / "pack" / "train-00000.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0xFF  # one pixel: the header still says the right shape
+    shard.write_bytes(bytes(raw))
+    res = invoke("train", b, "-q", "--runs-dir", tmp_path / "r", code=2)
+    assert "train-00000.npy: its sha256 differs from the manifest's" in res.output and "cnnctl pack" in res.output
+    with pytest.warns(UserWarning, match="data.verify is false"):  # the hashing skipped, and said
+        spec, _ = load_config(b, ["data.verify=false"])
+        load_dataset(spec.data, spec.model.input_shape, Seeds.from_seed(1).data)
+    shard.write_bytes(bytes(raw[: len(raw) // 2]))  # truncated: found without hashing
+    res = invoke("train", b, "-q", "--runs-dir", tmp_path / "r", "--set", "data.verify=false", code=2)
+    assert "train-00000.npy: cannot be read as the shard the manifest lists" in res.output
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda m: m.write_text(m.read_text()[: len(m.read_text()) // 2]), "not a complete JSON manifest"),
+    (lambda m: m.unlink(), "manifest.json: no such file (a pack not finished, or not a pack)"),
+    (lambda m: m.write_text(json.dumps({"kind": "cnnctl pack 1", "classes": [], "splits": {"train": {"count": 3}}})),
+     "an entry is missing or malformed"),
+])
+def test_a_truncated_or_missing_manifest_is_one_error(tmp_path, damage, words):
+    _, b = _packed(tmp_path)
+    damage(tmp_path / "pack" / "manifest.json")
+    res = invoke("train", b, "-q", "--runs-dir", tmp_path / "r", code=2)
+    assert words in res.output and "Traceback" not in res.output
+
+
+def test_a_killed_pack_continues_with_the_shards_it_has(tmp_path, monkeypatch):
+    a, _ = _configs(tmp_path)
+    spec, _ = load_config(a)
+    monkeypatch.setattr(packed, "SHARD_BYTES", 144 * 100)  # 100 images a shard
+    whole = packed.pack(spec.data, (1, 12, 12), None, tmp_path / "whole")
+
+    def killed(done, total):
+        if done >= 300:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        packed.pack(spec.data, (1, 12, 12), None, tmp_path / "pack", progress=killed)
+    assert not (tmp_path / "pack" / "manifest.json").exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "pack").glob("train-0*.npy")}
+    assert len(kept) == 3
+    seen = []
+    resumed = packed.pack(spec.data, (1, 12, 12), None, tmp_path / "pack", progress=lambda d, t: seen.append(d))
+    assert seen[:4] == [100, 200, 300, 400]  # the three shards it had counted as done, then the rest
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "pack").glob("train-0*.npy")
+            if p.name in kept} == kept
+    assert resumed["splits"] == whole["splits"] and not (tmp_path / "pack" / packed.PLAN).exists()
+
+
+def test_a_pack_refuses_a_folder_of_other_data(tmp_path):
+    a, _ = _packed(tmp_path)
+    invoke("pack", a, "--out", tmp_path / "pack")  # the same data again: nothing to do
+    res = invoke("pack", a, "--out", tmp_path / "pack", "--set", "model.input_shape=[1,10,10]", code=2)
+    assert "holds a pack of other data" in res.output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    res = invoke("pack", a, "--out", tmp_path / "other", code=2)
+    assert "is not empty and holds no pack" in res.output
+    with pytest.raises(DataError, match="packed already"):
+        spec, _ = load_config(tmp_path / "b.yaml")
+        packed.pack(spec.data, (1, 12, 12), None, tmp_path / "again")

@@ -180,3 +180,16 @@ def test_a_pack_refuses_a_folder_of_other_data(tmp_path):
     with pytest.raises(DataError, match="packed already"):
         spec, _ = load_config(tmp_path / "b.yaml")
         packed.pack(spec.data, (1, 12, 12), None, tmp_path / "again")
+
+
+def test_two_mpi_ranks_on_a_packed_dataset_train_the_model_one_process_trains(tmp_path):
+    from tests import test_mpi
+
+    if test_mpi.MPIEXEC is None or not test_mpi._have_mpi4py():
+        pytest.skip("mpiexec / mpi4py not installed (pip install 'cnnctl[mpi]')")
+    a, b = _packed(tmp_path)
+    one = test_mpi._one("train", b, "-q", "--runs-dir", tmp_path / "one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = test_mpi._mpi(2, "train", b, "-q", "--runs-dir", tmp_path / "two", cwd=tmp_path)
+    assert two.returncode == 0, two.stdout + two.stderr
+    test_mpi._assert_same_model(test_mpi._weights(_run(tmp_path / "one")), test_mpi._weights(_run(tmp_path / "two")))

@@ -193,3 +193,36 @@ def test_two_mpi_ranks_on_a_packed_dataset_train_the_model_one_process_trains(tm
     two = test_mpi._mpi(2, "train", b, "-q", "--runs-dir", tmp_path / "two", cwd=tmp_path)
     assert two.returncode == 0, two.stdout + two.stderr
     test_mpi._assert_same_model(test_mpi._weights(_run(tmp_path / "one")), test_mpi._weights(_run(tmp_path / "two")))
+
+
+AUGMENTS = [{"horizontal_flip": True, "random_shift": 0.2}, {"random_crop": 2, "random_erasing": 0.5},
+            {"random_resized_crop": {"scale": [0.3, 1.0]}, "horizontal_flip": True}]
+
+
+@pytest.mark.parametrize("augment", AUGMENTS, ids=["flip-shift", "crop-erase", "resized-crop"])
+def test_a_ranks_share_of_a_batch_reads_only_its_rows_augmented_as_in_the_whole_batch(tmp_path, augment,
+                                                                                      monkeypatch):
+    """What an MPI rank gets from `batches(..., share=...)`: exactly its rows of every global batch as one process
+    makes the batch (same augmentation draws), read from the pack row by row (no rank gathers a whole batch)."""
+    from cnnctl import data
+    from cnnctl.data.spec import AugmentSpec
+
+    a, b = _packed(tmp_path)
+    spec, _ = load_config(b)
+    ds = load_dataset(spec.data, spec.model.input_shape, Seeds.from_seed(spec.seed).data)
+    aug = AugmentSpec.model_validate(augment)
+    order = np.random.default_rng(4).permutation(len(ds.train))
+    whole = list(data.batches(ds, ds.train, 64, order, 0, aug, np.random.default_rng(5)))
+    read = []
+    gather = packed.Rows.__getitem__
+    monkeypatch.setattr(packed.Rows, "__getitem__", lambda self, key: read.append(len(self.index[key if not
+                                                     isinstance(key, tuple) else key[0]])) or gather(self, key))
+    for rank in range(3):
+        def share(n, rank=rank):
+            return n * rank // 3, n * (rank + 1) // 3
+        read.clear()
+        mine = list(data.batches(ds, ds.train, 64, order, 0, aug, np.random.default_rng(5), share=share))
+        for (x, y), (xw, yw) in zip(mine, whole):
+            lo, hi = share(len(yw))
+            np.testing.assert_array_equal(x, xw[lo:hi]) and np.testing.assert_array_equal(y, yw[lo:hi])
+        assert read == [share(len(yw))[1] - share(len(yw))[0] for _, yw in whole]

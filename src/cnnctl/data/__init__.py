@@ -158,10 +158,11 @@ def epoch_order(split: Split, sampler: str, rng: np.random.Generator) -> np.ndar
 
 def batches(ds: Dataset, split: Split, batch_size: int, order: np.ndarray | None = None, start: int = 0,
             augment_spec=None, rng: np.random.Generator | None = None,
-            flips: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            flips: np.ndarray | None = None, share=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Float32, normalised batches of split in the given order (default: as stored), from batch `start` on;
     augmented with augment_spec and rng when given (training batches only); `flips` (per image of the split)
-    says which are mirrored under alternating flip."""
+    says which are mirrored under alternating flip. With `share` (n -> (lo, hi): an MPI rank's rows of a batch
+    of n) only those rows are read and yielded, augmented as they are in the whole batch."""
     n = len(split)
     order = np.arange(n) if order is None else order
     per_channel = (1, -1) + (1,) * (split.x.ndim - 2)  # images (N, C, H, W), or features (N, C)
@@ -169,9 +170,13 @@ def batches(ds: Dataset, split: Split, batch_size: int, order: np.ndarray | None
     shift = (ds.mean / ds.std).astype(np.float32).reshape(per_channel)
     for b in range(start, -(-n // batch_size)):
         idx_ = order[b * batch_size : (b + 1) * batch_size]
+        part = None
+        if share is not None:
+            lo, hi = share(len(idx_))
+            idx_, part = idx_[lo:hi], (lo, hi, len(idx_))
         x = split.x[idx_]
         if augment_spec is not None:
-            x = augment.apply(x, augment_spec, rng, None if flips is None else flips[idx_])
+            x = augment.apply(x, augment_spec, rng, None if flips is None else flips[idx_], part)
         x = x.astype(np.float32)
         x *= scale
         x -= shift

@@ -1,6 +1,8 @@
 """Training-batch augmentation, vectorised over the batch and drawn from the run's Generator.
 
-Works on the stored pixels (uint8 or float) before normalisation, so padding is black (0).
+Works on the stored pixels (uint8 or float) before normalisation, so padding is black (0). Every draw is made for
+the whole batch; `part` = (lo, hi, n) says that x holds only rows lo:hi of a batch of n (an MPI rank's share): the
+same numbers are drawn, and those rows' are used, so a rank's rows are augmented as one process augments them.
 """
 
 from __future__ import annotations
@@ -8,6 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+
+
+def _rows(x: np.ndarray, part) -> tuple[int, slice]:
+    """(the batch's size, x's rows of it) for `part` (None: x is the whole batch)."""
+    return (len(x), slice(None)) if part is None else (part[2], slice(part[0], part[1]))
 
 
 def _gather(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -21,19 +28,19 @@ def _edge_clipped(size: int, offset) -> np.ndarray:
     return np.clip(np.arange(size) - offset, 0, size - 1)
 
 
-def random_crop(x: np.ndarray, padding: int, rng: np.random.Generator) -> np.ndarray:
+def random_crop(x: np.ndarray, padding: int, rng: np.random.Generator, part=None) -> np.ndarray:
     """Pad by `padding` zeros on every side, then crop back to (H, W) at a random offset per sample."""
-    n, _, h, w = x.shape
+    (n, mine), (_, _, h, w) = _rows(x, part), x.shape
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    oy, ox = rng.integers(0, 2 * padding + 1, (2, n))
+    oy, ox = rng.integers(0, 2 * padding + 1, (2, n))[:, mine]
     return _gather(xp, oy[:, None] + np.arange(h), ox[:, None] + np.arange(w))
 
 
-def random_shift(x: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+def random_shift(x: np.ndarray, fraction: float, rng: np.random.Generator, part=None) -> np.ndarray:
     """Shift each sample by up to fraction x size in each direction, repeating the edge pixels."""
-    n, _, h, w = x.shape
-    dy = rng.integers(-int(fraction * h), int(fraction * h) + 1, n)
-    dx = rng.integers(-int(fraction * w), int(fraction * w) + 1, n)
+    (n, mine), (_, _, h, w) = _rows(x, part), x.shape
+    dy = rng.integers(-int(fraction * h), int(fraction * h) + 1, n)[mine]
+    dx = rng.integers(-int(fraction * w), int(fraction * w) + 1, n)[mine]
     return _gather(x, _edge_clipped(h, dy[:, None]), _edge_clipped(w, dx[:, None]))
 
 
@@ -53,9 +60,11 @@ def test_time_views(x: np.ndarray, spec) -> Iterator[np.ndarray]:
             yield np.ascontiguousarray(view[..., ::-1])
 
 
-def horizontal_flip(x: np.ndarray, rng: np.random.Generator, flip: np.ndarray | None = None) -> np.ndarray:
-    """Mirror a random half of the samples left to right (or those `flip` says)."""
-    flip = rng.random(len(x)) < 0.5 if flip is None else flip
+def horizontal_flip(x: np.ndarray, rng: np.random.Generator, flip: np.ndarray | None = None,
+                    part=None) -> np.ndarray:
+    """Mirror a random half of the samples left to right (or those `flip` says: x's own rows)."""
+    n, mine = _rows(x, part)
+    flip = (rng.random(n) < 0.5)[mine] if flip is None else flip
     out = x.copy()
     out[flip] = x[flip, :, :, ::-1]
     return out
@@ -69,18 +78,19 @@ def alternating_flips(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def random_erasing(x: np.ndarray, p: float, rng: np.random.Generator, area=(0.02, 0.33),
-                   aspect=(0.3, 3.3)) -> np.ndarray:
+                   aspect=(0.3, 3.3), part=None) -> np.ndarray:
     """With probability p per sample, set one rectangle of every channel to 0 (Zhong et al. 2017): its area a
     uniform fraction `area` of the image, its aspect ratio (height / width) log-uniform in `aspect`, its sides
     clipped to the image, its position uniform. Every sample draws the same numbers whether erased or not."""
-    n, _, h, w = x.shape
-    erase = rng.random(n) < p
+    (n, mine), (_, _, h, w) = _rows(x, part), x.shape
+    erase = (rng.random(n) < p)[mine]
     size = h * w * rng.uniform(*area, n)
     ratio = np.exp(rng.uniform(np.log(aspect[0]), np.log(aspect[1]), n))
     eh = np.clip(np.rint(np.sqrt(size * ratio)), 1, h).astype(np.int64)
     ew = np.clip(np.rint(np.sqrt(size / ratio)), 1, w).astype(np.int64)
-    top = (rng.random(n) * (h - eh + 1)).astype(np.int64)
-    left = (rng.random(n) * (w - ew + 1)).astype(np.int64)
+    top = (rng.random(n) * (h - eh + 1)).astype(np.int64)[mine]
+    left = (rng.random(n) * (w - ew + 1)).astype(np.int64)[mine]
+    eh, ew = eh[mine], ew[mine]
     rows, cols = np.arange(h), np.arange(w)
     inside = (((rows >= top[:, None]) & (rows < (top + eh)[:, None]))[:, :, None]
               & ((cols >= left[:, None]) & (cols < (left + ew)[:, None]))[:, None, :])
@@ -133,24 +143,25 @@ def resized_crop(x: np.ndarray, top, left, bh, bw) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8) if x.dtype == np.uint8 else out.astype(x.dtype)
 
 
-def random_resized_crop(x: np.ndarray, spec, rng: np.random.Generator) -> np.ndarray:
-    n, _, h, w = x.shape
-    return resized_crop(x, *resized_crop_boxes(n, h, w, spec.scale, spec.ratio, rng))
+def random_resized_crop(x: np.ndarray, spec, rng: np.random.Generator, part=None) -> np.ndarray:
+    (n, mine), (_, _, h, w) = _rows(x, part), x.shape
+    return resized_crop(x, *(a[mine] for a in resized_crop_boxes(n, h, w, spec.scale, spec.ratio, rng)))
 
 
-def apply(x: np.ndarray, spec, rng: np.random.Generator, flips: np.ndarray | None = None) -> np.ndarray:
+def apply(x: np.ndarray, spec, rng: np.random.Generator, flips: np.ndarray | None = None,
+          part: tuple[int, int, int] | None = None) -> np.ndarray:
     """The augmentations a DataSpec.augment asks for, in a fixed order: resized crop, crop, shift, flip,
-    erasing. With alternating flip, `flips` says which images of the batch are mirrored."""
+    erasing. With alternating flip, `flips` says which images of x are mirrored. `part`: see the module."""
     if spec.random_resized_crop is not None:
-        x = random_resized_crop(x, spec.random_resized_crop, rng)
+        x = random_resized_crop(x, spec.random_resized_crop, rng, part)
     if spec.random_crop:
-        x = random_crop(x, spec.random_crop, rng)
+        x = random_crop(x, spec.random_crop, rng, part)
     if spec.random_shift:
-        x = random_shift(x, spec.random_shift, rng)
+        x = random_shift(x, spec.random_shift, rng, part)
     if spec.horizontal_flip == "alternating":
-        x = horizontal_flip(x, rng, flips)
+        x = horizontal_flip(x, rng, flips, part)
     elif spec.horizontal_flip:
-        x = horizontal_flip(x, rng)
+        x = horizontal_flip(x, rng, part=part)
     if spec.random_erasing:
-        x = random_erasing(x, spec.random_erasing, rng)
+        x = random_erasing(x, spec.random_erasing, rng, part=part)
     return x

@@ -191,12 +191,17 @@ class GradientReducer:
             at += n
 
 
-def take_share(world: World, x: np.ndarray, y: np.ndarray, context) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's rows of a global batch (x, y); `context` (the runner's nn.Context) records which rows of it
-    they are, for the layers that draw for the whole batch (dropout)."""
-    n = len(y)
+def mark_share(world: World, n: int, context) -> tuple[int, int]:
+    """This rank's rows (lo, hi) of a global batch of n, recorded in `context` (the runner's nn.Context) for the
+    layers that draw for the whole batch (dropout)."""
     lo, hi = world.shard(n)
     context.part = (lo, hi, n)
+    return lo, hi
+
+
+def take_share(world: World, x: np.ndarray, y: np.ndarray, context) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's rows of a global batch (x, y), marked in `context` (`mark_share`)."""
+    lo, hi = mark_share(world, len(y), context)
     return x[lo:hi], y[lo:hi]
 
 

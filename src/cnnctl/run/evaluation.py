@@ -41,12 +41,9 @@ def evaluate(net: plan.Runner, loss_fn: Loss, ds: data.Dataset, split: data.Spli
     With several ranks each evaluates its share of every batch and the sums are reduced."""
     world = world or distributed.World()
     total_loss, confusion = 0.0, np.zeros((num_classes, num_classes), np.int64)
-    for x, y in data.batches(ds, split, batch_size):
-        if world.size > 1:
-            lo, hi = world.shard(len(y))
-            x, y = x[lo:hi], y[lo:hi]
-            if not len(y):
-                continue
+    for x, y in data.batches(ds, split, batch_size, share=world.shard if world.size > 1 else None):
+        if not len(y):  # a rank with no rows of a short last batch
+            continue
         out = infer(net, x, tta)
         total_loss += loss_fn.forward(out, y) * len(y)
         np.add.at(confusion, (y, out.argmax(axis=1)), 1)

@@ -42,15 +42,16 @@ def train_epoch(trainer, epoch: int) -> tuple[float, float]:
     aug = spec.data.augment if spec.data.augment.active else None
     flips = data.augment.alternating_flips(len(t.ds.train), spec.seed, epoch) \
         if aug is not None and aug.horizontal_flip == "alternating" else None
-    batches = data.batches(t.feed, t.feed.train, bs, order, start, aug, t.seeds.augment, flips)
+    share = t.world.shard if t.world.size > 1 else None  # each rank reads and augments only its rows
+    batches = data.batches(t.feed, t.feed.train, bs, order, start, aug, t.seeds.augment, flips, share)
     step = TrainingStep(t.net, t.loss_fn, t.optimizer, t.world, spec.train.grad_clip_norm, t.average,
                         lambda: t.stop_signal)
     for b, (x, y) in enumerate(batches, start=start):
         t0 = time.perf_counter()
         t.optimizer.lr = t.schedule.lr(epoch - 1, state.step)
-        n = len(y)
-        if t.world.size > 1:  # this rank's share of the global batch
-            x, y = distributed.take_share(t.world, x, y, t.runner.context)
+        n = min(bs, len(order) - b * bs)  # the global batch
+        if share is not None:
+            distributed.mark_share(t.world, n, t.runner.context)
         result = step(x, y, step_number=state.step + 1)
         if not math.isfinite(result.loss):
             raise diverged(result.loss, epoch, state.step + 1, b + 1, t.steps_per_epoch, t.optimizer.lr)

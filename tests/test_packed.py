@@ -226,3 +226,20 @@ def test_a_ranks_share_of_a_batch_reads_only_its_rows_augmented_as_in_the_whole_
             lo, hi = share(len(yw))
             np.testing.assert_array_equal(x, xw[lo:hi]) and np.testing.assert_array_equal(y, yw[lo:hi])
         assert read == [share(len(yw))[1] - share(len(yw))[0] for _, yw in whole]
+
+
+def test_report_and_sweep_read_a_packed_dataset(tmp_path):
+    pytest.importorskip("matplotlib")
+    a, b = _packed(tmp_path)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "s", "base": str(b), "metric": "val_acc", "space": {"optimizer.lr": {"choice": [0.01, 0.003]},
+                                                                  "train.epochs": 1},
+        "search": {"type": "grid"}, "executor": {"type": "local", "max_concurrent": 1}}))
+    invoke("sweep", tmp_path / "sweep.yaml", "--runs-dir", tmp_path / "sweeps", "-q")
+    (sweep,) = (tmp_path / "sweeps").iterdir()
+    trials = [json.loads(p.read_text()) for p in sweep.rglob("summary.json")]
+    assert len(trials) == 2 and all(t["status"] == "finished" and t["dataset"]["train"] == 480 for t in trials)
+    run = next(p.parent for p in sweep.rglob("summary.json"))
+    invoke("report", run, "--out", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert "packed" in page and "Confusion" in page

@@ -132,6 +132,23 @@ def test_a_scale_after_a_convolution_runs_as_one_product_with_the_numbers_of_bot
     assert rows[0]["fused"] == ", ".join([*(["bias"] if conv_bias else []), "scale layers.1", "relu layers.2"])
 
 
+@pytest.mark.parametrize("algorithm,kernel", [("lowering", 3), ("pointwise", 1), ("winograd2", 3)])
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_a_channel_shuffle_and_scales_after_a_convolution_fold_into_its_filters(algorithm, kernel, conv_bias):
+    """conv2d, scale, channel_shuffle, scale (no bias) through the plan: one product whose filters are scaled,
+    shuffled and scaled again; every number of the layers run alone, float64."""
+    from cnnctl.config.spec import ModelSpec
+
+    spec = ModelSpec.model_validate({"input_shape": [3, 8, 8], "layers": [
+        {"type": "conv2d", "filters": 6, "kernel_size": kernel, "padding": kernel // 2, "bias": conv_bias},
+        {"type": "scale"}, {"type": "channel_shuffle", "groups": 3}, {"type": "scale", "bias": False},
+        {"type": "flatten"}, {"type": "dense", "units": 3}]})
+    model = _alone_equals_planned(spec, 4, tol=1e-10, algorithms={"layers.0": algorithm}, randomized=True)
+    rows = Runner(model, algorithms={"layers.0": algorithm}).plan((3, 8, 8)).describe(4)
+    assert [r["kind"] for r in rows] == ["conv", "flatten", "dense"]
+    assert rows[0]["fused"].endswith("scale layers.1, channel_shuffle layers.2, scale layers.3")
+
+
 def test_a_scale_is_not_folded_across_an_activation_a_hook_or_a_second_reader():
     """Folding is exact only for the convolution's own output: a scale after the convolution's activation, a
     convolution whose output a hook watches, stay steps of their own."""

@@ -10,12 +10,12 @@ runs, by what each layer declares itself to be (`Layer.planned_as`), never by it
     convolution as one product, Winograd F(2x2, 3x3) or F(4x4, 3x3)), by default a rule on the layer's shape
     (`convolution.default`), so the same config gives the same plan on every machine; `autotune` times the
     candidates on this machine instead;
-  * **fusion**: a **per-channel affine** (a `scale` layer) that alone reads a convolution's output is folded
-    into the convolution's weight and bias, one product for both, forward and backward; an **element-wise**
-    activation (its function and derivative in one call) runs in the epilogue of the pass that made its input
-    (cnnctl.epilogue: a convolution's product, a residual add), whether it is the layer's `activation:` or the
-    next layer; a non-decreasing one that feeds a **window max** (max pooling)
-    alone moves behind it (the pooled tensor is a quarter of the size, the gradients are the same);
+  * **fusion**: a layer that **folds into a convolution** (a `scale`, a `channel_shuffle`) and alone reads its
+    output is folded into the convolution's weight and bias, one product for both, forward and backward; an
+    **element-wise** activation (its function and derivative in one call) runs in the epilogue of the pass that
+    made its input (cnnctl.epilogue: a convolution's product, a residual add), whether it is the layer's
+    `activation:` or the next layer; a non-decreasing one that feeds a **window max** (max pooling) alone moves
+    behind it (the pooled tensor is a quarter of the size, the gradients are the same);
   * **memory**: temporary arrays (lowered deltas, partial products) come from one scratch shared by every
     step, the lowered inputs that backward reads are kept per layer, and each step forgets what it saved once
     its backward has run;
@@ -156,8 +156,9 @@ class Plan:
                                            for v, layer in self.hooks)
 
     def _fuse(self) -> None:
-        """Three rules, by capability: a per-channel affine ("channel_affine") that alone reads the output of a
-        convolution without an activation is folded into the convolution's weight and bias (one product); an
+        """Three rules, by capability: layers that fold into a convolution ("convolution_fold": a per-channel
+        affine, a channel shuffle), each alone reading the output of a convolution without an activation (or of
+        such a fold), become part of its weight and bias (one product); an
         element-wise layer that alone reads a convolution's or a join's output becomes that step's epilogue; a
         non-decreasing epilogue activation of a convolution whose output a max pooling alone reads moves behind
         the pooling. Never across a hook."""
@@ -166,18 +167,19 @@ class Plan:
             for v in s.inputs:
                 readers.setdefault(v, []).append(s)
         for s in list(self.steps):
-            if not isinstance(s, ConvStep) or s.epilogue.activation is not None or s.activation is not None \
-                    or s.layer.forward_hooks:
+            if not isinstance(s, ConvStep) or s.epilogue.activation is not None or s.activation is not None:
                 continue
-            nxt = readers.get(s.output, [])
-            if len(nxt) != 1 or not isinstance(nxt[0], LayerStep) or nxt[0].layer.planned_as() != "channel_affine" \
-                    or self._watched(s.output, s.layer):
-                continue
-            if nxt[0].layer.has_trainable() and not s.layer.has_trainable():  # a frozen convolution's step may run
-                continue  # forward only; the affine that trains keeps its own backward
-            affine = nxt[0]
-            s.affine, s.output, s.fused = affine.layer, affine.output, [*s.fused, f"{affine.layer.tag} {affine.name}"]
-            self.steps.remove(affine)  # its readers, listed by the value it wrote, now read the convolution's
+            while not s.layer.forward_hooks and not self._watched(s.output, s.layer):
+                nxt = readers.get(s.output, [])
+                if len(nxt) != 1 or not isinstance(nxt[0], LayerStep) or \
+                        nxt[0].layer.planned_as() != "convolution_fold":
+                    break
+                if nxt[0].layer.has_trainable() and not s.layer.has_trainable():  # a frozen convolution's step
+                    break  # may run forward only; the layer that trains keeps its own backward
+                fold = nxt[0]
+                s.folds.append(fold.layer)
+                s.output, s.fused = fold.output, [*s.fused, f"{fold.layer.tag} {fold.name}"]
+                self.steps.remove(fold)  # its readers, listed by the value it wrote, now read the convolution's
         for s in list(self.steps):
             if not isinstance(s, (ConvStep, JoinStep)) or s.epilogue.activation is not None or s.activation \
                     is not None or s.layer.forward_hooks:

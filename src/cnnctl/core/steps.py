@@ -130,48 +130,40 @@ class ElementwiseStep(LayerStep):
 
 
 class _Folded:
-    """A convolution with a per-channel affine after it (a "channel_affine" layer: s, b) as one convolution:
-    s * (W x + c) + b = (s W) x + (s c + b). The algorithms see this in place of the layer (its geometry is the
-    layer's, its parameters the folded ones); `gradients` maps the folded product's gradients back:
-    dW = s dW', dc = s db', ds = sum(W * dW') + c db', db = db' (as z = W x + c, sum(dy z) = W . dW' + c db')."""
+    """A convolution followed by layers that fold into it ("convolution_fold": a per-channel affine, a channel
+    shuffle) as one convolution: each layer's `fold(w, b)` gives the weight and bias of the convolution with it
+    after, and `unfold(dw, db, w, b)` maps the folded product's gradients back (setting the layer's own). The
+    algorithms see this in place of the layer: its geometry is the layer's, its parameters the folded ones."""
 
-    def __init__(self, conv: Layer, affine: Layer):
-        self._conv, self._affine = conv, affine
-        s = affine.params["weight"]
-        c, b = conv.params.get("bias"), affine.params.get("bias")
-        bias = None if c is None else c * s
-        if b is not None:
-            bias = b.copy() if bias is None else bias + b
-        self.params = {"weight": conv.params["weight"] * s.reshape(-1, *(conv.params["weight"].ndim - 1) * [1])}
-        if bias is not None:
-            self.params["bias"] = bias
+    def __init__(self, conv: Layer, folds: list[Layer]):
+        self._conv, self._folds = conv, folds
+        self._chain = [(conv.params["weight"], conv.params.get("bias"))]  # the weight and bias before each fold
+        for layer in folds:
+            self._chain.append(layer.fold(*self._chain[-1]))
+        w, b = self._chain[-1]
+        self.params = {"weight": w, **({"bias": b} if b is not None else {})}
 
     def __getattr__(self, name):  # stride, pads, dilation, kernel_size, groups, needs_input_grad: the layer's
         return getattr(self._conv, name)
 
-    def gradients(self, dw: np.ndarray, db: np.ndarray | None) -> None:
-        conv, affine = self._conv, self._affine
-        s, w, c = affine.params["weight"], conv.params["weight"], conv.params.get("bias")
-        conv.grads["weight"] = dw * s.reshape(-1, *(w.ndim - 1) * [1])
-        ds = (w * dw).reshape(len(s), -1).sum(axis=1)
-        if c is not None:
-            conv.grads["bias"] = db * s
-            ds += c * db
-        affine.grads["weight"] = ds.astype(s.dtype, copy=False)
-        if "bias" in affine.params:
-            affine.grads["bias"] = db
+    def gradients(self, dw: np.ndarray, db: np.ndarray) -> None:
+        for layer, (w, b) in zip(reversed(self._folds), reversed(self._chain[:-1])):
+            dw, db = layer.unfold(dw, db, w, b)
+        self._conv.grads["weight"] = dw
+        if "bias" in self._conv.params:
+            self._conv.grads["bias"] = db
 
 
 class ConvStep(Step):
     """A convolution by a registered algorithm, its bias and element-wise activation as the epilogue on its
-    output (an activation that is not element-wise runs after it, as its own layer). With `affine` (a
-    "channel_affine" layer that alone reads the convolution's output) the two run as one product (`_Folded`)."""
+    output (an activation that is not element-wise runs after it, as its own layer). `folds`: the layers after
+    it folded into its product (`_Folded`)."""
 
     def __init__(self, *args, keep: dict, scratch: F.Scratch, epilogue: Epilogue, activation: Layer | None,
-                 affine: Layer | None = None, **kw):
+                 **kw):
         super().__init__(*args, **kw)
         self.keep, self.scratch, self.epilogue, self.activation = keep, scratch, epilogue, activation
-        self.affine = affine
+        self.folds: list[Layer] = []
         self.method = convolution.get(self.algorithm)
         self._saved = None
 
@@ -179,7 +171,7 @@ class ConvStep(Step):
         x = xs[0]
         self._x_shape = x.shape
         keep = self.scratch if self.forward_only else self.keep  # nothing to keep below the trainable layers
-        self._conv = self.layer if self.affine is None else _Folded(self.layer, self.affine)
+        self._conv = _Folded(self.layer, self.folds) if self.folds else self.layer
         y, self._saved = self.method.forward(self._conv, x, self.epilogue, keep, self.scratch)
         # saved also after an evaluation forward: a backward may follow (gradient checks)
         return y if self.activation is None else self.activation.forward(y, training)
@@ -189,7 +181,7 @@ class ConvStep(Step):
         if self.activation is not None:
             dy = self.activation.backward(dy)
         dx, dw, db = self.method.backward(self._conv, dy, self._saved, self._x_shape, self.scratch)
-        if self.affine is not None:
+        if self.folds:
             self._conv.gradients(dw, db)
         else:
             conv.grads["weight"] = dw

@@ -108,7 +108,8 @@ class Layer:
         backward). The capabilities: "elementwise" (activations.Elementwise: one function with its derivative),
         "convolution" (the convolution algorithms may run it), "sequence" (children in order), "join" (branches
         on one input, then `join`), "window_max" (max over windows: an increasing function commutes with it),
-        "channel_affine" (weight[c] * x + bias[c] per channel, its `weight` and optional `bias` the whole math).
+        "convolution_fold" (after a convolution it can be folded into the convolution's weight and bias: its
+        `fold(w, b)` gives them, its `unfold(dw, db, w, b)` maps their gradients back).
         A capability holds only while forward and backward are those of the class that declared it: a subclass
         that rewrites either runs as itself."""
         owner = next(c for c in type(self).__mro__ if "capability" in vars(c))

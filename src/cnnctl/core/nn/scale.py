@@ -6,7 +6,7 @@ without its statistics; ConvNeXt's layer scale, without the add).
 
 the sums over the batch and every position. It is what an imported graph's Mul and Add of per-channel
 constants become where they do not follow a batchnorm (which takes them into its own scale and bias). After an
-ungrouped convolution the execution plan runs both as one product (cnnctl.core.steps.ConvStep)."""
+ungrouped convolution the execution plan runs both as one product (`fold`, `unfold`; cnnctl.core.steps.ConvStep)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class ScaleSpec(LayerSpec):
 class Scale(Layer):
     """Per-channel weight * x + bias over (C, ...) inputs (see the module's docstring)."""
 
-    capability = "channel_affine"  # after a convolution the plan folds it into the convolution's weight and bias
+    capability = "convolution_fold"  # after a convolution the plan folds it into the convolution's weight and bias
 
     def __init__(self, channels: int, bias: bool = True, weight_init: float = 1.0, rng=None, dtype=np.float32):
         super().__init__()
@@ -58,6 +58,27 @@ class Scale(Layer):
         if "bias" in self.params:
             self.grads["bias"] = dy.sum(axis=axes)
         return dy * self._per_channel(self.params["weight"], dy.ndim) if self.needs_input_grad else None
+
+    def fold(self, w: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The weight and bias of a convolution (w, b) followed by this layer: s w and s b + bias."""
+        s, own = self.params["weight"], self.params.get("bias")
+        folded = None if b is None else b * s
+        if own is not None:
+            folded = own.copy() if folded is None else folded + own
+        return w * s.reshape(-1, *(w.ndim - 1) * [1]), folded
+
+    def unfold(self, dw, db, w, b) -> tuple[np.ndarray, np.ndarray | None]:
+        """From the folded convolution's gradients (dw, db) to this layer's (set) and the convolution's
+        (returned): ds = sum(w * dw) + b db (as z = w x + b, sum(dy z) = w . dw + b db), dbias = db, and s dw,
+        s db for (w, b)."""
+        s = self.params["weight"]
+        ds = (w * dw).reshape(len(s), -1).sum(axis=1)
+        if b is not None:
+            ds += b * db
+        self.grads["weight"] = ds.astype(s.dtype, copy=False)
+        if "bias" in self.params:
+            self.grads["bias"] = db
+        return dw * s.reshape(-1, *(w.ndim - 1) * [1]), None if b is None else db * s
 
     def macs(self, input_shape):
         return int(np.prod(input_shape))

@@ -1,11 +1,13 @@
 """The channel shuffle (ShuffleNet, Zhang et al. 2017): the channels, seen as a groups x (C / groups) grid, read
 column by column, so that each group of a following grouped convolution sees channels of every group before it.
-It moves numbers and computes nothing: the backward pass moves the deltas back by the inverse permutation."""
+It moves numbers and computes nothing: the backward pass moves the deltas back by the inverse permutation. After
+an ungrouped convolution the execution plan reorders the convolution's filters instead (`fold`, `unfold`)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from cnnctl.errors import ShapeError
@@ -45,6 +47,21 @@ class ChannelShuffle(Layer):
 
     def backward(self, dy):
         return shuffle(dy, dy.shape[1] // self.groups)  # the inverse: the grid read the other way
+
+    capability = "convolution_fold"  # after a convolution: its filters, reordered
+
+    def _order(self, c: int) -> np.ndarray:
+        """Output channel j of the shuffle is input channel order[j]."""
+        return shuffle(np.arange(c)[None], self.groups)[0]
+
+    def fold(self, w: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """A convolution (w, b) followed by the shuffle: the same convolution with its filters shuffled."""
+        order = self._order(len(w))
+        return w[order], None if b is None else b[order]
+
+    def unfold(self, dw, db, w, b) -> tuple[np.ndarray, np.ndarray | None]:
+        back = np.argsort(self._order(len(w)))
+        return dw[back], None if b is None else db[back]
 
     def onnx(self, g, x, input_shape, name):
         c, *rest = input_shape

@@ -241,8 +241,7 @@ def pack(spec, input_shape, rng, out: Path, workers: int | None = None,
     shape = tuple(input_shape)
     per_shard = max(1, SHARD_BYTES // int(np.prod(shape)))
     total = sum(n for n, _, _ in splits.values())
-    manifest = {"kind": KIND, "classes": list(classes), "image_shape": list(shape), "dtype": "uint8",
-                "source": source, "splits": {}}
+    manifest = {"splits": {}}
     done = 0
     workers = workers or len(os.sched_getaffinity(0))
     with ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
@@ -269,17 +268,29 @@ def pack(spec, input_shape, rng, out: Path, workers: int | None = None,
                     x = np.concatenate(chunks)
                 else:
                     x = np.ascontiguousarray(images[lo:hi])
-                blob = _npy_bytes(x)
-                atomic_write_bytes(out / entry["file"], blob)
-                entry["sha256"] = hashlib.sha256(blob).hexdigest()
+                entry["sha256"] = write_array(out / entry["file"], x)
                 done += hi - lo
                 progress(done, total)
-            label_bytes = _npy_bytes(np.ascontiguousarray(labels, np.int64))
-            atomic_write_bytes(out / f"{name}-labels.npy", label_bytes)
             manifest["splits"][name] = {"count": n, "shards": shards, "labels": {
-                "file": f"{name}-labels.npy", "sha256": hashlib.sha256(label_bytes).hexdigest()}}
-    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+                "file": f"{name}-labels.npy", "sha256": write_array(out / f"{name}-labels.npy", labels)}}
+    manifest = write_manifest(out, classes, shape, source, manifest["splits"])
     plan_path.unlink()
+    return manifest
+
+
+def write_array(path: Path, a: np.ndarray) -> str:
+    """a as a .npy file, written atomically (labels as int64, images as they are); its sha256."""
+    blob = _npy_bytes(np.ascontiguousarray(a, np.int64 if a.ndim == 1 else a.dtype))
+    atomic_write_bytes(path, blob)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def write_manifest(out: Path, classes: list[str], image_shape, source: dict, splits: dict) -> dict:
+    """The manifest of a pack whose files are written (`splits`: name -> {count, shards, labels}, the entries
+    `write_array` made): what `pack` writes last, and what a program that makes shards itself writes."""
+    manifest = {"kind": KIND, "classes": list(classes), "image_shape": list(image_shape), "dtype": "uint8",
+                "source": source, "splits": splits}
+    atomic_write_bytes(Path(out) / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from cnnctl.errors import DataError
 
-from . import augment, download
+from . import augment, download, prefetch  # noqa: F401  (cnnctl.data.prefetch)
 from .formats import FORMATS, default_root, root_of  # noqa: F401  (cnnctl.data.default_root, root_of)
 from .packed import rows_of
 from .spec import DataSpec

@@ -113,6 +113,8 @@ class DataSpec(Strict):
                                   "input's height x width from its centre (torchvision's evaluation transform: "
                                   "Resize(256) + CenterCrop(224)); default: stretch the picture to the input size.")
     batch_size: PosInt = 64
+    prefetch: bool = Field(True, description="Prepare the next batch (rows read, augmented, normalised) in a "
+                           "background thread while the current step runs; the numbers do not depend on it.")
     eval_batch_size: PosInt | None = Field(None, description="Batch size for validation, test, eval and predict "
                                            "(default: batch_size). Evaluation keeps nothing for backward, so it can "
                                            "be larger; the numbers do not depend on it.")

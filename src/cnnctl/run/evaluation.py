@@ -36,17 +36,19 @@ def infer(net: plan.Runner, x: np.ndarray, tta: TestTimeAugmentSpec | None = Non
 
 def evaluate(net: plan.Runner, loss_fn: Loss, ds: data.Dataset, split: data.Split, batch_size: int,
              num_classes: int, tta: TestTimeAugmentSpec | None = None,
-             world: distributed.World | None = None) -> dict:
+             world: distributed.World | None = None, prefetch: bool = True) -> dict:
     """Mean loss, accuracy and the confusion matrix (rows: true class, columns: predicted) of one split.
     With several ranks each evaluates its share of every batch and the sums are reduced."""
     world = world or distributed.World()
     total_loss, confusion = 0.0, np.zeros((num_classes, num_classes), np.int64)
-    for x, y in data.batches(ds, split, batch_size, share=world.shard if world.size > 1 else None):
-        if not len(y):  # a rank with no rows of a short last batch
-            continue
-        out = infer(net, x, tta)
-        total_loss += loss_fn.forward(out, y) * len(y)
-        np.add.at(confusion, (y, out.argmax(axis=1)), 1)
+    batches = data.batches(ds, split, batch_size, share=world.shard if world.size > 1 else None)
+    with data.prefetch.prefetched(batches, on=prefetch) as feed:
+        for x, y in feed:
+            if not len(y):  # a rank with no rows of a short last batch
+                continue
+            out = infer(net, x, tta)
+            total_loss += loss_fn.forward(out, y) * len(y)
+            np.add.at(confusion, (y, out.argmax(axis=1)), 1)
     if world.size > 1:
         sums = world.sum(np.concatenate([[total_loss], confusion.ravel()]).astype(np.float64))
         total_loss, confusion = float(sums[0]), np.rint(sums[1:]).astype(np.int64).reshape(confusion.shape)
@@ -80,7 +82,8 @@ def evaluate_checkpoint(path: Path, split: str | None, overrides: list[str]) -> 
                         "choose another split" + (" (val_split is 0: no validation split)" if split == "val" else ""))
     batch = min(spec.data.evaluation_batch, len(ds.split(split)))
     res = evaluate(plan.Runner(model), evaluation_loss(spec, rows, ds.train.y, len(ds.classes), batch), ds,
-                   ds.split(split), spec.data.evaluation_batch, len(ds.classes), spec.data.test_time_augment)
+                   ds.split(split), spec.data.evaluation_batch, len(ds.classes), spec.data.test_time_augment,
+                   prefetch=spec.data.prefetch)
     p, r = res["precision"], res["recall"]
     f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
     return {"checkpoint": str(ckpt_path), "epoch": ckpt.epoch, "dataset": spec.data.dataset, "split": split,

@@ -264,7 +264,7 @@ class Trainer:
         """The evaluated weights (their average with train.ema_decay) on a split of what the network is fed."""
         with self.evaluated():
             return evaluate(self.net, self.loss_fn, self.feed, split, self.spec.data.evaluation_batch,
-                            self.num_classes, self.spec.data.test_time_augment, self.world)
+                            self.num_classes, self.spec.data.test_time_augment, self.world, self.spec.data.prefetch)
 
     def _test(self) -> dict:
         """The test split's loss and accuracy at the end (train.test_at_end), as summary entries."""

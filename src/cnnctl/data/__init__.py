@@ -78,7 +78,7 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
         raise DataError(f"dataset '{spec.dataset}' has images of shape {tuple(full.x.shape[1:])} but "
                         f"model.input_shape is {list(input_shape)}",
                         f"set model.input_shape: {list(full.x.shape[1:])}")
-    order = rng.permutation(len(full))
+    order = permutation(rng, len(full))
     if spec.stratify:  # val_split of each class: the same shuffled order, taken class by class
         val_idx = np.concatenate([members[: int(round(len(members) * spec.val_split))]
                                   for members in (order[full.y[order] == c] for c in np.unique(full.y))])
@@ -153,7 +153,12 @@ def epoch_order(split: Split, sampler: str, rng: np.random.Generator) -> np.ndar
         counts = np.bincount(split.y)
         p = 1.0 / (np.count_nonzero(counts) * counts[split.y])
         return rng.choice(n, size=n, replace=True, p=p / p.sum())
-    return rng.permutation(n)
+    return permutation(rng, n)
+
+
+def permutation(rng: np.random.Generator, n: int) -> np.ndarray:
+    """rng.permutation(n), as int32 where n allows: the same order and the same draws, half the memory."""
+    return rng.permutation(np.arange(n, dtype=np.int32 if n < 2**31 else np.int64))
 
 
 def batches(ds: Dataset, split: Split, batch_size: int, order: np.ndarray | None = None, start: int = 0,

@@ -43,29 +43,34 @@ class Rows:
     def __init__(self, parts: list[np.ndarray], index: np.ndarray | None = None):
         self.parts = parts
         self.starts = np.cumsum([0] + [len(p) for p in parts])
-        self.index = np.arange(self.starts[-1]) if index is None else np.asarray(index, np.int64)
+        self.index = index  # the rows of the shards, in order (None: all of them; no array for that)
         self.dtype = parts[0].dtype if parts else np.dtype(np.uint8)
         self.row_shape = tuple(parts[0].shape[1:]) if parts else ()
 
     @property
     def shape(self) -> tuple:
-        return (len(self.index), *self.row_shape)
+        return (len(self), *self.row_shape)
 
     @property
     def ndim(self) -> int:
         return 1 + len(self.row_shape)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return int(self.starts[-1]) if self.index is None else len(self.index)
+
+    def _rows(self, rows) -> np.ndarray:
+        if self.index is not None:
+            return self.index[rows]
+        return np.arange(*rows.indices(len(self))) if isinstance(rows, slice) else np.asarray(rows)
 
     def take(self, idx) -> Rows:
-        return Rows(self.parts, self.index[idx])
+        return Rows(self.parts, self._rows(idx))
 
     def __getitem__(self, key):
         rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         if isinstance(rows, (int, np.integer)):
             return self[(np.asarray([rows]), *rest)][0]
-        wanted = self.index[rows]
+        wanted = self._rows(rows)
         out = np.empty((len(wanted), *self.row_shape), self.dtype)
         shard = np.searchsorted(self.starts, wanted, side="right") - 1
         for s in np.unique(shard):
@@ -139,7 +144,8 @@ def open_pack(folder: Path, verify: bool = True) -> tuple[dict, dict[str, tuple[
         for name, split in m["splits"].items():
             parts = [_open_array(folder, e, (e["rows"][1] - e["rows"][0], *shape), np.uint8, verify)
                      for e in split["shards"]]
-            labels = np.array(_open_array(folder, split["labels"], (split["count"],), np.int64, verify))
+            labels = _open_array(folder, split["labels"], (split["count"],), np.int64, verify)
+            labels = labels.astype(np.int32 if split["count"] < 2**31 else np.int64)  # half the memory an image
             x = Rows(parts) if parts else Rows([np.empty((0, *shape), np.uint8)])
             if len(x) != split["count"]:
                 raise DataError(f"{folder / MANIFEST}: split {name} lists {len(x)} rows in its shards and "

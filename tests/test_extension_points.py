@@ -178,3 +178,14 @@ def test_each_layers_onnx_operator_is_written_once_for_export_and_import():
         for name, text in texts.items():
             assert f'"{op}"' not in text, f"onnx_import/{name} writes {op!r}, {tag}'s operator, by name"
     assert nn.ONNX_OPS["lrn"] == "LRN" and nn.ONNX_OPS["conv2d"] == "Conv"
+
+
+def test_the_readme_set_up_installs_what_the_everyday_verbs_need():
+    """The README's set-up command installs the `standard` extra, and it holds every package of the extras that
+    predict, explain, report, plot, export and import name in their messages (images, plot, onnx, int8)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert 'pip install -e ".[standard]" && cnnctl train configs/quickstart.yaml' in (ROOT / "README.md").read_text()
+    for name in ("images", "plot", "onnx", "int8"):
+        assert set(extras[name]) <= set(extras["standard"]), name

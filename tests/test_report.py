@@ -152,3 +152,14 @@ def test_a_real_browser_renders_every_picture_without_console_errors(finished, t
                    check=True)
     with Image.open(shot) as im:
         assert im.size == (1200, 2000) and np.asarray(im).std() > 5  # a page, not a blank
+
+
+def test_without_matplotlib_the_report_names_the_install_that_makes_it_work(finished, monkeypatch):
+    import sys
+
+    _, run = finished
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    res = invoke("report", run, code=2)
+    assert "pip install 'cnnctl[plot]'" in res.output and "leave out --out" not in res.output

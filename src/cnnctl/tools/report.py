@@ -278,6 +278,7 @@ def sweep_page(sweep_dir: Path) -> str:
 def page(target: Path) -> str:
     """The page of a run directory or of a sweep directory."""
     target = Path(target)
+    plots.pyplot()  # its pictures need matplotlib: without it, the install line before any work
     if (target / "sweep.yaml").is_file():
         return sweep_page(target)
     return run_page(target)

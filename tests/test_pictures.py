@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from tests.helpers import invoke
 from tests.test_errors import expect_error
 
 
@@ -155,3 +156,47 @@ def test_fuzzed_folder_images_give_data_or_one_clear_error(tmp_path_factory, pic
         assert "cannot be decoded" in e.message
     else:
         assert classes == ["a"] and x.shape[1:] == shape and x.dtype == np.uint8 and len(y) == len(x)
+
+
+def test_predict_walks_folders_and_csvs_in_chunks_and_writes_a_file(tiny_run, tmp_path, monkeypatch):
+    """A folder with class subfolders (and a loose picture), a CSV with labels: every picture predicted, a chunk
+    at a time, with its true class and whether it was right, to a CSV and a JSONL file; the numbers of
+    predicting the files one by one."""
+    import csv
+    import json
+
+    from PIL import Image
+
+    from cnnctl.cli import model as model_cli
+
+    rng = np.random.default_rng(0)
+    for k, cls in enumerate(["circle", "square", "nothing-known"]):
+        (tmp_path / "pics" / cls / "deeper").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(
+                tmp_path / "pics" / cls / ("deeper" if i == 2 else ".") / f"{k}{i}.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "pics" / "loose.png")
+    (tmp_path / "pics" / "notes.txt").write_text("not a picture")
+    (tmp_path / "list.csv").write_text("path,label\npics/circle/00.png,circle\npics/square/10.png,cross\n")
+    monkeypatch.setattr(model_cli, "CHUNK", 4)
+    invoke("predict", tiny_run, tmp_path / "pics", tmp_path / "list.csv", "--out", tmp_path / "p.csv")
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert len(rows) == 10 + 2
+    by_path = {r["input"]: r for r in rows[:10]}
+    assert by_path[str(tmp_path / "pics" / "circle" / "deeper" / "02.png")]["label"] == "circle"
+    assert by_path[str(tmp_path / "pics" / "loose.png")]["label"] == ""  # no class folder
+    assert by_path[str(tmp_path / "pics" / "nothing-known" / "20.png")]["label"] == ""  # not a class of the model
+    assert rows[-1]["label"] == "cross" and rows[-1]["correct"] == str(int(rows[-1]["prediction"] == "cross"))
+    assert set(rows[0]) >= {"class_2", "probability_3", "correct"}
+    one = json.loads(invoke("predict", tiny_run, tmp_path / "pics" / "circle" / "00.png", "--json").stdout)[0]
+    mine = by_path[str(tmp_path / "pics" / "circle" / "00.png")]
+    assert mine["prediction"] == one["prediction"]
+    assert abs(float(mine["probability"]) - one["top"][0]["probability"]) < 1e-6
+    res = invoke("predict", tiny_run, tmp_path / "pics", "--out", tmp_path / "p.jsonl")
+    assert "10 predictions" in res.output and "right of 6 with a true class" in res.output
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert len(lines) == 10 and all("top" in json.loads(line) for line in lines)
+    res = invoke("predict", tiny_run, tmp_path / "pics", "--out", tmp_path / "p.txt", code=2)
+    assert ".csv or .jsonl" in res.output
+    (tmp_path / "empty").mkdir()
+    assert "no picture files" in invoke("predict", tiny_run, tmp_path / "empty", code=2).output

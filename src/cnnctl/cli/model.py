@@ -25,6 +25,7 @@ from .common import (
     app,
     check_writable,
     checkpoint_of,
+    err,
     guarded,
     load_checkpoint,
     out,
@@ -126,16 +127,32 @@ def explain_(
 @guarded
 def predict_(
     checkpoint_path: CheckpointArgument,
-    inputs: Annotated[list[Path], typer.Argument(metavar="FILES...", help="Image files or .npz files.")],
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUTS...", help="Picture files, folders of pictures "
+                                                 "(recursively; class subfolders give the true class), CSVs with a "
+                                                 "path column (and label), or .npz files.")],
     top_k: Annotated[int, typer.Option("--top-k", metavar="K", min=1, help="Classes to show per input.")] = 3,
+    out_file: Annotated[Path | None, typer.Option("--out", metavar="FILE.csv|FILE.jsonl", help="Write one row per "
+                                                  "input there instead of printing them.")] = None,
     as_json: JsonOption = False,
 ):
     """Class probabilities for images (Pillow; resized as in training: stretched to the input size, or with
-    data.resize its shorter side scaled and the centre cut) or an .npz, normalised as in training."""
+    data.resize its shorter side scaled and the centre cut) or an .npz, normalised as in training; folders and
+    CSVs of pictures are read in batches, with their true classes when they give them."""
+    if out_file is not None:
+        if out_file.suffix.lower() not in (".csv", ".jsonl"):
+            raise CnnctlError(f"--out {out_file}: give a .csv or .jsonl file", "e.g. --out predictions.csv")
+        check_writable(out_file, "--out")
     predictor = api.load(checkpoint_of(checkpoint_path))
     checkpoint_path = predictor.checkpoint_path
-    names, x01 = predict_lib.load_inputs(inputs, predictor.spec.model.input_shape, predictor.spec.data.resize)
-    results = predict_lib.top_classes(names, predictor.predict(x01), predictor.classes, top_k)
+    entries = predict_lib.expand(inputs)
+    results = _predicted(predictor, entries, top_k, {str(p) for p in inputs})
+    if out_file is not None:
+        atomic_write_bytes(out_file, predict_lib.table_bytes(results, out_file.suffix.lower()))
+        judged = [r for r in results if "correct" in r]
+        right = f"; {sum(r['correct'] for r in judged) / len(judged):.2%} right of {len(judged):,} with a true " \
+            "class" if judged else ""
+        out.print(f"wrote {out_file}: {len(results):,} predictions{right}")
+        return
     k = len(results[0]["top"]) if results else 0
     if as_json:
         print_json(results)
@@ -143,3 +160,30 @@ def predict_(
     out.print(table(f"predictions of {checkpoint_path}", ["input", *(f"#{r + 1}" for r in range(k))], rows=(
         (res["input"], *(f"{t['class']} {100 * t['probability']:.1f}%" for t in res["top"]))
         for res in results)))
+
+
+CHUNK = 512  # pictures decoded and predicted at a time: memory stays that of one chunk
+
+
+def _predicted(predictor, entries, top_k: int, given: set[str]) -> list[dict]:
+    """The top-k results of every entry, a chunk of files at a time, with a progress bar on a terminal; an entry
+    not among the paths `given` (found in a folder or CSV) is named by its path."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    spec = predictor.spec
+    results = []
+    columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True, disable=len(entries) <= CHUNK or not err.is_terminal) as bar:
+        task = bar.add_task("predict", total=len(entries))
+        for lo in range(0, len(entries), CHUNK):
+            chunk = entries[lo:lo + CHUNK]
+            names, x01 = predict_lib.load_inputs([p for p, _ in chunk], spec.model.input_shape, spec.data.resize)
+            found = predict_lib.top_classes(names, predictor.predict(x01), predictor.classes, top_k)
+            if len(found) == len(chunk):  # one result per file (an .npz gives one per array row)
+                for res, (path, _) in zip(found, chunk):
+                    if str(path) not in given:  # found in a folder or a CSV: named by its whole path
+                        res["input"] = str(path)
+                predict_lib.with_labels(found, [label for _, label in chunk], predictor.classes)
+            results += found
+            bar.update(task, completed=lo + len(chunk))
+    return results

@@ -52,6 +52,60 @@ def load_inputs(paths: list[Path], input_shape, resize: int | None = None) -> tu
     return names, np.stack(arrays).astype(np.float32)
 
 
+def expand(inputs: list[Path]) -> list[tuple[Path, str | None]]:
+    """What predict reads, one (file, true class name or None) per file: a picture or .npz file as given; a
+    folder, its picture files found recursively (sorted), each labelled by its first folder under the given one
+    (ImageFolder's layout: FOLDER/<class>/...); a .csv, its `path` column (relative to the CSV) with its `label`
+    column when there is one."""
+    from cnnctl.data.pictures import IMAGE_SUFFIXES
+
+    found = []
+    for path in map(Path, inputs):
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not files:
+                raise DataError(f"{path}: no picture files in it ({', '.join(sorted(IMAGE_SUFFIXES))})",
+                                "give a folder of pictures, picture files, a CSV of paths or an .npz")
+            found += [(f, f.relative_to(path).parts[0] if len(f.relative_to(path).parts) > 1 else None)
+                      for f in files]
+        elif path.suffix.lower() == ".csv":
+            found += _csv_rows(path)
+        else:
+            found.append((path, None))
+    return found
+
+
+def _csv_rows(path: Path) -> list[tuple[Path, str | None]]:
+    import csv
+    import io
+
+    from cnnctl.core.fileio import Unreadable, read_regular
+
+    try:
+        text = read_regular(path, 64 << 20).decode("utf-8-sig")
+    except Unreadable as e:
+        raise DataError(f"{path}: " + ("no such file" if e.missing else f"cannot read it ({e.reason})")) from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text", "save the CSV as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text))
+    columns = [c.strip() for c in reader.fieldnames or []]
+    if "path" not in columns:
+        raise DataError(f"{path}: its header is {', '.join(columns) or 'empty'}; predict needs a path column "
+                        "(and optionally label)", "first line: path or path,label")
+    rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    return [(path.parent / row["path"], row.get("label") or None) for row in rows if row.get("path")]
+
+
+def with_labels(results: list[dict], labels: list[str | None], classes: list[str]) -> list[dict]:
+    """Each result with its true class and whether the prediction is right, where the input names a class of
+    the model (a folder's class subfolder, a CSV's label)."""
+    known = set(classes)
+    for res, label in zip(results, labels):
+        if label is not None and label in known:
+            res["label"], res["correct"] = label, res["prediction"] == label
+    return results
+
+
 def outputs(model, x01: np.ndarray, normalization: dict, tta, batch_size: int) -> np.ndarray:
     """The model's outputs for inputs on the 0..1 scale, batch_size at a time: memory stays that of one batch
     however many inputs there are."""
@@ -85,3 +139,27 @@ def top_classes(names: list[str], probs: np.ndarray, classes: list[str], k: int)
         results.append({"input": name, "prediction": classes[order[0]],
                         "top": [{"class": classes[j], "probability": float(p[j])} for j in order]})
     return results
+
+
+def table_bytes(results: list[dict], kind: str) -> bytes:
+    """Predictions as a file: `.jsonl`, one result per line; `.csv`, columns input, prediction, probability, the
+    other top classes and their probabilities, and label and correct when any input has a true class."""
+    import csv
+    import io
+    import json
+
+    if kind == ".jsonl":
+        return "".join(json.dumps(r) + "\n" for r in results).encode()
+    k = max((len(r["top"]) for r in results), default=0)
+    labelled = any("label" in r for r in results)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["input", "prediction", "probability", *(f"{c}_{i}" for i in range(2, k + 1)
+                                                        for c in ("class", "probability")),
+                *(["label", "correct"] if labelled else [])])
+    for r in results:
+        rest = [v for t in r["top"][1:] for v in (t["class"], f"{t['probability']:.6g}")]
+        w.writerow([r["input"], r["prediction"], f"{r['top'][0]['probability']:.6g}",
+                    *rest, *([""] * (2 * (k - len(r["top"])))),
+                    *([r.get("label", ""), "" if "correct" not in r else int(r["correct"])] if labelled else [])])
+    return buf.getvalue().encode()

@@ -135,3 +135,12 @@ def test_class_names_with_escape_sequences_never_reach_the_terminal(tmp_path):
     assert "\ufffd]0;pwned" in outputs[-2]  # shown, made harmless
     res = runner.invoke(app, ["predict", str(run), str(tmp_path / "x.npz"), "--json"])
     assert json.loads(res.stdout)[0]["top"][0]["class"] in ESCAPES  # JSON keeps the names (escaped by JSON)
+
+
+@pytest.mark.parametrize("columns", [60, 120])
+def test_plot_draws_its_charts_across_the_terminal(work, columns):
+    d, run = work
+    screen = run_in_terminal(["plot", run], columns=columns, cwd=d)
+    assert screen.code == 0, screen.text
+    rows = [line for line in screen.text.splitlines() if " |" in line]
+    assert len(rows) == 30 and max(len(line.rstrip("\n")) for line in rows) == columns  # three charts, 10 rows each

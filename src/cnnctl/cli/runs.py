@@ -111,7 +111,8 @@ def plot(
     for title, keys in (("loss", ("train_loss", "val_loss")), ("accuracy", ("train_acc", "val_acc")),
                         ("learning rate", ("lr",))):
         out.print(Text(title, style="bold"))
-        out.print(plots.text_chart({k: [r.get(k) for r in history] for k in keys}), markup=False, highlight=False)
+        out.print(plots.text_chart({k: [r.get(k) for r in history] for k in keys}, width=min(out.width, 160)),
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -174,7 +174,9 @@ def plot_confusion(cm: np.ndarray, classes: list[str], out: Path | None, title: 
 
 def text_chart(series: dict[str, list[float | None]], height: int = 10, width: int = 60,
                x_label: str = "epoch 1 .. {n}") -> str:
-    """A chart in plain characters: one marker per series, y axis labelled with its range."""
+    """A chart in plain characters, `width` characters wide in all (the y axis's labels included): one marker
+    per series, each series a line through its points (every column between two points takes the value between
+    them), the y axis labelled with its range."""
     markers = "o*x+#@"
     values = [v for vs in series.values() for v in vs if v is not None and math.isfinite(v)]
     if not values:
@@ -182,16 +184,18 @@ def text_chart(series: dict[str, list[float | None]], height: int = 10, width: i
     lo, hi = min(values), max(values)
     hi = hi if hi > lo else lo + 1e-12
     n = max(len(vs) for vs in series.values())
-    cols = min(width, max(n, 2))
+    label_w = max(len(f"{hi:.4g}"), len(f"{lo:.4g}"))
+    cols = max(width - label_w - 2, 2) if n > 1 else 2
     grid = [[" "] * cols for _ in range(height)]
     for m, vs in zip(markers, series.values()):
-        for i, v in enumerate(vs):
-            if v is None or not math.isfinite(v):
+        for x in range(cols):
+            t = x * (n - 1) / (cols - 1)
+            i = min(int(t), n - 1)
+            j = min(i + 1, len(vs) - 1)
+            if i >= len(vs) or any(v is None or not math.isfinite(v) for v in (vs[i], vs[j])):
                 continue
-            x = round(i * (cols - 1) / max(n - 1, 1))
-            y = round((v - lo) / (hi - lo) * (height - 1))
-            grid[height - 1 - y][x] = m
-    label_w = max(len(f"{hi:.4g}"), len(f"{lo:.4g}"))
+            v = vs[i] + (vs[j] - vs[i]) * (t - i)
+            grid[height - 1 - round((v - lo) / (hi - lo) * (height - 1))][x] = m
     lines = []
     for r, row in enumerate(grid):
         label = f"{hi:.4g}" if r == 0 else f"{lo:.4g}" if r == height - 1 else ""

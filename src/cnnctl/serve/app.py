@@ -1,8 +1,10 @@
 """The ASGI application (FastAPI): `/predict` and `/explain` for pictures and pixels, the Open Inference Protocol
 v2 (health, model metadata, infer), `/metrics` for Prometheus, the page at `/`, and OpenAPI at `/openapi.json`
 with its documentation page at `/docs`. Bad input is a 4xx with a JSON error naming what was wrong; bodies are
-bounded; the model runs on one worker thread, fed by the dynamic batcher."""
+bounded; the model runs on one worker thread, fed by the dynamic batcher.
 
+Its annotations are evaluated (no `from __future__ import annotations`): FastAPI reads the routes' parameter
+types, defined in the functions' scope."""
 
 import asyncio
 import json

@@ -12,9 +12,9 @@ from .spec import Spec
 def config_schema() -> dict:
     """The JSON Schema of a config file (for editors: yaml-language-server and friends)."""
     schema = Spec.model_json_schema()
-    names = {"loss": sorted(nn.LOSSES), "optimizer": sorted(optim.OPTIMIZERS), "schedule": sorted(schedules.SCHEDULES)}
-    shorthands = {key: names[key] for key in SHORTHANDS}
-    for key, names in shorthands.items():  # `loss: mse` means {type: mse}: say so in the schema too
+    registries = {"loss": nn.LOSSES, "optimizer": optim.OPTIMIZERS, "schedule": schedules.SCHEDULES}
+    for key in SHORTHANDS:
+        names = sorted(registries[key])  # `loss: mse` means {type: mse}: say so in the schema too
         prop = schema["properties"][key]
         default = prop.pop("default", None)
         schema["properties"][key] = {"anyOf": [{k: v for k, v in prop.items() if k != "description"},

@@ -158,10 +158,9 @@ class Plan:
     def _fuse(self) -> None:
         """Three rules, by capability: layers that fold into a convolution ("convolution_fold": a per-channel
         affine, a channel shuffle), each alone reading the output of a convolution without an activation (or of
-        such a fold), become part of its weight and bias (one product); an
-        element-wise layer that alone reads a convolution's or a join's output becomes that step's epilogue; a
-        non-decreasing epilogue activation of a convolution whose output a max pooling alone reads moves behind
-        the pooling. Never across a hook."""
+        such a fold), become part of its weight and bias (one product); an element-wise layer that alone reads a
+        convolution's or a join's output becomes that step's epilogue; a non-decreasing epilogue activation of a
+        convolution whose output a max pooling alone reads moves behind the pooling. Never across a hook."""
         readers: dict[int, list[Step]] = {}
         for s in self.steps:
             for v in s.inputs:

@@ -159,8 +159,7 @@ class ConvStep(Step):
     output (an activation that is not element-wise runs after it, as its own layer). `folds`: the layers after
     it folded into its product (`_Folded`)."""
 
-    def __init__(self, *args, keep: dict, scratch: F.Scratch, epilogue: Epilogue, activation: Layer | None,
-                 **kw):
+    def __init__(self, *args, keep: dict, scratch: F.Scratch, epilogue: Epilogue, activation: Layer | None, **kw):
         super().__init__(*args, **kw)
         self.keep, self.scratch, self.epilogue, self.activation = keep, scratch, epilogue, activation
         self.folds: list[Layer] = []

@@ -29,7 +29,7 @@ def diverged(loss: float, epoch: int, step: int, batch: int, batches: int, lr: f
 def train_epoch(trainer, epoch: int) -> tuple[float, float]:
     """Train one epoch of a Trainer; the mean training loss and accuracy of its batches."""
     t, spec, state = trainer, trainer.spec, trainer.state
-    bs = spec.data.batch_size
+    bs, every = spec.data.batch_size, spec.train.checkpoint_every_steps
     if state.partial:  # continue an interrupted epoch where it stopped
         p = state.partial
         t.seeds.shuffle.bit_generator.state = copy.deepcopy(p.shuffle_state)
@@ -47,42 +47,32 @@ def train_epoch(trainer, epoch: int) -> tuple[float, float]:
     step = TrainingStep(t.net, t.loss_fn, t.optimizer, t.world, spec.train.grad_clip_norm, t.average,
                         lambda: t.stop_signal)
     with data.prefetch.prefetched(batches, t.seeds.augment, spec.data.prefetch) as feed:
-        result = _steps(t, epoch, feed, step, order, start, (total_loss, correct, seen), shuffle_state)
+        for b, (x, y) in enumerate(feed, start=start):
+            t0 = time.perf_counter()
+            t.optimizer.lr = t.schedule.lr(epoch - 1, state.step)
+            n = min(bs, len(order) - b * bs)  # the global batch
+            if share is not None:
+                distributed.mark_share(t.world, n, t.runner.context)
+            result = step(x, y, step_number=state.step + 1)
+            if not math.isfinite(result.loss):
+                raise diverged(result.loss, epoch, state.step + 1, b + 1, t.steps_per_epoch, t.optimizer.lr)
+            if result.stop is not None and t.stop_signal is None:  # another rank was asked to stop
+                t.stop_signal = result.stop
+            state.step += 1
+            t.cb.on_step(state.step, t.optimizer.lr, result.loss)
+            total_loss += result.loss * n
+            correct += result.correct
+            seen += n
+            t.cb.on_batch_end(b + 1, total_loss / seen, correct / seen, n / (time.perf_counter() - t0))
+            # one process: a signal during this step stops after it; several: all stop after the step whose
+            # reduction carried a request, so that every rank stops at the same batch
+            stop = t.stop_signal is not None if t.world.size == 1 else result.stop is not None
+            if stop or (every and state.step % every == 0):
+                state.partial = Partial(position=b + 1, shuffle_state=shuffle_state, loss_sum=total_loss,
+                                        correct=correct, seen=seen)
+                with feed.rewound():  # the augmentation's generator as it was before batch b + 1
+                    t.save("last")
+                if stop:
+                    raise Interrupted(t.stop_signal or signal.SIGINT, t.run_dir, epoch, state.step)
     state.partial = None
-    return result
-
-
-def _steps(t, epoch: int, feed, step: TrainingStep, order, start: int, sums, shuffle_state) -> tuple[float, float]:
-    """The steps of the epoch's batches from `start` (sums: the running loss, correct and seen so far)."""
-    spec, state = t.spec, t.state
-    bs, every = spec.data.batch_size, spec.train.checkpoint_every_steps
-    total_loss, correct, seen = sums
-    share = t.world.size > 1
-    for b, (x, y) in enumerate(feed, start=start):
-        t0 = time.perf_counter()
-        t.optimizer.lr = t.schedule.lr(epoch - 1, state.step)
-        n = min(bs, len(order) - b * bs)  # the global batch
-        if share:
-            distributed.mark_share(t.world, n, t.runner.context)
-        result = step(x, y, step_number=state.step + 1)
-        if not math.isfinite(result.loss):
-            raise diverged(result.loss, epoch, state.step + 1, b + 1, t.steps_per_epoch, t.optimizer.lr)
-        if result.stop is not None and t.stop_signal is None:  # another rank was asked to stop
-            t.stop_signal = result.stop
-        state.step += 1
-        t.cb.on_step(state.step, t.optimizer.lr, result.loss)
-        total_loss += result.loss * n
-        correct += result.correct
-        seen += n
-        t.cb.on_batch_end(b + 1, total_loss / seen, correct / seen, n / (time.perf_counter() - t0))
-        # one process: a signal during this step stops after it; several: all stop after the step whose reduction
-        # carried a request, so that every rank stops at the same batch
-        stop = t.stop_signal is not None if t.world.size == 1 else result.stop is not None
-        if stop or (every and state.step % every == 0):
-            state.partial = Partial(position=b + 1, shuffle_state=shuffle_state, loss_sum=total_loss,
-                                    correct=correct, seen=seen)
-            with feed.rewound():  # the augmentation's generator as it was before batch b + 1
-                t.save("last")
-            if stop:
-                raise Interrupted(t.stop_signal or signal.SIGINT, t.run_dir, epoch, state.step)
     return total_loss / seen, correct / seen

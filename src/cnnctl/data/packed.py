@@ -14,6 +14,8 @@ A run checks every file's size and header, and its sha256 unless `data.verify: f
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +30,7 @@ from cnnctl.core.fileio import Unreadable, atomic_write_bytes, read_regular
 from cnnctl.errors import CnnctlWarning, DataError
 
 from .formats import FORMATS, Raw, register_format
+from .pictures import decode_images
 
 MANIFEST = "manifest.json"
 PLAN = "pack-plan.json"  # what a pack in progress is made from: a resumed pack must be the same one
@@ -103,9 +106,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _again(folder: Path) -> str:
+    return f"pack the data again: cnnctl pack CONFIG --out {folder}"
+
+
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
-    fix = f"pack the data again: cnnctl pack CONFIG --out {folder}"
+    fix = _again(folder)
     try:
         m = json.loads(read_regular(path, 64 << 20))
     except Unreadable as e:
@@ -122,7 +129,7 @@ def read_manifest(folder: Path) -> dict:
 
 def _open_array(folder: Path, entry: dict, shape: tuple, dtype, verify: bool) -> np.ndarray:
     path = folder / entry["file"]
-    fix = f"pack the data again: cnnctl pack CONFIG --out {folder}"
+    fix = _again(folder)
     try:
         a = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
@@ -153,7 +160,7 @@ def open_pack(folder: Path, verify: bool = True) -> tuple[dict, dict[str, tuple[
             splits[name] = (x, labels)
     except (KeyError, TypeError, IndexError) as e:
         raise DataError(f"{folder / MANIFEST}: an entry is missing or malformed ({type(e).__name__}: {e})",
-                        f"pack the data again: cnnctl pack CONFIG --out {folder}") from None
+                        _again(folder)) from None
     return m, splits
 
 
@@ -182,15 +189,9 @@ def _source(spec, input_shape) -> dict:
     return {"data": {k: data[k] for k in keys if k in data}, "input_shape": list(input_shape)}
 
 
-def _decode(paths, shape, where, resize):
-    from .pictures import decode_images
-
-    return decode_images(paths, shape, where, resize)
-
-
 def _plan(spec, input_shape, rng) -> tuple[list[str], dict]:
-    """(classes, per split a function giving rows lo:hi as uint8 and its labels): pictures are decoded a
-    shard at a time, other formats are read whole (they are bounded by their files)."""
+    """(classes, per split (count, labels, images)): images are (picture files, where) for a picture format,
+    decoded a shard at a time, else the array a run reads (other formats are bounded by their files)."""
     fmt = FORMATS[spec.dataset]
     if fmt.name == "packed":
         raise DataError("the data is packed already", "give the config the pack was made from")
@@ -233,25 +234,26 @@ def pack(spec, input_shape, rng, out: Path, workers: int | None = None,
         raise DataError(f"{out} exists and is not a folder", "give --out a new or empty folder")
     plan_path = out / PLAN
     if (out / MANIFEST).is_file() or plan_path.is_file():
-        made_from = json.loads((plan_path if plan_path.is_file() else out / MANIFEST).read_text()).get("source")
+        finished = read_manifest(out) if (out / MANIFEST).is_file() else None
+        made_from = finished.get("source") if finished else json.loads(plan_path.read_text()).get("source")
         if made_from != source:
             raise DataError(f"{out} holds a pack of other data ({json.dumps(made_from)[:200]})",
                             "give --out a new folder, or delete that pack first")
-        if (out / MANIFEST).is_file():
-            return read_manifest(out)  # packed already
+        if finished:
+            return finished  # packed already
     elif out.is_dir() and any(out.iterdir()):
         raise DataError(f"{out} is not empty and holds no pack", "give --out a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(plan_path, json.dumps({"source": source}).encode())
-    classes, splits = _plan(spec, input_shape, rng)
+    classes, plan = _plan(spec, input_shape, rng)
     shape = tuple(input_shape)
     per_shard = max(1, SHARD_BYTES // int(np.prod(shape)))
-    total = sum(n for n, _, _ in splits.values())
-    manifest = {"splits": {}}
-    done = 0
+    total = sum(n for n, _, _ in plan.values())
+    written, done = {}, 0
     workers = workers or len(os.sched_getaffinity(0))
-    with ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
-        for name, (n, labels, images) in splits.items():
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        run = map if pool is None else pool.map
+        for name, (n, labels, images) in plan.items():
             shards = []
             ranges = [(lo, min(lo + per_shard, n)) for lo in range(0, n, per_shard)]
             todo = []
@@ -269,17 +271,16 @@ def pack(spec, input_shape, rng, out: Path, workers: int | None = None,
                 if isinstance(images, tuple):  # picture files: decoded in the workers, a slice each
                     paths, where = images
                     step = -(-(hi - lo) // workers)
-                    chunks = list(pool.map(_decode, [paths[a:min(a + step, hi)] for a in range(lo, hi, step)],
-                                           [shape] * workers, [where] * workers, [spec.resize] * workers))
-                    x = np.concatenate(chunks)
+                    decode = functools.partial(decode_images, input_shape=shape, where=where, resize=spec.resize)
+                    x = np.concatenate(list(run(decode, [paths[a:min(a + step, hi)] for a in range(lo, hi, step)])))
                 else:
                     x = np.ascontiguousarray(images[lo:hi])
                 entry["sha256"] = write_array(out / entry["file"], x)
                 done += hi - lo
                 progress(done, total)
-            manifest["splits"][name] = {"count": n, "shards": shards, "labels": {
+            written[name] = {"count": n, "shards": shards, "labels": {
                 "file": f"{name}-labels.npy", "sha256": write_array(out / f"{name}-labels.npy", labels)}}
-    manifest = write_manifest(out, classes, shape, source, manifest["splits"])
+    manifest = write_manifest(out, classes, shape, source, written)
     plan_path.unlink()
     return manifest
 
@@ -298,16 +299,3 @@ def write_manifest(out: Path, classes: list[str], image_shape, source: dict, spl
                 "source": source, "splits": splits}
     atomic_write_bytes(Path(out) / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
-
-
-class _Inline:
-    """A pool of no processes: map in this one."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, *iterables):
-        return map(fn, *iterables)

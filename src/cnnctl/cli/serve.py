@@ -49,9 +49,8 @@ def serve(
               f"page /, API /docs, metrics /metrics; Ctrl+C stops")
     try:
         server.run()
-    except SystemExit:  # uvicorn exits when it cannot bind the address
-        raise CnnctlError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)",
-                          "choose another --port or --host") from None
+    except SystemExit:  # uvicorn exits when it cannot bind the address: it never started
+        pass
     if not server.started:
         raise CnnctlError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)",
                           "choose another --port or --host")

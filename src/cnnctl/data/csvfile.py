@@ -18,6 +18,18 @@ MAX_NUMBERED_CLASSES = 100_000  # integer labels may leave classes out, up to th
 CSV_SPLITS = ("train", "val", "test")
 
 
+def csv_text(path: Path, named: str, fix: str | None = None) -> str:
+    """The text of a CSV file (UTF-8, at most MAX_CSV_BYTES), or a DataError starting with `named` (the file as
+    the message calls it) and, for a file that is missing or unreadable, `fix`."""
+    try:
+        return read_regular(path, MAX_CSV_BYTES).decode("utf-8-sig")
+    except Unreadable as e:
+        raise DataError(f"{named}: " + ("no such file" if e.missing else f"cannot read it ({e.reason})"), fix) \
+            from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{named}: not UTF-8 text ({e.reason})", "save the CSV as UTF-8") from None
+
+
 def list_csv(path: Path, input_shape) -> Listing:
     """A CSV of pictures: columns `path` and `label` (and optionally `split`: train, val or test; default train),
     paths relative to the CSV's folder, labels as class names (sorted) or as integers 0..K-1. Every missing file,
@@ -26,13 +38,7 @@ def list_csv(path: Path, input_shape) -> Listing:
     c = input_shape[0]
     if c not in (1, 3):
         raise DataError(f"dataset: csv decodes grayscale (1 channel) or RGB (3), but input_shape has {c} channels")
-    try:
-        text = read_regular(path, MAX_CSV_BYTES).decode("utf-8-sig")
-    except Unreadable as e:
-        raise DataError(f"data.path {path}: " + ("no such file" if e.missing else f"cannot read it ({e.reason})"),
-                        "give the CSV of pictures: columns path,label (and optionally split)") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"data.path {path}: not UTF-8 text ({e.reason})", "save the CSV as UTF-8") from None
+    text = csv_text(path, f"data.path {path}", "give the CSV of pictures: columns path,label (and optionally split)")
     rows, bad = _rows(path, text)
     numbered = rows and all(label.isascii() and label.isdigit() for *_, label in rows)
     limit = max(len(rows), MAX_NUMBERED_CLASSES)

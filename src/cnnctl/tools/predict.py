@@ -66,8 +66,8 @@ def expand(inputs: list[Path]) -> list[tuple[Path, str | None]]:
             if not files:
                 raise DataError(f"{path}: no picture files in it ({', '.join(sorted(IMAGE_SUFFIXES))})",
                                 "give a folder of pictures, picture files, a CSV of paths or an .npz")
-            found += [(f, f.relative_to(path).parts[0] if len(f.relative_to(path).parts) > 1 else None)
-                      for f in files]
+            found += [(f, parts[0] if len(parts) > 1 else None)
+                      for f, parts in ((f, f.relative_to(path).parts) for f in files)]
         elif path.suffix.lower() == ".csv":
             found += _csv_rows(path)
         else:
@@ -79,15 +79,9 @@ def _csv_rows(path: Path) -> list[tuple[Path, str | None]]:
     import csv
     import io
 
-    from cnnctl.core.fileio import Unreadable, read_regular
+    from cnnctl.data.csvfile import csv_text
 
-    try:
-        text = read_regular(path, 64 << 20).decode("utf-8-sig")
-    except Unreadable as e:
-        raise DataError(f"{path}: " + ("no such file" if e.missing else f"cannot read it ({e.reason})")) from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text", "save the CSV as UTF-8") from None
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(csv_text(path, str(path))))
     columns = [c.strip() for c in reader.fieldnames or []]
     if "path" not in columns:
         raise DataError(f"{path}: its header is {', '.join(columns) or 'empty'}; predict needs a path column "

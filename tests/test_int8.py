@@ -61,31 +61,18 @@ def test_int8_options_are_checked(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_lenet5_on_mnist_passes_the_int8_gate(mnist_root, tmp_path):
-    invoke("train", "configs/lenet5-mnist.yaml", "--set", f"data.root={mnist_root}", "--set", "train.epochs=1",
-           "--runs-dir", tmp_path / "runs", "--quiet")
-    run = next((tmp_path / "runs").iterdir())
-    res = invoke("export", run, "--out", tmp_path / "lenet5.onnx", "--int8")
+def test_lenet5_on_mnist_passes_the_int8_gate(lenet5_mnist_run, tmp_path):
+    res = invoke("export", lenet5_mnist_run, "--out", tmp_path / "lenet5.onnx", "--int8")
     found = re.search(r"test split \(10,000 images, onnxruntime\): accuracy ([\d.]+)% float, ([\d.]+)% int8",
                       res.output)
-    assert found and float(found[1]) > 95 and float(found[1]) - float(found[2]) <= 1.0, res.output
+    assert found and float(found[1]) > 98 and float(found[1]) - float(found[2]) <= 1.0, res.output
 
 
 @pytest.mark.slow
-def test_resnet_fashion_on_a_small_share_of_fashion_mnist_passes_the_int8_gate(fashion_root, tmp_path):
-    """resnet-fashion's network (batchnorm, residual units) trained 2 epochs on 3,000 Fashion-MNIST images."""
-    import yaml
-
-    from cnnctl.data import idx
-
-    (x, y), (xt, yt) = (idx.load_split(fashion_root, split, "fashion_mnist") for split in ("train", "test"))
-    np.savez(tmp_path / "small.npz", x_train=x[:3000], y_train=y[:3000], x_test=xt[:1000], y_test=yt[:1000])
-    cfg = yaml.safe_load(open("configs/resnet-fashion.yaml"))
-    cfg["data"].update(dataset="npz", root=str(tmp_path / "small.npz"), classes=idx.CLASSES["fashion_mnist"])
-    cfg["train"].update(epochs=2, validate_every=1)
-    (tmp_path / "small.yaml").write_text(yaml.safe_dump(cfg))
-    invoke("train", tmp_path / "small.yaml", "--runs-dir", tmp_path / "runs", "--quiet")
-    run = next((tmp_path / "runs").iterdir())
-    res = invoke("export", run, "--out", tmp_path / "resnet.onnx", "--int8")
-    found = re.search(r"accuracy ([\d.]+)% float, ([\d.]+)% int8", res.output)
-    assert found and float(found[1]) > 60 and float(found[1]) - float(found[2]) <= 1.0, res.output
+def test_resnet_fashion_passes_the_int8_gate(resnet_fashion_run, tmp_path):
+    """resnet-fashion-fast's network (batchnorm, residual units; conftest's shortened run) on the whole test split."""
+    res = invoke("export", resnet_fashion_run, "--out", tmp_path / "resnet.onnx", "--int8")
+    found = re.search(r"test split \(10,000 images, onnxruntime\): accuracy ([\d.]+)% float, ([\d.]+)% int8",
+                      res.output)
+    assert found and float(found[1]) > 92 and float(found[1]) - float(found[2]) <= 1.0, res.output
+    assert "out-of-range" not in res.output  # the quantizer's notes on its own fallbacks are not the user's

@@ -22,7 +22,7 @@ from .spec import DataSpec
 @dataclass
 class Split:
     x: np.ndarray  # (N, C, H, W), uint8 (or float32 for float npz data); packed data: memory-mapped `Rows`
-    y: np.ndarray  # (N,) int64
+    y: np.ndarray  # (N,) integer class indices (a split carved by load_dataset: int16 where the classes allow)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -86,9 +86,10 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
         train_idx = np.setdiff1d(np.arange(len(full)), val_idx)
     else:
         n_val = int(round(len(full) * spec.val_split))
-        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-    train = Split(rows_of(full.x, train_idx), full.y[train_idx])  # packed data: views, nothing read
-    val = Split(rows_of(full.x, val_idx), full.y[val_idx])
+        val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
+        train_idx.sort()  # in place: the shuffled order's memory becomes the training rows
+    train = Split(rows_of(full.x, train_idx), labels_at(full.y, train_idx))  # packed data: views, nothing read
+    val = Split(rows_of(full.x, val_idx), labels_at(full.y, val_idx))
     if given_val is not None:  # the data names its validation images (a CSV's split column): val_split is not used
         train, val = full, given_val
     if len(train) == 0:
@@ -157,8 +158,24 @@ def epoch_order(split: Split, sampler: str, rng: np.random.Generator) -> np.ndar
 
 
 def permutation(rng: np.random.Generator, n: int) -> np.ndarray:
-    """rng.permutation(n), as int32 where n allows: the same order and the same draws, half the memory."""
-    return rng.permutation(np.arange(n, dtype=np.int32 if n < 2**31 else np.int64))
+    """rng.permutation(n), as int32 where n allows: the same order and the same draws (shuffled in place, so no
+    second array is made), half the memory."""
+    order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    rng.shuffle(order)
+    return order
+
+
+LABEL_CHUNK = 1 << 20  # labels gathered at a time: a memory-mapped file's labels are never copied whole
+
+
+def labels_at(y: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """y[idx] in the smallest integer type that holds its classes (int16 for up to 32,767 classes, else int32 or
+    int64), gathered a chunk at a time: a split of a million images holds 2 MB of labels, whatever y's type."""
+    top = int(np.max(y, initial=0)) if len(y) else 0
+    out = np.empty(len(idx), np.int16 if top < 2**15 else np.int32 if top < 2**31 else np.int64)
+    for lo in range(0, len(idx), LABEL_CHUNK):
+        out[lo : lo + LABEL_CHUNK] = y[idx[lo : lo + LABEL_CHUNK]]
+    return out
 
 
 def batches(ds: Dataset, split: Split, batch_size: int, order: np.ndarray | None = None, start: int = 0,

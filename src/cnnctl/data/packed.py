@@ -151,8 +151,8 @@ def open_pack(folder: Path, verify: bool = True) -> tuple[dict, dict[str, tuple[
         for name, split in m["splits"].items():
             parts = [_open_array(folder, e, (e["rows"][1] - e["rows"][0], *shape), np.uint8, verify)
                      for e in split["shards"]]
+            # memory-mapped like the shards: a split's own labels are gathered from it (data.labels_at)
             labels = _open_array(folder, split["labels"], (split["count"],), np.int64, verify)
-            labels = labels.astype(np.int32 if split["count"] < 2**31 else np.int64)  # half the memory an image
             x = Rows(parts) if parts else Rows([np.empty((0, *shape), np.uint8)])
             if len(x) != split["count"]:
                 raise DataError(f"{folder / MANIFEST}: split {name} lists {len(x)} rows in its shards and "

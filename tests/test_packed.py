@@ -195,6 +195,43 @@ def test_two_mpi_ranks_on_a_packed_dataset_train_the_model_one_process_trains(tm
     test_mpi._assert_same_model(test_mpi._weights(_run(tmp_path / "one")), test_mpi._weights(_run(tmp_path / "two")))
 
 
+@pytest.mark.parametrize("damaged", [0, 1], ids=["rank 0's shard", "rank 1's shard"])
+def test_under_two_ranks_each_verifies_its_shards_and_a_damaged_one_is_named(tmp_path, monkeypatch, damaged):
+    """Each rank hashes every other shard (the pack is read once between them): a damaged shard is found by the
+    rank that hashes it, one error naming the file, every rank ends (exit 2)."""
+    from tests import test_mpi
+
+    if test_mpi.MPIEXEC is None or not test_mpi._have_mpi4py():
+        pytest.skip("mpiexec / mpi4py not installed (pip install 'cnnctl[mpi]')")
+    monkeypatch.setattr(packed, "SHARD_BYTES", 144 * 200)  # 200 images a shard: 3 training shards
+    _, b = _packed(tmp_path)
+    shard = tmp_path / "pack" / f"train-{damaged:05d}.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    res = test_mpi._mpi(2, "train", b, "-q", "--runs-dir", tmp_path / "runs", cwd=tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"error (rank {damaged} of 2" in res.stderr and str(shard) in res.stderr and "sha256" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_channel_statistics_are_exact_so_parts_add_up_to_the_whole():
+    """normalize: auto's statistics of uint8 pictures from integer sums: any cut into parts (chunks, MPI ranks)
+    gives the same float64 numbers, equal to numpy's float64 mean and std to rounding."""
+    from cnnctl.data import channel_statistics, channel_sums, statistics_of
+
+    x = np.random.default_rng(0).integers(0, 256, (997, 3, 7, 5), dtype=np.uint8)
+    x[:3] = 255  # the largest squares
+    mean, std = channel_statistics(x)
+    for cuts in ([0, 997], [0, 1, 500, 997], [0, 333, 334, 996, 997]):
+        sums = sum(channel_sums(x, slice(lo, hi), chunk_values=50) for lo, hi in zip(cuts, cuts[1:]))
+        parted = statistics_of(sums, 997 * 7 * 5)
+        assert np.array_equal(parted[0], mean) and np.array_equal(parted[1], std)
+    wide = x.astype(np.float64)
+    np.testing.assert_allclose(mean, wide.mean(axis=(0, 2, 3)), rtol=1e-14)
+    np.testing.assert_allclose(std, wide.std(axis=(0, 2, 3)), rtol=1e-13)
+
+
 AUGMENTS = [{"horizontal_flip": True, "random_shift": 0.2}, {"random_crop": 2, "random_erasing": 0.5},
             {"random_resized_crop": {"scale": [0.3, 1.0]}, "horizontal_flip": True}]
 

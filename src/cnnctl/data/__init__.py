@@ -6,7 +6,7 @@ never config, runs or tools.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +14,7 @@ import numpy as np
 from cnnctl.errors import DataError
 
 from . import augment, download, prefetch  # noqa: F401  (cnnctl.data.prefetch)
-from .formats import FORMATS, default_root, root_of  # noqa: F401  (cnnctl.data.default_root, root_of)
+from .formats import FORMATS, default_root, fetch, root_of  # noqa: F401  (cnnctl.data.default_root, fetch, root_of)
 from .packed import rows_of
 from .spec import DataSpec
 
@@ -60,20 +60,25 @@ def dataset_info(spec: DataSpec) -> tuple[list[str] | None, tuple[int, int, int]
     return (fmt.classes(spec) if fmt.classes else None), fmt.image_shape
 
 
-def _load_raw(spec: DataSpec, input_shape, rng, progress) -> tuple[list[str], Split, Split, Split | None]:
+def _load_raw(spec: DataSpec, input_shape, rng, progress, part) -> tuple[list[str], Split, Split, Split | None]:
     """(classes, training data, test split, and the validation split when the data itself gives one)."""
-    raw = FORMATS[spec.dataset].load(spec, input_shape, rng, progress)
+    fmt = FORMATS[spec.dataset]
+    raw = fmt.load(spec, input_shape, rng, progress, **({"part": part} if fmt.verified_in_parts else {}))
     return raw.classes, Split(*raw.train), Split(*raw.test), None if raw.val is None else Split(*raw.val)
 
 
 def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
                  normalization: tuple[list[float], list[float]] | None = None,
-                 progress: download.Progress | None = None) -> Dataset:
+                 progress: download.Progress | None = None, *, part: tuple[int, int] = (0, 1),
+                 statistics: Callable | None = None) -> Dataset:
     """Load the dataset, split off validation data (deterministic from rng) and fix the normalisation.
 
     `normalization` (mean, std), when given (from a checkpoint), overrides what the spec would compute.
+    Several processes sharing the work (MPI ranks): `part` (this one, how many) has a format that verifies its
+    files verify this one's part of them, and `statistics` (training images -> mean, std) replaces
+    channel_statistics for normalize: auto.
     """
-    classes, full, test, given_val = _load_raw(spec, input_shape, rng, progress)
+    classes, full, test, given_val = _load_raw(spec, input_shape, rng, progress, part)
     if tuple(full.x.shape[1:]) != tuple(input_shape):
         raise DataError(f"dataset '{spec.dataset}' has images of shape {tuple(full.x.shape[1:])} but "
                         f"model.input_shape is {list(input_shape)}",
@@ -101,7 +106,7 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
     elif spec.normalize == "none":
         mean, std = [0.0] * channels, [1.0] * channels
     elif spec.normalize == "auto":
-        mean, std = channel_statistics(train.x)
+        mean, std = (statistics or channel_statistics)(train.x)
         mean, std = (mean / scale).tolist(), np.maximum(std / scale, 1e-3).tolist()
     else:
         mean, std = spec.normalize["mean"], spec.normalize["std"]
@@ -112,13 +117,40 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
                    np.asarray(std, np.float32))
 
 
+def _groups(n: int, c: int, values: int, chunk_values: int, lo: int = 0) -> list[tuple[int, slice]]:
+    """(channel, rows) pieces of about chunk_values values each, rows lo..n of every channel."""
+    step = max(1, chunk_values // max(1, values))
+    return [(ch, slice(i, min(i + step, n))) for ch in range(c) for i in range(lo, n, step)]
+
+
+def channel_sums(x: np.ndarray, rows: slice = slice(None), chunk_values: int = 1 << 22) -> np.ndarray:
+    """(C, 2) int64: per channel, the sum of the integer pixels (uint8) of x[rows] and the sum of their squares,
+    a group of images at a time. Exact, so sums of parts (chunks, MPI ranks) add up to the whole's."""
+    lo, hi, _ = rows.indices(len(x))
+    out = np.zeros((x.shape[1], 2), np.int64)
+    for ch, part in _groups(hi, x.shape[1], x.shape[2] * x.shape[3], chunk_values, lo):
+        v = x[part, ch].astype(np.uint16)  # 255 ** 2 fits: the squares need no wider copy
+        out[ch, 0] += v.sum(dtype=np.int64)
+        out[ch, 1] += np.square(v, out=v).sum(dtype=np.int64)
+    return out
+
+
+def statistics_of(sums: np.ndarray, values: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation per channel from channel_sums over `values` pixels a channel: computed in
+    Python's integers, then rounded once (the same float64 whatever the order the sums were made in)."""
+    mean = np.array([int(s) / values for s, _ in sums])
+    var = np.array([(int(q) * values - int(s) ** 2) / values**2 for s, q in sums])
+    return mean, np.sqrt(var)
+
+
 def channel_statistics(x: np.ndarray, chunk_values: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and standard deviation (float64, two passes) of an (N, C, H, W) array, a channel at a
-    time over groups of images of about `chunk_values` values: the float64 copies never hold more than one
-    group, whatever the size of the data."""
+    """Per-channel mean and standard deviation (float64) of an (N, C, H, W) array, over groups of images of about
+    `chunk_values` values: nothing the size of the data is made. uint8 pixels: exact (channel_sums); float data:
+    two passes."""
     n, c, h, w = x.shape
-    step = max(1, chunk_values // max(1, h * w))
-    groups = [(ch, slice(i, i + step)) for ch in range(c) for i in range(0, n, step)]
+    if x.dtype == np.uint8:
+        return statistics_of(channel_sums(x, chunk_values=chunk_values), n * h * w)
+    groups = _groups(n, c, h * w, chunk_values)
     mean = np.zeros(c)
     for ch, part in groups:
         mean[ch] += x[part, ch].sum(dtype=np.float64)

@@ -60,6 +60,7 @@ class Format:
     classes: Callable[[DataSpec], list[str] | None] | None = None  # known without reading any file
     image_shape: tuple[int, int, int] | None = None  # fixed by the format
     listing: Callable[[DataSpec, Any], Listing] | None = None  # picture formats: (spec, input_shape) -> Listing
+    verified_in_parts: bool = False  # load takes part=(this process, processes): each verifies its part of the files
 
 
 FORMATS: dict[str, Format] = {}
@@ -86,6 +87,15 @@ def default_root(dataset: str) -> Path:
 
 def root_of(spec: DataSpec) -> Path:
     return Path(spec.root).expanduser() if spec.root else default_root(spec.dataset)
+
+
+def fetch(spec: DataSpec, progress=None) -> None:
+    """A downloadable format's files fetched when the config asks for it (data.download), and nothing else read:
+    what one process does before several read the same folder."""
+    from . import download
+
+    if FORMATS[spec.dataset].downloads and spec.download:
+        download.ensure(spec.dataset, root_of(spec), progress, spec.mirror)
 
 
 def fetched_root(spec: DataSpec, progress) -> Path:

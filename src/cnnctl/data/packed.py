@@ -142,15 +142,23 @@ def _open_array(folder: Path, entry: dict, shape: tuple, dtype, verify: bool) ->
     return a
 
 
-def open_pack(folder: Path, verify: bool = True) -> tuple[dict, dict[str, tuple[Rows, np.ndarray]]]:
-    """The manifest and, per split, its images (memory-mapped `Rows`) and labels; every file checked."""
+def open_pack(folder: Path, verify: bool = True, part: tuple[int, int] = (0, 1)
+              ) -> tuple[dict, dict[str, tuple[Rows, np.ndarray]]]:
+    """The manifest and, per split, its images (memory-mapped `Rows`) and labels; every file's size and header
+    checked, and its sha256 when verify. Processes sharing a pack (MPI ranks, `part` = (this one, how many))
+    each hash every how-many-th shard, so that the shards are read once between them."""
     m = read_manifest(folder)
     splits = {}
+    mine, ranks = part
     try:
         shape = tuple(int(d) for d in m["image_shape"])
+        k = 0
         for name, split in m["splits"].items():
-            parts = [_open_array(folder, e, (e["rows"][1] - e["rows"][0], *shape), np.uint8, verify)
-                     for e in split["shards"]]
+            parts = []
+            for e in split["shards"]:
+                parts.append(_open_array(folder, e, (e["rows"][1] - e["rows"][0], *shape), np.uint8,
+                                         verify and k % ranks == mine))
+                k += 1
             # memory-mapped like the shards: a split's own labels are gathered from it (data.labels_at)
             labels = _open_array(folder, split["labels"], (split["count"],), np.int64, verify)
             x = Rows(parts) if parts else Rows([np.empty((0, *shape), np.uint8)])
@@ -165,13 +173,13 @@ def open_pack(folder: Path, verify: bool = True) -> tuple[dict, dict[str, tuple[
 
 
 @register_format("packed", "a folder written by cnnctl pack given as data.path: memory-mapped shards",
-                 located_by="path", path_is="the folder cnnctl pack wrote, given as data.path")
-def load(spec, input_shape, rng, progress) -> Raw:
+                 located_by="path", path_is="the folder cnnctl pack wrote, given as data.path", verified_in_parts=True)
+def load(spec, input_shape, rng, progress, part: tuple[int, int] = (0, 1)) -> Raw:
     folder = Path(spec.path).expanduser()
     if not spec.verify:
         warnings.warn(f"data.verify is false: the sha256 of {folder}'s shards are not checked (their sizes and "
                       "headers are)", CnnctlWarning, stacklevel=2)
-    m, splits = open_pack(folder, spec.verify)
+    m, splits = open_pack(folder, spec.verify, part)
     if tuple(m["image_shape"]) != tuple(input_shape):
         raise DataError(f"{folder} holds images of shape {tuple(m['image_shape'])}, model.input_shape is "
                         f"{list(input_shape)}", f"set model.input_shape: {list(m['image_shape'])}, or pack again")

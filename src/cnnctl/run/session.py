@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from cnnctl import data
 from cnnctl.config.build import load_weights
 from cnnctl.config.reading import load_config, spec_to_dict, validate
 from cnnctl.config.spec import Spec
@@ -122,12 +123,17 @@ def _shared_resume(world: distributed.World, spec: Spec | None, ckpt: checkpoint
     return spec, checkpoint.parse(raw, last)
 
 
-def _make_trainer(world: distributed.World, make) -> Trainer:
-    """Rank 0 builds its trainer first (downloading the data if the config asks for it), then the other ranks; all
-    are built (every check passed on every rank) before rank 0 makes the run directory."""
-    trainer = make() if world.root else None
-    world.any(False)  # every rank waits here for rank 0
-    trainer = trainer or make()
+def _make_trainer(world: distributed.World, spec: Spec, callback: Callback, make) -> Trainer:
+    """Rank 0 first fetches the data when the config downloads it; then every rank builds its trainer at the same
+    time, since they share the reading a run does before its first batch (a pack's verification, normalize:
+    auto's sums: MPI reductions). All are built (every check passed on every rank) before rank 0 makes the run
+    directory."""
+    if world.size == 1:
+        return make()
+    if world.root:
+        data.fetch(spec.data, callback.on_download)
+    world.any(False)  # every rank waits here for rank 0's download
+    trainer = make()
     world.any(False)
     return trainer
 
@@ -151,15 +157,15 @@ def session(config: Path | Spec | None, overrides: list[str], runs_dir: Path, re
                         held.enter_context(runs.locked(resume))  # one process at a time trains a run directory
                     spec, ckpt = resume_spec(resume, overrides, force)
                 spec, ckpt = _shared_resume(world, spec, ckpt, last)
-                trainer = _make_trainer(world, lambda: Trainer(spec, callback, normalization=ckpt.normalization,
-                                                               resuming=True, world=world))
+                trainer = _make_trainer(world, spec, callback, lambda: Trainer(
+                    spec, callback, normalization=ckpt.normalization, resuming=True, world=world))
                 restore(trainer, ckpt, last)
                 run_dir = resume
             else:  # a config file, or a Spec already made (cnnctl.train with a dict or a Spec)
                 spec = (config if isinstance(config, Spec) else load_config(config, overrides)[0]) if world.root \
                     else None
                 spec = _shared_spec(world, spec)
-                trainer = _make_trainer(world, lambda: Trainer(spec, callback, world=world))  # every check first
+                trainer = _make_trainer(world, spec, callback, lambda: Trainer(spec, callback, world=world))
                 if world.root:
                     run_dir = runs.create_run_dir(runs_dir, spec.name) if into is None else runs.own_dir(into)
                     held.enter_context(runs.locked(run_dir))

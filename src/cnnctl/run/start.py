@@ -103,17 +103,33 @@ def training_parts(spec: Spec, model: Model, rows: list[LayerRow], ds) -> Traini
 
 
 def dataset(spec: Spec, rows: list[LayerRow], rng: np.random.Generator, normalization: dict | None = None,
-            progress=None) -> data.Dataset:
+            progress=None, world: distributed.World | None = None) -> data.Dataset:
     """The dataset with the run's own validation split (the data stream depends on its generator alone); the
-    model (its layer rows) must end in one output per class."""
-    ds = _load(spec, rng, normalization, progress)
+    model (its layer rows) must end in one output per class. Under MPI the ranks share the reading a run does
+    before its first batch: each verifies its part of a pack's shards and sums its part of the training images
+    for normalize: auto."""
+    ds = _load(spec, rng, normalization, progress, world)
     check_outputs(spec, rows, len(ds.classes))
     return ds
 
 
-def _load(spec: Spec, rng: np.random.Generator, normalization: dict | None, progress=None) -> data.Dataset:
+def _load(spec: Spec, rng: np.random.Generator, normalization: dict | None, progress=None,
+          world: distributed.World | None = None) -> data.Dataset:
     norm = (normalization["mean"], normalization["std"]) if normalization else None
-    return data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress)
+    if world is None or world.size == 1:
+        return data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress)
+    return data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress, part=(world.rank, world.size),
+                             statistics=lambda x: shared_statistics(world, x))
+
+
+def shared_statistics(world: distributed.World, x) -> tuple[np.ndarray, np.ndarray]:
+    """normalize: auto's mean and standard deviation with the training images cut across the ranks: each sums
+    its rows (exact integers, so every rank and one process get the same numbers) and one reduction adds them.
+    Float images (an .npz of floats) are summed whole on every rank."""
+    if x.dtype != np.uint8:
+        return data.channel_statistics(x)
+    lo, hi = world.shard(len(x))
+    return data.statistics_of(world.sum(data.channel_sums(x, slice(lo, hi))), len(x) * x.shape[2] * x.shape[3])
 
 
 def data_as_run(spec: Spec, normalization: dict | None = None, progress=None) -> data.Dataset:
@@ -150,15 +166,15 @@ def start(spec: Spec, init_rng: np.random.Generator, data_rng: np.random.Generat
     from . import whitening
     from .weights import init_from
 
+    world = world or distributed.World()
     model, rows = checked_model(spec, init_rng)
     init = spec.model.init_from
     # a new run starts from init_from's weights; a resumed one from its own checkpoint (the trainer's restore)
     report = None if init is None or resuming else init_from(model, init.checkpoint, init.strict, init.rename)
-    ds = dataset(spec, rows, data_rng, normalization, progress)
+    ds = dataset(spec, rows, data_rng, normalization, progress, world)
     # a new run's first convolution from the patch covariance (a resumed run has it, init_from brings its own)
     white = None if resuming or init is not None else whitening.apply(model, ds)
     parts = training_parts(spec, model, rows, ds)
-    world = world or distributed.World()
     if world.size > 1:  # several MPI ranks: each trains on its share of every batch
         distributed.check_batches(spec.data.batch_size, len(ds.train), world.size)
     runner = Runner(model, context=distributed.context_of(world, spec.train.sync_batchnorm))

@@ -117,21 +117,16 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
                    np.asarray(std, np.float32))
 
 
-def _groups(n: int, c: int, values: int, chunk_values: int, lo: int = 0) -> list[tuple[int, slice]]:
-    """(channel, rows) pieces of about chunk_values values each, rows lo..n of every channel."""
-    step = max(1, chunk_values // max(1, values))
-    return [(ch, slice(i, min(i + step, n))) for ch in range(c) for i in range(lo, n, step)]
-
-
 def channel_sums(x: np.ndarray, rows: slice = slice(None), chunk_values: int = 1 << 22) -> np.ndarray:
     """(C, 2) int64: per channel, the sum of the integer pixels (uint8) of x[rows] and the sum of their squares,
     a group of images at a time. Exact, so sums of parts (chunks, MPI ranks) add up to the whole's."""
     lo, hi, _ = rows.indices(len(x))
     out = np.zeros((x.shape[1], 2), np.int64)
-    for ch, part in _groups(hi, x.shape[1], x.shape[2] * x.shape[3], chunk_values, lo):
-        v = x[part, ch].astype(np.uint16)  # 255 ** 2 fits: the squares need no wider copy
-        out[ch, 0] += v.sum(dtype=np.int64)
-        out[ch, 1] += np.square(v, out=v).sum(dtype=np.int64)
+    step = max(1, chunk_values // max(1, x[0].size))
+    for i in range(lo, hi, step):  # each image read once (packed data: a group of rows), all its channels
+        v = x[i : min(i + step, hi)].astype(np.uint16)  # 255 ** 2 fits: the squares need no wider copy
+        out[:, 0] += v.sum(axis=(0, 2, 3), dtype=np.int64)
+        out[:, 1] += np.square(v, out=v).sum(axis=(0, 2, 3), dtype=np.int64)
     return out
 
 
@@ -150,7 +145,8 @@ def channel_statistics(x: np.ndarray, chunk_values: int = 1 << 22) -> tuple[np.n
     n, c, h, w = x.shape
     if x.dtype == np.uint8:
         return statistics_of(channel_sums(x, chunk_values=chunk_values), n * h * w)
-    groups = _groups(n, c, h * w, chunk_values)
+    step = max(1, chunk_values // max(1, h * w))
+    groups = [(ch, slice(i, i + step)) for ch in range(c) for i in range(0, n, step)]
     mean = np.zeros(c)
     for ch, part in groups:
         mean[ch] += x[part, ch].sum(dtype=np.float64)

@@ -163,3 +163,36 @@ def test_without_matplotlib_the_report_names_the_install_that_makes_it_work(fini
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     res = invoke("report", run, code=2)
     assert "pip install 'cnnctl[plot]'" in res.output and "leave out --out" not in res.output
+
+
+def test_eval_records_the_test_result_that_runs_and_the_report_show(finished, tmp_path):
+    """A run trained without a test at the end: the report's header gives its own evaluation of the test split
+    (saying so), then `cnnctl eval` of the run records its result, which `cnnctl runs` and the header show."""
+    import re
+
+    _, run = finished
+    copy = tmp_path / "runs" / run.name
+    shutil.copytree(run, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary.pop("test")
+    (copy / "summary.json").write_text(json.dumps(summary))
+    assert json.loads(invoke("runs", tmp_path / "runs", "--json").stdout)[0]["test_acc"] is None
+    invoke("report", copy, "--out", tmp_path / "before.html")
+    header = (tmp_path / "before.html").read_text().split("</header>")[0]
+    assert re.search(r"<dt>test accuracy</dt><dd>\d+\.\d\d% on 100 images \(this page&#x27;s evaluation of "
+                     r"best.safetensors, one view per image\)</dd>", header), header
+
+    res = invoke("eval", copy, "--json")
+    recorded = json.loads((copy / "summary.json").read_text())["test"]
+    result = json.loads(res.stdout)
+    assert result["recorded_in"] == str(copy / "summary.json") and "recorded as the run's test result" in res.stderr
+    assert recorded["accuracy"] == result["accuracy"] and recorded["by"] == "cnnctl eval"
+    assert json.loads(invoke("runs", tmp_path / "runs", "--json").stdout)[0]["test_acc"] == result["accuracy"]
+    assert f"{100 * result['accuracy']:.2f}%" in invoke("runs", tmp_path / "runs").output
+    invoke("report", copy, "--out", tmp_path / "after.html")
+    assert (f"<dt>test accuracy</dt><dd>{100 * result['accuracy']:.2f}% on 100 images (cnnctl eval of "
+            "best.safetensors)</dd>") in (tmp_path / "after.html").read_text()
+
+    invoke("eval", copy, "--set", "data.batch_size=16")  # another config, or another split: not the run's result
+    invoke("eval", copy, "--data-split", "val")
+    assert json.loads((copy / "summary.json").read_text())["test"] == recorded

@@ -183,8 +183,11 @@ def load(path: str | Path) -> Predictor:
 def evaluate(path: str | Path, split: str | None = "test", overrides: list[str] | None = None) -> dict:
     """Loss, accuracy, per-class precision, recall, F1 and support, and the confusion matrix (rows: true class)
     of a checkpoint or run directory on a split of its data: test, val or train (None: test, or val for data
-    without a test split). `overrides` apply to the checkpoint's config (--set)."""
+    without a test split). `overrides` apply to the checkpoint's config (--set). A run's own checkpoint
+    evaluated on the test split as trained (no overrides) is recorded in its summary.json (`recorded_in`)."""
     from cnnctl.run.evaluation import evaluate_checkpoint
 
-    path = _path(path, "path")
-    return evaluate_checkpoint(path, split, _overrides(overrides))
+    path, overrides = _path(path, "path"), _overrides(overrides)
+    res = evaluate_checkpoint(path, split, overrides)
+    recorded = runs.record_test(Path(res["checkpoint"]), res) if res["split"] == "test" and not overrides else None
+    return {**res, "recorded_in": None if recorded is None else str(recorded / "summary.json")}

@@ -151,6 +151,8 @@ def eval_(
     if plot_file is not None:
         plots.plot_confusion(np.array(cm), classes, plot_file, f"{Path(res['checkpoint']).name}: {data_split} "
                              f"split, accuracy {100 * res['accuracy']:.2f}%")
+    if res["recorded_in"]:
+        err.print(f"recorded as the run's test result in {res['recorded_in']}")
     if as_json:
         print_json(res)
         return

@@ -250,6 +250,33 @@ def run_info(run_dir: Path) -> dict | None:
     }
 
 
+def record_test(checkpoint: Path, result: dict) -> Path | None:
+    """A test-split evaluation of a run's own checkpoint (cnnctl eval, cnnctl.evaluate) kept in the run's
+    summary.json: under `evaluations` by checkpoint file, and as the run's `test` (what `cnnctl runs` and the
+    report show) when the run has no test of its own (train.test_at_end off, or stopped before it), preferring
+    best.safetensors. Returns the run directory, or None when nothing was written: a checkpoint outside a run
+    directory, or a run being trained now (its lock is held), or one that cannot be written."""
+    checkpoint = Path(checkpoint)
+    run_dir = checkpoint.parent.parent
+    if checkpoint.parent.name != "checkpoints" or not (run_dir / "summary.json").is_file():
+        return None
+    entry = {"loss": result["loss"], "accuracy": result["accuracy"], "n": result["n"], "epoch": result["epoch"],
+             "checkpoint": checkpoint.name, "by": "cnnctl eval", "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        with locked(run_dir):
+            summary = read_json(run_dir / "summary.json") or {}
+            evaluations = summary.get("evaluations") if isinstance(summary.get("evaluations"), dict) else {}
+            summary["evaluations"] = {**evaluations, checkpoint.name: entry}
+            test = summary.get("test") if isinstance(summary.get("test"), dict) else None
+            if test is None or (test.get("by") == "cnnctl eval" and (checkpoint.name == "best.safetensors"
+                                                                     or test.get("checkpoint") == checkpoint.name)):
+                summary["test"] = entry
+            write_json(run_dir / "summary.json", summary)
+    except (CnnctlError, OSError):
+        return None
+    return run_dir
+
+
 def list_runs(runs_dir: Path) -> list[dict]:
     """Every run directory under runs_dir (also one level down, for sweeps), oldest first."""
     runs_dir = Path(runs_dir)

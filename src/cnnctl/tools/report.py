@@ -99,10 +99,22 @@ def _page(title: str, sections: list[str]) -> str:
 # ---------------------------------------------------------------- a run
 
 
-def _header(run_dir: Path, summary: dict, info: dict) -> str:
+def _test_accuracy(summary: dict, measured: dict | None) -> str:
+    """The run's test accuracy (test_at_end, or a recorded cnnctl eval), else this page's own evaluation of the
+    test split, saying so; "-" without either."""
+    test = summary.get("test") if isinstance(summary.get("test"), dict) else {}
+    if test:
+        by = f" ({test['by']} of {test.get('checkpoint')})" if test.get("by") else ""
+        return f"{_pct(test.get('accuracy'))} on {test.get('n', 0):,} images{by}"
+    if measured and measured["split"] == "test":
+        return (f"{_pct(measured['accuracy'])} on {measured['n']:,} images (this page's evaluation of "
+                f"{measured['checkpoint']}, one view per image)")
+    return "-"
+
+
+def _header(run_dir: Path, summary: dict, info: dict, measured: dict | None = None) -> str:
     env = summary.get("environment") if isinstance(summary.get("environment"), dict) else {}
     best, monitor = summary.get("best") if isinstance(summary.get("best"), dict) else {}, summary.get("monitor")
-    test = summary.get("test") if isinstance(summary.get("test"), dict) else {}
     blas = env.get("blas") if isinstance(env.get("blas"), dict) else {}
     items = [
         ("status", info.get("status")), ("started", summary.get("started")),
@@ -114,7 +126,7 @@ def _header(run_dir: Path, summary: dict, info: dict) -> str:
         ("training compute", f"{summary['training_pflops']:.4g} PFLOPs"
          if isinstance(summary.get("training_pflops"), (int, float)) else "-"),
         ("best epoch", f"{best.get('epoch')} ({monitor} {_metric(monitor, best.get(monitor))})" if best else "-"),
-        ("test accuracy", f"{_pct(test.get('accuracy'))} on {test.get('n', 0):,} images" if test else "-"),
+        ("test accuracy", _test_accuracy(summary, measured)),
         ("machine", f"{env.get('cpu') or env.get('platform') or '-'}; BLAS {blas.get('library', '-')} "
          f"{blas.get('kernel', '')}".strip()),
         ("threads", summary.get("threads", "-")), ("cnnctl", env.get("cnnctl", __version__)),
@@ -154,9 +166,10 @@ def _model_table(spec) -> str:
                                                               "receptive field"], body, left=3) + "</section>")
 
 
-def _evaluation(ckpt_path: Path) -> str:
+def _evaluation(ckpt_path: Path) -> tuple[str, dict | None]:
     """Confusion matrix, per-class metrics, confused pairs, calibration, the most confidently wrong images with
-    their saliency and Grad-CAM, the first layer's filters: one pass over the test split (else validation)."""
+    their saliency and Grad-CAM, the first layer's filters: one pass over the test split (else validation).
+    Returns the section and what it measured (split, accuracy, n, checkpoint), None without data."""
     from cnnctl import data as data_lib
     from cnnctl.config.build import build_loss
     from cnnctl.core.functional import probabilities
@@ -171,11 +184,12 @@ def _evaluation(ckpt_path: Path) -> str:
     try:
         ds = run_data(spec, rows, ckpt.normalization or None)
     except CnnctlError as e:
-        return f"<section><h2>Evaluation</h2><p class=\"note\">The data is not at hand: {_e(e.message)}</p></section>"
+        return (f"<section><h2>Evaluation</h2><p class=\"note\">The data is not at hand: {_e(e.message)}</p>"
+                "</section>", None)
     name = "test" if len(ds.test) else "val"
     split = ds.split(name)
     if not len(split):
-        return "<section><h2>Evaluation</h2><p class=\"note\">No test or validation images.</p></section>"
+        return "<section><h2>Evaluation</h2><p class=\"note\">No test or validation images.</p></section>", None
     takes = LOSSES[spec.loss.type].takes
     loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
     logits, total, run = [], 0.0, Runner(model)
@@ -199,7 +213,7 @@ def _evaluation(ckpt_path: Path) -> str:
     parts += _calibration(probs, pred, y, name)
     parts += _gallery(model, split, probs, pred, y, classes, name, ckpt.normalization)
     parts += _filters(model)
-    return "".join(parts) + "</section>"
+    return "".join(parts) + "</section>", {"split": name, "accuracy": acc, "n": len(y), "checkpoint": ckpt_path.name}
 
 
 def _plan(summary: dict) -> str:
@@ -229,20 +243,19 @@ def run_page(run_dir: Path) -> str:
     summary = runs.read_json(run_dir / "summary.json") or {}
     config = runs.config_of(run_dir)
     spec = validate(config, str(run_dir / "config.yaml"))
-    sections = [_header(run_dir, summary, info)]
-    sections.append("<section><h2>Config</h2><details><summary>The resolved config (every key, defaults filled "
-                    f"in)</summary><pre>{_e(json.dumps(config, indent=1))}</pre></details></section>")
-    sections.append(_model_table(spec))
-    sections.append(_curves(runs.read_history(run_dir)))
     try:
         ckpt_path, _ = checkpoint_file(run_dir)
     except CnnctlError:
         ckpt_path = None
-    if ckpt_path is None:
-        sections.append("<section><h2>Evaluation</h2><p class=\"note\">No checkpoint yet: the run has not finished "
-                        "an epoch.</p></section>")
-    else:
-        sections.append(_evaluation(ckpt_path))
+    evaluation, measured = _evaluation(ckpt_path) if ckpt_path is not None else (
+        "<section><h2>Evaluation</h2><p class=\"note\">No checkpoint yet: the run has not finished an epoch.</p>"
+        "</section>", None)
+    sections = [_header(run_dir, summary, info, measured)]
+    sections.append("<section><h2>Config</h2><details><summary>The resolved config (every key, defaults filled "
+                    f"in)</summary><pre>{_e(json.dumps(config, indent=1))}</pre></details></section>")
+    sections.append(_model_table(spec))
+    sections.append(_curves(runs.read_history(run_dir)))
+    sections.append(evaluation)
     sections.append(_plan(summary))
     return _page(f"cnnctl run {run_dir.name}", sections)
 

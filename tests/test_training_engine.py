@@ -503,3 +503,29 @@ def test_a_closed_pipe_does_not_stop_training(tmp_path):
     done = subprocess.run(f"{sys.executable} -m cnnctl runs {tmp_path / 'runs'} --json | head -c 3",
                           shell=True, capture_output=True, text=True, timeout=60)
     assert done.stderr == "", done.stderr
+
+
+def test_validation_at_chance_beside_high_training_accuracy_with_batchnorm_gets_one_hint(tmp_path):
+    """Batchnorm whose running statistics cannot follow the batches (momentum 1e-6, inputs far from 0 mean unit
+    variance): training accuracy climbs, validation stays near chance; one `warning:` line says why and what to do.
+    The same network with the default momentum trains without it."""
+    import yaml
+
+    spec = {"name": "bn", "seed": 0, "data": {"dataset": "digits", "batch_size": 32, "val_split": 0.2,
+                                              "normalize": {"mean": [-5.0], "std": [0.1]}},
+            "model": {"input_shape": [1, 8, 8], "layers": [
+                {"type": "conv2d", "filters": 8, "kernel_size": 3, "padding": "same"},
+                {"type": "batchnorm", "momentum": 1e-6, "activation": "relu"}, {"type": "flatten"},
+                {"type": "dense", "units": 10}]},
+            "optimizer": {"type": "adam", "lr": 0.01}, "train": {"epochs": 3}}
+    def train():  # its own process, as a user runs it (pytest would catch the warning in-process)
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+        res = subprocess.run([sys.executable, "-m", "cnnctl", "train", tmp_path / "c.yaml", "--runs-dir",
+                              tmp_path / "runs"], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        return res.stderr
+
+    err = train()
+    assert err.count("near chance") == 1 and "warning: epoch 2" in err and "trainable: false" in err, err
+    spec["model"]["layers"][1]["momentum"] = 0.1
+    assert "near chance" not in train()

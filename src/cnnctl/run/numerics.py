@@ -1,5 +1,5 @@
-"""numpy's floating-point warnings while a run trains, counted and named when it diverges, and the check that ends
-a run whose metric is NaN or infinite."""
+"""numpy's floating-point warnings while a run trains, counted and named when it diverges, the check that ends a
+run whose metric is NaN or infinite, and the hint for a validation accuracy at chance beside a high training one."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import warnings
 from pathlib import Path
 
-from cnnctl.errors import CnnctlError, TrainingError
+from cnnctl.errors import CnnctlError, CnnctlWarning, TrainingError
 
 
 class NumericWarnings:
@@ -52,3 +52,25 @@ def check_finite(what: str, value: float, when: str, lr: float) -> None:
                             "are untouched",
                             f"lower optimizer.lr (now {lr:g}), or look for extreme values in the data "
                             "(cnnctl data CONFIG shows each split)")
+
+
+def batchnorm_hint(model, row: dict, classes: int) -> bool:
+    """A `warning:` line (True) when an epoch's training accuracy is high while its validation accuracy is near
+    chance in a model with batchnorm: the running statistics evaluation normalises with are far from the batch
+    statistics training uses (a fine-tuned network whose batchnorm saw other data, most often)."""
+    from cnnctl.core.nn.regularization import _BatchNorm
+
+    chance = 1 / max(classes, 1)  # high: 60% of the way from chance to 100%; near chance: within 10% of it
+    if row["train_acc"] < chance + 0.6 * (1 - chance) or row["val_acc"] > chance + 0.1 * (1 - chance):
+        return False
+    if not any(isinstance(layer, _BatchNorm) for _, layer in model.named_layers()):
+        return False
+    warnings.warn(CnnctlWarning(
+        f"epoch {row['epoch']}: training accuracy {100 * row['train_acc']:.1f}% but validation accuracy "
+        f"{100 * row['val_acc']:.1f}%, near chance ({100 * chance:.1f}%): batchnorm's running statistics, which "
+        "evaluation normalises with, are far from the batch statistics training uses. Freeze the batchnorm layers "
+        "(trainable: false: training then normalises with the running statistics too, as fine-tuning a network "
+        "whose batchnorm saw other data wants), or let the running statistics catch up (a larger batchnorm "
+        "momentum, e.g. 0.1, or more epochs); and check that validation images are prepared as training ones are"),
+        stacklevel=2)
+    return True

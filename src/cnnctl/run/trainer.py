@@ -30,7 +30,7 @@ from .checkpoint import RunState, Stopper
 from .evaluation import evaluate
 from .frozen import cache_frozen
 from .loop import train_epoch
-from .numerics import NumericWarnings, check_finite
+from .numerics import NumericWarnings, batchnorm_hint, check_finite
 from .start import Seeds
 from .start import start as start_run
 
@@ -56,6 +56,7 @@ class Trainer:
         # runs the model through its execution plan; batchnorm and dropout learn from it the share of the batch
         self.runner = s.runner
         self.num_classes = len(self.ds.classes)
+        self.hinted = False  # batchnorm_hint said its line
         parts = s.parts
         self.loss_fn, self.optimizer, self.schedule = parts.loss_fn, parts.optimizer, parts.schedule
         self.average, self.steps_per_epoch = parts.average, parts.steps_per_epoch  # the average: evaluated and saved
@@ -242,6 +243,8 @@ class Trainer:
             val = self._evaluate(self.feed.val)
             row.update(val_loss=val["loss"], val_acc=val["accuracy"])
         row["seconds"] = round(time.perf_counter() - t0, 3)
+        if self.world.root and row["val_acc"] is not None and not self.hinted:
+            self.hinted = batchnorm_hint(self.model, row, self.num_classes)
         if row["val_loss"] is not None and not math.isfinite(row["val_loss"]):
             if self.world.root:  # the epoch was trained: its row is kept (the loss as null), then it stops
                 runs.append_metrics(self.run_dir, row)

@@ -67,3 +67,13 @@ def run_in_terminal(args, columns: int = 80, rows: int = 24, timeout: float = 12
     finally:
         os.close(master)
     return Screen(bytes(raw), proc.wait(timeout=30))
+
+
+def emulated(screen: Screen, columns: int, rows: int = 500) -> str:
+    """The text a terminal of `columns` shows once the output has played (pyte, a terminal emulator: cursor
+    moves and erasures applied, as a live display that redraws itself leaves it), trailing blank lines dropped."""
+    import pyte
+
+    term = pyte.Screen(columns, rows)
+    pyte.Stream(term).feed(screen.raw.replace("\n", "\r\n"))
+    return "\n".join(line.rstrip() for line in term.display).rstrip()

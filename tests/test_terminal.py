@@ -12,7 +12,7 @@ from packaging.version import Version
 
 from tests.conftest import ROOT, TINY
 from tests.helpers import runner
-from tests.terminal import run_in_terminal
+from tests.terminal import emulated, run_in_terminal
 
 COLUMNS = [80, 200]
 HIDE, SHOW = "\x1b[?25l", "\x1b[?25h"
@@ -60,6 +60,8 @@ def test_sweep_ends_on_a_terminal(work, columns):
     screen = run_in_terminal(["sweep", "sweep.yaml", "--runs-dir", f"sweeps-{columns}"], columns=columns, cwd=d)
     _check(screen, "best: trial-", "results:")
     assert HIDE in screen.raw  # the live table ran
+    shown = emulated(screen, columns)  # what stays on the screen: the final table once, not the live one again
+    assert shown.count("val_acc (max)") == 1 and shown.count("│ trial-000 │") == 1, shown
 
 
 @pytest.mark.parametrize("columns", COLUMNS)

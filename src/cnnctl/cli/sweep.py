@@ -82,7 +82,7 @@ def _run(sweep, trials, specs, sweep_dir: Path, results: dict, threads: int | No
     previous = signal.signal(signal.SIGTERM, on_signal)
     try:
         if out.is_terminal and not quiet:
-            with Live(view, console=out, refresh_per_second=2):
+            with Live(view, console=out, refresh_per_second=2, transient=True):  # the final table follows once
                 run(sweep, trials, specs, sweep_dir, results)
         else:
             run(sweep, trials, specs, sweep_dir, results,

@@ -151,11 +151,11 @@ def eval_(
     if plot_file is not None:
         plots.plot_confusion(np.array(cm), classes, plot_file, f"{Path(res['checkpoint']).name}: {data_split} "
                              f"split, accuracy {100 * res['accuracy']:.2f}%")
-    if res["recorded_in"]:
-        err.print(f"recorded as the run's test result in {res['recorded_in']}")
-    if as_json:
+    if as_json:  # recorded_in says where the result was recorded
         print_json(res)
         return
+    if res["recorded_in"]:
+        err.print(f"recorded as the run's test result in {res['recorded_in']}")
     out.print(f"{res['checkpoint']} (epoch {res['epoch']}) on the {data_split} split of {res['dataset']} "
               f"({res['n']:,} images)")
     out.print(f"loss {res['loss']:.4f}  accuracy {100 * res['accuracy']:.2f}%")

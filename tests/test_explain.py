@@ -102,6 +102,16 @@ def test_occlusion_equals_a_direct_loop():
     np.testing.assert_allclose(ours, ref / cover, rtol=1e-5, atol=1e-7)
 
 
+def test_occlusion_reports_the_squares_it_has_done():
+    model, x = _model("lenet5-mnist.yaml")
+    heard = []
+    plain, _ = explain.occlusion(model, x, patch=10, stride=7, batch=2 * len(x))
+    told, _ = explain.occlusion(model, x, patch=10, stride=7, batch=2 * len(x),
+                                progress=lambda done, total: heard.append((done, total)))
+    assert heard == [(2, 16), (4, 16), (6, 16), (8, 16), (10, 16), (12, 16), (14, 16), (16, 16)]  # 4 x 4 squares
+    np.testing.assert_array_equal(told, plain)
+
+
 def test_the_explain_verb_writes_pictures_and_maps_for_every_method(tmp_path):
     import json
 

@@ -3,6 +3,7 @@ and 200 columns. Each must end within a bound, show the cursor again and put its
 (Rich's live display replaces sys.stdout while it runs: output written back through it once looped for ever.)"""
 
 import json
+import re
 from importlib.metadata import version
 
 import numpy as np
@@ -77,6 +78,30 @@ def test_verb_ends_on_a_terminal(work, verb, columns):
         "predict": (["predict", run, "x.npz"], ["x.npz[2]"]),
     }[verb]
     _check(run_in_terminal(args, columns=columns, cwd=d), *final)
+
+
+def test_explain_by_occlusion_shows_its_squares_on_a_terminal(work):
+    """Occlusion takes a forward pass per few squares: a bar counts them (on stderr) and leaves the screen when the
+    maps are done; the table of explanations stays."""
+    d, run = work
+    screen = run_in_terminal(["explain", run, "x.npz", "--method", "occlusion", "--patch", "4", "--stride", "2",
+                              "--out", "explained"], cwd=d)
+    _check(screen, "x.npz[2]")
+    assert "explanations (occlusion)" in screen.text
+    assert re.search(r"occlusion: squares.*\b169/169\b", screen.text), screen.text[-2000:]  # 13 x 13 squares
+    assert "squares" not in emulated(screen, 80)
+
+
+def test_a_run_records_the_command_that_made_it(work):
+    """summary.json's command (the report shows it) is what the user typed, ready to be typed again."""
+    from cnnctl.run.runs import command_line
+
+    _, run = work
+    assert json.loads((run / "summary.json").read_text())["command"] == "python -m cnnctl train quick.yaml " \
+        "--runs-dir runs"
+    assert command_line(["/venv/bin/cnnctl", "train", "my config.yaml", "--set", "optimizer.lr=0.1"]) == \
+        "cnnctl train 'my config.yaml' --set optimizer.lr=0.1"
+    assert command_line(["fit.py", "--fast"]) == "python fit.py --fast"
 
 
 def test_the_rich_version_is_one_the_project_allows():

@@ -84,6 +84,15 @@ def explain_(
 ):
     """What a prediction looked at: saliency, Grad-CAM or occlusion maps of each input, as pictures laid over it
     (and with --npy as arrays), with the top classes."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     from cnnctl.tools import explain as explain_lib
 
     use_threads(threads)
@@ -98,8 +107,14 @@ def explain_(
     results = predict_lib.top_classes(names, probs, predictor.classes, 3)
     stems = explain_lib.picture_stems([str(res["input"]) for res in results])
     for m in methods:
-        maps, ks, used = explain_lib.explain(predictor.model, x, m, layer, klass, patch, stride,
-                                             nn.LOSSES[spec.loss.type].takes, spec.data.evaluation_batch)
+        columns = (TextColumn(f"{m}: squares"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=True, disable=m != "occlusion" or not err.is_terminal) as bar:
+            task = bar.add_task(m, total=None)
+            maps, ks, used = explain_lib.explain(
+                predictor.model, x, m, layer, klass, patch, stride, nn.LOSSES[spec.loss.type].takes,
+                spec.data.evaluation_batch, lambda done, total, bar=bar, task=task: bar.update(task, completed=done,
+                                                                                        total=total))
         for i, (res, heat) in enumerate(zip(results, maps)):
             stem = stems[i]
             picture = out_dir / f"{stem}.{m}.png"

@@ -116,10 +116,11 @@ def _probabilities(run: Runner, x: np.ndarray, takes: str) -> np.ndarray:
 
 
 def occlusion(model: Model, x: np.ndarray, k=None, patch: int = 8, stride: int = 4, batch: int = 64,
-              takes: str = "logits") -> tuple[np.ndarray, np.ndarray]:
+              takes: str = "logits", progress=None) -> tuple[np.ndarray, np.ndarray]:
     """(maps (N, H, W), classes): the drop in p_k when a patch x patch square is set to 0, averaged over the
     squares covering each pixel; squares at every `stride` (the last one flush with the far edge). The loop is
-    over the squares; each forward pass takes every input with several squares (about `batch` images)."""
+    over the squares; each forward pass takes every input with several squares (about `batch` images).
+    `progress(done, total)` is called with the squares done after each pass."""
     n, c, h, w = x.shape
     if patch < 1 or stride < 1 or patch > min(h, w):
         raise CnnctlError(f"--patch {patch} --stride {stride}: the square must fit the {h}x{w} input",
@@ -143,6 +144,8 @@ def occlusion(model: Model, x: np.ndarray, k=None, patch: int = 8, stride: int =
         for j, (t, left) in enumerate(part):
             maps[:, t : t + patch, left : left + patch] += drop[:, j, None, None]
             cover[t : t + patch, left : left + patch] += 1
+        if progress is not None:
+            progress(s + len(part), len(squares))
     return (maps / cover).astype(np.float32), ks
 
 
@@ -153,14 +156,16 @@ def check_method(method: str) -> None:
 
 
 def explain(model: Model, x: np.ndarray, method: str, layer: str | None = None, k=None, patch: int = 8,
-            stride: int = 4, takes: str = "logits", batch: int = 64) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """(maps (N, H, W), classes explained, the layer Grad-CAM used) of one method on normalised inputs."""
+            stride: int = 4, takes: str = "logits", batch: int = 64, progress=None
+            ) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """(maps (N, H, W), classes explained, the layer Grad-CAM used) of one method on normalised inputs;
+    `progress(done, total)` hears of occlusion's squares (the one method that takes many passes)."""
     check_method(method)
     if method == "saliency":
         return (*saliency(model, x, k), None)
     if method == "gradcam":
         return gradcam(model, x, layer, k)
-    return (*occlusion(model, x, k, patch, stride, batch, takes), None)
+    return (*occlusion(model, x, k, patch, stride, batch, takes, progress), None)
 
 
 def picture_stems(names: list[str]) -> list[str]:

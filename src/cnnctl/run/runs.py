@@ -10,7 +10,9 @@ import io
 import json
 import math
 import os
+import shlex
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -248,6 +250,20 @@ def run_info(run_dir: Path) -> dict | None:
         "best_val_acc": _of("number", best.get("val_acc")), "test_acc": _of("number", test.get("accuracy")),
         "params": _of("count", summary.get("params")), "wall_seconds": _of("number", summary.get("wall_seconds")),
     }
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command this process was started with, as a user would type it again: `cnnctl train ...`,
+    `python -m cnnctl train ...` or `python script.py ...` (a script calling cnnctl.train)."""
+    argv = list(sys.argv if argv is None else argv) or ["python"]
+    first = Path(argv[0])
+    if first.name == "__main__.py":
+        head = ["python", "-m", first.parent.name]
+    elif first.suffix == ".py":
+        head = ["python", argv[0]]
+    else:
+        head = [first.name]
+    return shlex.join(head + argv[1:])
 
 
 def record_test(checkpoint: Path, result: dict) -> Path | None:

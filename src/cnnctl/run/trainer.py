@@ -121,6 +121,7 @@ class Trainer:
             "best": self.state.best,
             "dataset": self.ds.describe(),
             "environment": self.environment,
+            "command": self.command,
             "plan": self.state.algorithms,
             "training_pflops": training_pflops(self.rows, self._images_trained(rows[-1]["step"] if rows else 0)),
             **({"init_from": self.init_report} if self.init_report else {}),
@@ -202,6 +203,7 @@ class Trainer:
                 self.net, self.feed = cache_frozen(spec, self.runner, self.ds)
         self.fitting = True  # from here a failure leaves the run directory and its records in place
         self.environment = environment()
+        self.command = runs.command_line()  # what started this session of the run (train, or train --resume)
         self.recorded = self.state.epoch  # epochs with checkpoint and metrics rows written (resume: the checkpoint's)
         previous = runs.run_info(self.run_dir) if resumed else None
         self.started = (previous or {}).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S")

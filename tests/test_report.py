@@ -4,6 +4,7 @@ HTML, every picture decodes, nothing refers outside the file; and a real browser
 import base64
 import io
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -73,11 +74,13 @@ def test_the_page_of_a_finished_run(finished):
     res = invoke("report", run)
     assert "wrote" in res.output and (run / "report.html").is_file()
     text, page = _check(run / "report.html")
-    for section in ("Config", "Model", "Learning curves", "Evaluation on the test split", "Per class",
+    for section in ("Config", "Model", "Learning curves", "<h2>Data</h2>", "Images per class in each split",
+                    "training images of each class", "<dt>command</dt>", "Evaluation on the test split", "Per class",
                     "The most confused pairs", "Calibration", "Expected calibration error", "most confidently wrong",
                     "first layer", "Execution plan"):
         assert section in text, section
     assert len(page.images) >= 6 and "Status: finished" in text
+    assert '<td class="l">all classes</td><td class="">240</td><td class="">60</td><td class="">100</td>' in text
 
 
 def test_the_pages_of_running_failed_and_interrupted_runs(finished, tmp_path):
@@ -154,6 +157,43 @@ def test_a_real_browser_renders_every_picture_without_console_errors(finished, t
         assert im.size == (1200, 2000) and np.asarray(im).std() > 5  # a page, not a blank
 
 
+def test_every_picture_s_text_is_readable_as_a_browser_shows_it(finished, tmp_path, monkeypatch):
+    """The smallest text of every picture (titles, tick labels, colour bars, counts), at the size Chromium draws the
+    picture in a 1280-pixel window at 100% zoom, is 10 pixels or more."""
+    import hashlib
+
+    from matplotlib.text import Text
+
+    from cnnctl.tools import plots
+
+    _, run = finished
+    smallest, save = {}, plots._save
+
+    def measured(fig, out):
+        fig.canvas.draw()  # tick labels exist once drawn
+        sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        png = save(fig, out)
+        smallest[hashlib.sha256(png).hexdigest()] = min(sizes, default=float("inf")) * plots.DPI / 72
+        return png
+
+    monkeypatch.setattr(plots, "_save", measured)
+    invoke("report", run, "--out", tmp_path / "page.html")
+    page = (tmp_path / "page.html").read_text()
+    pngs = [base64.b64decode(src) for src in re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)]
+    script = ("<script>addEventListener('load', () => { document.title = 'sizes:' + JSON.stringify("
+              "[...document.images].map(i => [i.naturalWidth, i.getBoundingClientRect().width])); });</script>")
+    csp = f'<meta http-equiv="Content-Security-Policy" content="{report.CSP}">'
+    (tmp_path / "probe.html").write_text(page.replace(csp, "").replace("</body>", script + "</body>"))
+    res = subprocess.run([_browser(), "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                          "--window-size=1280,900", "--force-device-scale-factor=1", "--dump-dom",
+                          (tmp_path / "probe.html").as_uri()], capture_output=True, text=True, timeout=120)
+    shown = json.loads(res.stdout.split("<title>sizes:", 1)[1].split("</title>", 1)[0].replace("&quot;", '"'))
+    assert len(shown) == len(pngs) >= 6
+    small = [(round(smallest[hashlib.sha256(png).hexdigest()] * drawn / natural, 1), natural, drawn)
+             for png, (natural, drawn) in zip(pngs, shown)]
+    assert all(px >= 10 for px, _, _ in small), small
+
+
 def test_without_matplotlib_the_report_names_the_install_that_makes_it_work(finished, monkeypatch):
     import sys
 
@@ -168,8 +208,6 @@ def test_without_matplotlib_the_report_names_the_install_that_makes_it_work(fini
 def test_eval_records_the_test_result_that_runs_and_the_report_show(finished, tmp_path):
     """A run trained without a test at the end: the report's header gives its own evaluation of the test split
     (saying so), then `cnnctl eval` of the run records its result, which `cnnctl runs` and the header show."""
-    import re
-
     _, run = finished
     copy = tmp_path / "runs" / run.name
     shutil.copytree(run, copy)
@@ -185,7 +223,8 @@ def test_eval_records_the_test_result_that_runs_and_the_report_show(finished, tm
     res = invoke("eval", copy, "--json")
     recorded = json.loads((copy / "summary.json").read_text())["test"]
     result = json.loads(res.stdout)
-    assert result["recorded_in"] == str(copy / "summary.json") and "recorded as the run's test result" in res.stderr
+    assert result["recorded_in"] == str(copy / "summary.json") and "recorded as" not in res.output  # JSON alone
+    assert f"recorded as the run's test result in {copy / 'summary.json'}" in invoke("eval", copy).stderr
     assert recorded["accuracy"] == result["accuracy"] and recorded["by"] == "cnnctl eval"
     assert json.loads(invoke("runs", tmp_path / "runs", "--json").stdout)[0]["test_acc"] == result["accuracy"]
     assert f"{100 * result['accuracy']:.2f}%" in invoke("runs", tmp_path / "runs").output
@@ -196,3 +235,14 @@ def test_eval_records_the_test_result_that_runs_and_the_report_show(finished, tm
     invoke("eval", copy, "--set", "data.batch_size=16")  # another config, or another split: not the run's result
     invoke("eval", copy, "--data-split", "val")
     assert json.loads((copy / "summary.json").read_text())["test"] == recorded
+
+
+def test_a_long_model_table_starts_collapsed_and_a_short_one_open(tmp_path):
+    from cnnctl.config.reading import load_config, validate
+    from tests.conftest import ROOT
+
+    resnet, _ = load_config(ROOT / "configs" / "resnet20-cifar10.yaml")
+    long = report._model_table(resnet)
+    assert re.search(r"<details><summary>The \d+ layers</summary><table>", long) and "parameters, " in long
+    short = report._model_table(validate(yaml.safe_load(TINY)))
+    assert "<details>" not in short and "<table>" in short

@@ -31,6 +31,9 @@ def pyplot(instead: str | None = None):
 TERMINAL = "leave out --out for charts in the terminal"
 
 
+DPI = 110  # pixels per inch of every picture: a 10-point font is 15 pixels tall at 100% zoom
+
+
 def _save(fig, out: Path | None) -> bytes | None:
     """Render the figure as a PNG: written through fileio.atomic_write_bytes (a file replaced atomically, a device
     or FIFO written in place), or with `out` None returned as bytes (the report inlines them)."""
@@ -38,7 +41,7 @@ def _save(fig, out: Path | None) -> bytes | None:
 
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
     if out is None:
@@ -88,7 +91,7 @@ def _grid(images: np.ndarray, cols: int, cmap: str, out: Path | None, title: str
             img = images[k]
             ax.imshow(img, cmap=None if img.ndim == 3 else cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
             if labels:
-                ax.set_title(labels[k], fontsize=7)
+                ax.set_title(labels[k], fontsize=8)
     fig.suptitle(title)
     return _save(fig, out)
 
@@ -134,7 +137,7 @@ def plot_feature_maps(maps: list[tuple[str, np.ndarray]], image: np.ndarray, out
     for r, (name, m) in enumerate(maps, start=1):
         for c in range(min(cols, m.shape[0])):
             axes[r, c].imshow(m[c], cmap="viridis", interpolation="nearest")
-            axes[r, c].set_title(f"{name}:{c}", fontsize=6)
+            axes[r, c].set_title(f"{name}:{c}", fontsize=7)
     return _save(fig, out)
 
 
@@ -270,15 +273,15 @@ def plot_explanation(image01: np.ndarray, heat: np.ndarray, out: Path | None, ti
     plt = pyplot()
     c = image01.shape[0]
     shown = image01[0] if c == 1 else np.clip(image01.transpose(1, 2, 0), 0, 1)
-    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(4.4, 2.5), layout="constrained")  # drawn at its size in the report
     for ax in axes:
         ax.imshow(shown, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0].set_title("input")
+    axes[0].set_title("input", fontsize=9)
     im = axes[1].imshow(heat, cmap="inferno", alpha=0.45)
-    axes[1].set_title("explanation")
-    fig.colorbar(im, ax=axes[1], shrink=0.8)
+    axes[1].set_title("explanation", fontsize=9)
+    fig.colorbar(im, ax=axes[1], shrink=0.8).ax.tick_params(labelsize=8)
     fig.suptitle(title, fontsize=9)
     return _save(fig, out)
 
@@ -298,7 +301,7 @@ def plot_reliability(confidence: np.ndarray, correct: np.ndarray, out: Path | No
     ax.plot([0, 1], [0, 1], "--", color="black", label="perfect calibration")
     for c, a, n in zip(centres, acc, counts):
         if n:
-            ax.text(c, min(a + 0.02, 0.95), str(n), ha="center", fontsize=6)
+            ax.text(c, min(a + 0.02, 0.95), str(n), ha="center", fontsize=7)
     ax.set_xlabel("confidence (largest probability)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)

@@ -36,7 +36,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px sol
 text-align:right}th{background:#f1f1f1}td.l,th.l{text-align:left}caption{text-align:left;font-weight:600;
 padding:.3em 0}dl{display:grid;grid-template-columns:max-content auto;gap:.15em 1em}dt{font-weight:600}dd{margin:0}
 img{max-width:100%;height:auto}figure{margin:.6em 0}figcaption{font-size:.85em;color:#444}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:1em}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(500px,1fr));gap:1em}
 .card{border:1px solid #ccc;padding:.5em}pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:.8em}
 .note{color:#555;font-style:italic}.status{font-weight:700}
 """
@@ -129,6 +129,7 @@ def _header(run_dir: Path, summary: dict, info: dict, measured: dict | None = No
         ("test accuracy", _test_accuracy(summary, measured)),
         ("machine", f"{env.get('cpu') or env.get('platform') or '-'}; BLAS {blas.get('library', '-')} "
          f"{blas.get('kernel', '')}".strip()),
+        ("command", summary.get("command") or "-"),
         ("threads", summary.get("threads", "-")), ("cnnctl", env.get("cnnctl", __version__)),
         ("parameters", f"{summary['params']:,}" if isinstance(summary.get("params"), int) else "-"),
     ]
@@ -160,10 +161,15 @@ def _model_table(spec) -> str:
     body = [["\u00a0\u00a0" * r.depth + r.path.split(".", 1)[1], r.type + (f" {r.name!r}" if r.named else ""),
              shape_text(r.output_shape), f"{r.params:,}", f"{r.macs:,}", receptive_field_text(r.receptive_field)]
             for r in walk(rows)]
-    return ("<section><h2>Model</h2>" + _table(
-        f"{spec.name}: input {tuple(spec.model.input_shape)}; {report['total_params']:,} parameters, "
-        f"{report['total_macs']:,} multiply-adds per image", ["#", "type", "output shape", "params", "MACs",
-                                                              "receptive field"], body, left=3) + "</section>")
+    summary = (f"{spec.name}: input {tuple(spec.model.input_shape)}; {report['total_params']:,} parameters, "
+               f"{report['total_macs']:,} multiply-adds per image")
+    table = _table(summary, ["#", "type", "output shape", "params", "MACs", "receptive field"], body, left=3)
+    if len(body) > MODEL_ROWS_OPEN:  # a ResNet's 60 rows: the totals first, the table a click away
+        table = f"<p>{_e(summary)}.</p><details><summary>The {len(body)} layers</summary>{table}</details>"
+    return "<section><h2>Model</h2>" + table + "</section>"
+
+
+MODEL_ROWS_OPEN = 25  # longer model tables start collapsed
 
 
 def _evaluation(ckpt_path: Path) -> tuple[str, dict | None]:
@@ -189,7 +195,8 @@ def _evaluation(ckpt_path: Path) -> tuple[str, dict | None]:
     name = "test" if len(ds.test) else "val"
     split = ds.split(name)
     if not len(split):
-        return "<section><h2>Evaluation</h2><p class=\"note\">No test or validation images.</p></section>", None
+        return (_data(ds) + "<section><h2>Evaluation</h2><p class=\"note\">No test or validation images.</p>"
+                "</section>", None)
     takes = LOSSES[spec.loss.type].takes
     loss_fn = build_loss(spec, ds.train.y, len(ds.classes))
     logits, total, run = [], 0.0, Runner(model)
@@ -213,7 +220,33 @@ def _evaluation(ckpt_path: Path) -> tuple[str, dict | None]:
     parts += _calibration(probs, pred, y, name)
     parts += _gallery(model, split, probs, pred, y, classes, name, ckpt.normalization)
     parts += _filters(model)
-    return "".join(parts) + "</section>", {"split": name, "accuracy": acc, "n": len(y), "checkpoint": ckpt_path.name}
+    return _data(ds) + "".join(parts) + "</section>", {"split": name, "accuracy": acc, "n": len(y),
+                                                       "checkpoint": ckpt_path.name}
+
+
+SAMPLES_PER_CLASS, SAMPLE_CLASSES = 4, 20  # the data section's grid: 4 training images of each of the first 20
+
+
+def _data(ds) -> str:
+    """The data the run saw: images per class in each split, and the first few training images of each class."""
+    from cnnctl import data as data_lib
+
+    counts = data_lib.class_counts(ds)
+    names = [n for n in ("train", "val", "test") if counts[n]["total"]]
+    rows = [[c, *(f"{counts[n]['per_class'][i]:,}" for n in names)] for i, c in enumerate(ds.classes)]
+    rows.append(["all classes", *(f"{counts[n]['total']:,}" for n in names)])
+    shown = ds.classes[:SAMPLE_CLASSES]
+    idx = np.concatenate([np.flatnonzero(ds.train.y == k)[:SAMPLES_PER_CLASS] for k in range(len(shown))])
+    grid = _figure(plots.plot_samples(ds.train.x[idx], [ds.classes[k] for k in ds.train.y[idx]], None,
+                                      "training images, by class"),
+                   "A few training images of each class, titled with their class",
+                   f"The first {SAMPLES_PER_CLASS} training images of each class" + (
+                       f" (the first {SAMPLE_CLASSES} of {len(ds.classes)} classes)"
+                       if len(ds.classes) > SAMPLE_CLASSES else "") + ", as stored (before normalisation).") \
+        if len(idx) else ""
+    return (f"<section><h2>Data</h2><p>{_e(ds.name)}: {len(ds.classes)} classes, images of "
+            f"{' x '.join(str(d) for d in ds.train.x.shape[1:])}.</p>"
+            + _table("Images per class in each split", ["class", *names], rows) + grid + "</section>")
 
 
 def _plan(summary: dict) -> str:

@@ -13,8 +13,8 @@ network is a small strided one for that input (SMALL_224). Then trains one epoch
 (dataset: mnist; at 224, an .npz of them), each run its own process; /proc/PID/status is sampled every 20 ms
 for the peak of RssAnon (the process's own memory: arrays, Python; not the page cache of the memory-mapped
 shards) and of VmRSS (which counts the shards' pages it touched). Images/s: training images of the epoch over
-its `seconds` in metrics.jsonl (training plus validation). --rounds N runs the whole row set N times, one row
-after another, and gives each row's median with the range.
+its `seconds` in metrics.jsonl (training plus validation; with --epochs N, the last epoch's). --rounds N runs
+the whole row set N times, one row after another, and gives each row's median with the range.
 """
 
 from __future__ import annotations
@@ -103,10 +103,12 @@ def make_pack(data: tuple, growth: int, out: Path) -> None:
                           {"made_by": f"benchmarks/packed_memory.py, MNIST {x.shape[1:]} x{growth}"}, splits)
 
 
-def train(config: Path, sets: list[str], runs: Path, threads: int | None) -> dict:
-    """One epoch of config with --set overrides `sets`: peak RssAnon and VmRSS (MB), images/s."""
+def train(config: Path, sets: list[str], runs: Path, threads: int | None, epochs: int = 1) -> dict:
+    """`epochs` epochs of config with --set overrides `sets`: peak RssAnon and VmRSS (MB), images/s of the last
+    epoch (the first touches every page of a pack; later ones find them mapped)."""
     cmd = [sys.executable, "-m", "cnnctl", "train", str(config), "-q",
-           "--runs-dir", str(runs), "--set", "train.epochs=1", "--set", "train.test_at_end=false"]
+           "--runs-dir", str(runs), "--set", f"train.epochs={epochs}", "--set", "train.test_at_end=false",
+           "--set", "train.validate_every=1"]
     cmd += [a for s in sets for a in ("--set", s)] + (["--threads", str(threads)] if threads else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = {"RssAnon": 0, "VmRSS": 0}
@@ -128,7 +130,7 @@ def train(config: Path, sets: list[str], runs: Path, threads: int | None) -> dic
     if proc.returncode:
         raise SystemExit(f"cnnctl train failed: {err}")
     run = max(runs.iterdir(), key=lambda p: p.stat().st_mtime)
-    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     n = json.loads((run / "summary.json").read_text())["dataset"]["train"]
     return {"rss_anon_mb": peak["RssAnon"] / 1024, "vm_rss_mb": peak["VmRSS"] / 1024, "train_images": n,
             "images_per_s": n / row["seconds"], "seconds": row["seconds"]}
@@ -151,6 +153,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=28, help="28 (MNIST as it is) or larger (3 x SIZE x SIZE)")
     p.add_argument("--base", type=int, help="training images of the x1 set (default: all 60,000)")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1, help="epochs a run; images/s are the last epoch's")
     p.add_argument("--work", type=Path)
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")
@@ -177,13 +180,13 @@ def main() -> None:
     results = {label: [] for label, _ in kinds}
     for _ in range(a.rounds):  # every row once per round, so that a slow spell of the machine falls on all of them
         for label, sets in kinds:
-            results[label].append(train(config, sets, work / "runs", a.threads))
+            results[label].append(train(config, sets, work / "runs", a.threads, a.epochs))
     rows = [median_row(label, results[label]) for label, _ in kinds]
     if a.json:
         print(json.dumps(rows, indent=1))
         return
     shape = "1 x 28 x 28" if a.size == 28 else f"3 x {a.size} x {a.size}"
-    print(f"{time.strftime('%Y-%m-%d')}, {shape}, {a.rounds} round(s), "
+    print(f"{time.strftime('%Y-%m-%d')}, {shape}, {a.rounds} round(s) of {a.epochs} epoch(s), "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}")
     print("| data | training images | peak RssAnon (MB), median (max) | peak VmRSS (MB) | images/s, median (range) |")
     print("|---|---|---|---|---|")

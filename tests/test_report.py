@@ -40,14 +40,14 @@ class _Page(HTMLParser):
                 self.refs.append(a[key])
 
 
-def _check(path):
+def _check(path, pages=()):
     text = path.read_text(encoding="utf-8")
     page = _Page()
     page.feed(text)
     assert "h1" in page.headings and page.tables >= 1
     assert "script" not in page.tags and "link" not in page.tags and "@import" not in text and "url(" not in text
-    for ref in page.refs:  # pictures inline; nothing outside the file
-        assert ref.startswith("data:image/png;base64,"), ref
+    for ref in page.refs:  # pictures inline; nothing outside the file but the links to the `pages` named
+        assert ref.startswith("data:image/png;base64,") or ref in pages, ref
     for img in page.images:
         assert img.get("alt"), img  # every picture says what it shows
         png = base64.b64decode(img["src"].split(",", 1)[1])
@@ -107,7 +107,10 @@ def test_the_pages_of_running_failed_and_interrupted_runs(finished, tmp_path):
 
 
 def test_the_page_of_a_sweep(tmp_path):
+    """Its trials ranked with test accuracy, wall time and a link to each trial's own page (written beside the
+    trial), each trial's curve, and the metric against the searched key."""
     base = yaml.safe_load(TINY)
+    base["train"]["test_at_end"] = True
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
         "name": "s", "base": "base.yaml", "metric": "val_acc", "space": {"optimizer.lr": {"choice": [0.001, 0.01]},
@@ -116,8 +119,20 @@ def test_the_page_of_a_sweep(tmp_path):
     invoke("sweep", tmp_path / "sweep.yaml", "--runs-dir", tmp_path / "runs", "-q")
     (sweep_dir,) = (tmp_path / "runs").iterdir()
     invoke("report", sweep_dir)
-    text, page = _check(sweep_dir / "report.html")
-    assert "Trials ranked by val_acc" in text and "optimizer.lr=0.01" in text and len(page.images) == 1
+    links = {f"trials/trial-00{i}/report.html" for i in range(2)}
+    text, page = _check(sweep_dir / "report.html", links)
+    assert "Trials ranked by val_acc" in text and "optimizer.lr=0.01" in text and len(page.images) == 2
+    assert set(page.refs) - {r for r in page.refs if r.startswith("data:")} == links
+    for i in range(2):
+        trial = sweep_dir / "trials" / f"trial-00{i}"
+        test = json.loads((trial / "summary.json").read_text())["test"]["accuracy"]
+        wall = json.loads((trial / "summary.json").read_text())["wall_seconds"]
+        assert re.search(rf"<td class=\"l\">trial-00{i}</td>.*?<td class=\"\">{100 * test:.2f}%</td>.*? s</td>",
+                         text), text
+        assert wall > 0 and "Evaluation on the test split" in _check(trial / "report.html")[0]
+    assert "Each trial&#x27;s curve" in text or "Each trial's curve" in text
+    invoke("report", sweep_dir, "--out", tmp_path / "elsewhere" / "s.html")  # the links follow the page
+    assert 'href="../runs/' in (tmp_path / "elsewhere" / "s.html").read_text()
 
 
 def _browser():

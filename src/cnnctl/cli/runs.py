@@ -20,6 +20,7 @@ from .common import (
     ThreadsOption,
     app,
     check_writable,
+    err,
     fmt,
     guarded,
     out,
@@ -124,14 +125,28 @@ def report(
     threads: ThreadsOption = None,
 ):
     """One self-contained HTML page about a run or a sweep: status, config, model, curves, evaluation, the most
-    confidently wrong images with their saliency and Grad-CAM, calibration, filters, plan."""
+    confidently wrong images with their saliency and Grad-CAM, calibration, filters, plan. For a sweep, each
+    trial's page is written beside it (trials/ID/report.html) and the sweep's page links them."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from cnnctl.tools import plots, sweep_page
     from cnnctl.tools import report as report_lib
 
     use_threads(threads)
-    if not Path(target).is_dir():
+    target = Path(target)
+    if not target.is_dir():
         raise CnnctlError(f"{target} is not a folder", "pass a run directory or a sweep directory")
-    out_file = out_file or Path(target) / "report.html"
+    out_file = out_file or target / "report.html"
     check_writable(out_file, "--out")
-    text = report_lib.page(Path(target))
+    plots.pyplot()  # its pictures need matplotlib: without it, the install line before any work
+    if (target / "sweep.yaml").is_file():
+        with Progress(TextColumn("trial pages"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
+                      disable=not err.is_terminal) as bar:
+            task = bar.add_task("pages", total=None)
+            pages = sweep_page.trial_pages(target, lambda done, total: bar.update(task, completed=done,
+                                                                                  total=total))
+        text = sweep_page.sweep_page(target, pages, out_file.parent)
+    else:
+        text = report_lib.run_page(target)
     atomic_write_bytes(out_file, text.encode("utf-8"))
     out.print(f"wrote {out_file} ({len(text) / 1e6:.2f} MB, self-contained: open it in any browser)")

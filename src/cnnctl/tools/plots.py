@@ -246,6 +246,26 @@ def sweep_text(rows: list[dict], metric: str, width: int = 40) -> str:
     return "\n".join(lines)
 
 
+def plot_trial_curves(histories: dict[str, list[dict]], metric: str, out: Path | None, title: str) -> bytes | None:
+    """One line per trial: the metric after each epoch (validation epochs only, for val_ metrics)."""
+    plt = pyplot(TERMINAL)
+    fig, ax = plt.subplots(figsize=(7.5, 3.8), layout="constrained")
+    for trial, rows in histories.items():
+        points = [(r.get("epoch"), r.get(metric)) for r in rows if isinstance(r.get(metric), (int, float))]
+        if points:
+            ax.plot(*zip(*points), "-o", ms=3, label=trial)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if len(histories) <= 12:
+        ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, out)
+
+
 def plot_sweep(rows: list[dict], metric: str, out: Path | None, title: str) -> bytes | None:
     """One panel per searched key: each trial's best metric against the value it used."""
     plt = pyplot(TERMINAL)

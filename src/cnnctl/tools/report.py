@@ -56,11 +56,15 @@ def _figure(png: bytes | None, alt: str, caption: str) -> str:
     return f"<figure>{_img(png, alt)}<figcaption>{_e(caption)}</figcaption></figure>"
 
 
+class Html(str):
+    """A table cell that is markup already (a link), not text to escape."""
+
+
 def _table(caption: str, header: list[str], rows: list[list], left: int = 1) -> str:
-    """A table; the first `left` columns are text (left-aligned), the rest numbers."""
+    """A table; the first `left` columns are text (left-aligned), the rest numbers; Html cells go in as they are."""
     head = "".join(f'<th scope="col" class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{_e(c)}</td>' for i, c in enumerate(r))
-                   + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{c if isinstance(c, Html) else _e(c)}'
+                                    "</td>" for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><caption>{_e(caption)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -294,40 +298,6 @@ def run_page(run_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------- a sweep
-
-
-def sweep_page(sweep_dir: Path) -> str:
-    from . import sweep as sweep_lib
-
-    sweep_dir = Path(sweep_dir)
-    metric, mode, rows = sweep_lib.read_report(sweep_dir)
-    ranked, others = sweep_lib.ranked(rows, mode)
-    shown = (lambda v: _pct(v)) if metric.endswith("_acc") else (lambda v: _num(v))
-    table = _table(f"Trials ranked by {metric} ({mode})", ["rank", "trial", "values", metric, "epochs", "status"],
-                   [[str(i) if i <= len(ranked) else "-", r["trial"], r["drawn"], shown(r["best"]),
-                     r["epochs"] or "-", r["status"] + (f": {r['error']}" if r["error"] else "")]
-                    for i, r in enumerate(ranked + others, start=1)], left=3)
-    try:
-        png = plots.plot_sweep(rows, metric, None, f"{sweep_dir.name}: {metric} against each searched key")
-    except CnnctlError:
-        png = None
-    sections = [f"<header><h1>Sweep {_e(sweep_dir.name)}</h1><p>{len(rows)} trials, {len(ranked)} with a "
-                f"result; metric {_e(metric)} ({_e(mode)}).</p></header>",
-                f"<section><h2>Trials</h2>{table}</section>",
-                "<section><h2>The metric against each searched key</h2>" +
-                (_figure(png, f"{metric} of each trial against the value of each searched key",
-                         "Each point is a trial.") if png else '<p class="note">No trial has a result yet.</p>') +
-                "</section>"]
-    return _page(f"cnnctl sweep {sweep_dir.name}", sections)
-
-
-def page(target: Path) -> str:
-    """The page of a run directory or of a sweep directory."""
-    target = Path(target)
-    plots.pyplot()  # its pictures need matplotlib: without it, the install line before any work
-    if (target / "sweep.yaml").is_file():
-        return sweep_page(target)
-    return run_page(target)
 
 
 def _matrices(cm: np.ndarray, classes: list[str], name: str, pc: dict, f1: np.ndarray) -> list[str]:

@@ -137,8 +137,13 @@ class MPIWorld(World):
     def abort(self, code):
         sys.stdout.flush()
         sys.stderr.flush()
+        # MPI_Abort ends every process at once, mpiexec's forwarders too: output still in their pipes is lost (seen:
+        # a rank's error message gone, under load). A moment first lets them pass on what this rank wrote.
+        time.sleep(ABORT_GRACE)
         self.comm.Abort(code)
 
+
+ABORT_GRACE = 0.5  # seconds between a rank's last words and MPI_Abort
 
 _world: World | None = None
 

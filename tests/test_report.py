@@ -239,7 +239,12 @@ def test_eval_records_the_test_result_that_runs_and_the_report_show(finished, tm
     recorded = json.loads((copy / "summary.json").read_text())["test"]
     result = json.loads(res.stdout)
     assert result["recorded_in"] == str(copy / "summary.json") and "recorded as" not in res.output  # JSON alone
-    assert f"recorded as the run's test result in {copy / 'summary.json'}" in invoke("eval", copy).stderr
+    assert f"recorded in {copy / 'summary.json'} as the run's test result" in invoke("eval", copy).stderr
+    assert result["recorded_as"] == "test"
+    own = shutil.copytree(run, tmp_path / "own" / run.name)  # a run with test_at_end's result keeps it
+    assert "under evaluations (the run has its own test result)" in invoke("eval", own).stderr
+    assert json.loads((own / "summary.json").read_text())["test"] == json.loads((run / "summary.json").read_text())[
+        "test"]
     assert recorded["accuracy"] == result["accuracy"] and recorded["by"] == "cnnctl eval"
     assert json.loads(invoke("runs", tmp_path / "runs", "--json").stdout)[0]["test_acc"] == result["accuracy"]
     assert f"{100 * result['accuracy']:.2f}%" in invoke("runs", tmp_path / "runs").output

@@ -184,10 +184,12 @@ def evaluate(path: str | Path, split: str | None = "test", overrides: list[str] 
     """Loss, accuracy, per-class precision, recall, F1 and support, and the confusion matrix (rows: true class)
     of a checkpoint or run directory on a split of its data: test, val or train (None: test, or val for data
     without a test split). `overrides` apply to the checkpoint's config (--set). A run's own checkpoint
-    evaluated on the test split as trained (no overrides) is recorded in its summary.json (`recorded_in`)."""
+    evaluated on the test split as trained (no overrides) is recorded in its summary.json (`recorded_in`; with
+    `recorded_as` "test" when it became the run's test result, "evaluations" when the run has its own)."""
     from cnnctl.run.evaluation import evaluate_checkpoint
 
     path, overrides = _path(path, "path"), _overrides(overrides)
     res = evaluate_checkpoint(path, split, overrides)
     recorded = runs.record_test(Path(res["checkpoint"]), res) if res["split"] == "test" and not overrides else None
-    return {**res, "recorded_in": None if recorded is None else str(recorded / "summary.json")}
+    return {**res, "recorded_in": None if recorded is None else str(recorded[0] / "summary.json"),
+            "recorded_as": None if recorded is None else "test" if recorded[1] else "evaluations"}

@@ -155,7 +155,8 @@ def eval_(
         print_json(res)
         return
     if res["recorded_in"]:
-        err.print(f"recorded as the run's test result in {res['recorded_in']}")
+        err.print(f"recorded in {res['recorded_in']}" + (" as the run's test result" if res["recorded_as"] == "test"
+                                                           else " under evaluations (the run has its own test result)"))
     out.print(f"{res['checkpoint']} (epoch {res['epoch']}) on the {data_split} split of {res['dataset']} "
               f"({res['n']:,} images)")
     out.print(f"loss {res['loss']:.4f}  accuracy {100 * res['accuracy']:.2f}%")

@@ -266,12 +266,13 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join(head + argv[1:])
 
 
-def record_test(checkpoint: Path, result: dict) -> Path | None:
+def record_test(checkpoint: Path, result: dict) -> tuple[Path, bool] | None:
     """A test-split evaluation of a run's own checkpoint (cnnctl eval, cnnctl.evaluate) kept in the run's
     summary.json: under `evaluations` by checkpoint file, and as the run's `test` (what `cnnctl runs` and the
     report show) when the run has no test of its own (train.test_at_end off, or stopped before it), preferring
-    best.safetensors. Returns the run directory, or None when nothing was written: a checkpoint outside a run
-    directory, or a run being trained now (its lock is held), or one that cannot be written."""
+    best.safetensors. Returns the run directory and whether the result became the run's `test`, or None when
+    nothing was written: a checkpoint outside a run directory, or a run being trained now (its lock is held), or
+    one that cannot be written."""
     checkpoint = Path(checkpoint)
     run_dir = checkpoint.parent.parent
     if checkpoint.parent.name != "checkpoints" or not (run_dir / "summary.json").is_file():
@@ -284,13 +285,14 @@ def record_test(checkpoint: Path, result: dict) -> Path | None:
             evaluations = summary.get("evaluations") if isinstance(summary.get("evaluations"), dict) else {}
             summary["evaluations"] = {**evaluations, checkpoint.name: entry}
             test = summary.get("test") if isinstance(summary.get("test"), dict) else None
-            if test is None or (test.get("by") == "cnnctl eval" and (checkpoint.name == "best.safetensors"
-                                                                     or test.get("checkpoint") == checkpoint.name)):
+            as_test = test is None or (test.get("by") == "cnnctl eval" and (
+                checkpoint.name == "best.safetensors" or test.get("checkpoint") == checkpoint.name))
+            if as_test:
                 summary["test"] = entry
             write_json(run_dir / "summary.json", summary)
     except (CnnctlError, OSError):
         return None
-    return run_dir
+    return run_dir, as_test
 
 
 def list_runs(runs_dir: Path) -> list[dict]:

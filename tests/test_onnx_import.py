@@ -700,8 +700,8 @@ def test_torch_networks_exported_with_a_batch_of_one_import_for_any_batch(tmp_pa
 
 
 def test_the_folder_import_wrote_is_a_model_for_predict_export_and_inspect(tmp_path):
-    """`cnnctl predict imp_dir picture.png` (and export, inspect) take the folder cnnctl import wrote, as they take a
-    run directory: its model.safetensors."""
+    """`cnnctl predict imp_dir picture.png` (and export, inspect, explain, report) take the folder cnnctl import
+    wrote, as they take a run directory: its model.safetensors."""
     pytest.importorskip("PIL")
     from PIL import Image
 
@@ -715,3 +715,9 @@ def test_the_folder_import_wrote_is_a_model_for_predict_export_and_inspect(tmp_p
     assert json.loads(by_folder[by_folder.index("["):]) == json.loads(by_file[by_file.index("["):])
     invoke("export", tmp_path / "imp", "--out", tmp_path / "back.onnx")
     invoke("inspect", tmp_path / "imp" / "model.safetensors")
+    invoke("explain", tmp_path / "imp", tmp_path / "p.png", "--out", tmp_path / "explained")
+    assert list((tmp_path / "explained").glob("*.saliency.png"))
+    pytest.importorskip("matplotlib")
+    invoke("report", tmp_path / "imp", "--out", tmp_path / "imp.html")  # the model, and why nothing is evaluated
+    page = (tmp_path / "imp.html").read_text()
+    assert "<h2>Model</h2>" in page and "The data is not at hand" in page

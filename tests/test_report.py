@@ -131,8 +131,12 @@ def test_the_page_of_a_sweep(tmp_path):
                          text), text
         assert wall > 0 and "Evaluation on the test split" in _check(trial / "report.html")[0]
     assert "Each trial&#x27;s curve" in text or "Each trial's curve" in text
+    written = {i: (sweep_dir / "trials" / f"trial-00{i}" / "report.html").stat().st_mtime_ns for i in range(2)}
+    (sweep_dir / "trials" / "trial-001" / "summary.json").touch()  # trial-001 changed since its page
     invoke("report", sweep_dir, "--out", tmp_path / "elsewhere" / "s.html")  # the links follow the page
     assert 'href="../runs/' in (tmp_path / "elsewhere" / "s.html").read_text()
+    again = {i: (sweep_dir / "trials" / f"trial-00{i}" / "report.html").stat().st_mtime_ns for i in range(2)}
+    assert again[0] == written[0] and again[1] > written[1]  # an up-to-date page is kept, a stale one rewritten
 
 
 def _browser():

@@ -22,11 +22,24 @@ def trial_pages(sweep_dir: Path, progress=None) -> dict[str, Path]:
     folders = sorted(p for p in (Path(sweep_dir) / "trials").glob("*") if runs.run_info(p) is not None)
     pages = {}
     for i, folder in enumerate(folders, start=1):
-        atomic_write_bytes(folder / "report.html", run_page(folder).encode("utf-8"))
-        pages[folder.name] = folder / "report.html"
+        page = folder / "report.html"
+        if not _up_to_date(page, folder):
+            atomic_write_bytes(page, run_page(folder).encode("utf-8"))
+        pages[folder.name] = page
         if progress is not None:
             progress(i, len(folders))
     return pages
+
+
+def _up_to_date(page: Path, run_dir: Path) -> bool:
+    """A trial's page written after everything it shows last changed (summary, metrics, config, checkpoints)."""
+    shown = [run_dir / "summary.json", run_dir / "metrics.jsonl", run_dir / "config.yaml",
+             *(run_dir / "checkpoints").glob("*.safetensors")]
+    try:
+        written = page.stat().st_mtime
+        return all(f.stat().st_mtime < written for f in shown if f.exists())
+    except OSError:
+        return False
 
 
 def sweep_page(sweep_dir: Path, pages: dict[str, Path] | None = None, here: Path | None = None) -> str:

@@ -246,6 +246,7 @@ def test_a_batch_size_the_ranks_cannot_share_is_refused_with_the_fix(tmp_path):
     res = _mpi(3, "train", cfg, "-q", cwd=tmp_path)
     assert res.returncode == 2
     assert "data.batch_size 32 is the global batch" in res.stderr and "--set data.batch_size=33" in res.stderr
+    assert res.stderr.count("is the global batch") == 1, res.stderr  # a config error is said once, by rank 0
     assert "Traceback" not in res.stderr
 
 

@@ -246,16 +246,16 @@ def broadcast_state(world: World, arrays: list[np.ndarray]) -> None:
         at += n
 
 
-def check_batches(batch_size: int, n_train: int, size: int) -> None:
+def check_batches(batch_size: int, n_train: int | None, size: int) -> None:
     """Every rank must get a share of every global batch: data.batch_size a multiple of the ranks, and the
-    epoch's last (smaller) batch no smaller than their number."""
+    epoch's last (smaller) batch no smaller than their number (n_train None: the first check alone)."""
     if batch_size % size:
         lower, higher = batch_size // size * size, -(-batch_size // size) * size
         raise ConfigError(f"data.batch_size {batch_size} is the global batch, cut into {size} equal shares (one per "
                           f"MPI rank), but {batch_size} is not a multiple of {size}",
                           f"--set data.batch_size={higher}" + (f" (or {lower})" if lower else "")
                           + f", or run {math.gcd(batch_size, size)} ranks")
-    last = n_train % batch_size
+    last = 0 if n_train is None else n_train % batch_size
     if 0 < last < size:
         raise ConfigError(f"the last batch of an epoch holds {last} of the {n_train:,} training images, fewer than "
                           f"the {size} MPI ranks, so some rank would have none",

@@ -20,6 +20,7 @@ from cnnctl.errors import CheckpointError, CnnctlError, ConfigError
 
 from . import checkpoint, distributed, runs
 from .callbacks import Callback
+from .start import check_without_data
 from .trainer import Trainer
 
 
@@ -124,15 +125,16 @@ def _shared_resume(world: distributed.World, spec: Spec | None, ckpt: checkpoint
 
 
 def _make_trainer(world: distributed.World, spec: Spec, callback: Callback, make) -> Trainer:
-    """Rank 0 first fetches the data when the config downloads it; then every rank builds its trainer at the same
-    time, since they share the reading a run does before its first batch (a pack's verification, normalize:
-    auto's sums: MPI reductions). All are built (every check passed on every rank) before rank 0 makes the run
-    directory."""
+    """Rank 0 first runs the checks that read no data (a config error is said once, by it) and fetches the data
+    when the config downloads it; then every rank builds its trainer at the same time, since they share the
+    reading a run does before its first batch (a pack's verification, normalize: auto's sums: MPI reductions).
+    All are built (every check passed on every rank) before rank 0 makes the run directory."""
     if world.size == 1:
         return make()
     if world.root:
+        check_without_data(spec, world)
         data.fetch(spec.data, callback.on_download)
-    world.any(False)  # every rank waits here for rank 0's download
+    world.any(False)  # every rank waits here for rank 0's checks and download
     trainer = make()
     world.any(False)
     return trainer

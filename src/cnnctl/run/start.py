@@ -76,6 +76,16 @@ def checked_model(spec: Spec, rng: np.random.Generator) -> tuple[Model, list[Lay
     return model, rows
 
 
+def check_without_data(spec: Spec, world: distributed.World) -> None:
+    """Every check of a training run of spec that reads no data: training memory, the model, its loss and outputs
+    against the data's known kind, the global batch's cut across the ranks. Under MPI rank 0 runs these first,
+    alone, so that a config error is said once (the ranks then build at once, each meeting the same checks)."""
+    check_training_memory(spec.name, describe(spec.model), spec.data.batch_size,
+                          averaged=spec.train.ema_decay is not None)
+    check_known_data(spec, describe(spec.model))
+    distributed.check_batches(spec.data.batch_size, None, world.size)
+
+
 @dataclass
 class TrainingParts:
     """What trains a model on a dataset: the loss, the optimizer, the weight average (train.ema_decay) and the

@@ -215,6 +215,16 @@ def test_under_two_ranks_each_verifies_its_shards_and_a_damaged_one_is_named(tmp
     assert "Traceback" not in res.stderr
 
 
+def test_the_ranks_of_each_host_share_the_verification_of_its_copy():
+    """Which part of a pack's shards a rank hashes: its place among its host's ranks, so that a copy on each host
+    (or one pack every host mounts) is checked whole on every host."""
+    from cnnctl.run.start import host_part
+
+    hosts = ["a", "b", "a", "a", "b"]
+    assert [host_part(hosts, r) for r in range(5)] == [(0, 3), (0, 2), (1, 3), (2, 3), (1, 2)]
+    assert host_part(["a"], 0) == (0, 1)
+
+
 def test_channel_statistics_are_exact_so_parts_add_up_to_the_whole():
     """normalize: auto's statistics of uint8 pictures from integer sums: any cut into parts (chunks, MPI ranks)
     gives the same float64 numbers, equal to numpy's float64 mean and std to rounding."""

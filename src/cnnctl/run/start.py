@@ -128,8 +128,16 @@ def _load(spec: Spec, rng: np.random.Generator, normalization: dict | None, prog
     norm = (normalization["mean"], normalization["std"]) if normalization else None
     if world is None or world.size == 1:
         return data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress)
-    return data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress, part=(world.rank, world.size),
+    hosts = [r["host"] for r in world.ranks()]  # each host's copy of a pack is verified once, by its own ranks
+    return data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress, part=host_part(hosts, world.rank),
                              statistics=lambda x: shared_statistics(world, x))
+
+
+def host_part(hosts: list[str], rank: int) -> tuple[int, int]:
+    """(this rank's place among the ranks on its host, how many ranks that host has): the part of the files it
+    verifies. A pack on a filesystem every host mounts is then verified once per host, a copy on each host once."""
+    mine = [r for r, host in enumerate(hosts) if host == hosts[rank]]
+    return mine.index(rank), len(mine)
 
 
 def shared_statistics(world: distributed.World, x) -> tuple[np.ndarray, np.ndarray]:

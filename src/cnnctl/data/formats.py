@@ -100,11 +100,9 @@ def fetch(spec: DataSpec, progress=None) -> None:
 
 def fetched_root(spec: DataSpec, progress) -> Path:
     """The folder of a downloadable format's files: fetched first with data.download, else it must exist."""
-    from . import download
-
     root = root_of(spec)
     if spec.download:
-        download.ensure(spec.dataset, root, progress, spec.mirror)
+        fetch(spec, progress)
     elif not root.is_dir():
         raise DataError(f"{spec.dataset}: data folder {root} does not exist",
                         "set data.root (or --set data.root=PATH) to the folder holding the files, or set "

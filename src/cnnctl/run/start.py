@@ -67,23 +67,23 @@ def check_known_data(spec: Spec, rows: list[LayerRow]) -> None:
 
 
 def checked_model(spec: Spec, rng: np.random.Generator) -> tuple[Model, list[LayerRow]]:
-    """The model a training run of spec starts with and its layer rows: its training memory checked before any
-    weight is drawn, and its outputs and loss checked against the data's kind before any data is read."""
-    check_training_memory(spec.name, describe(spec.model), spec.data.batch_size,
-                          averaged=spec.train.ema_decay is not None)
-    model, rows = build_model(spec.model, rng)
-    check_known_data(spec, rows)
-    return model, rows
+    """The model a training run of spec starts with and its layer rows, built once every check that reads no data
+    has passed (`check_without_data`: its training memory, its outputs and loss against the data's kind), before
+    any weight is drawn."""
+    check_without_data(spec)
+    return build_model(spec.model, rng)
 
 
-def check_without_data(spec: Spec, world: distributed.World) -> None:
+def check_without_data(spec: Spec, world: distributed.World | None = None) -> None:
     """Every check of a training run of spec that reads no data: training memory, the model, its loss and outputs
-    against the data's known kind, the global batch's cut across the ranks. Under MPI rank 0 runs these first,
-    alone, so that a config error is said once (the ranks then build at once, each meeting the same checks)."""
-    check_training_memory(spec.name, describe(spec.model), spec.data.batch_size,
-                          averaged=spec.train.ema_decay is not None)
-    check_known_data(spec, describe(spec.model))
-    distributed.check_batches(spec.data.batch_size, None, world.size)
+    against the data's known kind, and with `world` the global batch's cut across the ranks. Under MPI rank 0
+    runs these first, alone, so that a config error is said once (the ranks then build at once, each meeting the
+    same checks)."""
+    rows = describe(spec.model)
+    check_training_memory(spec.name, rows, spec.data.batch_size, averaged=spec.train.ema_decay is not None)
+    check_known_data(spec, rows)
+    if world is not None:
+        distributed.check_batches(spec.data.batch_size, None, world.size)
 
 
 @dataclass

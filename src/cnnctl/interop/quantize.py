@@ -82,7 +82,8 @@ def quantize(float_path: Path, out: Path, calibration01: np.ndarray, x01: np.nda
         try:  # the quantizer's own preparation first (shapes inferred, the graph optimised), as it asks for
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
-            quant_pre_process(str(float_path), str(prepared))
+            # symbolic shape inference (sympy) is for graphs with symbolic sizes; an export has only the batch
+            quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
             with _quiet_root_logger():  # "Axis 1 is out-of-range for weight ...": its per-tensor fallback, not ours
                 quantization.quantize_static(str(prepared), str(staged), Images(),
                                              quant_format=quantization.QuantFormat.QDQ, per_channel=True,

@@ -268,7 +268,8 @@ def test_data_paths_are_the_configs_folders_and_recorded_absolute(tmp_path, monk
     ("CrossEntropyLoss", "cross_entropy", "PyTorch's"),
     ("NLLLoss", "nll", "PyTorch's"),
     ("mean_squared_error", "mse", "Keras's"),
-    ("BCEWithLogitsLoss", "cross_entropy", "no binary loss"),
+    ("BCEWithLogitsLoss", "bce_with_logits", "task: multilabel"),
+    ("binary_crossentropy", "bce_with_logits", "no sigmoid before it"),
 ])
 def test_keras_and_pytorch_loss_names_get_a_did_you_mean(tmp_path, name, ours, who):
     (tmp_path / "c.yaml").write_text(TINY)

@@ -67,6 +67,14 @@ def test_nll_gradient():
     assert check_loss(nn.NLLLoss(), logp, g.integers(0, 4, 5)) < TOL
 
 
+@pytest.mark.parametrize("pos_weight", [False, True], ids=["plain", "pos_weight"])
+def test_bce_with_logits_gradient(pos_weight):
+    """Multi-label: large logits too (softplus keeps both terms finite), several labels set per row."""
+    g = np.random.default_rng(10)
+    loss = nn.BCEWithLogitsLoss(g.uniform(0.3, 4.0, 4) if pos_weight else None)
+    assert check_loss(loss, g.standard_normal((5, 4)) * 6, (g.random((5, 4)) < 0.4).astype(np.uint8)) < TOL
+
+
 @pytest.mark.parametrize("int_targets", [False, True])
 def test_mse_gradient(int_targets):
     g = np.random.default_rng(4)

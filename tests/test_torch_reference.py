@@ -210,6 +210,26 @@ def test_log_softmax_then_nll_matches_torch_and_equals_cross_entropy():
     assert rel_error(ce.backward(), grad) < TOL
 
 
+@pytest.mark.parametrize("pos_weight", [False, True], ids=["plain", "pos_weight"])
+def test_bce_with_logits_matches_torch(pos_weight):
+    """Multi-label loss and gradient equal torch.nn.BCEWithLogitsLoss (mean over every label of every row),
+    logits up to +-40 included; the probabilities predict reads are the sigmoid."""
+    g = np.random.default_rng(11)
+    logits = (g.standard_normal((16, 6)) * 10).astype(np.float32)
+    logits[0, :2] = [40.0, -40.0]
+    targets = (g.random((16, 6)) < 0.3).astype(np.uint8)
+    weight = g.uniform(0.5, 5.0, 6).astype(np.float32) if pos_weight else None
+    loss = nn.BCEWithLogitsLoss(weight)
+    value, grad = loss.forward(logits, targets), loss.backward()
+    lt = torch.tensor(logits, requires_grad=True)
+    vt = torch.nn.BCEWithLogitsLoss(pos_weight=None if weight is None else torch.tensor(weight))(
+        lt, torch.tensor(targets, dtype=torch.float32))
+    vt.backward()
+    assert abs(value - vt.item()) <= TOL * max(1.0, abs(vt.item()))
+    assert rel_error(grad, lt.grad.numpy()) < TOL
+    assert rel_error(F.probabilities(logits, loss.takes), torch.sigmoid(lt).detach().numpy()) < TOL
+
+
 def test_sequential_state_dict_loads_into_torch():
     """A whole LeNet-style stack moves into an equivalent torch nn.Sequential by name, with equal outputs."""
     g = np.random.default_rng(5)

@@ -12,8 +12,8 @@ from rich.text import Text
 from cnnctl.config.reading import load_config
 from cnnctl.tools import plots
 from cnnctl.tools.gradcheck import gradcheck as gradcheck_lib
+from cnnctl.tools.lr_find import lr_chart_series, verdict
 from cnnctl.tools.lr_find import lr_find as lr_find_lib
-from cnnctl.tools.lr_find import verdict
 
 from .common import (
     JsonOption,
@@ -87,7 +87,8 @@ def lr_find_(
     threads: ThreadsOption = None,
 ):
     """The learning-rate range test: train with an exponentially growing rate until the loss diverges, and
-    suggest the rate where it falls fastest. Leaves no run directory."""
+    suggest a rate (fastai's valley rule: halfway into the longest fall of the smoothed loss). Leaves no run
+    directory."""
     use_threads(threads)
     if out_file is not None:
         check_writable(out_file, "--out")
@@ -98,7 +99,7 @@ def lr_find_(
     if as_json:
         print_json({"suggested_lr": res["suggested_lr"], "lrs": res["lrs"], "losses": res["losses"]})
         return
-    out.print(plots.text_chart({"loss (smoothed)": res["losses"]},
+    out.print(plots.text_chart(lr_chart_series(res),
                                x_label=f"learning rate {res['lrs'][0]:.2g} .. {res['lrs'][-1]:.2g} (log scale)"))
     out.print(f"{len(res['lrs'])} steps from {res['lrs'][0]:.2g} to {res['lrs'][-1]:.2g}")
     for note in verdict(res, max_lr):
@@ -107,7 +108,7 @@ def lr_find_(
         out.print("no suggestion: the loss did not fall; try a wider range (--min-lr / --max-lr) or more --steps")
     else:
         lr = f"{res['suggested_lr']:.2g}"
-        out.print(f"suggested learning rate {lr} (steepest descent of the smoothed loss)")
+        out.print(f"suggested learning rate {lr} (valley rule: halfway into the longest fall of the smoothed loss)")
         out.print(f"  --set optimizer.lr={lr}")
     if out_file is not None:
         out.print(f"wrote {out_file}")

@@ -30,7 +30,8 @@ def export(
     checkpoint_path: CheckpointArgument,
     out_file: Annotated[Path, typer.Option("--out", metavar="FILE", help="File to write, e.g. model.onnx.")],
     fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="Only onnx for now.")] = "onnx",
-    softmax: Annotated[bool, typer.Option("--softmax", help="End the graph with Softmax (probabilities).")] = False,
+    softmax: Annotated[bool, typer.Option("--softmax", help="End the graph with Softmax (probabilities; "
+                                                  "a multi-label model: Sigmoid).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="Also write an int8 model (OUT-int8.onnx), quantized by "
                                        "onnxruntime and kept only if its accuracy passes --max-drop.")] = False,
     calibrate: Annotated[int, typer.Option("--calibrate", metavar="N", help="--int8: training images the "
@@ -49,6 +50,9 @@ def export(
         check_writable(int8_path(out_file), "--out (its -int8 file)")
     predictor = api.load(checkpoint_of(checkpoint_path))
     spec, model, norm = predictor.spec, predictor.model, predictor.normalization
+    if int8 and spec.task == "multilabel":
+        raise CnnctlError("--int8 keeps an int8 model by its accuracy over one class per image; this model is "
+                          "multi-label (task: multilabel)", "export without --int8")
     takes = nn.LOSSES[spec.loss.type].takes
     export_onnx(model, spec.model.input_shape, norm, spec.name, out_file, softmax, takes, predictor.classes)
     out.print(f"wrote {out_file} (input 'input': N x {' x '.join(map(str, spec.model.input_shape))} pixels "

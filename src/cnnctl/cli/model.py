@@ -148,6 +148,9 @@ def predict_(
     top_k: Annotated[int, typer.Option("--top-k", metavar="K", min=1, help="Classes to show per input.")] = 3,
     out_file: Annotated[Path | None, typer.Option("--out", metavar="FILE.csv|FILE.jsonl", help="Write one row per "
                                                   "input there instead of printing them.")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", metavar="P", show_default=False,
+        help="Multi-label models: every label of probability P or more (default 0.5).")] = None,
     as_json: JsonOption = False,
 ):
     """Class probabilities for images (Pillow; resized as in training: stretched to the input size, or with
@@ -159,8 +162,15 @@ def predict_(
         check_writable(out_file, "--out")
     predictor = api.load(checkpoint_of(checkpoint_path))
     checkpoint_path = predictor.checkpoint_path
+    multilabel = predictor.spec.task == "multilabel"
+    if threshold is not None and not multilabel:
+        raise CnnctlError(f"--threshold applies to multi-label models (task: multilabel); {checkpoint_path} gives "
+                          "one class per image", "leave out --threshold (--top-k says how many classes to show)")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise CnnctlError(f"--threshold {threshold:g}: a probability, from 0 to 1", "e.g. --threshold 0.5")
+    threshold = (0.5 if threshold is None else threshold) if multilabel else None
     entries = predict_lib.expand(inputs)
-    results = _predicted(predictor, entries, top_k, {str(p) for p in inputs})
+    results = _predicted(predictor, entries, top_k, {str(p) for p in inputs}, threshold)
     if out_file is not None:
         atomic_write_bytes(out_file, predict_lib.table_bytes(results, out_file.suffix.lower()))
         judged = [r for r in results if "correct" in r]
@@ -172,15 +182,16 @@ def predict_(
     if as_json:
         print_json(results)
         return
-    out.print(table(f"predictions of {checkpoint_path}", ["input", *(f"#{r + 1}" for r in range(k))], rows=(
-        (res["input"], *(f"{t['class']} {100 * t['probability']:.1f}%" for t in res["top"]))
-        for res in results)))
+    said = [f"labels (p >= {threshold:g})"] if multilabel else []
+    out.print(table(f"predictions of {checkpoint_path}", ["input", *said, *(f"#{r + 1}" for r in range(k))], rows=(
+        (res["input"], *([", ".join(res["labels"]) or "(none)"] if multilabel else []),
+         *(f"{t['class']} {100 * t['probability']:.1f}%" for t in res["top"])) for res in results)))
 
 
 CHUNK = 512  # pictures decoded and predicted at a time: memory stays that of one chunk
 
 
-def _predicted(predictor, entries, top_k: int, given: set[str]) -> list[dict]:
+def _predicted(predictor, entries, top_k: int, given: set[str], threshold: float | None = None) -> list[dict]:
     """The top-k results of every entry, a chunk of files at a time, with a progress bar on a terminal; an entry
     not among the paths `given` (found in a folder or CSV) is named by its path."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -193,7 +204,7 @@ def _predicted(predictor, entries, top_k: int, given: set[str]) -> list[dict]:
         for lo in range(0, len(entries), CHUNK):
             chunk = entries[lo:lo + CHUNK]
             names, x01 = predict_lib.load_inputs([p for p, _ in chunk], spec.model.input_shape, spec.data.resize)
-            found = predict_lib.top_classes(names, predictor.predict(x01), predictor.classes, top_k)
+            found = predict_lib.top_classes(names, predictor.predict(x01), predictor.classes, top_k, threshold)
             if len(found) == len(chunk):  # one result per file (an .npz gives one per array row)
                 for res, (path, _) in zip(found, chunk):
                     if str(path) not in given:  # found in a folder or a CSV: named by its whole path

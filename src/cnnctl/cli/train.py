@@ -133,11 +133,12 @@ def eval_(
     set_: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot_file: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png",
-                                                   help="Also draw the confusion matrix to this PNG "
-                                                   "(needs cnnctl[plot]).")] = None,
+                                                   help="Also draw the confusion matrix (multi-label: each "
+                                                   "label's results) to this PNG (needs cnnctl[plot]).")] = None,
     threads: ThreadsOption = None,
 ):
-    """Evaluate a checkpoint (it carries its own config): loss, accuracy, per-class precision/recall."""
+    """Evaluate a checkpoint (it carries its own config): loss, accuracy, per-class precision/recall (multi-label:
+    per label, with average precision, mAP, micro and macro F1)."""
     use_threads(threads)
     if data_split not in ("test", "val", "train", None):
         raise CnnctlError(f"--data-split must be test, val or train, got {data_split!r}")
@@ -147,10 +148,13 @@ def eval_(
     if data_split is None and res["split"] == "val":
         err.print(f"the {res['dataset']} data has no test split: evaluating the validation split")
     data_split, classes = res["split"], res["classes"]
-    cm, precision, recall, f1 = res["confusion_matrix"], res["precision"], res["recall"], res["f1"]
-    if plot_file is not None:
-        plots.plot_confusion(np.array(cm), classes, plot_file, f"{Path(res['checkpoint']).name}: {data_split} "
-                             f"split, accuracy {100 * res['accuracy']:.2f}%")
+    multilabel = res["task"] == "multilabel"
+    if plot_file is not None and multilabel:
+        plots.plot_label_results(res, plot_file, f"{Path(res['checkpoint']).name}: {data_split} split, "
+                                 f"mAP {100 * res['map']:.2f}%")
+    elif plot_file is not None:
+        plots.plot_confusion(np.array(res["confusion_matrix"]), classes, plot_file, f"{Path(res['checkpoint']).name}:"
+                             f" {data_split} split, accuracy {100 * res['accuracy']:.2f}%")
     if as_json:  # recorded_in says where the result was recorded
         print_json(res)
         return
@@ -159,14 +163,30 @@ def eval_(
                                                            else " under evaluations (the run has its own test result)"))
     out.print(f"{res['checkpoint']} (epoch {res['epoch']}) on the {data_split} split of {res['dataset']} "
               f"({res['n']:,} images)")
-    out.print(f"loss {res['loss']:.4f}  accuracy {100 * res['accuracy']:.2f}%")
-    columns = ("class", "support", "precision", "recall", "F1")
-    out.print(table("per class", columns, right=columns, rows=(
-        (c, f"{res['support'][i]:,}", f"{100 * precision[i]:.2f}%", f"{100 * recall[i]:.2f}%",
-         f"{100 * f1[i]:.2f}%") for i, c in enumerate(classes))))
-    out.print(table("confusion matrix (rows: true, columns: predicted)", ["", *classes], right=classes, rows=(
-        (c, *(Text(str(v), style="bold") if i == j else str(v) for j, v in enumerate(cm[i])))
-        for i, c in enumerate(classes))))
+    for line in eval_lines(res):
+        out.print(line)
+
+
+def eval_lines(res: dict) -> list:
+    """eval's summary line and tables: per class and the confusion matrix, or per label (multi-label)."""
+    classes, precision, recall, f1 = res["classes"], res["precision"], res["recall"], res["f1"]
+    pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
+    if res["task"] == "multilabel":
+        columns = ("label", "images with it", "precision", "recall", "F1", "average precision")
+        return [f"loss {res['loss']:.4f}  mAP {pct(res['map'])}  micro F1 {pct(res['micro_f1'])}  macro F1 "
+                f"{pct(res['macro_f1'])}  every label right {pct(res['accuracy'])} (a label is said present at "
+                "probability 0.5 or more)",
+                table("per label", columns, right=columns, rows=(
+                    (c, f"{res['support'][i]:,}", pct(precision[i]), pct(recall[i]), pct(f1[i]),
+                     pct(res["average_precision"][i])) for i, c in enumerate(classes)))]
+    cm, columns = res["confusion_matrix"], ("class", "support", "precision", "recall", "F1")
+    return [f"loss {res['loss']:.4f}  accuracy {pct(res['accuracy'])}",
+            table("per class", columns, right=columns, rows=(
+                (c, f"{res['support'][i]:,}", pct(precision[i]), pct(recall[i]), pct(f1[i]))
+                for i, c in enumerate(classes))),
+            table("confusion matrix (rows: true, columns: predicted)", ["", *classes], right=classes, rows=(
+                (c, *(Text(str(v), style="bold") if i == j else str(v) for j, v in enumerate(cm[i])))
+                for i, c in enumerate(classes)))]
 
 
 @app.command()

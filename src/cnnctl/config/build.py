@@ -202,6 +202,10 @@ def check_loss_fits(spec: Spec) -> None:
                           (f"remove the layer {where}" if own else f"remove activation: {final} from "
                            f"model.layers[{len(tree) - 1}]") + " (predict and export --softmax still give "
                           "probabilities), or end with log_softmax and use loss: nll")
+    if takes == "label_logits" and final in ("sigmoid", "softmax", "log_softmax"):
+        raise ConfigError(f"the model ends in {final} ({where}), but loss {loss} takes logits and applies a sigmoid "
+                          "to each itself", f"remove {final} from the end of the model (predict still gives each "
+                          "label's probability)")
     if takes == "log_probabilities" and final != "log_softmax":
         raise ConfigError(f"loss {loss} takes log-probabilities, but the model ends in "
                           f"{final or 'a linear layer'} ({where})",
@@ -237,7 +241,24 @@ def build_loss(spec: Spec, train_labels: np.ndarray | None = None, num_classes: 
     if spec.loss.type == "cross_entropy":
         return LOSSES["cross_entropy"](label_smoothing=spec.loss.label_smoothing,
                                        class_weights=class_weights(spec, train_labels, num_classes))
+    if spec.loss.type == "bce_with_logits":
+        return LOSSES["bce_with_logits"](pos_weight=pos_weight(spec, train_labels, num_classes))
     return LOSSES[spec.loss.type]()
+
+
+def pos_weight(spec: Spec, train_labels: np.ndarray | None, num_labels: int | None) -> np.ndarray | None:
+    """loss.pos_weight as an array: the list given, or for auto each label's negatives / positives in the
+    training labels (N, labels) (1 for a label no image has); None without, or for auto without labels."""
+    w = spec.loss.pos_weight
+    if w is None or (w == "auto" and train_labels is None):
+        return None
+    if w == "auto":
+        positives = train_labels.sum(axis=0, dtype=np.int64).astype(np.float64)
+        return np.where(positives > 0, (len(train_labels) - positives) / np.maximum(positives, 1), 1.0)
+    if num_labels is not None and len(w) != num_labels:
+        raise ConfigError(f"loss.pos_weight has {len(w)} values but the dataset has {num_labels} labels",
+                          f"give {num_labels} weights, or pos_weight: auto")
+    return np.asarray(w, np.float64)
 
 
 FLOPS_PER_MAC = 6  # a training step: 2 FLOPs per multiply-add forward, twice that backward (as airbench counts)

@@ -102,8 +102,8 @@ FOREIGN_LOSSES = {
     "NLLLoss": ("nll", "PyTorch"), "nll_loss": ("nll", "PyTorch"),
     "MSELoss": ("mse", "PyTorch"), "mean_squared_error": ("mse", "Keras"), "MeanSquaredError": ("mse", "Keras"),
     "EuclideanLoss": ("mse", "Caffe"), "l2": ("mse", None),
-    "binary_crossentropy": ("cross_entropy", "Keras"), "BinaryCrossentropy": ("cross_entropy", "Keras"),
-    "BCEWithLogitsLoss": ("cross_entropy", "PyTorch"), "BCELoss": ("cross_entropy", "PyTorch"),
+    "binary_crossentropy": ("bce_with_logits", "Keras"), "BinaryCrossentropy": ("bce_with_logits", "Keras"),
+    "BCEWithLogitsLoss": ("bce_with_logits", "PyTorch"), "BCELoss": ("bce_with_logits", "PyTorch"),
 }
 
 
@@ -115,9 +115,10 @@ class LossSpec(Strict):
     def _foreign_names(cls, v):
         if isinstance(v, str) and v in FOREIGN_LOSSES:
             ours, where = FOREIGN_LOSSES[v]
-            binary = v.lower().startswith(("binary", "bce"))
-            note = (" cnnctl has no binary loss: give the last dense layer 2 units and use cross_entropy on its "
-                    "logits" if binary else " cnnctl's cross_entropy takes logits (no softmax before it) and "
+            note = (" bce_with_logits takes logits (no sigmoid before it) and trains several labels per image "
+                    "(task: multilabel); for one of two classes, give the last dense layer 2 units and use "
+                    "cross_entropy" if ours == "bce_with_logits" else
+                    " cnnctl's cross_entropy takes logits (no softmax before it) and "
                     "integer labels, like PyTorch's" if ours == "cross_entropy" else "")
             whose = f"{where}'s" if where else "another framework's"
             raise PydanticCustomError("foreign_loss", "{msg}",
@@ -127,9 +128,14 @@ class LossSpec(Strict):
     class_weights: Literal["auto"] | list[Annotated[float, Field(gt=0)]] | None = Field(
         None, description="cross_entropy only: a weight per class (PyTorch's weight=), or auto: inverse class "
         "frequency of the training split, n / (classes * count), so that the average weight per image is 1.")
+    pos_weight: Literal["auto"] | list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="bce_with_logits only: a weight per label on its positive term (PyTorch's pos_weight=), "
+        "or auto: negatives / positives of each label in the training split.")
 
     @model_validator(mode="after")
     def _weights_need_cross_entropy(self):
+        if self.pos_weight is not None and self.type != "bce_with_logits":
+            raise ValueError("pos_weight applies to bce_with_logits only")
         if self.class_weights is not None and self.type != "cross_entropy":
             raise ValueError("class_weights apply to cross_entropy only")
         if self.label_smoothing and self.type != "cross_entropy":
@@ -202,6 +208,34 @@ class Spec(Strict):
     optimizer: OptimizerSpec = Field(default_factory=lambda: optim.OPTIMIZER_SPECS["sgd"](type="sgd"))
     schedule: ScheduleSpec = Field(default_factory=lambda: schedules.SCHEDULE_SPECS["constant"](type="constant"))
     train: TrainSpec = Field(default_factory=TrainSpec)
+    task: Literal["classification", "multilabel"] | None = Field(
+        None, description="classification: one class per image; multilabel: any number of labels per image, one "
+        "output each (loss: bce_with_logits; data: a CSV whose label column lists them, a|b|c). Default: "
+        "multilabel for loss bce_with_logits, else classification.")
+
+    @model_validator(mode="after")
+    def _task_fits_loss_and_data(self):
+        multi = self.loss.type == "bce_with_logits"
+        if self.task is None:
+            self.__dict__["task"] = "multilabel" if multi else "classification"  # no re-validation
+        if (self.task == "multilabel") != multi:
+            raise PydanticCustomError("task_loss", "task is {task} but loss is {loss}; multilabel goes with loss "
+                                      "bce_with_logits, classification with the others",
+                                      {"task": self.task, "loss": self.loss.type})
+        if self.task == "multilabel":
+            fmt = FORMATS[self.data.dataset]
+            if not fmt.multilabel:
+                formats = ", ".join(name for name, f in FORMATS.items() if f.multilabel)
+                raise PydanticCustomError("multilabel_data", "task: multilabel needs labels per image from data "
+                                          "that lists them (dataset: {formats}); the {dataset} data has one class "
+                                          "per image", {"formats": formats, "dataset": self.data.dataset})
+            used = [key for key, on in (("data.sampler: balanced", self.data.sampler == "balanced"),
+                                        ("data.stratify", self.data.stratify)) if on]
+            if used:
+                raise PydanticCustomError("multilabel_classes", "{keys} draws or holds out images class by class; "
+                                          "with task: multilabel an image has several labels: leave it out",
+                                          {"keys": " and ".join(used)})
+        return self
 
     @model_validator(mode="after")
     def _crop_fits_the_image(self):

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import parallel
 from .epilogue import NONE, Epilogue, chain
+from .pointwise import erf, log_softmax, normalize, probabilities, sigmoid, softmax, softplus  # noqa: F401
 
 Pair = tuple[int, int]
 Padding4 = tuple[int, int, int, int]  # top, bottom, left, right
@@ -377,69 +378,3 @@ def pool_slices(xp: np.ndarray, kernel: Pair, stride: Pair, out_hw: Pair):
     for i in range(kernel[0]):
         for j in range(kernel[1]):
             yield xp[(..., *kernel_window(i, j, out_hw, stride, (1, 1)))]
-
-
-ERF_32 = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)  # Abramowitz and Stegun 7.1.26
-ERF_32_P = 0.3275911
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """The error function, elementwise (NumPy has none). Float32 inputs: 1 - t (a1 + t (a2 + ...)) exp(-x^2)
-    with t = 1 / (1 + p |x|) (Abramowitz and Stegun 7.1.26: within 1.5e-7 of erf), computed in float32: within
-    6e-7 of erf (a few float32 units at 1; tested), in a dozen passes. Anything else in float64 to about 1e-14:
-    its Taylor series for |x| <= 2.5 (40 terms) and the continued fraction of erfc beyond (40 levels,
-    evaluated from the bottom)."""
-    x = np.asarray(x)
-    if x.dtype == np.float32:
-        a = np.abs(x)
-        t = 1 / (1 + np.float32(ERF_32_P) * a)
-        poly = np.float32(ERF_32[-1]) * t
-        for c in ERF_32[-2::-1]:
-            poly += np.float32(c)
-            poly *= t
-        np.multiply(a, a, out=a)
-        np.negative(a, out=a)
-        return np.copysign(1 - poly * np.exp(a, out=a), x)
-    x = np.asarray(x, np.float64)
-    a = np.abs(x)
-    out = np.empty_like(a)
-    near = a <= 2.5
-    xs = a[near]
-    term, total, x2 = xs.copy(), xs.copy(), xs * xs
-    for n in range(1, 40):  # terms of the series, each one vectorised pass
-        term *= -x2 / n
-        total += term / (2 * n + 1)
-    out[near] = (2 / np.sqrt(np.pi)) * total
-    xl = a[~near]
-    f = xl.copy()
-    for k in range(40, 0, -1):  # erfc(x) = exp(-x^2) / sqrt(pi) / (x + (1/2) / (x + 1 / (x + (3/2) / ...)))
-        f = xl + (k / 2) / f
-    out[~near] = 1 - np.exp(-xl * xl) / np.sqrt(np.pi) / f
-    return np.copysign(out, x)
-
-
-def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax."""
-    e = np.exp(z - z.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def probabilities(outputs: np.ndarray, takes: str) -> np.ndarray:
-    """Class probabilities from a model's outputs (N, classes), by what its loss takes: the softmax of
-    logits, the exponential of log-probabilities; scores as they are."""
-    if takes == "logits":
-        return softmax(outputs, axis=1)
-    return np.exp(outputs) if takes == "log_probabilities" else outputs
-
-
-def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable log-softmax (exact for logits of any magnitude)."""
-    shifted = z - z.max(axis=axis, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
-
-
-def normalize(x01: np.ndarray, normalization: dict) -> np.ndarray:
-    """Pixels on the 0..1 scale -> the model's input, with the checkpoint's mean and std."""
-    mean = np.asarray(normalization.get("mean", [0.0]), np.float32)[None, :, None, None]
-    std = np.asarray(normalization.get("std", [1.0]), np.float32)[None, :, None, None]
-    return ((x01 - mean) / std).astype(np.float32)

@@ -22,7 +22,8 @@ from .spec import DataSpec
 @dataclass
 class Split:
     x: np.ndarray  # (N, C, H, W), uint8 (or float32 for float npz data); packed data: memory-mapped `Rows`
-    y: np.ndarray  # (N,) integer class indices (a split carved by load_dataset: int16 where the classes allow)
+    y: np.ndarray  # (N,) integer class indices (a split carved by load_dataset: int16 where the classes allow);
+    # multi-label data: (N, labels) uint8, 1 where the image has the label
 
     def __len__(self) -> int:
         return len(self.y)
@@ -60,25 +61,27 @@ def dataset_info(spec: DataSpec) -> tuple[list[str] | None, tuple[int, int, int]
     return (fmt.classes(spec) if fmt.classes else None), fmt.image_shape
 
 
-def _load_raw(spec: DataSpec, input_shape, rng, progress, part) -> tuple[list[str], Split, Split, Split | None]:
+def _load_raw(spec: DataSpec, input_shape, rng, progress, part,
+              multilabel: bool) -> tuple[list[str], Split, Split, Split | None]:
     """(classes, training data, test split, and the validation split when the data itself gives one)."""
     fmt = FORMATS[spec.dataset]
-    raw = fmt.load(spec, input_shape, rng, progress, **({"part": part} if fmt.verified_in_parts else {}))
+    raw = fmt.load(spec, input_shape, rng, progress, **({"part": part} if fmt.verified_in_parts else {}),
+                   **({"multilabel": True} if multilabel else {}))
     return raw.classes, Split(*raw.train), Split(*raw.test), None if raw.val is None else Split(*raw.val)
 
 
 def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
                  normalization: tuple[list[float], list[float]] | None = None,
                  progress: download.Progress | None = None, *, part: tuple[int, int] = (0, 1),
-                 statistics: Callable | None = None) -> Dataset:
+                 statistics: Callable | None = None, multilabel: bool = False) -> Dataset:
     """Load the dataset, split off validation data (deterministic from rng) and fix the normalisation.
 
     `normalization` (mean, std), when given (from a checkpoint), overrides what the spec would compute.
     Several processes sharing the work (MPI ranks): `part` (this one, how many) has a format that verifies its
     files verify this one's part of them, and `statistics` (training images -> mean, std) replaces
-    channel_statistics for normalize: auto.
+    channel_statistics for normalize: auto. `multilabel`: labels per image (the format must list them).
     """
-    classes, full, test, given_val = _load_raw(spec, input_shape, rng, progress, part)
+    classes, full, test, given_val = _load_raw(spec, input_shape, rng, progress, part, multilabel)
     if tuple(full.x.shape[1:]) != tuple(input_shape):
         raise DataError(f"dataset '{spec.dataset}' has images of shape {tuple(full.x.shape[1:])} but "
                         f"model.input_shape is {list(input_shape)}",
@@ -160,7 +163,8 @@ def channel_statistics(x: np.ndarray, chunk_values: int = 1 << 22) -> tuple[np.n
 def class_counts(ds: Dataset) -> dict:
     """Images per class in each split, and the totals (what `cnnctl data` reports)."""
     k = len(ds.classes)
-    return {name: {"total": len(split), "per_class": np.bincount(split.y, minlength=k)[:k].tolist()}
+    count = lambda y: y.sum(axis=0, dtype=np.int64) if y.ndim == 2 else np.bincount(y, minlength=k)[:k]  # noqa: E731
+    return {name: {"total": len(split), "per_class": count(split.y).tolist()}
             for name, split in (("train", ds.train), ("val", ds.val), ("test", ds.test))}
 
 
@@ -198,7 +202,10 @@ LABEL_CHUNK = 1 << 20  # labels gathered at a time: a memory-mapped file's label
 
 def labels_at(y: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """y[idx] in the smallest integer type that holds its classes (int16 for up to 32,767 classes, else int32 or
-    int64), gathered a chunk at a time: a split of a million images holds 2 MB of labels, whatever y's type."""
+    int64), gathered a chunk at a time: a split of a million images holds 2 MB of labels, whatever y's type.
+    Multi-label data's 0/1 rows are gathered as they are (uint8)."""
+    if y.ndim == 2:
+        return y[idx]
     top = int(np.max(y, initial=0)) if len(y) else 0
     out = np.empty(len(idx), np.int16 if top < 2**15 else np.int32 if top < 2**31 else np.int64)
     for lo in range(0, len(idx), LABEL_CHUNK):

@@ -30,28 +30,26 @@ def csv_text(path: Path, named: str, fix: str | None = None) -> str:
         raise DataError(f"{named}: not UTF-8 text ({e.reason})", "save the CSV as UTF-8") from None
 
 
-def list_csv(path: Path, input_shape) -> Listing:
+def list_csv(path: Path, input_shape, multilabel: bool = False) -> Listing:
     """A CSV of pictures: columns `path` and `label` (and optionally `split`: train, val or test; default train),
     paths relative to the CSV's folder, labels as class names (sorted) or as integers 0..K-1. Every missing file,
-    unknown split and bad row is named in one message."""
+    unknown split and bad row is named in one message. `multilabel`: the label column lists an image's labels
+    as a|b|c (none for an empty one), the labels sorted by name, y one 0/1 column per label."""
     pillow()
     c = input_shape[0]
     if c not in (1, 3):
         raise DataError(f"dataset: csv decodes grayscale (1 channel) or RGB (3), but input_shape has {c} channels")
     text = csv_text(path, f"data.path {path}", "give the CSV of pictures: columns path,label (and optionally split)")
-    rows, bad = _rows(path, text)
+    rows, bad = _rows(path, text, multilabel)
+    if multilabel:
+        return _label_lists(path, rows, bad)
     numbered = rows and all(label.isascii() and label.isdigit() for *_, label in rows)
     limit = max(len(rows), MAX_NUMBERED_CLASSES)
     for line, _, _, label in rows if numbered else []:
         if int(label) >= limit:  # the class list is 0..K-1: a label's value would size it
             bad.append(f"line {line}: label {label} is beyond the data: integer labels number the classes "
                        f"0..K-1, and this CSV has {len(rows):,} rows")
-    if bad:
-        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise DataError(f"{path}: {len(bad)} rows cannot be used:\n  {shown}", "fix or remove those rows "
-                        "(one picture per row: path,label[,split]; labels as class names or as 0..K-1)")
-    if not any(split == "train" for _, split, _, _ in rows):
-        raise DataError(f"{path}: no training rows", "give rows with split train (or no split column)")
+    _refuse(path, rows, bad, "labels as class names or as 0..K-1")
     labels = [label for *_, label in rows]
     if numbered:
         classes = [str(i) for i in range(max(int(v) for v in labels) + 1)]
@@ -69,13 +67,43 @@ def list_csv(path: Path, input_shape) -> Listing:
     return Listing(classes, splits, {name: f"{path} ({name} rows)" for name in splits})
 
 
+def _refuse(path: Path, rows: list, bad: list[str], labels: str) -> None:
+    """The one message for a CSV with bad rows, or without training rows."""
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DataError(f"{path}: {len(bad)} rows cannot be used:\n  {shown}",
+                        f"fix or remove those rows (one picture per row: path,label[,split]; {labels})")
+    if not any(split == "train" for _, split, _, _ in rows):
+        raise DataError(f"{path}: no training rows", "give rows with split train (or no split column)")
+
+
+def _label_lists(path: Path, rows: list, bad: list[str]) -> Listing:
+    """A multi-label CSV's listing: every label named in the label columns (a|b|c), sorted; y (N, labels) 0/1."""
+    lists = [[name.strip() for name in label.split("|")] if label else [] for *_, label in rows]
+    for (line, *_), names in zip(rows, lists):
+        if "" in names:
+            bad.append(f"line {line}: an empty label between '|'s")
+    _refuse(path, rows, bad, "labels listed as a|b|c")
+    classes = sorted({name for names in lists for name in names})
+    index = {name: i for i, name in enumerate(classes)}
+    splits = {}
+    for name in CSV_SPLITS:
+        mine = [(f, names) for (_, split, f, _), names in zip(rows, lists) if split == name]
+        if mine:
+            y = np.zeros((len(mine), len(classes)), np.uint8)
+            for i, (_, names) in enumerate(mine):
+                y[i, [index[n] for n in names]] = 1
+            splits[name] = ([f for f, _ in mine], y)
+    return Listing(classes, splits, {name: f"{path} ({name} rows)" for name in splits})
+
+
 def load_csv(path: Path, input_shape, resize: int | None = None):
     """The CSV's pictures decoded as the folder dataset decodes them: (classes, train, val or None, test)."""
     raw = decoded(list_csv(path, input_shape), input_shape, resize)
     return raw.classes, raw.train, raw.val, raw.test
 
 
-def _rows(path: Path, text: str) -> tuple[list[tuple[int, str, Path, str]], list[str]]:
+def _rows(path: Path, text: str, multilabel: bool = False) -> tuple[list[tuple[int, str, Path, str]], list[str]]:
     """The usable rows of the CSV's text as (line, split, file, label), and what is wrong with the others."""
     import csv
     import io
@@ -104,7 +132,7 @@ def _rows(path: Path, text: str) -> tuple[list[tuple[int, str, Path, str]], list
         split = row.get("split") or "train"
         file = path.parent / row["path"]
         label = row["label"]
-        if not row["path"] or not label:
+        if not row["path"] or not (label or multilabel):  # an image may have no labels of a list
             bad.append(f"line {line}: an empty path or label")
         elif split not in CSV_SPLITS:
             bad.append(f"line {line}: split {split!r} is not train, val or test")
@@ -119,11 +147,12 @@ def _rows(path: Path, text: str) -> tuple[list[tuple[int, str, Path, str]], list
     return rows, bad
 
 
-def _listing(spec, input_shape) -> Listing:
-    return list_csv(Path(spec.path).expanduser(), input_shape)
+def _listing(spec, input_shape, multilabel: bool = False) -> Listing:
+    return list_csv(Path(spec.path).expanduser(), input_shape, multilabel)
 
 
 @register_format("csv", "a CSV of picture files given as data.path: columns path,label[,split]", located_by="path",
-                 path_is="the CSV given as data.path (columns path,label[,split])", pictures=True, listing=_listing)
-def load(spec, input_shape, rng, progress) -> Raw:
-    return decoded(_listing(spec, input_shape), input_shape, spec.resize)
+                 path_is="the CSV given as data.path (columns path,label[,split])", pictures=True, listing=_listing,
+                 multilabel=True)
+def load(spec, input_shape, rng, progress, multilabel: bool = False) -> Raw:
+    return decoded(_listing(spec, input_shape, multilabel), input_shape, spec.resize)

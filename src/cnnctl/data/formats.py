@@ -44,7 +44,8 @@ def decoded(listing: Listing, input_shape, resize: int | None) -> Raw:
 
     arrays = {name: (decode_images(paths, tuple(input_shape), listing.where[name], resize), labels)
               for name, (paths, labels) in listing.splits.items()}
-    empty = (np.empty((0, *input_shape), np.uint8), np.empty(0, np.int64))
+    labels = listing.splits["train"][1]
+    empty = (np.empty((0, *input_shape), np.uint8), np.empty((0, *labels.shape[1:]), labels.dtype))
     return Raw(listing.classes, arrays["train"], arrays.get("test", empty), arrays.get("val"))
 
 
@@ -61,6 +62,7 @@ class Format:
     image_shape: tuple[int, int, int] | None = None  # fixed by the format
     listing: Callable[[DataSpec, Any], Listing] | None = None  # picture formats: (spec, input_shape) -> Listing
     verified_in_parts: bool = False  # load takes part=(this process, processes): each verifies its part of the files
+    multilabel: bool = False  # load takes multilabel=True: labels per image, y an (N, labels) 0/1 uint8 array
 
 
 FORMATS: dict[str, Format] = {}

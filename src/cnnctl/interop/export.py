@@ -72,6 +72,8 @@ def to_onnx(model: nn.Layer, input_shape, normalization: dict, name: str, softma
     shape = model.output_shape(tuple(input_shape))
     if softmax and outputs == "log_probabilities":
         x = g.node("Exp", [x], "probabilities")
+    elif softmax and outputs == "label_logits":  # multi-label: each label's own probability
+        x = g.node("Sigmoid", [x], "probabilities")
     elif softmax:
         x = g.node(nn.ONNX_OPS["softmax"], [x], "probabilities", axis=1)
     g.nodes.append(helper.make_node("Identity", [x], ["output"], name="output"))
@@ -116,6 +118,10 @@ def verify(path: Path, model, input_shape, normalization: dict, softmax: bool = 
     ours = Runner(model).forward(normalize(x01, normalization), training=False)
     if softmax and outputs == "log_probabilities":
         ours = np.exp(ours)
+    elif softmax and outputs == "label_logits":
+        from cnnctl.core.functional import sigmoid
+
+        ours = sigmoid(ours)
     elif softmax:
         from cnnctl.core.functional import softmax as softmax_fn
 

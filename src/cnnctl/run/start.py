@@ -127,9 +127,11 @@ def _load(spec: Spec, rng: np.random.Generator, normalization: dict | None, prog
           world: distributed.World | None = None) -> data.Dataset:
     norm = (normalization["mean"], normalization["std"]) if normalization else None
     if world is None or world.size == 1:
-        return data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress)
+        return data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress,
+                                 multilabel=spec.task == "multilabel")
     hosts = [r["host"] for r in world.ranks()]  # each host's copy of a pack is verified once, by its own ranks
     return data.load_dataset(spec.data, spec.model.input_shape, rng, norm, progress, part=host_part(hosts, world.rank),
+                             multilabel=spec.task == "multilabel",
                              statistics=lambda x: shared_statistics(world, x))
 
 

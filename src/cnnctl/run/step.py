@@ -25,6 +25,14 @@ def clip_gradients(params, max_norm: float) -> None:
             p.layer.grads[p.key] = p.grad * p.grad.dtype.type(coef)
 
 
+def correct_count(out: np.ndarray, y: np.ndarray) -> int:
+    """The images of a batch answered right: the top output is the class; multi-label (y (N, labels) 0/1): every
+    label decided right, its logit above 0 exactly where the image has it (scikit-learn's subset accuracy)."""
+    if y.ndim == 2:
+        return int(((out > 0) == (y > 0)).all(axis=1).sum())
+    return int((out.argmax(axis=1) == y).sum())
+
+
 class StepResult(NamedTuple):
     """What one step gives: the global batch's loss, this rank's outputs, the global batch's correct answers, and
     the stop requests (SIGINT, SIGTERM) of all ranks (one small reduction carries all of it)."""
@@ -52,7 +60,7 @@ class TrainingStep:
     def _reduce(self, loss: float, out: np.ndarray, y: np.ndarray) -> tuple[float, float, int, int | None]:
         """The global batch's loss, this share's factor for its loss gradient, the correct count and the stop
         request of any rank (SIGTERM before SIGINT)."""
-        correct, stop = int((out.argmax(axis=1) == y).sum()), self.stop_request()
+        correct, stop = correct_count(out, y), self.stop_request()
         if self.world.size == 1:
             return loss, 1.0, correct, stop
         loss, share, (correct, interrupts, terms) = distributed.reduce_loss(

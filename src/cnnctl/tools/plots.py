@@ -157,6 +157,23 @@ def plot_lr_find(lrs: list[float], losses: list[float], suggested: float | None,
     return _save(fig, out)
 
 
+def plot_label_results(res: dict, out: Path | None, title: str) -> bytes | None:
+    """Multi-label results: each label's precision, recall and average precision as grouped bars."""
+    plt = pyplot()
+    labels, k = res["classes"], len(res["classes"])
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.6 * k), 3.5), layout="constrained")
+    at = np.arange(k)
+    for i, (key, name) in enumerate((("precision", "precision"), ("recall", "recall"),
+                                     ("average_precision", "average precision"))):
+        ax.bar(at + (i - 1) * 0.27, np.asarray(res[key]) * 100, 0.27, label=name)
+    ax.set_xticks(at, labels, rotation=45, ha="right")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    return _save(fig, out)
+
+
 def plot_confusion(cm: np.ndarray, classes: list[str], out: Path | None, title: str) -> bytes | None:
     plt = pyplot()
     k = len(classes)

@@ -87,15 +87,21 @@ def _csv_rows(path: Path) -> list[tuple[Path, str | None]]:
         raise DataError(f"{path}: its header is {', '.join(columns) or 'empty'}; predict needs a path column "
                         "(and optionally label)", "first line: path or path,label")
     rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    return [(path.parent / row["path"], row.get("label") or None) for row in rows if row.get("path")]
+    # an empty label is kept as "": a multi-label image with no labels (a single-label model judges it not)
+    return [(path.parent / row["path"], row.get("label")) for row in rows if row.get("path")]
 
 
 def with_labels(results: list[dict], labels: list[str | None], classes: list[str]) -> list[dict]:
     """Each result with its true class and whether the prediction is right, where the input names a class of
-    the model (a folder's class subfolder, a CSV's label)."""
+    the model (a folder's class subfolder, a CSV's label); a multi-label result (with `labels`) is right when
+    its labels are exactly the CSV's (a|b|c, an empty one for none)."""
     known = set(classes)
     for res, label in zip(results, labels):
-        if label is not None and label in known:
+        if "labels" in res:
+            names = set() if not label else {n.strip() for n in label.split("|")}
+            if label is not None and names <= known:
+                res["label"], res["correct"] = "|".join(sorted(names)), set(res["labels"]) == names
+        elif label is not None and label in known:
             res["label"], res["correct"] = label, res["prediction"] == label
     return results
 
@@ -124,14 +130,21 @@ def class_names(spec, n: int, ckpt) -> list[str]:
     return list(names) if names and len(names) == n else [str(i) for i in range(n)]
 
 
-def top_classes(names: list[str], probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
-    """Per input, the k most probable classes: {input, prediction, top: [{class, probability}]}."""
+def top_classes(names: list[str], probs: np.ndarray, classes: list[str], k: int,
+                threshold: float | None = None) -> list[dict]:
+    """Per input, the k most probable classes: {input, prediction, top: [{class, probability}]}. A multi-label
+    model's (`threshold` given): also `labels`, every label of probability `threshold` or more (by probability),
+    and the prediction is those labels as a|b|c (empty for none)."""
     k = min(k, len(classes))
     results = []
     for name, p in zip(names, probs):
-        order = np.argsort(-p, kind="stable")[:k]
-        results.append({"input": name, "prediction": classes[order[0]],
-                        "top": [{"class": classes[j], "probability": float(p[j])} for j in order]})
+        order = np.argsort(-p, kind="stable")
+        res = {"input": name, "prediction": classes[order[0]],
+               "top": [{"class": classes[j], "probability": float(p[j])} for j in order[:k]]}
+        if threshold is not None:
+            res["labels"] = [classes[j] for j in order if p[j] >= threshold]
+            res["prediction"] = "|".join(res["labels"])
+        results.append(res)
     return results
 
 
@@ -145,15 +158,16 @@ def table_bytes(results: list[dict], kind: str) -> bytes:
     if kind == ".jsonl":
         return "".join(json.dumps(r) + "\n" for r in results).encode()
     k = max((len(r["top"]) for r in results), default=0)
+    multilabel = any("labels" in r for r in results)  # prediction: the labels over the threshold, a|b|c
     labelled = any("label" in r for r in results)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["input", "prediction", "probability", *(f"{c}_{i}" for i in range(2, k + 1)
-                                                        for c in ("class", "probability")),
+    tops = [f"{c}_{i}" for i in range(1 if multilabel else 2, k + 1) for c in ("class", "probability")]
+    w.writerow(["input", "prediction", *([] if multilabel else ["probability"]), *tops,
                 *(["label", "correct"] if labelled else [])])
     for r in results:
-        rest = [v for t in r["top"][1:] for v in (t["class"], f"{t['probability']:.6g}")]
-        w.writerow([r["input"], r["prediction"], f"{r['top'][0]['probability']:.6g}",
+        rest = [v for t in r["top"][0 if multilabel else 1:] for v in (t["class"], f"{t['probability']:.6g}")]
+        w.writerow([r["input"], r["prediction"], *([] if multilabel else [f"{r['top'][0]['probability']:.6g}"]),
                     *rest, *([""] * (2 * (k - len(r["top"])))),
                     *([r.get("label", ""), "" if "correct" not in r else int(r["correct"])] if labelled else [])])
     return buf.getvalue().encode()

@@ -208,6 +208,9 @@ def _evaluation(ckpt_path: Path) -> tuple[str, dict | None]:
         out = np.array(infer(run, x), copy=True)  # one view per image: the page stays quick to write
         total += loss_fn.forward(out, y) * len(y)
         logits.append(out)
+    if spec.task == "multilabel":
+        html, measured = _label_evaluation(np.concatenate(logits), split, total, name, model, ds.classes)
+        return _data(ds) + html, {**measured, "checkpoint": ckpt_path.name}
     probs = probabilities(np.concatenate(logits), takes)
     pred, y = probs.argmax(axis=1), split.y
     k, classes = len(ds.classes), ds.classes
@@ -228,6 +231,28 @@ def _evaluation(ckpt_path: Path) -> tuple[str, dict | None]:
                                                        "checkpoint": ckpt_path.name}
 
 
+def _label_evaluation(logits: np.ndarray, split, total: float, name: str, model,
+                      labels: list[str]) -> tuple[str, dict]:
+    """A multi-label model's evaluation section: mAP, micro and macro F1 and subset accuracy, and each label's
+    precision, recall, F1 and average precision (a label said present at probability 0.5)."""
+    from cnnctl.run.evaluation import label_metrics
+
+    m, n = label_metrics(logits, split.y), len(split)
+    res = {**m, "classes": labels}
+    rows = [[c, f"{int(m['support'][i]):,}", _pct(m["precision"][i]), _pct(m["recall"][i]), _pct(m["f1"][i]),
+             _pct(m["average_precision"][i])] for i, c in enumerate(labels)]
+    parts = [f"<section><h2>Evaluation on the {name} split</h2><p>{n:,} images, several labels each: mAP "
+             f"{_pct(m['map'])}, micro F1 {_pct(m['micro_f1'])}, macro F1 {_pct(m['macro_f1'])}, every label right "
+             f"{_pct(m['accuracy'])}, loss {_num(total / n)} (a label is said present at probability 0.5 or more)."
+             "</p>",
+             _figure(plots.plot_label_results(res, None, f"{name} split"), "Precision, recall and average precision "
+                     "of each label", "Each label's precision, recall and average precision; the table below gives "
+                     "the same numbers."),
+             _table("Per label", ["label", "images with it", "precision", "recall", "F1", "average precision"], rows),
+             *_filters(model)]
+    return "".join(parts) + "</section>", {"split": name, "accuracy": m["accuracy"], "map": m["map"], "n": n}
+
+
 SAMPLES_PER_CLASS, SAMPLE_CLASSES = 4, 20  # the data section's grid: 4 training images of each of the first 20
 
 
@@ -239,9 +264,10 @@ def _data(ds) -> str:
     names = [n for n in ("train", "val", "test") if counts[n]["total"]]
     rows = [[c, *(f"{counts[n]['per_class'][i]:,}" for n in names)] for i, c in enumerate(ds.classes)]
     rows.append(["all classes", *(f"{counts[n]['total']:,}" for n in names)])
-    shown = ds.classes[:SAMPLE_CLASSES]
-    idx = np.concatenate([np.flatnonzero(ds.train.y == k)[:SAMPLES_PER_CLASS] for k in range(len(shown))])
-    grid = _figure(plots.plot_samples(ds.train.x[idx], [ds.classes[k] for k in ds.train.y[idx]], None,
+    shown, y = ds.classes[:SAMPLE_CLASSES], ds.train.y
+    groups = [(k, np.flatnonzero(y[:, k] if y.ndim == 2 else y == k)[:SAMPLES_PER_CLASS]) for k in range(len(shown))]
+    idx = np.concatenate([g for _, g in groups]) if groups else np.empty(0, np.int64)
+    grid = _figure(plots.plot_samples(ds.train.x[idx], [ds.classes[k] for k, g in groups for _ in g], None,
                                       "training images, by class"),
                    "A few training images of each class, titled with their class",
                    f"The first {SAMPLES_PER_CLASS} training images of each class" + (

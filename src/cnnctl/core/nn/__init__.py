@@ -30,7 +30,7 @@ from .base import (  # noqa: E402
 from .graph import ConcatSpec, GateSpec, ResidualSpec  # noqa: E402
 from .hooks import recording  # noqa: E402
 from .init import INITS, Init, initialize  # noqa: E402
-from .losses import LOSSES, CrossEntropyLoss, Loss, MSELoss, NLLLoss  # noqa: E402
+from .losses import LOSSES, BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss, NLLLoss  # noqa: E402
 from .model import Model, SequentialSpec  # noqa: E402
 
 # every registered layer type by its class name (nn.Conv2D, nn.ReLU, nn.Residual, ...): a new layer module adds
@@ -50,6 +50,6 @@ __all__ = [
     "REGISTRY", "SPECS", "ONNX_OPS", "ACTIVATIONS", "LOSSES", "INITS", "Activation", "Init", "AnyLayer", "BlockUse",
     "Context",
     "Layer", "LayerSpec", "Param", "Loss", "Model", "Elementwise", "register", "make_activation", "initialize",
-    "CrossEntropyLoss", "MSELoss", "NLLLoss", "SequentialSpec", "ResidualSpec", "ConcatSpec", "GateSpec",
-    "recording", *LAYER_CLASSES,
+    "BCEWithLogitsLoss", "CrossEntropyLoss", "MSELoss", "NLLLoss", "SequentialSpec", "ResidualSpec", "ConcatSpec",
+    "GateSpec", "recording", *LAYER_CLASSES,
 ]

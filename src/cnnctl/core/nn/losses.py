@@ -121,3 +121,41 @@ class NLLLoss(Loss):
         n = self._shape[0]
         grad[np.arange(n), self._targets] = -1.0 / max(n, 1)
         return grad
+
+
+@register_loss("bce_with_logits")
+class BCEWithLogitsLoss(Loss):
+    """Multi-label: a sigmoid and binary cross-entropy per output, on logits (N, K) with 0/1 targets (N, K) (one
+    column per label, any number of them set), mean over all N * K terms: PyTorch's BCEWithLogitsLoss.
+
+    With pos_weight p (per label) the positive term is weighted: l = p * t * softplus(-z) + (1 - t) * softplus(z),
+    dl/dz = sigmoid(z) * (p * t + 1 - t) - p * t. Through softplus, logits of any magnitude stay finite.
+    """
+
+    takes = "label_logits"
+
+    def __init__(self, pos_weight=None):
+        self.pos_weight = None if pos_weight is None else np.asarray(pos_weight, np.float64)
+
+    def forward(self, outputs, targets):
+        targets = np.asarray(targets)
+        if targets.shape != outputs.shape:
+            raise ValueError(f"multi-label targets must have the outputs' shape {outputs.shape} (one 0/1 column per "
+                             f"label), got {targets.shape}")
+        if self.pos_weight is not None and len(self.pos_weight) != outputs.shape[1]:
+            raise ValueError(f"{len(self.pos_weight)} pos_weight values for {outputs.shape[1]} outputs")
+        t = targets.astype(outputs.dtype)
+        p = 1.0 if self.pos_weight is None else self.pos_weight.astype(outputs.dtype)
+        positive = p * t  # the weight of each term's positive part
+        negative = 1 - t
+        terms = positive * F.softplus(-outputs) + negative * F.softplus(outputs)
+        self._sig, self._positive, self._negative = F.sigmoid(outputs), positive, negative
+        self._total = outputs.size
+        self.normalizer = float(outputs.size)
+        return float(terms.sum(dtype=np.float64) / max(outputs.size, 1))
+
+    def backward(self):
+        g = self._sig * (self._positive + self._negative)
+        g -= self._positive
+        g /= max(self._total, 1)
+        return g

@@ -170,3 +170,41 @@ def test_a_sigmoid_before_the_loss_and_empty_labels_are_refused(tmp_path):
     (tmp_path / "data" / "labels.csv").write_text("\n".join(text) + "\n")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(CONFIG))
     expect_error(["data", tmp_path / "c.yaml"], "line 4: an empty label between '|'s")
+
+
+def test_a_folder_of_label_folders_gives_each_picture_every_label_it_is_filed_under(tmp_path):
+    """dataset: folder, multi-label: the same picture (a copy or a link) under several label folders has all of
+    their labels; the same name on two different pictures is refused; and a pack refuses multi-label data."""
+    import os
+    import shutil
+
+    from cnnctl.data.folder import list_folder
+
+    csv = lines_data(tmp_path / "flat", n=12)
+    rows = [line.split(",") for line in csv.read_text().splitlines()[1:]]
+    for name, labels, split in rows:
+        for label in filter(None, labels.split("|")):
+            folder = tmp_path / "tree" / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            if label == "spot":  # a link for one label, copies for the others
+                os.symlink(tmp_path / "flat" / name, folder / name)
+            else:
+                shutil.copy(tmp_path / "flat" / name, folder / name)
+    listing = list_folder(tmp_path / "tree", (1, 16, 16), multilabel=True)
+    assert listing.classes == list(LABELS)
+    files, y = listing.splits["train"]
+    want = {name: labels for name, labels, split in rows if split == "train" and labels}
+    assert sorted(f.name for f in files) == sorted(want)
+    for f, row in zip(files, y):
+        assert [LABELS[j] for j in np.flatnonzero(row)] == sorted(want[f.name].split("|"))
+    config = {**CONFIG, "data": {"dataset": "folder", "root": str(tmp_path / "tree"), "val_split": 0.0},
+              "train": {"epochs": 1, "monitor": "train_loss"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    counts = json.loads(invoke("data", tmp_path / "c.yaml", "--json").stdout)
+    assert counts["splits"]["train"]["per_class"] == y.sum(axis=0).tolist()
+    expect_error(["pack", tmp_path / "c.yaml", "--out", tmp_path / "pack"], "multi-label")
+    first = next(iter((tmp_path / "tree" / "train" / "across").iterdir()))
+    other = tmp_path / "tree" / "train" / "down" / first.name
+    other.unlink(missing_ok=True)
+    other.write_bytes(b"not the same picture")
+    expect_error(["data", tmp_path / "c.yaml"], "share a name but are different pictures")

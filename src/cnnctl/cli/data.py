@@ -134,6 +134,9 @@ def pack_(
     from cnnctl.run.start import Seeds
 
     spec, _ = load_config(config, set_ or [])
+    if spec.task == "multilabel":
+        raise CnnctlError(f"{config}: a pack holds one class per image, and the config is multi-label (task: "
+                          "multilabel)", "train on the CSV or folder itself (dataset: csv or folder)")
     columns = (TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=out, transient=True, disable=not out.is_terminal) as bar:
         task = bar.add_task("pack", total=None)

@@ -12,8 +12,10 @@ from .formats import Listing, Raw, decoded, register_format, root_of
 from .pictures import IMAGE_SUFFIXES, pillow
 
 
-def list_folder(root: Path, input_shape) -> Listing:
-    """ImageFolder: root/train/<class>/*.png|jpg and, when present, root/test/<class>/... (else no test split)."""
+def list_folder(root: Path, input_shape, multilabel: bool = False) -> Listing:
+    """ImageFolder: root/train/<class>/*.png|jpg and, when present, root/test/<class>/... (else no test split).
+    `multilabel`: each label folder lists the pictures that have the label, and a picture under several of them
+    (the same file name, and the same bytes: a copy or a link) has all of them; y (N, labels) 0/1."""
     pillow()
     c = input_shape[0]
     if c not in (1, 3):
@@ -43,8 +45,38 @@ def list_folder(root: Path, input_shape) -> Listing:
             raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
                             f"put images in {root / split}/<class>/")
         if paths:
-            splits[split] = (paths, np.asarray(labels, np.int64))
+            splits[split] = _label_lists(paths, labels, len(classes)) if multilabel else \
+                (paths, np.asarray(labels, np.int64))
     return Listing(classes, splits, {name: str(root / name) for name in splits})
+
+
+def _label_lists(paths: list[Path], labels: list[int], count: int) -> tuple[list[Path], np.ndarray]:
+    """One row per picture name with a 0/1 column per label folder it is in; a name shared by pictures that
+    differ is an error (two pictures, not one with two labels)."""
+    first: dict[str, int] = {}
+    rows: list[list[int]] = []
+    files: list[Path] = []
+    for path, label in zip(paths, labels):
+        i = first.setdefault(path.name, len(files))
+        if i == len(files):
+            files.append(path)
+            rows.append([])
+        elif not _same_picture(files[i], path):
+            raise DataError(f"{files[i]} and {path} share a name but are different pictures",
+                            "in a multi-label folder the same picture goes under each of its labels' folders "
+                            "(a copy or a link, the same file name); give different pictures different names")
+        rows[i].append(label)
+    y = np.zeros((len(files), count), np.uint8)
+    for i, row in enumerate(rows):
+        y[i, row] = 1
+    return files, y
+
+
+def _same_picture(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b) or (a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes())
+    except OSError as e:
+        raise DataError(f"cannot read {b}: {e.strerror}", "check the file's permissions") from None
 
 
 def load_folder(root: Path, input_shape, resize: int | None = None) -> tuple[list[str], tuple, tuple]:
@@ -54,11 +86,11 @@ def load_folder(root: Path, input_shape, resize: int | None = None) -> tuple[lis
     return raw.classes, raw.train, raw.test
 
 
-def _listing(spec, input_shape) -> Listing:
-    return list_folder(root_of(spec), input_shape)
+def _listing(spec, input_shape, multilabel: bool = False) -> Listing:
+    return list_folder(root_of(spec), input_shape, multilabel)
 
 
 @register_format("folder", "picture files in ROOT/train/<class>/ (and ROOT/test/<class>/), data.root ROOT",
-                 pictures=True, listing=_listing)
-def load(spec, input_shape, rng, progress) -> Raw:
-    return decoded(_listing(spec, input_shape), input_shape, spec.resize)
+                 pictures=True, listing=_listing, multilabel=True)
+def load(spec, input_shape, rng, progress, multilabel: bool = False) -> Raw:
+    return decoded(_listing(spec, input_shape, multilabel), input_shape, spec.resize)

@@ -97,8 +97,8 @@ def steepest(lrs: list[float], losses: list[float]) -> float | None:
 
 def valley(lrs: list[float], losses: list[float]) -> float | None:
     """fastai's valley rule: the longest run of steps over which the loss keeps falling (the longest strictly
-    decreasing subsequence of the curve, ending at step e with length n), and the rate halfway into it
-    (step e - n + n // 2, fastai's index); None when the loss never falls."""
+    decreasing subsequence of the curve, ending at step e with length n), and the rate about halfway into it
+    (step e - n + int(n / 3) + int(n / 6), fastai's index); None when the loss never falls."""
     y = np.asarray(losses, dtype=np.float64)
     if len(y) < 3:
         return None

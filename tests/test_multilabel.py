@@ -151,7 +151,7 @@ def test_pos_weight_auto_is_negatives_over_positives():
 
 @pytest.mark.parametrize("change, words", [
     ({"loss": {"type": "cross_entropy"}}, "task is multilabel but loss is cross_entropy"),
-    ({"data": {"dataset": "mnist"}}, "dataset: csv"),
+    ({"data": {"dataset": "mnist"}}, "that lists them (dataset: folder, csv)"),
     ({"data": {"dataset": "csv", "path": "x.csv", "stratify": True}}, "data.stratify"),
     ({"loss": {"type": "cross_entropy", "pos_weight": [1.0]}, "task": "classification"}, "pos_weight applies"),
 ])

@@ -12,7 +12,7 @@ from rich.text import Text
 from cnnctl.config.reading import load_config
 from cnnctl.tools import plots
 from cnnctl.tools.gradcheck import gradcheck as gradcheck_lib
-from cnnctl.tools.lr_find import lr_chart_series, verdict
+from cnnctl.tools.lr_find import MAX_LR, MIN_LR, STEPS, lr_chart_series, verdict
 from cnnctl.tools.lr_find import lr_find as lr_find_lib
 
 from .common import (
@@ -78,17 +78,17 @@ def gradcheck(
 def lr_find_(
     config: Annotated[Path, typer.Argument(metavar="CONFIG")],
     set_: SetOption = None,
-    min_lr: Annotated[float, typer.Option("--min-lr", metavar="LR", help="First rate of the ramp.")] = 1e-7,
-    max_lr: Annotated[float, typer.Option("--max-lr", metavar="LR", help="Last rate of the ramp.")] = 1.0,
-    steps: Annotated[int, typer.Option("--steps", metavar="N", help="Batches, one rate each.")] = 100,
+    min_lr: Annotated[float, typer.Option("--min-lr", metavar="LR", help="First rate of the ramp.")] = MIN_LR,
+    max_lr: Annotated[float, typer.Option("--max-lr", metavar="LR", help="Last rate of the ramp.")] = MAX_LR,
+    steps: Annotated[int, typer.Option("--steps", metavar="N", help="Batches, one rate each.")] = STEPS,
     out_file: Annotated[Path | None, typer.Option("--out", metavar="FILE.png", help="Draw loss against rate "
                                                   "(needs cnnctl[plot]).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {suggested_lr, lrs, losses}.")] = False,
     threads: ThreadsOption = None,
 ):
     """The learning-rate range test: train with an exponentially growing rate until the loss diverges, and
-    suggest a rate (fastai's valley rule: halfway into the longest fall of the smoothed loss). Leaves no run
-    directory."""
+    suggest a rate (where the smoothed loss is lowest; a tenth of that for Adam and the other adaptive
+    optimizers). Leaves no run directory."""
     use_threads(threads)
     if out_file is not None:
         check_writable(out_file, "--out")
@@ -108,7 +108,10 @@ def lr_find_(
         out.print("no suggestion: the loss did not fall; try a wider range (--min-lr / --max-lr) or more --steps")
     else:
         lr = f"{res['suggested_lr']:.2g}"
-        out.print(f"suggested learning rate {lr} (valley rule: halfway into the longest fall of the smoothed loss)")
+        why = ("a tenth of the rate where the smoothed loss is lowest: adaptive optimizers such as "
+               f"{spec.optimizer.type} train best about a decade below it") if res["rule"] == "minimum/10" else \
+            "where the smoothed loss is lowest"
+        out.print(f"suggested learning rate {lr} ({why})")
         out.print(f"  --set optimizer.lr={lr}")
     if out_file is not None:
         out.print(f"wrote {out_file}")

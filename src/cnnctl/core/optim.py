@@ -139,6 +139,9 @@ class Optimizer:
 
     tag = "optimizer"
     decoupled = False  # weight decay as p *= 1 - lr*wd before the update (AdamW), else g += wd*p (L2)
+    # steps scaled per parameter by its gradients' history (Adam, RMSprop, ...): such an optimizer trains best
+    # about ten times below the rate where a range test's loss is lowest (cnnctl lr-find; docs/lr-find.md)
+    adaptive = False
 
     def __init__(self, model: Layer, lr: float, weight_decay: float = 0.0, decay_bias_and_norm: bool = True):
         self.model, self.lr, self.weight_decay = model, float(lr), float(weight_decay)
@@ -239,6 +242,8 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """Adam (L2 weight decay added to the gradient); AdamW decouples it. Bias-corrected moments, optional AMSGrad."""
 
+    adaptive = True
+
     decoupled = False
 
     def __init__(self, model, lr: Rate = 1e-3, betas: tuple[Fraction, Fraction] = (0.9, 0.999), eps: Positive = 1e-8,
@@ -272,6 +277,8 @@ class AdamW(Adam):
 class RMSprop(Optimizer):
     """v = alpha*v + (1-alpha)*g^2; p -= lr * g / (sqrt(v - centered mean^2) + eps), with optional momentum."""
 
+    adaptive = True
+
     def __init__(self, model, lr: Rate = 0.01, alpha: Fraction = 0.99, eps: Positive = 1e-8, weight_decay: Decay = 0.0,
                  momentum: Fraction = 0.0, centered: bool = False, decay_bias_and_norm: bool = True):
         super().__init__(model, lr, weight_decay, decay_bias_and_norm)
@@ -295,6 +302,8 @@ class RMSprop(Optimizer):
 class Adagrad(Optimizer):
     """s += g^2; p -= lr / (1 + (t-1)*lr_decay) * g / (sqrt(s) + eps) (Duchi et al. 2011; torch.optim.Adagrad)."""
 
+    adaptive = True
+
     def __init__(self, model, lr: Rate = 0.01,
                  lr_decay: Annotated[float, Field(ge=0.0, description="The rate at step t is lr / (1 + (t - 1) * "
                                                   "lr_decay).")] = 0.0,
@@ -316,6 +325,8 @@ class Adadelta(Optimizer):
     """v = rho*v + (1-rho)*g^2; d = sqrt(u + eps) / sqrt(v + eps) * g; u = rho*u + (1-rho)*d^2; p -= lr*d
     (Zeiler 2012; torch.optim.Adadelta)."""
 
+    adaptive = True
+
     def __init__(self, model, lr: Annotated[float, Field(gt=0.0, description="Scales the step (1.0: Zeiler's "
                                                          "Adadelta, which needs no rate).")] = 1.0,
                  rho: Unit = 0.9, eps: Positive = 1e-6, weight_decay: Decay = 0.0, decay_bias_and_norm: bool = True):
@@ -335,6 +346,8 @@ class RAdam(Optimizer):
     """Rectified Adam (Liu et al. 2020; torch.optim.RAdam): Adam's step scaled by the rectification r_t once the
     variance of the adaptive rate is tractable (rho_t > 5), plain momentum SGD on the bias-corrected first moment
     before that: no warm-up needed. L2 weight decay added to the gradient."""
+
+    adaptive = True
 
     def __init__(self, model, lr: Rate = 1e-3, betas: tuple[Fraction, Fraction] = (0.9, 0.999), eps: Positive = 1e-8,
                  weight_decay: Decay = 0.0, decay_bias_and_norm: bool = True):

@@ -15,6 +15,13 @@ Also times cnnctl's own step (its threads, BLAS single-threaded) and prints the 
 the step less the products alone, in ms and as a share of the step (lowering copies, normalisation,
 activations, adds, layout changes, the loss and the update). Also prints each conv layer's products in
 GFLOP/s next to torch's own fwd+bwd convolution of that layer.
+
+With --per-step, each step of the execution plan (`cnnctl bench --per-layer`'s timing of one training step,
+forward and backward) is split into its layer's products alone and the rest, and the steps are listed by the time
+they spend outside the products, with the totals per kind of step and the time outside every step (the loss, the
+gradient clipping and the optimizer's update): where the step's time outside NumPy's products goes. A product is
+timed alone on whole matrices, so the split is an estimate: what a product costs more inside its step (sliced
+across threads, cold caches) counts as outside.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="torch steps are timed this many times (median)")
     ap.add_argument("--only", help="Run only the cases whose name contains this (e.g. ResNet).")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--per-step", action="store_true", help="split each plan step into products and the rest")
     args = ap.parse_args()
     import torch
 
@@ -110,10 +118,12 @@ def main():
         with threadpool_limits(limits=1, user_api="blas"):  # cnnctl's own step, as the CLI runs it
             parallel.use(parallel.resolve(None))
             ours = float(np.median([bench(spec, batch, 10, 3)["ms_per_step"] for _ in range(args.rounds)]))
+            steps = per_step(spec, batch, per_layer) if args.per_step else None
         outside = max(0.0, ours - total * 1e3)
         results.append({"network": name, "batch": batch, "target": target, "products_ms": total * 1e3,
                         "torch_step_ms": torch_ms, "ceiling": torch_ms / (total * 1e3), "cnnctl_step_ms": ours,
-                        "outside_products_ms": outside, "outside_share": outside / ours, "layers": per_layer})
+                        "outside_products_ms": outside, "outside_share": outside / ours, "layers": per_layer,
+                        **({"steps": steps} if steps else {})})
     if args.json:
         print(json.dumps({"machine": machine_info(blas), "results": results}, indent=2))
         return
@@ -131,6 +141,42 @@ def main():
                     if "torch_conv_ms" in e else "")
             print(f"  {r['network']} b{r['batch']} {e['layer']:<22} {e['products_ms']:7.2f} ms "
                   f"{e['products_gflops']:5.0f} GFLOP/s{tail}")
+    for r in results:
+        if "steps" in r:
+            print_steps(r)
+
+
+def per_step(spec, batch: int, per_layer: list[dict]) -> dict:
+    """Each plan step's time in one training step (medians over bench's timed steps), split into its layer's
+    products alone and the rest; and the time outside every step (loss, clipping, update)."""
+    products_ms = {e["layer"]: e["products_ms"] for e in per_layer}
+    res = bench(spec, batch, 10, 3, per_layer=True)
+    rows = []
+    for s in res["plan_steps"]:
+        ms = s["forward_ms"] + s["backward_ms"]
+        prod = products_ms.get(s["layer"], 0.0)
+        rows.append({"step": s["step"], "kind": s["kind"], "layer": s["layer"], "fused": s["fused"],
+                     "algorithm": s["algorithm"], "ms": ms, "products_ms": prod, "outside_ms": ms - prod})
+    return {"step_ms": res["ms_per_step"], "rows": rows, "outside_steps_ms": res["ms_outside_steps"]}
+
+
+def print_steps(r: dict) -> None:
+    steps = r["steps"]
+    rows, total = steps["rows"], steps["step_ms"]
+    outside = sum(max(0.0, e["outside_ms"]) for e in rows) + steps["outside_steps_ms"]
+    print(f"\n{r['network']} b{r['batch']}: step {total:.1f} ms; outside the products {outside:.1f} ms "
+          f"({100 * outside / total:.0f}%), of which outside the plan's steps (loss, clipping, update) "
+          f"{steps['outside_steps_ms']:.1f} ms")
+    kinds: dict[str, float] = {}
+    for e in rows:
+        key = e["kind"] + (f" + {e['fused']}" if e["fused"] else "")
+        kinds[key] = kinds.get(key, 0.0) + max(0.0, e["outside_ms"])
+    print("  outside the products, by kind of step: " + ", ".join(
+        f"{k} {v:.1f} ms" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v >= 0.05))
+    print_table(["step", "kind", "layer", "fused", "algorithm", "step (ms)", "products (ms)", "outside (ms)"],
+                [[e["step"], e["kind"], e["layer"], e["fused"] or "-", e["algorithm"] or "-", f"{e['ms']:.2f}",
+                  f"{e['products_ms']:.2f}", f"{e['outside_ms']:.2f}"]
+                 for e in sorted(rows, key=lambda e: -e["outside_ms"])[:10]])
 
 
 if __name__ == "__main__":

@@ -208,3 +208,26 @@ def test_a_folder_of_label_folders_gives_each_picture_every_label_it_is_filed_un
     other.unlink(missing_ok=True)
     other.write_bytes(b"not the same picture")
     expect_error(["data", tmp_path / "c.yaml"], "share a name but are different pictures")
+
+
+def test_serve_lists_the_labels_over_the_threshold_from_a_checkpoint_and_its_export(lines_run, tmp_path):
+    """cnnctl serve on loopback (a real HTTP client): a multi-label run's /predict gives `labels` as predict
+    --json does, at ?threshold= too; its .onnx export (Sigmoid-free logits, task in the metadata) the same."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from tests.test_serve import Server
+
+    folder, run = lines_run
+    picture = folder / "data" / "0.png"
+    (want,) = json.loads(invoke("predict", run, picture, "--json").stdout)
+    invoke("export", run, "--out", tmp_path / "m.onnx")
+    for target in (run, tmp_path / "m.onnx"):
+        s = Server(target)
+        try:
+            files = [("files", (picture.name, picture.read_bytes(), "image/png"))]
+            (got,) = httpx.post(f"{s.url}/predict", files=files).json()
+            assert got["labels"] == want["labels"] and got["prediction"] == want["prediction"], target
+            (every,) = httpx.post(f"{s.url}/predict?threshold=0", files=files).json()
+            assert sorted(every["labels"]) == sorted(LABELS)
+        finally:
+            s.stop()

@@ -86,7 +86,8 @@ def to_onnx(model: nn.Layer, input_shape, normalization: dict, name: str, softma
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="cnnctl")
     m.ir_version = 8
     meta = {"classes": json.dumps(list(classes or [])), "normalization": json.dumps(normalization or {}),
-            "input": "N x C x H x W pixels in 0..1", "output": "probabilities" if softmax else outputs}
+            "input": "N x C x H x W pixels in 0..1", "output": "probabilities" if softmax else outputs,
+            **({"task": "multilabel"} if outputs == "label_logits" else {})}  # each output its own label
     for key, value in meta.items():
         entry = m.metadata_props.add()
         entry.key, entry.value = key, value

@@ -242,14 +242,17 @@ def _prediction_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/predict", openapi_extra=PREDICT_BODY, summary="Top classes of pictures or pixels",
               responses={200: {"content": {"application/json": {"schema": PREDICTION}}}})
-    async def predict(request: Request, top_k: int = Query(3, ge=1, description="Classes per input.")):
+    async def predict(request: Request, top_k: int = Query(3, ge=1, description="Classes per input."),
+                      threshold: float = Query(0.5, ge=0.0, le=1.0, description="Multi-label models: every "
+                                               "label of this probability or more.")):
         """The top-k classes of each picture (multipart files, or a raw image body) or of JSON pixels in 0..1,
-        with their probabilities: what `cnnctl predict --json` prints for the same input."""
+        with their probabilities: what `cnnctl predict --json` prints for the same input (a multi-label model's
+        with `labels`, every label of probability `threshold` or more)."""
         service.check_ready()
         with service.batcher.expecting():
             names, x = await service.images(request)
             probs = await service.batcher.submit(x)
-        return top_classes(names, probs, served.classes, top_k)
+        return top_classes(names, probs, served.classes, top_k, threshold if served.multilabel else None)
 
     @app.post("/explain", openapi_extra=PREDICT_BODY, summary="Grad-CAM of a picture, as a PNG",
               responses={200: {"content": {"image/png": {}}}})

@@ -29,6 +29,7 @@ class Served:
     source: str
     probabilities: Callable[[np.ndarray], np.ndarray]
     explain: Callable[[np.ndarray, list[str]], list[tuple[bytes, str]]] | None = None
+    multilabel: bool = False  # each class its own label (task: multilabel): /predict lists those over a threshold
 
 
 def open_model(path: Path, name: str | None = None) -> Served:
@@ -57,10 +58,12 @@ def _checkpoint(path: Path, name: str | None) -> Served:
                  predictor.classes[ks[i]]) for i in range(len(x01))]
 
     return Served(name or spec.name, "cnnctl-numpy", tuple(spec.model.input_shape), list(predictor.classes),
-                  spec.data.resize, str(predictor.checkpoint_path), predictor.predict, explain)
+                  spec.data.resize, str(predictor.checkpoint_path), predictor.predict, explain,
+                  multilabel=spec.task == "multilabel")
 
 
-OUTPUTS = ("logits", "log_probabilities", "probabilities", "scores")  # what `cnnctl export` says its output holds
+# what `cnnctl export` says its output holds (label_logits: a multi-label model's, each label its own sigmoid)
+OUTPUTS = ("logits", "log_probabilities", "probabilities", "scores", "label_logits")
 
 
 def _onnx(path: Path, name: str | None) -> Served:
@@ -98,4 +101,5 @@ def _onnx(path: Path, name: str | None) -> Served:
         return F.probabilities(out, held).astype(np.float32, copy=False)  # "probabilities": as they are
 
     graph = meta.graph_name or path.stem
-    return Served(name or graph, "onnxruntime", tuple(shape[1:]), classes, None, str(path), probabilities)
+    return Served(name or graph, "onnxruntime", tuple(shape[1:]), classes, None, str(path), probabilities,
+                  multilabel=props.get("task") == "multilabel")

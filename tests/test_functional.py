@@ -203,3 +203,24 @@ def test_float32_erf_is_within_a_few_units_of_float32_everywhere():
     got = F.erf(x)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, [math.erf(float(v)) for v in x], rtol=0, atol=6e-7)
+
+
+def test_an_elementwise_function_in_tiles_gives_the_values_of_one_call():
+    """in_tiles runs GELU a tile at a time over contiguous arrays, a batch-innermost layout (a transposed view) and
+    a strided view (given whole): the same bits as one call, and the input left untouched."""
+    from cnnctl.core.epilogue import TILE, in_tiles
+    from cnnctl.core.nn.activations import GELU, SiLU
+
+    rng = np.random.default_rng(0)
+    for act in (GELU(), SiLU()):
+        base = (rng.standard_normal((3, 5, 7, TILE // 50)) * 3).astype(np.float32)
+        for x in (base, base.transpose(3, 0, 1, 2), base[:, ::2]):
+            y1, d1 = np.empty_like(x), act.derivative_like(x)
+            act.elementwise(x, y1, d1)
+            y2, d2 = np.empty_like(x), act.derivative_like(x)
+            before = x.copy()
+            in_tiles(act.elementwise, x, y2, d2)
+            assert np.array_equal(y1, y2) and np.array_equal(d1, d2) and np.array_equal(x, before)
+            inplace, d3 = x.copy(), act.derivative_like(x)
+            in_tiles(act.elementwise, inplace, inplace, d3)
+            assert np.array_equal(inplace, y1) and np.array_equal(d3, d1)

@@ -24,7 +24,16 @@ import numpy as np
 
 from . import parallel
 from .epilogue import NONE, Epilogue, chain
-from .pointwise import erf, log_softmax, normalize, probabilities, sigmoid, softmax, softplus  # noqa: F401
+from .pointwise import (  # noqa: F401
+    erf,
+    erf_and_gaussian,
+    log_softmax,
+    normalize,
+    probabilities,
+    sigmoid,
+    softmax,
+    softplus,
+)
 
 Pair = tuple[int, int]
 Padding4 = tuple[int, int, int, int]  # top, bottom, left, right

@@ -9,6 +9,7 @@ import numpy as np
 from pydantic import Field
 
 from cnnctl.core import functional as F
+from cnnctl.core.epilogue import in_tiles
 
 from .base import Context, Layer, LayerSpec, channels, register
 
@@ -96,7 +97,8 @@ class Elementwise(Layer):
         """f(x) into a new array, or into `out` (which may be x itself)."""
         y, d = np.empty_like(x) if out is None else out, self.derivative_like(x)
         self._cut = (context or Context()).per_channel
-        self._cut(x, lambda lo, hi: self.elementwise(channels(x, lo, hi), channels(y, lo, hi), channels(d, lo, hi)))
+        self._cut(x, lambda lo, hi: in_tiles(self.elementwise, channels(x, lo, hi), channels(y, lo, hi),
+                                             channels(d, lo, hi)))
         self._d = d
         return y
 
@@ -258,12 +260,13 @@ class GELU(Elementwise):
 
     def elementwise(self, x, y, d):
         f = x.dtype.type
-        cdf = F.erf(x * f(1 / np.sqrt(2.0)))
+        z = x * f(1 / np.sqrt(2.0))
+        if x.dtype == np.float32:  # erf and exp(-x^2 / 2) from one exponential
+            cdf, pdf = F.erf_and_gaussian(z)
+        else:
+            cdf, pdf = F.erf(z), np.exp(-(z * z))
         cdf += 1
         cdf *= f(0.5)
-        pdf = x * x
-        pdf *= f(-0.5)
-        np.exp(pdf, out=pdf)
         pdf *= f(1 / np.sqrt(2 * np.pi))
         pdf *= x
         np.add(cdf, pdf, out=d)
@@ -370,5 +373,8 @@ class SiLU(Elementwise):
 
     def elementwise(self, x, y, d):
         s = _sigmoid(x)
-        np.multiply(s, 1 + x * (1 - s), out=d)
+        t = np.subtract(1, s)  # 1 + x (1 - s), with one temporary
+        t *= x
+        t += 1
+        np.multiply(s, t, out=d)
         np.multiply(x, s, out=y)

@@ -231,3 +231,15 @@ def test_serve_lists_the_labels_over_the_threshold_from_a_checkpoint_and_its_exp
             assert sorted(every["labels"]) == sorted(LABELS)
         finally:
             s.stop()
+
+
+def test_a_label_matrix_too_large_is_refused_before_it_is_made(tmp_path, monkeypatch):
+    from cnnctl.data import csvfile
+
+    csv = lines_data(tmp_path / "data", n=10)
+    rows = csv.read_text().splitlines()
+    rows[1:] = [f"{r.split(',')[0]},{'|'.join(f'tag{i}-{j}' for j in range(50))},train" for i, r in enumerate(rows[1:])]
+    csv.write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(csvfile, "MAX_LABEL_BYTES", 10 * 499)
+    with pytest.raises(Exception, match="10 pictures and 500 different labels"):
+        csvfile.list_csv(csv, (1, 16, 16), multilabel=True)

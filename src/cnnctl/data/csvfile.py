@@ -15,6 +15,7 @@ from .pictures import pillow
 MAX_CSV_BYTES = 64 << 20  # a list of picture paths; a million rows is about 50 MB
 MAX_CLASS_NAME = 1000  # characters of one label
 MAX_NUMBERED_CLASSES = 100_000  # integer labels may leave classes out, up to this many (or one per row)
+MAX_LABEL_BYTES = 1 << 30  # a multi-label CSV's 0/1 matrix (a byte per picture and label): 1 GB
 CSV_SPLITS = ("train", "val", "test")
 
 
@@ -85,6 +86,10 @@ def _label_lists(path: Path, rows: list, bad: list[str]) -> Listing:
             bad.append(f"line {line}: an empty label between '|'s")
     _refuse(path, rows, bad, "labels listed as a|b|c")
     classes = sorted({name for names in lists for name in names})
+    if len(rows) * len(classes) > MAX_LABEL_BYTES:
+        raise DataError(f"{path}: {len(rows):,} pictures and {len(classes):,} different labels: their 0/1 matrix "
+                        f"would take {len(rows) * len(classes) / 1e9:.1f} GB", "check the label column (labels "
+                        "separated by |); keep the labels a model should learn")
     index = {name: i for i, name in enumerate(classes)}
     splits = {}
     for name in CSV_SPLITS:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -121,7 +120,9 @@ def machine_info(blas: dict) -> dict:
     """What a benchmark result depends on: CPU, cores, library versions, BLAS and its two variables."""
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    from cnnctl.core.environment import cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "numpy": np.__version__, "torch": torch.__version__,
             "blas": blas, "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
             "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}

@@ -10,6 +10,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -287,6 +288,32 @@ def test_what_cannot_be_served_is_refused_before_listening(tmp_path, digits_run)
     assert "onnxruntime cannot load it" in res.output
     res = invoke("serve", tmp_path / "missing", code=2)
     assert "Traceback" not in res.output
+
+
+def test_a_taken_port_is_one_error_and_port_0_announces_the_port_it_got(digits_run):
+    """The address is bound before the "serving ... on" line: a port in use gives only the error (exit 2), and
+    --port 0 announces the port the system chose, where the server then answers."""
+    import socket
+
+    run, _ = digits_run
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run([sys.executable, "-m", "cnnctl", "serve", str(run), "--port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in res.stderr + res.stdout
+    assert "serving" not in res.stdout and "Traceback" not in res.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "cnnctl", "serve", str(run), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        chosen = int(line.split("http://127.0.0.1:")[1].split()[0])
+        assert chosen > 0
+        serve_load.ready(proc, f"http://127.0.0.1:{chosen}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
 
 
 def _browser():

@@ -529,3 +529,19 @@ def test_validation_at_chance_beside_high_training_accuracy_with_batchnorm_gets_
     assert err.count("near chance") == 1 and "warning: epoch 2" in err and "trainable: false" in err, err
     spec["model"]["layers"][1]["momentum"] = 0.1
     assert "near chance" not in train()
+
+
+def test_no_batchnorm_hint_for_a_multilabel_run():
+    """A multi-label run's accuracy (every label right) has no chance level of 1 / classes: the rows that give the
+    hint for a classifier give none for it."""
+    import warnings
+
+    from cnnctl.core.nn.regularization import BatchNorm2D
+    from cnnctl.run.numerics import batchnorm_hint
+
+    model = BatchNorm2D(3)
+    row = {"epoch": 2, "train_acc": 0.98, "val_acc": 0.1}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert batchnorm_hint(model, row, None) is False and not seen
+        assert batchnorm_hint(model, row, 10) is True and len(seen) == 1

@@ -54,10 +54,13 @@ def check_finite(what: str, value: float, when: str, lr: float) -> None:
                             "(cnnctl data CONFIG shows each split)")
 
 
-def batchnorm_hint(model, row: dict, classes: int) -> bool:
+def batchnorm_hint(model, row: dict, classes: int | None) -> bool:
     """A `warning:` line (True) when an epoch's training accuracy is high while its validation accuracy is near
     chance in a model with batchnorm: the running statistics evaluation normalises with are far from the batch
-    statistics training uses (a fine-tuned network whose batchnorm saw other data, most often)."""
+    statistics training uses (a fine-tuned network whose batchnorm saw other data, most often). `classes` None: a
+    multi-label run, whose accuracy (every label right) has no chance level of 1 / classes: no hint."""
+    if classes is None:
+        return False
     from cnnctl.core.nn.regularization import _BatchNorm
 
     chance = 1 / max(classes, 1)  # high: 60% of the way from chance to 100%; near chance: within 10% of it

@@ -245,9 +245,8 @@ class Trainer:
             val = self._evaluate(self.feed.val)
             row.update(val_loss=val["loss"], val_acc=val["accuracy"])
         row["seconds"] = round(time.perf_counter() - t0, 3)
-        if self.world.root and row["val_acc"] is not None and not self.hinted and spec.task != "multilabel":
-            # (a multi-label run's accuracy, every label right, has no chance level of 1 / classes)
-            self.hinted = batchnorm_hint(self.model, row, self.num_classes)
+        if self.world.root and row["val_acc"] is not None and not self.hinted:
+            self.hinted = batchnorm_hint(self.model, row, None if spec.task == "multilabel" else self.num_classes)
         if row["val_loss"] is not None and not math.isfinite(row["val_loss"]):
             if self.world.root:  # the epoch was trained: its row is kept (the loss as null), then it stops
                 runs.append_metrics(self.run_dir, row)

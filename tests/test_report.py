@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cnnctl.tools import report
+from cnnctl.tools import markup, report
 from tests.conftest import TINY
 from tests.helpers import invoke
 
@@ -163,7 +163,7 @@ def test_a_real_browser_renders_every_picture_without_console_errors(finished, t
         return res, res.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
 
     # the page's Content-Security-Policy allows no script: a script that found its way in does not run
-    csp = f'<meta http-equiv="Content-Security-Policy" content="{report.CSP}">'
+    csp = f'<meta http-equiv="Content-Security-Policy" content="{markup.CSP}">'
     assert csp in page
     _, title = dump("injected.html", page.replace("</body>", script))
     assert not title.startswith("widths:"), title
@@ -205,7 +205,7 @@ def test_every_picture_s_text_is_readable_as_a_browser_shows_it(finished, tmp_pa
     pngs = [base64.b64decode(src) for src in re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)]
     script = ("<script>addEventListener('load', () => { document.title = 'sizes:' + JSON.stringify("
               "[...document.images].map(i => [i.naturalWidth, i.getBoundingClientRect().width])); });</script>")
-    csp = f'<meta http-equiv="Content-Security-Policy" content="{report.CSP}">'
+    csp = f'<meta http-equiv="Content-Security-Policy" content="{markup.CSP}">'
     (tmp_path / "probe.html").write_text(page.replace(csp, "").replace("</body>", script + "</body>"))
     res = subprocess.run([_browser(), "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
                           "--window-size=1280,900", "--force-device-scale-factor=1", "--dump-dom",

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cnnctl.run import runs
-from cnnctl.tools import plots, report  # noqa: E402
+from cnnctl.tools import markup, plots  # noqa: E402
 from tests.conftest import TINY
 from tests.helpers import runner, strict_json
 from tests.test_errors import expect_error
@@ -114,8 +114,8 @@ def test_run_files_that_are_fifos_or_devices_are_never_waited_on(tiny_run, tmp_p
 def test_the_report_tells_the_browser_to_run_no_script(tiny_run, tmp_path):
     invoke("report", tiny_run, "--out", tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
-    assert f'<meta http-equiv="Content-Security-Policy" content="{report.CSP}">' in page
-    assert "default-src 'none'" in report.CSP and "script-src" not in report.CSP
+    assert f'<meta http-equiv="Content-Security-Policy" content="{markup.CSP}">' in page
+    assert "default-src 'none'" in markup.CSP and "script-src" not in markup.CSP
     assert "<script" not in page.lower()
 
 

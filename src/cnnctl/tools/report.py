@@ -1,15 +1,12 @@
 """`cnnctl report`: one self-contained HTML page about a run (or a sweep). Everything is inline: styles in a
 <style> element, pictures as PNG data URIs from plots.py, no script, no font, no link outside the file, so the page
 opens from a disk, an archive or a mail. The data comes from the library (runs, evaluation, explain); this module
-only lays it out.
+only lays it out, with the pieces of markup.py (shared with the sweep's page).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-import math
 import time
 from pathlib import Path
 
@@ -20,85 +17,10 @@ from cnnctl.run import runs
 from cnnctl.version import __version__
 
 from . import plots
+from .markup import document, escape, figure, img, metric, num, number, pct, table
 
 GALLERY = 8  # the most confidently wrong test images shown
 VIEWS = "; each image once, without the config's test-time views, which the test accuracy above averages"
-
-# the page needs no script, no font and nothing from elsewhere: a browser is told to run and fetch none (its own
-# style element and data: pictures only), so a string that escaped the escaping could still do nothing
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
-
-STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;
-color:#1a1a1a;line-height:1.45}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #bbb;padding-bottom:.15em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .55em;
-text-align:right}th{background:#f1f1f1}td.l,th.l{text-align:left}caption{text-align:left;font-weight:600;
-padding:.3em 0}dl{display:grid;grid-template-columns:max-content auto;gap:.15em 1em}dt{font-weight:600}dd{margin:0}
-img{max-width:100%;height:auto}figure{margin:.6em 0}figcaption{font-size:.85em;color:#444}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(500px,1fr));gap:1em}
-.card{border:1px solid #ccc;padding:.5em}pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:.8em}
-.note{color:#555;font-style:italic}.status{font-weight:700}
-"""
-
-
-def _e(text) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _img(png: bytes, alt: str) -> str:
-    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="{_e(alt)}">'
-
-
-def _figure(png: bytes | None, alt: str, caption: str) -> str:
-    if png is None:
-        return ""
-    return f"<figure>{_img(png, alt)}<figcaption>{_e(caption)}</figcaption></figure>"
-
-
-class Html(str):
-    """A table cell that is markup already (a link), not text to escape."""
-
-
-def _table(caption: str, header: list[str], rows: list[list], left: int = 1) -> str:
-    """A table; the first `left` columns are text (left-aligned), the rest numbers; Html cells go in as they are."""
-    head = "".join(f'<th scope="col" class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{c if isinstance(c, Html) else _e(c)}'
-                                    "</td>" for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><caption>{_e(caption)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _pct(v) -> str:
-    return _num(v, 2, 100, "%")
-
-
-def _num(v, digits=4, scale=1, unit="") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return "n/a"  # a damaged value in a run file
-    return f"{scale * v:.{digits}f}{unit}"
-
-
-def _number(v) -> str:
-    """A value from a run file as a number, or n/a when it is none (missing, null, a string, not finite)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return "n/a"
-    return f"{v:.4g}"
-
-
-def _metric(name, v) -> str:
-    return _pct(v) if "acc" in str(name) else _num(v)
-
-
-def _page(title: str, sections: list[str]) -> str:
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy" '
-            f'content="{CSP}"><meta name="viewport" '
-            f'content="width=device-width, initial-scale=1"><title>{_e(title)}</title><style>{STYLE}</style></head>'
-            f'<body>{"".join(sections)}<p class="note">Written by cnnctl {_e(__version__)} on '
-            f'{_e(time.strftime("%Y-%m-%d %H:%M"))}. A self-contained page: no script, no link outside it.</p>'
-            "</body></html>")
-
 
 # ---------------------------------------------------------------- a run
 
@@ -109,9 +31,9 @@ def _test_accuracy(summary: dict, measured: dict | None) -> str:
     test = summary.get("test") if isinstance(summary.get("test"), dict) else {}
     if test:
         by = f" ({test['by']} of {test.get('checkpoint')})" if test.get("by") else ""
-        return f"{_pct(test.get('accuracy'))} on {test.get('n', 0):,} images{by}"
+        return f"{pct(test.get('accuracy'))} on {test.get('n', 0):,} images{by}"
     if measured and measured["split"] == "test":
-        return (f"{_pct(measured['accuracy'])} on {measured['n']:,} images (this page's evaluation of "
+        return (f"{pct(measured['accuracy'])} on {measured['n']:,} images (this page's evaluation of "
                 f"{measured['checkpoint']}, one view per image)")
     return "-"
 
@@ -129,7 +51,7 @@ def _header(run_dir: Path, summary: dict, info: dict, measured: dict | None = No
          else "-"),
         ("training compute", f"{summary['training_pflops']:.4g} PFLOPs"
          if isinstance(summary.get("training_pflops"), (int, float)) else "-"),
-        ("best epoch", f"{best.get('epoch')} ({monitor} {_metric(monitor, best.get(monitor))})" if best else "-"),
+        ("best epoch", f"{best.get('epoch')} ({monitor} {metric(monitor, best.get(monitor))})" if best else "-"),
         ("test accuracy", _test_accuracy(summary, measured)),
         ("machine", f"{env.get('cpu') or env.get('platform') or '-'}; BLAS {blas.get('library', '-')} "
          f"{blas.get('kernel', '')}".strip()),
@@ -139,8 +61,8 @@ def _header(run_dir: Path, summary: dict, info: dict, measured: dict | None = No
     ]
     if summary.get("error"):
         items.insert(1, ("error", summary["error"]))
-    dl = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items)
-    return (f"<header><h1>Run {_e(run_dir.name)}</h1><p class=\"status\">Status: {_e(info.get('status'))}</p>"
+    dl = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items)
+    return (f"<header><h1>Run {escape(run_dir.name)}</h1><p class=\"status\">Status: {escape(info.get('status'))}</p>"
             f"<dl>{dl}</dl></header>")
 
 
@@ -148,12 +70,12 @@ def _curves(history: list[dict]) -> str:
     if not history:
         return "<section><h2>Learning curves</h2><p class=\"note\">No epoch has finished yet.</p></section>"
     png = plots.plot_curves(history, None, "")
-    rows = [[r.get("epoch"), _num(r.get("train_loss")), _pct(r.get("train_acc")), _num(r.get("val_loss")),
-             _pct(r.get("val_acc")), _number(r.get("lr"))] for r in history]
-    return ("<section><h2>Learning curves</h2>" + _figure(png, "Loss, accuracy and learning rate per epoch, "
+    rows = [[r.get("epoch"), num(r.get("train_loss")), pct(r.get("train_acc")), num(r.get("val_loss")),
+             pct(r.get("val_acc")), number(r.get("lr"))] for r in history]
+    return ("<section><h2>Learning curves</h2>" + figure(png, "Loss, accuracy and learning rate per epoch, "
             "training and validation", "Loss and accuracy (training: circles, validation: squares) and the "
             "learning rate per epoch.") + "<details><summary>The numbers</summary>" +
-            _table("Every epoch", ["epoch", "train loss", "train acc", "val loss", "val acc", "lr"], rows, left=0)
+            table("Every epoch", ["epoch", "train loss", "train acc", "val loss", "val acc", "lr"], rows, left=0)
             + "</details></section>")
 
 
@@ -167,10 +89,10 @@ def _model_table(spec) -> str:
             for r in walk(rows)]
     summary = (f"{spec.name}: input {tuple(spec.model.input_shape)}; {report['total_params']:,} parameters, "
                f"{report['total_macs']:,} multiply-adds per image")
-    table = _table(summary, ["#", "type", "output shape", "params", "MACs", "receptive field"], body, left=3)
+    listing = table(summary, ["#", "type", "output shape", "params", "MACs", "receptive field"], body, left=3)
     if len(body) > MODEL_ROWS_OPEN:  # a ResNet's 60 rows: the totals first, the table a click away
-        table = f"<p>{_e(summary)}.</p><details><summary>The {len(body)} layers</summary>{table}</details>"
-    return "<section><h2>Model</h2>" + table + "</section>"
+        listing = f"<p>{escape(summary)}.</p><details><summary>The {len(body)} layers</summary>{listing}</details>"
+    return "<section><h2>Model</h2>" + listing + "</section>"
 
 
 MODEL_ROWS_OPEN = 25  # longer model tables start collapsed
@@ -194,7 +116,7 @@ def _evaluation(ckpt_path: Path) -> tuple[str, dict | None]:
     try:
         ds = run_data(spec, rows, ckpt.normalization or None)
     except CnnctlError as e:
-        return (f"<section><h2>Evaluation</h2><p class=\"note\">The data is not at hand: {_e(e.message)}</p>"
+        return (f"<section><h2>Evaluation</h2><p class=\"note\">The data is not at hand: {escape(e.message)}</p>"
                 "</section>", None)
     name = "test" if len(ds.test) else "val"
     split = ds.split(name)
@@ -220,8 +142,8 @@ def _evaluation(ckpt_path: Path) -> tuple[str, dict | None]:
     p, r = pc["precision"], pc["recall"]
     f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
     acc = float(np.trace(cm) / len(y))
-    parts = [f"<section><h2>Evaluation on the {name} split</h2><p>{len(y):,} images: accuracy {_pct(acc)}, loss "
-             f"{_num(total / len(y))} (checkpoint {_e(ckpt_path.name)}, epoch {ckpt.epoch}"
+    parts = [f"<section><h2>Evaluation on the {name} split</h2><p>{len(y):,} images: accuracy {pct(acc)}, loss "
+             f"{num(total / len(y))} (checkpoint {escape(ckpt_path.name)}, epoch {ckpt.epoch}"
              f"{VIEWS if spec.data.test_time_augment.views > 1 else ''}).</p>"]
     parts += _matrices(cm, classes, name, pc, f1)
     parts += _calibration(probs, pred, y, name)
@@ -239,16 +161,16 @@ def _label_evaluation(logits: np.ndarray, split, total: float, name: str, model,
 
     m, n = label_metrics(logits, split.y), len(split)
     res = {**m, "classes": labels}
-    rows = [[c, f"{int(m['support'][i]):,}", _pct(m["precision"][i]), _pct(m["recall"][i]), _pct(m["f1"][i]),
-             _pct(m["average_precision"][i])] for i, c in enumerate(labels)]
+    rows = [[c, f"{int(m['support'][i]):,}", pct(m["precision"][i]), pct(m["recall"][i]), pct(m["f1"][i]),
+             pct(m["average_precision"][i])] for i, c in enumerate(labels)]
     parts = [f"<section><h2>Evaluation on the {name} split</h2><p>{n:,} images, several labels each: mAP "
-             f"{_pct(m['map'])}, micro F1 {_pct(m['micro_f1'])}, macro F1 {_pct(m['macro_f1'])}, every label right "
-             f"{_pct(m['accuracy'])}, loss {_num(total / n)} (a label is said present at probability 0.5 or more)."
+             f"{pct(m['map'])}, micro F1 {pct(m['micro_f1'])}, macro F1 {pct(m['macro_f1'])}, every label right "
+             f"{pct(m['accuracy'])}, loss {num(total / n)} (a label is said present at probability 0.5 or more)."
              "</p>",
-             _figure(plots.plot_label_results(res, None, f"{name} split"), "Precision, recall and average precision "
+             figure(plots.plot_label_results(res, None, f"{name} split"), "Precision, recall and average precision "
                      "of each label", "Each label's precision, recall and average precision; the table below gives "
                      "the same numbers."),
-             _table("Per label", ["label", "images with it", "precision", "recall", "F1", "average precision"], rows),
+             table("Per label", ["label", "images with it", "precision", "recall", "F1", "average precision"], rows),
              *_filters(model)]
     return "".join(parts) + "</section>", {"split": name, "accuracy": m["accuracy"], "map": m["map"], "n": n}
 
@@ -267,16 +189,16 @@ def _data(ds) -> str:
     shown, y = ds.classes[:SAMPLE_CLASSES], ds.train.y
     groups = [(k, np.flatnonzero(y[:, k] if y.ndim == 2 else y == k)[:SAMPLES_PER_CLASS]) for k in range(len(shown))]
     idx = np.concatenate([g for _, g in groups]) if groups else np.empty(0, np.int64)
-    grid = _figure(plots.plot_samples(ds.train.x[idx], [ds.classes[k] for k, g in groups for _ in g], None,
+    grid = figure(plots.plot_samples(ds.train.x[idx], [ds.classes[k] for k, g in groups for _ in g], None,
                                       "training images, by class"),
                    "A few training images of each class, titled with their class",
                    f"The first {SAMPLES_PER_CLASS} training images of each class" + (
                        f" (the first {SAMPLE_CLASSES} of {len(ds.classes)} classes)"
                        if len(ds.classes) > SAMPLE_CLASSES else "") + ", as stored (before normalisation).") \
         if len(idx) else ""
-    return (f"<section><h2>Data</h2><p>{_e(ds.name)}: {len(ds.classes)} classes, images of "
+    return (f"<section><h2>Data</h2><p>{escape(ds.name)}: {len(ds.classes)} classes, images of "
             f"{' x '.join(str(d) for d in ds.train.x.shape[1:])}.</p>"
-            + _table("Images per class in each split", ["class", *names], rows) + grid + "</section>")
+            + table("Images per class in each split", ["class", *names], rows) + grid + "</section>")
 
 
 def _plan(summary: dict) -> str:
@@ -286,9 +208,9 @@ def _plan(summary: dict) -> str:
     counts: dict[str, int] = {}
     for v in plan.values():
         counts[str(v)] = counts.get(str(v), 0) + 1
-    return ("<section><h2>Execution plan</h2><p>Convolution algorithms: " + _e(", ".join(
+    return ("<section><h2>Execution plan</h2><p>Convolution algorithms: " + escape(", ".join(
         f"{n} by {a}" for a, n in sorted(counts.items()))) + "</p><details><summary>Per layer</summary>" +
-        _table("Convolution algorithm per layer", ["layer", "algorithm"], [[k, v] for k, v in plan.items()], left=2)
+        table("Convolution algorithm per layer", ["layer", "algorithm"], [[k, v] for k, v in plan.items()], left=2)
         + "</details></section>")
 
 
@@ -315,12 +237,12 @@ def run_page(run_dir: Path) -> str:
         "</section>", None)
     sections = [_header(run_dir, summary, info, measured)]
     sections.append("<section><h2>Config</h2><details><summary>The resolved config (every key, defaults filled "
-                    f"in)</summary><pre>{_e(json.dumps(config, indent=1))}</pre></details></section>")
+                    f"in)</summary><pre>{escape(json.dumps(config, indent=1))}</pre></details></section>")
     sections.append(_model_table(spec))
     sections.append(_curves(runs.read_history(run_dir)))
     sections.append(evaluation)
     sections.append(_plan(summary))
-    return _page(f"cnnctl run {run_dir.name}", sections)
+    return document(f"cnnctl run {run_dir.name}", sections)
 
 
 # ---------------------------------------------------------------- a sweep
@@ -331,19 +253,19 @@ def _matrices(cm: np.ndarray, classes: list[str], name: str, pc: dict, f1: np.nd
     confused pairs."""
     parts, k, (p, r) = [], len(classes), (pc["precision"], pc["recall"])
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    parts.append(_figure(plots.plot_confusion(cm, classes, None, f"{name} split: counts"),
+    parts.append(figure(plots.plot_confusion(cm, classes, None, f"{name} split: counts"),
                          "Confusion matrix of counts, true class in rows", "Confusion matrix (rows: true class, "
                          "columns: predicted); the tables below give the same numbers."))
-    parts.append(_table("Confusion matrix, counts (rows: true class, columns: predicted)", ["true \\ predicted",
+    parts.append(table("Confusion matrix, counts (rows: true class, columns: predicted)", ["true \\ predicted",
                         *classes], [[c, *map(str, cm[i])] for i, c in enumerate(classes)]))
-    parts.append(_table("Confusion matrix, each row as a share of its true class", ["true \\ predicted", *classes],
+    parts.append(table("Confusion matrix, each row as a share of its true class", ["true \\ predicted", *classes],
                         [[c, *(f"{100 * v:.1f}%" for v in norm[i])] for i, c in enumerate(classes)]))
-    parts.append(_table("Per class", ["class", "precision", "recall", "F1", "support"],
-                        [[c, _pct(p[i]), _pct(r[i]), _pct(f1[i]), f"{int(pc['support'][i]):,}"]
+    parts.append(table("Per class", ["class", "precision", "recall", "F1", "support"],
+                        [[c, pct(p[i]), pct(r[i]), pct(f1[i]), f"{int(pc['support'][i]):,}"]
                          for i, c in enumerate(classes)]))
     off = [(cm[i, j], i, j) for i in range(k) for j in range(k) if i != j and cm[i, j]]
     off.sort(reverse=True)
-    parts.append(_table("The most confused pairs", ["true class", "predicted as", "images", "share of the class"],
+    parts.append(table("The most confused pairs", ["true class", "predicted as", "images", "share of the class"],
                         [[classes[i], classes[j], f"{n:,}", f"{100 * n / max(cm[i].sum(), 1):.1f}%"]
                          for n, i, j in off[:8]], left=2) if off else "<p>No image was misclassified.</p>")
     return parts
@@ -357,7 +279,7 @@ def _calibration(probs: np.ndarray, pred: np.ndarray, y: np.ndarray, name: str) 
     which = np.clip(np.digitize(conf, edges[1:-1]), 0, 9)
     ece = sum(abs(correct[which == b].mean() - conf[which == b].mean()) * (which == b).mean()
               for b in range(10) if (which == b).any())
-    parts.append("<h3>Calibration</h3>" + _figure(plots.plot_reliability(conf, correct, None, f"{name} split"),
+    parts.append("<h3>Calibration</h3>" + figure(plots.plot_reliability(conf, correct, None, f"{name} split"),
                  "Reliability diagram: accuracy per confidence bin against the diagonal",
                  "Accuracy in each bin of confidence (the largest probability), with the number of images; the "
                  "dashed diagonal is perfect calibration.") +
@@ -388,14 +310,14 @@ def _gallery(model, split, probs: np.ndarray, pred: np.ndarray, y: np.ndarray, c
         for j, idx in enumerate(wrong):
             top = np.argsort(-probs[idx])[:3]
             label = f"true {classes[y[idx]]}, predicted {classes[pred[idx]]}"
-            pics = _img(plots.plot_explanation(x01[j], sal[j], None, f"saliency for {classes[pred[idx]]}"),
+            pics = img(plots.plot_explanation(x01[j], sal[j], None, f"saliency for {classes[pred[idx]]}"),
                         f"{label}: the image and its saliency map")
             if cam is not None:
-                pics += _img(plots.plot_explanation(x01[j], cam[j], None, f"Grad-CAM ({layer}) for "
+                pics += img(plots.plot_explanation(x01[j], cam[j], None, f"Grad-CAM ({layer}) for "
                                                     f"{classes[pred[idx]]}"), f"{label}: Grad-CAM map")
             tops = ", ".join(f"{classes[t]} {100 * probs[idx, t]:.1f}%" for t in top)
-            cards.append(f'<div class="card"><p><strong>{_e(name)} image {idx}</strong>: {_e(label)}.<br>Top 3: '
-                         f"{_e(tops)}</p>{pics}</div>")
+            cards.append(f'<div class="card"><p><strong>{escape(name)} image {idx}</strong>: {escape(label)}.'
+                         f"<br>Top 3: {escape(tops)}</p>{pics}</div>")
         parts.append(f"<h3>The {len(wrong)} most confidently wrong images</h3><p>Each with its saliency (max over "
                      "channels of |d logit / d input|) and Grad-CAM map for the predicted class (cnnctl explain)."
                      f'</p><div class="gallery">{"".join(cards)}</div>')
@@ -409,7 +331,7 @@ def _filters(model) -> list[str]:
     parts = []
     first = next((layer for _, layer in model.named_layers() if isinstance(layer, Conv2D)), None)
     if first is not None:
-        parts.append("<h3>The first layer's filters</h3>" + _figure(
+        parts.append("<h3>The first layer's filters</h3>" + figure(
             plots.plot_filters(first.params["weight"], None, "first convolution"), "The first convolution's "
             "filters as a grid of small images", "Each filter of the first convolution (RGB for colour inputs)."))
     return parts

@@ -13,7 +13,8 @@ from cnnctl.run import runs
 
 from . import plots
 from . import sweep as sweep_lib
-from .report import Html, _e, _figure, _num, _page, _pct, _table, run_page
+from .markup import Html, document, escape, figure, num, pct, table
+from .report import run_page
 
 
 def trial_pages(sweep_dir: Path, progress=None) -> dict[str, Path]:
@@ -49,18 +50,18 @@ def sweep_page(sweep_dir: Path, pages: dict[str, Path] | None = None, here: Path
     sweep_dir = Path(sweep_dir)
     metric, mode, rows = sweep_lib.read_report(sweep_dir)
     ranked, others = sweep_lib.ranked(rows, mode)
-    shown = (lambda v: _pct(v)) if metric.endswith("_acc") else (lambda v: _num(v))
+    shown = (lambda v: pct(v)) if metric.endswith("_acc") else (lambda v: num(v))
     info = {r["trial"]: runs.run_info(sweep_dir / "trials" / r["trial"]) or {} for r in rows}
     pages, here = pages or {}, Path(here or sweep_dir)
 
     def link(trial):
         page = pages.get(trial)
-        return Html(f'<a href="{_e(Path(os.path.relpath(page, here)).as_posix())}">page</a>') if page else "-"
+        return Html(f'<a href="{escape(Path(os.path.relpath(page, here)).as_posix())}">page</a>') if page else "-"
 
-    table = _table(f"Trials ranked by {metric} ({mode})",
+    ranking = table(f"Trials ranked by {metric} ({mode})",
                    ["rank", "trial", "values", metric, "test accuracy", "epochs", "wall time", "status", "report"],
                    [[str(i) if i <= len(ranked) else "-", r["trial"], r["drawn"], shown(r["best"]),
-                     _pct(info[r["trial"]].get("test_acc")), r["epochs"] or "-",
+                     pct(info[r["trial"]].get("test_acc")), r["epochs"] or "-",
                      f"{r['seconds']:.1f} s" if r["seconds"] is not None else "-",
                      r["status"] + (f": {r['error']}" if r["error"] else ""), link(r["trial"])]
                     for i, r in enumerate(ranked + others, start=1)], left=3)
@@ -72,14 +73,14 @@ def sweep_page(sweep_dir: Path, pages: dict[str, Path] | None = None, here: Path
         png = plots.plot_sweep(rows, metric, None, f"{sweep_dir.name}: {metric} against each searched key")
     except CnnctlError:
         png = None
-    sections = [f"<header><h1>Sweep {_e(sweep_dir.name)}</h1><p>{len(rows)} trials, {len(ranked)} with a "
-                f"result; metric {_e(metric)} ({_e(mode)}).</p></header>",
-                f"<section><h2>Trials</h2>{table}</section>",
+    sections = [f"<header><h1>Sweep {escape(sweep_dir.name)}</h1><p>{len(rows)} trials, {len(ranked)} with a "
+                f"result; metric {escape(metric)} ({escape(mode)}).</p></header>",
+                f"<section><h2>Trials</h2>{ranking}</section>",
                 "<section><h2>Each trial's curve</h2>" +
-                (_figure(curves, f"{metric} per epoch, one line per trial", "One line per trial.") if curves
+                (figure(curves, f"{metric} per epoch, one line per trial", "One line per trial.") if curves
                  else '<p class="note">No trial has finished an epoch yet.</p>') + "</section>",
                 "<section><h2>The metric against each searched key</h2>" +
-                (_figure(png, f"{metric} of each trial against the value of each searched key",
+                (figure(png, f"{metric} of each trial against the value of each searched key",
                          "Each point is a trial.") if png else '<p class="note">No trial has a result yet.</p>') +
                 "</section>"]
-    return _page(f"cnnctl sweep {sweep_dir.name}", sections)
+    return document(f"cnnctl sweep {sweep_dir.name}", sections)

@@ -28,15 +28,30 @@ FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # 16-bit (and 32-bit integer) grayscale
 
 
-def decode_image(path: Path, input_shape, resize: int | None = None) -> np.ndarray:
-    """One picture file as uint8 (C, H, W) of the input shape: grayscale (C 1) or RGB (C 3), resized bilinearly
-    (with `resize`: its shorter side to `resize` pixels, aspect kept, then the centre H x W cut out).
-    16-bit grayscale keeps its range (0..65535 becomes 0..255; Pillow's convert would clip it to 255). Raises
-    ValueError with the reason for anything that is not a readable image of a documented format."""
+class NotAPicture(ValueError):
+    """A file that is no picture in one of FORMATS."""
+
+
+class TooManyPixels(ValueError):
+    """A picture larger than the bound it was decoded under (`size`: its width and height)."""
+
+    def __init__(self, size: tuple[int, int], limit: int):
+        super().__init__(f"{size[0]} x {size[1]} pixels, more than {limit:,}")
+        self.size = size
+
+
+def decode_image(path, input_shape, resize: int | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """One picture file (a path or a binary file object) as uint8 (C, H, W) of the input shape: grayscale (C 1) or
+    RGB (C 3), resized bilinearly (with `resize`: its shorter side to `resize` pixels, aspect kept, then the centre
+    H x W cut out). 16-bit grayscale keeps its range (0..65535 becomes 0..255; Pillow's convert would clip it to
+    255). Raises ValueError with the reason for anything that is not a readable image of a documented format
+    (NotAPicture when it is none), TooManyPixels past `max_pixels` (read from the header, before any decoding)."""
     Image = pillow()
     c, h, w = input_shape
     try:
         with Image.open(path, formats=FORMATS) as im:
+            if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+                raise TooManyPixels(im.size, max_pixels)
             if im.mode in WIDE_MODES:
                 wide = np.asarray(im, dtype=np.float64)  # only 16-bit PNGs decode to these modes
                 im = Image.fromarray(np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
@@ -50,10 +65,10 @@ def decode_image(path: Path, input_shape, resize: int | None = None) -> np.ndarr
                 top, left = int(round((im.size[1] - h) / 2.0)), int(round((im.size[0] - w) / 2.0))
                 im = im.crop((left, top, left + w, top + h))
             arr = np.asarray(im, dtype=np.uint8)
-    except MemoryError:
+    except (MemoryError, TooManyPixels):
         raise
     except Image.UnidentifiedImageError:
-        raise ValueError(f"not a picture in one of the formats cnnctl reads ({', '.join(FORMATS)})") from None
+        raise NotAPicture(f"not a picture in one of the formats cnnctl reads ({', '.join(FORMATS)})") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... for damaged files
         raise ValueError(f"{type(e).__name__}: {e}") from None
     return arr[None] if c == 1 else arr.transpose(2, 0, 1)

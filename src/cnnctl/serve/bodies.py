@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from cnnctl.data.pictures import FORMATS, decode_image, pillow
+from cnnctl.data.pictures import NotAPicture, TooManyPixels, decode_image
 
 MAX_PIXELS = 50_000_000  # per picture, read from its header before it is decoded (a 7000 x 7000 photo passes)
 MAX_IMAGES = 256  # per request
@@ -36,22 +36,16 @@ def _count(n: int) -> None:
 def pictures(parts: list[tuple[str, bytes]], input_shape, resize: int | None) -> np.ndarray:
     """Picture files (name, bytes) decoded as `cnnctl predict` decodes files: (N, C, H, W) float32 in 0..1."""
     _count(len(parts))
-    Image = pillow()
     out = np.empty((len(parts), *input_shape), np.float32)
     for i, (name, blob) in enumerate(parts):
         if not blob:
             raise RequestError(422, f"{name}: empty, not a picture")
         try:
-            with Image.open(io.BytesIO(blob), formats=FORMATS) as im:
-                w, h = im.size
-        except Exception:  # whatever Pillow raises for bytes that are no picture it reads
-            raise RequestError(415, f"{name}: not a picture in one of the formats cnnctl reads ({', '.join(FORMATS)})",
-                               "send PNG, JPEG, BMP, GIF or WebP files") from None
-        if w * h > MAX_PIXELS:
-            raise RequestError(413, f"{name}: {w} x {h} pixels, more than {MAX_PIXELS:,}",
-                               "scale the picture down before sending it")
-        try:
-            out[i] = decode_image(io.BytesIO(blob), input_shape, resize)
+            out[i] = decode_image(io.BytesIO(blob), input_shape, resize, max_pixels=MAX_PIXELS)
+        except NotAPicture as e:
+            raise RequestError(415, f"{name}: {e}", "send PNG, JPEG, BMP, GIF or WebP files") from None
+        except TooManyPixels as e:
+            raise RequestError(413, f"{name}: {e}", "scale the picture down before sending it") from None
         except ValueError as e:
             raise RequestError(415, f"{name}: cannot be decoded ({e})") from None
         out[i] *= np.float32(1 / 255)

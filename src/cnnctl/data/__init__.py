@@ -96,8 +96,9 @@ def load_dataset(spec: DataSpec, input_shape, rng: np.random.Generator,
         n_val = int(round(len(full) * spec.val_split))
         val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
         train_idx.sort()  # in place: the shuffled order's memory becomes the training rows
-    train = Split(rows_of(full.x, train_idx), labels_at(full.y, train_idx))  # packed data: views, nothing read
-    val = Split(rows_of(full.x, val_idx), labels_at(full.y, val_idx))
+    kind = label_type(full.y) if full.y.ndim == 1 else None
+    train = Split(rows_of(full.x, train_idx), labels_at(full.y, train_idx, kind))  # packed data: views, nothing read
+    val = Split(rows_of(full.x, val_idx), labels_at(full.y, val_idx, kind))
     if given_val is not None:  # the data names its validation images (a CSV's split column): val_split is not used
         train, val = full, given_val
     if len(train) == 0:
@@ -200,14 +201,19 @@ def permutation(rng: np.random.Generator, n: int) -> np.ndarray:
 LABEL_CHUNK = 1 << 20  # labels gathered at a time: a memory-mapped file's labels are never copied whole
 
 
-def labels_at(y: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """y[idx] in the smallest integer type that holds its classes (int16 for up to 32,767 classes, else int32 or
-    int64), gathered a chunk at a time: a split of a million images holds 2 MB of labels, whatever y's type.
-    Multi-label data's 0/1 rows are gathered as they are (uint8)."""
+def label_type(y: np.ndarray) -> type:
+    """The smallest integer type that holds y's classes: int16 for up to 32,767 classes, else int32 or int64 (one
+    pass over the labels, which may be a memory-mapped file's)."""
+    top = int(np.max(y, initial=0)) if len(y) else 0
+    return np.int16 if top < 2**15 else np.int32 if top < 2**31 else np.int64
+
+
+def labels_at(y: np.ndarray, idx: np.ndarray, kind: type | None) -> np.ndarray:
+    """y[idx] as `kind` (label_type(y)), gathered a chunk at a time: a split of a million images holds 2 MB of
+    labels, whatever y's type. Multi-label data's 0/1 rows are gathered as they are (uint8; kind None)."""
     if y.ndim == 2:
         return y[idx]
-    top = int(np.max(y, initial=0)) if len(y) else 0
-    out = np.empty(len(idx), np.int16 if top < 2**15 else np.int32 if top < 2**31 else np.int64)
+    out = np.empty(len(idx), kind)
     for lo in range(0, len(idx), LABEL_CHUNK):
         out[lo : lo + LABEL_CHUNK] = y[idx[lo : lo + LABEL_CHUNK]]
     return out

@@ -117,21 +117,20 @@ def test_the_rounding_bound_catches_a_lost_slice(threads, monkeypatch, algorithm
     shape = (4, 3, 12, 10)
     threads(1)
     whole = step(residual_network, shape, algorithm)
-    split, empty, empty_like = parallel.split, np.empty, np.empty_like
+    drain, empty, empty_like = parallel._drain, np.empty, np.empty_like
     lost = []
 
-    def faulty(n, work, size):
-        bounds = parallel.slices(n, size)
+    def faulty(bounds, work):  # every cut operation's slices (split's and split_products' pieces) go through here
         if len(bounds) > 2:
             lost.append((bounds[1], bounds[2]))
-        split(n, lambda lo, hi: None if (lo, hi) == (bounds[1], bounds[2]) else work(lo, hi), size)
+        drain(bounds, lambda lo, hi: None if (lo, hi) == (bounds[1], bounds[2]) else work(lo, hi))
 
     monkeypatch.setattr(np, "empty", lambda *a, **k: np.full(a[0], np.nan, *a[1:], **k))
     monkeypatch.setattr(np, "empty_like", lambda x, *a, **k: np.full_like(x, np.nan, *a, **k))
-    monkeypatch.setattr(parallel, "split", faulty)
+    monkeypatch.setattr(parallel, "_drain", faulty)
     threads(1, grain=8)
     sliced = step(residual_network, shape, algorithm)
-    monkeypatch.setattr(parallel, "split", split)
+    monkeypatch.setattr(parallel, "_drain", drain)
     monkeypatch.setattr(np, "empty", empty)
     monkeypatch.setattr(np, "empty_like", empty_like)
     assert lost
@@ -160,6 +159,34 @@ def test_split_covers_every_item_once_and_passes_errors_on(threads):
 
     with pytest.raises(ValueError, match="slice"):
         parallel.split(100, fail, 10**6)
+
+
+def test_products_of_a_small_map_are_cut_in_column_pieces_the_same_on_any_thread_count(threads):
+    """A 7x7 map's 7 row products would leave one of 2 threads idle for a seventh of the time: with fewer products
+    than slices each is cut into column pieces (a piece per slice at least), the pieces fixed by the shapes."""
+    threads(1)
+    size = 128 * 7 * 7 * 256 * 1152 // parallel.MAC_PER_NUMBER  # resnet-fashion's 7x7 stage, its first convolution
+    assert parallel.column_parts(7, size, 7 * 128) == 3 and parallel.column_parts(28, size, 28 * 128) == 1
+    assert parallel.column_parts(3, 10, 384) == 1  # too small to cut at all
+    g = np.random.default_rng(0)
+    a, b = g.standard_normal((64, 96), dtype=np.float32), g.standard_normal((3, 96, 4096), dtype=np.float32)
+    results = []
+
+    def covered() -> np.ndarray:
+        seen = np.zeros((3, 4096), int)
+
+        def mark(r, c):
+            seen[r, c] += 1
+
+        parallel.split_products(3, 4096, 10**9, mark)
+        return seen
+
+    for n in (1, 2, 3):
+        threads(n)
+        assert (covered() == 1).all()  # every column of every product once
+        results.append(parallel.matmul(a, b, np.empty((3, 64, 4096), np.float32)).tobytes())
+    assert results[0] == results[1] == results[2]
+    assert np.allclose(np.frombuffer(results[0], np.float32).reshape(3, 64, 4096), a @ b, rtol=1e-4, atol=1e-4)
 
 
 def test_where_work_is_cut_small_steps_run_whole_and_large_passes_are_cut(threads, monkeypatch):

@@ -247,10 +247,10 @@ def conv2d_forward(x, weight, bias, stride: Pair, padding: Padding4, dilation: P
     dr = None if d is None else by_rows(d)
     b3 = None if bias is None else bias[:, None]
 
-    def rows(lo, hi):
-        epilogue(np.matmul(wm, windows[lo:hi], out=yr[lo:hi]), b3, None if dr is None else dr[lo:hi])
+    def rows(r, c):  # output rows r, their columns c
+        epilogue(np.matmul(wm, windows[r][..., c], out=yr[r][..., c]), b3, None if dr is None else dr[r][..., c])
 
-    parallel.split(oh, rows, y.size * wm.shape[1] // parallel.MAC_PER_NUMBER)
+    parallel.split_products(oh, windows.shape[2], y.size * wm.shape[1] // parallel.MAC_PER_NUMBER, rows)
     return y.transpose(3, 0, 1, 2), ConvSaved(lowered, d)
 
 

@@ -102,7 +102,11 @@ def slices(n: int, size: int) -> list[int]:
 def split(n: int, work: Callable[[int, int], object], size: int) -> None:
     """Call work(lo, hi) over the slices of range(n) (cut by `slices`) on the pool's threads and this one.
     `work` must write disjoint outputs for disjoint slices; NumPy's floating-point error settings carry over."""
-    bounds = slices(n, size)
+    _drain(slices(n, size), work)
+
+
+def _drain(bounds: list[int], work: Callable[[int, int], object]) -> None:
+    """work(bounds[i], bounds[i + 1]) for every i, each slice taken by the next thread free."""
     k = len(bounds) - 1
     if _threads <= 1 or k == 1 or _pool is None:
         for i in range(k):
@@ -120,6 +124,32 @@ def split(n: int, work: Callable[[int, int], object], size: int) -> None:
     drain()
     for h in helpers:
         h.result()
+
+
+def column_parts(n: int, size: int, cols: int) -> int:
+    """Into how many parts the `cols` output columns of each of n products are cut, the products together an
+    operation of `size` numbers: 1 when there are as many products as `slices` would make; else enough parts for
+    a piece per slice at least (the 7 output rows of a 7x7 map, one product each, kept one of 2 threads idle for
+    a seventh of the time: the idle share is now a piece's)."""
+    k = max(1, min(MAX_SLICES, size // GRAIN))
+    return 1 if n >= k else max(1, min(cols, -(-k // n)))
+
+
+def split_products(n: int, cols: int, size: int, work: Callable[[slice, slice], object]) -> None:
+    """work(products, columns) over n products along a leading axis, each with `cols` output columns, together an
+    operation of `size` numbers: slices of whole products as `split` cuts them, or, with fewer products than
+    slices, each product's columns in `column_parts` parts, one piece at a time. The pieces follow from the shapes
+    alone, never from the thread count: the same bits on any."""
+    parts = column_parts(n, size, cols)
+    if parts == 1:
+        split(n, lambda lo, hi: work(slice(lo, hi), slice(None)), size)
+        return
+
+    def piece(i: int, _: int) -> None:
+        r, q = divmod(i, parts)
+        work(slice(r, r + 1), slice(cols * q // parts, cols * (q + 1) // parts))
+
+    _drain(list(range(n * parts + 1)), piece)
 
 
 def channels(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -141,8 +171,8 @@ def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out[r] = a @ b[r] (or a[r] @ b[r] when a is stacked too) for every r of the leading axis, in slices
-    of r: the same single-threaded product per r as NumPy's own loop."""
+    of r (or pieces of b[r]'s columns, `split_products`): single-threaded products, as NumPy's own loop's."""
     stacked = a.ndim == b.ndim
-    split(b.shape[0], lambda lo, hi: np.matmul(a[lo:hi] if stacked else a, b[lo:hi], out=out[lo:hi]),
-          out.size * a.shape[-1] // MAC_PER_NUMBER)
+    split_products(b.shape[0], b.shape[-1], out.size * a.shape[-1] // MAC_PER_NUMBER,
+                   lambda r, c: np.matmul(a[r] if stacked else a, b[r][..., c], out=out[r][..., c]))
     return out

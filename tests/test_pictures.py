@@ -90,6 +90,39 @@ def test_only_documented_formats_are_decoded_whatever_the_name(tmp_path, monkeyp
     assert not called and PIL
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG file whose header says width x height 8-bit grayscale pixels, with a few bytes of pixel data: what a
+    decompression bomb shows before anything is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_too_many_pixels_is_said_from_the_header_under_a_bound_or_past_pillows_own(tmp_path):
+    """A bound (serve's) is checked on the header's size before any decoding; past the size Pillow opens at all (a
+    decompression bomb) the same kind of error says so, with or without a bound, and names no traceback."""
+    pytest.importorskip("PIL")
+    import io
+
+    from cnnctl.data import pictures
+
+    with pytest.raises(pictures.TooManyPixels, match="9000 x 9000 pixels, more than 50,000,000"):
+        pictures.decode_image(io.BytesIO(png_header(9000, 9000)), (1, 8, 8), max_pixels=50_000_000)
+    for bound in (None, 50_000_000):
+        with pytest.raises(pictures.TooManyPixels, match="more pixels than Pillow decodes"):
+            pictures.decode_image(io.BytesIO(png_header(30000, 30000)), (1, 8, 8), max_pixels=bound)
+    (tmp_path / "bomb.png").write_bytes(png_header(30000, 30000))
+    from cnnctl.errors import DataError
+
+    with pytest.raises(DataError, match="bomb.png: more pixels than Pillow decodes"):  # a folder's decode names it
+        pictures.decode_images([tmp_path / "bomb.png"], (1, 8, 8), "a folder")
+
+
 def test_every_bad_file_of_a_folder_is_named_in_one_message(tmp_path):
     pytest.importorskip("PIL")
     from PIL import Image

@@ -25,6 +25,7 @@ pytest.importorskip("uvicorn")
 Image = pytest.importorskip("PIL.Image")
 
 from tests.helpers import invoke  # noqa: E402
+from tests.test_pictures import png_header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
@@ -181,6 +182,8 @@ def test_bad_tensors_names_and_pixel_bombs(server, tmp_path):
         (httpx.post(f"{url}/v2/models/digits-serve/infer", json={"outputs": []}), 422, "inputs"),
         (httpx.post(f"{url}/predict", content=_bomb(tmp_path), headers={"content-type": "image/png"}), 413,
          "8000 x 8000 pixels"),
+        (httpx.post(f"{url}/predict", content=png_header(30000, 30000), headers={"content-type": "image/png"}), 413,
+         "more pixels than Pillow decodes"),
         (httpx.post(f"{url}/predict?top_k=0", json=[[0] * 8] * 8), 422, "top_k"),
         (httpx.get(f"{url}/no/such/page"), 404, "Not Found"),
         (httpx.get(f"{url}/predict"), 405, "Method Not Allowed"),

@@ -33,11 +33,7 @@ class NotAPicture(ValueError):
 
 
 class TooManyPixels(ValueError):
-    """A picture larger than the bound it was decoded under (`size`: its width and height)."""
-
-    def __init__(self, size: tuple[int, int], limit: int):
-        super().__init__(f"{size[0]} x {size[1]} pixels, more than {limit:,}")
-        self.size = size
+    """A picture larger than the bound it was decoded under, or than Pillow decodes at all."""
 
 
 def decode_image(path, input_shape, resize: int | None = None, max_pixels: int | None = None) -> np.ndarray:
@@ -45,13 +41,14 @@ def decode_image(path, input_shape, resize: int | None = None, max_pixels: int |
     RGB (C 3), resized bilinearly (with `resize`: its shorter side to `resize` pixels, aspect kept, then the centre
     H x W cut out). 16-bit grayscale keeps its range (0..65535 becomes 0..255; Pillow's convert would clip it to
     255). Raises ValueError with the reason for anything that is not a readable image of a documented format
-    (NotAPicture when it is none), TooManyPixels past `max_pixels` (read from the header, before any decoding)."""
+    (NotAPicture when it is none), TooManyPixels past `max_pixels` (read from the header, before any decoding) or
+    past the size Pillow opens at all."""
     Image = pillow()
     c, h, w = input_shape
     try:
         with Image.open(path, formats=FORMATS) as im:
             if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
-                raise TooManyPixels(im.size, max_pixels)
+                raise TooManyPixels(f"{im.size[0]} x {im.size[1]} pixels, more than {max_pixels:,}")
             if im.mode in WIDE_MODES:
                 wide = np.asarray(im, dtype=np.float64)  # only 16-bit PNGs decode to these modes
                 im = Image.fromarray(np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
@@ -67,6 +64,8 @@ def decode_image(path, input_shape, resize: int | None = None, max_pixels: int |
             arr = np.asarray(im, dtype=np.uint8)
     except (MemoryError, TooManyPixels):
         raise
+    except Image.DecompressionBombError as e:  # past twice Image.MAX_IMAGE_PIXELS: Pillow refuses to open it
+        raise TooManyPixels(f"more pixels than Pillow decodes ({e})") from None
     except Image.UnidentifiedImageError:
         raise NotAPicture(f"not a picture in one of the formats cnnctl reads ({', '.join(FORMATS)})") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... for damaged files

@@ -138,6 +138,16 @@ def test_the_rounding_bound_catches_a_lost_slice(threads, monkeypatch, algorithm
         assert_same_to_rounding(sliced, whole, rounding_bound(shape, algorithm))
 
 
+def test_an_operation_cut_in_several_slices_has_an_even_number_of_them(threads):
+    """Two threads (two cores, the usual machine) share an even number of slices evenly: 3 kept one idle a third
+    of the time. The count still follows from the size alone."""
+    threads(1)
+    grain = parallel.GRAIN
+    assert len(parallel.slices(128, 3 * grain)) - 1 == 4 and len(parallel.slices(128, 5 * grain)) - 1 == 6
+    assert len(parallel.slices(128, grain)) - 1 == 1 and len(parallel.slices(3, 3 * grain)) - 1 == 3  # no more than n
+    assert len(parallel.slices(128, 100 * grain)) - 1 == parallel.MAX_SLICES
+
+
 def test_split_covers_every_item_once_and_passes_errors_on(threads):
     threads(3, grain=1)
     seen = np.zeros(1000, int)
@@ -166,7 +176,8 @@ def test_products_of_a_small_map_are_cut_in_column_pieces_the_same_on_any_thread
     than slices each is cut into column pieces (a piece per slice at least), the pieces fixed by the shapes."""
     threads(1)
     size = 128 * 7 * 7 * 256 * 1152 // parallel.MAC_PER_NUMBER  # resnet-fashion's 7x7 stage, its first convolution
-    assert parallel.column_parts(7, size, 7 * 128) == 3 and parallel.column_parts(28, size, 28 * 128) == 1
+    assert parallel.column_parts(7, size, 7 * 128) == 4 and parallel.column_parts(28, size, 28 * 128) == 1
+    assert parallel.column_parts(3, size, 3 * 128) == 6  # 18 pieces: an even number, as slices are cut
     assert parallel.column_parts(3, 10, 384) == 1  # too small to cut at all
     g = np.random.default_rng(0)
     a, b = g.standard_normal((64, 96), dtype=np.float32), g.standard_normal((3, 96, 4096), dtype=np.float32)

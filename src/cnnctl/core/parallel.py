@@ -94,8 +94,11 @@ def threads() -> int:
 
 
 def slices(n: int, size: int) -> list[int]:
-    """Where an operation over n items and about `size` numbers is cut: the bounds of its slices."""
+    """Where an operation over n items and about `size` numbers is cut: the bounds of its slices, an even number of
+    them where there are several (3 slices on 2 threads keep one thread idle a third of the time)."""
     k = max(1, min(n, MAX_SLICES, size // GRAIN))
+    if 1 < k < n and k % 2:
+        k += 1
     return [n * i // k for i in range(k + 1)]
 
 
@@ -129,10 +132,13 @@ def _drain(bounds: list[int], work: Callable[[int, int], object]) -> None:
 def column_parts(n: int, size: int, cols: int) -> int:
     """Into how many parts the `cols` output columns of each of n products are cut, the products together an
     operation of `size` numbers: 1 when there are as many products as `slices` would make; else enough parts for
-    a piece per slice at least (the 7 output rows of a 7x7 map, one product each, kept one of 2 threads idle for
-    a seventh of the time: the idle share is now a piece's)."""
+    a piece per slice at least, an even number of pieces (the 7 output rows of a 7x7 map, one product each, kept
+    one of 2 threads idle for a seventh of the time)."""
     k = max(1, min(MAX_SLICES, size // GRAIN))
-    return 1 if n >= k else max(1, min(cols, -(-k // n)))
+    if n >= k:
+        return 1
+    parts = -(-k // n) + (n * -(-k // n)) % 2  # an even number of pieces, as `slices` makes
+    return max(1, min(cols, parts))
 
 
 def split_products(n: int, cols: int, size: int, work: Callable[[slice, slice], object]) -> None:

@@ -137,7 +137,9 @@ def column_parts(n: int, size: int, cols: int) -> int:
     k = max(1, min(MAX_SLICES, size // GRAIN))
     if n >= k:
         return 1
-    parts = -(-k // n) + (n * -(-k // n)) % 2  # an even number of pieces, as `slices` makes
+    parts = -(-k // n)  # a piece per slice at least
+    if n * parts % 2:
+        parts += 1  # an even number of pieces, as `slices` makes
     return max(1, min(cols, parts))
 
 

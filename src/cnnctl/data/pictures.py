@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -36,7 +37,8 @@ class TooManyPixels(ValueError):
     """A picture larger than the bound it was decoded under, or than Pillow decodes at all."""
 
 
-def decode_image(path, input_shape, resize: int | None = None, max_pixels: int | None = None) -> np.ndarray:
+def decode_image(path: Path | BinaryIO, input_shape, resize: int | None = None,
+                 max_pixels: int | None = None) -> np.ndarray:
     """One picture file (a path or a binary file object) as uint8 (C, H, W) of the input shape: grayscale (C 1) or
     RGB (C 3), resized bilinearly (with `resize`: its shorter side to `resize` pixels, aspect kept, then the centre
     H x W cut out). 16-bit grayscale keeps its range (0..65535 becomes 0..255; Pillow's convert would clip it to

@@ -104,12 +104,14 @@ def average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
 
 
 def per_class(confusion: np.ndarray) -> dict:
-    """Support, precision and recall of each class from a confusion matrix (rows: true class); 0 where a class
+    """Support, precision, recall and F1 of each class from a confusion matrix (rows: true class); 0 where a class
     was never predicted or never present."""
     hits = np.diag(confusion).astype(np.float64)
     predicted, present = confusion.sum(axis=0), confusion.sum(axis=1)
-    return {"support": present, "precision": np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0),
-            "recall": np.divide(hits, present, out=np.zeros_like(hits), where=present > 0)}
+    p = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    r = np.divide(hits, present, out=np.zeros_like(hits), where=present > 0)
+    return {"support": present, "precision": p, "recall": r,
+            "f1": np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)}
 
 
 def evaluate_checkpoint(path: Path, split: str | None, overrides: list[str]) -> dict:
@@ -130,11 +132,10 @@ def evaluate_checkpoint(path: Path, split: str | None, overrides: list[str]) -> 
     res = evaluate(plan.Runner(model), evaluation_loss(spec, rows, ds.train.y, len(ds.classes), batch), ds,
                    ds.split(split), spec.data.evaluation_batch, len(ds.classes), spec.data.test_time_augment,
                    prefetch=spec.data.prefetch)
-    p, r = res["precision"], res["recall"]
-    f1 = res["f1"] if "f1" in res else np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
     common = {"checkpoint": str(ckpt_path), "epoch": ckpt.epoch, "dataset": spec.data.dataset, "split": split,
               "task": spec.task, "n": res["n"], "loss": res["loss"], "accuracy": res["accuracy"],
-              "classes": list(ds.classes), "precision": p.tolist(), "recall": r.tolist(), "f1": f1.tolist(),
+              "classes": list(ds.classes), "precision": res["precision"].tolist(), "recall": res["recall"].tolist(),
+              "f1": res["f1"].tolist(),
               "support": [int(v) for v in res["support"]]}
     if spec.task == "multilabel":  # accuracy: every label of an image right
         return {**common, "average_precision": res["average_precision"].tolist(), "map": res["map"],

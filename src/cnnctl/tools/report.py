@@ -139,13 +139,11 @@ def _evaluation(ckpt_path: Path) -> tuple[str, dict | None]:
     cm = np.zeros((k, k), np.int64)
     np.add.at(cm, (y, pred), 1)
     pc = per_class(cm)
-    p, r = pc["precision"], pc["recall"]
-    f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
     acc = float(np.trace(cm) / len(y))
     parts = [f"<section><h2>Evaluation on the {name} split</h2><p>{len(y):,} images: accuracy {pct(acc)}, loss "
              f"{num(total / len(y))} (checkpoint {escape(ckpt_path.name)}, epoch {ckpt.epoch}"
              f"{VIEWS if spec.data.test_time_augment.views > 1 else ''}).</p>"]
-    parts += _matrices(cm, classes, name, pc, f1)
+    parts += _matrices(cm, classes, name, pc)
     parts += _calibration(probs, pred, y, name)
     parts += _gallery(model, split, probs, pred, y, classes, name, ckpt.normalization)
     parts += _filters(model)
@@ -248,10 +246,10 @@ def run_page(run_dir: Path) -> str:
 # ---------------------------------------------------------------- a sweep
 
 
-def _matrices(cm: np.ndarray, classes: list[str], name: str, pc: dict, f1: np.ndarray) -> list[str]:
+def _matrices(cm: np.ndarray, classes: list[str], name: str, pc: dict) -> list[str]:
     """The confusion matrix as a picture and as tables of counts and of row shares, per-class metrics, and the most
     confused pairs."""
-    parts, k, (p, r) = [], len(classes), (pc["precision"], pc["recall"])
+    parts, k, (p, r, f1) = [], len(classes), (pc["precision"], pc["recall"], pc["f1"])
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     parts.append(figure(plots.plot_confusion(cm, classes, None, f"{name} split: counts"),
                          "Confusion matrix of counts, true class in rows", "Confusion matrix (rows: true class, "

@@ -9,7 +9,7 @@ import numpy as np
 from cnnctl.core.fileio import Unreadable, read_regular
 from cnnctl.errors import DataError
 
-from .formats import Listing, Raw, decoded, register_format
+from .formats import Listing, Raw, decoded, label_matrix, register_format
 from .pictures import pillow
 
 MAX_CSV_BYTES = 64 << 20  # a list of picture paths; a million rows is about 50 MB
@@ -78,9 +78,14 @@ def _refuse(path: Path, rows: list, bad: list[str], labels: str) -> None:
         raise DataError(f"{path}: no training rows", "give rows with split train (or no split column)")
 
 
+def label_names(label: str) -> list[str]:
+    """A multi-label CSV's label cell as the names it lists (a|b|c; none for an empty cell)."""
+    return [name.strip() for name in label.split("|")] if label else []
+
+
 def _label_lists(path: Path, rows: list, bad: list[str]) -> Listing:
     """A multi-label CSV's listing: every label named in the label columns (a|b|c), sorted; y (N, labels) 0/1."""
-    lists = [[name.strip() for name in label.split("|")] if label else [] for *_, label in rows]
+    lists = [label_names(label) for *_, label in rows]
     for (line, *_), names in zip(rows, lists):
         if "" in names:
             bad.append(f"line {line}: an empty label between '|'s")
@@ -95,10 +100,8 @@ def _label_lists(path: Path, rows: list, bad: list[str]) -> Listing:
     for name in CSV_SPLITS:
         mine = [(f, names) for (_, split, f, _), names in zip(rows, lists) if split == name]
         if mine:
-            y = np.zeros((len(mine), len(classes)), np.uint8)
-            for i, (_, names) in enumerate(mine):
-                y[i, [index[n] for n in names]] = 1
-            splits[name] = ([f for f, _ in mine], y)
+            splits[name] = ([f for f, _ in mine], label_matrix([[index[n] for n in names] for _, names in mine],
+                                                                len(classes)))
     return Listing(classes, splits, {name: f"{path} ({name} rows)" for name in splits})
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from cnnctl.errors import DataError
 
-from .formats import Listing, Raw, decoded, register_format, root_of
+from .formats import Listing, Raw, decoded, label_matrix, register_format, root_of
 from .pictures import IMAGE_SUFFIXES, pillow
 
 
@@ -66,10 +66,7 @@ def _label_lists(paths: list[Path], labels: list[int], count: int) -> tuple[list
                             "in a multi-label folder the same picture goes under each of its labels' folders "
                             "(a copy or a link, the same file name); give different pictures different names")
         rows[i].append(label)
-    y = np.zeros((len(files), count), np.uint8)
-    for i, row in enumerate(rows):
-        y[i, row] = 1
-    return files, y
+    return files, label_matrix(rows, count)
 
 
 def _same_picture(a: Path, b: Path) -> bool:

@@ -38,6 +38,14 @@ class Listing(NamedTuple):
     where: dict[str, str]  # each split's source, for messages
 
 
+def label_matrix(rows: list[list[int]], count: int) -> np.ndarray:
+    """Multi-label data's labels: (len(rows), count) uint8, 1 in row i at each label index rows[i] lists."""
+    y = np.zeros((len(rows), count), np.uint8)
+    for i, row in enumerate(rows):
+        y[i, row] = 1
+    return y
+
+
 def decoded(listing: Listing, input_shape, resize: int | None) -> Raw:
     """Every picture of a listing decoded (cnnctl.data.pictures): the Raw a run reads."""
     from .pictures import decode_images

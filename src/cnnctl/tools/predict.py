@@ -11,6 +11,7 @@ from cnnctl.core import functional as F
 from cnnctl.core.functional import normalize
 from cnnctl.core.nn import LOSSES
 from cnnctl.data import dataset_info, npz
+from cnnctl.data.csvfile import label_names
 from cnnctl.data.pictures import decode_images
 from cnnctl.errors import DataError
 
@@ -98,7 +99,7 @@ def with_labels(results: list[dict], labels: list[str | None], classes: list[str
     known = set(classes)
     for res, label in zip(results, labels):
         if "labels" in res:
-            names = set() if not label else {n.strip() for n in label.split("|")}
+            names = set(label_names(label or ""))
             if label is not None and names <= known:
                 res["label"], res["correct"] = "|".join(sorted(names)), set(res["labels"]) == names
         elif label is not None and label in known:

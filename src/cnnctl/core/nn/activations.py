@@ -62,9 +62,6 @@ class LogSoftmaxSpec(LayerSpec):
     type: Literal["log_softmax"]
 
 
-_sigmoid = F.sigmoid
-
-
 class Elementwise(Layer):
     """An element-wise activation y = f(x), declared to the execution plan by one function, `elementwise(x, y, d)`:
     f(x) into y and its derivative f'(x) into d, value by value. Backward is dy * d. The plan runs that function
@@ -187,7 +184,7 @@ class Sigmoid(Elementwise):
         return g.node(self.onnx_op, [x], name)
 
     def elementwise(self, x, y, d):
-        s = _sigmoid(x)
+        s = F.sigmoid(x)
         np.multiply(s, 1 - s, out=d)
         y[...] = s
 
@@ -372,7 +369,7 @@ class SiLU(Elementwise):
         return g.node("Mul", [x, g.node(Sigmoid.onnx_op, [x], f"{name}.sigmoid")], name)
 
     def elementwise(self, x, y, d):
-        s = _sigmoid(x)
+        s = F.sigmoid(x)
         t = np.subtract(1, s)  # 1 + x (1 - s), with one temporary
         t *= x
         t += 1

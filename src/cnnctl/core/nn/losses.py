@@ -150,12 +150,11 @@ class BCEWithLogitsLoss(Loss):
         negative = 1 - t
         terms = positive * F.softplus(-outputs) + negative * F.softplus(outputs)
         self._sig, self._positive, self._negative = F.sigmoid(outputs), positive, negative
-        self._total = outputs.size
         self.normalizer = float(outputs.size)
         return float(terms.sum(dtype=np.float64) / max(outputs.size, 1))
 
     def backward(self):
         g = self._sig * (self._positive + self._negative)
         g -= self._positive
-        g /= max(self._total, 1)
+        g /= max(self.normalizer, 1.0)
         return g

@@ -16,7 +16,7 @@ import numpy as np
 from cnnctl.core.memory import refuse_over
 from cnnctl.core.nn import ACTIVATIONS, LOSSES, Layer, Loss, Model, Sequential
 from cnnctl.core.nn.init import SHAPES_ONLY
-from cnnctl.core.optim import assign_groups
+from cnnctl.core.param_groups import assign_groups
 from cnnctl.errors import CheckpointError, ConfigError, ShapeError
 
 from .spec import ModelSpec, Spec

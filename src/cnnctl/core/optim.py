@@ -6,7 +6,6 @@ checkpoints through state_dict()/load_state_dict(). `lr` is a plain attribute th
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import math
 import typing
@@ -15,10 +14,11 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field, create_model, model_validator
 
+from cnnctl.core.flat import Flat
 from cnnctl.core.nn.base import Layer, Param
-from cnnctl.errors import ConfigError
+from cnnctl.core.param_groups import LookaheadSpec, ParamGroupSpec, assign_groups
 from cnnctl.registry import registrar
-from cnnctl.strict import PosInt, Strict
+from cnnctl.strict import Strict
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {}
 OPTIMIZER_SPECS: dict[str, type[Strict]] = {}  # what `optimizer:` in a config may be, by its `type`
@@ -50,51 +50,6 @@ def register_optimizer(tag: str):
 
 
 # ---------------------------------------------------------------- specs (the YAML)
-
-
-class GroupMatch(Strict):
-    """Which parameters a group takes; every key given must match (at least one must be given)."""
-
-    param: str | None = Field(None, description="A pattern (* and ? wildcards) on the parameter's name, e.g. "
-                              "'*.bias' or 'layers.0.*'; a pattern without a dot matches the last part (bias, "
-                              "weight).")
-    layer_type: str | None = Field(None, description="The type of the parameter's layer: conv2d, dense, "
-                                   "batchnorm (either kind), ...")
-    block: str | None = Field(None, description="A block name under model.blocks: the parameters inside any use "
-                              "of it.")
-
-    @model_validator(mode="after")
-    def _something(self):
-        if self.param is None and self.layer_type is None and self.block is None:
-            raise ValueError("give at least one of param, layer_type, block")
-        return self
-
-    def matches(self, p: Param, blocks: set[str]) -> bool:
-        name = p.name if "." in (self.param or ".") else p.key
-        tag = p.layer.tag
-        return ((self.param is None or fnmatch.fnmatchcase(name, self.param))
-                and (self.layer_type is None or tag == self.layer_type or tag.startswith(self.layer_type)
-                     and tag[len(self.layer_type):] in ("1d", "2d"))
-                and (self.block is None or self.block in blocks))
-
-
-class ParamGroupSpec(Strict):
-    """Options for some of the parameters (Caffe's lr_mult and decay_mult, torch.optim's parameter groups): each
-    parameter takes the first group that matches it, the others the optimizer's own options."""
-
-    match: GroupMatch
-    lr_scale: float = Field(1.0, ge=0.0, description="The group's learning rate is the optimizer's (as scheduled) "
-                            "times this.")
-    weight_decay: float | None = Field(None, ge=0.0, description="The group's weight decay (default: the "
-                                       "optimizer's).")
-
-
-class LookaheadSpec(Strict):
-    """Lookahead (Zhang et al. 2019) around any optimizer: slow weights follow the optimizer's (fast) weights
-    every k steps, slow += alpha * (fast - slow), and the fast weights restart from them."""
-
-    k: PosInt = Field(5, description="Optimizer steps between synchronisations.")
-    alpha: float = Field(0.5, gt=0.0, le=1.0, description="How far the slow weights move towards the fast ones.")
 
 
 # the keys every optimizer spec has after its constructor's
@@ -150,6 +105,8 @@ class Optimizer:
         self.state: dict[str, dict[str, np.ndarray]] = {}
         self.groups: dict[str, ParamGroupSpec] = {}  # parameter name -> its group (the others have none)
         self.lookahead: LookaheadSpec | None = None
+        self._flats: dict[tuple, Flat] = {}  # the groups of parameters updated together, as the last step had them
+        self._temps: dict[tuple, np.ndarray] = {}
 
     def _decay(self, p: Param) -> float:
         group = self.groups.get(p.name)
@@ -158,30 +115,66 @@ class Optimizer:
         return 0.0 if not self.decay_bias_and_norm and p.is_bias_or_norm else self.weight_decay
 
     def step(self) -> None:
+        """One update of every trainable parameter. Parameters with the same rate, weight decay, dtype and kind of
+        state are updated together, laid end to end (cnnctl.core.flat): one NumPy call per operation of the rule
+        for the whole group, the same bits as parameter by parameter."""
         self.steps += 1
         la = self.lookahead
-        for p in self.model.trainable_parameters():
-            st = self.state.setdefault(p.name, {})
-            if la is not None and "lookahead_slow" not in st:  # the slow weights start as the weights
-                st["lookahead_slow"] = p.value.copy()
+        params = list(self.model.trainable_parameters())
+        if la is not None:  # the slow weights start as the weights
+            for p in params:
+                st = self.state.setdefault(p.name, {})
+                if "lookahead_slow" not in st:
+                    st["lookahead_slow"] = p.value.copy()
+        together: dict[tuple, list[Param]] = {}
+        for p in params:
             group = self.groups.get(p.name)
-            lr = self.lr * group.lr_scale if group is not None else self.lr
-            value, grad, wd = p.value, p.grad, self._decay(p)
+            key = (1.0 if group is None else group.lr_scale, self._decay(p), p.value.dtype.str,
+                   tuple(sorted(self.state.get(p.name, ()))))
+            together.setdefault(key, []).append(p)
+        flats = {}
+        for key, members in together.items():
+            flat = self._flats.get(key)
+            if flat is None or not flat.current(members, self.state):
+                flat = Flat(members, self.state, members[0].value.dtype)
+            flats[key] = flat
+            (scale, wd), (value, grad) = key[:2], flat.gather(members)
+            lr = self.lr * scale
             if wd and self.decoupled:
-                value = value * (1 - lr * wd)
+                value *= 1 - lr * wd
             elif wd:
-                grad = grad + wd * value
-            p.value[...] = self.update(value, grad, st, lr)  # in place: the model's own array
+                grad += np.multiply(value, wd, out=self.temp(value))
+            st = dict(flat.state)
+            new = self.update(value, grad, st, lr)
+            flat.adopt(st, self.state)
+            flat.put(new)
+        self._flats = flats
         if la is not None and self.steps % la.k == 0:  # lookahead: the slow weights step, the fast restart there
-            for p in self.model.trainable_parameters():
+            for p in params:
                 slow = self.state[p.name]["lookahead_slow"]
                 slow += p.value.dtype.type(la.alpha) * (p.value - slow)
                 p.value[...] = slow
 
     def update(self, p: np.ndarray, g: np.ndarray, st: dict, lr: float) -> np.ndarray:
-        """The new value of a parameter p from its gradient g (weight decay already applied), its state st (updated
-        in place) and its learning rate."""
+        """The new values of parameters p (a group's, end to end: the model's own values, to update in place and
+        return, or to return anew) from their gradients g (weight decay already applied; a copy, free to
+        overwrite), their state st (a dict of arrays like p: change them in place, or put new ones in st) and
+        their learning rate."""
         raise NotImplementedError
+
+    def temp(self, like: np.ndarray, i: int = 0) -> np.ndarray:
+        """The i-th temporary array like `like` (kept between steps: an update allocates nothing)."""
+        key = (like.size, like.dtype.str, i)
+        if key not in self._temps:
+            self._temps[key] = np.empty_like(like)
+        return self._temps[key]
+
+    @staticmethod
+    def slot(st: dict, key: str, like: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """State `key`, made filled with `fill` at the first step."""
+        if key not in st:
+            st[key] = np.full_like(like, fill)
+        return st[key]
 
     @property
     def keeps_state(self) -> bool:
@@ -212,6 +205,7 @@ class Optimizer:
         order = [p.name for p in self.model.trainable_parameters() if p.name in found]
         order += sorted(found.keys() - set(order))
         self.state = {name: dict(sorted(found[name].items())) for name in order}
+        self._flats = {}
 
 
 @register_optimizer("sgd")
@@ -230,12 +224,17 @@ class SGD(Optimizer):
     def update(self, p, g, st, lr):
         if self.momentum:
             if "momentum_buffer" not in st:
-                st["momentum_buffer"] = g.copy()
+                b = st["momentum_buffer"] = g.copy()
             else:
-                st["momentum_buffer"] = self.momentum * st["momentum_buffer"] + (1 - self.dampening) * g
-            b = st["momentum_buffer"]
-            g = g + self.momentum * b if self.nesterov else b
-        return p - lr * g
+                b = st["momentum_buffer"]
+                b *= self.momentum
+                b += np.multiply(g, 1 - self.dampening, out=self.temp(p)) if self.dampening else g  # 1*g is g
+            if self.nesterov:
+                g += np.multiply(b, self.momentum, out=self.temp(p))
+            else:
+                g = b
+        p -= np.multiply(g, lr, out=self.temp(p))
+        return p
 
 
 @register_optimizer("adam")
@@ -253,13 +252,17 @@ class Adam(Optimizer):
 
     def update(self, p, g, st, lr):
         b1, b2 = self.betas
-        m = st["exp_avg"] = b1 * st.get("exp_avg", np.zeros_like(p)) + (1 - b1) * g
-        v = st["exp_avg_sq"] = b2 * st.get("exp_avg_sq", np.zeros_like(p)) + (1 - b2) * g * g
+        m, v = moments(self, p, g, st, b1, b2)
         if self.amsgrad:
-            v = st["max_exp_avg_sq"] = np.maximum(st.get("max_exp_avg_sq", np.zeros_like(p)), v)
+            v = np.maximum(self.slot(st, "max_exp_avg_sq", p), v, out=st["max_exp_avg_sq"])
         t = self.steps
-        denom = np.sqrt(v) / math.sqrt(1 - b2**t) + self.eps
-        return p - (lr / (1 - b1**t)) * m / denom
+        denom = np.sqrt(v, out=self.temp(p))
+        denom /= math.sqrt(1 - b2**t)
+        denom += self.eps
+        step = np.multiply(m, lr / (1 - b1**t), out=g)
+        step /= denom
+        p -= step
+        return p
 
 
 @register_optimizer("adamw")
@@ -285,17 +288,27 @@ class RMSprop(Optimizer):
         self.alpha, self.eps, self.momentum, self.centered = float(alpha), float(eps), float(momentum), centered
 
     def update(self, p, g, st, lr):
-        a = self.alpha
-        v = st["square_avg"] = a * st.get("square_avg", np.zeros_like(p)) + (1 - a) * g * g
+        a, t = self.alpha, self.temp(p)
+        v = square_average(self.slot(st, "square_avg", p), g, a, t)
         if self.centered:
-            ga = st["grad_avg"] = a * st.get("grad_avg", np.zeros_like(p)) + (1 - a) * g
-            avg = np.sqrt(v - ga * ga) + self.eps
+            ga = self.slot(st, "grad_avg", p)
+            ga *= a
+            ga += np.multiply(g, 1 - a, out=t)
+            avg = np.subtract(v, np.multiply(ga, ga, out=t), out=t)
+            np.sqrt(avg, out=avg)
         else:
-            avg = np.sqrt(v) + self.eps
+            avg = np.sqrt(v, out=t)
+        avg += self.eps
         if self.momentum:
-            buf = st["momentum_buffer"] = self.momentum * st.get("momentum_buffer", np.zeros_like(p)) + g / avg
-            return p - lr * buf
-        return p - lr * g / avg
+            buf = self.slot(st, "momentum_buffer", p)
+            buf *= self.momentum
+            buf += np.divide(g, avg, out=avg)
+            p -= np.multiply(buf, lr, out=g)
+            return p
+        step = np.multiply(g, lr, out=g)
+        step /= avg
+        p -= step
+        return p
 
 
 @register_optimizer("adagrad")
@@ -313,11 +326,15 @@ class Adagrad(Optimizer):
         self.lr_decay, self.initial, self.eps = float(lr_decay), float(initial_accumulator_value), float(eps)
 
     def update(self, p, g, st, lr):
-        if "sum" not in st:
-            st["sum"] = np.full_like(p, self.initial)
-        s = st["sum"] = st["sum"] + g * g
+        s, t = self.slot(st, "sum", p, self.initial), self.temp(p)
+        s += np.multiply(g, g, out=t)
         clr = lr / (1 + (self.steps - 1) * self.lr_decay)
-        return p - clr * g / (np.sqrt(s) + self.eps)
+        denom = np.sqrt(s, out=t)
+        denom += self.eps
+        step = np.multiply(g, clr, out=g)
+        step /= denom
+        p -= step
+        return p
 
 
 @register_optimizer("adadelta")
@@ -334,11 +351,16 @@ class Adadelta(Optimizer):
         self.rho, self.eps = float(rho), float(eps)
 
     def update(self, p, g, st, lr):
-        r = self.rho
-        v = st["square_avg"] = r * st.get("square_avg", np.zeros_like(p)) + (1 - r) * g * g
-        d = np.sqrt(st.get("acc_delta", np.zeros_like(p)) + self.eps) / np.sqrt(v + self.eps) * g
-        st["acc_delta"] = r * st.get("acc_delta", np.zeros_like(p)) + (1 - r) * d * d
-        return p - lr * d
+        r, t, u = self.rho, self.temp(p), self.temp(p, 1)
+        v = square_average(self.slot(st, "square_avg", p), g, r, t)
+        acc = self.slot(st, "acc_delta", p)
+        d = np.sqrt(np.add(acc, self.eps, out=t), out=t)
+        d /= np.sqrt(np.add(v, self.eps, out=u), out=u)
+        d *= g
+        acc *= r
+        acc += np.multiply(np.multiply(d, 1 - r, out=u), d, out=u)
+        p -= np.multiply(d, lr, out=d)
+        return p
 
 
 @register_optimizer("radam")
@@ -356,43 +378,33 @@ class RAdam(Optimizer):
 
     def update(self, p, g, st, lr):
         b1, b2 = self.betas
-        m = st["exp_avg"] = b1 * st.get("exp_avg", np.zeros_like(p)) + (1 - b1) * g
-        v = st["exp_avg_sq"] = b2 * st.get("exp_avg_sq", np.zeros_like(p)) + (1 - b2) * g * g
+        m, v = moments(self, p, g, st, b1, b2)
         t = self.steps
-        corrected = m / (1 - b1**t)
+        step = np.divide(m, 1 - b1**t, out=self.temp(p))  # the bias-corrected first moment
+        step *= lr
         rho_inf = 2 / (1 - b2) - 1
         rho = rho_inf - 2 * t * b2**t / (1 - b2**t)
-        if rho <= 5:
-            return p - lr * corrected
-        rect = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
-        return p - corrected * lr * (math.sqrt(1 - b2**t) / (np.sqrt(v) + self.eps)) * rect
+        if rho > 5:
+            rect = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+            adaptive = np.sqrt(v, out=g)
+            adaptive += self.eps
+            step *= np.divide(math.sqrt(1 - b2**t), adaptive, out=adaptive)
+            step *= rect
+        p -= step
+        return p
 
 
-def assign_groups(groups: list[ParamGroupSpec], model: Layer, rows: list) -> dict[str, ParamGroupSpec]:
-    """Each parameter's group: the first that matches it. A group that matches no parameter is an error (a typo
-    would otherwise silently change nothing)."""
-    def blocks_of(name: str) -> set[str]:
-        found = set()
-        for r in rows:
-            for row in r.walk():
-                if name.startswith(row.path + "."):
-                    found.add(row.type.split(" x")[0])
-        return found
+def moments(opt: Optimizer, p, g, st, b1: float, b2: float) -> tuple[np.ndarray, np.ndarray]:
+    """Adam's moments in place: m = b1*m + (1-b1)*g, v = b2*v + (1-b2)*g*g (Adam's and RAdam's)."""
+    t = opt.temp(p)
+    m = opt.slot(st, "exp_avg", p)
+    m *= b1
+    m += np.multiply(g, 1 - b1, out=t)
+    return m, square_average(opt.slot(st, "exp_avg_sq", p), g, b2, t)
 
-    assigned, used = {}, [0] * len(groups)
-    for p in model.parameters():
-        blocks = blocks_of(p.name) if any(g.match.block for g in groups) else set()
-        for i, g in enumerate(groups):
-            if g.match.matches(p, blocks):
-                assigned[p.name] = g
-                used[i] += 1
-                break
-    for i, n in enumerate(used):
-        if not n:
-            m = groups[i].match.model_dump(exclude_none=True)
-            raise ConfigError(f"optimizer.groups[{i}] (match {m}) matches no parameter"
-                              + (" that an earlier group has not taken" if any(
-                                  groups[i].match.matches(p, blocks_of(p.name)) for p in model.parameters()) else ""),
-                              "check the pattern against the names `cnnctl inspect --json` lists (layers.0.weight, "
-                              "...), the layer type, or the block name")
-    return assigned
+
+def square_average(v: np.ndarray, g: np.ndarray, beta: float, t: np.ndarray) -> np.ndarray:
+    """v = beta*v + (1-beta)*g*g in place (t: a temporary like v)."""
+    v *= beta
+    v += np.multiply(np.multiply(g, 1 - beta, out=t), g, out=t)
+    return v

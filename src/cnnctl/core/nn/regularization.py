@@ -288,12 +288,15 @@ class _BatchNorm(Layer):
             if not summed:
                 sums(lo, hi)
             k = weight[lo:hi] * inv_std  # d(out)/d(x) per channel with the statistics held fixed
-            np.multiply(ds, k.reshape(bshape), out=dxs)
             if training:
-                # the batch mean and variance depend on x too: subtract their share of the gradient,
-                # k * (mean(dy) + xhat * mean(dy * xhat))
-                dxs -= np.multiply(xc, (k * sum_w[lo:hi] * inv_std / m).reshape(bshape))
-                dxs -= (k * sum_b[lo:hi] / m).reshape(bshape)
+                # the batch mean and variance depend on x too: dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)),
+                # in four passes over dx and no temporary array
+                np.multiply(xc, (-inv_std * sum_w[lo:hi] / m).reshape(bshape), out=dxs)
+                dxs += ds
+                dxs -= (sum_b[lo:hi] / m).reshape(bshape)
+                dxs *= k.reshape(bshape)
+            else:
+                np.multiply(ds, k.reshape(bshape), out=dxs)
 
         if summed:  # the two sums over the whole batch, in one reduction; this part's own are the parameters'
             self._cut(dy, sums)

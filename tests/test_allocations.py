@@ -1,0 +1,55 @@
+"""What a training step allocates, measured with tracemalloc (NumPy reports its arrays to it): after the first
+steps a convolution lowers into the buffer it kept (no columns, no padded copy made anew), batchnorm's backward
+makes its input gradient and no temporary of that size, and the optimizer's update allocates nothing the size of a
+parameter (tests/test_optim_flat.py)."""
+
+import tracemalloc
+
+import numpy as np
+
+from cnnctl.core import nn
+from cnnctl.core.plan import Runner
+
+
+def peak_of(fn) -> int:
+    """Bytes allocated at the highest point of fn() above what was allocated before it."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        fn()
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_convolution_lowers_into_its_kept_buffer_after_the_first_step():
+    """16 channels in, 4 out, 3x3, padding 1: the lowered input is 3.4 times the input, the step's own arrays (the
+    output, its ReLU mask, the input gradient, the weight gradient) 1.3 times: a step that lowered into a new
+    buffer, or padded the input into one, would pass half the lowered buffer."""
+    g = np.random.default_rng(0)
+    model = nn.Model([nn.Conv2D(16, 4, 3, padding=1, activation="relu", rng=g)])
+    model.set_input_grad(True)
+    run = Runner(model)
+    x = g.standard_normal((32, 16, 16, 16)).astype(np.float32)
+    dy = g.standard_normal((32, 4, 16, 16)).astype(np.float32)
+
+    def step():
+        run.forward(x, training=True)
+        run.backward(dy)
+
+    first = peak_of(step)
+    step()
+    lowered = 18 * 16 * 3 * 16 * 32 * 4  # (H + 2, C, KW, OW, N) float32
+    assert first > lowered  # the first step makes the buffer (the measurement sees it)
+    later = peak_of(step)
+    assert later < lowered / 2, f"a later step allocated {later / 1e6:.2f} MB (lowered input {lowered / 1e6:.2f} MB)"
+
+
+def test_batchnorm_backward_allocates_its_input_gradient_alone():
+    g = np.random.default_rng(1)
+    x = g.standard_normal((16, 10, 10, 64), dtype=np.float32).transpose(3, 0, 1, 2)  # batch-innermost, as planned
+    bn = nn.BatchNorm2D(16)
+    dy = np.ones_like(bn.forward(x))
+    bn.backward(dy)
+    bn.forward(x)
+    assert peak_of(lambda: bn.backward(dy)) < 1.1 * x.nbytes

@@ -95,10 +95,14 @@ def _weights(run: Path) -> dict[str, np.ndarray]:
 
 
 def _assert_same_model(a: dict, b: dict) -> None:
-    """Equal to 1e-5 relative: only the order of the sums differs between the two runs."""
+    """Equal to 1e-5 relative, or 5e-5 of the tensor's largest value: only the order of the sums differs between
+    the two runs. A convolution's bias ahead of a batchnorm gets gradients that nearly cancel, which Adam scales up:
+    after two epochs of the packed test's network its elements differ by 1.3e-5 of that bias's largest value (the
+    same before and after the dense layer's products were cut across threads); a wrong reduction differs by
+    percents."""
     assert a.keys() == b.keys()
     for name in a:
-        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-5 * float(np.abs(a[name]).max()),
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=5e-5 * float(np.abs(a[name]).max()),
                                    err_msg=name)
 
 

@@ -57,6 +57,11 @@ if TYPE_CHECKING:
 # ------------------------------------------------------------------ the plan
 
 
+def threaded() -> Context:
+    """The context a plan gives its layers by default: their per-channel passes and products on cnnctl's threads."""
+    return Context(per_channel=parallel.per_channel, per_product=parallel.per_product)
+
+
 class Plan:
     """The steps that run a model on inputs of one (C, H, W) shape and dtype; `forward` and `backward` run
     them, `describe` lists them."""
@@ -71,7 +76,7 @@ class Plan:
                               f"use one of: {', '.join(convolution.ALGORITHMS)}")
         self.keep = keep if keep is not None else {}
         self.scratch = scratch if scratch is not None else F.Scratch()
-        self.context = context if context is not None else Context(per_channel=parallel.per_channel)
+        self.context = context if context is not None else threaded()
         self.steps: list[Step] = []
         self.hooks: list[tuple[int, Layer]] = []  # (value, layer): the layers whose output a value is
         self.shapes = [self.input_shape]
@@ -289,7 +294,7 @@ class Runner:
     def __init__(self, model: Layer, algorithms: dict[str, str] | None = None, context: Context | None = None):
         self.model = model
         self._algorithms = dict(algorithms or {})
-        self.context = context if context is not None else Context(per_channel=parallel.per_channel)
+        self.context = context if context is not None else threaded()
         self._plans: dict = {}
         self._plan: Plan | None = None
         self._keep: dict = {}  # per-layer buffers every plan shares (the lowered inputs backward reads)

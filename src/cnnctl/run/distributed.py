@@ -216,7 +216,8 @@ def context_of(world: World, sync_batchnorm: bool):
     from cnnctl.core import parallel
     from cnnctl.core.nn.base import Context
 
-    return Context(sum=world.sum if world.size > 1 and sync_batchnorm else None, per_channel=parallel.per_channel)
+    return Context(sum=world.sum if world.size > 1 and sync_batchnorm else None, per_channel=parallel.per_channel,
+                   per_product=parallel.per_product)
 
 
 def reduce_loss(world: World, loss: float, normalizer: float, *extra: float) -> tuple[float, float, np.ndarray]:

@@ -292,6 +292,11 @@ def whole(like: np.ndarray, work: Callable[[int, int], object]) -> None:
     work(0, like.shape[1] if like.ndim > 1 else like.shape[0])
 
 
+def whole_product(rows: int, work: Callable[[int, int], object], macs: int) -> None:
+    """work(0, rows): a matrix product's rows all at once."""
+    work(0, rows)
+
+
 @dataclass
 class Context:
     """What the one running a model tells the layers that ask (`takes_context`), through forward's `context=`:
@@ -299,11 +304,14 @@ class Context:
     runner cuts them (cnnctl.parallel's threads; by default all channels at once); `part` = (lo, hi, n) when the
     input is rows lo:hi of a batch of n whose other rows other processes hold (dropout draws the whole batch's
     mask and keeps these rows); `sum` a function summing per-channel float64 arrays in place over those processes
-    (batchnorm's statistics of the whole batch). The default: one process, the whole batch, no threads."""
+    (batchnorm's statistics of the whole batch); `per_product(rows, work, macs)` runs work(lo, hi) over slices of
+    the rows of a matrix product of `macs` multiply-adds (a dense layer's). The default: one process, the whole
+    batch, no threads."""
 
     part: tuple[int, int, int] | None = None
     sum: Callable[[np.ndarray], object] | None = None
     per_channel: Callable[[np.ndarray, Callable[[int, int], object]], None] = whole
+    per_product: Callable[[int, Callable[[int, int], object], int], None] = whole_product
 
 
 @functools.cache

@@ -11,7 +11,7 @@ from pydantic import Field
 from cnnctl.errors import ShapeError
 from cnnctl.strict import PosInt
 
-from .base import Layer, LayerSpec, make_activation, register
+from .base import Context, Layer, LayerSpec, make_activation, register
 from .init import SHAPES_ONLY, Init, constant, dirac, initialize
 
 if TYPE_CHECKING:  # derived from the activation registry in nn/__init__ once every layer type is registered
@@ -61,6 +61,7 @@ class Dense(Layer):
     """y = act(x @ weight.T + bias); (N, in) -> (N, out); weight (out, in), bias (out,)."""
 
     onnx_op = "Gemm"
+    takes_context = True  # its products are cut over their rows as the runner says (cnnctl's threads)
 
     def __init__(
         self,
@@ -103,19 +104,36 @@ class Dense(Layer):
         inputs = [x, *g.arrays(name, self, ("weight", "bias"))]
         return self._onnx_activation(g, g.node(self.onnx_op, inputs, name, transB=1), name)
 
-    def forward(self, x, training=True):
-        self._x = x
-        y = x @ self.params["weight"].T
-        if "bias" in self.params:
-            y += self.params["bias"]
-        return self._activate(y, training, in_place=True)
+    def forward(self, x, training=True, context: Context | None = None):
+        """y = x W^T + b, computed as its transpose W x^T + b (out, batch) and returned as a view of it: a
+        flattened batch-innermost input (a convolution's or pooling's) is then read as stored, and the input
+        gradient comes back in that layout too. The products are cut over their rows as `context` says."""
+        self._x, w, bias = x, self.params["weight"], self.params.get("bias")
+        self._per_product = (context or Context()).per_product
+        xt, yt = x.T, np.empty((w.shape[0], x.shape[0]), np.result_type(x, w))
+
+        def rows(lo, hi):
+            np.matmul(w[lo:hi], xt, out=yt[lo:hi])
+            if bias is not None:
+                yt[lo:hi] += bias[lo:hi, None]
+
+        self._per_product(w.shape[0], rows, yt.size * w.shape[1])
+        return self._activate(yt.T, training, in_place=True)
 
     def backward(self, dy):
         dy = self._deactivate(dy)
-        self.grads["weight"] = dy.T @ self._x
+        w, x = self.params["weight"], self._x
+        dyt, dw = dy.T, np.empty_like(w)  # dw cut by its columns: each slice's product keeps all the output rows
+        self._per_product(w.shape[1], lambda lo, hi: np.matmul(dyt, x[:, lo:hi], out=dw[:, lo:hi]), w.size * x.shape[0])
+        self.grads["weight"] = dw
         if "bias" in self.params:
-            self.grads["bias"] = dy.sum(axis=0)
-        return dy @ self.params["weight"] if self.needs_input_grad else None
+            self.grads["bias"] = dyt.sum(axis=1)
+        if not self.needs_input_grad:
+            return None
+        dxt = np.empty((w.shape[1], dy.shape[0]), dw.dtype)  # (in, batch): dx is its transpose
+        self._per_product(w.shape[1], lambda lo, hi: np.matmul(w[:, lo:hi].T, dyt, out=dxt[lo:hi]),
+                          dxt.size * w.shape[0])
+        return dxt.T
 
     def __repr__(self):
         return f"Dense({self.in_features}, {self.out_features}, bias={'bias' in self.params})"

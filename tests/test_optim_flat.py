@@ -141,3 +141,30 @@ def test_state_put_back_from_a_checkpoint_is_what_the_group_updates():
     for (name, la, key), (_, lb, _) in zip(a.parameters(), b.parameters()):
         np.testing.assert_array_equal(la.params[key], lb.params[key], err_msg=name)
         np.testing.assert_array_equal(oa.state[name]["exp_avg"], ob.state[name]["exp_avg"], err_msg=name)
+
+
+def test_a_layer_unfrozen_midway_and_arrays_given_anew_join_the_update_with_the_same_bits():
+    """The groups follow the model: a layer unfrozen after three steps starts its state then (its own group
+    first, the others' after), and weights loaded as new arrays are laid out again; every step equals the
+    per-parameter rule."""
+    rng = np.random.default_rng(6)
+    net = model(rng)
+    kwargs = {"lr": 0.05, "momentum": 0.9}
+    opt = OPTIMIZERS["sgd"](net, **kwargs)
+    net.layers[0].freeze()
+    mine = {name: layer.params[key].copy() for name, layer, key in net.parameters()}
+    states: dict = {name: {} for name in mine}
+    for step in range(1, 9):
+        if step == 4:
+            net.layers[0].freeze(False)
+        if step == 6:  # a checkpoint's weights: new arrays of the same values
+            net.load_state_dict({k: v.copy() for k, v in net.state_dict().items()})
+        trainable = {p.name for p in net.trainable_parameters()}
+        for name, layer, key in net.parameters():
+            layer.grads[key] = rng.standard_normal(layer.params[key].shape).astype(np.float32)
+            if name in trainable:
+                mine[name] = per_parameter("sgd", kwargs, step, mine[name], layer.grads[key].copy(), states[name],
+                                           kwargs["lr"]).astype(np.float32)
+        opt.step()
+        for name, layer, key in net.parameters():
+            np.testing.assert_array_equal(layer.params[key], mine[name], err_msg=f"{name}, step {step}")

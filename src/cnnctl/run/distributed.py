@@ -211,13 +211,13 @@ def take_share(world: World, x: np.ndarray, y: np.ndarray, context) -> tuple[np.
 
 
 def context_of(world: World, sync_batchnorm: bool):
-    """What the layers that ask are told on this rank (an nn.Context): batchnorm sums its statistics over the ranks
-    (unless sync_batchnorm is false); per-channel work is cut across cnnctl's threads."""
-    from cnnctl.core import parallel
-    from cnnctl.core.nn.base import Context
+    """What the layers that ask are told on this rank (an nn.Context): a plan's own (work cut across cnnctl's
+    threads), and batchnorm sums its statistics over the ranks (unless sync_batchnorm is false)."""
+    import dataclasses
 
-    return Context(sum=world.sum if world.size > 1 and sync_batchnorm else None, per_channel=parallel.per_channel,
-                   per_product=parallel.per_product)
+    from cnnctl.core.plan import threaded
+
+    return dataclasses.replace(threaded(), sum=world.sum if world.size > 1 and sync_batchnorm else None)
 
 
 def reduce_loss(world: World, loss: float, normalizer: float, *extra: float) -> tuple[float, float, np.ndarray]:

@@ -168,3 +168,23 @@ def test_a_layer_unfrozen_midway_and_arrays_given_anew_join_the_update_with_the_
         opt.step()
         for name, layer, key in net.parameters():
             np.testing.assert_array_equal(layer.params[key], mine[name], err_msg=f"{name}, step {step}")
+
+
+def test_the_kept_temporaries_are_those_of_the_groups_laid_out_now():
+    """A layer unfrozen midway makes its group larger: the temporaries kept for the smaller group's size go (no
+    array of a size no group has stays allocated), and each current group's are kept from step to step."""
+    rng = np.random.default_rng(7)
+    net = model(rng)
+    opt = OPTIMIZERS["adam"](net, lr=0.01, weight_decay=0.01)  # adam with L2 decay keeps temporaries
+    net.layers[0].freeze()
+    for step in range(1, 6):
+        if step == 3:
+            net.layers[0].freeze(False)
+        for _, layer, key in net.parameters():
+            layer.grads[key] = rng.standard_normal(layer.params[key].shape).astype(np.float32)
+        opt.step()
+        sizes = {f.value.size for f in opt._flats.values()}
+        assert opt._temps and {k[0] for k in opt._temps} <= sizes, (step, sorted(opt._temps), sorted(sizes))
+        if step == 4:
+            kept = {k: id(t) for k, t in opt._temps.items()}
+    assert {k: id(t) for k, t in opt._temps.items()} == kept

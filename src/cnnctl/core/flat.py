@@ -16,7 +16,6 @@ class Flat:
 
     def __init__(self, params: list, state: dict[str, dict[str, np.ndarray]], dtype: np.dtype):
         self.names = tuple(p.name for p in params)
-        self.shapes = [p.value.shape for p in params]
         self.bounds = np.cumsum([0] + [p.value.size for p in params]).tolist()
         self.value = np.concatenate([p.value.ravel() for p in params]).astype(dtype, copy=False)
         self.grad = np.empty_like(self.value)
@@ -31,8 +30,8 @@ class Flat:
     def _view(self, state: dict[str, dict[str, np.ndarray]]) -> None:
         self.views = []
         for k, flat in self.state.items():
-            for name, shape, lo, hi in zip(self.names, self.shapes, self.bounds, self.bounds[1:]):
-                v = state[name][k] = flat[lo:hi].reshape(shape)
+            for name, p, lo, hi in zip(self.names, self.params, self.bounds, self.bounds[1:]):
+                v = state[name][k] = flat[lo:hi].reshape(p.shape)
                 self.views.append((name, k, v))
 
     def current(self, params: list, state: dict[str, dict[str, np.ndarray]]) -> bool:

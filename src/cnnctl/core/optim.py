@@ -148,6 +148,9 @@ class Optimizer:
             new = self.update(value, grad, st, lr)
             flat.adopt(st, self.state)
             flat.put(new)
+        if flats.keys() != self._flats.keys() or any(f is not self._flats[k] for k, f in flats.items()):
+            sizes = {f.value.size for f in flats.values()}  # a group laid out anew: its old size's temporaries go
+            self._temps = {k: t for k, t in self._temps.items() if k[0] in sizes}
         self._flats = flats
         if la is not None and self.steps % la.k == 0:  # lookahead: the slow weights step, the fast restart there
             for p in params:

@@ -76,9 +76,7 @@ def label_metrics(logits: np.ndarray, y: np.ndarray) -> dict:
     y = y.astype(bool)
     said = logits > 0
     tp, fp, fn = (said & y).sum(axis=0), (said & ~y).sum(axis=0), (~said & y).sum(axis=0)
-    precision = np.divide(tp, tp + fp, out=np.zeros(len(tp)), where=(tp + fp) > 0)
-    recall = np.divide(tp, tp + fn, out=np.zeros(len(tp)), where=(tp + fn) > 0)
-    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(tp)), where=(2 * tp + fp + fn) > 0)
+    precision, recall, f1 = _scores(tp, fp, fn)
     ap = np.array([average_precision(logits[:, j], y[:, j]) for j in range(y.shape[1])])
     present = y.sum(axis=0) > 0
     micro = 2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1)
@@ -106,12 +104,20 @@ def average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
 def per_class(confusion: np.ndarray) -> dict:
     """Support, precision, recall and F1 of each class from a confusion matrix (rows: true class); 0 where a class
     was never predicted or never present."""
-    hits = np.diag(confusion).astype(np.float64)
-    predicted, present = confusion.sum(axis=0), confusion.sum(axis=1)
-    p = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
-    r = np.divide(hits, present, out=np.zeros_like(hits), where=present > 0)
-    return {"support": present, "precision": p, "recall": r,
-            "f1": np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)}
+    hits, predicted, present = np.diag(confusion), confusion.sum(axis=0), confusion.sum(axis=1)
+    p, r, f1 = _scores(hits, predicted - hits, present - hits)
+    return {"support": present, "precision": p, "recall": r, "f1": f1}
+
+
+def _scores(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and F1 (2 tp / (2 tp + fp + fn): the harmonic mean of the two) of each class or label
+    from its counts of true positives, false positives and false negatives; 0 where a ratio has no denominator."""
+    tp, fp, fn = (np.asarray(a, np.float64) for a in (tp, fp, fn))
+
+    def ratio(num, den):
+        return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+    return ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(2 * tp, 2 * tp + fp + fn)
 
 
 def evaluate_checkpoint(path: Path, split: str | None, overrides: list[str]) -> dict:

@@ -74,10 +74,14 @@ def resolve(threads: int | None) -> int:
 
 
 def use(threads: int) -> int:
-    """Run cnnctl's array work on `threads` threads from now on (BLAS itself single-threaded)."""
+    """Run cnnctl's array work on `threads` threads from now on (BLAS itself single-threaded), and keep the memory
+    a training step frees for the next one (cnnctl.core.allocator): what a process that trains sets once."""
     global _threads, _pool, _blas_limit
     from threadpoolctl import threadpool_limits
 
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()
     if _blas_limit is None:
         _blas_limit = threadpool_limits(limits=1, user_api="blas")
     if threads != _threads or (threads > 1 and _pool is None):

@@ -224,3 +224,23 @@ def test_an_elementwise_function_in_tiles_gives_the_values_of_one_call():
             inplace, d3 = x.copy(), act.derivative_like(x)
             in_tiles(act.elementwise, inplace, inplace, d3)
             assert np.array_equal(inplace, y1) and np.array_equal(d3, d1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_maximum_with_zero_gives_the_bits_of_numpys_with_a_scalar(dtype):
+    """ReLU's max(x, 0) against an array of zeros: NaN of either sign kept as NumPy keeps it, -0, -inf and the
+    smallest subnormals as NumPy's scalar form gives them, on strided views, in place, and over ZEROS_CAP values
+    (in blocks of the leading axis, or whole when one row is larger)."""
+    bits = np.int32 if dtype == np.float32 else np.int64
+    special = np.array([-0.0, 0.0, np.nan, -np.nan, -np.inf, np.inf, 1, -1, 1e-45, -1e-45, 5e-324], dtype)
+    rng = np.random.default_rng(0)
+    cases = [special, rng.standard_normal((3, 1 << 19)).astype(dtype)[:, ::2],
+             rng.standard_normal((8, 4, 6)).astype(dtype).transpose(2, 0, 1),
+             rng.standard_normal(F.ZEROS_CAP + 5).astype(dtype)]
+    for x in cases:
+        want = np.maximum(x, 0)
+        got = F.maximum_zero(x, np.empty_like(x))
+        assert np.array_equal(got.view(bits), want.view(bits))
+        inplace = x.copy()
+        F.maximum_zero(inplace, inplace)
+        assert np.array_equal(inplace.view(bits), want.view(bits))

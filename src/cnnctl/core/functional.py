@@ -25,9 +25,11 @@ import numpy as np
 from . import parallel
 from .epilogue import NONE, Epilogue, chain
 from .pointwise import (  # noqa: F401
+    ZEROS_CAP,
     erf,
     erf_and_gaussian,
     log_softmax,
+    maximum_zero,
     normalize,
     probabilities,
     sigmoid,

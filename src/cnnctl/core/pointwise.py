@@ -1,10 +1,35 @@
-"""Element-wise and per-row math outside the convolutions: erf (for GELU), sigmoid and softplus, softmax and
-log-softmax, a model's outputs as probabilities, and pixels normalised as a checkpoint says. (cnnctl.core.functional
-re-exports them.)"""
+"""Element-wise and per-row math outside the convolutions: max(x, 0) (for ReLU), erf (for GELU), sigmoid and
+softplus, softmax and log-softmax, a model's outputs as probabilities, and pixels normalised as a checkpoint says.
+(cnnctl.core.functional re-exports them.)"""
 
 from __future__ import annotations
 
 import numpy as np
+
+ZEROS_CAP = 1 << 20  # values of the largest array of zeros kept per dtype (4 MB of float32, touched only as used)
+_zeros: dict[str, np.ndarray] = {}
+
+
+def maximum_zero(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """np.maximum(x, 0, out=out), the same bits (NaN kept, -0 and -inf to 0), against an array of zeros shaped like
+    x: NumPy's maximum loop with a scalar operand ran 2-2.7x slower than with an array one (numpy 2.4.6, AVX-512:
+    2 million float32 values 0.74 ms against 0.37 in tiles of 65,536; a convolution's rows in place 0.20 against
+    0.07 ms). An x over ZEROS_CAP values runs in blocks of its leading axis; `out` may be x."""
+    if x.size > ZEROS_CAP:
+        row = x[0].size if x.ndim > 1 else 1
+        if x.ndim < 2 or row > ZEROS_CAP:
+            return np.maximum(x, x.dtype.type(0), out=out)
+        step = ZEROS_CAP // row
+        for lo in range(0, x.shape[0], step):
+            maximum_zero(x[lo : lo + step], out[lo : lo + step])
+        return out
+    zeros = _zeros.get(x.dtype.str)
+    if zeros is None:  # made once per dtype; two threads making it at once make two equal arrays
+        zeros = np.zeros(ZEROS_CAP, x.dtype)
+        zeros.flags.writeable = False
+        zeros = _zeros.setdefault(x.dtype.str, zeros)
+    return np.maximum(x, zeros[: x.size].reshape(x.shape), out=out)
+
 
 ERF_32 = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)  # Abramowitz and Stegun 7.1.26
 ERF_32_P = 0.3275911

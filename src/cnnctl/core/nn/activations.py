@@ -117,7 +117,7 @@ class ReLU(Elementwise):
 
     def elementwise(self, x, y, d):
         np.greater(x, 0, out=d)
-        np.maximum(x, 0, out=y)  # as fast as x * d in place, a third faster into another array (measured)
+        F.maximum_zero(x, y)
 
 
 @register("leaky_relu", LeakyReLUSpec, activation=True)

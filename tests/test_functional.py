@@ -187,6 +187,38 @@ def test_fused_relu_equals_relu_after_conv(stride, method):
         np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh"])
+@pytest.mark.parametrize("layout", ["batch-innermost", "c-order"])
+def test_batchnorm_with_its_activation_in_the_same_pass_gives_the_bits_of_the_two_after_each_other(activation,
+                                                                                                    layout):
+    """A batchnorm's element-wise activation runs on each slice of channels as it is normalised (in cache): its
+    output, its input gradient and its parameters' gradients are those of the batchnorm without an activation
+    followed by the activation layer, bit for bit, on the plan's threads."""
+    from cnnctl.core import parallel
+    from cnnctl.core.plan import threaded
+
+    g = np.random.default_rng(7)
+    shape = (32, 8, 12, 12)
+    x = g.standard_normal(shape, dtype=np.float32)
+    if layout == "batch-innermost":
+        x = np.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+    dy = g.standard_normal(shape, dtype=np.float32)
+    threads = parallel.threads()
+    parallel.use(2)
+    try:
+        ctx = threaded()
+        fused, plain, act = nn.BatchNorm2D(8, activation=activation), nn.BatchNorm2D(8), nn.make_activation(activation)
+        y = fused.forward(x, context=ctx)
+        assert fused._d is not None  # the activation ran inside the normalisation's pass
+        z = act.forward(plain.forward(x, context=ctx), context=ctx)
+        np.testing.assert_array_equal(y, z)
+        np.testing.assert_array_equal(fused.backward(dy), plain.backward(act.backward(dy)))
+        for key in ("weight", "bias"):
+            np.testing.assert_array_equal(fused.grads[key], plain.grads[key])
+    finally:
+        parallel.use(threads)
+
+
 def test_erf_matches_the_standard_library_everywhere():
     import math
 

@@ -9,6 +9,8 @@ import numpy as np
 from pydantic import Field
 from pydantic import Strict as NoCoercion
 
+from cnnctl.core import functional as F
+from cnnctl.core.epilogue import in_tiles
 from cnnctl.errors import ShapeError
 from cnnctl.strict import INT_MAX
 
@@ -187,17 +189,21 @@ class _BatchNorm(Layer):
         context = context or Context()
         self.batch_sum = None if g else context.sum
         self._cut = context.per_channel  # how the channels' work is cut (the runner's threads), backward too
+        self._d = None  # the fused activation's derivative (below), when there is one
         if training and g and x.shape[0] > g:  # ghost batchnorm: each virtual batch in turn, its own statistics
             parts = [self._normalise(x[lo : lo + g], True) for lo in range(0, x.shape[0], g)]
             self._saved = [state for _, state in parts]
             return self._activate(np.concatenate([y for y, _ in parts]), training, context, in_place=True)
-        y, state = self._normalise(x, training)
+        act = self.activation
+        self._d = act.derivative_like(x) if act is not None and act.planned_as() == "elementwise" else None
+        y, state = self._normalise(x, training, self._d)
         self._saved = [state]
-        return self._activate(y, training, context, in_place=True)
+        return y if self._d is not None else self._activate(y, training, context, in_place=True)
 
-    def _normalise(self, x, training):
+    def _normalise(self, x, training, d=None):
         """(x - mean) / std * weight + bias with this batch's statistics (training: updating the running ones) or
-        the running ones, and what backward needs."""
+        the running ones, and what backward needs. With `d` (the derivative array of an element-wise activation),
+        the activation runs on each slice of channels while it is in cache, its derivative into d."""
         total, dot, bshape = self._shapes(x)
         m, c = x.size // x.shape[1], x.shape[1]
         centred, y = np.empty_like(x), np.empty_like(x)  # laid out as x
@@ -220,6 +226,8 @@ class _BatchNorm(Layer):
             inv_std[lo:hi] = 1.0 / np.sqrt(var[lo:hi] + eps)
             ys = np.multiply(xc, (weight[lo:hi] * inv_std[lo:hi]).reshape(bshape), out=cut(y, lo, hi))
             np.add(ys, bias[lo:hi].reshape(bshape), out=ys)
+            if d is not None:
+                in_tiles(self.activation.elementwise, ys, ys, cut(d, lo, hi))
 
         self._cut(x, part)
         if training:
@@ -256,7 +264,7 @@ class _BatchNorm(Layer):
         return m
 
     def backward(self, dy):
-        dy = self._deactivate(dy)
+        dy = self._deactivate(dy) if self._d is None else F.chained(dy, self._d, self._cut)
         if len(self._saved) == 1:
             dx, gw, gb = self._backprop(dy, self._saved[0])
         else:  # ghost batchnorm: each virtual batch's part; the parameters' gradients add up

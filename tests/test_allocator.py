@@ -58,3 +58,15 @@ def test_a_training_step_after_the_first_faults_in_no_new_pages():
 def test_a_policy_the_user_set_is_left_alone():
     """glibc's own variables in the environment: cnnctl sets nothing."""
     assert steps("kept", MALLOC_TRIM_THRESHOLD_="1000000")["kept"] is False
+
+
+def test_training_from_python_sets_it_too():
+    """cnnctl.train from a script never calls parallel.use: its training step sets the policy."""
+    code = ("import numpy as np\nfrom cnnctl.core import allocator, nn\nfrom cnnctl.core.optim import OPTIMIZERS\n"
+            "from cnnctl.core.plan import Runner\nfrom cnnctl.run.step import TrainingStep\n"
+            "model = nn.Model([nn.Flatten(), nn.Dense(4, 2, rng=np.random.default_rng(0))])\n"
+            "assert allocator._kept is None\n"
+            "TrainingStep(Runner(model), nn.CrossEntropyLoss(), OPTIMIZERS['sgd'](model, lr=0.1))\n"
+            "print(allocator._kept)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"

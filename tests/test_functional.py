@@ -276,3 +276,29 @@ def test_maximum_with_zero_gives_the_bits_of_numpys_with_a_scalar(dtype):
         inplace = x.copy()
         F.maximum_zero(inplace, inplace)
         assert np.array_equal(inplace.view(bits), want.view(bits))
+
+
+def test_the_float32_copysign_by_bits_is_numpys():
+    """erf's sign by the bits: NumPy's np.copysign for every sign of zero, infinity, NaN and subnormal, strided."""
+    from cnnctl.core.pointwise import _copysign32
+
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-40, -1e-40, 1.5, -2.5], np.float32)
+    pairs = np.array(list(itertools.product(specials, specials)), np.float32)
+    rng = np.random.default_rng(3)
+    strided = rng.standard_normal((2, 64, 4), dtype=np.float32)[:, ::3]
+    for magnitude, sign in [(pairs[:, 0], pairs[:, 1]), (strided, -strided[::-1])]:
+        want = np.copysign(magnitude, sign)
+        got = _copysign32(magnitude.copy(), sign)
+        assert np.array_equal(got.view(np.int32), want.view(np.int32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softplus_is_logaddexp_to_a_few_units(dtype):
+    """softplus in NumPy's vectorised exp and log1p: within 4 units in the last place of np.logaddexp(0, x) from
+    -120 to 120, and the same at the ends (infinities, NaN, signed zeros)."""
+    x = np.linspace(-120, 120, 100_001).astype(dtype)
+    want, got = np.logaddexp(dtype(0), x), F.softplus(x)
+    assert np.all(np.abs(got - want) <= 4 * np.spacing(np.abs(want).astype(dtype)))
+    ends = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0], dtype)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(F.softplus(ends), np.logaddexp(dtype(0), ends))

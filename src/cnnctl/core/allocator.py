@@ -1,4 +1,6 @@
-"""The C allocator's policy while cnnctl trains: memory a step frees stays in the process for the next step.
+"""The C allocator's policy while cnnctl trains: memory a step frees stays in the process for the next step. Set
+once per process by `cnnctl.core.parallel.use` (every verb with --threads) and by a training step's construction
+(`cnnctl.train` and the other Python entry points too).
 
 A training step allocates its activations, their gradients and temporaries anew and frees them by its end. glibc's
 malloc serves arrays above its mmap threshold (128 kB at first, raised as such blocks are freed) with fresh pages

@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cnnctl.core.allocator import keep_freed_memory
+
 from . import distributed
 
 
@@ -46,11 +48,13 @@ class StepResult(NamedTuple):
 class TrainingStep:
     """`step(x, y)` trains on one batch (this rank's share of it under MPI) and returns a StepResult. `stop_request`
     (a callable giving this rank's pending signal or None) is reduced with the loss, so that every rank learns of a
-    stop after the same step. A loss that is not finite updates nothing: the caller sees it in the result."""
+    stop after the same step. A loss that is not finite updates nothing: the caller sees it in the result. The
+    process keeps the memory a step frees for the next (cnnctl.core.allocator), as a CLI verb's threads do."""
 
     def __init__(self, runner, loss_fn, optimizer, world: distributed.World | None = None,
                  grad_clip_norm: float | None = None, average=None,
                  stop_request: Callable[[], int | None] | None = None):
+        keep_freed_memory()
         self.runner, self.loss_fn, self.optimizer = runner, loss_fn, optimizer
         self.world = world or distributed.World()
         self.grad_clip_norm, self.average = grad_clip_norm, average

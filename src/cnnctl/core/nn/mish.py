@@ -6,6 +6,8 @@ from typing import Literal
 
 import numpy as np
 
+from cnnctl.core import functional as F
+
 from .activations import Elementwise
 from .base import LayerSpec, register
 
@@ -26,7 +28,7 @@ class Mish(Elementwise):
         return g.node("Mul", [x, g.node("Tanh", [soft], f"{name}.tanh")], name)
 
     def elementwise(self, x, y, d):
-        t = np.tanh(np.logaddexp(x.dtype.type(0), x))
+        t = np.tanh(F.softplus(x))
         s = np.tanh(x * x.dtype.type(0.5))  # sigmoid(x) = (1 + tanh(x / 2)) / 2
         s += 1
         s *= x.dtype.type(0.5)

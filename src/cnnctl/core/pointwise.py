@@ -119,7 +119,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 def softplus(x: np.ndarray) -> np.ndarray:
     """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), finite for any x: np.logaddexp(0, x)'s formula in NumPy's
     vectorised exp and log1p (logaddexp's own loop, one value at a time, took 10x as long on float32: 866 against
-    84 us for 65,536 values; within 3 float32 units of it)."""
+    84 us for 65,536 values; within 4 units in the last place of it, 3 measured)."""
     a = np.abs(x)
     np.negative(a, out=a)
     np.exp(a, out=a)

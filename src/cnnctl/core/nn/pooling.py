@@ -235,8 +235,16 @@ class GlobalAvgPool2D(Layer):
 
     def forward(self, x, training=True):
         self._hw = x.shape[2:]
+        self._batch_innermost = x.ndim == 4 and x.shape[0] > 1 and x.strides[0] == x.itemsize
         return x.mean(axis=(2, 3))
 
     def backward(self, dy):
+        """dy / (H W) at every position, laid out as the input was: a convolution's output (batch-innermost) gets
+        its gradient in its own layout, so no later step or residual fork copies it into another."""
         h, w = self._hw
-        return np.broadcast_to((dy / (h * w))[:, :, None, None], (*dy.shape, h, w)).copy()
+        share = (dy / (h * w))[:, :, None, None]
+        if not self._batch_innermost:
+            return np.broadcast_to(share, (*dy.shape, h, w)).copy()
+        dx = np.empty((dy.shape[1], h, w, dy.shape[0]), dy.dtype).transpose(3, 0, 1, 2)
+        dx[...] = share
+        return dx

@@ -9,8 +9,8 @@ import numpy as np
 from pydantic import Field
 from pydantic import Strict as NoCoercion
 
-from cnnctl.core import functional as F
-from cnnctl.core.epilogue import in_tiles
+from cnnctl.core.epilogue import chain, in_tiles
+from cnnctl.core.functional import in_layout_of
 from cnnctl.errors import ShapeError
 from cnnctl.strict import INT_MAX
 
@@ -264,20 +264,25 @@ class _BatchNorm(Layer):
         return m
 
     def backward(self, dy):
-        dy = self._deactivate(dy) if self._d is None else F.chained(dy, self._d, self._cut)
-        if len(self._saved) == 1:
-            dx, gw, gb = self._backprop(dy, self._saved[0])
+        if self._d is not None:  # the activation ran in the normalisation's pass: its derivative too, below
+            dx, gw, gb = self._backprop(dy, self._saved[0], self._d)
+        elif len(self._saved) == 1:
+            dx, gw, gb = self._backprop(self._deactivate(dy), self._saved[0])
         else:  # ghost batchnorm: each virtual batch's part; the parameters' gradients add up
-            g = self.ghost_batch
+            g, dy = self.ghost_batch, self._deactivate(dy)
             done = [self._backprop(dy[i * g : (i + 1) * g], state) for i, state in enumerate(self._saved)]
             dx = np.concatenate([d for d, _, _ in done])
             gw, gb = sum(w for _, w, _ in done), sum(b for _, _, b in done)
         self.grads["weight"], self.grads["bias"] = gw, gb
         return dx
 
-    def _backprop(self, dy, state):
-        """(input gradient, weight gradient, bias gradient) of one normalisation, given its saved state."""
+    def _backprop(self, dy, state, d=None):
+        """(input gradient, weight gradient, bias gradient) of one normalisation, given its saved state. With `d`
+        (the derivative of the activation run in its pass), dy is the activation's output gradient: dy * d goes
+        into the input gradient's own memory, slice by slice, and is read from there."""
         training, m, inv_std_all, centred = state
+        if d is not None:
+            dy = in_layout_of(dy, d)  # laid out as the activation's derivative (and the input), as dy * d was
         total, dot, bshape = self._shapes(dy)
         c, cut = dy.shape[1], channels
         gw, gb, dx = np.empty(c, dy.dtype), np.empty(c, dy.dtype), np.empty_like(dy)
@@ -285,24 +290,31 @@ class _BatchNorm(Layer):
         summed = training and self.batch_sum is not None
         sum_b, sum_w = (gb, gw) if not summed else (np.empty(c, dy.dtype), np.empty(c, dy.dtype))
 
+        def deltas(lo, hi):  # this slice's output gradient before the activation (in dx's memory when there is one)
+            if d is None:
+                return cut(dy, lo, hi)
+            return chain(cut(dy, lo, hi), cut(d, lo, hi), out=cut(dx, lo, hi))
+
         def sums(lo, hi):
-            ds, xc = cut(dy, lo, hi), cut(centred, lo, hi)
+            ds, xc = deltas(lo, hi), cut(centred, lo, hi)
             gb[lo:hi] = np.einsum(total, ds)
             gw[lo:hi] = np.einsum(dot, ds, xc) * inv_std_all[lo:hi]  # sum(dy * xhat)
 
         def part(lo, hi):  # xhat = centred * inv_std, never formed: inv_std goes into per-channel factors
-            ds, xc, dxs = cut(dy, lo, hi), cut(centred, lo, hi), cut(dx, lo, hi)
+            xc, dxs = cut(centred, lo, hi), cut(dx, lo, hi)
             inv_std = inv_std_all[lo:hi]
             if not summed:
                 sums(lo, hi)
+            ds = cut(dy, lo, hi) if d is None else dxs  # the sums above left dy * d in dxs
             k = weight[lo:hi] * inv_std  # d(out)/d(x) per channel with the statistics held fixed
             if training:
                 # the batch mean and variance depend on x too: dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)),
-                # in four passes over dx and no temporary array
-                np.multiply(xc, (-inv_std * sum_w[lo:hi] / m).reshape(bshape), out=dxs)
-                dxs += ds
-                dxs -= (sum_b[lo:hi] / m).reshape(bshape)
-                dxs *= k.reshape(bshape)
+                # in four passes over dx (with an activation, over a slice-sized temporary: dx holds dy * d)
+                t = np.multiply(xc, (-inv_std * sum_w[lo:hi] / m).reshape(bshape), out=None if d is not None
+                                else dxs)
+                t += ds
+                t -= (sum_b[lo:hi] / m).reshape(bshape)
+                np.multiply(t, k.reshape(bshape), out=dxs)
             else:
                 np.multiply(ds, k.reshape(bshape), out=dxs)
 

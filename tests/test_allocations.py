@@ -112,3 +112,18 @@ def test_a_residual_networks_gradients_stay_in_the_convolutions_layout():
     dx = gap.backward(dy)
     assert dx.strides[0] == dx.itemsize
     np.testing.assert_array_equal(dx, np.broadcast_to((dy / 15)[:, :, None, None], (6, 4, 5, 3)))
+
+
+def test_dropout_keeps_its_inputs_layout_forward_and_backward():
+    """A dense layer's output is (features, batch) in memory: dropout's output and input gradient stay so (they
+    came back in C order), with the values of the mask drawn in C order as before."""
+    g = np.random.default_rng(3)
+    x = g.standard_normal((32, 6)).astype(np.float32).T  # (6, 32) viewed from a (32, 6) array
+    y = nn.Dropout(0.5, rng=np.random.default_rng(4)).forward(x)
+    drop = nn.Dropout(0.5, rng=np.random.default_rng(4))
+    out = drop.forward(x)
+    keep = np.random.default_rng(4).random(x.shape, dtype=np.float32) >= 0.5
+    np.testing.assert_array_equal(out, x * (keep / np.float32(0.5)))
+    np.testing.assert_array_equal(out, y)
+    dx = drop.backward(np.ones_like(out))
+    assert out.strides == x.strides and dx.strides == x.strides

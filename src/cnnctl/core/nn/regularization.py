@@ -107,6 +107,8 @@ class Dropout(Layer):
                 raise ValueError(f"dropout: batch part {part} does not match an input of {x.shape[0]} rows")
             keep = self.rng.random(self.mask_shape((n, *x.shape[1:])), dtype=np.float32)[lo:hi] >= self.rate
         self._scale = keep.astype(x.dtype) / x.dtype.type(1.0 - self.rate)
+        if self._scale.shape == x.shape:  # drawn in C order; laid out as x, so that out and the gradient are too
+            self._scale = in_layout_of(self._scale, x)
         return x * self._scale
 
     def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:

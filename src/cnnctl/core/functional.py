@@ -26,6 +26,7 @@ from . import parallel
 from .epilogue import NONE, Epilogue, chain
 from .pointwise import (  # noqa: F401
     ZEROS_CAP,
+    against_constant,
     erf,
     erf_and_gaussian,
     log_softmax,

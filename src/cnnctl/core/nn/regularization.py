@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import Field
 from pydantic import Strict as NoCoercion
 
-from cnnctl.core.epilogue import chain, in_tiles
+from cnnctl.core.epilogue import NONE, Epilogue, chain
 from cnnctl.core.functional import in_layout_of
 from cnnctl.errors import ShapeError
 from cnnctl.strict import INT_MAX
@@ -197,15 +197,16 @@ class _BatchNorm(Layer):
             self._saved = [state for _, state in parts]
             return self._activate(np.concatenate([y for y, _ in parts]), training, context, in_place=True)
         act = self.activation
-        self._d = act.derivative_like(x) if act is not None and act.planned_as() == "elementwise" else None
-        y, state = self._normalise(x, training, self._d)
+        epilogue = Epilogue(act) if act is not None and act.planned_as() == "elementwise" else NONE
+        self._d = epilogue.derivative(x)
+        y, state = self._normalise(x, training, epilogue, self._d)
         self._saved = [state]
         return y if self._d is not None else self._activate(y, training, context, in_place=True)
 
-    def _normalise(self, x, training, d=None):
+    def _normalise(self, x, training, epilogue=NONE, d=None):
         """(x - mean) / std * weight + bias with this batch's statistics (training: updating the running ones) or
-        the running ones, and what backward needs. With `d` (the derivative array of an element-wise activation),
-        the activation runs on each slice of channels while it is in cache, its derivative into d."""
+        the running ones, and what backward needs. The bias is added by `epilogue`, whose element-wise activation
+        (if any) runs on each slice of channels while it is in cache, its derivative into d."""
         total, dot, bshape = self._shapes(x)
         m, c = x.size // x.shape[1], x.shape[1]
         centred, y = np.empty_like(x), np.empty_like(x)  # laid out as x
@@ -227,9 +228,7 @@ class _BatchNorm(Layer):
                 var[lo:hi] = np.einsum(dot, xc, xc) / x.dtype.type(m)
             inv_std[lo:hi] = 1.0 / np.sqrt(var[lo:hi] + eps)
             ys = np.multiply(xc, (weight[lo:hi] * inv_std[lo:hi]).reshape(bshape), out=cut(y, lo, hi))
-            np.add(ys, bias[lo:hi].reshape(bshape), out=ys)
-            if d is not None:
-                in_tiles(self.activation.elementwise, ys, ys, cut(d, lo, hi))
+            epilogue(ys, bias[lo:hi].reshape(bshape), None if d is None else cut(d, lo, hi))
 
         self._cut(x, part)
         if training:

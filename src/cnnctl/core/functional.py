@@ -25,7 +25,7 @@ import numpy as np
 from . import parallel
 from .epilogue import NONE, Epilogue, chain
 from .pointwise import (  # noqa: F401
-    ZEROS_CAP,
+    CONSTANT_CAP,
     against_constant,
     erf,
     erf_and_gaussian,

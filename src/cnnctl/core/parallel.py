@@ -23,6 +23,8 @@ import numpy as np
 
 from cnnctl.errors import CnnctlError
 
+from .allocator import keep_freed_memory
+
 ENV = "CNNCTL_THREADS"
 GRAIN = 1 << 18  # numbers per slice at least: smaller slices cost more to hand out than to do
 # a product's multiply-adds count this many to a number copied or compared: at 16, LeNet-5 at batch 32 ran slower on
@@ -78,8 +80,6 @@ def use(threads: int) -> int:
     a training step frees for the next one (cnnctl.core.allocator): what a process that trains sets once."""
     global _threads, _pool, _blas_limit
     from threadpoolctl import threadpool_limits
-
-    from .allocator import keep_freed_memory
 
     keep_freed_memory()
     if _blas_limit is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ZEROS_CAP = 1 << 20  # values of the largest array of a constant kept per dtype and value (4 MB of float32, touched
+CONSTANT_CAP = 1 << 20  # values of the largest array of a constant kept per dtype and value (4 MB of float32, touched
 # only as used)
 _constants: dict[tuple, np.ndarray] = {}
 
@@ -15,25 +15,26 @@ def maximum_zero(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """np.maximum(x, 0, out=out), the same bits (NaN kept, -0 and -inf to 0), against an array of zeros shaped like
     x: NumPy's maximum loop with a scalar operand ran 2-2.7x slower than with an array one (numpy 2.4.6, AVX-512:
     2 million float32 values 0.74 ms against 0.37 in tiles of 65,536; a convolution's rows in place 0.20 against
-    0.07 ms). An x over ZEROS_CAP values runs in blocks of its leading axis; `out` may be x."""
+    0.07 ms). An x over CONSTANT_CAP values runs in blocks of its leading axis; `out` may be x."""
     return against_constant(np.maximum, x, 0.0, out)
 
 
 def against_constant(ufunc, x: np.ndarray, value: float, out: np.ndarray) -> np.ndarray:
     """ufunc(x, value, out=out) (np.maximum or np.minimum), the same bits, against a kept read-only array of the
     value shaped like x rather than the scalar (see maximum_zero)."""
-    if x.size > ZEROS_CAP:
+    if x.size > CONSTANT_CAP:
         row = x[0].size if x.ndim > 1 else 1
-        if x.ndim < 2 or row > ZEROS_CAP:
+        if x.ndim < 2 or row > CONSTANT_CAP:
             return ufunc(x, x.dtype.type(value), out=out)
-        step = ZEROS_CAP // row
+        step = CONSTANT_CAP // row
         for lo in range(0, x.shape[0], step):
             against_constant(ufunc, x[lo : lo + step], value, out[lo : lo + step])
         return out
     key = (x.dtype.str, float(value))
     constant = _constants.get(key)
     if constant is None:  # made once per dtype and value; two threads making it at once make two equal arrays
-        constant = np.full(ZEROS_CAP, value, x.dtype) if value else np.zeros(ZEROS_CAP, x.dtype)
+        # zeros from calloc's untouched pages (np.full would write all of them now)
+        constant = np.full(CONSTANT_CAP, value, x.dtype) if value else np.zeros(CONSTANT_CAP, x.dtype)
         constant.flags.writeable = False
         constant = _constants.setdefault(key, constant)
     return ufunc(x, constant[: x.size].reshape(x.shape), out=out)

@@ -13,6 +13,22 @@ ROOT = Path(__file__).resolve().parents[1]
 MNIST = Path(os.environ.get("CNNCTL_TEST_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
 FASHION = Path(os.environ.get("CNNCTL_TEST_FASHION_MNIST", ROOT.parent / "shared" / "data" / "fashion-mnist"))
 
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    """Set cnnctl's thread count (and, with grain=, the slice size); back to one thread after the test."""
+    from cnnctl.core import parallel
+
+    def use(n, grain=None):
+        if grain is not None:
+            monkeypatch.setattr(parallel, "GRAIN", grain)
+        parallel.use(n)
+
+    yield use
+    parallel.use(1)
+
+
 TINY = """\
 name: tiny
 seed: 3

@@ -55,25 +55,20 @@ def test_batchnorm_backward_allocates_its_input_gradient_alone():
     assert peak_of(lambda: bn.backward(dy)) < 1.1 * x.nbytes
 
 
-def test_batchnorm_with_an_activation_backward_makes_no_array_for_the_activations_gradient():
+def test_batchnorm_with_an_activation_backward_makes_no_array_for_the_activations_gradient(threads):
     """dy times the activation's derivative goes into the input gradient's memory, slice by slice: the backward
     allocates the input gradient and a temporary per slice of channels in work (2x the input before: the product
     dy * d, then dx; an array small enough to be one slice still takes 2x)."""
-    from cnnctl.core import parallel
     from cnnctl.core.plan import threaded
 
     g = np.random.default_rng(1)
     x = g.standard_normal((16, 32, 32, 128), dtype=np.float32).transpose(3, 0, 1, 2)  # 8 slices of 2 channels
-    threads = parallel.threads()
-    parallel.use(2)
-    try:
-        bn = nn.BatchNorm2D(16, activation="relu")
-        dy = np.ones_like(bn.forward(x, context=threaded()))
-        bn.backward(dy)
-        bn.forward(x, context=threaded())
-        assert peak_of(lambda: bn.backward(dy)) < 1.4 * x.nbytes
-    finally:
-        parallel.use(threads)
+    threads(2)
+    bn = nn.BatchNorm2D(16, activation="relu")
+    dy = np.ones_like(bn.forward(x, context=threaded()))
+    bn.backward(dy)
+    bn.forward(x, context=threaded())
+    assert peak_of(lambda: bn.backward(dy)) < 1.4 * x.nbytes
 
 
 def test_a_residual_networks_gradients_stay_in_the_convolutions_layout():

@@ -190,11 +190,10 @@ def test_fused_relu_equals_relu_after_conv(stride, method):
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh"])
 @pytest.mark.parametrize("layout", ["batch-innermost", "c-order"])
 def test_batchnorm_with_its_activation_in_the_same_pass_gives_the_bits_of_the_two_after_each_other(activation,
-                                                                                                    layout):
+                                                                                                    layout, threads):
     """A batchnorm's element-wise activation runs on each slice of channels as it is normalised (in cache): its
     output, its input gradient and its parameters' gradients are those of the batchnorm without an activation
     followed by the activation layer, bit for bit, on the plan's threads."""
-    from cnnctl.core import parallel
     from cnnctl.core.plan import threaded
 
     g = np.random.default_rng(7)
@@ -203,20 +202,16 @@ def test_batchnorm_with_its_activation_in_the_same_pass_gives_the_bits_of_the_tw
     if layout == "batch-innermost":
         x = np.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
     dy = g.standard_normal(shape, dtype=np.float32)
-    threads = parallel.threads()
-    parallel.use(2)
-    try:
-        ctx = threaded()
-        fused, plain, act = nn.BatchNorm2D(8, activation=activation), nn.BatchNorm2D(8), nn.make_activation(activation)
-        y = fused.forward(x, context=ctx)
-        assert fused._d is not None  # the activation ran inside the normalisation's pass
-        z = act.forward(plain.forward(x, context=ctx), context=ctx)
-        np.testing.assert_array_equal(y, z)
-        np.testing.assert_array_equal(fused.backward(dy), plain.backward(act.backward(dy)))
-        for key in ("weight", "bias"):
-            np.testing.assert_array_equal(fused.grads[key], plain.grads[key])
-    finally:
-        parallel.use(threads)
+    threads(2)
+    ctx = threaded()
+    fused, plain, act = nn.BatchNorm2D(8, activation=activation), nn.BatchNorm2D(8), nn.make_activation(activation)
+    y = fused.forward(x, context=ctx)
+    assert fused._d is not None  # the activation ran inside the normalisation's pass
+    z = act.forward(plain.forward(x, context=ctx), context=ctx)
+    np.testing.assert_array_equal(y, z)
+    np.testing.assert_array_equal(fused.backward(dy), plain.backward(act.backward(dy)))
+    for key in ("weight", "bias"):
+        np.testing.assert_array_equal(fused.grads[key], plain.grads[key])
 
 
 def test_erf_matches_the_standard_library_everywhere():
@@ -261,14 +256,14 @@ def test_an_elementwise_function_in_tiles_gives_the_values_of_one_call():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_maximum_with_zero_gives_the_bits_of_numpys_with_a_scalar(dtype):
     """ReLU's max(x, 0) against an array of zeros: NaN of either sign kept as NumPy keeps it, -0, -inf and the
-    smallest subnormals as NumPy's scalar form gives them, on strided views, in place, and over ZEROS_CAP values
+    smallest subnormals as NumPy's scalar form gives them, on strided views, in place, and over CONSTANT_CAP values
     (in blocks of the leading axis, or whole when one row is larger)."""
     bits = np.int32 if dtype == np.float32 else np.int64
     special = np.array([-0.0, 0.0, np.nan, -np.nan, -np.inf, np.inf, 1, -1, 1e-45, -1e-45, 5e-324], dtype)
     rng = np.random.default_rng(0)
     cases = [special, rng.standard_normal((3, 1 << 19)).astype(dtype)[:, ::2],
              rng.standard_normal((8, 4, 6)).astype(dtype).transpose(2, 0, 1),
-             rng.standard_normal(F.ZEROS_CAP + 5).astype(dtype)]
+             rng.standard_normal(F.CONSTANT_CAP + 5).astype(dtype)]
     for x in cases:
         want = np.maximum(x, 0)
         got = F.maximum_zero(x, np.empty_like(x))

@@ -16,18 +16,6 @@ from tests.helpers import runner
 CASES = [pytest.param(factory, shape, id=f"{tag}-{case_id}") for tag, case_id, factory, shape in all_cases()]
 
 
-@pytest.fixture
-def threads(monkeypatch):
-    """Set the thread count (and, with grain=, the slice size); back to one thread after the test."""
-    def use(n, grain=None):
-        if grain is not None:
-            monkeypatch.setattr(parallel, "GRAIN", grain)
-        parallel.use(n)
-
-    yield use
-    parallel.use(1)
-
-
 def step(factory, shape, algorithm=None):
     """Output, input gradient and parameter gradients of one training-mode pass (float32, seeded) of the layer as
     a model run through its execution plan (every convolution by `algorithm` where it applies)."""

@@ -16,6 +16,14 @@ the step less the products alone, in ms and as a share of the step (lowering cop
 activations, adds, layout changes, the loss and the update). Also prints each conv layer's products in
 GFLOP/s next to torch's own fwd+bwd convolution of that layer.
 
+With --floors, two costs outside the products that no fusing or layout removes are timed, as shares of the
+products alone: every element-wise activation's own evaluation (value and derivative, `elementwise` on cnnctl's
+threads, at the batch and the shape where the execution plan runs it, laid out as the plan lays it out, alone and
+warm), and a whole
+training step at batch 1 (the fixed cost of the Python and NumPy calls a step makes, whatever the batch). Either
+share above the target (step / products <= 1.10 leaves 10% for everything outside) says the target is out of
+reach by work outside the products alone.
+
 With --per-step, each step of the execution plan (`cnnctl bench --per-layer`'s timing of one training step,
 forward and backward) is split into its layer's products alone and the rest, and the steps are listed by the time
 they spend outside the products, with the totals per kind of step and the time outside every step (the loss, the
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from functools import partial
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -36,8 +45,12 @@ from vs_torch import CASES, bench_torch, machine_info, median_seconds, print_tab
 
 from cnnctl.config.build import build_model, walk
 from cnnctl.core import parallel
+from cnnctl.core.epilogue import in_tiles
+from cnnctl.core.nn.activations import Elementwise
 from cnnctl.core.nn.conv import Conv2D
 from cnnctl.core.nn.dense import Dense
+from cnnctl.core.plan import Runner
+from cnnctl.core.steps import ElementwiseStep, WindowMaxStep
 from cnnctl.tools.bench import bench, blas_info
 
 
@@ -86,6 +99,8 @@ def main():
     ap.add_argument("--only", help="Run only the cases whose name contains this (e.g. ResNet).")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--per-step", action="store_true", help="split each plan step into products and the rest")
+    ap.add_argument("--floors", action="store_true",
+                    help="time the activations alone and a step at batch 1, as shares of the products")
     args = ap.parse_args()
     import torch
 
@@ -119,11 +134,12 @@ def main():
             parallel.use(parallel.resolve(None))
             ours = float(np.median([bench(spec, batch, 10, 3)["ms_per_step"] for _ in range(args.rounds)]))
             steps = per_step(spec, batch, per_layer) if args.per_step else None
+            floor = floors(spec, model, batch, rng) if args.floors else None
         outside = max(0.0, ours - total * 1e3)
         results.append({"network": name, "batch": batch, "target": target, "products_ms": total * 1e3,
                         "torch_step_ms": torch_ms, "ceiling": torch_ms / (total * 1e3), "cnnctl_step_ms": ours,
                         "outside_products_ms": outside, "outside_share": outside / ours, "layers": per_layer,
-                        **({"steps": steps} if steps else {})})
+                        **({"steps": steps} if steps else {}), **({"floors": floor} if floor else {})})
     if args.json:
         print(json.dumps({"machine": machine_info(blas), "results": results}, indent=2))
         return
@@ -144,6 +160,33 @@ def main():
     for r in results:
         if "steps" in r:
             print_steps(r)
+    if any("floors" in r for r in results):
+        print("\nfloors outside the products (ms, share of the products alone)")
+        print_table(["network", "batch", "products alone (ms)", "activations alone", "step at batch 1"],
+                    [[r["network"], r["batch"], f"{r['products_ms']:.1f}",
+                      *(f"{r['floors'][k]:.2f} ({100 * r['floors'][k] / r['products_ms']:.0f}%)"
+                        for k in ("activations_ms", "batch1_step_ms"))] for r in results if "floors" in r])
+
+
+def floors(spec, model, batch: int, rng) -> dict:
+    """Milliseconds of every element-wise activation of the execution plan evaluated alone at `batch` (value and
+    derivative, on cnnctl's threads, batch-innermost, at the shape where the plan runs it: a ReLU moved behind
+    its max pooling at the pooling's output), and of a whole training step at batch 1."""
+    plan = Runner(model).plan(tuple(spec.model.input_shape), np.dtype(np.float32))
+    total = 0.0
+    for s in plan.steps:
+        f = (s.activation if isinstance(s, WindowMaxStep) else s.layer if isinstance(s, ElementwiseStep)
+             else getattr(getattr(s, "epilogue", None), "activation", None) or getattr(s.layer, "activation", None))
+        if isinstance(f, Elementwise):
+            x = np.moveaxis(rng.standard_normal((*s.out_shape, batch), dtype=np.float32), -1, 0)
+            total += median_seconds(partial(_evaluate, f, x, np.empty_like(x), f.derivative_like(x)), 9)
+    return {"activations_ms": total * 1e3, "batch1_step_ms": bench(spec, 1, 20, 3)["ms_per_step"]}
+
+
+def _evaluate(f: Elementwise, x: np.ndarray, y: np.ndarray, d: np.ndarray) -> None:
+    """f's value and derivative of x, as the plan runs an activation: slices of channels, cache-sized tiles."""
+    parallel.per_channel(x, lambda lo, hi: in_tiles(f.elementwise, parallel.channels(x, lo, hi),
+                                                    parallel.channels(y, lo, hi), parallel.channels(d, lo, hi)))
 
 
 def per_step(spec, batch: int, per_layer: list[dict]) -> dict:

@@ -264,16 +264,8 @@ class GELU(Elementwise):
         cdf = g.node("Mul", [g.node("Add", [erf, consts["one"]], f"{name}.shifted"), consts["half"]], f"{name}.cdf")
         return g.node("Mul", [x, cdf], name)
 
-    def elementwise(self, x, y, d):
-        f = x.dtype.type
-        z = x * f(1 / np.sqrt(2.0))
-        if x.dtype == np.float32:  # erf and exp(-x^2 / 2) from one exponential
-            cdf, pdf = F.erf_and_gaussian(z)
-        else:
-            cdf, pdf = F.erf(z), np.exp(-(z * z))
-        cdf += 1
-        cdf *= f(0.5)
-        pdf *= f(1 / np.sqrt(2 * np.pi))
+    def elementwise(self, x, y, d):  # d = Phi(x) + x phi(x)
+        cdf, pdf = F.normal_cdf_and_density(x)
         pdf *= x
         np.add(cdf, pdf, out=d)
         np.multiply(x, cdf, out=y)

@@ -17,9 +17,9 @@ activations, adds, layout changes, the loss and the update). Also prints each co
 GFLOP/s next to torch's own fwd+bwd convolution of that layer.
 
 With --floors, two costs outside the products that no fusing or layout removes are timed, as shares of the
-products alone: every element-wise activation's own evaluation (value and derivative, `elementwise` on cnnctl's
-threads, at the batch and the shape where the execution plan runs it, laid out as the plan lays it out, alone and
-warm), and a whole
+products alone: every element-wise activation's own evaluation (value and derivative, `elementwise` at the batch
+and the shape where the execution plan runs it: as a pass of its own on cnnctl's threads, and in cache, one tile
+timed warm and scaled to the values and threads, a lower bound wherever the plan runs it), and a whole
 training step at batch 1 (the fixed cost of the Python and NumPy calls a step makes, whatever the batch). Either
 share above the target (step / products <= 1.10 leaves 10% for everything outside) says the target is out of
 reach by work outside the products alone.
@@ -45,7 +45,7 @@ from vs_torch import CASES, bench_torch, machine_info, median_seconds, print_tab
 
 from cnnctl.config.build import build_model, walk
 from cnnctl.core import parallel
-from cnnctl.core.epilogue import in_tiles
+from cnnctl.core.epilogue import TILE, in_tiles
 from cnnctl.core.nn.activations import Elementwise
 from cnnctl.core.nn.conv import Conv2D
 from cnnctl.core.nn.dense import Dense
@@ -162,25 +162,33 @@ def main():
             print_steps(r)
     if any("floors" in r for r in results):
         print("\nfloors outside the products (ms, share of the products alone)")
-        print_table(["network", "batch", "products alone (ms)", "activations alone", "step at batch 1"],
+        print_table(["network", "batch", "products alone (ms)", "activations alone", "activations in cache",
+                     "step at batch 1"],
                     [[r["network"], r["batch"], f"{r['products_ms']:.1f}",
                       *(f"{r['floors'][k]:.2f} ({100 * r['floors'][k] / r['products_ms']:.0f}%)"
-                        for k in ("activations_ms", "batch1_step_ms"))] for r in results if "floors" in r])
+                        for k in ("activations_ms", "activations_in_cache_ms", "batch1_step_ms"))]
+                     for r in results if "floors" in r])
 
 
 def floors(spec, model, batch: int, rng) -> dict:
-    """Milliseconds of every element-wise activation of the execution plan evaluated alone at `batch` (value and
-    derivative, on cnnctl's threads, batch-innermost, at the shape where the plan runs it: a ReLU moved behind
-    its max pooling at the pooling's output), and of a whole training step at batch 1."""
+    """Milliseconds of every element-wise activation of the execution plan at `batch` (value and derivative, at the
+    shape where the plan runs it: a ReLU moved behind its max pooling at the pooling's output): evaluated alone
+    as a pass of its own (cnnctl's threads, batch-innermost, the arrays in memory), and in cache (one tile timed
+    warm, times the tiles, over the threads as if they shared it perfectly: what the function costs wherever it
+    runs, a convolution's epilogue included); and a whole training step at batch 1."""
     plan = Runner(model).plan(tuple(spec.model.input_shape), np.dtype(np.float32))
-    total = 0.0
+    alone = cached = 0.0
     for s in plan.steps:
         f = (s.activation if isinstance(s, WindowMaxStep) else s.layer if isinstance(s, ElementwiseStep)
              else getattr(getattr(s, "epilogue", None), "activation", None) or getattr(s.layer, "activation", None))
         if isinstance(f, Elementwise):
             x = np.moveaxis(rng.standard_normal((*s.out_shape, batch), dtype=np.float32), -1, 0)
-            total += median_seconds(partial(_evaluate, f, x, np.empty_like(x), f.derivative_like(x)), 9)
-    return {"activations_ms": total * 1e3, "batch1_step_ms": bench(spec, 1, 20, 3)["ms_per_step"]}
+            alone += median_seconds(partial(_evaluate, f, x, np.empty_like(x), f.derivative_like(x)), 9)
+            tile = rng.standard_normal(min(x.size, TILE), dtype=np.float32)
+            hot = median_seconds(partial(f.elementwise, tile, np.empty_like(tile), f.derivative_like(tile)), 51)
+            cached += hot * x.size / tile.size / parallel.threads()
+    return {"activations_ms": alone * 1e3, "activations_in_cache_ms": cached * 1e3,
+            "batch1_step_ms": bench(spec, 1, 20, 3)["ms_per_step"]}
 
 
 def _evaluate(f: Elementwise, x: np.ndarray, y: np.ndarray, d: np.ndarray) -> None:

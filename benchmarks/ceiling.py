@@ -20,9 +20,10 @@ With --floors, two costs outside the products that no fusing or layout removes a
 products alone: every element-wise activation's own evaluation (value and derivative, `elementwise` at the batch
 and the shape where the execution plan runs it: as a pass of its own on cnnctl's threads, and in cache, one tile
 timed warm and scaled to the values and threads, a lower bound wherever the plan runs it), and a whole
-training step at batch 1 (the fixed cost of the Python and NumPy calls a step makes, whatever the batch). Either
-share above the target (step / products <= 1.10 leaves 10% for everything outside) says the target is out of
-reach by work outside the products alone.
+training step at batch 1 (what a step costs whatever its batch: its Python and NumPy calls and the optimizer's
+passes over the parameters, with the products at batch 1). An in-cache or batch-1 share above the target
+(step / products <= 1.10 leaves 10% for everything outside) says the target is out of reach by work outside the
+products alone.
 
 With --per-step, each step of the execution plan (`cnnctl bench --per-layer`'s timing of one training step,
 forward and backward) is split into its layer's products alone and the rest, and the steps are listed by the time
@@ -45,11 +46,11 @@ from vs_torch import CASES, bench_torch, machine_info, median_seconds, print_tab
 
 from cnnctl.config.build import build_model, walk
 from cnnctl.core import parallel
-from cnnctl.core.epilogue import TILE, in_tiles
+from cnnctl.core.epilogue import TILE
 from cnnctl.core.nn.activations import Elementwise
 from cnnctl.core.nn.conv import Conv2D
 from cnnctl.core.nn.dense import Dense
-from cnnctl.core.plan import Runner
+from cnnctl.core.plan import Runner, threaded
 from cnnctl.core.steps import ElementwiseStep, WindowMaxStep
 from cnnctl.tools.bench import bench, blas_info
 
@@ -100,7 +101,7 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--per-step", action="store_true", help="split each plan step into products and the rest")
     ap.add_argument("--floors", action="store_true",
-                    help="time the activations alone and a step at batch 1, as shares of the products")
+                    help="time the activations (alone and in cache) and a step at batch 1, as shares of the products")
     args = ap.parse_args()
     import torch
 
@@ -173,9 +174,9 @@ def main():
 def floors(spec, model, batch: int, rng) -> dict:
     """Milliseconds of every element-wise activation of the execution plan at `batch` (value and derivative, at the
     shape where the plan runs it: a ReLU moved behind its max pooling at the pooling's output): evaluated alone
-    as a pass of its own (cnnctl's threads, batch-innermost, the arrays in memory), and in cache (one tile timed
-    warm, times the tiles, over the threads as if they shared it perfectly: what the function costs wherever it
-    runs, a convolution's epilogue included); and a whole training step at batch 1."""
+    as a pass of its own (its layer's forward on cnnctl's threads, batch-innermost, the arrays in memory), and in
+    cache (one tile timed warm, times the tiles, over the threads as if they shared it perfectly: what the
+    function costs wherever it runs, a convolution's epilogue included); and a whole training step at batch 1."""
     plan = Runner(model).plan(tuple(spec.model.input_shape), np.dtype(np.float32))
     alone = cached = 0.0
     for s in plan.steps:
@@ -183,18 +184,12 @@ def floors(spec, model, batch: int, rng) -> dict:
              else getattr(getattr(s, "epilogue", None), "activation", None) or getattr(s.layer, "activation", None))
         if isinstance(f, Elementwise):
             x = np.moveaxis(rng.standard_normal((*s.out_shape, batch), dtype=np.float32), -1, 0)
-            alone += median_seconds(partial(_evaluate, f, x, np.empty_like(x), f.derivative_like(x)), 9)
+            alone += median_seconds(partial(f.forward, x, context=threaded(), out=np.empty_like(x)), 9)
             tile = rng.standard_normal(min(x.size, TILE), dtype=np.float32)
             hot = median_seconds(partial(f.elementwise, tile, np.empty_like(tile), f.derivative_like(tile)), 51)
             cached += hot * x.size / tile.size / parallel.threads()
     return {"activations_ms": alone * 1e3, "activations_in_cache_ms": cached * 1e3,
             "batch1_step_ms": bench(spec, 1, 20, 3)["ms_per_step"]}
-
-
-def _evaluate(f: Elementwise, x: np.ndarray, y: np.ndarray, d: np.ndarray) -> None:
-    """f's value and derivative of x, as the plan runs an activation: slices of channels, cache-sized tiles."""
-    parallel.per_channel(x, lambda lo, hi: in_tiles(f.elementwise, parallel.channels(x, lo, hi),
-                                                    parallel.channels(y, lo, hi), parallel.channels(d, lo, hi)))
 
 
 def per_step(spec, batch: int, per_layer: list[dict]) -> dict:

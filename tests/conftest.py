@@ -14,7 +14,6 @@ MNIST = Path(os.environ.get("CNNCTL_TEST_MNIST", ROOT.parent / "shared" / "data"
 FASHION = Path(os.environ.get("CNNCTL_TEST_FASHION_MNIST", ROOT.parent / "shared" / "data" / "fashion-mnist"))
 
 
-
 @pytest.fixture
 def threads(monkeypatch):
     """Set cnnctl's thread count (and, with grain=, the slice size); back to one thread after the test."""

@@ -9,8 +9,8 @@ import numpy as np
 from pydantic import Field
 from pydantic import Strict as NoCoercion
 
+from cnnctl.core import functional as F
 from cnnctl.core.epilogue import NONE, Epilogue, chain
-from cnnctl.core.functional import in_layout_of
 from cnnctl.errors import ShapeError
 from cnnctl.strict import INT_MAX
 
@@ -108,7 +108,7 @@ class Dropout(Layer):
             keep = self.rng.random(self.mask_shape((n, *x.shape[1:])), dtype=np.float32)[lo:hi] >= self.rate
         self._scale = keep.astype(x.dtype) / x.dtype.type(1.0 - self.rate)
         if self._scale.shape == x.shape:  # drawn in C order; laid out as x, so that out and the gradient are too
-            self._scale = in_layout_of(self._scale, x)
+            self._scale = F.in_layout_of(self._scale, x)
         return x * self._scale
 
     def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -283,7 +283,7 @@ class _BatchNorm(Layer):
         into the input gradient's own memory, slice by slice, and is read from there."""
         training, m, inv_std_all, centred = state
         if d is not None:
-            dy = in_layout_of(dy, d)  # laid out as the activation's derivative (and the input), as dy * d was
+            dy = F.in_layout_of(dy, d)  # laid out as the activation's derivative (and the input), as dy * d was
         total, dot, bshape = self._shapes(dy)
         c, cut = dy.shape[1], channels
         gw, gb, dx = np.empty(c, dy.dtype), np.empty(c, dy.dtype), np.empty_like(dy)

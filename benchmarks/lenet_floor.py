@@ -5,17 +5,19 @@ the products alone and cnnctl's step.
 
 The network is benchmarks/vs_torch.py's LeNet-5 (conv 6@5x5 pad 2, ReLU, max pool 2, conv 16@5x5, ReLU, max
 pool 2, dense 120 ReLU, 84 ReLU, 10; cross-entropy; SGD with momentum 0.9), written out as one routine with no
-layers and no plan: every buffer allocated once, every NumPy call writing into it (`out=`), the activations kept
-in the layout the next product reads ((channels, batch, rows, columns), then (features, batch)), each ReLU folded
-into its max pooling, the convolution's input gradient scattered in ten adds (five shifts along a row, then five
-down the rows), the parameters and their gradients in one flat buffer each so the momentum update is four calls.
-It runs the same matrix products as benchmarks/ceiling.py times alone for this network, in the same shapes.
+layers and no plan: every buffer allocated once, every NumPy call writing into it (`out=`), the activations
+(channels, rows, columns, batch) so that the lowering copies and the poolings move whole batches at a time and the
+second pooling writes the dense layers' (features, batch) input, each ReLU folded into its max pooling, the
+convolution's input gradient scattered in ten adds (five shifts along a row, then five down the rows), the
+parameters and their gradients in one flat buffer each so the momentum update is four calls. It runs the
+matrix products benchmarks/ceiling.py times alone for this network, in the same shapes.
 
-Each round times, alternated: the products alone (ceiling.py's `products`, BLAS on every core), this step and
-cnnctl's own step (`cnnctl bench`'s, as ceiling.py runs it). The table gives each round's step / products for the
-hand-written step and for cnnctl's, and their medians. The hand-written step's gradients are checked against
-torch's autograd first (torch is a benchmark-only dependency). What it spends outside the products is what
-NumPy's calls and passes cost at this size whatever the engine around them: a floor for any NumPy core.
+Each round times, alternated: the products alone (ceiling.py's `products`, BLAS on every core, and again with
+BLAS on one thread), this step, its work outside the products (the step with every product skipped; the smaller
+of BLAS on every core and on one thread, NumPy's own passes running on one thread either way) and cnnctl's own
+step (`cnnctl bench`'s, as ceiling.py runs it). The table gives each round's figures and their medians. The
+hand-written step's gradients and loss are checked against torch's autograd first (torch is a benchmark-only
+dependency).
 """
 
 from __future__ import annotations
@@ -239,6 +241,8 @@ def main():
     rounds = []
     for _ in range(args.rounds):
         prod = products_ms(args.batch, rng)
+        with threadpool_limits(limits=1, user_api="blas"):
+            prod1 = products_ms(args.batch, rng)
         hand = step_ms(step, x, y)
         outside = step_ms(step, x, y, products=False)
         with threadpool_limits(limits=1, user_api="blas"):
@@ -246,7 +250,8 @@ def main():
         with threadpool_limits(limits=1, user_api="blas"):  # cnnctl's own step, as the CLI runs it
             parallel.use(parallel.resolve(None))
             ours = bench(spec, args.batch, 10, 3)["ms_per_step"]
-        rounds.append({"products_ms": prod, "hand_step_ms": hand, "hand_outside_ms": min(outside, at1),
+        rounds.append({"products_ms": prod, "products_one_thread_ms": prod1, "hand_step_ms": hand,
+                       "hand_outside_ms": min(outside, at1),
                        "cnnctl_step_ms": ours, "hand_ratio": hand / prod, "cnnctl_ratio": ours / prod,
                        "hand_outside_share": min(outside, at1) / prod})
     med = {k: float(np.median([r[k] for r in rounds])) for k in rounds[0]}
@@ -256,10 +261,11 @@ def main():
         return
     print(f"machine: {machine_info(blas)}")
     print(f"hand-written step against torch's autograd: largest relative difference {worst:.1e}")
-    print_table(["round", "products alone (ms)", "hand-written step (ms)", "step / products",
+    print_table(["round", "products alone (ms)", "on one thread (ms)", "hand-written step (ms)", "step / products",
                  "its work outside the products (ms, share of the products)", "cnnctl step (ms)",
                  "cnnctl step / products"],
-                [[str(i + 1) if i < len(rounds) else "median", f"{r['products_ms']:.2f}", f"{r['hand_step_ms']:.2f}",
+                [[str(i + 1) if i < len(rounds) else "median", f"{r['products_ms']:.2f}",
+                  f"{r['products_one_thread_ms']:.2f}", f"{r['hand_step_ms']:.2f}",
                   f"{r['hand_ratio']:.2f}", f"{r['hand_outside_ms']:.2f} ({100 * r['hand_outside_share']:.0f}%)",
                   f"{r['cnnctl_step_ms']:.2f}", f"{r['cnnctl_ratio']:.2f}"]
                  for i, r in enumerate([*rounds, med])])

@@ -235,3 +235,60 @@ def test_threads_option_and_variable(tiny_config, threads, monkeypatch):
     res = runner.invoke(app, ["bench", str(tiny_config), "--steps", "2", "--threads", "0"])
     assert res.exit_code == 2 and "--threads" in res.output
     assert parallel.resolve(None) == parallel.available_cores()
+
+
+def test_both_runs_two_small_pieces_of_work_side_by_side_with_the_bits_of_one_after_the_other(threads):
+    """A convolution's weight and input gradients at a small batch, neither large enough to cut, run one on each
+    thread (`parallel.both`): the same bits as on one thread, each piece on a thread of its own, slices asked for
+    inside a piece run there whole (no piece waits on a pool its partner holds), errors come back from either."""
+    import threading
+
+    from cnnctl.core import functional as F
+
+    g = np.random.default_rng(0)
+    x = g.standard_normal((8, 6, 14, 14), dtype=np.float32)
+    w = g.standard_normal((16, 6, 5, 5), dtype=np.float32)
+
+    def gradients():
+        y, saved = F.conv2d_forward(x, w, None, (1, 1), (0, 0, 0, 0), (1, 1), cache={}, scratch=F.Scratch())
+        dy = np.ascontiguousarray(np.moveaxis(g2.standard_normal(y.shape, dtype=np.float32), 0, -1))
+        return F.conv2d_backward(np.moveaxis(dy, -1, 0), saved, w, x.shape, (1, 1), (0, 0, 0, 0), (1, 1),
+                                 scratch=F.Scratch())
+
+    ran = []
+    both = parallel.both
+    results = []
+    for n in (1, 2):
+        threads(n)
+        g2 = np.random.default_rng(1)
+        parallel.both = lambda a, b: ran.append(parallel.threads()) or both(a, b)
+        try:
+            results.append(gradients())
+        finally:
+            parallel.both = both
+    assert ran == [1, 2]  # the small batch takes the side-by-side path on any thread count
+    for a, b in zip(*results):
+        assert a.tobytes() == b.tobytes()
+
+    threads(2, grain=1)  # every split asks for slices; inside a piece they run on its own thread, all of them
+    seen = np.zeros((2, 1000), int)
+    idents = []
+
+    def piece(row):
+        def work():
+            idents.append(threading.get_ident())
+            parallel.split(1000, lambda lo, hi: seen[row, lo:hi].__iadd__(1), 10**6)
+            return row
+        return work
+
+    assert parallel.both(piece(0), piece(1)) == (0, 1)
+    assert (seen == 1).all() and len(set(idents)) == 2
+
+    def fail():
+        raise ValueError("weight gradient")
+
+    with pytest.raises(ValueError, match="weight gradient"):
+        parallel.both(fail, lambda: None)
+    with pytest.raises(ValueError, match="weight gradient"):
+        parallel.both(lambda: None, fail)
+    assert parallel.both(lambda: 1, lambda: 2) == (1, 2)  # the pool still serves after an error

@@ -16,8 +16,10 @@ numbers are the same bit for bit whatever --threads is.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
@@ -37,6 +39,9 @@ MAX_SLICES = 16  # more slices than threads: a thread that stalls holds up one s
 _threads = 1
 _pool: ThreadPoolExecutor | None = None
 _blas_limit = None  # threadpoolctl's limiter, kept alive while cnnctl owns the threads
+_task = threading.local()  # .inline: this thread runs one of `both`'s two tasks, its operations uncut by threads
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 def local_ranks() -> int:
@@ -115,7 +120,7 @@ def split(n: int, work: Callable[[int, int], object], size: int) -> None:
 def _drain(bounds: list[int], work: Callable[[int, int], object]) -> None:
     """work(bounds[i], bounds[i + 1]) for every i, each slice taken by the next thread free."""
     k = len(bounds) - 1
-    if _threads <= 1 or k == 1 or _pool is None:
+    if _threads <= 1 or k == 1 or _pool is None or getattr(_task, "inline", False):
         for i in range(k):
             work(bounds[i], bounds[i + 1])
         return
@@ -131,6 +136,35 @@ def _drain(bounds: list[int], work: Callable[[int, int], object]) -> None:
     drain()
     for h in helpers:
         h.result()
+
+
+def uncut(n: int, size: int) -> bool:
+    """Whether an operation over n items and about `size` numbers runs as one slice (`slices`)."""
+    return len(slices(n, size)) == 2
+
+
+def both(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
+    """(first(), second()), first on a pool thread while this one runs second: two independent pieces of work too
+    small to be cut into slices (a convolution's weight gradient and input gradient at a small batch), each
+    running its own operations on its own thread as it would alone. The same bits as one after the other."""
+    if _threads <= 1 or _pool is None or getattr(_task, "inline", False):
+        return first(), second()
+    errstate = np.geterr()
+
+    def alone(work: Callable):
+        _task.inline = True
+        try:
+            with np.errstate(**errstate):
+                return work()
+        finally:
+            _task.inline = False
+
+    helper = _pool.submit(alone, first)
+    try:
+        b = alone(second)
+    finally:
+        a = helper.result()
+    return a, b
 
 
 def column_parts(n: int, size: int, cols: int) -> int:

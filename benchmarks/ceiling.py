@@ -5,7 +5,8 @@ PyTorch's whole step.
 
 For each network of benchmarks/vs_torch.py, times each matrix product a cnnctl training step runs, alone,
 warm and on whole matrices (a lower bound on what it costs inside a step): per conv layer the forward
-product W (O, C*KH*KW) @ columns, the weight gradient dY @ columns.T and, except for the first layer, the
+product W (O, C*KH*KW) @ columns, the weight gradient dY @ columns.T (or its transpose columns @ dY.T, whichever
+BLAS runs faster; cnnctl computes the transpose) and, except for the first layer, the
 cheaper of the two input-gradient forms (W.T @ dY scattered, or the stride-1 full correlation); per dense
 layer its three products. Everything else a step does (im2col, padding, activations, pooling, the loss,
 the update) is counted as free. The sum is compared with torch's measured step: `ceiling` is the ratio
@@ -73,7 +74,7 @@ def products(layer, in_shape, out_shape, batch, first: bool, rng) -> list[tuple[
     kh, kw = layer.kernel_size
     k, p = c * kh * kw, batch * oh * ow
     weight, cols, dy = r(o, k), r(k, p), r(o, p)
-    rows = [("forward", *mm(weight, cols)), ("weight grad", *mm(dy, cols.T))]
+    rows = [("forward", *mm(weight, cols)), ("weight grad", *min(mm(dy, cols.T), mm(cols, dy.T)))]  # either way round
     if not first:
         scatter = mm(weight.T, dy)
         if layer.stride == (1, 1):

@@ -337,3 +337,23 @@ def test_leaky_relu_and_elu_by_maxima_give_the_bits_of_selecting(dtype):
             nn.ELU(alpha).elementwise(x, y, d)
             neg = alpha * np.expm1(np.minimum(x, 0))
             assert same(y, np.where(x > 0, x, neg)) and same(d, np.where(x > 0, 1, neg + alpha)), alpha
+
+
+@pytest.mark.parametrize("c,o,k,stride", [(16, 32, 1, 2), (2, 40, 3, 1), (3, 16, 3, 1), (6, 16, 5, 1), (8, 4, 3, 2)])
+def test_the_weight_gradient_either_way_round_is_the_correlation_of_input_and_deltas(c, o, k, stride):
+    """conv2d_backward multiplies each output row as (K, O) or, for a thin K (K <= O/2: a 1x1 shortcut), (O, K);
+    both give the correlation of the input with the deltas (float64 reference) and the sum of the deltas."""
+    g = np.random.default_rng(0)
+    x = g.standard_normal((3, c, 9, 8)).astype(np.float32)
+    w = g.standard_normal((o, c, k, k)).astype(np.float32)
+    y, saved = F.conv2d_forward(x, w, None, (stride, stride), (0, 0, 0, 0), (1, 1))
+    dy = g.standard_normal(y.shape).astype(np.float32)
+    _, dw, db = F.conv2d_backward(dy, saved, w, x.shape, (stride, stride), (0, 0, 0, 0), (1, 1))
+    oh, ow = y.shape[2:]
+    ref = np.zeros(w.shape)
+    for i, j in itertools.product(range(k), range(k)):
+        xs = x[:, :, i : i + stride * (oh - 1) + 1 : stride, j : j + stride * (ow - 1) + 1 : stride].astype(np.float64)
+        ref[:, :, i, j] = np.einsum("nohw,nchw->oc", dy.astype(np.float64), xs)
+    assert dw.shape == w.shape and dw.flags.c_contiguous
+    np.testing.assert_allclose(dw, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(db, dy.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-4, atol=1e-4)

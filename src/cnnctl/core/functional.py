@@ -289,13 +289,19 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
 
     parallel.split(o, channels, dY.size)
 
-    def weight_gradient():  # (K, O) per output row, window @ dY.T: OpenBLAS runs it 1.0-1.9x faster than (O, K)
+    def weight_gradient():
+        # per output row window @ dY.T, (K, O): OpenBLAS runs it 1.1-1.8x faster than dY @ window.T, (O, K), but
+        # where K is thin (a 1x1 shortcut, K <= O/2: 0.8-0.9x); benchmarks/weight_gradient.py
         k = kh * c * kw
-        windows = row_windows(saved.lowered, kh, stride[0], dilation[0], oh)
-        per_row = parallel.matmul(windows, by_rows(dY).transpose(0, 2, 1),
-                                  buffer(scratch, "per_row", (oh, k, o), dy.dtype))  # (OH, K, O)
-        summed = np.empty((k, o), dy.dtype)
-        parallel.split(k, lambda lo, hi: per_row[:, lo:hi].sum(axis=0, out=summed[lo:hi]), per_row.size)
+        windows, rows = row_windows(saved.lowered, kh, stride[0], dilation[0], oh), by_rows(dY)
+        thin = k <= o // 2
+        a, b, shape = ((rows, windows.transpose(0, 2, 1), (o, k)) if thin
+                       else (windows, rows.transpose(0, 2, 1), (k, o)))
+        per_row = parallel.matmul(a, b, buffer(scratch, "per_row", (oh, *shape), dy.dtype))
+        summed = np.empty(shape, dy.dtype)
+        parallel.split(shape[0], lambda lo, hi: per_row[:, lo:hi].sum(axis=0, out=summed[lo:hi]), per_row.size)
+        if thin:
+            return np.ascontiguousarray(summed.reshape(o, kh, c, kw).transpose(0, 2, 1, 3))
         return np.ascontiguousarray(summed.reshape(kh, c, kw, o).transpose(3, 1, 0, 2))
 
     if not need_dx:

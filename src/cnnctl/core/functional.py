@@ -264,8 +264,9 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     Returns dx (or None), dweight, dbias. Its temporary arrays come from `scratch`.
 
     dweight: the cross-correlation of the layer input with the deltas, the sum over output rows of
-    dY[row] @ window[row].T, each computed as its transpose. dbias: the sum of the deltas. At a small batch the
-    weight gradient and the input gradient run side by side, one on each thread (`parallel.both`).
+    dY[row] @ window[row].T, computed as its transpose unless K = C*KH*KW is thin. dbias: the sum of the deltas.
+    At a small batch the weight gradient and the input gradient run side by side, one on each thread
+    (`parallel.both`).
     dx: the full convolution of the deltas with the 180-degree-rotated kernel, by one of three algorithms
     (`conv2d_dx_full`, `conv2d_dx_rows`, `conv2d_dx_scatter`; `method` names one, or "auto" picks by
     `dx_method`).
@@ -312,7 +313,8 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     def input_gradient():
         return DX_METHODS[method](dY, weight, x_shape, stride, padding, dilation, scratch)
 
-    # (the largest operation of each, in numbers as cnnctl's threads count them: product MACs / MAC_PER_NUMBER)
+    # side by side only where neither would gain from being cut into slices: the weight gradient's products (the
+    # full correlation's are larger by H*W / (OH*OW)) and the input gradient's scatter, sized as `slices` sizes them
     macs = o * kh * c * kw * oh * ow * n * (x_shape[2] * x_shape[3] // (oh * ow) if method == "full" else 1)
     if parallel.uncut(1, macs // parallel.MAC_PER_NUMBER) and parallel.uncut(c, c * x_shape[2] * x_shape[3] * n * kw):
         dweight, dx = parallel.both(weight_gradient, input_gradient)  # neither would be cut: one on each thread

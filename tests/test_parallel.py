@@ -267,6 +267,15 @@ def test_both_runs_two_small_pieces_of_work_side_by_side_with_the_bits_of_one_af
         finally:
             parallel.both = both
     assert ran == [1, 2]  # the small batch takes the side-by-side path on any thread count
+    big = g.standard_normal((256, 2, 5, 5), dtype=np.float32)  # a small scatter beside a weight gradient to cut
+    x2 = g.standard_normal((8, 2, 30, 30), dtype=np.float32)
+    y2, saved2 = F.conv2d_forward(x2, big, None, (1, 1), (0, 0, 0, 0), (1, 1))
+    parallel.both = lambda a, b: ran.append("large") or both(a, b)
+    try:
+        F.conv2d_backward(np.ones_like(y2), saved2, big, x2.shape, (1, 1), (0, 0, 0, 0), (1, 1))
+    finally:
+        parallel.both = both
+    assert ran == [1, 2]
     for a, b in zip(*results):
         assert a.tobytes() == b.tobytes()
 

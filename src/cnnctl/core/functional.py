@@ -313,10 +313,10 @@ def conv2d_backward(dy, saved, weight, x_shape, stride: Pair, padding: Padding4,
     def input_gradient():
         return DX_METHODS[method](dY, weight, x_shape, stride, padding, dilation, scratch)
 
-    # side by side only where neither would gain from being cut into slices: the weight gradient's products (the
-    # full correlation's are larger by H*W / (OH*OW)) and the input gradient's scatter, sized as `slices` sizes them
+    # side by side only where neither would be cut into slices: the products (the weight gradient's multiply-adds;
+    # the full correlation's are larger by H*W / (OH*OW)) and the input gradient's scatter, sized as they are cut
     macs = o * kh * c * kw * oh * ow * n * (x_shape[2] * x_shape[3] // (oh * ow) if method == "full" else 1)
-    if parallel.uncut(1, macs // parallel.MAC_PER_NUMBER) and parallel.uncut(c, c * x_shape[2] * x_shape[3] * n * kw):
+    if parallel.uncut(macs // parallel.MAC_PER_NUMBER) and parallel.uncut(c * x_shape[2] * x_shape[3] * n * kw):
         dweight, dx = parallel.both(weight_gradient, input_gradient)  # neither would be cut: one on each thread
     else:
         dweight, dx = weight_gradient(), input_gradient()

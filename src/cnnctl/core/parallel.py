@@ -138,9 +138,10 @@ def _drain(bounds: list[int], work: Callable[[int, int], object]) -> None:
         h.result()
 
 
-def uncut(n: int, size: int) -> bool:
-    """Whether an operation over n items and about `size` numbers runs as one slice (`slices`)."""
-    return len(slices(n, size)) == 2
+def uncut(size: int) -> bool:
+    """Whether an operation of about `size` numbers runs as one slice, whatever it is cut over (`slices` and
+    `column_parts` cut nothing below two grains)."""
+    return size // GRAIN < 2
 
 
 def both(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:

@@ -56,6 +56,16 @@ from cnnctl.core.steps import ElementwiseStep, WindowMaxStep
 from cnnctl.tools.bench import bench, blas_info
 
 
+def product_layers(model, rows):
+    """(row, layer) of every convolution (ungrouped) and dense layer of a built model, nested ones too (the
+    convolutions inside residual blocks), in order: the layers whose products a step runs."""
+    by_path = dict(model.named_layers())
+    for row in walk(rows):
+        layer = by_path[row.path]
+        if isinstance(layer, (Conv2D, Dense)) and getattr(layer, "groups", 1) == 1:
+            yield row, layer
+
+
 def products(layer, in_shape, out_shape, batch, first: bool, rng) -> list[tuple[str, float, float]]:
     """(name, seconds, flops) of each matrix product `layer` runs in one training step."""
     def r(*shape):
@@ -115,12 +125,8 @@ def main():
             continue
         spec = spec_for(name, layers, shape, batch)
         model, rows = build_model(spec.model, rng)
-        by_path = dict(model.named_layers())
         per_layer, total = [], 0.0
-        for row in walk(rows):  # nested layers too (the convolutions inside residual blocks)
-            layer = by_path[row.path]
-            if not isinstance(layer, (Conv2D, Dense)) or getattr(layer, "groups", 1) > 1:
-                continue
+        for row, layer in product_layers(model, rows):
             first = row.path == "layers.0"
             prods = products(layer, row.input_shape, row.output_shape, batch, first, rng)
             secs, flops = sum(s for _, s, _ in prods), sum(f for _, _, f in prods)

@@ -27,14 +27,13 @@ import json
 import time
 
 import numpy as np
+from ceiling import product_layers, products
 from numpy.lib.stride_tricks import as_strided
 from threadpoolctl import threadpool_limits
 from vs_torch import LENET, machine_info, print_table, spec_for
 
-from cnnctl.config.build import build_model, walk
+from cnnctl.config.build import build_model
 from cnnctl.core import parallel
-from cnnctl.core.nn.conv import Conv2D
-from cnnctl.core.nn.dense import Dense
 from cnnctl.tools.bench import bench, blas_info
 
 SHAPES = {"w1": (6, 25), "b1": (6,), "w2": (16, 150), "b2": (16,), "w3": (120, 400), "b3": (120,),
@@ -199,17 +198,11 @@ def check_against_torch(n: int = 8) -> float:
 
 def products_ms(batch: int, rng) -> float:
     """benchmarks/ceiling.py's products alone for this network (BLAS on every core)."""
-    from ceiling import products
-
     spec = spec_for("LeNet-5", LENET, (1, 28, 28), batch)
-    model, rows = build_model(spec.model, rng)
-    by_path = dict(model.named_layers())
     total = 0.0
-    for row in walk(rows):
-        layer = by_path[row.path]
-        if isinstance(layer, (Conv2D, Dense)):
-            total += sum(s for _, s, _ in products(layer, row.input_shape, row.output_shape, batch,
-                                                   row.path == "layers.0", rng))
+    for row, layer in product_layers(*build_model(spec.model, rng)):
+        total += sum(s for _, s, _ in products(layer, row.input_shape, row.output_shape, batch,
+                                               row.path == "layers.0", rng))
     return total * 1e3
 
 

@@ -17,10 +17,11 @@ import json
 from functools import partial
 
 import numpy as np
+from ceiling import product_layers
 from threadpoolctl import threadpool_limits
 from vs_torch import CASES, machine_info, median_seconds, print_table, spec_for
 
-from cnnctl.config.build import build_model, walk
+from cnnctl.config.build import build_model
 from cnnctl.core.nn.conv import Conv2D
 from cnnctl.tools.bench import blas_info
 
@@ -29,11 +30,8 @@ def layers(rng):
     """(network, batch, layer path, O, K, output rows, OW*N) of every ungrouped convolution of the networks."""
     for name, spec_layers, shape, batch, _ in CASES:
         spec = spec_for(name, spec_layers, shape, batch)
-        model, rows = build_model(spec.model, rng)
-        by_path = dict(model.named_layers())
-        for row in walk(rows):
-            layer = by_path[row.path]
-            if isinstance(layer, Conv2D) and getattr(layer, "groups", 1) == 1:
+        for row, layer in product_layers(*build_model(spec.model, rng)):
+            if isinstance(layer, Conv2D):
                 kh, kw = layer.kernel_size
                 o, oh, ow = row.output_shape
                 yield name, batch, row.path, o, row.input_shape[0] * kh * kw, oh, ow * batch
